@@ -1,0 +1,1 @@
+//! pgvigil: a PostgreSQL high-availability proxy.
