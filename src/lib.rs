@@ -1,1 +1,20 @@
 //! pgvigil: a PostgreSQL high-availability proxy.
+//!
+//! Clients connect to pgvigil as if it were PostgreSQL; pgvigil authenticates them, pools server
+//! connections, and sends their work to the node the topology says is right.
+
+pub mod auth;
+pub mod cancel;
+pub mod config;
+pub mod demo;
+pub mod health;
+pub mod listener;
+pub mod local_cluster;
+pub mod pool;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod stream;
+pub mod tls;
+pub mod topology;

@@ -1,0 +1,161 @@
+//! Cancel requests: pgvigil gives each client its own BackendKeyData and maps it to the backend
+//! that is serving that client right now, so a cancel reaches exactly that backend, at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use pgvigil_proto::encode;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// The backend a cancel must reach.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    /// Node host.
+    pub host: String,
+    /// Node port.
+    pub port: u16,
+    /// Backend process id.
+    pub pid: u32,
+    /// Backend cancel secret.
+    pub key: Vec<u8>,
+}
+
+struct Entry {
+    secret: u32,
+    target: Option<CancelTarget>,
+}
+
+/// Every live session's key, shared by all sessions.
+#[derive(Default)]
+pub struct CancelRegistry {
+    sessions: Mutex<HashMap<u32, Entry>>,
+}
+
+/// A session's registration; removes itself when dropped.
+pub struct CancelKey {
+    registry: Arc<CancelRegistry>,
+    /// The process id pgvigil reports to the client.
+    pub pid: u32,
+    /// The secret pgvigil reports to the client.
+    pub secret: u32,
+}
+
+impl CancelRegistry {
+    /// Registers a new session under a fresh random key.
+    pub fn register(self: &Arc<Self>) -> CancelKey {
+        let mut sessions = lock(&self.sessions);
+        loop {
+            let pid = rand::random::<u32>() & 0x7fff_ffff;
+            if pid != 0 && !sessions.contains_key(&pid) {
+                let secret = rand::random::<u32>();
+                sessions.insert(
+                    pid,
+                    Entry {
+                        secret,
+                        target: None,
+                    },
+                );
+                return CancelKey {
+                    registry: self.clone(),
+                    pid,
+                    secret,
+                };
+            }
+        }
+    }
+
+    /// The backend to cancel for a client's (pid, secret), if both match a live session.
+    pub fn lookup(&self, pid: u32, secret: &[u8]) -> Option<CancelTarget> {
+        let sessions = lock(&self.sessions);
+        let entry = sessions.get(&pid)?;
+        let matches = secret.len() == 4 && constant_time_eq(&entry.secret.to_be_bytes(), secret);
+        if matches {
+            entry.target.clone()
+        } else {
+            None
+        }
+    }
+
+    /// Number of registered sessions.
+    pub fn len(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    /// Whether no session is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl CancelKey {
+    /// Points this session's key at the backend now serving it (or at none).
+    pub fn set_target(&self, target: Option<CancelTarget>) {
+        if let Some(entry) = lock(&self.registry.sessions).get_mut(&self.pid) {
+            entry.target = target;
+        }
+    }
+}
+
+impl Drop for CancelKey {
+    fn drop(&mut self) {
+        lock(&self.registry.sessions).remove(&self.pid);
+    }
+}
+
+/// Sends a CancelRequest to the backend; PostgreSQL never answers one, so this only connects,
+/// writes and closes, bounded by `timeout`.
+pub async fn send_cancel(target: &CancelTarget, timeout: Duration) -> std::io::Result<()> {
+    let send = async {
+        let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        let mut buf = BytesMut::with_capacity(16);
+        encode::cancel_request(&mut buf, target.pid, &target.key);
+        stream.write_all(&buf).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(timeout, send)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_finds_its_target_only_with_the_right_secret() {
+        let registry = Arc::new(CancelRegistry::default());
+        let key = registry.register();
+        let target = CancelTarget {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            pid: 42,
+            key: vec![1, 2, 3, 4],
+        };
+        key.set_target(Some(target));
+        assert_eq!(registry.lookup(key.pid, &key.secret.to_be_bytes()).map(|t| t.pid), Some(42));
+        let wrong = key.secret.wrapping_add(1).to_be_bytes();
+        assert!(registry.lookup(key.pid, &wrong).is_none());
+        assert!(registry.lookup(key.pid, &[0; 3]).is_none());
+    }
+
+    #[test]
+    fn a_dropped_session_cannot_be_cancelled() {
+        let registry = Arc::new(CancelRegistry::default());
+        let key = registry.register();
+        let (pid, secret) = (key.pid, key.secret);
+        drop(key);
+        assert!(registry.lookup(pid, &secret.to_be_bytes()).is_none());
+        assert!(registry.is_empty());
+    }
+}

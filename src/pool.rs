@@ -1,0 +1,205 @@
+//! Server connections cached per (node, database, user): checkout with a bound, reset, reuse,
+//! idle and lifetime reaping. A connection that broke is never handed out again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::PoolConfig;
+use crate::server::{LoginTarget, ServerConn, ServerError};
+use crate::topology::NodeId;
+
+/// Why a checkout failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Every connection to the node is in use and none came back in time.
+    #[error(
+        "the pool for node {node} is exhausted: {max_size} server connections in use \
+         (pool.max_size), none freed within {waited:?} (pool.checkout_timeout)"
+    )]
+    Exhausted {
+        /// Node name.
+        node: String,
+        /// The configured limit.
+        max_size: usize,
+        /// How long the checkout waited.
+        waited: Duration,
+    },
+    /// Opening a new connection failed.
+    #[error(transparent)]
+    Connect(#[from] ServerError),
+}
+
+/// A server connection lent to one session; give it back with [`Pools::checkin`].
+pub struct Lease {
+    /// The connection.
+    pub conn: ServerConn,
+    permit: OwnedSemaphorePermit,
+}
+
+type Key = (String, String);
+
+struct Idle {
+    conn: ServerConn,
+    permit: OwnedSemaphorePermit,
+}
+
+/// The pools of one node: a slot limit shared by every (database, user) pair, and idle lists.
+struct NodePool {
+    slots: Arc<Semaphore>,
+    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+}
+
+/// All pools, one per configured node.
+pub struct Pools {
+    nodes: Vec<NodePool>,
+    config: PoolConfig,
+}
+
+impl Pools {
+    /// Empty pools for `node_count` nodes.
+    pub fn new(node_count: usize, config: PoolConfig) -> Pools {
+        let nodes = (0..node_count)
+            .map(|_| NodePool {
+                slots: Arc::new(Semaphore::new(config.max_size)),
+                idle: Mutex::new(HashMap::new()),
+            })
+            .collect();
+        Pools { nodes, config }
+    }
+
+    /// Lends a connection for (node, database, user): an idle one if there is one, else a new one
+    /// when a slot is free (closing an idle connection of another pair if needed), else waits up
+    /// to `pool.checkout_timeout`.
+    pub async fn checkout(&self, target: &LoginTarget) -> Result<Lease, PoolError> {
+        let pool = &self.nodes[target.node];
+        let key = (target.database.clone(), target.user.clone());
+        if let Some(lease) = self.take_idle(pool, &key) {
+            return Ok(lease);
+        }
+        let permit = match pool.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => self.free_slot(pool, &key, target).await?,
+        };
+        let conn = ServerConn::connect(target).await?;
+        Ok(Lease { conn, permit })
+    }
+
+    /// Takes back a lent connection. The caller has reset it (`DISCARD ALL`) and seen it idle;
+    /// anything else must be dropped instead.
+    pub fn checkin(&self, mut lease: Lease) {
+        let now = Instant::now();
+        if now.duration_since(lease.conn.created) >= self.config.max_lifetime {
+            return;
+        }
+        if lease.conn.rbuf.capacity() > 64 * 1024 {
+            lease.conn.rbuf = bytes::BytesMut::with_capacity(8192);
+        }
+        lease.conn.idle_since = now;
+        let key = (lease.conn.database.clone(), lease.conn.user.clone());
+        let pool = &self.nodes[lease.conn.node];
+        lock(&pool.idle).entry(key).or_default().push(Idle {
+            conn: lease.conn,
+            permit: lease.permit,
+        });
+    }
+
+    /// Closes idle connections past `pool.idle_timeout` or `pool.max_lifetime`.
+    pub fn reap(&self) {
+        let now = Instant::now();
+        for pool in &self.nodes {
+            let mut idle = lock(&pool.idle);
+            for conns in idle.values_mut() {
+                conns.retain(|i| {
+                    now.duration_since(i.conn.idle_since) < self.config.idle_timeout
+                        && now.duration_since(i.conn.created) < self.config.max_lifetime
+                });
+            }
+            idle.retain(|_, conns| !conns.is_empty());
+        }
+    }
+
+    /// Number of idle connections to `node` (for tests and status).
+    pub fn idle_count(&self, node: NodeId) -> usize {
+        lock(&self.nodes[node].idle).values().map(Vec::len).sum()
+    }
+
+    /// Number of connections to `node` that exist, idle or lent.
+    pub fn open_count(&self, node: NodeId) -> usize {
+        self.config.max_size - self.nodes[node].slots.available_permits()
+    }
+
+    /// Pairs that have been used on `node` and have fewer than `pool.min_idle` idle connections,
+    /// with how many are missing.
+    pub fn idle_deficit(&self, node: NodeId) -> Vec<(Key, usize)> {
+        let idle = lock(&self.nodes[node].idle);
+        idle.iter()
+            .filter(|(_, conns)| conns.len() < self.config.min_idle)
+            .map(|(key, conns)| (key.clone(), self.config.min_idle - conns.len()))
+            .collect()
+    }
+
+    /// Opens one idle connection for `target` if a slot is free (used to keep `pool.min_idle`).
+    pub async fn prefill(&self, target: &LoginTarget) -> Result<bool, ServerError> {
+        let pool = &self.nodes[target.node];
+        let Ok(permit) = pool.slots.clone().try_acquire_owned() else {
+            return Ok(false);
+        };
+        let conn = ServerConn::connect(target).await?;
+        self.checkin(Lease { conn, permit });
+        Ok(true)
+    }
+
+    fn take_idle(&self, pool: &NodePool, key: &Key) -> Option<Lease> {
+        let mut idle = lock(&pool.idle);
+        let conns = idle.get_mut(key)?;
+        // Newest first: a recently used connection is the least likely to have been closed.
+        while let Some(Idle { mut conn, permit }) = conns.pop() {
+            if !conn.looks_broken() {
+                return Some(Lease { conn, permit });
+            }
+        }
+        None
+    }
+
+    /// Gets a slot by closing an idle connection of another pair, or by waiting.
+    async fn free_slot(
+        &self,
+        pool: &NodePool,
+        key: &Key,
+        target: &LoginTarget,
+    ) -> Result<OwnedSemaphorePermit, PoolError> {
+        if let Some(permit) = evict_other(pool, key) {
+            return Ok(permit);
+        }
+        let wait = self.config.checkout_timeout;
+        match tokio::time::timeout(wait, pool.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(PoolError::Exhausted {
+                node: target.node_name.clone(),
+                max_size: self.config.max_size,
+                waited: wait,
+            }),
+        }
+    }
+}
+
+/// Closes the oldest idle connection of another (database, user) pair and keeps its slot.
+fn evict_other(pool: &NodePool, key: &Key) -> Option<OwnedSemaphorePermit> {
+    let mut idle = lock(&pool.idle);
+    let victim_key = idle
+        .iter()
+        .filter(|(k, conns)| *k != key && !conns.is_empty())
+        .min_by_key(|(_, conns)| conns[0].conn.idle_since)
+        .map(|(k, _)| k.clone())?;
+    let conns = idle.get_mut(&victim_key)?;
+    let Idle { permit, .. } = conns.remove(0);
+    Some(permit)
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (the lists stay valid).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

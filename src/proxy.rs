@@ -1,0 +1,257 @@
+//! The running proxy: state shared by every session (config, users, topology, pools, cancel keys,
+//! TLS) and the start/shutdown of its tasks.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::auth::UserSecret;
+use crate::cancel::CancelRegistry;
+use crate::config::{BackendTlsMode, Config};
+use crate::pool::{Lease, Pools};
+use crate::router::{Route, RouteError};
+use crate::server::LoginTarget;
+use crate::session::SessionError;
+use crate::topology::{NodeId, Topology, TopologyHandle};
+use crate::{health, listener, tls};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS files could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// State shared by every session.
+pub struct Proxy {
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Configured users with their precomputed SCRAM secrets.
+    pub users: HashMap<String, UserSecret>,
+    /// Where the nodes stand.
+    pub topology: TopologyHandle,
+    /// Server connection pools.
+    pub pools: Pools,
+    /// Cancel keys of live sessions.
+    pub cancels: Arc<CancelRegistry>,
+    /// TLS for clients, when configured.
+    pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// TLS for connections to nodes, when configured.
+    pub backend_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Random per-process seed for the mock SCRAM secrets of unknown users.
+    pub auth_seed: [u8; 32],
+    /// Wakes the health monitor for an immediate probe.
+    pub probe_now: Notify,
+}
+
+impl Proxy {
+    /// Builds the shared state: user secrets, TLS configurations, empty pools.
+    pub fn new(config: Config) -> Result<Proxy, StartError> {
+        tls::install_crypto_provider();
+        let tls_acceptor = match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) if config.tls.mode != crate::config::TlsMode::Disable => {
+                let mut server = (*tls::server_config(cert, key)?).clone();
+                // PostgreSQL 17 direct-TLS clients offer ALPN "postgresql".
+                server.alpn_protocols = vec![b"postgresql".to_vec()];
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+            }
+            _ => None,
+        };
+        let backend_tls = match (config.backend.tls, &config.backend.ca) {
+            (BackendTlsMode::Disable, _) => None,
+            (_, Some(ca)) => Some(tls::client_config_with_ca(ca)?),
+            (_, None) => Some(tls::client_config_no_verify()),
+        };
+        let users = config
+            .users
+            .iter()
+            .map(|u| {
+                let password = u.password.clone().unwrap_or_default();
+                (u.name.clone(), UserSecret::new(&u.name, &password, u.auth))
+            })
+            .collect();
+        Ok(Proxy {
+            topology: TopologyHandle::new(Topology::initial(&config)),
+            pools: Pools::new(config.nodes.len(), config.pool.clone()),
+            cancels: Arc::new(CancelRegistry::default()),
+            tls_acceptor,
+            backend_tls,
+            users,
+            auth_seed: rand::random(),
+            probe_now: Notify::new(),
+            config: Arc::new(config),
+        })
+    }
+
+    /// Asks `decide` for a route; while no primary is known, waits for topology changes up to
+    /// `backend.connect_timeout` before giving up with the reason.
+    pub async fn wait_for_route(
+        &self,
+        decide: impl Fn(&Topology) -> Result<Route, RouteError>,
+    ) -> Result<Route, RouteError> {
+        let mut changes = self.topology.subscribe();
+        let deadline = tokio::time::Instant::now() + self.config.backend.connect_timeout;
+        loop {
+            let error = match decide(&self.topology.load()) {
+                Ok(route) => return Ok(route),
+                Err(error) => error,
+            };
+            self.probe_now.notify_one();
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Err(error),
+            }
+        }
+    }
+
+    /// How to log in to `node` for a client's (user, database).
+    pub fn login_target(
+        &self,
+        node: NodeId,
+        user: &str,
+        database: &str,
+    ) -> Result<LoginTarget, SessionError> {
+        let topology = self.topology.load();
+        let node_state = &topology.nodes[node];
+        let password = self
+            .config
+            .user(user)
+            .and_then(|u| u.password.clone())
+            .unwrap_or_default();
+        Ok(LoginTarget {
+            node,
+            node_name: node_state.name.clone(),
+            host: node_state.host.clone(),
+            port: node_state.port,
+            user: user.to_string(),
+            password,
+            database: database.to_string(),
+            connect_timeout: self.config.backend.connect_timeout,
+            tls: self.config.backend.tls,
+            tls_config: self.backend_tls.clone(),
+        })
+    }
+
+    /// Takes a server connection back from a session: reset with `DISCARD ALL` and pooled when
+    /// `reusable`, closed otherwise (a broken connection is never handed out again).
+    pub async fn release(&self, mut lease: Lease, reusable: bool) {
+        if !reusable {
+            return;
+        }
+        let reset = async {
+            if lease.conn.tx != pgvigil_proto::TxStatus::Idle {
+                lease.conn.run_internal("ROLLBACK").await?;
+            }
+            lease.conn.run_internal("DISCARD ALL").await
+        };
+        match tokio::time::timeout(self.config.backend.connect_timeout, reset).await {
+            Ok(Ok(())) if lease.conn.rbuf.is_empty() => self.pools.checkin(lease),
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(%error, "server connection reset failed; closing it"),
+            Err(_) => warn!("server connection reset timed out; closing it"),
+        }
+    }
+
+    /// A data-path connection to `node` broke: probe the nodes now instead of at the next tick.
+    pub fn report_server_failure(&self, _node: NodeId) {
+        self.probe_now.notify_one();
+    }
+
+    /// Forwards a client's CancelRequest to the backend serving that client, if the key matches.
+    pub async fn forward_cancel(&self, pid: u32, key: &[u8]) {
+        match self.cancels.lookup(pid, key) {
+            Some(target) => {
+                if let Err(error) =
+                    crate::cancel::send_cancel(&target, self.config.backend.connect_timeout).await
+                {
+                    warn!(%error, "could not forward a cancel request");
+                }
+            }
+            None => info!("cancel request with an unknown key ignored"),
+        }
+    }
+}
+
+/// A started proxy: its address and the handle to stop it.
+pub struct Running {
+    /// The shared state (for status and tests).
+    pub proxy: Arc<Proxy>,
+    /// The address it listens on (useful when configured with port 0).
+    pub local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Binds the listen address and starts the accept loop, the health monitor and the pool reaper.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let addr = config.listen;
+    let proxy = Arc::new(Proxy::new(config)?);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(listener::accept_loop(listener, proxy.clone(), shutdown.clone()));
+    tasks.spawn(health::monitor(proxy.clone(), shutdown.clone()));
+    tasks.spawn(reap_pools(proxy.clone(), shutdown.clone()));
+    tasks.close();
+    info!(%local_addr, nodes = proxy.config.nodes.len(), "pgvigil listening");
+    Ok(Running {
+        proxy,
+        local_addr,
+        shutdown,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Stops accepting clients and stops the background tasks; open sessions are dropped.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.wait().await;
+    }
+}
+
+/// Closes idle connections past their idle timeout or lifetime, and keeps `pool.min_idle`.
+async fn reap_pools(proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    let period = proxy.config.pool.idle_timeout.min(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        proxy.pools.reap();
+        for node in 0..proxy.config.nodes.len() {
+            for ((database, user), missing) in proxy.pools.idle_deficit(node) {
+                let Ok(target) = proxy.login_target(node, &user, &database) else {
+                    continue;
+                };
+                for _ in 0..missing {
+                    if !matches!(proxy.pools.prefill(&target).await, Ok(true)) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}

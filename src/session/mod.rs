@@ -1,0 +1,368 @@
+//! One client's life: startup, authentication, attaching a server connection, the relay, and
+//! handing the server connection back (reset) or dropping it (broken).
+
+mod auth_exchange;
+mod relay;
+pub mod startup;
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use pgvigil_proto::encode::{self, PgError, Severity};
+use pgvigil_proto::{sqlstate, TxStatus};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::cancel::{CancelKey, CancelTarget};
+use crate::pool::{Lease, PoolError};
+use crate::proxy::Proxy;
+use crate::router;
+use crate::server::ServerError;
+use crate::stream::Stream;
+use relay::{ClientConn, Progress, RelayEnd};
+use startup::{ClientStartup, Opening};
+
+/// Why a session ended before or outside the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The client must be told why (FATAL ErrorResponse with this SQLSTATE), then closed.
+    #[error("{message} (SQLSTATE {code})")]
+    Refused {
+        /// SQLSTATE.
+        code: &'static str,
+        /// Text for the client.
+        message: String,
+    },
+    /// The node refused; its own ErrorResponse frame is forwarded to the client.
+    #[error("node refused the session: {0}")]
+    NodeRefused(String, bytes::Bytes),
+    /// The connection is simply closed (client left, nothing to say).
+    #[error("connection closed")]
+    Closed,
+    /// Socket error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves one accepted client connection to the end.
+pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
+    let peer = tcp.peer_addr().ok();
+    let startup_timeout = proxy.config.client.startup_timeout;
+    let opened = tokio::time::timeout(startup_timeout, open_and_authenticate(tcp, &proxy)).await;
+    let (mut stream, startup, client_buf) = match opened {
+        Ok(Ok(Some(opened))) => opened,
+        Ok(Ok(None)) => return,
+        Ok(Err((stream, error))) => {
+            debug!(?peer, %error, "client refused before its session started");
+            if let Some(mut stream) = stream {
+                refuse(&mut stream, &error).await;
+            }
+            return;
+        }
+        Err(_) => {
+            debug!(?peer, "client did not finish startup in {startup_timeout:?}");
+            return;
+        }
+    };
+    let span = tracing::debug_span!("session", user = %startup.user, db = %startup.database);
+    let _entered = span.enter();
+    let key = proxy.cancels.register();
+    match attach(&mut stream, &startup, &proxy, &key).await {
+        Ok(lease) => {
+            let client = ClientConn {
+                stream,
+                rbuf: client_buf,
+            };
+            serve(client, lease, &proxy, &key).await;
+        }
+        Err(error) => {
+            info!(?peer, user = %startup.user, %error, "session could not start");
+            refuse(&mut stream, &error).await;
+        }
+    }
+}
+
+/// Startup and authentication. Errors carry the stream when the client should be told why.
+async fn open_and_authenticate(
+    tcp: TcpStream,
+    proxy: &Proxy,
+) -> Result<Option<(Stream, ClientStartup, BytesMut)>, startup::Refusal> {
+    match startup::open(tcp, proxy).await? {
+        Opening::Cancelled => Ok(None),
+        Opening::Session(mut stream, startup, mut buf) => {
+            match auth_exchange::authenticate(&mut stream, &mut buf, &startup, proxy).await {
+                Ok(()) => Ok(Some((stream, startup, buf))),
+                Err(error) => Err((Some(stream), error)),
+            }
+        }
+    }
+}
+
+/// Routes, checks out a server connection, applies the client's parameters on it, and greets the
+/// client (AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery).
+async fn attach(
+    stream: &mut Stream,
+    startup: &ClientStartup,
+    proxy: &Proxy,
+    key: &CancelKey,
+) -> Result<Lease, SessionError> {
+    let route = proxy
+        .wait_for_route(router::route_session)
+        .await
+        .map_err(|e| SessionError::Refused {
+            code: sqlstate::CANNOT_CONNECT_NOW,
+            message: e.to_string(),
+        })?;
+    debug!(node = route.node, reason = ?route.reason, "routed");
+    let target = proxy.login_target(route.node, &startup.user, &startup.database)?;
+    let mut lease = proxy.pools.checkout(&target).await.map_err(pool_refusal)?;
+    if let Err(error) = apply_params(&mut lease, startup).await {
+        proxy.release(lease, true).await;
+        return Err(error);
+    }
+    key.set_target(Some(CancelTarget {
+        host: lease.conn.addr.0.clone(),
+        port: lease.conn.addr.1,
+        pid: lease.conn.backend_pid,
+        key: lease.conn.backend_key.clone(),
+    }));
+    let mut out = BytesMut::with_capacity(512);
+    encode::auth_ok(&mut out);
+    for (name, value) in &lease.conn.params {
+        encode::parameter_status(&mut out, name, value);
+    }
+    encode::backend_key_data(&mut out, key.pid, &key.secret.to_be_bytes());
+    encode::ready_for_query(&mut out, lease.conn.tx);
+    stream.write_all(&out).await?;
+    Ok(lease)
+}
+
+/// Relays until the session ends, then returns or drops the server connection.
+async fn serve(mut client: ClientConn, mut lease: Lease, proxy: &Proxy, key: &CancelKey) {
+    let mut progress = Progress::default();
+    let end = relay::relay(
+        &mut client,
+        &mut lease.conn,
+        proxy.config.max_message_size,
+        &mut progress,
+    )
+    .await;
+    key.set_target(None);
+    debug!(?end, "session ended");
+    match end {
+        RelayEnd::Terminated | RelayEnd::ClientGone => {
+            let reusable = progress.is_quiet() && lease.conn.rbuf.is_empty();
+            if !reusable {
+                cancel_running(&lease, proxy).await;
+            }
+            proxy.release(lease, reusable).await;
+        }
+        RelayEnd::Violation(message) => {
+            let error = SessionError::Refused {
+                code: sqlstate::PROTOCOL_VIOLATION,
+                message,
+            };
+            refuse(&mut client.stream, &error).await;
+            let reusable = progress.is_quiet() && lease.conn.rbuf.is_empty();
+            proxy.release(lease, reusable).await;
+        }
+        RelayEnd::ServerLost {
+            error,
+            server_said_fatal,
+        } => {
+            warn!(node = %lease.conn.node_name, ?error, "server connection lost during a session");
+            proxy.report_server_failure(lease.conn.node);
+            if !server_said_fatal {
+                let error = SessionError::Refused {
+                    code: sqlstate::CONNECTION_FAILURE,
+                    message: format!(
+                        "the connection to node {} was lost; reconnect to continue",
+                        lease.conn.node_name
+                    ),
+                };
+                refuse(&mut client.stream, &error).await;
+            }
+        }
+    }
+}
+
+/// Stops a statement still running for a client that left.
+async fn cancel_running(lease: &Lease, proxy: &Proxy) {
+    if lease.conn.tx == TxStatus::Idle && lease.conn.rbuf.is_empty() {
+        let target = CancelTarget {
+            host: lease.conn.addr.0.clone(),
+            port: lease.conn.addr.1,
+            pid: lease.conn.backend_pid,
+            key: lease.conn.backend_key.clone(),
+        };
+        let _ = crate::cancel::send_cancel(&target, proxy.config.backend.connect_timeout).await;
+    }
+}
+
+/// Sends the client's startup parameters to the server as SET commands, skipping those the server
+/// already reports with the same value.
+async fn apply_params(lease: &mut Lease, startup: &ClientStartup) -> Result<(), SessionError> {
+    let sql = match set_commands(&startup.params, |name| lease.conn.param(name))? {
+        Some(sql) => sql,
+        None => return Ok(()),
+    };
+    lease.conn.run_internal(&sql).await.map_err(|e| match e {
+        ServerError::Rejected { message, frame, .. } => SessionError::NodeRefused(message, frame),
+        other => SessionError::Refused {
+            code: sqlstate::CONNECTION_FAILURE,
+            message: other.to_string(),
+        },
+    })
+}
+
+/// Builds `SET name TO 'value';` for every parameter that differs from what the server reports.
+/// `options` is split into its `-c name=value` / `--name=value` settings like PostgreSQL does.
+fn set_commands<'a>(
+    params: &'a [(Vec<u8>, Vec<u8>)],
+    reported: impl Fn(&[u8]) -> Option<&'a [u8]>,
+) -> Result<Option<String>, SessionError> {
+    let mut settings: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    for (name, value) in params {
+        if name == b"options" {
+            settings.extend(parse_options(value)?);
+        } else {
+            settings.push((name.clone(), value.clone()));
+        }
+    }
+    let mut sql = String::new();
+    for (name, value) in &settings {
+        if reported(name) == Some(value.as_slice()) {
+            continue;
+        }
+        let name = String::from_utf8_lossy(name);
+        let value = String::from_utf8_lossy(value);
+        sql.push_str(&format!(
+            "SET \"{}\" TO E'{}';",
+            name.replace('"', "\"\""),
+            value.replace('\\', "\\\\").replace('\'', "\\'")
+        ));
+    }
+    Ok((!sql.is_empty()).then_some(sql))
+}
+
+/// Splits a startup `options` value into settings; backslash escapes a space (libpq's rule).
+fn parse_options(value: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SessionError> {
+    let mut words: Vec<Vec<u8>> = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = value.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'\\' => current.extend(bytes.next()),
+            b' ' | b'\t' => {
+                if !current.is_empty() {
+                    words.push(std::mem::take(&mut current));
+                }
+            }
+            _ => current.push(b),
+        }
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    let mut settings = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(word) = words.next() {
+        let setting = if word == b"-c" {
+            words.next()
+        } else {
+            word.strip_prefix(b"--").map(<[u8]>::to_vec)
+        };
+        let setting = setting.ok_or_else(|| SessionError::Refused {
+            code: sqlstate::FEATURE_NOT_SUPPORTED,
+            message: format!(
+                "unsupported startup option {:?}: only -c name=value and --name=value are supported",
+                String::from_utf8_lossy(&word)
+            ),
+        })?;
+        let eq = setting.iter().position(|b| *b == b'=').ok_or_else(|| SessionError::Refused {
+            code: sqlstate::PROTOCOL_VIOLATION,
+            message: format!(
+                "invalid startup option {:?}: expected name=value",
+                String::from_utf8_lossy(&setting)
+            ),
+        })?;
+        let name = setting[..eq].iter().map(|b| if *b == b'-' { b'_' } else { *b }).collect();
+        settings.push((name, setting[eq + 1..].to_vec()));
+    }
+    Ok(settings)
+}
+
+fn pool_refusal(error: PoolError) -> SessionError {
+    match error {
+        PoolError::Exhausted { .. } => SessionError::Refused {
+            code: sqlstate::TOO_MANY_CONNECTIONS,
+            message: error.to_string(),
+        },
+        PoolError::Connect(ServerError::Rejected { message, frame, .. }) => {
+            SessionError::NodeRefused(message, frame)
+        }
+        PoolError::Connect(other) => SessionError::Refused {
+            code: sqlstate::CONNECTION_FAILURE,
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Tells the client why it is being disconnected (best effort) and closes.
+async fn refuse(stream: &mut Stream, error: &SessionError) {
+    let mut out = BytesMut::new();
+    match error {
+        SessionError::Refused { code, message } => encode::error_response_with(
+            &mut out,
+            &PgError {
+                severity: Severity::Fatal,
+                code,
+                message,
+                detail: None,
+                hint: None,
+            },
+        ),
+        SessionError::NodeRefused(_, frame) => out.extend_from_slice(frame),
+        SessionError::Closed | SessionError::Io(_) => return,
+    }
+    let _ = stream.write_all(&out).await;
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_become_settings() {
+        let parsed = parse_options(b"-c search_path=a,b --statement-timeout=5s -c x=a\\ b").unwrap();
+        let as_text: Vec<(String, String)> = parsed
+            .into_iter()
+            .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
+            .collect();
+        assert_eq!(
+            as_text,
+            vec![
+                ("search_path".into(), "a,b".into()),
+                ("statement_timeout".into(), "5s".into()),
+                ("x".into(), "a b".into()),
+            ]
+        );
+        assert!(parse_options(b"-X").is_err());
+    }
+
+    #[test]
+    fn only_differing_parameters_are_set_and_values_are_escaped() {
+        let params = vec![
+            (b"client_encoding".to_vec(), b"UTF8".to_vec()),
+            (b"application_name".to_vec(), b"it's \\ me".to_vec()),
+        ];
+        let sql = set_commands(&params, |name| (name == b"client_encoding").then_some(b"UTF8".as_slice()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(sql, "SET \"application_name\" TO E'it\\'s \\\\ me';");
+        let none = set_commands(&params[..1], |_| Some(b"UTF8".as_slice())).unwrap();
+        assert!(none.is_none());
+    }
+}

@@ -1,0 +1,348 @@
+//! The steady state of a session: bytes flow between the client and its server connection in
+//! whole messages, copied in batches, inspected only where state changes (ReadyForQuery,
+//! ParameterStatus, ErrorResponse, Terminate). Rows are never decoded.
+//!
+//! Both directions progress independently (one read and one write per direction in a single
+//! `select!`), so a server busy sending results never deadlocks against a client still sending.
+
+use std::io;
+
+use bytes::{Buf, BytesMut};
+use pgvigil_proto::backend::{self, ErrorFields};
+use pgvigil_proto::frontend::{self, is_known_frontend_tag};
+use pgvigil_proto::{header, messages, FrameError, TxStatus};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::server::ServerConn;
+use crate::stream::Stream;
+
+/// Stop reading from a side while this many bytes wait to be written to the other side.
+const HIGH_WATER: usize = 256 * 1024;
+/// Read granularity.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Why the relay stopped.
+#[derive(Debug)]
+pub enum RelayEnd {
+    /// The client sent Terminate.
+    Terminated,
+    /// The client closed its socket (or it broke).
+    ClientGone,
+    /// The server connection broke; `server_said_fatal` tells whether the node already sent the
+    /// client a FATAL error explaining why.
+    ServerLost {
+        /// The I/O error, if any (None: orderly EOF).
+        error: Option<io::Error>,
+        /// Whether a FATAL/PANIC ErrorResponse was the last thing relayed.
+        server_said_fatal: bool,
+    },
+    /// The client broke the protocol; the text is sent to it as a 08P01 error.
+    Violation(String),
+}
+
+/// What the relay knows about the server connection's position in the protocol.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Requests that will be answered by a ReadyForQuery not yet seen (Query, Sync, FunctionCall).
+    pub awaiting_ready: u32,
+    /// Extended-protocol messages sent since the last Sync.
+    pub unsynced: bool,
+}
+
+impl Progress {
+    /// Whether the server has answered everything and can be reset and reused.
+    pub fn is_quiet(&self) -> bool {
+        self.awaiting_ready == 0 && !self.unsynced
+    }
+}
+
+/// A client connection in its steady state.
+pub struct ClientConn {
+    /// The socket.
+    pub stream: Stream,
+    /// Bytes read from the client and not yet passed on.
+    pub rbuf: BytesMut,
+}
+
+/// Pumps messages both ways until one side ends the session.
+pub async fn relay(
+    client: &mut ClientConn,
+    server: &mut ServerConn,
+    max_message: usize,
+    progress: &mut Progress,
+) -> RelayEnd {
+    let (mut client_read, mut client_write) = tokio::io::split(&mut client.stream);
+    let (mut server_read, mut server_write) = tokio::io::split(&mut server.stream);
+    let client_in = &mut client.rbuf;
+    let server_in = &mut server.rbuf;
+    let mut to_server = BytesMut::new();
+    let mut to_client = BytesMut::new();
+    let mut server_state = ServerSide {
+        tx: &mut server.tx,
+        params: &mut server.params,
+        last_fatal: false,
+    };
+    let mut terminated = false;
+
+    // The server may have sent bytes before the relay started (kept in its buffer).
+    server_state.scan(server_in, &mut to_client, max_message, progress);
+    if let Err(end) = scan_client(client_in, &mut to_server, max_message, progress, &mut terminated) {
+        return end;
+    }
+
+    loop {
+        if terminated && to_server.is_empty() {
+            return RelayEnd::Terminated;
+        }
+        tokio::select! {
+            written = client_write.write(&to_client), if !to_client.is_empty() => {
+                match written {
+                    Ok(0) | Err(_) => return RelayEnd::ClientGone,
+                    Ok(n) => to_client.advance(n),
+                }
+                if to_client.is_empty() && client_write.flush().await.is_err() {
+                    return RelayEnd::ClientGone;
+                }
+            }
+            written = server_write.write(&to_server), if !to_server.is_empty() => {
+                match written {
+                    Ok(0) => return server_lost(None, &server_state),
+                    Err(e) => return server_lost(Some(e), &server_state),
+                    Ok(n) => to_server.advance(n),
+                }
+                if to_server.is_empty() {
+                    if let Err(e) = server_write.flush().await {
+                        return server_lost(Some(e), &server_state);
+                    }
+                }
+            }
+            read = client_read.read_buf(client_in),
+                if !terminated && to_server.len() < HIGH_WATER && reserve(client_in, max_message).is_ok() => {
+                match read {
+                    Ok(0) | Err(_) => return RelayEnd::ClientGone,
+                    Ok(_) => {
+                        if let Err(end) = scan_client(client_in, &mut to_server, max_message, progress, &mut terminated) {
+                            return end;
+                        }
+                    }
+                }
+            }
+            read = server_read.read_buf(server_in), if to_client.len() < HIGH_WATER => {
+                match read {
+                    Ok(0) => {
+                        flush_remaining(&mut client_write, &to_client).await;
+                        return server_lost(None, &server_state);
+                    }
+                    Err(e) => {
+                        flush_remaining(&mut client_write, &to_client).await;
+                        return server_lost(Some(e), &server_state);
+                    }
+                    Ok(_) => {
+                        if server_state.scan(server_in, &mut to_client, max_message, progress).is_err() {
+                            flush_remaining(&mut client_write, &to_client).await;
+                            return server_lost(None, &server_state);
+                        }
+                        reserve_server(server_in, max_message);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The server-side state the relay updates.
+struct ServerSide<'a> {
+    tx: &'a mut TxStatus,
+    params: &'a mut Vec<(Vec<u8>, Vec<u8>)>,
+    last_fatal: bool,
+}
+
+impl ServerSide<'_> {
+    /// Moves whole server messages to `out`, noting ReadyForQuery, ParameterStatus and errors.
+    fn scan(
+        &mut self,
+        input: &mut BytesMut,
+        out: &mut BytesMut,
+        max_message: usize,
+        progress: &mut Progress,
+    ) -> Result<(), FrameError> {
+        let mut iter = messages(input, max_message);
+        for message in iter.by_ref() {
+            let message = message?;
+            self.last_fatal = false;
+            match message.tag {
+                backend::tag::READY_FOR_QUERY => {
+                    if let Ok(status) = backend::ReadyForQuery::parse(message.body) {
+                        *self.tx = status;
+                    }
+                    progress.awaiting_ready = progress.awaiting_ready.saturating_sub(1);
+                }
+                backend::tag::PARAMETER_STATUS => self.note_parameter(message.body),
+                backend::tag::ERROR_RESPONSE => self.last_fatal = is_fatal(message.body),
+                _ => {}
+            }
+        }
+        let consumed = iter.consumed();
+        move_prefix(input, out, consumed);
+        Ok(())
+    }
+
+    fn note_parameter(&mut self, body: &[u8]) {
+        let Ok(status) = backend::ParameterStatus::parse(body) else {
+            return;
+        };
+        match self.params.iter_mut().find(|(n, _)| n.as_slice() == status.name) {
+            Some((_, value)) => {
+                value.clear();
+                value.extend_from_slice(status.value);
+            }
+            None => self
+                .params
+                .push((status.name.to_vec(), status.value.to_vec())),
+        }
+    }
+}
+
+fn is_fatal(body: &[u8]) -> bool {
+    ErrorFields::parse(body)
+        .ok()
+        .and_then(|f| f.get(b'V').or_else(|| f.get(b'S')))
+        .is_some_and(|s| s == b"FATAL" || s == b"PANIC")
+}
+
+/// Moves whole client messages to `out`, tracking sync points; stops at Terminate.
+fn scan_client(
+    input: &mut BytesMut,
+    out: &mut BytesMut,
+    max_message: usize,
+    progress: &mut Progress,
+    terminated: &mut bool,
+) -> Result<(), RelayEnd> {
+    let mut iter = messages(input, max_message);
+    let mut forward = 0;
+    for message in iter.by_ref() {
+        let message = message.map_err(|e| RelayEnd::Violation(e.to_string()))?;
+        match message.tag {
+            frontend::tag::TERMINATE => {
+                *terminated = true;
+                break;
+            }
+            frontend::tag::QUERY | frontend::tag::FUNCTION_CALL => progress.awaiting_ready += 1,
+            frontend::tag::SYNC => {
+                progress.awaiting_ready += 1;
+                progress.unsynced = false;
+            }
+            frontend::tag::PARSE
+            | frontend::tag::BIND
+            | frontend::tag::DESCRIBE
+            | frontend::tag::EXECUTE
+            | frontend::tag::CLOSE
+            | frontend::tag::FLUSH => progress.unsynced = true,
+            tag if is_known_frontend_tag(tag) => {}
+            tag => {
+                return Err(RelayEnd::Violation(format!(
+                    "invalid frontend message type {tag} ('{}')",
+                    char::from(tag).escape_default()
+                )))
+            }
+        }
+        forward += message.len();
+    }
+    move_prefix(input, out, forward);
+    if *terminated {
+        input.clear();
+    }
+    Ok(())
+}
+
+/// Moves the first `n` bytes of `input` to the end of `out`; swaps buffers when that is free.
+fn move_prefix(input: &mut BytesMut, out: &mut BytesMut, n: usize) {
+    if n == 0 {
+        return;
+    }
+    if out.is_empty() && n == input.len() {
+        std::mem::swap(input, out);
+    } else {
+        out.extend_from_slice(&input[..n]);
+        input.advance(n);
+    }
+}
+
+/// Makes room for the next read: at least a chunk, or the whole of a message whose header says
+/// it is larger. Fails (so reading pauses) only when the header is already invalid, which the
+/// next scan reports.
+fn reserve(buf: &mut BytesMut, max_message: usize) -> Result<(), FrameError> {
+    let wanted = match header(buf, max_message)? {
+        Some((_, total)) if total > buf.len() => (total - buf.len()).max(READ_CHUNK),
+        _ => READ_CHUNK,
+    };
+    if buf.capacity() - buf.len() < wanted / 2 {
+        buf.reserve(wanted);
+    }
+    Ok(())
+}
+
+fn reserve_server(buf: &mut BytesMut, max_message: usize) {
+    if reserve(buf, max_message).is_err() {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+fn server_lost(error: Option<io::Error>, state: &ServerSide<'_>) -> RelayEnd {
+    RelayEnd::ServerLost {
+        error,
+        server_said_fatal: state.last_fatal,
+    }
+}
+
+/// Best effort: deliver what the server said before it went away (often its FATAL error).
+async fn flush_remaining<W: tokio::io::AsyncWrite + Unpin>(writer: &mut W, pending: &[u8]) {
+    let _ = writer.write_all(pending).await;
+    let _ = writer.flush().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.put_u32(body.len() as u32 + 4);
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn client_scan_forwards_whole_messages_and_keeps_the_tail() {
+        let mut input = BytesMut::new();
+        input.extend_from_slice(&frame(b'Q', b"select 1\0"));
+        let partial = frame(b'Q', b"select 2\0");
+        input.extend_from_slice(&partial[..7]);
+        let mut out = BytesMut::new();
+        let mut progress = Progress::default();
+        let mut terminated = false;
+        scan_client(&mut input, &mut out, 1 << 20, &mut progress, &mut terminated).unwrap();
+        assert_eq!(&out[..], &frame(b'Q', b"select 1\0")[..]);
+        assert_eq!(&input[..], &partial[..7]);
+        assert_eq!(progress.awaiting_ready, 1);
+    }
+
+    #[test]
+    fn terminate_stops_forwarding_and_unknown_tags_are_violations() {
+        let mut input = BytesMut::new();
+        input.extend_from_slice(&frame(b'S', b""));
+        input.extend_from_slice(&frame(b'X', b""));
+        input.extend_from_slice(&frame(b'Q', b"select 3\0"));
+        let mut out = BytesMut::new();
+        let mut progress = Progress::default();
+        let mut terminated = false;
+        scan_client(&mut input, &mut out, 1 << 20, &mut progress, &mut terminated).unwrap();
+        assert!(terminated);
+        assert_eq!(&out[..], &frame(b'S', b"")[..]);
+
+        let mut bad = BytesMut::from(&frame(b'!', b"x")[..]);
+        let end = scan_client(&mut bad, &mut out, 1 << 20, &mut progress, &mut terminated);
+        assert!(matches!(end, Err(RelayEnd::Violation(_))));
+    }
+}

@@ -1,0 +1,277 @@
+//! The untagged startup phase of a client connection: SSL/GSS negotiation, cancel requests, and the
+//! StartupMessage with its protocol version and parameters.
+
+use bytes::{Buf, BytesMut};
+use pgvigil_proto::startup::{parse_startup, ProtocolVersion, StartupPacket, MAX_STARTUP_PACKET};
+use pgvigil_proto::{encode, sqlstate};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::SessionError;
+use crate::config::TlsMode;
+use crate::proxy::Proxy;
+use crate::stream::Stream;
+
+/// What a client asked for in its startup packet.
+pub struct ClientStartup {
+    /// The role name.
+    pub user: String,
+    /// The database (defaults to the user name, like PostgreSQL).
+    pub database: String,
+    /// Every other parameter, to be applied on the server connection.
+    pub params: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// How the startup phase ended.
+pub enum Opening {
+    /// A session is starting; the buffer holds any bytes the client sent after its startup packet.
+    Session(Stream, ClientStartup, BytesMut),
+    /// The connection only carried a CancelRequest, now handled.
+    Cancelled,
+}
+
+/// Newest protocol minor version pgvigil speaks (3.0).
+const NEWEST_MINOR: u16 = 0;
+
+/// A startup-phase failure, with the stream when the client can still be told why.
+pub type Refusal = (Option<Stream>, SessionError);
+
+/// What one startup packet asked for.
+enum Step {
+    /// SSLRequest: answer it, maybe switch to TLS, and read the next packet.
+    SslRequest,
+    /// GSSENCRequest, declined with 'N'; read the next packet.
+    GssDeclined,
+    /// A CancelRequest, now handled.
+    Cancelled,
+    /// A valid StartupMessage.
+    Startup(ClientStartup),
+}
+
+/// Runs the startup phase up to a valid StartupMessage (or a handled CancelRequest).
+pub async fn open(tcp: TcpStream, proxy: &Proxy) -> Result<Opening, Refusal> {
+    let mut stream = match direct_tls(tcp, proxy).await {
+        Ok(Some(stream)) => stream,
+        Ok(None) => return Err((None, SessionError::Closed)),
+        Err(error) => return Err((None, error)),
+    };
+    let mut buf = BytesMut::with_capacity(512);
+    loop {
+        match next_step(&mut stream, &mut buf, proxy).await {
+            Ok(Step::SslRequest) => {
+                stream = answer_ssl_request(stream, proxy)
+                    .await
+                    .map_err(|error| (None, error))?;
+            }
+            Ok(Step::GssDeclined) => {}
+            Ok(Step::Cancelled) => return Ok(Opening::Cancelled),
+            Ok(Step::Startup(startup)) => return Ok(Opening::Session(stream, startup, buf)),
+            Err(error) => return Err((Some(stream), error)),
+        }
+    }
+}
+
+/// Reads and handles one startup packet.
+async fn next_step(stream: &mut Stream, buf: &mut BytesMut, proxy: &Proxy) -> Result<Step, SessionError> {
+    let consumed = read_packet(stream, buf).await?;
+    let packet = match parse_startup(buf) {
+        Ok(Some((packet, _))) => packet,
+        Ok(None) => return Err(violation("incomplete startup packet")),
+        Err(e) => return Err(violation(&e.to_string())),
+    };
+    let step = match packet {
+        StartupPacket::SslRequest => {
+            // Bytes after an SSLRequest would be read as if they had come encrypted
+            // (CVE-2021-23214): refuse them.
+            if buf.len() != consumed {
+                return Err(violation("unencrypted data after SSLRequest"));
+            }
+            Step::SslRequest
+        }
+        StartupPacket::GssEncRequest => {
+            stream.write_all(b"N").await?;
+            Step::GssDeclined
+        }
+        StartupPacket::Cancel { pid, key } => {
+            proxy.forward_cancel(pid, key).await;
+            Step::Cancelled
+        }
+        StartupPacket::Startup { version, params } => {
+            let negotiate = check_version(version)?;
+            let mut unrecognized = Vec::new();
+            let startup = read_params(params.iter(), &mut unrecognized)?;
+            if negotiate.is_some() {
+                let names: Vec<&[u8]> = unrecognized.iter().map(Vec::as_slice).collect();
+                let mut out = BytesMut::new();
+                encode::negotiate_protocol_version(&mut out, u32::from(NEWEST_MINOR), &names);
+                stream.write_all(&out).await?;
+            }
+            if proxy.config.tls.mode == TlsMode::Require && !stream.is_tls() {
+                return Err(SessionError::Refused {
+                    code: sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                    message: "pgvigil requires TLS (tls.mode = \"require\"): connect with sslmode=require".into(),
+                });
+            }
+            Step::Startup(startup)
+        }
+    };
+    buf.advance(consumed);
+    Ok(step)
+}
+
+/// Reads until `buf` holds one whole startup packet; returns its length.
+async fn read_packet(stream: &mut Stream, buf: &mut BytesMut) -> Result<usize, SessionError> {
+    loop {
+        if buf.len() >= 4 {
+            let declared = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if !(8..=MAX_STARTUP_PACKET).contains(&declared) {
+                return Err(violation("invalid length of startup packet"));
+            }
+            if buf.len() >= declared {
+                return Ok(declared);
+            }
+        }
+        buf.reserve(512);
+        if stream.read_buf(buf).await? == 0 {
+            // A client that connects and leaves (a port check) is not an error worth a message.
+            return Err(SessionError::Closed);
+        }
+    }
+}
+
+/// Checks the protocol version; `Some` for 3.x with x > 0, which is answered with
+/// NegotiateProtocolVersion (PostgreSQL then continues as 3.0).
+fn check_version(version: ProtocolVersion) -> Result<Option<()>, SessionError> {
+    if version.major != 3 {
+        return Err(SessionError::Refused {
+            code: sqlstate::FEATURE_NOT_SUPPORTED,
+            message: format!(
+                "unsupported frontend protocol {}.{}: server supports 3.0 to 3.{NEWEST_MINOR}",
+                version.major, version.minor
+            ),
+        });
+    }
+    Ok((version.minor > NEWEST_MINOR).then_some(()))
+}
+
+/// Collects the user, database and other parameters; `_pq_.` options go to `unrecognized`.
+fn read_params<'a>(
+    params: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    unrecognized: &mut Vec<Vec<u8>>,
+) -> Result<ClientStartup, SessionError> {
+    let mut user = None;
+    let mut database = None;
+    let mut rest = Vec::new();
+    for (name, value) in params {
+        match name {
+            b"user" => user = Some(String::from_utf8_lossy(value).into_owned()),
+            b"database" => database = Some(String::from_utf8_lossy(value).into_owned()),
+            b"replication" if is_replication(value) => {
+                return Err(SessionError::Refused {
+                    code: sqlstate::FEATURE_NOT_SUPPORTED,
+                    message: "replication connections are not supported through pgvigil: connect to a node directly".into(),
+                })
+            }
+            b"replication" => {}
+            _ if name.starts_with(b"_pq_.") => unrecognized.push(name.to_vec()),
+            _ => rest.push((name.to_vec(), value.to_vec())),
+        }
+    }
+    let user = user.filter(|u| !u.is_empty()).ok_or_else(|| SessionError::Refused {
+        code: sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+        message: "no PostgreSQL user name specified in startup packet".into(),
+    })?;
+    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    Ok(ClientStartup {
+        user,
+        database,
+        params: rest,
+    })
+}
+
+fn is_replication(value: &[u8]) -> bool {
+    !matches!(value, b"false" | b"off" | b"no" | b"0")
+}
+
+/// PostgreSQL 17 clients may start TLS directly (first byte 0x16) instead of with SSLRequest.
+/// Returns `None` when such a client arrives and TLS is not configured.
+async fn direct_tls(tcp: TcpStream, proxy: &Proxy) -> Result<Option<Stream>, SessionError> {
+    let mut first = [0u8; 1];
+    let n = tcp.peek(&mut first).await?;
+    if n == 0 || !pgvigil_proto::startup::is_direct_tls(first[0]) {
+        return Ok(Some(Stream::Plain(tcp)));
+    }
+    match &proxy.tls_acceptor {
+        Some(acceptor) => {
+            let tls = acceptor.accept(tcp).await?;
+            Ok(Some(Stream::ServerTls(Box::new(tls))))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Answers an SSLRequest with 'S' and a TLS handshake when TLS is configured, 'N' otherwise.
+async fn answer_ssl_request(mut stream: Stream, proxy: &Proxy) -> Result<Stream, SessionError> {
+    match (&proxy.tls_acceptor, stream) {
+        (Some(acceptor), Stream::Plain(mut tcp)) => {
+            tcp.write_all(b"S").await?;
+            let tls = acceptor.accept(tcp).await?;
+            Ok(Stream::ServerTls(Box::new(tls)))
+        }
+        (_, plain_or_tls) => {
+            stream = plain_or_tls;
+            stream.write_all(b"N").await?;
+            Ok(stream)
+        }
+    }
+}
+
+fn violation(message: &str) -> SessionError {
+    SessionError::Refused {
+        code: sqlstate::PROTOCOL_VIOLATION,
+        message: message.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_defaults_to_user_and_pq_options_are_collected() {
+        let params: Vec<(&[u8], &[u8])> = vec![
+            (b"user", b"app"),
+            (b"application_name", b"psql"),
+            (b"_pq_.compression", b"on"),
+        ];
+        let mut unrecognized = Vec::new();
+        let startup = read_params(params.into_iter(), &mut unrecognized).unwrap();
+        assert_eq!(startup.database, "app");
+        assert_eq!(startup.params, vec![(b"application_name".to_vec(), b"psql".to_vec())]);
+        assert_eq!(unrecognized, vec![b"_pq_.compression".to_vec()]);
+    }
+
+    #[test]
+    fn missing_user_and_replication_are_refused() {
+        let none: Vec<(&[u8], &[u8])> = vec![(b"database", b"x")];
+        assert!(matches!(
+            read_params(none.into_iter(), &mut Vec::new()),
+            Err(SessionError::Refused { code: "28000", .. })
+        ));
+        let repl: Vec<(&[u8], &[u8])> = vec![(b"user", b"a"), (b"replication", b"database")];
+        assert!(matches!(
+            read_params(repl.into_iter(), &mut Vec::new()),
+            Err(SessionError::Refused { code: "0A000", .. })
+        ));
+    }
+
+    #[test]
+    fn only_protocol_3_is_accepted_and_newer_minors_negotiate_down() {
+        assert!(check_version(ProtocolVersion { major: 3, minor: 0 }).unwrap().is_none());
+        assert!(check_version(ProtocolVersion { major: 3, minor: 2 }).unwrap().is_some());
+        assert!(matches!(
+            check_version(ProtocolVersion { major: 2, minor: 0 }),
+            Err(SessionError::Refused { code: "0A000", .. })
+        ));
+    }
+}

@@ -1,0 +1,165 @@
+//! The cluster as pgvigil sees it: an immutable snapshot of every node and its role.
+//!
+//! Readers take a snapshot with one atomic load (`TopologyHandle::load`) and never lock; one writer
+//! publishes a new snapshot with a higher generation and announces it on a watch channel.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+/// Index of a node in the configuration's `[[nodes]]` list.
+pub type NodeId = usize;
+
+/// What a node was last observed to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Not yet probed.
+    Unknown,
+    /// Accepts writes (`pg_is_in_recovery()` is false).
+    Primary,
+    /// A streaming replica (`pg_is_in_recovery()` is true).
+    Standby,
+    /// Did not answer its last probes.
+    Down,
+}
+
+impl Role {
+    /// The lowercase name used in logs and status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Unknown => "unknown",
+            Role::Primary => "primary",
+            Role::Standby => "standby",
+            Role::Down => "down",
+        }
+    }
+}
+
+/// One node in a snapshot.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Its position in the configuration.
+    pub id: NodeId,
+    /// Its configured name.
+    pub name: String,
+    /// Host name or address pgvigil connects to.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Its observed role.
+    pub role: Role,
+}
+
+/// Where writes go right now, and why not when they cannot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Primary {
+    /// Exactly one reachable node accepts writes.
+    Known(NodeId),
+    /// No node can take writes; the reason is shown to clients and in status.
+    Unavailable(String),
+}
+
+/// An immutable view of the cluster.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Increases by one with every published change.
+    pub generation: u64,
+    /// Every configured node, in configuration order.
+    pub nodes: Vec<Node>,
+    /// The node that takes writes.
+    pub primary: Primary,
+}
+
+impl Topology {
+    /// The starting snapshot: every node unknown, no primary until the first probe.
+    pub fn initial(config: &Config) -> Topology {
+        let nodes = config
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(id, n)| Node {
+                id,
+                name: n.name.clone(),
+                host: n.host.clone(),
+                port: n.port,
+                role: Role::Unknown,
+            })
+            .collect();
+        Topology {
+            generation: 0,
+            nodes,
+            primary: Primary::Unavailable("the nodes have not been probed yet".into()),
+        }
+    }
+
+    /// Builds the next snapshot from freshly observed roles (one per node, same order).
+    pub fn with_roles(&self, roles: &[Role]) -> Topology {
+        let mut nodes = self.nodes.clone();
+        for (node, role) in nodes.iter_mut().zip(roles) {
+            node.role = *role;
+        }
+        let primaries: Vec<&Node> = nodes.iter().filter(|n| n.role == Role::Primary).collect();
+        let primary = match primaries.as_slice() {
+            [one] => Primary::Known(one.id),
+            [] => Primary::Unavailable("no reachable node accepts writes".into()),
+            many => Primary::Unavailable(format!(
+                "{} nodes claim to be primary ({}); writes are refused until that is resolved",
+                many.len(),
+                many.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+            )),
+        };
+        Topology {
+            generation: self.generation + 1,
+            nodes,
+            primary,
+        }
+    }
+
+    /// Whether `other` has the same roles and primary (so publishing it would change nothing).
+    pub fn same_roles(&self, other: &Topology) -> bool {
+        self.primary == other.primary
+            && self.nodes.iter().zip(&other.nodes).all(|(a, b)| a.role == b.role)
+    }
+}
+
+/// The shared, atomically swapped current topology.
+pub struct TopologyHandle {
+    current: ArcSwap<Topology>,
+    changes: watch::Sender<u64>,
+}
+
+impl TopologyHandle {
+    /// Starts with `initial`.
+    pub fn new(initial: Topology) -> TopologyHandle {
+        let (changes, _) = watch::channel(initial.generation);
+        TopologyHandle {
+            current: ArcSwap::from_pointee(initial),
+            changes,
+        }
+    }
+
+    /// The current snapshot (one atomic load; do not hold it across `.await`).
+    pub fn load(&self) -> arc_swap::Guard<Arc<Topology>> {
+        self.current.load()
+    }
+
+    /// The current snapshot as an owned `Arc`, for tasks that keep it.
+    pub fn snapshot(&self) -> Arc<Topology> {
+        self.current.load_full()
+    }
+
+    /// Publishes a new snapshot and wakes everyone waiting for a change.
+    pub fn publish(&self, next: Topology) {
+        let generation = next.generation;
+        self.current.store(Arc::new(next));
+        self.changes.send_replace(generation);
+    }
+
+    /// A receiver that sees every published generation.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
