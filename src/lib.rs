@@ -1,1 +1,3 @@
 //! pgvigil: a PostgreSQL high-availability proxy.
+
+pub mod config;
