@@ -1,0 +1,585 @@
+//! Typed TOML configuration: every default lives in one `Default` impl, and `validate` reports all
+//! problems at once, each naming its key path.
+//!
+//! The shipped `pgvigil.example.toml` is checked against these structs by the tests below, so the
+//! example and the code cannot drift apart.
+
+mod validate;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The whole pgvigil configuration, as read from one TOML file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address clients connect to as if it were PostgreSQL (default `0.0.0.0:9999`).
+    #[serde(deserialize_with = "deserialize_listen")]
+    pub listen: SocketAddr,
+    /// Most client connections at once; beyond it clients get SQLSTATE 53300 (default 1000).
+    pub max_client_conn: usize,
+    /// Largest protocol message accepted, in bytes (default 1 GiB, PostgreSQL's own limit).
+    pub max_message_size: usize,
+    /// Client-side limits (`[client]`).
+    pub client: ClientConfig,
+    /// TLS offered to clients (`[tls]`).
+    pub tls: TlsConfig,
+    /// How pgvigil connects to the nodes (`[backend]`).
+    pub backend: BackendConfig,
+    /// Server connection pools, one per node (`[pool]`).
+    pub pool: PoolConfig,
+    /// The PostgreSQL nodes (`[[nodes]]`); their roles are observed, never taken from this order.
+    pub nodes: Vec<NodeConfig>,
+    /// The users clients may log in as (`[[users]]`).
+    pub users: Vec<UserConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9999)),
+            max_client_conn: 1000,
+            // PostgreSQL's MaxAllocSize: no single message can be larger than 1 GiB anyway.
+            max_message_size: 1 << 30,
+            client: ClientConfig::default(),
+            tls: TlsConfig::default(),
+            backend: BackendConfig::default(),
+            pool: PoolConfig::default(),
+            nodes: Vec::new(),
+            users: Vec::new(),
+        }
+    }
+}
+
+/// Limits on client connections (`[client]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// Time a client has to finish startup and authentication (default 10s, must be > 0).
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            startup_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// TLS between clients and pgvigil (`[tls]`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain presented to clients (default none); relative to the working directory.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert` (default none); relative to the working directory.
+    pub key: Option<PathBuf>,
+    /// Whether clients may or must use TLS (default `allow`).
+    pub mode: TlsMode,
+}
+
+/// Whether clients may or must use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// Never offer TLS, even when a certificate is configured.
+    Disable,
+    /// Offer TLS when `cert` and `key` are set; plain connections are accepted too.
+    #[default]
+    Allow,
+    /// Refuse clients that do not use TLS; needs `cert` and `key`.
+    Require,
+}
+
+/// How pgvigil connects to the nodes (`[backend]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// Time allowed to open and authenticate one server connection (default 5s, must be > 0).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// TLS towards the nodes (default `disable`).
+    pub tls: BackendTlsMode,
+    /// PEM CA certificates that verify the nodes' certificates (default none); relative to the
+    /// working directory.
+    pub ca: Option<PathBuf>,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            tls: BackendTlsMode::default(),
+            ca: None,
+        }
+    }
+}
+
+/// Whether pgvigil uses TLS towards the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendTlsMode {
+    /// Plain connections only.
+    #[default]
+    Disable,
+    /// Use TLS when the node offers it, plain otherwise.
+    Prefer,
+    /// Fail the connection when the node does not offer TLS.
+    Require,
+}
+
+/// Server connection pools (`[pool]`); the sizes apply to each node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Most server connections per node (default 20, at least 1).
+    pub max_size: usize,
+    /// Idle server connections kept open per node (default 0, at most `max_size`).
+    pub min_idle: usize,
+    /// An idle server connection is closed after this long (default 10m, must be > 0).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A server connection is closed after this age once it is idle (default 1h, must be > 0).
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// How long a client waits for a free server connection (default 5s, must be > 0).
+    #[serde(with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_size: 20,
+            min_idle: 0,
+            idle_timeout: Duration::from_secs(10 * 60),
+            max_lifetime: Duration::from_secs(60 * 60),
+            checkout_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One PostgreSQL node (`[[nodes]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Unique name used in logs and commands (`pgvigil failback pg1`); letters, digits, `_`, `-`.
+    pub name: String,
+    /// Host name or IP address of the node (required).
+    pub host: String,
+    /// TCP port of the node (default 5432).
+    pub port: u16,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            host: String::new(),
+            port: 5432,
+        }
+    }
+}
+
+/// One user clients may log in as (`[[users]]`).
+#[derive(Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserConfig {
+    /// Role name, the same on pgvigil and on the nodes.
+    pub name: String,
+    /// Plaintext password, checked for clients and used to log in to the nodes (required).
+    pub password: Option<String>,
+    /// How clients authenticate to pgvigil (default `scram-sha-256`).
+    pub auth: AuthMethod,
+}
+
+impl fmt::Debug for UserConfig {
+    // Passwords must never reach logs, so Debug masks them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("auth", &self.auth)
+            .finish()
+    }
+}
+
+/// How a client proves who it is to pgvigil.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    /// SCRAM-SHA-256 (RFC 7677), PostgreSQL's default.
+    // kebab-case alone would give "scram-sha256"; PostgreSQL spells it "scram-sha-256".
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    /// MD5 password hash, for old clients.
+    Md5,
+    /// No password asked.
+    Trust,
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// The text is not TOML, or does not fit the structs (unknown key, wrong type); toml's message
+    /// names the line and shows the key.
+    #[error("{0}")]
+    Syntax(String),
+    /// The values parsed but make no sense together; every problem is listed.
+    #[error("{}", display_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+/// One thing wrong with a configuration, tied to its key path (`nodes[1].name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path, e.g. `pool.min_idle` or `nodes[1].name`.
+    pub key: String,
+    /// What is wrong and, where it helps, what would be right.
+    pub reason: String,
+}
+
+impl Problem {
+    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+fn display_problems(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(Problem::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads, parses and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates TOML text; the only file access is checking that the TLS files are readable.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values together and reports every problem found, not just the first.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let problems = validate::problems(self);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The node called `name`, if configured.
+    pub fn node(&self, name: &str) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The user called `name`, if configured.
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+// serde's own SocketAddr error ("invalid socket address syntax") shows neither the key nor the value.
+fn deserialize_listen<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(|e| {
+        serde::de::Error::custom(format!("listen: invalid socket address {text:?}: {e}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+listen = "0.0.0.0:9999"
+[[nodes]]
+name = "pg1"
+host = "127.0.0.1"
+port = 5432
+[[nodes]]
+name = "pg2"
+host = "127.0.0.1"
+port = 5433
+[[users]]
+name = "app"
+password = "app-secret"
+"#;
+
+    const EXAMPLE: &str = include_str!("../../pgvigil.example.toml");
+
+    fn node(name: &str, port: u16) -> NodeConfig {
+        NodeConfig {
+            name: name.to_owned(),
+            host: "127.0.0.1".to_owned(),
+            port,
+        }
+    }
+
+    fn app_user() -> UserConfig {
+        UserConfig {
+            name: "app".to_owned(),
+            password: Some("app-secret".to_owned()),
+            auth: AuthMethod::ScramSha256,
+        }
+    }
+
+    #[test]
+    fn minimal_file_parses_with_defaults() -> Result<(), ConfigError> {
+        let config = Config::parse(MINIMAL)?;
+        let expected = Config {
+            nodes: vec![node("pg1", 5432), node("pg2", 5433)],
+            users: vec![app_user()],
+            ..Config::default()
+        };
+        assert_eq!(config, expected);
+        assert_eq!(config.max_client_conn, 1000);
+        assert_eq!(config.max_message_size, 1_073_741_824);
+        assert_eq!(config.client.startup_timeout, Duration::from_secs(10));
+        assert_eq!(config.tls.mode, TlsMode::Allow);
+        assert_eq!(config.backend.tls, BackendTlsMode::Disable);
+        assert_eq!(config.pool.idle_timeout, Duration::from_secs(600));
+        assert_eq!(config.node("pg2").map(|n| n.port), Some(5433));
+        assert!(config.node("pg3").is_none());
+        assert_eq!(
+            config.user("app").map(|u| u.auth),
+            Some(AuthMethod::ScramSha256)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn durations_and_enums_use_their_written_forms() -> Result<(), ConfigError> {
+        let text = format!(
+            "{MINIMAL}auth = \"md5\"\n[pool]\ncheckout_timeout = \"500ms\"\n\
+             [backend]\ntls = \"prefer\"\n[tls]\nmode = \"disable\"\n"
+        );
+        let config = Config::parse(&text)?;
+        assert_eq!(config.pool.checkout_timeout, Duration::from_millis(500));
+        assert_eq!(config.backend.tls, BackendTlsMode::Prefer);
+        assert_eq!(config.tls.mode, TlsMode::Disable);
+        assert_eq!(config.user("app").map(|u| u.auth), Some(AuthMethod::Md5));
+        Ok(())
+    }
+
+    #[test]
+    fn auth_methods_are_spelled_as_in_pg_hba() {
+        for (text, method) in [
+            ("scram-sha-256", AuthMethod::ScramSha256),
+            ("md5", AuthMethod::Md5),
+            ("trust", AuthMethod::Trust),
+        ] {
+            let parsed = toml::from_str::<UserConfig>(&format!("auth = {text:?}"));
+            assert_eq!(parsed.map(|u| u.auth).ok(), Some(method), "{text}");
+        }
+    }
+
+    /// Each case replaces or extends the minimal file; the error must mention every listed text.
+    #[test]
+    fn syntax_errors_name_the_key() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "unknown top-level key",
+                "lisen = \"x\"\n",
+                &["unknown field `lisen`"],
+            ),
+            (
+                "bad listen address",
+                "listen = \"nowhere\"\n",
+                &["listen: invalid socket address \"nowhere\""],
+            ),
+            (
+                "negative duration",
+                "[pool]\nidle_timeout = \"-1s\"\n",
+                &["idle_timeout"],
+            ),
+            (
+                "duration without unit",
+                "[client]\nstartup_timeout = 10\n",
+                &["startup_timeout"],
+            ),
+            (
+                "unknown tls mode",
+                "[tls]\nmode = \"on\"\n",
+                &["mode", "unknown variant `on`"],
+            ),
+            (
+                "unknown key in [[nodes]]",
+                "[[nodes]]\nname = \"pg1\"\nhots = \"h\"\n",
+                &["unknown field `hots`"],
+            ),
+            (
+                "wrong type for port",
+                "[[nodes]]\nname = \"pg1\"\nport = \"5432\"\n",
+                &["port = \"5432\"", "expected u16"],
+            ),
+            (
+                "port out of range",
+                "[[nodes]]\nname = \"pg1\"\nport = 70000\n",
+                &["port = 70000"],
+            ),
+        ];
+        for (what, text, wanted) in cases {
+            let message = match Config::parse(text) {
+                Err(ConfigError::Syntax(message)) => message,
+                other => panic!("{what}: expected a syntax error, got {other:?}"),
+            };
+            assert!(message.contains("line"), "{what}: no line in {message}");
+            for want in *wanted {
+                assert!(message.contains(want), "{what}: {want:?} not in {message}");
+            }
+        }
+    }
+
+    #[test]
+    fn load_names_a_missing_file() {
+        let err = Config::load(Path::new("/nonexistent/pgvigil.toml"));
+        let message = err.map_err(|e| e.to_string()).err();
+        assert_eq!(
+            message.as_deref(),
+            Some("cannot read config file /nonexistent/pgvigil.toml: No such file or directory (os error 2)")
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_passwords() -> Result<(), ConfigError> {
+        let shown = format!("{:?}", Config::parse(MINIMAL)?);
+        assert!(!shown.contains("app-secret"), "{shown}");
+        assert!(shown.contains("\"***\""), "{shown}");
+        Ok(())
+    }
+
+    #[test]
+    fn example_file_is_valid_and_matches_the_defaults() -> Result<(), ConfigError> {
+        let example = Config::parse(EXAMPLE)?;
+        let expected = Config {
+            nodes: vec![node("pg1", 5432), node("pg2", 5433), node("pg3", 5434)],
+            users: vec![app_user()],
+            ..Config::default()
+        };
+        assert_eq!(example, expected);
+        Ok(())
+    }
+
+    /// Every key the structs know, with optional ones filled in so that serde emits them.
+    fn keys_of_full_config() -> Vec<String> {
+        let mut full = Config {
+            nodes: vec![node("pg1", 5432)],
+            users: vec![app_user()],
+            ..Config::default()
+        };
+        full.tls.cert = Some(PathBuf::from("cert.pem"));
+        full.tls.key = Some(PathBuf::from("key.pem"));
+        full.backend.ca = Some(PathBuf::from("ca.pem"));
+        let mut keys = Vec::new();
+        match toml::Value::try_from(&full) {
+            Ok(toml::Value::Table(table)) => collect_keys("", &table, &mut keys),
+            other => panic!("Config does not serialize to a table: {other:?}"),
+        }
+        keys
+    }
+
+    fn collect_keys(prefix: &str, table: &toml::Table, keys: &mut Vec<String>) {
+        for (name, value) in table {
+            let path = format!("{prefix}{name}");
+            match value {
+                toml::Value::Table(inner) => collect_keys(&format!("{path}."), inner, keys),
+                toml::Value::Array(items) => {
+                    for item in items {
+                        if let toml::Value::Table(inner) = item {
+                            collect_keys(&format!("{path}[]."), inner, keys);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            keys.push(path);
+        }
+        keys.sort();
+        keys.dedup();
+    }
+
+    /// The section a line opens: `[pool]` gives `pool.`, `[[nodes]]` gives `nodes[].`.
+    fn section_prefix(line: &str) -> Option<String> {
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
+            return Some(format!("{name}[]."));
+        }
+        let name = line.strip_prefix('[').and_then(|l| l.strip_suffix(']'))?;
+        Some(format!("{name}."))
+    }
+
+    /// Keys the example sets or shows commented out (`# cert = ...`), as full paths.
+    fn keys_in_example() -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut prefix = String::new();
+        for line in EXAMPLE.lines() {
+            let line = line.trim();
+            let uncommented = line.trim_start_matches('#').trim();
+            if let Some(section) = section_prefix(line) {
+                keys.push(
+                    section
+                        .trim_end_matches('.')
+                        .trim_end_matches("[]")
+                        .to_owned(),
+                );
+                prefix = section;
+            } else if let Some((key, _)) = uncommented.split_once(" = ") {
+                if key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                    keys.push(format!("{prefix}{key}"));
+                }
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn example_file_shows_every_key() {
+        let shown = keys_in_example();
+        let missing: Vec<String> = keys_of_full_config()
+            .into_iter()
+            .filter(|key| !shown.contains(key))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "keys missing from pgvigil.example.toml: {missing:?}"
+        );
+    }
+}

@@ -1,0 +1,324 @@
+//! Checks a parsed `Config` as a whole, collecting every problem so the operator fixes them in one go.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::path::Path;
+use std::time::Duration;
+
+use super::{Config, Problem, TlsMode};
+
+/// Every problem in `config`, in the order of the structs' fields; empty when it is usable.
+pub(super) fn problems(config: &Config) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    check_limits(config, &mut problems);
+    check_positive(
+        "client.startup_timeout",
+        config.client.startup_timeout,
+        &mut problems,
+    );
+    check_tls(config, &mut problems);
+    check_backend(config, &mut problems);
+    check_pool(config, &mut problems);
+    check_nodes(config, &mut problems);
+    check_users(config, &mut problems);
+    problems
+}
+
+fn check_limits(config: &Config, problems: &mut Vec<Problem>) {
+    if config.max_client_conn == 0 {
+        problems.push(Problem::new("max_client_conn", "must be at least 1"));
+    }
+    // Below 1 KiB ordinary startup packets and queries would already be refused.
+    if config.max_message_size < 1024 {
+        problems.push(Problem::new(
+            "max_message_size",
+            format!(
+                "{} bytes is too small, must be at least 1024",
+                config.max_message_size
+            ),
+        ));
+    }
+}
+
+/// Every configured duration is a timeout or an age: zero would fail or close everything at once.
+fn check_positive(key: &str, duration: Duration, problems: &mut Vec<Problem>) {
+    if duration.is_zero() {
+        problems.push(Problem::new(key, "must be greater than 0"));
+    }
+}
+
+fn check_tls(config: &Config, problems: &mut Vec<Problem>) {
+    let tls = &config.tls;
+    match (&tls.cert, &tls.key) {
+        (Some(_), None) => problems.push(Problem::new(
+            "tls.key",
+            "missing: tls.cert is set, give both or neither",
+        )),
+        (None, Some(_)) => problems.push(Problem::new(
+            "tls.cert",
+            "missing: tls.key is set, give both or neither",
+        )),
+        (None, None) if tls.mode == TlsMode::Require => {
+            problems.push(Problem::new(
+                "tls.mode",
+                "\"require\" needs tls.cert and tls.key",
+            ));
+        }
+        _ => {}
+    }
+    if let Some(cert) = &tls.cert {
+        check_readable_file("tls.cert", cert, problems);
+    }
+    if let Some(key) = &tls.key {
+        check_readable_file("tls.key", key, problems);
+    }
+}
+
+fn check_backend(config: &Config, problems: &mut Vec<Problem>) {
+    let backend = &config.backend;
+    check_positive("backend.connect_timeout", backend.connect_timeout, problems);
+    if let Some(ca) = &backend.ca {
+        check_readable_file("backend.ca", ca, problems);
+    }
+}
+
+fn check_readable_file(key: &str, path: &Path, problems: &mut Vec<Problem>) {
+    // Opening (not just stat-ing) catches permission problems before the listener needs the file.
+    match std::fs::File::open(path).and_then(|file| file.metadata()) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => problems.push(Problem::new(
+            key,
+            format!("{} is not a regular file", path.display()),
+        )),
+        Err(e) => problems.push(Problem::new(
+            key,
+            format!("cannot read {}: {e}", path.display()),
+        )),
+    }
+}
+
+fn check_pool(config: &Config, problems: &mut Vec<Problem>) {
+    let pool = &config.pool;
+    if pool.max_size == 0 {
+        problems.push(Problem::new("pool.max_size", "must be at least 1"));
+    }
+    if pool.min_idle > pool.max_size {
+        problems.push(Problem::new(
+            "pool.min_idle",
+            format!(
+                "{} is more than pool.max_size ({})",
+                pool.min_idle, pool.max_size
+            ),
+        ));
+    }
+    check_positive("pool.idle_timeout", pool.idle_timeout, problems);
+    check_positive("pool.max_lifetime", pool.max_lifetime, problems);
+    check_positive("pool.checkout_timeout", pool.checkout_timeout, problems);
+}
+
+/// Records `value` as seen at index `i`, or returns the index where it was first seen.
+fn earlier<K: Hash + Eq>(seen: &mut HashMap<K, usize>, value: K, i: usize) -> Option<usize> {
+    match seen.entry(value) {
+        Entry::Occupied(first) => Some(*first.get()),
+        Entry::Vacant(slot) => {
+            slot.insert(i);
+            None
+        }
+    }
+}
+
+fn check_nodes(config: &Config, problems: &mut Vec<Problem>) {
+    if config.nodes.is_empty() {
+        problems.push(Problem::new(
+            "nodes",
+            "at least one [[nodes]] entry is required",
+        ));
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut addresses: HashMap<(&str, u16), usize> = HashMap::new();
+    for (i, node) in config.nodes.iter().enumerate() {
+        let key = |field: &str| format!("nodes[{i}].{field}");
+        if node.name.is_empty() {
+            problems.push(Problem::new(key("name"), "missing"));
+        } else if !node
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            problems.push(Problem::new(
+                key("name"),
+                format!(
+                    "{:?} may contain only letters, digits, '_' and '-'",
+                    node.name
+                ),
+            ));
+        } else if let Some(first) = earlier(&mut names, &node.name, i) {
+            problems.push(Problem::new(
+                key("name"),
+                format!("duplicate node name {:?} (also nodes[{first}])", node.name),
+            ));
+        }
+        if node.host.is_empty() {
+            problems.push(Problem::new(key("host"), "missing"));
+        }
+        if node.port == 0 {
+            problems.push(Problem::new(key("port"), "must not be 0"));
+        } else if let Some(first) = earlier(&mut addresses, (&node.host, node.port), i) {
+            problems.push(Problem::new(
+                format!("nodes[{i}]"),
+                format!(
+                    "duplicate address {}:{} (also nodes[{first}])",
+                    node.host, node.port
+                ),
+            ));
+        }
+    }
+}
+
+fn check_users(config: &Config, problems: &mut Vec<Problem>) {
+    if config.users.is_empty() {
+        problems.push(Problem::new(
+            "users",
+            "at least one [[users]] entry is required",
+        ));
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, user) in config.users.iter().enumerate() {
+        let key = |field: &str| format!("users[{i}].{field}");
+        if user.name.is_empty() {
+            problems.push(Problem::new(key("name"), "missing"));
+        } else if let Some(first) = earlier(&mut names, &user.name, i) {
+            problems.push(Problem::new(
+                key("name"),
+                format!("duplicate user name {:?} (also users[{first}])", user.name),
+            ));
+        }
+        // Even with `auth = "trust"` the password is what pgvigil logs in to the nodes with.
+        match user.password.as_deref() {
+            None => problems.push(Problem::new(key("password"), "missing")),
+            Some("") => problems.push(Problem::new(key("password"), "must not be empty")),
+            Some(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError, Problem};
+
+    const NODES_AND_USERS: &str = r#"
+[[nodes]]
+name = "pg1"
+host = "127.0.0.1"
+[[nodes]]
+name = "pg2"
+host = "127.0.0.1"
+port = 5433
+[[users]]
+name = "app"
+password = "app-secret"
+"#;
+
+    fn problems_of(text: &str) -> Vec<Problem> {
+        match Config::parse(text) {
+            Err(ConfigError::Invalid(problems)) => problems,
+            other => panic!("expected validation problems for\n{text}\ngot {other:?}"),
+        }
+    }
+
+    fn shown(problems: &[Problem]) -> Vec<String> {
+        problems.iter().map(Problem::to_string).collect()
+    }
+
+    /// Each case is added to valid nodes and users; exactly the listed problems must come back.
+    #[test]
+    fn each_invalid_value_is_named_by_its_key() {
+        let cases: &[(&str, &[&str])] = &[
+            ("max_client_conn = 0", &["max_client_conn: must be at least 1"]),
+            ("max_message_size = 100", &["max_message_size: 100 bytes is too small, must be at least 1024"]),
+            ("[client]\nstartup_timeout = \"0s\"", &["client.startup_timeout: must be greater than 0"]),
+            ("[backend]\nconnect_timeout = \"0ms\"", &["backend.connect_timeout: must be greater than 0"]),
+            ("[pool]\nidle_timeout = \"0s\"", &["pool.idle_timeout: must be greater than 0"]),
+            ("[pool]\nmax_lifetime = \"0s\"", &["pool.max_lifetime: must be greater than 0"]),
+            ("[pool]\ncheckout_timeout = \"0s\"", &["pool.checkout_timeout: must be greater than 0"]),
+            ("[pool]\nmin_idle = 30", &["pool.min_idle: 30 is more than pool.max_size (20)"]),
+            ("[pool]\nmax_size = 0", &["pool.max_size: must be at least 1"]),
+            ("[tls]\nmode = \"require\"", &["tls.mode: \"require\" needs tls.cert and tls.key"]),
+            ("[tls]\ncert = \"/dev/null\"", &["tls.key: missing: tls.cert is set, give both or neither", "tls.cert: /dev/null is not a regular file"]),
+            ("[tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\nmode = \"require\"", &[
+                "tls.cert: cannot read /nonexistent/c.pem: No such file or directory (os error 2)",
+                "tls.key: cannot read /nonexistent/k.pem: No such file or directory (os error 2)",
+            ]),
+            ("[backend]\nca = \"/nonexistent/ca.pem\"", &["backend.ca: cannot read /nonexistent/ca.pem: No such file or directory (os error 2)"]),
+            ("[[nodes]]\nname = \"pg1\"\nhost = \"other\"", &["nodes[2].name: duplicate node name \"pg1\" (also nodes[0])"]),
+            ("[[nodes]]\nname = \"pg 3\"\nhost = \"other\"", &["nodes[2].name: \"pg 3\" may contain only letters, digits, '_' and '-'"]),
+            ("[[nodes]]\nhost = \"other\"", &["nodes[2].name: missing"]),
+            ("[[nodes]]\nname = \"pg3\"", &["nodes[2].host: missing"]),
+            ("[[nodes]]\nname = \"pg3\"\nhost = \"other\"\nport = 0", &["nodes[2].port: must not be 0"]),
+            ("[[nodes]]\nname = \"pg3\"\nhost = \"127.0.0.1\"\nport = 5433", &["nodes[2]: duplicate address 127.0.0.1:5433 (also nodes[1])"]),
+            ("[[users]]\nname = \"app\"\npassword = \"x\"", &["users[1].name: duplicate user name \"app\" (also users[0])"]),
+            ("[[users]]\nname = \"reporting\"", &["users[1].password: missing"]),
+            ("[[users]]\nname = \"reporting\"\npassword = \"\"", &["users[1].password: must not be empty"]),
+            ("[[users]]\npassword = \"x\"", &["users[1].name: missing"]),
+        ];
+        for (extra, wanted) in cases {
+            // A top-level key must come before the first table; a table must come after the shared
+            // part so that `[[nodes]]`/`[[users]]` append to the same arrays.
+            let text = if extra.starts_with('[') {
+                format!("{NODES_AND_USERS}{extra}\n")
+            } else {
+                format!("{extra}\n{NODES_AND_USERS}")
+            };
+            assert_eq!(shown(&problems_of(&text)), *wanted, "case {extra:?}");
+        }
+    }
+
+    #[test]
+    fn readable_cert_and_key_satisfy_tls_require() {
+        // Only readability is checked here; the listener parses the PEM contents.
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let text = format!(
+            "{NODES_AND_USERS}[tls]\ncert = {file:?}\nkey = {file:?}\nmode = \"require\"\n"
+        );
+        assert!(Config::parse(&text).is_ok(), "{:?}", Config::parse(&text));
+    }
+
+    #[test]
+    fn empty_file_needs_nodes_and_users() {
+        assert_eq!(
+            shown(&problems_of("")),
+            [
+                "nodes: at least one [[nodes]] entry is required",
+                "users: at least one [[users]] entry is required"
+            ]
+        );
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once_one_per_line() {
+        let text = r#"
+max_client_conn = 0
+[pool]
+min_idle = 21
+[tls]
+mode = "require"
+[[nodes]]
+name = "pg1"
+host = "h"
+[[nodes]]
+name = "pg1"
+host = "h"
+port = 5433
+[[users]]
+name = "app"
+"#;
+        let err = Config::parse(text).map_err(|e| e.to_string()).err();
+        let expected = "max_client_conn: must be at least 1\n\
+                        tls.mode: \"require\" needs tls.cert and tls.key\n\
+                        pool.min_idle: 21 is more than pool.max_size (20)\n\
+                        nodes[1].name: duplicate node name \"pg1\" (also nodes[0])\n\
+                        users[0].password: missing";
+        assert_eq!(err.as_deref(), Some(expected));
+    }
+}
