@@ -33,6 +33,8 @@ pub struct Config {
     pub backend: BackendConfig,
     /// Server connection pools, one per node (`[pool]`).
     pub pool: PoolConfig,
+    /// Health probes of the nodes (`[health]`).
+    pub health: HealthConfig,
     /// The PostgreSQL nodes (`[[nodes]]`); their roles are observed, never taken from this order.
     pub nodes: Vec<NodeConfig>,
     /// The users clients may log in as (`[[users]]`).
@@ -50,6 +52,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             backend: BackendConfig::default(),
             pool: PoolConfig::default(),
+            health: HealthConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
         }
@@ -163,6 +166,53 @@ impl Default for PoolConfig {
             max_lifetime: Duration::from_secs(60 * 60),
             checkout_timeout: Duration::from_secs(5),
         }
+    }
+}
+
+/// Health probes of the nodes (`[health]`).
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Time between two probes of a node (default 1s, must be > 0).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Bound on one probe, connecting included (default 1s, must be > 0).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive failed probes before a node counts as down (default 3, at least 1).
+    pub failures: u32,
+    /// Role the probes log in as (default: the first `[[users]]` entry).
+    pub user: Option<String>,
+    /// Password of `user` (default: that user's `[[users]]` password).
+    pub password: Option<String>,
+    /// Database the probes connect to (default `postgres`).
+    pub database: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            failures: 3,
+            user: None,
+            password: None,
+            database: "postgres".into(),
+        }
+    }
+}
+
+impl fmt::Debug for HealthConfig {
+    // Passwords must never reach logs, so Debug masks them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthConfig")
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .field("failures", &self.failures)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("database", &self.database)
+            .finish()
     }
 }
 
@@ -314,6 +364,24 @@ impl Config {
     /// The user called `name`, if configured.
     pub fn user(&self, name: &str) -> Option<&UserConfig> {
         self.users.iter().find(|u| u.name == name)
+    }
+
+    /// User and password of the health probes: `[health]` if set, else the first `[[users]]`
+    /// entry (with that user's password when only `health.user` names it).
+    pub fn health_credentials(&self) -> (&str, &str) {
+        let user = self
+            .health
+            .user
+            .as_deref()
+            .or_else(|| self.users.first().map(|u| u.name.as_str()))
+            .unwrap_or_default();
+        let password = self
+            .health
+            .password
+            .as_deref()
+            .or_else(|| self.user(user).and_then(|u| u.password.as_deref()))
+            .unwrap_or_default();
+        (user, password)
     }
 }
 

@@ -20,6 +20,7 @@ pub(super) fn problems(config: &Config) -> Vec<Problem> {
     check_tls(config, &mut problems);
     check_backend(config, &mut problems);
     check_pool(config, &mut problems);
+    check_health(config, &mut problems);
     check_nodes(config, &mut problems);
     check_users(config, &mut problems);
     problems
@@ -95,6 +96,26 @@ fn check_readable_file(key: &str, path: &Path, problems: &mut Vec<Problem>) {
             key,
             format!("cannot read {}: {e}", path.display()),
         )),
+    }
+}
+
+fn check_health(config: &Config, problems: &mut Vec<Problem>) {
+    let health = &config.health;
+    check_positive("health.interval", health.interval, problems);
+    check_positive("health.timeout", health.timeout, problems);
+    if health.failures == 0 {
+        problems.push(Problem::new("health.failures", "must be at least 1"));
+    }
+    if health.database.is_empty() {
+        problems.push(Problem::new("health.database", "missing"));
+    }
+    if let Some(user) = &health.user {
+        if health.password.is_none() && config.user(user).is_none() {
+            problems.push(Problem::new(
+                "health.password",
+                format!("missing: health.user {user:?} is not in [[users]], so its password must be given here"),
+            ));
+        }
     }
 }
 
