@@ -1,1 +1,4 @@
 //! pgvigil: a PostgreSQL high-availability proxy.
+
+pub mod auth;
+pub mod tls;
