@@ -523,6 +523,30 @@ mod tests {
         assert_eq!(outcome.unwrap_err(), ScramError::BadProof);
     }
 
+    /// Verifiers read from `pg_authid.rolpassword` of a PostgreSQL 15 server (`CREATE ROLE ...
+    /// PASSWORD`); the second password needs SASLprep (soft hyphen dropped, no-break space mapped).
+    const REAL_VERIFIERS: [(&str, &str); 2] = [
+        (
+            "correct horse",
+            "SCRAM-SHA-256$4096:UR2O8fl08wd3bIXwxUyz+g==$UQ2+kzDwnMgi1bRgIW700vxHyA2WKXrUVT6l1rNoyH4=:RiTYMAuasbuHTyqviyqshnIg6iF0olCsACydf+3QUrQ=",
+        ),
+        (
+            "p\u{e4}\u{ad}ss\u{a0}word",
+            "SCRAM-SHA-256$4096:UIUfh/cyufYI+qnvJM5wuA==$pCnOKpwTbQt9YbO8fiwMJJLcIsfMw6b2xGVe9De8a+w=:cZGsFy2+EHy20Iyseb8h/5QUXm+cJGFpiW3vqbXBXTk=",
+        ),
+    ];
+
+    #[test]
+    fn verifiers_from_a_real_postgres_match_ours_and_authenticate() {
+        for (password, verifier) in REAL_VERIFIERS {
+            let parsed = ScramSecret::parse(verifier).unwrap();
+            let ours = ScramSecret::from_password(password, &parsed.salt, parsed.iterations);
+            assert_eq!(ours, parsed, "{password:?}");
+            let (outcome, client_ok) = exchange(parsed, password, ChannelBinding::unsupported());
+            assert!(outcome.is_ok() && client_ok, "{password:?}");
+        }
+    }
+
     #[test]
     fn from_password_matches_postgres_verifier() {
         let verifier = postgres_protocol::password::scram_sha_256(b"p\xc3\xa4ss word");
