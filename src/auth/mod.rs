@@ -11,7 +11,6 @@ pub mod scram;
 use std::fmt;
 
 use rand::Rng;
-use serde::Deserialize;
 
 use self::md5::verify_md5;
 use self::scram::{ScramError, ScramSecret, ScramServer};
@@ -22,19 +21,7 @@ const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
 /// Mechanisms listed in AuthenticationSASL.
 pub const SASL_MECHANISMS: &[&str] = &[SCRAM_SHA_256];
 
-/// How a configured user proves who it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AuthMethod {
-    /// SCRAM-SHA-256 (SASL), the default, as in PostgreSQL 14 and later.
-    #[default]
-    #[serde(rename = "scram-sha-256")]
-    ScramSha256,
-    /// The legacy md5 challenge.
-    Md5,
-    /// No password asked.
-    Trust,
-}
+pub use crate::config::AuthMethod;
 
 /// One configured user, with its SCRAM secret derived once at config load.
 #[derive(Clone)]
@@ -379,7 +366,7 @@ mod tests {
 
     #[test]
     fn auth_method_reads_postgres_names_and_defaults_to_scram() {
-        #[derive(Deserialize)]
+        #[derive(serde::Deserialize)]
         struct Row {
             method: AuthMethod,
         }

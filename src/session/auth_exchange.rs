@@ -28,7 +28,7 @@ pub async fn authenticate(
     match first {
         FirstRequest::Ok => return Ok(()),
         FirstRequest::Md5 { salt } => encode::auth_md5_password(&mut out, salt),
-        FirstRequest::Sasl => encode::auth_sasl(&mut out, &["SCRAM-SHA-256"]),
+        FirstRequest::Sasl { mechanisms } => encode::auth_sasl(&mut out, mechanisms),
     }
     stream.write_all(&out).await?;
     loop {
