@@ -105,13 +105,19 @@ mod tests {
     fn short_reads_are_errors_not_panics() {
         let mut c = Cursor::new(b"\x00\x01");
         assert_eq!(c.i32("len"), Err(ProtoError::Truncated { what: "len" }));
-        assert_eq!(c.bytes(3, "data"), Err(ProtoError::Truncated { what: "data" }));
+        assert_eq!(
+            c.bytes(3, "data"),
+            Err(ProtoError::Truncated { what: "data" })
+        );
         assert_eq!(c.cstr("name"), Ok(&b""[..]));
         assert_eq!(c.cstr("name"), Err(ProtoError::MissingNul { what: "name" }));
         let c = Cursor::new(b"xy");
         assert_eq!(
             c.finish("Sync"),
-            Err(ProtoError::TrailingBytes { what: "Sync", extra: 2 })
+            Err(ProtoError::TrailingBytes {
+                what: "Sync",
+                extra: 2
+            })
         );
     }
 }

@@ -78,15 +78,25 @@ pub fn header(buf: &[u8], max: usize) -> Result<Option<(u8, usize)>, FrameError>
     };
     let declared = i32::from_be_bytes([l0, l1, l2, l3]);
     let Ok(declared) = usize::try_from(declared) else {
-        return Err(FrameError::LengthTooSmall { tag, len: i64::from(declared) });
+        return Err(FrameError::LengthTooSmall {
+            tag,
+            len: i64::from(declared),
+        });
     };
     if declared < 4 {
-        return Err(FrameError::LengthTooSmall { tag, len: declared as i64 });
+        return Err(FrameError::LengthTooSmall {
+            tag,
+            len: declared as i64,
+        });
     }
     // declared <= i32::MAX, so adding 1 cannot overflow a usize.
     let total = declared + 1;
     if total > max {
-        return Err(FrameError::TooLarge { tag, len: total, max });
+        return Err(FrameError::TooLarge {
+            tag,
+            len: total,
+            max,
+        });
     }
     Ok(Some((tag, total)))
 }
@@ -96,9 +106,7 @@ pub fn next_message(buf: &[u8], max: usize) -> Result<Option<Message<'_>>, Frame
     let Some((tag, total)) = header(buf, max)? else {
         return Ok(None);
     };
-    Ok(buf
-        .get(HEADER_LEN..total)
-        .map(|body| Message { tag, body }))
+    Ok(buf.get(HEADER_LEN..total).map(|body| Message { tag, body }))
 }
 
 /// Iterates over the consecutive whole messages at the start of a buffer.
@@ -115,7 +123,12 @@ pub struct Messages<'a> {
 
 /// An iterator over the whole messages at the start of `buf`, each at most `max` bytes.
 pub fn messages(buf: &[u8], max: usize) -> Messages<'_> {
-    Messages { buf, max, consumed: 0, failed: false }
+    Messages {
+        buf,
+        max,
+        consumed: 0,
+        failed: false,
+    }
 }
 
 impl Messages<'_> {
@@ -166,7 +179,10 @@ mod tests {
         for cut in 0..5 {
             assert_eq!(header(&f[..cut], DEFAULT_MAX_MESSAGE_SIZE), Ok(None));
         }
-        assert_eq!(header(&f[..5], DEFAULT_MAX_MESSAGE_SIZE), Ok(Some((b'Q', f.len()))));
+        assert_eq!(
+            header(&f[..5], DEFAULT_MAX_MESSAGE_SIZE),
+            Ok(Some((b'Q', f.len())))
+        );
     }
 
     #[test]
@@ -176,7 +192,10 @@ mod tests {
             f.extend_from_slice(&len.to_be_bytes());
             assert_eq!(
                 next_message(&f, DEFAULT_MAX_MESSAGE_SIZE),
-                Err(FrameError::LengthTooSmall { tag: b'S', len: i64::from(len) })
+                Err(FrameError::LengthTooSmall {
+                    tag: b'S',
+                    len: i64::from(len)
+                })
             );
         }
     }
@@ -193,7 +212,11 @@ mod tests {
         let f = frame(b'D', &[0; 100]);
         assert_eq!(
             header(&f[..5], 50),
-            Err(FrameError::TooLarge { tag: b'D', len: 105, max: 50 })
+            Err(FrameError::TooLarge {
+                tag: b'D',
+                len: 105,
+                max: 50
+            })
         );
         assert!(next_message(&f, 105).unwrap().is_some());
         let mut huge = vec![b'D'];
@@ -212,7 +235,11 @@ mod tests {
     fn a_message_split_at_every_byte_is_whole_only_at_the_end() {
         let f = frame(b'Q', b"select 1\0");
         for cut in 0..f.len() {
-            assert_eq!(next_message(&f[..cut], DEFAULT_MAX_MESSAGE_SIZE), Ok(None), "cut {cut}");
+            assert_eq!(
+                next_message(&f[..cut], DEFAULT_MAX_MESSAGE_SIZE),
+                Ok(None),
+                "cut {cut}"
+            );
         }
         let m = next_message(&f, DEFAULT_MAX_MESSAGE_SIZE).unwrap().unwrap();
         assert_eq!(m.body, b"select 1\0");
@@ -226,7 +253,7 @@ mod tests {
         let boundaries = [0, 5, 5 + 12, stream.len()];
         for cut in 0..=stream.len() {
             let mut it = messages(&stream[..cut], DEFAULT_MAX_MESSAGE_SIZE);
-            let n = it.by_ref().map(|m| m.unwrap()).count();
+            let n = it.by_ref().inspect(|m| assert!(m.is_ok())).count();
             let expected = *boundaries.iter().rfind(|&&b| b <= cut).unwrap();
             assert_eq!(it.consumed(), expected, "cut {cut}");
             assert_eq!(n, boundaries.iter().filter(|&&b| b > 0 && b <= cut).count());
@@ -251,7 +278,14 @@ mod tests {
     fn errors_read_well() {
         let err = FrameError::LengthTooSmall { tag: 0, len: -1 };
         assert!(err.to_string().contains("type 0x00"));
-        let err = FrameError::TooLarge { tag: b'D', len: 10, max: 5 };
-        assert_eq!(err.to_string(), "message of type 'D' is 10 bytes, over the limit of 5 bytes");
+        let err = FrameError::TooLarge {
+            tag: b'D',
+            len: 10,
+            max: 5,
+        };
+        assert_eq!(
+            err.to_string(),
+            "message of type 'D' is 10 bytes, over the limit of 5 bytes"
+        );
     }
 }

@@ -96,7 +96,12 @@ mod tests {
 
     #[test]
     fn proto_error_names_the_field() {
-        let err = ProtoError::MissingNul { what: "query string" };
-        assert_eq!(err.to_string(), "malformed message: query string is not NUL-terminated");
+        let err = ProtoError::MissingNul {
+            what: "query string",
+        };
+        assert_eq!(
+            err.to_string(),
+            "malformed message: query string is not NUL-terminated"
+        );
     }
 }

@@ -41,7 +41,10 @@ impl ProtocolVersion {
     /// The version for a startup code.
     pub fn from_code(code: u32) -> ProtocolVersion {
         // Truncation is the point: the code is two Int16 halves.
-        ProtocolVersion { major: (code >> 16) as u16, minor: code as u16 }
+        ProtocolVersion {
+            major: (code >> 16) as u16,
+            minor: code as u16,
+        }
     }
 
     /// The startup code for this version.
@@ -128,16 +131,23 @@ impl<'a> StartupParams<'a> {
     pub fn parse(body: &'a [u8]) -> Result<Self, ProtoError> {
         let mut rest = body;
         loop {
-            let (name, after_name) =
-                split_cstr(rest).ok_or(ProtoError::MissingNul { what: "parameter name" })?;
+            let (name, after_name) = split_cstr(rest).ok_or(ProtoError::MissingNul {
+                what: "parameter name",
+            })?;
             if name.is_empty() {
                 return match after_name.len() {
-                    0 => Ok(StartupParams { pairs: body.get(..body.len() - 1).unwrap_or_default() }),
-                    extra => Err(ProtoError::TrailingBytes { what: "parameter list terminator", extra }),
+                    0 => Ok(StartupParams {
+                        pairs: body.get(..body.len() - 1).unwrap_or_default(),
+                    }),
+                    extra => Err(ProtoError::TrailingBytes {
+                        what: "parameter list terminator",
+                        extra,
+                    }),
                 };
             }
-            let (_, after_value) =
-                split_cstr(after_name).ok_or(ProtoError::MissingNul { what: "parameter value" })?;
+            let (_, after_value) = split_cstr(after_name).ok_or(ProtoError::MissingNul {
+                what: "parameter value",
+            })?;
             rest = after_value;
         }
     }
@@ -182,10 +192,17 @@ pub fn parse_startup(buf: &[u8]) -> Result<Option<(StartupPacket<'_>, usize)>, S
     let declared = i32::from_be_bytes(*len_bytes);
     let len = match usize::try_from(declared) {
         Ok(len) if len >= BARE_REQUEST_LEN => len,
-        _ => return Err(StartupError::LengthTooSmall { len: i64::from(declared) }),
+        _ => {
+            return Err(StartupError::LengthTooSmall {
+                len: i64::from(declared),
+            })
+        }
     };
     if len > MAX_STARTUP_PACKET {
-        return Err(StartupError::TooLarge { len, max: MAX_STARTUP_PACKET });
+        return Err(StartupError::TooLarge {
+            len,
+            max: MAX_STARTUP_PACKET,
+        });
     }
     let Some(packet) = buf.get(4..len) else {
         return Ok(None);
@@ -230,11 +247,16 @@ fn bare(
 
 /// A CancelRequest: the process id, then the key taking the rest of the packet.
 fn cancel(body: &[u8]) -> Result<StartupPacket<'_>, StartupError> {
-    let (pid, key) = body.split_first_chunk::<4>().ok_or(StartupError::CancelTooShort)?;
+    let (pid, key) = body
+        .split_first_chunk::<4>()
+        .ok_or(StartupError::CancelTooShort)?;
     if key.is_empty() || key.len() > MAX_CANCEL_KEY_LEN {
         return Err(StartupError::CancelKeyLength { len: key.len() });
     }
-    Ok(StartupPacket::Cancel { pid: u32::from_be_bytes(*pid), key })
+    Ok(StartupPacket::Cancel {
+        pid: u32::from_be_bytes(*pid),
+        key,
+    })
 }
 
 /// True if a connection's first byte starts a TLS handshake (PostgreSQL 17 direct SSL).
@@ -258,7 +280,9 @@ mod tests {
         let buf = packet(196_608, b"user\0alice\0database\0db\0options\0\0\0");
         let (p, used) = parse_startup(&buf).unwrap().unwrap();
         assert_eq!(used, buf.len());
-        let StartupPacket::Startup { version, params } = p else { panic!("{p:?}") };
+        let StartupPacket::Startup { version, params } = p else {
+            panic!("{p:?}")
+        };
         assert_eq!(version, ProtocolVersion::V3_0);
         assert_eq!(params.get("user"), Some(&b"alice"[..]));
         assert_eq!(params.get("database"), Some(&b"db"[..]));
@@ -272,10 +296,18 @@ mod tests {
     fn protocol_3_2_and_unknown_majors_parse() {
         let buf = packet(0x0003_0002, b"user\0u\0\0");
         let (p, _) = parse_startup(&buf).unwrap().unwrap();
-        assert!(matches!(p, StartupPacket::Startup { version: ProtocolVersion { major: 3, minor: 2 }, .. }));
+        assert!(matches!(
+            p,
+            StartupPacket::Startup {
+                version: ProtocolVersion { major: 3, minor: 2 },
+                ..
+            }
+        ));
         let buf = packet(0x0002_0000, &[b'x'; 40]);
         let (p, _) = parse_startup(&buf).unwrap().unwrap();
-        let StartupPacket::Startup { version, params } = p else { panic!("{p:?}") };
+        let StartupPacket::Startup { version, params } = p else {
+            panic!("{p:?}")
+        };
         assert_eq!((version.major, params.is_empty()), (2, true));
     }
 
@@ -283,7 +315,9 @@ mod tests {
     fn empty_parameter_list_is_just_the_terminator() {
         let buf = packet(196_608, b"\0");
         let (p, _) = parse_startup(&buf).unwrap().unwrap();
-        let StartupPacket::Startup { params, .. } = p else { panic!("{p:?}") };
+        let StartupPacket::Startup { params, .. } = p else {
+            panic!("{p:?}")
+        };
         assert!(params.is_empty());
         assert_eq!(params.iter().count(), 0);
     }
@@ -291,35 +325,95 @@ mod tests {
     #[test]
     fn malformed_parameter_lists_are_rejected() {
         let cases: [(&[u8], ProtoError); 4] = [
-            (b"", ProtoError::MissingNul { what: "parameter name" }),
-            (b"user\0alice\0", ProtoError::MissingNul { what: "parameter name" }),
-            (b"user\0alice", ProtoError::MissingNul { what: "parameter value" }),
-            (b"user\0a\0\0junk", ProtoError::TrailingBytes { what: "parameter list terminator", extra: 4 }),
+            (
+                b"",
+                ProtoError::MissingNul {
+                    what: "parameter name",
+                },
+            ),
+            (
+                b"user\0alice\0",
+                ProtoError::MissingNul {
+                    what: "parameter name",
+                },
+            ),
+            (
+                b"user\0alice",
+                ProtoError::MissingNul {
+                    what: "parameter value",
+                },
+            ),
+            (
+                b"user\0a\0\0junk",
+                ProtoError::TrailingBytes {
+                    what: "parameter list terminator",
+                    extra: 4,
+                },
+            ),
         ];
         for (body, err) in cases {
-            assert_eq!(parse_startup(&packet(196_608, body)), Err(StartupError::Params(err)));
+            assert_eq!(
+                parse_startup(&packet(196_608, body)),
+                Err(StartupError::Params(err))
+            );
         }
     }
 
     #[test]
     fn ssl_gss_and_cancel_requests() {
-        assert_eq!(parse_startup(&packet(SSL_REQUEST_CODE, b"")), Ok(Some((StartupPacket::SslRequest, 8))));
-        assert_eq!(parse_startup(&packet(GSSENC_REQUEST_CODE, b"")), Ok(Some((StartupPacket::GssEncRequest, 8))));
+        assert_eq!(
+            parse_startup(&packet(SSL_REQUEST_CODE, b"")),
+            Ok(Some((StartupPacket::SslRequest, 8)))
+        );
+        assert_eq!(
+            parse_startup(&packet(GSSENC_REQUEST_CODE, b"")),
+            Ok(Some((StartupPacket::GssEncRequest, 8)))
+        );
         assert_eq!(
             parse_startup(&packet(SSL_REQUEST_CODE, b"x")),
-            Err(StartupError::UnexpectedLength { what: "SSLRequest", len: 9 })
+            Err(StartupError::UnexpectedLength {
+                what: "SSLRequest",
+                len: 9
+            })
         );
         let buf = packet(CANCEL_REQUEST_CODE, b"\0\0\x30\x39abcd");
-        assert_eq!(parse_startup(&buf), Ok(Some((StartupPacket::Cancel { pid: 12345, key: b"abcd" }, 16))));
+        assert_eq!(
+            parse_startup(&buf),
+            Ok(Some((
+                StartupPacket::Cancel {
+                    pid: 12345,
+                    key: b"abcd"
+                },
+                16
+            )))
+        );
         let long_key = [7u8; 256];
         let mut body = 1u32.to_be_bytes().to_vec();
         body.extend_from_slice(&long_key);
         let buf = packet(CANCEL_REQUEST_CODE, &body);
-        assert_eq!(parse_startup(&buf), Ok(Some((StartupPacket::Cancel { pid: 1, key: &long_key }, 268))));
+        assert_eq!(
+            parse_startup(&buf),
+            Ok(Some((
+                StartupPacket::Cancel {
+                    pid: 1,
+                    key: &long_key
+                },
+                268
+            )))
+        );
         body.push(0);
-        assert_eq!(parse_startup(&packet(CANCEL_REQUEST_CODE, &body)), Err(StartupError::CancelKeyLength { len: 257 }));
-        assert_eq!(parse_startup(&packet(CANCEL_REQUEST_CODE, b"\0\0\0\x01")), Err(StartupError::CancelKeyLength { len: 0 }));
-        assert_eq!(parse_startup(&packet(CANCEL_REQUEST_CODE, b"\0\0")), Err(StartupError::CancelTooShort));
+        assert_eq!(
+            parse_startup(&packet(CANCEL_REQUEST_CODE, &body)),
+            Err(StartupError::CancelKeyLength { len: 257 })
+        );
+        assert_eq!(
+            parse_startup(&packet(CANCEL_REQUEST_CODE, b"\0\0\0\x01")),
+            Err(StartupError::CancelKeyLength { len: 0 })
+        );
+        assert_eq!(
+            parse_startup(&packet(CANCEL_REQUEST_CODE, b"\0\0")),
+            Err(StartupError::CancelTooShort)
+        );
     }
 
     #[test]
@@ -327,10 +421,21 @@ mod tests {
         for len in [0i32, 4, 7, -1, i32::MIN] {
             let mut buf = len.to_be_bytes().to_vec();
             buf.extend_from_slice(&[0; 8]);
-            assert_eq!(parse_startup(&buf), Err(StartupError::LengthTooSmall { len: i64::from(len) }));
+            assert_eq!(
+                parse_startup(&buf),
+                Err(StartupError::LengthTooSmall {
+                    len: i64::from(len)
+                })
+            );
         }
         let buf = 10_001u32.to_be_bytes();
-        assert_eq!(parse_startup(&buf), Err(StartupError::TooLarge { len: 10_001, max: MAX_STARTUP_PACKET }));
+        assert_eq!(
+            parse_startup(&buf),
+            Err(StartupError::TooLarge {
+                len: 10_001,
+                max: MAX_STARTUP_PACKET
+            })
+        );
         let mut body = vec![b'a'; MAX_STARTUP_PACKET - 8 - 4];
         body.extend_from_slice(b"\0b\0\0");
         let buf = packet(196_608, &body);
