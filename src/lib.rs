@@ -1,1 +1,2 @@
 //! pgvigil: a PostgreSQL high-availability proxy.
+pub mod local_cluster;
