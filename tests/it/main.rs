@@ -1,0 +1,4 @@
+//! The integration-test binary: every test here runs against real PostgreSQL servers.
+
+mod cluster_fixture;
+mod support;

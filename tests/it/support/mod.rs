@@ -1,0 +1,41 @@
+//! What every integration test needs: a fresh real cluster and a way to wait for a condition.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub use pgvigil::local_cluster::{
+    ClusterSpec, LocalCluster, APP_DB, APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER,
+};
+
+/// How often [`eventually`] re-checks its condition.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Clusters built by this process so far, to give each its own directory.
+static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
+
+/// A directory for a new cluster, unique per process and cluster, short enough for sockets.
+pub fn fresh_base_dir() -> PathBuf {
+    let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("pgvigil-{}-{n}", std::process::id()))
+}
+
+/// A primary and `replicas` streaming replicas with test settings (fsync off), on free ports.
+pub fn test_cluster(replicas: usize) -> LocalCluster {
+    start(ClusterSpec::new(fresh_base_dir()).replicas(replicas))
+}
+
+/// Starts a cluster from `spec` with test settings, panicking with the reason on failure.
+pub fn start(spec: ClusterSpec) -> LocalCluster {
+    LocalCluster::start(spec.fast(true))
+        .unwrap_or_else(|e| panic!("could not build the test cluster: {e}"))
+}
+
+/// Polls `check` every 50 ms until it holds; panics naming `what` once `deadline` has passed.
+pub fn eventually(deadline: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let give_up = Instant::now() + deadline;
+    while !check() {
+        assert!(Instant::now() < give_up, "not within {deadline:?}: {what}");
+        std::thread::sleep(POLL);
+    }
+}
