@@ -143,7 +143,12 @@ mod tests {
             key: vec![1, 2, 3, 4],
         };
         key.set_target(Some(target));
-        assert_eq!(registry.lookup(key.pid, &key.secret.to_be_bytes()).map(|t| t.pid), Some(42));
+        assert_eq!(
+            registry
+                .lookup(key.pid, &key.secret.to_be_bytes())
+                .map(|t| t.pid),
+            Some(42)
+        );
         let wrong = key.secret.wrapping_add(1).to_be_bytes();
         assert!(registry.lookup(key.pid, &wrong).is_none());
         assert!(registry.lookup(key.pid, &[0; 3]).is_none());

@@ -104,7 +104,11 @@ impl Prober {
         match probe {
             Probe::Up { in_recovery } => {
                 self.failures = 0;
-                self.role = if in_recovery { Role::Standby } else { Role::Primary };
+                self.role = if in_recovery {
+                    Role::Standby
+                } else {
+                    Role::Primary
+                };
             }
             Probe::Failed => {
                 self.failures += 1;
@@ -148,7 +152,11 @@ async fn probe_inner(
 }
 
 /// Opens a probe connection to `node` with the health credentials.
-async fn connect(proxy: &Proxy, node: usize, timeout: Duration) -> Result<Client, tokio_postgres::Error> {
+async fn connect(
+    proxy: &Proxy,
+    node: usize,
+    timeout: Duration,
+) -> Result<Client, tokio_postgres::Error> {
     let node = &proxy.config.nodes[node];
     let (user, password) = proxy.config.health_credentials();
     let mut config = tokio_postgres::Config::new();

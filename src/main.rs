@@ -44,7 +44,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     raise_open_file_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("pgvigil: cannot start the async runtime: {e}");
@@ -125,7 +128,8 @@ fn raise_open_file_limit() {
     };
     // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }

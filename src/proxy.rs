@@ -210,7 +210,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .map_err(|source| StartError::Bind { addr, source })?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    tasks.spawn(listener::accept_loop(listener, proxy.clone(), shutdown.clone()));
+    tasks.spawn(listener::accept_loop(
+        listener,
+        proxy.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(health::monitor(proxy.clone(), shutdown.clone()));
     tasks.spawn(reap_pools(proxy.clone(), shutdown.clone()));
     tasks.close();

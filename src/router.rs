@@ -71,13 +71,20 @@ mod tests {
     fn no_primary_is_an_error_with_a_reason() {
         let t = topology(&[Role::Standby, Role::Down]);
         let err = route_session(&t).unwrap_err();
-        assert!(err.to_string().contains("no reachable node accepts writes"), "{err}");
+        assert!(
+            err.to_string().contains("no reachable node accepts writes"),
+            "{err}"
+        );
     }
 
     #[test]
     fn two_primaries_are_never_guessed_between() {
         let t = topology(&[Role::Primary, Role::Primary]);
         let err = route_session(&t).unwrap_err();
-        assert!(err.to_string().contains("2 nodes claim to be primary (pg1, pg2)"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("2 nodes claim to be primary (pg1, pg2)"),
+            "{err}"
+        );
     }
 }

@@ -286,8 +286,8 @@ impl ServerConn {
             let (tag, frame) = self.read_frame().await?;
             match tag {
                 backend::tag::READY_FOR_QUERY => {
-                    self.tx = backend::ReadyForQuery::parse(&frame[5..])
-                        .map_err(|e| self.protocol(e))?;
+                    self.tx =
+                        backend::ReadyForQuery::parse(&frame[5..]).map_err(|e| self.protocol(e))?;
                     return match failure {
                         Some(frame) => Err(self.rejected(frame)),
                         None => Ok(()),
@@ -311,7 +311,11 @@ impl ServerConn {
     /// Records a ParameterStatus body.
     pub fn note_parameter(&mut self, body: &[u8]) -> Result<(), ServerError> {
         let status = ParameterStatus::parse(body).map_err(|e| self.protocol(e))?;
-        match self.params.iter_mut().find(|(n, _)| n.as_slice() == status.name) {
+        match self
+            .params
+            .iter_mut()
+            .find(|(n, _)| n.as_slice() == status.name)
+        {
             Some((_, value)) => {
                 value.clear();
                 value.extend_from_slice(status.value);
@@ -422,7 +426,11 @@ async fn negotiate_tls(mut tcp: TcpStream, target: &LoginTarget) -> Result<Strea
             Ok(Stream::ClientTls(Box::new(stream)))
         }
         (b'N', BackendTlsMode::Prefer) => Ok(Stream::Plain(tcp)),
-        (b'N', _) => Err(tls_error("the node does not accept TLS (backend.tls = \"require\")".into())),
-        (other, _) => Err(tls_error(format!("unexpected answer {other:#04x} to SSLRequest"))),
+        (b'N', _) => Err(tls_error(
+            "the node does not accept TLS (backend.tls = \"require\")".into(),
+        )),
+        (other, _) => Err(tls_error(format!(
+            "unexpected answer {other:#04x} to SSLRequest"
+        ))),
     }
 }

@@ -108,7 +108,10 @@ impl Topology {
             many => Primary::Unavailable(format!(
                 "{} nodes claim to be primary ({}); writes are refused until that is resolved",
                 many.len(),
-                many.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         };
         Topology {
@@ -121,7 +124,11 @@ impl Topology {
     /// Whether `other` has the same roles and primary (so publishing it would change nothing).
     pub fn same_roles(&self, other: &Topology) -> bool {
         self.primary == other.primary
-            && self.nodes.iter().zip(&other.nodes).all(|(a, b)| a.role == b.role)
+            && self
+                .nodes
+                .iter()
+                .zip(&other.nodes)
+                .all(|(a, b)| a.role == b.role)
     }
 }
 

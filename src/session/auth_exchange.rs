@@ -33,10 +33,12 @@ pub async fn authenticate(
     stream.write_all(&out).await?;
     loop {
         let body = read_password_message(stream, buf).await?;
-        let step = auth.on_password_message(&body).map_err(|e| SessionError::Refused {
-            code: e.sqlstate(),
-            message: e.to_string(),
-        })?;
+        let step = auth
+            .on_password_message(&body)
+            .map_err(|e| SessionError::Refused {
+                code: e.sqlstate(),
+                message: e.to_string(),
+            })?;
         out.clear();
         match step {
             AuthStep::Continue(data) => encode::auth_sasl_continue(&mut out, &data),
@@ -53,7 +55,10 @@ pub async fn authenticate(
 }
 
 /// Reads one PasswordMessage-family ('p') message and returns its body.
-async fn read_password_message(stream: &mut Stream, buf: &mut BytesMut) -> Result<Vec<u8>, SessionError> {
+async fn read_password_message(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+) -> Result<Vec<u8>, SessionError> {
     loop {
         let found = next_message(buf, AUTH_MESSAGE_LIMIT).map_err(|e| SessionError::Refused {
             code: sqlstate::PROTOCOL_VIOLATION,

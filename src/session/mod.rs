@@ -61,7 +61,10 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
             return;
         }
         Err(_) => {
-            debug!(?peer, "client did not finish startup in {startup_timeout:?}");
+            debug!(
+                ?peer,
+                "client did not finish startup in {startup_timeout:?}"
+            );
             return;
         }
     };
@@ -280,14 +283,20 @@ fn parse_options(value: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SessionError> 
                 String::from_utf8_lossy(&word)
             ),
         })?;
-        let eq = setting.iter().position(|b| *b == b'=').ok_or_else(|| SessionError::Refused {
-            code: sqlstate::PROTOCOL_VIOLATION,
-            message: format!(
-                "invalid startup option {:?}: expected name=value",
-                String::from_utf8_lossy(&setting)
-            ),
-        })?;
-        let name = setting[..eq].iter().map(|b| if *b == b'-' { b'_' } else { *b }).collect();
+        let eq = setting
+            .iter()
+            .position(|b| *b == b'=')
+            .ok_or_else(|| SessionError::Refused {
+                code: sqlstate::PROTOCOL_VIOLATION,
+                message: format!(
+                    "invalid startup option {:?}: expected name=value",
+                    String::from_utf8_lossy(&setting)
+                ),
+            })?;
+        let name = setting[..eq]
+            .iter()
+            .map(|b| if *b == b'-' { b'_' } else { *b })
+            .collect();
         settings.push((name, setting[eq + 1..].to_vec()));
     }
     Ok(settings)
@@ -336,7 +345,8 @@ mod tests {
 
     #[test]
     fn options_become_settings() {
-        let parsed = parse_options(b"-c search_path=a,b --statement-timeout=5s -c x=a\\ b").unwrap();
+        let parsed =
+            parse_options(b"-c search_path=a,b --statement-timeout=5s -c x=a\\ b").unwrap();
         let as_text: Vec<(String, String)> = parsed
             .into_iter()
             .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
@@ -358,9 +368,11 @@ mod tests {
             (b"client_encoding".to_vec(), b"UTF8".to_vec()),
             (b"application_name".to_vec(), b"it's \\ me".to_vec()),
         ];
-        let sql = set_commands(&params, |name| (name == b"client_encoding").then_some(b"UTF8".as_slice()))
-            .unwrap()
-            .unwrap();
+        let sql = set_commands(&params, |name| {
+            (name == b"client_encoding").then_some(b"UTF8".as_slice())
+        })
+        .unwrap()
+        .unwrap();
         assert_eq!(sql, "SET \"application_name\" TO E'it\\'s \\\\ me';");
         let none = set_commands(&params[..1], |_| Some(b"UTF8".as_slice())).unwrap();
         assert!(none.is_none());

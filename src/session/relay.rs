@@ -9,8 +9,9 @@ use std::io;
 
 use bytes::{Buf, BytesMut};
 use pgvigil_proto::backend::{self, ErrorFields};
+use pgvigil_proto::frame::messages;
 use pgvigil_proto::frontend::{self, is_known_frontend_tag};
-use pgvigil_proto::{header, messages, FrameError, TxStatus};
+use pgvigil_proto::{header, FrameError, TxStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::server::ServerConn;
@@ -85,8 +86,19 @@ pub async fn relay(
     let mut terminated = false;
 
     // The server may have sent bytes before the relay started (kept in its buffer).
-    server_state.scan(server_in, &mut to_client, max_message, progress);
-    if let Err(end) = scan_client(client_in, &mut to_server, max_message, progress, &mut terminated) {
+    if server_state
+        .scan(server_in, &mut to_client, max_message, progress)
+        .is_err()
+    {
+        return server_lost(None, &server_state);
+    }
+    if let Err(end) = scan_client(
+        client_in,
+        &mut to_server,
+        max_message,
+        progress,
+        &mut terminated,
+    ) {
         return end;
     }
 
@@ -191,7 +203,11 @@ impl ServerSide<'_> {
         let Ok(status) = backend::ParameterStatus::parse(body) else {
             return;
         };
-        match self.params.iter_mut().find(|(n, _)| n.as_slice() == status.name) {
+        match self
+            .params
+            .iter_mut()
+            .find(|(n, _)| n.as_slice() == status.name)
+        {
             Some((_, value)) => {
                 value.clear();
                 value.extend_from_slice(status.value);
@@ -322,7 +338,14 @@ mod tests {
         let mut out = BytesMut::new();
         let mut progress = Progress::default();
         let mut terminated = false;
-        scan_client(&mut input, &mut out, 1 << 20, &mut progress, &mut terminated).unwrap();
+        scan_client(
+            &mut input,
+            &mut out,
+            1 << 20,
+            &mut progress,
+            &mut terminated,
+        )
+        .unwrap();
         assert_eq!(&out[..], &frame(b'Q', b"select 1\0")[..]);
         assert_eq!(&input[..], &partial[..7]);
         assert_eq!(progress.awaiting_ready, 1);
@@ -337,7 +360,14 @@ mod tests {
         let mut out = BytesMut::new();
         let mut progress = Progress::default();
         let mut terminated = false;
-        scan_client(&mut input, &mut out, 1 << 20, &mut progress, &mut terminated).unwrap();
+        scan_client(
+            &mut input,
+            &mut out,
+            1 << 20,
+            &mut progress,
+            &mut terminated,
+        )
+        .unwrap();
         assert!(terminated);
         assert_eq!(&out[..], &frame(b'S', b"")[..]);
 

@@ -72,7 +72,11 @@ pub async fn open(tcp: TcpStream, proxy: &Proxy) -> Result<Opening, Refusal> {
 }
 
 /// Reads and handles one startup packet.
-async fn next_step(stream: &mut Stream, buf: &mut BytesMut, proxy: &Proxy) -> Result<Step, SessionError> {
+async fn next_step(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    proxy: &Proxy,
+) -> Result<Step, SessionError> {
     let consumed = read_packet(stream, buf).await?;
     let packet = match parse_startup(buf) {
         Ok(Some((packet, _))) => packet,
@@ -177,11 +181,15 @@ fn read_params<'a>(
             _ => rest.push((name.to_vec(), value.to_vec())),
         }
     }
-    let user = user.filter(|u| !u.is_empty()).ok_or_else(|| SessionError::Refused {
-        code: sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-        message: "no PostgreSQL user name specified in startup packet".into(),
-    })?;
-    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    let user = user
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| SessionError::Refused {
+            code: sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            message: "no PostgreSQL user name specified in startup packet".into(),
+        })?;
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
     Ok(ClientStartup {
         user,
         database,
@@ -247,7 +255,10 @@ mod tests {
         let mut unrecognized = Vec::new();
         let startup = read_params(params.into_iter(), &mut unrecognized).unwrap();
         assert_eq!(startup.database, "app");
-        assert_eq!(startup.params, vec![(b"application_name".to_vec(), b"psql".to_vec())]);
+        assert_eq!(
+            startup.params,
+            vec![(b"application_name".to_vec(), b"psql".to_vec())]
+        );
         assert_eq!(unrecognized, vec![b"_pq_.compression".to_vec()]);
     }
 
@@ -267,8 +278,12 @@ mod tests {
 
     #[test]
     fn only_protocol_3_is_accepted_and_newer_minors_negotiate_down() {
-        assert!(check_version(ProtocolVersion { major: 3, minor: 0 }).unwrap().is_none());
-        assert!(check_version(ProtocolVersion { major: 3, minor: 2 }).unwrap().is_some());
+        assert!(check_version(ProtocolVersion { major: 3, minor: 0 })
+            .unwrap()
+            .is_none());
+        assert!(check_version(ProtocolVersion { major: 3, minor: 2 })
+            .unwrap()
+            .is_some());
         assert!(matches!(
             check_version(ProtocolVersion { major: 2, minor: 0 }),
             Err(SessionError::Refused { code: "0A000", .. })

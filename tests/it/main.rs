@@ -1,4 +1,5 @@
 //! The integration-test binary: every test here runs against real PostgreSQL servers.
 
 mod cluster_fixture;
+mod passthrough;
 mod support;

@@ -39,3 +39,6 @@ pub fn eventually(deadline: Duration, what: &str, mut check: impl FnMut() -> boo
         std::thread::sleep(POLL);
     }
 }
+
+mod proxy;
+pub use proxy::{start_proxy, test_config, TestProxy};
