@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 use pgvigil::config::{Config, ConfigError};
 use tracing::{error, info};
 
-/// PostgreSQL high-availability proxy: connection pooling, read/write split, automatic failover.
+/// PostgreSQL high-availability proxy: clients connect to it as to PostgreSQL; it pools server
+/// connections and sends work to the node observed to be primary.
 #[derive(Parser)]
 #[command(name = "pgvigil", version, about, long_about = None)]
 struct Cli {
@@ -28,9 +29,9 @@ enum Command {
     },
     /// Start a local primary and streaming replicas, and pgvigil in front of them; Ctrl-C stops all.
     Demo {
-        /// Folder for the nodes' data and logs (created; reused clusters are rebuilt).
-        #[arg(long, default_value = "pgvigil-demo")]
-        dir: PathBuf,
+        /// Folder for the nodes' data and logs, rebuilt on every run [default: $TMPDIR/pgvigil-demo].
+        #[arg(long)]
+        dir: Option<PathBuf>,
         /// Port pgvigil listens on.
         #[arg(long, default_value_t = 9999)]
         port: u16,
@@ -60,7 +61,12 @@ fn main() -> ExitCode {
             dir,
             port,
             replicas,
-        } => runtime.block_on(pgvigil::demo::run(dir, port, replicas)),
+        } => {
+            // Under the temp dir by default: a checkout in root's home is not readable by the
+            // unprivileged user the nodes run as.
+            let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("pgvigil-demo"));
+            runtime.block_on(pgvigil::demo::run(dir, port, replicas))
+        }
     }
 }
 
