@@ -5,6 +5,8 @@
 //! appends the messages pgvigil itself sends to a [`bytes::BytesMut`]. No input, however
 //! malformed, makes any function here panic.
 
+#![deny(missing_docs)]
+
 pub mod backend;
 mod cursor;
 pub mod encode;
@@ -13,7 +15,9 @@ pub mod frontend;
 pub mod sqlstate;
 pub mod startup;
 
-pub use frame::{header, next_message, FrameError, Message, DEFAULT_MAX_MESSAGE_SIZE};
+pub use frame::{
+    header, messages, next_message, FrameError, Message, Messages, DEFAULT_MAX_MESSAGE_SIZE,
+};
 
 /// A session's transaction status, as reported by the ReadyForQuery status byte.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
