@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use pgvigil_proto::encode::{self, PgError, Severity};
-use pgvigil_proto::{sqlstate, TxStatus};
+use pgvigil_proto::sqlstate;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -157,7 +157,7 @@ async fn serve(mut client: ClientConn, mut lease: Lease, proxy: &Proxy, key: &Ca
         RelayEnd::Terminated | RelayEnd::ClientGone => {
             let reusable = progress.is_quiet() && lease.conn.rbuf.is_empty();
             if !reusable {
-                cancel_running(&lease, proxy).await;
+                cancel_running(&lease, &progress, proxy).await;
             }
             proxy.release(lease, reusable).await;
         }
@@ -190,16 +190,22 @@ async fn serve(mut client: ClientConn, mut lease: Lease, proxy: &Proxy, key: &Ca
     }
 }
 
-/// Stops a statement still running for a client that left.
-async fn cancel_running(lease: &Lease, proxy: &Proxy) {
-    if lease.conn.tx == TxStatus::Idle && lease.conn.rbuf.is_empty() {
-        let target = CancelTarget {
-            host: lease.conn.addr.0.clone(),
-            port: lease.conn.addr.1,
-            pid: lease.conn.backend_pid,
-            key: lease.conn.backend_key.clone(),
-        };
-        let _ = crate::cancel::send_cancel(&target, proxy.config.backend.connect_timeout).await;
+/// Stops a statement still running for a client that left, so its backend does not keep working
+/// for nobody (the connection is then closed, not pooled).
+async fn cancel_running(lease: &Lease, progress: &Progress, proxy: &Proxy) {
+    if progress.awaiting_ready == 0 {
+        return;
+    }
+    let target = CancelTarget {
+        host: lease.conn.addr.0.clone(),
+        port: lease.conn.addr.1,
+        pid: lease.conn.backend_pid,
+        key: lease.conn.backend_key.clone(),
+    };
+    if let Err(error) =
+        crate::cancel::send_cancel(&target, proxy.config.backend.connect_timeout).await
+    {
+        debug!(%error, "could not cancel the statement of a client that left");
     }
 }
 
