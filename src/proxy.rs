@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::UserSecret;
 use crate::cancel::CancelRegistry;
@@ -18,7 +18,6 @@ use crate::config::{BackendTlsMode, Config};
 use crate::pool::{Lease, Pools};
 use crate::router::{Route, RouteError};
 use crate::server::LoginTarget;
-use crate::session::SessionError;
 use crate::topology::{NodeId, Topology, TopologyHandle};
 use crate::{health, listener, tls};
 
@@ -121,12 +120,7 @@ impl Proxy {
     }
 
     /// How to log in to `node` for a client's (user, database).
-    pub fn login_target(
-        &self,
-        node: NodeId,
-        user: &str,
-        database: &str,
-    ) -> Result<LoginTarget, SessionError> {
+    pub fn login_target(&self, node: NodeId, user: &str, database: &str) -> LoginTarget {
         let topology = self.topology.load();
         let node_state = &topology.nodes[node];
         let password = self
@@ -134,7 +128,7 @@ impl Proxy {
             .user(user)
             .and_then(|u| u.password.clone())
             .unwrap_or_default();
-        Ok(LoginTarget {
+        LoginTarget {
             node,
             node_name: node_state.name.clone(),
             host: node_state.host.clone(),
@@ -145,7 +139,7 @@ impl Proxy {
             connect_timeout: self.config.backend.connect_timeout,
             tls: self.config.backend.tls,
             tls_config: self.backend_tls.clone(),
-        })
+        }
     }
 
     /// Takes a server connection back from a session: reset with `DISCARD ALL` and pooled when
@@ -169,7 +163,8 @@ impl Proxy {
     }
 
     /// A data-path connection to `node` broke: probe the nodes now instead of at the next tick.
-    pub fn report_server_failure(&self, _node: NodeId) {
+    pub fn report_server_failure(&self, node: NodeId) {
+        debug!(node, "data-path failure reported; probing now");
         self.probe_now.notify_one();
     }
 
@@ -247,9 +242,7 @@ async fn reap_pools(proxy: Arc<Proxy>, shutdown: CancellationToken) {
         proxy.pools.reap();
         for node in 0..proxy.config.nodes.len() {
             for ((database, user), missing) in proxy.pools.idle_deficit(node) {
-                let Ok(target) = proxy.login_target(node, &user, &database) else {
-                    continue;
-                };
+                let target = proxy.login_target(node, &user, &database);
                 for _ in 0..missing {
                     if !matches!(proxy.pools.prefill(&target).await, Ok(true)) {
                         break;

@@ -118,7 +118,7 @@ async fn attach(
             message: e.to_string(),
         })?;
     debug!(node = route.node, reason = ?route.reason, "routed");
-    let target = proxy.login_target(route.node, &startup.user, &startup.database)?;
+    let target = proxy.login_target(route.node, &startup.user, &startup.database);
     let mut lease = proxy.pools.checkout(&target).await.map_err(pool_refusal)?;
     if let Err(error) = apply_params(&mut lease, startup).await {
         proxy.release(lease, true).await;
