@@ -2,4 +2,5 @@
 
 mod cluster_fixture;
 mod passthrough;
+mod pgbench;
 mod support;
