@@ -50,7 +50,11 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
     let peer = tcp.peer_addr().ok();
     let startup_timeout = proxy.config.client.startup_timeout;
     let opened = tokio::time::timeout(startup_timeout, open_and_authenticate(tcp, &proxy)).await;
-    let (mut stream, startup, client_buf) = match opened {
+    let Authenticated {
+        mut stream,
+        startup,
+        buf: client_buf,
+    } = match opened {
         Ok(Ok(Some(opened))) => opened,
         Ok(Ok(None)) => return,
         Ok(Err((stream, error))) => {
@@ -86,16 +90,28 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
     }
 }
 
+/// A client that passed startup and authentication.
+struct Authenticated {
+    stream: Stream,
+    startup: ClientStartup,
+    /// Bytes the client already sent beyond its authentication.
+    buf: BytesMut,
+}
+
 /// Startup and authentication. Errors carry the stream when the client should be told why.
 async fn open_and_authenticate(
     tcp: TcpStream,
     proxy: &Proxy,
-) -> Result<Option<(Stream, ClientStartup, BytesMut)>, startup::Refusal> {
+) -> Result<Option<Authenticated>, startup::Refusal> {
     match startup::open(tcp, proxy).await? {
         Opening::Cancelled => Ok(None),
         Opening::Session(mut stream, startup, mut buf) => {
             match auth_exchange::authenticate(&mut stream, &mut buf, &startup, proxy).await {
-                Ok(()) => Ok(Some((stream, startup, buf))),
+                Ok(()) => Ok(Some(Authenticated {
+                    stream,
+                    startup,
+                    buf,
+                })),
                 Err(error) => Err((Some(stream), error)),
             }
         }
