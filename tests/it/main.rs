@@ -1,5 +1,8 @@
 //! The integration-test binary: every test here runs against real PostgreSQL servers.
 
+mod auth;
+mod cli;
 mod cluster_fixture;
 mod passthrough;
 mod support;
+mod tls;
