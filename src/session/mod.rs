@@ -7,7 +7,8 @@ pub mod startup;
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{BufMut, Bytes, BytesMut};
+use pgvigil_proto::backend::{self, ErrorFields};
 use pgvigil_proto::encode::{self, PgError, Severity};
 use pgvigil_proto::sqlstate;
 use tokio::io::AsyncWriteExt;
@@ -233,7 +234,10 @@ async fn apply_params(lease: &mut Lease, startup: &ClientStartup) -> Result<(), 
         None => return Ok(()),
     };
     lease.conn.run_internal(&sql).await.map_err(|e| match e {
-        ServerError::Rejected { message, frame, .. } => SessionError::NodeRefused(message, frame),
+        ServerError::Rejected { message, frame, .. } => {
+            let frame = as_fatal(&frame).unwrap_or(frame);
+            SessionError::NodeRefused(message, frame)
+        }
         other => SessionError::Refused {
             code: sqlstate::CONNECTION_FAILURE,
             message: other.to_string(),
@@ -241,13 +245,38 @@ async fn apply_params(lease: &mut Lease, startup: &ClientStartup) -> Result<(), 
     })
 }
 
+/// The node's ErrorResponse frame with its severity raised to FATAL; `None` if it is malformed.
+///
+/// A SET that fails here was an ERROR to the node, but it ends the client's session, and
+/// PostgreSQL itself reports a bad startup setting as FATAL: clients must not read it as "the
+/// statement failed, go on".
+fn as_fatal(frame: &[u8]) -> Option<Bytes> {
+    let fields = ErrorFields::parse(frame.get(5..)?).ok()?;
+    let mut out = BytesMut::with_capacity(frame.len() + 8);
+    encode::message(&mut out, backend::tag::ERROR_RESPONSE, |b| {
+        for (code, value) in fields.iter() {
+            b.put_u8(code);
+            match code {
+                b'S' | b'V' => b.put_slice(Severity::Fatal.as_str().as_bytes()),
+                _ => b.put_slice(value),
+            }
+            b.put_u8(0);
+        }
+        b.put_u8(0);
+    });
+    Some(out.freeze())
+}
+
+/// One `(name, value)` run-time setting, as raw bytes from the startup packet.
+type Setting = (Vec<u8>, Vec<u8>);
+
 /// Builds `SET name TO 'value';` for every parameter that differs from what the server reports.
 /// `options` is split into its `-c name=value` / `--name=value` settings like PostgreSQL does.
 fn set_commands<'a>(
     params: &'a [(Vec<u8>, Vec<u8>)],
     reported: impl Fn(&[u8]) -> Option<&'a [u8]>,
 ) -> Result<Option<String>, SessionError> {
-    let mut settings: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut settings: Vec<Setting> = Vec::new();
     for (name, value) in params {
         if name == b"options" {
             settings.extend(parse_options(value)?);
@@ -272,7 +301,7 @@ fn set_commands<'a>(
 }
 
 /// Splits a startup `options` value into settings; backslash escapes a space (libpq's rule).
-fn parse_options(value: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SessionError> {
+fn parse_options(value: &[u8]) -> Result<Vec<Setting>, SessionError> {
     let mut words: Vec<Vec<u8>> = Vec::new();
     let mut current = Vec::new();
     let mut bytes = value.iter();
@@ -382,6 +411,19 @@ mod tests {
             ]
         );
         assert!(parse_options(b"-X").is_err());
+    }
+
+    #[test]
+    fn a_failed_startup_setting_is_reported_as_fatal_with_the_nodes_fields() {
+        let mut frame = BytesMut::new();
+        encode::error_response(&mut frame, "ERROR", "42704", "unrecognized parameter");
+        let fatal = as_fatal(&frame).unwrap();
+        let fields = ErrorFields::parse(&fatal[5..]).unwrap();
+        assert_eq!(fields.get(b'S'), Some(b"FATAL".as_slice()));
+        assert_eq!(fields.severity(), Some(b"FATAL".as_slice()));
+        assert_eq!(fields.sqlstate(), Some(b"42704".as_slice()));
+        assert_eq!(fields.message(), Some(b"unrecognized parameter".as_slice()));
+        assert!(as_fatal(b"E\0\0\0\x05").is_none());
     }
 
     #[test]
