@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use pgvigil_proto::encode::{self, PgError, Severity};
-use pgvigil_proto::{sqlstate, TxStatus};
+use pgvigil_proto::sqlstate;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -190,17 +190,18 @@ async fn serve(mut client: ClientConn, mut lease: Lease, proxy: &Proxy, key: &Ca
     }
 }
 
-/// Stops a statement still running for a client that left.
+/// Stops a statement still running for a client that left. PostgreSQL does not notice a closed
+/// socket until it next writes to it, so without this a long query, in a transaction block or
+/// not, keeps its backend busy to the end. A cancel that finds the backend idle is ignored, and
+/// the connection is closed right after, so it cannot reach another client's query.
 async fn cancel_running(lease: &Lease, proxy: &Proxy) {
-    if lease.conn.tx == TxStatus::Idle && lease.conn.rbuf.is_empty() {
-        let target = CancelTarget {
-            host: lease.conn.addr.0.clone(),
-            port: lease.conn.addr.1,
-            pid: lease.conn.backend_pid,
-            key: lease.conn.backend_key.clone(),
-        };
-        let _ = crate::cancel::send_cancel(&target, proxy.config.backend.connect_timeout).await;
-    }
+    let target = CancelTarget {
+        host: lease.conn.addr.0.clone(),
+        port: lease.conn.addr.1,
+        pid: lease.conn.backend_pid,
+        key: lease.conn.backend_key.clone(),
+    };
+    let _ = crate::cancel::send_cancel(&target, proxy.config.backend.connect_timeout).await;
 }
 
 /// Sends the client's startup parameters to the server as SET commands, skipping those the server
