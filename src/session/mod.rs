@@ -250,8 +250,11 @@ fn set_commands<'a>(
     Ok((!sql.is_empty()).then_some(sql))
 }
 
+/// A run-time setting from the startup packet: name and value.
+type Setting = (Vec<u8>, Vec<u8>);
+
 /// Splits a startup `options` value into settings; backslash escapes a space (libpq's rule).
-fn parse_options(value: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SessionError> {
+fn parse_options(value: &[u8]) -> Result<Vec<Setting>, SessionError> {
     let mut words: Vec<Vec<u8>> = Vec::new();
     let mut current = Vec::new();
     let mut bytes = value.iter();
