@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::PoolConfig;
 use crate::server::{LoginTarget, ServerConn, ServerError};
@@ -50,6 +50,9 @@ struct Idle {
 struct NodePool {
     slots: Arc<Semaphore>,
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    /// Wakes waiting checkouts when a connection goes back to an idle list: it keeps its slot, so
+    /// waiting on `slots` alone would miss it.
+    returned: Notify,
 }
 
 /// All pools, one per configured node.
@@ -65,6 +68,7 @@ impl Pools {
             .map(|_| NodePool {
                 slots: Arc::new(Semaphore::new(config.max_size)),
                 idle: Mutex::new(HashMap::new()),
+                returned: Notify::new(),
             })
             .collect();
         Pools { nodes, config }
@@ -72,16 +76,36 @@ impl Pools {
 
     /// Lends a connection for (node, database, user): an idle one if there is one, else a new one
     /// when a slot is free (closing an idle connection of another pair if needed), else waits up
-    /// to `pool.checkout_timeout`.
+    /// to `pool.checkout_timeout` for either to become possible.
     pub async fn checkout(&self, target: &LoginTarget) -> Result<Lease, PoolError> {
         let pool = &self.nodes[target.node];
         let key = (target.database.clone(), target.user.clone());
-        if let Some(lease) = self.take_idle(pool, &key) {
-            return Ok(lease);
-        }
-        let permit = match pool.slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => self.free_slot(pool, &key, target).await?,
+        let deadline = tokio::time::Instant::now() + self.config.checkout_timeout;
+        let permit = loop {
+            // Enabled before looking: a connection checked in just after the look still wakes us.
+            let returned = pool.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(lease) = self.take_idle(pool, &key) {
+                return Ok(lease);
+            }
+            if let Ok(permit) = pool.slots.clone().try_acquire_owned() {
+                break permit;
+            }
+            if let Some(permit) = evict_other(pool, &key) {
+                break permit;
+            }
+            tokio::select! {
+                Ok(permit) = pool.slots.clone().acquire_owned() => break permit,
+                () = &mut returned => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(PoolError::Exhausted {
+                        node: target.node_name.clone(),
+                        max_size: self.config.max_size,
+                        waited: self.config.checkout_timeout,
+                    })
+                }
+            }
         };
         let conn = ServerConn::connect(target).await?;
         Ok(Lease { conn, permit })
@@ -104,6 +128,7 @@ impl Pools {
             conn: lease.conn,
             permit: lease.permit,
         });
+        pool.returned.notify_waiters();
     }
 
     /// Closes idle connections past `pool.idle_timeout` or `pool.max_lifetime`.
@@ -162,27 +187,6 @@ impl Pools {
             }
         }
         None
-    }
-
-    /// Gets a slot by closing an idle connection of another pair, or by waiting.
-    async fn free_slot(
-        &self,
-        pool: &NodePool,
-        key: &Key,
-        target: &LoginTarget,
-    ) -> Result<OwnedSemaphorePermit, PoolError> {
-        if let Some(permit) = evict_other(pool, key) {
-            return Ok(permit);
-        }
-        let wait = self.config.checkout_timeout;
-        match tokio::time::timeout(wait, pool.slots.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(PoolError::Exhausted {
-                node: target.node_name.clone(),
-                max_size: self.config.max_size,
-                waited: wait,
-            }),
-        }
     }
 }
 

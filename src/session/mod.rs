@@ -207,8 +207,10 @@ async fn serve(mut client: ClientConn, mut lease: Lease, proxy: &Proxy, key: &Ca
     }
 }
 
-/// Stops a statement still running for a client that left, so its backend does not keep working
-/// for nobody (the connection is then closed, not pooled).
+/// Stops a statement still running for a client that left. PostgreSQL does not notice a closed
+/// socket until it next writes to it, so without this a long query, in a transaction block or
+/// not, keeps its backend busy to the end. The connection is closed right after, so the cancel
+/// cannot reach another client's query.
 async fn cancel_running(lease: &Lease, progress: &Progress, proxy: &Proxy) {
     if progress.awaiting_ready == 0 {
         return;

@@ -1,9 +1,11 @@
 //! The integration-test binary: every test here runs against real PostgreSQL servers.
 
 mod auth;
+mod bad_input;
 mod cli;
 mod cluster_fixture;
 mod passthrough;
 mod pgbench;
+mod pooling;
 mod support;
 mod tls;
