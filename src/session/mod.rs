@@ -219,13 +219,16 @@ async fn apply_params(lease: &mut Lease, startup: &ClientStartup) -> Result<(), 
     })
 }
 
+/// One `(name, value)` run-time setting, as raw bytes from the startup packet.
+type Setting = (Vec<u8>, Vec<u8>);
+
 /// Builds `SET name TO 'value';` for every parameter that differs from what the server reports.
 /// `options` is split into its `-c name=value` / `--name=value` settings like PostgreSQL does.
 fn set_commands<'a>(
     params: &'a [(Vec<u8>, Vec<u8>)],
     reported: impl Fn(&[u8]) -> Option<&'a [u8]>,
 ) -> Result<Option<String>, SessionError> {
-    let mut settings: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut settings: Vec<Setting> = Vec::new();
     for (name, value) in params {
         if name == b"options" {
             settings.extend(parse_options(value)?);
@@ -250,7 +253,7 @@ fn set_commands<'a>(
 }
 
 /// Splits a startup `options` value into settings; backslash escapes a space (libpq's rule).
-fn parse_options(value: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SessionError> {
+fn parse_options(value: &[u8]) -> Result<Vec<Setting>, SessionError> {
     let mut words: Vec<Vec<u8>> = Vec::new();
     let mut current = Vec::new();
     let mut bytes = value.iter();
