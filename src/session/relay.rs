@@ -48,6 +48,11 @@ pub struct Progress {
     pub awaiting_ready: u32,
     /// Extended-protocol messages sent since the last Sync.
     pub unsynced: bool,
+    /// Syncs the client sent since its last Execute or Query.
+    pub syncs_since_execute: u32,
+    /// The server answered with CopyInResponse and the client has not yet sent CopyDone or
+    /// CopyFail.
+    pub copy_in: bool,
 }
 
 impl Progress {
@@ -188,9 +193,12 @@ impl ServerSide<'_> {
                         *self.tx = status;
                     }
                     progress.awaiting_ready = progress.awaiting_ready.saturating_sub(1);
+                    // Copy-in mode has ended by now (a ReadyForQuery never comes during it).
+                    progress.copy_in = false;
                 }
                 backend::tag::PARAMETER_STATUS => self.note_parameter(message.body),
                 backend::tag::ERROR_RESPONSE => self.last_fatal = is_fatal(message.body),
+                backend::tag::COPY_IN_RESPONSE => progress.copy_in = true,
                 _ => {}
             }
         }
@@ -243,15 +251,37 @@ fn scan_client(
                 *terminated = true;
                 break;
             }
-            frontend::tag::QUERY | frontend::tag::FUNCTION_CALL => progress.awaiting_ready += 1,
+            frontend::tag::QUERY => {
+                progress.awaiting_ready += 1;
+                progress.syncs_since_execute = 0;
+            }
+            frontend::tag::FUNCTION_CALL => progress.awaiting_ready += 1,
             frontend::tag::SYNC => {
                 progress.awaiting_ready += 1;
+                progress.syncs_since_execute += 1;
                 progress.unsynced = false;
+            }
+            frontend::tag::EXECUTE => {
+                progress.unsynced = true;
+                progress.syncs_since_execute = 0;
+            }
+            frontend::tag::COPY_DONE | frontend::tag::COPY_FAIL => {
+                // The server ignores Syncs received in copy-in mode (PostgreSQL docs, "COPY
+                // Operations"), and clients such as tokio-postgres send one right after the
+                // Execute of a COPY FROM STDIN: no ReadyForQuery will answer them. Clients send
+                // CopyDone/CopyFail only after seeing CopyInResponse, so `copy_in` is known here;
+                // without it (the COPY failed before copy-in mode) every Sync is answered.
+                if progress.copy_in {
+                    progress.awaiting_ready = progress
+                        .awaiting_ready
+                        .saturating_sub(progress.syncs_since_execute);
+                    progress.copy_in = false;
+                }
+                progress.syncs_since_execute = 0;
             }
             frontend::tag::PARSE
             | frontend::tag::BIND
             | frontend::tag::DESCRIBE
-            | frontend::tag::EXECUTE
             | frontend::tag::CLOSE
             | frontend::tag::FLUSH => progress.unsynced = true,
             tag if is_known_frontend_tag(tag) => {}
@@ -374,5 +404,52 @@ mod tests {
         let mut bad = BytesMut::from(&frame(b'!', b"x")[..]);
         let end = scan_client(&mut bad, &mut out, 1 << 20, &mut progress, &mut terminated);
         assert!(matches!(end, Err(RelayEnd::Violation(_))));
+    }
+
+    /// Runs the client scan over `messages` (tag, body).
+    fn client_sends(progress: &mut Progress, messages: &[(u8, &[u8])]) {
+        let mut input = BytesMut::new();
+        for (tag, body) in messages {
+            input.extend_from_slice(&frame(*tag, body));
+        }
+        let (mut out, mut terminated) = (BytesMut::new(), false);
+        scan_client(&mut input, &mut out, 1 << 20, progress, &mut terminated).unwrap();
+    }
+
+    /// Runs the server scan over `messages` (tag, body).
+    fn server_sends(progress: &mut Progress, messages: &[(u8, &[u8])]) {
+        let mut input = BytesMut::new();
+        for (tag, body) in messages {
+            input.extend_from_slice(&frame(*tag, body));
+        }
+        let (mut tx, mut params) = (TxStatus::Idle, Vec::new());
+        let mut side = ServerSide {
+            tx: &mut tx,
+            params: &mut params,
+            last_fatal: false,
+        };
+        side.scan(&mut input, &mut BytesMut::new(), 1 << 20, progress)
+            .unwrap();
+    }
+
+    #[test]
+    fn syncs_the_server_ignores_in_copy_in_mode_are_not_awaited() {
+        // tokio-postgres: Bind, Execute, Sync, then (after CopyInResponse) data, CopyDone, Sync.
+        let mut progress = Progress::default();
+        client_sends(&mut progress, &[(b'B', b""), (b'E', b""), (b'S', b"")]);
+        server_sends(&mut progress, &[(b'2', b""), (b'G', b"")]);
+        client_sends(&mut progress, &[(b'd', b"1\n"), (b'c', b""), (b'S', b"")]);
+        assert_eq!(progress.awaiting_ready, 1);
+        server_sends(&mut progress, &[(b'C', b"COPY 1\0"), (b'Z', b"I")]);
+        assert!(progress.is_quiet());
+
+        // The COPY fails before copy-in mode: both Syncs are answered.
+        let mut progress = Progress::default();
+        client_sends(&mut progress, &[(b'B', b""), (b'E', b""), (b'S', b"")]);
+        server_sends(&mut progress, &[(b'E', b"SERROR\0\0"), (b'Z', b"I")]);
+        client_sends(&mut progress, &[(b'f', b"no\0"), (b'S', b"")]);
+        assert_eq!(progress.awaiting_ready, 1);
+        server_sends(&mut progress, &[(b'Z', b"I")]);
+        assert!(progress.is_quiet());
     }
 }

@@ -2,6 +2,7 @@
 
 mod auth;
 mod bad_input;
+mod cancel;
 mod cli;
 mod cluster_fixture;
 mod passthrough;
