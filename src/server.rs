@@ -176,12 +176,13 @@ impl ServerConn {
 
     async fn login(&mut self, target: &LoginTarget) -> Result<(), ServerError> {
         let mut out = BytesMut::new();
+        // No application_name: `DISCARD ALL` resets it to the login value, and a client that
+        // sets none must see "" as it would connected directly, not pgvigil's name.
         encode::startup_message(
             &mut out,
             &[
                 (b"user".as_slice(), target.user.as_bytes()),
                 (b"database".as_slice(), target.database.as_bytes()),
-                (b"application_name".as_slice(), b"pgvigil".as_slice()),
             ],
         );
         self.send(&mut out).await?;

@@ -548,8 +548,8 @@ async fn startup_parameters_do_not_leak_into_the_next_session_on_the_same_server
     let row = second.query_one(settings, &[]).await.unwrap();
     let (second_pid, name, timeout): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
     assert_eq!(second_pid, first_pid, "the server connection was reused");
-    // A client that sets no name sees the one pgvigil logs in to the nodes with.
-    assert_eq!((name.as_str(), timeout.as_str()), ("pgvigil", "0"));
+    // A client that sets no name sees none, as it would connected directly.
+    assert_eq!((name.as_str(), timeout.as_str()), ("", "0"));
     drop(second);
 
     // And the same settings asked again are applied again, not assumed from the last session.
