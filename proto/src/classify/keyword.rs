@@ -68,86 +68,179 @@ pub(super) enum Kw {
     Other,
 }
 
+/// Every word the classifier reacts to, in lower case.
+const KEYWORDS: &[(&[u8], Kw)] = &[
+    (b"abort", Kw::Abort),
+    (b"all", Kw::All),
+    (b"analyse", Kw::Analyze),
+    (b"analyze", Kw::Analyze),
+    (b"and", Kw::Syntax),
+    (b"any", Kw::Syntax),
+    (b"array", Kw::Syntax),
+    (b"as", Kw::As),
+    (b"asymmetric", Kw::Syntax),
+    (b"atomic", Kw::Atomic),
+    (b"begin", Kw::Begin),
+    (b"between", Kw::Syntax),
+    (b"by", Kw::Syntax),
+    (b"case", Kw::Case),
+    (b"cast", Kw::Syntax),
+    (b"characteristics", Kw::Characteristics),
+    (b"commit", Kw::Commit),
+    (b"constraints", Kw::Constraints),
+    (b"copy", Kw::Copy),
+    (b"create", Kw::Create),
+    (b"cube", Kw::Syntax),
+    (
+        b"default_transaction_read_only",
+        Kw::DefaultTransactionReadOnly,
+    ),
+    (b"delete", Kw::Delete),
+    (b"discard", Kw::Discard),
+    (b"distinct", Kw::Syntax),
+    (b"else", Kw::Syntax),
+    (b"end", Kw::End),
+    (b"escape", Kw::Syntax),
+    (b"except", Kw::Syntax),
+    (b"exists", Kw::Syntax),
+    (b"explain", Kw::Explain),
+    (b"false", Kw::False),
+    (b"filter", Kw::Syntax),
+    (b"first", Kw::Syntax),
+    (b"for", Kw::For),
+    (b"from", Kw::From),
+    (b"group", Kw::Syntax),
+    (b"having", Kw::Syntax),
+    (b"ilike", Kw::Syntax),
+    (b"in", Kw::Syntax),
+    (b"insert", Kw::Insert),
+    (b"intersect", Kw::Syntax),
+    (b"into", Kw::Into),
+    (b"is", Kw::Syntax),
+    (b"join", Kw::Syntax),
+    (b"key", Kw::Key),
+    (b"lateral", Kw::Syntax),
+    (b"like", Kw::Syntax),
+    (b"limit", Kw::Syntax),
+    (b"listen", Kw::Listen),
+    (b"local", Kw::Local),
+    (b"materialized", Kw::Materialized),
+    (b"merge", Kw::Merge),
+    (b"next", Kw::Syntax),
+    (b"no", Kw::No),
+    (b"not", Kw::Not),
+    (b"off", Kw::False),
+    (b"offset", Kw::Syntax),
+    (b"on", Kw::On),
+    (b"only", Kw::Only),
+    (b"operator", Kw::Syntax),
+    (b"or", Kw::Syntax),
+    (b"order", Kw::Syntax),
+    (b"ordinality", Kw::Syntax),
+    (b"over", Kw::Syntax),
+    (b"overlaps", Kw::Syntax),
+    (b"partition", Kw::Syntax),
+    (b"prepare", Kw::Prepare),
+    (b"prepared", Kw::Prepared),
+    (b"read", Kw::Read),
+    (b"recursive", Kw::Recursive),
+    (b"release", Kw::Release),
+    (b"repeatable", Kw::Syntax),
+    (b"reset", Kw::Reset),
+    (b"returning", Kw::Syntax),
+    (b"rollback", Kw::Rollback),
+    (b"rollup", Kw::Syntax),
+    (b"row", Kw::Syntax),
+    (b"rows", Kw::Syntax),
+    (b"savepoint", Kw::Savepoint),
+    (b"select", Kw::Select),
+    (b"serializable", Kw::Serializable),
+    (b"session", Kw::Session),
+    (b"set", Kw::Set),
+    (b"sets", Kw::Syntax),
+    (b"share", Kw::Share),
+    (b"show", Kw::Show),
+    (b"similar", Kw::Syntax),
+    (b"some", Kw::Syntax),
+    (b"start", Kw::Start),
+    (b"stdout", Kw::Stdout),
+    (b"symmetric", Kw::Syntax),
+    (b"table", Kw::Table),
+    (b"tablesample", Kw::Syntax),
+    (b"temp", Kw::Temp),
+    (b"temporary", Kw::Temp),
+    (b"then", Kw::Syntax),
+    (b"to", Kw::To),
+    (b"transaction", Kw::Transaction),
+    (b"true", Kw::True),
+    (b"union", Kw::Syntax),
+    (b"unlisten", Kw::Unlisten),
+    (b"update", Kw::Update),
+    (b"using", Kw::Syntax),
+    (b"values", Kw::Values),
+    (b"verbose", Kw::Verbose),
+    (b"when", Kw::Syntax),
+    (b"where", Kw::Syntax),
+    (b"window", Kw::Syntax),
+    (b"with", Kw::With),
+    (b"write", Kw::Write),
+    (b"yes", Kw::True),
+    (b"zone", Kw::Syntax),
+];
+
 /// The longest word worth looking up (`default_transaction_read_only`).
 const MAX_KEYWORD: usize = 29;
 
+/// Slots of the open-addressing table: a power of two, about four times the keyword count so
+/// that a lookup is one hash and usually one comparison.
+const SLOTS: usize = 512;
+
+/// A cheap hash of the length and the first, second and last bytes (ASCII-lowercased): four
+/// loads and one multiply, whatever the word's length. Collisions only cost a probe.
+const fn slot_of(word: &[u8]) -> usize {
+    let len = word.len();
+    if len < 2 {
+        return 0;
+    }
+    let first = word[0].to_ascii_lowercase() as usize;
+    let second = word[1].to_ascii_lowercase() as usize;
+    let last = word[len - 1].to_ascii_lowercase() as usize;
+    let key = (len << 24 | first << 16 | second << 8 | last) as u32;
+    // Fibonacci hashing: the top bits of one multiply by 2^32 / phi.
+    (key.wrapping_mul(0x9e37_79b9) >> (32 - SLOTS.trailing_zeros())) as usize
+}
+
+/// The keyword table, built at compile time with linear probing.
+static TABLE: [Option<(&[u8], Kw)>; SLOTS] = build_table();
+
+const fn build_table() -> [Option<(&'static [u8], Kw)>; SLOTS] {
+    let mut table: [Option<(&'static [u8], Kw)>; SLOTS] = [None; SLOTS];
+    let mut i = 0;
+    while i < KEYWORDS.len() {
+        let mut slot = slot_of(KEYWORDS[i].0);
+        while table[slot].is_some() {
+            slot = (slot + 1) & (SLOTS - 1);
+        }
+        table[slot] = Some(KEYWORDS[i]);
+        i += 1;
+    }
+    table
+}
+
 /// The keyword an unquoted word spells, ignoring ASCII case.
 pub(super) fn keyword(word: &[u8]) -> Kw {
-    let mut buf = [0u8; MAX_KEYWORD];
-    let Some(lower) = buf.get_mut(..word.len()) else {
+    if word.len() < 2 || word.len() > MAX_KEYWORD {
         return Kw::Other;
-    };
-    lower.copy_from_slice(word);
-    lower.make_ascii_lowercase();
-    match &*lower {
-        b"abort" => Kw::Abort,
-        b"all" => Kw::All,
-        b"analyze" | b"analyse" => Kw::Analyze,
-        b"as" => Kw::As,
-        b"atomic" => Kw::Atomic,
-        b"begin" => Kw::Begin,
-        b"case" => Kw::Case,
-        b"characteristics" => Kw::Characteristics,
-        b"commit" => Kw::Commit,
-        b"constraints" => Kw::Constraints,
-        b"copy" => Kw::Copy,
-        b"create" => Kw::Create,
-        b"default_transaction_read_only" => Kw::DefaultTransactionReadOnly,
-        b"delete" => Kw::Delete,
-        b"discard" => Kw::Discard,
-        b"end" => Kw::End,
-        b"explain" => Kw::Explain,
-        b"false" | b"off" => Kw::False,
-        b"for" => Kw::For,
-        b"from" => Kw::From,
-        b"insert" => Kw::Insert,
-        b"into" => Kw::Into,
-        b"key" => Kw::Key,
-        b"listen" => Kw::Listen,
-        b"local" => Kw::Local,
-        b"materialized" => Kw::Materialized,
-        b"merge" => Kw::Merge,
-        b"no" => Kw::No,
-        b"not" => Kw::Not,
-        b"on" => Kw::On,
-        b"only" => Kw::Only,
-        b"prepare" => Kw::Prepare,
-        b"prepared" => Kw::Prepared,
-        b"read" => Kw::Read,
-        b"recursive" => Kw::Recursive,
-        b"release" => Kw::Release,
-        b"reset" => Kw::Reset,
-        b"rollback" => Kw::Rollback,
-        b"savepoint" => Kw::Savepoint,
-        b"select" => Kw::Select,
-        b"serializable" => Kw::Serializable,
-        b"session" => Kw::Session,
-        b"set" => Kw::Set,
-        b"share" => Kw::Share,
-        b"show" => Kw::Show,
-        b"start" => Kw::Start,
-        b"stdout" => Kw::Stdout,
-        b"table" => Kw::Table,
-        b"temp" | b"temporary" => Kw::Temp,
-        b"to" => Kw::To,
-        b"transaction" => Kw::Transaction,
-        b"true" | b"yes" => Kw::True,
-        b"unlisten" => Kw::Unlisten,
-        b"update" => Kw::Update,
-        b"values" => Kw::Values,
-        b"verbose" => Kw::Verbose,
-        b"with" => Kw::With,
-        b"write" => Kw::Write,
-        b"and" | b"any" | b"array" | b"asymmetric" | b"between" | b"by" | b"cast" | b"cube"
-        | b"distinct" | b"else" | b"escape" | b"except" | b"exists" | b"filter" | b"first"
-        | b"group" | b"having" | b"ilike" | b"in" | b"intersect" | b"is" | b"join" | b"lateral"
-        | b"like" | b"limit" | b"next" | b"offset" | b"operator" | b"or" | b"order"
-        | b"ordinality" | b"over" | b"overlaps" | b"partition" | b"repeatable" | b"returning"
-        | b"rollup" | b"row" | b"rows" | b"sets" | b"similar" | b"some" | b"symmetric"
-        | b"tablesample" | b"then" | b"union" | b"using" | b"when" | b"where" | b"window"
-        | b"zone" => Kw::Syntax,
-        _ => Kw::Other,
     }
+    let mut slot = slot_of(word);
+    // The table is never full, so the probe meets an empty slot.
+    while let Some((candidate, kw)) = TABLE[slot] {
+        if candidate.eq_ignore_ascii_case(word) {
+            return kw;
+        }
+        slot = (slot + 1) & (SLOTS - 1);
+    }
+    Kw::Other
 }
 
 impl Kw {
@@ -187,6 +280,25 @@ impl Kw {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_listed_keyword_is_found() {
+        assert!(KEYWORDS.len() * 4 <= SLOTS);
+        let longest_probe = KEYWORDS
+            .iter()
+            .map(|&(word, _)| {
+                let home = slot_of(word);
+                (0..SLOTS)
+                    .position(|i| TABLE[(home + i) & (SLOTS - 1)].is_some_and(|(w, _)| w == word))
+                    .unwrap_or(SLOTS)
+            })
+            .max();
+        assert!(longest_probe <= Some(3), "probe of {longest_probe:?}");
+        for &(word, kw) in KEYWORDS {
+            assert_eq!(keyword(word), kw, "{}", String::from_utf8_lossy(word));
+            assert!(word.len() <= MAX_KEYWORD);
+        }
+    }
 
     #[test]
     fn keywords_ignore_case_and_long_words_are_plain() {

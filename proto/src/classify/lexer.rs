@@ -47,19 +47,46 @@ pub(super) struct Lexer<'a> {
     pos: usize,
 }
 
-/// `ident_start` of `scan.l`: `[A-Za-z\200-\377_]`.
+/// Byte classes of `scan.l`, looked up in one table load per byte.
+const IDENT_START: u8 = 1;
+const IDENT_CONT: u8 = 2;
+const SPACE: u8 = 4;
+
+const fn build_classes() -> [u8; 256] {
+    let mut classes = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let byte = b as u8;
+        // ident_start [A-Za-z\200-\377_]; ident_cont adds [0-9$]; space [ \t\n\r\f\v].
+        if byte.is_ascii_alphabetic() || byte == b'_' || byte >= 0x80 {
+            classes[b] |= IDENT_START | IDENT_CONT;
+        }
+        if byte.is_ascii_digit() || byte == b'$' {
+            classes[b] |= IDENT_CONT;
+        }
+        if matches!(byte, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
+            classes[b] |= SPACE;
+        }
+        b += 1;
+    }
+    classes
+}
+
+static CLASSES: [u8; 256] = build_classes();
+
+/// `ident_start` of `scan.l`.
 fn ident_start(b: u8) -> bool {
-    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
+    CLASSES[usize::from(b)] & IDENT_START != 0
 }
 
-/// `ident_cont` of `scan.l`: `[A-Za-z\200-\377_0-9\$]`.
+/// `ident_cont` of `scan.l`.
 fn ident_cont(b: u8) -> bool {
-    ident_start(b) || b.is_ascii_digit() || b == b'$'
+    CLASSES[usize::from(b)] & IDENT_CONT != 0
 }
 
-/// `space` of `scan.l`: `[ \t\n\r\f\v]`.
+/// `space` of `scan.l`.
 pub(super) fn is_space(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+    CLASSES[usize::from(b)] & SPACE != 0
 }
 
 impl<'a> Lexer<'a> {
@@ -108,9 +135,11 @@ impl<'a> Lexer<'a> {
     /// Skips whitespace, `--` line comments and nested `/* */` block comments.
     fn skip_trivia(&mut self) -> Result<(), Unterminated> {
         loop {
-            while self.pos < self.sql.len() && is_space(self.at(self.pos)) {
-                self.pos += 1;
-            }
+            let rest = self.sql.get(self.pos..).unwrap_or_default();
+            self.pos += rest
+                .iter()
+                .position(|&b| !is_space(b))
+                .unwrap_or(rest.len());
             match (self.at(self.pos), self.at(self.pos + 1)) {
                 (b'-', b'-') => self.pos = line_comment_end(self.sql, self.pos),
                 (b'/', b'*') => {
@@ -124,10 +153,13 @@ impl<'a> Lexer<'a> {
     /// An identifier or keyword; `E'` and `U&'` prefixes start special strings.
     fn word(&mut self) -> Result<Tok<'a>, Unterminated> {
         let start = self.pos;
-        let mut end = start + 1;
-        while end < self.sql.len() && ident_cont(self.at(end)) {
-            end += 1;
-        }
+        let rest = self.sql.get(start + 1..).unwrap_or_default();
+        let end = start
+            + 1
+            + rest
+                .iter()
+                .position(|&b| !ident_cont(b))
+                .unwrap_or(rest.len());
         if end == start + 1 {
             let first = self.at(start);
             if matches!(first, b'e' | b'E') && self.at(end) == b'\'' {

@@ -95,7 +95,7 @@ pub enum Reason {
     WriteFunction,
     /// A call of a function on no list.
     UnknownFunction,
-    /// The text ends inside a comment, a literal or a quoted identifier.
+    /// The text ends inside a comment, a literal, a quoted identifier or parentheses.
     Unterminated,
     /// A backslash in a plain `'...'` string, whose end depends on `standard_conforming_strings`.
     AmbiguousBackslash,
@@ -111,7 +111,7 @@ impl Reason {
             Reason::RowLock => "row-locking clause",
             Reason::WriteFunction => "call of a writing function",
             Reason::UnknownFunction => "call of a function not known to be read-only",
-            Reason::Unterminated => "unterminated comment or literal",
+            Reason::Unterminated => "unterminated comment, literal or parenthesis",
             Reason::AmbiguousBackslash => "backslash in a standard string",
         }
     }

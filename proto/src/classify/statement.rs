@@ -540,6 +540,10 @@ impl<'a> Statement<'a> {
         if let Some(pending) = self.pending.take() {
             self.apply_call(pending.kind);
         }
+        if !self.ends_at_semicolon() {
+            // Unbalanced parentheses or an open BEGIN ATOMIC: the server rejects the text.
+            self.fail(Reason::Unterminated);
+        }
         out.statements = out.statements.saturating_add(1);
         if let Err(reason) = self.verdict() {
             out.read_only = false;
