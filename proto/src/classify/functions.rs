@@ -1,5 +1,7 @@
 //! Which function calls a read-only statement may contain, and the user's lists.
 
+use super::wordtable::WordTable;
+
 /// A name as written in SQL: unquoted names fold to lower case, quoted ones compare exactly.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) struct Ident<'a> {
@@ -91,44 +93,61 @@ fn listed(list: &[String], qualifier: Option<Ident<'_>>, name: Ident<'_>) -> boo
     })
 }
 
-/// The longest built-in name; longer names are never built-ins.
-const MAX_BUILTIN: usize = 40;
+/// Both built-in lists, hashed for lookups that neither allocate nor compare more than once or
+/// twice.
+static BUILTINS: WordTable<CallKind, 1024> = WordTable::empty()
+    .with_words(BUILTIN_WRITE, CallKind::Write)
+    .with_words(BUILTIN_READ, CallKind::Read);
+
+/// Whether `name` starts with the lower-case `prefix` (exactly, if quoted).
+fn has_prefix(name: Ident<'_>, prefix: &[u8]) -> bool {
+    name.text.get(..prefix.len()).is_some_and(|head| {
+        Ident {
+            text: head,
+            quoted: name.quoted,
+        }
+        .is(prefix)
+    })
+}
+
+/// Whether a call of this function takes a session-level advisory lock, which outlives the
+/// statement and so pins the session.
+pub(super) fn is_session_lock(qualifier: Option<Ident<'_>>, name: Ident<'_>) -> bool {
+    qualifier.is_none_or(|q| q.is(b"pg_catalog"))
+        && (has_prefix(name, b"pg_advisory_lock") || has_prefix(name, b"pg_try_advisory_lock"))
+}
 
 /// The verdict for a built-in (`pg_catalog`) function name.
 fn builtin_kind(name: Ident<'_>) -> CallKind {
-    let mut buf = [0u8; MAX_BUILTIN];
-    let Some(slot) = buf.get_mut(..name.text.len()) else {
-        return CallKind::Unknown;
-    };
-    slot.copy_from_slice(name.text);
-    if !name.quoted {
-        slot.make_ascii_lowercase();
-    }
-    let lower: &[u8] = slot;
-    // Session-level advisory locks outlive the statement: they pin the session. The xact and
-    // unlock variants still need the node that holds the lock, the primary.
-    if lower.starts_with(b"pg_advisory_lock") || lower.starts_with(b"pg_try_advisory_lock") {
+    if is_session_lock(None, name) {
         return CallKind::SessionLock;
     }
-    if lower.starts_with(b"pg_advisory_")
-        || lower.starts_with(b"pg_try_advisory_")
-        || lower.starts_with(b"lo_")
-        || BUILTIN_WRITE.binary_search(&lower).is_ok()
+    // The xact and unlock variants still need the node that holds the lock: the primary.
+    if has_prefix(name, b"pg_advisory_")
+        || has_prefix(name, b"pg_try_advisory_")
+        || has_prefix(name, b"lo_")
     {
         return CallKind::Write;
     }
-    if lower.starts_with(b"json_")
-        || lower.starts_with(b"jsonb_")
-        || lower.starts_with(b"array_")
-        || lower.starts_with(b"regexp_")
-        || BUILTIN_READ.binary_search(&lower).is_ok()
+    let listed = if name.quoted {
+        BUILTINS.get_exact(name.text)
+    } else {
+        BUILTINS.get(name.text)
+    };
+    if let Some(kind) = listed {
+        return kind;
+    }
+    if has_prefix(name, b"json_")
+        || has_prefix(name, b"jsonb_")
+        || has_prefix(name, b"array_")
+        || has_prefix(name, b"regexp_")
     {
         return CallKind::Read;
     }
     CallKind::Unknown
 }
 
-/// Built-ins that write, hand out transaction ids, or fail on a standby (sorted).
+/// Built-ins that write, hand out transaction ids, or fail on a standby.
 const BUILTIN_WRITE: &[&[u8]] = &[
     b"currval",
     b"lastval",
@@ -146,7 +165,7 @@ const BUILTIN_WRITE: &[&[u8]] = &[
     b"txid_current_if_assigned",
 ];
 
-/// Built-ins (and type-modifier spellings such as `varchar(10)`) that never write (sorted).
+/// Built-ins (and type-modifier spellings such as `varchar(10)`) that never write.
 const BUILTIN_READ: &[&[u8]] = &[
     b"abs",
     b"acos",
@@ -379,10 +398,22 @@ mod tests {
     }
 
     #[test]
-    fn builtin_lists_are_sorted_for_binary_search() {
-        for list in [BUILTIN_READ, BUILTIN_WRITE] {
-            assert!(list.windows(2).all(|w| w[0] < w[1]));
-            assert!(list.iter().all(|n| n.len() <= MAX_BUILTIN));
+    fn every_builtin_is_found() {
+        assert!(
+            (BUILTIN_READ.len() + BUILTIN_WRITE.len()) * 4 <= 1024,
+            "keep the table sparse"
+        );
+        for &name in BUILTIN_READ {
+            assert_eq!(
+                builtin_kind(word(std::str::from_utf8(name).unwrap_or("?"))),
+                CallKind::Read
+            );
+        }
+        for &name in BUILTIN_WRITE {
+            assert_eq!(
+                builtin_kind(word(std::str::from_utf8(name).unwrap_or("?"))),
+                CallKind::Write
+            );
         }
     }
 

@@ -1,5 +1,7 @@
 //! The handful of keywords the classifier reacts to.
 
+use super::wordtable::WordTable;
+
 /// A keyword that matters to classification; every other word is [`Kw::Other`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Kw {
@@ -191,56 +193,14 @@ const KEYWORDS: &[(&[u8], Kw)] = &[
 /// The longest word worth looking up (`default_transaction_read_only`).
 const MAX_KEYWORD: usize = 29;
 
-/// Slots of the open-addressing table: a power of two, about four times the keyword count so
-/// that a lookup is one hash and usually one comparison.
-const SLOTS: usize = 512;
-
-/// A cheap hash of the length and the first, second and last bytes (ASCII-lowercased): four
-/// loads and one multiply, whatever the word's length. Collisions only cost a probe.
-const fn slot_of(word: &[u8]) -> usize {
-    let len = word.len();
-    if len < 2 {
-        return 0;
-    }
-    let first = word[0].to_ascii_lowercase() as usize;
-    let second = word[1].to_ascii_lowercase() as usize;
-    let last = word[len - 1].to_ascii_lowercase() as usize;
-    let key = (len << 24 | first << 16 | second << 8 | last) as u32;
-    // Fibonacci hashing: the top bits of one multiply by 2^32 / phi.
-    (key.wrapping_mul(0x9e37_79b9) >> (32 - SLOTS.trailing_zeros())) as usize
-}
-
-/// The keyword table, built at compile time with linear probing.
-static TABLE: [Option<(&[u8], Kw)>; SLOTS] = build_table();
-
-const fn build_table() -> [Option<(&'static [u8], Kw)>; SLOTS] {
-    let mut table: [Option<(&'static [u8], Kw)>; SLOTS] = [None; SLOTS];
-    let mut i = 0;
-    while i < KEYWORDS.len() {
-        let mut slot = slot_of(KEYWORDS[i].0);
-        while table[slot].is_some() {
-            slot = (slot + 1) & (SLOTS - 1);
-        }
-        table[slot] = Some(KEYWORDS[i]);
-        i += 1;
-    }
-    table
-}
+static TABLE: WordTable<Kw, 512> = WordTable::empty().with_pairs(KEYWORDS);
 
 /// The keyword an unquoted word spells, ignoring ASCII case.
 pub(super) fn keyword(word: &[u8]) -> Kw {
     if word.len() < 2 || word.len() > MAX_KEYWORD {
         return Kw::Other;
     }
-    let mut slot = slot_of(word);
-    // The table is never full, so the probe meets an empty slot.
-    while let Some((candidate, kw)) = TABLE[slot] {
-        if candidate.eq_ignore_ascii_case(word) {
-            return kw;
-        }
-        slot = (slot + 1) & (SLOTS - 1);
-    }
-    Kw::Other
+    TABLE.get(word).unwrap_or(Kw::Other)
 }
 
 impl Kw {
@@ -283,17 +243,7 @@ mod tests {
 
     #[test]
     fn every_listed_keyword_is_found() {
-        assert!(KEYWORDS.len() * 4 <= SLOTS);
-        let longest_probe = KEYWORDS
-            .iter()
-            .map(|&(word, _)| {
-                let home = slot_of(word);
-                (0..SLOTS)
-                    .position(|i| TABLE[(home + i) & (SLOTS - 1)].is_some_and(|(w, _)| w == word))
-                    .unwrap_or(SLOTS)
-            })
-            .max();
-        assert!(longest_probe <= Some(3), "probe of {longest_probe:?}");
+        assert!(KEYWORDS.len() * 4 <= 512, "keep the table sparse");
         for &(word, kw) in KEYWORDS {
             assert_eq!(keyword(word), kw, "{}", String::from_utf8_lossy(word));
             assert!(word.len() <= MAX_KEYWORD);

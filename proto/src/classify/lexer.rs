@@ -35,11 +35,14 @@ pub(super) enum Tok<'a> {
     Dot,
     /// Any other single byte: operator characters, brackets, `:`.
     Op(u8),
+    /// The text ended inside a comment, a string or a quoted identifier; the server rejects it.
+    /// The lexer is at the end afterwards.
+    Unterminated,
 }
 
-/// The text ended inside a comment, a string or a quoted identifier; the server rejects it.
+/// The lexer's internal error, surfaced as [`Tok::Unterminated`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) struct Unterminated;
+struct Unterminated;
 
 /// Iterates over the tokens of a SQL text, skipping whitespace and comments.
 pub(super) struct Lexer<'a> {
@@ -99,11 +102,14 @@ impl<'a> Lexer<'a> {
         self.sql.get(i).copied().unwrap_or(0)
     }
 
-    /// The next token, `None` at the end, or `Unterminated` (after which the lexer is at the end).
-    pub(super) fn next_token(&mut self) -> Option<Result<Tok<'a>, Unterminated>> {
-        if let Err(e) = self.skip_trivia() {
+    /// The next token, or `None` at the end.
+    ///
+    /// Returning a plain `Option<Tok>` (not a `Result`) keeps one layout from here to the
+    /// statement machine: re-packing a `Result` cost a store-forwarding stall per token.
+    pub(super) fn next_token(&mut self) -> Option<Tok<'a>> {
+        if self.skip_trivia().is_err() {
             self.pos = self.sql.len();
-            return Some(Err(e));
+            return Some(Tok::Unterminated);
         }
         let start = self.pos;
         let b = *self.sql.get(start)?;
@@ -121,10 +127,13 @@ impl<'a> Lexer<'a> {
             _ if ident_start(b) => self.word(),
             _ => self.single(Tok::Op(b)),
         };
-        if tok.is_err() {
-            self.pos = self.sql.len();
+        match tok {
+            Ok(tok) => Some(tok),
+            Err(Unterminated) => {
+                self.pos = self.sql.len();
+                Some(Tok::Unterminated)
+            }
         }
-        Some(tok)
     }
 
     fn single(&mut self, tok: Tok<'a>) -> Result<Tok<'a>, Unterminated> {
@@ -339,7 +348,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn tokens(sql: &str) -> Vec<Result<Tok<'_>, Unterminated>> {
+    fn tokens(sql: &str) -> Vec<Tok<'_>> {
         let mut lexer = Lexer::new(sql.as_bytes());
         std::iter::from_fn(|| lexer.next_token()).collect()
     }
@@ -350,24 +359,24 @@ mod tests {
         assert_eq!(
             toks,
             vec![
-                Ok(Tok::Word(b"SELECT")),
-                Ok(Tok::Str {
+                Tok::Word(b"SELECT"),
+                Tok::Str {
                     body: b"a;b",
                     ambiguous: false
-                }),
-                Ok(Tok::Comma),
-                Ok(Tok::Str {
+                },
+                Tok::Comma,
+                Tok::Str {
                     body: b"\\';",
                     ambiguous: false
-                }),
-                Ok(Tok::Comma),
-                Ok(Tok::Str {
+                },
+                Tok::Comma,
+                Tok::Str {
                     body: b";",
                     ambiguous: false
-                }),
-                Ok(Tok::Comma),
-                Ok(Tok::Quoted(b"a\"\"b")),
-                Ok(Tok::Semi),
+                },
+                Tok::Comma,
+                Tok::Quoted(b"a\"\"b"),
+                Tok::Semi,
             ]
         );
     }
@@ -377,14 +386,14 @@ mod tests {
         assert_eq!(
             tokens("$1,$$a$$,a$b$"),
             vec![
-                Ok(Tok::Param),
-                Ok(Tok::Comma),
-                Ok(Tok::Str {
+                Tok::Param,
+                Tok::Comma,
+                Tok::Str {
                     body: b"a",
                     ambiguous: false
-                }),
-                Ok(Tok::Comma),
-                Ok(Tok::Word(b"a$b$")),
+                },
+                Tok::Comma,
+                Tok::Word(b"a$b$"),
             ]
         );
     }
@@ -394,10 +403,10 @@ mod tests {
         assert_eq!(
             tokens("1into 1.5e3 .5"),
             vec![
-                Ok(Tok::Num(b"1")),
-                Ok(Tok::Word(b"into")),
-                Ok(Tok::Num(b"1.5e3")),
-                Ok(Tok::Num(b".5")),
+                Tok::Num(b"1"),
+                Tok::Word(b"into"),
+                Tok::Num(b"1.5e3"),
+                Tok::Num(b".5"),
             ]
         );
     }
@@ -405,7 +414,7 @@ mod tests {
     #[test]
     fn unterminated_constructs_end_the_stream() {
         for sql in ["'abc", "E'\\'", "\"abc", "$a$ b", "/* /* */", "U&'x"] {
-            assert_eq!(tokens(sql).last(), Some(&Err(Unterminated)), "{sql}");
+            assert_eq!(tokens(sql).last(), Some(&Tok::Unterminated), "{sql}");
         }
     }
 
@@ -414,14 +423,14 @@ mod tests {
         assert_eq!(
             tokens("'a\\' U&'\\0041'"),
             vec![
-                Ok(Tok::Str {
+                Tok::Str {
                     body: b"a\\",
                     ambiguous: true
-                }),
-                Ok(Tok::Str {
+                },
+                Tok::Str {
                     body: b"\\0041",
                     ambiguous: false
-                }),
+                },
             ]
         );
     }

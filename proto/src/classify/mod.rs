@@ -46,6 +46,7 @@ mod functions;
 mod keyword;
 mod lexer;
 mod statement;
+mod wordtable;
 
 pub use encoding::encoding_is_safe;
 pub use functions::FunctionLists;
@@ -186,13 +187,13 @@ pub fn classify(sql: &[u8], functions: &FunctionLists) -> Classification {
     };
     let mut lexer = Lexer::new(sql);
     let mut statement = Statement::new();
-    while let Some(next) = lexer.next_token() {
-        match next {
-            Ok(Tok::Semi) if statement.ends_at_semicolon() => {
+    while let Some(tok) = lexer.next_token() {
+        match tok {
+            Tok::Semi if statement.ends_at_semicolon() => {
                 std::mem::replace(&mut statement, Statement::new()).finish(&mut out);
             }
-            Ok(tok) => statement.feed(tok, functions),
-            Err(lexer::Unterminated) => statement.fail(Reason::Unterminated),
+            Tok::Unterminated => statement.fail(Reason::Unterminated),
+            tok => statement.feed(tok, functions),
         }
     }
     statement.finish(&mut out);

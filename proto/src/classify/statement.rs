@@ -1,6 +1,6 @@
 //! One statement's state machine: fed token by token, it learns what the statement is.
 
-use super::functions::{CallKind, FunctionLists, Ident};
+use super::functions::{is_session_lock, CallKind, FunctionLists, Ident};
 use super::keyword::{keyword, Kw};
 use super::lexer::Tok;
 use super::{Classification, Pin, Reason, TxControl};
@@ -153,7 +153,9 @@ impl<'a> Statement<'a> {
     /// Reads one token.
     pub(super) fn feed(&mut self, tok: Tok<'a>, lists: &FunctionLists) {
         let kw = match tok {
-            Tok::Word(word) => keyword(word),
+            // Once a statement is known to write, keywords no longer change anything that
+            // matters (calls still count for pins): skip the lookups.
+            Tok::Word(word) if self.kind != Kind::Other => keyword(word),
             _ => Kw::Other,
         };
         self.tokens = self.tokens.saturating_add(1);
@@ -224,6 +226,13 @@ impl<'a> Statement<'a> {
         if qualified && qualifier.is_none() {
             // `(expr).name(`: not a plain schema-qualified name, so not a name we know.
             self.apply_call(CallKind::Unknown);
+            return;
+        }
+        if self.kind == Kind::Other {
+            // The statement writes anyway; only a pin can still come out of a call.
+            if is_session_lock(qualifier, name) {
+                self.pin(Pin::AdvisoryLock);
+            }
             return;
         }
         let before = self.hist[1];
