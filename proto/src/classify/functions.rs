@@ -41,8 +41,40 @@ pub(super) enum CallKind {
 /// qualified call. Entries are written as unquoted SQL would fold them (lower case).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FunctionLists {
-    write: Vec<String>,
-    read: Vec<String>,
+    write: Vec<Entry>,
+    read: Vec<Entry>,
+}
+
+/// One configured name, split once at its last dot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    schema: Option<String>,
+    name: String,
+}
+
+impl Entry {
+    fn parse(configured: &str) -> Entry {
+        let folded = configured.trim().to_ascii_lowercase();
+        match folded.rsplit_once('.') {
+            Some((schema, name)) => Entry {
+                schema: Some(schema.to_owned()),
+                name: name.to_owned(),
+            },
+            None => Entry {
+                schema: None,
+                name: folded,
+            },
+        }
+    }
+
+    fn matches(&self, qualifier: Option<Ident<'_>>, name: Ident<'_>) -> bool {
+        let schema_ok = match (&self.schema, qualifier) {
+            (None, _) => true,
+            (Some(schema), Some(q)) => q.is(schema.as_bytes()),
+            (Some(_), None) => false,
+        };
+        schema_ok && name.is(self.name.as_bytes())
+    }
 }
 
 impl FunctionLists {
@@ -55,10 +87,12 @@ impl FunctionLists {
         R: IntoIterator,
         R::Item: AsRef<str>,
     {
-        let fold = |s: &str| s.trim().to_ascii_lowercase();
         FunctionLists {
-            write: write.into_iter().map(|s| fold(s.as_ref())).collect(),
-            read: read.into_iter().map(|s| fold(s.as_ref())).collect(),
+            write: write
+                .into_iter()
+                .map(|s| Entry::parse(s.as_ref()))
+                .collect(),
+            read: read.into_iter().map(|s| Entry::parse(s.as_ref())).collect(),
         }
     }
 
@@ -73,24 +107,14 @@ impl FunctionLists {
         if matches!(builtin, CallKind::Write | CallKind::SessionLock) {
             return builtin;
         }
-        if listed(&self.write, qualifier, name) {
+        if self.write.iter().any(|e| e.matches(qualifier, name)) {
             return CallKind::Write;
         }
-        if listed(&self.read, qualifier, name) {
+        if self.read.iter().any(|e| e.matches(qualifier, name)) {
             return CallKind::Read;
         }
         builtin
     }
-}
-
-/// Whether a user list names this call.
-fn listed(list: &[String], qualifier: Option<Ident<'_>>, name: Ident<'_>) -> bool {
-    list.iter().any(|entry| match entry.rsplit_once('.') {
-        Some((schema, func)) => {
-            qualifier.is_some_and(|q| q.is(schema.as_bytes())) && name.is(func.as_bytes())
-        }
-        None => name.is(entry.as_bytes()),
-    })
 }
 
 /// Both built-in lists, hashed for lookups that neither allocate nor compare more than once or
