@@ -1,9 +1,12 @@
 //! One statement's state machine: fed token by token, it learns what the statement is.
 
-use super::functions::{is_session_lock, CallKind, FunctionLists, Ident};
+mod calls;
+
+use super::functions::FunctionLists;
 use super::keyword::{keyword, Kw};
 use super::lexer::Tok;
 use super::{Classification, Pin, Reason, TxControl};
+use calls::Pending;
 
 /// What the statement is, as far as its leading words tell.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -84,22 +87,8 @@ enum Explain {
     Analyze,
 }
 
-/// A call whose verdict waits: `x(a, b)` after WITH or a comma may be a CTE's column list.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Pending {
-    kind: CallKind,
-    step: PendingStep,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum PendingStep {
-    Inside,
-    Closed,
-    ClosedAs,
-}
-
 /// A token with its keyword, as remembered for context.
-type Seen<'a> = (Tok<'a>, Kw);
+pub(super) type Seen<'a> = (Tok<'a>, Kw);
 
 /// Nothing seen yet.
 const NOTHING: Seen<'static> = (Tok::Semi, Kw::Other);
@@ -213,89 +202,6 @@ impl<'a> Statement<'a> {
             }
             (Tok::LParen, _) => self.call(lists),
             _ => {}
-        }
-    }
-
-    /// At `(`: if the tokens before it name a function, judge the call.
-    fn call(&mut self, lists: &FunctionLists) {
-        let Some(name) = ident(self.hist[0]) else {
-            return;
-        };
-        let qualified = self.hist[1].0 == Tok::Dot;
-        let qualifier = if qualified { ident(self.hist[2]) } else { None };
-        if qualified && qualifier.is_none() {
-            // `(expr).name(`: not a plain schema-qualified name, so not a name we know.
-            self.apply_call(CallKind::Unknown);
-            return;
-        }
-        if self.kind == Kind::Other {
-            // The statement writes anyway; only a pin can still come out of a call.
-            if is_session_lock(qualifier, name) {
-                self.pin(Pin::AdvisoryLock);
-            }
-            return;
-        }
-        let before = self.hist[1];
-        if !qualified && before.1 == Kw::As {
-            // `AS alias(col, ...)`: a column alias list, or a type modifier after CAST's AS.
-            return;
-        }
-        let kind = lists.call_kind(qualifier, name);
-        if kind == CallKind::Read {
-            return;
-        }
-        let maybe_cte = matches!(before.1, Kw::With | Kw::Recursive) || before.0 == Tok::Comma;
-        if !qualified && maybe_cte {
-            self.pending = Some(Pending {
-                kind,
-                step: PendingStep::Inside,
-            });
-        } else {
-            self.apply_call(kind);
-        }
-    }
-
-    fn apply_call(&mut self, kind: CallKind) {
-        match kind {
-            CallKind::Read => {}
-            CallKind::Write => self.mark(Reason::WriteFunction),
-            CallKind::SessionLock => {
-                self.mark(Reason::WriteFunction);
-                self.pin(Pin::AdvisoryLock);
-            }
-            CallKind::Unknown => self.mark(Reason::UnknownFunction),
-        }
-    }
-
-    /// Follows a pending call: `name(ident, ...) AS (` or `AS [NOT] MATERIALIZED` makes it a CTE
-    /// column list; anything else makes it a call after all.
-    fn advance_pending(&mut self, tok: Tok<'a>, kw: Kw) {
-        let Some(pending) = self.pending.as_mut() else {
-            return;
-        };
-        let next = match (pending.step, tok) {
-            (PendingStep::Inside, Tok::Word(_) | Tok::Quoted(_) | Tok::Comma) => {
-                Some(PendingStep::Inside)
-            }
-            (PendingStep::Inside, Tok::RParen) => Some(PendingStep::Closed),
-            (PendingStep::Closed, Tok::Word(_)) if kw == Kw::As => Some(PendingStep::ClosedAs),
-            (PendingStep::ClosedAs, Tok::LParen) => {
-                self.pending = None;
-                return;
-            }
-            (PendingStep::ClosedAs, Tok::Word(_)) if matches!(kw, Kw::Not | Kw::Materialized) => {
-                self.pending = None;
-                return;
-            }
-            _ => None,
-        };
-        match next {
-            Some(step) => pending.step = step,
-            None => {
-                let kind = pending.kind;
-                self.pending = None;
-                self.apply_call(kind);
-            }
         }
     }
 
@@ -606,17 +512,5 @@ fn refine_tx_end(control: TxControl, kw: Kw) -> TxControl {
         (TxControl::Rollback, Kw::Prepared) => TxControl::RollbackPrepared,
         (TxControl::Rollback, Kw::To) => TxControl::RollbackToSavepoint,
         _ => control,
-    }
-}
-
-/// The name a token spells, if it can be a function or schema name.
-fn ident<'a>((tok, kw): Seen<'a>) -> Option<Ident<'a>> {
-    match tok {
-        Tok::Word(text) if !kw.opens_syntax() => Some(Ident {
-            text,
-            quoted: false,
-        }),
-        Tok::Quoted(text) => Some(Ident { text, quoted: true }),
-        _ => None,
     }
 }
