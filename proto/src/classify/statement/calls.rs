@@ -13,8 +13,9 @@ pub(super) struct Pending {
     step: PendingStep,
 }
 
+/// How far `name(ident, ...) AS (` has got.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum PendingStep {
+enum PendingStep {
     Inside,
     Closed,
     ClosedAs,
