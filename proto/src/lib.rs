@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod classify;
 mod cursor;
 pub mod encode;
 pub mod frame;

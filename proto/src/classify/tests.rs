@@ -1,0 +1,453 @@
+//! Table-driven cases: each names the SQL, the expected answer and why.
+
+use super::*;
+
+/// The user lists every case runs with.
+fn lists() -> FunctionLists {
+    FunctionLists::new(["audit_log", "app.bump"], ["my_read", "app.fetch"])
+}
+
+include!("verdict_cases.rs");
+
+/// An expectation about one field of the classification.
+#[derive(Debug)]
+enum Expect {
+    Tx(Option<TxControl>),
+    Pin(Option<Pin>),
+    Session(bool, Option<bool>),
+    Hint(Option<Hint>),
+    Reason(Option<Reason>),
+    Statements(usize),
+}
+
+const fn begin(read_only: bool) -> Expect {
+    Expect::Tx(Some(TxControl::Begin { read_only }))
+}
+
+const fn tx(control: TxControl) -> Expect {
+    Expect::Tx(Some(control))
+}
+
+const fn pin(pin: Pin) -> Expect {
+    Expect::Pin(Some(pin))
+}
+
+/// `(sql, expectation, why)`.
+const FLAGS: &[(&str, Expect, &str)] = &[
+    ("BEGIN", begin(false), "plain BEGIN"),
+    ("BEGIN READ ONLY", begin(true), "BEGIN READ ONLY"),
+    (
+        "begin transaction read only, isolation level repeatable read",
+        begin(true),
+        "modes",
+    ),
+    (
+        "START TRANSACTION READ WRITE",
+        begin(false),
+        "START ... READ WRITE",
+    ),
+    (
+        "BEGIN READ ONLY ISOLATION LEVEL SERIALIZABLE",
+        begin(false),
+        "serializable",
+    ),
+    ("COMMIT", tx(TxControl::Commit), "COMMIT"),
+    ("END WORK", tx(TxControl::Commit), "END WORK"),
+    ("COMMIT AND CHAIN", tx(TxControl::Commit), "AND CHAIN"),
+    ("ROLLBACK", tx(TxControl::Rollback), "ROLLBACK"),
+    ("ABORT TRANSACTION", tx(TxControl::Rollback), "ABORT"),
+    ("SAVEPOINT a", tx(TxControl::Savepoint), "SAVEPOINT"),
+    (
+        "RELEASE a",
+        tx(TxControl::Release),
+        "RELEASE without SAVEPOINT",
+    ),
+    (
+        "ROLLBACK WORK TO a",
+        tx(TxControl::RollbackToSavepoint),
+        "ROLLBACK TO",
+    ),
+    (
+        "PREPARE TRANSACTION 'g'",
+        tx(TxControl::PrepareTransaction),
+        "PREPARE TRANSACTION",
+    ),
+    (
+        "COMMIT PREPARED 'g'",
+        tx(TxControl::CommitPrepared),
+        "COMMIT PREPARED",
+    ),
+    (
+        "ROLLBACK PREPARED 'g'",
+        tx(TxControl::RollbackPrepared),
+        "ROLLBACK PREPARED",
+    ),
+    (
+        "BEGIN; SELECT 1; COMMIT",
+        tx(TxControl::Commit),
+        "the last one counts",
+    ),
+    ("SELECT 1", Expect::Tx(None), "no transaction control"),
+    ("EXPLAIN ANALYZE SELECT 1", Expect::Tx(None), "EXPLAIN"),
+    (
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END",
+        Expect::Tx(None),
+        "END of an atomic body is no COMMIT",
+    ),
+    ("CREATE TEMP TABLE x (a int)", pin(Pin::TempTable), "TEMP"),
+    (
+        "CREATE TEMPORARY TABLE x AS SELECT 1",
+        pin(Pin::TempTable),
+        "TEMPORARY",
+    ),
+    (
+        "CREATE GLOBAL TEMPORARY TABLE x (a int)",
+        pin(Pin::TempTable),
+        "GLOBAL TEMPORARY",
+    ),
+    (
+        "create local temp table x ()",
+        pin(Pin::TempTable),
+        "LOCAL TEMP",
+    ),
+    (
+        "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
+        pin(Pin::TempTable),
+        "temporary view",
+    ),
+    (
+        "CREATE TEMP SEQUENCE s",
+        pin(Pin::TempTable),
+        "temporary sequence",
+    ),
+    (
+        "SELECT * INTO TEMP x FROM t",
+        pin(Pin::TempTable),
+        "SELECT INTO TEMP",
+    ),
+    (
+        "CREATE TABLE t (temp int)",
+        Expect::Pin(None),
+        "column named temp",
+    ),
+    (
+        "CREATE TABLE temp_stuff (a int)",
+        Expect::Pin(None),
+        "table named temp_stuff",
+    ),
+    (
+        "PREPARE p (int) AS SELECT $1",
+        pin(Pin::Prepare),
+        "PREPARE with types",
+    ),
+    (
+        "prepare p as select 1",
+        pin(Pin::Prepare),
+        "lower-case PREPARE",
+    ),
+    (
+        "SELECT pg_advisory_lock(1)",
+        pin(Pin::AdvisoryLock),
+        "session advisory lock",
+    ),
+    (
+        "SELECT pg_try_advisory_lock_shared(1)",
+        pin(Pin::AdvisoryLock),
+        "try, shared",
+    ),
+    (
+        "SELECT pg_advisory_xact_lock(1)",
+        Expect::Pin(None),
+        "transaction lock ends with it",
+    ),
+    ("LISTEN ch", pin(Pin::Listen), "LISTEN"),
+    ("UNLISTEN *", pin(Pin::Listen), "UNLISTEN"),
+    (
+        "EXPLAIN CREATE TEMP TABLE x AS SELECT 1",
+        Expect::Pin(None),
+        "plain EXPLAIN runs nothing",
+    ),
+    (
+        "EXPLAIN ANALYZE CREATE TEMP TABLE x AS SELECT 1",
+        pin(Pin::TempTable),
+        "ANALYZE runs it",
+    ),
+    (
+        "SELECT 1; LISTEN a; PREPARE p AS SELECT 1",
+        pin(Pin::Listen),
+        "the first pin counts",
+    ),
+    ("NOTIFY ch", Expect::Pin(None), "NOTIFY does not pin"),
+    (
+        "WITH a(x) AS (SELECT 1), l AS (SELECT pg_advisory_lock(1)) SELECT 1",
+        pin(Pin::AdvisoryLock),
+        "lock inside a CTE",
+    ),
+    ("SET search_path = app", Expect::Session(true, None), "SET"),
+    (
+        "SET SESSION search_path TO app",
+        Expect::Session(true, None),
+        "SET SESSION",
+    ),
+    (
+        "set time zone 'UTC'",
+        Expect::Session(true, None),
+        "SET TIME ZONE",
+    ),
+    ("SET ROLE bob", Expect::Session(true, None), "SET ROLE"),
+    (
+        "SET SESSION AUTHORIZATION bob",
+        Expect::Session(true, None),
+        "SET SESSION AUTHORIZATION",
+    ),
+    ("RESET search_path", Expect::Session(true, None), "RESET"),
+    ("RESET ALL", Expect::Session(true, Some(false)), "RESET ALL"),
+    (
+        "DISCARD ALL",
+        Expect::Session(true, Some(false)),
+        "DISCARD ALL",
+    ),
+    (
+        "SET LOCAL search_path = app",
+        Expect::Session(false, None),
+        "SET LOCAL",
+    ),
+    (
+        "SET TRANSACTION READ ONLY",
+        Expect::Session(false, None),
+        "SET TRANSACTION",
+    ),
+    (
+        "SET CONSTRAINTS ALL DEFERRED",
+        Expect::Session(false, None),
+        "SET CONSTRAINTS",
+    ),
+    (
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+        Expect::Session(true, Some(true)),
+        "session characteristics read only",
+    ),
+    (
+        "set session characteristics as transaction read write",
+        Expect::Session(true, Some(false)),
+        "session characteristics read write",
+    ),
+    (
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY",
+        Expect::Session(true, Some(false)),
+        "serializable default cannot run on a standby",
+    ),
+    (
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        Expect::Session(true, None),
+        "isolation only",
+    ),
+    (
+        "SET default_transaction_read_only = on",
+        Expect::Session(true, Some(true)),
+        "GUC on",
+    ),
+    (
+        "SET default_transaction_read_only TO 'on'",
+        Expect::Session(true, Some(true)),
+        "quoted",
+    ),
+    (
+        "SET default_transaction_read_only = off",
+        Expect::Session(true, Some(false)),
+        "GUC off",
+    ),
+    (
+        "SET default_transaction_read_only = 1",
+        Expect::Session(true, Some(true)),
+        "GUC 1",
+    ),
+    (
+        "SET default_transaction_read_only TO DEFAULT",
+        Expect::Session(true, Some(false)),
+        "DEFAULT",
+    ),
+    (
+        "RESET default_transaction_read_only",
+        Expect::Session(true, Some(false)),
+        "RESET GUC",
+    ),
+    (
+        "SELECT 1",
+        Expect::Session(false, None),
+        "no session change",
+    ),
+    (
+        "SET a.b = 1; SELECT 1",
+        Expect::Session(true, None),
+        "SET in a batch",
+    ),
+    ("SHOW search_path", Expect::Session(false, None), "SHOW"),
+    (
+        "/* pgvigil:primary */ SELECT 1",
+        Expect::Hint(Some(Hint::Primary)),
+        "primary hint",
+    ),
+    (
+        "  /*pgvigil:replica*/ SELECT my_func()",
+        Expect::Hint(Some(Hint::Replica)),
+        "replica",
+    ),
+    (
+        "/* PGVIGIL:REPLICA */SELECT 1",
+        Expect::Hint(Some(Hint::Replica)),
+        "case",
+    ),
+    (
+        "-- note\n/* pgvigil:primary */ SELECT 1",
+        Expect::Hint(Some(Hint::Primary)),
+        "after --",
+    ),
+    (
+        "/* other */ /* pgvigil:replica */ SELECT 1",
+        Expect::Hint(Some(Hint::Replica)),
+        "second",
+    ),
+    (
+        "SELECT 1 /* pgvigil:primary */",
+        Expect::Hint(None),
+        "not leading",
+    ),
+    ("/* pgvigil:primary", Expect::Hint(None), "unterminated"),
+    (
+        "/* pgvigil:replicas */ SELECT 1",
+        Expect::Hint(None),
+        "not exactly the hint",
+    ),
+    (
+        "INSERT INTO t VALUES (1)",
+        Expect::Reason(Some(Reason::Statement)),
+        "statement",
+    ),
+    (
+        "WITH d AS (DELETE FROM t) SELECT 1",
+        Expect::Reason(Some(Reason::DataModifying)),
+        "CTE",
+    ),
+    (
+        "SELECT * INTO x FROM t",
+        Expect::Reason(Some(Reason::SelectInto)),
+        "INTO",
+    ),
+    (
+        "SELECT * FROM t FOR UPDATE",
+        Expect::Reason(Some(Reason::RowLock)),
+        "row lock",
+    ),
+    (
+        "SELECT nextval('s')",
+        Expect::Reason(Some(Reason::WriteFunction)),
+        "write function",
+    ),
+    (
+        "SELECT f()",
+        Expect::Reason(Some(Reason::UnknownFunction)),
+        "unknown function",
+    ),
+    (
+        "SELECT 'abc",
+        Expect::Reason(Some(Reason::Unterminated)),
+        "unterminated",
+    ),
+    (
+        "SELECT 'a\\b'",
+        Expect::Reason(Some(Reason::AmbiguousBackslash)),
+        "backslash",
+    ),
+    (
+        "SELECT 1; SELECT f(); DELETE",
+        Expect::Reason(Some(Reason::UnknownFunction)),
+        "first",
+    ),
+    ("SELECT 1", Expect::Reason(None), "read-only has no reason"),
+    (
+        "SELECT 1; SELECT 2;",
+        Expect::Statements(2),
+        "two statements",
+    ),
+    (";;", Expect::Statements(0), "empty statements do not count"),
+    ("", Expect::Statements(0), "empty string"),
+    (
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; \
+         SELECT CASE WHEN true THEN 1 END; END; SELECT 1",
+        Expect::Statements(2),
+        "semicolons inside BEGIN ATOMIC",
+    ),
+];
+
+#[test]
+fn verdicts_table() {
+    let lists = lists();
+    let mut failures = Vec::new();
+    for &(sql, read_only, why) in VERDICTS {
+        let got = classify(sql.as_bytes(), &lists);
+        if got.read_only != read_only {
+            failures.push(format!(
+                "{why}: {sql:?} expected read_only={read_only}, got {got:?}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn flags_table() {
+    let lists = lists();
+    let mut failures = Vec::new();
+    for (sql, expect, why) in FLAGS {
+        let got = classify(sql.as_bytes(), &lists);
+        let ok = match *expect {
+            Expect::Tx(tx) => got.tx == tx,
+            Expect::Pin(pin) => got.pin == pin,
+            Expect::Session(state, read_only) => {
+                got.session_state == state && got.session_read_only == read_only
+            }
+            Expect::Hint(hint) => got.hint == hint,
+            Expect::Reason(reason) => got.reason == reason,
+            Expect::Statements(n) => got.statements == n,
+        };
+        if !ok {
+            failures.push(format!("{why}: {sql:?} expected {expect:?}, got {got:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn tables_hold_enough_cases() {
+    assert!(VERDICTS.len() + FLAGS.len() >= 150);
+}
+
+#[test]
+fn non_utf8_text_is_lexed_as_bytes() {
+    let lists = lists();
+    let read = b"SELECT '\xff\xfe; DELETE' AS \xe9t\xe9, \"\xa4\" FROM t\xe9 -- \xff\n";
+    assert!(classify(read, &lists).read_only);
+    let write = b"SELECT 1; DELETE FROM \xff\xfe";
+    assert!(!classify(write, &lists).read_only);
+    let latin1_call = b"SELECT f\xe9(1)";
+    assert_eq!(
+        classify(latin1_call, &lists).reason,
+        Some(Reason::UnknownFunction)
+    );
+}
+
+#[test]
+fn reasons_read_as_phrases() {
+    assert_eq!(Reason::RowLock.to_string(), "row-locking clause");
+}
