@@ -101,6 +101,38 @@ pub enum ServerError {
     },
 }
 
+/// The parameters a node reported with ParameterStatus, latest value of each.
+#[derive(Debug, Default)]
+pub struct ReportedParams(Vec<(Vec<u8>, Vec<u8>)>);
+
+impl ReportedParams {
+    /// The last reported value of `name`.
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        self.0
+            .iter()
+            .find(|(n, _)| n.as_slice() == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Records a ParameterStatus body (allocates only for a parameter not seen before).
+    pub fn note(&mut self, body: &[u8]) -> Result<(), pgvigil_proto::ProtoError> {
+        let status = ParameterStatus::parse(body)?;
+        match self.0.iter_mut().find(|(n, _)| n.as_slice() == status.name) {
+            Some((_, value)) => {
+                value.clear();
+                value.extend_from_slice(status.value);
+            }
+            None => self.0.push((status.name.to_vec(), status.value.to_vec())),
+        }
+        Ok(())
+    }
+
+    /// Every (name, value), in the order first reported.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.0.iter().map(|(n, v)| (n.as_slice(), v.as_slice()))
+    }
+}
+
 /// An open, logged-in connection to one node.
 pub struct ServerConn {
     /// The socket.
@@ -122,7 +154,7 @@ pub struct ServerConn {
     /// The backend's cancel secret.
     pub backend_key: Vec<u8>,
     /// Parameters the node reported with ParameterStatus, latest value each.
-    pub params: Vec<(Vec<u8>, Vec<u8>)>,
+    pub params: ReportedParams,
     /// Transaction status from the last ReadyForQuery.
     pub tx: TxStatus,
     /// When it was opened.
@@ -165,7 +197,7 @@ impl ServerConn {
             user: target.user.clone(),
             backend_pid: 0,
             backend_key: Vec::new(),
-            params: Vec::new(),
+            params: ReportedParams::default(),
             tx: TxStatus::Idle,
             created: now,
             idle_since: now,
@@ -301,31 +333,9 @@ impl ServerConn {
         }
     }
 
-    /// The last reported value of a parameter.
-    pub fn param(&self, name: &[u8]) -> Option<&[u8]> {
-        self.params
-            .iter()
-            .find(|(n, _)| n.as_slice() == name)
-            .map(|(_, v)| v.as_slice())
-    }
-
     /// Records a ParameterStatus body.
     pub fn note_parameter(&mut self, body: &[u8]) -> Result<(), ServerError> {
-        let status = ParameterStatus::parse(body).map_err(|e| self.protocol(e))?;
-        match self
-            .params
-            .iter_mut()
-            .find(|(n, _)| n.as_slice() == status.name)
-        {
-            Some((_, value)) => {
-                value.clear();
-                value.extend_from_slice(status.value);
-            }
-            None => self
-                .params
-                .push((status.name.to_vec(), status.value.to_vec())),
-        }
-        Ok(())
+        self.params.note(body).map_err(|e| self.protocol(e))
     }
 
     /// Whether the node closed the socket or sent something unsolicited while idle in the pool.

@@ -45,6 +45,8 @@ pub(crate) struct SharedSettings<'a> {
     pub(crate) sync_replication: bool,
     /// Caller's extra `name = value` lines, written after ours.
     pub(crate) extra: &'a [(String, String)],
+    /// Serve TLS with the data dir's server.crt and server.key.
+    pub(crate) tls: bool,
 }
 
 /// Writes pg_hba.conf, the shared settings and the includes into a fresh data dir.
@@ -111,6 +113,9 @@ fn shared_text(shared: &SharedSettings<'_>) -> String {
     if shared.sync_replication {
         settings.push(("synchronous_standby_names", "*"));
     }
+    if shared.tls {
+        settings.push(("ssl", "on"));
+    }
     let extra = shared.extra.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     let mut text = String::from("# Written by pgvigil's local cluster builder.\n");
     for (name, value) in settings.into_iter().chain(extra) {
@@ -142,6 +147,7 @@ mod tests {
             fast: true,
             sync_replication: sync,
             extra,
+            tls: false,
         }
     }
 

@@ -139,6 +139,8 @@ pub struct ClusterSpec {
     pub first_port: Option<u16>,
     /// `fsync=off` and no syncing in initdb/pg_basebackup: fast but unsafe, for tests only.
     pub fast: bool,
+    /// PEM certificate and key the nodes serve TLS with (`ssl = on`); `None`: no TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl ClusterSpec {
@@ -151,6 +153,7 @@ impl ClusterSpec {
             extra_conf: Vec::new(),
             first_port: None,
             fast: false,
+            tls: None,
         }
     }
 
@@ -184,12 +187,19 @@ impl ClusterSpec {
         self
     }
 
+    /// Serves TLS on every node with this PEM certificate and key.
+    pub fn tls(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls = Some((cert.into(), key.into()));
+        self
+    }
+
     fn shared_settings(&self, sync_replication: bool) -> SharedSettings<'_> {
         SharedSettings {
             socket_dir: &self.base_dir,
             fast: self.fast,
             sync_replication,
             extra: &self.extra_conf,
+            tls: self.tls.is_some(),
         }
     }
 
@@ -325,6 +335,9 @@ impl LocalCluster {
     fn start_primary(&mut self, spec: &ClusterSpec) -> Result<(), ClusterError> {
         let node = self.new_node(spec)?;
         setup::init_primary(&node, &spec.shared_settings(false))?;
+        if let Some((cert, key)) = &spec.tls {
+            setup::install_tls_files(&node, cert, key)?;
+        }
         self.nodes.push(node);
         let primary = self.nodes.last_mut().ok_or(ClusterError::NoSuchNode(0))?;
         setup::start_new_node(primary)?;

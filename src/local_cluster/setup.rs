@@ -1,10 +1,11 @@
 //! Building the cluster: initdb the primary, create the test roles, clone and attach replicas.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::conf::{self, SharedSettings};
 use super::node::LocalNode;
-use super::{ports, ClusterError, APP_DB, APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER};
+use super::{os_user, ports, ClusterError, APP_DB, APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER};
 
 /// How long replicas may take to start streaming, and sync replication to engage.
 const REPLICATION_DEADLINE: Duration = Duration::from_secs(60);
@@ -37,6 +38,27 @@ pub(crate) fn init_primary(
     }
     tools.run("initdb", args)?;
     conf::configure_new_data_dir(&primary.data_dir, shared, tools.run_as())
+}
+
+/// Copies the TLS certificate and key into the primary's data dir as server.crt and server.key
+/// (PostgreSQL's defaults), readable only by the server's user as it requires; pg_basebackup then
+/// copies them to the replicas.
+pub(crate) fn install_tls_files(
+    primary: &LocalNode,
+    cert: &Path,
+    key: &Path,
+) -> Result<(), ClusterError> {
+    let owner = primary.tools().run_as();
+    for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+        let to = primary.data_dir.join(name);
+        std::fs::copy(from, &to).map_err(|e| {
+            ClusterError::io(format!("copying {} to {}", from.display(), to.display()), e)
+        })?;
+        std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| ClusterError::io(format!("chmod {}", to.display()), e))?;
+        os_user::give_to(owner, &to)?;
+    }
+    Ok(())
 }
 
 /// Creates `app` (SCRAM password), `app_md5` (md5 password) and database `app` owned by `app`.

@@ -149,7 +149,7 @@ async fn attach(
     }));
     let mut out = BytesMut::with_capacity(512);
     encode::auth_ok(&mut out);
-    for (name, value) in &lease.conn.params {
+    for (name, value) in lease.conn.params.iter() {
         encode::parameter_status(&mut out, name, value);
     }
     encode::backend_key_data(&mut out, key.pid, &key.secret.to_be_bytes());
@@ -231,7 +231,7 @@ async fn cancel_running(lease: &Lease, progress: &Progress, proxy: &Proxy) {
 /// Sends the client's startup parameters to the server as SET commands, skipping those the server
 /// already reports with the same value.
 async fn apply_params(lease: &mut Lease, startup: &ClientStartup) -> Result<(), SessionError> {
-    let sql = match set_commands(&startup.params, |name| lease.conn.param(name))? {
+    let sql = match set_commands(&startup.params, |name| lease.conn.params.get(name))? {
         Some(sql) => sql,
         None => return Ok(()),
     };

@@ -14,7 +14,7 @@ use pgvigil_proto::frontend::{self, is_known_frontend_tag};
 use pgvigil_proto::{header, FrameError, TxStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::server::ServerConn;
+use crate::server::{ReportedParams, ServerConn};
 use crate::stream::Stream;
 
 /// Stop reading from a side while this many bytes wait to be written to the other side.
@@ -170,7 +170,7 @@ pub async fn relay(
 /// The server-side state the relay updates.
 struct ServerSide<'a> {
     tx: &'a mut TxStatus,
-    params: &'a mut Vec<(Vec<u8>, Vec<u8>)>,
+    params: &'a mut ReportedParams,
     last_fatal: bool,
 }
 
@@ -196,7 +196,10 @@ impl ServerSide<'_> {
                     // Copy-in mode has ended by now (a ReadyForQuery never comes during it).
                     progress.copy_in = false;
                 }
-                backend::tag::PARAMETER_STATUS => self.note_parameter(message.body),
+                backend::tag::PARAMETER_STATUS => {
+                    // A malformed one is still relayed; the client will judge it.
+                    let _ = self.params.note(message.body);
+                }
                 backend::tag::ERROR_RESPONSE => self.last_fatal = is_fatal(message.body),
                 backend::tag::COPY_IN_RESPONSE => progress.copy_in = true,
                 _ => {}
@@ -205,25 +208,6 @@ impl ServerSide<'_> {
         let consumed = iter.consumed();
         move_prefix(input, out, consumed);
         Ok(())
-    }
-
-    fn note_parameter(&mut self, body: &[u8]) {
-        let Ok(status) = backend::ParameterStatus::parse(body) else {
-            return;
-        };
-        match self
-            .params
-            .iter_mut()
-            .find(|(n, _)| n.as_slice() == status.name)
-        {
-            Some((_, value)) => {
-                value.clear();
-                value.extend_from_slice(status.value);
-            }
-            None => self
-                .params
-                .push((status.name.to_vec(), status.value.to_vec())),
-        }
     }
 }
 
@@ -422,7 +406,7 @@ mod tests {
         for (tag, body) in messages {
             input.extend_from_slice(&frame(*tag, body));
         }
-        let (mut tx, mut params) = (TxStatus::Idle, Vec::new());
+        let (mut tx, mut params) = (TxStatus::Idle, ReportedParams::default());
         let mut side = ServerSide {
             tx: &mut tx,
             params: &mut params,

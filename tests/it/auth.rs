@@ -359,6 +359,29 @@ async fn startup_without_user_is_refused_with_28000() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_gss_encryption_request_is_declined_and_the_startup_goes_on() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |_| {}).await;
+
+    let mut raw = RawClient::connect(proxy.addr).await;
+    // GSSENCRequest: length 8, code 80877104 (PostgreSQL protocol docs, "GSSENCRequest").
+    let mut request = BytesMut::new();
+    request.put_u32(8);
+    request.put_u32(80_877_104);
+    raw.send(&request).await;
+    assert_eq!(raw.read_byte().await, b'N', "GSS encryption is declined");
+
+    let mut startup = BytesMut::new();
+    encode::startup_message(&mut startup, &[(b"user", b"app"), (b"database", b"app")]);
+    raw.send(&startup).await;
+    assert_eq!(
+        raw.recv().await.auth_code(),
+        10,
+        "then SCRAM is asked for as usual"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn protocol_versions_other_than_3_are_refused_with_0a000() {
     let cluster = test_cluster(0);
     let proxy = start_proxy(&cluster, |_| {}).await;

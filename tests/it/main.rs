@@ -1,6 +1,7 @@
 //! The integration-test binary: every test here runs against real PostgreSQL servers.
 
 mod auth;
+mod backend_login;
 mod bad_input;
 mod cancel;
 mod cli;
