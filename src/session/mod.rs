@@ -49,27 +49,18 @@ pub enum SessionError {
 /// Serves one accepted client connection to the end.
 pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
     let peer = tcp.peer_addr().ok();
-    let startup_timeout = proxy.config.client.startup_timeout;
-    let opened = tokio::time::timeout(startup_timeout, open_and_authenticate(tcp, &proxy)).await;
     let Authenticated {
         mut stream,
         startup,
         buf: client_buf,
-    } = match opened {
-        Ok(Ok(Some(opened))) => opened,
-        Ok(Ok(None)) => return,
-        Ok(Err((stream, error))) => {
+    } = match open_and_authenticate(tcp, &proxy).await {
+        Ok(Some(opened)) => opened,
+        Ok(None) => return,
+        Err((stream, error)) => {
             debug!(?peer, %error, "client refused before its session started");
             if let Some(mut stream) = stream {
                 refuse(&mut stream, &error).await;
             }
-            return;
-        }
-        Err(_) => {
-            debug!(
-                ?peer,
-                "client did not finish startup in {startup_timeout:?}"
-            );
             return;
         }
     };
@@ -99,23 +90,43 @@ struct Authenticated {
     buf: BytesMut,
 }
 
-/// Startup and authentication. Errors carry the stream when the client should be told why.
+/// Startup and authentication, together bounded by `client.startup_timeout`. Errors carry the
+/// stream when the client should be told why.
+///
+/// Like PostgreSQL, a client that does not finish its startup packet in time is closed silently,
+/// and one that stalls during authentication is told "canceling authentication due to timeout".
 async fn open_and_authenticate(
     tcp: TcpStream,
     proxy: &Proxy,
 ) -> Result<Option<Authenticated>, startup::Refusal> {
-    match startup::open(tcp, proxy).await? {
-        Opening::Cancelled => Ok(None),
-        Opening::Session(mut stream, startup, mut buf) => {
-            match auth_exchange::authenticate(&mut stream, &mut buf, &startup, proxy).await {
-                Ok(()) => Ok(Some(Authenticated {
-                    stream,
-                    startup,
-                    buf,
-                })),
-                Err(error) => Err((Some(stream), error)),
-            }
-        }
+    let deadline = tokio::time::Instant::now() + proxy.config.client.startup_timeout;
+    let opening = match tokio::time::timeout_at(deadline, startup::open(tcp, proxy)).await {
+        Ok(opening) => opening?,
+        Err(_) => return Err((None, SessionError::Closed)),
+    };
+    let (mut stream, startup, mut buf) = match opening {
+        Opening::Cancelled => return Ok(None),
+        Opening::Session(stream, startup, buf) => (stream, startup, buf),
+    };
+    let authenticated = tokio::time::timeout_at(
+        deadline,
+        auth_exchange::authenticate(&mut stream, &mut buf, &startup, proxy),
+    )
+    .await;
+    match authenticated {
+        Ok(Ok(())) => Ok(Some(Authenticated {
+            stream,
+            startup,
+            buf,
+        })),
+        Ok(Err(error)) => Err((Some(stream), error)),
+        Err(_) => Err((
+            Some(stream),
+            SessionError::Refused {
+                code: sqlstate::QUERY_CANCELED,
+                message: "canceling authentication due to timeout".into(),
+            },
+        )),
     }
 }
 

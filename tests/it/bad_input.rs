@@ -195,6 +195,37 @@ async fn a_client_stalling_in_startup_is_closed_after_startup_timeout_and_holds_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_client_stalling_during_authentication_is_told_why_after_startup_timeout() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |config| {
+        config.client.startup_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut startup = BytesMut::new();
+    encode::startup_message(
+        &mut startup,
+        &[
+            (b"user", APP_USER.as_bytes()),
+            (b"database", APP_DB.as_bytes()),
+        ],
+    );
+    let mut stalled = RawClient::connect(&proxy).await;
+    stalled.send(&startup).await;
+    let (tag, _) = stalled.recv().await.expect("an authentication request");
+    assert_eq!(tag, b'R', "pgvigil asks for the password");
+
+    // The client never answers: PostgreSQL's words and SQLSTATE, then a close.
+    match stalled.ending_within(Duration::from_secs(30)).await {
+        Ending::Error { code, message } => {
+            assert_eq!(code, "57014");
+            assert_eq!(message, "canceling authentication due to timeout");
+        }
+        Ending::Closed => panic!("closed without saying why"),
+    }
+    assert_served_as(&proxy, MD5_USER, MD5_PASSWORD).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn two_thousand_bad_or_abandoned_connections_at_once_leave_the_proxy_serving() {
     const CLIENTS: usize = 2000;
     // Per client: 2,000 connects overflow the listen backlog, and SYN retries take seconds.
