@@ -163,14 +163,7 @@ async fn a_client_stalling_in_startup_is_closed_after_startup_timeout_and_holds_
         config.pool.max_size = 1;
     })
     .await;
-    let mut startup = BytesMut::new();
-    encode::startup_message(
-        &mut startup,
-        &[
-            (b"user", APP_USER.as_bytes()),
-            (b"database", APP_DB.as_bytes()),
-        ],
-    );
+    let startup = startup_packet(APP_USER);
     let stalled_at = Instant::now();
     let mut stalled = RawClient::connect(&proxy).await;
     stalled.send(&startup[..6]).await;
@@ -201,14 +194,7 @@ async fn a_client_stalling_during_authentication_is_told_why_after_startup_timeo
         config.client.startup_timeout = Duration::from_secs(1);
     })
     .await;
-    let mut startup = BytesMut::new();
-    encode::startup_message(
-        &mut startup,
-        &[
-            (b"user", APP_USER.as_bytes()),
-            (b"database", APP_DB.as_bytes()),
-        ],
-    );
+    let startup = startup_packet(APP_USER);
     let mut stalled = RawClient::connect(&proxy).await;
     stalled.send(&startup).await;
     let (tag, _) = stalled.recv().await.expect("an authentication request");
@@ -244,15 +230,7 @@ async fn two_thousand_bad_or_abandoned_connections_at_once_leave_the_proxy_servi
         sockets.push(connected.unwrap().expect("connect to pgvigil"));
     }
 
-    let mut startup = BytesMut::new();
-    encode::startup_message(
-        &mut startup,
-        &[
-            (b"user", APP_USER.as_bytes()),
-            (b"database", APP_DB.as_bytes()),
-        ],
-    );
-    let startup = startup.freeze();
+    let startup = startup_packet(APP_USER).freeze();
     let mut clients = JoinSet::new();
     for (i, tcp) in sockets.into_iter().enumerate() {
         let startup = startup.clone();
@@ -329,6 +307,16 @@ struct RawClient {
     buf: BytesMut,
 }
 
+/// A protocol 3.0 StartupMessage for `user` on database `app`.
+fn startup_packet(user: &str) -> BytesMut {
+    let mut startup = BytesMut::new();
+    encode::startup_message(
+        &mut startup,
+        &[(b"user", user.as_bytes()), (b"database", APP_DB.as_bytes())],
+    );
+    startup
+}
+
 /// How the proxy ended a raw client's connection.
 #[derive(Debug)]
 enum Ending {
@@ -356,15 +344,7 @@ impl RawClient {
     /// the first ReadyForQuery.
     async fn login_md5(proxy: &TestProxy) -> RawClient {
         let mut client = RawClient::connect(proxy).await;
-        let mut out = BytesMut::new();
-        encode::startup_message(
-            &mut out,
-            &[
-                (b"user", MD5_USER.as_bytes()),
-                (b"database", APP_DB.as_bytes()),
-            ],
-        );
-        client.send(&out).await;
+        client.send(&startup_packet(MD5_USER)).await;
         loop {
             match client.recv().await {
                 Some((b'R', body)) => match Authentication::parse(&body).unwrap() {
@@ -374,7 +354,7 @@ impl RawClient {
                             MD5_PASSWORD.as_bytes(),
                             salt,
                         );
-                        out.clear();
+                        let mut out = BytesMut::new();
                         encode::password_message(&mut out, hash.as_bytes());
                         client.send(&out).await;
                     }
