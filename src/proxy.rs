@@ -55,6 +55,9 @@ pub struct Proxy {
     pub backend_tls: Option<Arc<rustls::ClientConfig>>,
     /// Random per-process seed for the mock SCRAM secrets of unknown users.
     pub auth_seed: [u8; 32],
+    /// What unknown users are asked for: the method most configured users have, so that the
+    /// request itself does not tell them apart.
+    pub unknown_user_method: crate::config::AuthMethod,
     /// Wakes the health monitor for an immediate probe.
     pub probe_now: Notify,
 }
@@ -93,6 +96,7 @@ impl Proxy {
             backend_tls,
             users,
             auth_seed: rand::random(),
+            unknown_user_method: most_common_method(&config),
             probe_now: Notify::new(),
             config: Arc::new(config),
         })
@@ -180,6 +184,18 @@ impl Proxy {
             }
             None => info!("cancel request with an unknown key ignored"),
         }
+    }
+}
+
+/// The client authentication method most configured users have (SCRAM on a tie).
+fn most_common_method(config: &Config) -> crate::config::AuthMethod {
+    use crate::config::AuthMethod;
+    let count = |method| config.users.iter().filter(|u| u.auth == method).count();
+    let (scram, md5) = (count(AuthMethod::ScramSha256), count(AuthMethod::Md5));
+    if md5 > scram {
+        AuthMethod::Md5
+    } else {
+        AuthMethod::ScramSha256
     }
 }
 

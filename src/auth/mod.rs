@@ -146,11 +146,14 @@ pub struct ClientAuth {
 impl ClientAuth {
     /// Starts a login for `user_name`; `user` is its configuration, `None` when unknown.
     ///
-    /// `seed` keys the mock secret of unknown users: keep it fixed for the process's life so
-    /// that an unknown user always sees the same salt.
+    /// An unknown user is asked exactly what a known one would be (`unknown_method`: pass the
+    /// method most configured users have), and fails only at the password, so that the exchange
+    /// does not reveal which users exist. `seed` keys the mock SCRAM secret of unknown users:
+    /// keep it fixed for the process's life so that an unknown user always sees the same salt.
     pub fn start(
         user: Option<&UserSecret>,
         user_name: &str,
+        unknown_method: AuthMethod,
         seed: &[u8; 32],
     ) -> (ClientAuth, FirstRequest) {
         let sasl = FirstRequest::Sasl {
@@ -174,6 +177,19 @@ impl ClientAuth {
                     (State::AwaitingSaslInitial { scram, identity }, sasl)
                 }
             },
+            None if unknown_method == AuthMethod::Md5 => {
+                let mut salt = [0u8; 4];
+                rand::rng().fill_bytes(&mut salt);
+                // A fresh random password per attempt: no md5 response can match it.
+                let mut secret = [0u8; 32];
+                rand::rng().fill_bytes(&mut secret);
+                let password = secret.iter().map(|b| format!("{b:02x}")).collect();
+                (
+                    State::AwaitingMd5 { password, salt },
+                    FirstRequest::Md5 { salt },
+                )
+            }
+            // Trust cannot be mocked (it asks nothing); SCRAM then, failing at the proof.
             None => {
                 let scram = ScramServer::new(ScramSecret::mock(user_name, seed));
                 let identity = Identity::Unknown;
@@ -341,7 +357,7 @@ mod tests {
         name: &str,
         password: &str,
     ) -> (ClientAuth, Result<AuthStep, AuthError>) {
-        let (mut auth, first) = ClientAuth::start(config, name, &SEED);
+        let (mut auth, first) = ClientAuth::start(config, name, AuthMethod::ScramSha256, &SEED);
         assert_eq!(
             first,
             FirstRequest::Sasl {
@@ -432,7 +448,8 @@ mod tests {
     fn md5_user_logs_in_with_the_right_hash_only() {
         let carol = user("carol", "pw", AuthMethod::Md5);
         for (password, ok) in [("pw", true), ("wrong", false)] {
-            let (mut auth, first) = ClientAuth::start(Some(&carol), "carol", &SEED);
+            let (mut auth, first) =
+                ClientAuth::start(Some(&carol), "carol", AuthMethod::ScramSha256, &SEED);
             let FirstRequest::Md5 { salt } = first else {
                 panic!("expected md5, got {first:?}")
             };
@@ -445,9 +462,26 @@ mod tests {
     }
 
     #[test]
+    fn where_users_use_md5_an_unknown_user_is_asked_for_md5_too_and_fails() {
+        let (mut auth, first) = ClientAuth::start(None, "mallory", AuthMethod::Md5, &SEED);
+        let FirstRequest::Md5 { salt } = first else {
+            panic!("expected md5 like the configured users, got {first:?}")
+        };
+        for guess in ["", "pw", "mallory"] {
+            let mut body = md5_hash(b"mallory", guess.as_bytes(), salt).into_bytes();
+            body.push(0);
+            let error = auth.on_password_message(&body).unwrap_err();
+            assert_eq!(error.sqlstate(), "28P01");
+            assert!(!auth.is_authenticated());
+            (auth, _) = ClientAuth::start(None, "mallory", AuthMethod::Md5, &SEED);
+        }
+    }
+
+    #[test]
     fn trust_user_is_let_in_at_once() {
         let dave = user("dave", "", AuthMethod::Trust);
-        let (mut auth, first) = ClientAuth::start(Some(&dave), "dave", &SEED);
+        let (mut auth, first) =
+            ClientAuth::start(Some(&dave), "dave", AuthMethod::ScramSha256, &SEED);
         assert_eq!(first, FirstRequest::Ok);
         assert!(auth.is_authenticated());
         let error = auth.on_password_message(b"x\0").unwrap_err();
@@ -459,7 +493,8 @@ mod tests {
     fn malformed_password_messages_are_protocol_violations() {
         let carol = user("carol", "pw", AuthMethod::Md5);
         for body in [&b""[..], b"md5abc", b"md5abc\0trailing"] {
-            let (mut auth, _) = ClientAuth::start(Some(&carol), "carol", &SEED);
+            let (mut auth, _) =
+                ClientAuth::start(Some(&carol), "carol", AuthMethod::ScramSha256, &SEED);
             assert_eq!(
                 auth.on_password_message(body).unwrap_err().sqlstate(),
                 "08P01"
@@ -479,7 +514,8 @@ mod tests {
             sasl_initial(SCRAM_SHA_256, b"garbage"),
         ];
         for body in cases {
-            let (mut auth, _) = ClientAuth::start(Some(&alice), "alice", &SEED);
+            let (mut auth, _) =
+                ClientAuth::start(Some(&alice), "alice", AuthMethod::ScramSha256, &SEED);
             let error = auth.on_password_message(&body).unwrap_err();
             assert_eq!(error.sqlstate(), "08P01", "{body:?}");
             // The login is over: a retry is refused too.
@@ -503,7 +539,7 @@ mod tests {
             bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 1..4),
         ) {
             let config = user("u", "pw", method);
-            let (mut auth, _) = ClientAuth::start(known.then_some(&config), "u", &SEED);
+            let (mut auth, _) = ClientAuth::start(known.then_some(&config), "u", method, &SEED);
             for body in bodies {
                 let _ = auth.on_password_message(&body);
             }

@@ -23,7 +23,12 @@ pub async fn authenticate(
     proxy: &Proxy,
 ) -> Result<(), SessionError> {
     let user = proxy.users.get(&startup.user);
-    let (mut auth, first) = ClientAuth::start(user, &startup.user, &proxy.auth_seed);
+    let (mut auth, first) = ClientAuth::start(
+        user,
+        &startup.user,
+        proxy.unknown_user_method,
+        &proxy.auth_seed,
+    );
     let mut out = BytesMut::with_capacity(128);
     match first {
         FirstRequest::Ok => return Ok(()),

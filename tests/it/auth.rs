@@ -280,6 +280,37 @@ async fn wrong_password_and_unknown_user_get_the_same_28p01() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn where_users_use_md5_an_unknown_user_is_asked_for_md5_too() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |config| {
+        config.users.retain(|u| u.auth == AuthMethod::Md5);
+    })
+    .await;
+    for user in [MD5_USER, "nobody"] {
+        let mut raw = RawClient::connect(proxy.addr).await;
+        let mut startup = BytesMut::new();
+        encode::startup_message(
+            &mut startup,
+            &[(b"user", user.as_bytes()), (b"database", b"app")],
+        );
+        raw.send(&startup).await;
+        let request = raw.recv().await;
+        assert_eq!(request.auth_code(), 5, "{user} is asked for md5");
+        let salt: [u8; 4] = request.body[4..8].try_into().unwrap();
+        let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), b"wrong", salt);
+        let mut answer = BytesMut::new();
+        encode::password_message(&mut answer, hash.as_bytes());
+        raw.send(&answer).await;
+        let (code, message) = raw.recv().await.error();
+        assert_eq!(code, "28P01");
+        assert_eq!(
+            message,
+            format!("password authentication failed for user \"{user}\"")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn md5_user_logs_in_with_md5_and_a_wrong_password_gets_28p01() {
     let cluster = test_cluster(0);
     let proxy = start_proxy(&cluster, |_| {}).await;
