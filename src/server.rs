@@ -12,6 +12,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::cancel::CancelTarget;
 use crate::config::BackendTlsMode;
 use crate::stream::{tune_socket, Stream};
 use crate::topology::NodeId;
@@ -330,6 +331,16 @@ impl ServerConn {
                 backend::tag::PARAMETER_STATUS => self.note_parameter(&frame[5..])?,
                 _ => {}
             }
+        }
+    }
+
+    /// Where a CancelRequest for this backend must go.
+    pub fn cancel_target(&self) -> CancelTarget {
+        CancelTarget {
+            host: self.addr.0.clone(),
+            port: self.addr.1,
+            pid: self.backend_pid,
+            key: self.backend_key.clone(),
         }
     }
 

@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use crate::cancel::{CancelKey, CancelTarget};
+use crate::cancel::CancelKey;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::router;
@@ -152,12 +152,7 @@ async fn attach(
         proxy.release(lease, true).await;
         return Err(error);
     }
-    key.set_target(Some(CancelTarget {
-        host: lease.conn.addr.0.clone(),
-        port: lease.conn.addr.1,
-        pid: lease.conn.backend_pid,
-        key: lease.conn.backend_key.clone(),
-    }));
+    key.set_target(Some(lease.conn.cancel_target()));
     let mut out = BytesMut::with_capacity(512);
     encode::auth_ok(&mut out);
     for (name, value) in lease.conn.params.iter() {
@@ -181,9 +176,9 @@ async fn serve(mut client: ClientConn, mut lease: Lease, proxy: &Proxy, key: &Ca
     .await;
     key.set_target(None);
     debug!(?end, "session ended");
+    let reusable = progress.is_quiet() && lease.conn.rbuf.is_empty();
     match end {
         RelayEnd::Terminated | RelayEnd::ClientGone => {
-            let reusable = progress.is_quiet() && lease.conn.rbuf.is_empty();
             if !reusable {
                 cancel_running(&lease, &progress, proxy).await;
             }
@@ -195,7 +190,6 @@ async fn serve(mut client: ClientConn, mut lease: Lease, proxy: &Proxy, key: &Ca
                 message,
             };
             refuse(&mut client.stream, &error).await;
-            let reusable = progress.is_quiet() && lease.conn.rbuf.is_empty();
             proxy.release(lease, reusable).await;
         }
         RelayEnd::ServerLost {
@@ -226,12 +220,7 @@ async fn cancel_running(lease: &Lease, progress: &Progress, proxy: &Proxy) {
     if progress.awaiting_ready == 0 {
         return;
     }
-    let target = CancelTarget {
-        host: lease.conn.addr.0.clone(),
-        port: lease.conn.addr.1,
-        pid: lease.conn.backend_pid,
-        key: lease.conn.backend_key.clone(),
-    };
+    let target = lease.conn.cancel_target();
     if let Err(error) =
         crate::cancel::send_cancel(&target, proxy.config.backend.connect_timeout).await
     {
@@ -246,7 +235,13 @@ async fn apply_params(lease: &mut Lease, startup: &ClientStartup) -> Result<(), 
         Some(sql) => sql,
         None => return Ok(()),
     };
-    lease.conn.run_internal(&sql).await.map_err(|e| match e {
+    lease.conn.run_internal(&sql).await.map_err(server_refusal)
+}
+
+/// What the client is told when its server connection cannot be made or set up: the node's own
+/// error as FATAL (the session ends), or 08006 with pgvigil's reason.
+fn server_refusal(error: ServerError) -> SessionError {
+    match error {
         ServerError::Rejected { message, frame, .. } => {
             let frame = as_fatal(&frame).unwrap_or(frame);
             SessionError::NodeRefused(message, frame)
@@ -255,14 +250,14 @@ async fn apply_params(lease: &mut Lease, startup: &ClientStartup) -> Result<(), 
             code: sqlstate::CONNECTION_FAILURE,
             message: other.to_string(),
         },
-    })
+    }
 }
 
 /// The node's ErrorResponse frame with its severity raised to FATAL; `None` if it is malformed.
 ///
-/// A SET that fails here was an ERROR to the node, but it ends the client's session, and
+/// A SET that fails at startup was an ERROR to the node, but it ends the client's session, and
 /// PostgreSQL itself reports a bad startup setting as FATAL: clients must not read it as "the
-/// statement failed, go on".
+/// statement failed, go on". (Login errors are FATAL already and pass unchanged.)
 fn as_fatal(frame: &[u8]) -> Option<Bytes> {
     let fields = ErrorFields::parse(frame.get(5..)?).ok()?;
     let mut out = BytesMut::with_capacity(frame.len() + 8);
@@ -286,7 +281,7 @@ type Setting = (Vec<u8>, Vec<u8>);
 /// Builds `SET name TO 'value';` for every parameter that differs from what the server reports.
 /// `options` is split into its `-c name=value` / `--name=value` settings like PostgreSQL does.
 fn set_commands<'a>(
-    params: &'a [(Vec<u8>, Vec<u8>)],
+    params: &'a [Setting],
     reported: impl Fn(&[u8]) -> Option<&'a [u8]>,
 ) -> Result<Option<String>, SessionError> {
     let mut settings: Vec<Setting> = Vec::new();
@@ -372,13 +367,7 @@ fn pool_refusal(error: PoolError) -> SessionError {
             code: sqlstate::TOO_MANY_CONNECTIONS,
             message: error.to_string(),
         },
-        PoolError::Connect(ServerError::Rejected { message, frame, .. }) => {
-            SessionError::NodeRefused(message, frame)
-        }
-        PoolError::Connect(other) => SessionError::Refused {
-            code: sqlstate::CONNECTION_FAILURE,
-            message: other.to_string(),
-        },
+        PoolError::Connect(error) => server_refusal(error),
     }
 }
 

@@ -111,6 +111,8 @@ pub async fn relay(
         if terminated && to_server.is_empty() {
             return RelayEnd::Terminated;
         }
+        reserve(client_in, max_message);
+        reserve(server_in, max_message);
         tokio::select! {
             written = client_write.write(&to_client), if !to_client.is_empty() => {
                 match written {
@@ -133,8 +135,7 @@ pub async fn relay(
                     }
                 }
             }
-            read = client_read.read_buf(client_in),
-                if !terminated && to_server.len() < HIGH_WATER && reserve(client_in, max_message).is_ok() => {
+            read = client_read.read_buf(client_in), if !terminated && to_server.len() < HIGH_WATER => {
                 match read {
                     Ok(0) | Err(_) => return RelayEnd::ClientGone,
                     Ok(_) => {
@@ -159,7 +160,6 @@ pub async fn relay(
                             flush_remaining(&mut client_write, &to_client).await;
                             return server_lost(None, &server_state);
                         }
-                        reserve_server(server_in, max_message);
                     }
                 }
             }
@@ -299,22 +299,14 @@ fn move_prefix(input: &mut BytesMut, out: &mut BytesMut, n: usize) {
 }
 
 /// Makes room for the next read: at least a chunk, or the whole of a message whose header says
-/// it is larger. Fails (so reading pauses) only when the header is already invalid, which the
-/// next scan reports.
-fn reserve(buf: &mut BytesMut, max_message: usize) -> Result<(), FrameError> {
-    let wanted = match header(buf, max_message)? {
-        Some((_, total)) if total > buf.len() => (total - buf.len()).max(READ_CHUNK),
+/// it is larger. (An invalid header never waits here: the scan that saw it ended the relay.)
+fn reserve(buf: &mut BytesMut, max_message: usize) {
+    let wanted = match header(buf, max_message) {
+        Ok(Some((_, total))) if total > buf.len() => (total - buf.len()).max(READ_CHUNK),
         _ => READ_CHUNK,
     };
     if buf.capacity() - buf.len() < wanted / 2 {
         buf.reserve(wanted);
-    }
-    Ok(())
-}
-
-fn reserve_server(buf: &mut BytesMut, max_message: usize) {
-    if reserve(buf, max_message).is_err() {
-        buf.reserve(READ_CHUNK);
     }
 }
 
