@@ -7,8 +7,7 @@ use clap::{Parser, Subcommand};
 use pgvigil::config::{Config, ConfigError};
 use tracing::{error, info};
 
-/// PostgreSQL high-availability proxy: clients connect to it as to PostgreSQL; it pools server
-/// connections and sends work to the node observed to be primary.
+/// The command line; `about` is the package description in Cargo.toml.
 #[derive(Parser)]
 #[command(name = "pgvigil", version, about, long_about = None)]
 struct Cli {
