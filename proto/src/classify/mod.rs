@@ -127,11 +127,12 @@ impl std::fmt::Display for Reason {
 /// A transaction-control statement.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum TxControl {
-    /// BEGIN or START TRANSACTION; `read_only` when it says READ ONLY and not SERIALIZABLE
-    /// (a standby refuses serializable transactions), i.e. when a replica may run it.
+    /// BEGIN or START TRANSACTION.
     Begin {
-        /// The transaction may run on a replica.
-        read_only: bool,
+        /// `Some(true)`: READ ONLY and not SERIALIZABLE, so a replica may run it; `Some(false)`:
+        /// READ WRITE or SERIALIZABLE (a standby refuses serializable transactions); `None`: no
+        /// access mode given, the session's default applies.
+        read_only: Option<bool>,
     },
     /// COMMIT or END.
     Commit,

@@ -477,7 +477,11 @@ impl<'a> Statement<'a> {
                 serializable,
             } => {
                 out.tx = Some(TxControl::Begin {
-                    read_only: read_only == Some(true) && !serializable,
+                    read_only: if serializable {
+                        Some(false)
+                    } else {
+                        read_only
+                    },
                 })
             }
             Kind::TxEnd(control) => out.tx = Some(control),

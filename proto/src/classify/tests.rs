@@ -20,7 +20,7 @@ enum Expect {
     Statements(usize),
 }
 
-const fn begin(read_only: bool) -> Expect {
+const fn begin(read_only: Option<bool>) -> Expect {
     Expect::Tx(Some(TxControl::Begin { read_only }))
 }
 
@@ -34,21 +34,22 @@ const fn pin(pin: Pin) -> Expect {
 
 /// `(sql, expectation, why)`.
 const FLAGS: &[(&str, Expect, &str)] = &[
-    ("BEGIN", begin(false), "plain BEGIN"),
-    ("BEGIN READ ONLY", begin(true), "BEGIN READ ONLY"),
+    ("BEGIN", begin(None), "plain BEGIN: the session default applies"),
+    ("BEGIN READ ONLY", begin(Some(true)), "BEGIN READ ONLY"),
+    ("BEGIN ISOLATION LEVEL SERIALIZABLE", begin(Some(false)), "serializable never on a standby"),
     (
         "begin transaction read only, isolation level repeatable read",
-        begin(true),
+        begin(Some(true)),
         "modes",
     ),
     (
         "START TRANSACTION READ WRITE",
-        begin(false),
+        begin(Some(false)),
         "START ... READ WRITE",
     ),
     (
         "BEGIN READ ONLY ISOLATION LEVEL SERIALIZABLE",
-        begin(false),
+        begin(Some(false)),
         "serializable",
     ),
     ("COMMIT", tx(TxControl::Commit), "COMMIT"),
