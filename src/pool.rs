@@ -111,6 +111,27 @@ impl Pools {
         Ok(Lease { conn, permit })
     }
 
+    /// Like [`Pools::checkout`] but never waits for a slot: an idle connection, or a new one when
+    /// a slot is free, else `Exhausted` at once. Sessions use it for extra nodes (replicas for
+    /// reads), so that a session holding one connection never waits for another.
+    pub async fn try_checkout(&self, target: &LoginTarget) -> Result<Lease, PoolError> {
+        let pool = &self.nodes[target.node];
+        let key = (target.database.clone(), target.user.clone());
+        if let Some(lease) = self.take_idle(pool, &key) {
+            return Ok(lease);
+        }
+        let permit = match pool.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => evict_other(pool, &key).ok_or_else(|| PoolError::Exhausted {
+                node: target.node_name.clone(),
+                max_size: self.config.max_size,
+                waited: Duration::ZERO,
+            })?,
+        };
+        let conn = ServerConn::connect(target).await?;
+        Ok(Lease { conn, permit })
+    }
+
     /// Takes back a lent connection. The caller has reset it (`DISCARD ALL`) and seen it idle;
     /// anything else must be dropped instead.
     pub fn checkin(&self, mut lease: Lease) {

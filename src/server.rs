@@ -312,10 +312,24 @@ impl ServerConn {
 
     /// Runs one statement pgvigil itself needs (SET, DISCARD ALL) and waits for ReadyForQuery.
     pub async fn run_internal(&mut self, sql: &str) -> Result<(), ServerError> {
+        self.query_text(sql).await.map(|_| ())
+    }
+
+    /// Runs one statement and returns the first column of its first row as text (None when it
+    /// returns no row or NULL).
+    pub async fn query_text(&mut self, sql: &str) -> Result<Option<String>, ServerError> {
         let mut out = BytesMut::new();
         encode::query(&mut out, sql.as_bytes());
-        self.send(&mut out).await?;
+        self.exchange(&mut out).await
+    }
+
+    /// Sends `messages` (ending with Sync or a Query) and reads everything up to ReadyForQuery;
+    /// an ErrorResponse becomes `Rejected` once the node is ready again. Returns the first
+    /// column of the first DataRow, if any, as text.
+    pub async fn exchange(&mut self, messages: &mut BytesMut) -> Result<Option<String>, ServerError> {
+        self.send(messages).await?;
         let mut failure = None;
+        let mut value = None;
         loop {
             let (tag, frame) = self.read_frame().await?;
             match tag {
@@ -324,11 +338,12 @@ impl ServerConn {
                         backend::ReadyForQuery::parse(&frame[5..]).map_err(|e| self.protocol(e))?;
                     return match failure {
                         Some(frame) => Err(self.rejected(frame)),
-                        None => Ok(()),
+                        None => Ok(value),
                     };
                 }
                 backend::tag::ERROR_RESPONSE => failure = Some(frame),
                 backend::tag::PARAMETER_STATUS => self.note_parameter(&frame[5..])?,
+                backend::tag::DATA_ROW if value.is_none() => value = first_column(&frame[5..]),
                 _ => {}
             }
         }
@@ -455,4 +470,16 @@ async fn negotiate_tls(mut tcp: TcpStream, target: &LoginTarget) -> Result<Strea
             "unexpected answer {other:#04x} to SSLRequest"
         ))),
     }
+}
+
+/// The first column of a DataRow body as text (None when NULL or malformed).
+fn first_column(body: &[u8]) -> Option<String> {
+    let count = u16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    if count == 0 {
+        return None;
+    }
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let len = usize::try_from(len).ok()?;
+    let value = body.get(6..6 + len)?;
+    Some(String::from_utf8_lossy(value).into_owned())
 }

@@ -3,7 +3,10 @@
 
 mod auth_exchange;
 mod relay;
+mod serve;
 pub mod startup;
+mod steering;
+mod unit;
 
 use std::sync::Arc;
 
@@ -21,7 +24,7 @@ use crate::proxy::Proxy;
 use crate::router;
 use crate::server::ServerError;
 use crate::stream::Stream;
-use relay::{ClientConn, Progress, RelayEnd};
+use relay::ClientConn;
 use startup::{ClientStartup, Opening};
 
 /// Why a session ended before or outside the relay.
@@ -72,8 +75,9 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
             let client = ClientConn {
                 stream,
                 rbuf: client_buf,
+                pending: BytesMut::new(),
             };
-            serve(client, lease, &proxy, &key).await;
+            serve::serve(client, lease, &proxy, &key, &startup).await;
         }
         Err(error) => {
             info!(?peer, user = %startup.user, %error, "session could not start");
@@ -162,70 +166,6 @@ async fn attach(
     encode::ready_for_query(&mut out, lease.conn.tx);
     stream.write_all(&out).await?;
     Ok(lease)
-}
-
-/// Relays until the session ends, then returns or drops the server connection.
-async fn serve(mut client: ClientConn, mut lease: Lease, proxy: &Proxy, key: &CancelKey) {
-    let mut progress = Progress::default();
-    let end = relay::relay(
-        &mut client,
-        &mut lease.conn,
-        proxy.config.max_message_size,
-        &mut progress,
-    )
-    .await;
-    key.set_target(None);
-    debug!(?end, "session ended");
-    let reusable = progress.is_quiet() && lease.conn.rbuf.is_empty();
-    match end {
-        RelayEnd::Terminated | RelayEnd::ClientGone => {
-            if !reusable {
-                cancel_running(&lease, &progress, proxy).await;
-            }
-            proxy.release(lease, reusable).await;
-        }
-        RelayEnd::Violation(message) => {
-            let error = SessionError::Refused {
-                code: sqlstate::PROTOCOL_VIOLATION,
-                message,
-            };
-            refuse(&mut client.stream, &error).await;
-            proxy.release(lease, reusable).await;
-        }
-        RelayEnd::ServerLost {
-            error,
-            server_said_fatal,
-        } => {
-            warn!(node = %lease.conn.node_name, ?error, "server connection lost during a session");
-            proxy.report_server_failure(lease.conn.node);
-            if !server_said_fatal {
-                let error = SessionError::Refused {
-                    code: sqlstate::CONNECTION_FAILURE,
-                    message: format!(
-                        "the connection to node {} was lost; reconnect to continue",
-                        lease.conn.node_name
-                    ),
-                };
-                refuse(&mut client.stream, &error).await;
-            }
-        }
-    }
-}
-
-/// Stops a statement still running for a client that left. PostgreSQL does not notice a closed
-/// socket until it next writes to it, so without this a long query, in a transaction block or
-/// not, keeps its backend busy to the end. The connection is closed right after, so the cancel
-/// cannot reach another client's query.
-async fn cancel_running(lease: &Lease, progress: &Progress, proxy: &Proxy) {
-    if progress.awaiting_ready == 0 {
-        return;
-    }
-    let target = lease.conn.cancel_target();
-    if let Err(error) =
-        crate::cancel::send_cancel(&target, proxy.config.backend.connect_timeout).await
-    {
-        debug!(%error, "could not cancel the statement of a client that left");
-    }
 }
 
 /// Sends the client's startup parameters to the server as SET commands, skipping those the server

@@ -9,11 +9,14 @@ use std::io;
 
 use bytes::{Buf, BytesMut};
 use pgvigil_proto::backend::{self, ErrorFields};
-use pgvigil_proto::frame::messages;
+use pgvigil_proto::classify::encoding_is_safe;
+use pgvigil_proto::frame::{messages, next_message};
 use pgvigil_proto::frontend::{self, is_known_frontend_tag};
 use pgvigil_proto::{header, FrameError, TxStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::steering::{Decision, Steering};
+use crate::proxy::Proxy;
 use crate::server::{ReportedParams, ServerConn};
 use crate::stream::Stream;
 
@@ -68,59 +71,95 @@ pub struct ClientConn {
     pub stream: Stream,
     /// Bytes read from the client and not yet passed on.
     pub rbuf: BytesMut,
+    /// Bytes waiting to be written to the client (kept across server switches).
+    pub pending: BytesMut,
 }
 
-/// Pumps messages both ways until one side ends the session.
+/// Why the relay handed control back to the session.
+#[derive(Debug)]
+pub enum Stop {
+    /// The session is over.
+    End(RelayEnd),
+    /// The next unit (left at the front of the client's buffer) goes to another node, or needs
+    /// something run on its node first; the current server has answered everything.
+    Decided(Decision),
+}
+
+/// Pumps messages both ways until the session ends or the next unit must go elsewhere.
 pub async fn relay(
     client: &mut ClientConn,
     server: &mut ServerConn,
-    max_message: usize,
+    steering: &mut Steering,
     progress: &mut Progress,
-) -> RelayEnd {
+    proxy: &Proxy,
+) -> Stop {
+    let max_message = proxy.config.max_message_size;
     let (mut client_read, mut client_write) = tokio::io::split(&mut client.stream);
     let (mut server_read, mut server_write) = tokio::io::split(&mut server.stream);
     let client_in = &mut client.rbuf;
     let server_in = &mut server.rbuf;
+    let to_client = &mut client.pending;
     let mut to_server = BytesMut::new();
-    let mut to_client = BytesMut::new();
     let mut server_state = ServerSide {
         tx: &mut server.tx,
         params: &mut server.params,
         last_fatal: false,
+        encoding_safe: steering.encoding_safe,
     };
     let mut terminated = false;
+    // A unit waiting for the current server to finish before it can be routed.
+    let mut held = false;
 
     // The server may have sent bytes before the relay started (kept in its buffer).
     if server_state
-        .scan(server_in, &mut to_client, max_message, progress)
+        .scan(server_in, to_client, max_message, progress)
         .is_err()
     {
         return server_lost(None, &server_state);
     }
-    if let Err(end) = scan_client(
-        client_in,
-        &mut to_server,
+    let mut client_scan = ClientScan {
         max_message,
-        progress,
-        &mut terminated,
-    ) {
-        return end;
+        proxy,
+        terminated: &mut terminated,
+    };
+    match client_scan.scan(client_in, &mut to_server, progress, steering, *server_state.tx) {
+        Err(end) => return Stop::End(end),
+        Ok(Some(decision)) if progress.is_quiet() && to_server.is_empty() => {
+            return Stop::Decided(decision)
+        }
+        Ok(Some(_)) => held = true,
+        Ok(None) => {}
     }
 
     loop {
+        steering.encoding_safe = server_state.encoding_safe;
+        if progress.is_quiet() {
+            steering.unit_done(proxy);
+            if held && to_server.is_empty() {
+                // The unit that waited can be routed now that the node answered everything.
+                held = false;
+                let mut scan = ClientScan { max_message, proxy, terminated: &mut terminated };
+                match scan.scan(client_in, &mut to_server, progress, steering, *server_state.tx) {
+                    Err(end) => return Stop::End(end),
+                    Ok(Some(decision)) if to_server.is_empty() => return Stop::Decided(decision),
+                    Ok(Some(_)) => held = true,
+                    Ok(None) => {}
+                }
+            }
+        }
         if terminated && to_server.is_empty() {
-            return RelayEnd::Terminated;
+            return Stop::End(RelayEnd::Terminated);
         }
         reserve(client_in, max_message);
         reserve(server_in, max_message);
         tokio::select! {
-            written = client_write.write(&to_client), if !to_client.is_empty() => {
+            written = client_write.write(to_client), if !to_client.is_empty() => {
                 match written {
-                    Ok(0) | Err(_) => return RelayEnd::ClientGone,
+                    Ok(0) | Err(_) => return Stop::End(RelayEnd::ClientGone),
                     Ok(n) => to_client.advance(n),
                 }
                 if to_client.is_empty() && client_write.flush().await.is_err() {
-                    return RelayEnd::ClientGone;
+                    return Stop::End(RelayEnd::ClientGone);
                 }
             }
             written = server_write.write(&to_server), if !to_server.is_empty() => {
@@ -135,12 +174,18 @@ pub async fn relay(
                     }
                 }
             }
-            read = client_read.read_buf(client_in), if !terminated && to_server.len() < HIGH_WATER => {
+            read = client_read.read_buf(client_in), if !held && !terminated && to_server.len() < HIGH_WATER => {
                 match read {
-                    Ok(0) | Err(_) => return RelayEnd::ClientGone,
+                    Ok(0) | Err(_) => return Stop::End(RelayEnd::ClientGone),
                     Ok(_) => {
-                        if let Err(end) = scan_client(client_in, &mut to_server, max_message, progress, &mut terminated) {
-                            return end;
+                        let mut scan = ClientScan { max_message, proxy, terminated: &mut terminated };
+                        match scan.scan(client_in, &mut to_server, progress, steering, *server_state.tx) {
+                            Err(end) => return Stop::End(end),
+                            Ok(Some(decision)) if progress.is_quiet() && to_server.is_empty() => {
+                                return Stop::Decided(decision)
+                            }
+                            Ok(Some(_)) => held = true,
+                            Ok(None) => {}
                         }
                     }
                 }
@@ -148,16 +193,16 @@ pub async fn relay(
             read = server_read.read_buf(server_in), if to_client.len() < HIGH_WATER => {
                 match read {
                     Ok(0) => {
-                        flush_remaining(&mut client_write, &to_client).await;
+                        flush_remaining(&mut client_write, to_client).await;
                         return server_lost(None, &server_state);
                     }
                     Err(e) => {
-                        flush_remaining(&mut client_write, &to_client).await;
+                        flush_remaining(&mut client_write, to_client).await;
                         return server_lost(Some(e), &server_state);
                     }
                     Ok(_) => {
-                        if server_state.scan(server_in, &mut to_client, max_message, progress).is_err() {
-                            flush_remaining(&mut client_write, &to_client).await;
+                        if server_state.scan(server_in, to_client, max_message, progress).is_err() {
+                            flush_remaining(&mut client_write, to_client).await;
                             return server_lost(None, &server_state);
                         }
                     }
@@ -167,11 +212,82 @@ pub async fn relay(
     }
 }
 
+/// Moves client messages to the server side, routing each new unit.
+struct ClientScan<'a> {
+    max_message: usize,
+    proxy: &'a Proxy,
+    terminated: &'a mut bool,
+}
+
+impl ClientScan<'_> {
+    /// Forwards whole client messages to `out` while they belong to the current node. Returns the
+    /// decision that stopped it when the next unit goes elsewhere (it stays in `input`).
+    fn scan(
+        &mut self,
+        input: &mut BytesMut,
+        out: &mut BytesMut,
+        progress: &mut Progress,
+        steering: &mut Steering,
+        server_tx: TxStatus,
+    ) -> Result<Option<Decision>, RelayEnd> {
+        let mut forward = 0;
+        let mut stop = None;
+        while let Some(message) = next_message(&input[forward..], self.max_message)
+            .map_err(|e| RelayEnd::Violation(e.to_string()))?
+        {
+            let (tag, len) = (message.tag, message.len());
+            if tag == frontend::tag::TERMINATE {
+                *self.terminated = true;
+                break;
+            }
+            if starts_unit(tag, progress) {
+                let in_transaction = server_tx != TxStatus::Idle;
+                match steering.decide(&input[forward..], in_transaction, self.proxy) {
+                    Decision::Forward => {}
+                    Decision::Wait => break,
+                    other => {
+                        stop = Some(other);
+                        break;
+                    }
+                }
+            }
+            note_client(tag, progress)?;
+            steering.forwarded(tag, &input[forward..forward + len], self.proxy);
+            forward += len;
+        }
+        move_prefix(input, out, forward);
+        if *self.terminated {
+            input.clear();
+        }
+        Ok(stop)
+    }
+}
+
+/// Whether a client message of type `tag` begins a new unit of work (which may be routed).
+fn starts_unit(tag: u8, progress: &Progress) -> bool {
+    !progress.unsynced
+        && !progress.copy_in
+        && matches!(
+            tag,
+            frontend::tag::QUERY
+                | frontend::tag::FUNCTION_CALL
+                | frontend::tag::PARSE
+                | frontend::tag::BIND
+                | frontend::tag::DESCRIBE
+                | frontend::tag::CLOSE
+                | frontend::tag::EXECUTE
+                | frontend::tag::FLUSH
+                | frontend::tag::SYNC
+        )
+}
+
 /// The server-side state the relay updates.
 struct ServerSide<'a> {
     tx: &'a mut TxStatus,
     params: &'a mut ReportedParams,
     last_fatal: bool,
+    /// Whether the client encoding is ASCII-safe; updated when the node reports a new one.
+    encoding_safe: bool,
 }
 
 impl ServerSide<'_> {
@@ -198,6 +314,11 @@ impl ServerSide<'_> {
                 }
                 backend::tag::PARAMETER_STATUS => {
                     // A malformed one is still relayed; the client will judge it.
+                    if let Ok(status) = backend::ParameterStatus::parse(message.body) {
+                        if status.name == b"client_encoding" {
+                            self.encoding_safe = encoding_is_safe(status.value);
+                        }
+                    }
                     let _ = self.params.note(message.body);
                 }
                 backend::tag::ERROR_RESPONSE => self.last_fatal = is_fatal(message.body),
@@ -218,69 +339,49 @@ fn is_fatal(body: &[u8]) -> bool {
         .is_some_and(|s| s == b"FATAL" || s == b"PANIC")
 }
 
-/// Moves whole client messages to `out`, tracking sync points; stops at Terminate.
-fn scan_client(
-    input: &mut BytesMut,
-    out: &mut BytesMut,
-    max_message: usize,
-    progress: &mut Progress,
-    terminated: &mut bool,
-) -> Result<(), RelayEnd> {
-    let mut iter = messages(input, max_message);
-    let mut forward = 0;
-    for message in iter.by_ref() {
-        let message = message.map_err(|e| RelayEnd::Violation(e.to_string()))?;
-        match message.tag {
-            frontend::tag::TERMINATE => {
-                *terminated = true;
-                break;
-            }
-            frontend::tag::QUERY => {
-                progress.awaiting_ready += 1;
-                progress.syncs_since_execute = 0;
-            }
-            frontend::tag::FUNCTION_CALL => progress.awaiting_ready += 1,
-            frontend::tag::SYNC => {
-                progress.awaiting_ready += 1;
-                progress.syncs_since_execute += 1;
-                progress.unsynced = false;
-            }
-            frontend::tag::EXECUTE => {
-                progress.unsynced = true;
-                progress.syncs_since_execute = 0;
-            }
-            frontend::tag::COPY_DONE | frontend::tag::COPY_FAIL => {
-                // The server ignores Syncs received in copy-in mode (PostgreSQL docs, "COPY
-                // Operations"), and clients such as tokio-postgres send one right after the
-                // Execute of a COPY FROM STDIN: no ReadyForQuery will answer them. Clients send
-                // CopyDone/CopyFail only after seeing CopyInResponse, so `copy_in` is known here;
-                // without it (the COPY failed before copy-in mode) every Sync is answered.
-                if progress.copy_in {
-                    progress.awaiting_ready = progress
-                        .awaiting_ready
-                        .saturating_sub(progress.syncs_since_execute);
-                    progress.copy_in = false;
-                }
-                progress.syncs_since_execute = 0;
-            }
-            frontend::tag::PARSE
-            | frontend::tag::BIND
-            | frontend::tag::DESCRIBE
-            | frontend::tag::CLOSE
-            | frontend::tag::FLUSH => progress.unsynced = true,
-            tag if is_known_frontend_tag(tag) => {}
-            tag => {
-                return Err(RelayEnd::Violation(format!(
-                    "invalid frontend message type {tag} ('{}')",
-                    char::from(tag).escape_default()
-                )))
-            }
+/// Tracks the sync points of one client message; an unknown type is a protocol violation.
+fn note_client(tag: u8, progress: &mut Progress) -> Result<(), RelayEnd> {
+    match tag {
+        frontend::tag::QUERY => {
+            progress.awaiting_ready += 1;
+            progress.syncs_since_execute = 0;
         }
-        forward += message.len();
-    }
-    move_prefix(input, out, forward);
-    if *terminated {
-        input.clear();
+        frontend::tag::FUNCTION_CALL => progress.awaiting_ready += 1,
+        frontend::tag::SYNC => {
+            progress.awaiting_ready += 1;
+            progress.syncs_since_execute += 1;
+            progress.unsynced = false;
+        }
+        frontend::tag::EXECUTE => {
+            progress.unsynced = true;
+            progress.syncs_since_execute = 0;
+        }
+        frontend::tag::COPY_DONE | frontend::tag::COPY_FAIL => {
+            // The server ignores Syncs received in copy-in mode (PostgreSQL docs, "COPY
+            // Operations"), and clients such as tokio-postgres send one right after the
+            // Execute of a COPY FROM STDIN: no ReadyForQuery will answer them. Clients send
+            // CopyDone/CopyFail only after seeing CopyInResponse, so `copy_in` is known here;
+            // without it (the COPY failed before copy-in mode) every Sync is answered.
+            if progress.copy_in {
+                progress.awaiting_ready = progress
+                    .awaiting_ready
+                    .saturating_sub(progress.syncs_since_execute);
+                progress.copy_in = false;
+            }
+            progress.syncs_since_execute = 0;
+        }
+        frontend::tag::PARSE
+        | frontend::tag::BIND
+        | frontend::tag::DESCRIBE
+        | frontend::tag::CLOSE
+        | frontend::tag::FLUSH => progress.unsynced = true,
+        tag if is_known_frontend_tag(tag) => {}
+        tag => {
+            return Err(RelayEnd::Violation(format!(
+                "invalid frontend message type {tag} ('{}')",
+                char::from(tag).escape_default()
+            )))
+        }
     }
     Ok(())
 }
@@ -310,11 +411,11 @@ fn reserve(buf: &mut BytesMut, max_message: usize) {
     }
 }
 
-fn server_lost(error: Option<io::Error>, state: &ServerSide<'_>) -> RelayEnd {
-    RelayEnd::ServerLost {
+fn server_lost(error: Option<io::Error>, state: &ServerSide<'_>) -> Stop {
+    Stop::End(RelayEnd::ServerLost {
         error,
         server_said_fatal: state.last_fatal,
-    }
+    })
 }
 
 /// Best effort: deliver what the server said before it went away (often its FATAL error).

@@ -1,0 +1,443 @@
+//! The routing memory of one session: which node each unit of work goes to, and what every node
+//! the session uses must know first (session settings, prepared statements).
+//!
+//! Rules, in order: a unit inside a transaction stays on the transaction's node; a session pinned
+//! (temporary table, SQL PREPARE, advisory lock, LISTEN) or a `/* pgvigil:primary */` hint goes to
+//! the primary; a unit that reuses the unnamed statement goes where it was parsed; a provably
+//! read-only unit (or one hinted `/* pgvigil:replica */`), and a read-only transaction, is spread
+//! over the nodes that may take reads (after a write, only those that replayed it: read your
+//! writes); everything else goes to the primary.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use bytes::Bytes;
+use pgvigil_proto::classify::{classify, Classification, Hint, Pin};
+use pgvigil_proto::frontend::{self, Close, Parse, Query};
+use tracing::debug;
+
+use super::unit::{self, UnitFacts};
+use crate::proxy::Proxy;
+use crate::router::{self, ReadPolicy, Route, RouteReason, MAX_NODES};
+use crate::topology::NodeId;
+
+/// Most session-state statements replayed on a node; beyond it the session stays on the primary.
+const REPLAY_LIMIT: usize = 256;
+
+/// A named prepared statement the client made.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The client's Parse message, whole, to replay on another node.
+    pub parse: Bytes,
+    /// What its text is.
+    pub class: Classification,
+    /// Bit `n` set: it exists on the session's connection to node `n`.
+    pub on: u64,
+}
+
+/// The session's named prepared statements by name.
+pub type Statements = HashMap<Box<[u8]>, Prepared>;
+
+/// What to do with the unit at the front of the client's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Send it to the current node now.
+    Forward,
+    /// Its end has not arrived yet; read more first.
+    Wait,
+    /// It goes to this node, which must be made current (and brought up to date) first.
+    Move(NodeId),
+    /// It is a read after a write: the primary's WAL position must be fetched first.
+    FetchLsn,
+    /// It must go to the primary and there is none right now.
+    WaitPrimary,
+}
+
+/// Routing state of one session.
+pub struct Steering {
+    /// The node the session's work goes to now.
+    pub current: NodeId,
+    /// Whether a unit is running (counted by the balancer).
+    pub in_flight: bool,
+    /// The next unit goes to `current` without a new decision (it was decided before a move).
+    forced: bool,
+    /// The facts of the unit being forwarded, and how many of its bytes they cover.
+    unit: UnitFacts,
+    covered: usize,
+    /// The last decided unit may write (units inside its transaction inherit it).
+    unit_writes: bool,
+    pinned: Option<&'static str>,
+    default_read_only: bool,
+    /// A write was sent since the last WAL position fetch, and when the last one was.
+    wrote: bool,
+    wrote_at: Instant,
+    /// The primary's WAL position after the session's last write.
+    write_lsn: Option<u64>,
+    /// Session-state statements (SET, RESET, ...) in order, and how many each node has run.
+    replay: Vec<Box<[u8]>>,
+    applied: Vec<usize>,
+    /// Statements to close on a node before its next use.
+    pending_close: Vec<Vec<Box<[u8]>>>,
+    statements: Statements,
+    /// Where the unnamed statement was last parsed, and what it is.
+    unnamed: Option<(NodeId, Classification)>,
+    /// The client encoding keeps ASCII bytes ASCII, so the classifier can be trusted.
+    pub encoding_safe: bool,
+    /// Nodes this session could not open a connection to (bit per node); not chosen for reads.
+    pub avoid: u64,
+}
+
+impl Steering {
+    /// A session whose first connection is to `current`, all its state applied there.
+    pub fn new(node_count: usize, current: NodeId, encoding_safe: bool) -> Steering {
+        Steering {
+            current,
+            in_flight: false,
+            forced: false,
+            unit: UnitFacts::default(),
+            covered: 0,
+            unit_writes: false,
+            pinned: None,
+            default_read_only: false,
+            wrote: false,
+            wrote_at: Instant::now(),
+            write_lsn: None,
+            replay: Vec::new(),
+            applied: vec![0; node_count],
+            pending_close: vec![Vec::new(); node_count],
+            statements: HashMap::new(),
+            unnamed: None,
+            encoding_safe,
+            avoid: 0,
+        }
+    }
+
+    /// Decides where the unit at the start of `input` goes. `in_transaction`: the current
+    /// node's last ReadyForQuery said the session is in a transaction block.
+    pub fn decide(&mut self, input: &[u8], in_transaction: bool, proxy: &Proxy) -> Decision {
+        if std::mem::take(&mut self.forced) {
+            self.begin_unit(proxy);
+            return Decision::Forward;
+        }
+        let max = proxy.config.max_message_size;
+        let facts = unit::inspect(input, max, &proxy.functions, &self.statements);
+        if !facts.complete {
+            return Decision::Wait;
+        }
+        self.unit = facts;
+        if in_transaction || !facts.has_statement {
+            self.begin_unit(proxy);
+            return Decision::Forward;
+        }
+        let route = match self.choose(&facts, proxy) {
+            Ok(route) => route,
+            Err(decision) => return decision,
+        };
+        debug!(
+            node = route.node,
+            route = route.reason.as_str(),
+            why = facts.reason.map(|r| r.as_str()),
+            pinned = self.pinned,
+            "routing decision"
+        );
+        if route.node == self.current && !self.misses_statements(input, route.node, max) {
+            self.begin_unit(proxy);
+            Decision::Forward
+        } else {
+            Decision::Move(route.node)
+        }
+    }
+
+    /// Chooses the node for a unit outside a transaction.
+    fn choose(&mut self, facts: &UnitFacts, proxy: &Proxy) -> Result<Route, Decision> {
+        let topology = proxy.topology.load();
+        let pinned = self.pinned.or(facts.pin.map(pin_reason));
+        let begin_allows = match facts.begin {
+            Some(Some(read_only)) => read_only,
+            Some(None) => self.default_read_only,
+            None => true,
+        };
+        let read = begin_allows && (facts.read_only || facts.hint == Some(Hint::Replica));
+        if let (Some((node, _)), true) = (self.unnamed, facts.reuses_unnamed) {
+            self.unit_writes = !facts.read_only;
+            return Ok(Route {
+                node,
+                reason: RouteReason::Write,
+            });
+        }
+        if !read || pinned.is_some() || !self.encoding_safe || facts.hint == Some(Hint::Primary)
+        {
+            self.unit_writes = !read;
+            return router::route_write(&topology).map_err(|_| Decision::WaitPrimary);
+        }
+        self.unit_writes = false;
+        let replication = proxy.replication.load();
+        let min_lsn = if proxy.config.routing.read_your_writes {
+            if self.wrote {
+                if replication.observed_at.is_none_or(|at| at <= self.wrote_at) {
+                    // No replica can be known to have the write yet: no need to measure it.
+                    return router::route_write(&topology)
+                        .map(|route| Route {
+                            reason: RouteReason::ReadYourWrites,
+                            ..route
+                        })
+                        .map_err(|_| Decision::WaitPrimary);
+                }
+                return Err(Decision::FetchLsn);
+            }
+            self.write_lsn
+        } else {
+            None
+        };
+        let weights = self.read_weights(proxy);
+        let policy = ReadPolicy {
+            weights: &weights[..proxy.config.nodes.len().min(MAX_NODES)],
+            balance: proxy.config.routing.balance,
+            max_lag_bytes: proxy.config.routing.max_lag_bytes,
+            max_lag: proxy.config.routing.max_lag,
+        };
+        router::route_read(&topology, &replication, &policy, &proxy.balancer, min_lsn)
+            .map_err(|_| Decision::WaitPrimary)
+    }
+
+    /// The configured weights, with 0 for nodes this session could not reach.
+    fn read_weights(&self, proxy: &Proxy) -> [u32; MAX_NODES] {
+        let mut weights = [0; MAX_NODES];
+        for (id, node) in proxy.config.nodes.iter().enumerate().take(MAX_NODES) {
+            if self.avoid & (1 << id) == 0 {
+                weights[id] = node.weight;
+            }
+        }
+        weights
+    }
+
+    /// Whether the unit binds or describes a named statement that `node` does not have.
+    fn misses_statements(&self, input: &[u8], node: NodeId, max: usize) -> bool {
+        if !self.unit.named_refs {
+            return false;
+        }
+        let mut missing = false;
+        unit::named_references(input, max, |name| {
+            missing |= self
+                .statements
+                .get(name)
+                .is_some_and(|p| p.on & (1 << node) == 0);
+        });
+        missing
+    }
+
+    /// The unit decided last is being forwarded to `current`: apply what it does to the session.
+    fn begin_unit(&mut self, proxy: &Proxy) {
+        self.covered = self.unit.inspected;
+        if !self.in_flight {
+            proxy.balancer.started(self.current);
+            self.in_flight = true;
+        }
+        if self.unit_writes {
+            self.note_write();
+        }
+        if let Some(pin) = self.unit.pin {
+            self.pin(pin_reason(pin));
+        }
+        if let Some(read_only) = self.unit.session_read_only {
+            self.default_read_only = read_only;
+        }
+    }
+
+    /// Notes one client message as it is forwarded to `current` (`frame` is the whole message).
+    pub fn forwarded(&mut self, tag: u8, frame: &[u8], proxy: &Proxy) {
+        let covered = self.covered >= frame.len();
+        self.covered = self.covered.saturating_sub(frame.len());
+        let body = frame.get(5..).unwrap_or_default();
+        match tag {
+            frontend::tag::QUERY => {
+                let Ok(query) = Query::parse(body) else {
+                    return;
+                };
+                if covered {
+                    if self.unit.session_state {
+                        self.record_state(query.sql, self.unit.query_statements);
+                    }
+                } else {
+                    let class = classify(query.sql, &proxy.functions);
+                    self.uncovered(&class);
+                    if class.session_state {
+                        self.record_state(query.sql, class.statements);
+                    }
+                }
+            }
+            frontend::tag::PARSE => self.parsed(frame, body, covered, proxy),
+            frontend::tag::CLOSE => {
+                if let Ok(close) = Close::parse(body) {
+                    if close.kind == b'S' && !close.name.is_empty() {
+                        if let Some(old) = self.statements.remove(close.name) {
+                            self.close_elsewhere(close.name, old.on);
+                        }
+                    }
+                }
+            }
+            frontend::tag::FUNCTION_CALL => self.note_write(),
+            _ => {}
+        }
+    }
+
+    fn parsed(&mut self, frame: &[u8], body: &[u8], covered: bool, proxy: &Proxy) {
+        let Ok(parse) = Parse::parse(body) else {
+            return;
+        };
+        let known = match (covered, parse.name.is_empty(), self.unit.unnamed) {
+            (true, true, Some(class)) if !self.unit.session_state => Some(class),
+            _ => None,
+        };
+        let class = known.unwrap_or_else(|| classify(parse.sql, &proxy.functions));
+        if !covered {
+            self.uncovered(&class);
+        }
+        if class.session_state {
+            self.record_state(parse.sql, class.statements);
+        }
+        if parse.name.is_empty() {
+            self.unnamed = Some((self.current, class));
+            return;
+        }
+        let prepared = Prepared {
+            parse: Bytes::copy_from_slice(frame),
+            class,
+            on: 1 << self.current,
+        };
+        if let Some(old) = self.statements.insert(parse.name.into(), prepared) {
+            self.close_elsewhere(parse.name, old.on);
+        }
+    }
+
+    /// Effects of a statement forwarded without having been inspected (it followed a Flush, or
+    /// the unit was larger than the lookahead).
+    fn uncovered(&mut self, class: &Classification) {
+        if !class.read_only {
+            self.note_write();
+        }
+        if let Some(pin) = class.pin {
+            self.pin(pin_reason(pin));
+        }
+        if let Some(read_only) = class.session_read_only {
+            self.default_read_only = read_only;
+        }
+    }
+
+    /// Queues a close of `name` on every node in `on` but the current one.
+    fn close_elsewhere(&mut self, name: &[u8], on: u64) {
+        for (node, closes) in self.pending_close.iter_mut().enumerate() {
+            if node != self.current && on & (1 << node) != 0 {
+                closes.push(name.into());
+            }
+        }
+    }
+
+    /// Remembers a session-state statement to replay on the session's other nodes.
+    fn record_state(&mut self, sql: &[u8], statements: usize) {
+        if statements > 1 {
+            // Replaying the whole string could repeat its other statements.
+            self.pin("session state changed in a multi-statement string");
+            return;
+        }
+        if self.replay.len() >= REPLAY_LIMIT {
+            self.pin("too many session settings to replay");
+            return;
+        }
+        self.replay.push(sql.into());
+        self.applied[self.current] = self.replay.len();
+    }
+
+    fn note_write(&mut self) {
+        self.wrote = true;
+        self.wrote_at = Instant::now();
+    }
+
+    fn pin(&mut self, reason: &'static str) {
+        if self.pinned.is_none() {
+            debug!(reason, "session pinned to the primary");
+            self.pinned = Some(reason);
+        }
+    }
+
+    /// The session ran its last unit (the node answered everything): the balancer stops counting it.
+    pub fn unit_done(&mut self, proxy: &Proxy) {
+        if std::mem::take(&mut self.in_flight) {
+            proxy.balancer.finished(self.current);
+        }
+    }
+
+    /// The next unit goes to `node` without a new decision; it was decided already.
+    pub fn moved_to(&mut self, node: NodeId) {
+        self.current = node;
+        self.forced = true;
+    }
+
+    /// What `node` must run before it can serve: session-state statements it has not run, and
+    /// statements to close.
+    pub fn catch_up(&self, node: NodeId) -> (&[Box<[u8]>], &[Box<[u8]>]) {
+        let applied = self.applied[node].min(self.replay.len());
+        (&self.replay[applied..], &self.pending_close[node])
+    }
+
+    /// `node` ran everything [`Steering::catch_up`] listed.
+    pub fn caught_up(&mut self, node: NodeId) {
+        self.applied[node] = self.replay.len();
+        self.pending_close[node].clear();
+    }
+
+    /// A fresh connection to `node` replaced whatever the session had there.
+    pub fn fresh_connection(&mut self, node: NodeId) {
+        self.applied[node] = 0;
+        self.pending_close[node].clear();
+        for prepared in self.statements.values_mut() {
+            prepared.on &= !(1 << node);
+        }
+        if self.unnamed.is_some_and(|(n, _)| n == node) {
+            self.unnamed = None;
+        }
+    }
+
+    /// Named statements the unit at the start of `input` needs and `node` does not have, with
+    /// their Parse messages.
+    pub fn missing_statements(&self, input: &[u8], node: NodeId, max: usize) -> Vec<Bytes> {
+        let mut missing: Vec<Bytes> = Vec::new();
+        unit::named_references(input, max, |name| {
+            if let Some(p) = self.statements.get(name) {
+                if p.on & (1 << node) == 0 && !missing.contains(&p.parse) {
+                    missing.push(p.parse.clone());
+                }
+            }
+        });
+        missing
+    }
+
+    /// `node` now has the statement whose Parse message is `parse`.
+    pub fn statement_on(&mut self, parse: &[u8], node: NodeId) {
+        let name = Parse::parse(parse.get(5..).unwrap_or_default()).map(|p| p.name);
+        if let Some(p) = name.ok().and_then(|n| self.statements.get_mut(n)) {
+            p.on |= 1 << node;
+        }
+    }
+
+    /// The session's named statements (for unit inspection).
+    pub fn statements(&self) -> &Statements {
+        &self.statements
+    }
+
+    /// Records the primary's WAL position after the session's writes (None: it could not be read,
+    /// so reads stay on the primary until the next write is measured).
+    pub fn set_write_lsn(&mut self, lsn: Option<u64>) {
+        self.wrote = false;
+        self.write_lsn = Some(lsn.unwrap_or(u64::MAX));
+    }
+}
+
+fn pin_reason(pin: Pin) -> &'static str {
+    match pin {
+        Pin::TempTable => "temporary table",
+        Pin::Prepare => "SQL PREPARE",
+        Pin::AdvisoryLock => "session advisory lock",
+        Pin::Listen => "LISTEN",
+    }
+}
