@@ -64,6 +64,7 @@ pub fn demo_config(cluster: &LocalCluster, port: u16) -> Config {
             name: n.name.clone(),
             host: "127.0.0.1".into(),
             port: n.port,
+            ..NodeConfig::default()
         })
         .collect();
     config.users = vec![UserConfig {

@@ -4,6 +4,7 @@
 //! connections, and sends their work to the node the topology says is right.
 
 pub mod auth;
+pub mod balance;
 pub mod cancel;
 pub mod config;
 pub mod demo;

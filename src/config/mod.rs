@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pgvigil_proto::classify::FunctionLists;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The whole pgvigil configuration, as read from one TOML file.
@@ -35,6 +36,8 @@ pub struct Config {
     pub pool: PoolConfig,
     /// Health probes of the nodes (`[health]`).
     pub health: HealthConfig,
+    /// How reads are spread and which nodes may take them (`[routing]`).
+    pub routing: RoutingConfig,
     /// The PostgreSQL nodes (`[[nodes]]`); their roles are observed, never taken from this order.
     pub nodes: Vec<NodeConfig>,
     /// The users clients may log in as (`[[users]]`).
@@ -53,6 +56,7 @@ impl Default for Config {
             backend: BackendConfig::default(),
             pool: PoolConfig::default(),
             health: HealthConfig::default(),
+            routing: RoutingConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
         }
@@ -216,6 +220,53 @@ impl fmt::Debug for HealthConfig {
     }
 }
 
+/// How reads are spread and which nodes may take them (`[routing]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// How reads are spread over the nodes that may take them (default `least_connections`).
+    pub balance: Balance,
+    /// After a session writes, its reads go to a replica only once that replica has replayed the
+    /// write (default true).
+    pub read_your_writes: bool,
+    /// A replica further behind the primary than this many bytes of WAL gets no reads
+    /// (default 16 MiB).
+    pub max_lag_bytes: u64,
+    /// A replica whose replay is further behind than this gets no reads (default 10s, must be > 0).
+    #[serde(with = "humantime_serde")]
+    pub max_lag: Duration,
+    /// Functions the classifier must treat as read-only, `name` or `schema.name` (default none).
+    pub read_functions: Vec<String>,
+    /// Functions the classifier must treat as writing, `name` or `schema.name` (default none).
+    pub write_functions: Vec<String>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            balance: Balance::default(),
+            read_your_writes: true,
+            max_lag_bytes: 16 << 20,
+            max_lag: Duration::from_secs(10),
+            read_functions: Vec::new(),
+            write_functions: Vec::new(),
+        }
+    }
+}
+
+/// How reads are spread over the nodes that may take them (`routing.balance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// The node with the fewest reads in flight for its weight.
+    #[default]
+    LeastConnections,
+    /// Each node in turn, as often as its weight says.
+    RoundRobin,
+    /// A node drawn at random, with odds in proportion to its weight.
+    Random,
+}
+
 /// One PostgreSQL node (`[[nodes]]`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -226,6 +277,9 @@ pub struct NodeConfig {
     pub host: String,
     /// TCP port of the node (default 5432).
     pub port: u16,
+    /// Share of load-balanced reads, relative to the other nodes (default 1, at most 1000); 0 means
+    /// the node never takes them.
+    pub weight: u32,
 }
 
 impl Default for NodeConfig {
@@ -234,6 +288,7 @@ impl Default for NodeConfig {
             name: String::new(),
             host: String::new(),
             port: 5432,
+            weight: 1,
         }
     }
 }
@@ -366,6 +421,11 @@ impl Config {
         self.users.iter().find(|u| u.name == name)
     }
 
+    /// The classifier's view of `routing.write_functions` and `routing.read_functions`.
+    pub fn function_lists(&self) -> FunctionLists {
+        FunctionLists::new(&self.routing.write_functions, &self.routing.read_functions)
+    }
+
     /// User and password of the health probes: `[health]` if set, else the first `[[users]]`
     /// entry (with that user's password when only `health.user` names it).
     pub fn health_credentials(&self) -> (&str, &str) {
@@ -419,6 +479,7 @@ password = "app-secret"
             name: name.to_owned(),
             host: "127.0.0.1".to_owned(),
             port,
+            ..NodeConfig::default()
         }
     }
 
@@ -445,7 +506,14 @@ password = "app-secret"
         assert_eq!(config.tls.mode, TlsMode::Allow);
         assert_eq!(config.backend.tls, BackendTlsMode::Disable);
         assert_eq!(config.pool.idle_timeout, Duration::from_secs(600));
+        assert_eq!(config.routing.balance, Balance::LeastConnections);
+        assert!(config.routing.read_your_writes);
+        assert_eq!(config.routing.max_lag_bytes, 16_777_216);
+        assert_eq!(config.routing.max_lag, Duration::from_secs(10));
+        assert!(config.routing.read_functions.is_empty());
+        assert!(config.routing.write_functions.is_empty());
         assert_eq!(config.node("pg2").map(|n| n.port), Some(5433));
+        assert_eq!(config.node("pg2").map(|n| n.weight), Some(1));
         assert!(config.node("pg3").is_none());
         assert_eq!(
             config.user("app").map(|u| u.auth),
@@ -465,6 +533,71 @@ password = "app-secret"
         assert_eq!(config.backend.tls, BackendTlsMode::Prefer);
         assert_eq!(config.tls.mode, TlsMode::Disable);
         assert_eq!(config.user("app").map(|u| u.auth), Some(AuthMethod::Md5));
+        Ok(())
+    }
+
+    #[test]
+    fn routing_table_and_node_weights_parse() -> Result<(), ConfigError> {
+        let nodes = MINIMAL.replace("port = 5433\n", "port = 5433\nweight = 0\n");
+        let text = format!(
+            r#"{nodes}
+[routing]
+balance = "round_robin"
+read_your_writes = false
+max_lag_bytes = 0
+max_lag = "250ms"
+read_functions = ["report", "stats.daily"]
+write_functions = ["audit"]
+"#
+        );
+        let config = Config::parse(&text)?;
+        let expected = RoutingConfig {
+            balance: Balance::RoundRobin,
+            read_your_writes: false,
+            max_lag_bytes: 0,
+            max_lag: Duration::from_millis(250),
+            read_functions: vec!["report".into(), "stats.daily".into()],
+            write_functions: vec!["audit".into()],
+        };
+        assert_eq!(config.routing, expected);
+        let weights: Vec<u32> = config.nodes.iter().map(|n| n.weight).collect();
+        assert_eq!(weights, [1, 0]);
+        Ok(())
+    }
+
+    #[test]
+    fn balance_modes_are_spelled_in_snake_case() {
+        for (text, mode) in [
+            ("least_connections", Balance::LeastConnections),
+            ("round_robin", Balance::RoundRobin),
+            ("random", Balance::Random),
+        ] {
+            let parsed = toml::from_str::<RoutingConfig>(&format!("balance = {text:?}"));
+            assert_eq!(parsed.map(|r| r.balance).ok(), Some(mode), "{text}");
+        }
+    }
+
+    #[test]
+    fn function_lists_steer_the_classifier() -> Result<(), ConfigError> {
+        use pgvigil_proto::classify::classify;
+        let read_only = |config: &Config, sql: &str| {
+            classify(sql.as_bytes(), &config.function_lists()).read_only
+        };
+        let plain = Config::parse(MINIMAL)?;
+        assert!(!read_only(&plain, "SELECT report(1)"), "unknown is a write");
+        assert!(read_only(&plain, "SELECT lower('A')"));
+        let text = format!(
+            r#"{MINIMAL}
+[routing]
+read_functions = ["Report", "stats.daily"]
+write_functions = ["lower"]
+"#
+        );
+        let listed = Config::parse(&text)?;
+        assert!(read_only(&listed, "SELECT report(1)"));
+        assert!(read_only(&listed, "SELECT stats.daily()"));
+        assert!(!read_only(&listed, "SELECT other.daily()"));
+        assert!(!read_only(&listed, "SELECT lower('A')"));
         Ok(())
     }
 
@@ -508,6 +641,21 @@ password = "app-secret"
                 "unknown tls mode",
                 "[tls]\nmode = \"on\"\n",
                 &["mode", "unknown variant `on`"],
+            ),
+            (
+                "unknown balance mode",
+                "[routing]\nbalance = \"weighted\"\n",
+                &["balance", "unknown variant `weighted`"],
+            ),
+            (
+                "unknown key in [routing]",
+                "[routing]\nmax_lag_seconds = 3\n",
+                &["unknown field `max_lag_seconds`"],
+            ),
+            (
+                "negative weight",
+                "[[nodes]]\nname = \"pg1\"\nweight = -1\n",
+                &["weight = -1"],
             ),
             (
                 "unknown key in [[nodes]]",

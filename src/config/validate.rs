@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use super::{Config, Problem, TlsMode};
 
+/// Largest `nodes[i].weight`.
+const MAX_WEIGHT: u32 = 1000;
+
 /// Every problem in `config`, in the order of the structs' fields; empty when it is usable.
 pub(super) fn problems(config: &Config) -> Vec<Problem> {
     let mut problems = Vec::new();
@@ -21,6 +24,7 @@ pub(super) fn problems(config: &Config) -> Vec<Problem> {
     check_backend(config, &mut problems);
     check_pool(config, &mut problems);
     check_health(config, &mut problems);
+    check_routing(config, &mut problems);
     check_nodes(config, &mut problems);
     check_users(config, &mut problems);
     problems
@@ -119,6 +123,47 @@ fn check_health(config: &Config, problems: &mut Vec<Problem>) {
     }
 }
 
+fn check_routing(config: &Config, problems: &mut Vec<Problem>) {
+    let routing = &config.routing;
+    check_positive("routing.max_lag", routing.max_lag, problems);
+    check_function_names("routing.read_functions", &routing.read_functions, problems);
+    check_function_names(
+        "routing.write_functions",
+        &routing.write_functions,
+        problems,
+    );
+}
+
+fn check_function_names(key: &str, names: &[String], problems: &mut Vec<Problem>) {
+    for (i, name) in names.iter().enumerate() {
+        if !is_function_name(name) {
+            problems.push(Problem::new(
+                format!("{key}[{i}]"),
+                format!("{name:?} is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'"),
+            ));
+        }
+    }
+}
+
+/// `name` or `schema.name`, each part an identifier as SQL writes it unquoted: the classifier
+/// compares the configured names with the calls it reads, and a call has at most one qualifier.
+fn is_function_name(name: &str) -> bool {
+    match name.split_once('.') {
+        Some((schema, function)) => is_identifier(schema) && is_identifier(function),
+        None => is_identifier(name),
+    }
+}
+
+/// PostgreSQL's unquoted identifier (scan.l `ident_start ident_cont*`); non-ASCII letters count as
+/// letters there too.
+fn is_identifier(word: &str) -> bool {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || !c.is_ascii())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$' || !c.is_ascii())
+}
+
 fn check_pool(config: &Config, problems: &mut Vec<Problem>) {
     let pool = &config.pool;
     if pool.max_size == 0 {
@@ -192,6 +237,13 @@ fn check_nodes(config: &Config, problems: &mut Vec<Problem>) {
                     "duplicate address {}:{} (also nodes[{first}])",
                     node.host, node.port
                 ),
+            ));
+        }
+        // Weights are ratios, so 1 to 1000 is plenty; the cap keeps the balancer's sums small.
+        if node.weight > MAX_WEIGHT {
+            problems.push(Problem::new(
+                key("weight"),
+                format!("{} is more than the maximum, {MAX_WEIGHT}", node.weight),
             ));
         }
     }
@@ -278,6 +330,18 @@ password = "app-secret"
             ("[[nodes]]\nname = \"pg3\"", &["nodes[2].host: missing"]),
             ("[[nodes]]\nname = \"pg3\"\nhost = \"other\"\nport = 0", &["nodes[2].port: must not be 0"]),
             ("[[nodes]]\nname = \"pg3\"\nhost = \"127.0.0.1\"\nport = 5433", &["nodes[2]: duplicate address 127.0.0.1:5433 (also nodes[1])"]),
+            ("[routing]\nmax_lag = \"0s\"", &["routing.max_lag: must be greater than 0"]),
+            ("[routing]\nread_functions = [\"report\", \"Stats.daily_2\", \"_f$\", \"bad name\", \"\", \"a.b.c\"]", &[
+                "routing.read_functions[3]: \"bad name\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
+                "routing.read_functions[4]: \"\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
+                "routing.read_functions[5]: \"a.b.c\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
+            ]),
+            ("[routing]\nwrite_functions = [\"1st\", \"s.\", \"\\\"Quoted\\\"\", \"émettre\"]", &[
+                "routing.write_functions[0]: \"1st\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
+                "routing.write_functions[1]: \"s.\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
+                "routing.write_functions[2]: \"\\\"Quoted\\\"\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
+            ]),
+            ("[[nodes]]\nname = \"pg3\"\nhost = \"other\"\nweight = 1001", &["nodes[2].weight: 1001 is more than the maximum, 1000"]),
             ("[[users]]\nname = \"app\"\npassword = \"x\"", &["users[1].name: duplicate user name \"app\" (also users[0])"]),
             ("[[users]]\nname = \"reporting\"", &["users[1].password: missing"]),
             ("[[users]]\nname = \"reporting\"\npassword = \"\"", &["users[1].password: must not be empty"]),
@@ -293,6 +357,15 @@ password = "app-secret"
             };
             assert_eq!(shown(&problems_of(&text)), *wanted, "case {extra:?}");
         }
+    }
+
+    #[test]
+    fn weights_from_0_to_1000_are_valid() {
+        let text = format!(
+            "{NODES_AND_USERS}[[nodes]]\nname = \"pg3\"\nhost = \"other\"\nweight = 0\n\
+             [[nodes]]\nname = \"pg4\"\nhost = \"another\"\nweight = 1000\n"
+        );
+        assert!(Config::parse(&text).is_ok(), "{:?}", Config::parse(&text));
     }
 
     #[test]

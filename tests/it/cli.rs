@@ -116,6 +116,10 @@ async fn serve_with_a_bad_config_exits_2_naming_the_key() {
             format!("{VALID_NODES_AND_USERS}\n[pool]\nmax_sise = 3\n"),
             "unknown field `max_sise`",
         ),
+        (
+            format!("{VALID_NODES_AND_USERS}\n[routing]\nread_functions = [\"bad name\"]\n"),
+            "routing.read_functions[0]: \"bad name\" is not a function name",
+        ),
     ];
     for (text, key) in cases {
         assert_refused(text, key).await;
