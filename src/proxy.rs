@@ -60,6 +60,10 @@ pub struct Proxy {
     pub unknown_user_method: crate::config::AuthMethod,
     /// Wakes the health monitor for an immediate probe.
     pub probe_now: Notify,
+    /// The classifier's function lists (built-in plus `routing.read_functions`/`write_functions`).
+    pub functions: pgvigil_proto::classify::FunctionLists,
+    /// Spreads reads over the nodes that may take them.
+    pub balancer: crate::balance::Balancer,
 }
 
 impl Proxy {
@@ -98,6 +102,8 @@ impl Proxy {
             auth_seed: rand::random(),
             unknown_user_method: most_common_method(&config),
             probe_now: Notify::new(),
+            functions: config.function_lists(),
+            balancer: crate::balance::Balancer::new(config.nodes.len()),
             config: Arc::new(config),
         })
     }

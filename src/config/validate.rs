@@ -201,6 +201,16 @@ fn check_nodes(config: &Config, problems: &mut Vec<Problem>) {
             "at least one [[nodes]] entry is required",
         ));
     }
+    if config.nodes.len() > crate::router::MAX_NODES {
+        problems.push(Problem::new(
+            "nodes",
+            format!(
+                "{} nodes configured; pgvigil supports at most {}",
+                config.nodes.len(),
+                crate::router::MAX_NODES
+            ),
+        ));
+    }
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut addresses: HashMap<(&str, u16), usize> = HashMap::new();
     for (i, node) in config.nodes.iter().enumerate() {

@@ -16,7 +16,7 @@ use pgvigil_proto::encode::{self, PgError, Severity};
 use pgvigil_proto::sqlstate;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::cancel::CancelKey;
 use crate::pool::{Lease, PoolError};
