@@ -1,50 +1,96 @@
-//! Probes every node and publishes the roles it observes. Each probe is one round trip on a kept
-//! connection (`SELECT pg_is_in_recovery()`), bounded by `health.timeout`; a node is down after
-//! `health.failures` consecutive failures.
+//! Probes every node and publishes the roles and WAL positions it observes. Each probe is one
+//! round trip on a kept connection (the prepared `PROBE_SQL`), bounded by `health.timeout`; a
+//! node is down after `health.failures` consecutive failures.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Row, Statement};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::proxy::Proxy;
+use crate::replication::{parse_lsn, Position, ReplicationView};
 use crate::topology::Role;
+
+/// The probe: role and WAL position in one row. LSNs come as text (parsed by [`parse_lsn`]).
+///
+/// `pg_is_in_recovery()` is read once, in FROM, so that a promotion during the query cannot pair
+/// a standby's role with a primary's columns. The delay compares with `>`, not `<>`: a restarted
+/// standby reports the start of its streaming segment as received, behind what it has replayed.
+/// None of these functions needs a privileged role (checked with a plain login role on
+/// PostgreSQL 15).
+const PROBE_SQL: &str = "SELECT r, \
+    CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text, \
+    CASE WHEN r THEN pg_last_wal_receive_lsn() END::text, \
+    CASE WHEN r AND pg_last_wal_receive_lsn() > pg_last_wal_replay_lsn() \
+        THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp()) \
+        ELSE 0 END::float8 \
+    FROM pg_is_in_recovery() AS r";
 
 /// The outcome of probing one node once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Probe {
-    /// Answered: is it in recovery?
+    /// Answered: its role and WAL position.
     Up {
         /// `pg_is_in_recovery()`.
         in_recovery: bool,
+        /// Where it stands in the WAL.
+        position: Position,
     },
     /// Did not answer within the timeout, refused, or errored.
     Failed,
 }
 
-/// One node's probe connection and failure count.
+/// Why one probe failed (logged; the node's failure count goes up either way).
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    /// Connecting or running the query failed.
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The node answered with an LSN that is not in PostgreSQL's text form.
+    #[error("malformed LSN {0:?}")]
+    BadLsn(String),
+}
+
+/// A kept probe connection with [`PROBE_SQL`] prepared on it.
+struct ProbeConn {
+    client: Client,
+    statement: Statement,
+}
+
+/// One node's probe connection, failure count and latest observations.
 struct Prober {
     node: usize,
-    client: Option<Client>,
+    conn: Option<ProbeConn>,
     failures: u32,
     role: Role,
+    position: Option<Position>,
+}
+
+impl Prober {
+    /// A node not probed yet.
+    fn new(node: usize) -> Prober {
+        Prober {
+            node,
+            conn: None,
+            failures: 0,
+            role: Role::Unknown,
+            position: None,
+        }
+    }
 }
 
 /// Probes all nodes every `health.interval` (or at once when nudged) until `shutdown`.
 pub async fn monitor(proxy: Arc<Proxy>, shutdown: CancellationToken) {
-    let mut probers: Vec<Prober> = (0..proxy.config.nodes.len())
-        .map(|node| Prober {
-            node,
-            client: None,
-            failures: 0,
-            role: Role::Unknown,
-        })
-        .collect();
+    let mut probers: Vec<Prober> = (0..proxy.config.nodes.len()).map(Prober::new).collect();
     loop {
         probers = probe_all(&proxy, probers).await;
+        // Positions first: whoever sees a new topology also sees the positions of its round.
+        proxy.replication.publish(ReplicationView {
+            nodes: probers.iter().map(|p| p.position).collect(),
+        });
         let roles: Vec<Role> = probers.iter().map(|p| p.role).collect();
         let current = proxy.topology.snapshot();
         let next = current.with_roles(&roles);
@@ -87,12 +133,7 @@ async fn probe_all(proxy: &Arc<Proxy>, probers: Vec<Prober>) -> Vec<Prober> {
     // A panicked probe task loses its prober: recreate it as unknown rather than forget the node.
     for node in 0..count {
         if !done.iter().any(|p| p.node == node) {
-            done.push(Prober {
-                node,
-                client: None,
-                failures: 0,
-                role: Role::Unknown,
-            });
+            done.push(Prober::new(node));
         }
     }
     done.sort_by_key(|p| p.node);
@@ -102,8 +143,12 @@ async fn probe_all(proxy: &Arc<Proxy>, probers: Vec<Prober>) -> Vec<Prober> {
 impl Prober {
     fn record(&mut self, probe: Probe, failures_allowed: u32) {
         match probe {
-            Probe::Up { in_recovery } => {
+            Probe::Up {
+                in_recovery,
+                position,
+            } => {
                 self.failures = 0;
+                self.position = Some(position);
                 self.role = if in_recovery {
                     Role::Standby
                 } else {
@@ -112,7 +157,8 @@ impl Prober {
             }
             Probe::Failed => {
                 self.failures += 1;
-                self.client = None;
+                self.conn = None;
+                self.position = None;
                 if self.failures >= failures_allowed || self.role == Role::Unknown {
                     self.role = Role::Down;
                 }
@@ -125,7 +171,10 @@ impl Prober {
 async fn probe_once(proxy: &Proxy, prober: &mut Prober) -> Probe {
     let timeout = proxy.config.health.timeout;
     match tokio::time::timeout(timeout, probe_inner(proxy, prober, timeout)).await {
-        Ok(Ok(in_recovery)) => Probe::Up { in_recovery },
+        Ok(Ok((in_recovery, position))) => Probe::Up {
+            in_recovery,
+            position,
+        },
         Ok(Err(error)) => {
             debug!(node = prober.node, %error, "probe failed");
             Probe::Failed
@@ -141,22 +190,45 @@ async fn probe_inner(
     proxy: &Proxy,
     prober: &mut Prober,
     timeout: Duration,
-) -> Result<bool, tokio_postgres::Error> {
-    let client = match prober.client.take().filter(|c| !c.is_closed()) {
-        Some(client) => client,
+) -> Result<(bool, Position), ProbeError> {
+    let conn = match prober.conn.take().filter(|c| !c.client.is_closed()) {
+        Some(conn) => conn,
         None => connect(proxy, prober.node, timeout).await?,
     };
-    let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await?;
-    prober.client = Some(client);
-    row.try_get(0)
+    let row = conn.client.query_one(&conn.statement, &[]).await?;
+    prober.conn = Some(conn);
+    read_probe(&row)
 }
 
-/// Opens a probe connection to `node` with the health credentials.
-async fn connect(
-    proxy: &Proxy,
-    node: usize,
-    timeout: Duration,
-) -> Result<Client, tokio_postgres::Error> {
+/// Reads the role and position from a [`PROBE_SQL`] row.
+fn read_probe(row: &Row) -> Result<(bool, Position), ProbeError> {
+    let in_recovery = row.try_get(0)?;
+    let position = Position {
+        // A standby that has replayed nothing yet has no replay LSN: it is at the very start.
+        lsn: optional_lsn(row.try_get(1)?)?.unwrap_or(0),
+        received: optional_lsn(row.try_get(2)?)?,
+        replay_delay: delay_from_seconds(row.try_get(3)?),
+    };
+    Ok((in_recovery, position))
+}
+
+/// Parses an LSN column that may be NULL.
+fn optional_lsn(text: Option<&str>) -> Result<Option<u64>, ProbeError> {
+    text.map(|t| parse_lsn(t).ok_or_else(|| ProbeError::BadLsn(t.to_owned())))
+        .transpose()
+}
+
+/// The replay delay from its seconds. NULL (WAL pending but no commit replayed since the standby
+/// started, so no timestamp to compare with) counts as zero: the byte lag still shows it. So does
+/// a negative value, which only means the standby's clock is behind the primary's.
+fn delay_from_seconds(seconds: Option<f64>) -> Duration {
+    seconds
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .unwrap_or(Duration::ZERO)
+}
+
+/// Opens a probe connection to `node` with the health credentials and prepares the probe.
+async fn connect(proxy: &Proxy, node: usize, timeout: Duration) -> Result<ProbeConn, ProbeError> {
     let node = &proxy.config.nodes[node];
     let (user, password) = proxy.config.health_credentials();
     let mut config = tokio_postgres::Config::new();
@@ -172,5 +244,6 @@ async fn connect(
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    Ok(client)
+    let statement = client.prepare(PROBE_SQL).await?;
+    Ok(ProbeConn { client, statement })
 }

@@ -13,6 +13,7 @@ pub mod listener;
 pub mod local_cluster;
 pub mod pool;
 pub mod proxy;
+pub mod replication;
 pub mod router;
 pub mod server;
 pub mod session;

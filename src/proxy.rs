@@ -1,5 +1,5 @@
-//! The running proxy: state shared by every session (config, users, topology, pools, cancel keys,
-//! TLS) and the start/shutdown of its tasks.
+//! The running proxy: state shared by every session (config, users, topology, replication
+//! positions, pools, cancel keys, TLS) and the start/shutdown of its tasks.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,6 +16,7 @@ use crate::auth::UserSecret;
 use crate::cancel::CancelRegistry;
 use crate::config::{BackendTlsMode, Config};
 use crate::pool::{Lease, Pools};
+use crate::replication::ReplicationHandle;
 use crate::router::{Route, RouteError};
 use crate::server::LoginTarget;
 use crate::topology::{NodeId, Topology, TopologyHandle};
@@ -45,6 +46,8 @@ pub struct Proxy {
     pub users: HashMap<String, UserSecret>,
     /// Where the nodes stand.
     pub topology: TopologyHandle,
+    /// How far each node has come in the WAL, from the latest probe round.
+    pub replication: ReplicationHandle,
     /// Server connection pools.
     pub pools: Pools,
     /// Cancel keys of live sessions.
@@ -94,6 +97,7 @@ impl Proxy {
             .collect();
         Ok(Proxy {
             topology: TopologyHandle::new(Topology::initial(&config)),
+            replication: ReplicationHandle::new(config.nodes.len()),
             pools: Pools::new(config.nodes.len(), config.pool.clone()),
             cancels: Arc::new(CancelRegistry::default()),
             tls_acceptor,

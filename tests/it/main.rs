@@ -9,5 +9,6 @@ mod cluster_fixture;
 mod passthrough;
 mod pgbench;
 mod pooling;
+mod replication;
 mod support;
 mod tls;
