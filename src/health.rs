@@ -3,7 +3,7 @@
 //! node is down after `health.failures` consecutive failures.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 use tokio_postgres::{Client, NoTls, Row, Statement};
@@ -86,10 +86,12 @@ impl Prober {
 pub async fn monitor(proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let mut probers: Vec<Prober> = (0..proxy.config.nodes.len()).map(Prober::new).collect();
     loop {
+        let started = Instant::now();
         probers = probe_all(&proxy, probers).await;
         // Positions first: whoever sees a new topology also sees the positions of its round.
         proxy.replication.publish(ReplicationView {
             nodes: probers.iter().map(|p| p.position).collect(),
+            observed_at: Some(started),
         });
         let roles: Vec<Role> = probers.iter().map(|p| p.role).collect();
         let current = proxy.topology.snapshot();

@@ -4,7 +4,7 @@
 //! round. Readers (the router) take the current view with one atomic load and never lock.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -29,6 +29,8 @@ pub struct Position {
 pub struct ReplicationView {
     /// One entry per configured node, in configuration order.
     pub nodes: Vec<Option<Position>>,
+    /// When the probe round that produced it started (None before the first round).
+    pub observed_at: Option<Instant>,
 }
 
 impl ReplicationView {
@@ -82,6 +84,7 @@ impl ReplicationHandle {
         ReplicationHandle {
             current: ArcSwap::from_pointee(ReplicationView {
                 nodes: vec![None; node_count],
+                observed_at: None,
             }),
         }
     }
@@ -138,7 +141,10 @@ mod tests {
     }
 
     fn view(nodes: Vec<Option<Position>>) -> ReplicationView {
-        ReplicationView { nodes }
+        ReplicationView {
+            nodes,
+            observed_at: None,
+        }
     }
 
     #[test]

@@ -103,7 +103,16 @@ pub fn route_read(
     let mut count = 0;
     for node in topology.nodes.iter().take(MAX_NODES) {
         let weight = policy.weights.get(node.id).copied().unwrap_or(0);
-        if weight > 0 && may_read(node.id, node.role, primary.as_ref().ok(), replication, policy, min_lsn) {
+        if weight > 0
+            && may_read(
+                node.id,
+                node.role,
+                primary.as_ref().ok(),
+                replication,
+                policy,
+                min_lsn,
+            )
+        {
             candidates[count] = (node.id, weight);
             count += 1;
         }
@@ -194,6 +203,7 @@ mod tests {
                     })
                 })
                 .collect(),
+            observed_at: None,
         }
     }
 
@@ -207,11 +217,19 @@ mod tests {
     }
 
     /// The nodes `route_read` picks over `n` calls, counted per node.
-    fn spread(t: &Topology, view: &ReplicationView, weights: &[u32], min: Option<u64>, n: usize) -> Vec<usize> {
+    fn spread(
+        t: &Topology,
+        view: &ReplicationView,
+        weights: &[u32],
+        min: Option<u64>,
+        n: usize,
+    ) -> Vec<usize> {
         let balancer = Balancer::new(t.nodes.len());
         let mut counts = vec![0; t.nodes.len()];
         for _ in 0..n {
-            counts[route_read(t, view, &policy(weights), &balancer, min).unwrap().node] += 1;
+            counts[route_read(t, view, &policy(weights), &balancer, min)
+                .unwrap()
+                .node] += 1;
         }
         counts
     }
@@ -260,7 +278,10 @@ mod tests {
         let r = route_read(&t, &view, &policy(&[0, 1, 1]), &Balancer::new(3), None).unwrap();
         assert_eq!(r.reason, RouteReason::NoReplicaQualifies);
         let unobserved = positions(&[Some(100), None, None]);
-        assert_eq!(spread(&t, &unobserved, &[0, 1, 1], None, 10), vec![10, 0, 0]);
+        assert_eq!(
+            spread(&t, &unobserved, &[0, 1, 1], None, 10),
+            vec![10, 0, 0]
+        );
     }
 
     #[test]

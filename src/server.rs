@@ -326,7 +326,10 @@ impl ServerConn {
     /// Sends `messages` (ending with Sync or a Query) and reads everything up to ReadyForQuery;
     /// an ErrorResponse becomes `Rejected` once the node is ready again. Returns the first
     /// column of the first DataRow, if any, as text.
-    pub async fn exchange(&mut self, messages: &mut BytesMut) -> Result<Option<String>, ServerError> {
+    pub async fn exchange(
+        &mut self,
+        messages: &mut BytesMut,
+    ) -> Result<Option<String>, ServerError> {
         self.send(messages).await?;
         let mut failure = None;
         let mut value = None;

@@ -122,7 +122,13 @@ pub async fn relay(
         proxy,
         terminated: &mut terminated,
     };
-    match client_scan.scan(client_in, &mut to_server, progress, steering, *server_state.tx) {
+    match client_scan.scan(
+        client_in,
+        &mut to_server,
+        progress,
+        steering,
+        *server_state.tx,
+    ) {
         Err(end) => return Stop::End(end),
         Ok(Some(decision)) if progress.is_quiet() && to_server.is_empty() => {
             return Stop::Decided(decision)
@@ -138,8 +144,18 @@ pub async fn relay(
             if held && to_server.is_empty() {
                 // The unit that waited can be routed now that the node answered everything.
                 held = false;
-                let mut scan = ClientScan { max_message, proxy, terminated: &mut terminated };
-                match scan.scan(client_in, &mut to_server, progress, steering, *server_state.tx) {
+                let mut scan = ClientScan {
+                    max_message,
+                    proxy,
+                    terminated: &mut terminated,
+                };
+                match scan.scan(
+                    client_in,
+                    &mut to_server,
+                    progress,
+                    steering,
+                    *server_state.tx,
+                ) {
                     Err(end) => return Stop::End(end),
                     Ok(Some(decision)) if to_server.is_empty() => return Stop::Decided(decision),
                     Ok(Some(_)) => held = true,
@@ -437,60 +453,39 @@ mod tests {
     }
 
     #[test]
-    fn client_scan_forwards_whole_messages_and_keeps_the_tail() {
-        let mut input = BytesMut::new();
-        input.extend_from_slice(&frame(b'Q', b"select 1\0"));
-        let partial = frame(b'Q', b"select 2\0");
-        input.extend_from_slice(&partial[..7]);
-        let mut out = BytesMut::new();
+    fn sync_points_are_tracked_and_unknown_tags_are_violations() {
         let mut progress = Progress::default();
-        let mut terminated = false;
-        scan_client(
-            &mut input,
-            &mut out,
-            1 << 20,
-            &mut progress,
-            &mut terminated,
-        )
-        .unwrap();
-        assert_eq!(&out[..], &frame(b'Q', b"select 1\0")[..]);
-        assert_eq!(&input[..], &partial[..7]);
-        assert_eq!(progress.awaiting_ready, 1);
+        client_sends(&mut progress, &[(b'P', b""), (b'B', b"")]);
+        assert!(progress.unsynced && !progress.is_quiet());
+        client_sends(&mut progress, &[(b'S', b""), (b'Q', b"select 1\0")]);
+        assert!(!progress.unsynced);
+        assert_eq!(progress.awaiting_ready, 2);
+        assert!(matches!(
+            note_client(b'!', &mut progress),
+            Err(RelayEnd::Violation(_))
+        ));
     }
 
     #[test]
-    fn terminate_stops_forwarding_and_unknown_tags_are_violations() {
-        let mut input = BytesMut::new();
-        input.extend_from_slice(&frame(b'S', b""));
-        input.extend_from_slice(&frame(b'X', b""));
-        input.extend_from_slice(&frame(b'Q', b"select 3\0"));
-        let mut out = BytesMut::new();
+    fn only_messages_between_units_start_one() {
         let mut progress = Progress::default();
-        let mut terminated = false;
-        scan_client(
-            &mut input,
-            &mut out,
-            1 << 20,
-            &mut progress,
-            &mut terminated,
-        )
-        .unwrap();
-        assert!(terminated);
-        assert_eq!(&out[..], &frame(b'S', b"")[..]);
-
-        let mut bad = BytesMut::from(&frame(b'!', b"x")[..]);
-        let end = scan_client(&mut bad, &mut out, 1 << 20, &mut progress, &mut terminated);
-        assert!(matches!(end, Err(RelayEnd::Violation(_))));
+        assert!(starts_unit(b'Q', &progress) && starts_unit(b'P', &progress));
+        assert!(
+            !starts_unit(b'd', &progress),
+            "CopyData never starts a unit"
+        );
+        progress.unsynced = true;
+        assert!(!starts_unit(b'B', &progress), "a unit runs to its Sync");
+        progress.unsynced = false;
+        progress.copy_in = true;
+        assert!(!starts_unit(b'Q', &progress));
     }
 
-    /// Runs the client scan over `messages` (tag, body).
+    /// Notes the client messages `messages` (tag, body).
     fn client_sends(progress: &mut Progress, messages: &[(u8, &[u8])]) {
-        let mut input = BytesMut::new();
-        for (tag, body) in messages {
-            input.extend_from_slice(&frame(*tag, body));
+        for (tag, _) in messages {
+            note_client(*tag, progress).unwrap();
         }
-        let (mut out, mut terminated) = (BytesMut::new(), false);
-        scan_client(&mut input, &mut out, 1 << 20, progress, &mut terminated).unwrap();
     }
 
     /// Runs the server scan over `messages` (tag, body).
@@ -504,6 +499,7 @@ mod tests {
             tx: &mut tx,
             params: &mut params,
             last_fatal: false,
+            encoding_safe: true,
         };
         side.scan(&mut input, &mut BytesMut::new(), 1 << 20, progress)
             .unwrap();

@@ -51,8 +51,14 @@ pub async fn serve(
         let Some(lease) = held.leases[steering.current].as_mut() else {
             break RelayEnd::ClientGone;
         };
-        let stop = relay::relay(&mut client, &mut lease.conn, &mut steering, &mut progress, proxy)
-            .await;
+        let stop = relay::relay(
+            &mut client,
+            &mut lease.conn,
+            &mut steering,
+            &mut progress,
+            proxy,
+        )
+        .await;
         let decision = match stop {
             Stop::End(end) => break end,
             Stop::Decided(decision) => decision,
@@ -60,8 +66,16 @@ pub async fn serve(
         if flush_client(&mut client).await.is_err() {
             break RelayEnd::ClientGone;
         }
-        if let Err(error) =
-            act(decision, &mut client, &mut held, &mut steering, key, startup, proxy).await
+        if let Err(error) = act(
+            decision,
+            &mut client,
+            &mut held,
+            &mut steering,
+            key,
+            startup,
+            proxy,
+        )
+        .await
         {
             info!(%error, "session ended: its next statement cannot be served");
             refuse(&mut client.stream, &error).await;
@@ -216,7 +230,7 @@ async fn write_position(held: &mut Held, proxy: &Proxy) -> Option<u64> {
     let lease = held.leases[primary].as_mut()?;
     match lease
         .conn
-        .query_text("SELECT pg_current_wal_lsn()::text")
+        .query_text("SELECT pg_current_wal_insert_lsn()::text")
         .await
     {
         Ok(text) => text.as_deref().and_then(parse_lsn),

@@ -165,8 +165,7 @@ impl Steering {
                 reason: RouteReason::Write,
             });
         }
-        if !read || pinned.is_some() || !self.encoding_safe || facts.hint == Some(Hint::Primary)
-        {
+        if !read || pinned.is_some() || !self.encoding_safe || facts.hint == Some(Hint::Primary) {
             self.unit_writes = !read;
             return router::route_write(&topology).map_err(|_| Decision::WaitPrimary);
         }
@@ -418,11 +417,6 @@ impl Steering {
         if let Some(p) = name.ok().and_then(|n| self.statements.get_mut(n)) {
             p.on |= 1 << node;
         }
-    }
-
-    /// The session's named statements (for unit inspection).
-    pub fn statements(&self) -> &Statements {
-        &self.statements
     }
 
     /// Records the primary's WAL position after the session's writes (None: it could not be read,

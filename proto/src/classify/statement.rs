@@ -477,11 +477,7 @@ impl<'a> Statement<'a> {
                 serializable,
             } => {
                 out.tx = Some(TxControl::Begin {
-                    read_only: if serializable {
-                        Some(false)
-                    } else {
-                        read_only
-                    },
+                    read_only: if serializable { Some(false) } else { read_only },
                 })
             }
             Kind::TxEnd(control) => out.tx = Some(control),

@@ -34,9 +34,17 @@ const fn pin(pin: Pin) -> Expect {
 
 /// `(sql, expectation, why)`.
 const FLAGS: &[(&str, Expect, &str)] = &[
-    ("BEGIN", begin(None), "plain BEGIN: the session default applies"),
+    (
+        "BEGIN",
+        begin(None),
+        "plain BEGIN: the session default applies",
+    ),
     ("BEGIN READ ONLY", begin(Some(true)), "BEGIN READ ONLY"),
-    ("BEGIN ISOLATION LEVEL SERIALIZABLE", begin(Some(false)), "serializable never on a standby"),
+    (
+        "BEGIN ISOLATION LEVEL SERIALIZABLE",
+        begin(Some(false)),
+        "serializable never on a standby",
+    ),
     (
         "begin transaction read only, isolation level repeatable read",
         begin(Some(true)),
