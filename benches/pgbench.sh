@@ -1,34 +1,52 @@
 #!/usr/bin/env bash
-# Macro benchmark: pgbench against PostgreSQL directly, through PgBouncer (session and
-# transaction pooling) and through pgvigil, in interleaved rounds, reporting medians.
+# Macro benchmark: pgbench against PostgreSQL directly, through PgBouncer and through pgvigil, in
+# interleaved rounds, reporting medians. Two runs:
+#   single  one primary; targets: direct, PgBouncer session and transaction pooling, pgvigil.
+#   split   read/write splitting: the primary gets two streaming replicas (pg_basebackup -R, hot
+#           standby); read-only workloads against the primary directly, PgBouncer (transaction
+#           pooling, on the primary), pgvigil with only the primary in [[nodes]] (baseline) and
+#           pgvigil with all three nodes, whose reads are balanced over them. For each run of the
+#           3-node pgvigil it also reports how the transactions spread over the nodes.
 #
 # Usage: benches/pgbench.sh            (from anywhere; run as root or as a user who can run initdb)
+#   RUNS=single   which run: single, split or all (both, single first)
 #   DURATION=10   seconds per pgbench run (integer)
 #   ROUNDS=3      interleaved rounds (in each: every workload, every target in turn)
 #   SCALE=10      pgbench scale factor, initialised once
+#   SPLIT_BALANCE unset: the 3-node pgvigil config has no balance key (the default,
+#                 least_connections); round_robin, random or least_connections: written as
+#                 [routing] balance
 #   PGVIGIL_BIN   use this pgvigil binary instead of building target/release/pgvigil
 #   PG_BIN        PostgreSQL server bin dir (default: newest /usr/lib/postgresql/*/bin)
 #
-# Expected full runtime with the defaults: 8 workloads x 4 targets x 3 rounds x 10 s = 16 min of
-# pgbench, about 18 min with connection set-up, plus ~1 min for cluster + init at scale 10, plus
-# the release build (a few minutes when target/release is cold). Run it on a quiet machine.
+# Expected runtime with the defaults, plus the release build (a few minutes when target/release is
+# cold) and ~1 min for the cluster and pgbench -i at scale 10. Run it on a quiet machine.
+#   single  8 workloads x 4 targets x 3 rounds x 10 s = 16 min of pgbench, ~18 min in all.
+#   split   4 workloads x 4 targets x 3 rounds x 10 s = 8 min of pgbench, plus 2 x 11 s of waiting
+#           for statistics around each of the 12 runs of the 3-node pgvigil (4.4 min) and ~1 min
+#           for the replicas: ~14 min.
+#   all     ~32 min.
 #
 # The cluster is built here (initdb + pg_ctl, as the `postgres` OS user when root) rather than with
 # `pgvigil demo`, to get max_connections for every target's pool at once and a pgvigil config with
 # [pool] max_size = 100 (the demo uses the default 20). fsync stays on; synchronous_commit is off so
-# that the TPC-B-like workload measures the proxies rather than the disk's flush latency.
+# that the TPC-B-like workload measures the proxies rather than the disk's flush latency. The
+# replicas are built only for the split run, after the single run, so that WAL shipping and replay
+# never share the machine with the single run.
 set -euo pipefail
 
+RUNS=${RUNS:-single}
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 SCALE=${SCALE:-10}
+SPLIT_BALANCE=${SPLIT_BALANCE:-}
 THREADS=2
 APP_USER=app
 APP_PASSWORD=app-secret
 APP_DB=app
-TARGETS=(direct pgbouncer-session pgbouncer-transaction pgvigil)
+SINGLE_TARGETS=(direct pgbouncer-session pgbouncer-transaction pgvigil)
 # name|pgbench options (besides -T, -j and the connection)
-WORKLOADS=(
+SINGLE_WORKLOADS=(
     "select-simple-c1|-S -M simple -c 1"
     "select-simple-c16|-S -M simple -c 16"
     "select-simple-c64|-S -M simple -c 64"
@@ -38,16 +56,37 @@ WORKLOADS=(
     "tpcb-like-c16|-M simple -c 16"
     "connect-select-c8|-C -S -M simple -c 8"
 )
+SPLIT_TARGETS=(direct pgbouncer-transaction pgvigil pgvigil-3node)
+SPLIT_WORKLOADS=(
+    "select-simple-c16|-S -M simple -c 16"
+    "select-simple-c64|-S -M simple -c 64"
+    "select-extended-c16|-S -M extended -c 16"
+    "select-extended-c64|-S -M extended -c 64"
+)
+# Nodes of the split run, the primary first; pgvigil-3node has them all in [[nodes]].
+NODES=(pg1 pg2 pg3)
+# A backend keeps its statistics pending for up to PGSTAT_IDLE_INTERVAL (10 s, in PostgreSQL's
+# src/backend/utils/activity/pgstat.c) once idle, and pooled backends stay idle rather than exit
+# (exiting would flush them): pg_stat_database holds all of a run's commits only 10 s after it
+# ends, and this wait cannot be observed from outside. One second of margin.
+STATS_SETTLE=11
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=""
-PGVIGIL_PID=""
-PG_STARTED=""
+RUN=""
+TARGETS=()
+WORKLOADS=()
+PGVIGIL_PIDS=()
+# Data directories of the servers started, the primary first.
+PG_DATA_DIRS=()
 declare -A PORT=()
 FAILED_RUNS=0
 
 say() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { say "error: $*"; exit 1; }
+
+# Whether run $1 (single or split) is selected by RUNS.
+wants() { [[ $RUNS == all || $RUNS == "$1" ]]; }
 
 # Runs a command as the unprivileged server user when we are root (postgres and pgbouncer both
 # refuse to run as root), else as ourselves.
@@ -63,16 +102,18 @@ cleanup() {
     local status=$?
     trap - EXIT INT TERM
     set +e
+    local pidfile pid i
     for pidfile in "$WORK"/pgbouncer-*/pgbouncer.pid; do
         [[ -f $pidfile ]] && kill "$(cat "$pidfile")" 2>/dev/null
     done
-    if [[ -n $PGVIGIL_PID ]]; then
-        kill -TERM "$PGVIGIL_PID" 2>/dev/null
-        wait "$PGVIGIL_PID" 2>/dev/null
-    fi
-    if [[ -n $PG_STARTED ]]; then
-        as_server_user "$PG_BIN/pg_ctl" -D "$WORK/pg/data" -m fast -w stop >/dev/null 2>&1
-    fi
+    for pid in "${PGVIGIL_PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
+    # Replicas before their primary, so that they do not keep trying to reconnect to it.
+    for ((i = ${#PG_DATA_DIRS[@]} - 1; i >= 0; i--)); do
+        as_server_user "$PG_BIN/pg_ctl" -D "${PG_DATA_DIRS[i]}" -m fast -w stop >/dev/null 2>&1
+    done
     # Give pgbouncer a moment to exit before its directory goes away.
     sleep 0.5
     [[ -n $WORK && -d $WORK ]] && rm -rf "$WORK"
@@ -84,7 +125,7 @@ trap 'exit 143' TERM
 
 port_is_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# Picks a free loopback port at or above $1 that no target uses yet.
+# Picks a free loopback port at or above $1 that no target or node uses yet.
 pick_port() {
     local port=$1
     while ! port_is_free "$port" || [[ " ${PORT[*]} " == *" $port "* ]]; do
@@ -107,12 +148,20 @@ wait_ready() {
     done
 }
 
+# Runs query $2 as the superuser directly on node $1 (not through a proxy); prints the result.
+node_sql() {
+    psql -h 127.0.0.1 -p "${PORT[$1]}" -U postgres -d postgres -XAtq -v ON_ERROR_STOP=1 -c "$2"
+}
+
 check_tools() {
     local bin
-    bin=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)}
+    bin=${PG_BIN:-$(compgen -G '/usr/lib/postgresql/*/bin' | sort -V | tail -n 1 || true)}
     [[ -n $bin ]] || bin=$(dirname "$(command -v initdb || echo /nonexistent/initdb)")
     [[ -x $bin/initdb && -x $bin/pg_ctl ]] || die "PostgreSQL server binaries not found (set PG_BIN)"
     PG_BIN=$bin
+    if wants split; then
+        [[ -x $PG_BIN/pg_basebackup ]] || die "pg_basebackup not found in $PG_BIN"
+    fi
     PGBENCH=$PG_BIN/pgbench
     [[ -x $PGBENCH ]] || PGBENCH=$(command -v pgbench) || die "pgbench not found"
     command -v psql >/dev/null || die "psql not found"
@@ -151,18 +200,24 @@ make_work_dir() {
 
 start_postgres() {
     PORT[direct]=$(pick_port 25432)
+    PORT[pg1]=${PORT[direct]}
     local data=$WORK/pg/data
     say "initdb and start PostgreSQL on port ${PORT[direct]}"
     as_server_user "$PG_BIN/initdb" -D "$data" -U postgres --auth-local=trust \
         --auth-host=scram-sha-256 -E UTF8 --locale=C >"$WORK/initdb.log" 2>&1 ||
         { cat "$WORK/initdb.log" >&2; die "initdb failed"; }
-    # The superuser (setup only) may use trust; `app` logs in with SCRAM everywhere, as through
-    # the proxies.
+    # The superuser (setup, replication, statistics) may use trust; `app` logs in with SCRAM
+    # everywhere, as through the proxies. pg_basebackup copies this file to the replicas.
     as_server_user tee "$data/pg_hba.conf" >/dev/null <<EOF
 local all all trust
 host all postgres 127.0.0.1/32 trust
+host replication postgres 127.0.0.1/32 trust
 host all all 127.0.0.1/32 scram-sha-256
 EOF
+    # max_connections: each target holds at most 64 connections to a node (the most clients of
+    # any workload), and at most five targets reach the primary (direct, two PgBouncers, two
+    # pgvigils), so 320 and a few for the health probes and psql. The replicas inherit it, as
+    # hot standby requires.
     as_server_user tee -a "$data/postgresql.conf" >/dev/null <<EOF
 listen_addresses = '127.0.0.1'
 port = ${PORT[direct]}
@@ -171,38 +226,80 @@ max_connections = 400
 shared_buffers = 128MB
 synchronous_commit = off
 EOF
+    PG_DATA_DIRS+=("$data")
     as_server_user "$PG_BIN/pg_ctl" -D "$data" -l "$WORK/pg/postgres.log" -w -t 60 start \
         >/dev/null || { tail -n 20 "$WORK/pg/postgres.log" >&2; die "PostgreSQL did not start"; }
-    PG_STARTED=1
     psql -h 127.0.0.1 -p "${PORT[direct]}" -U postgres -d postgres -XAtq -v ON_ERROR_STOP=1 \
         -c "CREATE ROLE $APP_USER LOGIN PASSWORD '$APP_PASSWORD'" \
         -c "CREATE DATABASE $APP_DB OWNER $APP_USER" >/dev/null || die "cannot create role/db"
     wait_ready "${PORT[direct]}" PostgreSQL || die "PostgreSQL refuses app"
 }
 
-start_pgvigil() {
-    PORT[pgvigil]=$(pick_port 26432)
-    cat >"$WORK/pgvigil.toml" <<EOF
-listen = "127.0.0.1:${PORT[pgvigil]}"
-
-[pool]
-max_size = 100
-
-[[nodes]]
-name = "pg1"
-host = "127.0.0.1"
-port = ${PORT[direct]}
-
-[[users]]
-name = "$APP_USER"
-password = "$APP_PASSWORD"
-auth = "scram-sha-256"
+# Clones the primary into replica $1, a hot standby streaming through its own replication slot,
+# and starts it on its own port.
+start_replica() {
+    local node=$1 data=$WORK/pg/$1
+    PORT[$node]=$(pick_port 25432)
+    say "pg_basebackup and start replica $node on port ${PORT[$node]}"
+    # application_name lands in the primary_conninfo that -R writes, so that
+    # pg_stat_replication on the primary names the replica.
+    as_server_user "$PG_BIN/pg_basebackup" -D "$data" -R -C -S "$node" -X stream -c fast \
+        -d "host=127.0.0.1 port=${PORT[pg1]} user=postgres application_name=$node" \
+        >"$WORK/basebackup-$node.log" 2>&1 ||
+        { cat "$WORK/basebackup-$node.log" >&2; die "pg_basebackup for $node failed"; }
+    # The copied postgresql.conf carries the primary's port; the last setting of a name wins.
+    # pgbench VACUUMs two of its tables on the primary before every run: with feedback, replaying
+    # that cleanup never has to cancel a read on the replica.
+    as_server_user tee -a "$data/postgresql.conf" >/dev/null <<EOF
+port = ${PORT[$node]}
+hot_standby = on
+hot_standby_feedback = on
 EOF
-    say "start pgvigil on port ${PORT[pgvigil]}"
-    PGVIGIL_LOG=warn "$PGVIGIL_BIN" serve --config "$WORK/pgvigil.toml" >"$WORK/pgvigil.log" 2>&1 &
-    PGVIGIL_PID=$!
-    wait_ready "${PORT[pgvigil]}" pgvigil ||
-        { tail -n 20 "$WORK/pgvigil.log" >&2; die "pgvigil did not start"; }
+    PG_DATA_DIRS+=("$data")
+    as_server_user "$PG_BIN/pg_ctl" -D "$data" -l "$WORK/pg/$node.log" -w -t 60 start \
+        >/dev/null || { tail -n 20 "$WORK/pg/$node.log" >&2; die "replica $node did not start"; }
+}
+
+# Waits until every replica has replayed the primary's WAL up to now: pgbench reads the scale
+# from pgbench_branches, wherever pgvigil sends that query. Fails after 60 s.
+wait_replayed() {
+    local lsn node tries
+    lsn=$(node_sql pg1 'SELECT pg_current_wal_lsn()') || die "cannot read the primary's WAL LSN"
+    for node in "${NODES[@]:1}"; do
+        tries=0
+        until [[ $(node_sql "$node" "SELECT pg_last_wal_replay_lsn() >= '$lsn'" 2>/dev/null) == t ]]
+        do
+            tries=$((tries + 1))
+            ((tries < 200)) || die "replica $node has not replayed the WAL up to $lsn in 60 s"
+            sleep 0.3
+        done
+    done
+    say "replicas have replayed the primary's WAL up to $lsn"
+}
+
+# Starts pgvigil as target $1 with the nodes $3... in [[nodes]], and `[routing] balance = "$2"`
+# unless $2 is empty.
+start_pgvigil() {
+    local target=$1 balance=$2 node config=$WORK/$1.toml
+    shift 2
+    PORT[$target]=$(pick_port 26432)
+    {
+        printf 'listen = "127.0.0.1:%s"\n\n[pool]\nmax_size = 100\n' "${PORT[$target]}"
+        if [[ -n $balance ]]; then
+            printf '\n[routing]\nbalance = "%s"\n' "$balance"
+        fi
+        for node in "$@"; do
+            printf '\n[[nodes]]\nname = "%s"\nhost = "127.0.0.1"\nport = %s\n' \
+                "$node" "${PORT[$node]}"
+        done
+        printf '\n[[users]]\nname = "%s"\npassword = "%s"\nauth = "scram-sha-256"\n' \
+            "$APP_USER" "$APP_PASSWORD"
+    } >"$config"
+    say "start $target ($*) on port ${PORT[$target]}"
+    PGVIGIL_LOG=warn "$PGVIGIL_BIN" serve --config "$config" >"$WORK/$target.log" 2>&1 &
+    PGVIGIL_PIDS+=("$!")
+    wait_ready "${PORT[$target]}" "$target" ||
+        { tail -n 20 "$WORK/$target.log" >&2; die "$target did not start"; }
 }
 
 # Starts one PgBouncer in pool mode $1 (session or transaction) as the server user.
@@ -243,11 +340,24 @@ init_pgbench() {
         { cat "$WORK/init.log" >&2; die "pgbench -i failed"; }
 }
 
+# Makes run $1 (single or split) the one under way: its targets, workloads and results.
+use_run() {
+    RUN=$1
+    if [[ $RUN == single ]]; then
+        TARGETS=("${SINGLE_TARGETS[@]}")
+        WORKLOADS=("${SINGLE_WORKLOADS[@]}")
+    else
+        TARGETS=("${SPLIT_TARGETS[@]}")
+        WORKLOADS=("${SPLIT_WORKLOADS[@]}")
+    fi
+    mkdir -p "$WORK/runs/$RUN"
+}
+
 # One pgbench run: workload options $3 against target $2; appends "tps latency_ms" to the
 # results of workload $1 and target $2, or counts a failure and shows why.
 run_one() {
     local workload=$1 target=$2 opts=$3 out status=0
-    out=$WORK/runs/$workload.$target.$round.log
+    out=$WORK/runs/$RUN/$workload.$target.$round.log
     # shellcheck disable=SC2086 # $opts holds several options on purpose
     PGPASSWORD=$APP_PASSWORD "$PGBENCH" -h 127.0.0.1 -p "${PORT[$target]}" -U "$APP_USER" \
         -T "$DURATION" -j "$THREADS" $opts "$APP_DB" >"$out" 2>&1 || status=$?
@@ -261,31 +371,66 @@ run_one() {
         grep -v '^progress' "$out" | tail -n 15 >&2
         return
     fi
-    echo "$tps $latency" >>"$WORK/runs/$workload.$target.results"
+    echo "$tps $latency" >>"$WORK/runs/$RUN/$workload.$target.results"
     say "  $workload on $target: tps $tps, latency $latency ms"
+}
+
+# Prints "node commits" for every node: sum(xact_commit) over its pg_stat_database.
+commits_per_node() {
+    local node commits
+    for node in "${NODES[@]}"; do
+        commits=$(node_sql "$node" 'SELECT sum(xact_commit) FROM pg_stat_database') ||
+            die "cannot read pg_stat_database on $node"
+        echo "$node $commits"
+    done
+}
+
+# Runs workload $1 (options $2) on pgvigil-3node and writes how many transactions each node
+# committed meanwhile to <workload>.pgvigil-3node.<round>.reads, as "node commits" lines. The
+# counts include, and nothing subtracts, pgvigil's health probes (one query per node and second),
+# the statements pgbench runs before measuring (the scale query, VACUUM, TRUNCATE) and the first
+# snapshot's own psql session. Few probes show, though: in trials, PostgreSQL 15 held back the
+# statistics of a connection querying once a second until it closed, and an idle replica's count
+# grew by 2 to 6 per run.
+run_counting_reads() {
+    local workload=$1 opts=$2 base
+    base=$WORK/runs/$RUN/$workload.pgvigil-3node.$round
+    # Earlier runs' pooled backends must flush their pending statistics before the first
+    # snapshot, and this run's before the second.
+    sleep "$STATS_SETTLE"
+    commits_per_node >"$base.before"
+    run_one "$workload" pgvigil-3node "$opts"
+    sleep "$STATS_SETTLE"
+    commits_per_node >"$base.after"
+    paste -d ' ' "$base.before" "$base.after" | awk '{print $1, $4 - $2}' >"$base.reads"
 }
 
 # Fills every pool before measuring, so that no target pays for opening server connections in
 # round 1 and not later; the results are not kept and a failure is only a warning.
 warm_up() {
-    local target
+    local target log
     for target in "${TARGETS[@]}"; do
         say "warm-up: 64 clients on $target"
+        log=$WORK/runs/$RUN/warm-up.$target.log
         PGPASSWORD=$APP_PASSWORD "$PGBENCH" -h 127.0.0.1 -p "${PORT[$target]}" -U "$APP_USER" \
-            -T 2 -j "$THREADS" -c 64 -S "$APP_DB" >"$WORK/runs/warm-up.$target.log" 2>&1 ||
-            say "warning: warm-up on $target failed: $(tail -n 1 "$WORK/runs/warm-up.$target.log")"
+            -T 2 -j "$THREADS" -c 64 -S "$APP_DB" >"$log" 2>&1 ||
+            say "warning: warm-up on $target failed: $(tail -n 1 "$log")"
     done
 }
 
 run_rounds() {
     local entry name opts target
     for ((round = 1; round <= ROUNDS; round++)); do
-        say "round $round of $ROUNDS"
+        say "$RUN run: round $round of $ROUNDS"
         for entry in "${WORKLOADS[@]}"; do
             name=${entry%%|*}
             opts=${entry#*|}
             for target in "${TARGETS[@]}"; do
-                run_one "$name" "$target" "$opts"
+                if [[ $target == pgvigil-3node ]]; then
+                    run_counting_reads "$name" "$opts"
+                else
+                    run_one "$name" "$target" "$opts"
+                fi
             done
         done
     done
@@ -298,8 +443,14 @@ median() {
         END {if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
 }
 
-report() {
-    local entry name target tps lat
+# awk functions of both tables: a "TPS / latency" cell, and the ratio of two TPS.
+AWK_CELLS='
+    function cell(t, l) { return t == "" ? "FAIL" : sprintf("%.0f / %.3f", t, l) }
+    function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "-" : sprintf("%.2f", a / b) }
+'
+
+report_single() {
+    local entry name target
     echo
     echo "pgbench, ${ROUNDS} round(s) x ${DURATION} s per run, -j $THREADS, scale $SCALE; medians."
     echo "Cells: TPS / average latency in ms. pgb-sess/pgb-txn: PgBouncer session/transaction pooling."
@@ -309,16 +460,14 @@ report() {
         name=${entry%%|*}
         declare -A T=() L=()
         for target in "${TARGETS[@]}"; do
-            T[$target]=$(median "$WORK/runs/$name.$target.results" 1)
-            L[$target]=$(median "$WORK/runs/$name.$target.results" 2)
+            T[$target]=$(median "$WORK/runs/$RUN/$name.$target.results" 1)
+            L[$target]=$(median "$WORK/runs/$RUN/$name.$target.results" 2)
         done
         awk -v name="$name" \
             -v dt="${T[direct]}" -v dl="${L[direct]}" \
             -v st="${T[pgbouncer-session]}" -v sl="${L[pgbouncer-session]}" \
             -v xt="${T[pgbouncer-transaction]}" -v xl="${L[pgbouncer-transaction]}" \
-            -v vt="${T[pgvigil]}" -v vl="${L[pgvigil]}" '
-            function cell(t, l) { return t == "" ? "FAIL" : sprintf("%.0f / %.3f", t, l) }
-            function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "-" : sprintf("%.2f", a / b) }
+            -v vt="${T[pgvigil]}" -v vl="${L[pgvigil]}" "$AWK_CELLS"'
             BEGIN {
                 if (st == "" && xt == "") { best = ""; which = "" }
                 else if (xt == "" || (st != "" && st + 0 >= xt + 0)) { best = st; which = " (sess)" }
@@ -331,7 +480,77 @@ report() {
     done
 }
 
+report_split() {
+    local entry name target
+    echo
+    echo "3-node read run: pgbench, ${ROUNDS} round(s) x ${DURATION} s per run, -j $THREADS," \
+        "scale $SCALE; medians."
+    echo "Cells: TPS / average latency in ms. pgb-txn: PgBouncer transaction pooling, on the" \
+        "primary."
+    echo "vigil-1n: pgvigil, primary only. vigil-3n: pgvigil, primary + 2 replicas," \
+        "balance ${SPLIT_BALANCE:-not set (default)}."
+    printf '%-21s %18s %18s %18s %18s %8s %12s %8s\n' workload direct pgb-txn vigil-1n vigil-3n \
+        3n/dir 3n/pgb-txn 3n/1n
+    for entry in "${WORKLOADS[@]}"; do
+        name=${entry%%|*}
+        declare -A T=() L=()
+        for target in "${TARGETS[@]}"; do
+            T[$target]=$(median "$WORK/runs/$RUN/$name.$target.results" 1)
+            L[$target]=$(median "$WORK/runs/$RUN/$name.$target.results" 2)
+        done
+        awk -v name="$name" \
+            -v dt="${T[direct]}" -v dl="${L[direct]}" \
+            -v xt="${T[pgbouncer-transaction]}" -v xl="${L[pgbouncer-transaction]}" \
+            -v vt="${T[pgvigil]}" -v vl="${L[pgvigil]}" \
+            -v wt="${T[pgvigil-3node]}" -v wl="${L[pgvigil-3node]}" "$AWK_CELLS"'
+            BEGIN {
+                printf "%-21s %18s %18s %18s %18s %8s %12s %8s\n", name, cell(dt, dl),
+                    cell(xt, xl), cell(vt, vl), cell(wt, wl), ratio(wt, dt), ratio(wt, xt),
+                    ratio(wt, vt)
+            }'
+        unset T L
+    done
+    report_reads
+}
+
+# Prints each node's share and count of the transactions committed during every pgvigil-3node run.
+report_reads() {
+    local entry name r file
+    echo
+    echo "Transactions per node during each vigil-3n run (growth of sum(xact_commit) in each node's"
+    echo "pg_stat_database): share / count; ${NODES[0]} is the primary. Nothing is subtracted: the"
+    echo "counts include pgbench's set-up statements, and pgvigil's health probes as far as"
+    echo "PostgreSQL has reported them (few: see run_counting_reads)."
+    printf '%-21s %5s' workload round
+    printf ' %16s' "${NODES[@]}"
+    printf ' %12s\n' total
+    for entry in "${WORKLOADS[@]}"; do
+        name=${entry%%|*}
+        for ((r = 1; r <= ROUNDS; r++)); do
+            file=$WORK/runs/$RUN/$name.pgvigil-3node.$r.reads
+            [[ -f $file ]] || continue
+            awk -v name="$name" -v round="$r" '
+                {n[NR] = $2; total += $2}
+                END {
+                    printf "%-21s %5s", name, round
+                    for (i = 1; i <= NR; i++)
+                        printf " %6.1f%% / %7d", (total > 0 ? 100 * n[i] / total : 0), n[i]
+                    printf " %12d\n", total
+                }' "$file"
+        done
+    done
+}
+
 main() {
+    local node
+    case $RUNS in
+    single | split | all) ;;
+    *) die "RUNS must be single, split or all" ;;
+    esac
+    case $SPLIT_BALANCE in
+    "" | least_connections | round_robin | random) ;;
+    *) die "SPLIT_BALANCE must be least_connections, round_robin or random" ;;
+    esac
     [[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "DURATION must be a positive integer (seconds)"
     [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
     # 64 clients need 64 sockets in pgbench and two per client in each proxy.
@@ -341,13 +560,35 @@ main() {
     build_pgvigil
     make_work_dir
     start_postgres
-    start_pgvigil
-    start_pgbouncer session
+    start_pgvigil pgvigil "" pg1
+    if wants single; then
+        start_pgbouncer session
+    fi
     start_pgbouncer transaction
     init_pgbench
-    warm_up
-    run_rounds
-    report
+    if wants single; then
+        use_run single
+        warm_up
+        run_rounds
+    fi
+    if wants split; then
+        for node in "${NODES[@]:1}"; do
+            start_replica "$node"
+        done
+        wait_replayed
+        start_pgvigil pgvigil-3node "$SPLIT_BALANCE" "${NODES[@]}"
+        use_run split
+        warm_up
+        run_rounds
+    fi
+    if wants single; then
+        use_run single
+        report_single
+    fi
+    if wants split; then
+        use_run split
+        report_split
+    fi
     if ((FAILED_RUNS > 0)); then
         die "$FAILED_RUNS pgbench run(s) failed (shown above): medians exclude them; FAIL: no run succeeded"
     fi
