@@ -35,6 +35,9 @@ pub struct Prepared {
     pub on: u64,
 }
 
+/// A statement text or name, as the client sent it.
+pub type SqlText = Box<[u8]>;
+
 /// The session's named prepared statements by name.
 pub type Statements = HashMap<Box<[u8]>, Prepared>;
 
@@ -374,7 +377,7 @@ impl Steering {
 
     /// What `node` must run before it can serve: session-state statements it has not run, and
     /// statements to close.
-    pub fn catch_up(&self, node: NodeId) -> (&[Box<[u8]>], &[Box<[u8]>]) {
+    pub fn catch_up(&self, node: NodeId) -> (&[SqlText], &[SqlText]) {
         let applied = self.applied[node].min(self.replay.len());
         (&self.replay[applied..], &self.pending_close[node])
     }
