@@ -32,7 +32,7 @@ pub async fn run(dir: PathBuf, port: u16, replicas: usize) -> ExitCode {
         Err(e) => return fail(&e.to_string()),
     };
     print_welcome(&cluster, running.local_addr);
-    let _ = tokio::signal::ctrl_c().await;
+    crate::signals::stop_requested().await;
     println!("\npgvigil demo: stopping pgvigil and the nodes ...");
     running.shutdown().await;
     let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;

@@ -17,6 +17,7 @@ pub mod replication;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod signals;
 pub mod stream;
 pub mod tls;
 pub mod topology;

@@ -82,7 +82,7 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wait_for_stop_signal().await;
+    pgvigil::signals::stop_requested().await;
     info!("stopping");
     running.shutdown().await;
     ExitCode::SUCCESS
@@ -99,21 +99,6 @@ fn config_failure(path: &std::path::Path, e: &ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
 
 fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)

@@ -169,7 +169,9 @@ impl Steering {
             });
         }
         if !read || pinned.is_some() || !self.encoding_safe || facts.hint == Some(Hint::Primary) {
-            self.unit_writes = !read;
+            // A lone SET or RESET writes no WAL: it does not hold the session's reads back.
+            let lone_setting = facts.session_state && facts.query_statements == 1;
+            self.unit_writes = !read && !lone_setting;
             return router::route_write(&topology).map_err(|_| Decision::WaitPrimary);
         }
         self.unit_writes = false;
