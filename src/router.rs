@@ -36,6 +36,8 @@ pub enum RouteReason {
     NoReplicaQualifies,
     /// A read after a write no replica has been seen to replay yet.
     ReadYourWrites,
+    /// It uses the unnamed statement, which lives on the node that parsed it.
+    UnnamedStatement,
 }
 
 impl RouteReason {
@@ -47,6 +49,7 @@ impl RouteReason {
             RouteReason::Balanced => "read, balanced",
             RouteReason::NoReplicaQualifies => "read, but no replica qualifies",
             RouteReason::ReadYourWrites => "read after a write no replica was seen to replay yet",
+            RouteReason::UnnamedStatement => "uses the unnamed statement parsed there",
         }
     }
 }

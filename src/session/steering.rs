@@ -129,6 +129,15 @@ impl Steering {
         }
         self.unit = facts;
         if in_transaction || !facts.has_statement {
+            debug!(
+                node = self.current,
+                route = if in_transaction {
+                    "inside a transaction: stays"
+                } else {
+                    "names no statement: stays"
+                },
+                "routing decision"
+            );
             self.begin_unit(proxy);
             return Decision::Forward;
         }
@@ -165,7 +174,7 @@ impl Steering {
             self.unit_writes = !facts.read_only;
             return Ok(Route {
                 node,
-                reason: RouteReason::Write,
+                reason: RouteReason::UnnamedStatement,
             });
         }
         if !read || pinned.is_some() || !self.encoding_safe || facts.hint == Some(Hint::Primary) {
