@@ -99,7 +99,6 @@ fn config_failure(path: &std::path::Path, e: &ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-
 fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -250,3 +250,102 @@ fn parsed_before(input: &[u8], end: usize, max_message: usize, name: &[u8]) -> b
 fn message_at(input: &[u8], pos: usize, max_message: usize) -> Option<Message<'_>> {
     next_message(input.get(pos..)?, max_message).ok().flatten()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::steering::Prepared;
+    use bytes::{BufMut, Bytes, BytesMut};
+
+    fn frame(out: &mut BytesMut, tag: u8, body: &[u8]) {
+        out.put_u8(tag);
+        out.put_u32(body.len() as u32 + 4);
+        out.put_slice(body);
+    }
+
+    fn parse(out: &mut BytesMut, name: &str, sql: &str) {
+        frame(out, b'P', format!("{name}\0{sql}\0\0\0").as_bytes());
+    }
+
+    fn bind(out: &mut BytesMut, statement: &str) {
+        frame(out, b'B', format!("\0{statement}\0\0\0\0\0\0\0").as_bytes());
+    }
+
+    fn facts(input: &[u8], statements: &Statements) -> UnitFacts {
+        inspect(input, 1 << 20, &FunctionLists::default(), statements)
+    }
+
+    #[test]
+    fn an_extended_unit_is_read_only_when_every_parse_is_and_complete_at_sync() {
+        let none = Statements::new();
+        let mut unit = BytesMut::new();
+        parse(&mut unit, "", "SELECT 1");
+        bind(&mut unit, "");
+        frame(&mut unit, b'E', b"\0\0\0\0\0");
+        assert!(!facts(&unit, &none).complete, "no Sync yet: wait");
+        frame(&mut unit, b'S', b"");
+        let f = facts(&unit, &none);
+        assert!(f.complete && f.read_only && f.has_statement && !f.reuses_unnamed);
+        assert_eq!(f.inspected, unit.len());
+
+        let mut write = BytesMut::new();
+        parse(&mut write, "", "SELECT 1");
+        parse(&mut write, "", "INSERT INTO t VALUES (1)");
+        frame(&mut write, b'S', b"");
+        assert!(!facts(&write, &none).read_only);
+    }
+
+    #[test]
+    fn a_query_is_a_unit_of_its_own() {
+        let mut input = BytesMut::new();
+        frame(&mut input, b'Q', b"/* pgvigil:replica */ SELECT f()\0");
+        frame(&mut input, b'Q', b"INSERT INTO t VALUES (1)\0");
+        let f = facts(&input, &Statements::new());
+        assert!(f.complete && !f.read_only);
+        assert_eq!(f.hint, Some(Hint::Replica));
+        assert_eq!(f.query_statements, 1);
+        assert_eq!(f.inspected, input.len() - 30, "only the first Query");
+    }
+
+    #[test]
+    fn binds_of_known_and_unknown_statements() {
+        let mut statements = Statements::new();
+        let class = classify(b"SELECT 1", &FunctionLists::default());
+        statements.insert(
+            b"s1".as_slice().into(),
+            Prepared {
+                parse: Bytes::new(),
+                class,
+                on: 1,
+            },
+        );
+        let mut known = BytesMut::new();
+        bind(&mut known, "s1");
+        frame(&mut known, b'S', b"");
+        let f = facts(&known, &statements);
+        assert!(f.read_only && f.named_refs);
+
+        let mut unknown = BytesMut::new();
+        bind(&mut unknown, "s2");
+        frame(&mut unknown, b'S', b"");
+        assert!(!facts(&unknown, &statements).read_only);
+
+        let mut unnamed = BytesMut::new();
+        bind(&mut unnamed, "");
+        frame(&mut unnamed, b'S', b"");
+        assert!(facts(&unnamed, &statements).reuses_unnamed);
+    }
+
+    #[test]
+    fn named_references_skip_statements_parsed_in_the_same_unit() {
+        let mut unit = BytesMut::new();
+        parse(&mut unit, "a", "SELECT 1");
+        bind(&mut unit, "a");
+        bind(&mut unit, "b");
+        frame(&mut unit, b'S', b"");
+        bind(&mut unit, "c");
+        let mut seen = Vec::new();
+        named_references(&unit, 1 << 20, |name| seen.push(name.to_vec()));
+        assert_eq!(seen, vec![b"b".to_vec()]);
+    }
+}
