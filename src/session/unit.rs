@@ -139,11 +139,15 @@ pub fn inspect(
                 }
             }
             frontend::tag::BIND => {
-                let name = Bind::parse(message.body).map(|b| b.statement);
-                refer(&mut facts, name.ok(), statements);
+                let name = Bind::parse(message.body).ok().map(|b| b.statement);
+                let here = name.is_some_and(|n| parsed_before(input, before, max_message, n));
+                refer(&mut facts, name, here, statements);
             }
             frontend::tag::DESCRIBE => match Describe::parse(message.body) {
-                Ok(d) if d.kind == b'S' => refer(&mut facts, Some(d.name), statements),
+                Ok(d) if d.kind == b'S' => {
+                    let here = parsed_before(input, before, max_message, d.name);
+                    refer(&mut facts, Some(d.name), here, statements);
+                }
                 _ => {}
             },
             frontend::tag::SYNC | frontend::tag::FLUSH | frontend::tag::TERMINATE => {
@@ -166,8 +170,9 @@ pub fn inspect(
     facts
 }
 
-/// Merges what a Bind or Describe of statement `name` implies.
-fn refer(facts: &mut UnitFacts, name: Option<&[u8]>, statements: &Statements) {
+/// Merges what a Bind or Describe of statement `name` implies; `parsed_here`: the unit parses
+/// `name` before it.
+fn refer(facts: &mut UnitFacts, name: Option<&[u8]>, parsed_here: bool, statements: &Statements) {
     match name {
         Some([]) => {
             if facts.unnamed.is_none() {
@@ -175,6 +180,9 @@ fn refer(facts: &mut UnitFacts, name: Option<&[u8]>, statements: &Statements) {
                 facts.has_statement = true;
             }
         }
+        // Parse, Describe, Sync is how drivers prepare: the text was merged with the Parse, and
+        // the session does not know the statement until that Parse is forwarded.
+        Some(_) if parsed_here => facts.has_statement = true,
         Some(name) => match statements.get(name) {
             Some(prepared) => {
                 facts.named_refs = true;
@@ -249,4 +257,63 @@ fn parsed_before(input: &[u8], end: usize, max_message: usize, name: &[u8]) -> b
 
 fn message_at(input: &[u8], pos: usize, max_message: usize) -> Option<Message<'_>> {
     next_message(input.get(pos..)?, max_message).ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::{BufMut, BytesMut};
+    use pgvigil_proto::encode;
+
+    use super::*;
+
+    fn parse(buf: &mut BytesMut, name: &str, sql: &str) {
+        encode::message(buf, frontend::tag::PARSE, |b| {
+            b.put_slice(name.as_bytes());
+            b.put_u8(0);
+            b.put_slice(sql.as_bytes());
+            b.put_u8(0);
+            b.put_u16(0);
+        });
+    }
+
+    fn describe_statement(buf: &mut BytesMut, name: &str) {
+        encode::message(buf, frontend::tag::DESCRIBE, |b| {
+            b.put_u8(b'S');
+            b.put_slice(name.as_bytes());
+            b.put_u8(0);
+        });
+    }
+
+    fn inspect_unit(unit: &BytesMut) -> UnitFacts {
+        let functions = FunctionLists::new::<[&str; 0], [&str; 0]>([], []);
+        inspect(unit, 1 << 20, &functions, &Statements::new())
+    }
+
+    #[test]
+    fn a_statement_prepared_and_described_in_one_unit_is_what_its_text_says() {
+        // How drivers prepare a named statement: Parse, Describe, Sync.
+        let mut read = BytesMut::new();
+        parse(&mut read, "s0", "SELECT 1");
+        describe_statement(&mut read, "s0");
+        encode::sync(&mut read);
+        let facts = inspect_unit(&read);
+        assert!(facts.complete && facts.has_statement);
+        assert!(facts.read_only, "{:?}", facts.reason);
+        assert!(!facts.named_refs, "nothing to prepare elsewhere first");
+
+        let mut write = BytesMut::new();
+        parse(&mut write, "s1", "DELETE FROM t");
+        describe_statement(&mut write, "s1");
+        encode::sync(&mut write);
+        assert!(!inspect_unit(&write).read_only);
+    }
+
+    #[test]
+    fn a_named_statement_the_session_never_parsed_may_write() {
+        let mut unit = BytesMut::new();
+        describe_statement(&mut unit, "elsewhere");
+        encode::sync(&mut unit);
+        let facts = inspect_unit(&unit);
+        assert!(facts.has_statement && !facts.read_only);
+    }
 }
