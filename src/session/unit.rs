@@ -139,11 +139,15 @@ pub fn inspect(
                 }
             }
             frontend::tag::BIND => {
-                let name = Bind::parse(message.body).map(|b| b.statement);
-                refer(&mut facts, name.ok(), statements);
+                let name = Bind::parse(message.body).ok().map(|b| b.statement);
+                let here = name.is_some_and(|n| parsed_before(input, before, max_message, n));
+                refer(&mut facts, name, here, statements);
             }
             frontend::tag::DESCRIBE => match Describe::parse(message.body) {
-                Ok(d) if d.kind == b'S' => refer(&mut facts, Some(d.name), statements),
+                Ok(d) if d.kind == b'S' => {
+                    let here = parsed_before(input, before, max_message, d.name);
+                    refer(&mut facts, Some(d.name), here, statements);
+                }
                 _ => {}
             },
             frontend::tag::SYNC | frontend::tag::FLUSH | frontend::tag::TERMINATE => {
@@ -166,8 +170,9 @@ pub fn inspect(
     facts
 }
 
-/// Merges what a Bind or Describe of statement `name` implies.
-fn refer(facts: &mut UnitFacts, name: Option<&[u8]>, statements: &Statements) {
+/// Merges what a Bind or Describe of statement `name` implies; `parsed_here`: the unit parses
+/// `name` before it.
+fn refer(facts: &mut UnitFacts, name: Option<&[u8]>, parsed_here: bool, statements: &Statements) {
     match name {
         Some([]) => {
             if facts.unnamed.is_none() {
@@ -175,6 +180,9 @@ fn refer(facts: &mut UnitFacts, name: Option<&[u8]>, statements: &Statements) {
                 facts.has_statement = true;
             }
         }
+        // Parse, Describe, Sync is how drivers prepare: the text was merged with the Parse, and
+        // the session does not know the statement until that Parse is forwarded.
+        Some(_) if parsed_here => facts.has_statement = true,
         Some(name) => match statements.get(name) {
             Some(prepared) => {
                 facts.named_refs = true;
@@ -347,5 +355,37 @@ mod tests {
         let mut seen = Vec::new();
         named_references(&unit, 1 << 20, |name| seen.push(name.to_vec()));
         assert_eq!(seen, vec![b"b".to_vec()]);
+    }
+
+    fn describe_statement(out: &mut BytesMut, name: &str) {
+        frame(out, b'D', format!("S{name}\0").as_bytes());
+    }
+
+    #[test]
+    fn a_statement_prepared_and_described_in_one_unit_is_what_its_text_says() {
+        // How drivers prepare a named statement: Parse, Describe, Sync.
+        let mut read = BytesMut::new();
+        parse(&mut read, "s0", "SELECT 1");
+        describe_statement(&mut read, "s0");
+        frame(&mut read, b'S', b"");
+        let f = facts(&read, &Statements::new());
+        assert!(f.complete && f.has_statement);
+        assert!(f.read_only, "{:?}", f.reason);
+        assert!(!f.named_refs, "nothing to prepare elsewhere first");
+
+        let mut write = BytesMut::new();
+        parse(&mut write, "s1", "DELETE FROM t");
+        describe_statement(&mut write, "s1");
+        frame(&mut write, b'S', b"");
+        assert!(!facts(&write, &Statements::new()).read_only);
+    }
+
+    #[test]
+    fn a_named_statement_the_session_never_parsed_may_write() {
+        let mut unit = BytesMut::new();
+        describe_statement(&mut unit, "elsewhere");
+        frame(&mut unit, b'S', b"");
+        let f = facts(&unit, &Statements::new());
+        assert!(f.has_statement && !f.read_only);
     }
 }

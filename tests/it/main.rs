@@ -9,6 +9,7 @@ mod cluster_fixture;
 mod passthrough;
 mod pgbench;
 mod pooling;
+mod read_split;
 mod replication;
 mod support;
 mod tls;
