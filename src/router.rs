@@ -38,6 +38,8 @@ pub enum RouteReason {
     ReadYourWrites,
     /// It uses the unnamed statement, which lives on the node that parsed it.
     UnnamedStatement,
+    /// A read of the statement the previous unit prepared, on the node that prepared it.
+    WherePrepared,
 }
 
 impl RouteReason {
@@ -50,6 +52,7 @@ impl RouteReason {
             RouteReason::NoReplicaQualifies => "read, but no replica qualifies",
             RouteReason::ReadYourWrites => "read after a write no replica was seen to replay yet",
             RouteReason::UnnamedStatement => "uses the unnamed statement parsed there",
+            RouteReason::WherePrepared => "read of the statement just prepared there",
         }
     }
 }
@@ -92,14 +95,15 @@ pub fn route_write(topology: &Topology) -> Result<Route, RouteError> {
 }
 
 /// Chooses a node for a read: a node with weight > 0 that is the primary or a standby caught up
-/// within the lag limits and, when `min_lsn` is given, past that LSN; spread by the balancer.
-/// When none qualifies, the primary.
+/// within the lag limits and, when `min_lsn` is given, past that LSN; `prefer` if it is one of
+/// them, else spread by the balancer. When none qualifies, the primary.
 pub fn route_read(
     topology: &Topology,
     replication: &ReplicationView,
     policy: &ReadPolicy<'_>,
     balancer: &Balancer,
     min_lsn: Option<u64>,
+    prefer: Option<NodeId>,
 ) -> Result<Route, RouteError> {
     let primary = primary(topology);
     let mut candidates = [(0, 0); MAX_NODES];
@@ -116,6 +120,12 @@ pub fn route_read(
                 min_lsn,
             )
         {
+            if prefer == Some(node.id) {
+                return Ok(Route {
+                    node: node.id,
+                    reason: RouteReason::WherePrepared,
+                });
+            }
             candidates[count] = (node.id, weight);
             count += 1;
         }
@@ -230,7 +240,7 @@ mod tests {
         let balancer = Balancer::new(t.nodes.len());
         let mut counts = vec![0; t.nodes.len()];
         for _ in 0..n {
-            counts[route_read(t, view, &policy(weights), &balancer, min)
+            counts[route_read(t, view, &policy(weights), &balancer, min, None)
                 .unwrap()
                 .node] += 1;
         }
@@ -278,7 +288,15 @@ mod tests {
         let t = topology(&[Role::Primary, Role::Standby, Role::Down]);
         let view = positions(&[Some(5000), Some(100), Some(5000)]);
         assert_eq!(spread(&t, &view, &[0, 1, 1], None, 10), vec![10, 0, 0]);
-        let r = route_read(&t, &view, &policy(&[0, 1, 1]), &Balancer::new(3), None).unwrap();
+        let r = route_read(
+            &t,
+            &view,
+            &policy(&[0, 1, 1]),
+            &Balancer::new(3),
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(r.reason, RouteReason::NoReplicaQualifies);
         let unobserved = positions(&[Some(100), None, None]);
         assert_eq!(
@@ -296,10 +314,33 @@ mod tests {
     }
 
     #[test]
+    fn a_preferred_node_is_taken_only_when_it_qualifies() {
+        let t = topology(&[Role::Primary, Role::Standby, Role::Standby]);
+        let view = positions(&[Some(3000), Some(3000), Some(100)]);
+        let balancer = Balancer::new(3);
+        let read = |prefer| route_read(&t, &view, &policy(&[1, 1, 1]), &balancer, None, prefer);
+        assert_eq!(read(Some(1)).unwrap().reason, RouteReason::WherePrepared);
+        assert_eq!(read(Some(1)).unwrap().node, 1);
+        assert_eq!(
+            read(Some(2)).unwrap().reason,
+            RouteReason::Balanced,
+            "lagging"
+        );
+    }
+
+    #[test]
     fn without_a_primary_reads_still_reach_replicas_but_writes_are_refused() {
         let t = topology(&[Role::Down, Role::Standby]);
         let view = positions(&[None, Some(100)]);
         assert_eq!(spread(&t, &view, &[1, 1], None, 4), vec![0, 4]);
-        assert!(route_read(&t, &view, &policy(&[1, 1]), &Balancer::new(2), Some(1)).is_err());
+        assert!(route_read(
+            &t,
+            &view,
+            &policy(&[1, 1]),
+            &Balancer::new(2),
+            Some(1),
+            None
+        )
+        .is_err());
     }
 }

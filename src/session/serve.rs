@@ -112,7 +112,7 @@ async fn act(
             Err(error) => {
                 // Reads have other places to go: the next decision skips this node.
                 info!(node, %error, "a node could not serve this session; reading elsewhere");
-                steering.avoid |= 1 << node;
+                steering.avoid(node);
                 Ok(())
             }
         },

@@ -67,6 +67,11 @@ pub struct Steering {
     /// The facts of the unit being forwarded, and how many of its bytes they cover.
     unit: UnitFacts,
     covered: usize,
+    /// Where the last unit prepared named statements without executing them (drivers prepare,
+    /// then execute in the next unit): that read goes there rather than re-preparing elsewhere.
+    prepared_on: Option<NodeId>,
+    /// The route of the unit at the front while it waits to be moved.
+    waiting_route: Option<Route>,
     /// The last decided unit may write (units inside its transaction inherit it).
     unit_writes: bool,
     pinned: Option<&'static str>,
@@ -87,7 +92,7 @@ pub struct Steering {
     /// The client encoding keeps ASCII bytes ASCII, so the classifier can be trusted.
     pub encoding_safe: bool,
     /// Nodes this session could not open a connection to (bit per node); not chosen for reads.
-    pub avoid: u64,
+    avoided: u64,
 }
 
 impl Steering {
@@ -99,6 +104,8 @@ impl Steering {
             forced: false,
             unit: UnitFacts::default(),
             covered: 0,
+            prepared_on: None,
+            waiting_route: None,
             unit_writes: false,
             pinned: None,
             default_read_only: false,
@@ -111,7 +118,7 @@ impl Steering {
             statements: HashMap::new(),
             unnamed: None,
             encoding_safe,
-            avoid: 0,
+            avoided: 0,
         }
     }
 
@@ -141,9 +148,14 @@ impl Steering {
             self.begin_unit(proxy);
             return Decision::Forward;
         }
-        let route = match self.choose(&facts, proxy) {
-            Ok(route) => route,
-            Err(decision) => return decision,
+        // A unit that waited for the node to finish keeps the route it was given: choosing again
+        // would take a second balancer turn.
+        let route = match self.waiting_route.take() {
+            Some(route) => route,
+            None => match self.choose(&facts, input, proxy) {
+                Ok(route) => route,
+                Err(decision) => return decision,
+            },
         };
         debug!(
             node = route.node,
@@ -156,12 +168,18 @@ impl Steering {
             self.begin_unit(proxy);
             Decision::Forward
         } else {
+            self.waiting_route = Some(route);
             Decision::Move(route.node)
         }
     }
 
     /// Chooses the node for a unit outside a transaction.
-    fn choose(&mut self, facts: &UnitFacts, proxy: &Proxy) -> Result<Route, Decision> {
+    fn choose(
+        &mut self,
+        facts: &UnitFacts,
+        input: &[u8],
+        proxy: &Proxy,
+    ) -> Result<Route, Decision> {
         let topology = proxy.topology.load();
         let pinned = self.pinned.or(facts.pin.map(pin_reason));
         let begin_allows = match facts.begin {
@@ -209,7 +227,13 @@ impl Steering {
             max_lag_bytes: proxy.config.routing.max_lag_bytes,
             max_lag: proxy.config.routing.max_lag,
         };
-        router::route_read(&topology, &replication, &policy, &proxy.balancer, min_lsn)
+        let max = proxy.config.max_message_size;
+        let prefer = self
+            .prepared_on
+            .take()
+            .filter(|&node| facts.named_refs && !self.misses_statements(input, node, max));
+        let balancer = &proxy.balancer;
+        router::route_read(&topology, &replication, &policy, balancer, min_lsn, prefer)
             .map_err(|_| Decision::WaitPrimary)
     }
 
@@ -217,7 +241,7 @@ impl Steering {
     fn read_weights(&self, proxy: &Proxy) -> [u32; MAX_NODES] {
         let mut weights = [0; MAX_NODES];
         for (id, node) in proxy.config.nodes.iter().enumerate().take(MAX_NODES) {
-            if self.avoid & (1 << id) == 0 {
+            if self.avoided & (1 << id) == 0 {
                 weights[id] = node.weight;
             }
         }
@@ -241,8 +265,11 @@ impl Steering {
 
     /// The unit decided last is being forwarded to `current`: apply what it does to the session.
     fn begin_unit(&mut self, proxy: &Proxy) {
+        self.waiting_route = None;
+        self.prepared_on = (self.unit.parses_named && !self.unit.executes).then_some(self.current);
         self.covered = self.unit.inspected;
-        if !self.in_flight {
+        // Only statements count as load: a lone Close or Sync is over at once.
+        if !self.in_flight && self.unit.has_statement {
             proxy.balancer.started(self.current);
             self.in_flight = true;
         }
@@ -384,6 +411,13 @@ impl Steering {
     pub fn moved_to(&mut self, node: NodeId) {
         self.current = node;
         self.forced = true;
+        self.waiting_route = None;
+    }
+
+    /// `node` could not serve this session: no more reads go there.
+    pub fn avoid(&mut self, node: NodeId) {
+        self.avoided |= 1 << node;
+        self.waiting_route = None;
     }
 
     /// What `node` must run before it can serve: session-state statements it has not run, and

@@ -38,8 +38,12 @@ pub struct UnitFacts {
     pub session_read_only: Option<bool>,
     /// The number of statements in a Query (0 for extended units).
     pub query_statements: usize,
-    /// The unit binds or describes a named statement.
+    /// The unit binds or describes a named statement made by an earlier unit.
     pub named_refs: bool,
+    /// The unit parses a named statement.
+    pub parses_named: bool,
+    /// The unit executes a portal.
+    pub executes: bool,
     /// The unit binds or describes the unnamed statement without parsing it first.
     pub reuses_unnamed: bool,
     /// The classification of the last unnamed statement parsed in the unit.
@@ -61,6 +65,8 @@ impl Default for UnitFacts {
             session_read_only: None,
             query_statements: 0,
             named_refs: false,
+            parses_named: false,
+            executes: false,
             reuses_unnamed: false,
             unnamed: None,
         }
@@ -134,6 +140,7 @@ pub fn inspect(
                     .map(|p| classify(p.sql, functions))
                     .unwrap_or(UNREADABLE);
                 facts.merge(&c);
+                facts.parses_named |= parsed.is_some_and(|p| !p.name.is_empty());
                 if parsed.is_some_and(|p| p.name.is_empty()) {
                     facts.unnamed = Some(c);
                 }
@@ -154,7 +161,8 @@ pub fn inspect(
                 facts.complete = true;
                 return facts;
             }
-            frontend::tag::CLOSE | frontend::tag::EXECUTE => {}
+            frontend::tag::EXECUTE => facts.executes = true,
+            frontend::tag::CLOSE => {}
             // CopyData and the like never start a unit; unknown tags end the inspection.
             _ => {
                 facts.inspected = before;

@@ -65,8 +65,6 @@ async fn reads_spread_evenly_over_equal_weights_in_every_mode() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "bug: a unit held behind a pipelined Close is routed twice and takes two balancer \
-            turns (round_robin, weights 0/1/2: [0, 2, 2998] instead of [0, 1000, 2000])"]
 async fn reads_spread_by_weight_when_the_client_closes_statements_behind_its_reads() {
     spread_in_every_mode_with([0, 1, 2], ReadStyle::SimpleThenPrepared).await;
 }
