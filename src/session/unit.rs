@@ -1,7 +1,9 @@
 //! A unit of client work: one Query or FunctionCall, or the extended-protocol messages up to a
 //! Sync or Flush. A unit runs on one node; this module reads what it asks for without copying.
 
-use pgvigil_proto::classify::{classify, Classification, FunctionLists, Hint, Pin, Reason};
+use pgvigil_proto::classify::{
+    classify, Classification, FunctionLists, Hint, Pin, Reason, TxControl,
+};
 use pgvigil_proto::frame::{messages, next_message, Message};
 use pgvigil_proto::frontend::{self, Bind, Describe, Parse, Query};
 
@@ -74,11 +76,15 @@ impl UnitFacts {
             self.hint = c.hint;
         }
         self.has_statement = true;
-        if !self.read_only || !c.read_only {
+        // A lone BEGIN without an access mode takes the session's default, which the classifier
+        // cannot know: the steering judges it by `begin`.
+        let default_mode_begin =
+            c.statements == 1 && c.tx == Some(TxControl::Begin { read_only: None });
+        if !self.read_only || !(c.read_only || default_mode_begin) {
             self.read_only = false;
             self.reason = self.reason.or(c.reason);
         }
-        if let Some(pgvigil_proto::classify::TxControl::Begin { read_only }) = c.tx {
+        if let Some(TxControl::Begin { read_only }) = c.tx {
             self.begin = Some(read_only);
         }
         self.pin = self.pin.or(c.pin);
@@ -140,10 +146,24 @@ pub fn inspect(
             }
             frontend::tag::BIND => {
                 let name = Bind::parse(message.body).map(|b| b.statement);
-                refer(&mut facts, name.ok(), statements);
+                refer(
+                    &mut facts,
+                    name.ok(),
+                    statements,
+                    input,
+                    before,
+                    max_message,
+                );
             }
             frontend::tag::DESCRIBE => match Describe::parse(message.body) {
-                Ok(d) if d.kind == b'S' => refer(&mut facts, Some(d.name), statements),
+                Ok(d) if d.kind == b'S' => refer(
+                    &mut facts,
+                    Some(d.name),
+                    statements,
+                    input,
+                    before,
+                    max_message,
+                ),
                 _ => {}
             },
             frontend::tag::SYNC | frontend::tag::FLUSH | frontend::tag::TERMINATE => {
@@ -166,9 +186,20 @@ pub fn inspect(
     facts
 }
 
-/// Merges what a Bind or Describe of statement `name` implies.
-fn refer(facts: &mut UnitFacts, name: Option<&[u8]>, statements: &Statements) {
+/// Merges what a Bind or Describe of statement `name`, at byte `at` of the unit in `input`,
+/// implies.
+fn refer(
+    facts: &mut UnitFacts,
+    name: Option<&[u8]>,
+    statements: &Statements,
+    input: &[u8],
+    at: usize,
+    max_message: usize,
+) {
     match name {
+        // Parsed earlier in this unit (as drivers send Parse + Describe + Sync): its text was
+        // classified there, and any older statement of that name is replaced by then.
+        Some(name) if !name.is_empty() && parsed_before(input, at, max_message, name) => {}
         Some([]) => {
             if facts.unnamed.is_none() {
                 facts.reuses_unnamed = true;
@@ -249,4 +280,81 @@ fn parsed_before(input: &[u8], end: usize, max_message: usize, name: &[u8]) -> b
 
 fn message_at(input: &[u8], pos: usize, max_message: usize) -> Option<Message<'_>> {
     next_message(input.get(pos..)?, max_message).ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::{BufMut, BytesMut};
+    use pgvigil_proto::encode;
+
+    use super::*;
+
+    const MAX: usize = 1 << 20;
+
+    fn parse(out: &mut BytesMut, name: &[u8], sql: &[u8]) {
+        encode::message(out, frontend::tag::PARSE, |b| {
+            b.put_slice(name);
+            b.put_u8(0);
+            b.put_slice(sql);
+            b.put_u8(0);
+            b.put_i16(0);
+        });
+    }
+
+    fn describe_statement(out: &mut BytesMut, name: &[u8]) {
+        encode::message(out, frontend::tag::DESCRIBE, |b| {
+            b.put_u8(b'S');
+            b.put_slice(name);
+            b.put_u8(0);
+        });
+    }
+
+    fn facts_of(unit: &[u8]) -> UnitFacts {
+        inspect(unit, MAX, &FunctionLists::default(), &Statements::new())
+    }
+
+    /// Parse + Describe + Sync of statement `name`, as drivers prepare.
+    fn prepare(name: &[u8], sql: &[u8]) -> BytesMut {
+        let mut unit = BytesMut::new();
+        parse(&mut unit, name, sql);
+        describe_statement(&mut unit, name);
+        encode::sync(&mut unit);
+        unit
+    }
+
+    #[test]
+    fn a_statement_described_where_it_is_parsed_is_judged_by_its_text() {
+        let read = facts_of(&prepare(b"s0", b"SELECT 1"));
+        assert!(read.complete && read.read_only, "{read:?}");
+        assert!(!read.named_refs);
+        let write = facts_of(&prepare(b"s1", b"INSERT INTO t VALUES (1)"));
+        assert!(!write.read_only, "{write:?}");
+    }
+
+    #[test]
+    fn a_statement_the_session_never_parsed_is_not_a_read() {
+        let mut unit = BytesMut::new();
+        parse(&mut unit, b"s0", b"SELECT 1");
+        describe_statement(&mut unit, b"other");
+        encode::sync(&mut unit);
+        let facts = facts_of(&unit);
+        assert!(!facts.read_only, "{facts:?}");
+        assert_eq!(facts.reason, Some(Reason::Statement));
+    }
+
+    #[test]
+    fn a_lone_begin_leaves_its_access_mode_to_the_session() {
+        let query = |sql: &[u8]| {
+            let mut unit = BytesMut::new();
+            encode::query(&mut unit, sql);
+            facts_of(&unit)
+        };
+        let begin = query(b"BEGIN");
+        assert_eq!((begin.read_only, begin.begin), (true, Some(None)));
+        let read_write = query(b"BEGIN READ WRITE");
+        assert_eq!(read_write.begin, Some(Some(false)));
+        assert!(!read_write.read_only);
+        let with_a_write = query(b"BEGIN; INSERT INTO t VALUES (1); COMMIT");
+        assert!(!with_a_write.read_only, "{with_a_write:?}");
+    }
 }
