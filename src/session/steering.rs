@@ -129,6 +129,11 @@ impl Steering {
         }
         self.unit = facts;
         if in_transaction || !facts.has_statement {
+            if self.misses_statements(input, self.current, max) {
+                // A statement prepared on another node before the transaction began: prepare
+                // it here first (a move to the current node only catches it up).
+                return Decision::Move(self.current);
+            }
             self.begin_unit(proxy);
             return Decision::Forward;
         }
@@ -140,6 +145,7 @@ impl Steering {
             node = route.node,
             route = route.reason.as_str(),
             why = facts.reason.map(|r| r.as_str()),
+            hint = facts.hint.map(hint_text),
             pinned = self.pinned,
             "routing decision"
         );
@@ -427,6 +433,14 @@ impl Steering {
     pub fn set_write_lsn(&mut self, lsn: Option<u64>) {
         self.wrote = false;
         self.write_lsn = Some(lsn.unwrap_or(u64::MAX));
+    }
+}
+
+/// The hint as the application wrote it, for logs.
+fn hint_text(hint: Hint) -> &'static str {
+    match hint {
+        Hint::Primary => "pgvigil:primary",
+        Hint::Replica => "pgvigil:replica",
     }
 }
 
