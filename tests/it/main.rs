@@ -10,5 +10,6 @@ mod passthrough;
 mod pgbench;
 mod pooling;
 mod replication;
+mod routing;
 mod support;
 mod tls;
