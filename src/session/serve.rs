@@ -204,21 +204,30 @@ async fn catch_up(
     for parse in steering.missing_statements(&client.rbuf, node, max) {
         out.extend_from_slice(&parse);
         encode::sync(&mut out);
-        skip_rejection(conn.exchange(&mut out).await)?;
-        steering.statement_on(&parse, node);
+        // A node that refuses it (a failed transaction block refuses everything) does not have
+        // it: the next unit that needs it there prepares it again.
+        if accepted(conn.exchange(&mut out).await)? {
+            steering.statement_on(&parse, node);
+        }
     }
     Ok(())
 }
 
-/// Treats a statement the node rejected as done (logged), any other failure as an error.
-fn skip_rejection(result: Result<Option<String>, ServerError>) -> Result<(), ServerError> {
+/// Whether the node accepted a replayed statement; a rejection is logged, any other failure is an
+/// error.
+fn accepted(result: Result<Option<String>, ServerError>) -> Result<bool, ServerError> {
     match result {
         Err(ServerError::Rejected { node, message, .. }) => {
             debug!(%node, %message, "a replayed statement was rejected");
-            Ok(())
+            Ok(false)
         }
-        other => other.map(|_| ()),
+        other => other.map(|_| true),
     }
+}
+
+/// Treats a statement the node rejected as done (logged), any other failure as an error.
+fn skip_rejection(result: Result<Option<String>, ServerError>) -> Result<(), ServerError> {
+    accepted(result).map(|_| ())
 }
 
 /// The primary's current WAL position, read on the session's own primary connection (which

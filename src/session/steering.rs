@@ -72,6 +72,8 @@ pub struct Steering {
     prepared_on: Option<NodeId>,
     /// The route of the unit at the front while it waits to be moved.
     waiting_route: Option<Route>,
+    /// The unit being forwarded runs inside a transaction block.
+    unit_in_transaction: bool,
     /// The last decided unit may write (units inside its transaction inherit it).
     unit_writes: bool,
     pinned: Option<&'static str>,
@@ -106,6 +108,7 @@ impl Steering {
             covered: 0,
             prepared_on: None,
             waiting_route: None,
+            unit_in_transaction: false,
             unit_writes: false,
             pinned: None,
             default_read_only: false,
@@ -135,7 +138,13 @@ impl Steering {
             return Decision::Wait;
         }
         self.unit = facts;
+        self.unit_in_transaction = in_transaction || facts.begin.is_some();
         if in_transaction || !facts.has_statement {
+            if self.misses_statements(input, self.current, max) {
+                // A statement prepared on another node before the transaction began: prepare
+                // it here first (a move to the current node only catches it up).
+                return Decision::Move(self.current);
+            }
             debug!(
                 node = self.current,
                 route = if in_transaction {
@@ -161,6 +170,7 @@ impl Steering {
             node = route.node,
             route = route.reason.as_str(),
             why = facts.reason.map(|r| r.as_str()),
+            hint = facts.hint.map(hint_text),
             pinned = self.pinned,
             "routing decision"
         );
@@ -380,6 +390,11 @@ impl Steering {
             self.pin("session state changed in a multi-statement string");
             return;
         }
+        if self.unit_in_transaction {
+            // The transaction may still roll the setting back: only its node will know, so the
+            // session stays there (on the primary) rather than replay a setting that was undone.
+            self.pin("setting changed inside a transaction block");
+        }
         if self.replay.len() >= REPLAY_LIMIT {
             self.pin("too many session settings to replay");
             return;
@@ -472,6 +487,14 @@ impl Steering {
     pub fn set_write_lsn(&mut self, lsn: Option<u64>) {
         self.wrote = false;
         self.write_lsn = Some(lsn.unwrap_or(u64::MAX));
+    }
+}
+
+/// The hint as the application wrote it, for logs.
+fn hint_text(hint: Hint) -> &'static str {
+    match hint {
+        Hint::Primary => "pgvigil:primary",
+        Hint::Replica => "pgvigil:replica",
     }
 }
 

@@ -1,7 +1,9 @@
 //! A unit of client work: one Query or FunctionCall, or the extended-protocol messages up to a
 //! Sync or Flush. A unit runs on one node; this module reads what it asks for without copying.
 
-use pgvigil_proto::classify::{classify, Classification, FunctionLists, Hint, Pin, Reason};
+use pgvigil_proto::classify::{
+    classify, Classification, FunctionLists, Hint, Pin, Reason, TxControl,
+};
 use pgvigil_proto::frame::{messages, next_message, Message};
 use pgvigil_proto::frontend::{self, Bind, Describe, Parse, Query};
 
@@ -80,11 +82,15 @@ impl UnitFacts {
             self.hint = c.hint;
         }
         self.has_statement = true;
-        if !self.read_only || !c.read_only {
+        // A lone BEGIN without an access mode takes the session's default, which the classifier
+        // cannot know: the steering judges it by `begin`.
+        let default_mode_begin =
+            c.statements == 1 && c.tx == Some(TxControl::Begin { read_only: None });
+        if !self.read_only || !(c.read_only || default_mode_begin) {
             self.read_only = false;
             self.reason = self.reason.or(c.reason);
         }
-        if let Some(pgvigil_proto::classify::TxControl::Begin { read_only }) = c.tx {
+        if let Some(TxControl::Begin { read_only }) = c.tx {
             self.begin = Some(read_only);
         }
         self.pin = self.pin.or(c.pin);
@@ -395,5 +401,21 @@ mod tests {
         frame(&mut unit, b'S', b"");
         let f = facts(&unit, &Statements::new());
         assert!(f.has_statement && !f.read_only);
+    }
+
+    #[test]
+    fn a_lone_begin_leaves_its_access_mode_to_the_session() {
+        let query = |sql: &str| {
+            let mut unit = BytesMut::new();
+            frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
+            facts(&unit, &Statements::new())
+        };
+        let begin = query("BEGIN");
+        assert_eq!((begin.read_only, begin.begin), (true, Some(None)));
+        let read_write = query("BEGIN READ WRITE");
+        assert_eq!(read_write.begin, Some(Some(false)));
+        assert!(!read_write.read_only);
+        let with_a_write = query("BEGIN; INSERT INTO t VALUES (1); COMMIT");
+        assert!(!with_a_write.read_only, "{with_a_write:?}");
     }
 }

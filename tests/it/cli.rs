@@ -23,10 +23,10 @@ const STOP: Duration = Duration::from_secs(30);
 static FILES: AtomicUsize = AtomicUsize::new(0);
 
 /// A config file under the temp dir, removed when dropped.
-struct TempConfig(PathBuf);
+pub(crate) struct TempConfig(PathBuf);
 
 impl TempConfig {
-    fn new(text: &str) -> TempConfig {
+    pub(crate) fn new(text: &str) -> TempConfig {
         let n = FILES.fetch_add(1, Ordering::Relaxed);
         let path =
             std::env::temp_dir().join(format!("pgvigil-cli-{}-{n}.toml", std::process::id()));
@@ -34,7 +34,7 @@ impl TempConfig {
         TempConfig(path)
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -46,7 +46,7 @@ impl Drop for TempConfig {
 }
 
 /// The real binary, with a clean environment (no PGVIGIL_CONFIG, no colours in the log).
-fn pgvigil(args: &[&str]) -> Command {
+pub(crate) fn pgvigil(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_pgvigil"));
     command
         .args(args)
@@ -165,7 +165,9 @@ fn config_for(cluster: &LocalCluster) -> String {
 }
 
 /// Reads pgvigil's log until it says where it listens; returns the port and the log so far.
-async fn listening_port(child: &mut Child) -> (u16, BufReader<tokio::process::ChildStderr>) {
+pub(crate) async fn listening_port(
+    child: &mut Child,
+) -> (u16, BufReader<tokio::process::ChildStderr>) {
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut log = String::new();
     let found = tokio::time::timeout(STEP, async {

@@ -11,5 +11,6 @@ mod pgbench;
 mod pooling;
 mod read_split;
 mod replication;
+mod routing;
 mod support;
 mod tls;
