@@ -603,7 +603,7 @@ async fn a_write_in_a_transaction_runs_on_the_primary_and_is_read_back_at_once()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prepared_statement_runs_on_every_node_the_session_moves_to() {
     let split = Split::start(|_| {}).await;
-    let mut client = split.client().await;
+    let client = split.client().await;
 
     let doubled = "SELECT $1::int * 2 AS n, inet_server_port() AS port";
     let statement = client.prepare(doubled).await.unwrap();
