@@ -17,8 +17,10 @@ use pgvigil::topology::{NodeId, Primary, Role};
 use pgvigil_proto::{encode, next_message};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{
     Client, GenericClient, IsolationLevel, NoTls, Row, SimpleQueryMessage, SimpleQueryRow,
+    Statement,
 };
 
 use crate::auth::psql;
@@ -116,7 +118,7 @@ impl Split {
         );
         let (client, connection) = tokio_postgres::connect(&conninfo, NoTls)
             .await
-            .unwrap_or_else(|e| panic!("direct connection to node {node}: {e}"));
+            .unwrap_or_else(|e| panic!("direct connection to node {node}: {e:?}"));
         tokio::spawn(connection);
         client
     }
@@ -128,7 +130,7 @@ impl Split {
             .await
             .batch_execute(sql)
             .await
-            .unwrap_or_else(|e| panic!("setup {sql:?}: {e}"));
+            .unwrap_or_else(|e| panic!("setup {sql:?}: {e:?}"));
         self.replicated().await;
     }
 
@@ -175,7 +177,7 @@ impl Split {
         let messages = client
             .simple_query(sql)
             .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
         let row = first_row(messages).unwrap_or_else(|| panic!("{sql}: no row"));
         let node = self.node_at(row.get("port").expect("a port column"));
         (row, node)
@@ -191,7 +193,7 @@ impl Split {
         let row = client
             .query_one(sql, &[])
             .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
         let node = self.row_node(&row);
         (row, node)
     }
@@ -601,7 +603,7 @@ async fn a_write_in_a_transaction_runs_on_the_primary_and_is_read_back_at_once()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prepared_statement_runs_on_every_node_the_session_moves_to() {
     let split = Split::start(|_| {}).await;
-    let mut client = split.client().await;
+    let client = split.client().await;
 
     let doubled = "SELECT $1::int * 2 AS n, inet_server_port() AS port";
     let statement = client.prepare(doubled).await.unwrap();
@@ -610,7 +612,7 @@ async fn a_prepared_statement_runs_on_every_node_the_session_moves_to() {
         let row = client
             .query_one(&statement, &[&n])
             .await
-            .unwrap_or_else(|e| panic!("execution #{n}: {e}"));
+            .unwrap_or_else(|e| panic!("execution #{n}: {e:?}"));
         assert_eq!(row.get::<_, i32>("n"), 2 * n);
         served[split.row_node(&row)] += 1;
     }
@@ -627,7 +629,7 @@ async fn a_prepared_statement_runs_on_every_node_the_session_moves_to() {
         let row = client
             .query_one(&tripled, &[&n])
             .await
-            .unwrap_or_else(|e| panic!("execution #{n} of the second statement: {e}"));
+            .unwrap_or_else(|e| panic!("execution #{n} of the second statement: {e:?}"));
         assert_eq!(row.get::<_, i32>("n"), 3 * n);
         served[split.row_node(&row)] += 1;
     }
@@ -646,36 +648,72 @@ async fn a_prepared_statement_runs_on_every_node_the_session_moves_to() {
     );
 
     // Statements prepared just now, each on the node its Parse was balanced to, run inside
-    // transactions on whichever node those run.
-    let mut fresh = Vec::new();
-    for k in 0..TRIES {
-        let sql = format!("SELECT $1::int + {k} AS n, inet_server_port() AS port");
-        fresh.push(client.prepare(&sql).await.unwrap());
-    }
+    // transactions on whichever node those run. Each case in a fresh session: after a write
+    // (a read-write transaction is one), read your writes would keep every Parse on the primary.
+    let mut client = split.client().await;
+    let fresh = prepare_each(&client, "SELECT $1::int + {k} AS n").await;
     let tx = client.transaction().await.unwrap();
     for (k, statement) in (0..).zip(&fresh) {
         let row = tx
             .query_one(statement, &[&100])
             .await
-            .unwrap_or_else(|e| panic!("statement {k} in a read-write transaction: {e}"));
+            .unwrap_or_else(|e| panic!("statement {k} in a read-write transaction: {e:?}"));
         assert_eq!(row.get::<_, i32>("n"), 100 + k);
     }
     tx.commit().await.unwrap();
-    let mut fresh = Vec::new();
-    for k in 0..TRIES {
-        let sql = format!("SELECT $1::int - {k} AS n, inet_server_port() AS port");
-        fresh.push(client.prepare(&sql).await.unwrap());
-    }
+
+    let mut client = split.client().await;
+    let fresh = prepare_each(&client, "SELECT $1::int - {k} AS n").await;
     let tx = client.build_transaction().read_only(true).start().await;
     let tx = tx.unwrap();
     for (k, statement) in (0..).zip(&fresh) {
         let row = tx
             .query_one(statement, &[&100])
             .await
-            .unwrap_or_else(|e| panic!("statement {k} in a read-only transaction: {e}"));
+            .unwrap_or_else(|e| panic!("statement {k} in a read-only transaction: {e:?}"));
         assert_eq!(row.get::<_, i32>("n"), 100 - k);
     }
     tx.commit().await.unwrap();
+
+    // In a failed transaction they cannot be prepared on its node: the node refuses everything
+    // until the end of the block (PostgreSQL alone would say 25P02; the node that never got
+    // the statement says 26000). After the block they run everywhere.
+    let mut client = split.client().await;
+    let fresh = prepare_each(&client, "SELECT $1::int * {k} AS n").await;
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute("SELECT 1 / 0").await.unwrap_err();
+    for (k, statement) in (0..).zip(&fresh) {
+        let error = tx.query_one(statement, &[&100]).await.unwrap_err();
+        let refused = [
+            SqlState::IN_FAILED_SQL_TRANSACTION,
+            SqlState::INVALID_SQL_STATEMENT_NAME,
+        ];
+        assert!(
+            error.code().is_some_and(|code| refused.contains(code)),
+            "statement {k} in a failed transaction: {error:?}"
+        );
+    }
+    tx.rollback().await.unwrap();
+    for _ in 0..3 {
+        for (k, statement) in (0..).zip(&fresh) {
+            let row = client
+                .query_one(statement, &[&100])
+                .await
+                .unwrap_or_else(|e| panic!("statement {k} after a failed transaction: {e:?}"));
+            assert_eq!(row.get::<_, i32>("n"), 100 * k);
+        }
+    }
+}
+
+/// Prepares [`TRIES`] statements, `template` with `{k}` replaced by 0, 1, ...; each also
+/// returns the node marker.
+async fn prepare_each(client: &Client, template: &str) -> Vec<Statement> {
+    let mut statements = Vec::new();
+    for k in 0..TRIES {
+        let sql = format!("{}, {PORT}", template.replace("{k}", &k.to_string()));
+        statements.push(client.prepare(&sql).await.unwrap());
+    }
+    statements
 }
 
 /// A client that speaks the extended protocol by hand, to name its statements itself.
@@ -913,20 +951,20 @@ async fn a_pipelined_burst_of_reads_and_writes_all_succeed() {
                     let sql =
                         "INSERT INTO burst VALUES ($1) RETURNING id, inet_server_port() AS port";
                     let row = client.query_one(sql, &[&i]).await;
-                    let row = row.unwrap_or_else(|e| panic!("insert {i}: {e}"));
+                    let row = row.unwrap_or_else(|e| panic!("insert {i}: {e:?}"));
                     assert_eq!(split.row_node(&row), PRIMARY, "insert {i}");
                     assert_eq!(row.get::<_, i32>("id"), i);
                 }
                 1 => {
                     let sql = "SELECT $1::int AS id, inet_server_port() AS port";
                     let row = client.query_one(sql, &[&i]).await;
-                    let row = row.unwrap_or_else(|e| panic!("read {i}: {e}"));
+                    let row = row.unwrap_or_else(|e| panic!("read {i}: {e:?}"));
                     assert_eq!(row.get::<_, i32>("id"), i);
                 }
                 _ => {
                     let sql = format!("SELECT {i} AS id, inet_server_port() AS port");
                     let messages = client.simple_query(&sql).await;
-                    let messages = messages.unwrap_or_else(|e| panic!("simple read {i}: {e}"));
+                    let messages = messages.unwrap_or_else(|e| panic!("simple read {i}: {e:?}"));
                     let row = first_row(messages).unwrap();
                     assert_eq!(row.get("id"), Some(i.to_string().as_str()));
                 }
