@@ -24,7 +24,8 @@ const PATIENCE: Duration = Duration::from_secs(30);
 #[tokio::test(flavor = "multi_thread")]
 async fn simple_and_extended_queries_reach_the_primary() {
     let cluster = test_cluster(1);
-    let proxy = start_proxy(&cluster, |_| {}).await;
+    // The replica takes no reads here (weight 0): everything reaches the primary.
+    let proxy = start_proxy(&cluster, |config| config.nodes[1].weight = 0).await;
     let client = proxy.connect_app().await;
 
     let rows = client.simple_query("SELECT 1; SELECT 2").await.unwrap();
