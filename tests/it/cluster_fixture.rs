@@ -7,17 +7,11 @@ use std::time::Duration;
 use tokio_postgres::NoTls;
 
 use crate::support::{
-    self, eventually, test_cluster, ClusterSpec, LocalCluster, APP_DB, APP_PASSWORD, APP_USER,
+    self, eventually, node_psql, test_cluster, ClusterSpec, APP_DB, APP_PASSWORD, APP_USER,
     MD5_PASSWORD, MD5_USER,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn psql(cluster: &LocalCluster, node: usize, sql: &str) -> String {
-    cluster
-        .psql(node, sql)
-        .unwrap_or_else(|e| panic!("psql on node {node}: {e}"))
-}
 
 fn refuses_connections(port: u16) -> bool {
     TcpStream::connect((Ipv4Addr::LOCALHOST, port))
@@ -30,17 +24,17 @@ fn row_written_on_primary_reaches_both_replicas_and_drop_removes_everything() {
     let names: Vec<&str> = cluster.nodes().iter().map(|n| n.name.as_str()).collect();
     assert_eq!(names, ["pg1", "pg2", "pg3"]);
     assert_eq!(
-        psql(
+        node_psql(
             &cluster,
             0,
             "SELECT string_agg(application_name, ',' ORDER BY 1) FROM pg_stat_replication"
         ),
         "pg2,pg3"
     );
-    assert_eq!(psql(&cluster, 1, "SELECT pg_is_in_recovery()"), "t");
-    assert!(psql(&cluster, 2, "SHOW primary_conninfo").contains("application_name=pg3"));
+    assert_eq!(node_psql(&cluster, 1, "SELECT pg_is_in_recovery()"), "t");
+    assert!(node_psql(&cluster, 2, "SHOW primary_conninfo").contains("application_name=pg3"));
 
-    psql(
+    node_psql(
         &cluster,
         0,
         "CREATE TABLE fixture(id int); INSERT INTO fixture VALUES (42)",
@@ -98,7 +92,7 @@ async fn app_users_log_in_over_tcp_and_a_wrong_password_is_refused() {
             .await
             .unwrap_or_else(|e| panic!("md5 login: {e}"));
     tokio::spawn(md5_connection);
-    let stored = psql(
+    let stored = node_psql(
         &cluster,
         0,
         &format!("SELECT left(rolpassword, 3) FROM pg_authid WHERE rolname = '{MD5_USER}'"),
@@ -137,7 +131,7 @@ fn killed_replica_refuses_connections_until_started_and_then_streams_again() {
         .node_mut(1)
         .start()
         .unwrap_or_else(|e| panic!("restart after kill -9: {e}"));
-    assert_eq!(psql(&cluster, 1, "SELECT pg_is_in_recovery()"), "t");
+    assert_eq!(node_psql(&cluster, 1, "SELECT pg_is_in_recovery()"), "t");
     eventually(WAIT, "the restarted replica streams again", || {
         cluster
             .psql(
@@ -188,11 +182,14 @@ fn sync_replication_makes_the_standby_synchronous() {
             .sync_replication(true)
             .conf("work_mem", "8MB"),
     );
-    assert_eq!(psql(&cluster, 0, "SHOW synchronous_standby_names"), "*");
     assert_eq!(
-        psql(&cluster, 0, "SELECT sync_state FROM pg_stat_replication"),
+        node_psql(&cluster, 0, "SHOW synchronous_standby_names"),
+        "*"
+    );
+    assert_eq!(
+        node_psql(&cluster, 0, "SELECT sync_state FROM pg_stat_replication"),
         "sync"
     );
-    assert_eq!(psql(&cluster, 1, "SHOW work_mem"), "8MB");
-    psql(&cluster, 0, "CREATE TABLE committed_on_two_nodes(id int)");
+    assert_eq!(node_psql(&cluster, 1, "SHOW work_mem"), "8MB");
+    node_psql(&cluster, 0, "CREATE TABLE committed_on_two_nodes(id int)");
 }

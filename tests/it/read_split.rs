@@ -6,13 +6,13 @@
 use std::time::{Duration, Instant};
 
 use pgvigil::config::{Balance, Config};
-use pgvigil::replication::{parse_lsn, ReplicationView};
+use pgvigil::replication::ReplicationView;
 use pgvigil::topology::{NodeId, Primary, Role};
 use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use crate::support::{
-    eventually, fresh_base_dir, start, start_proxy, test_cluster, ClusterSpec, LocalCluster,
-    TestProxy,
+    eventually, fresh_base_dir, node_psql, primary_lsn, start, start_proxy, test_cluster,
+    ClusterSpec, LocalCluster, TestProxy,
 };
 
 const PRIMARY: NodeId = 0;
@@ -198,11 +198,11 @@ async fn a_replica_whose_replay_delay_passes_max_lag_gets_no_reads_until_it_catc
 
     // The delay is measured from the last commit a replica replayed (pg_last_xact_replay_timestamp):
     // have both replay one now, so that replica 1's delay starts from it once paused.
-    psql(&cluster, PRIMARY, "CREATE TABLE marker ()");
+    node_psql(&cluster, PRIMARY, "CREATE TABLE marker ()");
     wait_for_replicas_to_replay(&cluster, &proxy).await;
     pause_replay(&cluster, 1);
-    psql(&cluster, PRIMARY, "CREATE TABLE after_pause ()");
-    let after = current_lsn(&cluster);
+    node_psql(&cluster, PRIMARY, "CREATE TABLE after_pause ()");
+    let after = primary_lsn(&cluster);
     let view = wait_for_view(
         &proxy,
         "replica 1 has the write but its replay delay > 1s",
@@ -603,7 +603,7 @@ async fn create_ryw_table(client: &Client, cluster: &LocalCluster, proxy: &TestP
 
 /// Waits until the proxy's view shows both replicas past the primary's current WAL position.
 async fn wait_for_replicas_to_replay(cluster: &LocalCluster, proxy: &TestProxy) {
-    let lsn = current_lsn(cluster);
+    let lsn = primary_lsn(cluster);
     probe_until(proxy, "both replicas replay the primary's position", |v| {
         REPLICAS.iter().all(|&r| v.has_replayed(r, PRIMARY, lsn))
     })
@@ -677,20 +677,20 @@ fn lags_over(view: &ReplicationView, replica: NodeId, bytes: u64) -> bool {
 /// Pauses WAL replay on `replica` and waits until it is paused (the startup process acts on the
 /// request at its next check).
 fn pause_replay(cluster: &LocalCluster, replica: NodeId) {
-    psql(cluster, replica, "SELECT pg_wal_replay_pause()");
+    node_psql(cluster, replica, "SELECT pg_wal_replay_pause()");
     eventually(SETTLE, "replay paused", || {
-        psql(cluster, replica, "SELECT pg_get_wal_replay_pause_state()") == "paused"
+        node_psql(cluster, replica, "SELECT pg_get_wal_replay_pause_state()") == "paused"
     });
 }
 
 fn resume_replay(cluster: &LocalCluster, replica: NodeId) {
-    psql(cluster, replica, "SELECT pg_wal_replay_resume()");
+    node_psql(cluster, replica, "SELECT pg_wal_replay_resume()");
 }
 
 /// Writes over 1 MB of WAL on the primary in table `name`.
 fn bulk_write(cluster: &LocalCluster, name: &str) {
-    let before = current_lsn(cluster);
-    psql(
+    let before = primary_lsn(cluster);
+    node_psql(
         cluster,
         PRIMARY,
         &format!(
@@ -698,23 +698,11 @@ fn bulk_write(cluster: &LocalCluster, name: &str) {
              FROM generate_series(1, 20000) AS g"
         ),
     );
-    let written = current_lsn(cluster) - before;
+    let written = primary_lsn(cluster) - before;
     assert!(
         written > BULK_BYTES,
         "the bulk write made only {written} bytes of WAL"
     );
-}
-
-/// The primary's current WAL position.
-fn current_lsn(cluster: &LocalCluster) -> u64 {
-    let text = psql(cluster, PRIMARY, "SELECT pg_current_wal_lsn()");
-    parse_lsn(&text).unwrap_or_else(|| panic!("not an LSN: {text:?}"))
-}
-
-fn psql(cluster: &LocalCluster, node: NodeId, sql: &str) -> String {
-    cluster
-        .psql(node, sql)
-        .unwrap_or_else(|e| panic!("psql on node {node}: {e}"))
 }
 
 /// The primary's statement log (`log_statement = all`), read from a starting point.

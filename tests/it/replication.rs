@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use pgvigil::replication::{parse_lsn, ReplicationView};
+use pgvigil::replication::ReplicationView;
 use pgvigil::topology::{NodeId, Primary, Role};
 
-use crate::support::{eventually, start_proxy, test_cluster, LocalCluster, TestProxy};
+use crate::support::{eventually, node_psql, primary_lsn, start_proxy, test_cluster, TestProxy};
 
 const PRIMARY: NodeId = 0;
 const REPLICA: NodeId = 1;
@@ -36,19 +36,19 @@ async fn a_replica_with_paused_replay_lags_in_bytes_and_time_and_catches_up_afte
 
     // pg_last_xact_replay_timestamp() is the commit time of the last transaction the replica
     // replayed: replay one commit now, so that the delay can be measured once replay is paused.
-    psql(&cluster, PRIMARY, "CREATE TABLE marker ()");
-    let marker = current_lsn(&cluster);
+    node_psql(&cluster, PRIMARY, "CREATE TABLE marker ()");
+    let marker = primary_lsn(&cluster);
     wait_for_view(&proxy, "the replica replays the marker", |v| {
         v.has_replayed(REPLICA, PRIMARY, marker)
     });
 
-    psql(&cluster, REPLICA, "SELECT pg_wal_replay_pause()");
-    psql(
+    node_psql(&cluster, REPLICA, "SELECT pg_wal_replay_pause()");
+    node_psql(
         &cluster,
         PRIMARY,
         "CREATE TABLE bulk AS SELECT generate_series(1, 20000) AS g",
     );
-    let bulk_end = current_lsn(&cluster);
+    let bulk_end = primary_lsn(&cluster);
     let view = wait_for_view(&proxy, "both nodes are seen past the bulk write", |v| {
         v.nodes[PRIMARY].is_some_and(|p| p.lsn >= bulk_end)
             && v.nodes[REPLICA].is_some_and(|p| p.received >= Some(bulk_end))
@@ -68,7 +68,7 @@ async fn a_replica_with_paused_replay_lags_in_bytes_and_time_and_catches_up_afte
         "a replica over the delay limit is not caught up, whatever its byte lag"
     );
 
-    psql(&cluster, REPLICA, "SELECT pg_wal_replay_resume()");
+    node_psql(&cluster, REPLICA, "SELECT pg_wal_replay_resume()");
     let view = wait_for_view(&proxy, "the replica catches up exactly", |v| {
         v.caught_up(REPLICA, PRIMARY, 0, Duration::ZERO)
     });
@@ -123,16 +123,4 @@ fn wait_for_view(
         check(&seen)
     });
     seen
-}
-
-/// The primary's current WAL position.
-fn current_lsn(cluster: &LocalCluster) -> u64 {
-    let text = psql(cluster, PRIMARY, "SELECT pg_current_wal_lsn()");
-    parse_lsn(&text).unwrap_or_else(|| panic!("not an LSN: {text:?}"))
-}
-
-fn psql(cluster: &LocalCluster, node: NodeId, sql: &str) -> String {
-    cluster
-        .psql(node, sql)
-        .unwrap_or_else(|e| panic!("psql on node {node}: {e}"))
 }

@@ -40,5 +40,18 @@ pub fn eventually(deadline: Duration, what: &str, mut check: impl FnMut() -> boo
     }
 }
 
+/// Runs `sql` with psql as the superuser on node `node`; panics with the reason on failure.
+pub fn node_psql(cluster: &LocalCluster, node: usize, sql: &str) -> String {
+    cluster
+        .psql(node, sql)
+        .unwrap_or_else(|e| panic!("psql on node {node}: {e}"))
+}
+
+/// The current WAL position of node 0 (the primary the fixture builds).
+pub fn primary_lsn(cluster: &LocalCluster) -> u64 {
+    let text = node_psql(cluster, 0, "SELECT pg_current_wal_lsn()");
+    pgvigil::replication::parse_lsn(&text).unwrap_or_else(|| panic!("not an LSN: {text:?}"))
+}
+
 mod proxy;
 pub use proxy::{start_proxy, test_config, TestProxy};
