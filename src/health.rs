@@ -150,7 +150,7 @@ impl Prober {
                 position,
             } => {
                 self.failures = 0;
-                self.position = Some(position);
+                self.position = Some(settle_delay(self.position, position));
                 self.role = if in_recovery {
                     Role::Standby
                 } else {
@@ -202,6 +202,19 @@ async fn probe_inner(
     read_probe(&row)
 }
 
+/// A standby whose replay moved on since the last probe is replaying, not stuck: its delay
+/// counts as zero. Without this, WAL that carries no transaction (checkpoints, standby
+/// snapshots) arriving on an idle cluster makes the delay read "time since the last commit",
+/// possibly minutes, for the instant before it is replayed, and the replica loses its reads.
+/// A replica that is really behind still trips `routing.max_lag_bytes`; a stopped replay keeps
+/// its delay.
+fn settle_delay(previous: Option<Position>, mut now: Position) -> Position {
+    if previous.is_some_and(|p| now.lsn > p.lsn) {
+        now.replay_delay = Duration::ZERO;
+    }
+    now
+}
+
 /// Reads the role and position from a [`PROBE_SQL`] row.
 fn read_probe(row: &Row) -> Result<(bool, Position), ProbeError> {
     let in_recovery = row.try_get(0)?;
@@ -248,4 +261,28 @@ async fn connect(proxy: &Proxy, node: usize, timeout: Duration) -> Result<ProbeC
     });
     let statement = client.prepare(PROBE_SQL).await?;
     Ok(ProbeConn { client, statement })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_that_moves_on_has_no_delay_and_a_stopped_one_keeps_it() {
+        let at = |lsn, secs| Position {
+            lsn,
+            received: Some(lsn + 10),
+            replay_delay: Duration::from_secs(secs),
+        };
+        let ninety = Duration::from_secs(90);
+        assert_eq!(
+            settle_delay(Some(at(100, 0)), at(200, 90)).replay_delay,
+            Duration::ZERO
+        );
+        assert_eq!(
+            settle_delay(Some(at(200, 0)), at(200, 90)).replay_delay,
+            ninety
+        );
+        assert_eq!(settle_delay(None, at(200, 90)).replay_delay, ninety);
+    }
 }
