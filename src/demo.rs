@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::config::{AuthMethod, Config, NodeConfig, UserConfig};
-use crate::local_cluster::{ClusterSpec, LocalCluster, APP_DB, APP_PASSWORD, APP_USER};
+use crate::local_cluster::{
+    ClusterSpec, LocalCluster, ADMIN_PASSWORD, ADMIN_USER, APP_DB, APP_PASSWORD, APP_USER,
+};
 
 /// Builds the cluster in `dir`, serves pgvigil on `port` until Ctrl-C, then stops everything.
 pub async fn run(dir: PathBuf, port: u16, replicas: usize) -> ExitCode {
@@ -72,6 +74,10 @@ pub fn demo_config(cluster: &LocalCluster, port: u16) -> Config {
         password: Some(APP_PASSWORD.into()),
         auth: AuthMethod::ScramSha256,
     }];
+    // Probes and failover run as the cluster's superuser; the state file lives with the nodes.
+    config.health.user = Some(ADMIN_USER.into());
+    config.health.password = Some(ADMIN_PASSWORD.into());
+    config.failover.state_dir = Some(cluster.base_dir().join("pgvigil-state"));
     config
 }
 

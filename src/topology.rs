@@ -24,6 +24,9 @@ pub enum Role {
     Standby,
     /// Did not answer its last probes.
     Down,
+    /// Lost its primary role to a promoted standby (or sits on an older timeline): it never gets
+    /// a query, whatever it claims, until an operator clears the fence.
+    Fenced,
 }
 
 impl Role {
@@ -34,7 +37,13 @@ impl Role {
             Role::Primary => "primary",
             Role::Standby => "standby",
             Role::Down => "down",
+            Role::Fenced => "fenced",
         }
+    }
+
+    /// Whether sessions may use a node in this role.
+    pub fn is_usable(self) -> bool {
+        matches!(self, Role::Primary | Role::Standby)
     }
 }
 

@@ -38,6 +38,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// How reads are spread and which nodes may take them (`[routing]`).
     pub routing: RoutingConfig,
+    /// Automatic failover and what clients see during one (`[failover]`).
+    pub failover: FailoverConfig,
     /// The PostgreSQL nodes (`[[nodes]]`); their roles are observed, never taken from this order.
     pub nodes: Vec<NodeConfig>,
     /// The users clients may log in as (`[[users]]`).
@@ -57,6 +59,7 @@ impl Default for Config {
             pool: PoolConfig::default(),
             health: HealthConfig::default(),
             routing: RoutingConfig::default(),
+            failover: FailoverConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
         }
@@ -254,6 +257,36 @@ impl Default for RoutingConfig {
     }
 }
 
+/// Automatic failover (`[failover]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// Promote a standby when the primary is lost (default true); false only alerts.
+    pub auto: bool,
+    /// How long a statement that needs the primary waits for one before it gets an error
+    /// (default 10s, must be > 0).
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// How long a promotion may take before pgvigil gives up on that standby (default 30s, must
+    /// be > 0).
+    #[serde(with = "humantime_serde")]
+    pub promote_timeout: Duration,
+    /// Directory of the state file (primary, fences) that survives a restart of pgvigil
+    /// (default none: nothing is kept, and a warning says so).
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        Self {
+            auto: true,
+            wait_timeout: Duration::from_secs(10),
+            promote_timeout: Duration::from_secs(30),
+            state_dir: None,
+        }
+    }
+}
+
 /// How reads are spread over the nodes that may take them (`routing.balance`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -280,6 +313,11 @@ pub struct NodeConfig {
     /// Share of load-balanced reads, relative to the other nodes (default 1, at most 1000); 0 means
     /// the node never takes them.
     pub weight: u32,
+    /// Preference among standbys equally far in the WAL when one must be promoted: higher wins
+    /// (default 1).
+    pub priority: u32,
+    /// Never promote this node (default false).
+    pub no_promote: bool,
 }
 
 impl Default for NodeConfig {
@@ -289,6 +327,8 @@ impl Default for NodeConfig {
             host: String::new(),
             port: 5432,
             weight: 1,
+            priority: 1,
+            no_promote: false,
         }
     }
 }
@@ -725,6 +765,7 @@ write_functions = ["lower"]
         full.tls.cert = Some(PathBuf::from("cert.pem"));
         full.tls.key = Some(PathBuf::from("key.pem"));
         full.backend.ca = Some(PathBuf::from("ca.pem"));
+        full.failover.state_dir = Some(PathBuf::from("state"));
         let mut keys = Vec::new();
         match toml::Value::try_from(&full) {
             Ok(toml::Value::Table(table)) => collect_keys("", &table, &mut keys),

@@ -25,6 +25,7 @@ pub(super) fn problems(config: &Config) -> Vec<Problem> {
     check_pool(config, &mut problems);
     check_health(config, &mut problems);
     check_routing(config, &mut problems);
+    check_failover(config, &mut problems);
     check_nodes(config, &mut problems);
     check_users(config, &mut problems);
     problems
@@ -85,6 +86,22 @@ fn check_backend(config: &Config, problems: &mut Vec<Problem>) {
     check_positive("backend.connect_timeout", backend.connect_timeout, problems);
     if let Some(ca) = &backend.ca {
         check_readable_file("backend.ca", ca, problems);
+    }
+}
+
+fn check_failover(config: &Config, problems: &mut Vec<Problem>) {
+    let failover = &config.failover;
+    check_positive("failover.wait_timeout", failover.wait_timeout, problems);
+    check_positive("failover.promote_timeout", failover.promote_timeout, problems);
+    if let Some(dir) = &failover.state_dir {
+        if dir.as_os_str().is_empty() {
+            problems.push(Problem::new("failover.state_dir", "must not be empty"));
+        } else if dir.exists() && !dir.is_dir() {
+            problems.push(Problem::new(
+                "failover.state_dir",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
     }
 }
 

@@ -34,6 +34,10 @@ pub const APP_DB: &str = "app";
 pub const MD5_USER: &str = "app_md5";
 /// Password of [`MD5_USER`].
 pub const MD5_PASSWORD: &str = "md5-secret";
+/// Superuser pgvigil probes and fails over as (SCRAM password).
+pub const ADMIN_USER: &str = "pgvigil_admin";
+/// Password of [`ADMIN_USER`].
+pub const ADMIN_PASSWORD: &str = "admin-secret";
 
 /// Longest Unix socket path the kernel accepts (`sun_path` is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;

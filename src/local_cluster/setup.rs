@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use super::conf::{self, SharedSettings};
 use super::node::LocalNode;
-use super::{os_user, ports, ClusterError, APP_DB, APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER};
+use super::{
+    os_user, ports, ClusterError, ADMIN_PASSWORD, ADMIN_USER, APP_DB, APP_PASSWORD, APP_USER,
+    MD5_PASSWORD, MD5_USER,
+};
 
 /// How long replicas may take to start streaming, and sync replication to engage.
 const REPLICATION_DEADLINE: Duration = Duration::from_secs(60);
@@ -61,10 +64,12 @@ pub(crate) fn install_tls_files(
     Ok(())
 }
 
-/// Creates `app` (SCRAM password), `app_md5` (md5 password) and database `app` owned by `app`.
+/// Creates `app` (SCRAM password), `app_md5` (md5 password), the superuser `pgvigil_admin`
+/// (SCRAM password) and database `app` owned by `app`.
 pub(crate) fn create_roles(primary: &LocalNode) -> Result<(), ClusterError> {
     primary.psql(&format!(
         "CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'; \
+         CREATE ROLE {ADMIN_USER} SUPERUSER LOGIN PASSWORD '{ADMIN_PASSWORD}'; \
          SET password_encryption = 'md5'; \
          CREATE ROLE {MD5_USER} LOGIN PASSWORD '{MD5_PASSWORD}'"
     ))?;
