@@ -197,6 +197,7 @@ mod tests {
                     host: "127.0.0.1".into(),
                     port: 5432 + id as u16,
                     role: Role::Unknown,
+                    suspect: false,
                 })
                 .collect(),
             primary: Primary::Unavailable("unprobed".into()),

@@ -60,6 +60,9 @@ pub struct Node {
     pub port: u16,
     /// Its observed role.
     pub role: Role,
+    /// Its latest probe failed, though not yet `health.failures` times in a row: new sessions
+    /// avoid it while another node can take them.
+    pub suspect: bool,
 }
 
 /// Where writes go right now, and why not when they cannot.
@@ -95,6 +98,7 @@ impl Topology {
                 host: n.host.clone(),
                 port: n.port,
                 role: Role::Unknown,
+                suspect: false,
             })
             .collect();
         Topology {
