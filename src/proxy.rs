@@ -112,14 +112,15 @@ impl Proxy {
         })
     }
 
-    /// Asks `decide` for a route; while no primary is known, waits for topology changes up to
-    /// `backend.connect_timeout` before giving up with the reason.
+    /// Asks `decide` for a route; while it finds none (no primary during a failover, no usable
+    /// node), waits for topology changes up to `failover.wait_timeout` before giving up with the
+    /// reason.
     pub async fn wait_for_route(
         &self,
         decide: impl Fn(&Topology) -> Result<Route, RouteError>,
     ) -> Result<Route, RouteError> {
         let mut changes = self.topology.subscribe();
-        let deadline = tokio::time::Instant::now() + self.config.backend.connect_timeout;
+        let deadline = tokio::time::Instant::now() + self.config.failover.wait_timeout;
         loop {
             let error = match decide(&self.topology.load()) {
                 Ok(route) => return Ok(route),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::balance::Balancer;
 use crate::config::Balance;
 use crate::replication::ReplicationView;
-use crate::topology::{NodeId, Primary, Role, Topology};
+use crate::topology::{Node, NodeId, Primary, Role, Topology};
 
 /// Most nodes a read can be spread over (the candidate list lives on the stack).
 pub const MAX_NODES: usize = 64;
@@ -26,7 +26,8 @@ pub struct Route {
 /// The reason behind a [`Route`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteReason {
-    /// A session starts on the primary: it gets its parameters and key there.
+    /// A session starts here (it gets its parameters there): the primary, or a standby while
+    /// the primary is missing or suspect.
     SessionStart,
     /// Not provably read-only (the classifier's reason is logged with it).
     Write,
@@ -63,6 +64,9 @@ pub enum RouteError {
     /// No primary is known; the text says why.
     #[error("no primary is available: {0}")]
     NoPrimary(String),
+    /// No node can take a new session; the text says why.
+    #[error("no node can take a new session: {0}")]
+    NoNode(String),
 }
 
 /// What reads must respect, from the configuration.
@@ -78,12 +82,45 @@ pub struct ReadPolicy<'a> {
     pub max_lag: Duration,
 }
 
-/// Chooses the node a new session's first server connection is opened on.
-pub fn route_session(topology: &Topology) -> Result<Route, RouteError> {
-    primary(topology).map(|node| Route {
-        node,
-        reason: RouteReason::SessionStart,
-    })
+/// Chooses the node a new session's first server connection is opened on, skipping the nodes
+/// in `skip` (bit per node: the session could not connect there): the primary when it is not
+/// suspect, else a standby that is not suspect, else a suspect primary or standby. A session
+/// needs no primary to start, and never waits on a node whose probes fail while another can
+/// take it.
+pub fn route_session(topology: &Topology, skip: u64) -> Result<Route, RouteError> {
+    let open =
+        |node: &&Node| node.role.is_usable() && node.id < MAX_NODES && skip & (1 << node.id) == 0;
+    let primary = match topology.primary {
+        Primary::Known(p) => topology
+            .nodes
+            .get(p)
+            .filter(|n| n.role == Role::Primary)
+            .filter(open),
+        Primary::Unavailable(_) => None,
+    };
+    let standbys = || {
+        topology
+            .nodes
+            .iter()
+            .filter(|n| n.role == Role::Standby)
+            .filter(open)
+    };
+    let chosen = primary
+        .filter(|n| !n.suspect)
+        .or_else(|| standbys().find(|n| !n.suspect))
+        .or(primary)
+        .or_else(|| standbys().next());
+    match chosen {
+        Some(node) => Ok(Route {
+            node: node.id,
+            reason: RouteReason::SessionStart,
+        }),
+        None => Err(RouteError::NoNode(match &topology.primary {
+            Primary::Unavailable(why) => why.clone(),
+            Primary::Known(_) if skip != 0 => "every usable node failed to connect".into(),
+            Primary::Known(_) => "every node is down or fenced".into(),
+        })),
+    }
 }
 
 /// The node that takes writes.
@@ -183,7 +220,6 @@ fn primary(topology: &Topology) -> Result<NodeId, RouteError> {
 mod tests {
     use super::*;
     use crate::replication::Position;
-    use crate::topology::Node;
 
     fn topology(roles: &[Role]) -> Topology {
         let base = Topology {
@@ -251,18 +287,41 @@ mod tests {
     #[test]
     fn sessions_go_to_the_observed_primary_not_the_first_node() {
         let t = topology(&[Role::Standby, Role::Primary, Role::Standby]);
-        assert_eq!(route_session(&t).map(|r| r.node), Ok(1));
+        assert_eq!(route_session(&t, 0).map(|r| r.node), Ok(1));
         assert_eq!(route_write(&t).map(|r| r.node), Ok(1));
     }
 
     #[test]
     fn no_primary_is_an_error_with_a_reason() {
         let t = topology(&[Role::Standby, Role::Down]);
-        let err = route_session(&t).unwrap_err();
+        let err = route_write(&t).unwrap_err();
         assert!(
             err.to_string().contains("no reachable node accepts writes"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn sessions_start_without_a_primary_and_avoid_suspect_nodes() {
+        let mut t = topology(&[Role::Down, Role::Standby, Role::Standby]);
+        assert_eq!(route_session(&t, 0).map(|r| r.node), Ok(1), "no primary");
+        assert_eq!(route_session(&t, 0b10).map(|r| r.node), Ok(2), "1 failed");
+        t = topology(&[Role::Primary, Role::Standby, Role::Standby]);
+        t.nodes[0].suspect = true;
+        t.nodes[1].suspect = true;
+        assert_eq!(route_session(&t, 0).map(|r| r.node), Ok(2), "suspects last");
+        t.nodes[2].role = Role::Fenced;
+        assert_eq!(
+            route_session(&t, 0).map(|r| r.node),
+            Ok(0),
+            "suspect primary"
+        );
+        assert_eq!(route_session(&t, 0b1).map(|r| r.node), Ok(1));
+        let err = route_session(&t, 0b11).unwrap_err();
+        assert!(err.to_string().contains("failed to connect"), "{err}");
+        let down = topology(&[Role::Down, Role::Fenced]);
+        let err = route_session(&down, 0).unwrap_err();
+        assert!(err.to_string().contains("no reachable node"), "{err}");
     }
 
     #[test]

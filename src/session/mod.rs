@@ -2,6 +2,7 @@
 //! handing the server connection back (reset) or dropping it (broken).
 
 mod auth_exchange;
+mod recover;
 mod relay;
 mod serve;
 pub mod startup;
@@ -24,6 +25,7 @@ use crate::proxy::Proxy;
 use crate::router;
 use crate::server::ServerError;
 use crate::stream::Stream;
+use crate::topology::NodeId;
 use relay::ClientConn;
 use startup::{ClientStartup, Opening};
 
@@ -134,28 +136,45 @@ async fn open_and_authenticate(
     }
 }
 
-/// Routes, checks out a server connection, applies the client's parameters on it, and greets the
-/// client (AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery).
+/// Routes, opens a server connection (trying the next usable node when one cannot be reached),
+/// and greets the client (AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery).
 async fn attach(
     stream: &mut Stream,
     startup: &ClientStartup,
     proxy: &Proxy,
     key: &CancelKey,
 ) -> Result<Lease, SessionError> {
-    let route = proxy
-        .wait_for_route(router::route_session)
-        .await
-        .map_err(|e| SessionError::Refused {
-            code: sqlstate::CANNOT_CONNECT_NOW,
-            message: e.to_string(),
-        })?;
-    debug!(node = route.node, reason = ?route.reason, "routed");
-    let target = proxy.login_target(route.node, &startup.user, &startup.database);
-    let mut lease = proxy.pools.checkout(&target).await.map_err(pool_refusal)?;
-    if let Err(error) = apply_params(&mut lease, startup).await {
-        proxy.release(lease, true).await;
-        return Err(error);
-    }
+    let mut tried = 0u64;
+    let mut last_failure: Option<OpenError> = None;
+    let lease = loop {
+        let route = if tried == 0 {
+            proxy.wait_for_route(|t| router::route_session(t, 0)).await
+        } else {
+            // Every node was tried once already: no waiting for another.
+            router::route_session(&proxy.topology.load(), tried)
+        };
+        let route = match (route, last_failure) {
+            (Ok(route), _) => route,
+            (Err(_), Some(failure)) => return Err(failure.into_session_error()),
+            (Err(e), None) => {
+                return Err(SessionError::Refused {
+                    code: sqlstate::CANNOT_CONNECT_NOW,
+                    message: e.to_string(),
+                })
+            }
+        };
+        debug!(node = route.node, reason = ?route.reason, "routed");
+        match open(proxy, route.node, startup, true).await {
+            Ok(lease) => break lease,
+            Err(error) if error.unreachable() => {
+                info!(node = route.node, %error, "cannot start the session there; trying another node");
+                proxy.report_server_failure(route.node);
+                tried |= 1 << route.node;
+                last_failure = Some(error);
+            }
+            Err(error) => return Err(error.into_session_error()),
+        }
+    };
     key.set_target(Some(lease.conn.cancel_target()));
     let mut out = BytesMut::with_capacity(512);
     encode::auth_ok(&mut out);
@@ -168,14 +187,82 @@ async fn attach(
     Ok(lease)
 }
 
+/// Why a session's connection to a node could not be opened and set up.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    /// The checkout, or running the client's settings on the new connection, failed.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The client's startup parameters cannot be turned into settings.
+    #[error(transparent)]
+    Params(SessionError),
+}
+
+impl OpenError {
+    /// Whether the node could not be reached or is not accepting connections now (another node,
+    /// or the same one later, may do); refusals of the client itself are not.
+    fn unreachable(&self) -> bool {
+        match self {
+            OpenError::Pool(PoolError::Connect(error)) => match error {
+                ServerError::Connect { .. }
+                | ServerError::Timeout { .. }
+                | ServerError::Io { .. } => true,
+                // Class 57 (operator intervention): shutting down, starting up, in recovery.
+                ServerError::Rejected { frame, .. } => frame
+                    .get(5..)
+                    .and_then(|body| ErrorFields::parse(body).ok())
+                    .and_then(|fields| fields.sqlstate())
+                    .is_some_and(|code| code.starts_with(b"57")),
+                ServerError::Tls { .. } | ServerError::Protocol { .. } => false,
+            },
+            OpenError::Pool(PoolError::Exhausted { .. }) | OpenError::Params(_) => false,
+        }
+    }
+
+    /// What the client is told when the session cannot go on because of it.
+    fn into_session_error(self) -> SessionError {
+        match self {
+            OpenError::Pool(error) => pool_refusal(error),
+            OpenError::Params(error) => error,
+        }
+    }
+}
+
+/// Opens the session's connection to `node`: a checkout (waiting for a slot when `wait`, else
+/// failing at once), then the client's startup parameters. A connection whose setup failed is
+/// released (and dropped unless the reset proves it sound).
+async fn open(
+    proxy: &Proxy,
+    node: NodeId,
+    startup: &ClientStartup,
+    wait: bool,
+) -> Result<Lease, OpenError> {
+    let target = proxy.login_target(node, &startup.user, &startup.database);
+    let mut lease = if wait {
+        proxy.pools.checkout(&target).await
+    } else {
+        proxy.pools.try_checkout(&target).await
+    }?;
+    if let Err(error) = apply_params(&mut lease, startup).await {
+        proxy.release(lease, true).await;
+        return Err(error);
+    }
+    Ok(lease)
+}
+
 /// Sends the client's startup parameters to the server as SET commands, skipping those the server
 /// already reports with the same value.
-async fn apply_params(lease: &mut Lease, startup: &ClientStartup) -> Result<(), SessionError> {
-    let sql = match set_commands(&startup.params, |name| lease.conn.params.get(name))? {
+async fn apply_params(lease: &mut Lease, startup: &ClientStartup) -> Result<(), OpenError> {
+    let commands = set_commands(&startup.params, |name| lease.conn.params.get(name));
+    let sql = match commands.map_err(OpenError::Params)? {
         Some(sql) => sql,
         None => return Ok(()),
     };
-    lease.conn.run_internal(&sql).await.map_err(server_refusal)
+    lease
+        .conn
+        .run_internal(&sql)
+        .await
+        .map_err(|e| OpenError::Pool(PoolError::Connect(e)))
 }
 
 /// What the client is told when its server connection cannot be made or set up: the node's own

@@ -14,11 +14,14 @@ use pgvigil_proto::frame::{messages, next_message};
 use pgvigil_proto::frontend::{self, is_known_frontend_tag};
 use pgvigil_proto::{header, FrameError, TxStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tracing::debug;
 
 use super::steering::{Decision, Steering};
 use crate::proxy::Proxy;
 use crate::server::{ReportedParams, ServerConn};
 use crate::stream::Stream;
+use crate::topology::{NodeId, Role};
 
 /// Stop reading from a side while this many bytes wait to be written to the other side.
 const HIGH_WATER: usize = 256 * 1024;
@@ -32,16 +35,44 @@ pub enum RelayEnd {
     Terminated,
     /// The client closed its socket (or it broke).
     ClientGone,
-    /// The server connection broke; `server_said_fatal` tells whether the node already sent the
-    /// client a FATAL error explaining why.
-    ServerLost {
-        /// The I/O error, if any (None: orderly EOF).
-        error: Option<io::Error>,
-        /// Whether a FATAL/PANIC ErrorResponse was the last thing relayed.
-        server_said_fatal: bool,
-    },
     /// The client broke the protocol; the text is sent to it as a 08P01 error.
     Violation(String),
+}
+
+/// The server connection was given up; the session may go on without it.
+#[derive(Debug)]
+pub struct Loss {
+    /// Why.
+    pub cause: LossCause,
+    /// The FATAL (or PANIC) error the node sent before it closed, if it sent one.
+    pub fatal: Option<NodeFatal>,
+}
+
+/// Why a server connection was given up.
+#[derive(Debug, thiserror::Error)]
+pub enum LossCause {
+    /// The node closed it.
+    #[error("the node closed the connection")]
+    Closed,
+    /// Reading or writing failed.
+    #[error("I/O error: {0}")]
+    Io(io::Error),
+    /// The node sent bytes that are not a valid message.
+    #[error("the node sent an invalid message")]
+    Garbled,
+    /// The topology no longer lets sessions use the node (down, fenced).
+    #[error("the node is {} in the topology", .0.as_str())]
+    Unusable(Role),
+}
+
+/// A FATAL or PANIC ErrorResponse a node sent (its last message before closing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeFatal {
+    /// Its SQLSTATE (`08006` when it had none).
+    pub code: [u8; 5],
+    /// It answered one of the client's requests and was relayed as an ERROR; an unsolicited one
+    /// (nothing outstanding) is not relayed.
+    pub relayed: bool,
 }
 
 /// What the relay knows about the server connection's position in the protocol.
@@ -80,20 +111,30 @@ pub struct ClientConn {
 pub enum Stop {
     /// The session is over.
     End(RelayEnd),
+    /// The server connection is lost (what the client is owed is in the `Progress`).
+    Lost(Loss),
     /// The next unit (left at the front of the client's buffer) goes to another node, or needs
     /// something run on its node first; the current server has answered everything.
     Decided(Decision),
 }
 
-/// Pumps messages both ways until the session ends or the next unit must go elsewhere.
+/// Pumps messages both ways until the session ends, the next unit must go elsewhere, or the
+/// server connection is lost (it broke, or `changes` announced a topology in which its node is
+/// no longer usable: that is what unblocks a statement hung on a frozen node after a failover).
 pub async fn relay(
     client: &mut ClientConn,
     server: &mut ServerConn,
     steering: &mut Steering,
     progress: &mut Progress,
+    changes: &mut watch::Receiver<u64>,
     proxy: &Proxy,
 ) -> Stop {
     let max_message = proxy.config.max_message_size;
+    let node = server.node;
+    if let Some(role) = unusable(proxy, node) {
+        return lost(LossCause::Unusable(role), None);
+    }
+    let mut watching = true;
     let (mut client_read, mut client_write) = tokio::io::split(&mut client.stream);
     let (mut server_read, mut server_write) = tokio::io::split(&mut server.stream);
     let client_in = &mut client.rbuf;
@@ -103,7 +144,7 @@ pub async fn relay(
     let mut server_state = ServerSide {
         tx: &mut server.tx,
         params: &mut server.params,
-        last_fatal: false,
+        fatal: None,
         encoding_safe: steering.encoding_safe,
     };
     let mut terminated = false;
@@ -115,7 +156,7 @@ pub async fn relay(
         .scan(server_in, to_client, max_message, progress)
         .is_err()
     {
-        return server_lost(None, &server_state);
+        return server_lost(LossCause::Garbled, &server_state);
     }
     let mut client_scan = ClientScan {
         max_message,
@@ -180,14 +221,21 @@ pub async fn relay(
             }
             written = server_write.write(&to_server), if !to_server.is_empty() => {
                 match written {
-                    Ok(0) => return server_lost(None, &server_state),
-                    Err(e) => return server_lost(Some(e), &server_state),
+                    Ok(0) => return server_lost(LossCause::Closed, &server_state),
+                    Err(e) => return server_lost(LossCause::Io(e), &server_state),
                     Ok(n) => to_server.advance(n),
                 }
                 if to_server.is_empty() {
                     if let Err(e) = server_write.flush().await {
-                        return server_lost(Some(e), &server_state);
+                        return server_lost(LossCause::Io(e), &server_state);
                     }
+                }
+            }
+            changed = changes.changed(), if watching => {
+                // The sender lives as long as the proxy; should it go, stop watching.
+                watching = changed.is_ok();
+                if let Some(role) = unusable(proxy, node) {
+                    return server_lost(LossCause::Unusable(role), &server_state);
                 }
             }
             read = client_read.read_buf(client_in), if !held && !terminated && to_server.len() < HIGH_WATER => {
@@ -208,18 +256,11 @@ pub async fn relay(
             }
             read = server_read.read_buf(server_in), if to_client.len() < HIGH_WATER => {
                 match read {
-                    Ok(0) => {
-                        flush_remaining(&mut client_write, to_client).await;
-                        return server_lost(None, &server_state);
-                    }
-                    Err(e) => {
-                        flush_remaining(&mut client_write, to_client).await;
-                        return server_lost(Some(e), &server_state);
-                    }
+                    Ok(0) => return server_lost(LossCause::Closed, &server_state),
+                    Err(e) => return server_lost(LossCause::Io(e), &server_state),
                     Ok(_) => {
                         if server_state.scan(server_in, to_client, max_message, progress).is_err() {
-                            flush_remaining(&mut client_write, to_client).await;
-                            return server_lost(None, &server_state);
+                            return server_lost(LossCause::Garbled, &server_state);
                         }
                     }
                 }
@@ -301,13 +342,18 @@ fn starts_unit(tag: u8, progress: &Progress) -> bool {
 struct ServerSide<'a> {
     tx: &'a mut TxStatus,
     params: &'a mut ReportedParams,
-    last_fatal: bool,
+    /// The FATAL error the node sent, if it did.
+    fatal: Option<NodeFatal>,
     /// Whether the client encoding is ASCII-safe; updated when the node reports a new one.
     encoding_safe: bool,
 }
 
 impl ServerSide<'_> {
     /// Moves whole server messages to `out`, noting ReadyForQuery, ParameterStatus and errors.
+    ///
+    /// A FATAL error is the node's last word. It is relayed as an ERROR when it answers a
+    /// request (clients read FATAL as the end of their own connection, and the session goes on);
+    /// one that comes while nothing is outstanding is not relayed at all.
     fn scan(
         &mut self,
         input: &mut BytesMut,
@@ -316,9 +362,12 @@ impl ServerSide<'_> {
         progress: &mut Progress,
     ) -> Result<(), FrameError> {
         let mut iter = messages(input, max_message);
+        let mut offset = 0;
+        let mut fatal_at = None;
         for message in iter.by_ref() {
             let message = message?;
-            self.last_fatal = false;
+            let start = offset;
+            offset += message.len();
             match message.tag {
                 backend::tag::READY_FOR_QUERY => {
                     if let Ok(status) = backend::ReadyForQuery::parse(message.body) {
@@ -337,22 +386,77 @@ impl ServerSide<'_> {
                     }
                     let _ = self.params.note(message.body);
                 }
-                backend::tag::ERROR_RESPONSE => self.last_fatal = is_fatal(message.body),
+                backend::tag::ERROR_RESPONSE => {
+                    if let Some(code) = fatal_code(message.body) {
+                        self.fatal = Some(NodeFatal {
+                            code,
+                            relayed: !progress.is_quiet(),
+                        });
+                        fatal_at = Some((start, offset));
+                        break;
+                    }
+                }
                 backend::tag::COPY_IN_RESPONSE => progress.copy_in = true,
                 _ => {}
             }
         }
         let consumed = iter.consumed();
-        move_prefix(input, out, consumed);
+        match (fatal_at, self.fatal) {
+            (Some((start, end)), Some(fatal)) => {
+                if fatal.relayed {
+                    downgrade_fatal(&mut input[start..end]);
+                    move_prefix(input, out, end);
+                } else {
+                    debug!(code = ?std::str::from_utf8(&fatal.code), "unsolicited FATAL from the node, not relayed");
+                    move_prefix(input, out, start);
+                }
+                // Nothing the node sends after a FATAL means anything.
+                input.clear();
+            }
+            _ => move_prefix(input, out, consumed),
+        }
         Ok(())
     }
 }
 
-fn is_fatal(body: &[u8]) -> bool {
-    ErrorFields::parse(body)
-        .ok()
-        .and_then(|f| f.get(b'V').or_else(|| f.get(b'S')))
-        .is_some_and(|s| s == b"FATAL" || s == b"PANIC")
+/// The SQLSTATE of a FATAL or PANIC ErrorResponse body; None for any other error.
+fn fatal_code(body: &[u8]) -> Option<[u8; 5]> {
+    let fields = ErrorFields::parse(body).ok()?;
+    let severity = fields.get(b'V').or_else(|| fields.get(b'S'))?;
+    if severity != b"FATAL" && severity != b"PANIC" {
+        return None;
+    }
+    let mut code = *b"08006";
+    if let Some(sqlstate) = fields.sqlstate().filter(|c| c.len() == 5) {
+        code.copy_from_slice(sqlstate);
+    }
+    Some(code)
+}
+
+/// Rewrites, in place, the severity fields (S and V) of an ErrorResponse frame from FATAL or
+/// PANIC to ERROR (all three words have five letters, so the frame keeps its length).
+fn downgrade_fatal(frame: &mut [u8]) {
+    let mut pos = 5;
+    while let Some(&code) = frame.get(pos) {
+        if code == 0 {
+            return;
+        }
+        let value = pos + 1;
+        let Some(len) = frame[value..].iter().position(|b| *b == 0) else {
+            return;
+        };
+        let word = &mut frame[value..value + len];
+        if matches!(code, b'S' | b'V') && (word == b"FATAL" || word == b"PANIC") {
+            word.copy_from_slice(b"ERROR");
+        }
+        pos = value + len + 1;
+    }
+}
+
+/// The role of `node` when sessions may no longer use it.
+fn unusable(proxy: &Proxy, node: NodeId) -> Option<Role> {
+    let role = proxy.topology.load().nodes.get(node).map(|n| n.role)?;
+    (!role.is_usable()).then_some(role)
 }
 
 /// Tracks the sync points of one client message; an unknown type is a protocol violation.
@@ -427,17 +531,12 @@ fn reserve(buf: &mut BytesMut, max_message: usize) {
     }
 }
 
-fn server_lost(error: Option<io::Error>, state: &ServerSide<'_>) -> Stop {
-    Stop::End(RelayEnd::ServerLost {
-        error,
-        server_said_fatal: state.last_fatal,
-    })
+fn server_lost(cause: LossCause, state: &ServerSide<'_>) -> Stop {
+    lost(cause, state.fatal)
 }
 
-/// Best effort: deliver what the server said before it went away (often its FATAL error).
-async fn flush_remaining<W: tokio::io::AsyncWrite + Unpin>(writer: &mut W, pending: &[u8]) {
-    let _ = writer.write_all(pending).await;
-    let _ = writer.flush().await;
+fn lost(cause: LossCause, fatal: Option<NodeFatal>) -> Stop {
+    Stop::Lost(Loss { cause, fatal })
 }
 
 #[cfg(test)]
@@ -498,7 +597,7 @@ mod tests {
         let mut side = ServerSide {
             tx: &mut tx,
             params: &mut params,
-            last_fatal: false,
+            fatal: None,
             encoding_safe: true,
         };
         side.scan(&mut input, &mut BytesMut::new(), 1 << 20, progress)

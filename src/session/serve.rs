@@ -2,34 +2,87 @@
 //! goes elsewhere, bring that node up to date (connection, settings, prepared statements), move,
 //! and at the end hand every server connection back.
 
+use std::time::Duration;
+
 use bytes::{BufMut, BytesMut};
 use pgvigil_proto::classify::encoding_is_safe;
 use pgvigil_proto::encode;
 use pgvigil_proto::sqlstate;
+use pgvigil_proto::TxStatus;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::relay::{self, ClientConn, Progress, RelayEnd, Stop};
+use super::recover::{self, Failure};
+use super::relay::{self, ClientConn, Loss, LossCause, Progress, RelayEnd, Stop};
 use super::startup::ClientStartup;
 use super::steering::{Decision, Steering};
-use super::{apply_params, pool_refusal, refuse, server_refusal, SessionError};
+use super::{open, refuse, OpenError, SessionError};
 use crate::cancel::CancelKey;
-use crate::pool::Lease;
+use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::replication::parse_lsn;
-use crate::router;
 use crate::server::ServerError;
 use crate::topology::{NodeId, Primary};
+
+/// Longest pause between two tries to reach a primary that failed to connect, even when the
+/// topology does not change (the node may have been restarting).
+const PRIMARY_RETRY: Duration = Duration::from_millis(500);
 
 /// The server connections a session holds, at most one per node.
 struct Held {
     leases: Vec<Option<Lease>>,
 }
 
-/// Relays until the session ends, moving between nodes as units are routed, then returns (or
-/// drops) every server connection.
+impl Held {
+    /// Drops (never pools) the connections to nodes other than `current` that the topology no
+    /// longer lets sessions use; what the session had there is forgotten.
+    fn drop_unusable(&mut self, current: NodeId, steering: &mut Steering, proxy: &Proxy) {
+        let topology = proxy.topology.load();
+        for (node, lease) in self.leases.iter_mut().enumerate() {
+            let usable = topology.nodes.get(node).is_some_and(|n| n.role.is_usable());
+            if node != current && !usable && lease.take().is_some() {
+                debug!(
+                    node,
+                    "connection to a node that is no longer usable dropped"
+                );
+                steering.fresh_connection(node);
+            }
+        }
+    }
+}
+
+/// The unit at the front of the client's buffer is waiting for a primary until `until`.
+#[derive(Clone, Copy)]
+struct PrimaryWait {
+    until: Instant,
+    /// `Steering::units_begun` when the wait started: once it moves on, this unit was served.
+    units: u64,
+}
+
+/// What a session goes on with between relays.
+struct Session<'a> {
+    client: ClientConn,
+    held: Held,
+    steering: Steering,
+    progress: Progress,
+    /// Topology generations, watched while relaying.
+    changes: watch::Receiver<u64>,
+    /// The connection was lost while the client was inside a transaction and waiting for
+    /// nothing: its next unit is refused with this, so that it cannot run outside the
+    /// transaction the client believes it is in.
+    owed: Option<String>,
+    primary_wait: Option<PrimaryWait>,
+    key: &'a CancelKey,
+    startup: &'a ClientStartup,
+    proxy: &'a Proxy,
+}
+
+/// Relays until the session ends, moving between nodes as units are routed and surviving the
+/// loss of server connections, then returns (or drops) every server connection.
 pub async fn serve(
-    mut client: ClientConn,
+    client: ClientConn,
     lease: Lease,
     proxy: &Proxy,
     key: &CancelKey,
@@ -41,132 +94,281 @@ pub async fn serve(
         .params
         .get(b"client_encoding")
         .is_none_or(encoding_is_safe);
-    let mut steering = Steering::new(proxy.config.nodes.len(), first, encoding_safe);
     let mut held = Held {
         leases: (0..proxy.config.nodes.len()).map(|_| None).collect(),
     };
     held.leases[first] = Some(lease);
-    let mut progress = Progress::default();
-    let end = loop {
-        let Some(lease) = held.leases[steering.current].as_mut() else {
-            break RelayEnd::ClientGone;
+    let mut session = Session {
+        client,
+        held,
+        steering: Steering::new(proxy.config.nodes.len(), first, encoding_safe),
+        progress: Progress::default(),
+        changes: proxy.topology.subscribe(),
+        owed: None,
+        primary_wait: None,
+        key,
+        startup,
+        proxy,
+    };
+    let end = match session.run().await {
+        Ok(end) => end,
+        Err(error) => {
+            info!(%error, "session ended: its next statement cannot be served");
+            let _ = flush_client(&mut session.client).await;
+            refuse(&mut session.client.stream, &error).await;
+            RelayEnd::ClientGone
+        }
+    };
+    session.steering.unit_done(proxy);
+    key.set_target(None);
+    debug!(?end, "session ended");
+    finish(
+        end,
+        &mut session.client,
+        session.held,
+        session.steering.current,
+        &session.progress,
+        proxy,
+    )
+    .await;
+}
+
+impl Session<'_> {
+    /// The session's steady state: relay, act on decisions, recover from lost connections.
+    async fn run(&mut self) -> Result<RelayEnd, SessionError> {
+        let max_message = self.proxy.config.max_message_size;
+        loop {
+            let current = self.steering.current;
+            self.held
+                .drop_unusable(current, &mut self.steering, self.proxy);
+            if let Some(message) = self.owed.take() {
+                let failure = Failure {
+                    code: sqlstate::CONNECTION_FAILURE,
+                    message: &message,
+                };
+                recover::reject_unit(&mut self.client, &failure, max_message)
+                    .await
+                    .map_err(ended)?;
+                continue;
+            }
+            let stop = match self.held.leases[current].as_mut() {
+                Some(lease) => {
+                    relay::relay(
+                        &mut self.client,
+                        &mut lease.conn,
+                        &mut self.steering,
+                        &mut self.progress,
+                        &mut self.changes,
+                        self.proxy,
+                    )
+                    .await
+                }
+                None => recover::next_unit(&mut self.client, &mut self.steering, self.proxy).await,
+            };
+            let decision = match stop {
+                Stop::End(end) => return Ok(end),
+                Stop::Lost(loss) => {
+                    self.recover(loss).await?;
+                    continue;
+                }
+                Stop::Decided(decision) => decision,
+            };
+            if flush_client(&mut self.client).await.is_err() {
+                return Ok(RelayEnd::ClientGone);
+            }
+            self.act(decision).await?;
+        }
+    }
+
+    /// The connection to the current node is lost: unless the session held what cannot be
+    /// rebuilt elsewhere, the client is answered for what it awaited (ERROR, ReadyForQuery) and
+    /// the session goes on, its next unit routed afresh.
+    ///
+    /// Losses that still end the session (FATAL 08006): during COPY FROM STDIN (the client is
+    /// streaming data and cannot be told to stop and resend), and a session pinned to that
+    /// connection (a temporary table, a SQL PREPARE, an advisory lock, LISTEN, or settings that
+    /// cannot be replayed), whose state died with it.
+    async fn recover(&mut self, loss: Loss) -> Result<(), SessionError> {
+        let node = self.steering.current;
+        let Some(lease) = self.held.leases[node].take() else {
+            return Ok(());
         };
-        let stop = relay::relay(
-            &mut client,
-            &mut lease.conn,
-            &mut steering,
-            &mut progress,
+        let name = lease.conn.node_name.clone();
+        let in_transaction = lease.conn.tx != TxStatus::Idle;
+        drop(lease);
+        warn!(node = %name, cause = %loss.cause, "server connection lost during a session");
+        self.proxy.report_server_failure(node);
+        self.steering.unit_done(self.proxy);
+        self.key.set_target(None);
+        let lost = match &loss.cause {
+            LossCause::Unusable(role) => format!("node {name} is {}", role.as_str()),
+            _ => format!("the connection to node {name} was lost"),
+        };
+        let fatal_reason = if self.progress.copy_in {
+            Some("during COPY FROM STDIN")
+        } else {
+            self.steering.pinned()
+        };
+        if let Some(reason) = fatal_reason {
+            return Err(SessionError::Refused {
+                code: sqlstate::CONNECTION_FAILURE,
+                message: format!(
+                    "{lost} and the session cannot go on without it ({reason}); reconnect to continue"
+                ),
+            });
+        }
+        self.steering.lost_current();
+        let owed = self.progress.is_quiet() && in_transaction;
+        let message = format!("{lost}; the transaction, if any, was rolled back");
+        let code = loss.fatal.map(|f| f.code);
+        let failure = Failure {
+            code: code
+                .as_ref()
+                .and_then(|c| std::str::from_utf8(c).ok())
+                .unwrap_or(sqlstate::CONNECTION_FAILURE),
+            message: &message,
+        };
+        let first_answered = loss.fatal.is_some_and(|f| f.relayed);
+        let max_message = self.proxy.config.max_message_size;
+        recover::answer_lost(
+            &mut self.client,
+            &mut self.progress,
+            first_answered,
+            &failure,
+            max_message,
+        )
+        .await
+        .map_err(ended)?;
+        if owed {
+            self.owed = Some(format!("{lost}; the transaction was rolled back"));
+        }
+        Ok(())
+    }
+
+    /// Carries out a decision the relay could not: moving to a node, fetching the session's
+    /// write position, or waiting for a primary.
+    async fn act(&mut self, decision: Decision) -> Result<(), SessionError> {
+        match decision {
+            Decision::Move(node) => match self.bring(node).await {
+                Ok(()) => {
+                    self.steering.moved_to(node);
+                    self.primary_wait = None;
+                    if let Some(lease) = &self.held.leases[node] {
+                        self.key.set_target(Some(lease.conn.cancel_target()));
+                    }
+                    Ok(())
+                }
+                Err(error) if is_primary(self.proxy, node) && error.unreachable() => {
+                    info!(node, %error, "the primary cannot be reached; waiting");
+                    self.proxy.report_server_failure(node);
+                    self.wait_for_primary(Some(error.to_string())).await
+                }
+                Err(error) if is_primary(self.proxy, node) => Err(error.into_session_error()),
+                Err(error) => {
+                    // Reads have other places to go: the next decision skips this node.
+                    info!(node, %error, "a node could not serve this session; reading elsewhere");
+                    self.steering.avoid(node);
+                    Ok(())
+                }
+            },
+            Decision::FetchLsn => {
+                let lsn = write_position(&mut self.held, self.proxy).await;
+                debug!(?lsn, "write position of the session");
+                self.steering.set_write_lsn(lsn);
+                Ok(())
+            }
+            Decision::WaitPrimary => self.wait_for_primary(None).await,
+            Decision::Forward | Decision::Wait => Ok(()),
+        }
+    }
+
+    /// The unit at the front needs a primary it cannot have now: waits for the next topology
+    /// generation (or a short pause) so that it is routed again, up to `failover.wait_timeout`
+    /// since it first waited; past that it is refused with 57P03 and the session goes on.
+    async fn wait_for_primary(&mut self, failure: Option<String>) -> Result<(), SessionError> {
+        let units = self.steering.units_begun();
+        let until = match self.primary_wait {
+            Some(wait) if wait.units == units => wait.until,
+            _ => Instant::now() + self.proxy.config.failover.wait_timeout,
+        };
+        self.primary_wait = Some(PrimaryWait { until, units });
+        self.steering.reroute();
+        self.proxy.probe_now.notify_one();
+        let pause = until.min(Instant::now() + PRIMARY_RETRY);
+        if let Ok(changed) = tokio::time::timeout_at(pause, self.changes.changed()).await {
+            if changed.is_err() {
+                // No more generations can come: wait out the rest and refuse.
+                tokio::time::sleep_until(until).await;
+            }
+        }
+        if Instant::now() < until {
+            return Ok(());
+        }
+        self.primary_wait = None;
+        let reason = match (&self.proxy.topology.load().primary, failure) {
+            (Primary::Unavailable(why), _) => format!("no primary is available: {why}"),
+            (Primary::Known(_), Some(failure)) => failure,
+            (Primary::Known(_), None) => "no node can serve this statement now".into(),
+        };
+        info!(%reason, "a unit waited for a primary in vain");
+        let failure = Failure {
+            code: sqlstate::CANNOT_CONNECT_NOW,
+            message: &reason,
+        };
+        let max_message = self.proxy.config.max_message_size;
+        recover::reject_unit(&mut self.client, &failure, max_message)
+            .await
+            .map_err(ended)
+    }
+
+    /// Makes `node` ready for the unit at the front of the client's buffer: a connection with
+    /// the client's startup settings, every session setting the session made since, stale
+    /// statements closed, and the named statements the unit uses prepared.
+    async fn bring(&mut self, node: NodeId) -> Result<(), OpenError> {
+        let proxy = self.proxy;
+        if let Some(lease) = self.held.leases[node].as_mut() {
+            if lease.conn.looks_broken() {
+                // It died while the session was elsewhere (its node closed it, or restarted).
+                debug!(
+                    node,
+                    "a held connection broke while unused; opening a new one"
+                );
+                self.held.leases[node] = None;
+                proxy.report_server_failure(node);
+            }
+        }
+        if self.held.leases[node].is_none() {
+            let lease = open(proxy, node, self.startup, is_primary(proxy, node)).await?;
+            self.steering.fresh_connection(node);
+            self.held.leases[node] = Some(lease);
+        }
+        let result = catch_up(
+            node,
+            &self.client,
+            &mut self.held,
+            &mut self.steering,
             proxy,
         )
         .await;
-        let decision = match stop {
-            Stop::End(end) => break end,
-            Stop::Decided(decision) => decision,
-        };
-        if flush_client(&mut client).await.is_err() {
-            break RelayEnd::ClientGone;
+        if let Err(ServerError::Io { .. } | ServerError::Protocol { .. }) = &result {
+            // A broken connection is dropped; the session opens a new one next time.
+            self.held.leases[node] = None;
+            self.steering.fresh_connection(node);
+            proxy.report_server_failure(node);
         }
-        if let Err(error) = act(
-            decision,
-            &mut client,
-            &mut held,
-            &mut steering,
-            key,
-            startup,
-            proxy,
-        )
-        .await
-        {
-            info!(%error, "session ended: its next statement cannot be served");
-            refuse(&mut client.stream, &error).await;
-            break RelayEnd::ClientGone;
-        }
-    };
-    steering.unit_done(proxy);
-    key.set_target(None);
-    debug!(?end, "session ended");
-    finish(end, &mut client, held, steering.current, &progress, proxy).await;
+        result.map_err(|e| OpenError::Pool(PoolError::Connect(e)))
+    }
 }
 
-/// Carries out a decision the relay could not: moving to a node, fetching the session's write
-/// position, or waiting for a primary.
-async fn act(
-    decision: Decision,
-    client: &mut ClientConn,
-    held: &mut Held,
-    steering: &mut Steering,
-    key: &CancelKey,
-    startup: &ClientStartup,
-    proxy: &Proxy,
-) -> Result<(), SessionError> {
-    match decision {
-        Decision::Move(node) => match bring(node, client, held, steering, startup, proxy).await {
-            Ok(()) => {
-                steering.moved_to(node);
-                if let Some(lease) = &held.leases[node] {
-                    key.set_target(Some(lease.conn.cancel_target()));
-                }
-                Ok(())
-            }
-            Err(error) if is_primary(proxy, node) => Err(error),
-            Err(error) => {
-                // Reads have other places to go: the next decision skips this node.
-                info!(node, %error, "a node could not serve this session; reading elsewhere");
-                steering.avoid(node);
-                Ok(())
-            }
+/// What the client is told when a session ends while it talks to the client directly.
+fn ended(end: RelayEnd) -> SessionError {
+    match end {
+        RelayEnd::Terminated | RelayEnd::ClientGone => SessionError::Closed,
+        RelayEnd::Violation(message) => SessionError::Refused {
+            code: sqlstate::PROTOCOL_VIOLATION,
+            message,
         },
-        Decision::FetchLsn => {
-            let lsn = write_position(held, proxy).await;
-            debug!(?lsn, "write position of the session");
-            steering.set_write_lsn(lsn);
-            Ok(())
-        }
-        Decision::WaitPrimary => proxy
-            .wait_for_route(router::route_write)
-            .await
-            .map(|_| ())
-            .map_err(|e| SessionError::Refused {
-                code: sqlstate::CANNOT_CONNECT_NOW,
-                message: e.to_string(),
-            }),
-        Decision::Forward | Decision::Wait => Ok(()),
     }
-}
-
-/// Makes `node` ready for the unit at the front of the client's buffer: a connection with the
-/// client's startup settings, every session setting the session made since, stale statements
-/// closed, and the named statements the unit uses prepared.
-async fn bring(
-    node: NodeId,
-    client: &ClientConn,
-    held: &mut Held,
-    steering: &mut Steering,
-    startup: &ClientStartup,
-    proxy: &Proxy,
-) -> Result<(), SessionError> {
-    if held.leases[node].is_none() {
-        let target = proxy.login_target(node, &startup.user, &startup.database);
-        let mut lease = if is_primary(proxy, node) {
-            proxy.pools.checkout(&target).await
-        } else {
-            proxy.pools.try_checkout(&target).await
-        }
-        .map_err(pool_refusal)?;
-        if let Err(error) = apply_params(&mut lease, startup).await {
-            proxy.release(lease, true).await;
-            return Err(error);
-        }
-        steering.fresh_connection(node);
-        held.leases[node] = Some(lease);
-    }
-    let result = catch_up(node, client, held, steering, proxy).await;
-    if let Err(ServerError::Io { .. } | ServerError::Protocol { .. }) = &result {
-        // A broken connection is dropped; the session opens a new one next time.
-        held.leases[node] = None;
-        proxy.report_server_failure(node);
-    }
-    result.map_err(server_refusal)
 }
 
 /// Runs on `node` what it missed. A statement the node rejects is logged and skipped: the node
@@ -273,50 +475,36 @@ async fn finish(
     progress: &Progress,
     proxy: &Proxy,
 ) {
+    let topology = proxy.topology.snapshot();
+    let usable = |node: NodeId| topology.nodes.get(node).is_some_and(|n| n.role.is_usable());
     for (node, lease) in held.leases.iter_mut().enumerate() {
         if node != current {
             if let Some(lease) = lease.take() {
-                let reusable = lease.conn.rbuf.is_empty();
+                let reusable = lease.conn.rbuf.is_empty() && usable(node);
                 proxy.release(lease, reusable).await;
             }
         }
     }
-    let Some(lease) = held.leases[current].take() else {
-        return;
-    };
-    let reusable = progress.is_quiet() && lease.conn.rbuf.is_empty();
+    let lease = held.leases[current].take();
+    let reusable = progress.is_quiet() && usable(current);
+    let reusable = reusable && lease.as_ref().is_some_and(|l| l.conn.rbuf.is_empty());
     match end {
         RelayEnd::Terminated | RelayEnd::ClientGone => {
-            if !reusable {
-                cancel_running(&lease, progress, proxy).await;
+            if let (Some(lease), false) = (&lease, reusable) {
+                cancel_running(lease, progress, proxy).await;
             }
-            proxy.release(lease, reusable).await;
         }
         RelayEnd::Violation(message) => {
             let error = SessionError::Refused {
                 code: sqlstate::PROTOCOL_VIOLATION,
                 message,
             };
+            let _ = flush_client(client).await;
             refuse(&mut client.stream, &error).await;
-            proxy.release(lease, reusable).await;
         }
-        RelayEnd::ServerLost {
-            error,
-            server_said_fatal,
-        } => {
-            warn!(node = %lease.conn.node_name, ?error, "server connection lost during a session");
-            proxy.report_server_failure(lease.conn.node);
-            if !server_said_fatal {
-                let error = SessionError::Refused {
-                    code: sqlstate::CONNECTION_FAILURE,
-                    message: format!(
-                        "the connection to node {} was lost; reconnect to continue",
-                        lease.conn.node_name
-                    ),
-                };
-                refuse(&mut client.stream, &error).await;
-            }
-        }
+    }
+    if let Some(lease) = lease {
+        proxy.release(lease, reusable).await;
     }
 }
 

@@ -95,6 +95,10 @@ pub struct Steering {
     pub encoding_safe: bool,
     /// Nodes this session could not open a connection to (bit per node); not chosen for reads.
     avoided: u64,
+    /// The connection to `current` was lost: the next unit is routed afresh, never forwarded.
+    detached: bool,
+    /// Units begun so far (tells a unit that waits apart from the next one).
+    units: u64,
 }
 
 impl Steering {
@@ -122,6 +126,8 @@ impl Steering {
             unnamed: None,
             encoding_safe,
             avoided: 0,
+            detached: false,
+            units: 0,
         }
     }
 
@@ -139,6 +145,17 @@ impl Steering {
         }
         self.unit = facts;
         self.unit_in_transaction = in_transaction || facts.begin.is_some();
+        if self.detached && !facts.has_statement {
+            // A lone Sync or Close still needs a connection: any node a session may start on.
+            let topology = proxy.topology.load();
+            return match router::route_session(&topology, 0) {
+                Ok(route) => {
+                    self.waiting_route = Some(route);
+                    Decision::Move(route.node)
+                }
+                Err(_) => Decision::WaitPrimary,
+            };
+        }
         if in_transaction || !facts.has_statement {
             if self.misses_statements(input, self.current, max) {
                 // A statement prepared on another node before the transaction began: prepare
@@ -174,7 +191,10 @@ impl Steering {
             pinned = self.pinned,
             "routing decision"
         );
-        if route.node == self.current && !self.misses_statements(input, route.node, max) {
+        if route.node == self.current
+            && !self.detached
+            && !self.misses_statements(input, route.node, max)
+        {
             self.begin_unit(proxy);
             Decision::Forward
         } else {
@@ -276,6 +296,7 @@ impl Steering {
     /// The unit decided last is being forwarded to `current`: apply what it does to the session.
     fn begin_unit(&mut self, proxy: &Proxy) {
         self.waiting_route = None;
+        self.units += 1;
         self.prepared_on = (self.unit.parses_named && !self.unit.executes).then_some(self.current);
         self.covered = self.unit.inspected;
         // Only statements count as load: a lone Close or Sync is over at once.
@@ -427,6 +448,34 @@ impl Steering {
         self.current = node;
         self.forced = true;
         self.waiting_route = None;
+        self.detached = false;
+    }
+
+    /// The connection to the current node was lost: what it had is gone, and the next unit is
+    /// routed afresh (possibly back to the same node, on a new connection).
+    pub fn lost_current(&mut self) {
+        self.fresh_connection(self.current);
+        self.detached = true;
+        self.forced = false;
+        self.waiting_route = None;
+    }
+
+    /// The route given to the unit at the front cannot be used (its node cannot be reached):
+    /// the next decision chooses again.
+    pub fn reroute(&mut self) {
+        self.waiting_route = None;
+    }
+
+    /// Why the session must stay on the primary's connection, if it must: state there (a
+    /// temporary table, a SQL PREPARE, an advisory lock, LISTEN, settings that cannot be
+    /// replayed) that another connection would not have.
+    pub fn pinned(&self) -> Option<&'static str> {
+        self.pinned
+    }
+
+    /// How many units the session has begun (forwarded after a decision) so far.
+    pub fn units_begun(&self) -> u64 {
+        self.units
     }
 
     /// `node` could not serve this session: no more reads go there.

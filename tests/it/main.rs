@@ -12,5 +12,6 @@ mod pooling;
 mod read_split;
 mod replication;
 mod routing;
+mod session_survival;
 mod support;
 mod tls;

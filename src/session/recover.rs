@@ -1,0 +1,170 @@
+//! The client's side of a session that has no server connection for a moment: answering the
+//! requests a lost connection left unanswered, refusing a unit that cannot be served, and reading
+//! the next unit before it is routed.
+//!
+//! The answers follow what PostgreSQL itself does after an error in the extended protocol
+//! (docs, "Extended Query"): an ErrorResponse at once, then every message up to the next Sync is
+//! discarded, and the Sync is answered with ReadyForQuery.
+
+use bytes::{Buf, BytesMut};
+use pgvigil_proto::encode::{self, PgError, Severity};
+use pgvigil_proto::frame::next_message;
+use pgvigil_proto::frontend;
+use pgvigil_proto::TxStatus;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::relay::{ClientConn, Progress, RelayEnd, Stop};
+use super::steering::{Decision, Steering};
+use crate::proxy::Proxy;
+
+/// An error the client is told about as ERROR (its session goes on).
+pub struct Failure<'a> {
+    /// SQLSTATE.
+    pub code: &'a str,
+    /// Text for the client.
+    pub message: &'a str,
+}
+
+impl Failure<'_> {
+    fn encode(&self, out: &mut BytesMut) {
+        encode::error_response_with(
+            out,
+            &PgError {
+                severity: Severity::Error,
+                code: self.code,
+                message: self.message,
+                detail: None,
+                hint: None,
+            },
+        );
+    }
+}
+
+/// Answers what a lost server connection left unanswered: each request awaiting a ReadyForQuery
+/// gets `failure` (except the first when the node's own error was relayed for it) and
+/// ReadyForQuery('I'); an extended-protocol unit sent in part gets `failure` and, once the client
+/// has sent the rest of it up to its Sync, ReadyForQuery('I'). `progress` is reset.
+pub async fn answer_lost(
+    client: &mut ClientConn,
+    progress: &mut Progress,
+    first_answered: bool,
+    failure: &Failure<'_>,
+    max_message: usize,
+) -> Result<(), RelayEnd> {
+    let mut answered = first_answered;
+    for _ in 0..progress.awaiting_ready {
+        if !std::mem::take(&mut answered) {
+            failure.encode(&mut client.pending);
+        }
+        encode::ready_for_query(&mut client.pending, TxStatus::Idle);
+    }
+    let unsynced = progress.unsynced;
+    *progress = Progress::default();
+    if unsynced {
+        if !answered {
+            failure.encode(&mut client.pending);
+        }
+        flush(client).await?;
+        skip_to_sync(client, max_message).await?;
+        encode::ready_for_query(&mut client.pending, TxStatus::Idle);
+    }
+    flush(client).await
+}
+
+/// Refuses the unit at the front of the client's buffer (reading it first if needed): `failure`,
+/// its messages consumed (a Query or FunctionCall; extended messages through their Sync), and
+/// ReadyForQuery('I').
+pub async fn reject_unit(
+    client: &mut ClientConn,
+    failure: &Failure<'_>,
+    max_message: usize,
+) -> Result<(), RelayEnd> {
+    let (tag, len) = first_message(client, max_message).await?;
+    if tag == frontend::tag::TERMINATE {
+        return Err(RelayEnd::Terminated);
+    }
+    failure.encode(&mut client.pending);
+    match tag {
+        frontend::tag::QUERY | frontend::tag::FUNCTION_CALL | frontend::tag::SYNC => {
+            client.rbuf.advance(len)
+        }
+        _ => {
+            flush(client).await?;
+            skip_to_sync(client, max_message).await?;
+        }
+    }
+    encode::ready_for_query(&mut client.pending, TxStatus::Idle);
+    flush(client).await
+}
+
+/// Reads the client's next unit while the session has no connection to its current node, and
+/// returns where it goes (never `Forward`: the steering routes a detached session afresh).
+pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: &Proxy) -> Stop {
+    let max_message = proxy.config.max_message_size;
+    if let Err(end) = flush(client).await {
+        return Stop::End(end);
+    }
+    loop {
+        match first_message(client, max_message).await {
+            Err(end) => return Stop::End(end),
+            Ok((frontend::tag::TERMINATE, _)) => return Stop::End(RelayEnd::Terminated),
+            Ok(_) => {}
+        }
+        match steering.decide(&client.rbuf, false, proxy) {
+            Decision::Wait => {
+                if let Err(end) = read_more(client).await {
+                    return Stop::End(end);
+                }
+            }
+            decision => return Stop::Decided(decision),
+        }
+    }
+}
+
+/// Discards client messages up to and including the next Sync.
+async fn skip_to_sync(client: &mut ClientConn, max_message: usize) -> Result<(), RelayEnd> {
+    loop {
+        let (tag, len) = first_message(client, max_message).await?;
+        client.rbuf.advance(len);
+        match tag {
+            frontend::tag::SYNC => return Ok(()),
+            frontend::tag::TERMINATE => return Err(RelayEnd::Terminated),
+            _ => {}
+        }
+    }
+}
+
+/// The tag and length of the first message in the client's buffer, reading until it is whole.
+async fn first_message(
+    client: &mut ClientConn,
+    max_message: usize,
+) -> Result<(u8, usize), RelayEnd> {
+    loop {
+        match next_message(&client.rbuf, max_message) {
+            Ok(Some(message)) => return Ok((message.tag, message.len())),
+            Ok(None) => read_more(client).await?,
+            Err(e) => return Err(RelayEnd::Violation(e.to_string())),
+        }
+    }
+}
+
+async fn read_more(client: &mut ClientConn) -> Result<(), RelayEnd> {
+    match client.stream.read_buf(&mut client.rbuf).await {
+        Ok(0) | Err(_) => Err(RelayEnd::ClientGone),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Writes what the client is owed.
+async fn flush(client: &mut ClientConn) -> Result<(), RelayEnd> {
+    if client.pending.is_empty() {
+        return Ok(());
+    }
+    let written = async {
+        client.stream.write_all(&client.pending).await?;
+        client.stream.flush().await
+    };
+    written.await.map_err(|_| RelayEnd::ClientGone)?;
+    client.pending.clear();
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! A session outlives its server connections (issue 4, "Clients during failover"): a backend
+//! terminated while idle is replaced without the client noticing, its settings and prepared
+//! statements re-established; a statement or transaction that was running gets an ERROR and the
+//! session goes on; a write with no primary waits `failover.wait_timeout`, then gets 57P03, and
+//! the session keeps reading from the replica; new sessions start on a replica while the primary
+//! is down; a replica killed under a read sends the next read elsewhere.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgvigil::config::Config;
+use pgvigil::replication::parse_lsn;
+use pgvigil::topology::{NodeId, Primary, Role};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::support::{
+    eventually, node_psql, primary_lsn, start_proxy, test_cluster, LocalCluster, TestProxy,
+};
+
+const PRIMARY: NodeId = 0;
+const REPLICA: NodeId = 1;
+
+/// Bound on anything the proxy or the nodes must get to on a loaded machine.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// How soon a client whose statement lost its server must hear about it.
+const PROMPT: Duration = Duration::from_secs(5);
+
+/// `failover.wait_timeout` of the tests that stop the primary.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_whose_backend_is_terminated_goes_on_with_its_settings_and_statements() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |_| {}).await;
+    let client = proxy.connect_app().await;
+    client
+        .batch_execute(
+            "CREATE SCHEMA survival; CREATE TABLE survival.marker (v text); \
+             INSERT INTO survival.marker VALUES ('found')",
+        )
+        .await
+        .unwrap();
+    client
+        .simple_query("SET search_path TO survival, public")
+        .await
+        .unwrap();
+    let statement = client.prepare("SELECT v FROM marker").await.unwrap();
+    let pid = backend_pid(&client).await;
+
+    terminate(&cluster, PRIMARY, pid);
+
+    let rows = client
+        .query(&statement, &[])
+        .await
+        .expect("the prepared statement works on the new connection");
+    assert_eq!(rows[0].get::<_, String>(0), "found");
+    assert_eq!(
+        value(&client, "SHOW search_path").await.as_deref(),
+        Some("survival, public")
+    );
+    assert_ne!(backend_pid(&client).await, pid, "a new backend serves it");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_whose_backend_is_terminated_gets_an_error_at_once_and_the_session_goes_on() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |_| {}).await;
+    let client = Arc::new(proxy.connect_app().await);
+    let pid = backend_pid(&client).await;
+    let sleeping = tokio::spawn({
+        let client = client.clone();
+        async move { client.simple_query("SELECT pg_sleep(30)").await }
+    });
+    eventually(PATIENCE, "the sleep is running", || {
+        active(&cluster, PRIMARY, &format!("pid = {pid}")) == 1
+    });
+
+    let killed_at = Instant::now();
+    terminate(&cluster, PRIMARY, pid);
+    let error = tokio::time::timeout(PROMPT, sleeping)
+        .await
+        .expect("the client is told promptly")
+        .unwrap()
+        .expect_err("the statement fails");
+    assert!(killed_at.elapsed() < PROMPT);
+    assert_lost(&error);
+
+    assert_eq!(
+        value(&client, "SELECT 'still here'").await.as_deref(),
+        Some("still here")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_whose_backend_is_terminated_is_rolled_back_and_the_next_one_works() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |_| {}).await;
+    let client = proxy.connect_app().await;
+    client
+        .batch_execute("CREATE TABLE survival_tx (id int)")
+        .await
+        .unwrap();
+    client.simple_query("BEGIN").await.unwrap();
+    client
+        .simple_query("INSERT INTO survival_tx VALUES (1)")
+        .await
+        .unwrap();
+    let pid = backend_pid(&client).await;
+
+    terminate(&cluster, PRIMARY, pid);
+
+    // A COMMIT that ran on a new connection would "succeed" with nothing to commit: the client
+    // must hear that its transaction is gone instead.
+    let error = client
+        .simple_query("COMMIT")
+        .await
+        .expect_err("the transaction was lost");
+    assert_lost(&error);
+    assert_eq!(
+        value(&client, "SELECT count(*) FROM survival_tx")
+            .await
+            .as_deref(),
+        Some("0"),
+        "the row of the rolled-back transaction is not there"
+    );
+    client
+        .batch_execute("BEGIN; INSERT INTO survival_tx VALUES (2); COMMIT")
+        .await
+        .expect("a new transaction works");
+    assert_eq!(
+        value(&client, "SELECT count(*) FROM survival_tx WHERE id = 2")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_without_a_primary_waits_then_gets_57p03_and_reads_go_on_until_it_is_back() {
+    let (mut cluster, proxy) = primary_and_replica().await;
+    let client = proxy.connect_app().await;
+    assert_eq!(read_port(&client).await, cluster.node(REPLICA).port);
+
+    cluster.node_mut(PRIMARY).stop();
+
+    let asked_at = Instant::now();
+    let error = client
+        .simple_query("INSERT INTO survival_rw VALUES (2)")
+        .await
+        .expect_err("no primary to write to");
+    let waited = asked_at.elapsed();
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::CANNOT_CONNECT_NOW),
+        "{error:?}"
+    );
+    assert!(
+        waited >= WAIT_TIMEOUT - Duration::from_millis(100) && waited < WAIT_TIMEOUT * 4,
+        "waited {waited:?} for a primary (failover.wait_timeout = {WAIT_TIMEOUT:?})"
+    );
+    assert_eq!(
+        read_port(&client).await,
+        cluster.node(REPLICA).port,
+        "the session still reads from the replica"
+    );
+
+    cluster.node_mut(PRIMARY).start().unwrap();
+    wait_for_roles(&proxy);
+    client
+        .simple_query("INSERT INTO survival_rw VALUES (3)")
+        .await
+        .expect("the same session writes once the primary is back");
+    assert_eq!(
+        value(&client, "SELECT count(*) FROM survival_rw WHERE id = 3")
+            .await
+            .as_deref(),
+        Some("1"),
+        "read your writes: the row is there"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_session_starts_on_the_replica_while_the_primary_is_down() {
+    let (mut cluster, proxy) = primary_and_replica().await;
+    cluster.node_mut(PRIMARY).stop();
+    let topology = &proxy.running.proxy.topology;
+    eventually(PATIENCE, "the primary is seen down", || {
+        topology.load().nodes[PRIMARY].role == Role::Down
+    });
+
+    let client = tokio::time::timeout(PROMPT, proxy.connect_app())
+        .await
+        .expect("the session starts without waiting for a primary");
+    assert_eq!(read_port(&client).await, cluster.node(REPLICA).port);
+    assert_eq!(
+        value(&client, "SELECT count(*) FROM survival_rw")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_killed_under_a_read_sends_the_next_read_elsewhere() {
+    let (mut cluster, proxy) = primary_and_replica().await;
+    let client = Arc::new(proxy.connect_app().await);
+    assert_eq!(read_port(&client).await, cluster.node(REPLICA).port);
+    let sleeping = tokio::spawn({
+        let client = client.clone();
+        async move { client.simple_query("SELECT pg_sleep(30)").await }
+    });
+    eventually(PATIENCE, "the sleep runs on the replica", || {
+        active(&cluster, REPLICA, "query = 'SELECT pg_sleep(30)'") == 1
+    });
+
+    cluster.node_mut(REPLICA).kill9();
+    let error = tokio::time::timeout(PROMPT, sleeping)
+        .await
+        .expect("the client is told promptly")
+        .unwrap()
+        .expect_err("the read fails");
+    assert_lost(&error);
+
+    assert_eq!(
+        read_port(&client).await,
+        cluster.node(PRIMARY).port,
+        "the next read is served by the primary"
+    );
+}
+
+/// A primary and one replica behind pgvigil (probing every 200 ms, writes waiting at most
+/// [`WAIT_TIMEOUT`] for a primary, reads on the replica only), with table `survival_rw` holding
+/// one row on both; returns once the proxy sees both roles.
+async fn primary_and_replica() -> (LocalCluster, TestProxy) {
+    let cluster = test_cluster(1);
+    let proxy = start_proxy(&cluster, |config: &mut Config| {
+        config.health.interval = Duration::from_millis(200);
+        config.failover.wait_timeout = WAIT_TIMEOUT;
+        config.nodes[PRIMARY].weight = 0;
+        // With the primary gone the replica replays nothing, and its delay since the last commit
+        // grows: these tests are about sessions, not lag.
+        config.routing.max_lag = Duration::from_secs(3600);
+    })
+    .await;
+    proxy
+        .connect_app()
+        .await
+        .batch_execute("CREATE TABLE survival_rw (id int); INSERT INTO survival_rw VALUES (1)")
+        .await
+        .unwrap();
+    let written = primary_lsn(&cluster);
+    eventually(PATIENCE, "the replica has replayed the table", || {
+        let replayed = node_psql(&cluster, REPLICA, "SELECT pg_last_wal_replay_lsn()");
+        parse_lsn(&replayed).is_some_and(|lsn| lsn >= written)
+    });
+    wait_for_roles(&proxy);
+    (cluster, proxy)
+}
+
+/// Waits until the proxy sees node 0 as primary and node 1 as a standby whose position is known.
+fn wait_for_roles(proxy: &TestProxy) {
+    let proxy = &proxy.running.proxy;
+    eventually(PATIENCE, "primary and standby in the topology", || {
+        let topology = proxy.topology.load();
+        topology.primary == Primary::Known(PRIMARY)
+            && topology.nodes[REPLICA].role == Role::Standby
+            && proxy.replication.load().nodes.iter().all(Option::is_some)
+    });
+}
+
+/// The port of the node that serves a read of `client`.
+async fn read_port(client: &Client) -> u16 {
+    let port = value(client, "SELECT inet_server_port()").await;
+    port.and_then(|p| p.parse().ok()).expect("a port")
+}
+
+/// The error of a statement whose server connection was lost: 57P01 (the node's own) or 08006.
+fn assert_lost(error: &tokio_postgres::Error) {
+    let code = error.code().map(SqlState::code);
+    assert!(
+        matches!(code, Some("57P01" | "08006")),
+        "expected 57P01 or 08006, got {error:?}"
+    );
+}
+
+/// The first column of the first row of `sql`, `None` for SQL NULL.
+async fn value(client: &Client, sql: &str) -> Option<String> {
+    let messages = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_owned)),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql} returned no row"))
+}
+
+/// The pid of the backend serving `client` (on a one-node cluster, where every unit goes).
+async fn backend_pid(client: &Client) -> i32 {
+    let pid = value(client, "SELECT pg_backend_pid()").await;
+    pid.and_then(|p| p.parse().ok()).expect("a pid")
+}
+
+/// Active backends on `node` matching `condition` (SQL over pg_stat_activity), psql's excluded.
+fn active(cluster: &LocalCluster, node: NodeId, condition: &str) -> usize {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE pid <> pg_backend_pid() AND state = 'active' AND {condition}"
+    );
+    let out = node_psql(cluster, node, &sql);
+    out.parse().unwrap_or_else(|_| panic!("{sql}: {out}"))
+}
+
+/// Terminates backend `pid` on `node` as the superuser and waits until it has exited.
+fn terminate(cluster: &LocalCluster, node: NodeId, pid: i32) {
+    let out = node_psql(
+        cluster,
+        node,
+        &format!("SELECT pg_terminate_backend({pid})"),
+    );
+    assert_eq!(out, "t", "backend {pid} was signalled");
+    eventually(PATIENCE, "the terminated backend exits", || {
+        node_psql(
+            cluster,
+            node,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+        ) == "0"
+    });
+}
