@@ -604,6 +604,69 @@ mod tests {
             .unwrap();
     }
 
+    /// An ErrorResponse body with these severity fields and SQLSTATE.
+    fn error_body(severity: &str, code: &str) -> Vec<u8> {
+        format!("S{severity}\0V{severity}\0C{code}\0Mbye\0\0").into_bytes()
+    }
+
+    /// What a server scan relays of `messages`, with `progress` as it stands.
+    fn relayed(progress: &mut Progress, messages: &[(u8, &[u8])]) -> (Vec<u8>, Option<NodeFatal>) {
+        let mut input = BytesMut::new();
+        for (tag, body) in messages {
+            input.extend_from_slice(&frame(*tag, body));
+        }
+        let (mut tx, mut params) = (TxStatus::Idle, ReportedParams::default());
+        let mut side = ServerSide {
+            tx: &mut tx,
+            params: &mut params,
+            fatal: None,
+            encoding_safe: true,
+        };
+        let mut out = BytesMut::new();
+        side.scan(&mut input, &mut out, 1 << 20, progress).unwrap();
+        assert!(input.is_empty(), "nothing is left behind");
+        (out.to_vec(), side.fatal)
+    }
+
+    #[test]
+    fn a_fatal_answering_a_request_is_relayed_as_an_error_and_an_unsolicited_one_is_not() {
+        let fatal = error_body("FATAL", "57P01");
+        let mut busy = Progress {
+            awaiting_ready: 1,
+            ..Progress::default()
+        };
+        let (out, noted) = relayed(&mut busy, &[(b'D', b"row"), (b'E', &fatal), (b'Z', b"I")]);
+        let mut expected = frame(b'D', b"row");
+        expected.extend_from_slice(&frame(b'E', &error_body("ERROR", "57P01")));
+        assert_eq!(out, expected, "downgraded in place; nothing after it");
+        assert_eq!(
+            noted,
+            Some(NodeFatal {
+                code: *b"57P01",
+                relayed: true
+            })
+        );
+
+        let (out, noted) = relayed(&mut Progress::default(), &[(b'E', &fatal)]);
+        assert!(out.is_empty(), "an idle session's client hears nothing");
+        assert!(noted.is_some_and(|f| !f.relayed));
+
+        let error = error_body("ERROR", "42P01");
+        let (out, noted) = relayed(&mut busy, &[(b'E', &error)]);
+        assert_eq!(out, frame(b'E', &error), "an ERROR passes unchanged");
+        assert_eq!(noted, None);
+    }
+
+    #[test]
+    fn a_fatal_without_a_sqlstate_is_a_connection_failure() {
+        assert_eq!(fatal_code(b"VPANIC\0Mx\0\0"), Some(*b"08006"));
+        assert_eq!(fatal_code(b"SFATAL\0C57P01\0\0"), Some(*b"57P01"));
+        assert_eq!(fatal_code(b"SWARNING\0\0"), None);
+        let mut garbled = frame(b'E', b"SFATAL");
+        downgrade_fatal(&mut garbled);
+        assert_eq!(garbled, frame(b'E', b"SFATAL"), "unterminated: left alone");
+    }
+
     #[test]
     fn syncs_the_server_ignores_in_copy_in_mode_are_not_awaited() {
         // tokio-postgres: Bind, Execute, Sync, then (after CopyInResponse) data, CopyDone, Sync.

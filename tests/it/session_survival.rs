@@ -3,7 +3,8 @@
 //! statements re-established; a statement or transaction that was running gets an ERROR and the
 //! session goes on; a write with no primary waits `failover.wait_timeout`, then gets 57P03, and
 //! the session keeps reading from the replica; new sessions start on a replica while the primary
-//! is down; a replica killed under a read sends the next read elsewhere.
+//! is down; a replica killed under a read, or frozen until the topology says it is down, sends
+//! the next read elsewhere.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -228,6 +229,44 @@ async fn a_replica_killed_under_a_read_sends_the_next_read_elsewhere() {
         cluster.node(PRIMARY).port,
         "the next read is served by the primary"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_hung_on_a_frozen_replica_ends_once_the_replica_is_seen_down() {
+    let (mut cluster, proxy) = primary_and_replica().await;
+    let client = Arc::new(proxy.connect_app().await);
+    assert_eq!(read_port(&client).await, cluster.node(REPLICA).port);
+    let sleeping = tokio::spawn({
+        let client = client.clone();
+        async move { client.simple_query("SELECT pg_sleep(30)").await }
+    });
+    eventually(PATIENCE, "the sleep runs on the replica", || {
+        active(&cluster, REPLICA, "query = 'SELECT pg_sleep(30)'") == 1
+    });
+
+    // A hung host: the connection neither answers nor breaks. Only the topology can tell.
+    cluster.node_mut(REPLICA).freeze();
+    let error = tokio::time::timeout(Duration::from_secs(20), sleeping)
+        .await
+        .expect("the read ends once the replica is down, long before the sleep would")
+        .unwrap()
+        .expect_err("the read fails");
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::CONNECTION_FAILURE),
+        "{error:?}"
+    );
+    let message = error.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        message.as_deref().is_some_and(|m| m.contains("is down")),
+        "{message:?}"
+    );
+    assert_eq!(
+        read_port(&client).await,
+        cluster.node(PRIMARY).port,
+        "the next read is served by the primary"
+    );
+    cluster.node_mut(REPLICA).thaw();
 }
 
 /// A primary and one replica behind pgvigil (probing every 200 ms, writes waiting at most
