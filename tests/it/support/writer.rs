@@ -45,12 +45,15 @@ pub struct WriteLog {
 }
 
 impl WriteLog {
-    /// How long writes were unavailable around `event`: the first ack after it minus the last
-    /// ack before it; `None` while either is missing.
+    /// How long writes were unavailable around `event`: from the last ack before it to the first
+    /// ack after it, `None` while either is missing. An ack already on its way when the event
+    /// struck (a frozen server may answer before its SIGSTOP lands) arrives just after it, so
+    /// the window is measured as the longest gap between consecutive acks from the last one
+    /// before `event` on.
     pub fn unavailability(&self, event: Instant) -> Option<Duration> {
-        let before = self.acks.iter().rev().find(|a| a.at <= event)?;
-        let after = self.acks.iter().find(|a| a.at > event)?;
-        Some(after.at - before.at)
+        let before = self.acks.iter().rposition(|a| a.at <= event)?;
+        let since = &self.acks[before..];
+        since.windows(2).map(|pair| pair[1].at - pair[0].at).max()
     }
 
     /// Number of acks that arrived after `t`.
@@ -195,7 +198,7 @@ async fn insert(
 }
 
 /// The server's SQLSTATE and message when there is one, else the client's error.
-fn describe(e: &tokio_postgres::Error) -> String {
+pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => e.to_string(),
@@ -234,4 +237,48 @@ pub fn tick_ids(cluster: &LocalCluster, node: usize) -> BTreeSet<i32> {
         .filter(|id| !id.is_empty())
         .map(|id| id.parse().unwrap())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_at(start: Instant, millis: &[u64]) -> WriteLog {
+        let acks = millis
+            .iter()
+            .zip(1..)
+            .map(|(&ms, id)| Ack {
+                id,
+                at: start + Duration::from_millis(ms),
+            })
+            .collect();
+        WriteLog {
+            acks,
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_window_runs_from_the_last_ack_before_the_event_to_the_first_after_it() {
+        let start = Instant::now();
+        let log = log_at(start, &[0, 20, 40, 1540, 1560]);
+        let event = start + Duration::from_millis(50);
+        assert_eq!(log.unavailability(event), Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn an_ack_on_its_way_at_the_event_does_not_end_the_window() {
+        let start = Instant::now();
+        let log = log_at(start, &[0, 20, 40, 60, 3060, 3080]);
+        let event = start + Duration::from_millis(50);
+        assert_eq!(log.unavailability(event), Some(Duration::from_millis(3000)));
+    }
+
+    #[test]
+    fn no_window_until_writes_resume() {
+        let start = Instant::now();
+        let log = log_at(start, &[0, 20]);
+        assert_eq!(log.unavailability(start + Duration::from_millis(30)), None);
+        assert_eq!(log.unavailability(start - Duration::from_millis(1)), None);
+    }
 }
