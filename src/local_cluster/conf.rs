@@ -103,6 +103,8 @@ fn shared_text(shared: &SharedSettings<'_>) -> String {
         ("wal_receiver_timeout", "2s"),
         ("wal_sender_timeout", "5s"),
         ("wal_receiver_status_interval", "1s"),
+        // A standby repointed after a failover reconnects within a second, not five.
+        ("wal_retrieve_retry_interval", "1s"),
         ("max_connections", "200"),
         ("shared_buffers", "32MB"),
         ("log_line_prefix", "%m [%p] "),
