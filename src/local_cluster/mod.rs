@@ -302,6 +302,11 @@ impl LocalCluster {
         self.node_checked(node)?.psql(sql)
     }
 
+    /// Runs `sql` on node `node` as superuser `postgres` in database `db`.
+    pub fn psql_in(&self, node: usize, db: &str, sql: &str) -> Result<String, ClusterError> {
+        self.node_checked(node)?.psql_in(db, sql)
+    }
+
     /// Stops every node at once (immediate shutdown, SIGKILL after 5 s); data dirs stay.
     pub fn stop(&mut self) {
         // Signal all first so the grace periods overlap instead of adding up.

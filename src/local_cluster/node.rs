@@ -162,12 +162,18 @@ impl LocalNode {
 
     /// Runs `sql` with psql as superuser `postgres` and returns the trimmed unaligned output.
     pub fn psql(&self, sql: &str) -> Result<String, ClusterError> {
+        self.psql_in("postgres", sql)
+    }
+
+    /// Runs `sql` with psql as superuser `postgres` in database `db`; returns the trimmed
+    /// unaligned output.
+    pub fn psql_in(&self, db: &str, sql: &str) -> Result<String, ClusterError> {
         let port = self.port.to_string();
         let args = ["-X", "-A", "-t", "-h", "127.0.0.1", "-p", &port];
         let out = self.tools.run(
             "psql",
             args.into_iter()
-                .chain(["-U", "postgres", "-d", "postgres", "-c", sql]),
+                .chain(["-U", "postgres", "-d", db, "-c", sql]),
         )?;
         Ok(out.trim().to_owned())
     }

@@ -293,7 +293,6 @@ impl Session<'_> {
         };
         self.primary_wait = Some(PrimaryWait { until, units });
         self.steering.reroute();
-        self.proxy.probe_now.notify_one();
         let pause = until.min(Instant::now() + PRIMARY_RETRY);
         if let Ok(changed) = tokio::time::timeout_at(pause, self.changes.changed()).await {
             if changed.is_err() {

@@ -53,5 +53,12 @@ pub fn primary_lsn(cluster: &LocalCluster) -> u64 {
     pgvigil::replication::parse_lsn(&text).unwrap_or_else(|| panic!("not an LSN: {text:?}"))
 }
 
+/// Whether node `node` is a standby (`pg_is_in_recovery()`), asked directly.
+pub fn in_recovery(cluster: &LocalCluster, node: usize) -> bool {
+    node_psql(cluster, node, "SELECT pg_is_in_recovery()") == "t"
+}
+
 mod proxy;
+pub mod relay;
+pub mod writer;
 pub use proxy::{start_proxy, test_config, TestProxy};
