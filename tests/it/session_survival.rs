@@ -269,14 +269,16 @@ async fn a_read_hung_on_a_frozen_replica_ends_once_the_replica_is_seen_down() {
     cluster.node_mut(REPLICA).thaw();
 }
 
-/// A primary and one replica behind pgvigil (probing every 200 ms, writes waiting at most
-/// [`WAIT_TIMEOUT`] for a primary, reads on the replica only), with table `survival_rw` holding
+/// A primary and one replica behind pgvigil (probing every 200 ms, no automatic failover, writes
+/// waiting at most [`WAIT_TIMEOUT`] for a primary, reads on the replica only), with table `survival_rw` holding
 /// one row on both; returns once the proxy sees both roles.
 async fn primary_and_replica() -> (LocalCluster, TestProxy) {
     let cluster = test_cluster(1);
     let proxy = start_proxy(&cluster, |config: &mut Config| {
         config.health.interval = Duration::from_millis(200);
         config.failover.wait_timeout = WAIT_TIMEOUT;
+        // The primary's loss is what these tests watch: nothing is promoted.
+        config.failover.auto = false;
         config.nodes[PRIMARY].weight = 0;
         // With the primary gone the replica replays nothing, and its delay since the last commit
         // grows: these tests are about sessions, not lag.
