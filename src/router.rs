@@ -147,7 +147,9 @@ pub fn route_read(
     let mut count = 0;
     for node in topology.nodes.iter().take(MAX_NODES) {
         let weight = policy.weights.get(node.id).copied().unwrap_or(0);
+        // A node whose latest probe failed may hang: reads avoid it while it is in doubt.
         if weight > 0
+            && !node.suspect
             && may_read(
                 node.id,
                 node.role,

@@ -159,18 +159,27 @@ impl Coordinator {
         }
     }
 
-    /// Publishes every node's latest position; `observed_at` is the start of the newest probe
-    /// among them (read-your-writes asks whether any probe started after a write).
+    /// Publishes every node's latest position (kept while a node is merely suspect, so that a
+    /// primary missing one probe does not make every replica look unmeasurable); `observed_at`
+    /// is the start of the newest probe among them (read-your-writes asks whether any probe
+    /// started after a write).
     fn publish_positions(&self) {
+        let failures = self.config().health.failures;
+        let known = |h: &&NodeHealth| !h.is_down(failures);
         let nodes = self
             .board
             .iter()
-            .map(|h| h.current().map(|o| o.position))
+            .map(|h| {
+                Some(h)
+                    .filter(known)
+                    .and_then(|h| h.last.as_ref())
+                    .map(|o| o.position)
+            })
             .collect();
         let observed_at = self
             .board
             .iter()
-            .filter(|h| h.current().is_some())
+            .filter(known)
             .filter_map(|h| h.observed_at)
             .max();
         self.proxy

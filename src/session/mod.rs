@@ -164,7 +164,7 @@ async fn attach(
             }
         };
         debug!(node = route.node, reason = ?route.reason, "routed");
-        match open(proxy, route.node, startup, true).await {
+        match open_for_start(proxy, route.node, startup, tried).await {
             Ok(lease) => break lease,
             Err(error) if error.unreachable() => {
                 info!(node = route.node, %error, "cannot start the session there; trying another node");
@@ -185,6 +185,50 @@ async fn attach(
     encode::ready_for_query(&mut out, lease.conn.tx);
     stream.write_all(&out).await?;
     Ok(lease)
+}
+
+/// Opens the first connection of a session on `node`. While another usable node is left to try,
+/// the attempt is bounded by `health.timeout`: a node that hangs (frozen, or cut off without a
+/// reset) must not hold the client for `backend.connect_timeout` before pgvigil's probes notice.
+/// The last candidate gets the full `backend.connect_timeout`.
+async fn open_for_start(
+    proxy: &Proxy,
+    node: NodeId,
+    startup: &ClientStartup,
+    tried: u64,
+) -> Result<Lease, OpenError> {
+    let others = proxy
+        .topology
+        .load()
+        .nodes
+        .iter()
+        .any(|n| n.id != node && n.role.is_usable() && tried & (1 << n.id) == 0);
+    if others {
+        open_within(proxy, node, startup, true).await
+    } else {
+        open(proxy, node, startup, true).await
+    }
+}
+
+/// [`open`] bounded by `health.timeout` (a connect or login timeout when it runs out), for
+/// connections the session can do without: another node can take the work.
+async fn open_within(
+    proxy: &Proxy,
+    node: NodeId,
+    startup: &ClientStartup,
+    wait: bool,
+) -> Result<Lease, OpenError> {
+    let bound = proxy.config.health.timeout;
+    if bound >= proxy.config.backend.connect_timeout {
+        return open(proxy, node, startup, wait).await;
+    }
+    match tokio::time::timeout(bound, open(proxy, node, startup, wait)).await {
+        Ok(result) => result,
+        Err(_) => Err(OpenError::Pool(PoolError::Connect(ServerError::Timeout {
+            node: proxy.config.nodes[node].name.clone(),
+            after: bound,
+        }))),
+    }
 }
 
 /// Why a session's connection to a node could not be opened and set up.

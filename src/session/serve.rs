@@ -18,7 +18,7 @@ use super::recover::{self, Failure};
 use super::relay::{self, ClientConn, Loss, LossCause, Progress, RelayEnd, Stop};
 use super::startup::ClientStartup;
 use super::steering::{Decision, Steering};
-use super::{open, refuse, OpenError, SessionError};
+use super::{open, open_within, refuse, OpenError, SessionError};
 use crate::cancel::CancelKey;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
@@ -337,7 +337,12 @@ impl Session<'_> {
             }
         }
         if self.held.leases[node].is_none() {
-            let lease = open(proxy, node, self.startup, is_primary(proxy, node)).await?;
+            // A read can go elsewhere: it does not wait long for a node that hangs.
+            let lease = if is_primary(proxy, node) {
+                open(proxy, node, self.startup, true).await?
+            } else {
+                open_within(proxy, node, self.startup, false).await?
+            };
             self.steering.fresh_connection(node);
             self.held.leases[node] = Some(lease);
         }
