@@ -1,57 +1,194 @@
-//! Probes every node and publishes the roles and WAL positions it observes. Each probe is one
-//! round trip on a kept connection (the prepared `PROBE_SQL`), bounded by `health.timeout`; a
-//! node is down after `health.failures` consecutive failures.
+//! Probes the nodes. One task per node runs the prepared `PROBE_SQL` on a kept connection every
+//! `health.interval` (sooner when the data path reports a broken connection), bounded by
+//! `health.timeout`, and sends each outcome to the failover coordinator, which alone decides what
+//! the outcomes mean (see `failover`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::MissedTickBehavior;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
-use crate::proxy::Proxy;
-use crate::replication::{parse_lsn, Position, ReplicationView};
-use crate::topology::Role;
+use crate::config::Config;
+use crate::replication::{parse_lsn, Position};
+use crate::topology::NodeId;
 
-/// The probe: role and WAL position in one row. LSNs come as text (parsed by [`parse_lsn`]).
+/// The probe: role, timeline, WAL positions and the WAL receiver's state in one row. LSNs come as
+/// text (parsed by [`parse_lsn`]).
 ///
 /// `pg_is_in_recovery()` is read once, in FROM, so that a promotion during the query cannot pair
-/// a standby's role with a primary's columns. The delay compares with `>`, not `<>`: a restarted
-/// standby reports the start of its streaming segment as received, behind what it has replayed.
-/// None of these functions needs a privileged role (checked with a plain login role on
-/// PostgreSQL 15).
+/// a standby's role with a primary's columns. A primary's timeline is read from the name of its
+/// current WAL file, because `pg_control_checkpoint()` still names the old timeline until the
+/// first checkpoint after a promotion. The delay compares with `>`, not `<>`: a restarted standby
+/// reports the start of its streaming segment as received, behind what it has replayed. The
+/// receiver's sender and message time are visible to superusers and `pg_monitor` only.
 const PROBE_SQL: &str = "SELECT r, \
     CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text, \
     CASE WHEN r THEN pg_last_wal_receive_lsn() END::text, \
     CASE WHEN r AND pg_last_wal_receive_lsn() > pg_last_wal_replay_lsn() \
         THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp()) \
-        ELSE 0 END::float8 \
-    FROM pg_is_in_recovery() AS r";
+        ELSE 0 END::float8, \
+    CASE WHEN r THEN coalesce(w.received_tli, (SELECT timeline_id FROM pg_control_checkpoint())) \
+        ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
+    w.status, w.sender_host, w.sender_port, \
+    extract(epoch FROM now() - w.last_msg_receipt_time)::float8, \
+    (SELECT setting::int FROM pg_settings WHERE name = 'wal_receiver_timeout'), \
+    current_setting('default_transaction_read_only') = 'on' \
+    FROM pg_is_in_recovery() AS r LEFT JOIN pg_stat_wal_receiver AS w ON true";
 
-/// The outcome of probing one node once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Probe {
-    /// Answered: its role and WAL position.
-    Up {
-        /// `pg_is_in_recovery()`.
-        in_recovery: bool,
-        /// Where it stands in the WAL.
-        position: Position,
-    },
-    /// Did not answer within the timeout, refused, or errored.
-    Failed,
+/// What one successful probe saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    /// `pg_is_in_recovery()`.
+    pub in_recovery: bool,
+    /// The timeline it writes (primary) or receives/replays (standby).
+    pub timeline: u32,
+    /// Where it stands in the WAL.
+    pub position: Position,
+    /// Its WAL receiver; None on a primary and on a standby with no receiver running.
+    pub receiver: Option<Receiver>,
+    /// `default_transaction_read_only` is on (a fenced node should say so).
+    pub read_only: bool,
 }
 
-/// Why one probe failed (logged; the node's failure count goes up either way).
-#[derive(Debug, thiserror::Error)]
-enum ProbeError {
-    /// Connecting or running the query failed.
-    #[error(transparent)]
-    Postgres(#[from] tokio_postgres::Error),
-    /// The node answered with an LSN that is not in PostgreSQL's text form.
-    #[error("malformed LSN {0:?}")]
-    BadLsn(String),
+/// A standby's WAL receiver as `pg_stat_wal_receiver` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receiver {
+    /// Its status is `streaming`.
+    pub streaming: bool,
+    /// Host and port it receives from (None when not visible).
+    pub sender: Option<(String, u16)>,
+    /// Time since it last heard from its sender (None when not visible).
+    pub last_message_age: Option<Duration>,
+    /// The standby's `wal_receiver_timeout`: a live sender is heard from well within half of it.
+    pub timeout: Duration,
+}
+
+/// The outcome of probing one node once.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The node probed.
+    pub node: NodeId,
+    /// When the probe started.
+    pub started: Instant,
+    /// What it saw, or why it failed.
+    pub outcome: Result<Observation, String>,
+}
+
+/// One node's health as the coordinator keeps it: the latest observation and the failure count.
+#[derive(Debug, Clone, Default)]
+pub struct NodeHealth {
+    /// Consecutive failed probes.
+    pub failures: u32,
+    /// Whether at least one probe has finished.
+    pub probed: bool,
+    /// The latest successful observation (kept through failures, for the record).
+    pub last: Option<Observation>,
+    /// When the probe that produced `last` started.
+    pub observed_at: Option<Instant>,
+}
+
+impl NodeHealth {
+    /// Takes in one probe outcome.
+    pub fn record(&mut self, report: &Report) {
+        self.probed = true;
+        match &report.outcome {
+            Ok(observation) => {
+                let mut observation = observation.clone();
+                if let Some(previous) = &self.last {
+                    observation.position = settle_delay(previous.position, observation.position);
+                }
+                self.failures = 0;
+                self.last = Some(observation);
+                self.observed_at = Some(report.started);
+            }
+            Err(_) => self.failures = self.failures.saturating_add(1),
+        }
+    }
+
+    /// Failed `failures_allowed` probes in a row (or never answered at all).
+    pub fn is_down(&self, failures_allowed: u32) -> bool {
+        self.failures >= failures_allowed || (self.probed && self.last.is_none())
+    }
+
+    /// The latest observation when the latest probe succeeded.
+    pub fn current(&self) -> Option<&Observation> {
+        self.last.as_ref().filter(|_| self.failures == 0)
+    }
+}
+
+/// Wakes a node's probe task when the data path saw a connection to it break.
+pub struct Nudges(Vec<Notify>);
+
+impl Nudges {
+    /// One per node.
+    pub fn new(node_count: usize) -> Nudges {
+        Nudges((0..node_count).map(|_| Notify::new()).collect())
+    }
+
+    /// Asks for an immediate probe of `node`.
+    pub fn nudge(&self, node: NodeId) {
+        if let Some(notify) = self.0.get(node) {
+            notify.notify_one();
+        }
+    }
+
+    fn of(&self, node: NodeId) -> Option<&Notify> {
+        self.0.get(node)
+    }
+}
+
+/// Probes `node` until `shutdown`, sending every outcome to `reports`.
+pub async fn probe_node(
+    config: Arc<Config>,
+    node: NodeId,
+    nudges: Arc<Nudges>,
+    reports: mpsc::Sender<Report>,
+    shutdown: CancellationToken,
+) {
+    let interval = config.health.interval;
+    // Nudged probes come at most this often, so that a burst of broken sessions does not count
+    // as several consecutive failures within milliseconds.
+    let min_gap = interval / 4;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut conn: Option<ProbeConn> = None;
+    let mut last_start: Option<Instant> = None;
+    loop {
+        let nudge = async {
+            match nudges.of(node) {
+                Some(notify) => notify.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+            _ = nudge => {
+                if let Some(wait) = last_start.and_then(|at| min_gap.checked_sub(at.elapsed())) {
+                    tokio::time::sleep(wait).await;
+                }
+                tick.reset();
+            }
+        }
+        let started = Instant::now();
+        last_start = Some(started);
+        let outcome = probe_once(&config, node, &mut conn).await;
+        if let Err(error) = &outcome {
+            debug!(node = %config.nodes[node].name, %error, "probe failed");
+        }
+        let report = Report {
+            node,
+            started,
+            outcome,
+        };
+        if reports.send(report).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// A kept probe connection with [`PROBE_SQL`] prepared on it.
@@ -60,145 +197,50 @@ struct ProbeConn {
     statement: Statement,
 }
 
-/// One node's probe connection, failure count and latest observations.
-struct Prober {
-    node: usize,
-    conn: Option<ProbeConn>,
-    failures: u32,
-    role: Role,
-    position: Option<Position>,
+/// Why one probe failed.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    /// Connecting or running the query failed.
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The node answered with an LSN that is not in PostgreSQL's text form.
+    #[error("malformed LSN {0:?}")]
+    BadLsn(String),
+    /// No answer within `health.timeout`.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
 }
 
-impl Prober {
-    /// A node not probed yet.
-    fn new(node: usize) -> Prober {
-        Prober {
-            node,
-            conn: None,
-            failures: 0,
-            role: Role::Unknown,
-            position: None,
-        }
+/// Runs one probe, connecting first if needed; bounded by `health.timeout`. A failed probe drops
+/// the connection, so the next one starts afresh.
+async fn probe_once(
+    config: &Config,
+    node: NodeId,
+    conn: &mut Option<ProbeConn>,
+) -> Result<Observation, String> {
+    let timeout = config.health.timeout;
+    let result = match tokio::time::timeout(timeout, probe_inner(config, node, conn)).await {
+        Ok(result) => result,
+        Err(_) => Err(ProbeError::Timeout(timeout)),
+    };
+    if result.is_err() {
+        *conn = None;
     }
-}
-
-/// Probes all nodes every `health.interval` (or at once when nudged) until `shutdown`.
-pub async fn monitor(proxy: Arc<Proxy>, shutdown: CancellationToken) {
-    let mut probers: Vec<Prober> = (0..proxy.config.nodes.len()).map(Prober::new).collect();
-    loop {
-        let started = Instant::now();
-        probers = probe_all(&proxy, probers).await;
-        // Positions first: whoever sees a new topology also sees the positions of its round.
-        proxy.replication.publish(ReplicationView {
-            nodes: probers.iter().map(|p| p.position).collect(),
-            observed_at: Some(started),
-        });
-        let roles: Vec<Role> = probers.iter().map(|p| p.role).collect();
-        let current = proxy.topology.snapshot();
-        let next = current.with_roles(&roles);
-        if current.generation == 0 || !current.same_roles(&next) {
-            info!(
-                generation = next.generation,
-                roles = ?next.nodes.iter().map(|n| (n.name.as_str(), n.role.as_str())).collect::<Vec<_>>(),
-                primary = ?next.primary,
-                "topology changed"
-            );
-            proxy.topology.publish(next);
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(proxy.config.health.interval) => {}
-            _ = proxy.probe_now.notified() => {}
-        }
-    }
-}
-
-/// Probes every node concurrently and returns the updated probers.
-async fn probe_all(proxy: &Arc<Proxy>, probers: Vec<Prober>) -> Vec<Prober> {
-    let mut set = JoinSet::new();
-    let count = probers.len();
-    for mut prober in probers {
-        let proxy = proxy.clone();
-        set.spawn(async move {
-            let probe = probe_once(&proxy, &mut prober).await;
-            prober.record(probe, proxy.config.health.failures);
-            prober
-        });
-    }
-    let mut done: Vec<Prober> = Vec::with_capacity(count);
-    while let Some(joined) = set.join_next().await {
-        match joined {
-            Ok(prober) => done.push(prober),
-            Err(error) => warn!(%error, "a probe task failed"),
-        }
-    }
-    // A panicked probe task loses its prober: recreate it as unknown rather than forget the node.
-    for node in 0..count {
-        if !done.iter().any(|p| p.node == node) {
-            done.push(Prober::new(node));
-        }
-    }
-    done.sort_by_key(|p| p.node);
-    done
-}
-
-impl Prober {
-    fn record(&mut self, probe: Probe, failures_allowed: u32) {
-        match probe {
-            Probe::Up {
-                in_recovery,
-                position,
-            } => {
-                self.failures = 0;
-                self.position = Some(settle_delay(self.position, position));
-                self.role = if in_recovery {
-                    Role::Standby
-                } else {
-                    Role::Primary
-                };
-            }
-            Probe::Failed => {
-                self.failures += 1;
-                self.conn = None;
-                self.position = None;
-                if self.failures >= failures_allowed || self.role == Role::Unknown {
-                    self.role = Role::Down;
-                }
-            }
-        }
-    }
-}
-
-/// Runs one probe, connecting first if needed; bounded by `health.timeout`.
-async fn probe_once(proxy: &Proxy, prober: &mut Prober) -> Probe {
-    let timeout = proxy.config.health.timeout;
-    match tokio::time::timeout(timeout, probe_inner(proxy, prober, timeout)).await {
-        Ok(Ok((in_recovery, position))) => Probe::Up {
-            in_recovery,
-            position,
-        },
-        Ok(Err(error)) => {
-            debug!(node = prober.node, %error, "probe failed");
-            Probe::Failed
-        }
-        Err(_) => {
-            debug!(node = prober.node, "probe timed out");
-            Probe::Failed
-        }
-    }
+    result.map_err(|e| e.to_string())
 }
 
 async fn probe_inner(
-    proxy: &Proxy,
-    prober: &mut Prober,
-    timeout: Duration,
-) -> Result<(bool, Position), ProbeError> {
-    let conn = match prober.conn.take().filter(|c| !c.client.is_closed()) {
-        Some(conn) => conn,
-        None => connect(proxy, prober.node, timeout).await?,
+    config: &Config,
+    node: NodeId,
+    conn: &mut Option<ProbeConn>,
+) -> Result<Observation, ProbeError> {
+    let kept = conn.take().filter(|c| !c.client.is_closed());
+    let probe = match kept {
+        Some(probe) => probe,
+        None => connect(config, node).await?,
     };
-    let row = conn.client.query_one(&conn.statement, &[]).await?;
-    prober.conn = Some(conn);
+    let row = probe.client.query_one(&probe.statement, &[]).await?;
+    *conn = Some(probe);
     read_probe(&row)
 }
 
@@ -208,23 +250,49 @@ async fn probe_inner(
 /// possibly minutes, for the instant before it is replayed, and the replica loses its reads.
 /// A replica that is really behind still trips `routing.max_lag_bytes`; a stopped replay keeps
 /// its delay.
-fn settle_delay(previous: Option<Position>, mut now: Position) -> Position {
-    if previous.is_some_and(|p| now.lsn > p.lsn) {
+fn settle_delay(previous: Position, mut now: Position) -> Position {
+    if now.lsn > previous.lsn {
         now.replay_delay = Duration::ZERO;
     }
     now
 }
 
-/// Reads the role and position from a [`PROBE_SQL`] row.
-fn read_probe(row: &Row) -> Result<(bool, Position), ProbeError> {
-    let in_recovery = row.try_get(0)?;
+/// Reads a [`PROBE_SQL`] row.
+fn read_probe(row: &Row) -> Result<Observation, ProbeError> {
+    let in_recovery: bool = row.try_get(0)?;
     let position = Position {
         // A standby that has replayed nothing yet has no replay LSN: it is at the very start.
         lsn: optional_lsn(row.try_get(1)?)?.unwrap_or(0),
         received: optional_lsn(row.try_get(2)?)?,
-        replay_delay: delay_from_seconds(row.try_get(3)?),
+        replay_delay: duration_from_seconds(row.try_get(3)?),
     };
-    Ok((in_recovery, position))
+    let timeline: Option<i32> = row.try_get(4)?;
+    let status: Option<&str> = row.try_get(5)?;
+    let receiver = status.map(|status| -> Result<Receiver, ProbeError> {
+        let host: Option<&str> = row.try_get(6)?;
+        let port: Option<i32> = row.try_get(7)?;
+        let age: Option<f64> = row.try_get(8)?;
+        let timeout_ms: Option<i32> = row.try_get(9)?;
+        Ok(Receiver {
+            streaming: status == "streaming",
+            sender: host
+                .zip(port.and_then(|p| u16::try_from(p).ok()))
+                .map(|(h, p)| (h.to_owned(), p)),
+            last_message_age: age.map(|s| duration_from_seconds(Some(s))),
+            timeout: Duration::from_millis(
+                timeout_ms
+                    .and_then(|ms| u64::try_from(ms).ok())
+                    .unwrap_or(0),
+            ),
+        })
+    });
+    Ok(Observation {
+        in_recovery,
+        timeline: timeline.and_then(|t| u32::try_from(t).ok()).unwrap_or(0),
+        position,
+        receiver: receiver.transpose()?,
+        read_only: row.try_get(10)?,
+    })
 }
 
 /// Parses an LSN column that may be NULL.
@@ -233,56 +301,108 @@ fn optional_lsn(text: Option<&str>) -> Result<Option<u64>, ProbeError> {
         .transpose()
 }
 
-/// The replay delay from its seconds. NULL (WAL pending but no commit replayed since the standby
-/// started, so no timestamp to compare with) counts as zero: the byte lag still shows it. So does
-/// a negative value, which only means the standby's clock is behind the primary's.
-fn delay_from_seconds(seconds: Option<f64>) -> Duration {
+/// A duration from seconds. NULL (for the replay delay: WAL pending but no commit replayed since
+/// the standby started, so no timestamp to compare with) counts as zero: the byte lag still shows
+/// it. So does a negative value, which only means one clock is behind another.
+fn duration_from_seconds(seconds: Option<f64>) -> Duration {
     seconds
         .and_then(|s| Duration::try_from_secs_f64(s).ok())
         .unwrap_or(Duration::ZERO)
 }
 
 /// Opens a probe connection to `node` with the health credentials and prepares the probe.
-async fn connect(proxy: &Proxy, node: usize, timeout: Duration) -> Result<ProbeConn, ProbeError> {
-    let node = &proxy.config.nodes[node];
-    let (user, password) = proxy.config.health_credentials();
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&node.host)
+async fn connect(config: &Config, node: NodeId) -> Result<ProbeConn, ProbeError> {
+    let client = admin_connect(config, node, "pgvigil health").await?;
+    let statement = client.prepare(PROBE_SQL).await?;
+    Ok(ProbeConn { client, statement })
+}
+
+/// Opens a connection to `node` as the health role (probes and failover actions use it),
+/// bounded by `health.timeout`.
+pub async fn admin_connect(
+    config: &Config,
+    node: NodeId,
+    application_name: &str,
+) -> Result<Client, tokio_postgres::Error> {
+    let node = &config.nodes[node];
+    let (user, password) = config.health_credentials();
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&node.host)
         .port(node.port)
         .user(user)
         .password(password)
-        .dbname(&proxy.config.health.database)
-        .application_name("pgvigil health")
-        .connect_timeout(timeout);
-    let (client, connection) = config.connect(NoTls).await?;
+        .dbname(&config.health.database)
+        .application_name(application_name)
+        .connect_timeout(config.health.timeout);
+    let (client, connection) = pg.connect(NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let statement = client.prepare(PROBE_SQL).await?;
-    Ok(ProbeConn { client, statement })
+    Ok(client)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_replay_that_moves_on_has_no_delay_and_a_stopped_one_keeps_it() {
-        let at = |lsn, secs| Position {
+    fn at(lsn: u64, secs: u64) -> Position {
+        Position {
             lsn,
             received: Some(lsn + 10),
             replay_delay: Duration::from_secs(secs),
-        };
-        let ninety = Duration::from_secs(90);
+        }
+    }
+
+    #[test]
+    fn a_replay_that_moves_on_has_no_delay_and_a_stopped_one_keeps_it() {
         assert_eq!(
-            settle_delay(Some(at(100, 0)), at(200, 90)).replay_delay,
+            settle_delay(at(100, 0), at(200, 90)).replay_delay,
             Duration::ZERO
         );
         assert_eq!(
-            settle_delay(Some(at(200, 0)), at(200, 90)).replay_delay,
-            ninety
+            settle_delay(at(200, 0), at(200, 90)).replay_delay,
+            Duration::from_secs(90)
         );
-        assert_eq!(settle_delay(None, at(200, 90)).replay_delay, ninety);
+    }
+
+    fn observed(lsn: u64) -> Result<Observation, String> {
+        Ok(Observation {
+            in_recovery: true,
+            timeline: 1,
+            position: at(lsn, 0),
+            receiver: None,
+            read_only: false,
+        })
+    }
+
+    fn report(outcome: Result<Observation, String>) -> Report {
+        Report {
+            node: 0,
+            started: Instant::now(),
+            outcome,
+        }
+    }
+
+    #[test]
+    fn a_node_is_down_after_the_allowed_failures_in_a_row() {
+        let mut health = NodeHealth::default();
+        assert!(!health.is_down(2), "not probed yet is not down");
+        health.record(&report(observed(1)));
+        health.record(&report(Err("refused".into())));
+        assert!(!health.is_down(2));
+        assert!(health.current().is_none());
+        assert!(health.last.is_some(), "the last observation is kept");
+        health.record(&report(Err("refused".into())));
+        assert!(health.is_down(2));
+        health.record(&report(observed(2)));
+        assert!(!health.is_down(2));
+        assert_eq!(health.current().map(|o| o.position.lsn), Some(2));
+    }
+
+    #[test]
+    fn a_node_that_never_answered_is_down_at_once() {
+        let mut health = NodeHealth::default();
+        health.record(&report(Err("refused".into())));
+        assert!(health.is_down(3));
     }
 }

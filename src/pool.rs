@@ -167,6 +167,13 @@ impl Pools {
         }
     }
 
+    /// Closes every idle connection to `node` (it is down or fenced: they must not be lent).
+    pub fn discard_idle(&self, node: NodeId) {
+        if let Some(pool) = self.nodes.get(node) {
+            lock(&pool.idle).clear();
+        }
+    }
+
     /// Number of idle connections to `node` (for tests and status).
     pub fn idle_count(&self, node: NodeId) -> usize {
         lock(&self.nodes[node].idle).values().map(Vec::len).sum()

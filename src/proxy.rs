@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -20,7 +19,7 @@ use crate::replication::ReplicationHandle;
 use crate::router::{Route, RouteError};
 use crate::server::LoginTarget;
 use crate::topology::{NodeId, Topology, TopologyHandle};
-use crate::{health, listener, tls};
+use crate::{failover, health, listener, tls};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +27,9 @@ pub enum StartError {
     /// TLS files could not be loaded.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The state file could not be read.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -61,8 +63,8 @@ pub struct Proxy {
     /// What unknown users are asked for: the method most configured users have, so that the
     /// request itself does not tell them apart.
     pub unknown_user_method: crate::config::AuthMethod,
-    /// Wakes the health monitor for an immediate probe.
-    pub probe_now: Notify,
+    /// Wakes a node's probe task for an immediate probe.
+    pub nudges: Arc<health::Nudges>,
     /// The classifier's function lists (built-in plus `routing.read_functions`/`write_functions`).
     pub functions: pgvigil_proto::classify::FunctionLists,
     /// Spreads reads over the nodes that may take them.
@@ -70,8 +72,9 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Builds the shared state: user secrets, TLS configurations, empty pools.
-    pub fn new(config: Config) -> Result<Proxy, StartError> {
+    /// Builds the shared state: user secrets, TLS configurations, empty pools; topology
+    /// generations continue from `generation`.
+    pub fn new(config: Config, generation: u64) -> Result<Proxy, StartError> {
         tls::install_crypto_provider();
         let tls_acceptor = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) if config.tls.mode != crate::config::TlsMode::Disable => {
@@ -96,7 +99,7 @@ impl Proxy {
             })
             .collect();
         Ok(Proxy {
-            topology: TopologyHandle::new(Topology::initial(&config)),
+            topology: TopologyHandle::new(Topology::initial(&config, generation)),
             replication: ReplicationHandle::new(config.nodes.len()),
             pools: Pools::new(config.nodes.len(), config.pool.clone()),
             cancels: Arc::new(CancelRegistry::default()),
@@ -105,7 +108,7 @@ impl Proxy {
             users,
             auth_seed: rand::random(),
             unknown_user_method: most_common_method(&config),
-            probe_now: Notify::new(),
+            nudges: Arc::new(health::Nudges::new(config.nodes.len())),
             functions: config.function_lists(),
             balancer: crate::balance::Balancer::new(config.nodes.len()),
             config: Arc::new(config),
@@ -125,7 +128,6 @@ impl Proxy {
                 Ok(route) => return Ok(route),
                 Err(error) => error,
             };
-            self.probe_now.notify_one();
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => return Err(error),
@@ -179,7 +181,14 @@ impl Proxy {
     /// A data-path connection to `node` broke: probe the nodes now instead of at the next tick.
     pub fn report_server_failure(&self, node: NodeId) {
         debug!(node, "data-path failure reported; probing now");
-        self.probe_now.notify_one();
+        self.nudges.nudge(node);
+    }
+
+    /// Probes every node now instead of at the next tick.
+    pub fn probe_all_now(&self) {
+        for node in 0..self.config.nodes.len() {
+            self.nudges.nudge(node);
+        }
     }
 
     /// Forwards a client's CancelRequest to the backend serving that client, if the key matches.
@@ -219,10 +228,12 @@ pub struct Running {
     tasks: TaskTracker,
 }
 
-/// Binds the listen address and starts the accept loop, the health monitor and the pool reaper.
+/// Restores the state file, binds the listen address and starts the accept loop, the probes,
+/// the failover coordinator and the pool reaper.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let addr = config.listen;
-    let proxy = Arc::new(Proxy::new(config)?);
+    let (memory, generation) = failover::restore(&config)?;
+    let proxy = Arc::new(Proxy::new(config, generation)?);
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
@@ -236,7 +247,22 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         proxy.clone(),
         shutdown.clone(),
     ));
-    tasks.spawn(health::monitor(proxy.clone(), shutdown.clone()));
+    let (reports, received) = tokio::sync::mpsc::channel(4 * proxy.config.nodes.len().max(1));
+    for node in 0..proxy.config.nodes.len() {
+        tasks.spawn(health::probe_node(
+            proxy.config.clone(),
+            node,
+            proxy.nudges.clone(),
+            reports.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(failover::run(
+        proxy.clone(),
+        memory,
+        received,
+        shutdown.clone(),
+    ));
     tasks.spawn(reap_pools(proxy.clone(), shutdown.clone()));
     tasks.close();
     info!(%local_addr, nodes = proxy.config.nodes.len(), "pgvigil listening");
@@ -266,7 +292,14 @@ async fn reap_pools(proxy: Arc<Proxy>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         proxy.pools.reap();
-        for node in 0..proxy.config.nodes.len() {
+        let usable: Vec<bool> = proxy
+            .topology
+            .load()
+            .nodes
+            .iter()
+            .map(|n| n.role.is_usable())
+            .collect();
+        for node in (0..proxy.config.nodes.len()).filter(|&n| usable[n]) {
             for ((database, user), missing) in proxy.pools.idle_deficit(node) {
                 let target = proxy.login_target(node, &user, &database);
                 for _ in 0..missing {

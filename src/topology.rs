@@ -86,8 +86,9 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// The starting snapshot: every node unknown, no primary until the first probe.
-    pub fn initial(config: &Config) -> Topology {
+    /// The starting snapshot: every node unknown, no primary until the first probe; generations
+    /// continue from `generation` (the one remembered across restarts).
+    pub fn initial(config: &Config, generation: u64) -> Topology {
         let nodes = config
             .nodes
             .iter()
@@ -102,31 +103,20 @@ impl Topology {
             })
             .collect();
         Topology {
-            generation: 0,
+            generation,
             nodes,
             primary: Primary::Unavailable("the nodes have not been probed yet".into()),
         }
     }
 
-    /// Builds the next snapshot from freshly observed roles (one per node, same order).
-    pub fn with_roles(&self, roles: &[Role]) -> Topology {
+    /// The next snapshot: these roles, suspicions and primary (one per node, same order), one
+    /// generation later.
+    pub fn next(&self, roles: &[Role], suspect: &[bool], primary: Primary) -> Topology {
         let mut nodes = self.nodes.clone();
-        for (node, role) in nodes.iter_mut().zip(roles) {
-            node.role = *role;
+        for (i, node) in nodes.iter_mut().enumerate() {
+            node.role = roles.get(i).copied().unwrap_or(Role::Unknown);
+            node.suspect = suspect.get(i).copied().unwrap_or(false);
         }
-        let primaries: Vec<&Node> = nodes.iter().filter(|n| n.role == Role::Primary).collect();
-        let primary = match primaries.as_slice() {
-            [one] => Primary::Known(one.id),
-            [] => Primary::Unavailable("no reachable node accepts writes".into()),
-            many => Primary::Unavailable(format!(
-                "{} nodes claim to be primary ({}); writes are refused until that is resolved",
-                many.len(),
-                many.iter()
-                    .map(|n| n.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
-        };
         Topology {
             generation: self.generation + 1,
             nodes,
@@ -134,14 +124,22 @@ impl Topology {
         }
     }
 
-    /// Whether `other` has the same roles and primary (so publishing it would change nothing).
-    pub fn same_roles(&self, other: &Topology) -> bool {
+    /// Whether `other` has the same roles, suspicions and primary (publishing it would change
+    /// nothing).
+    pub fn same_state(&self, other: &Topology) -> bool {
         self.primary == other.primary
             && self
                 .nodes
                 .iter()
                 .zip(&other.nodes)
-                .all(|(a, b)| a.role == b.role)
+                .all(|(a, b)| a.role == b.role && a.suspect == b.suspect)
+    }
+
+    /// The name of `node` ("node N" if there is no such node).
+    pub fn name(&self, node: NodeId) -> String {
+        self.nodes
+            .get(node)
+            .map_or_else(|| format!("node {node}"), |n| n.name.clone())
     }
 }
 

@@ -92,7 +92,11 @@ fn check_backend(config: &Config, problems: &mut Vec<Problem>) {
 fn check_failover(config: &Config, problems: &mut Vec<Problem>) {
     let failover = &config.failover;
     check_positive("failover.wait_timeout", failover.wait_timeout, problems);
-    check_positive("failover.promote_timeout", failover.promote_timeout, problems);
+    check_positive(
+        "failover.promote_timeout",
+        failover.promote_timeout,
+        problems,
+    );
     if let Some(dir) = &failover.state_dir {
         if dir.as_os_str().is_empty() {
             problems.push(Problem::new("failover.state_dir", "must not be empty"));

@@ -100,9 +100,11 @@ fn shared_text(shared: &SharedSettings<'_>) -> String {
         ("wal_keep_size", "256MB"),
         // A vanished primary must show up on its standbys within seconds, not the default 60 s
         // (see DESIGN.md, "One failover's way").
-        ("wal_receiver_timeout", "5s"),
+        ("wal_receiver_timeout", "2s"),
         ("wal_sender_timeout", "5s"),
         ("wal_receiver_status_interval", "1s"),
+        // A standby repointed after a failover reconnects within a second, not five.
+        ("wal_retrieve_retry_interval", "1s"),
         ("max_connections", "200"),
         ("shared_buffers", "32MB"),
         ("log_line_prefix", "%m [%p] "),

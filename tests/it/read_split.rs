@@ -662,7 +662,7 @@ async fn poll_view(
             "not within {SETTLE:?}: {what} (last view {view:?})"
         );
         if nudge {
-            shared.probe_now.notify_one();
+            shared.probe_all_now();
         }
         tokio::time::sleep(POLL).await;
     }

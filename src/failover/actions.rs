@@ -1,0 +1,178 @@
+//! What a failover does to the nodes, each step on its own connection as the health role and
+//! bounded in time: read a standby's position, promote it, repoint another standby, fence a node.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_postgres::Client;
+
+use super::conninfo;
+use crate::config::Config;
+use crate::health::admin_connect;
+use crate::replication::parse_lsn;
+use crate::topology::NodeId;
+
+/// Why a step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    /// The node refused or the connection failed.
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The step did not finish in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The standby was still in recovery when the promotion timed out.
+    #[error("still in recovery after {0:?}")]
+    NotPromoted(Duration),
+    /// The node answered something unusable.
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+/// The timeline a node writes on once it has left recovery; NULL while it is still in recovery.
+const LEFT_RECOVERY_SQL: &str = "SELECT CASE WHEN NOT pg_is_in_recovery() THEN \
+    ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END";
+
+/// Runs `step` bounded by `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    step: impl std::future::Future<Output = Result<T, ActionError>>,
+) -> Result<T, ActionError> {
+    tokio::time::timeout(limit, step)
+        .await
+        .unwrap_or(Err(ActionError::Timeout(limit)))
+}
+
+/// A standby's (received, replayed) LSNs, read now.
+pub async fn position(config: &Config, node: NodeId) -> Result<(u64, u64), ActionError> {
+    bounded(config.health.timeout * 2, async {
+        let client = admin_connect(config, node, "pgvigil failover").await?;
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, \
+                 pg_last_wal_replay_lsn()::text",
+                &[],
+            )
+            .await?;
+        if !row.try_get::<_, bool>(0)? {
+            return Err(ActionError::Unexpected("it is not in recovery".into()));
+        }
+        let lsn = |i| -> Result<u64, ActionError> {
+            let text: Option<&str> = row.try_get(i)?;
+            Ok(text.and_then(parse_lsn).unwrap_or(0))
+        };
+        Ok((lsn(1)?, lsn(2)?))
+    })
+    .await
+}
+
+/// Promotes `node`, waits until it has left recovery (`failover.promote_timeout` in all) and
+/// returns its new timeline. If the `pg_promote` call itself fails or times out, the node is asked
+/// again whether it is still in recovery: the promotion may have happened anyway.
+pub async fn promote(config: &Config, node: NodeId) -> Result<u32, ActionError> {
+    let limit = config.failover.promote_timeout;
+    let deadline = Instant::now() + limit;
+    let wait_seconds = i32::try_from(limit.as_secs().max(1)).unwrap_or(i32::MAX);
+    let asked = bounded(limit, async {
+        let client = admin_connect(config, node, "pgvigil failover").await?;
+        let row = client
+            .query_one("SELECT pg_promote(true, $1)", &[&wait_seconds])
+            .await?;
+        Ok(row.try_get::<_, bool>(0)?)
+    })
+    .await;
+    if let Err(error) = &asked {
+        tracing::warn!(node = %config.nodes[node].name, %error, "pg_promote failed; checking whether the node left recovery anyway");
+    }
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let check = bounded(remaining.max(config.health.timeout), async {
+            let client = admin_connect(config, node, "pgvigil failover").await?;
+            let row = client.query_one(LEFT_RECOVERY_SQL, &[]).await?;
+            Ok(row.try_get::<_, Option<i32>>(0)?)
+        })
+        .await;
+        if let Ok(Some(timeline)) = check {
+            return Ok(u32::try_from(timeline).unwrap_or(0));
+        }
+        if Instant::now() >= deadline {
+            return Err(match asked {
+                Err(error) => error,
+                Ok(_) => ActionError::NotPromoted(limit),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Points `standby` at `primary`: creates its replication slot there (if it uses one), rewrites
+/// its `primary_conninfo` with the primary's host and port, and reloads its configuration (the
+/// WAL receiver restarts towards the new primary and follows its timeline).
+pub async fn repoint(config: &Config, standby: NodeId, primary: NodeId) -> Result<(), ActionError> {
+    bounded(config.health.timeout * 4, async {
+        let node = admin_connect(config, standby, "pgvigil failover").await?;
+        let current = show(&node, "primary_conninfo").await?;
+        let slot = show(&node, "primary_slot_name").await?;
+        let target = &config.nodes[primary];
+        let conninfo = conninfo::repoint(&current, &target.host, target.port).ok_or_else(|| {
+            ActionError::Unexpected(format!("cannot parse its primary_conninfo {current:?}"))
+        })?;
+        if !slot.is_empty() {
+            let new_primary = admin_connect(config, primary, "pgvigil failover").await?;
+            new_primary
+                .execute(
+                    "SELECT pg_create_physical_replication_slot($1, true) WHERE NOT EXISTS \
+                     (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                    &[&slot],
+                )
+                .await?;
+        }
+        alter_system(&node, "primary_conninfo", &conninfo).await
+    })
+    .await
+}
+
+/// Makes a fenced node refuse writes from whoever still reaches it:
+/// `default_transaction_read_only = on`, reloaded.
+pub async fn fence(config: &Config, node: NodeId) -> Result<(), ActionError> {
+    bounded(config.health.timeout * 2, async {
+        let client = admin_connect(config, node, "pgvigil failover").await?;
+        alter_system(&client, "default_transaction_read_only", "on").await
+    })
+    .await
+}
+
+/// A checkpoint on a new primary, so that its control file names its new timeline (`pg_rewind`
+/// of the old primary against it depends on that).
+pub async fn checkpoint(config: &Config, node: NodeId) -> Result<(), ActionError> {
+    bounded(config.failover.promote_timeout, async {
+        let client = admin_connect(config, node, "pgvigil failover").await?;
+        client.batch_execute("CHECKPOINT").await?;
+        Ok(())
+    })
+    .await
+}
+
+/// `SHOW name` as text.
+async fn show(client: &Client, name: &str) -> Result<String, ActionError> {
+    let row = client
+        .query_one("SELECT current_setting($1)", &[&name])
+        .await?;
+    Ok(row.try_get(0)?)
+}
+
+/// `ALTER SYSTEM SET name = value` (value quoted by the server itself) and a reload.
+async fn alter_system(client: &Client, name: &str, value: &str) -> Result<(), ActionError> {
+    let row = client
+        .query_one(
+            "SELECT quote_ident($1), quote_literal($2)",
+            &[&name, &value],
+        )
+        .await?;
+    let (name, value): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+    client
+        .batch_execute(&format!("ALTER SYSTEM SET {name} = {value}"))
+        .await?;
+    client.batch_execute("SELECT pg_reload_conf()").await?;
+    Ok(())
+}
