@@ -26,30 +26,35 @@
 #                         not installed and `apt-get install -y pgpool2` fails
 #   FAULTS="kill9 sigstop"
 #   REPLICATION="async sync"  sync: synchronous_standby_names = '*', synchronous_commit = on
-#   MAX_WAIT=120          seconds after the fault a run waits for writes to resume (pgpool-II
-#                         takes ~95 s after a SIGSTOP: see issue 4)
+#   MAX_WAIT=60           seconds after the fault a run waits for writes to resume
 #   SETTLE=2              seconds of writing after the first write that succeeded after the fault
 #   WARMUP=3              seconds of writing before the fault
 #   WRITER_TIMEOUT_MS=2000  bound on one insert attempt, connecting included; a timed-out attempt
 #                         drops its connection
+#   PGPOOL_SR_CHECK_PERIOD=10  pgpool-II's sr_check_period (its default). Its streaming-replication
+#                         check worker keeps a connection to every node: with 1, after a SIGSTOP
+#                         it was found blocked reading from the frozen primary, pgpool-II's main
+#                         process looped in find_primary_node_repeatedly with no child serving
+#                         clients, and writes had not resumed 300 s after the fault.
 #   KEEP=1                keep the work directory (logs of every run) instead of deleting it
 #   PGVIGIL_BIN, WRITER_BIN, CLUSTER_BIN  use these binaries instead of building them (release)
 #   PG_BIN                PostgreSQL bin dir (default: newest /usr/lib/postgresql/*/bin)
 #
-# Runtime: ~25 s of set-up and writing per run, plus the time to recover (up to MAX_WAIT): with the
-# defaults, 2 proxies x 2 faults x 2 modes x 5 runs = 40 runs, ~30 min if everything recovers in
-# seconds, longer for every run that waits out MAX_WAIT.
+# Runtime: ~40 s of set-up, writing and teardown per run, plus the time to recover (up to
+# MAX_WAIT): with the defaults, 2 proxies x 2 faults x 2 modes x 5 runs = 40 runs, ~30 min if
+# everything recovers in seconds, a minute more for every run that waits out MAX_WAIT.
 set -euo pipefail
 
 RUNS=${RUNS:-5}
 PROXIES=${PROXIES:-"pgvigil pgpool"}
 FAULTS=${FAULTS:-"kill9 sigstop"}
 REPLICATION=${REPLICATION:-"async sync"}
-MAX_WAIT=${MAX_WAIT:-120}
+MAX_WAIT=${MAX_WAIT:-60}
 SETTLE=${SETTLE:-2}
 WARMUP=${WARMUP:-3}
 WRITER_TIMEOUT_MS=${WRITER_TIMEOUT_MS:-2000}
 KEEP=${KEEP:-}
+PGPOOL_SR_CHECK_PERIOD=${PGPOOL_SR_CHECK_PERIOD:-10}
 WRITERS=(keep per-insert)
 APP_USER=app
 APP_PASSWORD=app-secret
@@ -377,7 +382,7 @@ pool_passwd = 'pool_passwd'
 num_init_children = 32
 max_pool = 4
 load_balance_mode = off
-sr_check_period = 1
+sr_check_period = $PGPOOL_SR_CHECK_PERIOD
 sr_check_user = '$ADMIN_USER'
 sr_check_password = '$ADMIN_PASSWORD'
 sr_check_database = 'postgres'
@@ -579,6 +584,7 @@ main() {
     [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
     [[ $MAX_WAIT =~ ^[1-9][0-9]*$ ]] || die "MAX_WAIT must be a positive integer (seconds)"
     [[ $SETTLE =~ ^[0-9]+$ && $WARMUP =~ ^[0-9]+$ ]] || die "SETTLE and WARMUP: whole seconds"
+    [[ $PGPOOL_SR_CHECK_PERIOD =~ ^[0-9]+$ ]] || die "PGPOOL_SR_CHECK_PERIOD: whole seconds"
     for fault in $FAULTS; do
         [[ $fault == kill9 || $fault == sigstop ]] || die "FAULTS: kill9 and/or sigstop"
     done

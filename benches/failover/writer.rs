@@ -157,7 +157,10 @@ fn plan(args: &Args) -> Result<Plan, String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !table_ok {
-        return Err(format!("--table {:?}: letters, digits and _ only", args.table));
+        return Err(format!(
+            "--table {:?}: letters, digits and _ only",
+            args.table
+        ));
     }
     if args.interval_ms == 0 || args.timeout_ms == 0 {
         return Err("--interval-ms and --timeout-ms must be positive".into());
