@@ -31,11 +31,12 @@
 #   WARMUP=3              seconds of writing before the fault
 #   WRITER_TIMEOUT_MS=2000  bound on one insert attempt, connecting included; a timed-out attempt
 #                         drops its connection
-#   PGPOOL_SR_CHECK_PERIOD=10  pgpool-II's sr_check_period (its default). Its streaming-replication
-#                         check worker keeps a connection to every node: with 1, after a SIGSTOP
-#                         it was found blocked reading from the frozen primary, pgpool-II's main
-#                         process looped in find_primary_node_repeatedly with no child serving
-#                         clients, and writes had not resumed 300 s after the fault.
+#   PGPOOL_SR_CHECK_PERIOD=10  pgpool-II's sr_check_period (its default). With 1, writes through
+#                         pgpool-II never resumed after a SIGSTOP (3 runs of 3, bounds of 60, 120
+#                         and 300 s): its main process kept looping in find_primary_node_repeatedly
+#                         with no child serving clients, while the sr_check worker sat blocked in a
+#                         socket read with a connection open to the frozen primary. With 10, all
+#                         10 runs resumed.
 #   KEEP=1                keep the work directory (logs of every run) instead of deleting it
 #   PGVIGIL_BIN, WRITER_BIN, CLUSTER_BIN  use these binaries instead of building them (release)
 #   PG_BIN                PostgreSQL bin dir (default: newest /usr/lib/postgresql/*/bin)
