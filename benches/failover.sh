@@ -41,9 +41,14 @@
 #   PGVIGIL_BIN, WRITER_BIN, CLUSTER_BIN  use these binaries instead of building them (release)
 #   PG_BIN                PostgreSQL bin dir (default: newest /usr/lib/postgresql/*/bin)
 #
-# Runtime: ~40 s of set-up, writing and teardown per run, plus the time to recover (up to
-# MAX_WAIT): with the defaults, 2 proxies x 2 faults x 2 modes x 5 runs = 40 runs, ~30 min if
-# everything recovers in seconds, a minute more for every run that waits out MAX_WAIT.
+# pgpool-II runs in streaming-replication mode without load balancing, with
+# failover_on_backend_error = on; its failover_command promotes the node pgpool-II names as the new
+# main node (%m: the lowest live node id, where pgvigil picks the standby furthest in the WAL),
+# creates the other standby's slot there and repoints that standby to it.
+#
+# Runtime: ~25 s of set-up, writing and teardown per run, plus the time to recover (up to
+# MAX_WAIT): with the defaults, 2 proxies x 2 faults x 2 modes x 5 runs = 40 runs took 16 min
+# when every run recovered; add up to MAX_WAIT for every run that does not.
 set -euo pipefail
 
 RUNS=${RUNS:-5}
