@@ -41,6 +41,9 @@ pub struct Assessment {
     pub fence: Vec<NodeId>,
     /// The remembered primary is down and no standby still receives WAL from it.
     pub lost: Option<NodeId>,
+    /// The remembered primary is down but this standby still hears from it (as of its latest
+    /// probe, which may predate the primary's trouble: worth probing again at once).
+    pub witness: Option<NodeId>,
 }
 
 /// Judges the observations in `board` (one per node) against what `memory` holds.
@@ -73,16 +76,20 @@ pub fn assess(config: &Config, board: &[NodeHealth], memory: &Memory) -> Assessm
     }
     let name = |node: NodeId| config.nodes[node].name.as_str();
     let mut lost = None;
+    let mut witnessed = None;
     let primary = match current.as_slice() {
         [one] => Primary::Known(*one),
         [] => match memory.primary {
             Some(old) if roles[old] == Role::Down => match witness(config, board, &roles, old) {
-                Some(standby) => Primary::Unavailable(format!(
-                    "primary {} does not answer pgvigil, but standby {} still receives WAL from \
-                     it: not failing over",
-                    name(old),
-                    name(standby)
-                )),
+                Some(standby) => {
+                    witnessed = Some(standby);
+                    Primary::Unavailable(format!(
+                        "primary {} does not answer pgvigil, but standby {} still receives WAL \
+                         from it: not failing over",
+                        name(old),
+                        name(standby)
+                    ))
+                }
                 None => {
                     lost = Some(old);
                     Primary::Unavailable(format!("primary {} is lost", name(old)))
@@ -107,6 +114,7 @@ pub fn assess(config: &Config, board: &[NodeHealth], memory: &Memory) -> Assessm
         primary,
         fence: stale,
         lost,
+        witness: witnessed,
     }
 }
 
@@ -355,6 +363,7 @@ mod tests {
         let board = [failed(up(primary(1)), 5), up(standby(1, 5432, FRESH))];
         let verdict = assess(&config, &board, &memory);
         assert_eq!(verdict.lost, None);
+        assert_eq!(verdict.witness, Some(1));
         match verdict.primary {
             Primary::Unavailable(reason) => {
                 assert!(reason.contains("pg2 still receives"), "{reason}")

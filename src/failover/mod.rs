@@ -202,6 +202,13 @@ impl Coordinator {
             return;
         }
         self.alerted = None;
+        if verdict.witness.is_some() {
+            // The witness may have been probed before the primary went quiet: ask the standbys
+            // again now rather than at their next tick (their tasks space probes out).
+            for node in (0..self.board.len()).filter(|&n| verdict.roles[n] == Role::Standby) {
+                self.proxy.nudges.nudge(node);
+            }
+        }
         if let Primary::Known(primary) = verdict.primary {
             self.memory.primary = Some(primary);
         }
