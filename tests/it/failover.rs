@@ -271,6 +271,65 @@ async fn pgvigil_restarted_after_a_failover_routes_writes_to_the_new_primary_at_
     scene.assert_fenced_without_writes(OLD_PRIMARY);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn with_automatic_failover_off_a_lost_primary_is_only_reported_and_reads_go_on() {
+    let wait = Duration::from_secs(2);
+    let scene = Scene::start(test_cluster(2), |config| {
+        config.failover.auto = false;
+        config.failover.wait_timeout = wait;
+    })
+    .await;
+    let reader = scene.proxy.connect_app().await;
+    let mut scene = scene;
+    let kill = scene.kill(OLD_PRIMARY);
+    eventually(
+        PATIENCE,
+        "the loss is reported as the reason writes wait",
+        || {
+            matches!(&scene.topology().primary,
+            Primary::Unavailable(reason) if reason.contains("automatic failover is off"))
+        },
+    );
+    // Reads go on from the replicas, on a session opened before the loss and on a new one.
+    let fresh = scene.proxy.connect_app().await;
+    for client in [&reader, &fresh] {
+        for _ in 0..20 {
+            let row = client
+                .query_one("SELECT count(*) FROM ticks", &[])
+                .await
+                .unwrap_or_else(|e| panic!("a read failed without a primary: {}", describe(&e)));
+            assert!(row.get::<_, i64>(0) > 0);
+        }
+    }
+    let asked = Instant::now();
+    let error = fresh
+        .simple_query("INSERT INTO ticks (id) VALUES (-5)")
+        .await
+        .expect_err("a write succeeded without a primary");
+    let waited = asked.elapsed();
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW),
+        "{}",
+        describe(&error)
+    );
+    assert!(
+        waited >= wait - Duration::from_millis(100),
+        "refused after {waited:?}"
+    );
+    // The session is still usable, and nothing was promoted all along.
+    fresh.simple_query("SELECT 1").await.unwrap();
+    while kill.elapsed() < INTERVAL * FAILURES * 3 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for standby in STANDBYS {
+        assert!(
+            in_recovery(&scene.cluster, standby),
+            "node {standby} was promoted"
+        );
+    }
+}
+
 /// A cluster, pgvigil with fast health checks in front of it, and a writer going through it.
 struct Scene {
     cluster: LocalCluster,
