@@ -5,6 +5,7 @@ mod auth_exchange;
 mod recover;
 mod relay;
 mod serve;
+mod server_side;
 pub mod startup;
 mod steering;
 mod unit;

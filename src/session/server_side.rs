@@ -1,0 +1,206 @@
+//! The server's side of the relay: whole messages moved towards the client, with the few that
+//! change the session's state noted on the way (ReadyForQuery, ParameterStatus, CopyInResponse)
+//! and a node's FATAL error turned into something the client's session survives.
+
+use bytes::BytesMut;
+use pgvigil_proto::backend::{self, ErrorFields};
+use pgvigil_proto::classify::encoding_is_safe;
+use pgvigil_proto::frame::messages;
+use pgvigil_proto::{FrameError, TxStatus};
+use tracing::debug;
+
+use super::relay::{move_prefix, NodeFatal, Progress};
+use crate::server::ReportedParams;
+
+/// The server-side state the relay updates.
+pub(super) struct ServerSide<'a> {
+    /// The connection's transaction status, from its latest ReadyForQuery.
+    pub(super) tx: &'a mut TxStatus,
+    /// What the node reported with ParameterStatus.
+    pub(super) params: &'a mut ReportedParams,
+    /// The FATAL error the node sent, if it did.
+    pub(super) fatal: Option<NodeFatal>,
+    /// Whether the client encoding is ASCII-safe; updated when the node reports a new one.
+    pub(super) encoding_safe: bool,
+}
+
+impl ServerSide<'_> {
+    /// Moves whole server messages to `out`, noting ReadyForQuery, ParameterStatus and errors.
+    ///
+    /// A FATAL error is the node's last word. It is relayed as an ERROR when it answers a
+    /// request (clients read FATAL as the end of their own connection, and the session goes on);
+    /// one that comes while nothing is outstanding is not relayed at all.
+    pub(super) fn scan(
+        &mut self,
+        input: &mut BytesMut,
+        out: &mut BytesMut,
+        max_message: usize,
+        progress: &mut Progress,
+    ) -> Result<(), FrameError> {
+        let mut iter = messages(input, max_message);
+        let mut offset = 0;
+        let mut fatal_at = None;
+        for message in iter.by_ref() {
+            let message = message?;
+            let start = offset;
+            offset += message.len();
+            match message.tag {
+                backend::tag::READY_FOR_QUERY => {
+                    if let Ok(status) = backend::ReadyForQuery::parse(message.body) {
+                        *self.tx = status;
+                    }
+                    progress.awaiting_ready = progress.awaiting_ready.saturating_sub(1);
+                    // Copy-in mode has ended by now (a ReadyForQuery never comes during it).
+                    progress.copy_in = false;
+                }
+                backend::tag::PARAMETER_STATUS => {
+                    // A malformed one is still relayed; the client will judge it.
+                    if let Ok(status) = backend::ParameterStatus::parse(message.body) {
+                        if status.name == b"client_encoding" {
+                            self.encoding_safe = encoding_is_safe(status.value);
+                        }
+                    }
+                    let _ = self.params.note(message.body);
+                }
+                backend::tag::ERROR_RESPONSE => {
+                    if let Some(code) = fatal_code(message.body) {
+                        self.fatal = Some(NodeFatal {
+                            code,
+                            relayed: !progress.is_quiet(),
+                        });
+                        fatal_at = Some((start, offset));
+                        break;
+                    }
+                }
+                backend::tag::COPY_IN_RESPONSE => progress.copy_in = true,
+                _ => {}
+            }
+        }
+        let consumed = iter.consumed();
+        match (fatal_at, self.fatal) {
+            (Some((start, end)), Some(fatal)) => {
+                if fatal.relayed {
+                    downgrade_fatal(&mut input[start..end]);
+                    move_prefix(input, out, end);
+                } else {
+                    debug!(code = ?std::str::from_utf8(&fatal.code), "unsolicited FATAL from the node, not relayed");
+                    move_prefix(input, out, start);
+                }
+                // Nothing the node sends after a FATAL means anything.
+                input.clear();
+            }
+            _ => move_prefix(input, out, consumed),
+        }
+        Ok(())
+    }
+}
+
+/// The SQLSTATE of a FATAL or PANIC ErrorResponse body; None for any other error.
+fn fatal_code(body: &[u8]) -> Option<[u8; 5]> {
+    let fields = ErrorFields::parse(body).ok()?;
+    let severity = fields.get(b'V').or_else(|| fields.get(b'S'))?;
+    if severity != b"FATAL" && severity != b"PANIC" {
+        return None;
+    }
+    let mut code = *b"08006";
+    if let Some(sqlstate) = fields.sqlstate().filter(|c| c.len() == 5) {
+        code.copy_from_slice(sqlstate);
+    }
+    Some(code)
+}
+
+/// Rewrites, in place, the severity fields (S and V) of an ErrorResponse frame from FATAL or
+/// PANIC to ERROR (all three words have five letters, so the frame keeps its length).
+fn downgrade_fatal(frame: &mut [u8]) {
+    let mut pos = 5;
+    while let Some(&code) = frame.get(pos) {
+        if code == 0 {
+            return;
+        }
+        let value = pos + 1;
+        let Some(len) = frame[value..].iter().position(|b| *b == 0) else {
+            return;
+        };
+        let word = &mut frame[value..value + len];
+        if matches!(code, b'S' | b'V') && (word == b"FATAL" || word == b"PANIC") {
+            word.copy_from_slice(b"ERROR");
+        }
+        pos = value + len + 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.put_u32(body.len() as u32 + 4);
+        v.extend_from_slice(body);
+        v
+    }
+
+    /// An ErrorResponse body with these severity fields and SQLSTATE.
+    fn error_body(severity: &str, code: &str) -> Vec<u8> {
+        format!("S{severity}\0V{severity}\0C{code}\0Mbye\0\0").into_bytes()
+    }
+
+    /// What a server scan relays of `messages`, with `progress` as it stands.
+    fn relayed(progress: &mut Progress, messages: &[(u8, &[u8])]) -> (Vec<u8>, Option<NodeFatal>) {
+        let mut input = BytesMut::new();
+        for (tag, body) in messages {
+            input.extend_from_slice(&frame(*tag, body));
+        }
+        let (mut tx, mut params) = (TxStatus::Idle, ReportedParams::default());
+        let mut side = ServerSide {
+            tx: &mut tx,
+            params: &mut params,
+            fatal: None,
+            encoding_safe: true,
+        };
+        let mut out = BytesMut::new();
+        side.scan(&mut input, &mut out, 1 << 20, progress).unwrap();
+        assert!(input.is_empty(), "nothing is left behind");
+        (out.to_vec(), side.fatal)
+    }
+
+    #[test]
+    fn a_fatal_answering_a_request_is_relayed_as_an_error_and_an_unsolicited_one_is_not() {
+        let fatal = error_body("FATAL", "57P01");
+        let mut busy = Progress {
+            awaiting_ready: 1,
+            ..Progress::default()
+        };
+        let (out, noted) = relayed(&mut busy, &[(b'D', b"row"), (b'E', &fatal), (b'Z', b"I")]);
+        let mut expected = frame(b'D', b"row");
+        expected.extend_from_slice(&frame(b'E', &error_body("ERROR", "57P01")));
+        assert_eq!(out, expected, "downgraded in place; nothing after it");
+        assert_eq!(
+            noted,
+            Some(NodeFatal {
+                code: *b"57P01",
+                relayed: true
+            })
+        );
+
+        let (out, noted) = relayed(&mut Progress::default(), &[(b'E', &fatal)]);
+        assert!(out.is_empty(), "an idle session's client hears nothing");
+        assert!(noted.is_some_and(|f| !f.relayed));
+
+        let error = error_body("ERROR", "42P01");
+        let (out, noted) = relayed(&mut busy, &[(b'E', &error)]);
+        assert_eq!(out, frame(b'E', &error), "an ERROR passes unchanged");
+        assert_eq!(noted, None);
+    }
+
+    #[test]
+    fn a_fatal_without_a_sqlstate_is_a_connection_failure() {
+        assert_eq!(fatal_code(b"VPANIC\0Mx\0\0"), Some(*b"08006"));
+        assert_eq!(fatal_code(b"SFATAL\0C57P01\0\0"), Some(*b"57P01"));
+        assert_eq!(fatal_code(b"SWARNING\0\0"), None);
+        let mut garbled = frame(b'E', b"SFATAL");
+        downgrade_fatal(&mut garbled);
+        assert_eq!(garbled, frame(b'E', b"SFATAL"), "unterminated: left alone");
+    }
+}
