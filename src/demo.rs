@@ -94,6 +94,11 @@ fn print_welcome(cluster: &LocalCluster, addr: SocketAddr) {
         addr.port()
     );
     println!();
+    if let Some(pid) = cluster.nodes().first().and_then(|n| n.pid()) {
+        println!("To watch a failover, kill the primary; a replica takes over within seconds:");
+        println!("  kill -9 {pid}");
+        println!();
+    }
     println!("Press Ctrl-C to stop pgvigil and the nodes.");
 }
 
