@@ -87,6 +87,47 @@ async fn after_kill9_of_the_primary_writes_resume_within_5s_and_the_third_node_f
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_keeps_its_settings_and_prepared_statements_on_the_new_primary() {
+    let mut scene = Scene::start(test_cluster(2), |_| {}).await;
+    let idle = scene.proxy.connect_app().await;
+    // One SET per statement: a multi-statement string that sets something pins the session to
+    // its connection (it cannot be replayed statement by statement).
+    for set in [
+        "SET application_name = 'survivor'",
+        "SET search_path = pg_catalog, public",
+    ] {
+        idle.batch_execute(set).await.unwrap();
+    }
+    let insert = idle
+        .prepare("INSERT INTO ticks (id) VALUES ($1) RETURNING inet_server_port()")
+        .await
+        .unwrap();
+    let kill = scene.kill(OLD_PRIMARY);
+    scene.writes_resume(kill, "kill -9 under an idle session");
+    let new = scene.sole_primary(&STANDBYS);
+
+    // The same client, never reconnected: its statement runs on the new primary.
+    let row = idle
+        .query_one(&insert, &[&-7i32])
+        .await
+        .unwrap_or_else(|e| panic!("the idle session's next write failed: {}", describe(&e)));
+    assert_eq!(
+        row.get::<_, i32>(0),
+        i32::from(scene.cluster.node(new).port)
+    );
+    assert!(tick_ids(&scene.cluster, new).contains(&-7));
+    let row = idle
+        .query_one(
+            "SELECT current_setting('application_name'), current_setting('search_path')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "survivor");
+    assert_eq!(row.get::<_, String>(1), "pg_catalog, public");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn with_a_synchronous_standby_every_acknowledged_write_is_on_the_new_primary() {
     let spec = ClusterSpec::new(fresh_base_dir())
         .replicas(2)
