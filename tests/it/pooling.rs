@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, NoTls};
 
 use crate::support::{
-    eventually, start_proxy, test_cluster, LocalCluster, TestProxy, APP_DB, APP_PASSWORD, APP_USER,
-    MD5_PASSWORD, MD5_USER,
+    backend_pid, eventually, start_proxy, test_cluster, value, LocalCluster, TestProxy, APP_DB,
+    APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER,
 };
 
 /// The primary's index in every test cluster.
@@ -339,27 +339,6 @@ async fn a_session_whose_server_is_killed_gets_an_error_and_the_next_session_wor
     assert_ne!(backend_pid(&next).await, pid);
     assert_eq!(value(&next, "SELECT 1").await.as_deref(), Some("1"));
     assert_eq!(proxy.running.proxy.pools.open_count(PRIMARY), 1);
-}
-
-/// The first column of the first row of `sql`, `None` for SQL NULL.
-async fn value(client: &Client, sql: &str) -> Option<String> {
-    let messages = client
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    messages
-        .iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_owned)),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("{sql} returned no row"))
-}
-
-/// The pid of the backend serving `client`'s session.
-async fn backend_pid(client: &Client) -> i32 {
-    let pid = value(client, "SELECT pg_backend_pid()").await;
-    pid.and_then(|p| p.parse().ok()).expect("a pid")
 }
 
 /// Waits until `count` server connections sit idle in the primary's pool (a client's connection

@@ -13,10 +13,11 @@ use pgvigil::config::Config;
 use pgvigil::replication::parse_lsn;
 use pgvigil::topology::{NodeId, Primary, Role};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 use crate::support::{
-    eventually, node_psql, primary_lsn, start_proxy, test_cluster, LocalCluster, TestProxy,
+    backend_pid, eventually, node_psql, primary_lsn, start_proxy, test_cluster, value,
+    LocalCluster, TestProxy,
 };
 
 const PRIMARY: NodeId = 0;
@@ -207,14 +208,7 @@ async fn a_new_session_starts_on_the_replica_while_the_primary_is_down() {
 async fn a_replica_killed_under_a_read_sends_the_next_read_elsewhere() {
     let (mut cluster, proxy) = primary_and_replica().await;
     let client = Arc::new(proxy.connect_app().await);
-    assert_eq!(read_port(&client).await, cluster.node(REPLICA).port);
-    let sleeping = tokio::spawn({
-        let client = client.clone();
-        async move { client.simple_query("SELECT pg_sleep(30)").await }
-    });
-    eventually(PATIENCE, "the sleep runs on the replica", || {
-        active(&cluster, REPLICA, "query = 'SELECT pg_sleep(30)'") == 1
-    });
+    let sleeping = sleep_on_replica(&cluster, &client).await;
 
     cluster.node_mut(REPLICA).kill9();
     let error = tokio::time::timeout(PROMPT, sleeping)
@@ -235,14 +229,7 @@ async fn a_replica_killed_under_a_read_sends_the_next_read_elsewhere() {
 async fn a_read_hung_on_a_frozen_replica_ends_once_the_replica_is_seen_down() {
     let (mut cluster, proxy) = primary_and_replica().await;
     let client = Arc::new(proxy.connect_app().await);
-    assert_eq!(read_port(&client).await, cluster.node(REPLICA).port);
-    let sleeping = tokio::spawn({
-        let client = client.clone();
-        async move { client.simple_query("SELECT pg_sleep(30)").await }
-    });
-    eventually(PATIENCE, "the sleep runs on the replica", || {
-        active(&cluster, REPLICA, "query = 'SELECT pg_sleep(30)'") == 1
-    });
+    let sleeping = sleep_on_replica(&cluster, &client).await;
 
     // A hung host: the connection neither answers nor breaks. Only the topology can tell.
     cluster.node_mut(REPLICA).freeze();
@@ -326,27 +313,6 @@ fn assert_lost(error: &tokio_postgres::Error) {
     );
 }
 
-/// The first column of the first row of `sql`, `None` for SQL NULL.
-async fn value(client: &Client, sql: &str) -> Option<String> {
-    let messages = client
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-    messages
-        .iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_owned)),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("{sql} returned no row"))
-}
-
-/// The pid of the backend serving `client` (on a one-node cluster, where every unit goes).
-async fn backend_pid(client: &Client) -> i32 {
-    let pid = value(client, "SELECT pg_backend_pid()").await;
-    pid.and_then(|p| p.parse().ok()).expect("a pid")
-}
-
 /// Active backends on `node` matching `condition` (SQL over pg_stat_activity), psql's excluded.
 fn active(cluster: &LocalCluster, node: NodeId, condition: &str) -> usize {
     let sql = format!(
@@ -372,4 +338,21 @@ fn terminate(cluster: &LocalCluster, node: NodeId, pid: i32) {
             &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
         ) == "0"
     });
+}
+
+/// Starts a 30 s sleep through `client`, checks it runs on the replica, and returns its task.
+async fn sleep_on_replica(
+    cluster: &LocalCluster,
+    client: &Arc<Client>,
+) -> tokio::task::JoinHandle<Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>>
+{
+    assert_eq!(read_port(client).await, cluster.node(REPLICA).port);
+    let sleeping = tokio::spawn({
+        let client = client.clone();
+        async move { client.simple_query("SELECT pg_sleep(30)").await }
+    });
+    eventually(PATIENCE, "the sleep runs on the replica", || {
+        active(cluster, REPLICA, "query = 'SELECT pg_sleep(30)'") == 1
+    });
+    sleeping
 }

@@ -58,6 +58,27 @@ pub fn in_recovery(cluster: &LocalCluster, node: usize) -> bool {
     node_psql(cluster, node, "SELECT pg_is_in_recovery()") == "t"
 }
 
+/// The first column of the first row `sql` returns through `client`, `None` for SQL NULL.
+pub async fn value(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
+    let messages = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_owned)),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql} returned no row"))
+}
+
+/// The pid of the backend serving `client`'s current unit.
+pub async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    let pid = value(client, "SELECT pg_backend_pid()").await;
+    pid.and_then(|p| p.parse().ok()).expect("a pid")
+}
+
 mod proxy;
 pub mod relay;
 pub mod writer;
