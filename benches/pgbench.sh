@@ -17,6 +17,7 @@
 #                 least_connections); round_robin, random or least_connections: written as
 #                 [routing] balance
 #   PGVIGIL_BIN   use this pgvigil binary instead of building target/release/pgvigil
+#                 (under $CARGO_TARGET_DIR when that is set)
 #   PG_BIN        PostgreSQL server bin dir (default: newest /usr/lib/postgresql/*/bin)
 #
 # Expected runtime with the defaults, plus the release build (a few minutes when target/release is
@@ -186,7 +187,7 @@ build_pgvigil() {
     fi
     say "building pgvigil (release)"
     (cd "$REPO" && cargo build --release --bin pgvigil) || die "cargo build --release failed"
-    PGVIGIL_BIN=$REPO/target/release/pgvigil
+    PGVIGIL_BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/pgvigil
 }
 
 make_work_dir() {
