@@ -133,12 +133,13 @@ fn downgrade_fatal(frame: &mut [u8]) {
 mod tests {
     use super::*;
     use bytes::BufMut;
+    use pgvigil_proto::encode;
 
+    /// One whole message, framed by the project's own encoder.
     fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.put_u32(body.len() as u32 + 4);
-        v.extend_from_slice(body);
-        v
+        let mut out = BytesMut::new();
+        encode::message(&mut out, tag, |b| b.put_slice(body));
+        out.to_vec()
     }
 
     /// An ErrorResponse body with these severity fields and SQLSTATE.
