@@ -673,7 +673,7 @@ async fn wait_for_replicas_to_replay(cluster: &LocalCluster, proxy: &TestProxy) 
 
 /// Waits until the proxy sees node 0 as primary and both replicas as standbys within its lag
 /// limits, so that every node may take reads.
-fn wait_until_every_node_may_read(proxy: &TestProxy) {
+pub(crate) fn wait_until_every_node_may_read(proxy: &TestProxy) {
     let shared = &proxy.running.proxy;
     let routing = &shared.config.routing;
     eventually(SETTLE, "node 0 primary, both replicas caught up", || {
