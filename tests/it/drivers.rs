@@ -62,7 +62,12 @@ async fn psycopg_passes_every_check_through_pgvigil() {
     let Some(program) = python_program("psycopg", "psycopg_checks.py").await else {
         return;
     };
-    let extra = ["pipeline", "reads_after_an_extended_set"];
+    let extra = [
+        "pipeline",
+        "reads_after_an_extended_set",
+        "reads_after_a_set_in_a_pipeline",
+        "write_after_a_pipeline",
+    ];
     run_checks("psycopg", program, &extra).await;
 }
 

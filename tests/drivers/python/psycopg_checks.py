@@ -173,6 +173,38 @@ def reads_after_an_extended_set():
         return check_reads(ports)
 
 
+def reads_after_a_set_in_a_pipeline():
+    # Fetching a result inside a pipeline makes psycopg send a Flush, so the SET after it travels
+    # in the same unsynced run of messages: it too is session state, not a write.
+    with connect(autocommit=True) as conn:
+        with conn.pipeline():
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            conn.execute("SET application_name = 'psycopg-pipeline'")
+        ports = []
+        for _ in range(READS):
+            row = conn.execute("SELECT inet_server_port(), current_setting('application_name')")
+            port, name = row.fetchone()
+            assert name == "psycopg-pipeline", f"port {port} has application_name {name!r}"
+            ports.append(port)
+        return check_reads(ports)
+
+
+def write_after_a_pipeline():
+    # psycopg leaves a pipeline with Sync then Flush: what follows must still be routed, so a
+    # write after a pipeline whose read ran on a replica reaches the primary.
+    with connect(autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS psycopg_after_pipeline")
+        conn.execute("CREATE TABLE psycopg_after_pipeline (id int)")
+    ports = []
+    for i in range(READS):
+        with connect(autocommit=True) as conn:
+            with conn.pipeline():
+                ports.append(conn.execute("SELECT inet_server_port()").fetchone()[0])
+            conn.execute(f"INSERT INTO psycopg_after_pipeline VALUES ({i})")
+    # Proof that some of the writes followed a read on a replica.
+    return check_reads(ports)
+
+
 def main():
     report = Report("psycopg", f"{psycopg.__version__} (libpq {psycopg.pq.version()})")
     report.check("connect", connect_and_query)
@@ -186,6 +218,8 @@ def main():
     report.check("pipeline", pipeline)
     report.check("reads_on_a_fresh_connection", reads_on_a_fresh_connection)
     report.check("reads_after_an_extended_set", reads_after_an_extended_set)
+    report.check("reads_after_a_set_in_a_pipeline", reads_after_a_set_in_a_pipeline)
+    report.check("write_after_a_pipeline", write_after_a_pipeline)
     report.exit()
 
 
