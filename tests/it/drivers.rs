@@ -32,7 +32,7 @@ const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
 const RUN_LIMIT: Duration = Duration::from_secs(300);
 
 /// What every driver must pass; `pipeline` where the driver has a pipeline mode of its own.
-const COMMON_CHECKS: [&str; 9] = [
+const COMMON_CHECKS: [&str; 10] = [
     "connect",
     "prepared_past_threshold",
     "batch",
@@ -42,6 +42,7 @@ const COMMON_CHECKS: [&str; 9] = [
     "cancel",
     "cursor_with_fetch_size",
     "reads_on_a_fresh_connection",
+    "read_only_transactions",
 ];
 
 #[tokio::test(flavor = "multi_thread")]

@@ -248,13 +248,42 @@ public class Main {
         }
     }
 
-    static String readsOnAFreshConnection() throws Exception {
-        // pgjdbc sends SET extra_float_digits and SET application_name with the extended
-        // protocol as it connects: they must not keep the reads on the primary (issue 17).
+    /** The replicas' ports, from PGVIGIL_REPLICA_PORTS. */
+    static Set<Integer> replicaPorts() {
         Set<Integer> replicas = new HashSet<>();
         for (String port : env("PGVIGIL_REPLICA_PORTS").split(",")) {
             replicas.add(Integer.parseInt(port));
         }
+        return replicas;
+    }
+
+    /** Fails unless at least one of the ports that served reads is a replica's. */
+    static String checkReads(List<Integer> ports) {
+        long onReplicas = ports.stream().filter(replicaPorts()::contains).count();
+        require(onReplicas > 0, "all " + ports.size() + " reads ran on the primary: ports " + ports);
+        return onReplicas + " of " + ports.size() + " reads on replicas";
+    }
+
+    static String readOnlyTransactions() throws Exception {
+        // setReadOnly(true) makes pgjdbc open each transaction with BEGIN READ ONLY.
+        List<Integer> ports = new ArrayList<>();
+        try (Connection conn = connect(); Statement st = conn.createStatement()) {
+            conn.setAutoCommit(false);
+            conn.setReadOnly(true);
+            for (int i = 0; i < READS; i++) {
+                try (ResultSet rs = st.executeQuery("SELECT inet_server_port()")) {
+                    rs.next();
+                    ports.add(rs.getInt(1));
+                }
+                conn.commit();
+            }
+        }
+        return checkReads(ports);
+    }
+
+    static String readsOnAFreshConnection() throws Exception {
+        // pgjdbc sends SET extra_float_digits and SET application_name with the extended
+        // protocol as it connects: they must not keep the reads on the primary (issue 17).
         List<Integer> ports = new ArrayList<>();
         try (Connection conn = connect();
                 PreparedStatement ps = conn.prepareStatement("SELECT inet_server_port()")) {
@@ -265,9 +294,7 @@ public class Main {
                 }
             }
         }
-        long onReplicas = ports.stream().filter(replicas::contains).count();
-        require(onReplicas > 0, "all " + READS + " reads ran on the primary: ports " + ports);
-        return onReplicas + " of " + READS + " reads on replicas";
+        return checkReads(ports);
     }
 
     public static void main(String[] args) {
@@ -282,6 +309,7 @@ public class Main {
         check("cancel", Main::cancel);
         check("cursor_with_fetch_size", Main::cursorWithFetchSize);
         check("reads_on_a_fresh_connection", Main::readsOnAFreshConnection);
+        check("read_only_transactions", Main::readOnlyTransactions);
         System.exit(failed == 0 ? 0 : 1);
     }
 }

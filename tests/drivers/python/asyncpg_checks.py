@@ -166,6 +166,18 @@ async def reads_on_a_fresh_connection():
         await conn.close()
 
 
+async def read_only_transactions():
+    conn = await connect()
+    try:
+        ports = []
+        for _ in range(READS):
+            async with conn.transaction(readonly=True):
+                ports.append(await conn.fetchval("SELECT inet_server_port()"))
+        return check_reads(ports)
+    finally:
+        await conn.close()
+
+
 async def main():
     report = Report("asyncpg", asyncpg.__version__)
     await report.check_async("connect", connect_and_query)
@@ -177,6 +189,7 @@ async def main():
     await report.check_async("cancel", cancel)
     await report.check_async("cursor_with_fetch_size", cursor_with_fetch_size)
     await report.check_async("reads_on_a_fresh_connection", reads_on_a_fresh_connection)
+    await report.check_async("read_only_transactions", read_only_transactions)
     report.exit()
 
 

@@ -160,6 +160,17 @@ def reads_on_a_fresh_connection():
         return check_reads(ports)
 
 
+def read_only_transactions():
+    # conn.read_only makes psycopg open each transaction with BEGIN READ ONLY: a replica may run it.
+    with connect() as conn:
+        conn.read_only = True
+        ports = []
+        for _ in range(READS):
+            ports.append(conn.execute("SELECT inet_server_port()").fetchone()[0])
+            conn.commit()
+        return check_reads(ports)
+
+
 def reads_after_an_extended_set():
     # The reproduction of issue 17: a SET sent with Parse/Bind/Execute is no write.
     with connect(autocommit=True) as conn:
@@ -217,6 +228,7 @@ def main():
     report.check("cursor_with_fetch_size", cursor_with_fetch_size)
     report.check("pipeline", pipeline)
     report.check("reads_on_a_fresh_connection", reads_on_a_fresh_connection)
+    report.check("read_only_transactions", read_only_transactions)
     report.check("reads_after_an_extended_set", reads_after_an_extended_set)
     report.check("reads_after_a_set_in_a_pipeline", reads_after_a_set_in_a_pipeline)
     report.check("write_after_a_pipeline", write_after_a_pipeline)
