@@ -271,6 +271,11 @@ pub struct FailoverConfig {
     /// be > 0).
     #[serde(with = "humantime_serde")]
     pub promote_timeout: Duration,
+    /// A standby further behind the old primary's last known WAL position than this many bytes
+    /// is not promoted (default 1 MiB, like Patroni's `maximum_lag_on_failover`; 0 promotes only
+    /// a standby that had everything). With synchronous standbys the synchronous rule applies
+    /// instead.
+    pub max_lag_bytes: u64,
     /// Directory of the state file (primary, fences) that survives a restart of pgvigil
     /// (default none: nothing is kept, and a warning says so).
     pub state_dir: Option<PathBuf>,
@@ -282,6 +287,7 @@ impl Default for FailoverConfig {
             auto: true,
             wait_timeout: Duration::from_secs(10),
             promote_timeout: Duration::from_secs(30),
+            max_lag_bytes: 1 << 20,
             state_dir: None,
         }
     }

@@ -5,7 +5,9 @@
 
 mod actions;
 mod assess;
+mod choose;
 mod conninfo;
+mod promote;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,10 +22,11 @@ pub use assess::Memory;
 use crate::config::Config;
 use crate::health::{NodeHealth, Report};
 use crate::proxy::Proxy;
-use crate::replication::ReplicationView;
-use crate::state::{State, StateError, StateFile};
+use crate::replication::{format_lsn, parse_lsn, ReplicationView};
+use crate::state::{PromotionRecord, State, StateError, StateFile};
 use crate::topology::{NodeId, Primary, Role};
-use assess::{assess, choose_candidate, Assessment};
+use assess::{assess, Assessment};
+use choose::Promotion;
 
 /// How often pgvigil tries again to make a reachable fenced node read-only.
 const FENCE_RETRY: Duration = Duration::from_secs(10);
@@ -50,10 +53,29 @@ pub fn restore(config: &Config) -> Result<(Memory, u64), StateError> {
             }
         }
     }
+    let promotion = |record: &PromotionRecord| {
+        let promotion = Some(Promotion {
+            node: id(&record.node)?,
+            old_primary: id(&record.old_primary)?,
+            old_lsn: parse_lsn(&record.old_lsn)?,
+            new_lsn: parse_lsn(&record.new_lsn)?,
+            postmaster_start: record.postmaster_start.clone(),
+        });
+        if promotion.is_none() {
+            warn!(
+                ?record,
+                "the state file holds a promotion this configuration cannot place"
+            );
+        }
+        promotion
+    };
+    memory.promoting = state.promoting.as_ref().and_then(promotion);
+    memory.last_promotion = state.last_promotion.as_ref().and_then(promotion);
     info!(
         path = %file.path().display(),
         primary = ?state.primary,
         fenced = ?state.fenced,
+        promoting = ?state.promoting.as_ref().map(|p| &p.node),
         generation = state.generation,
         "state restored; checking it against the nodes"
     );
@@ -112,6 +134,10 @@ struct Coordinator {
     retry_at: Option<Instant>,
     /// The lost primary already alerted about (automatic failover off).
     alerted: Option<NodeId>,
+    /// The nodes promoted behind pgvigil's back already alerted about.
+    foreign_alerted: Vec<NodeId>,
+    /// Why the last failover attempt did not complete (logged at error once, not every retry).
+    refused: Option<String>,
     published: bool,
 }
 
@@ -132,6 +158,8 @@ impl Coordinator {
             proxy,
             retry_at: None,
             alerted: None,
+            foreign_alerted: Vec::new(),
+            refused: None,
             published: false,
         }
     }
@@ -197,6 +225,11 @@ impl Coordinator {
             );
             self.memory.fenced[node] = true;
         }
+        self.alert_foreign(&verdict);
+        if let Some(promotion) = self.memory.promoting.clone() {
+            self.on_pending_promotion(promotion, verdict).await;
+            return;
+        }
         if let Some(lost) = verdict.lost {
             self.on_lost_primary(lost, verdict).await;
             return;
@@ -214,6 +247,25 @@ impl Coordinator {
         }
         self.publish(&verdict.roles, &verdict.suspect, verdict.primary);
         self.fence_reachable();
+    }
+
+    /// Logs at error, once per change, a node that left recovery without pgvigil promoting it
+    /// while the known primary is up.
+    fn alert_foreign(&mut self, verdict: &Assessment) {
+        if verdict.foreign == self.foreign_alerted {
+            return;
+        }
+        if let Primary::Unavailable(reason) = &verdict.primary {
+            if !verdict.foreign.is_empty() {
+                error!(
+                    nodes = ?verdict.foreign.iter().map(|&n| self.name(n)).collect::<Vec<_>>(),
+                    primary = ?self.memory.primary.map(|n| self.name(n)),
+                    %reason,
+                    "a standby was promoted behind pgvigil's back; the primary is not fenced"
+                );
+            }
+        }
+        self.foreign_alerted.clone_from(&verdict.foreign);
     }
 
     /// The primary is down and nobody hears from it: fail over, or only alert.
@@ -243,105 +295,13 @@ impl Coordinator {
         }
     }
 
-    /// Promotes the most advanced standby in place of `old`; every step is logged with its
-    /// duration.
-    async fn fail_over(&mut self, old: NodeId, verdict: Assessment) {
-        let began = Instant::now();
-        warn!(
-            primary = %self.name(old),
-            failures = self.board[old].failures,
-            "primary lost: no answer to its probes and no standby receives WAL from it; failing over"
-        );
-        let mut roles = verdict.roles;
-        let waiting = format!("failover in progress: primary {} was lost", self.name(old));
-        self.publish(&roles, &verdict.suspect, Primary::Unavailable(waiting));
-        let standbys: Vec<NodeId> = (0..roles.len())
-            .filter(|&n| roles[n] == Role::Standby)
-            .collect();
-        let Some(new) = self.choose(&standbys).await else {
-            self.give_up(
-                &roles,
-                &verdict.suspect,
-                format!(
-                    "primary {} is lost and no standby can be promoted",
-                    self.name(old)
-                ),
-            );
-            return;
-        };
-        let step = Instant::now();
-        let timeline = match actions::promote(self.config(), new).await {
-            Ok(timeline) => timeline,
-            Err(e) => {
-                error!(standby = %self.name(new), error = %e, took = ?step.elapsed(), "promotion failed");
-                self.give_up(
-                    &roles,
-                    &verdict.suspect,
-                    format!("failover failed: promoting {}: {e}", self.name(new)),
-                );
-                return;
-            }
-        };
-        info!(standby = %self.name(new), timeline, took = ?step.elapsed(), "promoted");
-        self.memory.fenced[old] = true;
-        self.memory.primary = Some(new);
-        self.retry_at = None;
-        self.stale_before[new] = Some(Instant::now());
-        if let Some(observation) = self.board[new].last.as_mut() {
-            observation.in_recovery = false;
-            observation.timeline = timeline;
-            observation.receiver = None;
-        }
-        roles[old] = Role::Fenced;
-        roles[new] = Role::Primary;
-        self.publish(&roles, &verdict.suspect, Primary::Known(new));
-        info!(
-            primary = %self.name(new),
-            fenced = %self.name(old),
-            took = ?began.elapsed(),
-            "writes go to the new primary"
-        );
-        self.repoint(&standbys, new).await;
-        self.fence_reachable();
-        self.checkpoint_later(new);
-        info!(took = ?began.elapsed(), "failover complete");
-    }
-
-    /// Reads the candidates' positions now and picks the one to promote.
-    async fn choose(&self, standbys: &[NodeId]) -> Option<NodeId> {
-        let step = Instant::now();
-        let mut reads = JoinSet::new();
-        for &node in standbys {
-            let config = self.proxy.config.clone();
-            reads.spawn(async move { (node, actions::position(&config, node).await) });
-        }
-        let mut positions = Vec::new();
-        while let Some(joined) = reads.join_next().await {
-            match joined {
-                Ok((node, Ok((received, replayed)))) => positions.push((node, received, replayed)),
-                Ok((node, Err(e))) => {
-                    warn!(standby = %self.name(node), error = %e, "cannot read the standby's position; not promoting it")
-                }
-                Err(e) => warn!(error = %e, "a position read failed"),
-            }
-        }
-        let chosen = choose_candidate(self.config(), &positions);
-        info!(
-            positions = ?positions
-                .iter()
-                .map(|&(n, received, replayed)| (self.name(n), received, replayed))
-                .collect::<Vec<_>>(),
-            chosen = ?chosen.map(|n| self.name(n)),
-            took = ?step.elapsed(),
-            "standby chosen"
-        );
-        chosen
-    }
-
     /// A failover could not finish: writes stay refused with `reason`; try again after one
     /// probe interval.
     fn give_up(&mut self, roles: &[Role], suspect: &[bool], reason: String) {
-        error!(%reason, "failover did not complete; trying again after the next probes");
+        if self.refused.as_ref() != Some(&reason) {
+            error!(%reason, "failover did not complete; trying again after the next probes");
+            self.refused = Some(reason.clone());
+        }
         self.retry_at = Some(Instant::now() + self.config().health.interval);
         self.publish(roles, suspect, Primary::Unavailable(reason));
     }
@@ -442,9 +402,30 @@ impl Coordinator {
                 .filter(|&n| self.memory.fenced[n])
                 .map(|n| self.name(n).to_owned())
                 .collect(),
+            promoting: self
+                .memory
+                .promoting
+                .as_ref()
+                .map(|p| self.promotion_record(p)),
+            last_promotion: self
+                .memory
+                .last_promotion
+                .as_ref()
+                .map(|p| self.promotion_record(p)),
         };
         if let Err(e) = file.save(&state) {
             error!(error = %e, "could not save the state file");
+        }
+    }
+
+    /// `promotion` as the state file keeps it.
+    fn promotion_record(&self, promotion: &Promotion) -> PromotionRecord {
+        PromotionRecord {
+            node: self.name(promotion.node).to_owned(),
+            old_primary: self.name(promotion.old_primary).to_owned(),
+            old_lsn: format_lsn(promotion.old_lsn),
+            new_lsn: format_lsn(promotion.new_lsn),
+            postmaster_start: promotion.postmaster_start.clone(),
         }
     }
 }
