@@ -144,7 +144,7 @@ fn quorum_size(names: &str) -> usize {
 /// Rules, in order:
 /// - The old primary's last position must be known, or no loss can be bounded.
 /// - If the old primary had synchronous standbys, only one of them may be promoted, and only
-///   if it holds every acknowledged commit (received at least the synchronous commit point);
+///   if it holds every acknowledged commit (has the WAL up to the synchronous commit point);
 ///   the lag bound does not apply (nothing acknowledged is lost).
 /// - Otherwise a standby further behind the old primary's last position than
 ///   `failover.max_lag_bytes` is not promoted; and if a standby that cannot be read was last
@@ -194,7 +194,7 @@ pub fn choose(
     if let Some(sync) = sync {
         let eligible = read
             .iter()
-            .filter(|(node, p)| sync.members.contains(&name(*node)) && p.received >= sync.point);
+            .filter(|(node, p)| sync.members.contains(&name(*node)) && p.furthest() >= sync.point);
         if let Some(&(node, position)) = best(config, eligible) {
             return promotion(node, position);
         }

@@ -235,6 +235,7 @@ impl Coordinator {
             return;
         }
         self.alerted = None;
+        self.refused = None;
         if verdict.witness.is_some() {
             // The witness may have been probed before the primary went quiet: ask the standbys
             // again now rather than at their next tick (their tasks space probes out).
@@ -289,7 +290,12 @@ impl Coordinator {
                 Primary::Unavailable(reason),
             );
         } else if waiting {
-            self.publish(&verdict.roles, &verdict.suspect, verdict.primary);
+            // Between attempts clients keep seeing why the last one was refused.
+            let primary = self
+                .refused
+                .clone()
+                .map_or(verdict.primary, Primary::Unavailable);
+            self.publish(&verdict.roles, &verdict.suspect, primary);
         } else {
             self.fail_over(lost, verdict).await;
         }

@@ -78,8 +78,11 @@ impl Coordinator {
             "primary lost: no answer to its probes and no standby receives WAL from it; failing over"
         );
         let roles = verdict.roles;
-        let waiting = format!("failover in progress: primary {} was lost", self.name(old));
-        self.publish(&roles, &verdict.suspect, Primary::Unavailable(waiting));
+        // While attempts are refused, clients keep seeing why rather than "in progress".
+        if self.refused.is_none() {
+            let waiting = format!("failover in progress: primary {} was lost", self.name(old));
+            self.publish(&roles, &verdict.suspect, Primary::Unavailable(waiting));
+        }
         let promotion = match self.choose(old, &roles).await {
             Choice::Promote(promotion) => promotion,
             Choice::Refuse(reason) => {
@@ -138,6 +141,9 @@ impl Coordinator {
         self.retry_at = None;
         self.refused = None;
         self.stale_before[new] = Some(Instant::now());
+        // pgvigil has just heard from it: failures counted while it was unreachable (a pending
+        // promotion finishing after a freeze) must not make the new primary look lost at once.
+        self.board[new].failures = 0;
         if let Some(observation) = self.board[new].last.as_mut() {
             observation.in_recovery = false;
             observation.timeline = timeline;
