@@ -7,6 +7,7 @@ mod cancel;
 mod cli;
 mod cluster_fixture;
 mod failover;
+mod failover_safety;
 mod passthrough;
 mod pgbench;
 mod pooling;

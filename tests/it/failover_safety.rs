@@ -1,0 +1,329 @@
+//! Promotion safety as clients see it: pgvigil promotes only a standby that loses nothing beyond
+//! the bound (lag-bounded, synchronous-aware), never asks a second standby while a timed-out
+//! promotion may still finish, and never fences a healthy primary because someone else promoted
+//! a standby. Each test builds its own three-node cluster with the scene of `failover.rs`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pgvigil::topology::{NodeId, Primary, Role};
+use tokio_postgres::error::SqlState;
+
+use crate::failover::{other_standby, Scene, FAILURES, INTERVAL, OLD_PRIMARY, PATIENCE, STANDBYS};
+use crate::support::writer::{describe, tick_ids};
+use crate::support::{
+    eventually, fresh_base_dir, in_recovery, node_psql, primary_lsn, start, test_cluster,
+    ClusterSpec, LocalCluster, APP_DB,
+};
+
+/// How long a test watches that nothing is promoted: several failover attempts' worth.
+const WATCH: Duration = Duration::from_secs(8);
+
+/// `failover.wait_timeout` of the tests that check a refused write.
+const WAIT: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn standbys_further_behind_than_max_lag_bytes_are_not_promoted_and_reads_go_on() {
+    let mut scene = Scene::start(test_cluster(2), |config| {
+        config.failover.wait_timeout = WAIT;
+    })
+    .await;
+    // Both standbys stop receiving; the primary then writes well past the default 1 MiB bound.
+    for standby in STANDBYS {
+        node_psql(
+            &scene.cluster,
+            standby,
+            "ALTER SYSTEM SET primary_conninfo = ''",
+        );
+        node_psql(&scene.cluster, standby, "SELECT pg_reload_conf()");
+    }
+    for standby in STANDBYS {
+        eventually(PATIENCE, "the standby's WAL receiver stops", || {
+            node_psql(
+                &scene.cluster,
+                standby,
+                "SELECT count(*) FROM pg_stat_wal_receiver",
+            ) == "0"
+        });
+    }
+    scene
+        .cluster
+        .psql_in(
+            OLD_PRIMARY,
+            APP_DB,
+            "INSERT INTO ticks (id) SELECT g FROM generate_series(-100000, -1000) AS g",
+        )
+        .unwrap_or_else(|e| panic!("the bulk write failed: {e}"));
+    let written = primary_lsn(&scene.cluster);
+    eventually(
+        PATIENCE,
+        "pgvigil probes the primary past the bulk write",
+        || {
+            scene.proxy.running.proxy.replication.load().nodes[OLD_PRIMARY]
+                .is_some_and(|p| p.lsn >= written)
+        },
+    );
+
+    let kill = scene.kill(OLD_PRIMARY);
+    eventually(PATIENCE, "the refusal is the reason writes wait", || {
+        reason(&scene).is_some_and(|r| r.contains("failover.max_lag_bytes"))
+    });
+    println!("lag bound: {:?}", reason(&scene));
+    let client = scene.proxy.connect_app().await;
+    let rows = client
+        .query_one("SELECT count(*) FROM ticks", &[])
+        .await
+        .unwrap_or_else(|e| panic!("a read failed: {}", describe(&e)));
+    assert!(rows.get::<_, i64>(0) > 0);
+    let error = client
+        .simple_query("INSERT INTO ticks (id) VALUES (-5)")
+        .await
+        .expect_err("a write succeeded with no standby close enough");
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::CANNOT_CONNECT_NOW),
+        "{}",
+        describe(&error)
+    );
+    assert!(
+        describe(&error).contains("max_lag_bytes"),
+        "{}",
+        describe(&error)
+    );
+    watch_nothing_promoted(&scene, kill, &STANDBYS);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_synchronous_standby_is_promoted_never_the_one_outside_the_synchronous_set() {
+    let spec = ClusterSpec::new(fresh_base_dir())
+        .replicas(2)
+        .sync_replication(true);
+    let mut scene = Scene::start(start(spec), |_| {}).await;
+    let name = node_psql(
+        &scene.cluster,
+        OLD_PRIMARY,
+        "SELECT application_name FROM pg_stat_replication WHERE sync_state = 'sync'",
+    );
+    let sync = node_named(&scene.cluster, &name);
+    let other = other_standby(sync);
+
+    // The primary and its synchronous standby die together: only the other one answers.
+    let kill = scene.kill(OLD_PRIMARY);
+    scene.kill(sync);
+    eventually(
+        PATIENCE,
+        "pgvigil says it waits for the synchronous standby",
+        || reason(&scene).is_some_and(|r| r.contains(&format!("waiting for {name}"))),
+    );
+    println!("synchronous: {:?}", reason(&scene));
+    watch_nothing_promoted(&scene, kill, &[other]);
+
+    let back = Instant::now();
+    scene.cluster.node_mut(sync).start().unwrap();
+    scene.writes_resume(back, "the synchronous standby back");
+    assert_eq!(scene.sole_primary(&STANDBYS), sync);
+    let log = scene.writer.stop().await;
+    let lost: Vec<i32> = log
+        .acked_ids()
+        .difference(&tick_ids(&scene.cluster, sync))
+        .copied()
+        .collect();
+    assert!(lost.is_empty(), "acknowledged ids lost: {lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promotion_that_timed_out_stays_the_only_candidate_and_one_node_leaves_recovery() {
+    let mut scene = Scene::start(test_cluster(2), |config| {
+        config.failover.promote_timeout = Duration::from_secs(1);
+    })
+    .await;
+    // With their startup processes stopped, the standbys take a promote request but cannot act
+    // on it: the promotion outlasts promote_timeout.
+    let startups: Vec<u32> = STANDBYS
+        .iter()
+        .map(|&n| startup_process(&scene.cluster, n))
+        .collect();
+    for &pid in &startups {
+        signal("-STOP", pid);
+    }
+    scene.kill(OLD_PRIMARY);
+    let mut asked = None;
+    eventually(PATIENCE, "pgvigil asks a standby to promote", || {
+        asked = STANDBYS
+            .into_iter()
+            .find(|&n| promote_signal_file(&scene.cluster.node(n).data_dir));
+        asked.is_some()
+    });
+    let asked = asked.unwrap();
+    let other = other_standby(asked);
+    // The standby asked cannot be reached any more, and the other one could promote at once.
+    scene.cluster.node_mut(asked).freeze();
+    signal("-CONT", startups[other - 1]);
+    let frozen = Instant::now();
+    watch_nothing_promoted(&scene, frozen, &[other]);
+    let why = reason(&scene).unwrap_or_default();
+    println!("timed-out promotion: {why}");
+    let asked_name = &scene.cluster.node(asked).name;
+    assert!(
+        why.contains(&format!("{asked_name} was asked to promote")),
+        "{why}"
+    );
+
+    // Thawed, it finishes the promotion it was asked for, and pgvigil takes it as primary.
+    scene.cluster.node_mut(asked).thaw();
+    let thawed = Instant::now();
+    scene.writes_resume(thawed, "the standby asked to promote thawed");
+    assert_eq!(scene.sole_primary(&STANDBYS), asked);
+    assert_eq!(scene.topology().primary, Primary::Known(asked));
+    let last = scene.writer.log().last_id().unwrap();
+    eventually(
+        PATIENCE,
+        "the other standby follows the promoted one",
+        || tick_ids(&scene.cluster, other).contains(&last),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_promoted_behind_pgvigils_back_is_refused_and_the_primary_is_not_fenced() {
+    let mut scene = Scene::start(test_cluster(2), |config| {
+        config.failover.wait_timeout = WAIT;
+    })
+    .await;
+    let (rogue, follower) = (STANDBYS[0], STANDBYS[1]);
+    node_psql(&scene.cluster, rogue, "SELECT pg_promote()");
+    let promoted = Instant::now();
+    eventually(PATIENCE, "writes are refused, naming both nodes", || {
+        reason(&scene).is_some_and(|r| r.contains("pg2 left recovery") && r.contains("pg1"))
+    });
+    println!("foreign promotion: {:?}", reason(&scene));
+
+    let client = scene.proxy.connect_app().await;
+    let error = client
+        .simple_query("INSERT INTO ticks (id) VALUES (-5)")
+        .await
+        .expect_err("a write succeeded with two primaries");
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::CANNOT_CONNECT_NOW),
+        "{}",
+        describe(&error)
+    );
+    let message = describe(&error);
+    assert!(
+        message.contains("pg2") && message.contains("pg1"),
+        "{message}"
+    );
+    let rogue_port = i32::from(scene.cluster.node(rogue).port);
+    for _ in 0..10 {
+        let row = client
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap_or_else(|e| panic!("a read failed: {}", describe(&e)));
+        assert_ne!(
+            row.get::<_, i32>(0),
+            rogue_port,
+            "a read went to the rogue node"
+        );
+    }
+    while promoted.elapsed() < WATCH {
+        let topology = scene.topology();
+        assert_eq!(
+            topology.nodes[OLD_PRIMARY].role,
+            Role::Primary,
+            "{topology:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        node_psql(
+            &scene.cluster,
+            OLD_PRIMARY,
+            "SHOW default_transaction_read_only"
+        ),
+        "off",
+        "the healthy primary was fenced"
+    );
+    assert!(in_recovery(&scene.cluster, follower));
+    let log = scene.writer.stop().await;
+    let lost: Vec<i32> = log
+        .acked_ids()
+        .difference(&tick_ids(&scene.cluster, OLD_PRIMARY))
+        .copied()
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged ids not on the primary: {lost:?}"
+    );
+}
+
+/// Why writes wait, if they do.
+fn reason(scene: &Scene) -> Option<String> {
+    match &scene.topology().primary {
+        Primary::Unavailable(reason) => Some(reason.clone()),
+        Primary::Known(_) => None,
+    }
+}
+
+/// Until `WATCH` (and at least several failover attempts) after `since`, none of `standbys`
+/// leaves recovery and writes stay refused.
+fn watch_nothing_promoted(scene: &Scene, since: Instant, standbys: &[NodeId]) {
+    let until = (since + WATCH).max(since + INTERVAL * FAILURES * 3);
+    while Instant::now() < until {
+        assert!(
+            reason(scene).is_some(),
+            "writes went somewhere: {:?}",
+            scene.topology()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for &standby in standbys {
+        assert!(
+            in_recovery(&scene.cluster, standby),
+            "node {standby} was promoted"
+        );
+    }
+}
+
+/// The index of the node called `name`.
+fn node_named(cluster: &LocalCluster, name: &str) -> NodeId {
+    cluster
+        .nodes()
+        .iter()
+        .position(|n| n.name == name)
+        .unwrap_or_else(|| panic!("no node named {name:?}"))
+}
+
+/// Whether `pg_promote` left its signal file in `data_dir` (the startup process removes it once
+/// it acts on it).
+fn promote_signal_file(data_dir: &Path) -> bool {
+    data_dir.join("promote").exists()
+}
+
+/// The pid of node `node`'s startup process (the one that replays WAL and ends recovery).
+fn startup_process(cluster: &LocalCluster, node: NodeId) -> u32 {
+    let postmaster = cluster.node(node).pid().expect("the node runs");
+    let entries = std::fs::read_dir("/proc").expect("/proc is readable");
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The parent pid is the second field after the parenthesised command name.
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            let command =
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            parent == Some(postmaster) && command.contains("startup")
+        })
+        .unwrap_or_else(|| panic!("node {node} has no startup process"))
+}
+
+/// Sends `signal` (as `kill` spells it) to `pid`, a process of a cluster this test built.
+fn signal(signal: &str, pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {signal} {pid} failed");
+}
