@@ -435,3 +435,53 @@ impl Coordinator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NodeConfig;
+
+    #[test]
+    fn a_pending_promotion_in_the_state_file_is_remembered_after_a_restart() {
+        let dir = std::env::temp_dir().join(format!("pgvigil-restore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let record = PromotionRecord {
+            node: "pg2".into(),
+            old_primary: "pg1".into(),
+            old_lsn: "0/3000100".into(),
+            new_lsn: "0/3000000".into(),
+            postmaster_start: "2026-12-04 16:00:00+00".into(),
+        };
+        let state = State {
+            generation: 7,
+            primary: Some("pg1".into()),
+            fenced: vec!["pg1".into()],
+            promoting: Some(record),
+            last_promotion: None,
+        };
+        StateFile::new(&dir).save(&state).unwrap();
+        let config = Config {
+            nodes: ["pg1", "pg2", "pg3"]
+                .iter()
+                .map(|name| NodeConfig {
+                    name: (*name).into(),
+                    ..NodeConfig::default()
+                })
+                .collect(),
+            failover: crate::config::FailoverConfig {
+                state_dir: Some(dir.clone()),
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        let (memory, generation) = restore(&config).unwrap();
+        assert_eq!(generation, 7);
+        let promoting = memory
+            .promoting
+            .expect("the pending promotion is remembered");
+        assert_eq!((promoting.node, promoting.old_primary), (1, 0));
+        assert_eq!(promoting.loss(), 0x100);
+        assert_eq!(memory.fenced, [true, false, false]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -100,6 +100,9 @@ impl Coordinator {
             self.name(new),
             self.name(old)
         );
+        // Saved before the standby is asked, whether or not the topology changes: a pgvigil
+        // restarted mid-promotion must not ask a second standby.
+        self.save(self.proxy.topology.load().generation);
         self.publish(&roles, &verdict.suspect, Primary::Unavailable(asked));
         let step = Instant::now();
         let timeline = match actions::promote(self.config(), new).await {
