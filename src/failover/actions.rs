@@ -186,6 +186,21 @@ pub async fn fence(config: &Config, node: NodeId) -> Result<(), ActionError> {
     .await
 }
 
+/// Sets `wal_receiver_timeout` on a standby, reloaded (its WAL receiver takes the new value at
+/// once).
+pub async fn set_receiver_timeout(
+    config: &Config,
+    node: NodeId,
+    timeout: Duration,
+) -> Result<(), ActionError> {
+    bounded(config.health.timeout * 2, async {
+        let client = admin_connect(config, node, "pgvigil failover").await?;
+        let value = format!("{}ms", timeout.as_millis());
+        alter_system(&client, "wal_receiver_timeout", &value).await
+    })
+    .await
+}
+
 /// A checkpoint on a new primary, so that its control file names its new timeline (`pg_rewind`
 /// of the old primary against it depends on that).
 pub async fn checkpoint(config: &Config, node: NodeId) -> Result<(), ActionError> {

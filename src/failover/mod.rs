@@ -28,7 +28,8 @@ use crate::topology::{NodeId, Primary, Role};
 use assess::{assess, Assessment};
 use choose::Promotion;
 
-/// How often pgvigil tries again to make a reachable fenced node read-only.
+/// How often pgvigil tries again to make a reachable fenced node read-only, or to set a
+/// standby's `wal_receiver_timeout`.
 const FENCE_RETRY: Duration = Duration::from_secs(10);
 
 /// What pgvigil remembered from its state file, and the generation to continue from.
@@ -130,6 +131,8 @@ struct Coordinator {
     stale_before: Vec<Option<Instant>>,
     /// When each fenced node was last made read-only (or tried).
     fence_attempts: Vec<Option<Instant>>,
+    /// When each standby's `wal_receiver_timeout` was last set (or tried).
+    receiver_attempts: Vec<Option<Instant>>,
     /// No new failover attempt before this (after one failed).
     retry_at: Option<Instant>,
     /// The lost primary already alerted about (automatic failover off).
@@ -153,6 +156,7 @@ impl Coordinator {
                 .map(StateFile::new),
             board: vec![NodeHealth::default(); nodes],
             fence_attempts: vec![None; nodes],
+            receiver_attempts: vec![None; nodes],
             stale_before: vec![None; nodes],
             memory,
             proxy,
@@ -248,6 +252,41 @@ impl Coordinator {
         }
         self.publish(&verdict.roles, &verdict.suspect, verdict.primary);
         self.fence_reachable();
+        self.shorten_receiver_timeouts();
+    }
+
+    /// Sets `failover.receiver_timeout` on standbys whose `wal_receiver_timeout` is longer or off,
+    /// in the background (at most every `FENCE_RETRY` per node). A standby's receiver asks its
+    /// sender for a reply after half that much silence, so a live primary is heard from within
+    /// it and a frozen one stops being a witness (see `assess::witness`) within seconds.
+    fn shorten_receiver_timeouts(&mut self) {
+        let target = self.config().failover.receiver_timeout;
+        if target.is_zero() {
+            return;
+        }
+        for node in 0..self.board.len() {
+            let longer = self.board[node]
+                .current()
+                .and_then(|o| o.receiver.as_ref())
+                .is_some_and(|r| r.timeout.is_zero() || r.timeout > target);
+            let recent = self.receiver_attempts[node].is_some_and(|at| at.elapsed() < FENCE_RETRY);
+            if !longer || recent {
+                continue;
+            }
+            self.receiver_attempts[node] = Some(Instant::now());
+            let config = self.proxy.config.clone();
+            tokio::spawn(async move {
+                let name = &config.nodes[node].name;
+                match actions::set_receiver_timeout(&config, node, target).await {
+                    Ok(()) => {
+                        info!(node = %name, timeout = ?target, "standby's wal_receiver_timeout set (failover.receiver_timeout)")
+                    }
+                    Err(e) => {
+                        warn!(node = %name, error = %e, "could not set the standby's wal_receiver_timeout")
+                    }
+                }
+            });
+        }
     }
 
     /// Logs at error, once per change, a node that left recovery without pgvigil promoting it

@@ -3,6 +3,7 @@
 //! promotion may still finish, and never fences a healthy primary because someone else promoted
 //! a standby. Each test builds its own three-node cluster with the scene of `failover.rs`.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use pgvigil::topology::{NodeId, Primary, Role};
 use tokio_postgres::error::SqlState;
 
 use crate::failover::{other_standby, Scene, FAILURES, INTERVAL, OLD_PRIMARY, PATIENCE, STANDBYS};
+use crate::support::relay::Relay;
 use crate::support::writer::{describe, tick_ids};
 use crate::support::{
     eventually, fresh_base_dir, in_recovery, node_psql, primary_lsn, start, test_cluster,
@@ -18,6 +20,9 @@ use crate::support::{
 
 /// How long a test watches that nothing is promoted: several failover attempts' worth.
 const WATCH: Duration = Duration::from_secs(8);
+
+/// The bound for a frozen primary with PostgreSQL's default receiver timeouts.
+const FROZEN_WINDOW: Duration = Duration::from_secs(5);
 
 /// `failover.wait_timeout` of the tests that check a refused write.
 const WAIT: Duration = Duration::from_secs(2);
@@ -254,6 +259,71 @@ async fn a_standby_promoted_behind_pgvigils_back_is_refused_and_the_primary_is_n
         lost.is_empty(),
         "acknowledged ids not on the primary: {lost:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_primary_with_postgres_default_receiver_timeouts_is_replaced_within_5s() {
+    let mut scene = Scene::start(start(default_timeouts()), |_| {}).await;
+    wait_for_short_receiver_timeouts(&scene);
+    scene.cluster.node_mut(OLD_PRIMARY).freeze();
+    let freeze = Instant::now();
+    let window = scene.writes_resume(freeze, "SIGSTOP, PostgreSQL's default receiver timeouts");
+    assert_ne!(scene.topology().primary, Primary::Known(OLD_PRIMARY));
+    scene.cluster.node_mut(OLD_PRIMARY).thaw();
+    assert!(
+        window < FROZEN_WINDOW,
+        "writes were unavailable for {window:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_default_receiver_timeouts_cutting_only_pgvigils_path_is_still_no_failover() {
+    let cluster = start(default_timeouts());
+    let primary = SocketAddr::from(([127, 0, 0, 1], cluster.node(OLD_PRIMARY).port));
+    let relay = Relay::start(primary);
+    let scene = Scene::start(cluster, |config| {
+        config.nodes[OLD_PRIMARY].port = relay.port();
+    })
+    .await;
+    wait_for_short_receiver_timeouts(&scene);
+    relay.cut();
+    let cut = Instant::now();
+    while cut.elapsed() < WATCH {
+        if let Primary::Known(node) = scene.topology().primary {
+            assert_eq!(node, OLD_PRIMARY, "failed over during a cut");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for standby in STANDBYS {
+        assert!(
+            in_recovery(&scene.cluster, standby),
+            "node {standby} was promoted"
+        );
+    }
+    relay.heal();
+    let healed = Instant::now();
+    scene.writer.wait_for_acks_after(healed, 25, PATIENCE);
+    assert_eq!(scene.topology().primary, Primary::Known(OLD_PRIMARY));
+}
+
+/// A cluster with PostgreSQL's own replication timeouts instead of the fixture's short ones.
+fn default_timeouts() -> ClusterSpec {
+    ClusterSpec::new(fresh_base_dir())
+        .replicas(2)
+        .conf("wal_receiver_timeout", "60s")
+        .conf("wal_sender_timeout", "60s")
+        .conf("wal_receiver_status_interval", "10s")
+}
+
+/// Waits until pgvigil has set `failover.receiver_timeout` (3 s by default) on both standbys.
+fn wait_for_short_receiver_timeouts(scene: &Scene) {
+    for standby in STANDBYS {
+        eventually(
+            PATIENCE,
+            "pgvigil shortens the standby's wal_receiver_timeout",
+            || node_psql(&scene.cluster, standby, "SHOW wal_receiver_timeout") == "3s",
+        );
+    }
 }
 
 /// Why writes wait, if they do.
