@@ -1,7 +1,8 @@
 //! The failover coordinator: the only writer of the topology. It takes in every probe outcome,
 //! judges them (`assess`), publishes roles and the primary, fences stale primaries, and when the
-//! primary is lost promotes the most advanced standby, repoints the others, fences the old
-//! primary and remembers all that in the state file (see DESIGN.md, "One failover's way").
+//! primary is lost promotes the standby `choose` allows (`promote`), repoints the others, fences
+//! the old primary and remembers all that in the state file (see DESIGN.md, "One failover's
+//! way", and README, "Failover", for the promotion rules).
 
 mod actions;
 mod assess;

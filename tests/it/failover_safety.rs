@@ -163,7 +163,10 @@ async fn a_promotion_that_timed_out_stays_the_only_candidate_and_one_node_leaves
     let other = other_standby(asked);
     // The standby asked cannot be reached any more, and the other one could promote at once.
     scene.cluster.node_mut(asked).freeze();
-    signal("-CONT", startups[other - 1]);
+    signal(
+        "-CONT",
+        startups[STANDBYS.iter().position(|&n| n == other).unwrap()],
+    );
     let frozen = Instant::now();
     watch_nothing_promoted(&scene, frozen, &[other]);
     let why = reason(&scene).unwrap_or_default();
@@ -186,6 +189,43 @@ async fn a_promotion_that_timed_out_stays_the_only_candidate_and_one_node_leaves
         "the other standby follows the promoted one",
         || tick_ids(&scene.cluster, other).contains(&last),
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_asked_to_promote_then_restarted_does_not_block_the_failover() {
+    let mut scene = Scene::start(test_cluster(2), |config| {
+        config.failover.promote_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let startups: Vec<u32> = STANDBYS
+        .iter()
+        .map(|&n| startup_process(&scene.cluster, n))
+        .collect();
+    for &pid in &startups {
+        signal("-STOP", pid);
+    }
+    scene.kill(OLD_PRIMARY);
+    let mut asked = None;
+    eventually(PATIENCE, "pgvigil asks a standby to promote", || {
+        asked = STANDBYS
+            .into_iter()
+            .find(|&n| promote_signal_file(&scene.cluster.node(n).data_dir));
+        asked.is_some()
+    });
+    let asked = asked.unwrap();
+    let other = other_standby(asked);
+    // A restart removes the promote signal file: the request is withdrawn, and the node comes
+    // back a standby: pgvigil then chooses again (either node), and exactly one leaves recovery.
+    scene.cluster.node_mut(asked).kill9();
+    scene.cluster.node_mut(asked).start().unwrap();
+    signal(
+        "-CONT",
+        startups[STANDBYS.iter().position(|&n| n == other).unwrap()],
+    );
+    let restarted = Instant::now();
+    scene.writes_resume(restarted, "the standby asked to promote restarted");
+    let new = scene.sole_primary(&STANDBYS);
+    assert_eq!(scene.topology().primary, Primary::Known(new));
 }
 
 #[tokio::test(flavor = "multi_thread")]
