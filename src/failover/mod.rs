@@ -222,7 +222,15 @@ impl Coordinator {
 
     /// Judges the board and acts on the verdict.
     async fn evaluate(&mut self) {
-        let verdict = assess(self.config(), &self.board, &self.memory);
+        let mut verdict = assess(self.config(), &self.board, &self.memory);
+        if let Some(promotion) = self.memory.promoting.clone() {
+            if let Primary::Known(other) = verdict.primary {
+                if other != promotion.node {
+                    self.promoted_by_hand(&promotion, other);
+                    verdict = assess(self.config(), &self.board, &self.memory);
+                }
+            }
+        }
         for &node in &verdict.fence {
             warn!(
                 node = %self.name(node),
@@ -288,6 +296,23 @@ impl Coordinator {
                 }
             });
         }
+    }
+
+    /// While pgvigil waited for the standby it asked to promote, another one left recovery (an
+    /// operator's `pg_ctl promote`, the way out when the one asked is gone for good). The old
+    /// primary is down, so the newer timeline is accepted; the standby asked is fenced, since it
+    /// may still finish its promotion.
+    fn promoted_by_hand(&mut self, promotion: &Promotion, other: NodeId) {
+        error!(
+            asked = %self.name(promotion.node),
+            promoted = %self.name(other),
+            "another standby left recovery while a promotion was pending: taking it as primary \
+             and fencing the one asked"
+        );
+        self.memory.fenced[promotion.node] = true;
+        self.memory.promoting = None;
+        self.retry_at = None;
+        self.refused = None;
     }
 
     /// Logs at error, once per change, a node that left recovery without pgvigil promoting it

@@ -138,35 +138,10 @@ async fn only_the_synchronous_standby_is_promoted_never_the_one_outside_the_sync
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_promotion_that_timed_out_stays_the_only_candidate_and_one_node_leaves_recovery() {
-    let mut scene = Scene::start(test_cluster(2), |config| {
-        config.failover.promote_timeout = Duration::from_secs(1);
-    })
-    .await;
-    // With their startup processes stopped, the standbys take a promote request but cannot act
-    // on it: the promotion outlasts promote_timeout.
-    let startups: Vec<u32> = STANDBYS
-        .iter()
-        .map(|&n| startup_process(&scene.cluster, n))
-        .collect();
-    for &pid in &startups {
-        signal("-STOP", pid);
-    }
-    scene.kill(OLD_PRIMARY);
-    let mut asked = None;
-    eventually(PATIENCE, "pgvigil asks a standby to promote", || {
-        asked = STANDBYS
-            .into_iter()
-            .find(|&n| promote_signal_file(&scene.cluster.node(n).data_dir));
-        asked.is_some()
-    });
-    let asked = asked.unwrap();
-    let other = other_standby(asked);
+    let (mut scene, asked, other) = stalled_promotion().await;
     // The standby asked cannot be reached any more, and the other one could promote at once.
     scene.cluster.node_mut(asked).freeze();
-    signal(
-        "-CONT",
-        startups[STANDBYS.iter().position(|&n| n == other).unwrap()],
-    );
+    scene.release(other);
     let frozen = Instant::now();
     watch_nothing_promoted(&scene, frozen, &[other]);
     let why = reason(&scene).unwrap_or_default();
@@ -193,39 +168,45 @@ async fn a_promotion_that_timed_out_stays_the_only_candidate_and_one_node_leaves
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_asked_to_promote_then_restarted_does_not_block_the_failover() {
-    let mut scene = Scene::start(test_cluster(2), |config| {
-        config.failover.promote_timeout = Duration::from_secs(1);
-    })
-    .await;
-    let startups: Vec<u32> = STANDBYS
-        .iter()
-        .map(|&n| startup_process(&scene.cluster, n))
-        .collect();
-    for &pid in &startups {
-        signal("-STOP", pid);
-    }
-    scene.kill(OLD_PRIMARY);
-    let mut asked = None;
-    eventually(PATIENCE, "pgvigil asks a standby to promote", || {
-        asked = STANDBYS
-            .into_iter()
-            .find(|&n| promote_signal_file(&scene.cluster.node(n).data_dir));
-        asked.is_some()
-    });
-    let asked = asked.unwrap();
-    let other = other_standby(asked);
+    let (mut scene, asked, other) = stalled_promotion().await;
     // A restart removes the promote signal file: the request is withdrawn, and the node comes
     // back a standby: pgvigil then chooses again (either node), and exactly one leaves recovery.
     scene.cluster.node_mut(asked).kill9();
     scene.cluster.node_mut(asked).start().unwrap();
-    signal(
-        "-CONT",
-        startups[STANDBYS.iter().position(|&n| n == other).unwrap()],
-    );
+    scene.release(other);
     let restarted = Instant::now();
     scene.writes_resume(restarted, "the standby asked to promote restarted");
     let new = scene.sole_primary(&STANDBYS);
     assert_eq!(scene.topology().primary, Primary::Known(new));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_promoted_by_hand_while_the_one_asked_is_gone_is_taken_and_the_other_fenced() {
+    let (mut scene, asked, other) = stalled_promotion().await;
+    scene.cluster.node_mut(asked).freeze();
+    scene.release(other);
+    // The operator's way out when the standby asked is gone: promote another by hand.
+    node_psql(&scene.cluster, other, "SELECT pg_promote()");
+    let promoted = Instant::now();
+    scene.writes_resume(promoted, "another standby promoted by hand");
+    assert_eq!(scene.topology().primary, Primary::Known(other));
+    assert_eq!(scene.topology().nodes[asked].role, Role::Fenced);
+
+    // Thawed, the standby asked finishes its promotion, but stays fenced and gets no write.
+    scene.cluster.node_mut(asked).thaw();
+    eventually(PATIENCE, "the standby asked is made read-only", || {
+        node_psql(&scene.cluster, asked, "SHOW default_transaction_read_only") == "on"
+    });
+    let before = tick_ids(&scene.cluster, asked);
+    let log = scene
+        .writer
+        .wait_for_acks_after(Instant::now(), 50, PATIENCE);
+    assert_eq!(
+        tick_ids(&scene.cluster, asked),
+        before,
+        "the fenced node got writes"
+    );
+    assert!(tick_ids(&scene.cluster, other).contains(&log.last_id().unwrap()));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -363,6 +344,64 @@ fn wait_for_short_receiver_timeouts(scene: &Scene) {
             "pgvigil shortens the standby's wal_receiver_timeout",
             || node_psql(&scene.cluster, standby, "SHOW wal_receiver_timeout") == "3s",
         );
+    }
+}
+
+/// A scene whose primary was killed while both standbys' startup processes were stopped: they
+/// take a promote request but cannot act on it, so the promotion outlasts promote_timeout (1 s).
+/// Returns once pgvigil has asked one (the first node), with the other (the second).
+async fn stalled_promotion() -> (StalledScene, NodeId, NodeId) {
+    let mut scene = Scene::start(test_cluster(2), |config| {
+        config.failover.promote_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let startups: Vec<u32> = STANDBYS
+        .iter()
+        .map(|&n| startup_process(&scene.cluster, n))
+        .collect();
+    for &pid in &startups {
+        signal("-STOP", pid);
+    }
+    scene.kill(OLD_PRIMARY);
+    let mut asked = None;
+    eventually(PATIENCE, "pgvigil asks a standby to promote", || {
+        asked = STANDBYS
+            .into_iter()
+            .find(|&n| promote_signal_file(&scene.cluster.node(n).data_dir));
+        asked.is_some()
+    });
+    let asked = asked.unwrap();
+    (
+        StalledScene { scene, startups },
+        asked,
+        other_standby(asked),
+    )
+}
+
+/// A scene from [`stalled_promotion`], with the standbys' stopped startup processes.
+struct StalledScene {
+    scene: Scene,
+    startups: Vec<u32>,
+}
+
+impl StalledScene {
+    /// Lets standby `node`'s startup process go on (it acts on a promote request at once).
+    fn release(&self, node: NodeId) {
+        let index = STANDBYS.iter().position(|&n| n == node).unwrap();
+        signal("-CONT", self.startups[index]);
+    }
+}
+
+impl std::ops::Deref for StalledScene {
+    type Target = Scene;
+    fn deref(&self) -> &Scene {
+        &self.scene
+    }
+}
+
+impl std::ops::DerefMut for StalledScene {
+    fn deref_mut(&mut self) -> &mut Scene {
+        &mut self.scene
     }
 }
 
