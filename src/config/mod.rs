@@ -271,6 +271,17 @@ pub struct FailoverConfig {
     /// be > 0).
     #[serde(with = "humantime_serde")]
     pub promote_timeout: Duration,
+    /// A standby further behind the old primary's last known WAL position than this many bytes
+    /// is not promoted (default 1 MiB, like Patroni's `maximum_lag_on_failover`; 0 promotes only
+    /// a standby that had everything). With synchronous standbys the synchronous rule applies
+    /// instead.
+    pub max_lag_bytes: u64,
+    /// The `wal_receiver_timeout` pgvigil sets (`ALTER SYSTEM`) on every standby whose own is
+    /// longer or off, so that a frozen primary stops looking alive to its standbys within
+    /// seconds (default 3s; PostgreSQL's own 60 s would hold a failover for half a minute).
+    /// `0s` leaves the standbys' setting alone.
+    #[serde(with = "humantime_serde")]
+    pub receiver_timeout: Duration,
     /// Directory of the state file (primary, fences) that survives a restart of pgvigil
     /// (default none: nothing is kept, and a warning says so).
     pub state_dir: Option<PathBuf>,
@@ -282,6 +293,8 @@ impl Default for FailoverConfig {
             auto: true,
             wait_timeout: Duration::from_secs(10),
             promote_timeout: Duration::from_secs(30),
+            max_lag_bytes: 1 << 20,
+            receiver_timeout: Duration::from_secs(3),
             state_dir: None,
         }
     }

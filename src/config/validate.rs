@@ -97,6 +97,15 @@ fn check_failover(config: &Config, problems: &mut Vec<Problem>) {
         failover.promote_timeout,
         problems,
     );
+    // PostgreSQL keeps wal_receiver_timeout as whole milliseconds in an int.
+    let receiver_ms = failover.receiver_timeout.as_millis();
+    if !failover.receiver_timeout.is_zero() && (receiver_ms == 0 || receiver_ms > i32::MAX as u128)
+    {
+        problems.push(Problem::new(
+            "failover.receiver_timeout",
+            "must be 0s (leave the standbys alone) or between 1ms and about 24 days",
+        ));
+    }
     if let Some(dir) = &failover.state_dir {
         if dir.as_os_str().is_empty() {
             problems.push(Problem::new("failover.state_dir", "must not be empty"));
@@ -362,6 +371,7 @@ password = "app-secret"
             ("[[nodes]]\nname = \"pg3\"\nhost = \"other\"\nport = 0", &["nodes[2].port: must not be 0"]),
             ("[[nodes]]\nname = \"pg3\"\nhost = \"127.0.0.1\"\nport = 5433", &["nodes[2]: duplicate address 127.0.0.1:5433 (also nodes[1])"]),
             ("[routing]\nmax_lag = \"0s\"", &["routing.max_lag: must be greater than 0"]),
+            ("[failover]\nreceiver_timeout = \"500us\"", &["failover.receiver_timeout: must be 0s (leave the standbys alone) or between 1ms and about 24 days"]),
             ("[routing]\nread_functions = [\"report\", \"Stats.daily_2\", \"_f$\", \"bad name\", \"\", \"a.b.c\"]", &[
                 "routing.read_functions[3]: \"bad name\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
                 "routing.read_functions[4]: \"\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",

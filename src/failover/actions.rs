@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
+use super::choose::Position;
 use super::conninfo;
 use crate::config::Config;
 use crate::health::admin_connect;
@@ -30,8 +31,20 @@ pub enum ActionError {
 }
 
 /// The timeline a node writes on once it has left recovery; NULL while it is still in recovery.
-const LEFT_RECOVERY_SQL: &str = "SELECT CASE WHEN NOT pg_is_in_recovery() THEN \
+const LEFT_RECOVERY: &str = "CASE WHEN NOT pg_is_in_recovery() THEN \
     ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END";
+
+/// Where a node asked to promote stands, read now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// It left recovery: it writes on this timeline.
+    LeftRecovery(u32),
+    /// It is in recovery and its postmaster started since it was asked: the start removed the
+    /// promote signal file, so the request is withdrawn and it will stay a standby.
+    Withdrawn,
+    /// It is in recovery under the postmaster that was asked: the promotion may still finish.
+    InRecovery,
+}
 
 /// Runs `step` bounded by `limit`.
 async fn bounded<T>(
@@ -43,14 +56,14 @@ async fn bounded<T>(
         .unwrap_or(Err(ActionError::Timeout(limit)))
 }
 
-/// A standby's (received, replayed) LSNs, read now.
-pub async fn position(config: &Config, node: NodeId) -> Result<(u64, u64), ActionError> {
+/// A standby's position and postmaster start time, read now.
+pub async fn position(config: &Config, node: NodeId) -> Result<Position, ActionError> {
     bounded(config.health.timeout * 2, async {
         let client = admin_connect(config, node, "pgvigil failover").await?;
         let row = client
             .query_one(
                 "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, \
-                 pg_last_wal_replay_lsn()::text",
+                 pg_last_wal_replay_lsn()::text, pg_postmaster_start_time()::text",
                 &[],
             )
             .await?;
@@ -61,7 +74,36 @@ pub async fn position(config: &Config, node: NodeId) -> Result<(u64, u64), Actio
             let text: Option<&str> = row.try_get(i)?;
             Ok(text.and_then(parse_lsn).unwrap_or(0))
         };
-        Ok((lsn(1)?, lsn(2)?))
+        Ok(Position {
+            received: lsn(1)?,
+            replayed: lsn(2)?,
+            postmaster_start: row.try_get(3)?,
+        })
+    })
+    .await
+}
+
+/// Whether a node asked to promote (under the postmaster started at `postmaster_start`) has
+/// left recovery, or provably never will for that request.
+pub async fn pending(
+    config: &Config,
+    node: NodeId,
+    postmaster_start: &str,
+) -> Result<Pending, ActionError> {
+    bounded(config.health.timeout * 2, async {
+        let client = admin_connect(config, node, "pgvigil failover").await?;
+        let row = client
+            .query_one(
+                &format!("SELECT pg_postmaster_start_time()::text, {LEFT_RECOVERY}"),
+                &[],
+            )
+            .await?;
+        let started: String = row.try_get(0)?;
+        Ok(match row.try_get::<_, Option<i32>>(1)? {
+            Some(timeline) => Pending::LeftRecovery(u32::try_from(timeline).unwrap_or(0)),
+            None if started != postmaster_start => Pending::Withdrawn,
+            None => Pending::InRecovery,
+        })
     })
     .await
 }
@@ -88,7 +130,9 @@ pub async fn promote(config: &Config, node: NodeId) -> Result<u32, ActionError> 
         let remaining = deadline.saturating_duration_since(Instant::now());
         let check = bounded(remaining.max(config.health.timeout), async {
             let client = admin_connect(config, node, "pgvigil failover").await?;
-            let row = client.query_one(LEFT_RECOVERY_SQL, &[]).await?;
+            let row = client
+                .query_one(&format!("SELECT {LEFT_RECOVERY}"), &[])
+                .await?;
             Ok(row.try_get::<_, Option<i32>>(0)?)
         })
         .await;
@@ -138,6 +182,21 @@ pub async fn fence(config: &Config, node: NodeId) -> Result<(), ActionError> {
     bounded(config.health.timeout * 2, async {
         let client = admin_connect(config, node, "pgvigil failover").await?;
         alter_system(&client, "default_transaction_read_only", "on").await
+    })
+    .await
+}
+
+/// Sets `wal_receiver_timeout` on a standby, reloaded (its WAL receiver takes the new value at
+/// once).
+pub async fn set_receiver_timeout(
+    config: &Config,
+    node: NodeId,
+    timeout: Duration,
+) -> Result<(), ActionError> {
+    bounded(config.health.timeout * 2, async {
+        let client = admin_connect(config, node, "pgvigil failover").await?;
+        let value = format!("{}ms", timeout.as_millis());
+        alter_system(&client, "wal_receiver_timeout", &value).await
     })
     .await
 }

@@ -8,6 +8,7 @@ mod cli;
 mod cluster_fixture;
 mod drivers;
 mod failover;
+mod failover_safety;
 mod passthrough;
 mod pgbench;
 mod pooling;
