@@ -4,7 +4,10 @@
 //! The shipped `pgvigil.example.toml` is checked against these structs by the tests below, so the
 //! example and the code cannot drift apart.
 
+mod admin;
 mod validate;
+
+pub use admin::{AdminConfig, TOKEN_ENV};
 
 use std::fmt;
 use std::io;
@@ -40,6 +43,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// Automatic failover and what clients see during one (`[failover]`).
     pub failover: FailoverConfig,
+    /// The admin API: status and commands (`[admin]`).
+    pub admin: AdminConfig,
     /// The PostgreSQL nodes (`[[nodes]]`); their roles are observed, never taken from this order.
     pub nodes: Vec<NodeConfig>,
     /// The users clients may log in as (`[[users]]`).
@@ -60,6 +65,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             routing: RoutingConfig::default(),
             failover: FailoverConfig::default(),
+            admin: AdminConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
         }
@@ -779,6 +785,7 @@ write_functions = ["lower"]
         full.tls.key = Some(PathBuf::from("key.pem"));
         full.backend.ca = Some(PathBuf::from("ca.pem"));
         full.failover.state_dir = Some(PathBuf::from("state"));
+        full.admin.token = Some("secret".into());
         let mut keys = Vec::new();
         match toml::Value::try_from(&full) {
             Ok(toml::Value::Table(table)) => collect_keys("", &table, &mut keys),

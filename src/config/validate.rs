@@ -26,6 +26,7 @@ pub(super) fn problems(config: &Config) -> Vec<Problem> {
     check_health(config, &mut problems);
     check_routing(config, &mut problems);
     check_failover(config, &mut problems);
+    super::admin::check(&config.admin, &mut problems);
     check_nodes(config, &mut problems);
     check_users(config, &mut problems);
     problems

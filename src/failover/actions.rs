@@ -186,6 +186,20 @@ pub async fn fence(config: &Config, node: NodeId) -> Result<(), ActionError> {
     .await
 }
 
+/// Undoes `fence`: `ALTER SYSTEM RESET default_transaction_read_only`, reloaded (a node
+/// unfenced while read-only would refuse writes once promoted).
+pub async fn unfence(config: &Config, node: NodeId) -> Result<(), ActionError> {
+    bounded(config.health.timeout * 2, async {
+        let client = admin_connect(config, node, "pgvigil unfence").await?;
+        client
+            .batch_execute("ALTER SYSTEM RESET default_transaction_read_only")
+            .await?;
+        client.batch_execute("SELECT pg_reload_conf()").await?;
+        Ok(())
+    })
+    .await
+}
+
 /// Sets `wal_receiver_timeout` on a standby, reloaded (its WAL receiver takes the new value at
 /// once).
 pub async fn set_receiver_timeout(

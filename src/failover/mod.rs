@@ -7,7 +7,9 @@
 mod actions;
 mod assess;
 mod choose;
+mod command;
 mod conninfo;
+mod control;
 mod promote;
 
 use std::sync::Arc;
@@ -19,13 +21,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub use assess::Memory;
+pub use control::{channel, Events, Handle, Inbox, NodeView, Reply};
 
 use crate::config::Config;
 use crate::health::{NodeHealth, Report};
 use crate::proxy::Proxy;
 use crate::replication::{format_lsn, parse_lsn, ReplicationView};
 use crate::state::{PromotionRecord, State, StateError, StateFile};
-use crate::topology::{NodeId, Primary, Role};
+use crate::topology::{NodeId, Primary, Role, TopologyPublisher};
 use assess::{assess, Assessment};
 use choose::Promotion;
 
@@ -84,14 +87,22 @@ pub fn restore(config: &Config) -> Result<(Memory, u64), StateError> {
     Ok((memory, state.generation))
 }
 
-/// Takes in probe reports until `shutdown`, keeping the topology true to them.
+/// Takes in probe reports and operators' commands until `shutdown`, keeping the topology true
+/// to them; `publisher` makes it the topology's only writer.
 pub async fn run(
     proxy: Arc<Proxy>,
+    publisher: TopologyPublisher,
     memory: Memory,
     mut reports: mpsc::Receiver<Report>,
+    inbox: Inbox,
     shutdown: CancellationToken,
 ) {
-    let mut coordinator = Coordinator::new(proxy, memory);
+    let Inbox {
+        mut commands,
+        view,
+        events,
+    } = inbox;
+    let mut coordinator = Coordinator::new(proxy, publisher, memory, view, events);
     // The first verdict waits until every node has answered or failed once.
     let first = tokio::time::Instant::now()
         + coordinator.config().health.timeout
@@ -104,6 +115,14 @@ pub async fn run(
                 Some(report) => coordinator.record(&report),
                 None => return,
             },
+            // One command at a time, between two steps: never during a failover (that step
+            // is awaited below before the loop comes back here).
+            Some(request) = commands.recv() => {
+                let answer = coordinator.execute(request.command, started).await;
+                // The sender may have given up waiting; nothing to undo then.
+                let _ = request.reply.send(answer);
+                continue;
+            }
             _ = tokio::time::sleep_until(first), if !started => {}
         }
         while let Ok(report) = reports.try_recv() {
@@ -118,14 +137,24 @@ pub async fn run(
         }
         coordinator.publish_positions();
         coordinator.evaluate().await;
+        coordinator.publish_view();
     }
 }
 
 /// The coordinator's state between reports.
 struct Coordinator {
     proxy: Arc<Proxy>,
+    publisher: TopologyPublisher,
     board: Vec<NodeHealth>,
     memory: Memory,
+    /// Why each fenced node was fenced (None for a fence restored from the state file).
+    fence_reasons: Vec<Option<String>>,
+    /// Nodes an operator took out of routing and candidacy (`pgvigil detach`).
+    detached: Vec<bool>,
+    /// Where the per-node view for status goes.
+    view: tokio::sync::watch::Sender<Arc<Vec<NodeView>>>,
+    /// The recent events, for status.
+    events: Arc<Events>,
     state_file: Option<StateFile>,
     /// Reports of probes that started before this are stale (a probe that began before the
     /// node's promotion and says it is in recovery).
@@ -146,9 +175,20 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    fn new(proxy: Arc<Proxy>, memory: Memory) -> Coordinator {
+    fn new(
+        proxy: Arc<Proxy>,
+        publisher: TopologyPublisher,
+        memory: Memory,
+        view: tokio::sync::watch::Sender<Arc<Vec<NodeView>>>,
+        events: Arc<Events>,
+    ) -> Coordinator {
         let nodes = proxy.config.nodes.len();
         Coordinator {
+            publisher,
+            fence_reasons: vec![None; nodes],
+            detached: vec![false; nodes],
+            view,
+            events,
             state_file: proxy
                 .config
                 .failover
@@ -236,7 +276,10 @@ impl Coordinator {
                 node = %self.name(node),
                 "fenced: it claims to be primary on an older timeline than another node"
             );
-            self.memory.fenced[node] = true;
+            self.fence(
+                node,
+                "it claimed to be primary on an older timeline than another node".into(),
+            );
         }
         self.alert_foreign(&verdict);
         if let Some(promotion) = self.memory.promoting.clone() {
@@ -309,7 +352,11 @@ impl Coordinator {
             "another standby left recovery while a promotion was pending: taking it as primary \
              and fencing the one asked"
         );
-        self.memory.fenced[promotion.node] = true;
+        let reason = format!(
+            "it was asked to promote while {} was promoted by hand",
+            self.name(other)
+        );
+        self.fence(promotion.node, reason);
         self.memory.promoting = None;
         self.retry_at = None;
         self.refused = None;
@@ -438,10 +485,45 @@ impl Coordinator {
         });
     }
 
+    /// Fences `node` (remembered and saved with the next topology), recording why.
+    fn fence(&mut self, node: NodeId, reason: String) {
+        if !self.memory.fenced[node] || self.fence_reasons[node].is_none() {
+            self.events
+                .push(Some(self.name(node)), format!("fenced: {reason}"));
+            self.fence_reasons[node] = Some(reason);
+        }
+        self.memory.fenced[node] = true;
+    }
+
+    /// Publishes what status shows of each node beyond its role.
+    fn publish_view(&self) {
+        let view = (0..self.board.len())
+            .map(|node| NodeView {
+                health: self.board[node].clone(),
+                fenced: self.memory.fenced[node].then(|| {
+                    self.fence_reasons[node]
+                        .clone()
+                        .unwrap_or_else(|| "fenced before pgvigil restarted (state file)".into())
+                }),
+                detached: self.detached[node],
+            })
+            .collect();
+        self.view.send_replace(Arc::new(view));
+    }
+
     /// Publishes the next topology when it differs from the current one, saving the state first.
+    /// A detached node that would be usable is shown as detached: nothing is routed to it.
     fn publish(&mut self, roles: &[Role], suspect: &[bool], primary: Primary) {
-        let current = self.proxy.topology.snapshot();
-        let next = current.next(roles, suspect, primary);
+        let roles: Vec<Role> = roles
+            .iter()
+            .enumerate()
+            .map(|(node, &role)| match role {
+                Role::Primary | Role::Standby if self.detached[node] => Role::Detached,
+                role => role,
+            })
+            .collect();
+        let current = self.publisher.snapshot();
+        let next = current.next(&roles, suspect, primary);
         if self.published && current.same_state(&next) {
             return;
         }
@@ -457,7 +539,14 @@ impl Coordinator {
         for node in next.nodes.iter().filter(|n| !n.role.is_usable()) {
             self.proxy.pools.discard_idle(node.id);
         }
-        self.proxy.topology.publish(next);
+        if next.primary != current.primary {
+            let message = match &next.primary {
+                Primary::Known(node) => format!("primary is {}", self.name(*node)),
+                Primary::Unavailable(reason) => format!("no primary: {reason}"),
+            };
+            self.events.push(None, message);
+        }
+        self.publisher.publish(next);
     }
 
     /// Writes the state file (when configured); a failure is logged, not fatal: the nodes'

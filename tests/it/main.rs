@@ -1,5 +1,6 @@
 //! The integration-test binary: every test here runs against real PostgreSQL servers.
 
+mod admin;
 mod auth;
 mod backend_login;
 mod bad_input;
