@@ -24,7 +24,7 @@ use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::replication::parse_lsn;
 use crate::server::ServerError;
-use crate::topology::{NodeId, Primary};
+use crate::topology::{Need, NodeId, Primary};
 
 /// Longest pause between two tries to reach a primary that failed to connect, even when the
 /// topology does not change (the node may have been restarting).
@@ -264,6 +264,13 @@ impl Session<'_> {
                     self.wait_for_primary(Some(error.to_string())).await
                 }
                 Err(error) if is_primary(self.proxy, node) => Err(error.into_session_error()),
+                Err(error @ OpenError::Pool(PoolError::Abandoned { .. })) => {
+                    // The topology moved on (a new primary, a suspect replica): route afresh;
+                    // the router already steers clear of that node.
+                    info!(node, %error, "routing the unit afresh");
+                    self.steering.reroute();
+                    Ok(())
+                }
                 Err(error) => {
                     // Reads have other places to go: the next decision skips this node.
                     info!(node, %error, "a node could not serve this session; reading elsewhere");
@@ -325,6 +332,11 @@ impl Session<'_> {
     /// statements closed, and the named statements the unit uses prepared.
     async fn bring(&mut self, node: NodeId) -> Result<(), OpenError> {
         let proxy = self.proxy;
+        let need = if is_primary(proxy, node) {
+            Need::Primary
+        } else {
+            Need::Replaceable
+        };
         if let Some(lease) = self.held.leases[node].as_mut() {
             if lease.conn.looks_broken() {
                 // It died while the session was elsewhere (its node closed it, or restarted).
@@ -338,22 +350,36 @@ impl Session<'_> {
         }
         if self.held.leases[node].is_none() {
             // A read can go elsewhere: it does not wait long for a node that hangs.
-            let lease = if is_primary(proxy, node) {
-                open(proxy, node, self.startup, true).await?
+            let lease = if need == Need::Primary {
+                open(proxy, node, self.startup, true, need).await?
             } else {
-                open_within(proxy, node, self.startup, false).await?
+                open_within(proxy, node, self.startup, false, need).await?
             };
             self.steering.fresh_connection(node);
             self.held.leases[node] = Some(lease);
         }
-        let result = catch_up(
-            node,
-            &self.client,
-            &mut self.held,
-            &mut self.steering,
-            proxy,
-        )
-        .await;
+        let result = proxy
+            .unless_given_up(
+                node,
+                need,
+                catch_up(
+                    node,
+                    &self.client,
+                    &mut self.held,
+                    &mut self.steering,
+                    proxy,
+                ),
+            )
+            .await;
+        let result = match result {
+            Ok(result) => result,
+            Err(abandoned) => {
+                // Cut off mid-exchange: what the node still owes would confuse the next unit.
+                self.held.leases[node] = None;
+                self.steering.fresh_connection(node);
+                return Err(OpenError::Pool(abandoned));
+            }
+        };
         if let Err(ServerError::Io { .. } | ServerError::Protocol { .. }) = &result {
             // A broken connection is dropped; the session opens a new one next time.
             self.held.leases[node] = None;
