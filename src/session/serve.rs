@@ -279,7 +279,11 @@ impl Session<'_> {
                 }
             },
             Decision::FetchLsn => {
-                let lsn = write_position(&mut self.held, self.proxy).await;
+                let lsn = write_position(&mut self.held, &mut self.steering, self.proxy).await;
+                if self.held.leases[self.steering.current].is_none() {
+                    // Its connection was dropped: no cancel may reach that backend any more.
+                    self.key.set_target(None);
+                }
                 debug!(?lsn, "write position of the session");
                 self.steering.set_write_lsn(lsn);
                 Ok(())
@@ -463,20 +467,31 @@ fn skip_rejection(result: Result<Option<String>, ServerError>) -> Result<(), Ser
 }
 
 /// The primary's current WAL position, read on the session's own primary connection (which
-/// is idle: the session is between units). None when it cannot be read.
-async fn write_position(held: &mut Held, proxy: &Proxy) -> Option<u64> {
+/// is idle: the session is between units). None when it cannot be read; the connection is
+/// dropped when the topology gave up on the primary while waiting for the answer.
+async fn write_position(held: &mut Held, steering: &mut Steering, proxy: &Proxy) -> Option<u64> {
     let Primary::Known(primary) = proxy.topology.load().primary.clone() else {
         return None;
     };
     let lease = held.leases[primary].as_mut()?;
-    match lease
+    let read = lease
         .conn
-        .query_text("SELECT pg_current_wal_insert_lsn()::text")
-        .await
-    {
-        Ok(text) => text.as_deref().and_then(parse_lsn),
-        Err(error) => {
+        .query_text("SELECT pg_current_wal_insert_lsn()::text");
+    match proxy.unless_given_up(primary, Need::Primary, read).await {
+        Ok(Ok(text)) => text.as_deref().and_then(parse_lsn),
+        Ok(Err(error)) => {
             debug!(%error, "could not read the write position");
+            None
+        }
+        Err(error) => {
+            // Cut off mid-query: the answer still owed would confuse the next unit.
+            info!(%error, "the write position could not be read; connection dropped");
+            held.leases[primary] = None;
+            if steering.current == primary {
+                steering.lost_current();
+            } else {
+                steering.fresh_connection(primary);
+            }
             None
         }
     }

@@ -157,6 +157,57 @@ async fn a_read_on_a_replica_that_freezes_while_its_connection_is_set_up_moves_t
     assert!(took < READ_MOVES, "the read waited {took:?}");
 }
 
+/// A read after a write asks the primary for the session's write position first (read your
+/// writes). When the primary freezes just then, that question used to wait for an answer with
+/// no bound; now it is dropped once the topology calls the primary down, and the read waits for
+/// the new primary like any unit that needs one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_after_a_write_whose_primary_freezes_is_answered_right_after_the_failover() {
+    let mut cluster = test_cluster(2);
+    let proxy = start_proxy(&cluster, fast_health).await;
+    create_ticks(&proxy, &cluster).await;
+    let client = proxy.connect_app().await;
+    client
+        .batch_execute("INSERT INTO ticks (id) VALUES (1)")
+        .await
+        .unwrap();
+    let wrote = Instant::now();
+    // Once a probe has started after the write, the next read asks for the write position.
+    let shared = proxy.running.proxy.clone();
+    let give_up = Instant::now() + PATIENCE;
+    while shared
+        .replication
+        .load()
+        .observed_at
+        .is_none_or(|at| at <= wrote)
+    {
+        assert!(Instant::now() < give_up, "no probe after the write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let promoted = new_primary_published(&proxy, OLD_PRIMARY);
+
+    cluster.node_mut(OLD_PRIMARY).freeze();
+    let freeze = Instant::now();
+    let read = tokio::time::timeout(PATIENCE, value(&client, "SELECT count(*) FROM ticks")).await;
+    let answered = Instant::now();
+    cluster.node_mut(OLD_PRIMARY).thaw();
+    read.expect("the read is answered");
+    let published = tokio::time::timeout(PATIENCE, promoted)
+        .await
+        .expect("a new primary is published")
+        .expect("the watching task ends");
+    let lag = answered.saturating_duration_since(published);
+    println!(
+        "a read after a write, primary frozen: answered {:?} after the freeze, {lag:?} after \
+         the new primary was published",
+        answered - freeze
+    );
+    assert!(
+        lag <= AFTER_FAILOVER,
+        "the read was answered {lag:?} after the new primary was published"
+    );
+}
+
 /// Probes every second, a node down after two failed probes of at most a second each (the
 /// failover tests' settings).
 fn fast_health(config: &mut Config) {
