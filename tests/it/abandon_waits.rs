@@ -1,8 +1,10 @@
 //! A client's wait on a node ends when the topology gives up on that node (issue 16): a write
 //! that was opening a connection to a primary that froze goes to the new primary as soon as the
 //! failover publishes it, not after `backend.connect_timeout`; a read that was setting up its
-//! connection on a replica that froze moves to another replica once a probe finds it suspect.
-//! The measured times are printed (`--nocapture` shows them).
+//! connection on a replica that froze moves to another replica once a probe finds it suspect;
+//! a read after a write whose primary froze while pgvigil asked it for the session's write
+//! position is answered by the new primary. The measured times are printed (`--nocapture`
+//! shows them).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
