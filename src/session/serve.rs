@@ -24,7 +24,7 @@ use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::replication::parse_lsn;
 use crate::server::ServerError;
-use crate::topology::{NodeId, Primary};
+use crate::topology::{Need, NodeId, Primary};
 
 /// Longest pause between two tries to reach a primary that failed to connect, even when the
 /// topology does not change (the node may have been restarting).
@@ -264,6 +264,13 @@ impl Session<'_> {
                     self.wait_for_primary(Some(error.to_string())).await
                 }
                 Err(error) if is_primary(self.proxy, node) => Err(error.into_session_error()),
+                Err(error @ OpenError::Pool(PoolError::Abandoned { .. })) => {
+                    // The topology moved on (a new primary, a suspect replica): route afresh;
+                    // the router already steers clear of that node.
+                    info!(node, %error, "routing the unit afresh");
+                    self.steering.reroute();
+                    Ok(())
+                }
                 Err(error) => {
                     // Reads have other places to go: the next decision skips this node.
                     info!(node, %error, "a node could not serve this session; reading elsewhere");
@@ -272,7 +279,11 @@ impl Session<'_> {
                 }
             },
             Decision::FetchLsn => {
-                let lsn = write_position(&mut self.held, self.proxy).await;
+                let lsn = write_position(&mut self.held, &mut self.steering, self.proxy).await;
+                if self.held.leases[self.steering.current].is_none() {
+                    // Its connection was dropped: no cancel may reach that backend any more.
+                    self.key.set_target(None);
+                }
                 debug!(?lsn, "write position of the session");
                 self.steering.set_write_lsn(lsn);
                 Ok(())
@@ -325,6 +336,11 @@ impl Session<'_> {
     /// statements closed, and the named statements the unit uses prepared.
     async fn bring(&mut self, node: NodeId) -> Result<(), OpenError> {
         let proxy = self.proxy;
+        let need = if is_primary(proxy, node) {
+            Need::Primary
+        } else {
+            Need::Replaceable
+        };
         if let Some(lease) = self.held.leases[node].as_mut() {
             if lease.conn.looks_broken() {
                 // It died while the session was elsewhere (its node closed it, or restarted).
@@ -338,22 +354,36 @@ impl Session<'_> {
         }
         if self.held.leases[node].is_none() {
             // A read can go elsewhere: it does not wait long for a node that hangs.
-            let lease = if is_primary(proxy, node) {
-                open(proxy, node, self.startup, true).await?
+            let lease = if need == Need::Primary {
+                open(proxy, node, self.startup, true, need).await?
             } else {
-                open_within(proxy, node, self.startup, false).await?
+                open_within(proxy, node, self.startup, false, need).await?
             };
             self.steering.fresh_connection(node);
             self.held.leases[node] = Some(lease);
         }
-        let result = catch_up(
-            node,
-            &self.client,
-            &mut self.held,
-            &mut self.steering,
-            proxy,
-        )
-        .await;
+        let result = proxy
+            .unless_given_up(
+                node,
+                need,
+                catch_up(
+                    node,
+                    &self.client,
+                    &mut self.held,
+                    &mut self.steering,
+                    proxy,
+                ),
+            )
+            .await;
+        let result = match result {
+            Ok(result) => result,
+            Err(abandoned) => {
+                // Cut off mid-exchange: what the node still owes would confuse the next unit.
+                self.held.leases[node] = None;
+                self.steering.fresh_connection(node);
+                return Err(OpenError::Pool(abandoned));
+            }
+        };
         if let Err(ServerError::Io { .. } | ServerError::Protocol { .. }) = &result {
             // A broken connection is dropped; the session opens a new one next time.
             self.held.leases[node] = None;
@@ -437,20 +467,31 @@ fn skip_rejection(result: Result<Option<String>, ServerError>) -> Result<(), Ser
 }
 
 /// The primary's current WAL position, read on the session's own primary connection (which
-/// is idle: the session is between units). None when it cannot be read.
-async fn write_position(held: &mut Held, proxy: &Proxy) -> Option<u64> {
+/// is idle: the session is between units). None when it cannot be read; the connection is
+/// dropped when the topology gave up on the primary while waiting for the answer.
+async fn write_position(held: &mut Held, steering: &mut Steering, proxy: &Proxy) -> Option<u64> {
     let Primary::Known(primary) = proxy.topology.load().primary.clone() else {
         return None;
     };
     let lease = held.leases[primary].as_mut()?;
-    match lease
+    let read = lease
         .conn
-        .query_text("SELECT pg_current_wal_insert_lsn()::text")
-        .await
-    {
-        Ok(text) => text.as_deref().and_then(parse_lsn),
-        Err(error) => {
+        .query_text("SELECT pg_current_wal_insert_lsn()::text");
+    match proxy.unless_given_up(primary, Need::Primary, read).await {
+        Ok(Ok(text)) => text.as_deref().and_then(parse_lsn),
+        Ok(Err(error)) => {
             debug!(%error, "could not read the write position");
+            None
+        }
+        Err(error) => {
+            // Cut off mid-query: the answer still owed would confuse the next unit.
+            info!(%error, "the write position could not be read; connection dropped");
+            held.leases[primary] = None;
+            if steering.current == primary {
+                steering.lost_current();
+            } else {
+                steering.fresh_connection(primary);
+            }
             None
         }
     }

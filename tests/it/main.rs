@@ -1,5 +1,6 @@
 //! The integration-test binary: every test here runs against real PostgreSQL servers.
 
+mod abandon_waits;
 mod auth;
 mod backend_login;
 mod bad_input;
