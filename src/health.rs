@@ -3,6 +3,7 @@
 //! `health.timeout`, and sends each outcome to the failover coordinator, which alone decides what
 //! the outcomes mean (see `failover`).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,18 @@ use tracing::debug;
 
 use crate::config::Config;
 use crate::replication::{parse_lsn, Position};
-use crate::topology::NodeId;
+use crate::topology::{NodeId, Stale};
+
+/// How much earlier (or later) than a standby's probe a probe of the primary must have started
+/// for the two positions to be compared: a probe on a kept connection answers within
+/// milliseconds, so this keeps a primary position read just after the standby's (with a write
+/// in between) from making a busy standby look ahead, or one read just before from making it
+/// look behind.
+const ORDER_MARGIN: Duration = Duration::from_millis(100);
+
+/// Primary probes kept in a [`PrimaryTrail`]: more than enough to find one probe before and one
+/// after any standby probe of the last few intervals.
+const TRAIL_LEN: usize = 16;
 
 /// The probe: role, timeline, WAL positions and the WAL receiver's state in one row. LSNs come as
 /// text (parsed by [`parse_lsn`]).
@@ -117,6 +129,136 @@ impl NodeHealth {
     /// The latest observation when the latest probe succeeded.
     pub fn current(&self) -> Option<&Observation> {
         self.last.as_ref().filter(|_| self.failures == 0)
+    }
+}
+
+impl Observation {
+    /// The furthest WAL position this standby holds: received or replayed, whichever is further
+    /// (a restarted standby reports the start of its streaming segment as received).
+    fn held(&self) -> u64 {
+        self.position
+            .received
+            .map_or(self.position.lsn, |r| r.max(self.position.lsn))
+    }
+
+    /// Whether this standby streams from `sender` (host, port) on `timeline`.
+    pub fn streams_from(&self, sender: (&str, u16), timeline: u32) -> bool {
+        self.timeline == timeline
+            && self.receiver.as_ref().is_some_and(|r| {
+                r.streaming
+                    && r.sender
+                        .as_ref()
+                        .is_some_and(|(h, p)| (h.as_str(), *p) == sender)
+            })
+    }
+}
+
+/// The primary's WAL positions from its latest probes, with when each probe started, so that a
+/// standby's position is compared with one the primary had before the standby's probe (is it
+/// missing WAL?) or after it (does it hold WAL the primary never had?).
+#[derive(Debug, Default)]
+pub struct PrimaryTrail {
+    /// The node the positions are of.
+    node: Option<NodeId>,
+    /// (probe start, `pg_current_wal_lsn()`), oldest first.
+    probes: VecDeque<(Instant, u64)>,
+}
+
+impl PrimaryTrail {
+    /// Takes in a successful probe of `node`, the primary; a new primary starts a new trail.
+    pub fn record(&mut self, node: NodeId, started: Instant, lsn: u64) {
+        if self.node != Some(node) {
+            self.node = Some(node);
+            self.probes.clear();
+        }
+        if self.probes.len() == TRAIL_LEN {
+            self.probes.pop_front();
+        }
+        self.probes.push_back((started, lsn));
+    }
+
+    /// The position of the latest primary probe that started well before `at`.
+    fn before(&self, node: NodeId, at: Instant) -> Option<u64> {
+        let limit = at.checked_sub(ORDER_MARGIN)?;
+        self.of(node)?
+            .iter()
+            .rev()
+            .find(|(started, _)| *started <= limit)
+            .map(|&(_, lsn)| lsn)
+    }
+
+    /// The position of the earliest primary probe that started well after `at`.
+    fn after(&self, node: NodeId, at: Instant) -> Option<u64> {
+        let limit = at + ORDER_MARGIN;
+        self.of(node)?
+            .iter()
+            .find(|(started, _)| *started >= limit)
+            .map(|&(_, lsn)| lsn)
+    }
+
+    fn of(&self, node: NodeId) -> Option<&VecDeque<(Instant, u64)>> {
+        (self.node == Some(node)).then_some(&self.probes)
+    }
+}
+
+/// How the primary looks to a judgement of its standbys.
+#[derive(Debug, Clone, Copy)]
+pub struct PrimaryView<'a> {
+    /// The primary's node.
+    pub node: NodeId,
+    /// Its timeline.
+    pub timeline: u32,
+    /// Its latest probe succeeded: a standby that does not stream from it is not excused by the
+    /// primary's own trouble.
+    pub answers: bool,
+    /// Its recent positions.
+    pub trail: &'a PrimaryTrail,
+}
+
+/// The verdict on one standby.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Following {
+    /// It follows the primary.
+    Yes,
+    /// It does not, for this reason.
+    No(Stale),
+    /// Everything else holds, but whether it is ahead of the primary needs a primary probe
+    /// that started after its own: keep the previous verdict on that.
+    NotYetKnown,
+}
+
+/// Whether `standby`, observed by a probe that started at `at`, follows the primary: same
+/// timeline; while the primary answers, a streaming WAL receiver that heard from its sender
+/// within `max_lag` unless it already holds everything the primary had; and no WAL past the
+/// primary's. An idle primary may leave its standbys unspoken to for half their
+/// `wal_receiver_timeout` (30 s by default), which is why silence alone is not staleness.
+pub fn following(
+    standby: &Observation,
+    at: Instant,
+    primary: PrimaryView<'_>,
+    max_lag: Duration,
+) -> Following {
+    if standby.timeline != primary.timeline {
+        return Following::No(Stale::OtherTimeline);
+    }
+    let held = standby.held();
+    if primary.answers {
+        let Some(receiver) = standby.receiver.as_ref().filter(|r| r.streaming) else {
+            return Following::No(Stale::NotStreaming);
+        };
+        let silent = receiver.last_message_age.is_some_and(|age| age > max_lag);
+        let missing = primary
+            .trail
+            .before(primary.node, at)
+            .is_some_and(|lsn| held < lsn);
+        if silent && missing {
+            return Following::No(Stale::Silent);
+        }
+    }
+    match primary.trail.after(primary.node, at) {
+        Some(lsn) if held > lsn => Following::No(Stale::Ahead),
+        Some(_) => Following::Yes,
+        None => Following::NotYetKnown,
     }
 }
 
@@ -397,6 +539,130 @@ mod tests {
         health.record(&report(observed(2)));
         assert!(!health.is_down(2));
         assert_eq!(health.current().map(|o| o.position.lsn), Some(2));
+    }
+
+    /// A standby on timeline 1 holding `held`, its receiver in `status` and last heard `age` ago.
+    fn standby(held: u64, status: Option<&str>, age: u64) -> Observation {
+        Observation {
+            in_recovery: true,
+            timeline: 1,
+            position: Position {
+                lsn: held,
+                received: Some(held),
+                replay_delay: Duration::ZERO,
+            },
+            receiver: status.map(|status| Receiver {
+                streaming: status == "streaming",
+                sender: Some(("127.0.0.1".into(), 5432)),
+                last_message_age: Some(Duration::from_secs(age)),
+                timeout: Duration::from_secs(60),
+            }),
+            read_only: false,
+        }
+    }
+
+    const MAX_LAG: Duration = Duration::from_secs(10);
+
+    /// A trail of primary probes at `base` + each offset (ms), at the given positions.
+    fn trail(base: Instant, probes: &[(u64, u64)]) -> PrimaryTrail {
+        let mut trail = PrimaryTrail::default();
+        for &(ms, lsn) in probes {
+            trail.record(0, base + Duration::from_millis(ms), lsn);
+        }
+        trail
+    }
+
+    fn judge(standby: &Observation, at: Instant, trail: &PrimaryTrail, answers: bool) -> Following {
+        let view = PrimaryView {
+            node: 0,
+            timeline: 1,
+            answers,
+            trail,
+        };
+        following(standby, at, view, MAX_LAG)
+    }
+
+    #[test]
+    fn an_idle_standby_that_streams_and_holds_everything_follows_however_quiet() {
+        let base = Instant::now();
+        let at = base + Duration::from_secs(1);
+        let idle = trail(base, &[(0, 500), (2000, 500)]);
+        let quiet = standby(500, Some("streaming"), 25);
+        assert_eq!(judge(&quiet, at, &idle, true), Following::Yes);
+        let busy = trail(base, &[(0, 900), (2000, 1000)]);
+        assert_eq!(
+            judge(&quiet, at, &busy, true),
+            Following::No(Stale::Silent),
+            "quiet for 25 s while the primary had WAL it lacks"
+        );
+        let heard = standby(500, Some("streaming"), 1);
+        assert_eq!(
+            judge(&heard, at, &busy, true),
+            Following::Yes,
+            "just behind"
+        );
+    }
+
+    #[test]
+    fn a_standby_whose_receiver_is_off_or_connecting_does_not_follow() {
+        let base = Instant::now();
+        let at = base + Duration::from_secs(1);
+        let idle = trail(base, &[(0, 500), (2000, 500)]);
+        for status in [None, Some("waiting"), Some("starting")] {
+            assert_eq!(
+                judge(&standby(500, status, 0), at, &idle, true),
+                Following::No(Stale::NotStreaming),
+                "{status:?}"
+            );
+            // A primary that does not answer explains it: its standbys keep serving reads.
+            assert_eq!(
+                judge(&standby(500, status, 0), at, &idle, false),
+                Following::Yes
+            );
+        }
+    }
+
+    #[test]
+    fn another_timeline_or_wal_past_the_primarys_does_not_follow() {
+        let base = Instant::now();
+        let at = base + Duration::from_secs(1);
+        let mut forked = standby(500, Some("streaming"), 0);
+        forked.timeline = 2;
+        let idle = trail(base, &[(0, 500), (2000, 500)]);
+        assert_eq!(
+            judge(&forked, at, &idle, false),
+            Following::No(Stale::OtherTimeline)
+        );
+        let ahead = standby(600, Some("streaming"), 0);
+        assert_eq!(judge(&ahead, at, &idle, true), Following::No(Stale::Ahead));
+        // Only a primary probe that started after the standby's can tell.
+        let before_only = trail(base, &[(0, 500)]);
+        assert_eq!(
+            judge(&ahead, at, &before_only, true),
+            Following::NotYetKnown
+        );
+        let just_after = trail(base, &[(0, 500), (1050, 500)]);
+        assert_eq!(judge(&ahead, at, &just_after, true), Following::NotYetKnown);
+        // A primary probed later has moved on past a busy standby: no verdict of ahead.
+        let moved = trail(base, &[(0, 400), (2000, 700)]);
+        assert_eq!(judge(&ahead, at, &moved, true), Following::Yes);
+    }
+
+    #[test]
+    fn a_trail_is_of_one_primary_and_keeps_the_latest_probes() {
+        let base = Instant::now();
+        let mut trail = trail(base, &[(0, 1)]);
+        trail.record(1, base, 7);
+        assert_eq!(trail.after(0, base - Duration::from_secs(1)), None);
+        assert_eq!(trail.after(1, base - Duration::from_secs(1)), Some(7));
+        for i in 0..(TRAIL_LEN as u64 + 4) {
+            trail.record(1, base + Duration::from_secs(i), i);
+        }
+        assert_eq!(trail.probes.len(), TRAIL_LEN);
+        assert_eq!(
+            trail.before(1, base + Duration::from_secs(100)),
+            Some(TRAIL_LEN as u64 + 3)
+        );
     }
 
     #[test]

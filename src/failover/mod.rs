@@ -6,6 +6,7 @@
 mod actions;
 mod assess;
 mod conninfo;
+mod followers;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use crate::replication::ReplicationView;
 use crate::state::{State, StateError, StateFile};
 use crate::topology::{NodeId, Primary, Role};
 use assess::{assess, choose_candidate, Assessment};
+use followers::Followers;
 
 /// How often pgvigil tries again to make a reachable fenced node read-only.
 const FENCE_RETRY: Duration = Duration::from_secs(10);
@@ -80,6 +82,9 @@ pub async fn run(
                 Some(report) => coordinator.record(&report),
                 None => return,
             },
+            Some(outcome) = coordinator.followers.next_repoint(), if coordinator.followers.repointing() => {
+                coordinator.followers.settle(&coordinator.proxy.config, outcome);
+            }
             _ = tokio::time::sleep_until(first), if !started => {}
         }
         while let Ok(report) = reports.try_recv() {
@@ -112,6 +117,8 @@ struct Coordinator {
     retry_at: Option<Instant>,
     /// The lost primary already alerted about (automatic failover off).
     alerted: Option<NodeId>,
+    /// Which standbys follow the primary; repoints in flight.
+    followers: Followers,
     published: bool,
 }
 
@@ -132,6 +139,7 @@ impl Coordinator {
             proxy,
             retry_at: None,
             alerted: None,
+            followers: Followers::new(nodes),
             published: false,
         }
     }
@@ -157,6 +165,7 @@ impl Coordinator {
         if let Some(health) = self.board.get_mut(report.node) {
             health.record(report);
         }
+        self.followers.note(report, self.memory.primary);
     }
 
     /// Publishes every node's latest position (kept while a node is merely suspect, so that a
@@ -190,6 +199,12 @@ impl Coordinator {
     /// Judges the board and acts on the verdict.
     async fn evaluate(&mut self) {
         let verdict = assess(self.config(), &self.board, &self.memory);
+        self.followers.judge(
+            &self.proxy.config,
+            &self.board,
+            &verdict.roles,
+            &verdict.primary,
+        );
         for &node in &verdict.fence {
             warn!(
                 node = %self.name(node),
@@ -301,7 +316,8 @@ impl Coordinator {
             took = ?began.elapsed(),
             "writes go to the new primary"
         );
-        self.repoint(&standbys, new).await;
+        self.followers
+            .repoint(&self.proxy.config, &standbys, new, timeline);
         self.fence_reachable();
         self.checkpoint_later(new);
         info!(took = ?began.elapsed(), "failover complete");
@@ -346,30 +362,6 @@ impl Coordinator {
         self.publish(roles, suspect, Primary::Unavailable(reason));
     }
 
-    /// Points every other standby at the new primary, concurrently.
-    async fn repoint(&self, standbys: &[NodeId], primary: NodeId) {
-        let mut steps = JoinSet::new();
-        for &standby in standbys.iter().filter(|&&s| s != primary) {
-            let config = self.proxy.config.clone();
-            steps.spawn(async move {
-                let began = Instant::now();
-                let result = actions::repoint(&config, standby, primary).await;
-                (standby, result, began.elapsed())
-            });
-        }
-        while let Some(joined) = steps.join_next().await {
-            match joined {
-                Ok((standby, Ok(()), took)) => {
-                    info!(standby = %self.name(standby), primary = %self.name(primary), ?took, "standby repointed")
-                }
-                Ok((standby, Err(e), took)) => {
-                    error!(standby = %self.name(standby), error = %e, ?took, "could not repoint the standby; do it by hand")
-                }
-                Err(e) => error!(error = %e, "a repoint task failed"),
-            }
-        }
-    }
-
     /// Makes fenced nodes that answer as writable primaries read-only, in the background (at
     /// most every `FENCE_RETRY` per node).
     fn fence_reachable(&mut self) {
@@ -410,7 +402,9 @@ impl Coordinator {
     /// Publishes the next topology when it differs from the current one, saving the state first.
     fn publish(&mut self, roles: &[Role], suspect: &[bool], primary: Primary) {
         let current = self.proxy.topology.snapshot();
-        let next = current.next(roles, suspect, primary);
+        let next = current
+            .next(roles, suspect, primary)
+            .with_stale(self.followers.stale());
         if self.published && current.same_state(&next) {
             return;
         }
@@ -420,6 +414,7 @@ impl Coordinator {
             generation = next.generation,
             roles = ?next.nodes.iter().map(|n| (n.name.as_str(), n.role.as_str())).collect::<Vec<_>>(),
             suspect = ?next.nodes.iter().filter(|n| n.suspect).map(|n| n.name.as_str()).collect::<Vec<_>>(),
+            stale = ?next.nodes.iter().filter_map(|n| Some((n.name.as_str(), n.stale.as_ref()?.describe()))).collect::<Vec<_>>(),
             primary = ?next.primary,
             "topology changed"
         );
