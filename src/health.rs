@@ -17,13 +17,6 @@ use crate::config::Config;
 use crate::replication::{parse_lsn, Position};
 use crate::topology::{NodeId, Stale};
 
-/// How much earlier (or later) than a standby's probe a probe of the primary must have started
-/// for the two positions to be compared: a probe on a kept connection answers within
-/// milliseconds, so this keeps a primary position read just after the standby's (with a write
-/// in between) from making a busy standby look ahead, or one read just before from making it
-/// look behind.
-const ORDER_MARGIN: Duration = Duration::from_millis(100);
-
 /// Primary probes kept in a [`PrimaryTrail`]: more than enough to find one probe before and one
 /// after any standby probe of the last few intervals.
 const TRAIL_LEN: usize = 16;
@@ -153,20 +146,30 @@ impl Observation {
     }
 }
 
-/// The primary's WAL positions from its latest probes, with when each probe started, so that a
-/// standby's position is compared with one the primary had before the standby's probe (is it
-/// missing WAL?) or after it (does it hold WAL the primary never had?).
+/// When a probe ran: it read the node's state somewhere between these two instants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeTime {
+    /// The probe started (before connecting, if it had to).
+    pub started: Instant,
+    /// Its answer had reached the coordinator.
+    pub answered: Instant,
+}
+
+/// The primary's WAL positions from its latest probes, with when each ran, so that a standby's
+/// position is compared only with one the primary surely had before the standby's probe (is it
+/// missing WAL?) or surely read after it (does it hold WAL the primary never had?). Positions
+/// read at overlapping times say nothing: a write in between makes either look wrong.
 #[derive(Debug, Default)]
 pub struct PrimaryTrail {
     /// The node the positions are of.
     node: Option<NodeId>,
-    /// (probe start, `pg_current_wal_lsn()`), oldest first.
-    probes: VecDeque<(Instant, u64)>,
+    /// (when, `pg_current_wal_lsn()`), oldest first.
+    probes: VecDeque<(ProbeTime, u64)>,
 }
 
 impl PrimaryTrail {
     /// Takes in a successful probe of `node`, the primary; a new primary starts a new trail.
-    pub fn record(&mut self, node: NodeId, started: Instant, lsn: u64) {
+    pub fn record(&mut self, node: NodeId, time: ProbeTime, lsn: u64) {
         if self.node != Some(node) {
             self.node = Some(node);
             self.probes.clear();
@@ -174,29 +177,27 @@ impl PrimaryTrail {
         if self.probes.len() == TRAIL_LEN {
             self.probes.pop_front();
         }
-        self.probes.push_back((started, lsn));
+        self.probes.push_back((time, lsn));
     }
 
-    /// The position of the latest primary probe that started well before `at`.
+    /// The position of the latest primary probe answered before `at`.
     fn before(&self, node: NodeId, at: Instant) -> Option<u64> {
-        let limit = at.checked_sub(ORDER_MARGIN)?;
         self.of(node)?
             .iter()
             .rev()
-            .find(|(started, _)| *started <= limit)
+            .find(|(time, _)| time.answered <= at)
             .map(|&(_, lsn)| lsn)
     }
 
-    /// The position of the earliest primary probe that started well after `at`.
+    /// The position of the earliest primary probe started after `at`.
     fn after(&self, node: NodeId, at: Instant) -> Option<u64> {
-        let limit = at + ORDER_MARGIN;
         self.of(node)?
             .iter()
-            .find(|(started, _)| *started >= limit)
+            .find(|(time, _)| time.started >= at)
             .map(|&(_, lsn)| lsn)
     }
 
-    fn of(&self, node: NodeId) -> Option<&VecDeque<(Instant, u64)>> {
+    fn of(&self, node: NodeId) -> Option<&VecDeque<(ProbeTime, u64)>> {
         (self.node == Some(node)).then_some(&self.probes)
     }
 }
@@ -227,14 +228,14 @@ pub enum Following {
     NotYetKnown,
 }
 
-/// Whether `standby`, observed by a probe that started at `at`, follows the primary: same
+/// Whether `standby`, observed by a probe that ran at `time`, follows the primary: same
 /// timeline; while the primary answers, a streaming WAL receiver that heard from its sender
 /// within `max_lag` unless it already holds everything the primary had; and no WAL past the
 /// primary's. An idle primary may leave its standbys unspoken to for half their
 /// `wal_receiver_timeout` (30 s by default), which is why silence alone is not staleness.
 pub fn following(
     standby: &Observation,
-    at: Instant,
+    time: ProbeTime,
     primary: PrimaryView<'_>,
     max_lag: Duration,
 ) -> Following {
@@ -249,13 +250,13 @@ pub fn following(
         let silent = receiver.last_message_age.is_some_and(|age| age > max_lag);
         let missing = primary
             .trail
-            .before(primary.node, at)
+            .before(primary.node, time.started)
             .is_some_and(|lsn| held < lsn);
         if silent && missing {
             return Following::No(Stale::Silent);
         }
     }
-    match primary.trail.after(primary.node, at) {
+    match primary.trail.after(primary.node, time.answered) {
         Some(lsn) if held > lsn => Following::No(Stale::Ahead),
         Some(_) => Following::Yes,
         None => Following::NotYetKnown,
@@ -563,16 +564,30 @@ mod tests {
 
     const MAX_LAG: Duration = Duration::from_secs(10);
 
+    /// A probe that started `ms` after `base` and was answered 10 ms later.
+    fn probe_at(base: Instant, ms: u64) -> ProbeTime {
+        let started = base + Duration::from_millis(ms);
+        ProbeTime {
+            started,
+            answered: started + Duration::from_millis(10),
+        }
+    }
+
     /// A trail of primary probes at `base` + each offset (ms), at the given positions.
     fn trail(base: Instant, probes: &[(u64, u64)]) -> PrimaryTrail {
         let mut trail = PrimaryTrail::default();
         for &(ms, lsn) in probes {
-            trail.record(0, base + Duration::from_millis(ms), lsn);
+            trail.record(0, probe_at(base, ms), lsn);
         }
         trail
     }
 
-    fn judge(standby: &Observation, at: Instant, trail: &PrimaryTrail, answers: bool) -> Following {
+    fn judge(
+        standby: &Observation,
+        at: ProbeTime,
+        trail: &PrimaryTrail,
+        answers: bool,
+    ) -> Following {
         let view = PrimaryView {
             node: 0,
             timeline: 1,
@@ -585,7 +600,7 @@ mod tests {
     #[test]
     fn an_idle_standby_that_streams_and_holds_everything_follows_however_quiet() {
         let base = Instant::now();
-        let at = base + Duration::from_secs(1);
+        let at = probe_at(base, 1000);
         let idle = trail(base, &[(0, 500), (2000, 500)]);
         let quiet = standby(500, Some("streaming"), 25);
         assert_eq!(judge(&quiet, at, &idle, true), Following::Yes);
@@ -606,7 +621,7 @@ mod tests {
     #[test]
     fn a_standby_whose_receiver_is_off_or_connecting_does_not_follow() {
         let base = Instant::now();
-        let at = base + Duration::from_secs(1);
+        let at = probe_at(base, 1000);
         let idle = trail(base, &[(0, 500), (2000, 500)]);
         for status in [None, Some("waiting"), Some("starting")] {
             assert_eq!(
@@ -625,7 +640,7 @@ mod tests {
     #[test]
     fn another_timeline_or_wal_past_the_primarys_does_not_follow() {
         let base = Instant::now();
-        let at = base + Duration::from_secs(1);
+        let at = probe_at(base, 1000);
         let mut forked = standby(500, Some("streaming"), 0);
         forked.timeline = 2;
         let idle = trail(base, &[(0, 500), (2000, 500)]);
@@ -641,8 +656,16 @@ mod tests {
             judge(&ahead, at, &before_only, true),
             Following::NotYetKnown
         );
-        let just_after = trail(base, &[(0, 500), (1050, 500)]);
-        assert_eq!(judge(&ahead, at, &just_after, true), Following::NotYetKnown);
+        let overlapping = trail(base, &[(0, 500), (1005, 500)]);
+        assert_eq!(
+            judge(&ahead, at, &overlapping, true),
+            Following::NotYetKnown
+        );
+        let just_after = trail(base, &[(0, 500), (1010, 500)]);
+        assert_eq!(
+            judge(&ahead, at, &just_after, true),
+            Following::No(Stale::Ahead)
+        );
         // A primary probed later has moved on past a busy standby: no verdict of ahead.
         let moved = trail(base, &[(0, 400), (2000, 700)]);
         assert_eq!(judge(&ahead, at, &moved, true), Following::Yes);
@@ -652,11 +675,11 @@ mod tests {
     fn a_trail_is_of_one_primary_and_keeps_the_latest_probes() {
         let base = Instant::now();
         let mut trail = trail(base, &[(0, 1)]);
-        trail.record(1, base, 7);
-        assert_eq!(trail.after(0, base - Duration::from_secs(1)), None);
-        assert_eq!(trail.after(1, base - Duration::from_secs(1)), Some(7));
+        trail.record(1, probe_at(base, 0), 7);
+        assert_eq!(trail.after(0, base), None);
+        assert_eq!(trail.after(1, base), Some(7));
         for i in 0..(TRAIL_LEN as u64 + 4) {
-            trail.record(1, base + Duration::from_secs(i), i);
+            trail.record(1, probe_at(base, i * 1000), i);
         }
         assert_eq!(trail.probes.len(), TRAIL_LEN);
         assert_eq!(

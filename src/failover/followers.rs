@@ -11,7 +11,9 @@ use tracing::{error, info, warn};
 
 use super::actions::{self, ActionError};
 use crate::config::Config;
-use crate::health::{following, Following, NodeHealth, PrimaryTrail, PrimaryView, Report};
+use crate::health::{
+    following, Following, NodeHealth, PrimaryTrail, PrimaryView, ProbeTime, Report,
+};
 use crate::topology::{NodeId, Primary, Role, Stale};
 
 /// How long a repointed standby has to stream from the new primary before pgvigil calls the
@@ -27,6 +29,8 @@ pub struct Followers {
     trail: PrimaryTrail,
     /// Why each node takes no reads; None for nodes that follow (or are no standbys).
     stale: Vec<Option<Stale>>,
+    /// When each node's latest successful probe ran.
+    probed: Vec<Option<ProbeTime>>,
     /// Repoints being made and verified.
     repoints: JoinSet<Repointed>,
 }
@@ -37,6 +41,7 @@ impl Followers {
         Followers {
             trail: PrimaryTrail::default(),
             stale: vec![None; node_count],
+            probed: vec![None; node_count],
             repoints: JoinSet::new(),
         }
     }
@@ -46,13 +51,22 @@ impl Followers {
         &self.stale
     }
 
-    /// Takes in a probe report (the primary's positions form the trail).
+    /// Takes in a probe report as it arrives (the primary's positions form the trail).
     pub fn note(&mut self, report: &Report, primary: Option<NodeId>) {
-        if let Ok(observation) = &report.outcome {
-            if primary == Some(report.node) && !observation.in_recovery {
-                self.trail
-                    .record(report.node, report.started, observation.position.lsn);
-            }
+        let Ok(observation) = &report.outcome else {
+            return;
+        };
+        // Now is after the node answered: an upper bound on when it read its state.
+        let time = ProbeTime {
+            started: report.started,
+            answered: Instant::now(),
+        };
+        if let Some(slot) = self.probed.get_mut(report.node) {
+            *slot = Some(time);
+        }
+        if primary == Some(report.node) && !observation.in_recovery {
+            self.trail
+                .record(report.node, time, observation.position.lsn);
         }
     }
 
@@ -100,7 +114,7 @@ impl Followers {
         primary: NodeId,
         previous: Option<Stale>,
     ) -> Option<Stale> {
-        let (Some(observation), Some(at)) = (board[node].current(), board[node].observed_at) else {
+        let (Some(observation), Some(time)) = (board[node].current(), self.probed[node]) else {
             // Its latest probe failed: it is suspect, and reads avoid it anyway.
             return previous;
         };
@@ -119,7 +133,7 @@ impl Followers {
             answers: board[primary].current().is_some(),
             trail: &self.trail,
         };
-        match following(observation, at, view, config.routing.max_lag) {
+        match following(observation, time, view, config.routing.max_lag) {
             Following::Yes => None,
             Following::No(stale) => Some(stale),
             Following::NotYetKnown => previous.filter(|s| *s == Stale::Ahead),
