@@ -223,16 +223,20 @@ pub enum Following {
     Yes,
     /// It does not, for this reason.
     No(Stale),
-    /// Everything else holds, but whether it is ahead of the primary needs a primary probe
-    /// that started after its own: keep the previous verdict on that.
-    NotYetKnown,
+    /// This reason would hold if a probe of the primary that started after the standby's
+    /// confirmed it (the standby is ahead of it, or it answered while the standby did not
+    /// stream): keep the previous verdict until then.
+    Pending(Stale),
 }
 
 /// Whether `standby`, observed by a probe that ran at `time`, follows the primary: same
 /// timeline; while the primary answers, a streaming WAL receiver that heard from its sender
 /// within `max_lag` unless it already holds everything the primary had; and no WAL past the
 /// primary's. An idle primary may leave its standbys unspoken to for half their
-/// `wal_receiver_timeout` (30 s by default), which is why silence alone is not staleness.
+/// `wal_receiver_timeout` (30 s by default), which is why silence alone is not staleness. A
+/// receiver that stopped counts only once the primary has answered a later probe: a primary that
+/// has just died stops its standbys' receivers before its own probes fail, and its standbys must
+/// keep serving reads meanwhile.
 pub fn following(
     standby: &Observation,
     time: ProbeTime,
@@ -243,9 +247,13 @@ pub fn following(
         return Following::No(Stale::OtherTimeline);
     }
     let held = standby.held();
+    let later = primary.trail.after(primary.node, time.answered);
     if primary.answers {
         let Some(receiver) = standby.receiver.as_ref().filter(|r| r.streaming) else {
-            return Following::No(Stale::NotStreaming);
+            return match later {
+                Some(_) => Following::No(Stale::NotStreaming),
+                None => Following::Pending(Stale::NotStreaming),
+            };
         };
         let silent = receiver.last_message_age.is_some_and(|age| age > max_lag);
         let missing = primary
@@ -256,10 +264,10 @@ pub fn following(
             return Following::No(Stale::Silent);
         }
     }
-    match primary.trail.after(primary.node, time.answered) {
+    match later {
         Some(lsn) if held > lsn => Following::No(Stale::Ahead),
         Some(_) => Following::Yes,
-        None => Following::NotYetKnown,
+        None => Following::Pending(Stale::Ahead),
     }
 }
 
@@ -634,6 +642,12 @@ mod tests {
                 judge(&standby(500, status, 0), at, &idle, false),
                 Following::Yes
             );
+            // So may a primary whose latest answer predates the standby's.
+            let earlier = trail(base, &[(0, 500)]);
+            assert_eq!(
+                judge(&standby(500, status, 0), at, &earlier, true),
+                Following::Pending(Stale::NotStreaming)
+            );
         }
     }
 
@@ -654,12 +668,12 @@ mod tests {
         let before_only = trail(base, &[(0, 500)]);
         assert_eq!(
             judge(&ahead, at, &before_only, true),
-            Following::NotYetKnown
+            Following::Pending(Stale::Ahead)
         );
         let overlapping = trail(base, &[(0, 500), (1005, 500)]);
         assert_eq!(
             judge(&ahead, at, &overlapping, true),
-            Following::NotYetKnown
+            Following::Pending(Stale::Ahead)
         );
         let just_after = trail(base, &[(0, 500), (1010, 500)]);
         assert_eq!(

@@ -136,7 +136,7 @@ impl Followers {
         match following(observation, time, view, config.routing.max_lag) {
             Following::Yes => None,
             Following::No(stale) => Some(stale),
-            Following::NotYetKnown => previous.filter(|s| *s == Stale::Ahead),
+            Following::Pending(stale) => previous.filter(|s| *s == stale),
         }
     }
 
