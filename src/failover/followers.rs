@@ -10,10 +10,9 @@ use tokio::task::{JoinError, JoinSet};
 use tracing::{error, info, warn};
 
 use super::actions::{self, ActionError};
+use super::following::{following, streams_from, Following, PrimaryTrail, PrimaryView, ProbeTime};
 use crate::config::Config;
-use crate::health::{
-    following, Following, NodeHealth, PrimaryTrail, PrimaryView, ProbeTime, Report,
-};
+use crate::health::{NodeHealth, Report};
 use crate::topology::{NodeId, Primary, Role, Stale};
 
 /// How long a repointed standby has to stream from the new primary before pgvigil calls the
@@ -123,7 +122,11 @@ impl Followers {
         };
         let target = &config.nodes[primary];
         if matches!(previous, Some(Stale::NotRepointed(_)))
-            && !observation.streams_from((&target.host, target.port), primary_seen.timeline)
+            && !streams_from(
+                observation,
+                (&target.host, target.port),
+                primary_seen.timeline,
+            )
         {
             return previous;
         }

@@ -7,6 +7,7 @@ mod actions;
 mod assess;
 mod conninfo;
 mod followers;
+mod following;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
