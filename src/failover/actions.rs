@@ -145,10 +145,12 @@ pub async fn repoint(
             complete_conninfo(config, standby, primary, siblings).await
         }
         .ok_or_else(|| {
-            ActionError::Unexpected(format!(
-                "its primary_conninfo {current:?} names no user (or cannot be parsed), \
+            // Not quoting the conninfo: it may hold a password, and this reaches the log.
+            ActionError::Unexpected(
+                "its primary_conninfo is empty, names no user or cannot be parsed; \
                  [replication] sets no user, and no sibling standby has a complete one"
-            ))
+                    .into(),
+            )
         })?;
         if !slot.is_empty() {
             let new_primary = admin_connect(config, primary, "pgvigil failover").await?;

@@ -96,7 +96,7 @@ impl Followers {
                         warn!(standby = %name, reason = %stale.describe(), "standby takes no reads")
                     }
                     None if roles.get(node) == Some(&Role::Standby) => {
-                        info!(standby = %name, "standby follows the primary: it takes reads again")
+                        info!(standby = %name, "standby takes reads again")
                     }
                     None => {}
                 }
