@@ -215,8 +215,17 @@ pub async fn await_stream(
     let target = &config.nodes[primary];
     let deadline = Instant::now() + limit;
     let mut client: Option<Client> = None;
+    let mut last = String::from("not looked at");
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(ActionError::NotStreaming {
+                limit,
+                primary: format!("{}:{}", target.host, target.port),
+                timeline,
+                last,
+            });
+        }
         let step = bounded(remaining.min(config.health.timeout), async {
             let kept = client.take().filter(|c| !c.is_closed());
             let conn = match kept {
@@ -237,7 +246,7 @@ pub async fn await_stream(
             Ok(seen)
         })
         .await;
-        let last = match step {
+        last = match step {
             Ok(Some((status, host, port, tli))) => {
                 let streams = status == "streaming"
                     && host == target.host
@@ -251,15 +260,7 @@ pub async fn await_stream(
             Ok(None) => "no WAL receiver running".into(),
             Err(error) => error.to_string(),
         };
-        if Instant::now() >= deadline {
-            return Err(ActionError::NotStreaming {
-                limit,
-                primary: format!("{}:{}", target.host, target.port),
-                timeline,
-                last,
-            });
-        }
-        tokio::time::sleep(STREAM_POLL).await;
+        tokio::time::sleep(STREAM_POLL.min(remaining)).await;
     }
 }
 

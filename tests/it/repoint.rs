@@ -2,7 +2,9 @@
 //! receiver is switched off (`primary_conninfo = ''`) before the primary is killed with SIGKILL.
 //! pgvigil gives that standby a complete conninfo (a sibling's, or one built from
 //! `[replication]`) and it streams from the new primary within 10 s of the promotion; a standby
-//! that cannot is recorded as not repointed and takes no reads.
+//! that cannot is recorded as not repointed and takes no reads. As in the transcript, only a
+//! replication role the standbys' conninfo names may replicate: the role a user-less conninfo
+//! falls back to (the server's operating-system user) is refused.
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,9 @@ const RECEIVER_OFF: NodeId = 2;
 /// The issue's bound: the standby streams from the new primary within this of the promotion.
 const STREAMS_WITHIN: Duration = Duration::from_secs(10);
 
+/// The one role the nodes let replicate.
+const REPLICATOR: &str = "replicator";
+
 /// Generous bound on anything that must happen "eventually" on a loaded two-core machine.
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -41,7 +46,7 @@ async fn a_standby_with_its_receiver_off_adopts_a_siblings_conninfo_and_streams_
     let conninfo = node_psql(&scene.cluster, RECEIVER_OFF, "SHOW primary_conninfo");
     let name = &scene.cluster.node(RECEIVER_OFF).name;
     assert!(
-        conninfo.contains("user='postgres'")
+        conninfo.contains(&format!("user='{REPLICATOR}'"))
             && conninfo.contains(&format!("application_name='{name}'")),
         "a sibling's user under its own name: {conninfo}"
     );
@@ -52,7 +57,7 @@ async fn a_standby_with_its_receiver_off_adopts_a_siblings_conninfo_and_streams_
 async fn a_standby_with_its_receiver_off_gets_the_replication_section_and_streams_from_the_new_primary(
 ) {
     let scene = Scene::fail_over(|config| {
-        config.replication.user = Some("postgres".into());
+        config.replication.user = Some(REPLICATOR.into());
         config
             .replication
             .conninfo
@@ -66,7 +71,7 @@ async fn a_standby_with_its_receiver_off_gets_the_replication_section_and_stream
     assert!(took < STREAMS_WITHIN, "streaming only after {took:?}");
     let conninfo = node_psql(&scene.cluster, RECEIVER_OFF, "SHOW primary_conninfo");
     let expected = format!(
-        "host='127.0.0.1' port='{}' user='postgres' application_name='{}' keepalives_idle='30'",
+        "host='127.0.0.1' port='{}' user='{REPLICATOR}' application_name='{}' keepalives_idle='30'",
         scene.cluster.node(PROMOTED).port,
         scene.cluster.node(RECEIVER_OFF).name
     );
@@ -141,6 +146,7 @@ impl Scene {
                     .iter()
                     .all(|&n| topology.nodes[n].role == Role::Standby)
         });
+        only_the_replicator_replicates(&cluster);
         set_primary_conninfo(&cluster, RECEIVER_OFF, "");
         node_psql(&cluster, OLD_PRIMARY, "CREATE TABLE after_off ()");
         eventually(PATIENCE, "the connected standby replays the write", || {
@@ -200,4 +206,44 @@ impl Scene {
             shared.topology.load().nodes[RECEIVER_OFF].stale.is_none()
         });
     }
+}
+
+/// Creates [`REPLICATOR`], lets only it replicate (pg_hba.conf lines put first, reloaded), and
+/// points `PROMOTED` at the primary as it. Streams already open stay open.
+fn only_the_replicator_replicates(cluster: &LocalCluster) {
+    node_psql(
+        cluster,
+        OLD_PRIMARY,
+        &format!("CREATE ROLE {REPLICATOR} LOGIN REPLICATION"),
+    );
+    let first = format!(
+        "host replication {REPLICATOR} 127.0.0.1/32 trust\n\
+         host replication all 127.0.0.1/32 reject\n"
+    );
+    for node in [OLD_PRIMARY, PROMOTED, RECEIVER_OFF] {
+        let path = node_psql(cluster, node, "SHOW hba_file");
+        let rules = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        std::fs::write(&path, format!("{first}{rules}")).unwrap_or_else(|e| panic!("{path}: {e}"));
+        node_psql(cluster, node, "SELECT pg_reload_conf()");
+    }
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user={REPLICATOR} application_name={}",
+        cluster.node(OLD_PRIMARY).port,
+        cluster.node(PROMOTED).name
+    );
+    set_primary_conninfo(cluster, PROMOTED, &conninfo);
+    eventually(
+        PATIENCE,
+        "the promoted-to-be standby streams as the replicator",
+        || {
+            node_psql(
+                cluster,
+                OLD_PRIMARY,
+                &format!(
+                    "SELECT count(*) FROM pg_stat_replication \
+                 WHERE usename = '{REPLICATOR}' AND state = 'streaming'"
+                ),
+            ) == "1"
+        },
+    );
 }
