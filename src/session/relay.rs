@@ -376,8 +376,10 @@ fn note_client(tag: u8, progress: &mut Progress) -> Result<(), RelayEnd> {
         frontend::tag::PARSE
         | frontend::tag::BIND
         | frontend::tag::DESCRIBE
-        | frontend::tag::CLOSE
-        | frontend::tag::FLUSH => progress.unsynced = true,
+        | frontend::tag::CLOSE => progress.unsynced = true,
+        // A Flush only asks for the output so far: after a Sync it opens no sequence (psycopg
+        // sends Sync then Flush as it leaves a pipeline), and what follows is a new unit.
+        frontend::tag::FLUSH => {}
         tag if is_known_frontend_tag(tag) => {}
         tag => {
             return Err(RelayEnd::Violation(format!(
@@ -461,6 +463,18 @@ mod tests {
         progress.unsynced = false;
         progress.copy_in = true;
         assert!(!starts_unit(b'Q', &progress));
+    }
+
+    #[test]
+    fn a_flush_after_a_sync_leaves_the_next_message_to_start_a_unit() {
+        // psycopg leaves a pipeline with Sync then Flush.
+        let mut progress = Progress::default();
+        client_sends(&mut progress, &[(b'P', b""), (b'E', b""), (b'H', b"")]);
+        assert!(progress.unsynced, "a Flush does not end a sequence");
+        client_sends(&mut progress, &[(b'S', b""), (b'H', b"")]);
+        assert!(!progress.unsynced && starts_unit(b'Q', &progress));
+        server_sends(&mut progress, &[(b'Z', b"I")]);
+        assert!(progress.is_quiet());
     }
 
     /// Notes the client messages `messages` (tag, body).

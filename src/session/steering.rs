@@ -227,8 +227,7 @@ impl Steering {
         }
         if !read || pinned.is_some() || !self.encoding_safe || facts.hint == Some(Hint::Primary) {
             // A lone SET or RESET writes no WAL: it does not hold the session's reads back.
-            let lone_setting = facts.session_state && facts.query_statements == 1;
-            self.unit_writes = !read && !lone_setting;
+            self.unit_writes = !read && !facts.lone_setting();
             return router::route_write(&topology).map_err(|_| Decision::WaitPrimary);
         }
         self.unit_writes = false;
@@ -385,7 +384,7 @@ impl Steering {
     /// Effects of a statement forwarded without having been inspected (it followed a Flush, or
     /// the unit was larger than the lookahead).
     fn uncovered(&mut self, class: &Classification) {
-        if !class.read_only {
+        if !class.read_only && !class.lone_setting() {
             self.note_write();
         }
         if let Some(pin) = class.pin {

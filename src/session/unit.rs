@@ -40,6 +40,8 @@ pub struct UnitFacts {
     pub session_read_only: Option<bool>,
     /// The number of statements in a Query (0 for extended units).
     pub query_statements: usize,
+    /// The number of statements the unit runs or prepares, whichever protocol carries them.
+    pub statements: usize,
     /// The unit binds or describes a named statement made by an earlier unit.
     pub named_refs: bool,
     /// The unit parses a named statement.
@@ -66,6 +68,7 @@ impl Default for UnitFacts {
             session_state: false,
             session_read_only: None,
             query_statements: 0,
+            statements: 0,
             named_refs: false,
             parses_named: false,
             executes: false,
@@ -96,6 +99,13 @@ impl UnitFacts {
         self.pin = self.pin.or(c.pin);
         self.session_state |= c.session_state;
         self.session_read_only = c.session_read_only.or(self.session_read_only);
+        self.statements = self.statements.saturating_add(c.statements);
+    }
+
+    /// The unit is one statement that only changes session state (SET, RESET, DISCARD, ...), sent
+    /// as a Query or as Parse/Bind/Execute: it writes no WAL, so it holds no read back.
+    pub fn lone_setting(&self) -> bool {
+        self.session_state && self.statements == 1
     }
 
     /// Marks the unit as possibly writing for `reason`.
@@ -401,6 +411,53 @@ mod tests {
         frame(&mut unit, b'S', b"");
         let f = facts(&unit, &Statements::new());
         assert!(f.has_statement && !f.read_only);
+    }
+
+    #[test]
+    fn a_lone_setting_is_one_whichever_protocol_carries_it() {
+        let none = Statements::new();
+        let query = |sql: &str| {
+            let mut unit = BytesMut::new();
+            frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
+            facts(&unit, &none)
+        };
+        assert!(query("SET application_name = 'x'").lone_setting());
+        assert!(!query("SET a.b = 1; SET a.c = 2").lone_setting());
+        assert!(!query("SET a.b = 1; INSERT INTO t VALUES (1)").lone_setting());
+        assert!(!query("SELECT 1").lone_setting());
+
+        // How pgjdbc sends its connect-time settings: Parse/Bind/Execute/Sync of the unnamed
+        // statement.
+        let mut extended = BytesMut::new();
+        parse(&mut extended, "", "SET extra_float_digits = 3");
+        bind(&mut extended, "");
+        frame(&mut extended, b'E', b"\0\0\0\0\0");
+        frame(&mut extended, b'S', b"");
+        let f = facts(&extended, &none);
+        assert!(f.lone_setting() && !f.read_only, "{f:?}");
+
+        let mut with_a_write = BytesMut::new();
+        parse(&mut with_a_write, "", "RESET application_name");
+        parse(&mut with_a_write, "", "INSERT INTO t VALUES (1)");
+        frame(&mut with_a_write, b'S', b"");
+        assert!(!facts(&with_a_write, &none).lone_setting());
+
+        // tokio-postgres prepares a named statement, then runs it in a unit of its own.
+        let mut statements = Statements::new();
+        let class = classify(b"SET application_name = 'x'", &FunctionLists::default());
+        statements.insert(
+            b"s0".as_slice().into(),
+            Prepared {
+                parse: Bytes::new(),
+                class,
+                on: 1,
+            },
+        );
+        let mut run = BytesMut::new();
+        bind(&mut run, "s0");
+        frame(&mut run, b'E', b"\0\0\0\0\0");
+        frame(&mut run, b'S', b"");
+        assert!(facts(&run, &statements).lone_setting());
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod bad_input;
 mod cancel;
 mod cli;
 mod cluster_fixture;
+mod drivers;
 mod failover;
 mod passthrough;
 mod pgbench;

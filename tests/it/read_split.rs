@@ -53,6 +53,10 @@ const PROBED_ROUNDS: i32 = 50;
 /// Reads of the cost-budget test.
 const BUDGET_READS: usize = 200;
 
+/// Reads after each setting, twice: a read wrongly held on the primary (balanced over three
+/// nodes otherwise) would look right all 12 times about once in 500,000 runs.
+const TRIES: usize = 12;
+
 /// How many reads each node served, indexed by node id.
 type Tally = [usize; NODES];
 
@@ -480,6 +484,63 @@ async fn reads_cost_no_primary_round_trip_until_a_write_and_then_at_most_one_per
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lone_setting_by_either_protocol_holds_no_read_back_and_fetches_no_wal_position() {
+    // Issue 17: pgjdbc sends its connect-time SETs with Parse/Bind/Execute; they are session
+    // state, as with the simple protocol, not writes.
+    let cluster = start(
+        ClusterSpec::new(fresh_base_dir())
+            .replicas(2)
+            .conf("log_statement", "all"),
+    );
+    let ports = Ports::of(&cluster);
+    let proxy = start_proxy(&cluster, |_| {}).await;
+    wait_until_every_node_may_read(&proxy);
+    let primary_log = PrimaryLog::new(&cluster);
+    let settings = [
+        "SET application_name = 'ext'",
+        "RESET application_name",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED",
+    ];
+    for sql in settings {
+        for extended in [true, false] {
+            let what = format!("{sql} ({})", if extended { "extended" } else { "simple" });
+            let client = proxy.connect_app().await;
+            let set_at = Instant::now();
+            if extended {
+                client.execute(sql, &[]).await
+            } else {
+                client.batch_execute(sql).await.map(|()| 0)
+            }
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+            // At once: a write would keep these on the primary until a probe round.
+            let mut at_once = [0; NODES];
+            for _ in 0..TRIES {
+                at_once[prepared_read(&client, &ports).await] += 1;
+            }
+            // After a probe round: a write would now cost a WAL position fetch.
+            probe_until(&proxy, "a probe round after the setting", |v| {
+                v.observed_at.is_some_and(|at| at > set_at)
+            })
+            .await;
+            let mut after_probe = [0; NODES];
+            for _ in 0..TRIES {
+                after_probe[prepared_read(&client, &ports).await] += 1;
+            }
+            println!("{what}: reads per node at once {at_once:?}, after a probe {after_probe:?}");
+            assert!(
+                REPLICAS.iter().any(|&r| at_once[r] > 0),
+                "{what}: every read right after the setting ran on the primary: {at_once:?}"
+            );
+        }
+    }
+    let fetches = primary_log.position_fetches();
+    assert_eq!(
+        fetches, 0,
+        "settings are no writes, yet {fetches} WAL position fetches"
+    );
+}
+
 /// Maps `inet_server_port()` answers to node ids.
 struct Ports([u16; NODES]);
 
@@ -717,7 +778,7 @@ async fn wait_for_replicas_to_replay(cluster: &LocalCluster, proxy: &TestProxy) 
 
 /// Waits until the proxy sees node 0 as primary and both replicas as standbys within its lag
 /// limits, so that every node may take reads.
-fn wait_until_every_node_may_read(proxy: &TestProxy) {
+pub(crate) fn wait_until_every_node_may_read(proxy: &TestProxy) {
     let shared = &proxy.running.proxy;
     let routing = &shared.config.routing;
     eventually(SETTLE, "node 0 primary, both replicas caught up", || {

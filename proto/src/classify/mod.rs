@@ -80,6 +80,13 @@ pub struct Classification {
     pub statements: usize,
 }
 
+impl Classification {
+    /// The string is one statement that only changes session state: it writes no WAL.
+    pub fn lone_setting(&self) -> bool {
+        self.session_state && self.statements == 1
+    }
+}
+
 /// Why a string is not provably read-only.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Reason {
