@@ -53,8 +53,9 @@ const PROBED_ROUNDS: i32 = 50;
 /// Reads of the cost-budget test.
 const BUDGET_READS: usize = 200;
 
-/// Reads after each setting, twice: a read wrongly held on the primary (balanced over three
-/// nodes otherwise) would look right all 12 times about once in 500,000 runs.
+/// Reads after each setting, twice: plain reads otherwise go to the replicas only
+/// (`routing.primary_reads = "fallback"`), so reads wrongly held on the primary cannot look right
+/// by chance.
 const TRIES: usize = 12;
 
 /// How many reads each node served, indexed by node id.
