@@ -74,6 +74,39 @@ pub enum GiveUp {
     Suspect,
 }
 
+/// Why a standby takes no reads whatever its lag: its data may be stale or diverged from the
+/// primary's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stale {
+    /// Its WAL receiver is not streaming (not running, or still connecting).
+    NotStreaming,
+    /// It heard nothing from its sender for longer than `routing.max_lag` while the primary
+    /// had WAL it had not received.
+    Silent,
+    /// It is on another timeline than the primary.
+    OtherTimeline,
+    /// It holds WAL past the primary's current position: WAL the primary never had.
+    Ahead,
+    /// Repointing it at a new primary failed, or it did not stream from it in time; the text
+    /// says why. Cleared once it is seen streaming from the primary on its timeline.
+    NotRepointed(String),
+}
+
+impl Stale {
+    /// A short phrase for logs and status.
+    pub fn describe(&self) -> String {
+        match self {
+            Stale::NotStreaming => "its WAL receiver is not streaming".into(),
+            Stale::Silent => {
+                "it has not heard from its primary for longer than routing.max_lag".into()
+            }
+            Stale::OtherTimeline => "it is on another timeline than the primary".into(),
+            Stale::Ahead => "it holds WAL past the primary's position".into(),
+            Stale::NotRepointed(why) => format!("it was not repointed at the new primary: {why}"),
+        }
+    }
+}
+
 /// One node in a snapshot.
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -90,6 +123,8 @@ pub struct Node {
     /// Its latest probe failed, though not yet `health.failures` times in a row: new sessions
     /// avoid it while another node can take them.
     pub suspect: bool,
+    /// Why this standby takes no reads (None: it follows the primary, or it is no standby).
+    pub stale: Option<Stale>,
 }
 
 /// Where writes go right now, and why not when they cannot.
@@ -127,6 +162,7 @@ impl Topology {
                 port: n.port,
                 role: Role::Unknown,
                 suspect: false,
+                stale: None,
             })
             .collect();
         Topology {
@@ -151,15 +187,23 @@ impl Topology {
         }
     }
 
-    /// Whether `other` has the same roles, suspicions and primary (publishing it would change
-    /// nothing).
+    /// This snapshot with each standby's reason to take no reads (one per node, same order).
+    pub fn with_stale(mut self, stale: &[Option<Stale>]) -> Topology {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            node.stale = stale.get(i).cloned().flatten();
+        }
+        self
+    }
+
+    /// Whether `other` has the same roles, suspicions, stale standbys and primary (publishing it
+    /// would change nothing).
     pub fn same_state(&self, other: &Topology) -> bool {
         self.primary == other.primary
             && self
                 .nodes
                 .iter()
                 .zip(&other.nodes)
-                .all(|(a, b)| a.role == b.role && a.suspect == b.suspect)
+                .all(|(a, b)| a.role == b.role && a.suspect == b.suspect && a.stale == b.stale)
     }
 
     /// Why a session waiting on `node` for `need` (connecting, logging in, checking out, setting
@@ -244,6 +288,7 @@ mod tests {
             port: 5432,
             role,
             suspect: false,
+            stale: None,
         };
         Topology {
             generation: 1,

@@ -255,6 +255,7 @@ impl Steering {
             balance: proxy.config.routing.balance,
             max_lag_bytes: proxy.config.routing.max_lag_bytes,
             max_lag: proxy.config.routing.max_lag,
+            primary_reads: proxy.config.routing.primary_reads,
         };
         let max = proxy.config.max_message_size;
         let prefer = self

@@ -15,6 +15,7 @@ mod pgbench;
 mod pooling;
 mod read_split;
 mod replication;
+mod repoint;
 mod routing;
 mod session_survival;
 mod support;
