@@ -1,7 +1,9 @@
 //! One client's life: startup, authentication, attaching a server connection, the relay, and
 //! handing the server connection back (reset) or dropping it (broken).
 
+mod aborted;
 mod auth_exchange;
+mod loss;
 mod recover;
 mod relay;
 mod serve;

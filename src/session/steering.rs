@@ -473,6 +473,11 @@ impl Steering {
         self.pinned
     }
 
+    /// The facts of the unit forwarded last (the one running, if any is).
+    pub fn last_unit(&self) -> &UnitFacts {
+        &self.unit
+    }
+
     /// How many units the session has begun (forwarded after a decision) so far.
     pub fn units_begun(&self) -> u64 {
         self.units

@@ -32,6 +32,8 @@ pub struct UnitFacts {
     /// The access mode of a BEGIN in the unit: `Some(mode)` when there is one (see
     /// `TxControl::Begin`).
     pub begin: Option<Option<bool>>,
+    /// The last transaction-control statement of the unit.
+    pub tx: Option<TxControl>,
     /// The first reason to pin the session to the primary.
     pub pin: Option<Pin>,
     /// A statement changes session state that must be replayed on other nodes.
@@ -62,6 +64,7 @@ impl Default for UnitFacts {
             reason: None,
             hint: None,
             begin: None,
+            tx: None,
             pin: None,
             session_state: false,
             session_read_only: None,
@@ -93,6 +96,7 @@ impl UnitFacts {
         if let Some(TxControl::Begin { read_only }) = c.tx {
             self.begin = Some(read_only);
         }
+        self.tx = c.tx.or(self.tx);
         self.pin = self.pin.or(c.pin);
         self.session_state |= c.session_state;
         self.session_read_only = c.session_read_only.or(self.session_read_only);

@@ -7,6 +7,7 @@ mod cancel;
 mod cli;
 mod cluster_fixture;
 mod failover;
+mod lost_transaction;
 mod passthrough;
 mod pgbench;
 mod pooling;
