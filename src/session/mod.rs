@@ -8,6 +8,7 @@ mod recover;
 mod relay;
 mod serve;
 mod server_side;
+mod settings;
 pub mod startup;
 mod steering;
 mod unit;

@@ -148,6 +148,7 @@ pub async fn relay(
         params: &mut server.params,
         fatal: None,
         encoding_safe: steering.encoding_safe,
+        node,
     };
     let mut terminated = false;
     // A unit waiting for the current server to finish before it can be routed.
@@ -155,7 +156,13 @@ pub async fn relay(
 
     // The server may have sent bytes before the relay started (kept in its buffer).
     if server_state
-        .scan(server_in, to_client, max_message, progress)
+        .scan(
+            server_in,
+            to_client,
+            max_message,
+            progress,
+            &mut steering.settings,
+        )
         .is_err()
     {
         return server_lost(LossCause::Garbled, &mut server_state);
@@ -261,7 +268,7 @@ pub async fn relay(
                     Ok(0) => return server_lost(LossCause::Closed, &mut server_state),
                     Err(e) => return server_lost(LossCause::Io(e), &mut server_state),
                     Ok(_) => {
-                        if server_state.scan(server_in, to_client, max_message, progress).is_err() {
+                        if server_state.scan(server_in, to_client, max_message, progress, &mut steering.settings).is_err() {
                             return server_lost(LossCause::Garbled, &mut server_state);
                         }
                     }
@@ -486,9 +493,17 @@ mod tests {
             params: &mut params,
             fatal: None,
             encoding_safe: true,
+            node: 0,
         };
-        side.scan(&mut input, &mut BytesMut::new(), 1 << 20, progress)
-            .unwrap();
+        let mut settings = super::super::settings::Settings::new(1);
+        side.scan(
+            &mut input,
+            &mut BytesMut::new(),
+            1 << 20,
+            progress,
+            &mut settings,
+        )
+        .unwrap();
     }
 
     #[test]

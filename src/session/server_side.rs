@@ -10,7 +10,9 @@ use pgvigil_proto::{FrameError, TxStatus};
 use tracing::debug;
 
 use super::relay::{move_prefix, NodeFatal, Progress};
+use super::settings::Settings;
 use crate::server::ReportedParams;
+use crate::topology::NodeId;
 
 /// The server-side state the relay updates.
 pub(super) struct ServerSide<'a> {
@@ -22,6 +24,8 @@ pub(super) struct ServerSide<'a> {
     pub(super) fatal: Option<NodeFatal>,
     /// Whether the client encoding is ASCII-safe; updated when the node reports a new one.
     pub(super) encoding_safe: bool,
+    /// The node the connection is to.
+    pub(super) node: NodeId,
 }
 
 impl ServerSide<'_> {
@@ -36,6 +40,7 @@ impl ServerSide<'_> {
         out: &mut BytesMut,
         max_message: usize,
         progress: &mut Progress,
+        settings: &mut Settings,
     ) -> Result<(), FrameError> {
         let mut iter = messages(input, max_message);
         let mut offset = 0;
@@ -48,6 +53,7 @@ impl ServerSide<'_> {
                 backend::tag::READY_FOR_QUERY => {
                     if let Ok(status) = backend::ReadyForQuery::parse(message.body) {
                         *self.tx = status;
+                        settings.ready(status, self.node);
                     }
                     progress.awaiting_ready = progress.awaiting_ready.saturating_sub(1);
                     // Copy-in mode has ended by now (a ReadyForQuery never comes during it).
@@ -72,7 +78,9 @@ impl ServerSide<'_> {
                         });
                         break;
                     }
+                    settings.error();
                 }
+                backend::tag::COMMAND_COMPLETE => settings.command_complete(message.body),
                 backend::tag::COPY_IN_RESPONSE => progress.copy_in = true,
                 _ => {}
             }
@@ -155,9 +163,12 @@ mod tests {
             params: &mut params,
             fatal: None,
             encoding_safe: true,
+            node: 0,
         };
         let mut out = BytesMut::new();
-        side.scan(&mut input, &mut out, 1 << 20, progress).unwrap();
+        let mut settings = Settings::new(1);
+        side.scan(&mut input, &mut out, 1 << 20, progress, &mut settings)
+            .unwrap();
         assert!(input.is_empty(), "nothing is left behind");
         (out.to_vec(), side.fatal)
     }

@@ -12,6 +12,7 @@ mod passthrough;
 mod pgbench;
 mod pooling;
 mod read_split;
+mod replay;
 mod replication;
 mod routing;
 mod session_survival;
