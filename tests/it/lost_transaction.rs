@@ -259,27 +259,27 @@ fn app_psql(cluster: &LocalCluster, sql: &str) -> String {
 }
 
 /// Lets `app` log in without a password, for the hand-written protocol client.
-fn trust_app(config: &mut pgvigil::config::Config) {
+pub(crate) fn trust_app(config: &mut pgvigil::config::Config) {
     let app = config.users.iter_mut().find(|u| u.name == APP_USER);
     app.unwrap().auth = AuthMethod::Trust;
 }
 
 /// A client that speaks the protocol by hand, to see ReadyForQuery's status byte.
-struct Wire {
+pub(crate) struct Wire {
     tcp: TcpStream,
     buf: BytesMut,
 }
 
 /// What came back up to ReadyForQuery.
 #[derive(Debug, Default)]
-struct Answer {
-    rows: Vec<Vec<String>>,
+pub(crate) struct Answer {
+    pub(crate) rows: Vec<Vec<String>>,
     /// SQLSTATE and message of each ErrorResponse.
-    errors: Vec<(String, String)>,
+    pub(crate) errors: Vec<(String, String)>,
     /// CommandComplete tags.
-    tags: Vec<String>,
+    pub(crate) tags: Vec<String>,
     /// ReadyForQuery's status byte.
-    status: u8,
+    pub(crate) status: u8,
 }
 
 impl Answer {
@@ -290,7 +290,7 @@ impl Answer {
 
 impl Wire {
     /// Logs in as `app` (trust) and reads up to ReadyForQuery.
-    async fn login(proxy: &TestProxy) -> Wire {
+    pub(crate) async fn login(proxy: &TestProxy) -> Wire {
         let tcp = TcpStream::connect(proxy.addr).await.unwrap();
         let mut wire = Wire {
             tcp,
@@ -310,20 +310,25 @@ impl Wire {
         wire
     }
 
-    async fn query(&mut self, sql: &str) -> Answer {
+    pub(crate) async fn query(&mut self, sql: &str) -> Answer {
         self.exchange(|out| encode::query(out, sql.as_bytes()))
             .await
     }
 
     /// Sends what `build` writes and reads the answer up to ReadyForQuery.
-    async fn exchange(&mut self, build: impl FnOnce(&mut BytesMut)) -> Answer {
-        let mut out = BytesMut::new();
-        build(&mut out);
-        self.tcp.write_all(&out).await.unwrap();
+    pub(crate) async fn exchange(&mut self, build: impl FnOnce(&mut BytesMut)) -> Answer {
+        self.send(build).await;
         self.answer().await
     }
 
-    async fn answer(&mut self) -> Answer {
+    /// Sends what `build` writes.
+    pub(crate) async fn send(&mut self, build: impl FnOnce(&mut BytesMut)) {
+        let mut out = BytesMut::new();
+        build(&mut out);
+        self.tcp.write_all(&out).await.unwrap();
+    }
+
+    pub(crate) async fn answer(&mut self) -> Answer {
         let mut answer = Answer::default();
         loop {
             let (tag, body) = self.recv().await;
@@ -349,7 +354,7 @@ impl Wire {
         }
     }
 
-    async fn recv(&mut self) -> (u8, Vec<u8>) {
+    pub(crate) async fn recv(&mut self) -> (u8, Vec<u8>) {
         tokio::time::timeout(PATIENCE, async {
             loop {
                 if let Some(message) = next_message(&self.buf, 1 << 20).unwrap() {
@@ -383,7 +388,7 @@ fn data_row(mut body: &[u8]) -> Vec<String> {
 }
 
 /// Parse of statement `name` (no parameter types given).
-fn parse(out: &mut BytesMut, name: &str, sql: &str) {
+pub(crate) fn parse(out: &mut BytesMut, name: &str, sql: &str) {
     encode::message(out, b'P', |b| {
         b.put_slice(name.as_bytes());
         b.put_u8(0);
@@ -394,7 +399,7 @@ fn parse(out: &mut BytesMut, name: &str, sql: &str) {
 }
 
 /// Bind of statement `name` to the unnamed portal (no parameters, text results), and Execute.
-fn bind_execute(out: &mut BytesMut, name: &str) {
+pub(crate) fn bind_execute(out: &mut BytesMut, name: &str) {
     encode::message(out, b'B', |b| {
         b.put_u8(0);
         b.put_slice(name.as_bytes());

@@ -18,3 +18,4 @@ mod routing;
 mod session_survival;
 mod support;
 mod tls;
+mod write_connection;
