@@ -57,11 +57,13 @@ impl Held {
 }
 
 /// The unit at the front of the client's buffer is waiting for a primary until `until`.
-#[derive(Clone, Copy)]
 struct PrimaryWait {
     until: Instant,
     /// `Steering::units_begun` when the wait started: once it moves on, this unit was served.
     units: u64,
+    /// The client's cancel requests since the wait started: one ends the wait, as PostgreSQL
+    /// cancels a statement.
+    cancels: watch::Receiver<u64>,
 }
 
 /// What a session goes on with between relays.
@@ -324,23 +326,48 @@ impl Session<'_> {
     /// since it first waited; past that it is refused with 57P03 and the session goes on.
     async fn wait_for_primary(&mut self, failure: Option<String>) -> Result<(), SessionError> {
         let units = self.steering.units_begun();
-        let until = match self.primary_wait {
-            Some(wait) if wait.units == units => wait.until,
-            _ => Instant::now() + self.proxy.config.failover.wait_timeout,
+        let mut wait = match self.primary_wait.take() {
+            Some(wait) if wait.units == units => wait,
+            _ => PrimaryWait {
+                until: Instant::now() + self.proxy.config.failover.wait_timeout,
+                units,
+                cancels: self.key.cancels(),
+            },
         };
-        self.primary_wait = Some(PrimaryWait { until, units });
         self.steering.reroute();
+        let until = wait.until;
         let pause = until.min(Instant::now() + PRIMARY_RETRY);
-        if let Ok(changed) = tokio::time::timeout_at(pause, self.changes.changed()).await {
-            if changed.is_err() {
-                // No more generations can come: wait out the rest and refuse.
-                tokio::time::sleep_until(until).await;
+        let mut cancelled = wait.cancels.has_changed().unwrap_or(false);
+        if !cancelled {
+            tokio::select! {
+                changed = self.changes.changed() => {
+                    if changed.is_err() {
+                        // No more generations can come: wait out the rest (or a cancel).
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(until) => {}
+                            c = wait.cancels.changed() => cancelled = c.is_ok(),
+                        }
+                    }
+                }
+                c = wait.cancels.changed() => cancelled = c.is_ok(),
+                _ = tokio::time::sleep_until(pause) => {}
             }
         }
+        let max_message = self.proxy.config.max_message_size;
+        if cancelled {
+            info!("a unit waiting for a primary was cancelled by the client");
+            let failure = Failure {
+                code: sqlstate::QUERY_CANCELED,
+                message: "canceling statement due to user request",
+            };
+            return recover::reject_unit(&mut self.client, &failure, max_message)
+                .await
+                .map_err(ended);
+        }
         if Instant::now() < until {
+            self.primary_wait = Some(wait);
             return Ok(());
         }
-        self.primary_wait = None;
         let reason = match (&self.proxy.topology.load().primary, failure) {
             (Primary::Unavailable(why), _) => format!("no primary is available: {why}"),
             (Primary::Known(_), Some(failure)) => failure,
@@ -351,7 +378,6 @@ impl Session<'_> {
             code: sqlstate::CANNOT_CONNECT_NOW,
             message: &reason,
         };
-        let max_message = self.proxy.config.max_message_size;
         recover::reject_unit(&mut self.client, &failure, max_message)
             .await
             .map_err(ended)

@@ -311,6 +311,60 @@ async fn a_statement_whose_backend_an_administrator_terminates_gets_the_fatal_an
     assert!(client.is_closed());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_request_ends_a_wait_for_the_primary_at_once_with_57014() {
+    let mut cluster = test_cluster(0);
+    let wait_timeout = Duration::from_secs(120);
+    let proxy = start_proxy(&cluster, |config: &mut Config| {
+        config.health.interval = Duration::from_millis(200);
+        config.failover.wait_timeout = wait_timeout;
+        config.failover.auto = false;
+    })
+    .await;
+    let client = Arc::new(proxy.connect_app().await);
+    client
+        .batch_execute("CREATE TABLE survival_cancel (id int)")
+        .await
+        .unwrap();
+    cluster.node_mut(PRIMARY).stop();
+    let topology = &proxy.running.proxy.topology;
+    eventually(PATIENCE, "the primary is seen down", || {
+        topology.load().primary != Primary::Known(PRIMARY)
+    });
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .simple_query("INSERT INTO survival_cancel VALUES (1)")
+                .await
+        }
+    });
+    // When the unit starts waiting cannot be seen from outside: cancel until it ends (a cancel
+    // that comes before the wait is ignored, as one between statements is by PostgreSQL).
+    let started = Instant::now();
+    while !waiting.is_finished() {
+        assert!(started.elapsed() < PATIENCE, "the wait did not end");
+        client
+            .cancel_token()
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let error = waiting.await.unwrap().expect_err("the write was cancelled");
+    assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED), "{error:?}");
+    assert!(started.elapsed() < wait_timeout / 4);
+
+    cluster.node_mut(PRIMARY).start().unwrap();
+    assert_eq!(
+        value(&client, "SELECT count(*) FROM survival_cancel")
+            .await
+            .as_deref(),
+        Some("0"),
+        "the session goes on and the cancelled write never ran"
+    );
+}
+
 /// A primary and one replica behind pgvigil (probing every 200 ms, no automatic failover, writes
 /// waiting at most [`WAIT_TIMEOUT`] for a primary, reads on the replica only), with table `survival_rw` holding
 /// one row on both; returns once the proxy sees both roles.
