@@ -201,6 +201,9 @@ impl Session<'_> {
         drop(lease);
         warn!(node = %name, cause = %loss.cause, "server connection lost during a session");
         self.proxy.report_server_failure(node);
+        // Settings still unanswered died with the connection: they must not count as a
+        // setting of unknown outcome when the unit is closed.
+        self.steering.settings.lost();
         self.steering.unit_done(self.proxy);
         self.key.set_target(None);
         let fatal = loss.fatal.as_ref();

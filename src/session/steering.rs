@@ -323,9 +323,8 @@ impl Steering {
                     return;
                 };
                 let (session_state, statements, reason, hint) = if covered {
-                    let unit = &self.unit;
-                    let facts = (unit.session_state, unit.query_statements);
-                    (facts.0, facts.1, unit.reason, unit.hint)
+                    let u = &self.unit;
+                    (u.session_state, u.query_statements, u.reason, u.hint)
                 } else {
                     let class = classify(query.sql, &proxy.functions);
                     self.uncovered(&class);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 use pgvigil::config::AuthMethod;
-use pgvigil::topology::NodeId;
+use pgvigil::topology::{NodeId, Role};
 use pgvigil_proto::backend::ErrorFields;
 use pgvigil_proto::encode;
 use pgvigil_proto::frame::next_message;
@@ -44,8 +44,7 @@ async fn a_transaction_whose_node_goes_down_stays_failed_until_rollback_and_runs
 
     // The node goes down (fast shutdown: its backends get FATAL 57P01, and it stops accepting
     // connections), then comes back at once: nothing of the transaction may run there.
-    cluster.node_mut(PRIMARY).stop();
-    cluster.node_mut(PRIMARY).start().unwrap();
+    restart(&mut cluster, &proxy, PRIMARY);
 
     let answer = wire.query("INSERT INTO lost_tx VALUES (2)").await;
     assert_eq!(answer.codes(), ["08006"], "{answer:?}");
@@ -94,8 +93,7 @@ async fn an_extended_rollback_ends_a_lost_transaction() {
     let proxy = start_proxy(&cluster, trust_app).await;
     let mut wire = Wire::login(&proxy).await;
     assert_eq!(wire.query("BEGIN").await.status, b'T');
-    cluster.node_mut(PRIMARY).stop();
-    cluster.node_mut(PRIMARY).start().unwrap();
+    restart(&mut cluster, &proxy, PRIMARY);
     assert_eq!(wire.query("SELECT 1").await.status, b'E');
 
     // How JDBC ends a transaction: the unnamed statement, described, bound and executed.
@@ -249,6 +247,18 @@ async fn a_commit_or_autocommit_write_in_flight_when_the_primary_is_killed_gets_
             "{what}: {message:?}"
         );
     }
+}
+
+/// Stops `node` (fast shutdown: its backends get FATAL 57P01 and it refuses logins), waits until
+/// pgvigil sees it down (its sessions judged their loss long before, against a node refusing
+/// logins: a node going down, not an administrator's terminate), and starts it again.
+pub(crate) fn restart(cluster: &mut LocalCluster, proxy: &TestProxy, node: NodeId) {
+    cluster.node_mut(node).stop();
+    let topology = &proxy.running.proxy.topology;
+    eventually(PATIENCE, "pgvigil sees the node down", || {
+        topology.load().nodes[node].role == Role::Down
+    });
+    cluster.node_mut(node).start().unwrap();
 }
 
 /// Runs `sql` on the primary as the superuser in the application's database.

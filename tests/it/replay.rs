@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use pgvigil::topology::NodeId;
 use tokio_postgres::Client;
 
-use crate::support::{start_proxy, test_cluster, value, LocalCluster};
+use crate::lost_transaction::restart;
+use crate::support::{start_proxy, test_cluster, value};
 
 const PRIMARY: NodeId = 0;
 
@@ -45,7 +46,7 @@ async fn settings_that_took_effect_are_replayed_and_rolled_back_ones_are_not() {
         .await
         .expect_err("an invalid value is refused");
 
-    restart(&mut cluster, PRIMARY);
+    restart(&mut cluster, &proxy, PRIMARY);
 
     assert_eq!(show(&client, "search_path").await, "by_set_config, public");
     assert_eq!(show(&client, "statement_timeout").await, "42s");
@@ -75,7 +76,7 @@ async fn a_session_holding_what_cannot_be_replayed_ends_when_its_connection_is_l
         holders.push((sql, client));
     }
 
-    restart(&mut cluster, PRIMARY);
+    restart(&mut cluster, &proxy, PRIMARY);
 
     for (sql, client) in &holders {
         let deadline = Instant::now() + PATIENCE;
@@ -92,13 +93,6 @@ async fn a_session_holding_what_cannot_be_replayed_ends_when_its_connection_is_l
         Some("survived"),
         "a session without such state goes on"
     );
-}
-
-/// Stops `node` (fast shutdown) and starts it again: every server connection to it is lost,
-/// and the node comes back.
-fn restart(cluster: &mut LocalCluster, node: NodeId) {
-    cluster.node_mut(node).stop();
-    cluster.node_mut(node).start().unwrap();
 }
 
 /// The value of setting `name` in `client`'s session.

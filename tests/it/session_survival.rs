@@ -16,6 +16,7 @@ use pgvigil::topology::{NodeId, Primary, Role};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
+use crate::lost_transaction::restart;
 use crate::support::{
     backend_pid, eventually, node_psql, primary_lsn, start_proxy, test_cluster, value,
     LocalCluster, TestProxy,
@@ -52,7 +53,7 @@ async fn an_idle_session_whose_node_restarts_goes_on_with_its_settings_and_state
     let statement = client.prepare("SELECT v FROM marker").await.unwrap();
     let pid = backend_pid(&client).await;
 
-    restart(&mut cluster, PRIMARY);
+    restart(&mut cluster, &proxy, PRIMARY);
 
     let rows = client
         .query(&statement, &[])
@@ -112,7 +113,7 @@ async fn a_transaction_whose_node_restarts_is_rolled_back_and_the_next_one_works
         .await
         .unwrap();
 
-    restart(&mut cluster, PRIMARY);
+    restart(&mut cluster, &proxy, PRIMARY);
 
     // A COMMIT that ran on a new connection would "succeed" with nothing to commit: the client
     // must hear that its transaction is gone instead.
@@ -430,13 +431,6 @@ fn active(cluster: &LocalCluster, node: NodeId, condition: &str) -> usize {
     );
     let out = node_psql(cluster, node, &sql);
     out.parse().unwrap_or_else(|_| panic!("{sql}: {out}"))
-}
-
-/// Stops `node` (fast shutdown: its backends get FATAL 57P01 and it refuses new connections)
-/// and starts it again.
-fn restart(cluster: &mut LocalCluster, node: NodeId) {
-    cluster.node_mut(node).stop();
-    cluster.node_mut(node).start().unwrap();
 }
 
 /// Terminates backend `pid` on `node` as the superuser and waits until it has exited.
