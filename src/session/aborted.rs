@@ -58,9 +58,9 @@ pub async fn answer_unit(
             let ends = single.is_some_and(ends_block);
             let unannounced = matches!(lost, LostTransaction::Unannounced(_));
             let out = &mut client.pending;
-            if c.statements == 0 {
+            if c.statements == 0 && !unannounced {
                 encode::message(out, b'I', |_| {});
-                Some(lost.clone())
+                Some(lost)
             } else if ends && (!unannounced || single == Some(TxControl::Rollback)) {
                 command_complete(out, b"ROLLBACK");
                 None
@@ -72,6 +72,11 @@ pub async fn answer_unit(
                 failure.encode(out);
                 Some(LostTransaction::Aborted)
             }
+        }
+        frontend::tag::SYNC if lost == LostTransaction::Aborted => {
+            // A lone Sync in a failed block gets its ReadyForQuery 'E' and nothing else.
+            client.rbuf.advance(len);
+            Some(lost)
         }
         frontend::tag::FUNCTION_CALL | frontend::tag::SYNC => {
             client.rbuf.advance(len);

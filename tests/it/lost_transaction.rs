@@ -73,6 +73,13 @@ async fn a_transaction_whose_node_goes_down_stays_failed_until_rollback_and_runs
     assert_eq!(answer.codes(), ["25P02"], "one error, the rest skipped");
     assert_eq!(answer.tags, Vec::<String>::new());
     assert_eq!(answer.status, b'E');
+    for (what, answer) in [
+        ("a lone Sync", wire.exchange(encode::sync).await),
+        ("an empty query", wire.query(" ").await),
+    ] {
+        assert_eq!(answer.errors, [], "{what}");
+        assert_eq!(answer.status, b'E', "{what}");
+    }
 
     let answer = wire.query("COMMIT").await;
     assert_eq!(answer.tags, ["ROLLBACK"], "{answer:?}");
