@@ -40,6 +40,10 @@ async fn settings_that_took_effect_are_replayed_and_rolled_back_ones_are_not() {
         .batch_execute("SET statement_timeout = '42s'")
         .await
         .unwrap();
+    client
+        .batch_execute("SET LOCAL idle_in_transaction_session_timeout = '43s'")
+        .await
+        .unwrap();
     client.batch_execute("COMMIT").await.unwrap();
     client
         .batch_execute("SET lock_timeout = 'not a duration'")
@@ -57,6 +61,11 @@ async fn settings_that_took_effect_are_replayed_and_rolled_back_ones_are_not() {
         "set_config(.., true) is local"
     );
     assert_eq!(show(&client, "lock_timeout").await, "0");
+    assert_eq!(
+        show(&client, "idle_in_transaction_session_timeout").await,
+        "0",
+        "SET LOCAL is never replayed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
