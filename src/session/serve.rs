@@ -234,7 +234,7 @@ impl Session<'_> {
         }
         self.steering.lost_current();
         let busy = !self.progress.is_quiet();
-        let aftermath = loss::aftermath(server_tx, busy, self.steering.last_unit());
+        let aftermath = loss::aftermath(server_tx, busy, self.steering.last_statement());
         debug!(?aftermath, "where the loss leaves the client");
         let rolled_back = format!("{lost}; the transaction was rolled back");
         let (code, message, status) = match aftermath {

@@ -8,6 +8,7 @@
 //! rolled-back block undoes its settings). A ROLLBACK TO SAVEPOINT inside a block that changed
 //! settings cannot be followed: which of them it undid is unknown, so the session is pinned.
 
+use pgvigil_proto::classify::{Hint, Reason};
 use pgvigil_proto::TxStatus;
 
 use super::steering::SqlText;
@@ -186,6 +187,39 @@ impl Settings {
     }
 }
 
+/// What a statement does to the session beyond its classification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Nothing more.
+    None,
+    /// It is a setting to replay (`set_config` with constants).
+    Setting,
+    /// It leaves state pgvigil cannot replay: the session is pinned, and cannot survive losing
+    /// that connection.
+    Pin(&'static str),
+}
+
+/// What a statement does to the session beyond its classification; `reason`: why it is not
+/// read-only, if it is not (a read does nothing more).
+///
+/// A function on no list counts as unknown code; the write list's functions are known (their
+/// session effects are pinned by the classifier, like advisory locks, or are `set_config`), and a
+/// `/* pgvigil:replica */` hint is the application's word that the call only reads.
+pub fn effect(sql: &[u8], reason: Option<Reason>, hint: Option<Hint>) -> Effect {
+    let Some(reason) = reason else {
+        return Effect::None;
+    };
+    match set_config(sql) {
+        SetConfig::Session => Effect::Setting,
+        SetConfig::Local => Effect::None,
+        SetConfig::Unknown => Effect::Pin("set_config with values pgvigil cannot know"),
+        SetConfig::None => {
+            let function = reason == Reason::UnknownFunction && hint != Some(Hint::Replica);
+            unreplayable(sql, function).map_or(Effect::None, Effect::Pin)
+        }
+    }
+}
+
 /// What a statement's call of `set_config` does to the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetConfig {
@@ -346,6 +380,22 @@ mod tests {
         for (sql, expected) in cases {
             assert_eq!(set_config(sql.as_bytes()), expected, "{sql}");
         }
+    }
+
+    #[test]
+    fn only_what_is_not_a_read_has_effects() {
+        let unknown = Some(Reason::UnknownFunction);
+        assert_eq!(effect(b"SELECT f()", None, None), Effect::None);
+        assert!(matches!(
+            effect(b"SELECT f()", unknown, None),
+            Effect::Pin(_)
+        ));
+        let hinted = effect(b"SELECT f()", unknown, Some(Hint::Replica));
+        assert_eq!(hinted, Effect::None);
+        let known = Some(Reason::WriteFunction);
+        assert_eq!(effect(b"SELECT nextval('s')", known, None), Effect::None);
+        let set = b"SELECT set_config('a', 'b', false)";
+        assert_eq!(effect(set, known, None), Effect::Setting);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use pgvigil_proto::classify::{classify, Classification, Hint, Pin, Reason};
 use pgvigil_proto::frontend::{self, Close, Parse, Query};
 use tracing::debug;
 
-use super::settings::{self, SetConfig, Settings};
+use super::settings::{self, Effect, Settings};
 use super::unit::{self, UnitFacts};
 use crate::proxy::Proxy;
 use crate::router::{self, ReadPolicy, Route, RouteReason, MAX_NODES};
@@ -65,6 +65,9 @@ pub struct Steering {
     /// The facts of the unit being forwarded, and how many of its bytes they cover.
     unit: UnitFacts,
     covered: usize,
+    /// The facts of the last unit begun that names a statement (a lone Close or Sync sent after
+    /// it does not change what a lost connection may have been running).
+    last_statement: UnitFacts,
     /// Where the last unit prepared named statements without executing them (drivers prepare,
     /// then execute in the next unit): that read goes there rather than re-preparing elsewhere.
     prepared_on: Option<NodeId>,
@@ -107,6 +110,7 @@ impl Steering {
             forced: false,
             unit: UnitFacts::default(),
             covered: 0,
+            last_statement: UnitFacts::default(),
             prepared_on: None,
             waiting_route: None,
             unit_in_transaction: false,
@@ -295,6 +299,9 @@ impl Steering {
         self.units += 1;
         self.prepared_on = (self.unit.parses_named && !self.unit.executes).then_some(self.current);
         self.covered = self.unit.inspected;
+        if self.unit.has_statement {
+            self.last_statement = self.unit;
+        }
         // Only statements count as load: a lone Close or Sync is over at once.
         if !self.in_flight && self.unit.has_statement {
             proxy.balancer.started(self.current);
@@ -360,34 +367,19 @@ impl Steering {
         }
     }
 
-    /// Notes what a statement forwarded to `current` does beyond its classification: a
-    /// `set_config` call (a setting when its arguments are constants), or state pgvigil cannot
-    /// replay (the session is then pinned: it cannot survive losing that connection).
-    /// `reason`: why the statement is not read-only, if it is not (a read does neither).
-    ///
-    /// A function on no list counts as unknown code; the write list's functions are known (their
-    /// session effects are pinned by the classifier, like advisory locks, or are `set_config`),
-    /// and a `/* pgvigil:replica */` hint is the application's word that the call only reads.
+    /// Notes what a statement forwarded to `current` does beyond its classification (see
+    /// [`settings::effect`]); `reason`: why it is not read-only, if it is not.
     fn note_effects(
         &mut self,
         sql: &[u8],
         reason: Option<Reason>,
         hint: Option<Hint>,
-        in_query: bool,
+        query: bool,
     ) {
-        let Some(reason) = reason else {
-            return;
-        };
-        match settings::set_config(sql) {
-            SetConfig::Session => self.record_state(sql, 1, in_query),
-            SetConfig::Local => {}
-            SetConfig::Unknown => self.pin("set_config with values pgvigil cannot know"),
-            SetConfig::None => {
-                let function = reason == Reason::UnknownFunction && hint != Some(Hint::Replica);
-                if let Some(why) = settings::unreplayable(sql, function) {
-                    self.pin(why);
-                }
-            }
+        match settings::effect(sql, reason, hint) {
+            Effect::None => {}
+            Effect::Setting => self.record_state(sql, 1, query),
+            Effect::Pin(why) => self.pin(why),
         }
     }
 
@@ -509,9 +501,9 @@ impl Steering {
         self.pinned
     }
 
-    /// The facts of the unit forwarded last (the one running, if any is).
-    pub fn last_unit(&self) -> &UnitFacts {
-        &self.unit
+    /// The facts of the last unit forwarded that names a statement (the one running, if any is).
+    pub fn last_statement(&self) -> &UnitFacts {
+        &self.last_statement
     }
 
     /// How many units the session has begun (forwarded after a decision) so far.

@@ -190,7 +190,7 @@ async fn a_commit_or_autocommit_write_in_flight_when_the_primary_is_killed_gets_
         .conf("synchronous_standby_names", "nobody")
         .conf("synchronous_commit", "local");
     let mut cluster = start(spec);
-    let proxy = start_proxy(&cluster, |_| {}).await;
+    let proxy = start_proxy(&cluster, trust_app).await;
     let committing = Arc::new(proxy.connect_app().await);
     let writing = Arc::new(proxy.connect_app().await);
     committing
@@ -219,15 +219,38 @@ async fn a_commit_or_autocommit_write_in_flight_when_the_primary_is_killed_gets_
                 .await
         }
     });
-    eventually(PATIENCE, "both commits wait for the standby", || {
+    // A COMMIT followed, before its answer, by a unit that names no statement (a driver closing
+    // a statement it dropped): the COMMIT is still what was running.
+    let mut wire = Wire::login(&proxy).await;
+    for sql in [
+        "SET synchronous_commit = on",
+        "BEGIN",
+        "INSERT INTO lost_commit VALUES (3)",
+    ] {
+        assert_eq!(wire.query(sql).await.errors, [], "{sql}");
+    }
+    wire.send(|out| {
+        encode::query(out, b"COMMIT");
+        encode::message(out, b'C', |b| b.put_slice(b"Sunused\0"));
+        encode::sync(out);
+    })
+    .await;
+    eventually(PATIENCE, "the three commits wait for the standby", || {
         node_psql(
             &cluster,
             PRIMARY,
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
-        ) == "2"
+        ) == "3"
     });
 
     cluster.node_mut(PRIMARY).kill9();
+
+    let answer = wire.answer().await;
+    assert_eq!(answer.codes(), ["08007"], "{answer:?}");
+    assert_eq!(
+        answer.status, b'I',
+        "the transaction is over, whatever became of it"
+    );
 
     let commit = tokio::time::timeout(PATIENCE, commit)
         .await
