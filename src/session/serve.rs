@@ -189,8 +189,8 @@ impl Session<'_> {
     /// Losses that end the session: a backend terminated by an administrator on a node that stays
     /// up (the node's FATAL is relayed, as a direct connection would get it); and with FATAL 08006,
     /// a loss during COPY FROM STDIN (the client is streaming data and cannot be told to stop and
-    /// resend), or of a connection holding what cannot be replayed (a temporary table, a SQL
-    /// PREPARE, an advisory lock, LISTEN, settings that cannot be replayed), which died with it.
+    /// resend), or of a connection holding what cannot be replayed (see `Steering::pinned`),
+    /// which died with it.
     async fn recover(&mut self, loss: Loss) -> Result<(), SessionError> {
         let node = self.steering.current;
         let Some(lease) = self.held.leases[node].take() else {

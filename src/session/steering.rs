@@ -2,8 +2,8 @@
 //! the session uses must know first (session settings, prepared statements).
 //!
 //! Rules, in order: a unit inside a transaction stays on the transaction's node; a session pinned
-//! (temporary table, SQL PREPARE, advisory lock, LISTEN) or a `/* pgvigil:primary */` hint goes to
-//! the primary; a unit that reuses the unnamed statement goes where it was parsed; a provably
+//! (temporary table, SQL PREPARE, advisory lock, LISTEN, or anything else pgvigil cannot replay:
+//! see `settings::effect`) or a `/* pgvigil:primary */` hint goes to the primary; a unit that reuses the unnamed statement goes where it was parsed; a provably
 //! read-only unit (or one hinted `/* pgvigil:replica */`), and a read-only transaction, is spread
 //! over the nodes that may take reads (after a write, only those that replayed it: read your
 //! writes); everything else goes to the primary.
@@ -495,8 +495,9 @@ impl Steering {
     }
 
     /// Why the session must stay on the primary's connection, if it must: state there (a
-    /// temporary table, a SQL PREPARE, an advisory lock, LISTEN, settings that cannot be
-    /// replayed) that another connection would not have.
+    /// temporary table, a SQL PREPARE, an advisory lock, LISTEN, DO, CALL, LOAD, a WITH HOLD
+    /// cursor, an unknown function's effects, settings that cannot be replayed) that another
+    /// connection would not have.
     pub fn pinned(&self) -> Option<&'static str> {
         self.pinned
     }
