@@ -5,6 +5,7 @@
 //! example and the code cannot drift apart.
 
 mod admin;
+mod replication;
 mod validate;
 
 pub use admin::{AdminConfig, TOKEN_ENV};
@@ -17,6 +18,8 @@ use std::time::Duration;
 
 use pgvigil_proto::classify::FunctionLists;
 use serde::{Deserialize, Deserializer, Serialize};
+
+pub use replication::{ReplicationConfig, SslMode};
 
 /// The whole pgvigil configuration, as read from one TOML file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -43,6 +46,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// Automatic failover and what clients see during one (`[failover]`).
     pub failover: FailoverConfig,
+    /// How repointed standbys connect to a new primary (`[replication]`).
+    pub replication: ReplicationConfig,
     /// The admin API: status and commands (`[admin]`).
     pub admin: AdminConfig,
     /// The PostgreSQL nodes (`[[nodes]]`); their roles are observed, never taken from this order.
@@ -65,6 +70,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             routing: RoutingConfig::default(),
             failover: FailoverConfig::default(),
+            replication: ReplicationConfig::default(),
             admin: AdminConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
@@ -244,6 +250,9 @@ pub struct RoutingConfig {
     /// A replica whose replay is further behind than this gets no reads (default 10s, must be > 0).
     #[serde(with = "humantime_serde")]
     pub max_lag: Duration,
+    /// Whether the primary takes plain reads only when no replica may (`fallback`, the default)
+    /// or shares them with the replicas by its weight (`share`).
+    pub primary_reads: PrimaryReads,
     /// Functions the classifier must treat as read-only, `name` or `schema.name` (default none).
     pub read_functions: Vec<String>,
     /// Functions the classifier must treat as writing, `name` or `schema.name` (default none).
@@ -257,6 +266,7 @@ impl Default for RoutingConfig {
             read_your_writes: true,
             max_lag_bytes: 16 << 20,
             max_lag: Duration::from_secs(10),
+            primary_reads: PrimaryReads::default(),
             read_functions: Vec::new(),
             write_functions: Vec::new(),
         }
@@ -317,6 +327,17 @@ pub enum Balance {
     RoundRobin,
     /// A node drawn at random, with odds in proportion to its weight.
     Random,
+}
+
+/// Whether the primary shares plain reads with the replicas (`routing.primary_reads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrimaryReads {
+    /// Only when no replica may take the read: the primary's capacity is kept for writes.
+    #[default]
+    Fallback,
+    /// With the replicas, in proportion to its weight.
+    Share,
 }
 
 /// One PostgreSQL node (`[[nodes]]`).
@@ -605,6 +626,7 @@ balance = "round_robin"
 read_your_writes = false
 max_lag_bytes = 0
 max_lag = "250ms"
+primary_reads = "share"
 read_functions = ["report", "stats.daily"]
 write_functions = ["audit"]
 "#
@@ -615,6 +637,7 @@ write_functions = ["audit"]
             read_your_writes: false,
             max_lag_bytes: 0,
             max_lag: Duration::from_millis(250),
+            primary_reads: PrimaryReads::Share,
             read_functions: vec!["report".into(), "stats.daily".into()],
             write_functions: vec!["audit".into()],
         };
@@ -785,6 +808,13 @@ write_functions = ["lower"]
         full.tls.key = Some(PathBuf::from("key.pem"));
         full.backend.ca = Some(PathBuf::from("ca.pem"));
         full.failover.state_dir = Some(PathBuf::from("state"));
+        full.replication = ReplicationConfig {
+            user: Some("replicator".into()),
+            password: Some("secret".into()),
+            sslmode: Some(SslMode::Prefer),
+            application_name: Some("pg1".into()),
+            conninfo: [("keepalives_idle".to_owned(), "30".to_owned())].into(),
+        };
         full.admin.token = Some("secret".into());
         let mut keys = Vec::new();
         match toml::Value::try_from(&full) {

@@ -26,6 +26,7 @@ pub(super) fn problems(config: &Config) -> Vec<Problem> {
     check_health(config, &mut problems);
     check_routing(config, &mut problems);
     check_failover(config, &mut problems);
+    super::replication::check(&config.replication, &mut problems);
     super::admin::check(&config.admin, &mut problems);
     check_nodes(config, &mut problems);
     check_users(config, &mut problems);
@@ -382,6 +383,12 @@ password = "app-secret"
                 "routing.write_functions[0]: \"1st\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
                 "routing.write_functions[1]: \"s.\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
                 "routing.write_functions[2]: \"\\\"Quoted\\\"\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
+            ]),
+            ("[replication]\nuser = \"\"\napplication_name = \"\"", &["replication.user: must not be empty", "replication.application_name: must not be empty"]),
+            ("[replication]\npassword = \"x\"", &["replication.user: missing: the other [replication] keys are used only with a user"]),
+            ("[replication]\nuser = \"r\"\n[replication.conninfo]\nport = \"1\"\nKeep-Alive = \"1\"", &[
+                "replication.conninfo.Keep-Alive: is not a libpq keyword (lowercase letters and '_')",
+                "replication.conninfo.port: set by pgvigil or by its own [replication] key, not here",
             ]),
             ("[[nodes]]\nname = \"pg3\"\nhost = \"other\"\nweight = 1001", &["nodes[2].weight: 1001 is more than the maximum, 1000"]),
             ("[[users]]\nname = \"app\"\npassword = \"x\"", &["users[1].name: duplicate user name \"app\" (also users[0])"]),

@@ -10,13 +10,14 @@ mod choose;
 mod command;
 mod conninfo;
 mod control;
+mod followers;
+mod following;
 mod promote;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -31,6 +32,7 @@ use crate::state::{PromotionRecord, State, StateError, StateFile};
 use crate::topology::{NodeId, Primary, Role, TopologyPublisher};
 use assess::{assess, Assessment};
 use choose::Promotion;
+use followers::Followers;
 
 /// How often pgvigil tries again to make a reachable fenced node read-only, or to set a
 /// standby's `wal_receiver_timeout`.
@@ -115,6 +117,9 @@ pub async fn run(
                 Some(report) => coordinator.record(&report),
                 None => return,
             },
+            Some(outcome) = coordinator.followers.next_repoint(), if coordinator.followers.repointing() => {
+                coordinator.followers.settle(&coordinator.proxy.config, outcome);
+            }
             // One command at a time, between two steps: never during a failover (that step
             // is awaited below before the loop comes back here).
             Some(request) = commands.recv() => {
@@ -171,6 +176,8 @@ struct Coordinator {
     foreign_alerted: Vec<NodeId>,
     /// Why the last failover attempt did not complete (logged at error once, not every retry).
     refused: Option<String>,
+    /// Which standbys follow the primary; repoints in flight.
+    followers: Followers,
     published: bool,
 }
 
@@ -205,6 +212,7 @@ impl Coordinator {
             alerted: None,
             foreign_alerted: Vec::new(),
             refused: None,
+            followers: Followers::new(nodes),
             published: false,
         }
     }
@@ -230,6 +238,7 @@ impl Coordinator {
         if let Some(health) = self.board.get_mut(report.node) {
             health.record(report);
         }
+        self.followers.note(report, self.memory.primary);
     }
 
     /// Publishes every node's latest position (kept while a node is merely suspect, so that a
@@ -271,6 +280,12 @@ impl Coordinator {
                 }
             }
         }
+        self.followers.judge(
+            &self.proxy.config,
+            &self.board,
+            &verdict.roles,
+            &verdict.primary,
+        );
         for &node in &verdict.fence {
             warn!(
                 node = %self.name(node),
@@ -424,30 +439,6 @@ impl Coordinator {
         self.publish(roles, suspect, Primary::Unavailable(reason));
     }
 
-    /// Points every other standby at the new primary, concurrently.
-    async fn repoint(&self, standbys: &[NodeId], primary: NodeId) {
-        let mut steps = JoinSet::new();
-        for &standby in standbys.iter().filter(|&&s| s != primary) {
-            let config = self.proxy.config.clone();
-            steps.spawn(async move {
-                let began = Instant::now();
-                let result = actions::repoint(&config, standby, primary).await;
-                (standby, result, began.elapsed())
-            });
-        }
-        while let Some(joined) = steps.join_next().await {
-            match joined {
-                Ok((standby, Ok(()), took)) => {
-                    info!(standby = %self.name(standby), primary = %self.name(primary), ?took, "standby repointed")
-                }
-                Ok((standby, Err(e), took)) => {
-                    error!(standby = %self.name(standby), error = %e, ?took, "could not repoint the standby; do it by hand")
-                }
-                Err(e) => error!(error = %e, "a repoint task failed"),
-            }
-        }
-    }
-
     /// Makes fenced nodes that answer as writable primaries read-only, in the background (at
     /// most every `FENCE_RETRY` per node).
     fn fence_reachable(&mut self) {
@@ -523,7 +514,9 @@ impl Coordinator {
             })
             .collect();
         let current = self.publisher.snapshot();
-        let next = current.next(&roles, suspect, primary);
+        let next = current
+            .next(&roles, suspect, primary)
+            .with_stale(self.followers.stale());
         if self.published && current.same_state(&next) {
             return;
         }
@@ -533,6 +526,7 @@ impl Coordinator {
             generation = next.generation,
             roles = ?next.nodes.iter().map(|n| (n.name.as_str(), n.role.as_str())).collect::<Vec<_>>(),
             suspect = ?next.nodes.iter().filter(|n| n.suspect).map(|n| n.name.as_str()).collect::<Vec<_>>(),
+            stale = ?next.nodes.iter().filter_map(|n| Some((n.name.as_str(), n.stale.as_ref()?.describe()))).collect::<Vec<_>>(),
             primary = ?next.primary,
             "topology changed"
         );

@@ -191,10 +191,13 @@ impl Coordinator {
         } else {
             info!(primary = %self.name(new), fenced = %self.name(old), %old_lsn, %new_lsn, lost_bytes = lost, "writes go to the new primary; {record}");
         }
+        // The new primary stays in the list: its conninfo from its standby days may be the one a
+        // user-less sibling adopts.
         let standbys: Vec<NodeId> = (0..roles.len())
-            .filter(|&n| n != new && roles[n] == Role::Standby)
+            .filter(|&n| n == new || roles[n] == Role::Standby)
             .collect();
-        self.repoint(&standbys, new).await;
+        self.followers
+            .repoint(&self.proxy.config, &standbys, new, timeline);
         self.fence_reachable();
         self.checkpoint_later(new);
     }

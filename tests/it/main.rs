@@ -1,5 +1,6 @@
 //! The integration-test binary: every test here runs against real PostgreSQL servers.
 
+mod abandon_waits;
 mod admin;
 mod auth;
 mod backend_login;
@@ -10,12 +11,16 @@ mod cluster_fixture;
 mod drivers;
 mod failover;
 mod failover_safety;
+mod lost_transaction;
 mod passthrough;
 mod pgbench;
 mod pooling;
 mod read_split;
+mod replay;
 mod replication;
+mod repoint;
 mod routing;
 mod session_survival;
 mod support;
 mod tls;
+mod write_connection;
