@@ -58,6 +58,17 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Bring a fenced or down former primary back as a standby of the current primary
+    /// (pg_rewind, or pg_basebackup with --reclone), through its [nodes.control].
+    Failback {
+        /// The node to bring back.
+        node: String,
+        /// Take a fresh copy with pg_basebackup instead of pg_rewind (when its WAL is gone).
+        #[arg(long)]
+        reclone: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Put a detached node back into routing and failover candidacy.
     Attach {
         /// The node to attach.
@@ -135,6 +146,11 @@ fn main() -> ExitCode {
             dry_run,
             admin,
         } => runtime.block_on(command(admin, api::Command::Promote { node, dry_run })),
+        Command::Failback {
+            node,
+            reclone,
+            admin,
+        } => runtime.block_on(command(admin, api::Command::Failback { node, reclone })),
         Command::Attach { node, admin } => {
             runtime.block_on(command(admin, api::Command::Attach(node)))
         }
@@ -185,7 +201,7 @@ async fn status(args: AdminArgs) -> ExitCode {
     }
 }
 
-/// `pgvigil promote|attach|detach|unfence NODE`.
+/// `pgvigil promote|failback|attach|detach|unfence NODE`.
 async fn command(args: AdminArgs, command: api::Command) -> ExitCode {
     let admin = match admin_client(&args) {
         Ok(admin) => admin,

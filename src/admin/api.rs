@@ -11,6 +11,13 @@ pub enum Command {
     Detach(String),
     /// Clear the fence of a node an operator has dealt with.
     Unfence(String),
+    /// Bring a fenced or down former primary back as a standby: rewound, or re-cloned.
+    Failback {
+        /// The node.
+        node: String,
+        /// Take a fresh copy with `pg_basebackup` instead of `pg_rewind`.
+        reclone: bool,
+    },
     /// Promote this node; with `dry_run`, only say which node failover would choose now and why.
     Promote {
         /// The node asked for.
@@ -27,6 +34,7 @@ impl Command {
             Command::Attach(_) => "attach",
             Command::Detach(_) => "detach",
             Command::Unfence(_) => "unfence",
+            Command::Failback { .. } => "failback",
             Command::Promote { .. } => "promote",
         }
     }
@@ -35,7 +43,7 @@ impl Command {
     pub fn node(&self) -> &str {
         match self {
             Command::Attach(node) | Command::Detach(node) | Command::Unfence(node) => node,
-            Command::Promote { node, .. } => node,
+            Command::Promote { node, .. } | Command::Failback { node, .. } => node,
         }
     }
 }

@@ -78,8 +78,10 @@ impl Admin {
     /// Sends `command`; `Ok(Err(refusal))` when pgvigil refused it.
     pub async fn send(&self, command: &Command) -> Result<Result<Done, Refusal>, ClientError> {
         let mut path = format!("/nodes/{}/{}", command.node(), command.verb());
-        if let Command::Promote { dry_run: true, .. } = command {
-            path.push_str("?dry_run=true");
+        match command {
+            Command::Promote { dry_run: true, .. } => path.push_str("?dry_run=true"),
+            Command::Failback { reclone: true, .. } => path.push_str("?reclone=true"),
+            _ => {}
         }
         self.request(Method::POST, &path).await
     }

@@ -97,10 +97,13 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         .split('/')
         .filter(|p| !p.is_empty())
         .collect();
-    let dry_run = request
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|p| p == "dry_run=true" || p == "dry_run"));
+    let flag = |name: &str| {
+        request.uri().query().is_some_and(|q| {
+            q.split('&')
+                .any(|p| p == name || p.strip_prefix(name) == Some("=true"))
+        })
+    };
+    let (dry_run, reclone) = (flag("dry_run"), flag("reclone"));
     let command = match (request.method(), path.as_slice()) {
         (&Method::GET, ["status"]) => {
             return json(
@@ -112,6 +115,10 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
             "attach" => Command::Attach((*node).to_owned()),
             "detach" => Command::Detach((*node).to_owned()),
             "unfence" => Command::Unfence((*node).to_owned()),
+            "failback" => Command::Failback {
+                node: (*node).to_owned(),
+                reclone,
+            },
             "promote" => Command::Promote {
                 node: (*node).to_owned(),
                 dry_run,
@@ -150,7 +157,7 @@ fn not_found() -> Response<Full<Bytes>> {
         StatusCode::NOT_FOUND,
         &Refusal::new(
             "no such endpoint",
-            "use GET /status or POST /nodes/NAME/{attach,detach,unfence,promote[?dry_run=true]}",
+            "use GET /status or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
         ),
     )
 }

@@ -197,23 +197,61 @@ pub async fn repoint(
             )
         })?;
         if !slot.is_empty() {
-            let new_primary = admin_connect(config, primary, "pgvigil failover").await?;
-            new_primary
-                .execute(
-                    "SELECT pg_create_physical_replication_slot($1, true) WHERE NOT EXISTS \
-                     (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-                    &[&slot],
-                )
-                .await?;
+            create_slot(config, primary, &slot).await?;
         }
         alter_system(&node, "primary_conninfo", &conninfo).await
     })
     .await
 }
 
+/// Creates the physical replication slot `slot` on `primary` unless it exists, reserving WAL
+/// from now on.
+pub async fn create_slot(config: &Config, primary: NodeId, slot: &str) -> Result<(), ActionError> {
+    let client = admin_connect(config, primary, "pgvigil failover").await?;
+    client
+        .execute(
+            "SELECT pg_create_physical_replication_slot($1, true) WHERE NOT EXISTS \
+             (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Runs a `CHECKPOINT` on `primary` and waits (at most `limit`) until its control file names
+/// the timeline it writes on, which `pg_rewind` reads (a just-promoted primary's still names the
+/// old one: DESIGN.md, "Known traps"); returns that timeline.
+pub async fn checkpoint_on_timeline(
+    config: &Config,
+    primary: NodeId,
+    limit: Duration,
+) -> Result<u32, ActionError> {
+    bounded(limit, async {
+        let client = admin_connect(config, primary, "pgvigil failback").await?;
+        let row = client
+            .query_one(&format!("SELECT {LEFT_RECOVERY}"), &[])
+            .await?;
+        let timeline = row
+            .try_get::<_, Option<i32>>(0)?
+            .and_then(|t| u32::try_from(t).ok())
+            .ok_or_else(|| ActionError::Unexpected("the primary is in recovery".into()))?;
+        loop {
+            client.batch_execute("CHECKPOINT").await?;
+            let row = client
+                .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+                .await?;
+            if u32::try_from(row.try_get::<_, i32>(0)?).ok() == Some(timeline) {
+                return Ok(timeline);
+            }
+            tokio::time::sleep(STREAM_POLL).await;
+        }
+    })
+    .await
+}
+
 /// A complete conninfo towards `primary` for `standby`, whose own names no user: from
 /// `[replication]`, else adopted from the first sibling whose conninfo is complete.
-async fn complete_conninfo(
+pub async fn complete_conninfo(
     config: &Config,
     standby: NodeId,
     primary: NodeId,

@@ -64,6 +64,7 @@ impl Coordinator {
             Command::Attach(_) => self.attach(node).await,
             Command::Detach(_) => self.detach(node).await,
             Command::Unfence(_) => self.unfence(node).await,
+            Command::Failback { reclone, .. } => self.failback(node, *reclone).await,
             Command::Promote { dry_run: true, .. } => self.dry_run(node).await,
             Command::Promote { dry_run: false, .. } => self.promote_by_hand(node).await,
         }

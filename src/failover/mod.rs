@@ -10,6 +10,7 @@ mod choose;
 mod command;
 mod conninfo;
 mod control;
+mod failback;
 mod followers;
 mod following;
 mod promote;

@@ -23,15 +23,15 @@ use crate::support::{eventually, in_recovery, start_proxy, test_cluster, TestPro
 const TOKEN: &str = "admin-test-token";
 
 /// What one CLI run printed and its exit code.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Run {
     /// The JSON on stdout as `T`; panics with the whole output otherwise.
-    fn json<T: serde::de::DeserializeOwned>(&self) -> T {
+    pub(crate) fn json<T: serde::de::DeserializeOwned>(&self) -> T {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
             panic!(
                 "not the expected JSON ({e}): exit {:?}\nstdout: {}\nstderr: {}",
@@ -41,7 +41,7 @@ impl Run {
     }
 
     /// Checks the exit code, showing the output when it differs.
-    fn exits(&self, code: i32) -> &Run {
+    pub(crate) fn exits(&self, code: i32) -> &Run {
         assert_eq!(
             self.code,
             Some(code),
@@ -53,7 +53,7 @@ impl Run {
     }
 
     /// Checks that this is a refusal (exit 1) with a reason and a next step; returns it.
-    fn refusal(&self) -> Refusal {
+    pub(crate) fn refusal(&self) -> Refusal {
         self.exits(1);
         let refusal: Refusal = self.json();
         assert!(!refusal.refused.is_empty() && !refusal.next.is_empty());
@@ -63,7 +63,7 @@ impl Run {
 
 /// Runs the real binary with `args` against the admin API at `admin`, with `token` in the
 /// environment if given.
-async fn cli(admin: SocketAddr, token: Option<&str>, args: &[&str]) -> Run {
+pub(crate) async fn cli(admin: SocketAddr, token: Option<&str>, args: &[&str]) -> Run {
     let url = format!("http://{admin}");
     let mut all: Vec<&str> = args.to_vec();
     all.extend(["--admin", &url]);
@@ -107,7 +107,7 @@ fn role(proxy: &TestProxy, node: NodeId) -> Role {
 }
 
 /// The ports that serve `SELECT inet_server_port()` over `reads` reads through pgvigil.
-async fn read_ports(proxy: &TestProxy, reads: usize) -> HashSet<u16> {
+pub(crate) async fn read_ports(proxy: &TestProxy, reads: usize) -> HashSet<u16> {
     let client = proxy.connect_app().await;
     let mut ports = HashSet::new();
     for _ in 0..reads {

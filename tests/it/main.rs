@@ -9,6 +9,7 @@ mod cancel;
 mod cli;
 mod cluster_fixture;
 mod drivers;
+mod failback;
 mod failover;
 mod failover_safety;
 mod lost_transaction;
