@@ -62,7 +62,9 @@ pub fn status(status: &Status) -> String {
         out.push_str("\nrecent events (ms since epoch):\n");
         for event in &status.events[recent..] {
             let node = event.node.as_deref().unwrap_or("-");
-            let _ = writeln!(out, "  {} {node}: {}", event.at_ms, event.message);
+            // One line per event: an action's output may span several.
+            let message = event.message.lines().collect::<Vec<_>>().join(" | ");
+            let _ = writeln!(out, "  {} {node}: {message}", event.at_ms);
         }
     }
     out

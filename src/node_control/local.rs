@@ -241,7 +241,7 @@ impl NodeControl for Local {
     async fn rewind(&self, source: &Source) -> Result<Output, ControlError> {
         let dir = self.data_dir_arg();
         let server = format!("--source-server={}", source_conninfo(source));
-        let args = ["-D", &dir, &server, "--progress"];
+        let args = ["-D", &dir, &server];
         self.run("pg_rewind", &args, &source_env(source), self.owner())
             .await
     }

@@ -155,6 +155,8 @@ async fn after_a_kill9_and_a_failover_failback_brings_pg1_back_as_a_streaming_st
         .events
         .iter()
         .any(|e| e.message.starts_with("rewound")));
+    let table = crate::admin::cli(scene.proxy.running.admin_addr, None, &["status"]).await;
+    println!("{}", table.exits(0).stdout);
 }
 
 #[tokio::test(flavor = "multi_thread")]
