@@ -69,6 +69,19 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Hand the primary role to another standby while the primary is healthy: writes wait,
+    /// transactions in flight drain, nothing acknowledged is lost, the old primary rejoins as a
+    /// standby.
+    Switchover {
+        /// The standby to promote [default: the one failover would choose].
+        #[arg(long)]
+        to: Option<String>,
+        /// How long transactions in flight may take before they are ended (e.g. 5s, 500ms).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        drain_timeout: std::time::Duration,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Put a detached node back into routing and failover candidacy.
     Attach {
         /// The node to attach.
@@ -151,6 +164,14 @@ fn main() -> ExitCode {
             reclone,
             admin,
         } => runtime.block_on(command(admin, api::Command::Failback { node, reclone })),
+        Command::Switchover {
+            to,
+            drain_timeout,
+            admin,
+        } => runtime.block_on(command(
+            admin,
+            api::Command::Switchover { to, drain_timeout },
+        )),
         Command::Attach { node, admin } => {
             runtime.block_on(command(admin, api::Command::Attach(node)))
         }
@@ -201,7 +222,7 @@ async fn status(args: AdminArgs) -> ExitCode {
     }
 }
 
-/// `pgvigil promote|failback|attach|detach|unfence NODE`.
+/// `pgvigil promote|failback|attach|detach|unfence NODE`, `pgvigil switchover`.
 async fn command(args: AdminArgs, command: api::Command) -> ExitCode {
     let admin = match admin_client(&args) {
         Ok(admin) => admin,

@@ -1,5 +1,7 @@
 //! The admin API's JSON documents, shared by the server, the coordinator and the CLI.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 /// An operator's command, as the coordinator carries it out.
@@ -18,6 +20,15 @@ pub enum Command {
         /// Take a fresh copy with `pg_basebackup` instead of `pg_rewind`.
         reclone: bool,
     },
+    /// Hand the primary role over to `to` (or the standby failover would choose) while the
+    /// primary is healthy: writes held, in-flight transactions drained for at most
+    /// `drain_timeout`, nothing acknowledged lost; the old primary rejoins as a standby.
+    Switchover {
+        /// The standby to promote, or the one failover would choose.
+        to: Option<String>,
+        /// How long transactions in flight may take before they are ended.
+        drain_timeout: Duration,
+    },
     /// Promote this node; with `dry_run`, only say which node failover would choose now and why.
     Promote {
         /// The node asked for.
@@ -35,15 +46,17 @@ impl Command {
             Command::Detach(_) => "detach",
             Command::Unfence(_) => "unfence",
             Command::Failback { .. } => "failback",
+            Command::Switchover { .. } => "switchover",
             Command::Promote { .. } => "promote",
         }
     }
 
-    /// The node it is about.
-    pub fn node(&self) -> &str {
+    /// The node it is about, if one.
+    pub fn node(&self) -> Option<&str> {
         match self {
-            Command::Attach(node) | Command::Detach(node) | Command::Unfence(node) => node,
-            Command::Promote { node, .. } | Command::Failback { node, .. } => node,
+            Command::Attach(node) | Command::Detach(node) | Command::Unfence(node) => Some(node),
+            Command::Promote { node, .. } | Command::Failback { node, .. } => Some(node),
+            Command::Switchover { to, .. } => to.as_deref(),
         }
     }
 }
@@ -56,6 +69,9 @@ pub struct Done {
     /// For `promote --dry-run`: the choice failover would make now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dry_run: Option<DryRun>,
+    /// For a switchover: how long new writes were held, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_pause_ms: Option<u64>,
 }
 
 /// A command not carried out (HTTP 409, 404 or 401), with what to do next.

@@ -77,12 +77,30 @@ impl Admin {
 
     /// Sends `command`; `Ok(Err(refusal))` when pgvigil refused it.
     pub async fn send(&self, command: &Command) -> Result<Result<Done, Refusal>, ClientError> {
-        let mut path = format!("/nodes/{}/{}", command.node(), command.verb());
-        match command {
-            Command::Promote { dry_run: true, .. } => path.push_str("?dry_run=true"),
-            Command::Failback { reclone: true, .. } => path.push_str("?reclone=true"),
-            _ => {}
-        }
+        let path = match command {
+            Command::Switchover { to, drain_timeout } => {
+                let mut path = format!(
+                    "/switchover?drain_timeout={}",
+                    humantime::format_duration(*drain_timeout)
+                )
+                .replace(' ', "");
+                if let Some(to) = to {
+                    path.push_str(&format!("&to={to}"));
+                }
+                path
+            }
+            Command::Attach(node) | Command::Detach(node) | Command::Unfence(node) => {
+                format!("/nodes/{node}/{}", command.verb())
+            }
+            Command::Promote { node, dry_run } => {
+                let query = if *dry_run { "?dry_run=true" } else { "" };
+                format!("/nodes/{node}/promote{query}")
+            }
+            Command::Failback { node, reclone } => {
+                let query = if *reclone { "?reclone=true" } else { "" };
+                format!("/nodes/{node}/failback{query}")
+            }
+        };
         self.request(Method::POST, &path).await
     }
 

@@ -104,7 +104,35 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         })
     };
     let (dry_run, reclone) = (flag("dry_run"), flag("reclone"));
+    let value = |name: &str| {
+        request.uri().query().and_then(|q| {
+            q.split('&')
+                .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
+                .map(str::to_owned)
+        })
+    };
     let command = match (request.method(), path.as_slice()) {
+        (&Method::POST, ["switchover"]) => {
+            let drain_timeout = match value("drain_timeout") {
+                None => crate::failover::DEFAULT_DRAIN,
+                Some(text) => match humantime::parse_duration(&text) {
+                    Ok(duration) => duration,
+                    Err(e) => {
+                        return json(
+                            StatusCode::BAD_REQUEST,
+                            &Refusal::new(
+                                format!("drain_timeout {text:?} is not a duration: {e}"),
+                                "write it like 5s or 500ms",
+                            ),
+                        )
+                    }
+                },
+            };
+            Command::Switchover {
+                to: value("to"),
+                drain_timeout,
+            }
+        }
         (&Method::GET, ["status"]) => {
             return json(
                 StatusCode::OK,
@@ -157,7 +185,7 @@ fn not_found() -> Response<Full<Bytes>> {
         StatusCode::NOT_FOUND,
         &Refusal::new(
             "no such endpoint",
-            "use GET /status or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
+            "use GET /status, POST /switchover[?to=NODE&drain_timeout=5s] or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
         ),
     )
 }

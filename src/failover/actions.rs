@@ -249,6 +249,90 @@ pub async fn checkpoint_on_timeline(
     .await
 }
 
+/// Client transactions on `node` other than pgvigil's own: active statements and open
+/// transactions (`xact_start` is set for both).
+const IN_FLIGHT: &str = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' \
+    AND pid <> pg_backend_pid() AND xact_start IS NOT NULL \
+    AND coalesce(application_name, '') NOT LIKE 'pgvigil%'";
+
+/// Waits at most `limit` for the transactions in flight on `node` to end, then terminates those
+/// left (their clients get 57P01); returns how many were terminated.
+pub async fn drain(config: &Config, node: NodeId, limit: Duration) -> Result<usize, ActionError> {
+    let client = bounded(config.health.timeout * 2, async {
+        Ok(admin_connect(config, node, "pgvigil switchover").await?)
+    })
+    .await?;
+    let deadline = Instant::now() + limit;
+    loop {
+        let rows = bounded(config.health.timeout * 2, async {
+            Ok(client.query(IN_FLIGHT, &[]).await?)
+        })
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        if Instant::now() >= deadline {
+            let pids: Vec<i32> = rows
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            bounded(config.health.timeout * 2, async {
+                client
+                    .execute(
+                        "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid",
+                        &[&pids],
+                    )
+                    .await?;
+                Ok(())
+            })
+            .await?;
+            return Ok(pids.len());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs a `CHECKPOINT` on `node` and returns its WAL position right after (writes are held, so
+/// every acknowledged commit is at or below it).
+pub async fn checkpoint_position(config: &Config, node: NodeId) -> Result<u64, ActionError> {
+    bounded(config.failover.promote_timeout, async {
+        let client = admin_connect(config, node, "pgvigil switchover").await?;
+        client.batch_execute("CHECKPOINT").await?;
+        let row = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?;
+        let text: String = row.try_get(0)?;
+        parse_lsn(&text).ok_or_else(|| ActionError::Unexpected(format!("not an LSN: {text}")))
+    })
+    .await
+}
+
+/// Waits at most `limit` until `standby` has replayed WAL up to `lsn`.
+pub async fn await_replay(
+    config: &Config,
+    standby: NodeId,
+    lsn: u64,
+    limit: Duration,
+) -> Result<(), ActionError> {
+    bounded(limit, async {
+        let client = admin_connect(config, standby, "pgvigil switchover").await?;
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT coalesce(pg_last_wal_replay_lsn()::text, '0/0')",
+                    &[],
+                )
+                .await?;
+            let text: String = row.try_get(0)?;
+            if parse_lsn(&text).is_some_and(|replayed| replayed >= lsn) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
 /// A complete conninfo towards `primary` for `standby`, whose own names no user: from
 /// `[replication]`, else adopted from the first sibling whose conninfo is complete.
 pub async fn complete_conninfo(

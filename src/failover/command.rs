@@ -23,15 +23,15 @@ impl Coordinator {
         let node = command.node();
         match &answer {
             Ok(done) => {
-                info!(command = command.verb(), node, message = %done.message, "admin command done");
+                info!(command = command.verb(), ?node, message = %done.message, "admin command done");
                 if !matches!(command, Command::Promote { dry_run: true, .. }) {
-                    self.events.push(Some(node), done.message.clone());
+                    self.events.push(node, done.message.clone());
                 }
             }
             Err(refusal) => {
-                warn!(command = command.verb(), node, reason = %refusal.refused, "admin command refused");
+                warn!(command = command.verb(), ?node, reason = %refusal.refused, "admin command refused");
                 self.events.push(
-                    Some(node),
+                    node,
                     format!("{} refused: {}", command.verb(), refusal.refused),
                 );
             }
@@ -41,7 +41,7 @@ impl Coordinator {
     }
 
     async fn carry_out_command(&mut self, command: &Command, started: bool) -> Reply {
-        let node = self.node_named(command.node())?;
+        let node = command.node().map(|n| self.node_named(n)).transpose()?;
         if !started {
             return Err(Refusal::new(
                 "pgvigil has not heard from every node yet",
@@ -60,13 +60,22 @@ impl Coordinator {
                 ));
             }
         }
-        match command {
-            Command::Attach(_) => self.attach(node).await,
-            Command::Detach(_) => self.detach(node).await,
-            Command::Unfence(_) => self.unfence(node).await,
-            Command::Failback { reclone, .. } => self.failback(node, *reclone).await,
-            Command::Promote { dry_run: true, .. } => self.dry_run(node).await,
-            Command::Promote { dry_run: false, .. } => self.promote_by_hand(node).await,
+        match (command, node) {
+            (Command::Switchover { drain_timeout, .. }, to) => {
+                self.switchover(to, *drain_timeout).await
+            }
+            (_, None) => Err(Refusal::new(
+                format!("{} needs a node", command.verb()),
+                format!("name one of: {}", self.node_names()),
+            )),
+            (Command::Attach(_), Some(node)) => self.attach(node).await,
+            (Command::Detach(_), Some(node)) => self.detach(node).await,
+            (Command::Unfence(_), Some(node)) => self.unfence(node).await,
+            (Command::Failback { reclone, .. }, Some(node)) => self.failback(node, *reclone).await,
+            (Command::Promote { dry_run: true, .. }, Some(node)) => self.dry_run(node).await,
+            (Command::Promote { dry_run: false, .. }, Some(node)) => {
+                self.promote_by_hand(node).await
+            }
         }
     }
 
@@ -76,17 +85,22 @@ impl Coordinator {
             .iter()
             .position(|n| n.name == name)
             .ok_or_else(|| {
-                let known: Vec<&str> = self
-                    .config()
-                    .nodes
-                    .iter()
-                    .map(|n| n.name.as_str())
-                    .collect();
                 Refusal::new(
                     format!("no node is called {name:?}"),
-                    format!("use one of the configured nodes: {}", known.join(", ")),
+                    format!("use one of the configured nodes: {}", self.node_names()),
                 )
             })
+    }
+
+    /// The configured node names, comma-separated.
+    fn node_names(&self) -> String {
+        let names: Vec<&str> = self
+            .config()
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect();
+        names.join(", ")
     }
 
     async fn attach(&mut self, node: NodeId) -> Reply {
@@ -182,17 +196,11 @@ impl Coordinator {
                     format!("nothing to do; {SEE_STATUS}"),
                 ))
             }
-            (Primary::Known(primary), _) => {
-                return Err(Refusal::new(
-                    format!(
-                        "primary {} is up: promoting {name} now would be a switchover, which this \
-                         version does not do",
-                        self.name(*primary)
-                    ),
-                    format!(
-                        "`pgvigil promote {name} --dry-run` shows what a failover would choose"
-                    ),
-                ))
+            // The primary is healthy: promoting another node is a switchover.
+            (Primary::Known(_), _) => {
+                return self
+                    .switchover(Some(node), super::switchover::DEFAULT_DRAIN)
+                    .await
             }
             (_, Some(lost)) => lost,
             (Primary::Unavailable(reason), None) => {
@@ -319,11 +327,12 @@ impl Coordinator {
                 refusal,
                 standbys,
             }),
+            write_pause_ms: None,
         })
     }
 
     /// `roles` with detached nodes shown as detached, as the topology shows them.
-    fn candidate_roles(&self, mut roles: Vec<Role>) -> Vec<Role> {
+    pub(super) fn candidate_roles(&self, mut roles: Vec<Role>) -> Vec<Role> {
         for (node, role) in roles.iter_mut().enumerate() {
             if self.detached[node] && role.is_usable() {
                 *role = Role::Detached;
@@ -337,6 +346,7 @@ fn done(message: String) -> Done {
     Done {
         message,
         dry_run: None,
+        write_pause_ms: None,
     }
 }
 

@@ -69,15 +69,7 @@ impl Coordinator {
             .await
         {
             Ok(timeline) => {
-                self.memory.fenced[node] = false;
-                self.fence_reasons[node] = None;
-                self.fence_attempts[node] = None;
-                // Its last observations are from its primary days: start afresh, and ignore
-                // probes that began before now.
-                self.board[node] = NodeHealth::default();
-                self.stale_before[node] = Some(std::time::Instant::now());
-                self.proxy.nudges.nudge(node);
-                self.evaluate().await;
+                self.rejoined(node).await;
                 let took = began.elapsed();
                 info!(node = %name, ?took, "failback done");
                 Ok(Done {
@@ -88,6 +80,7 @@ impl Coordinator {
                         self.name(primary)
                     ),
                     dry_run: None,
+                    write_pause_ms: None,
                 })
             }
             Err(refusal) => {
@@ -98,7 +91,7 @@ impl Coordinator {
     }
 
     /// The node-side steps of `failback`; the primary's timeline on success.
-    async fn failback_steps(
+    pub(super) async fn failback_steps(
         &self,
         node: NodeId,
         primary: NodeId,
@@ -211,6 +204,18 @@ impl Coordinator {
             format!("streams from {} on timeline {timeline}", self.name(primary)),
         );
         Ok(timeline)
+    }
+
+    /// `node` streams as a standby again: its fence is cleared and its observations from its
+    /// primary days are forgotten (probes that began before now are ignored).
+    pub(super) async fn rejoined(&mut self, node: NodeId) {
+        self.memory.fenced[node] = false;
+        self.fence_reasons[node] = None;
+        self.fence_attempts[node] = None;
+        self.board[node] = NodeHealth::default();
+        self.stale_before[node] = Some(std::time::Instant::now());
+        self.proxy.nudges.nudge(node);
+        self.evaluate().await;
     }
 
     fn control_refusal(&self, name: &str, action: &str, e: &ControlError) -> Refusal {

@@ -14,6 +14,7 @@ mod failback;
 mod followers;
 mod following;
 mod promote;
+mod switchover;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use tracing::{error, info, warn};
 
 pub use assess::Memory;
 pub use control::{channel, Events, Handle, Inbox, NodeView, Reply};
+pub use switchover::DEFAULT_DRAIN;
 
 use crate::config::Config;
 use crate::health::{NodeHealth, Report};

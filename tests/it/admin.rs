@@ -322,7 +322,7 @@ async fn every_verb_answers_json_with_its_exit_code_and_detach_takes_a_node_out_
     let healthy = cli(admin, None, &["promote", "pg2", "--json"])
         .await
         .refusal();
-    assert!(healthy.refused.contains("switchover"), "{healthy:?}");
+    assert!(healthy.refused.contains("no node control"), "{healthy:?}");
     let primary = cli(admin, None, &["detach", "pg1", "--json"])
         .await
         .refusal();

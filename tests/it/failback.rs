@@ -18,10 +18,10 @@ use crate::support::writer::tick_ids;
 use crate::support::{eventually, in_recovery, node_psql, test_cluster};
 
 /// Bound on one failback on a loaded machine (the target is 5 s; the figure is printed).
-const FAILBACK: Duration = Duration::from_secs(120);
+pub(crate) const FAILBACK: Duration = Duration::from_secs(120);
 
 /// Gives every node of the test cluster the local node control.
-fn local_control(config: &mut Config, data_dirs: &[PathBuf], bin_dir: &std::path::Path) {
+pub(crate) fn local_control(config: &mut Config, data_dirs: &[PathBuf], bin_dir: &std::path::Path) {
     for (node, data_dir) in config.nodes.iter_mut().zip(data_dirs) {
         node.control = Some(NodeControlConfig {
             data_dir: data_dir.clone(),
@@ -34,9 +34,9 @@ fn local_control(config: &mut Config, data_dirs: &[PathBuf], bin_dir: &std::path
 
 /// Stops, when dropped, the server pgvigil started on `data_dir` (the test cluster does not
 /// know about it: its own process for that node was killed).
-struct StopOnDrop {
-    bin_dir: PathBuf,
-    data_dir: PathBuf,
+pub(crate) struct StopOnDrop {
+    pub(crate) bin_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
 }
 
 impl Drop for StopOnDrop {

@@ -23,5 +23,6 @@ mod repoint;
 mod routing;
 mod session_survival;
 mod support;
+mod switchover;
 mod tls;
 mod write_connection;
