@@ -7,8 +7,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::Coordinator;
 use crate::admin::api::{Command, Done, Event, Refusal};
 use crate::health::NodeHealth;
+use crate::topology::NodeId;
 
 /// Events kept for `GET /status`; older ones are dropped (issue 12 keeps them in a log).
 const EVENTS_KEPT: usize = 200;
@@ -120,5 +122,34 @@ impl Handle {
     /// The coordinator's latest view of every node.
     pub fn view(&self) -> Arc<Vec<NodeView>> {
         self.view.borrow().clone()
+    }
+}
+
+/// What the coordinator records for status: fences with their reasons, and its view.
+impl Coordinator {
+    /// Fences `node` (remembered and saved with the next topology), recording why.
+    pub(super) fn fence(&mut self, node: NodeId, reason: String) {
+        if !self.memory.fenced[node] || self.fence_reasons[node].is_none() {
+            self.events
+                .push(Some(self.name(node)), format!("fenced: {reason}"));
+            self.fence_reasons[node] = Some(reason);
+        }
+        self.memory.fenced[node] = true;
+    }
+
+    /// Publishes what status shows of each node beyond its role.
+    pub(super) fn publish_view(&self) {
+        let view = (0..self.board.len())
+            .map(|node| NodeView {
+                health: self.board[node].clone(),
+                fenced: self.memory.fenced[node].then(|| {
+                    self.fence_reasons[node]
+                        .clone()
+                        .unwrap_or_else(|| "fenced before pgvigil restarted (state file)".into())
+                }),
+                detached: self.detached[node],
+            })
+            .collect();
+        self.view.send_replace(Arc::new(view));
     }
 }

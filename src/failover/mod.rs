@@ -479,32 +479,6 @@ impl Coordinator {
         });
     }
 
-    /// Fences `node` (remembered and saved with the next topology), recording why.
-    fn fence(&mut self, node: NodeId, reason: String) {
-        if !self.memory.fenced[node] || self.fence_reasons[node].is_none() {
-            self.events
-                .push(Some(self.name(node)), format!("fenced: {reason}"));
-            self.fence_reasons[node] = Some(reason);
-        }
-        self.memory.fenced[node] = true;
-    }
-
-    /// Publishes what status shows of each node beyond its role.
-    fn publish_view(&self) {
-        let view = (0..self.board.len())
-            .map(|node| NodeView {
-                health: self.board[node].clone(),
-                fenced: self.memory.fenced[node].then(|| {
-                    self.fence_reasons[node]
-                        .clone()
-                        .unwrap_or_else(|| "fenced before pgvigil restarted (state file)".into())
-                }),
-                detached: self.detached[node],
-            })
-            .collect();
-        self.view.send_replace(Arc::new(view));
-    }
-
     /// Publishes the next topology when it differs from the current one, saving the state first.
     /// A detached node that would be usable is shown as detached: nothing is routed to it.
     fn publish(&mut self, roles: &[Role], suspect: &[bool], primary: Primary) {
