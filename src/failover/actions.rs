@@ -256,7 +256,7 @@ const IN_FLIGHT: &str = "SELECT pid FROM pg_stat_activity WHERE backend_type = '
     AND coalesce(application_name, '') NOT LIKE 'pgvigil%'";
 
 /// Waits at most `limit` for the transactions in flight on `node` to end, then terminates those
-/// left (their clients get 57P01); returns how many were terminated.
+/// left (`pg_terminate_backend`: their sessions end); returns how many were terminated.
 pub async fn drain(config: &Config, node: NodeId, limit: Duration) -> Result<usize, ActionError> {
     let client = bounded(config.health.timeout * 2, async {
         Ok(admin_connect(config, node, "pgvigil switchover").await?)

@@ -125,3 +125,63 @@ async fn switchover_there_and_back_under_writers_loses_no_acknowledged_write() {
         tick_ids(&scene.cluster, 2).contains(&-8)
     });
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_open_past_the_drain_timeout_is_ended_and_the_switchover_goes_on() {
+    let cluster = test_cluster(1);
+    let data_dirs: Vec<PathBuf> = cluster.nodes().iter().map(|n| n.data_dir.clone()).collect();
+    let bin_dir = cluster.bin_dir().to_path_buf();
+    let scene = Scene::start(cluster, |config| {
+        local_control(config, &data_dirs, &bin_dir);
+    })
+    .await;
+    let _stop = StopOnDrop {
+        bin_dir: bin_dir.clone(),
+        data_dir: data_dirs[0].clone(),
+    };
+    let open = scene.proxy.connect_app().await;
+    open.batch_execute("BEGIN; INSERT INTO ticks (id) VALUES (-9)")
+        .await
+        .unwrap();
+    let asked = Instant::now();
+    let done: Done = cli(
+        scene.proxy.running.admin_addr,
+        None,
+        &["switchover", "--drain-timeout", "1s", "--json"],
+    )
+    .await
+    .exits(0)
+    .json();
+    let took = asked.elapsed();
+    println!(
+        "switchover with a transaction left open: {} ({took:?})",
+        done.message
+    );
+    assert!(
+        took >= Duration::from_secs(1),
+        "the drain did not wait: {took:?}"
+    );
+    assert_eq!(scene.topology().primary, Primary::Known(1));
+    let error = open
+        .batch_execute("COMMIT")
+        .await
+        .expect_err("the open transaction survived the switchover");
+    println!("the open transaction got: {error}");
+    assert!(!tick_ids(&scene.cluster, 1).contains(&-9));
+    let status: pgvigil::admin::api::Status =
+        cli(scene.proxy.running.admin_addr, None, &["status", "--json"])
+            .await
+            .exits(0)
+            .json();
+    assert!(
+        status
+            .events
+            .iter()
+            .any(|e| e.message.contains("transactions still running")),
+        "{:?}",
+        status.events
+    );
+    scene
+        .writer
+        .wait_for_acks_after(Instant::now(), 10, PATIENCE);
+}
