@@ -104,13 +104,13 @@ impl Coordinator {
     }
 
     async fn attach(&mut self, node: NodeId) -> Reply {
-        if !self.detached[node] {
+        if !self.memory.detached[node] {
             return Err(Refusal::new(
                 format!("{} is not detached", self.name(node)),
                 format!("nothing to do; {SEE_STATUS}"),
             ));
         }
-        self.detached[node] = false;
+        self.memory.detached[node] = false;
         self.evaluate().await;
         Ok(done(format!(
             "{} attached: it takes reads and may be promoted again",
@@ -119,7 +119,7 @@ impl Coordinator {
     }
 
     async fn detach(&mut self, node: NodeId) -> Reply {
-        if self.detached[node] {
+        if self.memory.detached[node] {
             return Err(Refusal::new(
                 format!("{} is already detached", self.name(node)),
                 format!("`pgvigil attach {}` puts it back", self.name(node)),
@@ -134,7 +134,7 @@ impl Coordinator {
                 "promote another node first, then detach this one",
             ));
         }
-        self.detached[node] = true;
+        self.memory.detached[node] = true;
         self.evaluate().await;
         Ok(done(format!(
             "{} detached: no reads, never promoted, still probed; `pgvigil attach {}` puts it back",
@@ -277,7 +277,7 @@ impl Coordinator {
                     Some("no_promote is set".to_owned())
                 } else if self.memory.fenced[node] {
                     Some("fenced".to_owned())
-                } else if self.detached[node] {
+                } else if self.memory.detached[node] {
                     Some("detached".to_owned())
                 } else {
                     match reading {
@@ -334,7 +334,7 @@ impl Coordinator {
     /// `roles` with detached nodes shown as detached, as the topology shows them.
     pub(super) fn candidate_roles(&self, mut roles: Vec<Role>) -> Vec<Role> {
         for (node, role) in roles.iter_mut().enumerate() {
-            if self.detached[node] && role.is_usable() {
+            if self.memory.detached[node] && role.is_usable() {
                 *role = Role::Detached;
             }
         }

@@ -147,7 +147,7 @@ impl Coordinator {
                         .clone()
                         .unwrap_or_else(|| "fenced before pgvigil restarted (state file)".into())
                 }),
-                detached: self.detached[node],
+                detached: self.memory.detached[node],
             })
             .collect();
         self.view.send_replace(Arc::new(view));

@@ -55,6 +55,14 @@ pub fn restore(config: &Config) -> Result<(Memory, u64), StateError> {
     };
     let id = |name: &str| config.nodes.iter().position(|n| n.name == name);
     memory.primary = state.primary.as_deref().and_then(id);
+    for name in &state.detached {
+        match id(name) {
+            Some(node) => memory.detached[node] = true,
+            None => {
+                warn!(node = %name, "the state file detaches a node the configuration no longer has")
+            }
+        }
+    }
     for name in &state.fenced {
         match id(name) {
             Some(node) => memory.fenced[node] = true,
@@ -157,8 +165,6 @@ struct Coordinator {
     memory: Memory,
     /// Why each fenced node was fenced (None for a fence restored from the state file).
     fence_reasons: Vec<Option<String>>,
-    /// Nodes an operator took out of routing and candidacy (`pgvigil detach`).
-    detached: Vec<bool>,
     /// Where the per-node view for status goes.
     view: tokio::sync::watch::Sender<Arc<Vec<NodeView>>>,
     /// The recent events, for status.
@@ -196,7 +202,6 @@ impl Coordinator {
         Coordinator {
             publisher,
             fence_reasons: vec![None; nodes],
-            detached: vec![false; nodes],
             view,
             events,
             state_file: proxy
@@ -486,7 +491,7 @@ impl Coordinator {
             .iter()
             .enumerate()
             .map(|(node, &role)| match role {
-                Role::Primary | Role::Standby if self.detached[node] => Role::Detached,
+                Role::Primary | Role::Standby if self.memory.detached[node] => Role::Detached,
                 role => role,
             })
             .collect();
@@ -531,6 +536,10 @@ impl Coordinator {
             primary: self.memory.primary.map(|n| self.name(n).to_owned()),
             fenced: (0..self.memory.fenced.len())
                 .filter(|&n| self.memory.fenced[n])
+                .map(|n| self.name(n).to_owned())
+                .collect(),
+            detached: (0..self.memory.detached.len())
+                .filter(|&n| self.memory.detached[n])
                 .map(|n| self.name(n).to_owned())
                 .collect(),
             promoting: self
@@ -581,6 +590,7 @@ mod tests {
             generation: 7,
             primary: Some("pg1".into()),
             fenced: vec!["pg1".into()],
+            detached: vec!["pg3".into()],
             promoting: Some(record),
             last_promotion: None,
         };
@@ -607,6 +617,7 @@ mod tests {
         assert_eq!((promoting.node, promoting.old_primary), (1, 0));
         assert_eq!(promoting.loss(), 0x100);
         assert_eq!(memory.fenced, [true, false, false]);
+        assert_eq!(memory.detached, [false, false, true]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

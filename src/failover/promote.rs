@@ -230,8 +230,8 @@ impl Coordinator {
         let mut readings = Vec::new();
         let mut reads = JoinSet::new();
         // Fenced and detached nodes are out of the running and not even read.
-        let candidates =
-            (0..roles.len()).filter(|&n| n != old && !self.memory.fenced[n] && !self.detached[n]);
+        let candidates = (0..roles.len())
+            .filter(|&n| n != old && !self.memory.fenced[n] && !self.memory.detached[n]);
         for node in candidates {
             match roles[node] {
                 Role::Standby => {

@@ -505,3 +505,32 @@ async fn a_command_sent_during_a_promotion_waits_for_the_step_and_is_refused_whi
         .exits(0);
     assert_eq!(role(&scene.proxy, other), Role::Detached);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_detached_node_stays_detached_when_pgvigil_restarts() {
+    let cluster = test_cluster(1);
+    let proxy = start_proxy(&cluster, fast_health).await;
+    settled(&proxy).await;
+    cli(proxy.running.admin_addr, None, &["detach", "pg2", "--json"])
+        .await
+        .exits(0);
+    proxy.running.shutdown().await;
+
+    let proxy = start_proxy(&cluster, fast_health).await;
+    until("the restarted pgvigil sees the primary", || async {
+        matches!(
+            proxy.running.proxy.topology.load().primary,
+            Primary::Known(0)
+        )
+    })
+    .await;
+    until("pg2 is shown detached", || async {
+        role(&proxy, 1) == Role::Detached
+    })
+    .await;
+    let ports = read_ports(&proxy, 10).await;
+    assert!(!ports.contains(&cluster.node(1).port), "{ports:?}");
+    cli(proxy.running.admin_addr, None, &["attach", "pg2", "--json"])
+        .await
+        .exits(0);
+}
