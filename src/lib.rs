@@ -13,6 +13,7 @@ pub mod failover;
 pub mod health;
 pub mod listener;
 pub mod local_cluster;
+pub mod metrics;
 pub mod node_control;
 pub mod pool;
 pub mod proxy;

@@ -76,6 +76,8 @@ pub struct Proxy {
     pub functions: pgvigil_proto::classify::FunctionLists,
     /// Spreads reads over the nodes that may take them.
     pub balancer: crate::balance::Balancer,
+    /// The Prometheus metrics served at `/metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Proxy {
@@ -120,6 +122,13 @@ impl Proxy {
             nudges: Arc::new(health::Nudges::new(config.nodes.len())),
             functions: config.function_lists(),
             balancer: crate::balance::Balancer::new(config.nodes.len()),
+            metrics: crate::metrics::Metrics::new(
+                &config
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.clone())
+                    .collect::<Vec<_>>(),
+            ),
             config: Arc::new(config),
         };
         Ok((proxy, publisher))
@@ -327,7 +336,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (reports, received) = tokio::sync::mpsc::channel(4 * proxy.config.nodes.len().max(1));
     for node in 0..proxy.config.nodes.len() {
         tasks.spawn(health::probe_node(
-            proxy.config.clone(),
+            proxy.clone(),
             node,
             proxy.nudges.clone(),
             reports.clone(),

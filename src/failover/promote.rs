@@ -159,6 +159,7 @@ impl Coordinator {
             self.name(new)
         );
         self.fence(old, reason);
+        self.proxy.metrics.failover_done();
         self.events.push(
             Some(self.name(new)),
             format!(

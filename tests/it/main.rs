@@ -13,6 +13,7 @@ mod failback;
 mod failover;
 mod failover_safety;
 mod lost_transaction;
+mod metrics;
 mod passthrough;
 mod pgbench;
 mod pooling;
