@@ -227,11 +227,9 @@ fn check_errors(
     }
 }
 
-/// The table: one line per round and a total.
-pub fn table(reports: &[RoundReport]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
+/// The table's header line.
+pub fn header() -> String {
+    format!(
         "{:>5}  {:<20} {:>6} {:>5} {:>5} {:>6} {:>8} {:>7} {:>5} {:>7}  {:<7} verdict",
         "round",
         "fault",
@@ -244,28 +242,39 @@ pub fn table(reports: &[RoundReport]) -> String {
         "t/o",
         "no_sqls",
         "primary"
-    );
+    )
+}
+
+/// One round's line of the table.
+pub fn row(r: &RoundReport) -> String {
+    let verdict = if r.violations.is_empty() {
+        "ok"
+    } else {
+        "VIOLATION"
+    };
+    format!(
+        "{:>5}  {:<20} {:>6} {:>5} {:>5} {:>6} {:>8.2} {:>7} {:>5} {:>7}  {:<7} {verdict}",
+        r.round,
+        r.fault,
+        r.acknowledged,
+        r.lost,
+        r.torn,
+        r.split_brain_windows,
+        r.longest_gap.as_secs_f64(),
+        r.sqlstate_errors,
+        r.timeouts,
+        r.no_sqlstate,
+        r.primary,
+    )
+}
+
+/// The table: one line per round and a total.
+pub fn table(reports: &[RoundReport]) -> String {
+    let mut out = header();
+    out.push('\n');
     for r in reports {
-        let _ = writeln!(
-            out,
-            "{:>5}  {:<20} {:>6} {:>5} {:>5} {:>6} {:>8.2} {:>7} {:>5} {:>7}  {:<7} {}",
-            r.round,
-            r.fault,
-            r.acknowledged,
-            r.lost,
-            r.torn,
-            r.split_brain_windows,
-            r.longest_gap.as_secs_f64(),
-            r.sqlstate_errors,
-            r.timeouts,
-            r.no_sqlstate,
-            r.primary,
-            if r.violations.is_empty() {
-                "ok"
-            } else {
-                "VIOLATION"
-            }
-        );
+        out.push_str(&row(r));
+        out.push('\n');
     }
     let failed = reports.iter().filter(|r| !r.violations.is_empty()).count();
     let longest = reports

@@ -198,14 +198,12 @@ async fn write(
     conninfo: &str,
     id: i64,
 ) -> Result<u16, tokio_postgres::Error> {
-    if client.as_ref().is_none_or(Client::is_closed) {
+    if client.as_ref().is_some_and(Client::is_closed) {
         *client = None;
-        let (fresh, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
-        tokio::spawn(connection);
-        *client = Some(fresh);
     }
-    let Some(client) = client.as_ref() else {
-        unreachable!("a client was just set");
+    let client = match client {
+        Some(client) => client,
+        None => client.insert(connect(conninfo).await?),
     };
     match source {
         Source::Writer => {
@@ -223,6 +221,13 @@ async fn write(
             Ok(port)
         }
     }
+}
+
+async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
+    // The task ends when the client is dropped or the connection breaks.
+    tokio::spawn(connection);
+    Ok(client)
 }
 
 /// The port in the first row of a `RETURNING port`; 0 (no node) if the answer had none.

@@ -126,13 +126,7 @@ pub async fn run(plan: Plan) -> Result<Vec<RoundReport>, SoakError> {
     let mut reports = Vec::with_capacity(plan.schedule.len());
     for (round, &kind) in (1..).zip(&plan.schedule) {
         let report = soak.round(round, kind).await;
-        println!(
-            "{}",
-            check::table(std::slice::from_ref(&report))
-                .lines()
-                .nth(1)
-                .unwrap_or("")
-        );
+        println!("{}", check::row(&report));
         for violation in &report.violations {
             println!("  round {round}: {violation}");
         }
@@ -154,7 +148,7 @@ struct Soak {
     relays: Vec<Relay>,
     config: Config,
     proxy: Option<Running>,
-    load: Option<Load>,
+    load: Load,
     /// When pgvigil was down: from the start of a shutdown to the end of the start after it.
     restarts: Vec<(Instant, Instant)>,
     rng: StdRng,
@@ -190,17 +184,12 @@ impl Soak {
         config.health.interval = Duration::from_secs(1);
         config.health.failures = 2;
         config.health.timeout = Duration::from_secs(1);
-        let mut soak = Soak {
-            cluster,
-            relays,
-            config,
-            proxy: None,
-            load: None,
-            restarts: Vec::new(),
-            rng: StdRng::seed_from_u64(plan.seed),
-        };
-        soak.start_pgvigil().await?;
-        let conninfo = soak.conninfo();
+        let running = pgvigil::proxy::start(config.clone())
+            .await
+            .map_err(|e| SoakError::Pgvigil(e.to_string()))?;
+        // Restarts listen where the clients already connect.
+        config.listen = running.local_addr;
+        let conninfo = conninfo(&config);
         let (client, connection) = tokio_postgres::connect(&conninfo, NoTls)
             .await
             .map_err(|e| SoakError::Setup(e.to_string()))?;
@@ -209,24 +198,24 @@ impl Soak {
             .batch_execute(load::SCHEMA)
             .await
             .map_err(|e| SoakError::Setup(e.to_string()))?;
-        soak.load = Some(Load::start(&conninfo));
+        let soak = Soak {
+            cluster,
+            relays,
+            config,
+            proxy: Some(running),
+            load: Load::start(&conninfo),
+            restarts: Vec::new(),
+            rng: StdRng::seed_from_u64(plan.seed),
+        };
         soak.wait_streaming(0)?;
         Ok(soak)
     }
 
-    fn conninfo(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB}",
-            self.config.listen.port()
-        )
-    }
-
-    /// Starts pgvigil; the first start picks a free port, later ones reuse it.
+    /// Starts pgvigil again on its port.
     async fn start_pgvigil(&mut self) -> Result<(), SoakError> {
         let running = pgvigil::proxy::start(self.config.clone())
             .await
             .map_err(|e| SoakError::Pgvigil(e.to_string()))?;
-        self.config.listen = running.local_addr;
         self.proxy = Some(running);
         Ok(())
     }
@@ -249,13 +238,6 @@ impl Soak {
         let started = self.start_pgvigil().await;
         self.restarts.push((down, Instant::now()));
         started
-    }
-
-    fn load(&self) -> &Load {
-        match &self.load {
-            Some(load) => load,
-            None => unreachable!("the load runs from start to stop"),
-        }
     }
 
     /// The node pgvigil routes writes to, if it has one.
@@ -304,7 +286,7 @@ impl Soak {
             return report;
         };
         if !self
-            .eventually(PATIENCE, |s| s.load().writer_acks_after(began) >= FLOWING)
+            .eventually(PATIENCE, |s| s.load.writer_acks_after(began) >= FLOWING)
             .await
         {
             report
@@ -316,7 +298,7 @@ impl Soak {
         tracing::info!(round, fault = %report.fault, "chaos: fault over");
         let after = Instant::now();
         if !self
-            .eventually(PATIENCE, |s| s.load().writer_acks_after(after) >= FLOWING)
+            .eventually(PATIENCE, |s| s.load.writer_acks_after(after) >= FLOWING)
             .await
         {
             report.violations.push(format!(
@@ -339,7 +321,7 @@ impl Soak {
             return report;
         };
         report.primary = self.name(now_primary);
-        let log = self.load().log();
+        let log = self.load.log();
         match self.found(now_primary) {
             Ok(found) => check_round(&mut report, &log, &found, began, &self.restarts),
             Err(e) => report
@@ -518,16 +500,29 @@ impl Soak {
         }
     }
 
-    async fn stop(mut self) {
-        if let Some(load) = self.load.take() {
-            load.stop().await;
-        }
-        if let Some(running) = self.proxy.take() {
+    async fn stop(self) {
+        let Soak {
+            cluster,
+            relays,
+            proxy,
+            load,
+            ..
+        } = self;
+        load.stop().await;
+        if let Some(running) = proxy {
             running.shutdown().await;
         }
         // Dropping the relays and the cluster (thawing, stopping, deleting) blocks.
-        blocking(move || drop(self));
+        blocking(move || drop((relays, cluster)));
     }
+}
+
+/// The connection string of the load: pgvigil, as `app`.
+fn conninfo(config: &Config) -> String {
+    format!(
+        "host=127.0.0.1 port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB}",
+        config.listen.port()
+    )
 }
 
 /// Runs blocking cluster work on this worker thread without stalling the load's tasks (they
