@@ -17,9 +17,12 @@
 # pg_basebackup, and pgvigil restarts with an empty state file when it had fenced a node (there is
 # no failback command yet), so that every round starts from three healthy nodes.
 # Prints one line per round, then the table (round, fault, acked, lost, torn, split-brain
-# windows, longest gap between two writer acks, errors with SQLSTATE, client time-outs, errors
-# without SQLSTATE, primary after the round); exits 1 on any violation, 2 if the soak could not
-# run. The rules are spelled out in benches/chaos/soak/check.rs.
+# windows through pgvigil, 2w_n/s: windows and seconds in which two nodes accepted writes when
+# asked directly every 200 ms (a thawed old primary until pgvigil fences it; measured, not a
+# violation), longest gap between two writer acks, errors with SQLSTATE, client time-outs (15 s
+# without an answer), errors without SQLSTATE, primary after the round); exits 1 on any
+# violation, 2 if the soak could not run. The rules are spelled out in
+# benches/chaos/soak/check.rs.
 #
 # Usage: benches/chaos.sh          (as root: the servers run as `postgres`)
 #   ROUNDS=30        rounds

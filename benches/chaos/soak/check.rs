@@ -41,6 +41,11 @@ pub struct RoundReport {
     pub torn: usize,
     /// Runs of acks that broke the one-node rule.
     pub split_brain_windows: usize,
+    /// Times two nodes accepted writes at once, asked directly (not a violation by itself:
+    /// see `watch`).
+    pub two_writable_windows: usize,
+    /// How long they did in all.
+    pub two_writable: Duration,
     /// Longest time between two consecutive writer acks in the round.
     pub longest_gap: Duration,
     /// Errors with a SQLSTATE.
@@ -230,13 +235,14 @@ fn check_errors(
 /// The table's header line.
 pub fn header() -> String {
     format!(
-        "{:>5}  {:<20} {:>6} {:>5} {:>5} {:>6} {:>8} {:>7} {:>5} {:>7}  {:<7} verdict",
+        "{:>5}  {:<20} {:>6} {:>5} {:>5} {:>6} {:>9} {:>8} {:>7} {:>5} {:>7}  {:<7} verdict",
         "round",
         "fault",
         "acked",
         "lost",
         "torn",
         "split",
+        "2w_n/s",
         "gap_s",
         "sqlerr",
         "t/o",
@@ -253,13 +259,18 @@ pub fn row(r: &RoundReport) -> String {
         "VIOLATION"
     };
     format!(
-        "{:>5}  {:<20} {:>6} {:>5} {:>5} {:>6} {:>8.2} {:>7} {:>5} {:>7}  {:<7} {verdict}",
+        "{:>5}  {:<20} {:>6} {:>5} {:>5} {:>6} {:>9} {:>8.2} {:>7} {:>5} {:>7}  {:<7} {verdict}",
         r.round,
         r.fault,
         r.acknowledged,
         r.lost,
         r.torn,
         r.split_brain_windows,
+        format!(
+            "{}/{:.1}",
+            r.two_writable_windows,
+            r.two_writable.as_secs_f64()
+        ),
         r.longest_gap.as_secs_f64(),
         r.sqlstate_errors,
         r.timeouts,
@@ -284,13 +295,22 @@ pub fn table(reports: &[RoundReport]) -> String {
         .unwrap_or_default();
     let _ = writeln!(
         out,
-        "total: {} rounds, {} acknowledged, {} lost, {} torn, {} split-brain windows, longest \
+        "total: {} rounds, {} acknowledged, {} lost, {} torn, {} split-brain windows through \
+         pgvigil, two nodes writable (asked directly) for {:.1} s in {} windows, longest \
          write gap {:.2} s, {} errors without SQLSTATE, {} rounds with violations",
         reports.len(),
         reports.iter().map(|r| r.acknowledged).sum::<usize>(),
         reports.iter().map(|r| r.lost).max().unwrap_or(0),
         reports.iter().map(|r| r.torn).max().unwrap_or(0),
         reports.iter().map(|r| r.split_brain_windows).sum::<usize>(),
+        reports
+            .iter()
+            .map(|r| r.two_writable.as_secs_f64())
+            .sum::<f64>(),
+        reports
+            .iter()
+            .map(|r| r.two_writable_windows)
+            .sum::<usize>(),
         longest.as_secs_f64(),
         reports.iter().map(|r| r.no_sqlstate).sum::<usize>(),
         failed

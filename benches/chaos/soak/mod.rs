@@ -11,6 +11,7 @@
 
 pub mod check;
 pub mod load;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ use tokio_postgres::NoTls;
 use super::relay::Relay;
 use check::{check_round, Found, RoundReport};
 use load::Load;
+use watch::Watcher;
 
 /// Writer acks that show writes flow (before a fault, and after it to call writes resumed).
 const FLOWING: usize = 25;
@@ -149,6 +151,8 @@ struct Soak {
     config: Config,
     proxy: Option<Running>,
     load: Load,
+    /// Asks the nodes directly which accept writes.
+    watcher: Watcher,
     /// When pgvigil was down: from the start of a shutdown to the end of the start after it.
     restarts: Vec<(Instant, Instant)>,
     rng: StdRng,
@@ -198,12 +202,14 @@ impl Soak {
             .batch_execute(load::SCHEMA)
             .await
             .map_err(|e| SoakError::Setup(e.to_string()))?;
+        let watcher = Watcher::start(cluster.nodes().iter().map(|n| n.port).collect());
         let soak = Soak {
             cluster,
             relays,
             config,
             proxy: Some(running),
             load: Load::start(&conninfo),
+            watcher,
             restarts: Vec::new(),
             rng: StdRng::seed_from_u64(plan.seed),
         };
@@ -321,6 +327,8 @@ impl Soak {
             return report;
         };
         report.primary = self.name(now_primary);
+        (report.two_writable_windows, report.two_writable) =
+            watch::two_writable(&self.watcher.since(began));
         let log = self.load.log();
         match self.found(now_primary) {
             Ok(found) => check_round(&mut report, &log, &found, began, &self.restarts),
@@ -506,9 +514,11 @@ impl Soak {
             relays,
             proxy,
             load,
+            watcher,
             ..
         } = self;
         load.stop().await;
+        watcher.stop().await;
         if let Some(running) = proxy {
             running.shutdown().await;
         }
