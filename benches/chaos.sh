@@ -60,6 +60,8 @@ fi
 
 # Short: the cluster's Unix sockets live in it (107 bytes at most).
 work=$(mktemp -d /tmp/chaos.XXXXXX)
+# The servers run as `postgres` and must reach the cluster directory inside.
+chmod 0711 "$work"
 cleanup() {
     if [[ -n $KEEP ]]; then
         say "kept $work"
