@@ -50,6 +50,8 @@ pub struct RoundReport {
     pub longest_gap: Duration,
     /// Errors with a SQLSTATE.
     pub sqlstate_errors: usize,
+    /// How many of them had each SQLSTATE.
+    pub sqlstates: BTreeMap<String, usize>,
     /// Attempts the client abandoned after its deadline.
     pub timeouts: usize,
     /// Errors without SQLSTATE outside pgvigil's restarts.
@@ -209,7 +211,10 @@ fn check_errors(
     let mut examples = Vec::new();
     for error in log.errors.iter().filter(|e| e.at >= began) {
         match &error.failure {
-            Failure::Sqlstate(..) => report.sqlstate_errors += 1,
+            Failure::Sqlstate(code, _) => {
+                report.sqlstate_errors += 1;
+                *report.sqlstates.entry(code.clone()).or_default() += 1;
+            }
             Failure::Timeout => report.timeouts += 1,
             Failure::NoSqlstate(text) => {
                 let excused = restarts

@@ -129,6 +129,12 @@ pub async fn run(plan: Plan) -> Result<Vec<RoundReport>, SoakError> {
     for (round, &kind) in (1..).zip(&plan.schedule) {
         let report = soak.round(round, kind).await;
         println!("{}", check::row(&report));
+        if !report.sqlstates.is_empty() {
+            println!(
+                "  round {round}: SQLSTATEs the clients got: {:?}",
+                report.sqlstates
+            );
+        }
         for violation in &report.violations {
             println!("  round {round}: {violation}");
         }
@@ -148,6 +154,10 @@ struct Soak {
     cluster: LocalCluster,
     /// One relay per node; pgvigil's config names the relays' ports.
     relays: Vec<Relay>,
+    /// The clients' way to pgvigil: a restart resets it, so that their connections close as
+    /// they would when a pgvigil process dies (an in-process shutdown leaves open sessions
+    /// running on the old instance, with a topology nobody updates any more).
+    front: Relay,
     config: Config,
     proxy: Option<Running>,
     load: Load,
@@ -191,9 +201,10 @@ impl Soak {
         let running = pgvigil::proxy::start(config.clone())
             .await
             .map_err(|e| SoakError::Pgvigil(e.to_string()))?;
-        // Restarts listen where the clients already connect.
+        // Restarts listen where the front relay forwards.
         config.listen = running.local_addr;
-        let conninfo = conninfo(&config);
+        let front = Relay::start(running.local_addr);
+        let conninfo = conninfo(front.port());
         let (client, connection) = tokio_postgres::connect(&conninfo, NoTls)
             .await
             .map_err(|e| SoakError::Setup(e.to_string()))?;
@@ -206,6 +217,7 @@ impl Soak {
         let soak = Soak {
             cluster,
             relays,
+            front,
             config,
             proxy: Some(running),
             load: Load::start(&conninfo),
@@ -232,6 +244,7 @@ impl Soak {
         if let Some(running) = self.proxy.take() {
             running.shutdown().await;
         }
+        self.front.reset();
         if forget {
             if let Some(dir) = &self.config.failover.state_dir {
                 if dir.exists() {
@@ -512,6 +525,7 @@ impl Soak {
         let Soak {
             cluster,
             relays,
+            front,
             proxy,
             load,
             watcher,
@@ -523,16 +537,13 @@ impl Soak {
             running.shutdown().await;
         }
         // Dropping the relays and the cluster (thawing, stopping, deleting) blocks.
-        blocking(move || drop((relays, cluster)));
+        blocking(move || drop((front, relays, cluster)));
     }
 }
 
-/// The connection string of the load: pgvigil, as `app`.
-fn conninfo(config: &Config) -> String {
-    format!(
-        "host=127.0.0.1 port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB}",
-        config.listen.port()
-    )
+/// The connection string of the load: pgvigil through the front relay on `port`, as `app`.
+fn conninfo(port: u16) -> String {
+    format!("host=127.0.0.1 port={port} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB}")
 }
 
 /// Runs blocking cluster work on this worker thread without stalling the load's tasks (they
