@@ -62,7 +62,7 @@ pub enum FaultKind {
     KillStandby,
     /// pgvigil's path to the primary cut for 2-10 s (the standbys keep streaming), then healed.
     CutPrimaryPath,
-    /// pgvigil shut down and started again with its state file.
+    /// pgvigil shut down and started again with its state file, its clients disconnected.
     RestartPgvigil,
 }
 
