@@ -30,7 +30,8 @@
 #   SEED=            seed of the generator (default: drawn and printed; set it to replay a run)
 #   FAULTS=kill9,freeze,kill-standby,cut,restart   the kinds to draw from
 #   ORDER=random     or in-turn: the kinds of FAULTS one after the other
-#   KEEP=1           keep the work directory (pgvigil's log) instead of deleting it
+#   KEEP=1           keep the work directory (pgvigil's log, the nodes' logs in nodes/) instead of
+#                    deleting it; a run with violations keeps it anyway
 #   CHAOS_BIN        use this binary instead of building the example (release)
 #
 # Runtime: 10-25 s per round (the freeze and cut lengths, failback by re-cloning, pgvigil's
@@ -73,12 +74,12 @@ cleanup() {
 trap cleanup EXIT
 
 args=(--rounds "$ROUNDS" --faults "$FAULTS" --order "$ORDER" --dir "$work/cluster"
-    --log "$work/pgvigil.log")
+    --log "$work/pgvigil.log" --node-logs "$work/nodes")
 [[ -n $SEED ]] && args+=(--seed "$SEED")
 status=0
 "$CHAOS_BIN" "${args[@]}" || status=$?
 if ((status == 1)); then
-    say "violations found; pgvigil's log: $work/pgvigil.log (rounds are marked 'chaos: fault begins')"
+    say "violations found; pgvigil's log: $work/pgvigil.log (rounds are marked 'chaos: fault begins'), the nodes' logs: $work/nodes/"
     KEEP=1
 fi
 exit "$status"

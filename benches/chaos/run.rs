@@ -42,6 +42,9 @@ struct Args {
     /// File receiving pgvigil's log.
     #[arg(long)]
     log: PathBuf,
+    /// Directory receiving a copy of every node's server log at the end.
+    #[arg(long)]
+    node_logs: Option<PathBuf>,
 }
 
 /// How rounds pick their fault.
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
         schedule,
         seed,
         dir: args.dir,
+        node_logs: args.node_logs,
     };
     // Multi-threaded: cluster work blocks a worker while the load runs on the other.
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -22,6 +22,7 @@ async fn a_round_of_every_fault_kind_loses_nothing_and_never_writes_to_two_nodes
         schedule: FaultKind::ALL.to_vec(),
         seed: SEED,
         dir: fresh_base_dir(),
+        node_logs: None,
     };
     let reports = soak::run(plan)
         .await

@@ -97,6 +97,8 @@ pub struct Plan {
     pub seed: u64,
     /// Directory of the cluster (absent or empty, short: Unix socket paths); deleted at the end.
     pub dir: PathBuf,
+    /// Where to copy the nodes' server logs at the end, before the cluster is deleted.
+    pub node_logs: Option<PathBuf>,
 }
 
 /// Why the soak could not run (as opposed to a violation it found).
@@ -145,7 +147,7 @@ pub async fn run(plan: Plan) -> Result<Vec<RoundReport>, SoakError> {
             None => break,
         }
     }
-    soak.stop().await;
+    soak.stop(plan.node_logs.as_deref()).await;
     Ok(reports)
 }
 
@@ -521,7 +523,8 @@ impl Soak {
         }
     }
 
-    async fn stop(self) {
+    /// Stops the load, pgvigil and the nodes, copying the nodes' logs to `node_logs` first.
+    async fn stop(self, node_logs: Option<&std::path::Path>) {
         let Soak {
             cluster,
             relays,
@@ -533,6 +536,20 @@ impl Soak {
         } = self;
         load.stop().await;
         watcher.stop().await;
+        if let Some(dir) = node_logs {
+            for node in cluster.nodes() {
+                let copied = std::fs::create_dir_all(dir).and_then(|()| {
+                    std::fs::copy(node.log_path(), dir.join(format!("{}.log", node.name)))
+                });
+                if let Err(e) = copied {
+                    eprintln!(
+                        "chaos: cannot copy the log of {} to {}: {e}",
+                        node.name,
+                        dir.display()
+                    );
+                }
+            }
+        }
         if let Some(running) = proxy {
             running.shutdown().await;
         }
