@@ -30,6 +30,8 @@
 #   SEED=            seed of the generator (default: drawn and printed; set it to replay a run)
 #   FAULTS=kill9,freeze,kill-standby,cut,restart   the kinds to draw from
 #   ORDER=random     or in-turn: the kinds of FAULTS one after the other
+#   HOLD_MS=MIN-MAX  lengths of freezes and cuts in ms (default 2000-10000; narrow it to aim at a
+#                    moment, e.g. 2800-3200 for a thaw while pgvigil promotes)
 #   KEEP=1           keep the work directory (pgvigil's log, the nodes' logs in nodes/) instead of
 #                    deleting it; a run with violations keeps it anyway
 #   CHAOS_BIN        use this binary instead of building the example (release)
@@ -42,6 +44,7 @@ ROUNDS=${ROUNDS:-30}
 SEED=${SEED:-}
 FAULTS=${FAULTS:-kill9,freeze,kill-standby,cut,restart}
 ORDER=${ORDER:-random}
+HOLD_MS=${HOLD_MS:-}
 KEEP=${KEEP:-}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -76,6 +79,7 @@ trap cleanup EXIT
 args=(--rounds "$ROUNDS" --faults "$FAULTS" --order "$ORDER" --dir "$work/cluster"
     --log "$work/pgvigil.log" --node-logs "$work/nodes")
 [[ -n $SEED ]] && args+=(--seed "$SEED")
+[[ -n $HOLD_MS ]] && args+=(--hold-ms "$HOLD_MS")
 status=0
 "$CHAOS_BIN" "${args[@]}" || status=$?
 if ((status == 1)); then

@@ -42,6 +42,10 @@ struct Args {
     /// File receiving pgvigil's log.
     #[arg(long)]
     log: PathBuf,
+    /// Shortest and longest freeze and cut, in milliseconds, as MIN-MAX (the 2-10 s by
+    /// default; narrow it to aim at a moment, e.g. 2800-3200 for a thaw during the promotion).
+    #[arg(long)]
+    hold_ms: Option<String>,
     /// Directory receiving a copy of every node's server log at the end.
     #[arg(long)]
     node_logs: Option<PathBuf>,
@@ -73,6 +77,11 @@ fn main() -> ExitCode {
         Ok(kinds) => kinds,
         Err(message) => return fail(&message),
     };
+    let hold_ms = match args.hold_ms.as_deref().map(parse_range) {
+        None => soak::HOLD_MS,
+        Some(Some(range)) => range,
+        Some(None) => return fail("--hold-ms: MIN-MAX in milliseconds, MIN <= MAX"),
+    };
     let log = match File::create(&args.log) {
         Ok(file) => file,
         Err(e) => return fail(&format!("cannot create {}: {e}", args.log.display())),
@@ -103,6 +112,7 @@ fn main() -> ExitCode {
         seed,
         dir: args.dir,
         node_logs: args.node_logs,
+        hold_ms,
     };
     // Multi-threaded: cluster work blocks a worker while the load runs on the other.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -131,6 +141,13 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `MIN-MAX` as a range, `None` unless both are numbers and MIN <= MAX.
+fn parse_range(text: &str) -> Option<std::ops::RangeInclusive<u64>> {
+    let (min, max) = text.split_once('-')?;
+    let (min, max) = (min.parse().ok()?, max.parse().ok()?);
+    (min <= max).then_some(min..=max)
 }
 
 fn fail(message: &str) -> ExitCode {

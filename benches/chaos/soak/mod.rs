@@ -44,9 +44,9 @@ const POLL: Duration = Duration::from_millis(100);
 /// How long a standby may take to stream again before it is re-cloned.
 const STREAM_AGAIN: Duration = Duration::from_secs(15);
 
-/// Shortest and longest freeze of the primary, and cut of pgvigil's path to it (the issue's
-/// 2-10 s).
-const HOLD_SECS: std::ops::RangeInclusive<u64> = 2..=10;
+/// Shortest and longest freeze of the primary, and cut of pgvigil's path to it, in
+/// milliseconds: the 2-10 s.
+pub const HOLD_MS: std::ops::RangeInclusive<u64> = 2_000..=10_000;
 
 /// How long a killed standby stays down before it is started again.
 const STANDBY_DOWN: Duration = Duration::from_secs(2);
@@ -99,6 +99,8 @@ pub struct Plan {
     pub dir: PathBuf,
     /// Where to copy the nodes' server logs at the end, before the cluster is deleted.
     pub node_logs: Option<PathBuf>,
+    /// Lengths of freezes and cuts to draw from, in milliseconds (normally [`HOLD_MS`]).
+    pub hold_ms: std::ops::RangeInclusive<u64>,
 }
 
 /// Why the soak could not run (as opposed to a violation it found).
@@ -168,6 +170,7 @@ struct Soak {
     /// When pgvigil was down: from the start of a shutdown to the end of the start after it.
     restarts: Vec<(Instant, Instant)>,
     rng: StdRng,
+    hold_ms: std::ops::RangeInclusive<u64>,
 }
 
 impl Soak {
@@ -226,6 +229,7 @@ impl Soak {
             watcher,
             restarts: Vec::new(),
             rng: StdRng::seed_from_u64(plan.seed),
+            hold_ms: plan.hold_ms.clone(),
         };
         soak.wait_streaming(0)?;
         Ok(soak)
@@ -369,11 +373,11 @@ impl Soak {
                 format!("kill9 {name}")
             }
             FaultKind::FreezePrimary => {
-                let secs = self.rng.random_range(HOLD_SECS);
+                let hold = Duration::from_millis(self.rng.random_range(self.hold_ms.clone()));
                 blocking(|| self.cluster.node_mut(primary).freeze());
-                tokio::time::sleep(Duration::from_secs(secs)).await;
+                tokio::time::sleep(hold).await;
                 blocking(|| self.cluster.node_mut(primary).thaw());
-                format!("freeze {name} {secs}s")
+                format!("freeze {name} {:.1}s", hold.as_secs_f64())
             }
             FaultKind::KillStandby => {
                 let standbys: Vec<usize> = (0..self.cluster.nodes().len())
@@ -390,11 +394,11 @@ impl Soak {
                 }
             }
             FaultKind::CutPrimaryPath => {
-                let secs = self.rng.random_range(HOLD_SECS);
+                let hold = Duration::from_millis(self.rng.random_range(self.hold_ms.clone()));
                 self.relays[primary].cut();
-                tokio::time::sleep(Duration::from_secs(secs)).await;
+                tokio::time::sleep(hold).await;
                 self.relays[primary].heal();
-                format!("cut {name} {secs}s")
+                format!("cut {name} {:.1}s", hold.as_secs_f64())
             }
             FaultKind::RestartPgvigil => match self.restart_pgvigil(false).await {
                 Ok(()) => "restart pgvigil".into(),
