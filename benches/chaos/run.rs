@@ -123,7 +123,19 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
     };
-    match runtime.block_on(soak::run(plan)) {
+    // On SIGINT or SIGTERM the soak is dropped, and with it the cluster: its nodes are thawed,
+    // stopped and deleted instead of outliving this process.
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = soak::run(plan) => Some(outcome),
+            () = pgvigil::signals::stop_requested() => None,
+        }
+    });
+    let Some(outcome) = outcome else {
+        eprintln!("chaos: interrupted (seed {seed})");
+        return ExitCode::from(2);
+    };
+    match outcome {
         Ok(reports) => {
             println!();
             print!("{}", soak::check::table(&reports));
