@@ -16,6 +16,11 @@
 #            within MAX_WAIT s (counted as infinite in the median)
 #   lost     acknowledged ids missing on the new primary (the surviving node not in recovery);
 #            "-" when no node was promoted
+# and, per run, the proxy's own account:
+#   failover pgvigil's "failover complete" log line minus the moment the fault landed (s): the
+#            coordinator's failover time, shown beside each writer's window so that the time a
+#            client waits beyond it is visible; "-" for pgpool-II (its log has whole seconds
+#            only) and when the line is missing
 # Health settings are the same for both proxies: probe every 1 s, 1 s timeout, the node is down
 # after 2 failed probes (pgvigil: health.failures = 2; pgpool-II: health_check_max_retries = 1,
 # i.e. the first check and one retry 1 s later).
@@ -461,7 +466,7 @@ inject() {
     command=kill9
     [[ $fault == sigstop ]] && command=freeze
     echo "$command 0" >&7
-    wait_line "$dir/cluster.out" "^done $command 0\$" 30 "$CLUSTER_PID" ||
+    wait_line "$dir/cluster.out" "^done $command 0( |\$)" 30 "$CLUSTER_PID" ||
         die "the cluster did not inject $fault ($dir)"
     for pid in "${WRITER_PIDS[@]}"; do
         kill -USR1 "$pid"
@@ -515,10 +520,26 @@ measure() {
     echo "$window $lost"
 }
 
+# Prints the coordinator's failover time of the run in directory $1: pgvigil's "failover complete"
+# log line minus the moment the cluster reported the fault landed, in s; "-" when either is
+# missing (pgpool-II's log has whole seconds only: it gets "-" too).
+failover_time() {
+    local dir=$1 stamp complete fault
+    [[ $PROXY_KIND == pgvigil ]] || { echo -; return 0; }
+    # The log's first field is an RFC 3339 UTC time; colour codes, if any, are dropped first.
+    stamp=$(sed 's/\x1b\[[0-9;]*m//g' "$dir/proxy.log" | awk '/failover complete/ { print $1; exit }')
+    fault=$(awk '$1 == "done" && NF == 4 { print $4; exit }' "$dir/cluster.out")
+    if [[ -z $stamp || -z $fault ]] || ! complete=$(date -d "$stamp" +%s.%N 2>/dev/null); then
+        echo -
+        return 0
+    fi
+    awk -v c="$complete" -v f="$fault" 'BEGIN { printf "%.3f\n", c - f }'
+}
+
 # One run: proxy $1, fault $2, replication $3, run number $4; appends one line per writer to
-# RESULTS: proxy fault replication writer run window lost.
+# RESULTS: proxy fault replication writer run window lost failover.
 run_once() {
-    local proxy=$1 fault=$2 repl=$3 run=$4 dir writer port result
+    local proxy=$1 fault=$2 repl=$3 run=$4 dir writer port result failover
     dir=$WORK/$proxy-$fault-$repl-$run
     mkdir -p "$dir"
     chmod 0711 "$dir"
@@ -534,9 +555,11 @@ run_once() {
     inject "$dir" "$fault"
     wait_writers
     port=$(new_primary_port)
+    failover=$(failover_time "$dir")
+    say "$proxy $fault $repl run $run: failover complete $failover s after the fault"
     for writer in "${WRITERS[@]}"; do
         result=$(measure "$dir/writer-$writer.out" "writes_${writer//-/_}" "$port")
-        echo "$proxy $fault $repl $writer $run $result" >>"$RESULTS"
+        echo "$proxy $fault $repl $writer $run $result $failover" >>"$RESULTS"
         say "$proxy $fault $repl run $run: $writer writer: window ${result% *} s, lost acked ${result#* }"
     done
     stop_run_processes
@@ -554,13 +577,15 @@ report() {
     printf '%-8s %-8s %-6s %-10s %5s %10s %10s %10s %8s %9s   %s\n' proxy fault repl writer \
         resumed "median" min max "lost med" "lost max" "windows"
     sort -k1,1 -k2,2 -k3,3 -k4,4 -k5,5n "$RESULTS" | awk -v max_wait="$MAX_WAIT" '
-        function flush(   i, j, tmp, med, m, lm, lmax, nl) {
+        function flush(   i, j, tmp, med, m, hi, lm, lmax, nl) {
             if (key == "") return
             # Sort the windows, "none" (never resumed) as infinite.
             for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++)
                 if (w[j] < w[i]) { tmp = w[i]; w[i] = w[j]; w[j] = tmp }
             m = (n % 2) ? w[(n + 1) / 2] : (w[n / 2] + w[n / 2 + 1]) / 2
-            med = (m >= 1e9) ? ">" max_wait : sprintf("%.3f", m)
+            # Infinite as soon as the upper middle window is (never a mean with "none").
+            hi = (n % 2) ? w[(n + 1) / 2] : w[n / 2 + 1]
+            med = (hi >= 1e9) ? ">" max_wait : sprintf("%.3f", m)
             nl = 0; lmax = "-"
             for (i = 1; i <= n; i++) if (l[i] != "-") { nl++; ls[nl] = l[i] + 0 }
             for (i = 1; i <= nl; i++) for (j = i + 1; j <= nl; j++)
@@ -581,6 +606,37 @@ report() {
             if ($6 ~ /^[0-9.]+$/) { w[n] = $6 + 0; resumed++ } else w[n] = 1e9
             l[n] = $7
             raw = raw (raw == "" ? "" : " ") $6
+        }
+        END { flush() }'
+    report_runs
+}
+
+# The per-run table: the coordinator's failover time beside each writer's window, and by how much
+# the window exceeds it.
+report_runs() {
+    echo
+    echo "Per run: failover = pgvigil's \"failover complete\" line - the fault, in s; then each" \
+        "writer's window and, in brackets, window - failover."
+    printf '%-8s %-8s %-6s %4s %9s' proxy fault repl run failover
+    printf '   %-22s' "${WRITERS[@]}"
+    printf '\n'
+    # Rows come sorted by run, then writer: one output line per (proxy, fault, repl, run).
+    sort -k1,1 -k2,2 -k3,3 -k5,5n -k4,4 "$RESULTS" | awk -v writers="${WRITERS[*]}" '
+        BEGIN { nw = split(writers, order, " ") }
+        function flush(   i, cell) {
+            if (key == "") return
+            printf "%-8s %-8s %-6s %4s %9s", k1, k2, k3, k5, fo
+            for (i = 1; i <= nw; i++) {
+                cell = (order[i] in win) ? win[order[i]] : "-"
+                if (cell ~ /^[0-9.]+$/ && fo ~ /^[0-9.]+$/) cell = sprintf("%s (%+.3f)", cell, cell - fo)
+                printf "   %-22s", cell
+            }
+            printf "\n"
+        }
+        {
+            k = $1 " " $2 " " $3 " " $5
+            if (k != key) { flush(); key = k; delete win; k1 = $1; k2 = $2; k3 = $3; k5 = $5; fo = $8 }
+            win[$4] = $6
         }
         END { flush() }'
 }

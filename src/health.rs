@@ -39,6 +39,13 @@ const PROBE_SQL: &str = "SELECT r, \
     current_setting('default_transaction_read_only') = 'on' \
     FROM pg_is_in_recovery() AS r LEFT JOIN pg_stat_wal_receiver AS w ON true";
 
+/// Run on a node the probe found out of recovery: its standbys as `pg_stat_replication` shows
+/// them, and the synchronous replication setting they are judged by. Standbys are known by
+/// `application_name`, which must be the node's configured name (README, "Failover"). The
+/// columns are visible to superusers and `pg_monitor` only; hidden ones read as NULL.
+const SENDERS_SQL: &str = "SELECT application_name, sync_state, flush_lsn::text, \
+    current_setting('synchronous_standby_names') FROM pg_stat_replication";
+
 /// What one successful probe saw.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observation {
@@ -52,6 +59,53 @@ pub struct Observation {
     pub receiver: Option<Receiver>,
     /// `default_transaction_read_only` is on (a fenced node should say so).
     pub read_only: bool,
+    /// On a primary: its standbys and its synchronous replication setting. None on a standby.
+    pub senders: Option<Senders>,
+}
+
+/// A primary's standbys, read at every probe: which ones its commits wait for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Senders {
+    /// `synchronous_standby_names` (empty: asynchronous replication).
+    pub synchronous_standby_names: String,
+    /// One per `pg_stat_replication` row.
+    pub standbys: Vec<SenderRow>,
+}
+
+/// One standby as its primary's `pg_stat_replication` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderRow {
+    /// Its `application_name` (a configured node's name, when set up as README says).
+    pub name: String,
+    /// Whether commits wait for it.
+    pub sync: SyncState,
+    /// The WAL it has flushed (None when not visible or not reported yet).
+    pub flush: Option<u64>,
+}
+
+/// `pg_stat_replication.sync_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncState {
+    /// Commits do not wait for it (`async`, or a state pgvigil cannot see).
+    Async,
+    /// Next in line should a synchronous standby fail (`potential`); commits do not wait for it.
+    Potential,
+    /// Commits wait for it (`sync`, priority-based synchronous replication).
+    Sync,
+    /// One of a quorum commits wait for (`quorum`, `ANY k (...)`).
+    Quorum,
+}
+
+impl SyncState {
+    /// From `sync_state`'s text; NULL (hidden from an unprivileged role) counts as `Async`.
+    fn parse(text: Option<&str>) -> SyncState {
+        match text {
+            Some("sync") => SyncState::Sync,
+            Some("quorum") => SyncState::Quorum,
+            Some("potential") => SyncState::Potential,
+            _ => SyncState::Async,
+        }
+    }
 }
 
 /// A standby's WAL receiver as `pg_stat_wal_receiver` shows it.
@@ -195,6 +249,7 @@ pub async fn probe_node(
 struct ProbeConn {
     client: Client,
     statement: Statement,
+    senders: Statement,
 }
 
 /// Why one probe failed.
@@ -240,8 +295,28 @@ async fn probe_inner(
         None => connect(config, node).await?,
     };
     let row = probe.client.query_one(&probe.statement, &[]).await?;
+    let mut observation = read_probe(&row)?;
+    if !observation.in_recovery {
+        let rows = probe.client.query(&probe.senders, &[]).await?;
+        observation.senders = Some(read_senders(&rows)?);
+    }
     *conn = Some(probe);
-    read_probe(&row)
+    Ok(observation)
+}
+
+/// Reads the [`SENDERS_SQL`] rows (no row: no standby, and no setting either, which is then
+/// irrelevant).
+fn read_senders(rows: &[Row]) -> Result<Senders, ProbeError> {
+    let mut senders = Senders::default();
+    for row in rows {
+        senders.standbys.push(SenderRow {
+            name: row.try_get::<_, Option<String>>(0)?.unwrap_or_default(),
+            sync: SyncState::parse(row.try_get(1)?),
+            flush: optional_lsn(row.try_get(2)?)?,
+        });
+        senders.synchronous_standby_names = row.try_get(3)?;
+    }
+    Ok(senders)
 }
 
 /// A standby whose replay moved on since the last probe is replaying, not stuck: its delay
@@ -292,6 +367,7 @@ fn read_probe(row: &Row) -> Result<Observation, ProbeError> {
         position,
         receiver: receiver.transpose()?,
         read_only: row.try_get(10)?,
+        senders: None,
     })
 }
 
@@ -314,7 +390,12 @@ fn duration_from_seconds(seconds: Option<f64>) -> Duration {
 async fn connect(config: &Config, node: NodeId) -> Result<ProbeConn, ProbeError> {
     let client = admin_connect(config, node, "pgvigil health").await?;
     let statement = client.prepare(PROBE_SQL).await?;
-    Ok(ProbeConn { client, statement })
+    let senders = client.prepare(SENDERS_SQL).await?;
+    Ok(ProbeConn {
+        client,
+        statement,
+        senders,
+    })
 }
 
 /// Opens a connection to `node` as the health role (probes and failover actions use it),
@@ -372,6 +453,7 @@ mod tests {
             position: at(lsn, 0),
             receiver: None,
             read_only: false,
+            senders: None,
         })
     }
 

@@ -9,7 +9,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::PoolConfig;
 use crate::server::{LoginTarget, ServerConn, ServerError};
-use crate::topology::NodeId;
+use crate::topology::{GiveUp, NodeId};
 
 /// Why a checkout failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,14 @@ pub enum PoolError {
     /// Opening a new connection failed.
     #[error(transparent)]
     Connect(#[from] ServerError),
+    /// The session stopped waiting on the node: the topology gave up on it for this work.
+    #[error("stopped waiting on node {node}: {reason}")]
+    Abandoned {
+        /// Node name.
+        node: String,
+        /// What the topology says about the node.
+        reason: GiveUp,
+    },
 }
 
 /// A server connection lent to one session; give it back with [`Pools::checkin`].

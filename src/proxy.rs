@@ -2,6 +2,7 @@
 //! positions, pools, cancel keys, TLS) and the start/shutdown of its tasks.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,11 +15,11 @@ use tracing::{debug, info, warn};
 use crate::auth::UserSecret;
 use crate::cancel::CancelRegistry;
 use crate::config::{BackendTlsMode, Config};
-use crate::pool::{Lease, Pools};
+use crate::pool::{Lease, PoolError, Pools};
 use crate::replication::ReplicationHandle;
 use crate::router::{Route, RouteError};
 use crate::server::LoginTarget;
-use crate::topology::{NodeId, Topology, TopologyHandle};
+use crate::topology::{Need, NodeId, Topology, TopologyHandle};
 use crate::{failover, health, listener, tls};
 
 /// Why the proxy could not start.
@@ -132,6 +133,43 @@ impl Proxy {
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => return Err(error),
+            }
+        }
+    }
+
+    /// Runs `work`, a wait on `node` for `need` (connect, TLS, login, a checkout, setting up a
+    /// connection), until it ends or the topology gives up on the node for that need; then
+    /// `work` is dropped (closing whatever it had half opened) and the caller routes afresh.
+    /// A client thus never waits out `backend.connect_timeout` on a node that failover has
+    /// fenced, that went down, or, for work another node can do, that a probe found suspect.
+    pub async fn unless_given_up<T>(
+        &self,
+        node: NodeId,
+        need: Need,
+        work: impl Future<Output = T>,
+    ) -> Result<T, PoolError> {
+        // Subscribed before the first look: a generation published after it still wakes us.
+        let mut changes = self.topology.subscribe();
+        tokio::pin!(work);
+        loop {
+            let topology = self.topology.load();
+            if let Some(reason) = topology.gives_up_on(node, need) {
+                debug!(node = %topology.name(node), %reason, ?need, "wait on a node abandoned");
+                return Err(PoolError::Abandoned {
+                    node: topology.name(node),
+                    reason,
+                });
+            }
+            drop(topology);
+            tokio::select! {
+                biased;
+                done = &mut work => return Ok(done),
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // No generation can come any more: only the work itself can end the wait.
+                        return Ok(work.await);
+                    }
+                }
             }
         }
     }

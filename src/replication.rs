@@ -107,6 +107,11 @@ pub fn parse_lsn(text: &str) -> Option<u64> {
     Some(u64::from(parse_half(hi)?) << 32 | u64::from(parse_half(lo)?))
 }
 
+/// An LSN in PostgreSQL's text form ("16/B374D848"), the inverse of [`parse_lsn`].
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
 /// One half of an LSN: 1 to 8 hex digits (PostgreSQL prints them with `%X`, no sign, no prefix).
 fn parse_half(text: &str) -> Option<u32> {
     let hex = |c: char| c.is_ascii_hexdigit();
@@ -145,6 +150,13 @@ mod tests {
             nodes,
             observed_at: None,
         }
+    }
+
+    #[test]
+    fn format_lsn_writes_what_parse_lsn_reads() {
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(format_lsn(0), "0/0");
+        assert_eq!(parse_lsn(&format_lsn(0x1_0000_0001)), Some(0x1_0000_0001));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use crate::balance::Balancer;
-use crate::config::Balance;
+use crate::config::{Balance, PrimaryReads};
 use crate::replication::ReplicationView;
 use crate::topology::{Node, NodeId, Primary, Role, Topology};
 
@@ -80,6 +80,8 @@ pub struct ReadPolicy<'a> {
     pub max_lag_bytes: u64,
     /// Most replay delay a replica may have.
     pub max_lag: Duration,
+    /// Whether the primary shares reads with the replicas or only takes them as a fallback.
+    pub primary_reads: PrimaryReads,
 }
 
 /// Chooses the node a new session's first server connection is opened on, skipping the nodes
@@ -131,9 +133,10 @@ pub fn route_write(topology: &Topology) -> Result<Route, RouteError> {
     })
 }
 
-/// Chooses a node for a read: a node with weight > 0 that is the primary or a standby caught up
-/// within the lag limits and, when `min_lsn` is given, past that LSN; `prefer` if it is one of
-/// them, else spread by the balancer. When none qualifies, the primary.
+/// Chooses a node for a read: a node with weight > 0 that is a standby following the primary
+/// (not stale), caught up within the lag limits and, when `min_lsn` is given, past that LSN, or
+/// the primary itself when `primary_reads` is `share`; `prefer` if it is one of them, else spread
+/// by the balancer. When none qualifies, the primary.
 pub fn route_read(
     topology: &Topology,
     replication: &ReplicationView,
@@ -147,9 +150,13 @@ pub fn route_read(
     let mut count = 0;
     for node in topology.nodes.iter().take(MAX_NODES) {
         let weight = policy.weights.get(node.id).copied().unwrap_or(0);
+        let fallback_only = policy.primary_reads == PrimaryReads::Fallback
+            && primary.as_ref().is_ok_and(|&p| p == node.id);
         // A node whose latest probe failed may hang: reads avoid it while it is in doubt.
         if weight > 0
             && !node.suspect
+            && !fallback_only
+            && node.stale.is_none()
             && may_read(
                 node.id,
                 node.role,
@@ -222,6 +229,7 @@ fn primary(topology: &Topology) -> Result<NodeId, RouteError> {
 mod tests {
     use super::*;
     use crate::replication::Position;
+    use crate::topology::Stale;
 
     fn topology(roles: &[Role]) -> Topology {
         let base = Topology {
@@ -236,6 +244,7 @@ mod tests {
                     port: 5432 + id as u16,
                     role: Role::Unknown,
                     suspect: false,
+                    stale: None,
                 })
                 .collect(),
             primary: Primary::Unavailable("unprobed".into()),
@@ -272,6 +281,7 @@ mod tests {
             balance: Balance::RoundRobin,
             max_lag_bytes: 1000,
             max_lag: Duration::from_secs(10),
+            primary_reads: PrimaryReads::Share,
         }
     }
 
@@ -340,6 +350,41 @@ mod tests {
         let view = positions(&[Some(100), Some(100), Some(100)]);
         assert_eq!(spread(&t, &view, &[0, 1, 2], None, 300), vec![0, 100, 200]);
         assert_eq!(spread(&t, &view, &[1, 1, 0], None, 300), vec![150, 150, 0]);
+    }
+
+    #[test]
+    fn by_default_the_primary_reads_only_when_no_replica_may() {
+        let t = topology(&[Role::Primary, Role::Standby, Role::Standby]);
+        let view = positions(&[Some(100), Some(100), Some(100)]);
+        let fallback = ReadPolicy {
+            primary_reads: PrimaryReads::Fallback,
+            ..policy(&[1, 1, 1])
+        };
+        let balancer = Balancer::new(3);
+        let mut counts = [0; 3];
+        for _ in 0..300 {
+            counts[route_read(&t, &view, &fallback, &balancer, None, Some(0))
+                .unwrap()
+                .node] += 1;
+        }
+        assert_eq!(counts, [0, 150, 150], "replicas keep their weights");
+        let mut stale = t.clone();
+        stale.nodes[1].stale = Some(Stale::NotStreaming);
+        stale.nodes[2].stale = Some(Stale::OtherTimeline);
+        let r = route_read(&stale, &view, &fallback, &balancer, None, None).unwrap();
+        assert_eq!((r.node, r.reason), (0, RouteReason::NoReplicaQualifies));
+        assert_eq!(
+            spread(&t, &view, &[1, 1, 1], None, 300),
+            vec![100, 100, 100]
+        );
+    }
+
+    #[test]
+    fn stale_replicas_get_no_reads() {
+        let mut t = topology(&[Role::Primary, Role::Standby, Role::Standby]);
+        t.nodes[2].stale = Some(Stale::NotRepointed("no answer".into()));
+        let view = positions(&[Some(100), Some(100), Some(100)]);
+        assert_eq!(spread(&t, &view, &[0, 1, 1], None, 10), vec![0, 10, 0]);
     }
 
     #[test]

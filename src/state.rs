@@ -21,6 +21,30 @@ pub struct State {
     pub primary: Option<String>,
     /// Nodes that must never get a query until an operator clears them.
     pub fenced: Vec<String>,
+    /// A promotion asked for and not yet seen to finish: after a restart, that node is still
+    /// the only candidate (absent in files of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoting: Option<PromotionRecord>,
+    /// The latest promotion that finished, for the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_promotion: Option<PromotionRecord>,
+}
+
+/// A promotion as the state file keeps it. LSNs are in PostgreSQL's text form ("0/3000060"),
+/// which TOML's signed integers need not hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromotionRecord {
+    /// The standby promoted.
+    pub node: String,
+    /// The primary it replaced.
+    pub old_primary: String,
+    /// The old primary's last known WAL position.
+    pub old_lsn: String,
+    /// The promoted standby's position when it was chosen.
+    pub new_lsn: String,
+    /// The standby's `pg_postmaster_start_time()` when it was asked.
+    pub postmaster_start: String,
 }
 
 /// Why the state could not be read or written.
@@ -132,6 +156,14 @@ mod tests {
             generation: 3,
             primary: Some("pg2".into()),
             fenced: vec!["pg1".into()],
+            promoting: Some(PromotionRecord {
+                node: "pg2".into(),
+                old_primary: "pg1".into(),
+                old_lsn: "0/3000060".into(),
+                new_lsn: "0/3000000".into(),
+                postmaster_start: "2026-12-04 16:00:00+00".into(),
+            }),
+            last_promotion: None,
         };
         file.save(&first).unwrap();
         assert_eq!(file.load().unwrap(), Some(first));
@@ -139,6 +171,7 @@ mod tests {
             generation: 9,
             primary: Some("pg3".into()),
             fenced: vec!["pg1".into(), "pg2".into()],
+            ..State::default()
         };
         file.save(&second).unwrap();
         assert_eq!(file.load().unwrap(), Some(second));
@@ -147,6 +180,20 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers, vec![std::ffi::OsString::from(FILE_NAME)]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_file_without_promotions_still_loads() {
+        let dir = temp_dir("older");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(FILE_NAME),
+            "generation = 2\nprimary = \"pg1\"\nfenced = []\n",
+        )
+        .unwrap();
+        let state = StateFile::new(&dir).load().unwrap().unwrap();
+        assert_eq!((state.promoting, state.last_promotion), (None, None));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

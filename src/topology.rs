@@ -47,6 +47,66 @@ impl Role {
     }
 }
 
+/// What a session waits on a node for; it decides when the topology has given up on the node
+/// for that session (see [`Topology::gives_up_on`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Work only the primary may do (a write): the node must stay the primary.
+    Primary,
+    /// Work another node could do (a read, a session start): a suspect node is given up on
+    /// while another usable node is not suspect.
+    Replaceable,
+    /// The last node left to try: given up on only once sessions may not use it at all.
+    Usable,
+}
+
+/// Why the topology no longer lets a session wait on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GiveUp {
+    /// Its role keeps sessions off it (down, fenced, not yet probed).
+    #[error("it is {}", .0.as_str())]
+    Unusable(Role),
+    /// The work needs the primary, and this node is not (or no longer) it.
+    #[error("it is not the primary")]
+    NotPrimary,
+    /// Its latest probe failed and another node can take the work.
+    #[error("its latest probe failed and another node can serve")]
+    Suspect,
+}
+
+/// Why a standby takes no reads whatever its lag: its data may be stale or diverged from the
+/// primary's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stale {
+    /// Its WAL receiver is not streaming (not running, or still connecting).
+    NotStreaming,
+    /// It heard nothing from its sender for longer than `routing.max_lag` while the primary
+    /// had WAL it had not received.
+    Silent,
+    /// It is on another timeline than the primary.
+    OtherTimeline,
+    /// It holds WAL past the primary's current position: WAL the primary never had.
+    Ahead,
+    /// Repointing it at a new primary failed, or it did not stream from it in time; the text
+    /// says why. Cleared once it is seen streaming from the primary on its timeline.
+    NotRepointed(String),
+}
+
+impl Stale {
+    /// A short phrase for logs and status.
+    pub fn describe(&self) -> String {
+        match self {
+            Stale::NotStreaming => "its WAL receiver is not streaming".into(),
+            Stale::Silent => {
+                "it has not heard from its primary for longer than routing.max_lag".into()
+            }
+            Stale::OtherTimeline => "it is on another timeline than the primary".into(),
+            Stale::Ahead => "it holds WAL past the primary's position".into(),
+            Stale::NotRepointed(why) => format!("it was not repointed at the new primary: {why}"),
+        }
+    }
+}
+
 /// One node in a snapshot.
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -63,6 +123,8 @@ pub struct Node {
     /// Its latest probe failed, though not yet `health.failures` times in a row: new sessions
     /// avoid it while another node can take them.
     pub suspect: bool,
+    /// Why this standby takes no reads (None: it follows the primary, or it is no standby).
+    pub stale: Option<Stale>,
 }
 
 /// Where writes go right now, and why not when they cannot.
@@ -100,6 +162,7 @@ impl Topology {
                 port: n.port,
                 role: Role::Unknown,
                 suspect: false,
+                stale: None,
             })
             .collect();
         Topology {
@@ -124,15 +187,45 @@ impl Topology {
         }
     }
 
-    /// Whether `other` has the same roles, suspicions and primary (publishing it would change
-    /// nothing).
+    /// This snapshot with each standby's reason to take no reads (one per node, same order).
+    pub fn with_stale(mut self, stale: &[Option<Stale>]) -> Topology {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            node.stale = stale.get(i).cloned().flatten();
+        }
+        self
+    }
+
+    /// Whether `other` has the same roles, suspicions, stale standbys and primary (publishing it
+    /// would change nothing).
     pub fn same_state(&self, other: &Topology) -> bool {
         self.primary == other.primary
             && self
                 .nodes
                 .iter()
                 .zip(&other.nodes)
-                .all(|(a, b)| a.role == b.role && a.suspect == b.suspect)
+                .all(|(a, b)| a.role == b.role && a.suspect == b.suspect && a.stale == b.stale)
+    }
+
+    /// Why a session waiting on `node` for `need` (connecting, logging in, checking out, setting
+    /// up a connection) must stop and route its work afresh; `None` while it may go on waiting.
+    pub fn gives_up_on(&self, node: NodeId, need: Need) -> Option<GiveUp> {
+        let Some(state) = self.nodes.get(node) else {
+            return Some(GiveUp::Unusable(Role::Unknown));
+        };
+        if !state.role.is_usable() {
+            return Some(GiveUp::Unusable(state.role));
+        }
+        match need {
+            Need::Primary => (self.primary != Primary::Known(node)).then_some(GiveUp::NotPrimary),
+            Need::Replaceable => {
+                let elsewhere = self
+                    .nodes
+                    .iter()
+                    .any(|n| n.id != node && n.role.is_usable() && !n.suspect);
+                (state.suspect && elsewhere).then_some(GiveUp::Suspect)
+            }
+            Need::Usable => None,
+        }
     }
 
     /// The name of `node` ("node N" if there is no such node).
@@ -179,5 +272,81 @@ impl TopologyHandle {
     /// A receiver that sees every published generation.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three nodes: pg1 primary, pg2 and pg3 standbys, none suspect.
+    fn three() -> Topology {
+        let node = |id: NodeId, role| Node {
+            id,
+            name: format!("pg{}", id + 1),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            role,
+            suspect: false,
+            stale: None,
+        };
+        Topology {
+            generation: 1,
+            nodes: vec![
+                node(0, Role::Primary),
+                node(1, Role::Standby),
+                node(2, Role::Standby),
+            ],
+            primary: Primary::Known(0),
+        }
+    }
+
+    #[test]
+    fn a_healthy_node_keeps_every_wait() {
+        let t = three();
+        for need in [Need::Primary, Need::Replaceable, Need::Usable] {
+            assert_eq!(t.gives_up_on(0, need), None, "{need:?}");
+        }
+        assert_eq!(t.gives_up_on(1, Need::Replaceable), None);
+    }
+
+    #[test]
+    fn a_down_or_fenced_node_ends_every_wait() {
+        let mut t = three();
+        t.nodes[0].role = Role::Down;
+        t.nodes[1].role = Role::Fenced;
+        for need in [Need::Primary, Need::Replaceable, Need::Usable] {
+            assert_eq!(t.gives_up_on(0, need), Some(GiveUp::Unusable(Role::Down)));
+            assert_eq!(t.gives_up_on(1, need), Some(GiveUp::Unusable(Role::Fenced)));
+        }
+        assert_eq!(
+            t.gives_up_on(7, Need::Usable),
+            Some(GiveUp::Unusable(Role::Unknown))
+        );
+    }
+
+    #[test]
+    fn a_write_stops_waiting_on_a_node_that_is_no_longer_the_primary() {
+        let mut t = three();
+        t.primary = Primary::Known(1);
+        t.nodes[1].role = Role::Primary;
+        assert_eq!(t.gives_up_on(0, Need::Primary), Some(GiveUp::NotPrimary));
+        assert_eq!(t.gives_up_on(1, Need::Primary), None);
+        t.primary = Primary::Unavailable("failover in progress".into());
+        assert_eq!(t.gives_up_on(1, Need::Primary), Some(GiveUp::NotPrimary));
+    }
+
+    #[test]
+    fn a_suspect_node_is_given_up_only_where_another_can_serve() {
+        let mut t = three();
+        t.nodes[1].suspect = true;
+        assert_eq!(t.gives_up_on(1, Need::Replaceable), Some(GiveUp::Suspect));
+        assert_eq!(t.gives_up_on(1, Need::Usable), None);
+        // A suspect primary still takes writes: no other node can.
+        t.nodes[0].suspect = true;
+        assert_eq!(t.gives_up_on(0, Need::Primary), None);
+        // Every other node suspect or unusable: nowhere better to go.
+        t.nodes[2].role = Role::Down;
+        assert_eq!(t.gives_up_on(1, Need::Replaceable), None);
     }
 }

@@ -2,7 +2,9 @@
 //! standbys built with `pgvigil::local_cluster`, with durable settings, and the fault injector.
 //!
 //! Prints one line per node, `node NAME PORT PID`, the primary first, then `ready`. Then reads
-//! commands on stdin, one a line, and answers each with `done COMMAND` or `error MESSAGE`:
+//! commands on stdin, one a line, and answers each with `done COMMAND AT` (AT: when the fault
+//! landed, in seconds since the Unix epoch, to set against the proxy's own log) or
+//! `error MESSAGE`:
 //!
 //! ```text
 //! kill9 N    SIGKILL node N's postmaster and its children (a crash: the port refuses at once)
@@ -15,6 +17,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use pgvigil::local_cluster::{ClusterSpec, LocalCluster};
@@ -106,7 +109,7 @@ async fn run(args: Args) -> ExitCode {
         match Command::parse(&line) {
             Ok(Command::Quit) => break,
             Ok(Command::Fault(fault, index)) => match inject(&mut cluster, fault, index) {
-                Ok(()) => println!("done {}", line.trim()),
+                Ok(()) => println!("done {} {:.6}", line.trim(), unix_now()),
                 Err(message) => println!("error {message}"),
             },
             Err(message) => println!("error {message}"),
@@ -144,6 +147,14 @@ fn inject(cluster: &mut LocalCluster, fault: Fault, index: usize) -> Result<(), 
         Fault::Freeze => node.freeze(),
     }
     Ok(())
+}
+
+/// The wall clock in seconds since the Unix epoch (0 for a clock set before it).
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 /// Lines of stdin, read on a thread of their own (tokio's stdin needs a feature we do not

@@ -4,6 +4,7 @@
 //! The shipped `pgvigil.example.toml` is checked against these structs by the tests below, so the
 //! example and the code cannot drift apart.
 
+mod replication;
 mod validate;
 
 use std::fmt;
@@ -14,6 +15,8 @@ use std::time::Duration;
 
 use pgvigil_proto::classify::FunctionLists;
 use serde::{Deserialize, Deserializer, Serialize};
+
+pub use replication::{ReplicationConfig, SslMode};
 
 /// The whole pgvigil configuration, as read from one TOML file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -40,6 +43,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// Automatic failover and what clients see during one (`[failover]`).
     pub failover: FailoverConfig,
+    /// How repointed standbys connect to a new primary (`[replication]`).
+    pub replication: ReplicationConfig,
     /// The PostgreSQL nodes (`[[nodes]]`); their roles are observed, never taken from this order.
     pub nodes: Vec<NodeConfig>,
     /// The users clients may log in as (`[[users]]`).
@@ -60,6 +65,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             routing: RoutingConfig::default(),
             failover: FailoverConfig::default(),
+            replication: ReplicationConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
         }
@@ -238,6 +244,9 @@ pub struct RoutingConfig {
     /// A replica whose replay is further behind than this gets no reads (default 10s, must be > 0).
     #[serde(with = "humantime_serde")]
     pub max_lag: Duration,
+    /// Whether the primary takes plain reads only when no replica may (`fallback`, the default)
+    /// or shares them with the replicas by its weight (`share`).
+    pub primary_reads: PrimaryReads,
     /// Functions the classifier must treat as read-only, `name` or `schema.name` (default none).
     pub read_functions: Vec<String>,
     /// Functions the classifier must treat as writing, `name` or `schema.name` (default none).
@@ -251,6 +260,7 @@ impl Default for RoutingConfig {
             read_your_writes: true,
             max_lag_bytes: 16 << 20,
             max_lag: Duration::from_secs(10),
+            primary_reads: PrimaryReads::default(),
             read_functions: Vec::new(),
             write_functions: Vec::new(),
         }
@@ -271,6 +281,17 @@ pub struct FailoverConfig {
     /// be > 0).
     #[serde(with = "humantime_serde")]
     pub promote_timeout: Duration,
+    /// A standby further behind the old primary's last known WAL position than this many bytes
+    /// is not promoted (default 1 MiB, like Patroni's `maximum_lag_on_failover`; 0 promotes only
+    /// a standby that had everything). With synchronous standbys the synchronous rule applies
+    /// instead.
+    pub max_lag_bytes: u64,
+    /// The `wal_receiver_timeout` pgvigil sets (`ALTER SYSTEM`) on every standby whose own is
+    /// longer or off, so that a frozen primary stops looking alive to its standbys within
+    /// seconds (default 3s; PostgreSQL's own 60 s would hold a failover for half a minute).
+    /// `0s` leaves the standbys' setting alone.
+    #[serde(with = "humantime_serde")]
+    pub receiver_timeout: Duration,
     /// Directory of the state file (primary, fences) that survives a restart of pgvigil
     /// (default none: nothing is kept, and a warning says so).
     pub state_dir: Option<PathBuf>,
@@ -282,6 +303,8 @@ impl Default for FailoverConfig {
             auto: true,
             wait_timeout: Duration::from_secs(10),
             promote_timeout: Duration::from_secs(30),
+            max_lag_bytes: 1 << 20,
+            receiver_timeout: Duration::from_secs(3),
             state_dir: None,
         }
     }
@@ -298,6 +321,17 @@ pub enum Balance {
     RoundRobin,
     /// A node drawn at random, with odds in proportion to its weight.
     Random,
+}
+
+/// Whether the primary shares plain reads with the replicas (`routing.primary_reads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrimaryReads {
+    /// Only when no replica may take the read: the primary's capacity is kept for writes.
+    #[default]
+    Fallback,
+    /// With the replicas, in proportion to its weight.
+    Share,
 }
 
 /// One PostgreSQL node (`[[nodes]]`).
@@ -586,6 +620,7 @@ balance = "round_robin"
 read_your_writes = false
 max_lag_bytes = 0
 max_lag = "250ms"
+primary_reads = "share"
 read_functions = ["report", "stats.daily"]
 write_functions = ["audit"]
 "#
@@ -596,6 +631,7 @@ write_functions = ["audit"]
             read_your_writes: false,
             max_lag_bytes: 0,
             max_lag: Duration::from_millis(250),
+            primary_reads: PrimaryReads::Share,
             read_functions: vec!["report".into(), "stats.daily".into()],
             write_functions: vec!["audit".into()],
         };
@@ -766,6 +802,13 @@ write_functions = ["lower"]
         full.tls.key = Some(PathBuf::from("key.pem"));
         full.backend.ca = Some(PathBuf::from("ca.pem"));
         full.failover.state_dir = Some(PathBuf::from("state"));
+        full.replication = ReplicationConfig {
+            user: Some("replicator".into()),
+            password: Some("secret".into()),
+            sslmode: Some(SslMode::Prefer),
+            application_name: Some("pg1".into()),
+            conninfo: [("keepalives_idle".to_owned(), "30".to_owned())].into(),
+        };
         let mut keys = Vec::new();
         match toml::Value::try_from(&full) {
             Ok(toml::Value::Table(table)) => collect_keys("", &table, &mut keys),

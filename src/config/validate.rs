@@ -26,6 +26,7 @@ pub(super) fn problems(config: &Config) -> Vec<Problem> {
     check_health(config, &mut problems);
     check_routing(config, &mut problems);
     check_failover(config, &mut problems);
+    super::replication::check(&config.replication, &mut problems);
     check_nodes(config, &mut problems);
     check_users(config, &mut problems);
     problems
@@ -97,6 +98,15 @@ fn check_failover(config: &Config, problems: &mut Vec<Problem>) {
         failover.promote_timeout,
         problems,
     );
+    // PostgreSQL keeps wal_receiver_timeout as whole milliseconds in an int.
+    let receiver_ms = failover.receiver_timeout.as_millis();
+    if !failover.receiver_timeout.is_zero() && (receiver_ms == 0 || receiver_ms > i32::MAX as u128)
+    {
+        problems.push(Problem::new(
+            "failover.receiver_timeout",
+            "must be 0s (leave the standbys alone) or between 1ms and about 24 days",
+        ));
+    }
     if let Some(dir) = &failover.state_dir {
         if dir.as_os_str().is_empty() {
             problems.push(Problem::new("failover.state_dir", "must not be empty"));
@@ -362,6 +372,7 @@ password = "app-secret"
             ("[[nodes]]\nname = \"pg3\"\nhost = \"other\"\nport = 0", &["nodes[2].port: must not be 0"]),
             ("[[nodes]]\nname = \"pg3\"\nhost = \"127.0.0.1\"\nport = 5433", &["nodes[2]: duplicate address 127.0.0.1:5433 (also nodes[1])"]),
             ("[routing]\nmax_lag = \"0s\"", &["routing.max_lag: must be greater than 0"]),
+            ("[failover]\nreceiver_timeout = \"500us\"", &["failover.receiver_timeout: must be 0s (leave the standbys alone) or between 1ms and about 24 days"]),
             ("[routing]\nread_functions = [\"report\", \"Stats.daily_2\", \"_f$\", \"bad name\", \"\", \"a.b.c\"]", &[
                 "routing.read_functions[3]: \"bad name\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
                 "routing.read_functions[4]: \"\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
@@ -371,6 +382,12 @@ password = "app-secret"
                 "routing.write_functions[0]: \"1st\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
                 "routing.write_functions[1]: \"s.\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
                 "routing.write_functions[2]: \"\\\"Quoted\\\"\" is not a function name: use name or schema.name, of letters, digits, '_' and '$', not starting with a digit or '$'",
+            ]),
+            ("[replication]\nuser = \"\"\napplication_name = \"\"", &["replication.user: must not be empty", "replication.application_name: must not be empty"]),
+            ("[replication]\npassword = \"x\"", &["replication.user: missing: the other [replication] keys are used only with a user"]),
+            ("[replication]\nuser = \"r\"\n[replication.conninfo]\nport = \"1\"\nKeep-Alive = \"1\"", &[
+                "replication.conninfo.Keep-Alive: is not a libpq keyword (lowercase letters and '_')",
+                "replication.conninfo.port: set by pgvigil or by its own [replication] key, not here",
             ]),
             ("[[nodes]]\nname = \"pg3\"\nhost = \"other\"\nweight = 1001", &["nodes[2].weight: 1001 is more than the maximum, 1000"]),
             ("[[users]]\nname = \"app\"\npassword = \"x\"", &["users[1].name: duplicate user name \"app\" (also users[0])"]),

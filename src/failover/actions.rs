@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
+use super::choose::Position;
 use super::conninfo;
 use crate::config::Config;
 use crate::health::admin_connect;
@@ -27,11 +28,40 @@ pub enum ActionError {
     /// The node answered something unusable.
     #[error("{0}")]
     Unexpected(String),
+    /// A repointed standby did not stream from the new primary in time.
+    #[error(
+        "not streaming from {primary} on timeline {timeline} within {limit:?} (last seen: {last})"
+    )]
+    NotStreaming {
+        /// How long it was given.
+        limit: Duration,
+        /// The new primary's host:port.
+        primary: String,
+        /// The new primary's timeline.
+        timeline: u32,
+        /// What its WAL receiver showed last.
+        last: String,
+    },
 }
 
+/// How often a repointed standby's WAL receiver is looked at while waiting for it to stream.
+const STREAM_POLL: Duration = Duration::from_millis(200);
+
 /// The timeline a node writes on once it has left recovery; NULL while it is still in recovery.
-const LEFT_RECOVERY_SQL: &str = "SELECT CASE WHEN NOT pg_is_in_recovery() THEN \
+const LEFT_RECOVERY: &str = "CASE WHEN NOT pg_is_in_recovery() THEN \
     ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END";
+
+/// Where a node asked to promote stands, read now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// It left recovery: it writes on this timeline.
+    LeftRecovery(u32),
+    /// It is in recovery and its postmaster started since it was asked: the start removed the
+    /// promote signal file, so the request is withdrawn and it will stay a standby.
+    Withdrawn,
+    /// It is in recovery under the postmaster that was asked: the promotion may still finish.
+    InRecovery,
+}
 
 /// Runs `step` bounded by `limit`.
 async fn bounded<T>(
@@ -43,14 +73,14 @@ async fn bounded<T>(
         .unwrap_or(Err(ActionError::Timeout(limit)))
 }
 
-/// A standby's (received, replayed) LSNs, read now.
-pub async fn position(config: &Config, node: NodeId) -> Result<(u64, u64), ActionError> {
+/// A standby's position and postmaster start time, read now.
+pub async fn position(config: &Config, node: NodeId) -> Result<Position, ActionError> {
     bounded(config.health.timeout * 2, async {
         let client = admin_connect(config, node, "pgvigil failover").await?;
         let row = client
             .query_one(
                 "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, \
-                 pg_last_wal_replay_lsn()::text",
+                 pg_last_wal_replay_lsn()::text, pg_postmaster_start_time()::text",
                 &[],
             )
             .await?;
@@ -61,7 +91,36 @@ pub async fn position(config: &Config, node: NodeId) -> Result<(u64, u64), Actio
             let text: Option<&str> = row.try_get(i)?;
             Ok(text.and_then(parse_lsn).unwrap_or(0))
         };
-        Ok((lsn(1)?, lsn(2)?))
+        Ok(Position {
+            received: lsn(1)?,
+            replayed: lsn(2)?,
+            postmaster_start: row.try_get(3)?,
+        })
+    })
+    .await
+}
+
+/// Whether a node asked to promote (under the postmaster started at `postmaster_start`) has
+/// left recovery, or provably never will for that request.
+pub async fn pending(
+    config: &Config,
+    node: NodeId,
+    postmaster_start: &str,
+) -> Result<Pending, ActionError> {
+    bounded(config.health.timeout * 2, async {
+        let client = admin_connect(config, node, "pgvigil failover").await?;
+        let row = client
+            .query_one(
+                &format!("SELECT pg_postmaster_start_time()::text, {LEFT_RECOVERY}"),
+                &[],
+            )
+            .await?;
+        let started: String = row.try_get(0)?;
+        Ok(match row.try_get::<_, Option<i32>>(1)? {
+            Some(timeline) => Pending::LeftRecovery(u32::try_from(timeline).unwrap_or(0)),
+            None if started != postmaster_start => Pending::Withdrawn,
+            None => Pending::InRecovery,
+        })
     })
     .await
 }
@@ -88,7 +147,9 @@ pub async fn promote(config: &Config, node: NodeId) -> Result<u32, ActionError> 
         let remaining = deadline.saturating_duration_since(Instant::now());
         let check = bounded(remaining.max(config.health.timeout), async {
             let client = admin_connect(config, node, "pgvigil failover").await?;
-            let row = client.query_one(LEFT_RECOVERY_SQL, &[]).await?;
+            let row = client
+                .query_one(&format!("SELECT {LEFT_RECOVERY}"), &[])
+                .await?;
             Ok(row.try_get::<_, Option<i32>>(0)?)
         })
         .await;
@@ -107,15 +168,33 @@ pub async fn promote(config: &Config, node: NodeId) -> Result<u32, ActionError> 
 
 /// Points `standby` at `primary`: creates its replication slot there (if it uses one), rewrites
 /// its `primary_conninfo` with the primary's host and port, and reloads its configuration (the
-/// WAL receiver restarts towards the new primary and follows its timeline).
-pub async fn repoint(config: &Config, standby: NodeId, primary: NodeId) -> Result<(), ActionError> {
+/// WAL receiver restarts towards the new primary and follows its timeline). A conninfo that
+/// names no user is replaced by one built from `[replication]`, or else by a copy of a sibling's
+/// from `siblings` (the other standbys, the new primary included: its conninfo from its standby
+/// days still says how this cluster replicates).
+pub async fn repoint(
+    config: &Config,
+    standby: NodeId,
+    primary: NodeId,
+    siblings: &[NodeId],
+) -> Result<(), ActionError> {
     bounded(config.health.timeout * 4, async {
         let node = admin_connect(config, standby, "pgvigil failover").await?;
         let current = show(&node, "primary_conninfo").await?;
         let slot = show(&node, "primary_slot_name").await?;
-        let target = &config.nodes[primary];
-        let conninfo = conninfo::repoint(&current, &target.host, target.port).ok_or_else(|| {
-            ActionError::Unexpected(format!("cannot parse its primary_conninfo {current:?}"))
+        let conninfo = if conninfo::is_complete(&current) {
+            let target = &config.nodes[primary];
+            conninfo::repoint(&current, &target.host, target.port)
+        } else {
+            complete_conninfo(config, standby, primary, siblings).await
+        }
+        .ok_or_else(|| {
+            // Not quoting the conninfo: it may hold a password, and this reaches the log.
+            ActionError::Unexpected(
+                "its primary_conninfo is empty, names no user or cannot be parsed; \
+                 [replication] sets no user, and no sibling standby has a complete one"
+                    .into(),
+            )
         })?;
         if !slot.is_empty() {
             let new_primary = admin_connect(config, primary, "pgvigil failover").await?;
@@ -132,12 +211,124 @@ pub async fn repoint(config: &Config, standby: NodeId, primary: NodeId) -> Resul
     .await
 }
 
+/// A complete conninfo towards `primary` for `standby`, whose own names no user: from
+/// `[replication]`, else adopted from the first sibling whose conninfo is complete.
+async fn complete_conninfo(
+    config: &Config,
+    standby: NodeId,
+    primary: NodeId,
+    siblings: &[NodeId],
+) -> Option<String> {
+    let (target, name) = (&config.nodes[primary], &config.nodes[standby].name);
+    if let Some(pairs) = config.replication.pairs(name) {
+        return Some(conninfo::compose(&target.host, target.port, pairs));
+    }
+    for &sibling in siblings.iter().filter(|&&s| s != standby) {
+        let found = async {
+            let client = admin_connect(config, sibling, "pgvigil failover").await?;
+            show(&client, "primary_conninfo").await
+        };
+        match found.await {
+            Ok(theirs) => {
+                if let Some(adopted) = conninfo::adopt(&theirs, &target.host, target.port, name) {
+                    tracing::info!(standby = %name, from = %config.nodes[sibling].name, "its primary_conninfo names no user: adopting a sibling's");
+                    return Some(adopted);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(sibling = %config.nodes[sibling].name, %error, "cannot read the sibling's primary_conninfo")
+            }
+        }
+    }
+    None
+}
+
+/// What a standby's WAL receiver shows: status, sender host and port, timeline received.
+const RECEIVER_SQL: &str = "SELECT status, sender_host, sender_port, received_tli \
+    FROM pg_stat_wal_receiver";
+
+/// Waits until `standby` streams from `primary` on `timeline` (`pg_stat_wal_receiver`), at most
+/// `limit`; the error says what it showed last.
+pub async fn await_stream(
+    config: &Config,
+    standby: NodeId,
+    primary: NodeId,
+    timeline: u32,
+    limit: Duration,
+) -> Result<(), ActionError> {
+    let target = &config.nodes[primary];
+    let deadline = Instant::now() + limit;
+    let mut client: Option<Client> = None;
+    let mut last = String::from("not looked at");
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(ActionError::NotStreaming {
+                limit,
+                primary: format!("{}:{}", target.host, target.port),
+                timeline,
+                last,
+            });
+        }
+        let step = bounded(remaining.min(config.health.timeout), async {
+            let kept = client.take().filter(|c| !c.is_closed());
+            let conn = match kept {
+                Some(conn) => conn,
+                None => admin_connect(config, standby, "pgvigil failover").await?,
+            };
+            let rows = conn.query(RECEIVER_SQL, &[]).await?;
+            let seen = match rows.first() {
+                None => None,
+                Some(row) => Some((
+                    row.try_get::<_, Option<String>>(0)?.unwrap_or_default(),
+                    row.try_get::<_, Option<String>>(1)?.unwrap_or_default(),
+                    row.try_get::<_, Option<i32>>(2)?.unwrap_or(0),
+                    row.try_get::<_, Option<i32>>(3)?.unwrap_or(0),
+                )),
+            };
+            client = Some(conn);
+            Ok(seen)
+        })
+        .await;
+        last = match step {
+            Ok(Some((status, host, port, tli))) => {
+                let streams = status == "streaming"
+                    && host == target.host
+                    && u16::try_from(port).ok() == Some(target.port)
+                    && u32::try_from(tli).ok() == Some(timeline);
+                if streams {
+                    return Ok(());
+                }
+                format!("WAL receiver {status} from {host}:{port} on timeline {tli}")
+            }
+            Ok(None) => "no WAL receiver running".into(),
+            Err(error) => error.to_string(),
+        };
+        tokio::time::sleep(STREAM_POLL.min(remaining)).await;
+    }
+}
+
 /// Makes a fenced node refuse writes from whoever still reaches it:
 /// `default_transaction_read_only = on`, reloaded.
 pub async fn fence(config: &Config, node: NodeId) -> Result<(), ActionError> {
     bounded(config.health.timeout * 2, async {
         let client = admin_connect(config, node, "pgvigil failover").await?;
         alter_system(&client, "default_transaction_read_only", "on").await
+    })
+    .await
+}
+
+/// Sets `wal_receiver_timeout` on a standby, reloaded (its WAL receiver takes the new value at
+/// once).
+pub async fn set_receiver_timeout(
+    config: &Config,
+    node: NodeId,
+    timeout: Duration,
+) -> Result<(), ActionError> {
+    bounded(config.health.timeout * 2, async {
+        let client = admin_connect(config, node, "pgvigil failover").await?;
+        let value = format!("{}ms", timeout.as_millis());
+        alter_system(&client, "wal_receiver_timeout", &value).await
     })
     .await
 }

@@ -1,6 +1,7 @@
 //! What the probes mean: each node's role, which node takes writes, which nodes must be fenced,
 //! and whether the primary is lost. Pure: no I/O, so every rule is unit-tested.
 
+use super::choose::Promotion;
 use crate::config::Config;
 use crate::health::{NodeHealth, Observation};
 use crate::topology::{NodeId, Primary, Role};
@@ -12,6 +13,11 @@ pub struct Memory {
     pub primary: Option<NodeId>,
     /// Nodes that never get a query until an operator clears them.
     pub fenced: Vec<bool>,
+    /// A promotion pgvigil asked for and has not seen finish: that node stays the only
+    /// candidate until it is seen as primary or proven still a standby (see `fail_over`).
+    pub promoting: Option<Promotion>,
+    /// The latest promotion that finished, with its positions (for the record).
+    pub last_promotion: Option<Promotion>,
 }
 
 impl Memory {
@@ -20,6 +26,8 @@ impl Memory {
         Memory {
             primary: None,
             fenced: vec![false; node_count],
+            promoting: None,
+            last_promotion: None,
         }
     }
 
@@ -41,6 +49,9 @@ pub struct Assessment {
     pub fence: Vec<NodeId>,
     /// The remembered primary is down and no standby still receives WAL from it.
     pub lost: Option<NodeId>,
+    /// Nodes that left recovery without pgvigil promoting them while the known primary is up
+    /// and answering: not accepted, and writes are refused until an operator decides.
+    pub foreign: Vec<NodeId>,
     /// The remembered primary is down but this standby still hears from it (as of its latest
     /// probe, which may predate the primary's trouble: worth probing again at once).
     pub witness: Option<NodeId>,
@@ -60,17 +71,39 @@ pub fn assess(config: &Config, board: &[NodeHealth], memory: &Memory) -> Assessm
         .map(|(health, role)| role.is_usable() && health.failures > 0)
         .collect();
     let timeline = |node: NodeId| board[node].last.as_ref().map_or(0, |o| o.timeline);
+    let claimants: Vec<NodeId> = (0..board.len())
+        .filter(|&n| roles[n] == Role::Primary)
+        .collect();
+    // The known primary, up and answering as a writable primary. While a promotion pgvigil
+    // asked for is pending, the old primary was lost and is no longer the reference.
+    let known = memory
+        .primary
+        .filter(|&k| roles.get(k) == Some(&Role::Primary))
+        .filter(|_| memory.promoting.is_none());
+    // A newer timeline wins automatically only when pgvigil promoted it or the known primary
+    // is down: anything else is someone else's promotion, and a healthy primary is never
+    // fenced for it.
+    let foreign: Vec<NodeId> = match known {
+        Some(k) => claimants
+            .iter()
+            .copied()
+            .filter(|&c| c != k && timeline(c) > timeline(k))
+            .collect(),
+        None => Vec::new(),
+    };
+    for &node in &foreign {
+        roles[node] = Role::Fenced;
+    }
     // The newest timeline any live node is on: a primary behind it is stale.
     let newest = (0..board.len())
         .filter(|&n| roles[n].is_usable())
         .map(timeline)
         .max()
         .unwrap_or(0);
-    let claimants: Vec<NodeId> = (0..board.len())
-        .filter(|&n| roles[n] == Role::Primary)
-        .collect();
-    let (stale, current): (Vec<NodeId>, Vec<NodeId>) =
-        claimants.iter().partition(|&&n| timeline(n) < newest);
+    let (stale, current): (Vec<NodeId>, Vec<NodeId>) = claimants
+        .iter()
+        .filter(|n| !foreign.contains(n))
+        .partition(|&&n| Some(n) != known && timeline(n) < newest);
     for &node in &stale {
         roles[node] = Role::Fenced;
     }
@@ -78,6 +111,16 @@ pub fn assess(config: &Config, board: &[NodeHealth], memory: &Memory) -> Assessm
     let mut lost = None;
     let mut witnessed = None;
     let primary = match current.as_slice() {
+        _ if !foreign.is_empty() => Primary::Unavailable(format!(
+            "{} left recovery without pgvigil promoting it while primary {} is up and \
+             answering: writes are refused until an operator stops one of them",
+            foreign
+                .iter()
+                .map(|&n| name(n))
+                .collect::<Vec<_>>()
+                .join(" and "),
+            known.map_or("?", name)
+        )),
         [one] => Primary::Known(*one),
         [] => match memory.primary {
             Some(old) if roles[old] == Role::Down => match witness(config, board, &roles, old) {
@@ -114,6 +157,7 @@ pub fn assess(config: &Config, board: &[NodeHealth], memory: &Memory) -> Assessm
         primary,
         fence: stale,
         lost,
+        foreign,
         witness: witnessed,
     }
 }
@@ -131,6 +175,8 @@ fn observed_role(health: &NodeHealth, failures: u32, fenced: bool) -> Role {
     }
     match &health.last {
         Some(observation) if observation.in_recovery => Role::Standby,
+        // Out of recovery but read-only: fenced by another pgvigil instance (or an operator).
+        Some(observation) if observation.read_only => Role::Fenced,
         Some(_) => Role::Primary,
         None => Role::Down,
     }
@@ -183,24 +229,6 @@ fn hears_from(config: &Config, observation: &Observation, primary: NodeId) -> bo
     }
 }
 
-/// The standby to promote: the furthest received WAL (then replayed WAL), then the highest
-/// `priority`, then the first in the configuration. `positions` holds each candidate's freshly
-/// read (received, replayed) LSNs; nodes with `no_promote` are skipped.
-pub fn choose_candidate(config: &Config, positions: &[(NodeId, u64, u64)]) -> Option<NodeId> {
-    positions
-        .iter()
-        .filter(|(node, _, _)| !config.nodes[*node].no_promote)
-        .max_by_key(|&&(node, received, replayed)| {
-            (
-                received.max(replayed),
-                replayed,
-                config.nodes[node].priority,
-                std::cmp::Reverse(node),
-            )
-        })
-        .map(|&(node, _, _)| node)
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -236,6 +264,7 @@ mod tests {
             },
             receiver: None,
             read_only: false,
+            senders: None,
         }
     }
 
@@ -301,11 +330,69 @@ mod tests {
 
     #[test]
     fn of_two_primaries_the_one_on_the_older_timeline_is_fenced() {
+        // Both when pgvigil knows the newer one as primary and when it knows neither.
         let board = [up(primary(1)), up(primary(2)), up(standby(2, 5433, FRESH))];
+        for memory in [remembering(Some(1), &[], 3), Memory::empty(3)] {
+            let verdict = assess(&config(3), &board, &memory);
+            assert_eq!(verdict.primary, Primary::Known(1));
+            assert_eq!(verdict.fence, vec![0]);
+            assert_eq!(verdict.roles[0], Role::Fenced);
+        }
+    }
+
+    #[test]
+    fn a_standby_promoted_behind_pgvigils_back_never_fences_the_healthy_primary() {
+        let board = [up(primary(1)), up(primary(2)), up(standby(1, 5432, FRESH))];
         let verdict = assess(&config(3), &board, &remembering(Some(0), &[], 3));
+        assert!(verdict.fence.is_empty(), "{:?}", verdict.fence);
+        assert_eq!(verdict.foreign, vec![1]);
+        assert_eq!(verdict.roles, [Role::Primary, Role::Fenced, Role::Standby]);
+        match verdict.primary {
+            Primary::Unavailable(reason) => {
+                assert!(
+                    reason.contains("pg2 left recovery without pgvigil"),
+                    "{reason}"
+                );
+                assert!(reason.contains("primary pg1 is up"), "{reason}");
+            }
+            other => panic!("expected writes refused, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_newer_timeline_wins_when_pgvigil_promoted_it_or_the_old_primary_is_down() {
+        let config = config(3);
+        // The old primary is down.
+        let board = [
+            failed(up(primary(1)), 2),
+            up(primary(2)),
+            up(standby(1, 5432, STALE)),
+        ];
+        let verdict = assess(&config, &board, &remembering(Some(0), &[], 3));
+        assert_eq!(verdict.primary, Primary::Known(1));
+        assert!(verdict.foreign.is_empty());
+        // pgvigil asked pg2 to promote (and the old primary came back meanwhile).
+        let board = [up(primary(1)), up(primary(2)), up(standby(1, 5432, STALE))];
+        let mut memory = remembering(Some(0), &[], 3);
+        memory.promoting = Some(Promotion {
+            node: 1,
+            old_primary: 0,
+            old_lsn: 100,
+            new_lsn: 100,
+            postmaster_start: "t0".into(),
+        });
+        let verdict = assess(&config, &board, &memory);
         assert_eq!(verdict.primary, Primary::Known(1));
         assert_eq!(verdict.fence, vec![0]);
+        // The known primary answers read-only: another instance fenced it.
+        let fenced = Observation {
+            read_only: true,
+            ..primary(1)
+        };
+        let board = [up(fenced), up(primary(2)), up(standby(2, 5433, FRESH))];
+        let verdict = assess(&config, &board, &remembering(Some(0), &[], 3));
         assert_eq!(verdict.roles[0], Role::Fenced);
+        assert_eq!(verdict.primary, Primary::Known(1));
     }
 
     #[test]
@@ -396,29 +483,5 @@ mod tests {
         assert_eq!(verdict.roles, [Role::Down, Role::Unknown]);
         assert!(matches!(verdict.primary, Primary::Unavailable(_)));
         assert_eq!(verdict.lost, None, "nothing to fail over from");
-    }
-
-    #[test]
-    fn the_furthest_standby_wins_then_priority_and_no_promote_is_skipped() {
-        let mut config = config(4);
-        assert_eq!(
-            choose_candidate(&config, &[(1, 50, 40), (2, 60, 30)]),
-            Some(2)
-        );
-        assert_eq!(
-            choose_candidate(&config, &[(1, 60, 60), (2, 60, 60)]),
-            Some(1)
-        );
-        config.nodes[2].priority = 5;
-        assert_eq!(
-            choose_candidate(&config, &[(1, 60, 60), (2, 60, 60)]),
-            Some(2)
-        );
-        config.nodes[2].no_promote = true;
-        assert_eq!(
-            choose_candidate(&config, &[(1, 10, 10), (2, 60, 60)]),
-            Some(1)
-        );
-        assert_eq!(choose_candidate(&config, &[(2, 60, 60)]), None);
     }
 }

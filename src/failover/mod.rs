@@ -1,17 +1,21 @@
 //! The failover coordinator: the only writer of the topology. It takes in every probe outcome,
 //! judges them (`assess`), publishes roles and the primary, fences stale primaries, and when the
-//! primary is lost promotes the most advanced standby, repoints the others, fences the old
-//! primary and remembers all that in the state file (see DESIGN.md, "One failover's way").
+//! primary is lost promotes the standby `choose` allows (`promote`), repoints the others, fences
+//! the old primary and remembers all that in the state file (see DESIGN.md, "One failover's
+//! way", and README, "Failover", for the promotion rules).
 
 mod actions;
 mod assess;
+mod choose;
 mod conninfo;
+mod followers;
+mod following;
+mod promote;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -20,12 +24,15 @@ pub use assess::Memory;
 use crate::config::Config;
 use crate::health::{NodeHealth, Report};
 use crate::proxy::Proxy;
-use crate::replication::ReplicationView;
-use crate::state::{State, StateError, StateFile};
+use crate::replication::{format_lsn, parse_lsn, ReplicationView};
+use crate::state::{PromotionRecord, State, StateError, StateFile};
 use crate::topology::{NodeId, Primary, Role};
-use assess::{assess, choose_candidate, Assessment};
+use assess::{assess, Assessment};
+use choose::Promotion;
+use followers::Followers;
 
-/// How often pgvigil tries again to make a reachable fenced node read-only.
+/// How often pgvigil tries again to make a reachable fenced node read-only, or to set a
+/// standby's `wal_receiver_timeout`.
 const FENCE_RETRY: Duration = Duration::from_secs(10);
 
 /// What pgvigil remembered from its state file, and the generation to continue from.
@@ -50,10 +57,29 @@ pub fn restore(config: &Config) -> Result<(Memory, u64), StateError> {
             }
         }
     }
+    let promotion = |record: &PromotionRecord| {
+        let promotion = Some(Promotion {
+            node: id(&record.node)?,
+            old_primary: id(&record.old_primary)?,
+            old_lsn: parse_lsn(&record.old_lsn)?,
+            new_lsn: parse_lsn(&record.new_lsn)?,
+            postmaster_start: record.postmaster_start.clone(),
+        });
+        if promotion.is_none() {
+            warn!(
+                ?record,
+                "the state file holds a promotion this configuration cannot place"
+            );
+        }
+        promotion
+    };
+    memory.promoting = state.promoting.as_ref().and_then(promotion);
+    memory.last_promotion = state.last_promotion.as_ref().and_then(promotion);
     info!(
         path = %file.path().display(),
         primary = ?state.primary,
         fenced = ?state.fenced,
+        promoting = ?state.promoting.as_ref().map(|p| &p.node),
         generation = state.generation,
         "state restored; checking it against the nodes"
     );
@@ -80,6 +106,9 @@ pub async fn run(
                 Some(report) => coordinator.record(&report),
                 None => return,
             },
+            Some(outcome) = coordinator.followers.next_repoint(), if coordinator.followers.repointing() => {
+                coordinator.followers.settle(&coordinator.proxy.config, outcome);
+            }
             _ = tokio::time::sleep_until(first), if !started => {}
         }
         while let Ok(report) = reports.try_recv() {
@@ -108,10 +137,18 @@ struct Coordinator {
     stale_before: Vec<Option<Instant>>,
     /// When each fenced node was last made read-only (or tried).
     fence_attempts: Vec<Option<Instant>>,
+    /// When each standby's `wal_receiver_timeout` was last set (or tried).
+    receiver_attempts: Vec<Option<Instant>>,
     /// No new failover attempt before this (after one failed).
     retry_at: Option<Instant>,
     /// The lost primary already alerted about (automatic failover off).
     alerted: Option<NodeId>,
+    /// The nodes promoted behind pgvigil's back already alerted about.
+    foreign_alerted: Vec<NodeId>,
+    /// Why the last failover attempt did not complete (logged at error once, not every retry).
+    refused: Option<String>,
+    /// Which standbys follow the primary; repoints in flight.
+    followers: Followers,
     published: bool,
 }
 
@@ -127,11 +164,15 @@ impl Coordinator {
                 .map(StateFile::new),
             board: vec![NodeHealth::default(); nodes],
             fence_attempts: vec![None; nodes],
+            receiver_attempts: vec![None; nodes],
             stale_before: vec![None; nodes],
             memory,
             proxy,
             retry_at: None,
             alerted: None,
+            foreign_alerted: Vec::new(),
+            refused: None,
+            followers: Followers::new(nodes),
             published: false,
         }
     }
@@ -157,6 +198,7 @@ impl Coordinator {
         if let Some(health) = self.board.get_mut(report.node) {
             health.record(report);
         }
+        self.followers.note(report, self.memory.primary);
     }
 
     /// Publishes every node's latest position (kept while a node is merely suspect, so that a
@@ -189,7 +231,21 @@ impl Coordinator {
 
     /// Judges the board and acts on the verdict.
     async fn evaluate(&mut self) {
-        let verdict = assess(self.config(), &self.board, &self.memory);
+        let mut verdict = assess(self.config(), &self.board, &self.memory);
+        if let Some(promotion) = self.memory.promoting.clone() {
+            if let Primary::Known(other) = verdict.primary {
+                if other != promotion.node {
+                    self.promoted_by_hand(&promotion, other);
+                    verdict = assess(self.config(), &self.board, &self.memory);
+                }
+            }
+        }
+        self.followers.judge(
+            &self.proxy.config,
+            &self.board,
+            &verdict.roles,
+            &verdict.primary,
+        );
         for &node in &verdict.fence {
             warn!(
                 node = %self.name(node),
@@ -197,11 +253,17 @@ impl Coordinator {
             );
             self.memory.fenced[node] = true;
         }
+        self.alert_foreign(&verdict);
+        if let Some(promotion) = self.memory.promoting.clone() {
+            self.on_pending_promotion(promotion, verdict).await;
+            return;
+        }
         if let Some(lost) = verdict.lost {
             self.on_lost_primary(lost, verdict).await;
             return;
         }
         self.alerted = None;
+        self.refused = None;
         if verdict.witness.is_some() {
             // The witness may have been probed before the primary went quiet: ask the standbys
             // again now rather than at their next tick (their tasks space probes out).
@@ -214,6 +276,77 @@ impl Coordinator {
         }
         self.publish(&verdict.roles, &verdict.suspect, verdict.primary);
         self.fence_reachable();
+        self.shorten_receiver_timeouts();
+    }
+
+    /// Sets `failover.receiver_timeout` on standbys whose `wal_receiver_timeout` is longer or off,
+    /// in the background (at most every `FENCE_RETRY` per node). A standby's receiver asks its
+    /// sender for a reply after half that much silence, so a live primary is heard from within
+    /// it and a frozen one stops being a witness (see `assess::witness`) within seconds.
+    fn shorten_receiver_timeouts(&mut self) {
+        let target = self.config().failover.receiver_timeout;
+        if target.is_zero() {
+            return;
+        }
+        for node in 0..self.board.len() {
+            let longer = self.board[node]
+                .current()
+                .and_then(|o| o.receiver.as_ref())
+                .is_some_and(|r| r.timeout.is_zero() || r.timeout > target);
+            let recent = self.receiver_attempts[node].is_some_and(|at| at.elapsed() < FENCE_RETRY);
+            if !longer || recent {
+                continue;
+            }
+            self.receiver_attempts[node] = Some(Instant::now());
+            let config = self.proxy.config.clone();
+            tokio::spawn(async move {
+                let name = &config.nodes[node].name;
+                match actions::set_receiver_timeout(&config, node, target).await {
+                    Ok(()) => {
+                        info!(node = %name, timeout = ?target, "standby's wal_receiver_timeout set (failover.receiver_timeout)")
+                    }
+                    Err(e) => {
+                        warn!(node = %name, error = %e, "could not set the standby's wal_receiver_timeout")
+                    }
+                }
+            });
+        }
+    }
+
+    /// While pgvigil waited for the standby it asked to promote, another one left recovery (an
+    /// operator's `pg_ctl promote`, the way out when the one asked is gone for good). The old
+    /// primary is down, so the newer timeline is accepted; the standby asked is fenced, since it
+    /// may still finish its promotion.
+    fn promoted_by_hand(&mut self, promotion: &Promotion, other: NodeId) {
+        error!(
+            asked = %self.name(promotion.node),
+            promoted = %self.name(other),
+            "another standby left recovery while a promotion was pending: taking it as primary \
+             and fencing the one asked"
+        );
+        self.memory.fenced[promotion.node] = true;
+        self.memory.promoting = None;
+        self.retry_at = None;
+        self.refused = None;
+    }
+
+    /// Logs at error, once per change, a node that left recovery without pgvigil promoting it
+    /// while the known primary is up.
+    fn alert_foreign(&mut self, verdict: &Assessment) {
+        if verdict.foreign == self.foreign_alerted {
+            return;
+        }
+        if let Primary::Unavailable(reason) = &verdict.primary {
+            if !verdict.foreign.is_empty() {
+                error!(
+                    nodes = ?verdict.foreign.iter().map(|&n| self.name(n)).collect::<Vec<_>>(),
+                    primary = ?self.memory.primary.map(|n| self.name(n)),
+                    %reason,
+                    "a standby was promoted behind pgvigil's back; the primary is not fenced"
+                );
+            }
+        }
+        self.foreign_alerted.clone_from(&verdict.foreign);
     }
 
     /// The primary is down and nobody hears from it: fail over, or only alert.
@@ -237,137 +370,26 @@ impl Coordinator {
                 Primary::Unavailable(reason),
             );
         } else if waiting {
-            self.publish(&verdict.roles, &verdict.suspect, verdict.primary);
+            // Between attempts clients keep seeing why the last one was refused.
+            let primary = self
+                .refused
+                .clone()
+                .map_or(verdict.primary, Primary::Unavailable);
+            self.publish(&verdict.roles, &verdict.suspect, primary);
         } else {
             self.fail_over(lost, verdict).await;
         }
     }
 
-    /// Promotes the most advanced standby in place of `old`; every step is logged with its
-    /// duration.
-    async fn fail_over(&mut self, old: NodeId, verdict: Assessment) {
-        let began = Instant::now();
-        warn!(
-            primary = %self.name(old),
-            failures = self.board[old].failures,
-            "primary lost: no answer to its probes and no standby receives WAL from it; failing over"
-        );
-        let mut roles = verdict.roles;
-        let waiting = format!("failover in progress: primary {} was lost", self.name(old));
-        self.publish(&roles, &verdict.suspect, Primary::Unavailable(waiting));
-        let standbys: Vec<NodeId> = (0..roles.len())
-            .filter(|&n| roles[n] == Role::Standby)
-            .collect();
-        let Some(new) = self.choose(&standbys).await else {
-            self.give_up(
-                &roles,
-                &verdict.suspect,
-                format!(
-                    "primary {} is lost and no standby can be promoted",
-                    self.name(old)
-                ),
-            );
-            return;
-        };
-        let step = Instant::now();
-        let timeline = match actions::promote(self.config(), new).await {
-            Ok(timeline) => timeline,
-            Err(e) => {
-                error!(standby = %self.name(new), error = %e, took = ?step.elapsed(), "promotion failed");
-                self.give_up(
-                    &roles,
-                    &verdict.suspect,
-                    format!("failover failed: promoting {}: {e}", self.name(new)),
-                );
-                return;
-            }
-        };
-        info!(standby = %self.name(new), timeline, took = ?step.elapsed(), "promoted");
-        self.memory.fenced[old] = true;
-        self.memory.primary = Some(new);
-        self.retry_at = None;
-        self.stale_before[new] = Some(Instant::now());
-        if let Some(observation) = self.board[new].last.as_mut() {
-            observation.in_recovery = false;
-            observation.timeline = timeline;
-            observation.receiver = None;
-        }
-        roles[old] = Role::Fenced;
-        roles[new] = Role::Primary;
-        self.publish(&roles, &verdict.suspect, Primary::Known(new));
-        info!(
-            primary = %self.name(new),
-            fenced = %self.name(old),
-            took = ?began.elapsed(),
-            "writes go to the new primary"
-        );
-        self.repoint(&standbys, new).await;
-        self.fence_reachable();
-        self.checkpoint_later(new);
-        info!(took = ?began.elapsed(), "failover complete");
-    }
-
-    /// Reads the candidates' positions now and picks the one to promote.
-    async fn choose(&self, standbys: &[NodeId]) -> Option<NodeId> {
-        let step = Instant::now();
-        let mut reads = JoinSet::new();
-        for &node in standbys {
-            let config = self.proxy.config.clone();
-            reads.spawn(async move { (node, actions::position(&config, node).await) });
-        }
-        let mut positions = Vec::new();
-        while let Some(joined) = reads.join_next().await {
-            match joined {
-                Ok((node, Ok((received, replayed)))) => positions.push((node, received, replayed)),
-                Ok((node, Err(e))) => {
-                    warn!(standby = %self.name(node), error = %e, "cannot read the standby's position; not promoting it")
-                }
-                Err(e) => warn!(error = %e, "a position read failed"),
-            }
-        }
-        let chosen = choose_candidate(self.config(), &positions);
-        info!(
-            positions = ?positions
-                .iter()
-                .map(|&(n, received, replayed)| (self.name(n), received, replayed))
-                .collect::<Vec<_>>(),
-            chosen = ?chosen.map(|n| self.name(n)),
-            took = ?step.elapsed(),
-            "standby chosen"
-        );
-        chosen
-    }
-
     /// A failover could not finish: writes stay refused with `reason`; try again after one
     /// probe interval.
     fn give_up(&mut self, roles: &[Role], suspect: &[bool], reason: String) {
-        error!(%reason, "failover did not complete; trying again after the next probes");
+        if self.refused.as_ref() != Some(&reason) {
+            error!(%reason, "failover did not complete; trying again after the next probes");
+            self.refused = Some(reason.clone());
+        }
         self.retry_at = Some(Instant::now() + self.config().health.interval);
         self.publish(roles, suspect, Primary::Unavailable(reason));
-    }
-
-    /// Points every other standby at the new primary, concurrently.
-    async fn repoint(&self, standbys: &[NodeId], primary: NodeId) {
-        let mut steps = JoinSet::new();
-        for &standby in standbys.iter().filter(|&&s| s != primary) {
-            let config = self.proxy.config.clone();
-            steps.spawn(async move {
-                let began = Instant::now();
-                let result = actions::repoint(&config, standby, primary).await;
-                (standby, result, began.elapsed())
-            });
-        }
-        while let Some(joined) = steps.join_next().await {
-            match joined {
-                Ok((standby, Ok(()), took)) => {
-                    info!(standby = %self.name(standby), primary = %self.name(primary), ?took, "standby repointed")
-                }
-                Ok((standby, Err(e), took)) => {
-                    error!(standby = %self.name(standby), error = %e, ?took, "could not repoint the standby; do it by hand")
-                }
-                Err(e) => error!(error = %e, "a repoint task failed"),
-            }
-        }
     }
 
     /// Makes fenced nodes that answer as writable primaries read-only, in the background (at
@@ -410,7 +432,9 @@ impl Coordinator {
     /// Publishes the next topology when it differs from the current one, saving the state first.
     fn publish(&mut self, roles: &[Role], suspect: &[bool], primary: Primary) {
         let current = self.proxy.topology.snapshot();
-        let next = current.next(roles, suspect, primary);
+        let next = current
+            .next(roles, suspect, primary)
+            .with_stale(self.followers.stale());
         if self.published && current.same_state(&next) {
             return;
         }
@@ -420,6 +444,7 @@ impl Coordinator {
             generation = next.generation,
             roles = ?next.nodes.iter().map(|n| (n.name.as_str(), n.role.as_str())).collect::<Vec<_>>(),
             suspect = ?next.nodes.iter().filter(|n| n.suspect).map(|n| n.name.as_str()).collect::<Vec<_>>(),
+            stale = ?next.nodes.iter().filter_map(|n| Some((n.name.as_str(), n.stale.as_ref()?.describe()))).collect::<Vec<_>>(),
             primary = ?next.primary,
             "topology changed"
         );
@@ -442,9 +467,80 @@ impl Coordinator {
                 .filter(|&n| self.memory.fenced[n])
                 .map(|n| self.name(n).to_owned())
                 .collect(),
+            promoting: self
+                .memory
+                .promoting
+                .as_ref()
+                .map(|p| self.promotion_record(p)),
+            last_promotion: self
+                .memory
+                .last_promotion
+                .as_ref()
+                .map(|p| self.promotion_record(p)),
         };
         if let Err(e) = file.save(&state) {
             error!(error = %e, "could not save the state file");
         }
+    }
+
+    /// `promotion` as the state file keeps it.
+    fn promotion_record(&self, promotion: &Promotion) -> PromotionRecord {
+        PromotionRecord {
+            node: self.name(promotion.node).to_owned(),
+            old_primary: self.name(promotion.old_primary).to_owned(),
+            old_lsn: format_lsn(promotion.old_lsn),
+            new_lsn: format_lsn(promotion.new_lsn),
+            postmaster_start: promotion.postmaster_start.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NodeConfig;
+
+    #[test]
+    fn a_pending_promotion_in_the_state_file_is_remembered_after_a_restart() {
+        let dir = std::env::temp_dir().join(format!("pgvigil-restore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let record = PromotionRecord {
+            node: "pg2".into(),
+            old_primary: "pg1".into(),
+            old_lsn: "0/3000100".into(),
+            new_lsn: "0/3000000".into(),
+            postmaster_start: "2026-12-04 16:00:00+00".into(),
+        };
+        let state = State {
+            generation: 7,
+            primary: Some("pg1".into()),
+            fenced: vec!["pg1".into()],
+            promoting: Some(record),
+            last_promotion: None,
+        };
+        StateFile::new(&dir).save(&state).unwrap();
+        let config = Config {
+            nodes: ["pg1", "pg2", "pg3"]
+                .iter()
+                .map(|name| NodeConfig {
+                    name: (*name).into(),
+                    ..NodeConfig::default()
+                })
+                .collect(),
+            failover: crate::config::FailoverConfig {
+                state_dir: Some(dir.clone()),
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        let (memory, generation) = restore(&config).unwrap();
+        assert_eq!(generation, 7);
+        let promoting = memory
+            .promoting
+            .expect("the pending promotion is remembered");
+        assert_eq!((promoting.node, promoting.old_primary), (1, 0));
+        assert_eq!(promoting.loss(), 0x100);
+        assert_eq!(memory.fenced, [true, false, false]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,11 +1,14 @@
 //! One client's life: startup, authentication, attaching a server connection, the relay, and
 //! handing the server connection back (reset) or dropping it (broken).
 
+mod aborted;
 mod auth_exchange;
+mod loss;
 mod recover;
 mod relay;
 mod serve;
 mod server_side;
+mod settings;
 pub mod startup;
 mod steering;
 mod unit;
@@ -26,7 +29,7 @@ use crate::proxy::Proxy;
 use crate::router;
 use crate::server::ServerError;
 use crate::stream::Stream;
-use crate::topology::NodeId;
+use crate::topology::{Need, NodeId};
 use relay::ClientConn;
 use startup::{ClientStartup, Opening};
 
@@ -191,7 +194,8 @@ async fn attach(
 /// Opens the first connection of a session on `node`. While another usable node is left to try,
 /// the attempt is bounded by `health.timeout`: a node that hangs (frozen, or cut off without a
 /// reset) must not hold the client for `backend.connect_timeout` before pgvigil's probes notice.
-/// The last candidate gets the full `backend.connect_timeout`.
+/// The last candidate gets the full `backend.connect_timeout`. Either way the attempt ends as
+/// soon as the topology gives up on the node (see [`Need`]).
 async fn open_for_start(
     proxy: &Proxy,
     node: NodeId,
@@ -205,9 +209,9 @@ async fn open_for_start(
         .iter()
         .any(|n| n.id != node && n.role.is_usable() && tried & (1 << n.id) == 0);
     if others {
-        open_within(proxy, node, startup, true).await
+        open_within(proxy, node, startup, true, Need::Replaceable).await
     } else {
-        open(proxy, node, startup, true).await
+        open(proxy, node, startup, true, Need::Usable).await
     }
 }
 
@@ -218,12 +222,13 @@ async fn open_within(
     node: NodeId,
     startup: &ClientStartup,
     wait: bool,
+    need: Need,
 ) -> Result<Lease, OpenError> {
     let bound = proxy.config.health.timeout;
     if bound >= proxy.config.backend.connect_timeout {
-        return open(proxy, node, startup, wait).await;
+        return open(proxy, node, startup, wait, need).await;
     }
-    match tokio::time::timeout(bound, open(proxy, node, startup, wait)).await {
+    match tokio::time::timeout(bound, open(proxy, node, startup, wait, need)).await {
         Ok(result) => result,
         Err(_) => Err(OpenError::Pool(PoolError::Connect(ServerError::Timeout {
             node: proxy.config.nodes[node].name.clone(),
@@ -260,6 +265,7 @@ impl OpenError {
                     .is_some_and(|code| code.starts_with(b"57")),
                 ServerError::Tls { .. } | ServerError::Protocol { .. } => false,
             },
+            OpenError::Pool(PoolError::Abandoned { .. }) => true,
             OpenError::Pool(PoolError::Exhausted { .. }) | OpenError::Params(_) => false,
         }
     }
@@ -274,25 +280,30 @@ impl OpenError {
 }
 
 /// Opens the session's connection to `node`: a checkout (waiting for a slot when `wait`, else
-/// failing at once), then the client's startup parameters. A connection whose setup failed is
-/// released (and dropped unless the reset proves it sound).
+/// failing at once), then the client's startup parameters, all abandoned once the topology
+/// gives up on `node` for `need`. A connection whose setup failed is released (and dropped
+/// unless the reset proves it sound).
 async fn open(
     proxy: &Proxy,
     node: NodeId,
     startup: &ClientStartup,
     wait: bool,
+    need: Need,
 ) -> Result<Lease, OpenError> {
     let target = proxy.login_target(node, &startup.user, &startup.database);
-    let mut lease = if wait {
-        proxy.pools.checkout(&target).await
-    } else {
-        proxy.pools.try_checkout(&target).await
-    }?;
-    if let Err(error) = apply_params(&mut lease, startup).await {
-        proxy.release(lease, true).await;
-        return Err(error);
-    }
-    Ok(lease)
+    let setup = async {
+        let mut lease = if wait {
+            proxy.pools.checkout(&target).await
+        } else {
+            proxy.pools.try_checkout(&target).await
+        }?;
+        if let Err(error) = apply_params(&mut lease, startup).await {
+            proxy.release(lease, true).await;
+            return Err(error);
+        }
+        Ok(lease)
+    };
+    proxy.unless_given_up(node, need, setup).await?
 }
 
 /// Sends the client's startup parameters to the server as SET commands, skipping those the server
@@ -440,6 +451,10 @@ fn pool_refusal(error: PoolError) -> SessionError {
             message: error.to_string(),
         },
         PoolError::Connect(error) => server_refusal(error),
+        PoolError::Abandoned { .. } => SessionError::Refused {
+            code: sqlstate::CONNECTION_FAILURE,
+            message: error.to_string(),
+        },
     }
 }
 

@@ -20,14 +20,14 @@ use crate::support::{
 };
 
 /// The primary the cluster is built with.
-const OLD_PRIMARY: NodeId = 0;
+pub(crate) const OLD_PRIMARY: NodeId = 0;
 
 /// The two standbys the cluster is built with.
-const STANDBYS: [NodeId; 2] = [1, 2];
+pub(crate) const STANDBYS: [NodeId; 2] = [1, 2];
 
 /// `health.interval`, `health.failures` and `health.timeout` of every test here.
-const INTERVAL: Duration = Duration::from_secs(1);
-const FAILURES: u32 = 2;
+pub(crate) const INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const FAILURES: u32 = 2;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The bound on the write-unavailability window after a kill -9.
@@ -44,7 +44,7 @@ const CLIENT_START: Duration = Duration::from_secs(2);
 const AT_ONCE: Duration = Duration::from_secs(2);
 
 /// Generous bound on anything that must happen "eventually" on a loaded two-core machine.
-const PATIENCE: Duration = Duration::from_secs(30);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Acks that show the writer works: before an event, and after it to call writes resumed.
 const WARM_UP: usize = 25;
@@ -372,16 +372,16 @@ async fn with_automatic_failover_off_a_lost_primary_is_only_reported_and_reads_g
 }
 
 /// A cluster, pgvigil with fast health checks in front of it, and a writer going through it.
-struct Scene {
-    cluster: LocalCluster,
-    proxy: TestProxy,
-    writer: Writer,
+pub(crate) struct Scene {
+    pub(crate) cluster: LocalCluster,
+    pub(crate) proxy: TestProxy,
+    pub(crate) writer: Writer,
 }
 
 impl Scene {
     /// Starts pgvigil on `cluster` (its config changed by `adjust`), creates the table and starts
     /// the writer.
-    async fn start(cluster: LocalCluster, adjust: impl FnOnce(&mut Config)) -> Scene {
+    pub(crate) async fn start(cluster: LocalCluster, adjust: impl FnOnce(&mut Config)) -> Scene {
         let proxy = start_proxy(&cluster, |config| {
             fast_health(config);
             adjust(config);
@@ -392,7 +392,7 @@ impl Scene {
     }
 
     /// Starts the writer with ids from `first_id` and waits until it writes.
-    fn writing(cluster: LocalCluster, proxy: TestProxy, first_id: i32) -> Scene {
+    pub(crate) fn writing(cluster: LocalCluster, proxy: TestProxy, first_id: i32) -> Scene {
         let started = Instant::now();
         let writer = Writer::start(&proxy, first_id);
         writer.wait_for_acks_after(started, WARM_UP, PATIENCE);
@@ -404,14 +404,14 @@ impl Scene {
     }
 
     /// Kills node `node` with SIGKILL; returns when it is dead.
-    fn kill(&mut self, node: NodeId) -> Instant {
+    pub(crate) fn kill(&mut self, node: NodeId) -> Instant {
         self.cluster.node_mut(node).kill9();
         Instant::now()
     }
 
     /// Waits until writes flow again after `event`; prints and returns the write-unavailability
     /// window.
-    fn writes_resume(&self, event: Instant, what: &str) -> Duration {
+    pub(crate) fn writes_resume(&self, event: Instant, what: &str) -> Duration {
         let log = self.writer.wait_for_acks_after(event, WARM_UP, PATIENCE);
         let window = log.unavailability(event).unwrap();
         let errors = log.errors_after(event);
@@ -424,7 +424,7 @@ impl Scene {
     }
 
     /// The only node of `candidates` out of recovery, asked directly.
-    fn sole_primary(&self, candidates: &[NodeId]) -> NodeId {
+    pub(crate) fn sole_primary(&self, candidates: &[NodeId]) -> NodeId {
         let primaries: Vec<NodeId> = candidates
             .iter()
             .copied()
@@ -434,7 +434,7 @@ impl Scene {
         primaries[0]
     }
 
-    fn topology(&self) -> Arc<Topology> {
+    pub(crate) fn topology(&self) -> Arc<Topology> {
         self.proxy.running.proxy.topology.snapshot()
     }
 
@@ -468,14 +468,14 @@ impl Scene {
 }
 
 /// Probes every second, a node down after two failed probes of at most a second each.
-fn fast_health(config: &mut Config) {
+pub(crate) fn fast_health(config: &mut Config) {
     config.health.interval = INTERVAL;
     config.health.failures = FAILURES;
     config.health.timeout = PROBE_TIMEOUT;
 }
 
 /// The standby that is not `node`.
-fn other_standby(node: NodeId) -> NodeId {
+pub(crate) fn other_standby(node: NodeId) -> NodeId {
     STANDBYS.into_iter().find(|&n| n != node).unwrap()
 }
 

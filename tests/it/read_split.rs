@@ -1,18 +1,20 @@
-//! Reads spread over a primary and two streaming replicas (issue 3, sections 3 to 5), as a client
-//! observes them with `inet_server_port()`: by weight in every balance mode; never to a replica
-//! behind the lag limits, and to the primary when no replica qualifies; never older than what the
-//! session wrote, unless `routing.read_your_writes = false` says so.
+//! Reads spread over a primary and two streaming replicas (issue 3, sections 3 to 5; issue 10,
+//! points 4 and 6), as a client observes them with `inet_server_port()`: by weight in every
+//! balance mode; on the replicas only unless `routing.primary_reads = "share"`; never to a
+//! replica behind the lag limits or whose WAL receiver is off, and to the primary when no replica
+//! qualifies; never older than what the session wrote, unless `routing.read_your_writes = false`
+//! says so.
 
 use std::time::{Duration, Instant};
 
-use pgvigil::config::{Balance, Config};
+use pgvigil::config::{Balance, Config, PrimaryReads};
 use pgvigil::replication::ReplicationView;
-use pgvigil::topology::{NodeId, Primary, Role};
+use pgvigil::topology::{NodeId, Primary, Role, Stale};
 use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use crate::support::{
-    eventually, fresh_base_dir, node_psql, primary_lsn, start, start_proxy, test_cluster,
-    ClusterSpec, LocalCluster, TestProxy,
+    eventually, fresh_base_dir, node_psql, primary_lsn, set_primary_conninfo, start, start_proxy,
+    test_cluster, ClusterSpec, LocalCluster, TestProxy,
 };
 
 const PRIMARY: NodeId = 0;
@@ -51,8 +53,9 @@ const PROBED_ROUNDS: i32 = 50;
 /// Reads of the cost-budget test.
 const BUDGET_READS: usize = 200;
 
-/// Reads after each setting, twice: a read wrongly held on the primary (balanced over three
-/// nodes otherwise) would look right all 12 times about once in 500,000 runs.
+/// Reads after each setting, twice: plain reads otherwise go to the replicas only
+/// (`routing.primary_reads = "fallback"`), so reads wrongly held on the primary cannot look right
+/// by chance.
 const TRIES: usize = 12;
 
 /// How many reads each node served, indexed by node id.
@@ -84,8 +87,9 @@ enum ReadStyle {
     SimpleThenPrepared,
 }
 
-/// For each balance mode, one client's 3,000 sequential reads spread within 10% of `weights`;
-/// a node of weight 0 serves none.
+/// For each balance mode, one client's 3,000 sequential reads spread within 10% of `weights`
+/// (the primary counting with its weight: `primary_reads = "share"`); a node of weight 0 serves
+/// none.
 async fn spread_in_every_mode(weights: [u32; NODES]) {
     spread_in_every_mode_with(weights, ReadStyle::Simple).await;
 }
@@ -100,6 +104,7 @@ async fn spread_in_every_mode_with(weights: [u32; NODES], style: ReadStyle) {
     ] {
         let proxy = start_proxy(&cluster, |config| {
             config.routing.balance = mode;
+            config.routing.primary_reads = PrimaryReads::Share;
             set_weights(config, weights);
         })
         .await;
@@ -125,6 +130,107 @@ async fn spread_in_every_mode_with(weights: [u32; NODES], style: ReadStyle) {
         drop(client);
         proxy.running.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_equal_weights_the_primary_takes_no_plain_read_by_default_and_its_share_when_told() {
+    let cluster = test_cluster(2);
+    let ports = Ports::of(&cluster);
+    for primary_reads in [PrimaryReads::default(), PrimaryReads::Share] {
+        let proxy = start_proxy(&cluster, |config| {
+            config.routing.primary_reads = primary_reads;
+            set_weights(config, [1, 1, 1]);
+        })
+        .await;
+        wait_until_every_node_may_read(&proxy);
+        let client = proxy.connect_app().await;
+        let tally = tally_reads(&client, &ports, LAG_READS).await;
+        println!("weights 1/1/1, primary_reads {primary_reads:?}: reads per node {tally:?}");
+        match primary_reads {
+            PrimaryReads::Fallback => assert_even_over_replicas(tally),
+            PrimaryReads::Share => {
+                let third = LAG_READS / 3;
+                for (node, &count) in tally.iter().enumerate() {
+                    assert!(
+                        count.abs_diff(third) * 10 <= third,
+                        "share: node {node} served {count}, expected {third} within 10%: {tally:?}"
+                    );
+                }
+            }
+        }
+        drop(client);
+        proxy.running.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_whose_wal_receiver_is_off_gets_no_reads_after_max_lag_while_an_idle_one_keeps_them(
+) {
+    let cluster = test_cluster(2);
+    let ports = Ports::of(&cluster);
+    let max_lag = Duration::from_millis(500);
+    let proxy = start_proxy(&cluster, |config| {
+        config.health.interval = Duration::from_millis(200);
+        config.routing.max_lag = max_lag;
+    })
+    .await;
+    wait_until_every_node_may_read(&proxy);
+    let client = proxy.connect_app().await;
+    let shared = &proxy.running.proxy;
+
+    // Idle: nothing is written, so the replicas hear from the primary only at their keepalive
+    // pings (every second with the test cluster's wal_receiver_timeout of 2 s), longer than
+    // max_lag. Connected and holding everything the primary has, they keep their reads.
+    let idle_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < idle_until {
+        let topology = shared.topology.load();
+        for replica in REPLICAS {
+            assert_eq!(
+                topology.nodes[replica].stale, None,
+                "idle but connected replica {replica} lost its reads"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_even_over_replicas(tally_reads(&client, &ports, LAG_READS).await);
+
+    let conninfo = node_psql(&cluster, 1, "SHOW primary_conninfo");
+    set_primary_conninfo(&cluster, 1, "");
+    let off = Instant::now();
+    let give_up = off + SETTLE;
+    loop {
+        let tally = tally_reads(&client, &ports, 20).await;
+        if tally[1] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "replica 1, its WAL receiver off, still serves reads after {SETTLE:?}: {tally:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    println!(
+        "receiver off: replica 1 got its last read {:?} after the reload",
+        off.elapsed()
+    );
+    let topology = shared.topology.load();
+    assert_eq!(topology.nodes[1].stale, Some(Stale::NotStreaming));
+    assert_eq!(topology.nodes[1].role, Role::Standby);
+    // By bytes it is as current as ever: only its receiver tells.
+    let view = shared.replication.load();
+    assert!(view.caught_up(1, PRIMARY, shared.config.routing.max_lag_bytes, max_lag));
+    let tally = tally_reads(&client, &ports, LAG_READS).await;
+    assert_eq!(
+        tally,
+        [0, 0, LAG_READS],
+        "replica 1's receiver is off: no read for it"
+    );
+
+    set_primary_conninfo(&cluster, 1, &conninfo);
+    eventually(SETTLE, "replica 1 streams again and takes reads", || {
+        shared.topology.load().nodes[1].stale.is_none()
+    });
+    assert_even_over_replicas(tally_reads(&client, &ports, LAG_READS).await);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -682,6 +788,7 @@ pub(crate) fn wait_until_every_node_may_read(proxy: &TestProxy) {
         topology.primary == Primary::Known(PRIMARY)
             && REPLICAS.iter().all(|&r| {
                 topology.nodes[r].role == Role::Standby
+                    && topology.nodes[r].stale.is_none()
                     && view.caught_up(r, PRIMARY, routing.max_lag_bytes, routing.max_lag)
             })
     });

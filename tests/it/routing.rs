@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
 use futures_util::future::join_all;
-use pgvigil::config::{AuthMethod, Balance, Config};
+use pgvigil::config::{AuthMethod, Balance, Config, PrimaryReads};
 use pgvigil::topology::{NodeId, Primary, Role};
 use pgvigil_proto::{encode, next_message};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -1030,7 +1030,8 @@ async fn settings_everywhere(split: &Split, client: &Client, expected: [&str; 4]
 
 #[tokio::test(flavor = "multi_thread")]
 async fn session_settings_reach_every_node_the_session_reads_from() {
-    let split = Split::start(|_| {}).await;
+    // The primary shares reads too, so that every node serves some.
+    let split = Split::start(|config| config.routing.primary_reads = PrimaryReads::Share).await;
     split
         .setup(
             "CREATE SCHEMA elsewhere;
@@ -1075,7 +1076,7 @@ async fn session_settings_reach_every_node_the_session_reads_from() {
 #[ignore = "bug: startup parameters reach pooled server connections as SET, so RESET (and \
             RESET ALL) returns to the pool's login value instead of the client's startup value"]
 async fn reset_returns_a_startup_parameter_to_its_startup_value_on_every_node() {
-    let split = Split::start(|_| {}).await;
+    let split = Split::start(|config| config.routing.primary_reads = PrimaryReads::Share).await;
     split
         .setup("CREATE TABLE whereami AS SELECT 'public'::text AS v")
         .await;

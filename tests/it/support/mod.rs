@@ -58,6 +58,18 @@ pub fn in_recovery(cluster: &LocalCluster, node: usize) -> bool {
     node_psql(cluster, node, "SELECT pg_is_in_recovery()") == "t"
 }
 
+/// `ALTER SYSTEM SET primary_conninfo` on `node` and a reload: its WAL receiver stops (empty
+/// value) or restarts with the new one.
+pub fn set_primary_conninfo(cluster: &LocalCluster, node: usize, conninfo: &str) {
+    let quoted = conninfo.replace('\'', "''");
+    node_psql(
+        cluster,
+        node,
+        &format!("ALTER SYSTEM SET primary_conninfo = '{quoted}'"),
+    );
+    node_psql(cluster, node, "SELECT pg_reload_conf()");
+}
+
 /// The first column of the first row `sql` returns through `client`, `None` for SQL NULL.
 pub async fn value(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
     let messages = client

@@ -56,6 +56,16 @@ impl WriteLog {
         since.windows(2).map(|pair| pair[1].at - pair[0].at).max()
     }
 
+    /// When writes came back after `event`: the ack that ended the window measured by
+    /// [`WriteLog::unavailability`].
+    pub fn resumed(&self, event: Instant) -> Option<Instant> {
+        let before = self.acks.iter().rposition(|a| a.at <= event)?;
+        self.acks[before..]
+            .windows(2)
+            .max_by_key(|pair| pair[1].at - pair[0].at)
+            .map(|pair| pair[1].at)
+    }
+
     /// Number of acks that arrived after `t`.
     pub fn acks_after(&self, t: Instant) -> usize {
         self.acks.iter().filter(|a| a.at > t).count()
@@ -81,6 +91,16 @@ impl WriteLog {
     }
 }
 
+/// How a writer uses connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Connections {
+    /// One connection, replaced only when it breaks.
+    Keep,
+    /// A new connection for every insert, closed after it, named in `application_name` (as
+    /// `psql -c` in a loop: pgvigil sets the name on every server connection it lends).
+    PerInsert,
+}
+
 /// A task inserting an increasing id into `ticks` through pgvigil every [`TICK`], reconnecting
 /// whenever its connection breaks; every attempt uses a fresh id.
 pub struct Writer {
@@ -92,12 +112,25 @@ pub struct Writer {
 impl Writer {
     /// Starts writing through `proxy` as `app`, with ids from `first_id` up.
     pub fn start(proxy: &TestProxy, first_id: i32) -> Writer {
-        let conninfo = proxy.conninfo(APP_USER, APP_PASSWORD, APP_DB);
+        Writer::spawn(proxy, first_id, Connections::Keep)
+    }
+
+    /// Like [`Writer::start`], but every insert opens its own connection and closes it after.
+    pub fn start_per_insert(proxy: &TestProxy, first_id: i32) -> Writer {
+        Writer::spawn(proxy, first_id, Connections::PerInsert)
+    }
+
+    fn spawn(proxy: &TestProxy, first_id: i32, connections: Connections) -> Writer {
+        let mut conninfo = proxy.conninfo(APP_USER, APP_PASSWORD, APP_DB);
+        if connections == Connections::PerInsert {
+            conninfo.push_str(" application_name=psql");
+        }
         let log = Arc::new(Mutex::new(WriteLog::default()));
         let stop = CancellationToken::new();
         let task = tokio::spawn(write_ticks(
             conninfo,
             first_id,
+            connections,
             Arc::clone(&log),
             stop.clone(),
         ));
@@ -148,6 +181,7 @@ impl Drop for Writer {
 async fn write_ticks(
     conninfo: String,
     first_id: i32,
+    connections: Connections,
     log: Arc<Mutex<WriteLog>>,
     stop: CancellationToken,
 ) {
@@ -165,6 +199,9 @@ async fn write_ticks(
             outcome = attempt => outcome,
         };
         let at = Instant::now();
+        if connections == Connections::PerInsert {
+            client = None;
+        }
         let mut log = log.lock().unwrap();
         match outcome {
             Ok(Ok(())) => log.acks.push(Ack { id, at }),
@@ -272,6 +309,10 @@ mod tests {
         let log = log_at(start, &[0, 20, 40, 60, 3060, 3080]);
         let event = start + Duration::from_millis(50);
         assert_eq!(log.unavailability(event), Some(Duration::from_millis(3000)));
+        assert_eq!(
+            log.resumed(event),
+            Some(start + Duration::from_millis(3060))
+        );
     }
 
     #[test]

@@ -1,0 +1,220 @@
+//! The coordinator's promotion steps: choose a standby, remember the choice, promote it, and
+//! finish (or keep waiting for) a promotion asked for earlier.
+
+use std::time::Instant;
+
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use super::actions::{self, Pending};
+use super::assess::Assessment;
+use super::choose::{choose, Choice, Promotion, Reading};
+use super::Coordinator;
+use crate::replication::format_lsn;
+use crate::topology::{NodeId, Primary, Role};
+
+impl Coordinator {
+    /// A promotion pgvigil asked for has not been seen to finish: that node stays the only
+    /// candidate until it is seen as primary, or proven to stay a standby (its postmaster
+    /// restarted since, which removed the promote signal file; `pg_promote` itself cannot be
+    /// withdrawn). Meanwhile no other standby is asked, whatever happens.
+    pub(super) async fn on_pending_promotion(&mut self, promotion: Promotion, verdict: Assessment) {
+        let node = promotion.node;
+        if verdict.primary == Primary::Known(node) {
+            let timeline = self.board[node].last.as_ref().map_or(0, |o| o.timeline);
+            self.finish(promotion, timeline, verdict.roles, &verdict.suspect)
+                .await;
+            return;
+        }
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let began = Instant::now();
+        let outcome = match actions::pending(self.config(), node, &promotion.postmaster_start).await
+        {
+            Ok(Pending::LeftRecovery(timeline)) => Ok(timeline),
+            Ok(Pending::Withdrawn) => {
+                warn!(
+                    standby = %self.name(node),
+                    "the standby asked to promote restarted and is still in recovery: the \
+                     request is withdrawn; choosing again"
+                );
+                self.memory.promoting = None;
+                let old = promotion.old_primary;
+                self.fail_over(old, verdict).await;
+                return;
+            }
+            Ok(Pending::InRecovery) => {
+                info!(standby = %self.name(node), "asking the same standby to promote again");
+                actions::promote(self.config(), node).await
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(timeline) => {
+                info!(standby = %self.name(node), timeline, took = ?began.elapsed(), "promoted");
+                self.finish(promotion, timeline, verdict.roles, &verdict.suspect)
+                    .await;
+            }
+            Err(e) => {
+                let reason = format!(
+                    "failover in progress: {} was asked to promote and has not finished ({e}); \
+                     no other standby is promoted while it still may",
+                    self.name(node)
+                );
+                self.give_up(&verdict.roles, &verdict.suspect, reason);
+            }
+        }
+    }
+
+    /// Promotes the standby `choose` picks in place of `old`; every step is logged with its
+    /// duration. The choice is remembered (and saved) before the standby is asked, with the old
+    /// primary fenced: from then on only that standby may take its place.
+    pub(super) async fn fail_over(&mut self, old: NodeId, verdict: Assessment) {
+        let began = Instant::now();
+        warn!(
+            primary = %self.name(old),
+            failures = self.board[old].failures,
+            "primary lost: no answer to its probes and no standby receives WAL from it; failing over"
+        );
+        let roles = verdict.roles;
+        // While attempts are refused, clients keep seeing why rather than "in progress".
+        if self.refused.is_none() {
+            let waiting = format!("failover in progress: primary {} was lost", self.name(old));
+            self.publish(&roles, &verdict.suspect, Primary::Unavailable(waiting));
+        }
+        let promotion = match self.choose(old, &roles).await {
+            Choice::Promote(promotion) => promotion,
+            Choice::Refuse(reason) => {
+                self.give_up(&roles, &verdict.suspect, reason);
+                return;
+            }
+        };
+        let new = promotion.node;
+        self.memory.promoting = Some(promotion.clone());
+        self.memory.fenced[old] = true;
+        let mut roles = roles;
+        roles[old] = Role::Fenced;
+        let asked = format!(
+            "failover in progress: promoting {} in place of {}",
+            self.name(new),
+            self.name(old)
+        );
+        // Saved before the standby is asked, whether or not the topology changes: a pgvigil
+        // restarted mid-promotion must not ask a second standby.
+        self.save(self.proxy.topology.load().generation);
+        self.publish(&roles, &verdict.suspect, Primary::Unavailable(asked));
+        let step = Instant::now();
+        let timeline = match actions::promote(self.config(), new).await {
+            Ok(timeline) => timeline,
+            Err(e) => {
+                error!(standby = %self.name(new), error = %e, took = ?step.elapsed(), "promotion did not finish in time; no other standby is asked while it still may");
+                self.give_up(
+                    &roles,
+                    &verdict.suspect,
+                    format!(
+                        "failover in progress: {} was asked to promote and has not finished \
+                         ({e}); no other standby is promoted while it still may",
+                        self.name(new)
+                    ),
+                );
+                return;
+            }
+        };
+        info!(standby = %self.name(new), timeline, took = ?step.elapsed(), "promoted");
+        self.finish(promotion, timeline, roles, &verdict.suspect)
+            .await;
+        info!(took = ?began.elapsed(), "failover complete");
+    }
+
+    /// `promotion` left recovery on `timeline`: writes go to it, the other standbys follow it,
+    /// the old primary stays fenced, and the positions are logged and saved.
+    pub(super) async fn finish(
+        &mut self,
+        promotion: Promotion,
+        timeline: u32,
+        mut roles: Vec<Role>,
+        suspect: &[bool],
+    ) {
+        let (new, old) = (promotion.node, promotion.old_primary);
+        self.memory.fenced[old] = true;
+        self.memory.primary = Some(new);
+        self.memory.promoting = None;
+        self.memory.last_promotion = Some(promotion.clone());
+        self.retry_at = None;
+        self.refused = None;
+        self.stale_before[new] = Some(Instant::now());
+        // pgvigil has just heard from it: failures counted while it was unreachable (a pending
+        // promotion finishing after a freeze) must not make the new primary look lost at once.
+        self.board[new].failures = 0;
+        if let Some(observation) = self.board[new].last.as_mut() {
+            observation.in_recovery = false;
+            observation.timeline = timeline;
+            observation.receiver = None;
+        }
+        roles[old] = Role::Fenced;
+        roles[new] = Role::Primary;
+        self.publish(&roles, suspect, Primary::Known(new));
+        let lost = promotion.loss();
+        let record = format!("up to {lost} bytes of asynchronous commits may be lost");
+        let (old_lsn, new_lsn) = (format_lsn(promotion.old_lsn), format_lsn(promotion.new_lsn));
+        if lost > 0 {
+            warn!(primary = %self.name(new), fenced = %self.name(old), %old_lsn, %new_lsn, lost_bytes = lost, "writes go to the new primary; {record}");
+        } else {
+            info!(primary = %self.name(new), fenced = %self.name(old), %old_lsn, %new_lsn, lost_bytes = lost, "writes go to the new primary; {record}");
+        }
+        // The new primary stays in the list: its conninfo from its standby days may be the one a
+        // user-less sibling adopts.
+        let standbys: Vec<NodeId> = (0..roles.len())
+            .filter(|&n| n == new || roles[n] == Role::Standby)
+            .collect();
+        self.followers
+            .repoint(&self.proxy.config, &standbys, new, timeline);
+        self.fence_reachable();
+        self.checkpoint_later(new);
+    }
+
+    /// Reads every standby that might replace `old` now and lets `choose` decide. A standby
+    /// that does not answer its probes is not read, but counts as unreadable (it may be the
+    /// one that holds the most).
+    pub(super) async fn choose(&self, old: NodeId, roles: &[Role]) -> Choice {
+        let step = Instant::now();
+        let mut readings = Vec::new();
+        let mut reads = JoinSet::new();
+        for node in (0..roles.len()).filter(|&n| n != old && !self.memory.fenced[n]) {
+            match roles[node] {
+                Role::Standby => {
+                    let config = self.proxy.config.clone();
+                    reads.spawn(async move { (node, actions::position(&config, node).await) });
+                }
+                Role::Primary | Role::Fenced => {}
+                Role::Down | Role::Unknown => readings.push((
+                    node,
+                    Reading::Unreadable("it does not answer its probes".into()),
+                )),
+            }
+        }
+        while let Some(joined) = reads.join_next().await {
+            match joined {
+                Ok((node, Ok(position))) => readings.push((node, Reading::Read(position))),
+                Ok((node, Err(e))) => {
+                    warn!(standby = %self.name(node), error = %e, "cannot read the standby's position");
+                    readings.push((node, Reading::Unreadable(e.to_string())));
+                }
+                Err(e) => warn!(error = %e, "a position read failed"),
+            }
+        }
+        readings.sort_by_key(|(node, _)| *node);
+        let choice = choose(self.config(), &self.board, old, &readings);
+        info!(
+            readings = ?readings
+                .iter()
+                .map(|(n, reading)| (self.name(*n), reading))
+                .collect::<Vec<_>>(),
+            ?choice,
+            took = ?step.elapsed(),
+            "standby chosen"
+        );
+        choice
+    }
+}
