@@ -9,6 +9,7 @@ pub mod balance;
 pub mod cancel;
 pub mod config;
 pub mod demo;
+pub mod events;
 pub mod failover;
 pub mod health;
 pub mod listener;

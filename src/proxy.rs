@@ -78,6 +78,8 @@ pub struct Proxy {
     pub balancer: crate::balance::Balancer,
     /// The Prometheus metrics served at `/metrics`.
     pub metrics: crate::metrics::Metrics,
+    /// The event log (`GET /events`).
+    pub events: Arc<crate::events::Events>,
 }
 
 impl Proxy {
@@ -129,6 +131,7 @@ impl Proxy {
                     .map(|n| n.name.clone())
                     .collect::<Vec<_>>(),
             ),
+            events: Arc::new(crate::events::Events::default()),
             config: Arc::new(config),
         };
         Ok((proxy, publisher))
@@ -320,7 +323,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         })?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let (control, inbox) = failover::channel(proxy.config.nodes.len());
+    let (control, inbox) = failover::channel(proxy.config.nodes.len(), proxy.events.clone());
     tasks.spawn(admin::serve(
         admin_listener,
         proxy.clone(),

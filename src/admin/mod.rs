@@ -1,4 +1,5 @@
-//! The admin HTTP API (JSON, bearer token) on its own listener: `GET /status`, `GET /metrics`
+//! The admin HTTP API (JSON, bearer token) on its own listener: `GET /status`, `GET /events`
+//! (the event log), `GET /metrics`
 //! (Prometheus text; no token unless `admin.metrics_auth`), and
 //! `POST /nodes/NAME/VERB` for the operator's commands, which go to the failover coordinator.
 //! The CLI (`pgvigil status`, `promote`, ...) is its client (`client`).
@@ -141,6 +142,7 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
                 drain_timeout,
             }
         }
+        (&Method::GET, ["events"]) => return json(StatusCode::OK, &state.proxy.events.list()),
         (&Method::GET, ["status"]) => {
             return json(
                 StatusCode::OK,
@@ -204,7 +206,7 @@ fn not_found() -> Response<Full<Bytes>> {
         StatusCode::NOT_FOUND,
         &Refusal::new(
             "no such endpoint",
-            "use GET /status, GET /metrics, POST /switchover[?to=NODE&drain_timeout=5s] or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
+            "use GET /status, GET /events, GET /metrics, POST /switchover[?to=NODE&drain_timeout=5s] or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
         ),
     )
 }

@@ -10,6 +10,7 @@ use super::actions::{self, Pending};
 use super::assess::Assessment;
 use super::choose::{choose, Choice, Promotion, Reading};
 use super::Coordinator;
+use crate::admin::api::EventKind;
 use crate::replication::format_lsn;
 use crate::topology::{NodeId, Primary, Role};
 
@@ -77,6 +78,11 @@ impl Coordinator {
             failures = self.board[old].failures,
             "primary lost: no answer to its probes and no standby receives WAL from it; failing over"
         );
+        self.events.push(
+            EventKind::Detected,
+            Some(self.name(old)),
+            "primary lost: no answer to its probes and no standby receives WAL from it",
+        );
         let roles = verdict.roles;
         // While attempts are refused, clients keep seeing why rather than "in progress".
         if self.refused.is_none() {
@@ -84,7 +90,14 @@ impl Coordinator {
             self.publish(&roles, &verdict.suspect, Primary::Unavailable(waiting));
         }
         let promotion = match self.choose(old, &roles).await {
-            Choice::Promote(promotion) => promotion,
+            Choice::Promote(promotion) => {
+                self.events.push(
+                    EventKind::Decided,
+                    Some(self.name(promotion.node)),
+                    format!("chosen to replace {}", self.name(old)),
+                );
+                promotion
+            }
             Choice::Refuse(reason) => {
                 self.give_up(&roles, &verdict.suspect, reason);
                 return;
@@ -160,7 +173,9 @@ impl Coordinator {
         );
         self.fence(old, reason);
         self.proxy.metrics.failover_done();
+        self.events.await_first_write(new);
         self.events.push(
+            EventKind::Promoted,
             Some(self.name(new)),
             format!(
                 "promoted in place of {} on timeline {timeline}",

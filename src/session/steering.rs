@@ -505,6 +505,9 @@ impl Steering {
         if let Some((began, kind)) = self.running.take() {
             proxy.balancer.finished(self.current);
             proxy.metrics.unit_done(self.current, kind, began.elapsed());
+            if let (UnitKind::Write, Some(node)) = (kind, proxy.config.nodes.get(self.current)) {
+                proxy.events.wrote(self.current, &node.name);
+            }
         }
         self.settings.quiet();
         if let Some(why) = self.settings.unreplayable() {

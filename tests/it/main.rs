@@ -10,6 +10,7 @@ mod chaos;
 mod cli;
 mod cluster_fixture;
 mod drivers;
+mod events;
 mod failback;
 mod failover;
 mod failover_safety;

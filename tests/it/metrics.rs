@@ -14,9 +14,18 @@ use crate::support::{start_proxy, test_cluster};
 
 /// The HTTP status code and body of `GET /metrics`, with `authorization` if given.
 async fn get_metrics(admin: SocketAddr, authorization: Option<&str>) -> (u16, String) {
+    http_get(admin, "/metrics", authorization).await
+}
+
+/// The HTTP status code and body of `GET path` on the admin API, with `authorization` if given.
+pub(crate) async fn http_get(
+    admin: SocketAddr,
+    path: &str,
+    authorization: Option<&str>,
+) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
     let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = String::new();
     tokio::time::timeout(STEP, stream.read_to_string(&mut answer))
