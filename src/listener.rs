@@ -46,6 +46,9 @@ pub async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Can
                 });
             }
             Err(_) => {
+                proxy
+                    .metrics
+                    .client_rejected(crate::metrics::Rejection::TooManyClients);
                 tokio::spawn(refuse_too_many(tcp, proxy.config.max_client_conn));
             }
         }

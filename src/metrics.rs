@@ -51,6 +51,57 @@ impl UnitKind {
     }
 }
 
+/// Why a client was turned away, for `pgvigil_rejected_clients_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// `max_client_conn` sessions were open already.
+    TooManyClients,
+    /// Its password or authentication method was refused (SQLSTATE class 28).
+    Authentication,
+    /// Its startup was refused for another reason (protocol, TLS, unknown database).
+    Startup,
+    /// It was authenticated but no node could start its session.
+    NoServer,
+}
+
+impl Rejection {
+    const ALL: [Rejection; 4] = [
+        Rejection::TooManyClients,
+        Rejection::Authentication,
+        Rejection::Startup,
+        Rejection::NoServer,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Rejection::TooManyClients => "too_many_clients",
+            Rejection::Authentication => "authentication",
+            Rejection::Startup => "startup",
+            Rejection::NoServer => "no_server",
+        }
+    }
+}
+
+/// A phase of the last failover, for `pgvigil_last_failover_phase_seconds{phase}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverPhase {
+    /// From finding the primary lost to choosing the standby.
+    Decide,
+    /// From choosing the standby to writes going to it.
+    Promote,
+}
+
+impl FailoverPhase {
+    const ALL: [FailoverPhase; 2] = [FailoverPhase::Decide, FailoverPhase::Promote];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            FailoverPhase::Decide => "decide",
+            FailoverPhase::Promote => "promote",
+        }
+    }
+}
+
 /// The handles of one node's hot-path metrics.
 struct NodeMetrics {
     /// `pgvigil_units_total{node, kind}`, indexed like [`UnitKind::ALL`].
@@ -65,6 +116,12 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     nodes: Vec<NodeMetrics>,
     failovers: Counter,
+    switchovers: Counter,
+    failbacks: Counter,
+    /// Indexed like [`FailoverPhase::ALL`].
+    last_failover: [Gauge; 2],
+    /// Indexed like [`Rejection::ALL`].
+    rejected: [Counter; 4],
     client_connections: Gauge,
 }
 
@@ -111,12 +168,37 @@ impl Metrics {
                 }
             })
             .collect();
-        let failovers =
-            recorder.register_counter(&Key::from_name("pgvigil_failovers_total"), &METADATA);
+        let counter = |name: &'static str| {
+            let counter = recorder.register_counter(&Key::from_name(name), &METADATA);
+            // Present from the start, so that a dashboard shows 0 rather than no data.
+            counter.absolute(0);
+            counter
+        };
+        let failovers = counter("pgvigil_failovers_total");
+        let switchovers = counter("pgvigil_switchovers_total");
+        let failbacks = counter("pgvigil_failbacks_total");
+        let last_failover = FailoverPhase::ALL.map(|phase| {
+            recorder.register_gauge(
+                &Key::from_parts(
+                    "pgvigil_last_failover_phase_seconds",
+                    vec![Label::new("phase", phase.as_str())],
+                ),
+                &METADATA,
+            )
+        });
+        let rejected = Rejection::ALL.map(|reason| {
+            let counter = recorder.register_counter(
+                &Key::from_parts(
+                    "pgvigil_rejected_clients_total",
+                    vec![Label::new("reason", reason.as_str())],
+                ),
+                &METADATA,
+            );
+            counter.absolute(0);
+            counter
+        });
         let client_connections =
             recorder.register_gauge(&Key::from_name("pgvigil_client_connections"), &METADATA);
-        // Present from the start, so that a dashboard shows 0 rather than no data.
-        failovers.absolute(0);
         client_connections.set(0.0);
         recorder
             .register_gauge(
@@ -131,6 +213,10 @@ impl Metrics {
             recorder,
             nodes,
             failovers,
+            switchovers,
+            failbacks,
+            last_failover,
+            rejected,
             client_connections,
         }
     }
@@ -153,9 +239,27 @@ impl Metrics {
         }
     }
 
-    /// A standby was promoted in place of a lost primary.
-    pub fn failover_done(&self) {
+    /// A standby was promoted in place of a lost primary; `phases` gives each phase's time.
+    pub fn failover_done(&self, phases: [(FailoverPhase, Duration); 2]) {
         self.failovers.increment(1);
+        for (phase, took) in phases {
+            self.last_failover[phase as usize].set(took.as_secs_f64());
+        }
+    }
+
+    /// A switchover handed the primary role over.
+    pub fn switchover_done(&self) {
+        self.switchovers.increment(1);
+    }
+
+    /// A former primary streams as a standby again.
+    pub fn failback_done(&self) {
+        self.failbacks.increment(1);
+    }
+
+    /// A client was turned away.
+    pub fn client_rejected(&self, reason: Rejection) {
+        self.rejected[reason as usize].increment(1);
     }
 
     /// A client session started (`1.0`) or ended (`-1.0`).
@@ -228,7 +332,16 @@ impl Metrics {
 
 /// Help text and units for every metric.
 fn describe(recorder: &PrometheusRecorder) {
-    let counters: [(&'static str, &'static str); 3] = [
+    let counters: [(&'static str, &'static str); 6] = [
+        ("pgvigil_switchovers_total", "Switchovers carried out"),
+        (
+            "pgvigil_failbacks_total",
+            "Former primaries brought back as standbys",
+        ),
+        (
+            "pgvigil_rejected_clients_total",
+            "Clients turned away, per reason",
+        ),
         (
             "pgvigil_units_total",
             "Units (a statement, or a transaction's statements sent as one) routed, per node and kind",
@@ -258,7 +371,11 @@ fn describe(recorder: &PrometheusRecorder) {
     for (name, help) in histograms {
         recorder.describe_histogram(KeyName::from(name), Some(Unit::Seconds), help.into());
     }
-    let gauges: [(&'static str, &'static str); 9] = [
+    let gauges: [(&'static str, &'static str); 10] = [
+        (
+            "pgvigil_last_failover_phase_seconds",
+            "How long each phase of the last failover took",
+        ),
         ("pgvigil_build_info", "Always 1; the version is a label"),
         ("pgvigil_client_connections", "Client sessions open"),
         (

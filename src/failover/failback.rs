@@ -201,6 +201,7 @@ impl Coordinator {
                     ),
                 )
             })?;
+        self.proxy.metrics.failback_done();
         self.events.push(
             EventKind::Command,
             Some(&name),

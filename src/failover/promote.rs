@@ -11,6 +11,7 @@ use super::assess::Assessment;
 use super::choose::{choose, Choice, Promotion, Reading};
 use super::Coordinator;
 use crate::admin::api::EventKind;
+use crate::metrics::FailoverPhase;
 use crate::replication::format_lsn;
 use crate::topology::{NodeId, Primary, Role};
 
@@ -89,14 +90,14 @@ impl Coordinator {
             let waiting = format!("failover in progress: primary {} was lost", self.name(old));
             self.publish(&roles, &verdict.suspect, Primary::Unavailable(waiting));
         }
-        let promotion = match self.choose(old, &roles).await {
+        let (promotion, decided) = match self.choose(old, &roles).await {
             Choice::Promote(promotion) => {
                 self.events.push(
                     EventKind::Decided,
                     Some(self.name(promotion.node)),
                     format!("chosen to replace {}", self.name(old)),
                 );
-                promotion
+                (promotion, Instant::now())
             }
             Choice::Refuse(reason) => {
                 self.give_up(&roles, &verdict.suspect, reason);
@@ -105,6 +106,10 @@ impl Coordinator {
         };
         if self.carry_out(promotion, roles, &verdict.suspect).await {
             info!(took = ?began.elapsed(), "failover complete");
+            self.proxy.metrics.failover_done([
+                (FailoverPhase::Decide, decided - began),
+                (FailoverPhase::Promote, decided.elapsed()),
+            ]);
         }
     }
 
@@ -172,7 +177,6 @@ impl Coordinator {
             self.name(new)
         );
         self.fence(old, reason);
-        self.proxy.metrics.failover_done();
         self.events.await_first_write(new);
         self.events.push(
             EventKind::Promoted,

@@ -121,6 +121,7 @@ impl Coordinator {
         let pause = held.elapsed();
         let pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
         info!(from = %old_name, to = %new_name, write_pause = ?pause, "switchover: writes go to the new primary");
+        self.proxy.metrics.switchover_done();
         self.events.push(
             EventKind::Command,
             Some(&new_name),

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::STEP;
 use crate::failover::{Scene, OLD_PRIMARY, PATIENCE, STANDBYS};
-use crate::support::{start_proxy, test_cluster};
+use crate::support::{start_proxy, test_cluster, APP_DB, APP_USER};
 
 /// The HTTP status code and body of `GET /metrics`, with `authorization` if given.
 async fn get_metrics(admin: SocketAddr, authorization: Option<&str>) -> (u16, String) {
@@ -138,7 +138,13 @@ async fn metrics_after_traffic_and_after_a_failover_hold_every_metric_with_plaus
     .await;
     assert_eq!(value(&first, "pgvigil_build_info", &[]), 1.0);
     assert!(value(&first, "pgvigil_topology_generation", &[]) >= 1.0);
-    assert_eq!(value(&first, "pgvigil_failovers_total", &[]), 0.0);
+    for counter in [
+        "pgvigil_failovers_total",
+        "pgvigil_switchovers_total",
+        "pgvigil_failbacks_total",
+    ] {
+        assert_eq!(value(&first, counter, &[]), 0.0, "{counter}");
+    }
     assert!(value(&first, "pgvigil_client_connections", &[]) >= 2.0);
     assert_eq!(
         value(&first, "pgvigil_node_is_primary", &[node(OLD_PRIMARY)]),
@@ -191,6 +197,29 @@ async fn metrics_after_traffic_and_after_a_failover_hold_every_metric_with_plaus
         .sum();
     assert!(open >= 1.0, "{open} server connections");
 
+    let wrong = scene
+        .proxy
+        .connect(&scene.proxy.conninfo(APP_USER, "not-the-password", APP_DB))
+        .await;
+    assert!(wrong.is_err(), "a wrong password was let in");
+    let refused = scrape(admin).await;
+    assert_eq!(
+        value(
+            &refused,
+            "pgvigil_rejected_clients_total",
+            &[("reason", "authentication")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &refused,
+            "pgvigil_rejected_clients_total",
+            &[("reason", "too_many_clients")]
+        ),
+        0.0
+    );
+
     let kill = scene.kill(OLD_PRIMARY);
     scene.writes_resume(kill, "kill -9 under a scraped pgvigil");
     let new = scene.sole_primary(&STANDBYS);
@@ -205,6 +234,20 @@ async fn metrics_after_traffic_and_after_a_failover_hold_every_metric_with_plaus
         0.0
     );
     assert!(value(&after, "pgvigil_probe_failures_total", &[node(OLD_PRIMARY)]) >= 1.0);
+    for phase in ["decide", "promote"] {
+        let took = value(
+            &after,
+            "pgvigil_last_failover_phase_seconds",
+            &[("phase", phase)],
+        );
+        assert!((0.0..30.0).contains(&took), "{phase} took {took}");
+    }
+    let promote = value(
+        &after,
+        "pgvigil_last_failover_phase_seconds",
+        &[("phase", "promote")],
+    );
+    assert!(promote > 0.0, "promotion took {promote}");
     assert_eq!(value(&after, "pgvigil_node_timeline", &[node(new)]), 2.0);
     assert!(
         value(&after, "pgvigil_topology_generation", &[])
