@@ -4,6 +4,7 @@
 //! The shipped `pgvigil.example.toml` is checked against these structs by the tests below, so the
 //! example and the code cannot drift apart.
 
+mod cluster;
 mod replication;
 mod validate;
 
@@ -16,6 +17,7 @@ use std::time::Duration;
 use pgvigil_proto::classify::FunctionLists;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use cluster::{endpoint_address, ClusterConfig, EtcdConfig, InstanceConfig};
 pub use replication::{ReplicationConfig, SslMode};
 
 /// The whole pgvigil configuration, as read from one TOML file.
@@ -45,6 +47,9 @@ pub struct Config {
     pub failover: FailoverConfig,
     /// How repointed standbys connect to a new primary (`[replication]`).
     pub replication: ReplicationConfig,
+    /// Several pgvigil instances electing one decider on etcd (`[cluster]`); unused without
+    /// `etcd.endpoints`.
+    pub cluster: ClusterConfig,
     /// The PostgreSQL nodes (`[[nodes]]`); their roles are observed, never taken from this order.
     pub nodes: Vec<NodeConfig>,
     /// The users clients may log in as (`[[users]]`).
@@ -66,6 +71,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             failover: FailoverConfig::default(),
             replication: ReplicationConfig::default(),
+            cluster: ClusterConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
         }
@@ -809,6 +815,10 @@ write_functions = ["lower"]
             application_name: Some("pg1".into()),
             conninfo: [("keepalives_idle".to_owned(), "30".to_owned())].into(),
         };
+        full.cluster.etcd.endpoints = vec!["http://127.0.0.1:2379".into()];
+        full.cluster.etcd.user = Some("pgvigil".into());
+        full.cluster.etcd.password = Some("secret".into());
+        full.cluster.instance.name = Some("app1".into());
         let mut keys = Vec::new();
         match toml::Value::try_from(&full) {
             Ok(toml::Value::Table(table)) => collect_keys("", &table, &mut keys),
