@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod balance;
 pub mod cancel;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod failover;
