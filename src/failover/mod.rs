@@ -10,6 +10,7 @@ mod choose;
 mod conninfo;
 mod followers;
 mod following;
+mod gate;
 mod promote;
 
 use std::sync::Arc;
@@ -147,6 +148,8 @@ struct Coordinator {
     foreign_alerted: Vec<NodeId>,
     /// Why the last failover attempt did not complete (logged at error once, not every retry).
     refused: Option<String>,
+    /// Why this instance last left a lost primary to the leader (logged once, not every round).
+    held: Option<String>,
     /// Which standbys follow the primary; repoints in flight.
     followers: Followers,
     published: bool,
@@ -172,6 +175,7 @@ impl Coordinator {
             alerted: None,
             foreign_alerted: Vec::new(),
             refused: None,
+            held: None,
             followers: Followers::new(nodes),
             published: false,
         }
@@ -254,6 +258,13 @@ impl Coordinator {
             self.memory.fenced[node] = true;
         }
         self.alert_foreign(&verdict);
+        if self.memory.promoting.is_some() || verdict.lost.is_some() {
+            if let Err(why) = self.may_act() {
+                self.leave_to_leader(verdict, why);
+                return;
+            }
+        }
+        self.held = None;
         if let Some(promotion) = self.memory.promoting.clone() {
             self.on_pending_promotion(promotion, verdict).await;
             return;
@@ -285,7 +296,7 @@ impl Coordinator {
     /// it and a frozen one stops being a witness (see `assess::witness`) within seconds.
     fn shorten_receiver_timeouts(&mut self) {
         let target = self.config().failover.receiver_timeout;
-        if target.is_zero() {
+        if target.is_zero() || self.may_act().is_err() {
             return;
         }
         for node in 0..self.board.len() {
@@ -395,6 +406,9 @@ impl Coordinator {
     /// Makes fenced nodes that answer as writable primaries read-only, in the background (at
     /// most every `FENCE_RETRY` per node).
     fn fence_reachable(&mut self) {
+        if self.may_act().is_err() {
+            return;
+        }
         for node in 0..self.board.len() {
             let writable = self.board[node]
                 .current()
@@ -454,12 +468,10 @@ impl Coordinator {
         self.proxy.topology.publish(next);
     }
 
-    /// Writes the state file (when configured); a failure is logged, not fatal: the nodes'
-    /// timelines still tell a stale primary after a restart.
+    /// Writes the state file (when configured) and shares the state in etcd (with `[cluster]`);
+    /// a failure is logged, not fatal: the nodes' timelines still tell a stale primary after a
+    /// restart.
     fn save(&self, generation: u64) {
-        let Some(file) = &self.state_file else {
-            return;
-        };
         let state = State {
             generation,
             primary: self.memory.primary.map(|n| self.name(n).to_owned()),
@@ -477,6 +489,10 @@ impl Coordinator {
                 .last_promotion
                 .as_ref()
                 .map(|p| self.promotion_record(p)),
+        };
+        self.share(&state);
+        let Some(file) = &self.state_file else {
+            return;
         };
         if let Err(e) = file.save(&state) {
             error!(error = %e, "could not save the state file");

@@ -90,6 +90,11 @@ impl Coordinator {
                 return;
             }
         };
+        // Reading the standbys took time: the lease must still be valid when the standby is asked.
+        if let Err(why) = self.may_act() {
+            self.give_up(&roles, &verdict.suspect, why);
+            return;
+        }
         let new = promotion.node;
         self.memory.promoting = Some(promotion.clone());
         self.memory.fenced[old] = true;
@@ -168,10 +173,12 @@ impl Coordinator {
         let standbys: Vec<NodeId> = (0..roles.len())
             .filter(|&n| n == new || roles[n] == Role::Standby)
             .collect();
-        self.followers
-            .repoint(&self.proxy.config, &standbys, new, timeline);
-        self.fence_reachable();
-        self.checkpoint_later(new);
+        if self.may_act().is_ok() {
+            self.followers
+                .repoint(&self.proxy.config, &standbys, new, timeline);
+            self.fence_reachable();
+            self.checkpoint_later(new);
+        }
     }
 
     /// Reads every standby that might replace `old` now and lets `choose` decide. A standby
