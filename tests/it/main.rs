@@ -10,6 +10,7 @@ mod cluster_fixture;
 mod drivers;
 mod failover;
 mod failover_safety;
+mod instances;
 mod passthrough;
 mod pgbench;
 mod pooling;

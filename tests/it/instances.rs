@@ -1,0 +1,278 @@
+//! Several pgvigil instances in front of one cluster, with a leader elected in a real
+//! three-member etcd (Debian's `etcd-server`): exactly one of them promotes, a leader frozen past
+//! its lease stops acting and its guarded writes are refused, and while etcd is away nobody
+//! promotes but traffic goes on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgvigil::cluster::election::Elector;
+use pgvigil::cluster::shared::{self, SharedError, SharedState};
+use pgvigil::cluster::{Leadership, Standing};
+use pgvigil::config::Config;
+use pgvigil::topology::Primary;
+
+use crate::failover::{fast_health, other_standby, OLD_PRIMARY, PATIENCE, STANDBYS};
+use crate::support::etcd::TestEtcd;
+use crate::support::writer::{create_ticks, tick_ids, Writer};
+use crate::support::{
+    eventually, in_recovery, node_psql, start_proxy, test_cluster, LocalCluster, TestProxy,
+};
+
+/// The lease TTL of every instance here: short, so that a lost leader is replaced quickly.
+const TTL: Duration = Duration::from_secs(3);
+
+/// Acks that show a writer works.
+const WARM_UP: usize = 25;
+
+/// The `[cluster]` settings of instance `name` on `etcd`.
+fn join(config: &mut Config, etcd: &TestEtcd, name: &str) {
+    config.cluster.etcd.endpoints = etcd.endpoints();
+    config.cluster.instance.name = Some(name.into());
+    config.cluster.ttl = TTL;
+}
+
+/// The standing of an instance that only talks to etcd (no proxy).
+fn leadership(etcd: &TestEtcd, name: &str) -> Arc<Leadership> {
+    let mut config = Config::default();
+    join(&mut config, etcd, name);
+    Leadership::new(&config)
+}
+
+fn lease_of(standing: &Standing) -> i64 {
+    match standing {
+        Standing::Leader { lease, .. } => *lease,
+        other => panic!("not the leader: {other:?}"),
+    }
+}
+
+fn state_by(leader: &str, generation: u64) -> SharedState {
+    SharedState {
+        leader: leader.into(),
+        generation,
+        primary: Some("pg1".into()),
+        ..SharedState::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_frozen_past_its_lease_stops_acting_and_its_guarded_writes_are_refused() {
+    let etcd = TestEtcd::start(3).await;
+    let (a, b) = (leadership(&etcd, "a"), leadership(&etcd, "b"));
+    let (mut elector_a, mut elector_b) = (Elector::new(a.clone()), Elector::new(b.clone()));
+
+    let lease_a = lease_of(&elector_a.cycle().await.unwrap());
+    let standing_b = elector_b.cycle().await.unwrap();
+    assert!(
+        matches!(&standing_b, Standing::Follower { leader: Some(l), .. } if l == "a"),
+        "{standing_b:?}"
+    );
+    assert_eq!(a.may_act(), Ok(()));
+    assert!(b.may_act().is_err());
+    let member_a = a.member().unwrap();
+    shared::write_guarded(member_a, lease_a, &state_by("a", 1))
+        .await
+        .unwrap();
+
+    // "a" freezes: it renews nothing from now on; "b" keeps campaigning.
+    let frozen = Instant::now();
+    let give_up = Instant::now() + PATIENCE;
+    let lease_b = loop {
+        if let Ok(Standing::Leader { lease, .. }) = elector_b.cycle().await {
+            break lease;
+        }
+        assert!(Instant::now() < give_up, "b never became the leader");
+        tokio::time::sleep(TTL / 6).await;
+    };
+    let took_over = Instant::now();
+    println!("b leads {:?} after a froze", took_over - frozen);
+    // "a" stopped trusting its lease before etcd could hand the key on.
+    let Standing::Leader { deadline, .. } = a.standing() else {
+        panic!(
+            "a's standing changed while it was frozen: {:?}",
+            a.standing()
+        );
+    };
+    assert!(deadline < took_over, "a's deadline outlived its lease");
+    assert!(a.may_act().is_err(), "a frozen leader may still act");
+    assert_eq!(b.may_act(), Ok(()));
+
+    let late = shared::write_guarded(member_a, lease_a, &state_by("a", 2)).await;
+    assert!(
+        matches!(late, Err(SharedError::Deposed { .. })),
+        "the deposed leader's write was not refused: {late:?}"
+    );
+    let member_b = b.member().unwrap();
+    shared::write_guarded(member_b, lease_b, &state_by("b", 3))
+        .await
+        .unwrap();
+    assert_eq!(
+        shared::read(member_b).await.unwrap(),
+        Some(state_by("b", 3))
+    );
+
+    // Thawed, "a" finds "b" leading.
+    let standing_a = elector_a.cycle().await.unwrap();
+    assert!(
+        matches!(&standing_a, Standing::Follower { leader: Some(l), .. } if l == "b"),
+        "{standing_a:?}"
+    );
+}
+
+/// A cluster with three pgvigil instances in front, each with a writer.
+struct Instances {
+    cluster: LocalCluster,
+    etcd: TestEtcd,
+    proxies: Vec<TestProxy>,
+    writers: Vec<Writer>,
+}
+
+impl Instances {
+    async fn start() -> Instances {
+        let etcd = TestEtcd::start(3).await;
+        let cluster = test_cluster(2);
+        let mut proxies = Vec::new();
+        for i in 0..3 {
+            let name = format!("app{i}");
+            proxies.push(
+                start_proxy(&cluster, |config| {
+                    fast_health(config);
+                    join(config, &etcd, &name);
+                })
+                .await,
+            );
+        }
+        create_ticks(&proxies[0], &cluster).await;
+        let started = Instant::now();
+        let writers: Vec<Writer> = proxies
+            .iter()
+            .zip([1, 1_000_000, 2_000_000])
+            .map(|(proxy, first)| Writer::start(proxy, first))
+            .collect();
+        for writer in &writers {
+            writer.wait_for_acks_after(started, WARM_UP, PATIENCE);
+        }
+        let instances = Instances {
+            cluster,
+            etcd,
+            proxies,
+            writers,
+        };
+        eventually(PATIENCE, "one instance leads", || {
+            instances.leaders().len() == 1
+        });
+        instances
+    }
+
+    /// The instances that lead now.
+    fn leaders(&self) -> Vec<usize> {
+        (0..self.proxies.len())
+            .filter(|&i| {
+                matches!(
+                    self.proxies[i].running.proxy.leadership.standing(),
+                    Standing::Leader { .. }
+                )
+            })
+            .collect()
+    }
+
+    /// Every writer acknowledges writes after `event`, and every instance routes to `primary`.
+    fn all_write_to(&self, event: Instant, primary: usize) {
+        for (i, writer) in self.writers.iter().enumerate() {
+            let log = writer.wait_for_acks_after(event, WARM_UP, PATIENCE);
+            let last = log.last_id().unwrap();
+            assert!(
+                tick_ids(&self.cluster, primary).contains(&last),
+                "instance {i}'s last write is not on node {primary}"
+            );
+            println!(
+                "instance {i}: writes unavailable for {:?}",
+                log.unavailability(event)
+            );
+        }
+        for proxy in &self.proxies {
+            let topology = proxy.running.proxy.topology.snapshot();
+            assert_eq!(topology.primary, Primary::Known(primary));
+        }
+    }
+
+    /// The one standby out of recovery (asked directly); the other is still a standby.
+    fn sole_promoted(&self) -> usize {
+        let promoted: Vec<usize> = STANDBYS
+            .into_iter()
+            .filter(|&n| !in_recovery(&self.cluster, n))
+            .collect();
+        assert_eq!(promoted.len(), 1, "standbys out of recovery: {promoted:?}");
+        promoted[0]
+    }
+
+    /// The timeline node `node` writes on.
+    fn timeline(&self, node: usize) -> u32 {
+        let text = node_psql(
+            &self.cluster,
+            node,
+            "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)",
+        );
+        u32::from_str_radix(&text, 16).unwrap_or_else(|e| panic!("{text:?}: {e}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_kill9_of_the_primary_with_three_instances_exactly_one_promotes_and_all_write_there()
+{
+    let mut scene = Instances::start().await;
+    let before = scene.timeline(OLD_PRIMARY);
+    scene.cluster.node_mut(OLD_PRIMARY).kill9();
+    let kill = Instant::now();
+    eventually(PATIENCE, "a standby is promoted", || {
+        STANDBYS.iter().any(|&n| !in_recovery(&scene.cluster, n))
+    });
+    let new = scene.sole_promoted();
+    scene.all_write_to(kill, new);
+    assert_eq!(scene.timeline(new), before + 1, "more than one promotion");
+    let third = other_standby(new);
+    assert!(
+        in_recovery(&scene.cluster, third),
+        "node {third} left recovery"
+    );
+    assert_eq!(scene.leaders().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_etcd_down_a_lost_primary_is_not_replaced_until_etcd_returns_and_reads_go_on() {
+    let mut scene = Instances::start().await;
+    scene.etcd.stop();
+    eventually(PATIENCE, "no instance may act without etcd", || {
+        scene
+            .proxies
+            .iter()
+            .all(|p| p.running.proxy.leadership.may_act().is_err())
+    });
+    scene.cluster.node_mut(OLD_PRIMARY).kill9();
+    // Well past the time a failover takes (probes and a promotion): nobody promotes, and reads
+    // through every instance keep landing on the standbys.
+    let hold = Instant::now() + 4 * TTL;
+    while Instant::now() < hold {
+        for proxy in &scene.proxies {
+            let client = proxy.connect_app().await;
+            let rows = client
+                .simple_query("SELECT count(*) FROM ticks")
+                .await
+                .unwrap_or_else(|e| panic!("a read failed while etcd was down: {e}"));
+            assert!(!rows.is_empty());
+        }
+        assert!(
+            STANDBYS.iter().all(|&n| in_recovery(&scene.cluster, n)),
+            "a standby was promoted while etcd was down"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    scene.etcd.resume().await;
+    let back = Instant::now();
+    eventually(PATIENCE, "a standby is promoted once etcd is back", || {
+        STANDBYS.iter().any(|&n| !in_recovery(&scene.cluster, n))
+    });
+    let new = scene.sole_promoted();
+    scene.all_write_to(back, new);
+}
