@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use pgvigil_proto::encode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 /// The backend a cancel must reach.
 #[derive(Debug, Clone)]
@@ -26,6 +27,8 @@ pub struct CancelTarget {
 struct Entry {
     secret: u32,
     target: Option<CancelTarget>,
+    /// Counts the cancel requests that matched, for a session that waits without a backend.
+    cancels: watch::Sender<u64>,
 }
 
 /// Every live session's key, shared by all sessions.
@@ -37,6 +40,7 @@ pub struct CancelRegistry {
 /// A session's registration; removes itself when dropped.
 pub struct CancelKey {
     registry: Arc<CancelRegistry>,
+    cancels: watch::Receiver<u64>,
     /// The process id pgvigil reports to the client.
     pub pid: u32,
     /// The secret pgvigil reports to the client.
@@ -51,15 +55,18 @@ impl CancelRegistry {
             let pid = rand::random::<u32>() & 0x7fff_ffff;
             if pid != 0 && !sessions.contains_key(&pid) {
                 let secret = rand::random::<u32>();
+                let (cancels, cancels_rx) = watch::channel(0);
                 sessions.insert(
                     pid,
                     Entry {
                         secret,
                         target: None,
+                        cancels,
                     },
                 );
                 return CancelKey {
                     registry: self.clone(),
+                    cancels: cancels_rx,
                     pid,
                     secret,
                 };
@@ -67,12 +74,14 @@ impl CancelRegistry {
         }
     }
 
-    /// The backend to cancel for a client's (pid, secret), if both match a live session.
+    /// The backend to cancel for a client's (pid, secret), if both match a live session. A match
+    /// is also announced to the session (see [`CancelKey::cancels`]).
     pub fn lookup(&self, pid: u32, secret: &[u8]) -> Option<CancelTarget> {
         let sessions = lock(&self.sessions);
         let entry = sessions.get(&pid)?;
         let matches = secret.len() == 4 && constant_time_eq(&entry.secret.to_be_bytes(), secret);
         if matches {
+            entry.cancels.send_modify(|n| *n = n.wrapping_add(1));
             entry.target.clone()
         } else {
             None
@@ -96,6 +105,16 @@ impl CancelKey {
         if let Some(entry) = lock(&self.registry.sessions).get_mut(&self.pid) {
             entry.target = target;
         }
+    }
+}
+
+impl CancelKey {
+    /// Cancel requests for this session from now on: it changes with every one that matches,
+    /// so that a session waiting without a backend (for a primary) can stop waiting.
+    pub fn cancels(&self) -> watch::Receiver<u64> {
+        let mut cancels = self.cancels.clone();
+        cancels.mark_unchanged();
+        cancels
     }
 }
 
@@ -150,8 +169,21 @@ mod tests {
             Some(42)
         );
         let wrong = key.secret.wrapping_add(1).to_be_bytes();
+        let cancels = key.cancels();
         assert!(registry.lookup(key.pid, &wrong).is_none());
         assert!(registry.lookup(key.pid, &[0; 3]).is_none());
+        assert!(
+            !cancels.has_changed().unwrap(),
+            "only a matching key counts"
+        );
+        key.set_target(None);
+        assert!(registry
+            .lookup(key.pid, &key.secret.to_be_bytes())
+            .is_none());
+        assert!(
+            cancels.has_changed().unwrap(),
+            "announced without a backend too"
+        );
     }
 
     #[test]

@@ -27,3 +27,9 @@ pub const INTERNAL_ERROR: &str = "XX000";
 pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
 /// A size or count limit was exceeded (message too large, too many prepared statements).
 pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+/// A statement sent inside a transaction block that already failed (here: whose server connection
+/// was lost); only ROLLBACK (or COMMIT, which rolls back) ends it.
+pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+/// The connection was lost while a COMMIT or an autocommit write was running: it may or may not
+/// have committed.
+pub const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";

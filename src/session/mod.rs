@@ -1,11 +1,14 @@
 //! One client's life: startup, authentication, attaching a server connection, the relay, and
 //! handing the server connection back (reset) or dropping it (broken).
 
+mod aborted;
 mod auth_exchange;
+mod loss;
 mod recover;
 mod relay;
 mod serve;
 mod server_side;
+mod settings;
 pub mod startup;
 mod steering;
 mod unit;

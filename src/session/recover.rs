@@ -10,6 +10,7 @@ use bytes::{Buf, BytesMut};
 use pgvigil_proto::encode::{self, PgError, Severity};
 use pgvigil_proto::frame::next_message;
 use pgvigil_proto::frontend;
+use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -26,7 +27,8 @@ pub struct Failure<'a> {
 }
 
 impl Failure<'_> {
-    fn encode(&self, out: &mut BytesMut) {
+    /// Writes it as an ErrorResponse.
+    pub fn encode(&self, out: &mut BytesMut) {
         encode::error_response_with(
             out,
             &PgError {
@@ -40,36 +42,47 @@ impl Failure<'_> {
     }
 }
 
-/// Answers what a lost server connection left unanswered: each request awaiting a ReadyForQuery
-/// gets `failure` (except the first when the node's own error was relayed for it) and
-/// ReadyForQuery('I'); an extended-protocol unit sent in part gets `failure` and, once the client
-/// has sent the rest of it up to its Sync, ReadyForQuery('I'). `progress` is reset.
+/// Answers what a lost server connection left unanswered, each request with an error and a
+/// ReadyForQuery carrying `status` (where the loss leaves the client's transaction). The first
+/// request gets `first` (the node's own error, whole) when there is one, else `failure`; in a
+/// failed transaction block the later ones get 25P02, as PostgreSQL answers them. An
+/// extended-protocol unit sent in part is answered once the client has sent the rest of it up to
+/// its Sync. `progress` is reset.
 pub async fn answer_lost(
     client: &mut ClientConn,
     progress: &mut Progress,
-    first_answered: bool,
+    first: Option<&[u8]>,
     failure: &Failure<'_>,
+    status: TxStatus,
     max_message: usize,
 ) -> Result<(), RelayEnd> {
-    let mut answered = first_answered;
+    let mut first = Some(first);
+    let mut answer = |out: &mut BytesMut| match first.take() {
+        Some(Some(frame)) => out.extend_from_slice(frame),
+        Some(None) => failure.encode(out),
+        None if status == TxStatus::Failed => IN_FAILED.encode(out),
+        None => failure.encode(out),
+    };
     for _ in 0..progress.awaiting_ready {
-        if !std::mem::take(&mut answered) {
-            failure.encode(&mut client.pending);
-        }
-        encode::ready_for_query(&mut client.pending, TxStatus::Idle);
+        answer(&mut client.pending);
+        encode::ready_for_query(&mut client.pending, status);
     }
     let unsynced = progress.unsynced;
     *progress = Progress::default();
     if unsynced {
-        if !answered {
-            failure.encode(&mut client.pending);
-        }
+        answer(&mut client.pending);
         flush(client).await?;
         skip_to_sync(client, max_message).await?;
-        encode::ready_for_query(&mut client.pending, TxStatus::Idle);
+        encode::ready_for_query(&mut client.pending, status);
     }
     flush(client).await
 }
+
+/// What PostgreSQL answers a statement in a failed transaction block.
+pub const IN_FAILED: Failure<'static> = Failure {
+    code: sqlstate::IN_FAILED_SQL_TRANSACTION,
+    message: "current transaction is aborted, commands ignored until end of transaction block",
+};
 
 /// Refuses the unit at the front of the client's buffer (reading it first if needed): `failure`,
 /// its messages consumed (a Query or FunctionCall; extended messages through their Sync), and
@@ -122,7 +135,10 @@ pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: 
 }
 
 /// Discards client messages up to and including the next Sync.
-async fn skip_to_sync(client: &mut ClientConn, max_message: usize) -> Result<(), RelayEnd> {
+pub(super) async fn skip_to_sync(
+    client: &mut ClientConn,
+    max_message: usize,
+) -> Result<(), RelayEnd> {
     loop {
         let (tag, len) = first_message(client, max_message).await?;
         client.rbuf.advance(len);
@@ -135,7 +151,7 @@ async fn skip_to_sync(client: &mut ClientConn, max_message: usize) -> Result<(),
 }
 
 /// The tag and length of the first message in the client's buffer, reading until it is whole.
-async fn first_message(
+pub(super) async fn first_message(
     client: &mut ClientConn,
     max_message: usize,
 ) -> Result<(u8, usize), RelayEnd> {
@@ -156,7 +172,7 @@ async fn read_more(client: &mut ClientConn) -> Result<(), RelayEnd> {
 }
 
 /// Writes what the client is owed.
-async fn flush(client: &mut ClientConn) -> Result<(), RelayEnd> {
+pub(super) async fn flush(client: &mut ClientConn) -> Result<(), RelayEnd> {
     if client.pending.is_empty() {
         return Ok(());
     }

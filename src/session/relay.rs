@@ -63,14 +63,18 @@ pub enum LossCause {
     Unusable(Role),
 }
 
-/// A FATAL or PANIC ErrorResponse a node sent (its last message before closing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A FATAL or PANIC ErrorResponse a node sent (its last message before closing). It is held back
+/// from the client: what the client is told depends on why the node sent it (see
+/// `Session::recover`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeFatal {
     /// Its SQLSTATE (`08006` when it had none).
     pub code: [u8; 5],
-    /// It answered one of the client's requests and was relayed as an ERROR; an unsolicited one
-    /// (nothing outstanding) is not relayed.
-    pub relayed: bool,
+    /// It answered one of the client's requests (an unsolicited one came while nothing was
+    /// outstanding).
+    pub answering: bool,
+    /// The whole ErrorResponse frame, as the node sent it.
+    pub frame: bytes::Bytes,
 }
 
 /// What the relay knows about the server connection's position in the protocol.
@@ -144,6 +148,7 @@ pub async fn relay(
         params: &mut server.params,
         fatal: None,
         encoding_safe: steering.encoding_safe,
+        node,
     };
     let mut terminated = false;
     // A unit waiting for the current server to finish before it can be routed.
@@ -151,10 +156,16 @@ pub async fn relay(
 
     // The server may have sent bytes before the relay started (kept in its buffer).
     if server_state
-        .scan(server_in, to_client, max_message, progress)
+        .scan(
+            server_in,
+            to_client,
+            max_message,
+            progress,
+            &mut steering.settings,
+        )
         .is_err()
     {
-        return server_lost(LossCause::Garbled, &server_state);
+        return server_lost(LossCause::Garbled, &mut server_state);
     }
     let mut client_scan = ClientScan {
         max_message,
@@ -219,13 +230,13 @@ pub async fn relay(
             }
             written = server_write.write(&to_server), if !to_server.is_empty() => {
                 match written {
-                    Ok(0) => return server_lost(LossCause::Closed, &server_state),
-                    Err(e) => return server_lost(LossCause::Io(e), &server_state),
+                    Ok(0) => return server_lost(LossCause::Closed, &mut server_state),
+                    Err(e) => return server_lost(LossCause::Io(e), &mut server_state),
                     Ok(n) => to_server.advance(n),
                 }
                 if to_server.is_empty() {
                     if let Err(e) = server_write.flush().await {
-                        return server_lost(LossCause::Io(e), &server_state);
+                        return server_lost(LossCause::Io(e), &mut server_state);
                     }
                 }
             }
@@ -233,7 +244,7 @@ pub async fn relay(
                 // The sender lives as long as the proxy; should it go, stop watching.
                 watching = changed.is_ok();
                 if let Some(role) = unusable(proxy, node) {
-                    return server_lost(LossCause::Unusable(role), &server_state);
+                    return server_lost(LossCause::Unusable(role), &mut server_state);
                 }
             }
             read = client_read.read_buf(client_in), if !held && !terminated && to_server.len() < HIGH_WATER => {
@@ -254,11 +265,11 @@ pub async fn relay(
             }
             read = server_read.read_buf(server_in), if to_client.len() < HIGH_WATER => {
                 match read {
-                    Ok(0) => return server_lost(LossCause::Closed, &server_state),
-                    Err(e) => return server_lost(LossCause::Io(e), &server_state),
+                    Ok(0) => return server_lost(LossCause::Closed, &mut server_state),
+                    Err(e) => return server_lost(LossCause::Io(e), &mut server_state),
                     Ok(_) => {
-                        if server_state.scan(server_in, to_client, max_message, progress).is_err() {
-                            return server_lost(LossCause::Garbled, &server_state);
+                        if server_state.scan(server_in, to_client, max_message, progress, &mut steering.settings).is_err() {
+                            return server_lost(LossCause::Garbled, &mut server_state);
                         }
                     }
                 }
@@ -416,8 +427,8 @@ fn reserve(buf: &mut BytesMut, max_message: usize) {
     }
 }
 
-fn server_lost(cause: LossCause, state: &ServerSide<'_>) -> Stop {
-    lost(cause, state.fatal)
+fn server_lost(cause: LossCause, state: &mut ServerSide<'_>) -> Stop {
+    lost(cause, state.fatal.take())
 }
 
 fn lost(cause: LossCause, fatal: Option<NodeFatal>) -> Stop {
@@ -496,9 +507,17 @@ mod tests {
             params: &mut params,
             fatal: None,
             encoding_safe: true,
+            node: 0,
         };
-        side.scan(&mut input, &mut BytesMut::new(), 1 << 20, progress)
-            .unwrap();
+        let mut settings = super::super::settings::Settings::new(1);
+        side.scan(
+            &mut input,
+            &mut BytesMut::new(),
+            1 << 20,
+            progress,
+            &mut settings,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -14,8 +14,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::aborted::{self, LostTransaction};
+use super::loss::{self, Aftermath};
 use super::recover::{self, Failure};
 use super::relay::{self, ClientConn, Loss, LossCause, Progress, RelayEnd, Stop};
+use super::server_side::downgrade_fatal;
 use super::startup::ClientStartup;
 use super::steering::{Decision, Steering};
 use super::{open, open_within, refuse, OpenError, SessionError};
@@ -54,11 +57,13 @@ impl Held {
 }
 
 /// The unit at the front of the client's buffer is waiting for a primary until `until`.
-#[derive(Clone, Copy)]
 struct PrimaryWait {
     until: Instant,
     /// `Steering::units_begun` when the wait started: once it moves on, this unit was served.
     units: u64,
+    /// The client's cancel requests since the wait started: one ends the wait, as PostgreSQL
+    /// cancels a statement.
+    cancels: watch::Receiver<u64>,
 }
 
 /// What a session goes on with between relays.
@@ -69,10 +74,10 @@ struct Session<'a> {
     progress: Progress,
     /// Topology generations, watched while relaying.
     changes: watch::Receiver<u64>,
-    /// The connection was lost while the client was inside a transaction and waiting for
-    /// nothing: its next unit is refused with this, so that it cannot run outside the
+    /// The connection was lost inside the client's transaction block: until the client ends
+    /// it, its units are answered without a server, so that nothing runs outside the
     /// transaction the client believes it is in.
-    owed: Option<String>,
+    lost: Option<LostTransaction>,
     primary_wait: Option<PrimaryWait>,
     key: &'a CancelKey,
     startup: &'a ClientStartup,
@@ -104,7 +109,7 @@ pub async fn serve(
         steering: Steering::new(proxy.config.nodes.len(), first, encoding_safe),
         progress: Progress::default(),
         changes: proxy.topology.subscribe(),
-        owed: None,
+        lost: None,
         primary_wait: None,
         key,
         startup,
@@ -136,19 +141,15 @@ pub async fn serve(
 impl Session<'_> {
     /// The session's steady state: relay, act on decisions, recover from lost connections.
     async fn run(&mut self) -> Result<RelayEnd, SessionError> {
-        let max_message = self.proxy.config.max_message_size;
         loop {
             let current = self.steering.current;
             self.held
                 .drop_unusable(current, &mut self.steering, self.proxy);
-            if let Some(message) = self.owed.take() {
-                let failure = Failure {
-                    code: sqlstate::CONNECTION_FAILURE,
-                    message: &message,
-                };
-                recover::reject_unit(&mut self.client, &failure, max_message)
-                    .await
-                    .map_err(ended)?;
+            if let Some(lost) = self.lost.take() {
+                self.lost =
+                    aborted::answer_unit(&mut self.client, lost, &mut self.steering, self.proxy)
+                        .await
+                        .map_err(ended)?;
                 continue;
             }
             let stop = match self.held.leases[current].as_mut() {
@@ -182,24 +183,38 @@ impl Session<'_> {
 
     /// The connection to the current node is lost: unless the session held what cannot be
     /// rebuilt elsewhere, the client is answered for what it awaited (ERROR, ReadyForQuery) and
-    /// the session goes on, its next unit routed afresh.
+    /// the session goes on, its next unit routed afresh. A transaction block open on the lost
+    /// connection stays failed for the client until it ends it (see [`aborted`]).
     ///
-    /// Losses that still end the session (FATAL 08006): during COPY FROM STDIN (the client is
-    /// streaming data and cannot be told to stop and resend), and a session pinned to that
-    /// connection (a temporary table, a SQL PREPARE, an advisory lock, LISTEN, or settings that
-    /// cannot be replayed), whose state died with it.
+    /// Losses that end the session: a backend terminated by an administrator on a node that stays
+    /// up (the node's FATAL is relayed, as a direct connection would get it); and with FATAL 08006,
+    /// a loss during COPY FROM STDIN (the client is streaming data and cannot be told to stop and
+    /// resend), or of a connection holding what cannot be replayed (see `Steering::pinned`),
+    /// which died with it.
     async fn recover(&mut self, loss: Loss) -> Result<(), SessionError> {
         let node = self.steering.current;
         let Some(lease) = self.held.leases[node].take() else {
             return Ok(());
         };
         let name = lease.conn.node_name.clone();
-        let in_transaction = lease.conn.tx != TxStatus::Idle;
+        let server_tx = lease.conn.tx;
         drop(lease);
         warn!(node = %name, cause = %loss.cause, "server connection lost during a session");
         self.proxy.report_server_failure(node);
+        // Settings still unanswered died with the connection: they must not count as a
+        // setting of unknown outcome when the unit is closed.
+        self.steering.settings.lost();
         self.steering.unit_done(self.proxy);
         self.key.set_target(None);
+        let fatal = loss.fatal.as_ref();
+        if loss::terminated_by_admin(fatal, &loss.cause, node, self.startup, self.proxy).await {
+            info!(node = %name, "backend terminated by an administrator; the session ends with it");
+            let frame = fatal.map(|f| f.frame.clone()).unwrap_or_default();
+            return Err(SessionError::NodeRefused(
+                "terminated by an administrator".into(),
+                frame,
+            ));
+        }
         let lost = match &loss.cause {
             LossCause::Unusable(role) => format!("node {name} is {}", role.as_str()),
             _ => format!("the connection to node {name} was lost"),
@@ -218,29 +233,56 @@ impl Session<'_> {
             });
         }
         self.steering.lost_current();
-        let owed = self.progress.is_quiet() && in_transaction;
-        let message = format!("{lost}; the transaction, if any, was rolled back");
-        let code = loss.fatal.map(|f| f.code);
+        let busy = !self.progress.is_quiet();
+        let aftermath = loss::aftermath(server_tx, busy, self.steering.last_statement());
+        debug!(?aftermath, "where the loss leaves the client");
+        let rolled_back = format!("{lost}; the transaction was rolled back");
+        let (code, message, status) = match aftermath {
+            Aftermath::Quiet => return Ok(()),
+            Aftermath::Unannounced => {
+                self.lost = Some(LostTransaction::Unannounced(rolled_back));
+                return Ok(());
+            }
+            Aftermath::Failed => (sqlstate::CONNECTION_FAILURE, lost, TxStatus::Idle),
+            Aftermath::InDoubt => (
+                sqlstate::TRANSACTION_RESOLUTION_UNKNOWN,
+                format!(
+                    "{lost} while the transaction was committing: it may or may not have committed"
+                ),
+                TxStatus::Idle,
+            ),
+            Aftermath::Aborted => (
+                sqlstate::CONNECTION_FAILURE,
+                format!("{rolled_back}; end the transaction block with ROLLBACK"),
+                TxStatus::Failed,
+            ),
+        };
+        // The node's own error answers the request it interrupted, except when the outcome is in
+        // doubt: its 57P01 would read as "not committed".
+        let first = fatal
+            .filter(|f| f.answering && aftermath != Aftermath::InDoubt)
+            .map(|f| {
+                let mut frame = f.frame.to_vec();
+                downgrade_fatal(&mut frame);
+                frame
+            });
         let failure = Failure {
-            code: code
-                .as_ref()
-                .and_then(|c| std::str::from_utf8(c).ok())
-                .unwrap_or(sqlstate::CONNECTION_FAILURE),
+            code,
             message: &message,
         };
-        let first_answered = loss.fatal.is_some_and(|f| f.relayed);
         let max_message = self.proxy.config.max_message_size;
         recover::answer_lost(
             &mut self.client,
             &mut self.progress,
-            first_answered,
+            first.as_deref(),
             &failure,
+            status,
             max_message,
         )
         .await
         .map_err(ended)?;
-        if owed {
-            self.owed = Some(format!("{lost}; the transaction was rolled back"));
+        if aftermath == Aftermath::Aborted {
+            self.lost = Some(LostTransaction::Aborted);
         }
         Ok(())
     }
@@ -298,23 +340,48 @@ impl Session<'_> {
     /// since it first waited; past that it is refused with 57P03 and the session goes on.
     async fn wait_for_primary(&mut self, failure: Option<String>) -> Result<(), SessionError> {
         let units = self.steering.units_begun();
-        let until = match self.primary_wait {
-            Some(wait) if wait.units == units => wait.until,
-            _ => Instant::now() + self.proxy.config.failover.wait_timeout,
+        let mut wait = match self.primary_wait.take() {
+            Some(wait) if wait.units == units => wait,
+            _ => PrimaryWait {
+                until: Instant::now() + self.proxy.config.failover.wait_timeout,
+                units,
+                cancels: self.key.cancels(),
+            },
         };
-        self.primary_wait = Some(PrimaryWait { until, units });
         self.steering.reroute();
+        let until = wait.until;
         let pause = until.min(Instant::now() + PRIMARY_RETRY);
-        if let Ok(changed) = tokio::time::timeout_at(pause, self.changes.changed()).await {
-            if changed.is_err() {
-                // No more generations can come: wait out the rest and refuse.
-                tokio::time::sleep_until(until).await;
+        let mut cancelled = wait.cancels.has_changed().unwrap_or(false);
+        if !cancelled {
+            tokio::select! {
+                changed = self.changes.changed() => {
+                    if changed.is_err() {
+                        // No more generations can come: wait out the rest (or a cancel).
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(until) => {}
+                            c = wait.cancels.changed() => cancelled = c.is_ok(),
+                        }
+                    }
+                }
+                c = wait.cancels.changed() => cancelled = c.is_ok(),
+                _ = tokio::time::sleep_until(pause) => {}
             }
         }
+        let max_message = self.proxy.config.max_message_size;
+        if cancelled {
+            info!("a unit waiting for a primary was cancelled by the client");
+            let failure = Failure {
+                code: sqlstate::QUERY_CANCELED,
+                message: "canceling statement due to user request",
+            };
+            return recover::reject_unit(&mut self.client, &failure, max_message)
+                .await
+                .map_err(ended);
+        }
         if Instant::now() < until {
+            self.primary_wait = Some(wait);
             return Ok(());
         }
-        self.primary_wait = None;
         let reason = match (&self.proxy.topology.load().primary, failure) {
             (Primary::Unavailable(why), _) => format!("no primary is available: {why}"),
             (Primary::Known(_), Some(failure)) => failure,
@@ -325,7 +392,6 @@ impl Session<'_> {
             code: sqlstate::CANNOT_CONNECT_NOW,
             message: &reason,
         };
-        let max_message = self.proxy.config.max_message_size;
         recover::reject_unit(&mut self.client, &failure, max_message)
             .await
             .map_err(ended)

@@ -1,8 +1,8 @@
 //! The server's side of the relay: whole messages moved towards the client, with the few that
 //! change the session's state noted on the way (ReadyForQuery, ParameterStatus, CopyInResponse)
-//! and a node's FATAL error turned into something the client's session survives.
+//! and a node's FATAL error held back for the session to judge.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use pgvigil_proto::backend::{self, ErrorFields};
 use pgvigil_proto::classify::encoding_is_safe;
 use pgvigil_proto::frame::messages;
@@ -10,7 +10,9 @@ use pgvigil_proto::{FrameError, TxStatus};
 use tracing::debug;
 
 use super::relay::{move_prefix, NodeFatal, Progress};
+use super::settings::Settings;
 use crate::server::ReportedParams;
+use crate::topology::NodeId;
 
 /// The server-side state the relay updates.
 pub(super) struct ServerSide<'a> {
@@ -22,20 +24,23 @@ pub(super) struct ServerSide<'a> {
     pub(super) fatal: Option<NodeFatal>,
     /// Whether the client encoding is ASCII-safe; updated when the node reports a new one.
     pub(super) encoding_safe: bool,
+    /// The node the connection is to.
+    pub(super) node: NodeId,
 }
 
 impl ServerSide<'_> {
     /// Moves whole server messages to `out`, noting ReadyForQuery, ParameterStatus and errors.
     ///
-    /// A FATAL error is the node's last word. It is relayed as an ERROR when it answers a
-    /// request (clients read FATAL as the end of their own connection, and the session goes on);
-    /// one that comes while nothing is outstanding is not relayed at all.
+    /// A FATAL error is the node's last word: it is kept in `fatal`, not relayed, because what
+    /// the client must hear depends on why the node sent it (an administrator ending the
+    /// session, or a node going down that the session survives).
     pub(super) fn scan(
         &mut self,
         input: &mut BytesMut,
         out: &mut BytesMut,
         max_message: usize,
         progress: &mut Progress,
+        settings: &mut Settings,
     ) -> Result<(), FrameError> {
         let mut iter = messages(input, max_message);
         let mut offset = 0;
@@ -48,6 +53,7 @@ impl ServerSide<'_> {
                 backend::tag::READY_FOR_QUERY => {
                     if let Ok(status) = backend::ReadyForQuery::parse(message.body) {
                         *self.tx = status;
+                        settings.ready(status, self.node);
                     }
                     progress.awaiting_ready = progress.awaiting_ready.saturating_sub(1);
                     // Copy-in mode has ended by now (a ReadyForQuery never comes during it).
@@ -64,32 +70,30 @@ impl ServerSide<'_> {
                 }
                 backend::tag::ERROR_RESPONSE => {
                     if let Some(code) = fatal_code(message.body) {
+                        fatal_at = Some(start);
                         self.fatal = Some(NodeFatal {
                             code,
-                            relayed: !progress.is_quiet(),
+                            answering: !progress.is_quiet(),
+                            frame: Bytes::copy_from_slice(&input[start..offset]),
                         });
-                        fatal_at = Some((start, offset));
                         break;
                     }
+                    settings.error();
                 }
+                backend::tag::COMMAND_COMPLETE => settings.command_complete(message.body),
                 backend::tag::COPY_IN_RESPONSE => progress.copy_in = true,
                 _ => {}
             }
         }
         let consumed = iter.consumed();
-        match (fatal_at, self.fatal) {
-            (Some((start, end)), Some(fatal)) => {
-                if fatal.relayed {
-                    downgrade_fatal(&mut input[start..end]);
-                    move_prefix(input, out, end);
-                } else {
-                    debug!(code = ?std::str::from_utf8(&fatal.code), "unsolicited FATAL from the node, not relayed");
-                    move_prefix(input, out, start);
-                }
+        match fatal_at {
+            Some(start) => {
+                debug!(code = ?self.fatal.as_ref().map(|f| String::from_utf8_lossy(&f.code)), "FATAL from the node, held back");
+                move_prefix(input, out, start);
                 // Nothing the node sends after a FATAL means anything.
                 input.clear();
             }
-            _ => move_prefix(input, out, consumed),
+            None => move_prefix(input, out, consumed),
         }
         Ok(())
     }
@@ -111,7 +115,7 @@ fn fatal_code(body: &[u8]) -> Option<[u8; 5]> {
 
 /// Rewrites, in place, the severity fields (S and V) of an ErrorResponse frame from FATAL or
 /// PANIC to ERROR (all three words have five letters, so the frame keeps its length).
-fn downgrade_fatal(frame: &mut [u8]) {
+pub(super) fn downgrade_fatal(frame: &mut [u8]) {
     let mut pos = 5;
     while let Some(&code) = frame.get(pos) {
         if code == 0 {
@@ -159,40 +163,50 @@ mod tests {
             params: &mut params,
             fatal: None,
             encoding_safe: true,
+            node: 0,
         };
         let mut out = BytesMut::new();
-        side.scan(&mut input, &mut out, 1 << 20, progress).unwrap();
+        let mut settings = Settings::new(1);
+        side.scan(&mut input, &mut out, 1 << 20, progress, &mut settings)
+            .unwrap();
         assert!(input.is_empty(), "nothing is left behind");
         (out.to_vec(), side.fatal)
     }
 
     #[test]
-    fn a_fatal_answering_a_request_is_relayed_as_an_error_and_an_unsolicited_one_is_not() {
+    fn a_fatal_is_held_back_with_whether_it_answered_a_request() {
         let fatal = error_body("FATAL", "57P01");
         let mut busy = Progress {
             awaiting_ready: 1,
             ..Progress::default()
         };
         let (out, noted) = relayed(&mut busy, &[(b'D', b"row"), (b'E', &fatal), (b'Z', b"I")]);
-        let mut expected = frame(b'D', b"row");
-        expected.extend_from_slice(&frame(b'E', &error_body("ERROR", "57P01")));
-        assert_eq!(out, expected, "downgraded in place; nothing after it");
+        assert_eq!(
+            out,
+            frame(b'D', b"row"),
+            "what came before it; nothing after"
+        );
         assert_eq!(
             noted,
             Some(NodeFatal {
                 code: *b"57P01",
-                relayed: true
+                answering: true,
+                frame: Bytes::from(frame(b'E', &fatal)),
             })
         );
 
         let (out, noted) = relayed(&mut Progress::default(), &[(b'E', &fatal)]);
-        assert!(out.is_empty(), "an idle session's client hears nothing");
-        assert!(noted.is_some_and(|f| !f.relayed));
+        assert!(out.is_empty());
+        assert!(noted.is_some_and(|f| !f.answering));
 
         let error = error_body("ERROR", "42P01");
         let (out, noted) = relayed(&mut busy, &[(b'E', &error)]);
         assert_eq!(out, frame(b'E', &error), "an ERROR passes unchanged");
         assert_eq!(noted, None);
+
+        let mut downgraded = frame(b'E', &fatal);
+        downgrade_fatal(&mut downgraded);
+        assert_eq!(downgraded, frame(b'E', &error_body("ERROR", "57P01")));
     }
 
     #[test]

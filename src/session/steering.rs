@@ -2,8 +2,8 @@
 //! the session uses must know first (session settings, prepared statements).
 //!
 //! Rules, in order: a unit inside a transaction stays on the transaction's node; a session pinned
-//! (temporary table, SQL PREPARE, advisory lock, LISTEN) or a `/* pgvigil:primary */` hint goes to
-//! the primary; a unit that reuses the unnamed statement goes where it was parsed; a provably
+//! (temporary table, SQL PREPARE, advisory lock, LISTEN, or anything else pgvigil cannot replay:
+//! see `settings::effect`) or a `/* pgvigil:primary */` hint goes to the primary; a unit that reuses the unnamed statement goes where it was parsed; a provably
 //! read-only unit (or one hinted `/* pgvigil:replica */`), and a read-only transaction, is spread
 //! over the nodes that may take reads (after a write, only those that replayed it: read your
 //! writes); everything else goes to the primary.
@@ -12,17 +12,15 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use bytes::Bytes;
-use pgvigil_proto::classify::{classify, Classification, Hint, Pin};
+use pgvigil_proto::classify::{classify, Classification, Hint, Pin, Reason};
 use pgvigil_proto::frontend::{self, Close, Parse, Query};
 use tracing::debug;
 
+use super::settings::{self, Effect, Settings};
 use super::unit::{self, UnitFacts};
 use crate::proxy::Proxy;
 use crate::router::{self, ReadPolicy, Route, RouteReason, MAX_NODES};
 use crate::topology::NodeId;
-
-/// Most session-state statements replayed on a node; beyond it the session stays on the primary.
-const REPLAY_LIMIT: usize = 256;
 
 /// A named prepared statement the client made.
 #[derive(Debug, Clone)]
@@ -67,6 +65,9 @@ pub struct Steering {
     /// The facts of the unit being forwarded, and how many of its bytes they cover.
     unit: UnitFacts,
     covered: usize,
+    /// The facts of the last unit begun that names a statement (a lone Close or Sync sent after
+    /// it does not change what a lost connection may have been running).
+    last_statement: UnitFacts,
     /// Where the last unit prepared named statements without executing them (drivers prepare,
     /// then execute in the next unit): that read goes there rather than re-preparing elsewhere.
     prepared_on: Option<NodeId>,
@@ -83,9 +84,8 @@ pub struct Steering {
     wrote_at: Instant,
     /// The primary's WAL position after the session's last write.
     write_lsn: Option<u64>,
-    /// Session-state statements (SET, RESET, ...) in order, and how many each node has run.
-    replay: Vec<Box<[u8]>>,
-    applied: Vec<usize>,
+    /// Session-state statements (SET, RESET, ...) that took effect, and what each node has run.
+    pub settings: Settings,
     /// Statements to close on a node before its next use.
     pending_close: Vec<Vec<Box<[u8]>>>,
     statements: Statements,
@@ -110,6 +110,7 @@ impl Steering {
             forced: false,
             unit: UnitFacts::default(),
             covered: 0,
+            last_statement: UnitFacts::default(),
             prepared_on: None,
             waiting_route: None,
             unit_in_transaction: false,
@@ -119,8 +120,7 @@ impl Steering {
             wrote: false,
             wrote_at: Instant::now(),
             write_lsn: None,
-            replay: Vec::new(),
-            applied: vec![0; node_count],
+            settings: Settings::new(node_count),
             pending_close: vec![Vec::new(); node_count],
             statements: HashMap::new(),
             unnamed: None,
@@ -299,6 +299,9 @@ impl Steering {
         self.units += 1;
         self.prepared_on = (self.unit.parses_named && !self.unit.executes).then_some(self.current);
         self.covered = self.unit.inspected;
+        if self.unit.has_statement {
+            self.last_statement = self.unit;
+        }
         // Only statements count as load: a lone Close or Sync is over at once.
         if !self.in_flight && self.unit.has_statement {
             proxy.balancer.started(self.current);
@@ -322,20 +325,27 @@ impl Steering {
         let body = frame.get(5..).unwrap_or_default();
         match tag {
             frontend::tag::QUERY => {
+                self.settings.request();
                 let Ok(query) = Query::parse(body) else {
                     return;
                 };
-                if covered {
-                    if self.unit.session_state {
-                        self.record_state(query.sql, self.unit.query_statements);
-                    }
+                let (session_state, statements, reason, hint) = if covered {
+                    let u = &self.unit;
+                    (u.session_state, u.query_statements, u.reason, u.hint)
                 } else {
                     let class = classify(query.sql, &proxy.functions);
                     self.uncovered(&class);
-                    if class.session_state {
-                        self.record_state(query.sql, class.statements);
-                    }
+                    (
+                        class.session_state,
+                        class.statements,
+                        class.reason,
+                        class.hint,
+                    )
+                };
+                if session_state {
+                    self.record_state(query.sql, statements, true);
                 }
+                self.note_effects(query.sql, reason, hint, true);
             }
             frontend::tag::PARSE => self.parsed(frame, body, covered, proxy),
             frontend::tag::CLOSE => {
@@ -347,8 +357,29 @@ impl Steering {
                     }
                 }
             }
-            frontend::tag::FUNCTION_CALL => self.note_write(),
+            frontend::tag::FUNCTION_CALL => {
+                self.settings.request();
+                self.note_write();
+                self.pin("a fast-path function call");
+            }
+            frontend::tag::SYNC => self.settings.request(),
             _ => {}
+        }
+    }
+
+    /// Notes what a statement forwarded to `current` does beyond its classification (see
+    /// [`settings::effect`]); `reason`: why it is not read-only, if it is not.
+    fn note_effects(
+        &mut self,
+        sql: &[u8],
+        reason: Option<Reason>,
+        hint: Option<Hint>,
+        query: bool,
+    ) {
+        match settings::effect(sql, reason, hint) {
+            Effect::None => {}
+            Effect::Setting => self.record_state(sql, 1, query),
+            Effect::Pin(why) => self.pin(why),
         }
     }
 
@@ -365,8 +396,9 @@ impl Steering {
             self.uncovered(&class);
         }
         if class.session_state {
-            self.record_state(parse.sql, class.statements);
+            self.record_state(parse.sql, class.statements, false);
         }
+        self.note_effects(parse.sql, class.reason, class.hint, false);
         if parse.name.is_empty() {
             self.unnamed = Some((self.current, class));
             return;
@@ -404,24 +436,15 @@ impl Steering {
         }
     }
 
-    /// Remembers a session-state statement to replay on the session's other nodes.
-    fn record_state(&mut self, sql: &[u8], statements: usize) {
+    /// Notes a session-state statement sent to `current`, to replay on the session's other
+    /// nodes once it took effect; `in_query`: sent in a Query (else in a Parse).
+    fn record_state(&mut self, sql: &[u8], statements: usize, in_query: bool) {
         if statements > 1 {
             // Replaying the whole string could repeat its other statements.
             self.pin("session state changed in a multi-statement string");
             return;
         }
-        if self.unit_in_transaction {
-            // The transaction may still roll the setting back: only its node will know, so the
-            // session stays there (on the primary) rather than replay a setting that was undone.
-            self.pin("setting changed inside a transaction block");
-        }
-        if self.replay.len() >= REPLAY_LIMIT {
-            self.pin("too many session settings to replay");
-            return;
-        }
-        self.replay.push(sql.into());
-        self.applied[self.current] = self.replay.len();
+        self.settings.sent(sql, in_query);
     }
 
     fn note_write(&mut self) {
@@ -441,6 +464,10 @@ impl Steering {
         if std::mem::take(&mut self.in_flight) {
             proxy.balancer.finished(self.current);
         }
+        self.settings.quiet();
+        if let Some(why) = self.settings.unreplayable() {
+            self.pin(why);
+        }
     }
 
     /// The next unit goes to `node` without a new decision; it was decided already.
@@ -454,6 +481,7 @@ impl Steering {
     /// The connection to the current node was lost: what it had is gone, and the next unit is
     /// routed afresh (possibly back to the same node, on a new connection).
     pub fn lost_current(&mut self) {
+        self.settings.lost();
         self.fresh_connection(self.current);
         self.detached = true;
         self.forced = false;
@@ -467,10 +495,16 @@ impl Steering {
     }
 
     /// Why the session must stay on the primary's connection, if it must: state there (a
-    /// temporary table, a SQL PREPARE, an advisory lock, LISTEN, settings that cannot be
-    /// replayed) that another connection would not have.
+    /// temporary table, a SQL PREPARE, an advisory lock, LISTEN, DO, CALL, LOAD, a WITH HOLD
+    /// cursor, an unknown function's effects, settings that cannot be replayed) that another
+    /// connection would not have.
     pub fn pinned(&self) -> Option<&'static str> {
         self.pinned
+    }
+
+    /// The facts of the last unit forwarded that names a statement (the one running, if any is).
+    pub fn last_statement(&self) -> &UnitFacts {
+        &self.last_statement
     }
 
     /// How many units the session has begun (forwarded after a decision) so far.
@@ -487,19 +521,18 @@ impl Steering {
     /// What `node` must run before it can serve: session-state statements it has not run, and
     /// statements to close.
     pub fn catch_up(&self, node: NodeId) -> (&[SqlText], &[SqlText]) {
-        let applied = self.applied[node].min(self.replay.len());
-        (&self.replay[applied..], &self.pending_close[node])
+        (self.settings.missing(node), &self.pending_close[node])
     }
 
     /// `node` ran everything [`Steering::catch_up`] listed.
     pub fn caught_up(&mut self, node: NodeId) {
-        self.applied[node] = self.replay.len();
+        self.settings.caught_up(node);
         self.pending_close[node].clear();
     }
 
     /// A fresh connection to `node` replaced whatever the session had there.
     pub fn fresh_connection(&mut self, node: NodeId) {
-        self.applied[node] = 0;
+        self.settings.fresh_connection(node);
         self.pending_close[node].clear();
         for prepared in self.statements.values_mut() {
             prepared.on &= !(1 << node);

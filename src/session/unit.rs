@@ -1,5 +1,6 @@
 //! A unit of client work: one Query or FunctionCall, or the extended-protocol messages up to a
-//! Sync or Flush. A unit runs on one node; this module reads what it asks for without copying.
+//! Sync (through any Flush before it). A unit runs on one node; this module reads what it asks
+//! for without copying.
 
 use pgvigil_proto::classify::{
     classify, Classification, FunctionLists, Hint, Pin, Reason, TxControl,
@@ -16,8 +17,8 @@ pub const LOOKAHEAD_LIMIT: usize = 1 << 20;
 /// What a unit asks for, merged over its statements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnitFacts {
-    /// Every message of the unit was seen (it ends with Sync or Flush, or is a Query or a
-    /// FunctionCall).
+    /// Every message of the unit was seen (it ends with Sync, or is a Query or a FunctionCall),
+    /// or as much of it as the client sends before it waits (a Flush with nothing after it).
     pub complete: bool,
     /// Bytes of the unit that were inspected (from its first message).
     pub inspected: usize,
@@ -32,6 +33,8 @@ pub struct UnitFacts {
     /// The access mode of a BEGIN in the unit: `Some(mode)` when there is one (see
     /// `TxControl::Begin`).
     pub begin: Option<Option<bool>>,
+    /// The last transaction-control statement of the unit.
+    pub tx: Option<TxControl>,
     /// The first reason to pin the session to the primary.
     pub pin: Option<Pin>,
     /// A statement changes session state that must be replayed on other nodes.
@@ -64,6 +67,7 @@ impl Default for UnitFacts {
             reason: None,
             hint: None,
             begin: None,
+            tx: None,
             pin: None,
             session_state: false,
             session_read_only: None,
@@ -96,6 +100,7 @@ impl UnitFacts {
         if let Some(TxControl::Begin { read_only }) = c.tx {
             self.begin = Some(read_only);
         }
+        self.tx = c.tx.or(self.tx);
         self.pin = self.pin.or(c.pin);
         self.session_state |= c.session_state;
         self.session_read_only = c.session_read_only.or(self.session_read_only);
@@ -106,6 +111,19 @@ impl UnitFacts {
     /// as a Query or as Parse/Bind/Execute: it writes no WAL, so it holds no read back.
     pub fn lone_setting(&self) -> bool {
         self.session_state && self.statements == 1
+    }
+
+    /// A read that asks `pg_backend_pid()` must answer from the connection that runs the
+    /// session's writes (the pid the client would cancel or look up), so it is not a read.
+    fn asks_backend_pid(&mut self, sql: &[u8], c: &Classification) {
+        let needle = b"pg_backend_pid";
+        if c.read_only
+            && sql
+                .windows(needle.len())
+                .any(|w| w.eq_ignore_ascii_case(needle))
+        {
+            self.read_only = false;
+        }
     }
 
     /// Marks the unit as possibly writing for `reason`.
@@ -133,10 +151,12 @@ pub fn inspect(
             frontend::tag::QUERY => {
                 facts.inspected = before;
                 if before == 0 {
-                    let c = Query::parse(message.body)
-                        .map(|q| classify(q.sql, functions))
+                    let sql = Query::parse(message.body).map(|q| q.sql).ok();
+                    let c = sql
+                        .map(|sql| classify(sql, functions))
                         .unwrap_or(UNREADABLE);
                     facts.merge(&c);
+                    facts.asks_backend_pid(sql.unwrap_or_default(), &c);
                     facts.query_statements = c.statements;
                     facts.inspected = message.len();
                 }
@@ -156,6 +176,7 @@ pub fn inspect(
                     .map(|p| classify(p.sql, functions))
                     .unwrap_or(UNREADABLE);
                 facts.merge(&c);
+                facts.asks_backend_pid(parsed.map(|p| p.sql).unwrap_or_default(), &c);
                 facts.parses_named |= parsed.is_some_and(|p| !p.name.is_empty());
                 if parsed.is_some_and(|p| p.name.is_empty()) {
                     facts.unnamed = Some(c);
@@ -173,7 +194,17 @@ pub fn inspect(
                 }
                 _ => {}
             },
-            frontend::tag::SYNC | frontend::tag::FLUSH | frontend::tag::TERMINATE => {
+            frontend::tag::FLUSH if facts.inspected < input.len() => {
+                // The unit goes on to its Sync, and all of it runs on one node.
+            }
+            frontend::tag::FLUSH => {
+                // The client waits for what it flushed before it sends the rest of the unit,
+                // which will run on the same node without being seen now: it may write.
+                facts.read_only = false;
+                facts.complete = true;
+                return facts;
+            }
+            frontend::tag::SYNC | frontend::tag::TERMINATE => {
                 facts.complete = true;
                 return facts;
             }
@@ -247,7 +278,7 @@ pub fn named_references(input: &[u8], max_message: usize, mut visit: impl FnMut(
                 .ok()
                 .filter(|d| d.kind == b'S')
                 .map(|d| d.name),
-            frontend::tag::SYNC | frontend::tag::FLUSH | frontend::tag::QUERY => return,
+            frontend::tag::SYNC | frontend::tag::QUERY => return,
             _ => None,
         };
         if let Some(name) = name.filter(|n| !n.is_empty()) {
@@ -458,6 +489,30 @@ mod tests {
         frame(&mut run, b'E', b"\0\0\0\0\0");
         frame(&mut run, b'S', b"");
         assert!(facts(&run, &statements).lone_setting());
+    }
+
+    #[test]
+    fn a_flush_does_not_end_a_unit_and_a_unit_waiting_after_one_may_write() {
+        let none = Statements::new();
+        let mut unit = BytesMut::new();
+        parse(&mut unit, "", "SELECT 1");
+        bind(&mut unit, "");
+        frame(&mut unit, b'H', b"");
+        let waiting = facts(&unit, &none);
+        assert!(waiting.complete && !waiting.read_only, "the rest is unseen");
+        parse(&mut unit, "", "INSERT INTO t VALUES (1)");
+        assert!(!facts(&unit, &none).complete, "goes on to its Sync");
+        frame(&mut unit, b'S', b"");
+        let whole = facts(&unit, &none);
+        assert!(whole.complete && !whole.read_only);
+        assert_eq!(whole.inspected, unit.len());
+    }
+
+    #[test]
+    fn pg_backend_pid_is_not_a_read() {
+        let mut unit = BytesMut::new();
+        frame(&mut unit, b'Q', b"SELECT PG_BACKEND_PID()\0");
+        assert!(!facts(&unit, &Statements::new()).read_only);
     }
 
     #[test]

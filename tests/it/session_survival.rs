@@ -1,7 +1,8 @@
-//! A session outlives its server connections (issue 4, "Clients during failover"): a backend
-//! terminated while idle is replaced without the client noticing, its settings and prepared
-//! statements re-established; a statement or transaction that was running gets an ERROR and the
-//! session goes on; a write with no primary waits `failover.wait_timeout`, then gets 57P03, and
+//! A session outlives its server connections (issue 4, "Clients during failover"): a connection
+//! lost while idle because its node went down is replaced without the client noticing, its
+//! settings and prepared statements re-established; a statement or transaction that was running
+//! gets an ERROR and the session goes on; a backend terminated by an administrator on a node that
+//! stays up ends the session as it would directly (issue 9); a write with no primary waits `failover.wait_timeout`, then gets 57P03, and
 //! the session keeps reading from the replica; new sessions start on a replica while the primary
 //! is down; a replica killed under a read, or frozen until the topology says it is down, sends
 //! the next read elsewhere.
@@ -15,6 +16,7 @@ use pgvigil::topology::{NodeId, Primary, Role};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
+use crate::lost_transaction::restart;
 use crate::support::{
     backend_pid, eventually, node_psql, primary_lsn, start_proxy, test_cluster, value,
     LocalCluster, TestProxy,
@@ -33,8 +35,8 @@ const PROMPT: Duration = Duration::from_secs(5);
 const WAIT_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_idle_session_whose_backend_is_terminated_goes_on_with_its_settings_and_statements() {
-    let cluster = test_cluster(0);
+async fn an_idle_session_whose_node_restarts_goes_on_with_its_settings_and_statements() {
+    let mut cluster = test_cluster(0);
     let proxy = start_proxy(&cluster, |_| {}).await;
     let client = proxy.connect_app().await;
     client
@@ -51,7 +53,7 @@ async fn an_idle_session_whose_backend_is_terminated_goes_on_with_its_settings_a
     let statement = client.prepare("SELECT v FROM marker").await.unwrap();
     let pid = backend_pid(&client).await;
 
-    terminate(&cluster, PRIMARY, pid);
+    restart(&mut cluster, &proxy, PRIMARY);
 
     let rows = client
         .query(&statement, &[])
@@ -66,8 +68,8 @@ async fn an_idle_session_whose_backend_is_terminated_goes_on_with_its_settings_a
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_statement_whose_backend_is_terminated_gets_an_error_at_once_and_the_session_goes_on() {
-    let cluster = test_cluster(0);
+async fn a_statement_whose_node_goes_down_gets_an_error_at_once_and_the_session_goes_on() {
+    let mut cluster = test_cluster(0);
     let proxy = start_proxy(&cluster, |_| {}).await;
     let client = Arc::new(proxy.connect_app().await);
     let pid = backend_pid(&client).await;
@@ -80,7 +82,7 @@ async fn a_statement_whose_backend_is_terminated_gets_an_error_at_once_and_the_s
     });
 
     let killed_at = Instant::now();
-    terminate(&cluster, PRIMARY, pid);
+    cluster.node_mut(PRIMARY).stop();
     let error = tokio::time::timeout(PROMPT, sleeping)
         .await
         .expect("the client is told promptly")
@@ -88,6 +90,7 @@ async fn a_statement_whose_backend_is_terminated_gets_an_error_at_once_and_the_s
         .expect_err("the statement fails");
     assert!(killed_at.elapsed() < PROMPT);
     assert_lost(&error);
+    cluster.node_mut(PRIMARY).start().unwrap();
 
     assert_eq!(
         value(&client, "SELECT 'still here'").await.as_deref(),
@@ -96,8 +99,8 @@ async fn a_statement_whose_backend_is_terminated_gets_an_error_at_once_and_the_s
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_transaction_whose_backend_is_terminated_is_rolled_back_and_the_next_one_works() {
-    let cluster = test_cluster(0);
+async fn a_transaction_whose_node_restarts_is_rolled_back_and_the_next_one_works() {
+    let mut cluster = test_cluster(0);
     let proxy = start_proxy(&cluster, |_| {}).await;
     let client = proxy.connect_app().await;
     client
@@ -109,9 +112,8 @@ async fn a_transaction_whose_backend_is_terminated_is_rolled_back_and_the_next_o
         .simple_query("INSERT INTO survival_tx VALUES (1)")
         .await
         .unwrap();
-    let pid = backend_pid(&client).await;
 
-    terminate(&cluster, PRIMARY, pid);
+    restart(&mut cluster, &proxy, PRIMARY);
 
     // A COMMIT that ran on a new connection would "succeed" with nothing to commit: the client
     // must hear that its transaction is gone instead.
@@ -254,6 +256,114 @@ async fn a_read_hung_on_a_frozen_replica_ends_once_the_replica_is_seen_down() {
         "the next read is served by the primary"
     );
     cluster.node_mut(REPLICA).thaw();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_whose_backend_an_administrator_terminates_ends_with_57p01() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |_| {}).await;
+    let client = proxy.connect_app().await;
+    let pid = backend_pid(&client).await;
+
+    terminate(&cluster, PRIMARY, pid);
+
+    // As directly: the FATAL comes unsolicited and the connection closes.
+    let deadline = Instant::now() + PATIENCE;
+    while !client.is_closed() {
+        assert!(Instant::now() < deadline, "the session was not ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let error = client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("the session is over");
+    assert!(error.is_closed(), "{error:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_whose_backend_an_administrator_terminates_gets_the_fatal_and_the_session_ends()
+{
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |_| {}).await;
+    let client = Arc::new(proxy.connect_app().await);
+    let pid = backend_pid(&client).await;
+    let sleeping = tokio::spawn({
+        let client = client.clone();
+        async move { client.simple_query("SELECT pg_sleep(30)").await }
+    });
+    eventually(PATIENCE, "the sleep is running", || {
+        active(&cluster, PRIMARY, &format!("pid = {pid}")) == 1
+    });
+
+    terminate(&cluster, PRIMARY, pid);
+
+    let error = tokio::time::timeout(PROMPT, sleeping)
+        .await
+        .expect("the client is told promptly")
+        .unwrap()
+        .expect_err("the statement fails");
+    let db_error = error.as_db_error().expect("the node's own error");
+    assert_eq!(db_error.code(), &SqlState::ADMIN_SHUTDOWN);
+    assert_eq!(db_error.severity(), "FATAL", "relayed as the node sent it");
+    client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("the session is over");
+    assert!(client.is_closed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_request_ends_a_wait_for_the_primary_at_once_with_57014() {
+    let mut cluster = test_cluster(0);
+    let wait_timeout = Duration::from_secs(120);
+    let proxy = start_proxy(&cluster, |config: &mut Config| {
+        config.health.interval = Duration::from_millis(200);
+        config.failover.wait_timeout = wait_timeout;
+        config.failover.auto = false;
+    })
+    .await;
+    let client = Arc::new(proxy.connect_app().await);
+    client
+        .batch_execute("CREATE TABLE survival_cancel (id int)")
+        .await
+        .unwrap();
+    cluster.node_mut(PRIMARY).stop();
+    let topology = &proxy.running.proxy.topology;
+    eventually(PATIENCE, "the primary is seen down", || {
+        topology.load().primary != Primary::Known(PRIMARY)
+    });
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .simple_query("INSERT INTO survival_cancel VALUES (1)")
+                .await
+        }
+    });
+    // When the unit starts waiting cannot be seen from outside: cancel until it ends (a cancel
+    // that comes before the wait is ignored, as one between statements is by PostgreSQL).
+    let started = Instant::now();
+    while !waiting.is_finished() {
+        assert!(started.elapsed() < PATIENCE, "the wait did not end");
+        client
+            .cancel_token()
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let error = waiting.await.unwrap().expect_err("the write was cancelled");
+    assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED), "{error:?}");
+    assert!(started.elapsed() < wait_timeout / 4);
+
+    cluster.node_mut(PRIMARY).start().unwrap();
+    assert_eq!(
+        value(&client, "SELECT count(*) FROM survival_cancel")
+            .await
+            .as_deref(),
+        Some("0"),
+        "the session goes on and the cancelled write never ran"
+    );
 }
 
 /// A primary and one replica behind pgvigil (probing every 200 ms, no automatic failover, writes

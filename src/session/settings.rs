@@ -1,0 +1,485 @@
+//! The session's settings log: the statements that changed session state (SET, RESET,
+//! `set_config(name, value, false)`, ...) and took effect, in order, to replay on every other
+//! connection the session uses; and what each connection has run of it.
+//!
+//! A statement enters the log only once it is known to have taken effect, from what the server
+//! answered: its ReadyForQuery with no error since the one before (an error rolls back every
+//! setting of its implicit transaction), and, inside a transaction block, the block's COMMIT (a
+//! rolled-back block undoes its settings). A ROLLBACK TO SAVEPOINT inside a block that changed
+//! settings cannot be followed: which of them it undid is unknown, so the session is pinned.
+
+use pgvigil_proto::classify::{Hint, Reason};
+use pgvigil_proto::TxStatus;
+
+use super::steering::SqlText;
+use crate::topology::NodeId;
+
+/// Most statements replayed on a node; beyond it the session stays on the primary.
+const REPLAY_LIMIT: usize = 256;
+
+/// The settings log of one session.
+pub struct Settings {
+    /// Statements that took effect, in order.
+    log: Vec<SqlText>,
+    /// How many of them each node's connection has run.
+    applied: Vec<usize>,
+    /// Sent and not answered yet, each with the number of the ReadyForQuery that answers it.
+    sent: Vec<(u64, SqlText)>,
+    /// Took effect inside the open transaction block: logged if the block commits.
+    in_block: Vec<SqlText>,
+    /// Requests forwarded that a ReadyForQuery answers (Query, FunctionCall, Sync).
+    requests: u64,
+    /// ReadyForQuery messages relayed.
+    readies: u64,
+    /// What the server said since its last ReadyForQuery.
+    since_ready: Outcome,
+    /// Why the log cannot rebuild the session's state, once it cannot.
+    unreplayable: Option<&'static str>,
+}
+
+/// What the server answered between two ReadyForQuery messages.
+#[derive(Debug, Default, Clone, Copy)]
+struct Outcome {
+    error: bool,
+    commit: bool,
+    rollback: bool,
+}
+
+impl Settings {
+    /// An empty log for a session over `node_count` nodes.
+    pub fn new(node_count: usize) -> Settings {
+        Settings {
+            log: Vec::new(),
+            applied: vec![0; node_count],
+            sent: Vec::new(),
+            in_block: Vec::new(),
+            requests: 0,
+            readies: 0,
+            since_ready: Outcome::default(),
+            unreplayable: None,
+        }
+    }
+
+    /// A request that a ReadyForQuery will answer was forwarded.
+    pub fn request(&mut self) {
+        self.requests += 1;
+    }
+
+    /// A session-state statement was forwarded; `in_query`: in a Query (already counted by
+    /// [`Settings::request`]), else in a Parse (answered at the next Sync).
+    pub fn sent(&mut self, sql: &[u8], in_query: bool) {
+        let answered_by = self.requests + u64::from(!in_query);
+        self.sent.push((answered_by, sql.into()));
+    }
+
+    /// The server sent an ErrorResponse (not FATAL).
+    pub fn error(&mut self) {
+        self.since_ready.error = true;
+    }
+
+    /// The server sent CommandComplete with `tag`.
+    pub fn command_complete(&mut self, tag: &[u8]) {
+        match tag {
+            b"COMMIT\0" => self.since_ready.commit = true,
+            b"ROLLBACK\0" => self.since_ready.rollback = true,
+            _ => {}
+        }
+    }
+
+    /// The connection to `node` sent ReadyForQuery with `status`: the statements it answers
+    /// took effect, or did not.
+    pub fn ready(&mut self, status: TxStatus, node: NodeId) {
+        self.readies += 1;
+        let outcome = std::mem::take(&mut self.since_ready);
+        let answered = self
+            .sent
+            .iter()
+            .take_while(|(n, _)| *n <= self.readies)
+            .count();
+        let answered = self.sent.drain(..answered);
+        let mut took_effect: Vec<SqlText> = Vec::new();
+        if !outcome.error {
+            took_effect.extend(answered.map(|(_, sql)| sql));
+        } else {
+            drop(answered);
+        }
+        match status {
+            TxStatus::Idle => {
+                let block = std::mem::take(&mut self.in_block);
+                if outcome.commit && !outcome.error {
+                    self.append(block, node);
+                }
+                if outcome.rollback && !outcome.commit && !took_effect.is_empty() {
+                    // A ROLLBACK in the same unit as the settings may have undone them.
+                    self.cannot_replay("a setting and a ROLLBACK in one unit");
+                }
+                self.append(took_effect, node);
+            }
+            TxStatus::InTransaction | TxStatus::Failed => {
+                if outcome.rollback && !(self.in_block.is_empty() && took_effect.is_empty()) {
+                    self.cannot_replay("a setting inside a transaction met ROLLBACK TO SAVEPOINT");
+                }
+                self.in_block.extend(took_effect);
+            }
+        }
+    }
+
+    /// Every request was answered: statements still waiting for an answer were miscounted (a
+    /// Sync the server ignored in COPY mode), so their outcome is unknown.
+    pub fn quiet(&mut self) {
+        self.requests = self.readies;
+        if !self.sent.is_empty() {
+            self.sent.clear();
+            self.cannot_replay("a setting whose outcome is unknown");
+        }
+    }
+
+    /// The current connection was lost: what it had sent or set inside its transaction block
+    /// died with it (the block rolled back).
+    pub fn lost(&mut self) {
+        self.sent.clear();
+        self.in_block.clear();
+        self.requests = self.readies;
+        self.since_ready = Outcome::default();
+    }
+
+    /// Why the log cannot rebuild the session's state, if it cannot.
+    pub fn unreplayable(&self) -> Option<&'static str> {
+        self.unreplayable
+    }
+
+    /// What `node` has not run yet.
+    pub fn missing(&self, node: NodeId) -> &[SqlText] {
+        let applied = self.applied[node].min(self.log.len());
+        &self.log[applied..]
+    }
+
+    /// `node` ran everything [`Settings::missing`] listed.
+    pub fn caught_up(&mut self, node: NodeId) {
+        self.applied[node] = self.log.len();
+    }
+
+    /// A fresh connection to `node` replaced whatever the session had there.
+    pub fn fresh_connection(&mut self, node: NodeId) {
+        self.applied[node] = 0;
+    }
+
+    /// Logs statements that took effect on `node` (which therefore has them).
+    fn append(&mut self, statements: Vec<SqlText>, node: NodeId) {
+        if statements.is_empty() {
+            return;
+        }
+        let caught_up = self.applied[node] == self.log.len();
+        for sql in statements {
+            if self.log.len() >= REPLAY_LIMIT {
+                self.cannot_replay("too many session settings to replay");
+                return;
+            }
+            self.log.push(sql);
+        }
+        if caught_up {
+            self.applied[node] = self.log.len();
+        }
+    }
+
+    fn cannot_replay(&mut self, reason: &'static str) {
+        self.unreplayable.get_or_insert(reason);
+    }
+}
+
+/// What a statement does to the session beyond its classification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Nothing more.
+    None,
+    /// It is a setting to replay (`set_config` with constants).
+    Setting,
+    /// It leaves state pgvigil cannot replay: the session is pinned, and cannot survive losing
+    /// that connection.
+    Pin(&'static str),
+}
+
+/// What a statement does to the session beyond its classification; `reason`: why it is not
+/// read-only, if it is not (a read does nothing more).
+///
+/// A function on no list counts as unknown code; the write list's functions are known (their
+/// session effects are pinned by the classifier, like advisory locks, or are `set_config`), and a
+/// `/* pgvigil:replica */` hint is the application's word that the call only reads.
+pub fn effect(sql: &[u8], reason: Option<Reason>, hint: Option<Hint>) -> Effect {
+    let Some(reason) = reason else {
+        return Effect::None;
+    };
+    match set_config(sql) {
+        SetConfig::Session => Effect::Setting,
+        SetConfig::Local => Effect::None,
+        SetConfig::Unknown => Effect::Pin("set_config with values pgvigil cannot know"),
+        SetConfig::None => {
+            let function = reason == Reason::UnknownFunction && hint != Some(Hint::Replica);
+            unreplayable(sql, function).map_or(Effect::None, Effect::Pin)
+        }
+    }
+}
+
+/// What a statement's call of `set_config` does to the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetConfig {
+    /// No call of `set_config`.
+    None,
+    /// `SELECT set_config('name', 'value', false)` with constants: session state like SET.
+    Session,
+    /// `SELECT set_config('name', 'value', true)` with constants: lasts for the transaction.
+    Local,
+    /// Any other call: the value cannot be known, so it cannot be replayed.
+    Unknown,
+}
+
+/// Reads what `sql` does with `set_config`. Only the exact form `SELECT
+/// [pg_catalog.]set_config('name', 'value', false | true)` (standard strings without backslashes,
+/// an optional `;`) is understood; any other text naming `set_config` is `Unknown`.
+pub fn set_config(sql: &[u8]) -> SetConfig {
+    if !contains_ignore_case(sql, b"set_config") {
+        return SetConfig::None;
+    }
+    match constant_call(sql) {
+        Some(true) => SetConfig::Local,
+        Some(false) => SetConfig::Session,
+        None => SetConfig::Unknown,
+    }
+}
+
+/// `Some(is_local)` for a `SELECT set_config('..', '..', bool)` of constants.
+fn constant_call(sql: &[u8]) -> Option<bool> {
+    let mut rest = word(sql, b"select")?;
+    rest = word(rest, b"pg_catalog.").unwrap_or(rest);
+    rest = token(rest, b"set_config")?;
+    rest = token(rest, b"(")?;
+    rest = string(rest)?;
+    rest = token(rest, b",")?;
+    rest = string(rest)?;
+    rest = token(rest, b",")?;
+    let (local, after) = match word(rest, b"true") {
+        Some(after) => (true, after),
+        None => (false, word(rest, b"false")?),
+    };
+    rest = token(after, b")")?;
+    rest = token(rest, b";").unwrap_or(rest);
+    rest.trim_ascii().is_empty().then_some(local)
+}
+
+/// `text` after leading whitespace and `expected` (ASCII case-insensitive).
+fn token<'a>(text: &'a [u8], expected: &[u8]) -> Option<&'a [u8]> {
+    let text = text.trim_ascii_start();
+    let head = text.get(..expected.len())?;
+    head.eq_ignore_ascii_case(expected)
+        .then(|| &text[expected.len()..])
+}
+
+/// Like [`token`], but a keyword must not run on into an identifier.
+fn word<'a>(text: &'a [u8], expected: &[u8]) -> Option<&'a [u8]> {
+    let rest = token(text, expected)?;
+    let runs_on = rest
+        .first()
+        .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_')
+        && expected.last().is_some_and(u8::is_ascii_alphanumeric);
+    (!runs_on).then_some(rest)
+}
+
+/// `text` after leading whitespace and one standard string constant without backslashes.
+fn string(text: &[u8]) -> Option<&[u8]> {
+    let text = token(text, b"'")?;
+    let mut i = 0;
+    loop {
+        match text.get(i)? {
+            b'\\' => return None,
+            b'\'' if text.get(i + 1) == Some(&b'\'') => i += 2,
+            b'\'' => return Some(&text[i + 1..]),
+            _ => i += 1,
+        }
+    }
+}
+
+fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// Why a statement leaves its connection with state pgvigil cannot replay elsewhere, if it does:
+/// DO, CALL and LOAD run code whose effects are unknown; a WITH HOLD cursor outlives its
+/// transaction on that connection only. `function`: the statement calls a function on no list
+/// (the classifier's reason), whose effects are unknown too.
+pub fn unreplayable(sql: &[u8], function: bool) -> Option<&'static str> {
+    // Each statement of a string starts after a `;` (one inside a literal only makes a false
+    // start, which errs on the side of ending the session).
+    for statement in sql.split(|b| *b == b';') {
+        let start = skip_comments(statement);
+        for (keyword, why) in [
+            (b"do".as_slice(), "DO"),
+            (b"call", "CALL"),
+            (b"load", "LOAD"),
+        ] {
+            if word(start, keyword).is_some() {
+                return Some(why);
+            }
+        }
+        if word(start, b"declare").is_some()
+            && contains_ignore_case(statement, b"hold")
+            && !contains_ignore_case(statement, b"without hold")
+        {
+            return Some("a WITH HOLD cursor");
+        }
+    }
+    function.then_some("a function call whose effects cannot be replayed")
+}
+
+/// `sql` after leading whitespace, `--` comments and `/* */` comments (not nested).
+fn skip_comments(mut sql: &[u8]) -> &[u8] {
+    loop {
+        sql = sql.trim_ascii_start();
+        if let Some(rest) = sql.strip_prefix(b"--") {
+            let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
+            sql = &rest[end..];
+        } else if let Some(rest) = sql.strip_prefix(b"/*") {
+            let end = rest.windows(2).position(|w| w == b"*/");
+            sql = end.map_or(&[], |end| &rest[end + 2..]);
+        } else {
+            return sql;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_config_with_constants_is_a_setting() {
+        let cases: [(&str, SetConfig); 9] = [
+            ("SELECT 1", SetConfig::None),
+            (
+                "SELECT set_config('search_path', 'a, b', false)",
+                SetConfig::Session,
+            ),
+            (
+                " select pg_catalog.SET_CONFIG ( 'x.y' , 'it''s' , FALSE ) ; ",
+                SetConfig::Session,
+            ),
+            ("SELECT set_config('a', 'b', true)", SetConfig::Local),
+            ("SELECT set_config('a', $1, false)", SetConfig::Unknown),
+            ("SELECT set_config('a', 'b\\', false)", SetConfig::Unknown),
+            ("SELECT set_config('a', 'b', false), 1", SetConfig::Unknown),
+            (
+                "SELECT set_config('a', 'b', false); SELECT 2",
+                SetConfig::Unknown,
+            ),
+            (
+                "UPDATE t SET v = set_config('a', v, false)",
+                SetConfig::Unknown,
+            ),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(set_config(sql.as_bytes()), expected, "{sql}");
+        }
+    }
+
+    #[test]
+    fn only_what_is_not_a_read_has_effects() {
+        let unknown = Some(Reason::UnknownFunction);
+        assert_eq!(effect(b"SELECT f()", None, None), Effect::None);
+        assert!(matches!(
+            effect(b"SELECT f()", unknown, None),
+            Effect::Pin(_)
+        ));
+        let hinted = effect(b"SELECT f()", unknown, Some(Hint::Replica));
+        assert_eq!(hinted, Effect::None);
+        let known = Some(Reason::WriteFunction);
+        assert_eq!(effect(b"SELECT nextval('s')", known, None), Effect::None);
+        let set = b"SELECT set_config('a', 'b', false)";
+        assert_eq!(effect(set, known, None), Effect::Setting);
+    }
+
+    #[test]
+    fn code_and_held_cursors_cannot_be_replayed() {
+        let cases = [
+            ("DO $$ BEGIN END $$", Some("DO")),
+            ("/* c */ -- x\n call p()", Some("CALL")),
+            ("LOAD 'auto_explain'", Some("LOAD")),
+            (
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+                Some("a WITH HOLD cursor"),
+            ),
+            ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", None),
+            (
+                "BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT",
+                Some("a WITH HOLD cursor"),
+            ),
+            ("DOMAIN", None),
+            ("INSERT INTO t VALUES (1)", None),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(unreplayable(sql.as_bytes(), false), expected, "{sql}");
+        }
+        assert!(unreplayable(b"SELECT f()", true).is_some());
+    }
+
+    fn text(sql: &str) -> SqlText {
+        sql.as_bytes().into()
+    }
+
+    #[test]
+    fn a_setting_is_logged_once_it_took_effect() {
+        let mut s = Settings::new(2);
+        // SET a: ok. SET b: fails.
+        s.request();
+        s.sent(b"SET a = 1", true);
+        s.ready(TxStatus::Idle, 0);
+        s.request();
+        s.sent(b"SET b = x", true);
+        s.error();
+        s.ready(TxStatus::Idle, 0);
+        assert_eq!(s.missing(1), [text("SET a = 1")]);
+        assert!(s.missing(0).is_empty(), "node 0 ran it");
+
+        // BEGIN; SET c; ROLLBACK: not logged. BEGIN; SET d; COMMIT: logged.
+        let blocks = [
+            ("SET c = 1", b"ROLLBACK\0".as_slice(), false),
+            ("SET d = 1", b"COMMIT\0".as_slice(), true),
+        ];
+        for (sql, end, kept) in blocks {
+            s.request();
+            s.ready(TxStatus::InTransaction, 0);
+            s.request();
+            s.sent(sql.as_bytes(), true);
+            s.ready(TxStatus::InTransaction, 0);
+            s.request();
+            s.command_complete(end);
+            s.ready(TxStatus::Idle, 0);
+            assert_eq!(s.missing(1).contains(&text(sql)), kept, "{sql}");
+        }
+
+        // An extended SET answered at the next Sync; two pipelined, the second one failing.
+        s.sent(b"SET e = 1", false);
+        s.request();
+        s.sent(b"SET f = x", false);
+        s.request();
+        s.ready(TxStatus::Idle, 0);
+        s.error();
+        s.ready(TxStatus::Idle, 0);
+        s.quiet();
+        let missing = s.missing(1);
+        assert!(missing.contains(&text("SET e = 1")));
+        assert!(!missing.contains(&text("SET f = x")));
+        assert_eq!(s.unreplayable(), None);
+
+        // A savepoint rolled back inside a block that changed settings.
+        s.request();
+        s.ready(TxStatus::InTransaction, 0);
+        s.request();
+        s.sent(b"SET g = 1", true);
+        s.ready(TxStatus::InTransaction, 0);
+        s.request();
+        s.command_complete(b"ROLLBACK\0");
+        s.ready(TxStatus::InTransaction, 0);
+        assert!(s.unreplayable().is_some());
+    }
+}

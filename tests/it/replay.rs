@@ -1,0 +1,112 @@
+//! A session survives a lost connection only with what pgvigil can replay (issue 9): settings
+//! that took effect (SET, constant `set_config(..., false)`) come back on the new connection, a
+//! SET whose transaction rolled back does not, and a session that did what cannot be replayed
+//! (DO, a session advisory lock, a WITH HOLD cursor) ends as it would on PostgreSQL.
+
+use std::time::{Duration, Instant};
+
+use pgvigil::topology::NodeId;
+use tokio_postgres::Client;
+
+use crate::lost_transaction::restart;
+use crate::support::{start_proxy, test_cluster, value};
+
+const PRIMARY: NodeId = 0;
+
+/// Bound on anything the proxy or the nodes must get to on a loaded machine.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_that_took_effect_are_replayed_and_rolled_back_ones_are_not() {
+    let mut cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |_| {}).await;
+    let client = proxy.connect_app().await;
+    client
+        .batch_execute("SELECT set_config('search_path', 'by_set_config, public', false)")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT set_config('work_mem', '7MB', true)")
+        .await
+        .unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .batch_execute("SET application_name = 'rolled back'")
+        .await
+        .unwrap();
+    client.batch_execute("ROLLBACK").await.unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .batch_execute("SET statement_timeout = '42s'")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SET LOCAL idle_in_transaction_session_timeout = '43s'")
+        .await
+        .unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+    client
+        .batch_execute("SET lock_timeout = 'not a duration'")
+        .await
+        .expect_err("an invalid value is refused");
+
+    restart(&mut cluster, &proxy, PRIMARY);
+
+    assert_eq!(show(&client, "search_path").await, "by_set_config, public");
+    assert_eq!(show(&client, "statement_timeout").await, "42s");
+    assert_eq!(show(&client, "application_name").await, "");
+    assert_eq!(
+        show(&client, "work_mem").await,
+        "4MB",
+        "set_config(.., true) is local"
+    );
+    assert_eq!(show(&client, "lock_timeout").await, "0");
+    assert_eq!(
+        show(&client, "idle_in_transaction_session_timeout").await,
+        "0",
+        "SET LOCAL is never replayed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_holding_what_cannot_be_replayed_ends_when_its_connection_is_lost() {
+    let mut cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |_| {}).await;
+    let plain = proxy.connect_app().await;
+    let mut holders = Vec::new();
+    for sql in [
+        "DO $$ BEGIN PERFORM set_config('application_name', 'by DO', false); END $$",
+        "SELECT pg_advisory_lock(9)",
+        "BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT 1; COMMIT",
+        "SELECT set_config('search_path', current_setting('search_path'), false)",
+    ] {
+        let client = proxy.connect_app().await;
+        client.batch_execute(sql).await.unwrap();
+        holders.push((sql, client));
+    }
+
+    restart(&mut cluster, &proxy, PRIMARY);
+
+    for (sql, client) in &holders {
+        let deadline = Instant::now() + PATIENCE;
+        while !client.is_closed() {
+            assert!(
+                Instant::now() < deadline,
+                "the session after {sql:?} goes on"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(
+        value(&plain, "SELECT 'survived'").await.as_deref(),
+        Some("survived"),
+        "a session without such state goes on"
+    );
+}
+
+/// The value of setting `name` in `client`'s session.
+async fn show(client: &Client, name: &str) -> String {
+    value(client, &format!("SHOW {name}"))
+        .await
+        .unwrap_or_default()
+}
