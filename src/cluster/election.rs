@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::etcd::{Compare, EtcdError, Operation};
+use super::views::{self, InstanceView};
 use super::{Leadership, Standing};
 
 /// Until when a leader may act after etcd acknowledged a renewal sent at `sent` that gave the
@@ -24,6 +25,8 @@ pub fn deadline(sent: Instant, ttl: Duration) -> Instant {
 pub struct Elector {
     leadership: Arc<Leadership>,
     lease: Option<i64>,
+    /// The view last published, and the lease it hangs on.
+    published: Option<(i64, InstanceView)>,
 }
 
 impl Elector {
@@ -32,6 +35,7 @@ impl Elector {
         Elector {
             leadership,
             lease: None,
+            published: None,
         }
     }
 
@@ -100,7 +104,29 @@ impl Elector {
             },
         };
         self.leadership.set(standing.clone());
+        self.publish_view().await?;
         Ok(standing)
+    }
+
+    /// Publishes this instance's latest view under its lease, if it changed since (or the lease
+    /// did).
+    pub async fn publish_view(&mut self) -> Result<(), EtcdError> {
+        let leadership = self.leadership.clone();
+        let (Some(member), Some(lease)) = (leadership.member(), self.lease) else {
+            return Ok(());
+        };
+        let Some(view) = leadership.view.borrow().clone() else {
+            return Ok(());
+        };
+        let fresh = Some((lease, view));
+        if self.published == fresh {
+            return Ok(());
+        }
+        if let Some((lease, view)) = &fresh {
+            views::publish(member, *lease, view).await?;
+        }
+        self.published = fresh;
+        Ok(())
     }
 
     /// Gives the lease back, so that another instance can lead at once instead of after a TTL.
@@ -130,6 +156,7 @@ pub async fn run(leadership: Arc<Leadership>, shutdown: CancellationToken) {
     };
     let period = member.ttl / 3;
     let mut elector = Elector::new(leadership.clone());
+    let mut view = leadership.view.subscribe();
     let mut failing = false;
     loop {
         match elector.cycle().await {
@@ -152,10 +179,25 @@ pub async fn run(leadership: Arc<Leadership>, shutdown: CancellationToken) {
                 }
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(period) => {}
+        // A changed view is published at once: the leader counts the views before failing over.
+        let next = tokio::time::Instant::now() + period;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    elector.resign().await;
+                    return;
+                }
+                _ = tokio::time::sleep_until(next) => break,
+                changed = view.changed() => {
+                    if changed.is_err() {
+                        tokio::time::sleep_until(next).await;
+                        break;
+                    }
+                    if let Err(e) = elector.publish_view().await {
+                        warn!(error = %e, "could not publish this instance's view to etcd");
+                    }
+                }
+            }
         }
     }
-    elector.resign().await;
 }

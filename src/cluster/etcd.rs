@@ -170,6 +170,40 @@ impl Etcd {
         first_kv(PATH, &answer)
     }
 
+    /// Every key under `prefix`, with its value.
+    pub async fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, KeyValue)>, EtcdError> {
+        const PATH: &str = "/v3/kv/range";
+        let request = json!({
+            "key": BASE64.encode(prefix),
+            "range_end": BASE64.encode(prefix_end(prefix)),
+        });
+        let answer = self.call(PATH, &request).await?;
+        let mut found = Vec::new();
+        for kv in answer
+            .get("kvs")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let key = decode(PATH, kv.get("key"))?;
+            let single = json!({ "kvs": [kv] });
+            if let Some(value) = first_kv(PATH, &single)? {
+                found.push((String::from_utf8_lossy(&key).into_owned(), value));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Sets `key`, attached to `lease` when not 0.
+    pub async fn put(&self, key: &str, value: &[u8], lease: i64) -> Result<(), EtcdError> {
+        const PATH: &str = "/v3/kv/put";
+        let request = json!({
+            "key": BASE64.encode(key), "value": BASE64.encode(value), "lease": lease.to_string(),
+        });
+        self.call(PATH, &request).await?;
+        Ok(())
+    }
+
     /// Runs `success` if every comparison in `compare` holds, `failure` otherwise, atomically.
     pub async fn txn(
         &self,
@@ -401,6 +435,31 @@ fn int(value: &Value, field: &str) -> i64 {
     }
 }
 
+/// The end of the range of keys starting with `prefix`: the prefix with its last byte raised
+/// by one (etcd's convention; trailing 0xff bytes are dropped first).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte was 0xff: "\0" means every key from the start.
+    vec![0]
+}
+
+/// A base64 field, decoded (absent: empty, protobuf's default).
+fn decode(path: &'static str, field: Option<&Value>) -> Result<Vec<u8>, EtcdError> {
+    match field.and_then(Value::as_str) {
+        Some(text) => BASE64.decode(text).map_err(|e| EtcdError::Malformed {
+            path,
+            reason: format!("not base64: {e}"),
+        }),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// The first key of a range answer.
 fn first_kv(path: &'static str, range: &Value) -> Result<Option<KeyValue>, EtcdError> {
     let Some(kv) = range
@@ -410,13 +469,7 @@ fn first_kv(path: &'static str, range: &Value) -> Result<Option<KeyValue>, EtcdE
     else {
         return Ok(None);
     };
-    let value = match kv.get("value").and_then(Value::as_str) {
-        Some(text) => BASE64.decode(text).map_err(|e| EtcdError::Malformed {
-            path,
-            reason: format!("value not base64: {e}"),
-        })?,
-        None => Vec::new(),
-    };
+    let value = decode(path, kv.get("value"))?;
     Ok(Some(KeyValue {
         value,
         create_revision: int(kv, "create_revision"),
@@ -451,6 +504,12 @@ fn operation_json(operation: &Operation) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_range_ends_after_the_last_key_with_that_prefix() {
+        assert_eq!(prefix_end("/p/members/"), b"/p/members0".to_vec());
+        assert_eq!(prefix_end(""), vec![0]);
+    }
 
     #[test]
     fn responses_parse_plain_and_chunked_and_errors_carry_etcds_message() {

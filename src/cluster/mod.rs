@@ -8,6 +8,7 @@
 pub mod election;
 pub mod etcd;
 pub mod shared;
+pub mod views;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use etcd::Etcd;
 use shared::SharedState;
+use views::InstanceView;
 
 /// Where this instance stands, as the election last found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +52,8 @@ pub struct Keys {
     pub leader: String,
     /// The shared state (JSON), written by the leader only.
     pub state: String,
+    /// Prefix of the instances' views (`<prefix>/members/<name>`), each on its instance's lease.
+    pub members: String,
 }
 
 impl Keys {
@@ -58,6 +62,7 @@ impl Keys {
         Keys {
             leader: format!("{prefix}/leader"),
             state: format!("{prefix}/state"),
+            members: format!("{prefix}/members/"),
         }
     }
 }
@@ -82,6 +87,8 @@ pub struct Leadership {
     standing: watch::Sender<Standing>,
     /// The latest state the coordinator wants shared (the writer sends it under the lease).
     state: watch::Sender<Option<SharedState>>,
+    /// This instance's latest view of the nodes (the election publishes it under the lease).
+    view: watch::Sender<Option<InstanceView>>,
     /// None when this instance decides alone.
     member: Option<Member>,
 }
@@ -113,6 +120,7 @@ impl Leadership {
         Arc::new(Leadership {
             standing: watch::Sender::new(standing),
             state: watch::Sender::new(None),
+            view: watch::Sender::new(None),
             member,
         })
     }
@@ -155,6 +163,18 @@ impl Leadership {
     pub fn share(&self, state: SharedState) {
         if self.member.is_some() {
             self.state.send_replace(Some(state));
+        }
+    }
+
+    /// Records this instance's view of the nodes, for the election to publish when it changed
+    /// (without `[cluster]` nothing happens).
+    pub fn report_view(&self, view: InstanceView) {
+        if self.member.is_some() {
+            self.view.send_if_modified(|current| {
+                let changed = current.as_ref() != Some(&view);
+                *current = Some(view);
+                changed
+            });
         }
     }
 

@@ -7,8 +7,9 @@ use tracing::warn;
 
 use super::{Assessment, Coordinator};
 use crate::cluster::shared::SharedState;
+use crate::cluster::views::{self, InstanceView};
 use crate::state::State;
-use crate::topology::Primary;
+use crate::topology::{NodeId, Primary};
 
 impl Coordinator {
     /// The gate of every action on the nodes (promote, fence, `ALTER SYSTEM`, repoint): Ok when
@@ -54,5 +55,31 @@ impl Coordinator {
             promoting: state.promoting.clone(),
             last_promotion: state.last_promotion.clone(),
         });
+    }
+
+    /// Tells the other instances (through etcd) which nodes this one reaches and whether it
+    /// finds the primary lost.
+    pub(super) fn report_view(&self, verdict: &Assessment) {
+        let failures = self.config().health.failures;
+        let reaches = (0..self.board.len())
+            .filter(|&n| !self.board[n].is_down(failures))
+            .map(|n| self.name(n).to_owned())
+            .collect();
+        let lost = verdict.lost.map(|n| self.name(n).to_owned());
+        self.proxy
+            .leadership
+            .report_view(InstanceView { reaches, lost });
+    }
+
+    /// Ok when the failover of `primary` may go ahead on the instances' joint view: alone
+    /// always; with `[cluster]`, when a majority of the live instances find it lost.
+    pub(super) async fn joint_view(&self, primary: NodeId) -> Result<(), String> {
+        let Some(member) = self.proxy.leadership.member() else {
+            return Ok(());
+        };
+        let views = views::read_all(member)
+            .await
+            .map_err(|e| format!("could not read the pgvigil instances' views from etcd: {e}"))?;
+        views::majority_lost(&views, &member.name, self.name(primary))
     }
 }

@@ -258,6 +258,7 @@ impl Coordinator {
             self.memory.fenced[node] = true;
         }
         self.alert_foreign(&verdict);
+        self.report_view(&verdict);
         if self.memory.promoting.is_some() || verdict.lost.is_some() {
             if let Err(why) = self.may_act() {
                 self.leave_to_leader(verdict, why);

@@ -67,11 +67,15 @@ impl Coordinator {
         }
     }
 
-    /// Promotes the standby `choose` picks in place of `old`; every step is logged with its
-    /// duration. The choice is remembered (and saved) before the standby is asked, with the old
+    /// Promotes the standby `choose` picks in place of `old`, once the instances' joint view
+    /// agrees (`gate`); every step is logged with its duration. The choice is remembered (and saved) before the standby is asked, with the old
     /// primary fenced: from then on only that standby may take its place.
     pub(super) async fn fail_over(&mut self, old: NodeId, verdict: Assessment) {
         let began = Instant::now();
+        if let Err(why) = self.joint_view(old).await {
+            self.give_up(&verdict.roles, &verdict.suspect, why);
+            return;
+        }
         warn!(
             primary = %self.name(old),
             failures = self.board[old].failures,

@@ -1,8 +1,9 @@
 //! Several pgvigil instances in front of one cluster, with a leader elected in a real
 //! three-member etcd (Debian's `etcd-server`): exactly one of them promotes, a leader frozen past
-//! its lease stops acting and its guarded writes are refused, and while etcd is away nobody
-//! promotes but traffic goes on.
+//! its lease stops acting and its guarded writes are refused, a leader cut off from the primary
+//! alone does not fail over, and while etcd is away nobody promotes but traffic goes on.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,9 +15,11 @@ use pgvigil::topology::Primary;
 
 use crate::failover::{fast_health, other_standby, OLD_PRIMARY, PATIENCE, STANDBYS};
 use crate::support::etcd::TestEtcd;
+use crate::support::relay::Relay;
 use crate::support::writer::{create_ticks, tick_ids, Writer};
 use crate::support::{
-    eventually, in_recovery, node_psql, start_proxy, test_cluster, LocalCluster, TestProxy,
+    eventually, in_recovery, node_psql, set_primary_conninfo, start_proxy, test_cluster,
+    LocalCluster, TestProxy,
 };
 
 /// The lease TTL of every instance here: short, so that a lost leader is replaced quickly.
@@ -275,4 +278,88 @@ async fn with_etcd_down_a_lost_primary_is_not_replaced_until_etcd_returns_and_re
     });
     let new = scene.sole_promoted();
     scene.all_write_to(back, new);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_leader_alone_cut_off_from_the_primary_does_not_fail_over_and_the_others_keep_writing()
+{
+    let etcd = TestEtcd::start(3).await;
+    let cluster = test_cluster(2);
+    let primary_addr = SocketAddr::from(([127, 0, 0, 1], cluster.node(OLD_PRIMARY).port));
+    let relay = Relay::start(primary_addr);
+    // The instance behind the relay starts first and is made the leader.
+    let cut_off = start_proxy(&cluster, |config| {
+        fast_health(config);
+        join(config, &etcd, "app0");
+        config.nodes[OLD_PRIMARY].port = relay.port();
+    })
+    .await;
+    eventually(PATIENCE, "the instance behind the relay leads", || {
+        matches!(
+            cut_off.running.proxy.leadership.standing(),
+            Standing::Leader { .. }
+        )
+    });
+    let mut others = Vec::new();
+    for name in ["app1", "app2"] {
+        others.push(
+            start_proxy(&cluster, |config| {
+                fast_health(config);
+                join(config, &etcd, name);
+            })
+            .await,
+        );
+    }
+    create_ticks(&others[0], &cluster).await;
+    let started = Instant::now();
+    let writers: Vec<Writer> = others
+        .iter()
+        .zip([1_000_000, 2_000_000])
+        .map(|(proxy, first)| Writer::start(proxy, first))
+        .collect();
+    for writer in &writers {
+        writer.wait_for_acks_after(started, WARM_UP, PATIENCE);
+    }
+    // No standby may witness the primary: alone, the leader would then promote one.
+    for standby in STANDBYS {
+        set_primary_conninfo(&cluster, standby, "");
+    }
+
+    relay.cut();
+    let cut = Instant::now();
+    let refusal = |proxy: &TestProxy| match &proxy.running.proxy.topology.snapshot().primary {
+        Primary::Unavailable(reason) if reason.contains("needs a majority") => Some(reason.clone()),
+        _ => None,
+    };
+    eventually(
+        PATIENCE,
+        "the leader finds the primary lost and refuses",
+        || refusal(&cut_off).is_some(),
+    );
+    println!("the cut-off leader: {:?}", refusal(&cut_off));
+    // Several probe rounds and failover retries later, still nobody promoted.
+    let hold = Instant::now() + 3 * TTL;
+    while Instant::now() < hold {
+        assert!(
+            STANDBYS.iter().all(|&n| in_recovery(&cluster, n)),
+            "a standby was promoted although only the cut-off instance lost the primary"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (i, writer) in writers.iter().enumerate() {
+        let log = writer.wait_for_acks_after(cut, 2 * WARM_UP, PATIENCE);
+        assert!(
+            tick_ids(&cluster, OLD_PRIMARY).contains(&log.last_id().unwrap()),
+            "instance {} wrote elsewhere",
+            i + 1
+        );
+    }
+    for proxy in &others {
+        let topology = proxy.running.proxy.topology.snapshot();
+        assert_eq!(topology.primary, Primary::Known(OLD_PRIMARY));
+    }
+    println!(
+        "cut for {:?}: no failover, the others kept writing",
+        cut.elapsed()
+    );
 }
