@@ -241,9 +241,10 @@ impl Etcd {
         })
     }
 
-    /// Posts `body` to `path`, authenticating first when credentials are configured (and once
-    /// more when etcd says the token is no longer valid).
-    async fn call(&self, path: &'static str, body: &Value) -> Result<Value, EtcdError> {
+    /// Posts `body` to the gateway's `path` (e.g. `/v3/auth/enable`) and returns etcd's answer,
+    /// authenticating first when credentials are configured (and once more when etcd says the
+    /// token is no longer valid).
+    pub async fn call(&self, path: &'static str, body: &Value) -> Result<Value, EtcdError> {
         if self.credentials.is_none() {
             return self.post(path, body, None).await;
         }

@@ -363,3 +363,45 @@ async fn the_leader_alone_cut_off_from_the_primary_does_not_fail_over_and_the_ot
         cut.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_etcd_authentication_on_an_instance_leads_with_its_credentials_and_not_without() {
+    let etcd = TestEtcd::start(1).await;
+    let admin = etcd.client();
+    for (path, body) in [
+        (
+            "/v3/auth/user/add",
+            serde_json::json!({"name": "root", "password": "root-secret"}),
+        ),
+        (
+            "/v3/auth/user/grant",
+            serde_json::json!({"user": "root", "role": "root"}),
+        ),
+        ("/v3/auth/enable", serde_json::json!({})),
+    ] {
+        admin
+            .call(path, &body)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+
+    let anonymous = leadership(&etcd, "anonymous");
+    let refused = Elector::new(anonymous.clone()).cycle().await;
+    assert!(
+        refused.is_err(),
+        "etcd let an anonymous instance in: {refused:?}"
+    );
+    assert!(anonymous.may_act().is_err());
+
+    let mut config = Config::default();
+    join(&mut config, &etcd, "app0");
+    config.cluster.etcd.user = Some("root".into());
+    config.cluster.etcd.password = Some("root-secret".into());
+    let member = Leadership::new(&config);
+    let standing = Elector::new(member.clone()).cycle().await.unwrap();
+    let lease = lease_of(&standing);
+    shared::write_guarded(member.member().unwrap(), lease, &state_by("app0", 1))
+        .await
+        .unwrap();
+    assert_eq!(member.may_act(), Ok(()));
+}
