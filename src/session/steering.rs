@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use pgvigil_proto::classify::{classify, Classification, Hint, Pin, Reason};
-use pgvigil_proto::frontend::{self, Close, Parse, Query};
+use pgvigil_proto::frontend::{self, Bind, Close, Parse, Query};
 use tracing::debug;
 
 use super::settings::{self, Effect, Settings};
@@ -218,6 +218,12 @@ impl Steering {
             None => true,
         };
         let read = begin_allows && (facts.read_only || facts.hint == Some(Hint::Replica));
+        // A unit that executed something before a Flush and waits has an unseen rest that may
+        // write in the same implicit transaction: it runs on the primary. What it has shown so far
+        // decides whether it counts as a write; the rest's writes are noted as they are
+        // forwarded. One that only prepared (asyncpg's Parse, Describe, Flush) goes where its
+        // statement may run: its rest binds and executes what it prepared.
+        let must_write_node = facts.awaits_rest && facts.executes;
         if let (Some((node, _)), true) = (self.unnamed, facts.reuses_unnamed) {
             self.unit_writes = !facts.read_only;
             return Ok(Route {
@@ -225,7 +231,12 @@ impl Steering {
                 reason: RouteReason::UnnamedStatement,
             });
         }
-        if !read || pinned.is_some() || !self.encoding_safe || facts.hint == Some(Hint::Primary) {
+        if !read
+            || must_write_node
+            || pinned.is_some()
+            || !self.encoding_safe
+            || facts.hint == Some(Hint::Primary)
+        {
             // A lone SET or RESET writes no WAL: it does not hold the session's reads back.
             self.unit_writes = !read && !facts.lone_setting();
             return router::route_write(&topology).map_err(|_| Decision::WaitPrimary);
@@ -348,6 +359,7 @@ impl Steering {
                 self.note_effects(query.sql, reason, hint, true);
             }
             frontend::tag::PARSE => self.parsed(frame, body, covered, proxy),
+            frontend::tag::BIND if !covered => self.bound_unseen(body),
             frontend::tag::CLOSE => {
                 if let Ok(close) = Close::parse(body) {
                     if close.kind == b'S' && !close.name.is_empty() {
@@ -410,6 +422,24 @@ impl Steering {
         };
         if let Some(old) = self.statements.insert(parse.name.into(), prepared) {
             self.close_elsewhere(parse.name, old.on);
+        }
+    }
+
+    /// A Bind forwarded without having been inspected (it followed a Flush): running a named
+    /// statement that may write is a write. (An unnamed one was judged at its Parse.)
+    fn bound_unseen(&mut self, body: &[u8]) {
+        let Ok(bind) = Bind::parse(body) else {
+            return;
+        };
+        if bind.statement.is_empty() {
+            return;
+        }
+        let writes = self
+            .statements
+            .get(bind.statement)
+            .is_none_or(|p| !p.class.read_only && !p.class.lone_setting());
+        if writes {
+            self.note_write();
         }
     }
 
