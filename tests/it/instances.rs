@@ -238,7 +238,29 @@ async fn after_kill9_of_the_primary_with_three_instances_exactly_one_promotes_an
         in_recovery(&scene.cluster, third),
         "node {third} left recovery"
     );
-    assert_eq!(scene.leaders().len(), 1);
+    let leaders = scene.leaders();
+    assert_eq!(leaders.len(), 1);
+
+    // The leader shared the outcome in etcd.
+    let proxy = &scene.proxies[leaders[0]].running.proxy;
+    let member = proxy.leadership.member().unwrap();
+    let name = |node: usize| proxy.config.nodes[node].name.clone();
+    let give_up = Instant::now() + PATIENCE;
+    let state = loop {
+        match shared::read(member).await {
+            Ok(Some(state)) if state.primary == Some(name(new)) => break state,
+            other => assert!(Instant::now() < give_up, "etcd holds {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(state.leader, member.name);
+    assert_eq!(state.timeline, Some(before + 1));
+    assert!(state.fenced.contains(&name(OLD_PRIMARY)), "{state:?}");
+    assert_eq!(state.promoting, None);
+    assert_eq!(
+        state.last_promotion.map(|p| (p.node, p.old_primary)),
+        Some((name(new), name(OLD_PRIMARY)))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
