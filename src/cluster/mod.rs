@@ -166,6 +166,35 @@ impl Leadership {
         }
     }
 
+    /// The epoch of this instance's leadership (the leader key's create revision), if it leads.
+    pub fn epoch(&self) -> Option<i64> {
+        match &*self.standing.borrow() {
+            Standing::Leader { epoch, .. } => Some(*epoch),
+            _ => None,
+        }
+    }
+
+    /// Writes `state` to etcd now, guarded by the lease, before an action that must not happen
+    /// unrecorded (a promotion): Ok alone or once written; else why not (a refused write makes
+    /// this instance a follower at once).
+    pub async fn record(&self, state: &SharedState) -> Result<(), String> {
+        self.may_act()?;
+        let (Some(member), Standing::Leader { lease, .. }) = (&self.member, self.standing()) else {
+            return Ok(());
+        };
+        match shared::write_guarded(member, lease, state).await {
+            Ok(()) => Ok(()),
+            Err(e @ shared::SharedError::Deposed { .. }) => {
+                self.set(Standing::Follower {
+                    leader: None,
+                    why: "etcd refused a write guarded by this instance's lease".into(),
+                });
+                Err(e.to_string())
+            }
+            Err(e) => Err(format!("could not record the promotion in etcd: {e}")),
+        }
+    }
+
     /// Records this instance's view of the nodes, for the election to publish when it changed
     /// (without `[cluster]` nothing happens).
     pub fn report_view(&self, view: InstanceView) {

@@ -19,6 +19,10 @@ use crate::state::PromotionRecord;
 pub struct SharedState {
     /// The instance that wrote it.
     pub leader: String,
+    /// The epoch of the leadership it was written in (see [`super::Standing::Leader`]): the
+    /// writer sends only states the coordinator built while leading in this epoch, so a new
+    /// leader never overwrites its predecessor's record with what it saw as a follower.
+    pub epoch: i64,
     /// The topology generation it was published with.
     pub generation: u64,
     /// The node that is primary.
@@ -100,11 +104,14 @@ pub async fn run_writer(leadership: Arc<Leadership>, shutdown: CancellationToken
         if let (
             Some(state),
             Standing::Leader {
-                lease, deadline, ..
+                lease,
+                deadline,
+                epoch,
             },
         ) = (latest, leadership.standing())
         {
-            if written.as_ref() != Some(&state) && Instant::now() < deadline {
+            let fresh = written.as_ref() != Some(&state) && state.epoch == epoch;
+            if fresh && Instant::now() < deadline {
                 match write_guarded(member, lease, &state).await {
                     Ok(()) => {
                         debug!(

@@ -5,8 +5,9 @@
 
 use tracing::warn;
 
-use super::{Assessment, Coordinator};
-use crate::cluster::shared::SharedState;
+use super::choose::Promotion;
+use super::{promotion_from, Assessment, Coordinator};
+use crate::cluster::shared::{self, SharedState};
 use crate::cluster::views::{self, InstanceView};
 use crate::state::State;
 use crate::topology::{NodeId, Primary};
@@ -37,24 +38,29 @@ impl Coordinator {
     /// Hands `state` to the etcd writer, which writes it under the lease while this instance
     /// leads (nothing happens without `[cluster]`).
     pub(super) fn share(&self, state: &State) {
+        if let Some(member) = self.proxy.leadership.member() {
+            let shared = self.shared_state(state, member.name.clone());
+            self.proxy.leadership.share(shared);
+        }
+    }
+
+    /// `state` as the leader shares it, with the primary's timeline.
+    fn shared_state(&self, state: &State, leader: String) -> SharedState {
         let timeline = self
             .memory
             .primary
             .and_then(|p| self.board[p].last.as_ref())
             .map(|o| o.timeline);
-        let leader = match self.proxy.leadership.member() {
-            Some(member) => member.name.clone(),
-            None => return,
-        };
-        self.proxy.leadership.share(SharedState {
+        SharedState {
             leader,
+            epoch: self.proxy.leadership.epoch().unwrap_or(0),
             generation: state.generation,
             primary: state.primary.clone(),
             timeline,
             fenced: state.fenced.clone(),
             promoting: state.promoting.clone(),
             last_promotion: state.last_promotion.clone(),
-        });
+        }
     }
 
     /// Tells the other instances (through etcd) which nodes this one reaches and whether it
@@ -81,5 +87,58 @@ impl Coordinator {
             .await
             .map_err(|e| format!("could not read the pgvigil instances' views from etcd: {e}"))?;
         views::majority_lost(&views, &member.name, self.name(primary))
+    }
+
+    /// Once per leadership epoch, before acting on a lost primary: a promotion the previous
+    /// leader recorded in etcd and did not see finish becomes this instance's pending promotion,
+    /// so that no second standby is promoted. Err (no action) while the state cannot be read.
+    pub(super) async fn adopt_pending(&mut self) -> Result<(), String> {
+        let (Some(member), Some(epoch)) = (
+            self.proxy.leadership.member(),
+            self.proxy.leadership.epoch(),
+        ) else {
+            return Ok(());
+        };
+        if self.adopted == Some(epoch) {
+            return Ok(());
+        }
+        let state = shared::read(member)
+            .await
+            .map_err(|e| format!("could not read the shared state from etcd: {e}"))?;
+        self.adopted = Some(epoch);
+        let Some(record) = state.and_then(|s| s.promoting) else {
+            return Ok(());
+        };
+        if self.memory.promoting.is_some() {
+            return Ok(());
+        }
+        if let Some(promotion) = promotion_from(self.config(), &record) {
+            warn!(
+                standby = %record.node,
+                old_primary = %record.old_primary,
+                "the previous leader asked this standby to promote and did not see it finish: \
+                 it stays the only candidate"
+            );
+            self.memory.fenced[promotion.old_primary] = true;
+            self.memory.promoting = Some(promotion);
+        }
+        Ok(())
+    }
+
+    /// Records `promotion` in etcd under the lease before the standby is asked (alone: nothing
+    /// to do), so that a later leader finishes it instead of promoting another standby, and a
+    /// deposed leader cannot promote at all.
+    pub(super) async fn announce(&self, promotion: &Promotion) -> Result<(), String> {
+        let Some(member) = self.proxy.leadership.member() else {
+            return Ok(());
+        };
+        let mut state = self.state(self.proxy.topology.load().generation);
+        state.promoting = Some(self.promotion_record(promotion));
+        let old = self.name(promotion.old_primary).to_owned();
+        if !state.fenced.contains(&old) {
+            state.fenced.push(old);
+        }
+        let shared = self.shared_state(&state, member.name.clone());
+        self.proxy.leadership.record(&shared).await
     }
 }

@@ -58,22 +58,7 @@ pub fn restore(config: &Config) -> Result<(Memory, u64), StateError> {
             }
         }
     }
-    let promotion = |record: &PromotionRecord| {
-        let promotion = Some(Promotion {
-            node: id(&record.node)?,
-            old_primary: id(&record.old_primary)?,
-            old_lsn: parse_lsn(&record.old_lsn)?,
-            new_lsn: parse_lsn(&record.new_lsn)?,
-            postmaster_start: record.postmaster_start.clone(),
-        });
-        if promotion.is_none() {
-            warn!(
-                ?record,
-                "the state file holds a promotion this configuration cannot place"
-            );
-        }
-        promotion
-    };
+    let promotion = |record: &PromotionRecord| promotion_from(config, record);
     memory.promoting = state.promoting.as_ref().and_then(promotion);
     memory.last_promotion = state.last_promotion.as_ref().and_then(promotion);
     info!(
@@ -85,6 +70,29 @@ pub fn restore(config: &Config) -> Result<(Memory, u64), StateError> {
         "state restored; checking it against the nodes"
     );
     Ok((memory, state.generation))
+}
+
+/// `record` as a promotion of `config`'s nodes; None (and a warning) when a node it names is no
+/// longer configured.
+fn promotion_from(config: &Config, record: &PromotionRecord) -> Option<Promotion> {
+    let id = |name: &str| config.nodes.iter().position(|n| n.name == name);
+    let place = || {
+        Some(Promotion {
+            node: id(&record.node)?,
+            old_primary: id(&record.old_primary)?,
+            old_lsn: parse_lsn(&record.old_lsn)?,
+            new_lsn: parse_lsn(&record.new_lsn)?,
+            postmaster_start: record.postmaster_start.clone(),
+        })
+    };
+    let promotion = place();
+    if promotion.is_none() {
+        warn!(
+            ?record,
+            "the recorded promotion names nodes this configuration cannot place"
+        );
+    }
+    promotion
 }
 
 /// Takes in probe reports until `shutdown`, keeping the topology true to them.
@@ -150,6 +158,8 @@ struct Coordinator {
     refused: Option<String>,
     /// Why this instance last left a lost primary to the leader (logged once, not every round).
     held: Option<String>,
+    /// The leadership epoch whose shared state was last checked for a pending promotion.
+    adopted: Option<i64>,
     /// Which standbys follow the primary; repoints in flight.
     followers: Followers,
     published: bool,
@@ -176,6 +186,7 @@ impl Coordinator {
             foreign_alerted: Vec::new(),
             refused: None,
             held: None,
+            adopted: None,
             followers: Followers::new(nodes),
             published: false,
         }
@@ -264,6 +275,11 @@ impl Coordinator {
                 self.leave_to_leader(verdict, why);
                 return;
             }
+            if let Err(why) = self.adopt_pending().await {
+                self.leave_to_leader(verdict, why);
+                return;
+            }
+            verdict = assess(self.config(), &self.board, &self.memory);
         }
         self.held = None;
         if let Some(promotion) = self.memory.promoting.clone() {
@@ -473,7 +489,19 @@ impl Coordinator {
     /// a failure is logged, not fatal: the nodes' timelines still tell a stale primary after a
     /// restart.
     fn save(&self, generation: u64) {
-        let state = State {
+        let state = self.state(generation);
+        self.share(&state);
+        let Some(file) = &self.state_file else {
+            return;
+        };
+        if let Err(e) = file.save(&state) {
+            error!(error = %e, "could not save the state file");
+        }
+    }
+
+    /// What the coordinator remembers, as the state file keeps it.
+    fn state(&self, generation: u64) -> State {
+        State {
             generation,
             primary: self.memory.primary.map(|n| self.name(n).to_owned()),
             fenced: (0..self.memory.fenced.len())
@@ -490,13 +518,6 @@ impl Coordinator {
                 .last_promotion
                 .as_ref()
                 .map(|p| self.promotion_record(p)),
-        };
-        self.share(&state);
-        let Some(file) = &self.state_file else {
-            return;
-        };
-        if let Err(e) = file.save(&state) {
-            error!(error = %e, "could not save the state file");
         }
     }
 

@@ -94,8 +94,8 @@ impl Coordinator {
                 return;
             }
         };
-        // Reading the standbys took time: the lease must still be valid when the standby is asked.
-        if let Err(why) = self.may_act() {
+        // Reading the standbys took time: `announce` checks again that this instance may act.
+        if let Err(why) = self.announce(&promotion).await {
             self.give_up(&roles, &verdict.suspect, why);
             return;
         }

@@ -14,6 +14,7 @@ use pgvigil::config::Config;
 use pgvigil::topology::Primary;
 
 use crate::failover::{fast_health, other_standby, OLD_PRIMARY, PATIENCE, STANDBYS};
+use crate::failover_safety::{promote_signal_file, signal, startup_process};
 use crate::support::etcd::TestEtcd;
 use crate::support::relay::Relay;
 use crate::support::writer::{create_ticks, tick_ids, Writer};
@@ -132,6 +133,12 @@ struct Instances {
 
 impl Instances {
     async fn start() -> Instances {
+        Instances::start_with(|_, _| {}).await
+    }
+
+    /// Like [`Instances::start`], instance `i`'s config changed by `adjust(i, config)`; instance
+    /// 0 is started first and leads.
+    async fn start_with(adjust: impl Fn(usize, &mut Config)) -> Instances {
         let etcd = TestEtcd::start(3).await;
         let cluster = test_cluster(2);
         let mut proxies = Vec::new();
@@ -141,9 +148,16 @@ impl Instances {
                 start_proxy(&cluster, |config| {
                     fast_health(config);
                     join(config, &etcd, &name);
+                    adjust(i, config);
                 })
                 .await,
             );
+            if i == 0 {
+                let first = &proxies[0].running.proxy.leadership;
+                eventually(PATIENCE, "the first instance leads", || {
+                    matches!(first.standing(), Standing::Leader { .. })
+                });
+            }
         }
         create_ticks(&proxies[0], &cluster).await;
         let started = Instant::now();
@@ -426,4 +440,62 @@ async fn with_etcd_authentication_on_an_instance_leads_with_its_credentials_and_
         .await
         .unwrap();
     assert_eq!(member.may_act(), Ok(()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promotion_left_pending_by_a_leader_that_stopped_is_finished_by_the_next_and_no_other_standby_promotes(
+) {
+    // The first leader prefers node 1, the others node 2: a new leader that ignored the
+    // promotion its predecessor left pending would ask node 2 as well.
+    let (preferred, other) = (STANDBYS[0], STANDBYS[1]);
+    let mut scene = Instances::start_with(|i, config| {
+        config.failover.promote_timeout = Duration::from_secs(1);
+        let favourite = if i == 0 { preferred } else { other };
+        config.nodes[favourite].priority = 5;
+    })
+    .await;
+    // The standbys' startup processes stopped: they take a promote request but cannot act on it.
+    let startups: Vec<u32> = STANDBYS
+        .iter()
+        .map(|&n| startup_process(&scene.cluster, n))
+        .collect();
+    for &pid in &startups {
+        signal("-STOP", pid);
+    }
+    scene.cluster.node_mut(OLD_PRIMARY).kill9();
+    eventually(
+        PATIENCE,
+        "the leader asks its preferred standby to promote",
+        || promote_signal_file(&scene.cluster.node(preferred).data_dir),
+    );
+
+    // The leader stops (its lease given back) while its promotion is pending; the other standby
+    // could promote at once.
+    assert_eq!(scene.leaders(), [0]);
+    scene.writers.remove(0).stop().await;
+    scene.proxies.remove(0).running.shutdown().await;
+    signal("-CONT", startups[1]);
+    eventually(PATIENCE, "another instance leads", || {
+        scene.leaders().len() == 1
+    });
+    let hold = Instant::now() + 3 * TTL;
+    while Instant::now() < hold {
+        assert!(
+            in_recovery(&scene.cluster, other),
+            "the new leader promoted a second standby"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Let go, the standby asked finishes its promotion, and every instance writes there.
+    signal("-CONT", startups[0]);
+    let released = Instant::now();
+    eventually(PATIENCE, "the standby asked leaves recovery", || {
+        !in_recovery(&scene.cluster, preferred)
+    });
+    scene.all_write_to(released, preferred);
+    assert!(
+        in_recovery(&scene.cluster, other),
+        "node {other} left recovery"
+    );
 }
