@@ -247,10 +247,11 @@ async fn after_kill9_of_the_primary_with_three_instances_exactly_one_promotes_an
         in_recovery(&scene.cluster, third),
         "node {third} left recovery"
     );
+    let mut leaders = Vec::new();
     eventually(PATIENCE, "one instance leads", || {
-        scene.leaders().len() == 1
+        leaders = scene.leaders();
+        leaders.len() == 1
     });
-    let leaders = scene.leaders();
 
     // The leader shared the outcome in etcd.
     let proxy = &scene.proxies[leaders[0]].running.proxy;
