@@ -3,10 +3,10 @@
 //! valid. Followers route from what they observe and leave failovers to the leader; the state
 //! the coordinator saves is also handed to the etcd writer (see `crate::cluster`).
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::choose::Promotion;
-use super::{promotion_from, Assessment, Coordinator};
+use super::{assess, promotion_from, Assessment, Coordinator};
 use crate::cluster::shared::{self, SharedState};
 use crate::cluster::views::{self, InstanceView};
 use crate::state::State;
@@ -17,6 +17,37 @@ impl Coordinator {
     /// this instance decides alone or is the leader with its etcd lease still valid.
     pub(super) fn may_act(&self) -> Result<(), String> {
         self.proxy.leadership.may_act()
+    }
+
+    /// Before acting on a lost primary or a pending promotion: the verdict to act on (judged
+    /// again once a pending promotion changed hands), or None when this instance leaves the
+    /// matter to the leader (clients are told why).
+    pub(super) async fn pass_gate(&mut self, verdict: Assessment) -> Option<Assessment> {
+        let unsettled =
+            |c: &Coordinator, v: &Assessment| c.memory.promoting.is_some() || v.lost.is_some();
+        if !unsettled(self, &verdict) {
+            self.held = None;
+            return Some(verdict);
+        }
+        let (verdict, why) = match self.may_act() {
+            Err(why) if self.finished_elsewhere(&verdict) => {
+                (assess(self.config(), &self.board, &self.memory), why)
+            }
+            Err(why) => (verdict, why),
+            Ok(()) => match self.adopt_pending().await {
+                Ok(()) => {
+                    self.held = None;
+                    return Some(assess(self.config(), &self.board, &self.memory));
+                }
+                Err(why) => (verdict, why),
+            },
+        };
+        if !unsettled(self, &verdict) {
+            self.held = None;
+            return Some(verdict);
+        }
+        self.leave_to_leader(verdict, why);
+        None
     }
 
     /// The primary is lost (or a promotion pending) but this instance may not act: writes wait
@@ -33,6 +64,24 @@ impl Coordinator {
             &verdict.suspect,
             Primary::Unavailable(reason),
         );
+    }
+
+    /// A promotion this instance left pending (as a leader that lost its lease meanwhile, or
+    /// from its state file) finished without it: the standby asked is the observed primary.
+    /// Forgets it, so that writes go there; true if so.
+    pub(super) fn finished_elsewhere(&mut self, verdict: &Assessment) -> bool {
+        match (&self.memory.promoting, &verdict.primary) {
+            (Some(promotion), Primary::Known(primary)) if promotion.node == *primary => {
+                info!(
+                    primary = %self.name(*primary),
+                    "the pending promotion finished without this instance"
+                );
+                self.memory.primary = Some(*primary);
+                self.memory.last_promotion = self.memory.promoting.take();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Hands `state` to the etcd writer, which writes it under the lease while this instance

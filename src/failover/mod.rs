@@ -270,18 +270,9 @@ impl Coordinator {
         }
         self.alert_foreign(&verdict);
         self.report_view(&verdict);
-        if self.memory.promoting.is_some() || verdict.lost.is_some() {
-            if let Err(why) = self.may_act() {
-                self.leave_to_leader(verdict, why);
-                return;
-            }
-            if let Err(why) = self.adopt_pending().await {
-                self.leave_to_leader(verdict, why);
-                return;
-            }
-            verdict = assess(self.config(), &self.board, &self.memory);
-        }
-        self.held = None;
+        let Some(verdict) = self.pass_gate(verdict).await else {
+            return;
+        };
         if let Some(promotion) = self.memory.promoting.clone() {
             self.on_pending_promotion(promotion, verdict).await;
             return;

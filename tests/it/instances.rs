@@ -11,6 +11,7 @@ use pgvigil::cluster::election::Elector;
 use pgvigil::cluster::shared::{self, SharedError, SharedState};
 use pgvigil::cluster::{Leadership, Standing};
 use pgvigil::config::Config;
+use pgvigil::state::{PromotionRecord, State, StateFile};
 use pgvigil::topology::Primary;
 
 use crate::failover::{fast_health, other_standby, OLD_PRIMARY, PATIENCE, STANDBYS};
@@ -498,4 +499,65 @@ async fn a_promotion_left_pending_by_a_leader_that_stopped_is_finished_by_the_ne
         in_recovery(&scene.cluster, other),
         "node {other} left recovery"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_restarted_with_a_promotion_pending_in_its_state_file_writes_once_that_node_is_primary(
+) {
+    let etcd = TestEtcd::start(1).await;
+    let cluster = test_cluster(1);
+    let leader = start_proxy(&cluster, |config| {
+        fast_health(config);
+        join(config, &etcd, "leader");
+    })
+    .await;
+    eventually(PATIENCE, "the first instance leads", || {
+        leader.running.proxy.leadership.may_act().is_ok()
+    });
+    // As a leader, this instance had asked node 0 to promote in place of node 1, then stopped;
+    // the promotion finished without it.
+    let name = |node: usize| cluster.node(node).name.clone();
+    let dir = crate::support::fresh_base_dir().with_extension("state");
+    let pending = PromotionRecord {
+        node: name(OLD_PRIMARY),
+        old_primary: name(1),
+        old_lsn: "0/0".into(),
+        new_lsn: "0/0".into(),
+        postmaster_start: "2026-12-04 16:00:00+00".into(),
+    };
+    let state = State {
+        generation: 1,
+        primary: Some(name(1)),
+        fenced: Vec::new(),
+        promoting: Some(pending),
+        last_promotion: None,
+    };
+    StateFile::new(&dir).save(&state).unwrap();
+    let restarted = start_proxy(&cluster, |config| {
+        fast_health(config);
+        join(config, &etcd, "restarted");
+        config.failover.state_dir = Some(dir.clone());
+    })
+    .await;
+
+    let client = restarted.connect_app().await;
+    let give_up = Instant::now() + PATIENCE;
+    while let Err(e) = client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS restarted (id int); INSERT INTO restarted VALUES (1)",
+        )
+        .await
+    {
+        assert!(
+            Instant::now() < give_up,
+            "writes through the follower fail: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        restarted.running.proxy.topology.snapshot().primary,
+        Primary::Known(OLD_PRIMARY)
+    );
+    assert!(restarted.running.proxy.leadership.may_act().is_err());
+    let _ = std::fs::remove_dir_all(&dir);
 }
