@@ -1,7 +1,10 @@
-//! Several pgvigil instances in front of one cluster, with a leader elected in a real
-//! three-member etcd (Debian's `etcd-server`): exactly one of them promotes, a leader frozen past
-//! its lease stops acting and its guarded writes are refused, a leader cut off from the primary
-//! alone does not fail over, and while etcd is away nobody promotes but traffic goes on.
+//! Several pgvigil instances in front of one cluster, with a leader elected in a real etcd
+//! (Debian's `etcd-server`, three members unless one suffices): exactly one of them promotes, a
+//! leader frozen past its lease stops acting and its guarded writes are refused, a leader cut off
+//! from the primary alone does not fail over, while etcd is away nobody promotes but traffic goes
+//! on, etcd authentication works, a promotion left pending by a leader that stopped is finished
+//! by the next one (never a second standby), and an instance that may not act lets go of a
+//! pending promotion that finished without it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
