@@ -4,9 +4,14 @@
 //! The shipped `pgvigil.example.toml` is checked against these structs by the tests below, so the
 //! example and the code cannot drift apart.
 
+mod admin;
 mod cluster;
+mod node_control;
 mod replication;
 mod validate;
+
+pub use admin::{AdminConfig, TOKEN_ENV};
+pub use node_control::{ControlDriver, NodeControlConfig};
 
 use std::fmt;
 use std::io;
@@ -50,6 +55,8 @@ pub struct Config {
     /// Several pgvigil instances electing one decider on etcd (`[cluster]`); unused without
     /// `etcd.endpoints`.
     pub cluster: ClusterConfig,
+    /// The admin API: status and commands (`[admin]`).
+    pub admin: AdminConfig,
     /// The PostgreSQL nodes (`[[nodes]]`); their roles are observed, never taken from this order.
     pub nodes: Vec<NodeConfig>,
     /// The users clients may log in as (`[[users]]`).
@@ -72,6 +79,7 @@ impl Default for Config {
             failover: FailoverConfig::default(),
             replication: ReplicationConfig::default(),
             cluster: ClusterConfig::default(),
+            admin: AdminConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
         }
@@ -358,6 +366,9 @@ pub struct NodeConfig {
     pub priority: u32,
     /// Never promote this node (default false).
     pub no_promote: bool,
+    /// How pgvigil stops, starts, rewinds and re-clones it (`[nodes.control]`; default none:
+    /// `failback` is refused for this node).
+    pub control: Option<NodeControlConfig>,
 }
 
 impl Default for NodeConfig {
@@ -369,6 +380,7 @@ impl Default for NodeConfig {
             weight: 1,
             priority: 1,
             no_promote: false,
+            control: None,
         }
     }
 }
@@ -788,8 +800,13 @@ write_functions = ["lower"]
     #[test]
     fn example_file_is_valid_and_matches_the_defaults() -> Result<(), ConfigError> {
         let example = Config::parse(EXAMPLE)?;
+        let mut pg1 = node("pg1", 5432);
+        pg1.control = Some(NodeControlConfig {
+            data_dir: PathBuf::from("/var/lib/postgresql/16/main"),
+            ..NodeControlConfig::default()
+        });
         let expected = Config {
-            nodes: vec![node("pg1", 5432), node("pg2", 5433), node("pg3", 5434)],
+            nodes: vec![pg1, node("pg2", 5433), node("pg3", 5434)],
             users: vec![app_user()],
             ..Config::default()
         };
@@ -819,6 +836,11 @@ write_functions = ["lower"]
         full.cluster.etcd.user = Some("pgvigil".into());
         full.cluster.etcd.password = Some("secret".into());
         full.cluster.instance.name = Some("app1".into());
+        full.admin.token = Some("secret".into());
+        full.nodes[0].control = Some(NodeControlConfig {
+            bin_dir: Some(PathBuf::from("/usr/lib/postgresql/16/bin")),
+            ..NodeControlConfig::default()
+        });
         let mut keys = Vec::new();
         match toml::Value::try_from(&full) {
             Ok(toml::Value::Table(table)) => collect_keys("", &table, &mut keys),
@@ -864,6 +886,13 @@ write_functions = ["lower"]
             let line = line.trim();
             let uncommented = line.trim_start_matches('#').trim();
             if let Some(section) = section_prefix(line) {
+                // A sub-table of the array entry just opened: `[nodes.control]` after `[[nodes]]`.
+                let section = match prefix.strip_suffix("[].") {
+                    Some(array) if section.starts_with(&format!("{array}.")) => {
+                        format!("{array}[].{}", &section[array.len() + 1..])
+                    }
+                    _ => section,
+                };
                 keys.push(
                     section
                         .trim_end_matches('.')

@@ -11,7 +11,7 @@ mod os_user;
 mod ports;
 mod process;
 mod setup;
-mod tools;
+pub(crate) mod tools;
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;

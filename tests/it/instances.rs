@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pgvigil::admin::api::Done;
 use pgvigil::cluster::election::Elector;
 use pgvigil::cluster::shared::{self, SharedError, SharedState};
 use pgvigil::cluster::{Leadership, Standing};
@@ -17,6 +18,7 @@ use pgvigil::config::Config;
 use pgvigil::state::{PromotionRecord, State, StateFile};
 use pgvigil::topology::Primary;
 
+use crate::admin::cli;
 use crate::failover::{fast_health, other_standby, OLD_PRIMARY, PATIENCE, STANDBYS};
 use crate::failover_safety::{promote_signal_file, signal, startup_process};
 use crate::support::etcd::TestEtcd;
@@ -532,6 +534,7 @@ async fn an_instance_restarted_with_a_promotion_pending_in_its_state_file_writes
         generation: 1,
         primary: Some(name(1)),
         fenced: Vec::new(),
+        detached: Vec::new(),
         promoting: Some(pending),
         last_promotion: None,
     };
@@ -563,4 +566,24 @@ async fn an_instance_restarted_with_a_promotion_pending_in_its_state_file_writes
     );
     assert!(restarted.running.proxy.leadership.may_act().is_err());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_command_sent_to_a_follower_is_refused_naming_the_leader() {
+    let scene = Instances::start().await;
+    let follower = (0..scene.proxies.len())
+        .find(|i| !scene.leaders().contains(i))
+        .unwrap();
+    let admin = scene.proxies[follower].running.admin_addr;
+    let refusal = cli(admin, None, &["detach", "pg2", "--json"])
+        .await
+        .exits(1)
+        .refusal();
+    assert!(refusal.refused.contains("app0 leads"), "{refusal:?}");
+    let leader_admin = scene.proxies[0].running.admin_addr;
+    let done: Done = cli(leader_admin, None, &["detach", "pg2", "--json"])
+        .await
+        .exits(0)
+        .json();
+    assert!(done.message.contains("detached"), "{done:?}");
 }

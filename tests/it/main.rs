@@ -1,6 +1,7 @@
 //! The integration-test binary: every test here runs against real PostgreSQL servers.
 
 mod abandon_waits;
+mod admin;
 mod auth;
 mod backend_login;
 mod bad_input;
@@ -8,6 +9,7 @@ mod cancel;
 mod cli;
 mod cluster_fixture;
 mod drivers;
+mod failback;
 mod failover;
 mod failover_safety;
 mod instances;
@@ -22,5 +24,6 @@ mod repoint;
 mod routing;
 mod session_survival;
 mod support;
+mod switchover;
 mod tls;
 mod write_connection;
