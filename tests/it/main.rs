@@ -6,6 +6,7 @@ mod auth;
 mod backend_login;
 mod bad_input;
 mod cancel;
+mod chaos;
 mod cli;
 mod cluster_fixture;
 mod drivers;
