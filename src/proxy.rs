@@ -20,7 +20,7 @@ use crate::replication::ReplicationHandle;
 use crate::router::{Route, RouteError};
 use crate::server::LoginTarget;
 use crate::topology::{Need, NodeId, Topology, TopologyHandle, TopologyPublisher};
-use crate::{admin, failover, health, listener, tls};
+use crate::{admin, cluster, failover, health, listener, tls};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +76,8 @@ pub struct Proxy {
     pub functions: pgvigil_proto::classify::FunctionLists,
     /// Spreads reads over the nodes that may take them.
     pub balancer: crate::balance::Balancer,
+    /// Whether this instance may act on the nodes (alone, or the leader elected in etcd).
+    pub leadership: Arc<crate::cluster::Leadership>,
 }
 
 impl Proxy {
@@ -120,6 +122,7 @@ impl Proxy {
             nudges: Arc::new(health::Nudges::new(config.nodes.len())),
             functions: config.function_lists(),
             balancer: crate::balance::Balancer::new(config.nodes.len()),
+            leadership: crate::cluster::Leadership::new(&config),
             config: Arc::new(config),
         };
         Ok((proxy, publisher))
@@ -279,7 +282,8 @@ pub struct Running {
 }
 
 /// Restores the state file, binds the listen and admin addresses and starts the accept loop,
-/// the admin API, the probes, the failover coordinator and the pool reaper.
+/// the admin API, the probes, the failover coordinator, the pool reaper and (with `[cluster]`)
+/// the etcd election.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let addr = config.listen;
     let admin_token = config.admin.effective_token();
@@ -343,6 +347,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown.clone(),
     ));
     tasks.spawn(reap_pools(proxy.clone(), shutdown.clone()));
+    tasks.spawn(cluster::election::run(
+        proxy.leadership.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(cluster::shared::run_writer(
+        proxy.leadership.clone(),
+        shutdown.clone(),
+    ));
     tasks.close();
     info!(%local_addr, %admin_addr, nodes = proxy.config.nodes.len(), "pgvigil listening");
     Ok(Running {

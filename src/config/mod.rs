@@ -5,6 +5,7 @@
 //! example and the code cannot drift apart.
 
 mod admin;
+mod cluster;
 mod node_control;
 mod replication;
 mod validate;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use pgvigil_proto::classify::FunctionLists;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use cluster::{endpoint_address, ClusterConfig, EtcdConfig, InstanceConfig};
 pub use replication::{ReplicationConfig, SslMode};
 
 /// The whole pgvigil configuration, as read from one TOML file.
@@ -50,6 +52,9 @@ pub struct Config {
     pub failover: FailoverConfig,
     /// How repointed standbys connect to a new primary (`[replication]`).
     pub replication: ReplicationConfig,
+    /// Several pgvigil instances electing one decider on etcd (`[cluster]`); unused without
+    /// `etcd.endpoints`.
+    pub cluster: ClusterConfig,
     /// The admin API: status and commands (`[admin]`).
     pub admin: AdminConfig,
     /// The PostgreSQL nodes (`[[nodes]]`); their roles are observed, never taken from this order.
@@ -73,6 +78,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             failover: FailoverConfig::default(),
             replication: ReplicationConfig::default(),
+            cluster: ClusterConfig::default(),
             admin: AdminConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
@@ -826,6 +832,10 @@ write_functions = ["lower"]
             application_name: Some("pg1".into()),
             conninfo: [("keepalives_idle".to_owned(), "30".to_owned())].into(),
         };
+        full.cluster.etcd.endpoints = vec!["http://127.0.0.1:2379".into()];
+        full.cluster.etcd.user = Some("pgvigil".into());
+        full.cluster.etcd.password = Some("secret".into());
+        full.cluster.instance.name = Some("app1".into());
         full.admin.token = Some("secret".into());
         full.nodes[0].control = Some(NodeControlConfig {
             bin_dir: Some(PathBuf::from("/usr/lib/postgresql/16/bin")),

@@ -13,6 +13,7 @@ mod drivers;
 mod failback;
 mod failover;
 mod failover_safety;
+mod instances;
 mod lost_transaction;
 mod passthrough;
 mod pgbench;
