@@ -155,6 +155,8 @@ pub enum BackendTlsMode {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
+    /// When a client's server connection goes back to the pool (default `session`).
+    pub mode: PoolMode,
     /// Most server connections per node (default 20, at least 1).
     pub max_size: usize,
     /// Idle server connections kept open per node (default 0, at most `max_size`).
@@ -173,6 +175,9 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
+            // Session pooling is the only mode implemented so far; `transaction` is refused by
+            // validation until it is (see `PoolMode::Transaction`).
+            mode: PoolMode::Session,
             max_size: 20,
             min_idle: 0,
             idle_timeout: Duration::from_secs(10 * 60),
@@ -180,6 +185,19 @@ impl Default for PoolConfig {
             checkout_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// When a client's server connection goes back to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolMode {
+    /// A client keeps its server connections until it disconnects: everything PostgreSQL offers
+    /// a session works, and each client costs a server connection.
+    #[default]
+    Session,
+    /// A client holds a server connection only for a transaction or an autocommit statement.
+    /// Not implemented yet: validation refuses it, naming the key.
+    Transaction,
 }
 
 /// Health probes of the nodes (`[health]`).
