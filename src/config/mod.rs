@@ -175,8 +175,8 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
-            // Session pooling is the only mode implemented so far; `transaction` is refused by
-            // validation until it is (see `PoolMode::Transaction`).
+            // Session pooling by default: every session feature works in it, while transaction
+            // pooling keeps a client on one connection only for what pgvigil can replay.
             mode: PoolMode::Session,
             max_size: 20,
             min_idle: 0,
@@ -195,8 +195,9 @@ pub enum PoolMode {
     /// a session works, and each client costs a server connection.
     #[default]
     Session,
-    /// A client holds a server connection only for a transaction or an autocommit statement.
-    /// Not implemented yet: validation refuses it, naming the key.
+    /// A client holds a server connection only from the start of a transaction or autocommit
+    /// unit to its ReadyForQuery 'I'; a session that did what cannot be replayed (see
+    /// `session::replay::Replayable::pinned`) keeps its connection until it ends.
     Transaction,
 }
 

@@ -6,7 +6,7 @@ use std::hash::Hash;
 use std::path::Path;
 use std::time::Duration;
 
-use super::{Config, PoolMode, Problem, TlsMode};
+use super::{Config, Problem, TlsMode};
 
 /// Largest `nodes[i].weight`.
 const MAX_WEIGHT: u32 = 1000;
@@ -197,15 +197,6 @@ fn is_identifier(word: &str) -> bool {
 
 fn check_pool(config: &Config, problems: &mut Vec<Problem>) {
     let pool = &config.pool;
-    if pool.mode == PoolMode::Transaction {
-        // Refused rather than silently served as session pooling: a deployment sized for
-        // transaction pooling would exhaust its pools at the first burst of clients.
-        problems.push(Problem::new(
-            "pool.mode",
-            "\"transaction\" is not available yet in this version: use \"session\" \
-             (every client holds its server connections until it disconnects)",
-        ));
-    }
     if pool.max_size == 0 {
         problems.push(Problem::new("pool.max_size", "must be at least 1"));
     }
@@ -367,7 +358,6 @@ password = "app-secret"
             ("[pool]\ncheckout_timeout = \"0s\"", &["pool.checkout_timeout: must be greater than 0"]),
             ("[pool]\nmin_idle = 30", &["pool.min_idle: 30 is more than pool.max_size (20)"]),
             ("[pool]\nmax_size = 0", &["pool.max_size: must be at least 1"]),
-            ("[pool]\nmode = \"transaction\"", &["pool.mode: \"transaction\" is not available yet in this version: use \"session\" (every client holds its server connections until it disconnects)"]),
             ("[tls]\nmode = \"require\"", &["tls.mode: \"require\" needs tls.cert and tls.key"]),
             ("[tls]\ncert = \"/dev/null\"", &["tls.key: missing: tls.cert is set, give both or neither", "tls.cert: /dev/null is not a regular file"]),
             ("[tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\nmode = \"require\"", &[

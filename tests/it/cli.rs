@@ -117,8 +117,8 @@ async fn serve_with_a_bad_config_exits_2_naming_the_key() {
             "unknown field `max_sise`",
         ),
         (
-            format!("{VALID_NODES_AND_USERS}\n[pool]\nmode = \"transaction\"\n"),
-            "pool.mode: \"transaction\" is not available yet",
+            format!("{VALID_NODES_AND_USERS}\n[pool]\nmode = \"statement\"\n"),
+            "unknown variant `statement`",
         ),
         (
             format!("{VALID_NODES_AND_USERS}\n[routing]\nread_functions = [\"bad name\"]\n"),

@@ -22,4 +22,5 @@ mod routing;
 mod session_survival;
 mod support;
 mod tls;
+mod transaction_pooling;
 mod write_connection;
