@@ -98,7 +98,18 @@ pub fn route_unit(facts: &UnitFacts, policy: &SessionPolicy, snap: &Snapshot<'_>
     };
     let read = begin_allows && (facts.read_only || facts.hint == Some(Hint::Replica));
     let pinned = policy.pinned.is_some() || facts.pin.is_some();
-    if !read || pinned || !policy.encoding_safe || facts.hint == Some(Hint::Primary) {
+    // A unit that executed something before a Flush and waits has an unseen rest that may
+    // write in the same implicit transaction: it runs on the primary. What it has shown so far
+    // decides whether it counts as a write; the rest's writes are noted as they are forwarded.
+    // One that only prepared (asyncpg's Parse, Describe, Flush) goes where its statement may
+    // run: its rest binds and executes what it prepared.
+    let must_write_node = facts.awaits_rest && facts.executes;
+    if !read
+        || must_write_node
+        || pinned
+        || !policy.encoding_safe
+        || facts.hint == Some(Hint::Primary)
+    {
         return primary(snap, RouteReason::Write, !read && !facts.lone_setting());
     }
     let min_lsn = match (snap.routing.read_your_writes, policy.writes) {
@@ -311,6 +322,26 @@ mod tests {
             ..read()
         };
         assert_eq!(node(world.route(&pins, &policy())), Some(0));
+    }
+
+    #[test]
+    fn a_unit_that_executed_before_a_flush_and_waits_runs_on_the_primary() {
+        let world = World::new(100, Some(Instant::now()));
+        let executed = UnitFacts {
+            awaits_rest: true,
+            executes: true,
+            ..read()
+        };
+        let routed = world.route(&executed, &policy());
+        assert!(matches!(routed, Routed::To { route, writes: false } if route.node == 0));
+        let only_prepared = UnitFacts {
+            awaits_rest: true,
+            ..read()
+        };
+        assert!(matches!(
+            node(world.route(&only_prepared, &policy())),
+            Some(1 | 2)
+        ));
     }
 
     #[test]

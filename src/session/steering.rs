@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use pgvigil_proto::classify::{classify, Classification, Hint, Pin, Reason};
-use pgvigil_proto::frontend::{self, Close, Parse, Query};
+use pgvigil_proto::frontend::{self, Bind, Close, Parse, Query};
 use tracing::debug;
 
 use super::replay::Replayable;
@@ -276,6 +276,7 @@ impl Steering {
                 self.note_effects(query.sql, reason, hint, true);
             }
             frontend::tag::PARSE => self.parsed(frame, body, covered, proxy),
+            frontend::tag::BIND if !covered => self.bound_unseen(body),
             frontend::tag::CLOSE => {
                 if let Ok(close) = Close::parse(body) {
                     if close.kind == b'S' && !close.name.is_empty() {
@@ -335,6 +336,25 @@ impl Steering {
             }
             self.replay
                 .parsed_named(parse.name, frame, class, self.current);
+        }
+    }
+
+    /// A Bind forwarded without having been inspected (it followed a Flush): running a named
+    /// statement that may write is a write. (An unnamed one was judged at its Parse.)
+    fn bound_unseen(&mut self, body: &[u8]) {
+        let Ok(bind) = Bind::parse(body) else {
+            return;
+        };
+        if bind.statement.is_empty() {
+            return;
+        }
+        let writes = self
+            .replay
+            .statements()
+            .get(bind.statement)
+            .is_none_or(|p| !p.class.read_only && !p.class.lone_setting());
+        if writes {
+            self.note_write();
         }
     }
 

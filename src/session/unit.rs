@@ -51,6 +51,8 @@ pub struct UnitFacts {
     pub parses_named: bool,
     /// The unit executes a portal.
     pub executes: bool,
+    /// The client waits after a Flush before it sends the rest of the unit, unseen yet.
+    pub awaits_rest: bool,
     /// The unit binds or describes the unnamed statement without parsing it first.
     pub reuses_unnamed: bool,
     /// The classification of the last unnamed statement parsed in the unit.
@@ -76,6 +78,7 @@ impl Default for UnitFacts {
             named_refs: false,
             parses_named: false,
             executes: false,
+            awaits_rest: false,
             reuses_unnamed: false,
             unnamed: None,
         }
@@ -199,8 +202,9 @@ pub fn inspect(
             }
             frontend::tag::FLUSH => {
                 // The client waits for what it flushed before it sends the rest of the unit,
-                // which will run on the same node without being seen now: it may write.
-                facts.read_only = false;
+                // which will run on the same node without being seen now (the steering decides
+                // where such a unit may go, and notes the rest's writes as it is forwarded).
+                facts.awaits_rest = true;
                 facts.complete = true;
                 return facts;
             }
@@ -492,14 +496,21 @@ mod tests {
     }
 
     #[test]
-    fn a_flush_does_not_end_a_unit_and_a_unit_waiting_after_one_may_write() {
+    fn a_flush_does_not_end_a_unit_and_a_unit_waiting_after_one_awaits_its_rest() {
         let none = Statements::new();
         let mut unit = BytesMut::new();
         parse(&mut unit, "", "SELECT 1");
         bind(&mut unit, "");
         frame(&mut unit, b'H', b"");
         let waiting = facts(&unit, &none);
-        assert!(waiting.complete && !waiting.read_only, "the rest is unseen");
+        assert!(
+            waiting.complete && waiting.awaits_rest,
+            "the rest is unseen"
+        );
+        assert!(
+            waiting.read_only && !waiting.executes,
+            "what it shows only prepares a read"
+        );
         parse(&mut unit, "", "INSERT INTO t VALUES (1)");
         assert!(!facts(&unit, &none).complete, "goes on to its Sync");
         frame(&mut unit, b'S', b"");

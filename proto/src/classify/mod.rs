@@ -168,7 +168,7 @@ pub enum Pin {
     Prepare,
     /// A session-level advisory lock (`pg_advisory_lock*`, `pg_try_advisory_lock*`).
     AdvisoryLock,
-    /// LISTEN or UNLISTEN.
+    /// LISTEN.
     Listen,
 }
 

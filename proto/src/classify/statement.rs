@@ -311,7 +311,10 @@ impl<'a> Statement<'a> {
             Kw::Reset => Kind::Reset,
             Kw::Discard => Kind::Discard,
             Kw::Create => Kind::Create { prefix: true },
-            Kw::Listen | Kw::Unlisten => {
+            // UNLISTEN only removes listeners: a session that never listened (it would be pinned)
+            // has none on any node, so it holds nothing to keep (asyncpg's pool sends `UNLISTEN
+            // *` with every connection release).
+            Kw::Listen => {
                 self.pin(Pin::Listen);
                 Kind::Other
             }

@@ -170,7 +170,11 @@ const FLAGS: &[(&str, Expect, &str)] = &[
         "transaction lock ends with it",
     ),
     ("LISTEN ch", pin(Pin::Listen), "LISTEN"),
-    ("UNLISTEN *", pin(Pin::Listen), "UNLISTEN"),
+    (
+        "UNLISTEN *",
+        Expect::Pin(None),
+        "UNLISTEN leaves nothing to keep",
+    ),
     (
         "EXPLAIN CREATE TEMP TABLE x AS SELECT 1",
         Expect::Pin(None),

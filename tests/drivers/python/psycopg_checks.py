@@ -209,8 +209,12 @@ def write_after_a_pipeline():
     ports = []
     for i in range(READS):
         with connect(autocommit=True) as conn:
+            # Fetched after the pipeline's Sync: a read fetched inside the pipeline would make
+            # psycopg wait after a Flush with the rest of its unit unsent, and such a unit runs on
+            # the primary (its rest may write).
             with conn.pipeline():
-                ports.append(conn.execute("SELECT inet_server_port()").fetchone()[0])
+                cursor = conn.execute("SELECT inet_server_port()")
+            ports.append(cursor.fetchone()[0])
             conn.execute(f"INSERT INTO psycopg_after_pipeline VALUES ({i})")
     # Proof that some of the writes followed a read on a replica.
     return check_reads(ports)
