@@ -3,6 +3,7 @@
 
 mod aborted;
 mod auth_exchange;
+mod finish;
 mod loss;
 mod recover;
 mod relay;

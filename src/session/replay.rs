@@ -111,10 +111,9 @@ impl Replayable {
     /// replayed on another connection.
     pub fn pin(&mut self, reason: &'static str) {
         if self.pinned.is_none() {
-            info!(
-                reason,
-                "session pinned: it keeps its primary connection until it ends"
-            );
+            // Info, not debug: pinned sessions are what keeps connections under transaction
+            // pooling, so operators look for them.
+            info!(reason, "session pinned to the primary");
             self.pinned = Some(reason);
         }
     }

@@ -2,7 +2,9 @@
 //! connected at once share twenty server connections, each holding one only for a transaction;
 //! a session's settings and startup parameters follow it onto whatever connection serves its
 //! next transaction and never show in another session; a session that prepares a named
-//! statement keeps its connection and goes on working.
+//! statement keeps its connection and goes on working; an idle session holds no connection, so
+//! a kill -9 failover leaves it untouched and its next statement runs on the new primary with
+//! its settings.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +14,9 @@ use std::time::Duration;
 use pgvigil::config::PoolMode;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
+use crate::failover::{Scene, OLD_PRIMARY, STANDBYS};
+use crate::pgbench::{assert_clean_run, pgbench, pgbench_path};
+use crate::support::writer::{describe, tick_ids};
 use crate::support::{start_proxy, test_cluster, TestProxy, APP_DB, APP_PASSWORD, APP_USER};
 
 /// Server connections per node in the thousand-client test.
@@ -212,4 +217,57 @@ async fn a_session_with_a_named_statement_keeps_its_connection_and_others_go_on(
         }
     }
     assert_eq!(pids.len(), 1, "the pinned session keeps one connection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_keeps_its_settings_across_a_kill_9_failover() {
+    let mut scene = Scene::start(test_cluster(2), |config| {
+        config.pool.mode = PoolMode::Transaction;
+    })
+    .await;
+    let idle = scene.proxy.connect_app().await;
+    for set in [
+        "SET application_name = 'survivor'",
+        "SET search_path = pg_catalog, public",
+    ] {
+        idle.batch_execute(set).await.unwrap();
+    }
+    let kill = scene.kill(OLD_PRIMARY);
+    scene.writes_resume(kill, "kill -9 under an idle session in transaction mode");
+    let new = scene.sole_primary(&STANDBYS);
+
+    // The same client, never reconnected: its write runs on the new primary, and whatever
+    // connection serves it carries the session's settings.
+    idle.batch_execute("INSERT INTO ticks (id) VALUES (-7)")
+        .await
+        .unwrap_or_else(|e| panic!("the idle session's next write failed: {}", describe(&e)));
+    assert!(tick_ids(&scene.cluster, new).contains(&-7));
+    let settings = "SELECT current_setting('application_name') || '|' || \
+                    current_setting('search_path')";
+    assert_eq!(
+        simple_value(&idle, settings).await,
+        "survivor|pg_catalog, public"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pgbench_runs_in_every_query_mode_with_more_clients_than_server_connections() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.max_size = 4;
+    })
+    .await;
+    let program = pgbench_path(cluster.bin_dir());
+    pgbench(&program, &proxy, &["-i", "-s", "1", "-q"]).await;
+    // Eight clients over four server connections: under session pooling the last four would
+    // wait for a connection and fail.
+    for mode in ["simple", "extended"] {
+        let run = ["-T", "5", "-c", "8", "-j", "2", "-M", mode];
+        assert_clean_run(&pgbench(&program, &proxy, &run).await);
+    }
+    // Named statements pin each client to a connection of its own: as many as there are.
+    let prepared = ["-T", "5", "-c", "4", "-j", "2", "-M", "prepared"];
+    assert_clean_run(&pgbench(&program, &proxy, &prepared).await);
+    assert!(proxy.running.proxy.pools.open_count(0) <= 4);
 }
