@@ -66,7 +66,7 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
         mut stream,
         startup,
         buf: client_buf,
-    } = match open_and_authenticate(tcp, &proxy).await {
+    } = match Box::pin(open_and_authenticate(tcp, &proxy)).await {
         Ok(Some(opened)) => opened,
         Ok(None) => return,
         Err((stream, error)) => {
@@ -80,7 +80,9 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
     let span = tracing::debug_span!("session", user = %startup.user, db = %startup.database);
     let _entered = span.enter();
     let key = proxy.cancels.register();
-    match attach(&mut stream, &startup, &proxy, &key).await {
+    // Startup, authentication and the first connection are boxed: their state is large and
+    // would otherwise stay allocated in the task for the whole session (see `serve`).
+    match Box::pin(attach(&mut stream, &startup, &proxy, &key)).await {
         Ok(lease) => {
             let client = ClientConn {
                 stream,

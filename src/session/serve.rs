@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use bytes::BytesMut;
 use pgvigil_proto::classify::encoding_is_safe;
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
@@ -111,14 +112,14 @@ pub async fn serve(
     session.steering.unit_done(proxy);
     key.set_target(None);
     debug!(?end, "session ended");
-    finish(
+    Box::pin(finish(
         end,
         &mut session.client,
         session.held,
         session.steering.current,
         &session.progress,
         proxy,
-    )
+    ))
     .await;
 }
 
@@ -150,15 +151,17 @@ impl Session<'_> {
                 continue;
             }
             let stop = match self.held.leases[current].as_mut() {
+                // Boxed, like `recover`, `act` and `finish`: their state is large, and inline it
+                // would be part of every session's task for its whole life, idle or not.
                 Some(lease) => {
-                    relay::relay(
+                    Box::pin(relay::relay(
                         &mut self.client,
                         &mut lease.conn,
                         &mut self.steering,
                         &mut self.progress,
                         &mut self.changes,
                         self.proxy,
-                    )
+                    ))
                     .await
                 }
                 None => recover::next_unit(&mut self.client, &mut self.steering, self.proxy).await,
@@ -166,7 +169,7 @@ impl Session<'_> {
             let decision = match stop {
                 Stop::End(end) => return Ok(end),
                 Stop::Lost(loss) => {
-                    self.recover(loss).await?;
+                    Box::pin(self.recover(loss)).await?;
                     continue;
                 }
                 Stop::Decided(decision) => decision,
@@ -178,7 +181,7 @@ impl Session<'_> {
             if flush_client(&mut self.client).await.is_err() {
                 return Ok(RelayEnd::ClientGone);
             }
-            self.act(decision).await?;
+            Box::pin(self.act(decision)).await?;
         }
     }
 
@@ -469,6 +472,13 @@ impl Session<'_> {
         if node == self.steering.current {
             self.key.set_target(None);
             self.steering.released();
+            // An idle client costs little: its buffers go (the relay's read chunk is 16 KiB) and
+            // grow again with its next unit.
+            for buf in [&mut self.client.rbuf, &mut self.client.pending] {
+                if buf.is_empty() {
+                    *buf = BytesMut::new();
+                }
+            }
         } else {
             self.steering.replay.fresh_connection(node);
         }
