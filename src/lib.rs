@@ -3,6 +3,7 @@
 //! Clients connect to pgvigil as if it were PostgreSQL; pgvigil authenticates them, pools server
 //! connections, and sends their work to the node the topology says is right.
 
+pub mod admin;
 pub mod auth;
 pub mod balance;
 pub mod cancel;
@@ -12,6 +13,7 @@ pub mod failover;
 pub mod health;
 pub mod listener;
 pub mod local_cluster;
+pub mod node_control;
 pub mod pool;
 pub mod proxy;
 pub mod replication;

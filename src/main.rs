@@ -1,10 +1,13 @@
-//! The `pgvigil` command: run the proxy, or a local demo cluster with the proxy in front.
+//! The `pgvigil` command: run the proxy, or a local demo cluster with the proxy in front, or
+//! drive a running pgvigil through its admin API (`status`, `promote`, `attach`, ...).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use pgvigil::config::{Config, ConfigError};
+use clap::{Args, Parser, Subcommand};
+use pgvigil::admin::api::{self, Refusal};
+use pgvigil::admin::client::{Admin, ClientError};
+use pgvigil::config::{Config, ConfigError, TOKEN_ENV};
 use tracing::{error, info};
 
 /// The command line; `about` is the package description in Cargo.toml.
@@ -38,7 +41,91 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         replicas: usize,
     },
+    /// Show every node (role, health, timeline, WAL positions, lag, fence), the pools and
+    /// recent events.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Promote NODE in place of a lost primary; with --dry-run, show which node failover would
+    /// choose now and why, changing nothing.
+    Promote {
+        /// The node to promote.
+        node: String,
+        /// Change nothing: show the choice failover would make now.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Bring a fenced or down former primary back as a standby of the current primary
+    /// (pg_rewind, or pg_basebackup with --reclone), through its [nodes.control].
+    Failback {
+        /// The node to bring back.
+        node: String,
+        /// Take a fresh copy with pg_basebackup instead of pg_rewind (when its WAL is gone).
+        #[arg(long)]
+        reclone: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Hand the primary role to another standby while the primary is healthy: writes wait,
+    /// transactions in flight drain, nothing acknowledged is lost, the old primary rejoins as a
+    /// standby.
+    Switchover {
+        /// The standby to promote [default: the one failover would choose].
+        #[arg(long)]
+        to: Option<String>,
+        /// How long transactions in flight may take before they are ended (e.g. 5s, 500ms).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        drain_timeout: std::time::Duration,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Put a detached node back into routing and failover candidacy.
+    Attach {
+        /// The node to attach.
+        node: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Take a node out of routing and failover candidacy without touching it.
+    Detach {
+        /// The node to detach.
+        node: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Clear the fence of a node once an operator has dealt with it.
+    Unfence {
+        /// The node to unfence.
+        node: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
+
+/// How the admin commands reach pgvigil. Exit codes: 0 done, 1 refused (with the reason and
+/// what to do next), 2 usage, 3 cannot reach pgvigil.
+#[derive(Args)]
+struct AdminArgs {
+    /// The admin API of the running pgvigil.
+    #[arg(long, env = "PGVIGIL_ADMIN", default_value = "http://127.0.0.1:9998")]
+    admin: String,
+    /// File holding the admin token (else PGVIGIL_ADMIN_TOKEN is used).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Print the answer as JSON, for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit code of a refused command.
+const REFUSED: u8 = 1;
+/// Exit code of bad usage (clap's own, too).
+const USAGE: u8 = 2;
+/// Exit code when pgvigil cannot be reached.
+const UNREACHABLE: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -65,6 +152,125 @@ fn main() -> ExitCode {
             // unprivileged user the nodes run as.
             let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("pgvigil-demo"));
             runtime.block_on(pgvigil::demo::run(dir, port, replicas))
+        }
+        Command::Status { admin } => runtime.block_on(status(admin)),
+        Command::Promote {
+            node,
+            dry_run,
+            admin,
+        } => runtime.block_on(command(admin, api::Command::Promote { node, dry_run })),
+        Command::Failback {
+            node,
+            reclone,
+            admin,
+        } => runtime.block_on(command(admin, api::Command::Failback { node, reclone })),
+        Command::Switchover {
+            to,
+            drain_timeout,
+            admin,
+        } => runtime.block_on(command(
+            admin,
+            api::Command::Switchover { to, drain_timeout },
+        )),
+        Command::Attach { node, admin } => {
+            runtime.block_on(command(admin, api::Command::Attach(node)))
+        }
+        Command::Detach { node, admin } => {
+            runtime.block_on(command(admin, api::Command::Detach(node)))
+        }
+        Command::Unfence { node, admin } => {
+            runtime.block_on(command(admin, api::Command::Unfence(node)))
+        }
+    }
+}
+
+/// The admin client for `args`: the token from `--token-file`, else the environment.
+fn admin_client(args: &AdminArgs) -> Result<Admin, ExitCode> {
+    let token = match &args.token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Some(text.trim().to_owned()),
+            Err(e) => {
+                eprintln!("pgvigil: cannot read --token-file {}: {e}", path.display());
+                return Err(ExitCode::from(USAGE));
+            }
+        },
+        None => std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
+    };
+    Admin::new(&args.admin, token).map_err(|e| {
+        eprintln!("pgvigil: {e}");
+        ExitCode::from(USAGE)
+    })
+}
+
+/// `pgvigil status`.
+async fn status(args: AdminArgs) -> ExitCode {
+    let admin = match admin_client(&args) {
+        Ok(admin) => admin,
+        Err(code) => return code,
+    };
+    match admin.status().await {
+        Ok(Ok(status)) => {
+            if args.json {
+                print_json(&status);
+            } else {
+                print!("{}", pgvigil::admin::render::status(&status));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Err(refusal)) => refused(&refusal, args.json),
+        Err(e) => unreachable(&e),
+    }
+}
+
+/// `pgvigil promote|failback|attach|detach|unfence NODE`, `pgvigil switchover`.
+async fn command(args: AdminArgs, command: api::Command) -> ExitCode {
+    let admin = match admin_client(&args) {
+        Ok(admin) => admin,
+        Err(code) => return code,
+    };
+    match admin.send(&command).await {
+        Ok(Ok(done)) => {
+            if args.json {
+                print_json(&done);
+            } else {
+                println!("{}", done.message);
+                if let Some(dry_run) = &done.dry_run {
+                    print!("{}", pgvigil::admin::render::dry_run(dry_run));
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Err(refusal)) => refused(&refusal, args.json),
+        Err(e) => unreachable(&e),
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("pgvigil: cannot print the answer as JSON: {e}"),
+    }
+}
+
+/// Prints a refusal (JSON on stdout with `--json`, else the reason and next step on stderr).
+fn refused(refusal: &Refusal, json: bool) -> ExitCode {
+    if json {
+        print_json(refusal);
+    } else {
+        eprintln!(
+            "pgvigil: refused: {}\nnext: {}",
+            refusal.refused, refusal.next
+        );
+    }
+    ExitCode::from(REFUSED)
+}
+
+fn unreachable(e: &ClientError) -> ExitCode {
+    eprintln!("pgvigil: {e}");
+    match e {
+        ClientError::BadUrl(_) => ExitCode::from(USAGE),
+        ClientError::Unreachable { .. } | ClientError::Unexpected { .. } => {
+            ExitCode::from(UNREACHABLE)
         }
     }
 }

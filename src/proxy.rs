@@ -19,8 +19,8 @@ use crate::pool::{Lease, PoolError, Pools};
 use crate::replication::ReplicationHandle;
 use crate::router::{Route, RouteError};
 use crate::server::LoginTarget;
-use crate::topology::{Need, NodeId, Topology, TopologyHandle};
-use crate::{failover, health, listener, tls};
+use crate::topology::{Need, NodeId, Topology, TopologyHandle, TopologyPublisher};
+use crate::{admin, failover, health, listener, tls};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,12 @@ pub enum StartError {
     /// The state file could not be read.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    /// The admin API would listen beyond this host with no token to ask for.
+    #[error(
+        "admin.listen {0} is not a loopback address and no admin token is set: set admin.token \
+         or PGVIGIL_ADMIN_TOKEN, or listen on 127.0.0.1"
+    )]
+    AdminWithoutToken(SocketAddr),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -74,8 +80,9 @@ pub struct Proxy {
 
 impl Proxy {
     /// Builds the shared state: user secrets, TLS configurations, empty pools; topology
-    /// generations continue from `generation`.
-    pub fn new(config: Config, generation: u64) -> Result<Proxy, StartError> {
+    /// generations continue from `generation`. The topology's publisher is for the failover
+    /// coordinator alone.
+    pub fn new(config: Config, generation: u64) -> Result<(Proxy, TopologyPublisher), StartError> {
         tls::install_crypto_provider();
         let tls_acceptor = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) if config.tls.mode != crate::config::TlsMode::Disable => {
@@ -99,8 +106,9 @@ impl Proxy {
                 (u.name.clone(), UserSecret::new(&u.name, &password, u.auth))
             })
             .collect();
-        Ok(Proxy {
-            topology: TopologyHandle::new(Topology::initial(&config, generation)),
+        let (topology, publisher) = TopologyHandle::new(Topology::initial(&config, generation));
+        let proxy = Proxy {
+            topology,
             replication: ReplicationHandle::new(config.nodes.len()),
             pools: Pools::new(config.nodes.len(), config.pool.clone()),
             cancels: Arc::new(CancelRegistry::default()),
@@ -113,7 +121,8 @@ impl Proxy {
             functions: config.function_lists(),
             balancer: crate::balance::Balancer::new(config.nodes.len()),
             config: Arc::new(config),
-        })
+        };
+        Ok((proxy, publisher))
     }
 
     /// Asks `decide` for a route; while it finds none (no primary during a failover, no usable
@@ -266,24 +275,53 @@ pub struct Running {
     pub proxy: Arc<Proxy>,
     /// The address it listens on (useful when configured with port 0).
     pub local_addr: SocketAddr,
+    /// The address of the admin API.
+    pub admin_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
 
-/// Restores the state file, binds the listen address and starts the accept loop, the probes,
-/// the failover coordinator and the pool reaper.
+/// Restores the state file, binds the listen and admin addresses and starts the accept loop,
+/// the admin API, the probes, the failover coordinator and the pool reaper.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let addr = config.listen;
+    let admin_token = config.admin.effective_token();
+    let admin_listen = config.admin.listen;
+    if admin_token.is_none() && !admin_listen.ip().is_loopback() {
+        return Err(StartError::AdminWithoutToken(admin_listen));
+    }
     let (memory, generation) = failover::restore(&config)?;
-    let proxy = Arc::new(Proxy::new(config, generation)?);
+    let (proxy, publisher) = Proxy::new(config, generation)?;
+    let proxy = Arc::new(proxy);
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
     let local_addr = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
+    let admin_listener =
+        TcpListener::bind(admin_listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: admin_listen,
+                source,
+            })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: admin_listen,
+            source,
+        })?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let (control, inbox) = failover::channel(proxy.config.nodes.len());
+    tasks.spawn(admin::serve(
+        admin_listener,
+        proxy.clone(),
+        control,
+        admin_token,
+        shutdown.clone(),
+    ));
     tasks.spawn(listener::accept_loop(
         listener,
         proxy.clone(),
@@ -301,16 +339,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     tasks.spawn(failover::run(
         proxy.clone(),
+        publisher,
         memory,
         received,
+        inbox,
         shutdown.clone(),
     ));
     tasks.spawn(reap_pools(proxy.clone(), shutdown.clone()));
     tasks.close();
-    info!(%local_addr, nodes = proxy.config.nodes.len(), "pgvigil listening");
+    info!(%local_addr, %admin_addr, nodes = proxy.config.nodes.len(), "pgvigil listening");
     Ok(Running {
         proxy,
         local_addr,
+        admin_addr,
         shutdown,
         tasks,
     })

@@ -21,6 +21,9 @@ pub struct State {
     pub primary: Option<String>,
     /// Nodes that must never get a query until an operator clears them.
     pub fenced: Vec<String>,
+    /// Nodes an operator detached (`pgvigil detach`) (absent in files of older versions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detached: Vec<String>,
     /// A promotion asked for and not yet seen to finish: after a restart, that node is still
     /// the only candidate (absent in files of older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,6 +159,7 @@ mod tests {
             generation: 3,
             primary: Some("pg2".into()),
             fenced: vec!["pg1".into()],
+            detached: vec!["pg3".into()],
             promoting: Some(PromotionRecord {
                 node: "pg2".into(),
                 old_primary: "pg1".into(),

@@ -1,7 +1,9 @@
 //! The cluster as pgvigil sees it: an immutable snapshot of every node and its role.
 //!
 //! Readers take a snapshot with one atomic load (`TopologyHandle::load`) and never lock; one writer
-//! publishes a new snapshot with a higher generation and announces it on a watch channel.
+//! publishes a new snapshot with a higher generation and announces it on a watch channel. That
+//! writer is whoever holds the one `TopologyPublisher` (`TopologyHandle::new` makes exactly one):
+//! the failover coordinator.
 
 use std::sync::Arc;
 
@@ -27,6 +29,9 @@ pub enum Role {
     /// Lost its primary role to a promoted standby (or sits on an older timeline): it never gets
     /// a query, whatever it claims, until an operator clears the fence.
     Fenced,
+    /// Taken out of routing and failover candidacy by an operator (`pgvigil detach`), whatever
+    /// it is; still probed, untouched, until `pgvigil attach`.
+    Detached,
 }
 
 impl Role {
@@ -38,6 +43,7 @@ impl Role {
             Role::Standby => "standby",
             Role::Down => "down",
             Role::Fenced => "fenced",
+            Role::Detached => "detached",
         }
     }
 
@@ -236,42 +242,63 @@ impl Topology {
     }
 }
 
-/// The shared, atomically swapped current topology.
-pub struct TopologyHandle {
+/// The snapshot and its change channel, shared by the handle and the publisher.
+struct Shared {
     current: ArcSwap<Topology>,
     changes: watch::Sender<u64>,
 }
 
+/// The shared, atomically swapped current topology, for readers.
+pub struct TopologyHandle {
+    shared: Arc<Shared>,
+}
+
+/// The only way to publish a snapshot; not `Clone`, so whoever owns it is the one writer.
+pub struct TopologyPublisher {
+    shared: Arc<Shared>,
+}
+
 impl TopologyHandle {
-    /// Starts with `initial`.
-    pub fn new(initial: Topology) -> TopologyHandle {
+    /// Starts with `initial`; the publisher goes to the failover coordinator.
+    pub fn new(initial: Topology) -> (TopologyHandle, TopologyPublisher) {
         let (changes, _) = watch::channel(initial.generation);
-        TopologyHandle {
+        let shared = Arc::new(Shared {
             current: ArcSwap::from_pointee(initial),
             changes,
-        }
+        });
+        let publisher = TopologyPublisher {
+            shared: shared.clone(),
+        };
+        (TopologyHandle { shared }, publisher)
     }
 
     /// The current snapshot (one atomic load; do not hold it across `.await`).
     pub fn load(&self) -> arc_swap::Guard<Arc<Topology>> {
-        self.current.load()
+        self.shared.current.load()
     }
 
     /// The current snapshot as an owned `Arc`, for tasks that keep it.
     pub fn snapshot(&self) -> Arc<Topology> {
-        self.current.load_full()
+        self.shared.current.load_full()
+    }
+
+    /// A receiver that sees every published generation.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+}
+
+impl TopologyPublisher {
+    /// The snapshot in force, to build the next one from.
+    pub fn snapshot(&self) -> Arc<Topology> {
+        self.shared.current.load_full()
     }
 
     /// Publishes a new snapshot and wakes everyone waiting for a change.
     pub fn publish(&self, next: Topology) {
         let generation = next.generation;
-        self.current.store(Arc::new(next));
-        self.changes.send_replace(generation);
-    }
-
-    /// A receiver that sees every published generation.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
+        self.shared.current.store(Arc::new(next));
+        self.shared.changes.send_replace(generation);
     }
 }
 

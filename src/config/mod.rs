@@ -4,8 +4,13 @@
 //! The shipped `pgvigil.example.toml` is checked against these structs by the tests below, so the
 //! example and the code cannot drift apart.
 
+mod admin;
+mod node_control;
 mod replication;
 mod validate;
+
+pub use admin::{AdminConfig, TOKEN_ENV};
+pub use node_control::{ControlDriver, NodeControlConfig};
 
 use std::fmt;
 use std::io;
@@ -45,6 +50,8 @@ pub struct Config {
     pub failover: FailoverConfig,
     /// How repointed standbys connect to a new primary (`[replication]`).
     pub replication: ReplicationConfig,
+    /// The admin API: status and commands (`[admin]`).
+    pub admin: AdminConfig,
     /// The PostgreSQL nodes (`[[nodes]]`); their roles are observed, never taken from this order.
     pub nodes: Vec<NodeConfig>,
     /// The users clients may log in as (`[[users]]`).
@@ -66,6 +73,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             failover: FailoverConfig::default(),
             replication: ReplicationConfig::default(),
+            admin: AdminConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
         }
@@ -371,6 +379,9 @@ pub struct NodeConfig {
     pub priority: u32,
     /// Never promote this node (default false).
     pub no_promote: bool,
+    /// How pgvigil stops, starts, rewinds and re-clones it (`[nodes.control]`; default none:
+    /// `failback` is refused for this node).
+    pub control: Option<NodeControlConfig>,
 }
 
 impl Default for NodeConfig {
@@ -382,6 +393,7 @@ impl Default for NodeConfig {
             weight: 1,
             priority: 1,
             no_promote: false,
+            control: None,
         }
     }
 }
@@ -801,8 +813,13 @@ write_functions = ["lower"]
     #[test]
     fn example_file_is_valid_and_matches_the_defaults() -> Result<(), ConfigError> {
         let example = Config::parse(EXAMPLE)?;
+        let mut pg1 = node("pg1", 5432);
+        pg1.control = Some(NodeControlConfig {
+            data_dir: PathBuf::from("/var/lib/postgresql/16/main"),
+            ..NodeControlConfig::default()
+        });
         let expected = Config {
-            nodes: vec![node("pg1", 5432), node("pg2", 5433), node("pg3", 5434)],
+            nodes: vec![pg1, node("pg2", 5433), node("pg3", 5434)],
             users: vec![app_user()],
             ..Config::default()
         };
@@ -828,6 +845,11 @@ write_functions = ["lower"]
             application_name: Some("pg1".into()),
             conninfo: [("keepalives_idle".to_owned(), "30".to_owned())].into(),
         };
+        full.admin.token = Some("secret".into());
+        full.nodes[0].control = Some(NodeControlConfig {
+            bin_dir: Some(PathBuf::from("/usr/lib/postgresql/16/bin")),
+            ..NodeControlConfig::default()
+        });
         let mut keys = Vec::new();
         match toml::Value::try_from(&full) {
             Ok(toml::Value::Table(table)) => collect_keys("", &table, &mut keys),
@@ -873,6 +895,13 @@ write_functions = ["lower"]
             let line = line.trim();
             let uncommented = line.trim_start_matches('#').trim();
             if let Some(section) = section_prefix(line) {
+                // A sub-table of the array entry just opened: `[nodes.control]` after `[[nodes]]`.
+                let section = match prefix.strip_suffix("[].") {
+                    Some(array) if section.starts_with(&format!("{array}.")) => {
+                        format!("{array}[].{}", &section[array.len() + 1..])
+                    }
+                    _ => section,
+                };
                 keys.push(
                     section
                         .trim_end_matches('.')

@@ -27,6 +27,7 @@ pub(super) fn problems(config: &Config) -> Vec<Problem> {
     check_routing(config, &mut problems);
     check_failover(config, &mut problems);
     super::replication::check(&config.replication, &mut problems);
+    super::admin::check(&config.admin, &mut problems);
     check_nodes(config, &mut problems);
     check_users(config, &mut problems);
     problems
@@ -246,6 +247,9 @@ fn check_nodes(config: &Config, problems: &mut Vec<Problem>) {
     let mut addresses: HashMap<(&str, u16), usize> = HashMap::new();
     for (i, node) in config.nodes.iter().enumerate() {
         let key = |field: &str| format!("nodes[{i}].{field}");
+        if let Some(control) = &node.control {
+            super::node_control::check(i, control, problems);
+        }
         if node.name.is_empty() {
             problems.push(Problem::new(key("name"), "missing"));
         } else if !node

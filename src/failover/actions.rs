@@ -197,23 +197,145 @@ pub async fn repoint(
             )
         })?;
         if !slot.is_empty() {
-            let new_primary = admin_connect(config, primary, "pgvigil failover").await?;
-            new_primary
-                .execute(
-                    "SELECT pg_create_physical_replication_slot($1, true) WHERE NOT EXISTS \
-                     (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-                    &[&slot],
-                )
-                .await?;
+            create_slot(config, primary, &slot).await?;
         }
         alter_system(&node, "primary_conninfo", &conninfo).await
     })
     .await
 }
 
+/// Creates the physical replication slot `slot` on `primary` unless it exists, reserving WAL
+/// from now on.
+pub async fn create_slot(config: &Config, primary: NodeId, slot: &str) -> Result<(), ActionError> {
+    let client = admin_connect(config, primary, "pgvigil failover").await?;
+    client
+        .execute(
+            "SELECT pg_create_physical_replication_slot($1, true) WHERE NOT EXISTS \
+             (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Runs a `CHECKPOINT` on `primary` and waits (at most `limit`) until its control file names
+/// the timeline it writes on, which `pg_rewind` reads (a just-promoted primary's still names the
+/// old one: DESIGN.md, "Known traps"); returns that timeline.
+pub async fn checkpoint_on_timeline(
+    config: &Config,
+    primary: NodeId,
+    limit: Duration,
+) -> Result<u32, ActionError> {
+    bounded(limit, async {
+        let client = admin_connect(config, primary, "pgvigil failback").await?;
+        let row = client
+            .query_one(&format!("SELECT {LEFT_RECOVERY}"), &[])
+            .await?;
+        let timeline = row
+            .try_get::<_, Option<i32>>(0)?
+            .and_then(|t| u32::try_from(t).ok())
+            .ok_or_else(|| ActionError::Unexpected("the primary is in recovery".into()))?;
+        loop {
+            client.batch_execute("CHECKPOINT").await?;
+            let row = client
+                .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+                .await?;
+            if u32::try_from(row.try_get::<_, i32>(0)?).ok() == Some(timeline) {
+                return Ok(timeline);
+            }
+            tokio::time::sleep(STREAM_POLL).await;
+        }
+    })
+    .await
+}
+
+/// Client transactions on `node` other than pgvigil's own: active statements and open
+/// transactions (`xact_start` is set for both).
+const IN_FLIGHT: &str = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' \
+    AND pid <> pg_backend_pid() AND xact_start IS NOT NULL \
+    AND coalesce(application_name, '') NOT LIKE 'pgvigil%'";
+
+/// Waits at most `limit` for the transactions in flight on `node` to end, then terminates those
+/// left (`pg_terminate_backend`: their sessions end); returns how many were terminated.
+pub async fn drain(config: &Config, node: NodeId, limit: Duration) -> Result<usize, ActionError> {
+    let client = bounded(config.health.timeout * 2, async {
+        Ok(admin_connect(config, node, "pgvigil switchover").await?)
+    })
+    .await?;
+    let deadline = Instant::now() + limit;
+    loop {
+        let rows = bounded(config.health.timeout * 2, async {
+            Ok(client.query(IN_FLIGHT, &[]).await?)
+        })
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        if Instant::now() >= deadline {
+            let pids: Vec<i32> = rows
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            bounded(config.health.timeout * 2, async {
+                client
+                    .execute(
+                        "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid",
+                        &[&pids],
+                    )
+                    .await?;
+                Ok(())
+            })
+            .await?;
+            return Ok(pids.len());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs a `CHECKPOINT` on `node` and returns its WAL position right after (writes are held, so
+/// every acknowledged commit is at or below it).
+pub async fn checkpoint_position(config: &Config, node: NodeId) -> Result<u64, ActionError> {
+    bounded(config.failover.promote_timeout, async {
+        let client = admin_connect(config, node, "pgvigil switchover").await?;
+        client.batch_execute("CHECKPOINT").await?;
+        let row = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?;
+        let text: String = row.try_get(0)?;
+        parse_lsn(&text).ok_or_else(|| ActionError::Unexpected(format!("not an LSN: {text}")))
+    })
+    .await
+}
+
+/// Waits at most `limit` until `standby` has replayed WAL up to `lsn`.
+pub async fn await_replay(
+    config: &Config,
+    standby: NodeId,
+    lsn: u64,
+    limit: Duration,
+) -> Result<(), ActionError> {
+    bounded(limit, async {
+        let client = admin_connect(config, standby, "pgvigil switchover").await?;
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT coalesce(pg_last_wal_replay_lsn()::text, '0/0')",
+                    &[],
+                )
+                .await?;
+            let text: String = row.try_get(0)?;
+            if parse_lsn(&text).is_some_and(|replayed| replayed >= lsn) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
 /// A complete conninfo towards `primary` for `standby`, whose own names no user: from
 /// `[replication]`, else adopted from the first sibling whose conninfo is complete.
-async fn complete_conninfo(
+pub async fn complete_conninfo(
     config: &Config,
     standby: NodeId,
     primary: NodeId,
@@ -314,6 +436,20 @@ pub async fn fence(config: &Config, node: NodeId) -> Result<(), ActionError> {
     bounded(config.health.timeout * 2, async {
         let client = admin_connect(config, node, "pgvigil failover").await?;
         alter_system(&client, "default_transaction_read_only", "on").await
+    })
+    .await
+}
+
+/// Undoes `fence`: `ALTER SYSTEM RESET default_transaction_read_only`, reloaded (a node
+/// unfenced while read-only would refuse writes once promoted).
+pub async fn unfence(config: &Config, node: NodeId) -> Result<(), ActionError> {
+    bounded(config.health.timeout * 2, async {
+        let client = admin_connect(config, node, "pgvigil unfence").await?;
+        client
+            .batch_execute("ALTER SYSTEM RESET default_transaction_read_only")
+            .await?;
+        client.batch_execute("SELECT pg_reload_conf()").await?;
+        Ok(())
     })
     .await
 }

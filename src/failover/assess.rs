@@ -18,6 +18,8 @@ pub struct Memory {
     pub promoting: Option<Promotion>,
     /// The latest promotion that finished, with its positions (for the record).
     pub last_promotion: Option<Promotion>,
+    /// Nodes an operator took out of routing and candidacy (`pgvigil detach`).
+    pub detached: Vec<bool>,
 }
 
 impl Memory {
@@ -28,6 +30,7 @@ impl Memory {
             fenced: vec![false; node_count],
             promoting: None,
             last_promotion: None,
+            detached: vec![false; node_count],
         }
     }
 

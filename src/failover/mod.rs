@@ -7,10 +7,14 @@
 mod actions;
 mod assess;
 mod choose;
+mod command;
 mod conninfo;
+mod control;
+mod failback;
 mod followers;
 mod following;
 mod promote;
+mod switchover;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,13 +24,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub use assess::Memory;
+pub use control::{channel, Events, Handle, Inbox, NodeView, Reply};
+pub use switchover::DEFAULT_DRAIN;
 
 use crate::config::Config;
 use crate::health::{NodeHealth, Report};
 use crate::proxy::Proxy;
 use crate::replication::{format_lsn, parse_lsn, ReplicationView};
 use crate::state::{PromotionRecord, State, StateError, StateFile};
-use crate::topology::{NodeId, Primary, Role};
+use crate::topology::{NodeId, Primary, Role, TopologyPublisher};
 use assess::{assess, Assessment};
 use choose::Promotion;
 use followers::Followers;
@@ -49,6 +55,14 @@ pub fn restore(config: &Config) -> Result<(Memory, u64), StateError> {
     };
     let id = |name: &str| config.nodes.iter().position(|n| n.name == name);
     memory.primary = state.primary.as_deref().and_then(id);
+    for name in &state.detached {
+        match id(name) {
+            Some(node) => memory.detached[node] = true,
+            None => {
+                warn!(node = %name, "the state file detaches a node the configuration no longer has")
+            }
+        }
+    }
     for name in &state.fenced {
         match id(name) {
             Some(node) => memory.fenced[node] = true,
@@ -86,14 +100,22 @@ pub fn restore(config: &Config) -> Result<(Memory, u64), StateError> {
     Ok((memory, state.generation))
 }
 
-/// Takes in probe reports until `shutdown`, keeping the topology true to them.
+/// Takes in probe reports and operators' commands until `shutdown`, keeping the topology true
+/// to them; `publisher` makes it the topology's only writer.
 pub async fn run(
     proxy: Arc<Proxy>,
+    publisher: TopologyPublisher,
     memory: Memory,
     mut reports: mpsc::Receiver<Report>,
+    inbox: Inbox,
     shutdown: CancellationToken,
 ) {
-    let mut coordinator = Coordinator::new(proxy, memory);
+    let Inbox {
+        mut commands,
+        view,
+        events,
+    } = inbox;
+    let mut coordinator = Coordinator::new(proxy, publisher, memory, view, events);
     // The first verdict waits until every node has answered or failed once.
     let first = tokio::time::Instant::now()
         + coordinator.config().health.timeout
@@ -109,6 +131,14 @@ pub async fn run(
             Some(outcome) = coordinator.followers.next_repoint(), if coordinator.followers.repointing() => {
                 coordinator.followers.settle(&coordinator.proxy.config, outcome);
             }
+            // One command at a time, between two steps: never during a failover (that step
+            // is awaited below before the loop comes back here).
+            Some(request) = commands.recv() => {
+                let answer = coordinator.execute(request.command, started).await;
+                // The sender may have given up waiting; nothing to undo then.
+                let _ = request.reply.send(answer);
+                continue;
+            }
             _ = tokio::time::sleep_until(first), if !started => {}
         }
         while let Ok(report) = reports.try_recv() {
@@ -123,14 +153,22 @@ pub async fn run(
         }
         coordinator.publish_positions();
         coordinator.evaluate().await;
+        coordinator.publish_view();
     }
 }
 
 /// The coordinator's state between reports.
 struct Coordinator {
     proxy: Arc<Proxy>,
+    publisher: TopologyPublisher,
     board: Vec<NodeHealth>,
     memory: Memory,
+    /// Why each fenced node was fenced (None for a fence restored from the state file).
+    fence_reasons: Vec<Option<String>>,
+    /// Where the per-node view for status goes.
+    view: tokio::sync::watch::Sender<Arc<Vec<NodeView>>>,
+    /// The recent events, for status.
+    events: Arc<Events>,
     state_file: Option<StateFile>,
     /// Reports of probes that started before this are stale (a probe that began before the
     /// node's promotion and says it is in recovery).
@@ -153,9 +191,19 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    fn new(proxy: Arc<Proxy>, memory: Memory) -> Coordinator {
+    fn new(
+        proxy: Arc<Proxy>,
+        publisher: TopologyPublisher,
+        memory: Memory,
+        view: tokio::sync::watch::Sender<Arc<Vec<NodeView>>>,
+        events: Arc<Events>,
+    ) -> Coordinator {
         let nodes = proxy.config.nodes.len();
         Coordinator {
+            publisher,
+            fence_reasons: vec![None; nodes],
+            view,
+            events,
             state_file: proxy
                 .config
                 .failover
@@ -251,7 +299,10 @@ impl Coordinator {
                 node = %self.name(node),
                 "fenced: it claims to be primary on an older timeline than another node"
             );
-            self.memory.fenced[node] = true;
+            self.fence(
+                node,
+                "it claimed to be primary on an older timeline than another node".into(),
+            );
         }
         self.alert_foreign(&verdict);
         if let Some(promotion) = self.memory.promoting.clone() {
@@ -324,7 +375,11 @@ impl Coordinator {
             "another standby left recovery while a promotion was pending: taking it as primary \
              and fencing the one asked"
         );
-        self.memory.fenced[promotion.node] = true;
+        let reason = format!(
+            "it was asked to promote while {} was promoted by hand",
+            self.name(other)
+        );
+        self.fence(promotion.node, reason);
         self.memory.promoting = None;
         self.retry_at = None;
         self.refused = None;
@@ -430,10 +485,19 @@ impl Coordinator {
     }
 
     /// Publishes the next topology when it differs from the current one, saving the state first.
+    /// A detached node that would be usable is shown as detached: nothing is routed to it.
     fn publish(&mut self, roles: &[Role], suspect: &[bool], primary: Primary) {
-        let current = self.proxy.topology.snapshot();
+        let roles: Vec<Role> = roles
+            .iter()
+            .enumerate()
+            .map(|(node, &role)| match role {
+                Role::Primary | Role::Standby if self.memory.detached[node] => Role::Detached,
+                role => role,
+            })
+            .collect();
+        let current = self.publisher.snapshot();
         let next = current
-            .next(roles, suspect, primary)
+            .next(&roles, suspect, primary)
             .with_stale(self.followers.stale());
         if self.published && current.same_state(&next) {
             return;
@@ -451,7 +515,14 @@ impl Coordinator {
         for node in next.nodes.iter().filter(|n| !n.role.is_usable()) {
             self.proxy.pools.discard_idle(node.id);
         }
-        self.proxy.topology.publish(next);
+        if next.primary != current.primary {
+            let message = match &next.primary {
+                Primary::Known(node) => format!("primary is {}", self.name(*node)),
+                Primary::Unavailable(reason) => format!("no primary: {reason}"),
+            };
+            self.events.push(None, message);
+        }
+        self.publisher.publish(next);
     }
 
     /// Writes the state file (when configured); a failure is logged, not fatal: the nodes'
@@ -465,6 +536,10 @@ impl Coordinator {
             primary: self.memory.primary.map(|n| self.name(n).to_owned()),
             fenced: (0..self.memory.fenced.len())
                 .filter(|&n| self.memory.fenced[n])
+                .map(|n| self.name(n).to_owned())
+                .collect(),
+            detached: (0..self.memory.detached.len())
+                .filter(|&n| self.memory.detached[n])
                 .map(|n| self.name(n).to_owned())
                 .collect(),
             promoting: self
@@ -515,6 +590,7 @@ mod tests {
             generation: 7,
             primary: Some("pg1".into()),
             fenced: vec!["pg1".into()],
+            detached: vec!["pg3".into()],
             promoting: Some(record),
             last_promotion: None,
         };
@@ -541,6 +617,7 @@ mod tests {
         assert_eq!((promoting.node, promoting.old_primary), (1, 0));
         assert_eq!(promoting.loss(), 0x100);
         assert_eq!(memory.fenced, [true, false, false]);
+        assert_eq!(memory.detached, [false, false, true]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -90,9 +90,27 @@ impl Coordinator {
                 return;
             }
         };
-        let new = promotion.node;
+        if self.carry_out(promotion, roles, &verdict.suspect).await {
+            info!(took = ?began.elapsed(), "failover complete");
+        }
+    }
+
+    /// Promotes the chosen standby in place of the old primary, which is fenced; the choice is
+    /// remembered (and saved) before the standby is asked. False when the promotion did not
+    /// finish (writes then stay refused with the reason).
+    pub(super) async fn carry_out(
+        &mut self,
+        promotion: Promotion,
+        roles: Vec<Role>,
+        suspect: &[bool],
+    ) -> bool {
+        let (new, old) = (promotion.node, promotion.old_primary);
         self.memory.promoting = Some(promotion.clone());
-        self.memory.fenced[old] = true;
+        let reason = format!(
+            "it was lost as primary and {} was promoted in its place",
+            self.name(new)
+        );
+        self.fence(old, reason);
         let mut roles = roles;
         roles[old] = Role::Fenced;
         let asked = format!(
@@ -102,8 +120,8 @@ impl Coordinator {
         );
         // Saved before the standby is asked, whether or not the topology changes: a pgvigil
         // restarted mid-promotion must not ask a second standby.
-        self.save(self.proxy.topology.load().generation);
-        self.publish(&roles, &verdict.suspect, Primary::Unavailable(asked));
+        self.save(self.publisher.snapshot().generation);
+        self.publish(&roles, suspect, Primary::Unavailable(asked));
         let step = Instant::now();
         let timeline = match actions::promote(self.config(), new).await {
             Ok(timeline) => timeline,
@@ -111,20 +129,19 @@ impl Coordinator {
                 error!(standby = %self.name(new), error = %e, took = ?step.elapsed(), "promotion did not finish in time; no other standby is asked while it still may");
                 self.give_up(
                     &roles,
-                    &verdict.suspect,
+                    suspect,
                     format!(
                         "failover in progress: {} was asked to promote and has not finished \
                          ({e}); no other standby is promoted while it still may",
                         self.name(new)
                     ),
                 );
-                return;
+                return false;
             }
         };
         info!(standby = %self.name(new), timeline, took = ?step.elapsed(), "promoted");
-        self.finish(promotion, timeline, roles, &verdict.suspect)
-            .await;
-        info!(took = ?began.elapsed(), "failover complete");
+        self.finish(promotion, timeline, roles, suspect).await;
+        true
     }
 
     /// `promotion` left recovery on `timeline`: writes go to it, the other standbys follow it,
@@ -137,7 +154,18 @@ impl Coordinator {
         suspect: &[bool],
     ) {
         let (new, old) = (promotion.node, promotion.old_primary);
-        self.memory.fenced[old] = true;
+        let reason = format!(
+            "it was lost as primary and {} was promoted in its place",
+            self.name(new)
+        );
+        self.fence(old, reason);
+        self.events.push(
+            Some(self.name(new)),
+            format!(
+                "promoted in place of {} on timeline {timeline}",
+                self.name(old)
+            ),
+        );
         self.memory.primary = Some(new);
         self.memory.promoting = None;
         self.memory.last_promotion = Some(promotion.clone());
@@ -174,20 +202,43 @@ impl Coordinator {
         self.checkpoint_later(new);
     }
 
-    /// Reads every standby that might replace `old` now and lets `choose` decide. A standby
-    /// that does not answer its probes is not read, but counts as unreadable (it may be the
-    /// one that holds the most).
+    /// Reads every standby that might replace `old` now and lets `choose` decide.
     pub(super) async fn choose(&self, old: NodeId, roles: &[Role]) -> Choice {
         let step = Instant::now();
+        let readings = self.read_candidates(old, roles).await;
+        let choice = choose(self.config(), &self.board, old, &readings);
+        info!(
+            readings = ?readings
+                .iter()
+                .map(|(n, reading)| (self.name(*n), reading))
+                .collect::<Vec<_>>(),
+            ?choice,
+            took = ?step.elapsed(),
+            "standby chosen"
+        );
+        choice
+    }
+
+    /// The position of every standby that might replace `old`, read now, in node order. A
+    /// standby that does not answer its probes is not read, but counts as unreadable (it may be
+    /// the one that holds the most).
+    pub(super) async fn read_candidates(
+        &self,
+        old: NodeId,
+        roles: &[Role],
+    ) -> Vec<(NodeId, Reading)> {
         let mut readings = Vec::new();
         let mut reads = JoinSet::new();
-        for node in (0..roles.len()).filter(|&n| n != old && !self.memory.fenced[n]) {
+        // Fenced and detached nodes are out of the running and not even read.
+        let candidates = (0..roles.len())
+            .filter(|&n| n != old && !self.memory.fenced[n] && !self.memory.detached[n]);
+        for node in candidates {
             match roles[node] {
                 Role::Standby => {
                     let config = self.proxy.config.clone();
                     reads.spawn(async move { (node, actions::position(&config, node).await) });
                 }
-                Role::Primary | Role::Fenced => {}
+                Role::Primary | Role::Fenced | Role::Detached => {}
                 Role::Down | Role::Unknown => readings.push((
                     node,
                     Reading::Unreadable("it does not answer its probes".into()),
@@ -205,16 +256,6 @@ impl Coordinator {
             }
         }
         readings.sort_by_key(|(node, _)| *node);
-        let choice = choose(self.config(), &self.board, old, &readings);
-        info!(
-            readings = ?readings
-                .iter()
-                .map(|(n, reading)| (self.name(*n), reading))
-                .collect::<Vec<_>>(),
-            ?choice,
-            took = ?step.elapsed(),
-            "standby chosen"
-        );
-        choice
+        readings
     }
 }

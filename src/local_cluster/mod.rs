@@ -11,7 +11,7 @@ mod os_user;
 mod ports;
 mod process;
 mod setup;
-mod tools;
+pub(crate) mod tools;
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -236,6 +236,8 @@ pub struct LocalCluster {
     base_dir: PathBuf,
     tools: Arc<PgTools>,
     nodes: Vec<LocalNode>,
+    /// The spec's `fast`, for nodes cloned again later.
+    fast: bool,
 }
 
 impl LocalCluster {
@@ -252,6 +254,7 @@ impl LocalCluster {
             base_dir: spec.base_dir.clone(),
             tools,
             nodes: Vec::with_capacity(spec.replicas + 1),
+            fast: spec.fast,
         };
         cluster.hand_base_dir_to_server_user()?;
         cluster.start_primary(&spec)?;
@@ -316,6 +319,31 @@ impl LocalCluster {
         for node in &mut self.nodes {
             node.shutdown(Shutdown::Immediate);
         }
+    }
+
+    /// Makes node `node` a fresh streaming standby of node `source`: stops it, deletes its data
+    /// dir, clones `source` with pg_basebackup (through a slot named after the node, created when
+    /// missing) and starts it. The way back for a failed or fenced primary until pgvigil has a
+    /// failback command; the node keeps its name and port.
+    pub fn reclone(&mut self, node: usize, source: usize) -> Result<(), ClusterError> {
+        if node == source {
+            return Err(ClusterError::Spec(format!(
+                "node {node} cannot be cloned from itself"
+            )));
+        }
+        self.node_checked(source)?;
+        let target = self
+            .nodes
+            .get_mut(node)
+            .ok_or(ClusterError::NoSuchNode(node))?;
+        target.shutdown(Shutdown::Immediate);
+        if target.data_dir.exists() {
+            std::fs::remove_dir_all(&target.data_dir).map_err(|e| {
+                ClusterError::io(format!("deleting {}", target.data_dir.display()), e)
+            })?;
+        }
+        setup::clone_replica(&self.nodes[source], &self.nodes[node], self.fast)?;
+        self.nodes[node].start()
     }
 
     /// The server user must own the base dir: it creates data dirs and sockets there.

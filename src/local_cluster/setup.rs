@@ -85,8 +85,10 @@ pub(crate) fn clone_replica(
     fast: bool,
 ) -> Result<(), ClusterError> {
     let slot = &replica.name;
+    // A node cloned again (LocalCluster::reclone) may find its slot already there.
     primary.psql(&format!(
-        "SELECT pg_create_physical_replication_slot('{slot}')"
+        "SELECT pg_create_physical_replication_slot('{slot}') WHERE NOT EXISTS \
+         (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"
     ))?;
     // application_name lands in the primary_conninfo that -R writes, so pg_stat_replication on
     // the primary names the replica.

@@ -99,7 +99,7 @@ fn describe<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
 }
 
 /// `pg_config --bindir` if it holds a server, else the newest `/usr/lib/postgresql/*/bin`.
-fn find_bin_dir() -> Option<PathBuf> {
+pub(crate) fn find_bin_dir() -> Option<PathBuf> {
     pg_config_bin_dir()
         .filter(|dir| has_server(dir))
         .or_else(newest_distro_bin_dir)

@@ -444,12 +444,12 @@ fn node_named(cluster: &LocalCluster, name: &str) -> NodeId {
 
 /// Whether `pg_promote` left its signal file in `data_dir` (the startup process removes it once
 /// it acts on it).
-fn promote_signal_file(data_dir: &Path) -> bool {
+pub(crate) fn promote_signal_file(data_dir: &Path) -> bool {
     data_dir.join("promote").exists()
 }
 
 /// The pid of node `node`'s startup process (the one that replays WAL and ends recovery).
-fn startup_process(cluster: &LocalCluster, node: NodeId) -> u32 {
+pub(crate) fn startup_process(cluster: &LocalCluster, node: NodeId) -> u32 {
     let postmaster = cluster.node(node).pid().expect("the node runs");
     let entries = std::fs::read_dir("/proc").expect("/proc is readable");
     entries
@@ -469,7 +469,7 @@ fn startup_process(cluster: &LocalCluster, node: NodeId) -> u32 {
 }
 
 /// Sends `signal` (as `kill` spells it) to `pid`, a process of a cluster this test built.
-fn signal(signal: &str, pid: u32) {
+pub(crate) fn signal(signal: &str, pid: u32) {
     let status = std::process::Command::new("kill")
         .args([signal, &pid.to_string()])
         .status()

@@ -1,13 +1,16 @@
 //! The integration-test binary: every test here runs against real PostgreSQL servers.
 
 mod abandon_waits;
+mod admin;
 mod auth;
 mod backend_login;
 mod bad_input;
 mod cancel;
+mod chaos;
 mod cli;
 mod cluster_fixture;
 mod drivers;
+mod failback;
 mod failover;
 mod failover_safety;
 mod lost_transaction;
@@ -21,6 +24,7 @@ mod repoint;
 mod routing;
 mod session_survival;
 mod support;
+mod switchover;
 mod tls;
 mod transaction_pooling;
 mod write_connection;

@@ -218,7 +218,7 @@ fn first_row(messages: Vec<SimpleQueryMessage>) -> Option<SimpleQueryRow> {
 }
 
 /// Polls `check` until it holds; panics naming `what` after [`PATIENCE`].
-async fn until<F, Fut>(what: &str, mut check: F)
+pub(crate) async fn until<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,

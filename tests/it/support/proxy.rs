@@ -17,9 +17,10 @@ pub struct TestProxy {
 }
 
 /// The configuration tests start from: every node of `cluster`, the SCRAM user `app` and the md5
-/// user `app_md5`, listening on a free loopback port.
+/// user `app_md5`, listening (and serving the admin API) on free loopback ports.
 pub fn test_config(cluster: &LocalCluster) -> Config {
     let mut config = pgvigil::demo::demo_config(cluster, 0);
+    config.admin.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.users.push(UserConfig {
         name: MD5_USER.into(),
         password: Some(MD5_PASSWORD.into()),

@@ -61,6 +61,12 @@ impl Relay {
     pub fn heal(&self) {
         self.switch.set(|flags| flags.cut = false);
     }
+
+    /// Closes every connection relayed so far, both ends, as the death of the target process
+    /// would for its clients; new connections are relayed as before.
+    pub fn reset(&self) {
+        self.switch.set(|flags| flags.epoch += 1);
+    }
 }
 
 impl Drop for Relay {
@@ -76,6 +82,8 @@ impl Drop for Relay {
 struct Flags {
     cut: bool,
     stopping: bool,
+    /// Connections accepted before the last [`Relay::reset`] belong to an older epoch.
+    epoch: u64,
 }
 
 /// The relay's state, shared by its threads.
@@ -89,6 +97,10 @@ impl Switch {
     fn set(&self, change: impl FnOnce(&mut Flags)) {
         change(&mut self.flags.lock().unwrap());
         self.changed.notify_all();
+    }
+
+    fn epoch(&self) -> u64 {
+        self.flags.lock().unwrap().epoch
     }
 
     /// Blocks while the relay is cut; false once it is stopping.
@@ -129,10 +141,11 @@ fn relay_connection(
     let Ok(server) = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) else {
         return Vec::new();
     };
+    let epoch = switch.epoch();
     let ends = [(&client, &server), (&server, &client)].map(|(from, to)| {
         let (from, to) = (prepare(from), prepare(to));
         let switch = Arc::clone(switch);
-        std::thread::spawn(move || pump(from, to, &switch))
+        std::thread::spawn(move || pump(from, to, &switch, epoch))
     });
     ends.into()
 }
@@ -148,13 +161,16 @@ fn prepare(stream: &TcpStream) -> TcpStream {
 }
 
 /// Copies `from` to `to` while the relay is open; an end of stream is passed on as a half-close,
-/// a broken socket closes both.
-fn pump(mut from: TcpStream, mut to: TcpStream, switch: &Switch) {
+/// a broken socket or a reset since `epoch` closes both.
+fn pump(mut from: TcpStream, mut to: TcpStream, switch: &Switch, epoch: u64) {
     let mut buf = vec![0; CHUNK];
     loop {
         // On stop, returning drops this pump's handles; the sockets close with the last one.
         if !switch.wait_open() {
             return;
+        }
+        if switch.epoch() != epoch {
+            break;
         }
         let n = match from.read(&mut buf) {
             Ok(0) => {
@@ -285,6 +301,24 @@ mod tests {
         assert_eq!(read_n(&mut before, 4).unwrap(), b"held");
         assert_eq!(read_n(&mut during, 6).unwrap(), b"queued");
         drop((before, during));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_reset_closes_the_connections_it_found_and_relays_new_ones() {
+        let (addr, _, server) = echo_server(2);
+        let relay = Relay::start(addr);
+        let mut old = connect(&relay);
+        assert_eq!(echo(&mut old, b"a").unwrap(), b"a");
+        relay.reset();
+        assert_eq!(
+            old.read(&mut [0; 1]).unwrap(),
+            0,
+            "the old client sees a close"
+        );
+        let mut new = connect(&relay);
+        assert_eq!(echo(&mut new, b"b").unwrap(), b"b");
+        drop((old, new));
         server.join().unwrap();
     }
 

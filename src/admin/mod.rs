@@ -1,0 +1,218 @@
+//! The admin HTTP API (JSON, bearer token) on its own listener: `GET /status`, and
+//! `POST /nodes/NAME/VERB` for the operator's commands, which go to the failover coordinator.
+//! The CLI (`pgvigil status`, `promote`, ...) is its client (`client`).
+
+pub mod api;
+pub mod client;
+pub mod render;
+mod status;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::failover::Handle;
+use crate::proxy::Proxy;
+use api::{Command, Refusal};
+
+/// What the request handler needs.
+struct State {
+    proxy: Arc<Proxy>,
+    control: Handle,
+    token: Option<String>,
+}
+
+/// Serves the admin API on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    control: Handle,
+    token: Option<String>,
+    shutdown: CancellationToken,
+) {
+    let state = Arc::new(State {
+        proxy,
+        control,
+        token,
+    });
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!(error = %e, "admin API: accept failed");
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(answer(&state, request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                served = connection => if let Err(e) = served {
+                    debug!(error = %e, "admin API connection ended with an error");
+                },
+            }
+        });
+    }
+}
+
+/// The response to one request.
+async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if !authorized(state.token.as_deref(), &request) {
+        let mut response = json(
+            StatusCode::UNAUTHORIZED,
+            &Refusal::new(
+                "the admin token is missing or wrong",
+                "give the token in PGVIGIL_ADMIN_TOKEN or with --token-file",
+            ),
+        );
+        response.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+        return response;
+    }
+    let path: Vec<&str> = request
+        .uri()
+        .path()
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    let flag = |name: &str| {
+        request.uri().query().is_some_and(|q| {
+            q.split('&')
+                .any(|p| p == name || p.strip_prefix(name) == Some("=true"))
+        })
+    };
+    let (dry_run, reclone) = (flag("dry_run"), flag("reclone"));
+    let value = |name: &str| {
+        request.uri().query().and_then(|q| {
+            q.split('&')
+                .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
+                .map(str::to_owned)
+        })
+    };
+    let command = match (request.method(), path.as_slice()) {
+        (&Method::POST, ["switchover"]) => {
+            let drain_timeout = match value("drain_timeout") {
+                None => crate::failover::DEFAULT_DRAIN,
+                Some(text) => match humantime::parse_duration(&text) {
+                    Ok(duration) => duration,
+                    Err(e) => {
+                        return json(
+                            StatusCode::BAD_REQUEST,
+                            &Refusal::new(
+                                format!("drain_timeout {text:?} is not a duration: {e}"),
+                                "write it like 5s or 500ms",
+                            ),
+                        )
+                    }
+                },
+            };
+            Command::Switchover {
+                to: value("to"),
+                drain_timeout,
+            }
+        }
+        (&Method::GET, ["status"]) => {
+            return json(
+                StatusCode::OK,
+                &status::status(&state.proxy, &state.control),
+            )
+        }
+        (&Method::POST, ["nodes", node, verb]) => match *verb {
+            "attach" => Command::Attach((*node).to_owned()),
+            "detach" => Command::Detach((*node).to_owned()),
+            "unfence" => Command::Unfence((*node).to_owned()),
+            "failback" => Command::Failback {
+                node: (*node).to_owned(),
+                reclone,
+            },
+            "promote" => Command::Promote {
+                node: (*node).to_owned(),
+                dry_run,
+            },
+            _ => return not_found(),
+        },
+        _ => return not_found(),
+    };
+    match state.control.send(command).await {
+        Ok(done) => json(StatusCode::OK, &done),
+        Err(refusal) => json(StatusCode::CONFLICT, &refusal),
+    }
+}
+
+/// Whether the request carries the token (any request does when there is none).
+fn authorized(token: Option<&str>, request: &Request<Incoming>) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    let given = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    constant_time_eq(given.as_bytes(), token.as_bytes())
+}
+
+/// Compares without stopping at the first difference, so timing does not reveal the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn not_found() -> Response<Full<Bytes>> {
+    json(
+        StatusCode::NOT_FOUND,
+        &Refusal::new(
+            "no such endpoint",
+            "use GET /status, POST /switchover[?to=NODE&drain_timeout=5s] or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
+        ),
+    )
+}
+
+fn json(code: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    let text = serde_json::to_vec(body).unwrap_or_else(|e| {
+        format!("{{\"refused\":\"cannot encode the answer: {e}\",\"next\":\"report this\"}}")
+            .into_bytes()
+    });
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"secret"));
+    }
+}
