@@ -25,6 +25,9 @@ const POOL: usize = 20;
 /// Bound on a client's wait for a server connection: generous for a loaded 2-core machine.
 const CHECKOUT: Duration = Duration::from_secs(120);
 
+/// Bound on the thousand clients' logins: generous for a loaded 2-core machine.
+const ALL_CONNECTED: Duration = Duration::from_secs(120);
+
 /// The first column of the first row of a simple-protocol answer.
 async fn simple_value(client: &Client, sql: &str) -> String {
     let messages = client
@@ -59,6 +62,7 @@ async fn a_thousand_clients_share_twenty_server_connections_one_transaction_at_a
         config.pool.max_size = POOL;
         config.pool.checkout_timeout = CHECKOUT;
         config.max_client_conn = CLIENTS + 10;
+        config.client.startup_timeout = ALL_CONNECTED;
     })
     .await;
     let setup = proxy.connect_app().await;
@@ -95,15 +99,28 @@ async fn a_thousand_clients_share_twenty_server_connections_one_transaction_at_a
         })
     };
 
-    // Every client is connected before any of them starts: a thousand sessions at once.
-    let all_connected = Arc::new(tokio::sync::Barrier::new(CLIENTS));
+    // Every client is connected before any of them starts: a thousand sessions at once. They
+    // connect a hundred at a time (logins are CPU work on a loaded machine), and wait for the
+    // others with a deadline, so that a failed login fails the test instead of hanging it.
+    let logins = Arc::new(tokio::sync::Semaphore::new(100));
+    let connected = Arc::new(AtomicUsize::new(0));
     let proxy = Arc::new(proxy);
     let clients: Vec<_> = (0..CLIENTS)
         .map(|id| {
-            let (proxy, all_connected) = (proxy.clone(), all_connected.clone());
+            let (proxy, logins, connected) = (proxy.clone(), logins.clone(), connected.clone());
             tokio::spawn(async move {
+                let login = logins.acquire().await.unwrap();
                 let client = proxy.connect_app().await;
-                all_connected.wait().await;
+                drop(login);
+                connected.fetch_add(1, Ordering::SeqCst);
+                let deadline = tokio::time::Instant::now() + ALL_CONNECTED;
+                while connected.load(Ordering::SeqCst) < CLIENTS {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "not every client connected within {ALL_CONNECTED:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 let mut written = 0;
                 for n in 0..TRANSACTIONS {
                     if n % 2 == 0 {
