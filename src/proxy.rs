@@ -222,7 +222,10 @@ impl Proxy {
             lease.conn.run_internal("DISCARD ALL").await
         };
         match tokio::time::timeout(self.config.backend.connect_timeout, reset).await {
-            Ok(Ok(())) if lease.conn.rbuf.is_empty() => self.pools.checkin(lease),
+            Ok(Ok(())) if lease.conn.rbuf.is_empty() => {
+                lease.conn.owner = 0;
+                self.pools.checkin(lease)
+            }
             Ok(Ok(())) => {}
             Ok(Err(error)) => warn!(%error, "server connection reset failed; closing it"),
             Err(_) => warn!("server connection reset timed out; closing it"),

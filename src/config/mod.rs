@@ -169,6 +169,8 @@ pub enum BackendTlsMode {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
+    /// When a client's server connection goes back to the pool (default `session`).
+    pub mode: PoolMode,
     /// Most server connections per node (default 20, at least 1).
     pub max_size: usize,
     /// Idle server connections kept open per node (default 0, at most `max_size`).
@@ -187,6 +189,9 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
+            // Session pooling by default: every session feature works in it, while transaction
+            // pooling keeps a client on one connection only for what pgvigil can replay.
+            mode: PoolMode::Session,
             max_size: 20,
             min_idle: 0,
             idle_timeout: Duration::from_secs(10 * 60),
@@ -194,6 +199,20 @@ impl Default for PoolConfig {
             checkout_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// When a client's server connection goes back to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolMode {
+    /// A client keeps its server connections until it disconnects: everything PostgreSQL offers
+    /// a session works, and each client costs a server connection.
+    #[default]
+    Session,
+    /// A client holds a server connection only from the start of a transaction or autocommit
+    /// unit to its ReadyForQuery 'I'; a session that did what cannot be replayed (see
+    /// `session::replay::Replayable::pinned`) keeps its connection until it ends.
+    Transaction,
 }
 
 /// Health probes of the nodes (`[health]`).

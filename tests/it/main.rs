@@ -27,4 +27,5 @@ mod session_survival;
 mod support;
 mod switchover;
 mod tls;
+mod transaction_pooling;
 mod write_connection;
