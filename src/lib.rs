@@ -7,6 +7,7 @@ pub mod admin;
 pub mod auth;
 pub mod balance;
 pub mod cancel;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod events;

@@ -20,7 +20,7 @@ use crate::replication::ReplicationHandle;
 use crate::router::{Route, RouteError};
 use crate::server::LoginTarget;
 use crate::topology::{Need, NodeId, Topology, TopologyHandle, TopologyPublisher};
-use crate::{admin, failover, health, listener, tls};
+use crate::{admin, cluster, failover, health, listener, tls};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,8 @@ pub struct Proxy {
     pub metrics: crate::metrics::Metrics,
     /// The event log (`GET /events`).
     pub events: Arc<crate::events::Events>,
+    /// Whether this instance may act on the nodes (alone, or the leader elected in etcd).
+    pub leadership: Arc<crate::cluster::Leadership>,
 }
 
 impl Proxy {
@@ -132,6 +134,7 @@ impl Proxy {
                     .collect::<Vec<_>>(),
             ),
             events: Arc::new(crate::events::Events::default()),
+            leadership: crate::cluster::Leadership::new(&config),
             config: Arc::new(config),
         };
         Ok((proxy, publisher))
@@ -231,7 +234,10 @@ impl Proxy {
             lease.conn.run_internal("DISCARD ALL").await
         };
         match tokio::time::timeout(self.config.backend.connect_timeout, reset).await {
-            Ok(Ok(())) if lease.conn.rbuf.is_empty() => self.pools.checkin(lease),
+            Ok(Ok(())) if lease.conn.rbuf.is_empty() => {
+                lease.conn.owner = 0;
+                self.pools.checkin(lease)
+            }
             Ok(Ok(())) => {}
             Ok(Err(error)) => warn!(%error, "server connection reset failed; closing it"),
             Err(_) => warn!("server connection reset timed out; closing it"),
@@ -291,7 +297,8 @@ pub struct Running {
 }
 
 /// Restores the state file, binds the listen and admin addresses and starts the accept loop,
-/// the admin API, the probes, the failover coordinator and the pool reaper.
+/// the admin API, the probes, the failover coordinator, the pool reaper and (with `[cluster]`)
+/// the etcd election.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let addr = config.listen;
     let admin_token = config.admin.effective_token();
@@ -355,6 +362,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown.clone(),
     ));
     tasks.spawn(reap_pools(proxy.clone(), shutdown.clone()));
+    tasks.spawn(cluster::election::run(
+        proxy.leadership.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(cluster::shared::run_writer(
+        proxy.leadership.clone(),
+        shutdown.clone(),
+    ));
     tasks.close();
     info!(%local_addr, %admin_addr, nodes = proxy.config.nodes.len(), "pgvigil listening");
     Ok(Running {

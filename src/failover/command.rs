@@ -50,6 +50,16 @@ impl Coordinator {
                 "retry in a few seconds",
             ));
         }
+        // Only the instance that may act on the nodes carries out commands (a dry run changes
+        // nothing).
+        if !matches!(command, Command::Promote { dry_run: true, .. }) {
+            if let Err(why) = self.may_act() {
+                return Err(Refusal::new(
+                    why,
+                    "send the command to the leading pgvigil instance",
+                ));
+            }
+        }
         if let Some(promotion) = &self.memory.promoting {
             if !matches!(command, Command::Promote { dry_run: true, .. }) {
                 return Err(Refusal::new(

@@ -13,6 +13,7 @@ mod control;
 mod failback;
 mod followers;
 mod following;
+mod gate;
 mod promote;
 mod switchover;
 
@@ -73,22 +74,7 @@ pub fn restore(config: &Config) -> Result<(Memory, u64), StateError> {
             }
         }
     }
-    let promotion = |record: &PromotionRecord| {
-        let promotion = Some(Promotion {
-            node: id(&record.node)?,
-            old_primary: id(&record.old_primary)?,
-            old_lsn: parse_lsn(&record.old_lsn)?,
-            new_lsn: parse_lsn(&record.new_lsn)?,
-            postmaster_start: record.postmaster_start.clone(),
-        });
-        if promotion.is_none() {
-            warn!(
-                ?record,
-                "the state file holds a promotion this configuration cannot place"
-            );
-        }
-        promotion
-    };
+    let promotion = |record: &PromotionRecord| promotion_from(config, record);
     memory.promoting = state.promoting.as_ref().and_then(promotion);
     memory.last_promotion = state.last_promotion.as_ref().and_then(promotion);
     info!(
@@ -100,6 +86,29 @@ pub fn restore(config: &Config) -> Result<(Memory, u64), StateError> {
         "state restored; checking it against the nodes"
     );
     Ok((memory, state.generation))
+}
+
+/// `record` as a promotion of `config`'s nodes; None (and a warning) when a node it names is no
+/// longer configured.
+fn promotion_from(config: &Config, record: &PromotionRecord) -> Option<Promotion> {
+    let id = |name: &str| config.nodes.iter().position(|n| n.name == name);
+    let place = || {
+        Some(Promotion {
+            node: id(&record.node)?,
+            old_primary: id(&record.old_primary)?,
+            old_lsn: parse_lsn(&record.old_lsn)?,
+            new_lsn: parse_lsn(&record.new_lsn)?,
+            postmaster_start: record.postmaster_start.clone(),
+        })
+    };
+    let promotion = place();
+    if promotion.is_none() {
+        warn!(
+            ?record,
+            "the recorded promotion names nodes this configuration cannot place"
+        );
+    }
+    promotion
 }
 
 /// Takes in probe reports and operators' commands until `shutdown`, keeping the topology true
@@ -194,6 +203,10 @@ struct Coordinator {
     foreign_alerted: Vec<NodeId>,
     /// Why the last failover attempt did not complete (logged at error once, not every retry).
     refused: Option<String>,
+    /// Why this instance last left a lost primary to the leader (logged once, not every round).
+    held: Option<String>,
+    /// The leadership epoch whose shared state was last checked for a pending promotion.
+    adopted: Option<i64>,
     /// Which standbys follow the primary; repoints in flight.
     followers: Followers,
     published: bool,
@@ -229,6 +242,8 @@ impl Coordinator {
             alerted: None,
             foreign_alerted: Vec::new(),
             refused: None,
+            held: None,
+            adopted: None,
             followers: Followers::new(nodes),
             published: false,
         }
@@ -314,6 +329,10 @@ impl Coordinator {
             );
         }
         self.alert_foreign(&verdict);
+        self.report_view(&verdict);
+        let Some(verdict) = self.pass_gate(verdict).await else {
+            return;
+        };
         if let Some(promotion) = self.memory.promoting.clone() {
             self.on_pending_promotion(promotion, verdict).await;
             return;
@@ -345,7 +364,7 @@ impl Coordinator {
     /// it and a frozen one stops being a witness (see `assess::witness`) within seconds.
     fn shorten_receiver_timeouts(&mut self) {
         let target = self.config().failover.receiver_timeout;
-        if target.is_zero() {
+        if target.is_zero() || self.may_act().is_err() {
             return;
         }
         for node in 0..self.board.len() {
@@ -459,6 +478,9 @@ impl Coordinator {
     /// Makes fenced nodes that answer as writable primaries read-only, in the background (at
     /// most every `FENCE_RETRY` per node).
     fn fence_reachable(&mut self) {
+        if self.may_act().is_err() {
+            return;
+        }
         for node in 0..self.board.len() {
             let writable = self.board[node]
                 .current()
@@ -534,13 +556,23 @@ impl Coordinator {
         self.publisher.publish(next);
     }
 
-    /// Writes the state file (when configured); a failure is logged, not fatal: the nodes'
-    /// timelines still tell a stale primary after a restart.
+    /// Writes the state file (when configured) and shares the state in etcd (with `[cluster]`);
+    /// a failure is logged, not fatal: the nodes' timelines still tell a stale primary after a
+    /// restart.
     fn save(&self, generation: u64) {
+        let state = self.state(generation);
+        self.share(&state);
         let Some(file) = &self.state_file else {
             return;
         };
-        let state = State {
+        if let Err(e) = file.save(&state) {
+            error!(error = %e, "could not save the state file");
+        }
+    }
+
+    /// What the coordinator remembers, as the state file keeps it.
+    fn state(&self, generation: u64) -> State {
+        State {
             generation,
             primary: self.memory.primary.map(|n| self.name(n).to_owned()),
             fenced: (0..self.memory.fenced.len())
@@ -561,9 +593,6 @@ impl Coordinator {
                 .last_promotion
                 .as_ref()
                 .map(|p| self.promotion_record(p)),
-        };
-        if let Err(e) = file.save(&state) {
-            error!(error = %e, "could not save the state file");
         }
     }
 

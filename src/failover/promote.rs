@@ -69,11 +69,15 @@ impl Coordinator {
         }
     }
 
-    /// Promotes the standby `choose` picks in place of `old`; every step is logged with its
-    /// duration. The choice is remembered (and saved) before the standby is asked, with the old
+    /// Promotes the standby `choose` picks in place of `old`, once the instances' joint view
+    /// agrees (`gate`); every step is logged with its duration. The choice is remembered (and saved) before the standby is asked, with the old
     /// primary fenced: from then on only that standby may take its place.
     pub(super) async fn fail_over(&mut self, old: NodeId, verdict: Assessment) {
         let began = Instant::now();
+        if let Err(why) = self.joint_view(old).await {
+            self.give_up(&verdict.roles, &verdict.suspect, why);
+            return;
+        }
         warn!(
             primary = %self.name(old),
             failures = self.board[old].failures,
@@ -122,6 +126,12 @@ impl Coordinator {
         roles: Vec<Role>,
         suspect: &[bool],
     ) -> bool {
+        // Recorded in etcd under the lease first (with `[cluster]`), which also checks again
+        // that this instance may act: reading the standbys took time.
+        if let Err(why) = self.announce(&promotion).await {
+            self.give_up(&roles, suspect, why);
+            return false;
+        }
         let (new, old) = (promotion.node, promotion.old_primary);
         self.memory.promoting = Some(promotion.clone());
         let reason = format!(
@@ -216,10 +226,12 @@ impl Coordinator {
         let standbys: Vec<NodeId> = (0..roles.len())
             .filter(|&n| n == new || roles[n] == Role::Standby)
             .collect();
-        self.followers
-            .repoint(&self.proxy.config, &standbys, new, timeline);
-        self.fence_reachable();
-        self.checkpoint_later(new);
+        if self.may_act().is_ok() {
+            self.followers
+                .repoint(&self.proxy.config, &standbys, new, timeline);
+            self.fence_reachable();
+            self.checkpoint_later(new);
+        }
     }
 
     /// Reads every standby that might replace `old` now and lets `choose` decide.
