@@ -253,6 +253,32 @@ async fn metrics_after_traffic_and_after_a_failover_hold_every_metric_with_plaus
         value(&after, "pgvigil_topology_generation", &[])
             > value(&first, "pgvigil_topology_generation", &[])
     );
+    // Every metric the Grafana dashboard queries is exported.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana-dashboard.json"),
+    )
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let queried: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap())
+        .flat_map(|t| {
+            let expr = t["expr"].as_str().unwrap();
+            expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("pgvigil_"))
+                .map(|w| w.trim_end_matches("_bucket").to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(queried.len() >= 10, "{queried:?}");
+    for name in &queried {
+        assert!(
+            after.samples.iter().any(|s| &s.metric == name),
+            "the dashboard queries {name}, which is not exported"
+        );
+    }
     scrape_until(
         admin,
         "the writer's units are counted on the new primary",
