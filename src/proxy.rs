@@ -76,6 +76,10 @@ pub struct Proxy {
     pub functions: pgvigil_proto::classify::FunctionLists,
     /// Spreads reads over the nodes that may take them.
     pub balancer: crate::balance::Balancer,
+    /// The Prometheus metrics served at `/metrics`.
+    pub metrics: crate::metrics::Metrics,
+    /// The event log (`GET /events`).
+    pub events: Arc<crate::events::Events>,
     /// Whether this instance may act on the nodes (alone, or the leader elected in etcd).
     pub leadership: Arc<crate::cluster::Leadership>,
 }
@@ -122,6 +126,14 @@ impl Proxy {
             nudges: Arc::new(health::Nudges::new(config.nodes.len())),
             functions: config.function_lists(),
             balancer: crate::balance::Balancer::new(config.nodes.len()),
+            metrics: crate::metrics::Metrics::new(
+                &config
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.clone())
+                    .collect::<Vec<_>>(),
+            ),
+            events: Arc::new(crate::events::Events::default()),
             leadership: crate::cluster::Leadership::new(&config),
             config: Arc::new(config),
         };
@@ -318,7 +330,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         })?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let (control, inbox) = failover::channel(proxy.config.nodes.len());
+    let (control, inbox) = failover::channel(proxy.config.nodes.len(), proxy.events.clone());
     tasks.spawn(admin::serve(
         admin_listener,
         proxy.clone(),
@@ -334,7 +346,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (reports, received) = tokio::sync::mpsc::channel(4 * proxy.config.nodes.len().max(1));
     for node in 0..proxy.config.nodes.len() {
         tasks.spawn(health::probe_node(
-            proxy.config.clone(),
+            proxy.clone(),
             node,
             proxy.nudges.clone(),
             reports.clone(),

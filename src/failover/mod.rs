@@ -25,10 +25,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub use assess::Memory;
-pub use control::{channel, Events, Handle, Inbox, NodeView, Reply};
+pub use control::{channel, Handle, Inbox, NodeView, Reply};
 pub use switchover::DEFAULT_DRAIN;
 
+use crate::admin::api::EventKind;
 use crate::config::Config;
+use crate::events::Events;
 use crate::health::{NodeHealth, Report};
 use crate::proxy::Proxy;
 use crate::replication::{format_lsn, parse_lsn, ReplicationView};
@@ -138,6 +140,13 @@ pub async fn run(
                 None => return,
             },
             Some(outcome) = coordinator.followers.next_repoint(), if coordinator.followers.repointing() => {
+                if let Ok((standby, primary, Ok(_))) = &outcome {
+                    coordinator.events.push(
+                        EventKind::Repointed,
+                        Some(coordinator.name(*standby)),
+                        format!("streams from the new primary {}", coordinator.name(*primary)),
+                    );
+                }
                 coordinator.followers.settle(&coordinator.proxy.config, outcome);
             }
             // One command at a time, between two steps: never during a failover (that step
@@ -542,7 +551,7 @@ impl Coordinator {
                 Primary::Known(node) => format!("primary is {}", self.name(*node)),
                 Primary::Unavailable(reason) => format!("no primary: {reason}"),
             };
-            self.events.push(None, message);
+            self.events.push(EventKind::Topology, None, message);
         }
         self.publisher.publish(next);
     }

@@ -10,6 +10,8 @@ use super::actions::{self, Pending};
 use super::assess::Assessment;
 use super::choose::{choose, Choice, Promotion, Reading};
 use super::Coordinator;
+use crate::admin::api::EventKind;
+use crate::metrics::FailoverPhase;
 use crate::replication::format_lsn;
 use crate::topology::{NodeId, Primary, Role};
 
@@ -81,14 +83,26 @@ impl Coordinator {
             failures = self.board[old].failures,
             "primary lost: no answer to its probes and no standby receives WAL from it; failing over"
         );
+        self.events.push(
+            EventKind::Detected,
+            Some(self.name(old)),
+            "primary lost: no answer to its probes and no standby receives WAL from it",
+        );
         let roles = verdict.roles;
         // While attempts are refused, clients keep seeing why rather than "in progress".
         if self.refused.is_none() {
             let waiting = format!("failover in progress: primary {} was lost", self.name(old));
             self.publish(&roles, &verdict.suspect, Primary::Unavailable(waiting));
         }
-        let promotion = match self.choose(old, &roles).await {
-            Choice::Promote(promotion) => promotion,
+        let (promotion, decided) = match self.choose(old, &roles).await {
+            Choice::Promote(promotion) => {
+                self.events.push(
+                    EventKind::Decided,
+                    Some(self.name(promotion.node)),
+                    format!("chosen to replace {}", self.name(old)),
+                );
+                (promotion, Instant::now())
+            }
             Choice::Refuse(reason) => {
                 self.give_up(&roles, &verdict.suspect, reason);
                 return;
@@ -96,6 +110,10 @@ impl Coordinator {
         };
         if self.carry_out(promotion, roles, &verdict.suspect).await {
             info!(took = ?began.elapsed(), "failover complete");
+            self.proxy.metrics.failover_done([
+                (FailoverPhase::Decide, decided - began),
+                (FailoverPhase::Promote, decided.elapsed()),
+            ]);
         }
     }
 
@@ -169,7 +187,9 @@ impl Coordinator {
             self.name(new)
         );
         self.fence(old, reason);
+        self.events.await_first_write(new);
         self.events.push(
+            EventKind::Promoted,
             Some(self.name(new)),
             format!(
                 "promoted in place of {} on timeline {timeline}",

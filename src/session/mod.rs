@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use crate::cancel::CancelKey;
+use crate::metrics::Rejection;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::router;
@@ -71,6 +72,13 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
         Ok(None) => return,
         Err((stream, error)) => {
             debug!(?peer, %error, "client refused before its session started");
+            let reason = match &error {
+                SessionError::Refused { code, .. } if code.starts_with("28") => {
+                    Rejection::Authentication
+                }
+                _ => Rejection::Startup,
+            };
+            proxy.metrics.client_rejected(reason);
             if let Some(mut stream) = stream {
                 refuse(&mut stream, &error).await;
             }
@@ -93,6 +101,7 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
         }
         Err(error) => {
             info!(?peer, user = %startup.user, %error, "session could not start");
+            proxy.metrics.client_rejected(Rejection::NoServer);
             refuse(&mut stream, &error).await;
         }
     }

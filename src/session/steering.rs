@@ -22,6 +22,7 @@ use super::route::{self, Routed, SessionPolicy, Snapshot, Writes};
 use super::settings::{self, Effect};
 use super::unit::{self, UnitFacts};
 use crate::config::PoolMode;
+use crate::metrics::UnitKind;
 use crate::proxy::Proxy;
 use crate::router::{self, Route};
 use crate::topology::NodeId;
@@ -45,8 +46,9 @@ pub enum Decision {
 pub struct Steering {
     /// The node the session's work goes to now.
     pub current: NodeId,
-    /// Whether a unit is running (counted by the balancer).
-    pub in_flight: bool,
+    /// The unit running (counted by the balancer), with when it began and what it is, for
+    /// the metrics.
+    running: Option<(Instant, UnitKind)>,
     /// The next unit goes to `current` without a new decision (it was decided before a move).
     forced: bool,
     /// The facts of the unit being forwarded, and how many of its bytes they cover.
@@ -85,7 +87,7 @@ impl Steering {
     pub fn new(node_count: usize, current: NodeId, encoding_safe: bool) -> Steering {
         Steering {
             current,
-            in_flight: false,
+            running: None,
             forced: false,
             unit: UnitFacts::default(),
             covered: 0,
@@ -231,9 +233,18 @@ impl Steering {
             self.last_statement = self.unit;
         }
         // Only statements count as load: a lone Close or Sync is over at once.
-        if !self.in_flight && self.unit.has_statement {
+        if self.running.is_none() && self.unit.has_statement {
             proxy.balancer.started(self.current);
-            self.in_flight = true;
+            let kind = if self.replay.pinned().is_some() || self.unit.pin.is_some() {
+                UnitKind::Pinned
+            } else if self.unit.hint.is_some() {
+                UnitKind::Hinted
+            } else if self.unit_writes {
+                UnitKind::Write
+            } else {
+                UnitKind::Read
+            };
+            self.running = Some((Instant::now(), kind));
         }
         if self.unit_writes {
             self.note_write();
@@ -393,8 +404,12 @@ impl Steering {
 
     /// The session ran its last unit (the node answered everything): the balancer stops counting it.
     pub fn unit_done(&mut self, proxy: &Proxy) {
-        if std::mem::take(&mut self.in_flight) {
+        if let Some((began, kind)) = self.running.take() {
             proxy.balancer.finished(self.current);
+            proxy.metrics.unit_done(self.current, kind, began.elapsed());
+            if let (UnitKind::Write, Some(node)) = (kind, proxy.config.nodes.get(self.current)) {
+                proxy.events.wrote(self.current, &node.name);
+            }
         }
         self.replay.settings.quiet();
         if let Some(why) = self.replay.settings.unreplayable() {
