@@ -172,15 +172,22 @@ pub async fn promote(config: &Config, node: NodeId) -> Result<u32, ActionError> 
 /// names no user is replaced by one built from `[replication]`, or else by a copy of a sibling's
 /// from `siblings` (the other standbys, the new primary included: its conninfo from its standby
 /// days still says how this cluster replicates).
+///
+/// A standby whose conninfo is empty because a failover stopped its receiver (`stop_receiver`)
+/// uses the one it had then, `remembered`, before falling back to those.
 pub async fn repoint(
     config: &Config,
     standby: NodeId,
     primary: NodeId,
     siblings: &[NodeId],
+    remembered: Option<&str>,
 ) -> Result<(), ActionError> {
     bounded(config.health.timeout * 4, async {
         let node = admin_connect(config, standby, "pgvigil failover").await?;
-        let current = show(&node, "primary_conninfo").await?;
+        let mut current = show(&node, "primary_conninfo").await?;
+        if let Some(remembered) = remembered.filter(|_| current.is_empty()) {
+            remembered.clone_into(&mut current);
+        }
         let slot = show(&node, "primary_slot_name").await?;
         let conninfo = if conninfo::is_complete(&current) {
             let target = &config.nodes[primary];
@@ -200,6 +207,36 @@ pub async fn repoint(
             create_slot(config, primary, &slot).await?;
         }
         alter_system(&node, "primary_conninfo", &conninfo).await
+    })
+    .await
+}
+
+/// Stops `standby` streaming from whatever primary it follows: `primary_conninfo` set to ''
+/// (reloaded), then waits until `pg_stat_wal_receiver` shows no receiver, all within
+/// `health.timeout`. Returns the conninfo it had ('' when it had none: already stopped).
+pub async fn stop_receiver(config: &Config, standby: NodeId) -> Result<String, ActionError> {
+    bounded(config.health.timeout, async {
+        let client = admin_connect(config, standby, "pgvigil failover").await?;
+        let before = show(&client, "primary_conninfo").await?;
+        if !before.is_empty() {
+            alter_system(&client, "primary_conninfo", "").await?;
+        }
+        // pg_reload_conf() only signals the postmaster: once this session sees the new value
+        // the reload has reached the backends, the startup process included, so a receiver
+        // that is gone then is not restarted with the old conninfo.
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT current_setting('primary_conninfo') = '' \
+                     AND NOT EXISTS (SELECT 1 FROM pg_stat_wal_receiver)",
+                    &[],
+                )
+                .await?;
+            if row.try_get::<_, bool>(0)? {
+                return Ok(before);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     })
     .await
 }
