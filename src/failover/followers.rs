@@ -156,16 +156,16 @@ impl Followers {
     ) {
         self.repoints.abort_all();
         let siblings: Arc<[NodeId]> = standbys.into();
+        let paused: Arc<[Option<String>]> = paused.into();
         for &standby in standbys.iter().filter(|&&s| s != primary) {
             self.stale[standby] = None;
             let config = config.clone();
             let siblings = siblings.clone();
-            let remembered = paused.get(standby).cloned().flatten();
+            let paused = paused.clone();
             self.repoints.spawn(async move {
                 let began = Instant::now();
                 let result = async {
-                    let remembered = remembered.as_deref();
-                    actions::repoint(&config, standby, primary, &siblings, remembered).await?;
+                    actions::repoint(&config, standby, primary, &siblings, &paused).await?;
                     actions::await_stream(&config, standby, primary, timeline, STREAM_WAIT).await
                 }
                 .await;
