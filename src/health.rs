@@ -197,12 +197,13 @@ impl Nudges {
 
 /// Probes `node` until `shutdown`, sending every outcome to `reports`.
 pub async fn probe_node(
-    config: Arc<Config>,
+    proxy: Arc<crate::proxy::Proxy>,
     node: NodeId,
     nudges: Arc<Nudges>,
     reports: mpsc::Sender<Report>,
     shutdown: CancellationToken,
 ) {
+    let config = proxy.config.clone();
     let interval = config.health.interval;
     // Nudged probes come at most this often, so that a burst of broken sessions does not count
     // as several consecutive failures within milliseconds.
@@ -231,6 +232,9 @@ pub async fn probe_node(
         let started = Instant::now();
         last_start = Some(started);
         let outcome = probe_once(&config, node, &mut conn).await;
+        proxy
+            .metrics
+            .probe_done(node, started.elapsed(), outcome.is_err());
         if let Err(error) = &outcome {
             debug!(node = %config.nodes[node].name, %error, "probe failed");
         }

@@ -39,11 +39,16 @@ pub async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Can
             Ok(permit) => {
                 let proxy = proxy.clone();
                 tokio::spawn(async move {
-                    session::run(tcp, proxy).await;
+                    proxy.metrics.client_connections_add(1.0);
+                    session::run(tcp, proxy.clone()).await;
+                    proxy.metrics.client_connections_add(-1.0);
                     drop(permit);
                 });
             }
             Err(_) => {
+                proxy
+                    .metrics
+                    .client_rejected(crate::metrics::Rejection::TooManyClients);
                 tokio::spawn(refuse_too_many(tcp, proxy.config.max_client_conn));
             }
         }

@@ -140,8 +140,9 @@ impl Pools {
         Ok(Lease { conn, permit })
     }
 
-    /// Takes back a lent connection. The caller has reset it (`DISCARD ALL`) and seen it idle;
-    /// anything else must be dropped instead.
+    /// Takes back a lent connection. The caller has seen it idle (ReadyForQuery 'I', nothing
+    /// unread) and either reset it (`DISCARD ALL`) or left its `owner` set, so that the next
+    /// session resets what it carries; anything else must be dropped instead.
     pub fn checkin(&self, mut lease: Lease) {
         let now = Instant::now();
         if now.duration_since(lease.conn.created) >= self.config.max_lifetime {

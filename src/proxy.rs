@@ -20,7 +20,7 @@ use crate::replication::ReplicationHandle;
 use crate::router::{Route, RouteError};
 use crate::server::LoginTarget;
 use crate::topology::{Need, NodeId, Topology, TopologyHandle, TopologyPublisher};
-use crate::{admin, failover, health, listener, tls};
+use crate::{admin, cluster, failover, health, listener, tls};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +76,12 @@ pub struct Proxy {
     pub functions: pgvigil_proto::classify::FunctionLists,
     /// Spreads reads over the nodes that may take them.
     pub balancer: crate::balance::Balancer,
+    /// The Prometheus metrics served at `/metrics`.
+    pub metrics: crate::metrics::Metrics,
+    /// The event log (`GET /events`).
+    pub events: Arc<crate::events::Events>,
+    /// Whether this instance may act on the nodes (alone, or the leader elected in etcd).
+    pub leadership: Arc<crate::cluster::Leadership>,
 }
 
 impl Proxy {
@@ -120,6 +126,15 @@ impl Proxy {
             nudges: Arc::new(health::Nudges::new(config.nodes.len())),
             functions: config.function_lists(),
             balancer: crate::balance::Balancer::new(config.nodes.len()),
+            metrics: crate::metrics::Metrics::new(
+                &config
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.clone())
+                    .collect::<Vec<_>>(),
+            ),
+            events: Arc::new(crate::events::Events::default()),
+            leadership: crate::cluster::Leadership::new(&config),
             config: Arc::new(config),
         };
         Ok((proxy, publisher))
@@ -219,7 +234,10 @@ impl Proxy {
             lease.conn.run_internal("DISCARD ALL").await
         };
         match tokio::time::timeout(self.config.backend.connect_timeout, reset).await {
-            Ok(Ok(())) if lease.conn.rbuf.is_empty() => self.pools.checkin(lease),
+            Ok(Ok(())) if lease.conn.rbuf.is_empty() => {
+                lease.conn.owner = 0;
+                self.pools.checkin(lease)
+            }
             Ok(Ok(())) => {}
             Ok(Err(error)) => warn!(%error, "server connection reset failed; closing it"),
             Err(_) => warn!("server connection reset timed out; closing it"),
@@ -279,7 +297,8 @@ pub struct Running {
 }
 
 /// Restores the state file, binds the listen and admin addresses and starts the accept loop,
-/// the admin API, the probes, the failover coordinator and the pool reaper.
+/// the admin API, the probes, the failover coordinator, the pool reaper and (with `[cluster]`)
+/// the etcd election.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let addr = config.listen;
     let admin_token = config.admin.effective_token();
@@ -311,7 +330,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         })?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let (control, inbox) = failover::channel(proxy.config.nodes.len());
+    let (control, inbox) = failover::channel(proxy.config.nodes.len(), proxy.events.clone());
     tasks.spawn(admin::serve(
         admin_listener,
         proxy.clone(),
@@ -327,7 +346,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (reports, received) = tokio::sync::mpsc::channel(4 * proxy.config.nodes.len().max(1));
     for node in 0..proxy.config.nodes.len() {
         tasks.spawn(health::probe_node(
-            proxy.config.clone(),
+            proxy.clone(),
             node,
             proxy.nudges.clone(),
             reports.clone(),
@@ -343,6 +362,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown.clone(),
     ));
     tasks.spawn(reap_pools(proxy.clone(), shutdown.clone()));
+    tasks.spawn(cluster::election::run(
+        proxy.leadership.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(cluster::shared::run_writer(
+        proxy.leadership.clone(),
+        shutdown.clone(),
+    ));
     tasks.close();
     info!(%local_addr, %admin_addr, nodes = proxy.config.nodes.len(), "pgvigil listening");
     Ok(Running {

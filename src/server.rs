@@ -162,6 +162,10 @@ pub struct ServerConn {
     pub created: Instant,
     /// When it was last returned to the pool.
     pub idle_since: Instant,
+    /// The session whose settings it carries (`ClientStartup::session`), or 0 when it carries
+    /// none (new, or reset with `DISCARD ALL`). Transaction pooling returns connections without a
+    /// reset: a session that takes one carrying another's settings resets them first.
+    pub owner: u64,
 }
 
 impl ServerConn {
@@ -202,6 +206,7 @@ impl ServerConn {
             tx: TxStatus::Idle,
             created: now,
             idle_since: now,
+            owner: 0,
         };
         conn.login(target).await?;
         Ok(conn)

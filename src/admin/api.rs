@@ -175,13 +175,53 @@ pub struct NodeStatus {
     pub idle_connections: usize,
 }
 
-/// Something pgvigil did or saw, kept in a short in-memory list.
+/// Something pgvigil did or saw, kept in the in-memory event log (`GET /events`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// Milliseconds since the Unix epoch.
     pub at_ms: u64,
+    /// What sort of event.
+    pub kind: EventKind,
     /// The node it is about, if one.
     pub node: Option<String>,
     /// What happened.
     pub message: String,
+}
+
+/// What sort of event an [`Event`] is; a failover's phases come in the order listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// Where writes go changed (a primary known, or none).
+    Topology,
+    /// Failover: the primary was found lost.
+    Detected,
+    /// Failover: the standby to promote was chosen.
+    Decided,
+    /// Failover or switchover: the standby left recovery and takes writes.
+    Promoted,
+    /// Failover: a standby streams from the new primary.
+    Repointed,
+    /// Failover: the first write unit finished on the new primary.
+    FirstWrite,
+    /// A node was fenced.
+    Fence,
+    /// An operator's command, carried out or refused.
+    Command,
+}
+
+impl EventKind {
+    /// The name used in the JSON and the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Topology => "topology",
+            EventKind::Detected => "detected",
+            EventKind::Decided => "decided",
+            EventKind::Promoted => "promoted",
+            EventKind::Repointed => "repointed",
+            EventKind::FirstWrite => "first_write",
+            EventKind::Fence => "fence",
+            EventKind::Command => "command",
+        }
+    }
 }

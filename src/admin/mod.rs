@@ -1,4 +1,6 @@
-//! The admin HTTP API (JSON, bearer token) on its own listener: `GET /status`, and
+//! The admin HTTP API (JSON, bearer token) on its own listener: `GET /status`, `GET /events`
+//! (the event log), `GET /metrics`
+//! (Prometheus text; no token unless `admin.metrics_auth`), and
 //! `POST /nodes/NAME/VERB` for the operator's commands, which go to the failover coordinator.
 //! The CLI (`pgvigil status`, `promote`, ...) is its client (`client`).
 
@@ -77,6 +79,10 @@ pub async fn serve(
 
 /// The response to one request.
 async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let is_metrics = request.method() == Method::GET && request.uri().path() == "/metrics";
+    if is_metrics && !state.proxy.config.admin.metrics_auth {
+        return metrics(state);
+    }
     if !authorized(state.token.as_deref(), &request) {
         let mut response = json(
             StatusCode::UNAUTHORIZED,
@@ -111,6 +117,9 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
                 .map(str::to_owned)
         })
     };
+    if is_metrics {
+        return metrics(state);
+    }
     let command = match (request.method(), path.as_slice()) {
         (&Method::POST, ["switchover"]) => {
             let drain_timeout = match value("drain_timeout") {
@@ -133,6 +142,7 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
                 drain_timeout,
             }
         }
+        (&Method::GET, ["events"]) => return json(StatusCode::OK, &state.proxy.events.list()),
         (&Method::GET, ["status"]) => {
             return json(
                 StatusCode::OK,
@@ -180,12 +190,23 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// `GET /metrics`: the Prometheus text exposition.
+fn metrics(state: &State) -> Response<Full<Bytes>> {
+    let status = status::status(&state.proxy, &state.control);
+    let mut response = Response::new(Full::new(Bytes::from(state.proxy.metrics.render(&status))));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
 fn not_found() -> Response<Full<Bytes>> {
     json(
         StatusCode::NOT_FOUND,
         &Refusal::new(
             "no such endpoint",
-            "use GET /status, POST /switchover[?to=NODE&drain_timeout=5s] or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
+            "use GET /status, GET /events, GET /metrics, POST /switchover[?to=NODE&drain_timeout=5s] or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
         ),
     )
 }

@@ -20,6 +20,9 @@ pub struct AdminConfig {
     /// Bearer token every request must carry (default none: then `PGVIGIL_ADMIN_TOKEN` is used,
     /// and with neither the API answers anyone who can reach a loopback address).
     pub token: Option<String>,
+    /// Whether `GET /metrics` asks for the token too (default false: Prometheus scrapes it
+    /// without one, as it scrapes most exporters; every other endpoint always asks).
+    pub metrics_auth: bool,
 }
 
 impl Default for AdminConfig {
@@ -27,6 +30,7 @@ impl Default for AdminConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9998)),
             token: None,
+            metrics_auth: false,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! example and the code cannot drift apart.
 
 mod admin;
+mod cluster;
 mod node_control;
 mod replication;
 mod validate;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use pgvigil_proto::classify::FunctionLists;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use cluster::{endpoint_address, ClusterConfig, EtcdConfig, InstanceConfig};
 pub use replication::{ReplicationConfig, SslMode};
 
 /// The whole pgvigil configuration, as read from one TOML file.
@@ -50,6 +52,9 @@ pub struct Config {
     pub failover: FailoverConfig,
     /// How repointed standbys connect to a new primary (`[replication]`).
     pub replication: ReplicationConfig,
+    /// Several pgvigil instances electing one decider on etcd (`[cluster]`); unused without
+    /// `etcd.endpoints`.
+    pub cluster: ClusterConfig,
     /// The admin API: status and commands (`[admin]`).
     pub admin: AdminConfig,
     /// The PostgreSQL nodes (`[[nodes]]`); their roles are observed, never taken from this order.
@@ -73,6 +78,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             failover: FailoverConfig::default(),
             replication: ReplicationConfig::default(),
+            cluster: ClusterConfig::default(),
             admin: AdminConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
@@ -163,6 +169,8 @@ pub enum BackendTlsMode {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
+    /// When a client's server connection goes back to the pool (default `session`).
+    pub mode: PoolMode,
     /// Most server connections per node (default 20, at least 1).
     pub max_size: usize,
     /// Idle server connections kept open per node (default 0, at most `max_size`).
@@ -181,6 +189,9 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
+            // Session pooling by default: every session feature works in it, while transaction
+            // pooling keeps a client on one connection only for what pgvigil can replay.
+            mode: PoolMode::Session,
             max_size: 20,
             min_idle: 0,
             idle_timeout: Duration::from_secs(10 * 60),
@@ -188,6 +199,20 @@ impl Default for PoolConfig {
             checkout_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// When a client's server connection goes back to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolMode {
+    /// A client keeps its server connections until it disconnects: everything PostgreSQL offers
+    /// a session works, and each client costs a server connection.
+    #[default]
+    Session,
+    /// A client holds a server connection only from the start of a transaction or autocommit
+    /// unit to its ReadyForQuery 'I'; a session that did what cannot be replayed (see
+    /// `session::replay::Replayable::pinned`) keeps its connection until it ends.
+    Transaction,
 }
 
 /// Health probes of the nodes (`[health]`).
@@ -826,6 +851,10 @@ write_functions = ["lower"]
             application_name: Some("pg1".into()),
             conninfo: [("keepalives_idle".to_owned(), "30".to_owned())].into(),
         };
+        full.cluster.etcd.endpoints = vec!["http://127.0.0.1:2379".into()];
+        full.cluster.etcd.user = Some("pgvigil".into());
+        full.cluster.etcd.password = Some("secret".into());
+        full.cluster.instance.name = Some("app1".into());
         full.admin.token = Some("secret".into());
         full.nodes[0].control = Some(NodeControlConfig {
             bin_dir: Some(PathBuf::from("/usr/lib/postgresql/16/bin")),

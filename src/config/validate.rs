@@ -27,6 +27,7 @@ pub(super) fn problems(config: &Config) -> Vec<Problem> {
     check_routing(config, &mut problems);
     check_failover(config, &mut problems);
     super::replication::check(&config.replication, &mut problems);
+    super::cluster::check(&config.cluster, &mut problems);
     super::admin::check(&config.admin, &mut problems);
     check_nodes(config, &mut problems);
     check_users(config, &mut problems);
@@ -392,6 +393,14 @@ password = "app-secret"
             ("[replication]\nuser = \"r\"\n[replication.conninfo]\nport = \"1\"\nKeep-Alive = \"1\"", &[
                 "replication.conninfo.Keep-Alive: is not a libpq keyword (lowercase letters and '_')",
                 "replication.conninfo.port: set by pgvigil or by its own [replication] key, not here",
+            ]),
+            ("[cluster]\nttl = \"1s\"\n[cluster.etcd]\nendpoints = [\"https://e1:2379\", \"e2\"]\nprefix = \"pgvigil/\"\nuser = \"u\"\n[cluster.instance]\nname = \"app 1\"", &[
+                "cluster.etcd.endpoints[0]: TLS to etcd is not supported yet",
+                "cluster.etcd.endpoints[1]: \"e2\" is not http://host:port or host:port",
+                "cluster.etcd.prefix: must start with '/' and not end with one, e.g. \"/pgvigil/main\"",
+                "cluster.etcd.password: missing: cluster.etcd.user is set, give both or neither",
+                "cluster.instance.name: must be letters, digits, '_', '-' or '.'",
+                "cluster.ttl: 1s is too short, must be at least 2s",
             ]),
             ("[[nodes]]\nname = \"pg3\"\nhost = \"other\"\nweight = 1001", &["nodes[2].weight: 1001 is more than the maximum, 1000"]),
             ("[[users]]\nname = \"app\"\npassword = \"x\"", &["users[1].name: duplicate user name \"app\" (also users[0])"]),

@@ -7,7 +7,7 @@ use super::assess::assess;
 use super::choose::{choose, Choice, Reading};
 use super::control::Reply;
 use super::Coordinator;
-use crate::admin::api::{Candidate, Command, Done, DryRun, Refusal};
+use crate::admin::api::{Candidate, Command, Done, DryRun, EventKind, Refusal};
 use crate::health::SyncState;
 use crate::replication::format_lsn;
 use crate::topology::{NodeId, Primary, Role};
@@ -25,12 +25,14 @@ impl Coordinator {
             Ok(done) => {
                 info!(command = command.verb(), ?node, message = %done.message, "admin command done");
                 if !matches!(command, Command::Promote { dry_run: true, .. }) {
-                    self.events.push(node, done.message.clone());
+                    self.events
+                        .push(EventKind::Command, node, done.message.clone());
                 }
             }
             Err(refusal) => {
                 warn!(command = command.verb(), ?node, reason = %refusal.refused, "admin command refused");
                 self.events.push(
+                    EventKind::Command,
                     node,
                     format!("{} refused: {}", command.verb(), refusal.refused),
                 );
@@ -47,6 +49,16 @@ impl Coordinator {
                 "pgvigil has not heard from every node yet",
                 "retry in a few seconds",
             ));
+        }
+        // Only the instance that may act on the nodes carries out commands (a dry run changes
+        // nothing).
+        if !matches!(command, Command::Promote { dry_run: true, .. }) {
+            if let Err(why) = self.may_act() {
+                return Err(Refusal::new(
+                    why,
+                    "send the command to the leading pgvigil instance",
+                ));
+            }
         }
         if let Some(promotion) = &self.memory.promoting {
             if !matches!(command, Command::Promote { dry_run: true, .. }) {

@@ -1,19 +1,15 @@
 //! How the world talks to the coordinator: commands with a reply each, the per-node view it
-//! publishes for status, and the short list of recent events.
+//! publishes for status, and fences recorded in the event log.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Coordinator;
-use crate::admin::api::{Command, Done, Event, Refusal};
+use crate::admin::api::{Command, Done, EventKind, Refusal};
+use crate::events::Events;
 use crate::health::NodeHealth;
 use crate::topology::NodeId;
-
-/// Events kept for `GET /status`; older ones are dropped (issue 12 keeps them in a log).
-const EVENTS_KEPT: usize = 200;
 
 /// Commands waiting for the coordinator; senders beyond it wait for room.
 const QUEUE: usize = 16;
@@ -38,34 +34,6 @@ pub struct NodeView {
     pub detached: bool,
 }
 
-/// The recent events, newest last.
-#[derive(Debug, Default)]
-pub struct Events(Mutex<VecDeque<Event>>);
-
-impl Events {
-    /// Records `message` (about `node`, if any), dropping the oldest beyond `EVENTS_KEPT`.
-    pub fn push(&self, node: Option<&str>, message: impl Into<String>) {
-        let at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let mut events = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if events.len() == EVENTS_KEPT {
-            events.pop_front();
-        }
-        events.push_back(Event {
-            at_ms,
-            node: node.map(str::to_owned),
-            message: message.into(),
-        });
-    }
-
-    /// A copy of the events, oldest first.
-    pub fn list(&self) -> Vec<Event> {
-        let events = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        events.iter().cloned().collect()
-    }
-}
-
 /// The admin side: sends commands, reads the coordinator's view and the events.
 #[derive(Clone)]
 pub struct Handle {
@@ -82,11 +50,10 @@ pub struct Inbox {
     pub(super) events: Arc<Events>,
 }
 
-/// A connected handle and inbox for `nodes` nodes.
-pub fn channel(nodes: usize) -> (Handle, Inbox) {
+/// A connected handle and inbox for `nodes` nodes, both recording into `events`.
+pub fn channel(nodes: usize, events: Arc<Events>) -> (Handle, Inbox) {
     let (commands, received) = mpsc::channel(QUEUE);
     let (view, watched) = watch::channel(Arc::new(vec![NodeView::default(); nodes]));
-    let events = Arc::new(Events::default());
     (
         Handle {
             commands,
@@ -130,8 +97,11 @@ impl Coordinator {
     /// Fences `node` (remembered and saved with the next topology), recording why.
     pub(super) fn fence(&mut self, node: NodeId, reason: String) {
         if !self.memory.fenced[node] || self.fence_reasons[node].is_none() {
-            self.events
-                .push(Some(self.name(node)), format!("fenced: {reason}"));
+            self.events.push(
+                EventKind::Fence,
+                Some(self.name(node)),
+                format!("fenced: {reason}"),
+            );
             self.fence_reasons[node] = Some(reason);
         }
         self.memory.fenced[node] = true;

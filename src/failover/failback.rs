@@ -8,7 +8,7 @@ use tracing::{info, warn};
 use super::actions;
 use super::control::Reply;
 use super::Coordinator;
-use crate::admin::api::{Done, Refusal};
+use crate::admin::api::{Done, EventKind, Refusal};
 use crate::health::NodeHealth;
 use crate::node_control::{ControlError, Driver, NodeControl, OwnSettings, ServerState, Source};
 use crate::topology::{NodeId, Primary, Role};
@@ -60,6 +60,7 @@ impl Coordinator {
         self.fence(node, "failback in progress".into());
         let mode = if reclone { "re-clone" } else { "rewind" };
         self.events.push(
+            EventKind::Command,
             Some(&name),
             format!("failback started ({mode} from {})", self.name(primary)),
         );
@@ -147,6 +148,7 @@ impl Coordinator {
         } else {
             let output = driver.rewind(&source).await.map_err(|e| {
                 self.events.push(
+                    EventKind::Command,
                     Some(&name),
                     format!("pg_rewind failed: {}", tail(&e.to_string())),
                 );
@@ -205,7 +207,9 @@ impl Coordinator {
                     ),
                 )
             })?;
+        self.proxy.metrics.failback_done();
         self.events.push(
+            EventKind::Command,
             Some(&name),
             format!("streams from {} on timeline {timeline}", self.name(primary)),
         );
@@ -227,6 +231,7 @@ impl Coordinator {
     fn control_refusal(&self, name: &str, action: &str, e: &ControlError) -> Refusal {
         warn!(node = %name, action, error = %e, "node control failed");
         self.events.push(
+            EventKind::Command,
             Some(name),
             format!("{action} failed: {}", tail(&e.to_string())),
         );
@@ -237,8 +242,11 @@ impl Coordinator {
     }
 
     fn action_event(&self, name: &str, what: &str, output: &str) {
-        self.events
-            .push(Some(name), format!("{what}: {}", tail(output)));
+        self.events.push(
+            EventKind::Command,
+            Some(name),
+            format!("{what}: {}", tail(output)),
+        );
     }
 }
 

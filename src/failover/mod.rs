@@ -13,6 +13,7 @@ mod control;
 mod failback;
 mod followers;
 mod following;
+mod gate;
 mod pause;
 mod promote;
 mod switchover;
@@ -25,10 +26,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub use assess::Memory;
-pub use control::{channel, Events, Handle, Inbox, NodeView, Reply};
+pub use control::{channel, Handle, Inbox, NodeView, Reply};
 pub use switchover::DEFAULT_DRAIN;
 
+use crate::admin::api::EventKind;
 use crate::config::Config;
+use crate::events::Events;
 use crate::health::{NodeHealth, Report};
 use crate::proxy::Proxy;
 use crate::replication::{format_lsn, parse_lsn, ReplicationView};
@@ -80,22 +83,7 @@ pub fn restore(config: &Config) -> Result<(Memory, u64), StateError> {
             }
         }
     }
-    let promotion = |record: &PromotionRecord| {
-        let promotion = Some(Promotion {
-            node: id(&record.node)?,
-            old_primary: id(&record.old_primary)?,
-            old_lsn: parse_lsn(&record.old_lsn)?,
-            new_lsn: parse_lsn(&record.new_lsn)?,
-            postmaster_start: record.postmaster_start.clone(),
-        });
-        if promotion.is_none() {
-            warn!(
-                ?record,
-                "the state file holds a promotion this configuration cannot place"
-            );
-        }
-        promotion
-    };
+    let promotion = |record: &PromotionRecord| promotion_from(config, record);
     memory.promoting = state.promoting.as_ref().and_then(promotion);
     memory.last_promotion = state.last_promotion.as_ref().and_then(promotion);
     info!(
@@ -107,6 +95,29 @@ pub fn restore(config: &Config) -> Result<(Memory, u64), StateError> {
         "state restored; checking it against the nodes"
     );
     Ok((memory, state.generation))
+}
+
+/// `record` as a promotion of `config`'s nodes; None (and a warning) when a node it names is no
+/// longer configured.
+fn promotion_from(config: &Config, record: &PromotionRecord) -> Option<Promotion> {
+    let id = |name: &str| config.nodes.iter().position(|n| n.name == name);
+    let place = || {
+        Some(Promotion {
+            node: id(&record.node)?,
+            old_primary: id(&record.old_primary)?,
+            old_lsn: parse_lsn(&record.old_lsn)?,
+            new_lsn: parse_lsn(&record.new_lsn)?,
+            postmaster_start: record.postmaster_start.clone(),
+        })
+    };
+    let promotion = place();
+    if promotion.is_none() {
+        warn!(
+            ?record,
+            "the recorded promotion names nodes this configuration cannot place"
+        );
+    }
+    promotion
 }
 
 /// Takes in probe reports and operators' commands until `shutdown`, keeping the topology true
@@ -138,6 +149,13 @@ pub async fn run(
                 None => return,
             },
             Some(outcome) = coordinator.followers.next_repoint(), if coordinator.followers.repointing() => {
+                if let Ok((standby, primary, Ok(_))) = &outcome {
+                    coordinator.events.push(
+                        EventKind::Repointed,
+                        Some(coordinator.name(*standby)),
+                        format!("streams from the new primary {}", coordinator.name(*primary)),
+                    );
+                }
                 coordinator.followers.settle(&coordinator.proxy.config, outcome);
             }
             // One command at a time, between two steps: never during a failover (that step
@@ -194,6 +212,10 @@ struct Coordinator {
     foreign_alerted: Vec<NodeId>,
     /// Why the last failover attempt did not complete (logged at error once, not every retry).
     refused: Option<String>,
+    /// Why this instance last left a lost primary to the leader (logged once, not every round).
+    held: Option<String>,
+    /// The leadership epoch whose shared state was last checked for a pending promotion.
+    adopted: Option<i64>,
     /// Which standbys follow the primary; repoints in flight.
     followers: Followers,
     published: bool,
@@ -229,6 +251,8 @@ impl Coordinator {
             alerted: None,
             foreign_alerted: Vec::new(),
             refused: None,
+            held: None,
+            adopted: None,
             followers: Followers::new(nodes),
             published: false,
         }
@@ -314,6 +338,10 @@ impl Coordinator {
             );
         }
         self.alert_foreign(&verdict);
+        self.report_view(&verdict);
+        let Some(verdict) = self.pass_gate(verdict).await else {
+            return;
+        };
         if let Some(promotion) = self.memory.promoting.clone() {
             self.on_pending_promotion(promotion, verdict).await;
             return;
@@ -346,7 +374,7 @@ impl Coordinator {
     /// it and a frozen one stops being a witness (see `assess::witness`) within seconds.
     fn shorten_receiver_timeouts(&mut self) {
         let target = self.config().failover.receiver_timeout;
-        if target.is_zero() {
+        if target.is_zero() || self.may_act().is_err() {
             return;
         }
         for node in 0..self.board.len() {
@@ -460,6 +488,9 @@ impl Coordinator {
     /// Makes fenced nodes that answer as writable primaries read-only, in the background (at
     /// most every `FENCE_RETRY` per node).
     fn fence_reachable(&mut self) {
+        if self.may_act().is_err() {
+            return;
+        }
         for node in 0..self.board.len() {
             let writable = self.board[node]
                 .current()
@@ -530,18 +561,28 @@ impl Coordinator {
                 Primary::Known(node) => format!("primary is {}", self.name(*node)),
                 Primary::Unavailable(reason) => format!("no primary: {reason}"),
             };
-            self.events.push(None, message);
+            self.events.push(EventKind::Topology, None, message);
         }
         self.publisher.publish(next);
     }
 
-    /// Writes the state file (when configured); a failure is logged, not fatal: the nodes'
-    /// timelines still tell a stale primary after a restart.
+    /// Writes the state file (when configured) and shares the state in etcd (with `[cluster]`);
+    /// a failure is logged, not fatal: the nodes' timelines still tell a stale primary after a
+    /// restart.
     fn save(&self, generation: u64) {
+        let state = self.state(generation);
+        self.share(&state);
         let Some(file) = &self.state_file else {
             return;
         };
-        let state = State {
+        if let Err(e) = file.save(&state) {
+            error!(error = %e, "could not save the state file");
+        }
+    }
+
+    /// What the coordinator remembers, as the state file keeps it.
+    fn state(&self, generation: u64) -> State {
+        State {
             generation,
             primary: self.memory.primary.map(|n| self.name(n).to_owned()),
             fenced: (0..self.memory.fenced.len())
@@ -565,9 +606,6 @@ impl Coordinator {
             paused: (0..self.memory.paused.len())
                 .filter_map(|n| Some((self.name(n).to_owned(), self.memory.paused[n].clone()?)))
                 .collect(),
-        };
-        if let Err(e) = file.save(&state) {
-            error!(error = %e, "could not save the state file");
         }
     }
 

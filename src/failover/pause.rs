@@ -59,7 +59,8 @@ impl Coordinator {
         let paused: Vec<NodeId> = (0..roles.len())
             .filter(|&n| self.memory.paused[n].is_some() && roles[n] == Role::Standby)
             .collect();
-        if paused.is_empty() {
+        // Only the instance that may act touches the nodes (see `gate`).
+        if paused.is_empty() || self.may_act().is_err() {
             return;
         }
         let timeline = self.board[primary].last.as_ref().map_or(0, |o| o.timeline);

@@ -10,6 +10,8 @@ use super::actions::{self, Pending};
 use super::assess::Assessment;
 use super::choose::{choose, Choice, Promotion, Reading};
 use super::Coordinator;
+use crate::admin::api::EventKind;
+use crate::metrics::FailoverPhase;
 use crate::replication::format_lsn;
 use crate::topology::{NodeId, Primary, Role};
 
@@ -67,15 +69,24 @@ impl Coordinator {
         }
     }
 
-    /// Promotes the standby `choose` picks in place of `old`; every step is logged with its
-    /// duration. The choice is remembered (and saved) before the standby is asked, with the old
+    /// Promotes the standby `choose` picks in place of `old`, once the instances' joint view
+    /// agrees (`gate`); every step is logged with its duration. The choice is remembered (and saved) before the standby is asked, with the old
     /// primary fenced: from then on only that standby may take its place.
     pub(super) async fn fail_over(&mut self, old: NodeId, verdict: Assessment) {
         let began = Instant::now();
+        if let Err(why) = self.joint_view(old).await {
+            self.give_up(&verdict.roles, &verdict.suspect, why);
+            return;
+        }
         warn!(
             primary = %self.name(old),
             failures = self.board[old].failures,
             "primary lost: no answer to its probes and no standby receives WAL from it; failing over"
+        );
+        self.events.push(
+            EventKind::Detected,
+            Some(self.name(old)),
+            "primary lost: no answer to its probes and no standby receives WAL from it",
         );
         let roles = verdict.roles;
         // While attempts are refused, clients keep seeing why rather than "in progress".
@@ -84,8 +95,15 @@ impl Coordinator {
             self.publish(&roles, &verdict.suspect, Primary::Unavailable(waiting));
         }
         let unstopped = self.stop_receivers(old, &roles).await;
-        let promotion = match self.choose(old, &roles, &unstopped).await {
-            Choice::Promote(promotion) => promotion,
+        let (promotion, decided) = match self.choose(old, &roles, &unstopped).await {
+            Choice::Promote(promotion) => {
+                self.events.push(
+                    EventKind::Decided,
+                    Some(self.name(promotion.node)),
+                    format!("chosen to replace {}", self.name(old)),
+                );
+                (promotion, Instant::now())
+            }
             Choice::Refuse(reason) => {
                 self.give_up(&roles, &verdict.suspect, reason);
                 return;
@@ -93,6 +111,10 @@ impl Coordinator {
         };
         if self.carry_out(promotion, roles, &verdict.suspect).await {
             info!(took = ?began.elapsed(), "failover complete");
+            self.proxy.metrics.failover_done([
+                (FailoverPhase::Decide, decided - began),
+                (FailoverPhase::Promote, decided.elapsed()),
+            ]);
         }
     }
 
@@ -105,6 +127,12 @@ impl Coordinator {
         roles: Vec<Role>,
         suspect: &[bool],
     ) -> bool {
+        // Recorded in etcd under the lease first (with `[cluster]`), which also checks again
+        // that this instance may act: reading the standbys took time.
+        if let Err(why) = self.announce(&promotion).await {
+            self.give_up(&roles, suspect, why);
+            return false;
+        }
         let (new, old) = (promotion.node, promotion.old_primary);
         self.memory.promoting = Some(promotion.clone());
         let reason = format!(
@@ -160,7 +188,9 @@ impl Coordinator {
             self.name(new)
         );
         self.fence(old, reason);
+        self.events.await_first_write(new);
         self.events.push(
+            EventKind::Promoted,
             Some(self.name(new)),
             format!(
                 "promoted in place of {} on timeline {timeline}",
@@ -197,19 +227,21 @@ impl Coordinator {
         let standbys: Vec<NodeId> = (0..roles.len())
             .filter(|&n| n == new || roles[n] == Role::Standby)
             .collect();
-        self.followers.repoint(
-            &self.proxy.config,
-            &standbys,
-            new,
-            timeline,
-            &self.memory.paused,
-        );
-        for &node in &standbys {
-            self.memory.paused[node] = None;
+        if self.may_act().is_ok() {
+            self.followers.repoint(
+                &self.proxy.config,
+                &standbys,
+                new,
+                timeline,
+                &self.memory.paused,
+            );
+            for &node in &standbys {
+                self.memory.paused[node] = None;
+            }
+            self.save(self.publisher.snapshot().generation);
+            self.fence_reachable();
+            self.checkpoint_later(new);
         }
-        self.save(self.publisher.snapshot().generation);
-        self.fence_reachable();
-        self.checkpoint_later(new);
     }
 
     /// Reads every standby that might replace `old` now (but those of `unreadable`) and lets

@@ -10,7 +10,7 @@ use super::assess::assess;
 use super::choose::{choose, Choice, Promotion, Reading};
 use super::control::Reply;
 use super::Coordinator;
-use crate::admin::api::{Done, Refusal};
+use crate::admin::api::{Done, EventKind, Refusal};
 use crate::node_control::{Driver, NodeControl};
 use crate::topology::{NodeId, Primary, Role};
 
@@ -121,7 +121,9 @@ impl Coordinator {
         let pause = held.elapsed();
         let pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
         info!(from = %old_name, to = %new_name, write_pause = ?pause, "switchover: writes go to the new primary");
+        self.proxy.metrics.switchover_done();
         self.events.push(
+            EventKind::Command,
             Some(&new_name),
             format!("switchover from {old_name}: writes paused {pause_ms} ms"),
         );
@@ -169,6 +171,7 @@ impl Coordinator {
             .map_err(|e| Refusal::new(format!("cannot drain {old_name}: {e}"), retry))?;
         if ended > 0 {
             self.events.push(
+                EventKind::Command,
                 Some(&old_name),
                 format!(
                     "switchover: {ended} transactions still running after {drain:?} were ended"

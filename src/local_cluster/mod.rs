@@ -20,6 +20,12 @@ use std::sync::Arc;
 
 pub use node::LocalNode;
 
+/// A free loopback port no other node or fixture of this process was given (for other servers
+/// the tests start beside the cluster, such as etcd).
+pub fn free_port() -> Result<u16, ClusterError> {
+    ports::reserve(None)
+}
+
 use conf::SharedSettings;
 use node::Shutdown;
 use tools::PgTools;

@@ -3,14 +3,18 @@
 
 mod aborted;
 mod auth_exchange;
+mod finish;
 mod loss;
 mod recover;
 mod relay;
+mod replay;
+mod route;
 mod serve;
 mod server_side;
 mod settings;
 pub mod startup;
 mod steering;
+mod sync;
 mod unit;
 
 use std::sync::Arc;
@@ -24,6 +28,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use crate::cancel::CancelKey;
+use crate::metrics::Rejection;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::router;
@@ -62,11 +67,18 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
         mut stream,
         startup,
         buf: client_buf,
-    } = match open_and_authenticate(tcp, &proxy).await {
+    } = match Box::pin(open_and_authenticate(tcp, &proxy)).await {
         Ok(Some(opened)) => opened,
         Ok(None) => return,
         Err((stream, error)) => {
             debug!(?peer, %error, "client refused before its session started");
+            let reason = match &error {
+                SessionError::Refused { code, .. } if code.starts_with("28") => {
+                    Rejection::Authentication
+                }
+                _ => Rejection::Startup,
+            };
+            proxy.metrics.client_rejected(reason);
             if let Some(mut stream) = stream {
                 refuse(&mut stream, &error).await;
             }
@@ -76,7 +88,9 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
     let span = tracing::debug_span!("session", user = %startup.user, db = %startup.database);
     let _entered = span.enter();
     let key = proxy.cancels.register();
-    match attach(&mut stream, &startup, &proxy, &key).await {
+    // Startup, authentication and the first connection are boxed: their state is large and
+    // would otherwise stay allocated in the task for the whole session (see `serve`).
+    match Box::pin(attach(&mut stream, &startup, &proxy, &key)).await {
         Ok(lease) => {
             let client = ClientConn {
                 stream,
@@ -87,6 +101,7 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
         }
         Err(error) => {
             info!(?peer, user = %startup.user, %error, "session could not start");
+            proxy.metrics.client_rejected(Rejection::NoServer);
             refuse(&mut stream, &error).await;
         }
     }
@@ -297,13 +312,32 @@ async fn open(
         } else {
             proxy.pools.try_checkout(&target).await
         }?;
-        if let Err(error) = apply_params(&mut lease, startup).await {
+        if let Err(error) = adopt(&mut lease, startup).await {
             proxy.release(lease, true).await;
             return Err(error);
         }
         Ok(lease)
     };
     proxy.unless_given_up(node, need, setup).await?
+}
+
+/// Makes a checked-out connection the session's: resets the settings of another session it
+/// carries (transaction pooling returns connections without a reset), then applies the
+/// client's startup parameters. `SET SESSION AUTHORIZATION DEFAULT` comes first because `RESET
+/// ALL` leaves the role alone; the simple Query also drops the unnamed statement and portal,
+/// so no unit can bind another session's.
+async fn adopt(lease: &mut Lease, startup: &ClientStartup) -> Result<(), OpenError> {
+    let owner = lease.conn.owner;
+    if owner != 0 && owner != startup.session {
+        lease
+            .conn
+            .run_internal("SET SESSION AUTHORIZATION DEFAULT; RESET ALL")
+            .await
+            .map_err(|e| OpenError::Pool(PoolError::Connect(e)))?;
+    }
+    apply_params(lease, startup).await?;
+    lease.conn.owner = startup.session;
+    Ok(())
 }
 
 /// Sends the client's startup parameters to the server as SET commands, skipping those the server

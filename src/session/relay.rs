@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use super::server_side::ServerSide;
 use super::steering::{Decision, Steering};
+use crate::config::PoolMode;
 use crate::proxy::Proxy;
 use crate::server::ServerConn;
 use crate::stream::Stream;
@@ -118,6 +119,9 @@ pub enum Stop {
     /// The next unit (left at the front of the client's buffer) goes to another node, or needs
     /// something run on its node first; the current server has answered everything.
     Decided(Decision),
+    /// Transaction pooling: the server answered everything and is outside a transaction block,
+    /// and the session keeps nothing on it that cannot be replayed; it goes back to the pool.
+    Release,
 }
 
 /// Pumps messages both ways until the session ends, the next unit must go elsewhere, or the
@@ -161,7 +165,7 @@ pub async fn relay(
             to_client,
             max_message,
             progress,
-            &mut steering.settings,
+            &mut steering.replay.settings,
         )
         .is_err()
     {
@@ -191,6 +195,11 @@ pub async fn relay(
         steering.encoding_safe = server_state.encoding_safe;
         if progress.is_quiet() {
             steering.unit_done(proxy);
+            let idle = *server_state.tx == TxStatus::Idle && server_in.is_empty();
+            if idle && !terminated && to_server.is_empty() && releasable(proxy, steering) {
+                // A unit that waits is routed afresh once the session has no connection.
+                return Stop::Release;
+            }
             if held && to_server.is_empty() {
                 // The unit that waited can be routed now that the node answered everything.
                 held = false;
@@ -216,6 +225,7 @@ pub async fn relay(
         if terminated && to_server.is_empty() {
             return Stop::End(RelayEnd::Terminated);
         }
+
         reserve(client_in, max_message);
         reserve(server_in, max_message);
         tokio::select! {
@@ -268,7 +278,7 @@ pub async fn relay(
                     Ok(0) => return server_lost(LossCause::Closed, &mut server_state),
                     Err(e) => return server_lost(LossCause::Io(e), &mut server_state),
                     Ok(_) => {
-                        if server_state.scan(server_in, to_client, max_message, progress, &mut steering.settings).is_err() {
+                        if server_state.scan(server_in, to_client, max_message, progress, &mut steering.replay.settings).is_err() {
                             return server_lost(LossCause::Garbled, &mut server_state);
                         }
                     }
@@ -276,6 +286,13 @@ pub async fn relay(
             }
         }
     }
+}
+
+/// Whether transaction pooling may take back a connection that answered everything, outside a
+/// transaction block, with nothing more from the server (a notice, a notification): yes unless
+/// the session is pinned to it.
+pub fn releasable(proxy: &Proxy, steering: &Steering) -> bool {
+    proxy.config.pool.mode == PoolMode::Transaction && steering.replay.pinned().is_none()
 }
 
 /// Moves client messages to the server side, routing each new unit.

@@ -1,62 +1,40 @@
 //! The steady state of a session across nodes: relay on the current node until the next unit
 //! goes elsewhere, bring that node up to date (connection, settings, prepared statements), move,
-//! and at the end hand every server connection back.
+//! and at the end hand every server connection back (see `finish`).
 
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use pgvigil_proto::classify::encoding_is_safe;
-use pgvigil_proto::encode;
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::aborted::{self, LostTransaction};
+use super::finish::{finish, flush_client};
 use super::loss::{self, Aftermath};
 use super::recover::{self, Failure};
 use super::relay::{self, ClientConn, Loss, LossCause, Progress, RelayEnd, Stop};
 use super::server_side::downgrade_fatal;
 use super::startup::ClientStartup;
 use super::steering::{Decision, Steering};
-use super::{open, open_within, refuse, OpenError, SessionError};
+use super::sync::{self, Held};
+use super::{refuse, OpenError, SessionError};
 use crate::cancel::CancelKey;
+use crate::config::PoolMode;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::replication::parse_lsn;
-use crate::server::ServerError;
 use crate::topology::{Need, NodeId, Primary};
 
 /// Longest pause between two tries to reach a primary that failed to connect, even when the
 /// topology does not change (the node may have been restarting).
 const PRIMARY_RETRY: Duration = Duration::from_millis(500);
 
-/// The server connections a session holds, at most one per node.
-struct Held {
-    leases: Vec<Option<Lease>>,
-}
-
-impl Held {
-    /// Drops (never pools) the connections to nodes other than `current` that the topology no
-    /// longer lets sessions use; what the session had there is forgotten.
-    fn drop_unusable(&mut self, current: NodeId, steering: &mut Steering, proxy: &Proxy) {
-        let topology = proxy.topology.load();
-        for (node, lease) in self.leases.iter_mut().enumerate() {
-            let usable = topology.nodes.get(node).is_some_and(|n| n.role.is_usable());
-            if node != current && !usable && lease.take().is_some() {
-                debug!(
-                    node,
-                    "connection to a node that is no longer usable dropped"
-                );
-                steering.fresh_connection(node);
-            }
-        }
-    }
-}
-
 /// The unit at the front of the client's buffer is waiting for a primary until `until`.
+#[derive(Debug)]
 struct PrimaryWait {
     until: Instant,
     /// `Steering::units_begun` when the wait started: once it moves on, this unit was served.
@@ -64,6 +42,19 @@ struct PrimaryWait {
     /// The client's cancel requests since the wait started: one ends the wait, as PostgreSQL
     /// cancels a statement.
     cancels: watch::Receiver<u64>,
+}
+
+/// Where a session is between relays. Every change goes through [`Session::enter`].
+#[derive(Debug)]
+enum Place {
+    /// Relaying on its current connection, or routing its next unit when it has none.
+    Attached,
+    /// The connection was lost inside the client's transaction block, and the client is owed
+    /// a failed block: until the client ends it, its units are answered without a server, so
+    /// that nothing runs outside the transaction the client believes it is in.
+    Detached(LostTransaction),
+    /// The unit at the front of the client's buffer waits for a primary.
+    WaitingForPrimary(PrimaryWait),
 }
 
 /// What a session goes on with between relays.
@@ -74,11 +65,8 @@ struct Session<'a> {
     progress: Progress,
     /// Topology generations, watched while relaying.
     changes: watch::Receiver<u64>,
-    /// The connection was lost inside the client's transaction block: until the client ends
-    /// it, its units are answered without a server, so that nothing runs outside the
-    /// transaction the client believes it is in.
-    lost: Option<LostTransaction>,
-    primary_wait: Option<PrimaryWait>,
+    /// Where the session is.
+    place: Place,
     key: &'a CancelKey,
     startup: &'a ClientStartup,
     proxy: &'a Proxy,
@@ -99,9 +87,7 @@ pub async fn serve(
         .params
         .get(b"client_encoding")
         .is_none_or(encoding_is_safe);
-    let mut held = Held {
-        leases: (0..proxy.config.nodes.len()).map(|_| None).collect(),
-    };
+    let mut held = Held::new(proxy.config.nodes.len());
     held.leases[first] = Some(lease);
     let mut session = Session {
         client,
@@ -109,8 +95,7 @@ pub async fn serve(
         steering: Steering::new(proxy.config.nodes.len(), first, encoding_safe),
         progress: Progress::default(),
         changes: proxy.topology.subscribe(),
-        lost: None,
-        primary_wait: None,
+        place: Place::Attached,
         key,
         startup,
         proxy,
@@ -127,41 +112,56 @@ pub async fn serve(
     session.steering.unit_done(proxy);
     key.set_target(None);
     debug!(?end, "session ended");
-    finish(
+    Box::pin(finish(
         end,
         &mut session.client,
         session.held,
         session.steering.current,
         &session.progress,
         proxy,
-    )
+    ))
     .await;
 }
 
 impl Session<'_> {
+    /// Moves the session to `next`. A wait for a primary that is left was for a unit now
+    /// served or refused; a failed block that is left was ended by the client.
+    fn enter(&mut self, next: Place) {
+        match (&self.place, &next) {
+            (Place::Attached, Place::Attached) => {}
+            (Place::WaitingForPrimary(_), Place::WaitingForPrimary(_)) => {}
+            (from, to) => debug!(?from, ?to, "session place"),
+        }
+        self.place = next;
+    }
+
     /// The session's steady state: relay, act on decisions, recover from lost connections.
     async fn run(&mut self) -> Result<RelayEnd, SessionError> {
         loop {
             let current = self.steering.current;
             self.held
-                .drop_unusable(current, &mut self.steering, self.proxy);
-            if let Some(lost) = self.lost.take() {
-                self.lost =
+                .drop_unusable(current, &mut self.steering.replay, self.proxy);
+            if let Place::Detached(lost) = &self.place {
+                let lost = lost.clone();
+                let after =
                     aborted::answer_unit(&mut self.client, lost, &mut self.steering, self.proxy)
                         .await
                         .map_err(ended)?;
+                self.enter(after.map_or(Place::Attached, Place::Detached));
                 continue;
             }
             let stop = match self.held.leases[current].as_mut() {
+                // Boxed, like `recover`, `act` and `finish`: their state is large, and inline it
+                // would be part of every session's task for its whole life, idle or not.
                 Some(lease) => {
-                    relay::relay(
+                    Box::pin(relay::relay(
                         &mut self.client,
                         &mut lease.conn,
                         &mut self.steering,
                         &mut self.progress,
                         &mut self.changes,
                         self.proxy,
-                    )
+                    ))
                     .await
                 }
                 None => recover::next_unit(&mut self.client, &mut self.steering, self.proxy).await,
@@ -169,15 +169,19 @@ impl Session<'_> {
             let decision = match stop {
                 Stop::End(end) => return Ok(end),
                 Stop::Lost(loss) => {
-                    self.recover(loss).await?;
+                    Box::pin(self.recover(loss)).await?;
                     continue;
                 }
                 Stop::Decided(decision) => decision,
+                Stop::Release => {
+                    self.release(self.steering.current);
+                    continue;
+                }
             };
             if flush_client(&mut self.client).await.is_err() {
                 return Ok(RelayEnd::ClientGone);
             }
-            self.act(decision).await?;
+            Box::pin(self.act(decision)).await?;
         }
     }
 
@@ -203,7 +207,7 @@ impl Session<'_> {
         self.proxy.report_server_failure(node);
         // Settings still unanswered died with the connection: they must not count as a
         // setting of unknown outcome when the unit is closed.
-        self.steering.settings.lost();
+        self.steering.replay.settings.lost();
         self.steering.unit_done(self.proxy);
         self.key.set_target(None);
         let fatal = loss.fatal.as_ref();
@@ -222,7 +226,7 @@ impl Session<'_> {
         let fatal_reason = if self.progress.copy_in {
             Some("during COPY FROM STDIN")
         } else {
-            self.steering.pinned()
+            self.steering.replay.pinned()
         };
         if let Some(reason) = fatal_reason {
             return Err(SessionError::Refused {
@@ -240,7 +244,7 @@ impl Session<'_> {
         let (code, message, status) = match aftermath {
             Aftermath::Quiet => return Ok(()),
             Aftermath::Unannounced => {
-                self.lost = Some(LostTransaction::Unannounced(rolled_back));
+                self.enter(Place::Detached(LostTransaction::Unannounced(rolled_back)));
                 return Ok(());
             }
             Aftermath::Failed => (sqlstate::CONNECTION_FAILURE, lost, TxStatus::Idle),
@@ -282,7 +286,7 @@ impl Session<'_> {
         .await
         .map_err(ended)?;
         if aftermath == Aftermath::Aborted {
-            self.lost = Some(LostTransaction::Aborted);
+            self.enter(Place::Detached(LostTransaction::Aborted));
         }
         Ok(())
     }
@@ -291,37 +295,19 @@ impl Session<'_> {
     /// write position, or waiting for a primary.
     async fn act(&mut self, decision: Decision) -> Result<(), SessionError> {
         match decision {
-            Decision::Move(node) => match self.bring(node).await {
-                Ok(()) => {
-                    self.steering.moved_to(node);
-                    self.primary_wait = None;
-                    if let Some(lease) = &self.held.leases[node] {
-                        self.key.set_target(Some(lease.conn.cancel_target()));
-                    }
-                    Ok(())
+            Decision::Move(node) => {
+                if node != self.steering.current {
+                    // Transaction pooling holds one connection at a time.
+                    self.release(self.steering.current);
                 }
-                Err(error) if is_primary(self.proxy, node) && error.unreachable() => {
-                    info!(node, %error, "the primary cannot be reached; waiting");
-                    self.proxy.report_server_failure(node);
-                    self.wait_for_primary(Some(error.to_string())).await
-                }
-                Err(error) if is_primary(self.proxy, node) => Err(error.into_session_error()),
-                Err(error @ OpenError::Pool(PoolError::Abandoned { .. })) => {
-                    // The topology moved on (a new primary, a suspect replica): route afresh;
-                    // the router already steers clear of that node.
-                    info!(node, %error, "routing the unit afresh");
-                    self.steering.reroute();
-                    Ok(())
-                }
-                Err(error) => {
-                    // Reads have other places to go: the next decision skips this node.
-                    info!(node, %error, "a node could not serve this session; reading elsewhere");
-                    self.steering.avoid(node);
-                    Ok(())
-                }
-            },
+                self.move_to(node).await
+            }
             Decision::FetchLsn => {
+                let borrowed = self.borrow_primary().await;
                 let lsn = write_position(&mut self.held, &mut self.steering, self.proxy).await;
+                if let Some(primary) = borrowed {
+                    self.release(primary);
+                }
                 if self.held.leases[self.steering.current].is_none() {
                     // Its connection was dropped: no cancel may reach that backend any more.
                     self.key.set_target(None);
@@ -335,13 +321,47 @@ impl Session<'_> {
         }
     }
 
+    /// Brings `node` up to date and makes it current; when it cannot be, waits for a primary,
+    /// routes afresh or reads elsewhere.
+    async fn move_to(&mut self, node: NodeId) -> Result<(), SessionError> {
+        match self.bring(node).await {
+            Ok(()) => {
+                self.steering.moved_to(node);
+                self.enter(Place::Attached);
+                if let Some(lease) = &self.held.leases[node] {
+                    self.key.set_target(Some(lease.conn.cancel_target()));
+                }
+                Ok(())
+            }
+            Err(error) if is_primary(self.proxy, node) && error.unreachable() => {
+                info!(node, %error, "the primary cannot be reached; waiting");
+                self.proxy.report_server_failure(node);
+                self.wait_for_primary(Some(error.to_string())).await
+            }
+            Err(error) if is_primary(self.proxy, node) => Err(error.into_session_error()),
+            Err(error @ OpenError::Pool(PoolError::Abandoned { .. })) => {
+                // The topology moved on (a new primary, a suspect replica): route afresh;
+                // the router already steers clear of that node.
+                info!(node, %error, "routing the unit afresh");
+                self.steering.reroute();
+                Ok(())
+            }
+            Err(error) => {
+                // Reads have other places to go: the next decision skips this node.
+                info!(node, %error, "a node could not serve this session; reading elsewhere");
+                self.steering.avoid(node);
+                Ok(())
+            }
+        }
+    }
+
     /// The unit at the front needs a primary it cannot have now: waits for the next topology
     /// generation (or a short pause) so that it is routed again, up to `failover.wait_timeout`
     /// since it first waited; past that it is refused with 57P03 and the session goes on.
     async fn wait_for_primary(&mut self, failure: Option<String>) -> Result<(), SessionError> {
         let units = self.steering.units_begun();
-        let mut wait = match self.primary_wait.take() {
-            Some(wait) if wait.units == units => wait,
+        let mut wait = match std::mem::replace(&mut self.place, Place::Attached) {
+            Place::WaitingForPrimary(wait) if wait.units == units => wait,
             _ => PrimaryWait {
                 until: Instant::now() + self.proxy.config.failover.wait_timeout,
                 units,
@@ -379,7 +399,7 @@ impl Session<'_> {
                 .map_err(ended);
         }
         if Instant::now() < until {
-            self.primary_wait = Some(wait);
+            self.enter(Place::WaitingForPrimary(wait));
             return Ok(());
         }
         let reason = match (&self.proxy.topology.load().primary, failure) {
@@ -397,66 +417,86 @@ impl Session<'_> {
             .map_err(ended)
     }
 
-    /// Makes `node` ready for the unit at the front of the client's buffer: a connection with
-    /// the client's startup settings, every session setting the session made since, stale
-    /// statements closed, and the named statements the unit uses prepared.
-    async fn bring(&mut self, node: NodeId) -> Result<(), OpenError> {
-        let proxy = self.proxy;
-        let need = if is_primary(proxy, node) {
-            Need::Primary
-        } else {
-            Need::Replaceable
+    /// Transaction pooling: a session between units that holds no connection to the primary
+    /// takes one to read its write position; returns the primary when it did.
+    async fn borrow_primary(&mut self) -> Option<NodeId> {
+        if self.proxy.config.pool.mode != PoolMode::Transaction {
+            return None;
+        }
+        let Primary::Known(primary) = self.proxy.topology.load().primary.clone() else {
+            return None;
         };
-        if let Some(lease) = self.held.leases[node].as_mut() {
-            if lease.conn.looks_broken() {
-                // It died while the session was elsewhere (its node closed it, or restarted).
-                debug!(
-                    node,
-                    "a held connection broke while unused; opening a new one"
-                );
-                self.held.leases[node] = None;
-                proxy.report_server_failure(node);
+        if self.held.leases[primary].is_some() {
+            return None;
+        }
+        let replay = &mut self.steering.replay;
+        match sync::sync(
+            primary,
+            &mut self.held,
+            replay,
+            &[],
+            self.startup,
+            self.proxy,
+        )
+        .await
+        {
+            Ok(()) => Some(primary),
+            Err(error) => {
+                debug!(%error, "no primary connection to read the write position on");
+                None
             }
         }
-        if self.held.leases[node].is_none() {
-            // A read can go elsewhere: it does not wait long for a node that hangs.
-            let lease = if need == Need::Primary {
-                open(proxy, node, self.startup, true, need).await?
-            } else {
-                open_within(proxy, node, self.startup, false, need).await?
-            };
-            self.steering.fresh_connection(node);
+    }
+
+    /// Transaction pooling: gives the connection to `node` back to its pool without a reset
+    /// (the next session to take it resets and syncs it, see `adopt`); after the current one,
+    /// the next unit is routed afresh. Kept when it is not idle, its node is no longer usable,
+    /// or the session is pinned.
+    fn release(&mut self, node: NodeId) {
+        let Some(lease) = self.held.leases[node].take() else {
+            return;
+        };
+        let usable = self
+            .proxy
+            .topology
+            .load()
+            .nodes
+            .get(node)
+            .is_some_and(|n| n.role.is_usable());
+        let idle = lease.conn.tx == TxStatus::Idle && lease.conn.rbuf.is_empty();
+        if !(idle && usable && relay::releasable(self.proxy, &self.steering)) {
             self.held.leases[node] = Some(lease);
+            return;
         }
-        let result = proxy
-            .unless_given_up(
-                node,
-                need,
-                catch_up(
-                    node,
-                    &self.client,
-                    &mut self.held,
-                    &mut self.steering,
-                    proxy,
-                ),
-            )
-            .await;
-        let result = match result {
-            Ok(result) => result,
-            Err(abandoned) => {
-                // Cut off mid-exchange: what the node still owes would confuse the next unit.
-                self.held.leases[node] = None;
-                self.steering.fresh_connection(node);
-                return Err(OpenError::Pool(abandoned));
+        self.proxy.pools.checkin(lease);
+        if node == self.steering.current {
+            self.key.set_target(None);
+            self.steering.released();
+            // An idle client costs little: its buffers go (the relay's read chunk is 16 KiB) and
+            // grow again with its next unit.
+            for buf in [&mut self.client.rbuf, &mut self.client.pending] {
+                if buf.is_empty() {
+                    *buf = BytesMut::new();
+                }
             }
-        };
-        if let Err(ServerError::Io { .. } | ServerError::Protocol { .. }) = &result {
-            // A broken connection is dropped; the session opens a new one next time.
-            self.held.leases[node] = None;
-            self.steering.fresh_connection(node);
-            proxy.report_server_failure(node);
+        } else {
+            self.steering.replay.fresh_connection(node);
         }
-        result.map_err(|e| OpenError::Pool(PoolError::Connect(e)))
+    }
+
+    /// Makes `node` ready for the unit at the front of the client's buffer (see
+    /// [`sync::sync`]).
+    async fn bring(&mut self, node: NodeId) -> Result<(), OpenError> {
+        let input = &self.client.rbuf;
+        sync::sync(
+            node,
+            &mut self.held,
+            &mut self.steering.replay,
+            input,
+            self.startup,
+            self.proxy,
+        )
+        .await
     }
 }
 
@@ -469,67 +509,6 @@ fn ended(end: RelayEnd) -> SessionError {
             message,
         },
     }
-}
-
-/// Runs on `node` what it missed. A statement the node rejects is logged and skipped: the node
-/// would reject it for the client too, and the client's own statement will say so.
-async fn catch_up(
-    node: NodeId,
-    client: &ClientConn,
-    held: &mut Held,
-    steering: &mut Steering,
-    proxy: &Proxy,
-) -> Result<(), ServerError> {
-    let Some(lease) = held.leases[node].as_mut() else {
-        return Ok(());
-    };
-    let conn = &mut lease.conn;
-    let (replay, closes) = steering.catch_up(node);
-    let mut out = BytesMut::new();
-    if !closes.is_empty() {
-        for name in closes {
-            encode::message(&mut out, b'C', |b| {
-                b.put_u8(b'S');
-                b.put_slice(name);
-                b.put_u8(0);
-            });
-        }
-        encode::sync(&mut out);
-        skip_rejection(conn.exchange(&mut out).await)?;
-    }
-    for sql in replay {
-        encode::query(&mut out, sql);
-        skip_rejection(conn.exchange(&mut out).await)?;
-    }
-    steering.caught_up(node);
-    let max = proxy.config.max_message_size;
-    for parse in steering.missing_statements(&client.rbuf, node, max) {
-        out.extend_from_slice(&parse);
-        encode::sync(&mut out);
-        // A node that refuses it (a failed transaction block refuses everything) does not have
-        // it: the next unit that needs it there prepares it again.
-        if accepted(conn.exchange(&mut out).await)? {
-            steering.statement_on(&parse, node);
-        }
-    }
-    Ok(())
-}
-
-/// Whether the node accepted a replayed statement; a rejection is logged, any other failure is an
-/// error.
-fn accepted(result: Result<Option<String>, ServerError>) -> Result<bool, ServerError> {
-    match result {
-        Err(ServerError::Rejected { node, message, .. }) => {
-            debug!(%node, %message, "a replayed statement was rejected");
-            Ok(false)
-        }
-        other => other.map(|_| true),
-    }
-}
-
-/// Treats a statement the node rejected as done (logged), any other failure as an error.
-fn skip_rejection(result: Result<Option<String>, ServerError>) -> Result<(), ServerError> {
-    accepted(result).map(|_| ())
 }
 
 /// The primary's current WAL position, read on the session's own primary connection (which
@@ -556,7 +535,7 @@ async fn write_position(held: &mut Held, steering: &mut Steering, proxy: &Proxy)
             if steering.current == primary {
                 steering.lost_current();
             } else {
-                steering.fresh_connection(primary);
+                steering.replay.fresh_connection(primary);
             }
             None
         }
@@ -565,72 +544,4 @@ async fn write_position(held: &mut Held, steering: &mut Steering, proxy: &Proxy)
 
 fn is_primary(proxy: &Proxy, node: NodeId) -> bool {
     proxy.topology.load().primary == Primary::Known(node)
-}
-
-/// Writes what the client is owed before the session does anything else.
-async fn flush_client(client: &mut ClientConn) -> std::io::Result<()> {
-    if !client.pending.is_empty() {
-        client.stream.write_all(&client.pending).await?;
-        client.stream.flush().await?;
-        client.pending.clear();
-    }
-    Ok(())
-}
-
-/// Returns or drops every held server connection once the session is over.
-async fn finish(
-    end: RelayEnd,
-    client: &mut ClientConn,
-    mut held: Held,
-    current: NodeId,
-    progress: &Progress,
-    proxy: &Proxy,
-) {
-    let topology = proxy.topology.snapshot();
-    let usable = |node: NodeId| topology.nodes.get(node).is_some_and(|n| n.role.is_usable());
-    for (node, lease) in held.leases.iter_mut().enumerate() {
-        if node != current {
-            if let Some(lease) = lease.take() {
-                let reusable = lease.conn.rbuf.is_empty() && usable(node);
-                proxy.release(lease, reusable).await;
-            }
-        }
-    }
-    let lease = held.leases[current].take();
-    let reusable = progress.is_quiet() && usable(current);
-    let reusable = reusable && lease.as_ref().is_some_and(|l| l.conn.rbuf.is_empty());
-    match end {
-        RelayEnd::Terminated | RelayEnd::ClientGone => {
-            if let (Some(lease), false) = (&lease, reusable) {
-                cancel_running(lease, progress, proxy).await;
-            }
-        }
-        RelayEnd::Violation(message) => {
-            let error = SessionError::Refused {
-                code: sqlstate::PROTOCOL_VIOLATION,
-                message,
-            };
-            let _ = flush_client(client).await;
-            refuse(&mut client.stream, &error).await;
-        }
-    }
-    if let Some(lease) = lease {
-        proxy.release(lease, reusable).await;
-    }
-}
-
-/// Stops a statement still running for a client that left. PostgreSQL does not notice a closed
-/// socket until it next writes to it, so without this a long query, in a transaction block or
-/// not, keeps its backend busy to the end. The connection is closed right after, so the cancel
-/// cannot reach another client's query.
-async fn cancel_running(lease: &Lease, progress: &Progress, proxy: &Proxy) {
-    if progress.awaiting_ready == 0 {
-        return;
-    }
-    let target = lease.conn.cancel_target();
-    if let Err(error) =
-        crate::cancel::send_cancel(&target, proxy.config.backend.connect_timeout).await
-    {
-        debug!(%error, "could not cancel the statement of a client that left");
-    }
 }

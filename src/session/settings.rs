@@ -11,7 +11,7 @@
 use pgvigil_proto::classify::{Hint, Reason};
 use pgvigil_proto::TxStatus;
 
-use super::steering::SqlText;
+use super::replay::SqlText;
 use crate::topology::NodeId;
 
 /// Most statements replayed on a node; beyond it the session stays on the primary.

@@ -1,6 +1,8 @@
 //! The untagged startup phase of a client connection: SSL/GSS negotiation, cancel requests, and the
 //! StartupMessage with its protocol version and parameters.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::{Buf, BytesMut};
 use pgvigil_proto::startup::{parse_startup, ProtocolVersion, StartupPacket, MAX_STARTUP_PACKET};
 use pgvigil_proto::{encode, sqlstate};
@@ -14,6 +16,9 @@ use crate::stream::Stream;
 
 /// What a client asked for in its startup packet.
 pub struct ClientStartup {
+    /// A number no other session of this process has: a server connection remembers the last
+    /// session it served (see `ServerConn::owner`).
+    pub session: u64,
     /// The role name.
     pub user: String,
     /// The database (defaults to the user name, like PostgreSQL).
@@ -29,6 +34,9 @@ pub enum Opening {
     /// The connection only carried a CancelRequest, now handled.
     Cancelled,
 }
+
+/// Sessions started so far; the next one's number (0 is no session: see `ServerConn::owner`).
+static SESSIONS: AtomicU64 = AtomicU64::new(1);
 
 /// Newest protocol minor version pgvigil speaks (3.0).
 const NEWEST_MINOR: u16 = 0;
@@ -191,6 +199,7 @@ fn read_params<'a>(
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
     Ok(ClientStartup {
+        session: SESSIONS.fetch_add(1, Ordering::Relaxed),
         user,
         database,
         params: rest,

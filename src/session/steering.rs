@@ -1,43 +1,31 @@
 //! The routing memory of one session: which node each unit of work goes to, and what every node
 //! the session uses must know first (session settings, prepared statements).
 //!
-//! Rules, in order: a unit inside a transaction stays on the transaction's node; a session pinned
-//! (temporary table, SQL PREPARE, advisory lock, LISTEN, or anything else pgvigil cannot replay:
-//! see `settings::effect`) or a `/* pgvigil:primary */` hint goes to the primary; a unit that reuses the unnamed statement goes where it was parsed; a provably
-//! read-only unit (or one hinted `/* pgvigil:replica */`), and a read-only transaction, is spread
-//! over the nodes that may take reads (after a write, only those that replayed it: read your
-//! writes); everything else goes to the primary.
+//! A unit inside a transaction stays on the transaction's node, and a unit that names no statement
+//! (a lone Sync or Close) stays where the session is; every other unit is routed by the pure
+//! `route::route_unit`: a session pinned (temporary table, SQL PREPARE, advisory lock, LISTEN, or
+//! anything else pgvigil cannot replay: see `settings::effect`) or a `/* pgvigil:primary */` hint
+//! goes to the primary; a unit that reuses the unnamed statement goes where it was parsed; a
+//! provably read-only unit (or one hinted `/* pgvigil:replica */`), and a read-only transaction,
+//! is spread over the nodes that may take reads (after a write, only those that replayed it: read
+//! your writes); everything else goes to the primary. What the session's connections must be
+//! given before they serve it is kept in `replay::Replayable`.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
-use bytes::Bytes;
 use pgvigil_proto::classify::{classify, Classification, Hint, Pin, Reason};
 use pgvigil_proto::frontend::{self, Bind, Close, Parse, Query};
 use tracing::debug;
 
-use super::settings::{self, Effect, Settings};
+use super::replay::Replayable;
+use super::route::{self, Routed, SessionPolicy, Snapshot, Writes};
+use super::settings::{self, Effect};
 use super::unit::{self, UnitFacts};
+use crate::config::PoolMode;
+use crate::metrics::UnitKind;
 use crate::proxy::Proxy;
-use crate::router::{self, ReadPolicy, Route, RouteReason, MAX_NODES};
+use crate::router::{self, Route};
 use crate::topology::NodeId;
-
-/// A named prepared statement the client made.
-#[derive(Debug, Clone)]
-pub struct Prepared {
-    /// The client's Parse message, whole, to replay on another node.
-    pub parse: Bytes,
-    /// What its text is.
-    pub class: Classification,
-    /// Bit `n` set: it exists on the session's connection to node `n`.
-    pub on: u64,
-}
-
-/// A statement text or name, as the client sent it.
-pub type SqlText = Box<[u8]>;
-
-/// The session's named prepared statements by name.
-pub type Statements = HashMap<Box<[u8]>, Prepared>;
 
 /// What to do with the unit at the front of the client's buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,8 +46,9 @@ pub enum Decision {
 pub struct Steering {
     /// The node the session's work goes to now.
     pub current: NodeId,
-    /// Whether a unit is running (counted by the balancer).
-    pub in_flight: bool,
+    /// The unit running (counted by the balancer), with when it began and what it is, for
+    /// the metrics.
+    running: Option<(Instant, UnitKind)>,
     /// The next unit goes to `current` without a new decision (it was decided before a move).
     forced: bool,
     /// The facts of the unit being forwarded, and how many of its bytes they cover.
@@ -77,20 +66,12 @@ pub struct Steering {
     unit_in_transaction: bool,
     /// The last decided unit may write (units inside its transaction inherit it).
     unit_writes: bool,
-    pinned: Option<&'static str>,
     default_read_only: bool,
-    /// A write was sent since the last WAL position fetch, and when the last one was.
-    wrote: bool,
-    wrote_at: Instant,
-    /// The primary's WAL position after the session's last write.
-    write_lsn: Option<u64>,
-    /// Session-state statements (SET, RESET, ...) that took effect, and what each node has run.
-    pub settings: Settings,
-    /// Statements to close on a node before its next use.
-    pending_close: Vec<Vec<Box<[u8]>>>,
-    statements: Statements,
-    /// Where the unnamed statement was last parsed, and what it is.
-    unnamed: Option<(NodeId, Classification)>,
+    /// Where the session's writes stand, for read-your-writes.
+    writes: Writes,
+    /// What every connection the session uses must be given (settings, prepared statements),
+    /// what each already has, and what pins the session.
+    pub replay: Replayable,
     /// The client encoding keeps ASCII bytes ASCII, so the classifier can be trusted.
     pub encoding_safe: bool,
     /// Nodes this session could not open a connection to (bit per node); not chosen for reads.
@@ -106,7 +87,7 @@ impl Steering {
     pub fn new(node_count: usize, current: NodeId, encoding_safe: bool) -> Steering {
         Steering {
             current,
-            in_flight: false,
+            running: None,
             forced: false,
             unit: UnitFacts::default(),
             covered: 0,
@@ -115,15 +96,9 @@ impl Steering {
             waiting_route: None,
             unit_in_transaction: false,
             unit_writes: false,
-            pinned: None,
             default_read_only: false,
-            wrote: false,
-            wrote_at: Instant::now(),
-            write_lsn: None,
-            settings: Settings::new(node_count),
-            pending_close: vec![Vec::new(); node_count],
-            statements: HashMap::new(),
-            unnamed: None,
+            writes: Writes::None,
+            replay: Replayable::new(node_count),
             encoding_safe,
             avoided: 0,
             detached: false,
@@ -139,7 +114,7 @@ impl Steering {
             return Decision::Forward;
         }
         let max = proxy.config.max_message_size;
-        let facts = unit::inspect(input, max, &proxy.functions, &self.statements);
+        let facts = unit::inspect(input, max, &proxy.functions, self.replay.statements());
         if !facts.complete {
             return Decision::Wait;
         }
@@ -188,7 +163,7 @@ impl Steering {
             route = route.reason.as_str(),
             why = facts.reason.map(|r| r.as_str()),
             hint = facts.hint.map(hint_text),
-            pinned = self.pinned,
+            pinned = self.replay.pinned(),
             "routing decision"
         );
         if route.node == self.current
@@ -203,105 +178,49 @@ impl Steering {
         }
     }
 
-    /// Chooses the node for a unit outside a transaction.
+    /// Chooses the node for a unit outside a transaction (see [`route::route_unit`]), and notes
+    /// whether it counts as a write.
     fn choose(
         &mut self,
         facts: &UnitFacts,
         input: &[u8],
         proxy: &Proxy,
     ) -> Result<Route, Decision> {
-        let topology = proxy.topology.load();
-        let pinned = self.pinned.or(facts.pin.map(pin_reason));
-        let begin_allows = match facts.begin {
-            Some(Some(read_only)) => read_only,
-            Some(None) => self.default_read_only,
-            None => true,
-        };
-        let read = begin_allows && (facts.read_only || facts.hint == Some(Hint::Replica));
-        // A unit that executed something before a Flush and waits has an unseen rest that may
-        // write in the same implicit transaction: it runs on the primary. What it has shown so far
-        // decides whether it counts as a write; the rest's writes are noted as they are
-        // forwarded. One that only prepared (asyncpg's Parse, Describe, Flush) goes where its
-        // statement may run: its rest binds and executes what it prepared.
-        let must_write_node = facts.awaits_rest && facts.executes;
-        if let (Some((node, _)), true) = (self.unnamed, facts.reuses_unnamed) {
-            self.unit_writes = !facts.read_only;
-            return Ok(Route {
-                node,
-                reason: RouteReason::UnnamedStatement,
-            });
-        }
-        if !read
-            || must_write_node
-            || pinned.is_some()
-            || !self.encoding_safe
-            || facts.hint == Some(Hint::Primary)
-        {
-            // A lone SET or RESET writes no WAL: it does not hold the session's reads back.
-            self.unit_writes = !read && !facts.lone_setting();
-            return router::route_write(&topology).map_err(|_| Decision::WaitPrimary);
-        }
-        self.unit_writes = false;
-        let replication = proxy.replication.load();
-        let min_lsn = if proxy.config.routing.read_your_writes {
-            if self.wrote {
-                if replication.observed_at.is_none_or(|at| at <= self.wrote_at) {
-                    // No replica can be known to have the write yet: no need to measure it.
-                    return router::route_write(&topology)
-                        .map(|route| Route {
-                            reason: RouteReason::ReadYourWrites,
-                            ..route
-                        })
-                        .map_err(|_| Decision::WaitPrimary);
-                }
-                return Err(Decision::FetchLsn);
-            }
-            self.write_lsn
-        } else {
-            None
-        };
-        let weights = self.read_weights(proxy);
-        let policy = ReadPolicy {
-            weights: &weights[..proxy.config.nodes.len().min(MAX_NODES)],
-            balance: proxy.config.routing.balance,
-            max_lag_bytes: proxy.config.routing.max_lag_bytes,
-            max_lag: proxy.config.routing.max_lag,
-            primary_reads: proxy.config.routing.primary_reads,
-        };
         let max = proxy.config.max_message_size;
         let prefer = self
             .prepared_on
-            .take()
             .filter(|&node| facts.named_refs && !self.misses_statements(input, node, max));
-        let balancer = &proxy.balancer;
-        router::route_read(&topology, &replication, &policy, balancer, min_lsn, prefer)
-            .map_err(|_| Decision::WaitPrimary)
-    }
-
-    /// The configured weights, with 0 for nodes this session could not reach.
-    fn read_weights(&self, proxy: &Proxy) -> [u32; MAX_NODES] {
-        let mut weights = [0; MAX_NODES];
-        for (id, node) in proxy.config.nodes.iter().enumerate().take(MAX_NODES) {
-            if self.avoided & (1 << id) == 0 {
-                weights[id] = node.weight;
+        let policy = SessionPolicy {
+            pinned: self.replay.pinned(),
+            default_read_only: self.default_read_only,
+            encoding_safe: self.encoding_safe,
+            unnamed_on: self.replay.unnamed().map(|(node, _)| node),
+            writes: self.writes,
+            avoided: self.avoided,
+            prefer,
+        };
+        let topology = proxy.topology.load();
+        let replication = proxy.replication.load();
+        let snapshot = Snapshot {
+            topology: &topology,
+            replication: &replication,
+            routing: &proxy.config.routing,
+            nodes: &proxy.config.nodes,
+            balancer: &proxy.balancer,
+        };
+        match route::route_unit(facts, &policy, &snapshot) {
+            Routed::To { route, writes } => {
+                self.unit_writes = writes;
+                Ok(route)
             }
+            Routed::FetchLsn => Err(Decision::FetchLsn),
+            Routed::WaitPrimary => Err(Decision::WaitPrimary),
         }
-        weights
     }
 
     /// Whether the unit binds or describes a named statement that `node` does not have.
     fn misses_statements(&self, input: &[u8], node: NodeId, max: usize) -> bool {
-        if !self.unit.named_refs {
-            return false;
-        }
-        let mut missing = false;
-        unit::named_references(input, max, |name| {
-            missing |= self
-                .statements
-                .get(name)
-                .is_some_and(|p| p.on & (1 << node) == 0);
-        });
-        missing
+        self.unit.named_refs && self.replay.misses_statements(input, node, max)
     }
 
     /// The unit decided last is being forwarded to `current`: apply what it does to the session.
@@ -314,9 +233,18 @@ impl Steering {
             self.last_statement = self.unit;
         }
         // Only statements count as load: a lone Close or Sync is over at once.
-        if !self.in_flight && self.unit.has_statement {
+        if self.running.is_none() && self.unit.has_statement {
             proxy.balancer.started(self.current);
-            self.in_flight = true;
+            let kind = if self.replay.pinned().is_some() || self.unit.pin.is_some() {
+                UnitKind::Pinned
+            } else if self.unit.hint.is_some() {
+                UnitKind::Hinted
+            } else if self.unit_writes {
+                UnitKind::Write
+            } else {
+                UnitKind::Read
+            };
+            self.running = Some((Instant::now(), kind));
         }
         if self.unit_writes {
             self.note_write();
@@ -336,7 +264,7 @@ impl Steering {
         let body = frame.get(5..).unwrap_or_default();
         match tag {
             frontend::tag::QUERY => {
-                self.settings.request();
+                self.replay.settings.request();
                 let Ok(query) = Query::parse(body) else {
                     return;
                 };
@@ -363,18 +291,16 @@ impl Steering {
             frontend::tag::CLOSE => {
                 if let Ok(close) = Close::parse(body) {
                     if close.kind == b'S' && !close.name.is_empty() {
-                        if let Some(old) = self.statements.remove(close.name) {
-                            self.close_elsewhere(close.name, old.on);
-                        }
+                        self.replay.closed(close.name, self.current);
                     }
                 }
             }
             frontend::tag::FUNCTION_CALL => {
-                self.settings.request();
+                self.replay.settings.request();
                 self.note_write();
                 self.pin("a fast-path function call");
             }
-            frontend::tag::SYNC => self.settings.request(),
+            frontend::tag::SYNC => self.replay.settings.request(),
             _ => {}
         }
     }
@@ -412,16 +338,15 @@ impl Steering {
         }
         self.note_effects(parse.sql, class.reason, class.hint, false);
         if parse.name.is_empty() {
-            self.unnamed = Some((self.current, class));
-            return;
-        }
-        let prepared = Prepared {
-            parse: Bytes::copy_from_slice(frame),
-            class,
-            on: 1 << self.current,
-        };
-        if let Some(old) = self.statements.insert(parse.name.into(), prepared) {
-            self.close_elsewhere(parse.name, old.on);
+            self.replay.parsed_unnamed(self.current, class);
+        } else {
+            if proxy.config.pool.mode == PoolMode::Transaction {
+                // Sharing a named statement between the sessions of one connection needs
+                // server-side names of its own; until then the session keeps its connection.
+                self.pin("a named prepared statement under transaction pooling");
+            }
+            self.replay
+                .parsed_named(parse.name, frame, class, self.current);
         }
     }
 
@@ -435,7 +360,8 @@ impl Steering {
             return;
         }
         let writes = self
-            .statements
+            .replay
+            .statements()
             .get(bind.statement)
             .is_none_or(|p| !p.class.read_only && !p.class.lone_setting());
         if writes {
@@ -457,15 +383,6 @@ impl Steering {
         }
     }
 
-    /// Queues a close of `name` on every node in `on` but the current one.
-    fn close_elsewhere(&mut self, name: &[u8], on: u64) {
-        for (node, closes) in self.pending_close.iter_mut().enumerate() {
-            if node != self.current && on & (1 << node) != 0 {
-                closes.push(name.into());
-            }
-        }
-    }
-
     /// Notes a session-state statement sent to `current`, to replay on the session's other
     /// nodes once it took effect; `in_query`: sent in a Query (else in a Parse).
     fn record_state(&mut self, sql: &[u8], statements: usize, in_query: bool) {
@@ -474,28 +391,28 @@ impl Steering {
             self.pin("session state changed in a multi-statement string");
             return;
         }
-        self.settings.sent(sql, in_query);
+        self.replay.settings.sent(sql, in_query);
     }
 
     fn note_write(&mut self) {
-        self.wrote = true;
-        self.wrote_at = Instant::now();
+        self.writes = Writes::Unmeasured(Instant::now());
     }
 
     fn pin(&mut self, reason: &'static str) {
-        if self.pinned.is_none() {
-            debug!(reason, "session pinned to the primary");
-            self.pinned = Some(reason);
-        }
+        self.replay.pin(reason);
     }
 
     /// The session ran its last unit (the node answered everything): the balancer stops counting it.
     pub fn unit_done(&mut self, proxy: &Proxy) {
-        if std::mem::take(&mut self.in_flight) {
+        if let Some((began, kind)) = self.running.take() {
             proxy.balancer.finished(self.current);
+            proxy.metrics.unit_done(self.current, kind, began.elapsed());
+            if let (UnitKind::Write, Some(node)) = (kind, proxy.config.nodes.get(self.current)) {
+                proxy.events.wrote(self.current, &node.name);
+            }
         }
-        self.settings.quiet();
-        if let Some(why) = self.settings.unreplayable() {
+        self.replay.settings.quiet();
+        if let Some(why) = self.replay.settings.unreplayable() {
             self.pin(why);
         }
     }
@@ -511,25 +428,26 @@ impl Steering {
     /// The connection to the current node was lost: what it had is gone, and the next unit is
     /// routed afresh (possibly back to the same node, on a new connection).
     pub fn lost_current(&mut self) {
-        self.settings.lost();
-        self.fresh_connection(self.current);
+        self.replay.settings.lost();
+        self.replay.fresh_connection(self.current);
         self.detached = true;
         self.forced = false;
         self.waiting_route = None;
+    }
+
+    /// Transaction pooling took back the connection to the current node: the next unit is
+    /// routed afresh (a unit already routed keeps its route) and synced onto whatever
+    /// connection it gets.
+    pub fn released(&mut self) {
+        self.replay.fresh_connection(self.current);
+        self.detached = true;
+        self.forced = false;
     }
 
     /// The route given to the unit at the front cannot be used (its node cannot be reached):
     /// the next decision chooses again.
     pub fn reroute(&mut self) {
         self.waiting_route = None;
-    }
-
-    /// Why the session must stay on the primary's connection, if it must: state there (a
-    /// temporary table, a SQL PREPARE, an advisory lock, LISTEN, DO, CALL, LOAD, a WITH HOLD
-    /// cursor, an unknown function's effects, settings that cannot be replayed) that another
-    /// connection would not have.
-    pub fn pinned(&self) -> Option<&'static str> {
-        self.pinned
     }
 
     /// The facts of the last unit forwarded that names a statement (the one running, if any is).
@@ -548,57 +466,10 @@ impl Steering {
         self.waiting_route = None;
     }
 
-    /// What `node` must run before it can serve: session-state statements it has not run, and
-    /// statements to close.
-    pub fn catch_up(&self, node: NodeId) -> (&[SqlText], &[SqlText]) {
-        (self.settings.missing(node), &self.pending_close[node])
-    }
-
-    /// `node` ran everything [`Steering::catch_up`] listed.
-    pub fn caught_up(&mut self, node: NodeId) {
-        self.settings.caught_up(node);
-        self.pending_close[node].clear();
-    }
-
-    /// A fresh connection to `node` replaced whatever the session had there.
-    pub fn fresh_connection(&mut self, node: NodeId) {
-        self.settings.fresh_connection(node);
-        self.pending_close[node].clear();
-        for prepared in self.statements.values_mut() {
-            prepared.on &= !(1 << node);
-        }
-        if self.unnamed.is_some_and(|(n, _)| n == node) {
-            self.unnamed = None;
-        }
-    }
-
-    /// Named statements the unit at the start of `input` needs and `node` does not have, with
-    /// their Parse messages.
-    pub fn missing_statements(&self, input: &[u8], node: NodeId, max: usize) -> Vec<Bytes> {
-        let mut missing: Vec<Bytes> = Vec::new();
-        unit::named_references(input, max, |name| {
-            if let Some(p) = self.statements.get(name) {
-                if p.on & (1 << node) == 0 && !missing.contains(&p.parse) {
-                    missing.push(p.parse.clone());
-                }
-            }
-        });
-        missing
-    }
-
-    /// `node` now has the statement whose Parse message is `parse`.
-    pub fn statement_on(&mut self, parse: &[u8], node: NodeId) {
-        let name = Parse::parse(parse.get(5..).unwrap_or_default()).map(|p| p.name);
-        if let Some(p) = name.ok().and_then(|n| self.statements.get_mut(n)) {
-            p.on |= 1 << node;
-        }
-    }
-
     /// Records the primary's WAL position after the session's writes (None: it could not be read,
     /// so reads stay on the primary until the next write is measured).
     pub fn set_write_lsn(&mut self, lsn: Option<u64>) {
-        self.wrote = false;
-        self.write_lsn = Some(lsn.unwrap_or(u64::MAX));
+        self.writes = Writes::Measured(lsn.unwrap_or(u64::MAX));
     }
 }
 

@@ -8,7 +8,7 @@ use pgvigil_proto::classify::{
 use pgvigil_proto::frame::{messages, next_message, Message};
 use pgvigil_proto::frontend::{self, Bind, Describe, Parse, Query};
 
-use super::steering::Statements;
+use super::replay::Statements;
 
 /// Past this many buffered bytes a unit without its Sync is routed on what has been seen
 /// (conservatively: as a possible write) instead of waiting for the rest.
@@ -321,7 +321,7 @@ fn message_at(input: &[u8], pos: usize, max_message: usize) -> Option<Message<'_
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::steering::Prepared;
+    use crate::session::replay::Prepared;
     use bytes::{BufMut, Bytes, BytesMut};
 
     fn frame(out: &mut BytesMut, tag: u8, body: &[u8]) {

@@ -191,7 +191,7 @@ fn open_admin_config() -> String {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         admin: pgvigil::config::AdminConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 0)),
-            token: None,
+            ..Default::default()
         },
         nodes: vec![pgvigil::config::NodeConfig {
             name: "pg1".into(),

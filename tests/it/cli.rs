@@ -117,6 +117,10 @@ async fn serve_with_a_bad_config_exits_2_naming_the_key() {
             "unknown field `max_sise`",
         ),
         (
+            format!("{VALID_NODES_AND_USERS}\n[pool]\nmode = \"statement\"\n"),
+            "unknown variant `statement`",
+        ),
+        (
             format!("{VALID_NODES_AND_USERS}\n[routing]\nread_functions = [\"bad name\"]\n"),
             "routing.read_functions[0]: \"bad name\" is not a function name",
         ),

@@ -10,7 +10,7 @@ use crate::support::{start_proxy, test_cluster, TestProxy, APP_DB, APP_PASSWORD,
 const POOL_SIZE: usize = 16;
 
 /// pgbench of the cluster's own installation, as `LocalCluster::bin_dir` found it.
-fn pgbench_path(bin_dir: &std::path::Path) -> PathBuf {
+pub(crate) fn pgbench_path(bin_dir: &std::path::Path) -> PathBuf {
     let bundled = bin_dir.join("pgbench");
     if bundled.exists() {
         bundled
@@ -21,7 +21,7 @@ fn pgbench_path(bin_dir: &std::path::Path) -> PathBuf {
 
 /// Runs pgbench as `app` against pgvigil with `args`, without blocking the proxy's runtime;
 /// panics with pgbench's output unless it exits with status 0. Returns its stdout.
-async fn pgbench(program: &std::path::Path, proxy: &TestProxy, args: &[&str]) -> String {
+pub(crate) async fn pgbench(program: &std::path::Path, proxy: &TestProxy, args: &[&str]) -> String {
     let port = proxy.addr.port().to_string();
     let output: Output = tokio::process::Command::new(program)
         .args(["-h", "127.0.0.1", "-p", &port, "-U", APP_USER])
@@ -52,7 +52,7 @@ fn reported<'a>(report: &'a str, label: &str) -> Option<&'a str> {
 }
 
 /// Checks a benchmark run's report: no failed transaction and some throughput.
-fn assert_clean_run(report: &str) {
+pub(crate) fn assert_clean_run(report: &str) {
     assert_eq!(
         reported(report, "number of failed transactions:"),
         Some("0"),

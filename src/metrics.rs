@@ -1,0 +1,401 @@
+//! Prometheus metrics (`GET /metrics` on the admin listener).
+//!
+//! Each proxy owns its recorder rather than installing a global one: several proxies may run in
+//! one process (the integration tests do), and each must report only its own traffic. Handles
+//! for the hot path (units per node and kind, their latency, probes) are registered once here,
+//! so recording is an atomic add with no key lookup or allocation. What the proxy already keeps
+//! (node roles and health, lag, pool sizes, the topology generation) is copied into gauges when
+//! `/metrics` is scraped, so it costs nothing between scrapes.
+
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+
+use crate::admin::api::Status;
+use crate::topology::NodeId;
+
+/// Latency buckets in seconds, from half a millisecond to ten seconds (wave2.md §6.4).
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// What a routed unit was, for `pgvigil_units_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitKind {
+    /// Provably read-only, sent where reads may go.
+    Read,
+    /// May write: sent to the primary.
+    Write,
+    /// The session is pinned to its node (session state that cannot be replayed).
+    Pinned,
+    /// Sent where a routing hint comment asked.
+    Hinted,
+}
+
+impl UnitKind {
+    const ALL: [UnitKind; 4] = [
+        UnitKind::Read,
+        UnitKind::Write,
+        UnitKind::Pinned,
+        UnitKind::Hinted,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            UnitKind::Read => "read",
+            UnitKind::Write => "write",
+            UnitKind::Pinned => "pinned",
+            UnitKind::Hinted => "hinted",
+        }
+    }
+}
+
+/// Why a client was turned away, for `pgvigil_rejected_clients_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// `max_client_conn` sessions were open already.
+    TooManyClients,
+    /// Its password or authentication method was refused (SQLSTATE class 28).
+    Authentication,
+    /// Its startup was refused for another reason (protocol, TLS, unknown database).
+    Startup,
+    /// It was authenticated but no node could start its session.
+    NoServer,
+}
+
+impl Rejection {
+    const ALL: [Rejection; 4] = [
+        Rejection::TooManyClients,
+        Rejection::Authentication,
+        Rejection::Startup,
+        Rejection::NoServer,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Rejection::TooManyClients => "too_many_clients",
+            Rejection::Authentication => "authentication",
+            Rejection::Startup => "startup",
+            Rejection::NoServer => "no_server",
+        }
+    }
+}
+
+/// A phase of the last failover, for `pgvigil_last_failover_phase_seconds{phase}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverPhase {
+    /// From finding the primary lost to choosing the standby.
+    Decide,
+    /// From choosing the standby to writes going to it.
+    Promote,
+}
+
+impl FailoverPhase {
+    const ALL: [FailoverPhase; 2] = [FailoverPhase::Decide, FailoverPhase::Promote];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            FailoverPhase::Decide => "decide",
+            FailoverPhase::Promote => "promote",
+        }
+    }
+}
+
+/// The handles of one node's hot-path metrics.
+struct NodeMetrics {
+    /// `pgvigil_units_total{node, kind}`, indexed like [`UnitKind::ALL`].
+    units: [Counter; 4],
+    unit_duration: Histogram,
+    probe_duration: Histogram,
+    probe_failures: Counter,
+}
+
+/// The proxy's metrics: its recorder and the handles registered at start.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    nodes: Vec<NodeMetrics>,
+    failovers: Counter,
+    switchovers: Counter,
+    failbacks: Counter,
+    /// Indexed like [`FailoverPhase::ALL`].
+    last_failover: [Gauge; 2],
+    /// Indexed like [`Rejection::ALL`].
+    rejected: [Counter; 4],
+    client_connections: Gauge,
+}
+
+/// Where the metrics macros' call sites would be; the exporter ignores it but the API asks.
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+impl Metrics {
+    /// A recorder with the latency buckets, and the handles for `node_names`.
+    pub fn new(node_names: &[String]) -> Metrics {
+        // `set_buckets` only fails on an empty list, and ours is not; without buckets
+        // histograms would render as summaries, which cannot be aggregated across instances.
+        let builder = PrometheusBuilder::new()
+            .set_buckets(&LATENCY_BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        describe(&recorder);
+        let nodes = node_names
+            .iter()
+            .map(|name| {
+                let node = || Label::new("node", name.clone());
+                NodeMetrics {
+                    units: UnitKind::ALL.map(|kind| {
+                        recorder.register_counter(
+                            &Key::from_parts(
+                                "pgvigil_units_total",
+                                vec![node(), Label::new("kind", kind.as_str())],
+                            ),
+                            &METADATA,
+                        )
+                    }),
+                    unit_duration: recorder.register_histogram(
+                        &Key::from_parts("pgvigil_unit_duration_seconds", vec![node()]),
+                        &METADATA,
+                    ),
+                    probe_duration: recorder.register_histogram(
+                        &Key::from_parts("pgvigil_probe_duration_seconds", vec![node()]),
+                        &METADATA,
+                    ),
+                    probe_failures: recorder.register_counter(
+                        &Key::from_parts("pgvigil_probe_failures_total", vec![node()]),
+                        &METADATA,
+                    ),
+                }
+            })
+            .collect();
+        let counter = |name: &'static str| {
+            let counter = recorder.register_counter(&Key::from_name(name), &METADATA);
+            // Present from the start, so that a dashboard shows 0 rather than no data.
+            counter.absolute(0);
+            counter
+        };
+        let failovers = counter("pgvigil_failovers_total");
+        let switchovers = counter("pgvigil_switchovers_total");
+        let failbacks = counter("pgvigil_failbacks_total");
+        let last_failover = FailoverPhase::ALL.map(|phase| {
+            recorder.register_gauge(
+                &Key::from_parts(
+                    "pgvigil_last_failover_phase_seconds",
+                    vec![Label::new("phase", phase.as_str())],
+                ),
+                &METADATA,
+            )
+        });
+        let rejected = Rejection::ALL.map(|reason| {
+            let counter = recorder.register_counter(
+                &Key::from_parts(
+                    "pgvigil_rejected_clients_total",
+                    vec![Label::new("reason", reason.as_str())],
+                ),
+                &METADATA,
+            );
+            counter.absolute(0);
+            counter
+        });
+        let client_connections =
+            recorder.register_gauge(&Key::from_name("pgvigil_client_connections"), &METADATA);
+        client_connections.set(0.0);
+        recorder
+            .register_gauge(
+                &Key::from_parts(
+                    "pgvigil_build_info",
+                    vec![Label::new("version", env!("CARGO_PKG_VERSION"))],
+                ),
+                &METADATA,
+            )
+            .set(1.0);
+        Metrics {
+            recorder,
+            nodes,
+            failovers,
+            switchovers,
+            failbacks,
+            last_failover,
+            rejected,
+            client_connections,
+        }
+    }
+
+    /// A unit of `kind` on `node` finished after `took`.
+    pub fn unit_done(&self, node: NodeId, kind: UnitKind, took: Duration) {
+        if let Some(m) = self.nodes.get(node) {
+            m.units[kind as usize].increment(1);
+            m.unit_duration.record(took.as_secs_f64());
+        }
+    }
+
+    /// A probe of `node` finished after `took`, failed or not.
+    pub fn probe_done(&self, node: NodeId, took: Duration, failed: bool) {
+        if let Some(m) = self.nodes.get(node) {
+            m.probe_duration.record(took.as_secs_f64());
+            if failed {
+                m.probe_failures.increment(1);
+            }
+        }
+    }
+
+    /// A standby was promoted in place of a lost primary; `phases` gives each phase's time.
+    pub fn failover_done(&self, phases: [(FailoverPhase, Duration); 2]) {
+        self.failovers.increment(1);
+        for (phase, took) in phases {
+            self.last_failover[phase as usize].set(took.as_secs_f64());
+        }
+    }
+
+    /// A switchover handed the primary role over.
+    pub fn switchover_done(&self) {
+        self.switchovers.increment(1);
+    }
+
+    /// A former primary streams as a standby again.
+    pub fn failback_done(&self) {
+        self.failbacks.increment(1);
+    }
+
+    /// A client was turned away.
+    pub fn client_rejected(&self, reason: Rejection) {
+        self.rejected[reason as usize].increment(1);
+    }
+
+    /// A client session started (`1.0`) or ended (`-1.0`).
+    pub fn client_connections_add(&self, delta: f64) {
+        self.client_connections.increment(delta);
+    }
+
+    /// The text exposition as of now: the gauges read from `status` first, then everything.
+    pub fn render(&self, status: &Status) -> String {
+        let gauge = |name: &'static str, labels: Vec<Label>, value: f64| {
+            self.recorder
+                .register_gauge(&Key::from_parts(name, labels), &METADATA)
+                .set(value);
+        };
+        // Lossy u64 → f64 is fine for a gauge: Prometheus values are f64.
+        gauge(
+            "pgvigil_topology_generation",
+            vec![],
+            status.generation as f64,
+        );
+        for node in &status.nodes {
+            let label = || vec![Label::new("node", node.name.clone())];
+            gauge(
+                "pgvigil_node_up",
+                label(),
+                f64::from(u8::from(node.health == "up")),
+            );
+            gauge(
+                "pgvigil_node_is_primary",
+                label(),
+                f64::from(u8::from(node.role == "primary")),
+            );
+            gauge(
+                "pgvigil_node_timeline",
+                label(),
+                node.timeline.map_or(0.0, f64::from),
+            );
+            gauge(
+                "pgvigil_node_replication_lag_bytes",
+                label(),
+                node.lag_bytes.unwrap_or(0) as f64,
+            );
+            gauge(
+                "pgvigil_node_replay_lag_seconds",
+                label(),
+                node.replay_delay_ms.unwrap_or(0) as f64 / 1000.0,
+            );
+            let idle = node.idle_connections;
+            for (state, count) in [
+                ("idle", idle),
+                ("active", node.connections.saturating_sub(idle)),
+            ] {
+                gauge(
+                    "pgvigil_server_connections",
+                    vec![
+                        Label::new("node", node.name.clone()),
+                        Label::new("state", state),
+                    ],
+                    count as f64,
+                );
+            }
+        }
+        // Rendering ourselves means no upkeep task runs: do it here, or histograms grow
+        // without bound (metrics-exporter-prometheus, "Upkeep and maintenance").
+        let handle = self.recorder.handle();
+        handle.run_upkeep();
+        handle.render()
+    }
+}
+
+/// Help text and units for every metric.
+fn describe(recorder: &PrometheusRecorder) {
+    let counters: [(&'static str, &'static str); 6] = [
+        ("pgvigil_switchovers_total", "Switchovers carried out"),
+        (
+            "pgvigil_failbacks_total",
+            "Former primaries brought back as standbys",
+        ),
+        (
+            "pgvigil_rejected_clients_total",
+            "Clients turned away, per reason",
+        ),
+        (
+            "pgvigil_units_total",
+            "Units (a statement, or a transaction's statements sent as one) routed, per node and kind",
+        ),
+        (
+            "pgvigil_probe_failures_total",
+            "Health probes that failed, per node",
+        ),
+        (
+            "pgvigil_failovers_total",
+            "Standbys promoted in place of a lost primary",
+        ),
+    ];
+    for (name, help) in counters {
+        recorder.describe_counter(KeyName::from(name), None, help.into());
+    }
+    let histograms: [(&'static str, &'static str); 2] = [
+        (
+            "pgvigil_unit_duration_seconds",
+            "Time from forwarding a unit to its node until the node answered all of it",
+        ),
+        (
+            "pgvigil_probe_duration_seconds",
+            "Time a health probe took, per node",
+        ),
+    ];
+    for (name, help) in histograms {
+        recorder.describe_histogram(KeyName::from(name), Some(Unit::Seconds), help.into());
+    }
+    let gauges: [(&'static str, &'static str); 10] = [
+        (
+            "pgvigil_last_failover_phase_seconds",
+            "How long each phase of the last failover took",
+        ),
+        ("pgvigil_build_info", "Always 1; the version is a label"),
+        ("pgvigil_client_connections", "Client sessions open"),
+        (
+            "pgvigil_server_connections",
+            "Server connections held, per node and state (idle in the pool, active lent to a session)",
+        ),
+        ("pgvigil_topology_generation", "The topology's generation: it grows with every change"),
+        ("pgvigil_node_up", "1 when the node's last probes succeeded"),
+        ("pgvigil_node_is_primary", "1 for the node writes go to"),
+        ("pgvigil_node_timeline", "The node's timeline at its last probe"),
+        (
+            "pgvigil_node_replication_lag_bytes",
+            "Bytes of WAL a standby is behind the primary",
+        ),
+        (
+            "pgvigil_node_replay_lag_seconds",
+            "How far a standby's replay is behind, in seconds",
+        ),
+    ];
+    for (name, help) in gauges {
+        recorder.describe_gauge(KeyName::from(name), None, help.into());
+    }
+}

@@ -1,0 +1,257 @@
+//! The session's replayable state in one record: the settings that took effect, the named
+//! prepared statements by the client's name, the unnamed statement, and why the session is
+//! pinned (what it did that cannot be replayed); and, per node, what the session's connection
+//! there already has of it. `sync::sync` reads this record to bring a connection up to date.
+//!
+//! A session holds at most one connection per node, so "what node `n` has" is what the session's
+//! connection to `n` has; a fresh connection to `n` starts from nothing
+//! ([`Replayable::fresh_connection`]).
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use pgvigil_proto::classify::Classification;
+use pgvigil_proto::frontend::Parse;
+use tracing::info;
+
+use super::settings::Settings;
+use super::unit;
+use crate::topology::NodeId;
+
+/// A named prepared statement the client made.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The client's Parse message, whole, to replay on another node.
+    pub parse: Bytes,
+    /// What its text is.
+    pub class: Classification,
+    /// Bit `n` set: it exists on the session's connection to node `n`.
+    pub on: u64,
+}
+
+/// A statement text or name, as the client sent it.
+pub type SqlText = Box<[u8]>;
+
+/// The session's named prepared statements by name.
+pub type Statements = HashMap<Box<[u8]>, Prepared>;
+
+/// Everything another connection must be given before it can serve the session, and what each
+/// of the session's connections already has.
+pub struct Replayable {
+    /// Session-state statements (SET, RESET, ...) that took effect, and what each node has run.
+    pub settings: Settings,
+    /// Named prepared statements by the client's name, with the nodes that have each.
+    statements: Statements,
+    /// Statements to close on a node before its next use (closed or replaced elsewhere).
+    pending_close: Vec<Vec<SqlText>>,
+    /// Where the unnamed statement was last parsed, and what it is.
+    unnamed: Option<(NodeId, Classification)>,
+    /// Why the session must stay on its primary connection, once it must.
+    pinned: Option<&'static str>,
+}
+
+impl Replayable {
+    /// Nothing to replay, for a session over `node_count` nodes.
+    pub fn new(node_count: usize) -> Replayable {
+        Replayable {
+            settings: Settings::new(node_count),
+            statements: HashMap::new(),
+            pending_close: vec![Vec::new(); node_count],
+            unnamed: None,
+            pinned: None,
+        }
+    }
+
+    /// The named prepared statements, by name.
+    pub fn statements(&self) -> &Statements {
+        &self.statements
+    }
+
+    /// Where the unnamed statement was last parsed, and what it is.
+    pub fn unnamed(&self) -> Option<(NodeId, Classification)> {
+        self.unnamed
+    }
+
+    /// The unnamed statement was parsed on `node` as `class`.
+    pub fn parsed_unnamed(&mut self, node: NodeId, class: Classification) {
+        self.unnamed = Some((node, class));
+    }
+
+    /// The client prepared the named statement of the Parse message `frame` on `node`; one of
+    /// the same name made before is replaced (closed on the other nodes that have it).
+    pub fn parsed_named(&mut self, name: &[u8], frame: &[u8], class: Classification, node: NodeId) {
+        let prepared = Prepared {
+            parse: Bytes::copy_from_slice(frame),
+            class,
+            on: 1 << node,
+        };
+        if let Some(old) = self.statements.insert(name.into(), prepared) {
+            self.close_elsewhere(name, old.on, node);
+        }
+    }
+
+    /// The client closed its named statement `name` on `node`: the other nodes that have it
+    /// close it before their next use.
+    pub fn closed(&mut self, name: &[u8], node: NodeId) {
+        if let Some(old) = self.statements.remove(name) {
+            self.close_elsewhere(name, old.on, node);
+        }
+    }
+
+    /// Queues a close of `name` on every node in `on` but `current`.
+    fn close_elsewhere(&mut self, name: &[u8], on: u64, current: NodeId) {
+        for (node, closes) in self.pending_close.iter_mut().enumerate() {
+            if node != current && on & (1 << node) != 0 {
+                closes.push(name.into());
+            }
+        }
+    }
+
+    /// Pins the session (the first reason stays), logged: it did something that cannot be
+    /// replayed on another connection.
+    pub fn pin(&mut self, reason: &'static str) {
+        if self.pinned.is_none() {
+            // Info, not debug: pinned sessions are what keeps connections under transaction
+            // pooling, so operators look for them.
+            info!(reason, "session pinned to the primary");
+            self.pinned = Some(reason);
+        }
+    }
+
+    /// Why the session must stay on the primary's connection, if it must: state there (a
+    /// temporary table, a SQL PREPARE, an advisory lock, LISTEN, DO, CALL, LOAD, a WITH HOLD
+    /// cursor, an unknown function's effects, settings that cannot be replayed) that another
+    /// connection would not have.
+    pub fn pinned(&self) -> Option<&'static str> {
+        self.pinned
+    }
+
+    /// What `node` must run before it can serve: session-state statements it has not run, and
+    /// statements to close.
+    pub fn catch_up(&self, node: NodeId) -> (&[SqlText], &[SqlText]) {
+        (self.settings.missing(node), &self.pending_close[node])
+    }
+
+    /// `node` ran everything [`Replayable::catch_up`] listed.
+    pub fn caught_up(&mut self, node: NodeId) {
+        self.settings.caught_up(node);
+        self.pending_close[node].clear();
+    }
+
+    /// A fresh connection to `node` replaced whatever the session had there.
+    pub fn fresh_connection(&mut self, node: NodeId) {
+        self.settings.fresh_connection(node);
+        self.pending_close[node].clear();
+        for prepared in self.statements.values_mut() {
+            prepared.on &= !(1 << node);
+        }
+        if self.unnamed.is_some_and(|(n, _)| n == node) {
+            self.unnamed = None;
+        }
+    }
+
+    /// Whether the unit at the start of `input` binds or describes a named statement that
+    /// `node` does not have.
+    pub fn misses_statements(&self, input: &[u8], node: NodeId, max: usize) -> bool {
+        let mut missing = false;
+        unit::named_references(input, max, |name| {
+            missing |= self
+                .statements
+                .get(name)
+                .is_some_and(|p| p.on & (1 << node) == 0);
+        });
+        missing
+    }
+
+    /// Named statements the unit at the start of `input` needs and `node` does not have, with
+    /// their Parse messages.
+    pub fn missing_statements(&self, input: &[u8], node: NodeId, max: usize) -> Vec<Bytes> {
+        let mut missing: Vec<Bytes> = Vec::new();
+        unit::named_references(input, max, |name| {
+            if let Some(p) = self.statements.get(name) {
+                if p.on & (1 << node) == 0 && !missing.contains(&p.parse) {
+                    missing.push(p.parse.clone());
+                }
+            }
+        });
+        missing
+    }
+
+    /// `node` now has the statement whose Parse message is `parse`.
+    pub fn statement_on(&mut self, parse: &[u8], node: NodeId) {
+        let name = Parse::parse(parse.get(5..).unwrap_or_default()).map(|p| p.name);
+        if let Some(p) = name.ok().and_then(|n| self.statements.get_mut(n)) {
+            p.on |= 1 << node;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{BufMut, BytesMut};
+    use pgvigil_proto::classify::{classify, FunctionLists};
+    use pgvigil_proto::encode;
+
+    fn parse_frame(name: &str, sql: &str) -> BytesMut {
+        let mut out = BytesMut::new();
+        encode::message(&mut out, b'P', |b| {
+            b.put_slice(name.as_bytes());
+            b.put_u8(0);
+            b.put_slice(sql.as_bytes());
+            b.put_u8(0);
+            b.put_u16(0);
+        });
+        out
+    }
+
+    fn bind_and_sync(statement: &str) -> BytesMut {
+        let mut out = BytesMut::new();
+        encode::message(&mut out, b'B', |b| {
+            b.put_u8(0);
+            b.put_slice(statement.as_bytes());
+            b.put_u8(0);
+            b.put_u16(0);
+            b.put_u16(0);
+            b.put_u16(0);
+        });
+        encode::sync(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_statement_is_replayed_where_missing_and_closed_where_replaced() {
+        let functions = FunctionLists::default();
+        let mut replay = Replayable::new(2);
+        let parse = parse_frame("s1", "select 1");
+        replay.parsed_named(b"s1", &parse, classify(b"select 1", &functions), 0);
+        let unit = bind_and_sync("s1");
+        assert!(!replay.misses_statements(&unit, 0, 1 << 20));
+        assert!(replay.misses_statements(&unit, 1, 1 << 20));
+        assert_eq!(
+            replay.missing_statements(&unit, 1, 1 << 20),
+            vec![parse.clone().freeze()]
+        );
+        replay.statement_on(&parse, 1);
+        assert!(!replay.misses_statements(&unit, 1, 1 << 20));
+
+        // Replaced on node 0: node 1 closes its copy before its next use.
+        replay.parsed_named(b"s1", &parse, classify(b"select 1", &functions), 0);
+        assert_eq!(replay.catch_up(1).1, &[SqlText::from(&b"s1"[..])]);
+        replay.caught_up(1);
+        assert!(replay.catch_up(1).1.is_empty());
+
+        // A fresh connection has nothing.
+        replay.fresh_connection(0);
+        assert!(replay.misses_statements(&unit, 0, 1 << 20));
+    }
+
+    #[test]
+    fn the_first_pin_reason_stays() {
+        let mut replay = Replayable::new(1);
+        assert_eq!(replay.pinned(), None);
+        replay.pin("LISTEN");
+        replay.pin("temporary table");
+        assert_eq!(replay.pinned(), Some("LISTEN"));
+    }
+}

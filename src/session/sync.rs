@@ -1,0 +1,177 @@
+//! Bringing a server connection up to date for a session: whatever node it is on and whether it
+//! was just opened, [`sync`] gives it what the session's [`Replayable`] record says it lacks
+//! (the client's startup settings on a new connection, every session setting that took effect
+//! since, stale statements closed, the named statements the next unit uses prepared). Node
+//! moves and session survival are both "take a connection, sync it, go on".
+
+use bytes::{BufMut, BytesMut};
+use pgvigil_proto::encode;
+use tracing::debug;
+
+use super::replay::Replayable;
+use super::startup::ClientStartup;
+use super::{open, open_within, OpenError};
+use crate::config::PoolMode;
+use crate::pool::{Lease, PoolError};
+use crate::proxy::Proxy;
+use crate::server::{ServerConn, ServerError};
+use crate::topology::{Need, NodeId, Primary};
+
+/// The server connections a session holds, at most one per node.
+pub struct Held {
+    /// The connection to node `n`, at `n`.
+    pub leases: Vec<Option<Lease>>,
+}
+
+impl Held {
+    /// No connection yet, for a session over `node_count` nodes.
+    pub fn new(node_count: usize) -> Held {
+        Held {
+            leases: (0..node_count).map(|_| None).collect(),
+        }
+    }
+
+    /// Drops (never pools) the connections to nodes other than `current` that the topology no
+    /// longer lets sessions use; what the session had there is forgotten.
+    pub fn drop_unusable(&mut self, current: NodeId, replay: &mut Replayable, proxy: &Proxy) {
+        let topology = proxy.topology.load();
+        for (node, lease) in self.leases.iter_mut().enumerate() {
+            let usable = topology.nodes.get(node).is_some_and(|n| n.role.is_usable());
+            if node != current && !usable && lease.take().is_some() {
+                debug!(
+                    node,
+                    "connection to a node that is no longer usable dropped"
+                );
+                replay.fresh_connection(node);
+            }
+        }
+    }
+
+    /// Drops the connection to `node`: what it had is forgotten.
+    fn forget(&mut self, node: NodeId, replay: &mut Replayable) {
+        self.leases[node] = None;
+        replay.fresh_connection(node);
+    }
+}
+
+/// Makes the session's connection to `node` ready for the unit at the start of `input`: opens
+/// one (with the client's startup settings) if the session has none there or the one it has
+/// broke while unused, then runs what it missed (see [`catch_up`]). A connection cut off or
+/// broken on the way is dropped and the error returned; the caller routes again.
+pub async fn sync(
+    node: NodeId,
+    held: &mut Held,
+    replay: &mut Replayable,
+    input: &[u8],
+    startup: &ClientStartup,
+    proxy: &Proxy,
+) -> Result<(), OpenError> {
+    let need = if proxy.topology.load().primary == Primary::Known(node) {
+        Need::Primary
+    } else {
+        Need::Replaceable
+    };
+    if held.leases[node]
+        .as_mut()
+        .is_some_and(|lease| lease.conn.looks_broken())
+    {
+        // It died while the session was elsewhere (its node closed it, or restarted).
+        debug!(
+            node,
+            "a held connection broke while unused; opening a new one"
+        );
+        held.leases[node] = None;
+        proxy.report_server_failure(node);
+    }
+    if held.leases[node].is_none() {
+        // A read can go elsewhere: it does not wait long for a node that hangs. Under
+        // transaction pooling a session holds no other connection: it waits for a slot.
+        let wait_for_slot = proxy.config.pool.mode == PoolMode::Transaction;
+        let lease = if need == Need::Primary || wait_for_slot {
+            open(proxy, node, startup, true, need).await?
+        } else {
+            open_within(proxy, node, startup, false, need).await?
+        };
+        replay.fresh_connection(node);
+        held.leases[node] = Some(lease);
+    }
+    let Some(lease) = held.leases[node].as_mut() else {
+        return Ok(());
+    };
+    let result = proxy
+        .unless_given_up(node, need, catch_up(&mut lease.conn, replay, input, proxy))
+        .await;
+    let result = match result {
+        Ok(result) => result,
+        Err(abandoned) => {
+            // Cut off mid-exchange: what the node still owes would confuse the next unit.
+            held.forget(node, replay);
+            return Err(OpenError::Pool(abandoned));
+        }
+    };
+    if let Err(ServerError::Io { .. } | ServerError::Protocol { .. }) = &result {
+        // A broken connection is dropped; the session opens a new one next time.
+        held.forget(node, replay);
+        proxy.report_server_failure(node);
+    }
+    result.map_err(|e| OpenError::Pool(PoolError::Connect(e)))
+}
+
+/// Runs on `conn` what it missed: closes of statements replaced or closed elsewhere, the
+/// settings log from where it stands, and the named statements the unit at the start of `input`
+/// uses. A statement the node rejects is logged and skipped: the node would reject it for the
+/// client too, and the client's own statement will say so.
+async fn catch_up(
+    conn: &mut ServerConn,
+    replay: &mut Replayable,
+    input: &[u8],
+    proxy: &Proxy,
+) -> Result<(), ServerError> {
+    let node = conn.node;
+    let (settings, closes) = replay.catch_up(node);
+    let mut out = BytesMut::new();
+    if !closes.is_empty() {
+        for name in closes {
+            encode::message(&mut out, b'C', |b| {
+                b.put_u8(b'S');
+                b.put_slice(name);
+                b.put_u8(0);
+            });
+        }
+        encode::sync(&mut out);
+        skip_rejection(conn.exchange(&mut out).await)?;
+    }
+    for sql in settings {
+        encode::query(&mut out, sql);
+        skip_rejection(conn.exchange(&mut out).await)?;
+    }
+    replay.caught_up(node);
+    let max = proxy.config.max_message_size;
+    for parse in replay.missing_statements(input, node, max) {
+        out.extend_from_slice(&parse);
+        encode::sync(&mut out);
+        // A node that refuses it (a failed transaction block refuses everything) does not have
+        // it: the next unit that needs it there prepares it again.
+        if accepted(conn.exchange(&mut out).await)? {
+            replay.statement_on(&parse, node);
+        }
+    }
+    Ok(())
+}
+
+/// Whether the node accepted a replayed statement; a rejection is logged, any other failure is an
+/// error.
+fn accepted(result: Result<Option<String>, ServerError>) -> Result<bool, ServerError> {
+    match result {
+        Err(ServerError::Rejected { node, message, .. }) => {
+            debug!(%node, %message, "a replayed statement was rejected");
+            Ok(false)
+        }
+        other => other.map(|_| true),
+    }
+}
+
+/// Treats a statement the node rejected as done (logged), any other failure as an error.
+fn skip_rejection(result: Result<Option<String>, ServerError>) -> Result<(), ServerError> {
+    accepted(result).map(|_| ())
+}

@@ -1,0 +1,290 @@
+//! Transaction pooling (`pool.mode = "transaction"`) as a user sees it: a thousand clients
+//! connected at once share twenty server connections, each holding one only for a transaction;
+//! a session's settings and startup parameters follow it onto whatever connection serves its
+//! next transaction and never show in another session; a session that prepares a named
+//! statement keeps its connection and goes on working; an idle session holds no connection, so
+//! a kill -9 failover leaves it untouched and its next statement runs on the new primary with
+//! its settings.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgvigil::config::PoolMode;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use crate::failover::{Scene, OLD_PRIMARY, STANDBYS};
+use crate::pgbench::{assert_clean_run, pgbench, pgbench_path};
+use crate::support::writer::{describe, tick_ids};
+use crate::support::{start_proxy, test_cluster, TestProxy, APP_DB, APP_PASSWORD, APP_USER};
+
+/// Server connections per node in the thousand-client test.
+const POOL: usize = 20;
+
+/// Bound on a client's wait for a server connection: generous for a loaded 2-core machine.
+const CHECKOUT: Duration = Duration::from_secs(120);
+
+/// Bound on the thousand clients' logins: generous for a loaded 2-core machine.
+const ALL_CONNECTED: Duration = Duration::from_secs(120);
+
+/// The first column of the first row of a simple-protocol answer.
+async fn simple_value(client: &Client, sql: &str) -> String {
+    let messages = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    messages
+        .into_iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no row"))
+}
+
+/// Connects through pgvigil with `extra` added to the connection string.
+async fn connect_with(proxy: &TestProxy, extra: &str) -> Client {
+    let conninfo = format!("{} {extra}", proxy.conninfo(APP_USER, APP_PASSWORD, APP_DB));
+    proxy
+        .connect(&conninfo)
+        .await
+        .unwrap_or_else(|e| panic!("could not connect through pgvigil: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_clients_share_twenty_server_connections_one_transaction_at_a_time() {
+    const CLIENTS: usize = 1000;
+    const TRANSACTIONS: usize = 20;
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.max_size = POOL;
+        config.pool.checkout_timeout = CHECKOUT;
+        config.max_client_conn = CLIENTS + 10;
+        config.client.startup_timeout = ALL_CONNECTED;
+    })
+    .await;
+    let setup = proxy.connect_app().await;
+    setup
+        .batch_execute("CREATE TABLE ledger (client int, n int)")
+        .await
+        .unwrap();
+    drop(setup);
+
+    // Server connections of `app` on the node, seen from a direct connection of its own.
+    let node = cluster.node(0);
+    let direct = format!(
+        "host=127.0.0.1 port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB}",
+        node.port
+    );
+    let (monitor, connection) = tokio_postgres::connect(&direct, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let most_seen = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let watcher = {
+        let (most_seen, done) = (most_seen.clone(), done.clone());
+        tokio::spawn(async move {
+            let count = "SELECT count(*)::text FROM pg_stat_activity \
+                         WHERE usename = 'app' AND backend_type = 'client backend' \
+                         AND pid <> pg_backend_pid()";
+            loop {
+                let seen: usize = simple_value(&monitor, count).await.parse().unwrap();
+                most_seen.fetch_max(seen, Ordering::Relaxed);
+                tokio::select! {
+                    () = done.notified() => return,
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        })
+    };
+
+    // Every client is connected before any of them starts: a thousand sessions at once. They
+    // connect a hundred at a time (logins are CPU work on a loaded machine), and wait for the
+    // others with a deadline, so that a failed login fails the test instead of hanging it.
+    let logins = Arc::new(tokio::sync::Semaphore::new(100));
+    let connected = Arc::new(AtomicUsize::new(0));
+    let proxy = Arc::new(proxy);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|id| {
+            let (proxy, logins, connected) = (proxy.clone(), logins.clone(), connected.clone());
+            tokio::spawn(async move {
+                let login = logins.acquire().await.unwrap();
+                let client = proxy.connect_app().await;
+                drop(login);
+                connected.fetch_add(1, Ordering::SeqCst);
+                let deadline = tokio::time::Instant::now() + ALL_CONNECTED;
+                while connected.load(Ordering::SeqCst) < CLIENTS {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "not every client connected within {ALL_CONNECTED:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let mut written = 0;
+                for n in 0..TRANSACTIONS {
+                    if n % 2 == 0 {
+                        client
+                            .batch_execute(&format!(
+                                "BEGIN; INSERT INTO ledger VALUES ({id}, {n}); COMMIT"
+                            ))
+                            .await
+                            .unwrap_or_else(|e| panic!("client {id}, write {n}: {e}"));
+                        written += 1;
+                    } else {
+                        let sql = format!("SELECT count(*)::text FROM ledger WHERE client = {id}");
+                        let seen: usize = simple_value(&client, &sql).await.parse().unwrap();
+                        assert_eq!(seen, written, "client {id} reads its own writes");
+                    }
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.expect("a client failed");
+    }
+    done.notify_one();
+    watcher.await.unwrap();
+
+    let check = proxy.connect_app().await;
+    let rows = simple_value(&check, "SELECT count(*)::text FROM ledger").await;
+    assert_eq!(rows, (CLIENTS * TRANSACTIONS / 2).to_string());
+    let most = most_seen.load(Ordering::Relaxed);
+    assert!(
+        (1..=POOL).contains(&most),
+        "at most {POOL} server connections, seen {most}"
+    );
+    assert!(proxy.running.proxy.pools.open_count(0) <= POOL);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_follow_their_session_across_shared_connections_and_never_leak() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.max_size = 2;
+    })
+    .await;
+    // A startup parameter, a SET, and a client that changes nothing.
+    let named = connect_with(&proxy, "application_name=ledger-ui").await;
+    let timed = proxy.connect_app().await;
+    timed
+        .batch_execute("SET statement_timeout = '7s'")
+        .await
+        .unwrap();
+    let rolled_back = proxy.connect_app().await;
+    rolled_back
+        .batch_execute("BEGIN; SET statement_timeout = '9s'; ROLLBACK")
+        .await
+        .unwrap();
+    let plain = proxy.connect_app().await;
+
+    let ask = "SELECT current_setting('application_name') || ' ' || \
+               current_setting('statement_timeout') || ' ' || pg_backend_pid()";
+    let mut served_by: HashMap<String, HashSet<&str>> = HashMap::new();
+    for round in 0..20 {
+        for (who, client, wanted) in [
+            ("named", &named, "ledger-ui 0"),
+            ("timed", &timed, " 7s"),
+            ("rolled_back", &rolled_back, " 0"),
+            ("plain", &plain, " 0"),
+        ] {
+            let answer = simple_value(client, ask).await;
+            let (settings, pid) = answer.rsplit_once(' ').unwrap();
+            assert_eq!(settings, wanted, "{who}, round {round}");
+            served_by.entry(pid.to_owned()).or_default().insert(who);
+        }
+    }
+    assert!(
+        served_by.len() <= 2,
+        "two server connections: {served_by:?}"
+    );
+    assert!(
+        served_by.values().any(|clients| clients.len() > 1),
+        "connections are shared between sessions: {served_by:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_with_a_named_statement_keeps_its_connection_and_others_go_on() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.max_size = 2;
+    })
+    .await;
+    // tokio-postgres prepares every statement under a name of its own.
+    let preparing = proxy.connect_app().await;
+    let statement = preparing
+        .prepare("SELECT pg_backend_pid() AS pid, $1::int + 1 AS next")
+        .await
+        .unwrap();
+    let others: Vec<Client> =
+        futures_util::future::join_all((0..3).map(|_| proxy.connect_app())).await;
+    let mut pids = HashSet::new();
+    for n in 0..10 {
+        let row = preparing.query_one(&statement, &[&n]).await.unwrap();
+        assert_eq!(row.get::<_, i32>("next"), n + 1);
+        pids.insert(row.get::<_, i32>("pid"));
+        for other in &others {
+            assert_eq!(
+                simple_value(other, "SELECT 'still served'").await,
+                "still served"
+            );
+        }
+    }
+    assert_eq!(pids.len(), 1, "the pinned session keeps one connection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_keeps_its_settings_across_a_kill_9_failover() {
+    let mut scene = Scene::start(test_cluster(2), |config| {
+        config.pool.mode = PoolMode::Transaction;
+    })
+    .await;
+    let idle = scene.proxy.connect_app().await;
+    for set in [
+        "SET application_name = 'survivor'",
+        "SET search_path = pg_catalog, public",
+    ] {
+        idle.batch_execute(set).await.unwrap();
+    }
+    let kill = scene.kill(OLD_PRIMARY);
+    scene.writes_resume(kill, "kill -9 under an idle session in transaction mode");
+    let new = scene.sole_primary(&STANDBYS);
+
+    // The same client, never reconnected: its write runs on the new primary, and whatever
+    // connection serves it carries the session's settings.
+    idle.batch_execute("INSERT INTO ticks (id) VALUES (-7)")
+        .await
+        .unwrap_or_else(|e| panic!("the idle session's next write failed: {}", describe(&e)));
+    assert!(tick_ids(&scene.cluster, new).contains(&-7));
+    let settings = "SELECT current_setting('application_name') || '|' || \
+                    current_setting('search_path')";
+    assert_eq!(
+        simple_value(&idle, settings).await,
+        "survivor|pg_catalog, public"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pgbench_runs_in_every_query_mode_with_more_clients_than_server_connections() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.max_size = 4;
+    })
+    .await;
+    let program = pgbench_path(cluster.bin_dir());
+    pgbench(&program, &proxy, &["-i", "-s", "1", "-q"]).await;
+    // Eight clients over four server connections: under session pooling the last four would
+    // wait for a connection and fail.
+    for mode in ["simple", "extended"] {
+        let run = ["-T", "5", "-c", "8", "-j", "2", "-M", mode];
+        assert_clean_run(&pgbench(&program, &proxy, &run).await);
+    }
+    // Named statements pin each client to a connection of its own: as many as there are.
+    let prepared = ["-T", "5", "-c", "4", "-j", "2", "-M", "prepared"];
+    assert_clean_run(&pgbench(&program, &proxy, &prepared).await);
+    assert!(proxy.running.proxy.pools.open_count(0) <= 4);
+}
