@@ -2,6 +2,7 @@
 //! Kept in `failover.state_dir/pgvigil.state` (TOML), replaced atomically: written to a temporary
 //! file, fsynced, renamed over the old one, and the directory fsynced.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,12 @@ pub struct State {
     /// The latest promotion that finished, for the record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_promotion: Option<PromotionRecord>,
+    /// Standbys a failover stopped streaming from the lost primary, with the `primary_conninfo`
+    /// each had, until they are pointed at a primary again: a pgvigil restarted mid-failover
+    /// still knows how they replicate (absent in files of older versions). The file may then
+    /// hold a replication password, as the standbys' own configuration does.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub paused: BTreeMap<String, String>,
 }
 
 /// A promotion as the state file keeps it. LSNs are in PostgreSQL's text form ("0/3000060"),
@@ -168,6 +175,7 @@ mod tests {
                 postmaster_start: "2026-12-04 16:00:00+00".into(),
             }),
             last_promotion: None,
+            paused: BTreeMap::from([("pg3".into(), "host=h port=1 user='r'".into())]),
         };
         file.save(&first).unwrap();
         assert_eq!(file.load().unwrap(), Some(first));
@@ -198,6 +206,7 @@ mod tests {
         .unwrap();
         let state = StateFile::new(&dir).load().unwrap().unwrap();
         assert_eq!((state.promoting, state.last_promotion), (None, None));
+        assert!(state.paused.is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

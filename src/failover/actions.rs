@@ -172,21 +172,25 @@ pub async fn promote(config: &Config, node: NodeId) -> Result<u32, ActionError> 
 /// names no user is replaced by one built from `[replication]`, or else by a copy of a sibling's
 /// from `siblings` (the other standbys, the new primary included: its conninfo from its standby
 /// days still says how this cluster replicates).
+///
+/// A node whose conninfo is empty because a failover stopped its receiver (`stop_receiver`)
+/// counts with the one it had then, from `paused` (per node), the standby and its siblings alike.
 pub async fn repoint(
     config: &Config,
     standby: NodeId,
     primary: NodeId,
     siblings: &[NodeId],
+    paused: &[Option<String>],
 ) -> Result<(), ActionError> {
     bounded(config.health.timeout * 4, async {
         let node = admin_connect(config, standby, "pgvigil failover").await?;
-        let current = show(&node, "primary_conninfo").await?;
+        let current = remembered_if_empty(show(&node, "primary_conninfo").await?, paused, standby);
         let slot = show(&node, "primary_slot_name").await?;
         let conninfo = if conninfo::is_complete(&current) {
             let target = &config.nodes[primary];
             conninfo::repoint(&current, &target.host, target.port)
         } else {
-            complete_conninfo(config, standby, primary, siblings).await
+            complete_conninfo(config, standby, primary, siblings, paused).await
         }
         .ok_or_else(|| {
             // Not quoting the conninfo: it may hold a password, and this reaches the log.
@@ -200,6 +204,36 @@ pub async fn repoint(
             create_slot(config, primary, &slot).await?;
         }
         alter_system(&node, "primary_conninfo", &conninfo).await
+    })
+    .await
+}
+
+/// Stops `standby` streaming from whatever primary it follows: `primary_conninfo` set to ''
+/// (reloaded), then waits until `pg_stat_wal_receiver` shows no receiver, all within
+/// `health.timeout`. Returns the conninfo it had ('' when it had none: already stopped).
+pub async fn stop_receiver(config: &Config, standby: NodeId) -> Result<String, ActionError> {
+    bounded(config.health.timeout, async {
+        let client = admin_connect(config, standby, "pgvigil failover").await?;
+        let before = show(&client, "primary_conninfo").await?;
+        if !before.is_empty() {
+            alter_system(&client, "primary_conninfo", "").await?;
+        }
+        // pg_reload_conf() only signals the postmaster: once this session sees the new value
+        // the reload has reached the backends, the startup process included, so a receiver
+        // that is gone then is not restarted with the old conninfo.
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT current_setting('primary_conninfo') = '' \
+                     AND NOT EXISTS (SELECT 1 FROM pg_stat_wal_receiver)",
+                    &[],
+                )
+                .await?;
+            if row.try_get::<_, bool>(0)? {
+                return Ok(before);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     })
     .await
 }
@@ -340,6 +374,7 @@ pub async fn complete_conninfo(
     standby: NodeId,
     primary: NodeId,
     siblings: &[NodeId],
+    paused: &[Option<String>],
 ) -> Option<String> {
     let (target, name) = (&config.nodes[primary], &config.nodes[standby].name);
     if let Some(pairs) = config.replication.pairs(name) {
@@ -350,7 +385,10 @@ pub async fn complete_conninfo(
             let client = admin_connect(config, sibling, "pgvigil failover").await?;
             show(&client, "primary_conninfo").await
         };
-        match found.await {
+        match found
+            .await
+            .map(|theirs| remembered_if_empty(theirs, paused, sibling))
+        {
             Ok(theirs) => {
                 if let Some(adopted) = conninfo::adopt(&theirs, &target.host, target.port, name) {
                     tracing::info!(standby = %name, from = %config.nodes[sibling].name, "its primary_conninfo names no user: adopting a sibling's");
@@ -363,6 +401,14 @@ pub async fn complete_conninfo(
         }
     }
     None
+}
+
+/// `conninfo` as read from `node`, or when it is empty, the one `paused` remembers for it.
+fn remembered_if_empty(conninfo: String, paused: &[Option<String>], node: NodeId) -> String {
+    match paused.get(node) {
+        Some(Some(remembered)) if conninfo.is_empty() => remembered.clone(),
+        _ => conninfo,
+    }
 }
 
 /// What a standby's WAL receiver shows: status, sender host and port, timeline received.

@@ -20,6 +20,9 @@ pub struct Memory {
     pub last_promotion: Option<Promotion>,
     /// Nodes an operator took out of routing and candidacy (`pgvigil detach`).
     pub detached: Vec<bool>,
+    /// The `primary_conninfo` each standby had before a failover stopped it streaming from the
+    /// lost primary (see `Coordinator::stop_receivers`), until it is pointed at a primary again.
+    pub paused: Vec<Option<String>>,
 }
 
 impl Memory {
@@ -31,6 +34,7 @@ impl Memory {
             promoting: None,
             last_promotion: None,
             detached: vec![false; node_count],
+            paused: vec![None; node_count],
         }
     }
 

@@ -223,7 +223,7 @@ impl Coordinator {
             }
         };
         let roles = self.candidate_roles(verdict.roles.clone());
-        match self.choose(old, &roles).await {
+        match self.choose(old, &roles, &[]).await {
             Choice::Promote(promotion) if promotion.node == node => {
                 if self.carry_out(promotion, roles, &verdict.suspect).await {
                     Ok(done(format!(
@@ -265,7 +265,7 @@ impl Coordinator {
         };
         let verdict = assess(self.config(), &self.board, &self.memory);
         let roles = self.candidate_roles(verdict.roles);
-        let readings = self.read_candidates(old, &roles).await;
+        let readings = self.read_candidates(old, &roles, &[]).await;
         let choice = choose(self.config(), &self.board, old, &readings);
         let last = self.board[old].last.as_ref();
         let primary_lsn = last.map(|o| o.position.lsn);

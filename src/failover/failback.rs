@@ -168,14 +168,20 @@ impl Coordinator {
         let siblings: Vec<NodeId> = (0..self.config().nodes.len())
             .filter(|&n| n != node)
             .collect();
-        let conninfo = actions::complete_conninfo(self.config(), node, primary, &siblings)
-            .await
-            .ok_or_else(|| {
-                Refusal::new(
-                    format!("no complete primary_conninfo for {name}"),
-                    "set [replication] user (and password), then retry the failback",
-                )
-            })?;
+        let conninfo = actions::complete_conninfo(
+            self.config(),
+            node,
+            primary,
+            &siblings,
+            &self.memory.paused,
+        )
+        .await
+        .ok_or_else(|| {
+            Refusal::new(
+                format!("no complete primary_conninfo for {name}"),
+                "set [replication] user (and password), then retry the failback",
+            )
+        })?;
         let settings = OwnSettings {
             port: self.config().nodes[node].port,
             primary_conninfo: conninfo,

@@ -145,23 +145,27 @@ impl Followers {
 
     /// Repoints every standby of `standbys` but `primary` at it, each in a task that then waits
     /// for it to stream on `timeline`; repoints still running from an earlier failover stop.
+    /// `paused` holds, per node, the conninfo a failover stopped it streaming with.
     pub fn repoint(
         &mut self,
         config: &Arc<Config>,
         standbys: &[NodeId],
         primary: NodeId,
         timeline: u32,
+        paused: &[Option<String>],
     ) {
         self.repoints.abort_all();
         let siblings: Arc<[NodeId]> = standbys.into();
+        let paused: Arc<[Option<String>]> = paused.into();
         for &standby in standbys.iter().filter(|&&s| s != primary) {
             self.stale[standby] = None;
             let config = config.clone();
             let siblings = siblings.clone();
+            let paused = paused.clone();
             self.repoints.spawn(async move {
                 let began = Instant::now();
                 let result = async {
-                    actions::repoint(&config, standby, primary, &siblings).await?;
+                    actions::repoint(&config, standby, primary, &siblings, &paused).await?;
                     actions::await_stream(&config, standby, primary, timeline, STREAM_WAIT).await
                 }
                 .await;

@@ -14,6 +14,7 @@ mod failback;
 mod followers;
 mod following;
 mod gate;
+mod pause;
 mod promote;
 mod switchover;
 
@@ -63,6 +64,14 @@ pub fn restore(config: &Config) -> Result<(Memory, u64), StateError> {
             Some(node) => memory.detached[node] = true,
             None => {
                 warn!(node = %name, "the state file detaches a node the configuration no longer has")
+            }
+        }
+    }
+    for (name, conninfo) in &state.paused {
+        match id(name) {
+            Some(node) => memory.paused[node] = Some(conninfo.clone()),
+            None => {
+                warn!(node = %name, "the state file names a paused standby the configuration no longer has")
             }
         }
     }
@@ -352,6 +361,7 @@ impl Coordinator {
         }
         if let Primary::Known(primary) = verdict.primary {
             self.memory.primary = Some(primary);
+            self.resume_paused(primary, &verdict.roles);
         }
         self.publish(&verdict.roles, &verdict.suspect, verdict.primary);
         self.fence_reachable();
@@ -593,6 +603,9 @@ impl Coordinator {
                 .last_promotion
                 .as_ref()
                 .map(|p| self.promotion_record(p)),
+            paused: (0..self.memory.paused.len())
+                .filter_map(|n| Some((self.name(n).to_owned(), self.memory.paused[n].clone()?)))
+                .collect(),
         }
     }
 
@@ -631,6 +644,7 @@ mod tests {
             detached: vec!["pg3".into()],
             promoting: Some(record),
             last_promotion: None,
+            paused: [("pg3".to_owned(), "host=a port=1 user=r".to_owned())].into(),
         };
         StateFile::new(&dir).save(&state).unwrap();
         let config = Config {
@@ -656,6 +670,10 @@ mod tests {
         assert_eq!(promoting.loss(), 0x100);
         assert_eq!(memory.fenced, [true, false, false]);
         assert_eq!(memory.detached, [false, false, true]);
+        assert_eq!(
+            memory.paused,
+            [None, None, Some("host=a port=1 user=r".to_owned())]
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -94,7 +94,8 @@ impl Coordinator {
             let waiting = format!("failover in progress: primary {} was lost", self.name(old));
             self.publish(&roles, &verdict.suspect, Primary::Unavailable(waiting));
         }
-        let (promotion, decided) = match self.choose(old, &roles).await {
+        let unstopped = self.stop_receivers(old, &roles).await;
+        let (promotion, decided) = match self.choose(old, &roles, &unstopped).await {
             Choice::Promote(promotion) => {
                 self.events.push(
                     EventKind::Decided,
@@ -227,17 +228,32 @@ impl Coordinator {
             .filter(|&n| n == new || roles[n] == Role::Standby)
             .collect();
         if self.may_act().is_ok() {
-            self.followers
-                .repoint(&self.proxy.config, &standbys, new, timeline);
+            self.followers.repoint(
+                &self.proxy.config,
+                &standbys,
+                new,
+                timeline,
+                &self.memory.paused,
+            );
+            for &node in &standbys {
+                self.memory.paused[node] = None;
+            }
+            self.save(self.publisher.snapshot().generation);
             self.fence_reachable();
             self.checkpoint_later(new);
         }
     }
 
-    /// Reads every standby that might replace `old` now and lets `choose` decide.
-    pub(super) async fn choose(&self, old: NodeId, roles: &[Role]) -> Choice {
+    /// Reads every standby that might replace `old` now (but those of `unreadable`) and lets
+    /// `choose` decide.
+    pub(super) async fn choose(
+        &self,
+        old: NodeId,
+        roles: &[Role],
+        unreadable: &[(NodeId, String)],
+    ) -> Choice {
         let step = Instant::now();
-        let readings = self.read_candidates(old, roles).await;
+        let readings = self.read_candidates(old, roles, unreadable).await;
         let choice = choose(self.config(), &self.board, old, &readings);
         info!(
             readings = ?readings
@@ -253,11 +269,13 @@ impl Coordinator {
 
     /// The position of every standby that might replace `old`, read now, in node order. A
     /// standby that does not answer its probes is not read, but counts as unreadable (it may be
-    /// the one that holds the most).
+    /// the one that holds the most); nor is one of `unreadable`, which counts as unreadable for
+    /// the reason given.
     pub(super) async fn read_candidates(
         &self,
         old: NodeId,
         roles: &[Role],
+        unreadable: &[(NodeId, String)],
     ) -> Vec<(NodeId, Reading)> {
         let mut readings = Vec::new();
         let mut reads = JoinSet::new();
@@ -265,6 +283,10 @@ impl Coordinator {
         let candidates = (0..roles.len())
             .filter(|&n| n != old && !self.memory.fenced[n] && !self.memory.detached[n]);
         for node in candidates {
+            if let Some((_, reason)) = unreadable.iter().find(|(n, _)| *n == node) {
+                readings.push((node, Reading::Unreadable(reason.clone())));
+                continue;
+            }
             match roles[node] {
                 Role::Standby => {
                     let config = self.proxy.config.clone();

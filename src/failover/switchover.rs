@@ -41,7 +41,7 @@ impl Coordinator {
         };
         let verdict = assess(self.config(), &self.board, &self.memory);
         let roles = self.candidate_roles(verdict.roles.clone());
-        let readings = self.read_candidates(old, &roles).await;
+        let readings = self.read_candidates(old, &roles, &[]).await;
         let target = match to {
             Some(node) if node == old => {
                 return Err(Refusal::new(

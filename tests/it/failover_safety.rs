@@ -327,6 +327,63 @@ async fn with_default_receiver_timeouts_cutting_only_pgvigils_path_is_still_no_f
     assert_eq!(scene.topology().primary, Primary::Known(OLD_PRIMARY));
 }
 
+/// The fault soak's freeze (issue 10, point 8) aimed at its worst moment: the primary thaws just
+/// as pgvigil declares it lost. Had the other standby gone on streaming from it, it would have
+/// received WAL past the fork point and could not follow the new primary; with `ANY 1`
+/// synchronous replication every commit would then wait for it. pgvigil stops every standby
+/// streaming before it reads their positions, so writes resume, acknowledged by the third node.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_primary_thawed_as_it_is_declared_lost_leaves_the_third_node_following_the_new_one() {
+    let cluster = start(
+        ClusterSpec::new(fresh_base_dir())
+            .replicas(2)
+            .sync_replication(true),
+    );
+    for node in 0..cluster.nodes().len() {
+        node_psql(
+            &cluster,
+            node,
+            "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'",
+        );
+        node_psql(&cluster, node, "SELECT pg_reload_conf()");
+    }
+    let mut scene = Scene::start(cluster, |_| {}).await;
+    scene.cluster.node_mut(OLD_PRIMARY).freeze();
+    // Writes stop going to it once pgvigil declares it lost (a failover in progress, or done).
+    eventually(PATIENCE, "pgvigil declares the frozen primary lost", || {
+        scene.topology().primary != Primary::Known(OLD_PRIMARY)
+    });
+    scene.cluster.node_mut(OLD_PRIMARY).thaw();
+    let thaw = Instant::now();
+    // A commit on the new primary waits for its only standby: writes resuming is the third
+    // node streaming from it.
+    scene.writes_resume(
+        thaw,
+        "SIGSTOP, thawed as pgvigil declared it lost, ANY 1 (*)",
+    );
+    let new = scene.sole_primary(&STANDBYS);
+    let third = other_standby(new);
+    let port = scene.cluster.node(new).port;
+    eventually(
+        PATIENCE,
+        "the third node streams from the new primary",
+        || {
+            node_psql(
+                &scene.cluster,
+                third,
+                "SELECT status || ' ' || sender_port FROM pg_stat_wal_receiver",
+            ) == format!("streaming {port}")
+        },
+    );
+    let last = scene.writer.log().last_id().unwrap();
+    eventually(
+        PATIENCE,
+        "the third node replays the last acknowledged write",
+        || tick_ids(&scene.cluster, third).contains(&last),
+    );
+    assert_eq!(scene.topology().primary, Primary::Known(new));
+}
+
 /// A cluster with PostgreSQL's own replication timeouts instead of the fixture's short ones.
 fn default_timeouts() -> ClusterSpec {
     ClusterSpec::new(fresh_base_dir())

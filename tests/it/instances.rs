@@ -537,6 +537,7 @@ async fn an_instance_restarted_with_a_promotion_pending_in_its_state_file_writes
         detached: Vec::new(),
         promoting: Some(pending),
         last_promotion: None,
+        paused: Default::default(),
     };
     StateFile::new(&dir).save(&state).unwrap();
     let restarted = start_proxy(&cluster, |config| {
