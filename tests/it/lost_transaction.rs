@@ -6,16 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::BufMut;
 use pgvigil::config::AuthMethod;
 use pgvigil::topology::{NodeId, Role};
-use pgvigil_proto::backend::ErrorFields;
 use pgvigil_proto::encode;
-use pgvigil_proto::frame::next_message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_postgres::error::SqlState;
 
+use crate::support::wire::{bind_execute, parse, Wire};
 use crate::support::{
     eventually, fresh_base_dir, node_psql, start, start_proxy, test_cluster, ClusterSpec,
     LocalCluster, TestProxy, APP_DB, APP_PASSWORD, APP_USER,
@@ -302,154 +299,4 @@ fn app_psql(cluster: &LocalCluster, sql: &str) -> String {
 pub(crate) fn trust_app(config: &mut pgvigil::config::Config) {
     let app = config.users.iter_mut().find(|u| u.name == APP_USER);
     app.unwrap().auth = AuthMethod::Trust;
-}
-
-/// A client that speaks the protocol by hand, to see ReadyForQuery's status byte.
-pub(crate) struct Wire {
-    tcp: TcpStream,
-    buf: BytesMut,
-}
-
-/// What came back up to ReadyForQuery.
-#[derive(Debug, Default)]
-pub(crate) struct Answer {
-    pub(crate) rows: Vec<Vec<String>>,
-    /// SQLSTATE and message of each ErrorResponse.
-    pub(crate) errors: Vec<(String, String)>,
-    /// CommandComplete tags.
-    pub(crate) tags: Vec<String>,
-    /// ReadyForQuery's status byte.
-    pub(crate) status: u8,
-}
-
-impl Answer {
-    fn codes(&self) -> Vec<&str> {
-        self.errors.iter().map(|(code, _)| code.as_str()).collect()
-    }
-}
-
-impl Wire {
-    /// Logs in as `app` (trust) and reads up to ReadyForQuery.
-    pub(crate) async fn login(proxy: &TestProxy) -> Wire {
-        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-        let mut wire = Wire {
-            tcp,
-            buf: BytesMut::new(),
-        };
-        let mut startup = BytesMut::new();
-        encode::startup_message(
-            &mut startup,
-            &[
-                (b"user", APP_USER.as_bytes()),
-                (b"database", APP_DB.as_bytes()),
-            ],
-        );
-        wire.tcp.write_all(&startup).await.unwrap();
-        let answer = wire.answer().await;
-        assert!(answer.errors.is_empty(), "login: {:?}", answer.errors);
-        wire
-    }
-
-    pub(crate) async fn query(&mut self, sql: &str) -> Answer {
-        self.exchange(|out| encode::query(out, sql.as_bytes()))
-            .await
-    }
-
-    /// Sends what `build` writes and reads the answer up to ReadyForQuery.
-    pub(crate) async fn exchange(&mut self, build: impl FnOnce(&mut BytesMut)) -> Answer {
-        self.send(build).await;
-        self.answer().await
-    }
-
-    /// Sends what `build` writes.
-    pub(crate) async fn send(&mut self, build: impl FnOnce(&mut BytesMut)) {
-        let mut out = BytesMut::new();
-        build(&mut out);
-        self.tcp.write_all(&out).await.unwrap();
-    }
-
-    pub(crate) async fn answer(&mut self) -> Answer {
-        let mut answer = Answer::default();
-        loop {
-            let (tag, body) = self.recv().await;
-            match tag {
-                b'D' => answer.rows.push(data_row(&body)),
-                b'E' => {
-                    let fields = ErrorFields::parse(&body).unwrap();
-                    let text =
-                        |v: Option<&[u8]>| String::from_utf8_lossy(v.unwrap_or_default()).into();
-                    answer
-                        .errors
-                        .push((text(fields.sqlstate()), text(fields.message())));
-                }
-                b'C' => answer
-                    .tags
-                    .push(String::from_utf8_lossy(&body[..body.len() - 1]).into()),
-                b'Z' => {
-                    answer.status = body[0];
-                    return answer;
-                }
-                _ => {}
-            }
-        }
-    }
-
-    pub(crate) async fn recv(&mut self) -> (u8, Vec<u8>) {
-        tokio::time::timeout(PATIENCE, async {
-            loop {
-                if let Some(message) = next_message(&self.buf, 1 << 20).unwrap() {
-                    let whole = (message.tag, message.body.to_vec());
-                    let len = message.len();
-                    self.buf.advance(len);
-                    return whole;
-                }
-                let n = self.tcp.read_buf(&mut self.buf).await.unwrap();
-                assert!(n > 0, "pgvigil closed the connection");
-            }
-        })
-        .await
-        .expect("no answer from pgvigil in time")
-    }
-}
-
-/// The text columns of a DataRow body (NULL as an empty string).
-fn data_row(mut body: &[u8]) -> Vec<String> {
-    let count = body.get_i16();
-    (0..count)
-        .map(|_| match body.get_i32() {
-            -1 => String::new(),
-            len => {
-                let (value, rest) = body.split_at(len as usize);
-                body = rest;
-                String::from_utf8(value.to_vec()).unwrap()
-            }
-        })
-        .collect()
-}
-
-/// Parse of statement `name` (no parameter types given).
-pub(crate) fn parse(out: &mut BytesMut, name: &str, sql: &str) {
-    encode::message(out, b'P', |b| {
-        b.put_slice(name.as_bytes());
-        b.put_u8(0);
-        b.put_slice(sql.as_bytes());
-        b.put_u8(0);
-        b.put_i16(0);
-    });
-}
-
-/// Bind of statement `name` to the unnamed portal (no parameters, text results), and Execute.
-pub(crate) fn bind_execute(out: &mut BytesMut, name: &str) {
-    encode::message(out, b'B', |b| {
-        b.put_u8(0);
-        b.put_slice(name.as_bytes());
-        b.put_u8(0);
-        b.put_i16(0);
-        b.put_i16(0);
-        b.put_i16(0);
-    });
-    encode::message(out, b'E', |b| {
-        b.put_u8(0);
-        b.put_i32(0);
-    });
 }

@@ -10,13 +10,11 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, BytesMut};
 use futures_util::future::join_all;
 use pgvigil::config::{AuthMethod, Balance, Config, PrimaryReads};
 use pgvigil::topology::{NodeId, Primary, Role};
-use pgvigil_proto::{encode, next_message};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use pgvigil_proto::encode;
+use tokio::io::AsyncBufReadExt;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{
     Client, GenericClient, IsolationLevel, NoTls, Row, SimpleQueryMessage, SimpleQueryRow,
@@ -25,6 +23,7 @@ use tokio_postgres::{
 
 use crate::auth::psql;
 use crate::cli::{listening_port, pgvigil, TempConfig};
+use crate::support::wire::{bind_execute, close, parse, Wire};
 use crate::support::{
     eventually, start_proxy, test_cluster, test_config, LocalCluster, TestProxy, APP_DB,
     APP_PASSWORD, APP_USER,
@@ -714,133 +713,6 @@ async fn prepare_each(client: &Client, template: &str) -> Vec<Statement> {
         statements.push(client.prepare(&sql).await.unwrap());
     }
     statements
-}
-
-/// A client that speaks the extended protocol by hand, to name its statements itself.
-struct Wire {
-    tcp: TcpStream,
-    buf: BytesMut,
-}
-
-/// What a node answered up to ReadyForQuery: the data rows (text columns) and the errors.
-#[derive(Debug, Default)]
-struct Answer {
-    rows: Vec<Vec<String>>,
-    errors: Vec<String>,
-}
-
-impl Wire {
-    /// Logs in as `app` (a trust user in the tests that use this) and reads up to ReadyForQuery.
-    async fn login(proxy: &TestProxy) -> Wire {
-        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-        let mut wire = Wire {
-            tcp,
-            buf: BytesMut::new(),
-        };
-        let mut startup = BytesMut::new();
-        encode::startup_message(
-            &mut startup,
-            &[
-                (b"user", APP_USER.as_bytes()),
-                (b"database", APP_DB.as_bytes()),
-            ],
-        );
-        wire.tcp.write_all(&startup).await.unwrap();
-        let answer = wire.answer().await;
-        assert!(answer.errors.is_empty(), "login: {:?}", answer.errors);
-        wire
-    }
-
-    /// Sends what `build` writes and reads the answer up to ReadyForQuery.
-    async fn exchange(&mut self, build: impl FnOnce(&mut BytesMut)) -> Answer {
-        let mut out = BytesMut::new();
-        build(&mut out);
-        self.tcp.write_all(&out).await.unwrap();
-        self.answer().await
-    }
-
-    async fn answer(&mut self) -> Answer {
-        let mut answer = Answer::default();
-        loop {
-            let (tag, body) = self.recv().await;
-            match tag {
-                b'D' => answer.rows.push(data_row(&body)),
-                b'E' => answer
-                    .errors
-                    .push(String::from_utf8_lossy(&body).into_owned()),
-                b'Z' => return answer,
-                _ => {}
-            }
-        }
-    }
-
-    async fn recv(&mut self) -> (u8, Vec<u8>) {
-        tokio::time::timeout(PATIENCE, async {
-            loop {
-                if let Some(message) = next_message(&self.buf, 1 << 20).unwrap() {
-                    let whole = (message.tag, message.body.to_vec());
-                    let len = message.len();
-                    self.buf.advance(len);
-                    return whole;
-                }
-                let n = self.tcp.read_buf(&mut self.buf).await.unwrap();
-                assert!(n > 0, "pgvigil closed the connection");
-            }
-        })
-        .await
-        .expect("no answer from pgvigil in time")
-    }
-}
-
-/// The text columns of a DataRow body (NULL as an empty string).
-fn data_row(mut body: &[u8]) -> Vec<String> {
-    let count = body.get_i16();
-    (0..count)
-        .map(|_| match body.get_i32() {
-            -1 => String::new(),
-            len => {
-                let (value, rest) = body.split_at(len as usize);
-                body = rest;
-                String::from_utf8(value.to_vec()).unwrap()
-            }
-        })
-        .collect()
-}
-
-/// Parse of statement `name` (no parameter types given).
-fn parse(out: &mut BytesMut, name: &str, sql: &str) {
-    encode::message(out, b'P', |b| {
-        b.put_slice(name.as_bytes());
-        b.put_u8(0);
-        b.put_slice(sql.as_bytes());
-        b.put_u8(0);
-        b.put_i16(0);
-    });
-}
-
-/// Bind of statement `name` to the unnamed portal (no parameters, text results), and Execute.
-fn bind_execute(out: &mut BytesMut, name: &str) {
-    encode::message(out, b'B', |b| {
-        b.put_u8(0);
-        b.put_slice(name.as_bytes());
-        b.put_u8(0);
-        b.put_i16(0);
-        b.put_i16(0);
-        b.put_i16(0);
-    });
-    encode::message(out, b'E', |b| {
-        b.put_u8(0);
-        b.put_i32(0);
-    });
-}
-
-/// Close of statement `name`.
-fn close(out: &mut BytesMut, name: &str) {
-    encode::message(out, b'C', |b| {
-        b.put_u8(b'S');
-        b.put_slice(name.as_bytes());
-        b.put_u8(0);
-    });
 }
 
 /// Executes statement `name` 30 times (Bind, Execute, Sync each); every answer must be one row

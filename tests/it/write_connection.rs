@@ -7,7 +7,8 @@ use std::time::Duration;
 use pgvigil::topology::{NodeId, Primary, Role};
 use pgvigil_proto::encode;
 
-use crate::lost_transaction::{bind_execute, parse, trust_app, Wire};
+use crate::lost_transaction::trust_app;
+use crate::support::wire::{bind_execute, parse, Wire};
 use crate::support::{eventually, start_proxy, test_cluster, value, LocalCluster, TestProxy};
 
 const PRIMARY: NodeId = 0;

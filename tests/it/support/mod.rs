@@ -94,5 +94,6 @@ pub async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
 pub mod etcd;
 mod proxy;
 pub mod relay;
+pub mod wire;
 pub mod writer;
 pub use proxy::{start_proxy, test_config, TestProxy};
