@@ -103,6 +103,7 @@ impl Commands {
             ("source_host", source.host.clone()),
             ("source_port", source.port.to_string()),
             ("source_user", source.user.clone()),
+            ("source_conninfo", super::local::source_conninfo(source)),
         ]
     }
 }

@@ -174,7 +174,7 @@ impl Local {
 }
 
 /// libpq `key=value` pairs for `source` (the password travels in PGPASSWORD).
-fn source_conninfo(source: &Source) -> String {
+pub(super) fn source_conninfo(source: &Source) -> String {
     let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
     format!(
         "host={} port={} user={} dbname=postgres connect_timeout=10",

@@ -2,6 +2,7 @@
 
 mod abandon_waits;
 mod admin;
+mod agent;
 mod auth;
 mod backend_login;
 mod bad_input;
