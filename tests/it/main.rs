@@ -13,6 +13,7 @@ mod cluster_fixture;
 mod drivers;
 mod events;
 mod failback;
+mod failback_drivers;
 mod failover;
 mod failover_safety;
 mod instances;

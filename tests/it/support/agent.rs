@@ -19,6 +19,8 @@ pub struct AgentProcess {
     pub url: String,
     /// Where its stdout and stderr go.
     pub log: PathBuf,
+    /// The file holding its token, if it has one.
+    pub token_file: Option<PathBuf>,
 }
 
 impl AgentProcess {
@@ -44,11 +46,12 @@ impl AgentProcess {
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
             .stdin(Stdio::null());
-        if let Some(token) = token {
+        let token_file = token.map(|token| {
             let file = log.with_extension("token");
             std::fs::write(&file, token).expect("writing the token file");
             command.arg("--token-file").arg(&file);
-        }
+            file
+        });
         let out = std::fs::File::create(log).expect("creating the agent's log");
         let err = out.try_clone().expect("cloning the log file");
         command.stdout(out).stderr(err);
@@ -57,6 +60,7 @@ impl AgentProcess {
             child,
             url: format!("http://{listen}"),
             log: log.to_path_buf(),
+            token_file,
         }
     }
 
