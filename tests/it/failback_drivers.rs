@@ -72,6 +72,14 @@ async fn failback_through_a_pgvigil_agent_brings_pg1_back_as_a_streaming_standby
     })
     .await;
     let status = fails_back(&scene, new, "agent").await;
+    for event in status.events.iter().rev().take(8).rev() {
+        println!(
+            "  {} {}: {}",
+            event.at_ms,
+            event.node.as_deref().unwrap_or("-"),
+            event.message
+        );
+    }
     let rewound = status
         .events
         .iter()
