@@ -170,9 +170,8 @@ async fn after_a_kill9_and_a_failover_failback_brings_pg1_back_as_a_streaming_st
     println!("{}", table.exits(0).stdout);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn with_its_wal_gone_failback_is_refused_naming_reclone_which_then_brings_pg1_back() {
-    let (scene, new, _stop) = failed_over().await;
+/// Removes the WAL files of the old primary, so that pg_rewind cannot work.
+pub(crate) fn remove_wal(scene: &Scene) {
     let wal = scene.cluster.node(OLD_PRIMARY).data_dir.join("pg_wal");
     for entry in std::fs::read_dir(&wal).unwrap() {
         let path = entry.unwrap().path();
@@ -180,6 +179,12 @@ async fn with_its_wal_gone_failback_is_refused_naming_reclone_which_then_brings_
             std::fs::remove_file(path).unwrap();
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_its_wal_gone_failback_is_refused_naming_reclone_which_then_brings_pg1_back() {
+    let (scene, new, _stop) = failed_over().await;
+    remove_wal(&scene);
     let refusal = failback(&scene, &[]).await.refusal();
     println!("without its WAL: {refusal:?}");
     assert!(refusal.refused.contains("pg_rewind"), "{refusal:?}");

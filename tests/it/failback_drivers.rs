@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use pgvigil::admin::api::{Done, Status};
 use pgvigil::config::{ControlDriver, NodeControlConfig};
 
-use crate::failback::{back_as_standby, failback, failed_over_with};
-use crate::failover::OLD_PRIMARY;
+use crate::failback::{back_as_standby, failback, failed_over_with, remove_wal, StopOnDrop};
+use crate::failover::{Scene, OLD_PRIMARY};
 use crate::support::agent::AgentProcess;
 use crate::support::test_cluster;
 
@@ -24,7 +24,7 @@ const ACTION: Duration = Duration::from_secs(60);
 
 /// Runs the failback, prints how long it took, and checks pg1 is back as a standby with reads
 /// and later writes; returns pgvigil's status afterwards.
-async fn fails_back(scene: &crate::failover::Scene, new: usize, driver: &str) -> Status {
+async fn fails_back(scene: &Scene, new: usize, driver: &str) -> Status {
     let started = Instant::now();
     let done: Done = failback(scene, &[]).await.exits(0).json();
     println!(
@@ -40,8 +40,9 @@ async fn fails_back(scene: &crate::failover::Scene, new: usize, driver: &str) ->
         .json()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn failback_through_a_pgvigil_agent_brings_pg1_back_as_a_streaming_standby_with_reads() {
+/// A real `pgvigil agent` beside pg1's data directory, and a scene whose pg1 has it as its
+/// node control, was killed and replaced; returns them with the new primary.
+async fn failed_over_with_an_agent() -> (AgentProcess, Scene, usize, StopOnDrop) {
     let cluster = test_cluster(2);
     let node = cluster.node(OLD_PRIMARY);
     let agent = AgentProcess::spawn(
@@ -61,7 +62,7 @@ async fn failback_through_a_pgvigil_agent_brings_pg1_back_as_a_streaming_standby
         .wait_status(Some(TOKEN), |s| s["state"] == "running")
         .await;
     let (url, token_file) = (agent.url.clone(), agent.token_file.clone());
-    let (scene, new, _stop) = failed_over_with(cluster, |config, _, _| {
+    let (scene, new, stop) = failed_over_with(cluster, |config, _, _| {
         config.nodes[OLD_PRIMARY].control = Some(NodeControlConfig {
             driver: ControlDriver::Agent,
             url: Some(url),
@@ -71,6 +72,12 @@ async fn failback_through_a_pgvigil_agent_brings_pg1_back_as_a_streaming_standby
         });
     })
     .await;
+    (agent, scene, new, stop)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failback_through_a_pgvigil_agent_brings_pg1_back_as_a_streaming_standby_with_reads() {
+    let (agent, scene, new, _stop) = failed_over_with_an_agent().await;
     let status = fails_back(&scene, new, "agent").await;
     for event in status.events.iter().rev().take(8).rev() {
         println!(
@@ -85,10 +92,34 @@ async fn failback_through_a_pgvigil_agent_brings_pg1_back_as_a_streaming_standby
         .iter()
         .find(|e| e.message.starts_with("rewound"))
         .unwrap_or_else(|| panic!("no rewound event: {:?}", status.events));
-    println!("event: {}", rewound.message);
     assert!(rewound.message.contains("pg_rewind"), "{rewound:?}");
     assert!(
         agent.log_text().contains("action=\"rewind\""),
+        "{}",
+        agent.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_the_agent_a_node_whose_wal_is_gone_is_refused_naming_reclone_which_brings_it_back()
+{
+    let (agent, scene, new, _stop) = failed_over_with_an_agent().await;
+    remove_wal(&scene);
+    let refusal = failback(&scene, &[]).await.refusal();
+    println!("without its WAL, through the agent: {refusal:?}");
+    assert!(refusal.refused.contains("pg_rewind"), "{refusal:?}");
+    assert!(refusal.refused.contains("HTTP 500"), "{refusal:?}");
+    assert!(refusal.next.contains("--reclone"), "{refusal:?}");
+    let started = Instant::now();
+    let done: Done = failback(&scene, &["--reclone"]).await.exits(0).json();
+    println!(
+        "failback --reclone through the agent took {:?}: {}",
+        started.elapsed(),
+        done.message
+    );
+    back_as_standby(&scene, new).await;
+    assert!(
+        agent.log_text().contains("action=\"reclone\""),
         "{}",
         agent.log_text()
     );
