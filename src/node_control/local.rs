@@ -86,8 +86,7 @@ impl Local {
         })
     }
 
-    /// The directory holding the data directory (where the tools run).
-    pub(crate) fn parent(&self) -> &Path {
+    fn parent(&self) -> &Path {
         self.data_dir.parent().unwrap_or(Path::new("/"))
     }
 
