@@ -315,3 +315,41 @@ async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigt
         primary.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_waiting_for_its_source_stops_at_once_on_sigterm() {
+    let base = base_dir_for_postgres();
+    let nobody = pgvigil::local_cluster::free_port().unwrap();
+    let source = format!("127.0.0.1:{nobody}");
+    let data_dir = base.join("standby");
+    let mut agent = AgentProcess::spawn(
+        &[
+            "--init",
+            "standby",
+            "--source",
+            &source,
+            "--data-dir",
+            &data_dir.to_string_lossy(),
+        ],
+        Some(TOKEN),
+        &[("PGVIGIL_SUPERUSER_PASSWORD", PASSWORD)],
+        &base.join("agent.log"),
+    );
+    eventually(PATIENCE, "the agent waits for its source", || {
+        agent.log_text().contains("the source is not ready")
+    });
+    let (code, body) = agent
+        .call(Method::POST, "/start", Some(TOKEN), None)
+        .await
+        .unwrap();
+    assert_eq!(code, 409, "an action during --init: {body}");
+    let asked = std::time::Instant::now();
+    assert_eq!(agent.terminate(), Some(0), "{}", agent.log_text());
+    println!("stopped {:?} after SIGTERM", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{}",
+        agent.log_text()
+    );
+    assert!(!data_dir.join("PG_VERSION").exists());
+}
