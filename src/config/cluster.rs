@@ -95,6 +95,10 @@ pub struct InstanceConfig {
     /// Name of this instance in etcd and in logs, unique in the cluster (default: the host
     /// name).
     pub name: Option<String>,
+    /// Where the other instances reach this one's admin API, to forward an operator's commands
+    /// to the leader (default: `http://` and the bound `admin.listen`, an unspecified address
+    /// replaced by the instance name).
+    pub admin_url: Option<String>,
 }
 
 /// Problems with `[cluster]`.
@@ -146,6 +150,14 @@ pub(super) fn check(cluster: &ClusterConfig, problems: &mut Vec<Problem>) {
             problems.push(Problem::new(
                 "cluster.instance.name",
                 "must be letters, digits, '_', '-' or '.'",
+            ));
+        }
+    }
+    if let Some(url) = &cluster.instance.admin_url {
+        if crate::admin::client::Admin::new(url, None).is_err() {
+            problems.push(Problem::new(
+                "cluster.instance.admin_url",
+                format!("{url:?} is not http://HOST:PORT"),
             ));
         }
     }

@@ -10,7 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgvigil::admin::api::Done;
+use pgvigil::admin::api::{Command, Done, Status};
+use pgvigil::admin::client::Admin;
 use pgvigil::cluster::election::Elector;
 use pgvigil::cluster::shared::{self, SharedError, SharedState};
 use pgvigil::cluster::{Leadership, Standing};
@@ -570,21 +571,64 @@ async fn an_instance_restarted_with_a_promotion_pending_in_its_state_file_writes
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_admin_command_sent_to_a_follower_is_refused_naming_the_leader() {
+async fn an_admin_command_sent_to_a_follower_is_carried_out_by_the_leader_and_status_shows_the_instances(
+) {
     let scene = Instances::start().await;
     let follower = (0..scene.proxies.len())
         .find(|i| !scene.leaders().contains(i))
         .unwrap();
     let admin = scene.proxies[follower].running.admin_addr;
-    let refusal = cli(admin, None, &["detach", "pg2", "--json"])
-        .await
-        .exits(1)
-        .refusal();
-    assert!(refusal.refused.contains("app0 leads"), "{refusal:?}");
-    let leader_admin = scene.proxies[0].running.admin_addr;
-    let done: Done = cli(leader_admin, None, &["detach", "pg2", "--json"])
+    let done: Done = cli(admin, None, &["detach", "pg2", "--json"])
         .await
         .exits(0)
         .json();
-    assert!(done.message.contains("detached"), "{done:?}");
+    assert!(
+        done.message.contains("detached") && done.message.contains("leading instance app0"),
+        "{done:?}"
+    );
+    let leader_admin = scene.proxies[0].running.admin_addr;
+    let status: Status = cli(leader_admin, None, &["status", "--json"])
+        .await
+        .exits(0)
+        .json();
+    let pg2 = status.nodes.iter().find(|n| n.name == "pg2").unwrap();
+    assert!(pg2.detached, "the leader did not detach pg2: {pg2:?}");
+
+    // The follower's status names its standing, the leader and every live instance's view.
+    let status: Status = cli(admin, None, &["status", "--json"])
+        .await
+        .exits(0)
+        .json();
+    let cluster = status.cluster.expect("a [cluster] status");
+    assert_eq!(cluster.instance, format!("app{follower}"));
+    assert_eq!(cluster.standing, "follower");
+    assert_eq!(cluster.leader.as_deref(), Some("app0"));
+    let mut names: Vec<&str> = cluster.instances.iter().map(|i| i.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["app0", "app1", "app2"], "{cluster:?}");
+    let app0 = cluster.instances.iter().find(|i| i.name == "app0").unwrap();
+    assert_eq!(app0.admin, Some(format!("http://{leader_admin}")));
+    assert!(app0.cannot_reach.is_empty(), "{app0:?}");
+    let table = cli(admin, None, &["status"]).await.exits(0).stdout.clone();
+    assert!(
+        table.contains(&format!("instance app{follower}: follower (leader: app0)")),
+        "{table}"
+    );
+
+    // A command another instance already forwarded is not forwarded again.
+    let url = format!("http://{admin}");
+    let twice = Admin::new(&url, None)
+        .unwrap()
+        .forwarded_by("elsewhere")
+        .send(&Command::Attach("pg2".into()))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(twice.refused.contains("does not lead"), "{twice:?}");
+
+    let done: Done = cli(admin, None, &["attach", "pg2", "--json"])
+        .await
+        .exits(0)
+        .json();
+    assert!(done.message.contains("leading instance app0"), "{done:?}");
 }
