@@ -202,6 +202,9 @@ pub struct NodeStatus {
     pub fenced: Option<String>,
     /// Whether an operator detached it.
     pub detached: bool,
+    /// On a primary pgvigil promoted: which instance did, and when (`pgvigil.promoted_by`).
+    #[serde(default)]
+    pub promoted_by: Option<String>,
     /// Server connections pgvigil holds to it (idle and lent).
     pub connections: usize,
     /// Of those, idle in the pool.

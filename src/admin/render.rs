@@ -27,6 +27,9 @@ pub fn status(status: &Status) -> String {
             if n.detached {
                 note.push("detached".to_owned());
             }
+            if let Some(by) = &n.promoted_by {
+                note.push(format!("promoted by {by}"));
+            }
             vec![
                 n.name.clone(),
                 n.address.clone(),

@@ -49,6 +49,9 @@ pub fn status(proxy: &Proxy, control: &Handle) -> Status {
                 }),
                 fenced: seen.and_then(|v| v.fenced.clone()),
                 detached: seen.is_some_and(|v| v.detached) || node.role == Role::Detached,
+                promoted_by: last
+                    .filter(|o| !o.in_recovery)
+                    .and_then(|o| o.promoted_by.clone()),
                 connections: proxy.pools.open_count(node.id),
                 idle_connections: proxy.pools.idle_count(node.id),
             }

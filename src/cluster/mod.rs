@@ -217,6 +217,19 @@ impl Leadership {
         }
     }
 
+    /// What a node this instance promotes records as `pgvigil.promoted_by`: the instance, its
+    /// leadership epoch and lease (alone: the host name), and the time.
+    pub fn promotion_stamp(&self) -> String {
+        let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        match (&self.member, self.standing()) {
+            (Some(member), Standing::Leader { epoch, lease, .. }) => {
+                format!("{} epoch {epoch} lease {lease} at {at}", member.name)
+            }
+            (Some(member), _) => format!("{} (not leading) at {at}", member.name),
+            (None, _) => format!("{} alone at {at}", host_name()),
+        }
+    }
+
     /// Tells where the admin API was bound, for the other instances to forward commands to
     /// (unless `cluster.instance.admin_url` says otherwise): `http://` and `bound`, an
     /// unspecified address replaced by the instance name.

@@ -280,6 +280,42 @@ async fn after_kill9_of_the_primary_with_three_instances_exactly_one_promotes_an
         state.last_promotion.map(|p| (p.node, p.old_primary)),
         Some((name(new), name(OLD_PRIMARY)))
     );
+
+    // The new primary carries the leader's fencing token, and every instance's status shows it.
+    let epoch = proxy.leadership.epoch().unwrap();
+    let token = format!("{} epoch {epoch} lease", member.name);
+    eventually(
+        PATIENCE,
+        "the new primary carries the leader's token",
+        || {
+            node_psql(
+                &scene.cluster,
+                new,
+                "SELECT coalesce(current_setting('pgvigil.promoted_by', true), '')",
+            )
+            .starts_with(&token)
+        },
+    );
+    for running in scene.proxies.iter().map(|p| &p.running) {
+        let admin = running.admin_addr;
+        let give_up = Instant::now() + PATIENCE;
+        loop {
+            let status: Status = cli(admin, None, &["status", "--json"])
+                .await
+                .exits(0)
+                .json();
+            let shown = status.nodes.iter().find(|n| n.name == name(new)).unwrap();
+            if shown
+                .promoted_by
+                .as_deref()
+                .is_some_and(|by| by.starts_with(&token))
+            {
+                break;
+            }
+            assert!(Instant::now() < give_up, "{admin} shows {shown:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
