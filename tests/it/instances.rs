@@ -22,7 +22,7 @@ use pgvigil::topology::Primary;
 use crate::admin::cli;
 use crate::failover::{fast_health, other_standby, OLD_PRIMARY, PATIENCE, STANDBYS};
 use crate::failover_safety::{promote_signal_file, signal, startup_process};
-use crate::support::etcd::TestEtcd;
+use crate::support::etcd::{Clients, TestEtcd};
 use crate::support::relay::Relay;
 use crate::support::writer::{create_ticks, tick_ids, Writer};
 use crate::support::{
@@ -38,7 +38,7 @@ const WARM_UP: usize = 25;
 
 /// The `[cluster]` settings of instance `name` on `etcd`.
 fn join(config: &mut Config, etcd: &TestEtcd, name: &str) {
-    config.cluster.etcd.endpoints = etcd.endpoints();
+    config.cluster.etcd = etcd.config();
     config.cluster.instance.name = Some(name.into());
     config.cluster.ttl = TTL;
 }
@@ -481,6 +481,44 @@ async fn with_etcd_authentication_on_an_instance_leads_with_its_credentials_and_
         .await
         .unwrap();
     assert_eq!(member.may_act(), Ok(()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_tls_to_etcd_an_instance_leads_and_one_that_cannot_verify_or_be_verified_does_not() {
+    for clients in [Clients::Tls, Clients::MutualTls] {
+        let etcd = TestEtcd::start_with(1, clients).await;
+        let member = leadership(&etcd, "app0");
+        let standing = Elector::new(member.clone()).cycle().await;
+        let lease = lease_of(&standing.unwrap_or_else(|e| panic!("{clients:?}: {e}")));
+        shared::write_guarded(member.member().unwrap(), lease, &state_by("app0", 1))
+            .await
+            .unwrap_or_else(|e| panic!("{clients:?}: {e}"));
+        assert_eq!(member.may_act(), Ok(()));
+
+        // Trusting other authorities than the one that signed etcd's certificate; or, where etcd
+        // asks for one, showing no client certificate: no lease, no leadership.
+        let mut config = Config::default();
+        join(&mut config, &etcd, "app1");
+        match clients {
+            Clients::MutualTls => {
+                (config.cluster.etcd.cert_file, config.cluster.etcd.key_file) = (None, None)
+            }
+            _ => config.cluster.etcd.ca_file = Some("/etc/ssl/certs/ca-certificates.crt".into()),
+        }
+        // The files themselves are valid: only etcd can refuse (the nodes and users are missing
+        // from this bare config, nothing else may be).
+        let problems = config.validate().map_err(|e| e.to_string()).unwrap_err();
+        assert!(!problems.contains("cluster"), "{clients:?}: {problems}");
+        let refused = Leadership::new(&config);
+        let cycle = Elector::new(refused.clone()).cycle().await;
+        assert!(cycle.is_err(), "{clients:?}: etcd let app1 in: {cycle:?}");
+        let why = cycle.unwrap_err().to_string();
+        assert!(
+            why.to_lowercase().contains("certificate"),
+            "{clients:?}: {why}"
+        );
+        assert!(refused.may_act().is_err());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
