@@ -26,8 +26,8 @@ use crate::support::etcd::{Clients, TestEtcd};
 use crate::support::relay::Relay;
 use crate::support::writer::{create_ticks, tick_ids, Writer};
 use crate::support::{
-    eventually, in_recovery, node_psql, set_primary_conninfo, start_proxy, test_cluster,
-    LocalCluster, TestProxy,
+    eventually, fresh_base_dir, in_recovery, node_psql, set_primary_conninfo, start, start_proxy,
+    test_cluster, ClusterSpec, LocalCluster, TestProxy,
 };
 
 /// The lease TTL of every instance here: short, so that a lost leader is replaced quickly.
@@ -146,8 +146,12 @@ impl Instances {
     /// Like [`Instances::start`], instance `i`'s config changed by `adjust(i, config)`; instance
     /// 0 is started first and leads.
     async fn start_with(adjust: impl Fn(usize, &mut Config)) -> Instances {
+        Instances::start_on(test_cluster(2), adjust).await
+    }
+
+    /// Like [`Instances::start_with`], in front of `cluster`.
+    async fn start_on(cluster: LocalCluster, adjust: impl Fn(usize, &mut Config)) -> Instances {
         let etcd = TestEtcd::start(3).await;
-        let cluster = test_cluster(2);
         let mut proxies = Vec::new();
         for i in 0..3 {
             let name = format!("app{i}");
@@ -315,6 +319,46 @@ async fn after_kill9_of_the_primary_with_three_instances_exactly_one_promotes_an
             assert!(Instant::now() < give_up, "{admin} shows {shown:?}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_synchronous_replication_a_kill9_under_three_instances_loses_no_acknowledged_write() {
+    let cluster = start(
+        ClusterSpec::new(fresh_base_dir())
+            .replicas(2)
+            .sync_replication(true),
+    );
+    for node in 0..cluster.nodes().len() {
+        node_psql(
+            &cluster,
+            node,
+            "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'",
+        );
+        node_psql(&cluster, node, "SELECT pg_reload_conf()");
+    }
+    let mut scene = Instances::start_on(cluster, |_, _| {}).await;
+    let before = scene.timeline(OLD_PRIMARY);
+    scene.cluster.node_mut(OLD_PRIMARY).kill9();
+    let kill = Instant::now();
+    eventually(PATIENCE, "a standby is promoted", || {
+        STANDBYS.iter().any(|&n| !in_recovery(&scene.cluster, n))
+    });
+    let new = scene.sole_promoted();
+    scene.all_write_to(kill, new);
+    assert_eq!(scene.timeline(new), before + 1, "more than one promotion");
+    let on_new = tick_ids(&scene.cluster, new);
+    for (i, writer) in scene.writers.iter().enumerate() {
+        let lost: Vec<_> = writer
+            .log()
+            .acked_ids()
+            .difference(&on_new)
+            .copied()
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "instance {i}: acknowledged writes lost: {lost:?}"
+        );
     }
 }
 
