@@ -74,7 +74,7 @@ impl AgentProcess {
     ) -> Result<(u16, String), String> {
         let endpoint = Endpoint::parse(&self.url).expect("an http URL");
         let body = body.map(|b| b.as_bytes().to_vec());
-        let (code, answer) = endpoint.request(method, path, token, body).await?;
+        let (code, answer) = endpoint.request(method, path, token, &[], body).await?;
         Ok((code.as_u16(), String::from_utf8_lossy(&answer).into_owned()))
     }
 
