@@ -58,6 +58,8 @@ pub enum Init {
 pub(super) struct Plan {
     /// Primary or standby.
     pub(super) init: Init,
+    /// The node's name in pgvigil: the standby's application_name and slot.
+    pub(super) name: Option<String>,
     /// The server's port.
     pub(super) port: u16,
     /// The superuser's password.
@@ -140,18 +142,17 @@ async fn clone_standby(local: &Local, plan: &Plan) -> Result<(), ControlError> {
     };
     let port = port.to_string();
     let dir = local.data_dir().to_string_lossy().into_owned();
-    let conninfo = format!("host={host} port={port} user={SUPERUSER} connect_timeout=5");
+    let mut conninfo = format!("host={host} port={port} user={SUPERUSER} connect_timeout=5");
+    // -R writes it into primary_conninfo, and the slot into primary_slot_name.
+    let slot = plan.name.as_deref().map(crate::failover::slot_name);
+    if let Some(name) = &plan.name {
+        conninfo.push_str(&format!(" application_name={name}"));
+    }
     let deadline = Instant::now() + local.timeout();
     loop {
         let ping = ["-h", host.as_str(), "-p", &port, "-t", "2"];
         let copied = match local.run("pg_isready", &ping, &[], owner).await {
-            Ok(_) => {
-                let args = [
-                    "-D", &dir, "-d", &conninfo, "-R", "-X", "stream", "-c", "fast",
-                ];
-                let env = [("PGPASSWORD", plan.password.as_str())];
-                local.run("pg_basebackup", &args, &env, owner).await
-            }
+            Ok(_) => copy(local, plan, &dir, &conninfo, slot.as_deref()).await,
             Err(e) => Err(e),
         };
         match copied {
@@ -181,6 +182,40 @@ async fn clone_standby(local: &Local, plan: &Plan) -> Result<(), ControlError> {
         plan.port
     );
     local.write_file("postgresql.auto.conf", &text, owner)
+}
+
+/// Creates `slot` on the source if it is not there, then takes the copy through it.
+async fn copy(
+    local: &Local,
+    plan: &Plan,
+    dir: &str,
+    conninfo: &str,
+    slot: Option<&str>,
+) -> Result<String, ControlError> {
+    let env = [("PGPASSWORD", plan.password.as_str())];
+    let mut args = vec![
+        "-D", dir, "-d", conninfo, "-R", "-X", "stream", "-c", "fast",
+    ];
+    if let Some(slot) = slot {
+        // A slot name holds only lowercase letters, digits and '_': no quoting needed.
+        let sql = format!(
+            "SELECT pg_create_physical_replication_slot('{slot}') WHERE NOT EXISTS \
+             (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"
+        );
+        let create = [
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            conninfo,
+            "-c",
+            &sql,
+        ];
+        local.run("psql", &create, &env, local.owner()).await?;
+        args.extend(["-S", slot]);
+    }
+    local.run("pg_basebackup", &args, &env, local.owner()).await
 }
 
 async fn run_init_sql(local: &Local, plan: &Plan, sql: &Path) -> Result<(), ControlError> {

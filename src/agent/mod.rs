@@ -58,6 +58,11 @@ pub struct Options {
     /// With --init standby: HOST:PORT of the primary to copy (waited for until --timeout).
     #[arg(long, env = "PGVIGIL_AGENT_SOURCE", required_if_eq("init", "standby"))]
     pub source: Option<String>,
+    /// With --init standby: the node's name in pgvigil's configuration, given to the standby as
+    /// its application_name, with a replication slot of that name on the source (pgvigil
+    /// matches standbys by application_name).
+    #[arg(long, env = "PGVIGIL_AGENT_NAME")]
+    pub name: Option<String>,
     /// With --init primary: SQL file run once as the superuser after the first start.
     #[arg(long, env = "PGVIGIL_AGENT_INIT_SQL")]
     pub init_sql: Option<PathBuf>,
@@ -140,8 +145,20 @@ impl Options {
             }
             (Init::Primary, _) => None,
         };
+        if let Some(name) = &self.name {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(AgentError::Usage(format!(
+                    "--name {name:?} may contain only letters, digits, '_' and '-', as a node name"
+                )));
+            }
+        }
         Ok(Some(bootstrap::Plan {
             init,
+            name: self.name.clone(),
             port: self.pg_port,
             password,
             init_sql: self.init_sql.clone(),

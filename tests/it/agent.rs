@@ -224,6 +224,8 @@ async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigt
         &[
             "--init",
             "standby",
+            "--name",
+            "Pg-2",
             "--source",
             &source,
             "--data-dir",
@@ -274,6 +276,16 @@ async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigt
         )
         .is_ok_and(|s| s == format!("streaming {primary_port}"))
     });
+    // Named as pgvigil knows the node, through a slot named after it.
+    assert_eq!(
+        psql(
+            &bin_dir,
+            primary_port,
+            "SELECT application_name || ' ' || slot_name || ' ' || active FROM \
+             pg_stat_replication JOIN pg_replication_slots ON active_pid = pid"
+        ),
+        Ok("Pg-2 pg_2 true".into())
+    );
     psql(&bin_dir, primary_port, "CREATE TABLE t AS SELECT 42 AS x").unwrap();
     eventually(
         PATIENCE,
