@@ -53,21 +53,32 @@ pub enum Init {
     Standby,
 }
 
+/// What `--init` makes of an empty data directory.
+#[derive(Debug)]
+pub(super) enum Make {
+    /// A primary, with SQL run once after its first start.
+    Primary {
+        /// `--init-sql`.
+        init_sql: Option<PathBuf>,
+    },
+    /// A standby of `source`.
+    Standby {
+        /// `--source`: host and port.
+        source: (String, u16),
+        /// `--name`: the node's name in pgvigil, its application_name and slot.
+        name: Option<String>,
+    },
+}
+
 /// `--init` with what it needs, checked.
 #[derive(Debug)]
 pub(super) struct Plan {
-    /// Primary or standby.
-    pub(super) init: Init,
-    /// The node's name in pgvigil: the standby's application_name and slot.
-    pub(super) name: Option<String>,
+    /// What to make.
+    pub(super) make: Make,
     /// The server's port.
     pub(super) port: u16,
     /// The superuser's password.
     pub(super) password: String,
-    /// SQL run once on a new primary.
-    pub(super) init_sql: Option<PathBuf>,
-    /// The standby's source.
-    pub(super) source: Option<(String, u16)>,
 }
 
 /// Creates the cluster if the data directory is empty, then starts the server if it is not
@@ -75,9 +86,11 @@ pub(super) struct Plan {
 pub(super) async fn prepare(local: &Local, plan: &Plan) -> Result<(), ControlError> {
     let fresh = is_empty(local.data_dir())?;
     if fresh {
-        match plan.init {
-            Init::Primary => init_primary(local, plan).await?,
-            Init::Standby => clone_standby(local, plan).await?,
+        match &plan.make {
+            Make::Primary { .. } => init_primary(local, plan).await?,
+            Make::Standby { source, name } => {
+                clone_standby(local, plan, source, name.as_deref()).await?;
+            }
         }
     } else {
         info!(data_dir = %local.data_dir().display(), "agent: the data directory is there; using it as it is");
@@ -86,7 +99,13 @@ pub(super) async fn prepare(local: &Local, plan: &Plan) -> Result<(), ControlErr
         let output = local.start().await?;
         info!(%output, "agent: PostgreSQL started");
     }
-    if let (true, Init::Primary, Some(sql)) = (fresh, plan.init, &plan.init_sql) {
+    if let (
+        true,
+        Make::Primary {
+            init_sql: Some(sql),
+        },
+    ) = (fresh, &plan.make)
+    {
         run_init_sql(local, plan, sql).await?;
     }
     Ok(())
@@ -135,17 +154,19 @@ async fn init_primary(local: &Local, plan: &Plan) -> Result<(), ControlError> {
 
 /// Waits until the source accepts connections and copies it (retrying until the timeout:
 /// a primary being created at the same time may not let us in at once).
-async fn clone_standby(local: &Local, plan: &Plan) -> Result<(), ControlError> {
+async fn clone_standby(
+    local: &Local,
+    plan: &Plan,
+    (host, port): &(String, u16),
+    name: Option<&str>,
+) -> Result<(), ControlError> {
     let owner = local.owner();
-    let Some((host, port)) = &plan.source else {
-        return Err(ControlError::NotConfigured { action: "--source" });
-    };
     let port = port.to_string();
     let dir = local.data_dir().to_string_lossy().into_owned();
     let mut conninfo = format!("host={host} port={port} user={SUPERUSER} connect_timeout=5");
     // -R writes it into primary_conninfo, and the slot into primary_slot_name.
-    let slot = plan.name.as_deref().map(crate::failover::slot_name);
-    if let Some(name) = &plan.name {
+    let slot = name.map(crate::failover::slot_name);
+    if let Some(name) = name {
         conninfo.push_str(&format!(" application_name={name}"));
     }
     let deadline = Instant::now() + local.timeout();

@@ -134,35 +134,34 @@ impl Options {
                  {SUPERUSER_PASSWORD_ENV}"
             )));
         }
-        let source = match (init, &self.source) {
-            (Init::Standby, Some(source)) => Some(parse_host_port(source).ok_or_else(|| {
-                AgentError::Usage(format!("--source {source:?} is not HOST:PORT"))
-            })?),
-            (Init::Standby, None) => {
-                return Err(AgentError::Usage(
-                    "--init standby needs --source HOST:PORT".into(),
-                ))
+        let make = match init {
+            Init::Primary => bootstrap::Make::Primary {
+                init_sql: self.init_sql.clone(),
+            },
+            Init::Standby => {
+                let source = self.source.as_deref().unwrap_or_default();
+                let source = parse_host_port(source).ok_or_else(|| {
+                    AgentError::Usage(format!(
+                        "--init standby needs --source HOST:PORT, not {source:?}"
+                    ))
+                })?;
+                let name = self.name.clone();
+                if let Some(name) = &name {
+                    let allowed = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+                    if name.is_empty() || !name.chars().all(allowed) {
+                        return Err(AgentError::Usage(format!(
+                            "--name {name:?} may hold only letters, digits, '_' and '-', as a \
+                             node name"
+                        )));
+                    }
+                }
+                bootstrap::Make::Standby { source, name }
             }
-            (Init::Primary, _) => None,
         };
-        if let Some(name) = &self.name {
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
-                return Err(AgentError::Usage(format!(
-                    "--name {name:?} may contain only letters, digits, '_' and '-', as a node name"
-                )));
-            }
-        }
         Ok(Some(bootstrap::Plan {
-            init,
-            name: self.name.clone(),
+            make,
             port: self.pg_port,
             password,
-            init_sql: self.init_sql.clone(),
-            source,
         }))
     }
 }
