@@ -1,10 +1,12 @@
 //! Several pgvigil instances in front of one cluster, with a leader elected in a real etcd
-//! (Debian's `etcd-server`, three members unless one suffices): exactly one of them promotes, a
-//! leader frozen past its lease stops acting and its guarded writes are refused, a leader cut off
-//! from the primary alone does not fail over (its own writes wait, then get 57P03), while etcd is away nobody promotes but traffic goes
-//! on, etcd authentication works, a promotion left pending by a leader that stopped is finished
-//! by the next one (never a second standby), and an instance that may not act lets go of a
-//! pending promotion that finished without it.
+//! (Debian's `etcd-server`, three members unless one suffices): exactly one of them promotes (and
+//! with synchronous replication nothing acknowledged is lost), a leader frozen past its lease
+//! stops acting and its guarded writes are refused, a leader cut off from the primary alone does
+//! not fail over (its own writes wait, then get 57P03), while etcd is away nobody promotes but
+//! traffic goes on, etcd authentication and TLS work, a promotion left pending by a leader that
+//! stopped is finished by the next one (never a second standby), an instance that may not act
+//! lets go of a pending promotion that finished without it, and a follower forwards admin
+//! commands to the leader.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
