@@ -43,16 +43,6 @@ impl Endpoint {
         &self.url
     }
 
-    /// The host name or address.
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    /// The port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// Sends `method path` with the bearer `token`, the extra `headers` and a JSON `body`, if
     /// given; the status and the whole answer, or why there is none. The answer itself is not
     /// bounded in time here.
