@@ -1,7 +1,8 @@
 //! `pgvigil agent`, the real binary, as pgvigil and an operator meet it: its API wants the token
 //! (401 and nothing happens without it), refuses what the server's state does not allow (409),
 //! refuses to start on a non-loopback address without a token; and `--init` builds a primary in
-//! an empty data directory and a standby of it, which streams (the container path, on the host).
+//! an empty data directory (the agent running as the server's user, as in a container) and a
+//! standby of it (the agent as root), which streams.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -148,13 +149,21 @@ async fn an_agent_on_a_non_loopback_address_without_a_token_refuses_to_start() {
 fn base_dir_for_postgres() -> PathBuf {
     let base = fresh_base_dir();
     std::fs::create_dir_all(&base).unwrap();
-    // The test clusters' user: the distribution's postgres, else the one they create.
-    let probe = test_owner();
-    std::os::unix::fs::chown(&base, Some(probe.0), Some(probe.1)).unwrap();
+    if let Some((uid, gid)) = server_user() {
+        std::os::unix::fs::chown(&base, Some(uid), Some(gid)).unwrap();
+    }
     base
 }
 
-/// uid and gid of the user the test clusters run as.
+/// uid and gid of the user the servers run as when the tests run as root (PostgreSQL refuses
+/// root); `None` when they do not (everything runs as the tests' user).
+fn server_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    (unsafe { libc::geteuid() } == 0).then(test_owner)
+}
+
+/// uid and gid of the user the test clusters run as under root: the distribution's postgres,
+/// else the one they create.
 fn test_owner() -> (u32, u32) {
     for name in ["postgres", "pgvigil"] {
         let out = std::process::Command::new("getent")
@@ -241,7 +250,10 @@ async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigt
         &[("PGVIGIL_SUPERUSER_PASSWORD", PASSWORD)],
         &base.join("standby-agent.log"),
     );
-    let mut primary = AgentProcess::spawn(
+    // The primary's agent runs as the server's user, as in a container; the standby's as
+    // root, as on a host where it switches to the data directory's owner.
+    let mut primary = AgentProcess::spawn_as(
+        server_user(),
         &[
             "--init",
             "primary",
@@ -309,8 +321,16 @@ async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigt
         psql(&bin_dir, primary_port, "SHOW listen_addresses"),
         Ok("*".into())
     );
-    let owner = test_owner().0;
-    assert_eq!(std::fs::metadata(&primary_dir).unwrap().uid(), owner);
+    if let Some((uid, _)) = server_user() {
+        assert_eq!(
+            primary.uid(),
+            Some(uid),
+            "the primary's agent runs as the server's user"
+        );
+        assert_eq!(standby.uid(), Some(0), "the standby's agent runs as root");
+        assert_eq!(std::fs::metadata(&primary_dir).unwrap().uid(), uid);
+        assert_eq!(std::fs::metadata(&standby_dir).unwrap().uid(), uid);
+    }
 
     assert_eq!(standby.terminate(), Some(0), "{}", standby.log_text());
     assert_eq!(primary.terminate(), Some(0), "{}", primary.log_text());
