@@ -144,15 +144,24 @@ async fn an_agent_on_a_non_loopback_address_without_a_token_refuses_to_start() {
     assert!(stderr.contains("without a token"), "{stderr}");
 }
 
+/// A directory removed with everything in it when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A fresh directory the PostgreSQL OS user owns (the agent runs the tools as the owner of the
-/// data directory's parent while the data directory does not exist).
-fn base_dir_for_postgres() -> PathBuf {
+/// data directory's parent while the data directory does not exist), removed when dropped.
+fn base_dir_for_postgres() -> Scratch {
     let base = fresh_base_dir();
     std::fs::create_dir_all(&base).unwrap();
     if let Some((uid, gid)) = server_user() {
         std::os::unix::fs::chown(&base, Some(uid), Some(gid)).unwrap();
     }
-    base
+    Scratch(base)
 }
 
 /// uid and gid of the user the servers run as when the tests run as root (PostgreSQL refuses
@@ -207,7 +216,9 @@ fn psql(bin_dir: &Path, port: u16, sql: &str) -> Result<String, String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigterm_stops_both() {
-    let base = base_dir_for_postgres();
+    // Dropped last: after the agents and servers have stopped.
+    let scratch = base_dir_for_postgres();
+    let base = scratch.0.clone();
     let bin_dir = pgvigil::local_cluster::postgres_bin_dir().expect("PostgreSQL binaries");
     let bin = bin_dir.to_string_lossy().into_owned();
     let (primary_dir, standby_dir) = (base.join("primary"), base.join("standby"));
@@ -350,7 +361,9 @@ async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigt
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_waiting_for_its_source_stops_at_once_on_sigterm() {
-    let base = base_dir_for_postgres();
+    // Dropped last: after the agents and servers have stopped.
+    let scratch = base_dir_for_postgres();
+    let base = scratch.0.clone();
     let nobody = pgvigil::local_cluster::free_port().unwrap();
     let source = format!("127.0.0.1:{nobody}");
     let data_dir = base.join("standby");
