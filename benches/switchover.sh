@@ -133,7 +133,7 @@ sql() {
     psql "host=127.0.0.1 port=\$1 user=postgres dbname=postgres connect_timeout=2" -XAtq \\
         -v ON_ERROR_STOP=1 -c "\$2" 2>>"$p/scripts.log"
 }
-pcp_port=${PORT[pcp]}
+pcp_port=${PORT[pcp]} pcp_user=$PCP_USER
 p=$p
 EOF
         printf 'names=(%s)\nports=(' "${NODE_NAMES[*]}"
@@ -202,11 +202,10 @@ else
         { log "starting $name failed"; exit 1; }
     log "rewound and restarted $name as a standby of ${names[new]}"
 fi
-pcp_attach_node -h 127.0.0.1 -p "$pcp_port" -U pcpadmin -w -n "$node" >>"$p/scripts.log" 2>&1 ||
+pcp_attach_node -h 127.0.0.1 -p "$pcp_port" -U "$pcp_user" -w -n "$node" >>"$p/scripts.log" 2>&1 ||
     { log "attaching $name failed"; exit 1; }
 log "attached $name"
 EOF
-    sed -i "s/-U pcpadmin/-U $PCP_USER/" "$p/follow_primary.sh"
     chmod 0755 "$p/failover.sh" "$p/follow_primary.sh"
 }
 
