@@ -5,6 +5,7 @@ mod aborted;
 mod auth_exchange;
 mod finish;
 mod loss;
+mod naming;
 mod recover;
 mod relay;
 mod replay;

@@ -6,14 +6,16 @@
 //! (docs, "Extended Query"): an ErrorResponse at once, then every message up to the next Sync is
 //! discarded, and the Sync is answered with ReadyForQuery.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
+use pgvigil_proto::backend;
 use pgvigil_proto::encode::{self, PgError, Severity};
 use pgvigil_proto::frame::next_message;
-use pgvigil_proto::frontend;
+use pgvigil_proto::frontend::{self, Query};
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::naming::{self, SqlDrop};
 use super::relay::{ClientConn, Progress, RelayEnd, Stop};
 use super::steering::{Decision, Steering};
 use crate::proxy::Proxy;
@@ -107,6 +109,42 @@ pub async fn reject_unit(
         }
     }
     encode::ready_for_query(&mut client.pending, TxStatus::Idle);
+    flush(client).await
+}
+
+/// Transaction pooling: answers the client's SQL `DEALLOCATE` at the front of its buffer (see
+/// `Decision::Deallocate`) from the session's own record, as PostgreSQL would on a connection
+/// in transaction status `status`: in a failed block it is refused like every statement.
+pub async fn answer_deallocate(
+    client: &mut ClientConn,
+    steering: &mut Steering,
+    status: TxStatus,
+    max_message: usize,
+) -> Result<(), RelayEnd> {
+    let (_, len) = first_message(client, max_message).await?;
+    let frame = client.rbuf.split_to(len);
+    let drop = Query::parse(&frame[5..])
+        .ok()
+        .and_then(|q| naming::sql_drop(q.sql));
+    if status == TxStatus::Failed {
+        IN_FAILED.encode(&mut client.pending);
+    } else {
+        let tag: &[u8] = match drop {
+            Some(SqlDrop::Deallocate(name)) => {
+                steering.replay.deallocated(&name);
+                b"DEALLOCATE"
+            }
+            _ => {
+                steering.replay.drop_statements();
+                b"DEALLOCATE ALL"
+            }
+        };
+        encode::message(&mut client.pending, backend::tag::COMMAND_COMPLETE, |b| {
+            b.put_slice(tag);
+            b.put_u8(0);
+        });
+    }
+    encode::ready_for_query(&mut client.pending, status);
     flush(client).await
 }
 

@@ -89,10 +89,14 @@ pub async fn serve(
         .is_none_or(encoding_is_safe);
     let mut held = Held::new(proxy.config.nodes.len());
     held.leases[first] = Some(lease);
+    let mut steering = Steering::new(proxy.config.nodes.len(), first, encoding_safe);
+    if proxy.config.pool.mode == PoolMode::Transaction {
+        steering.replay.set_context(startup.context());
+    }
     let mut session = Session {
         client,
         held,
-        steering: Steering::new(proxy.config.nodes.len(), first, encoding_safe),
+        steering,
         progress: Progress::default(),
         changes: proxy.topology.subscribe(),
         place: Place::Attached,
@@ -317,6 +321,15 @@ impl Session<'_> {
                 Ok(())
             }
             Decision::WaitPrimary => self.wait_for_primary(None).await,
+            Decision::Deallocate => {
+                let status = self.held.leases[self.steering.current]
+                    .as_ref()
+                    .map_or(TxStatus::Idle, |lease| lease.conn.tx);
+                let max = self.proxy.config.max_message_size;
+                recover::answer_deallocate(&mut self.client, &mut self.steering, status, max)
+                    .await
+                    .map_err(ended)
+            }
             Decision::Forward | Decision::Wait => Ok(()),
         }
     }

@@ -20,6 +20,7 @@ mod metrics;
 mod passthrough;
 mod pgbench;
 mod pooling;
+mod prepared_pooling;
 mod read_split;
 mod replay;
 mod replication;
