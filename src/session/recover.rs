@@ -20,6 +20,9 @@ use super::relay::{ClientConn, Progress, RelayEnd, Stop};
 use super::steering::{Decision, Steering};
 use crate::proxy::Proxy;
 
+/// Room made for the rest of a message the client has begun to send.
+const REST_CHUNK: usize = 4096;
+
 /// An error the client is told about as ERROR (its session goes on).
 pub struct Failure<'a> {
     /// SQLSTATE.
@@ -155,6 +158,8 @@ pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: 
     if let Err(end) = flush(client).await {
         return Stop::End(end);
     }
+    // The session holds no server connection: it may stay idle a long time.
+    client.release_buffers();
     loop {
         match first_message(client, max_message).await {
             Err(end) => return Stop::End(end),
@@ -202,7 +207,13 @@ pub(super) async fn first_message(
     }
 }
 
+/// Reads what the client sends next. An empty buffer reads a first few bytes (BytesMut grows by
+/// 64 bytes when full), so that a client idle in this read holds no large buffer; once a message
+/// has begun, room for the rest is made first.
 async fn read_more(client: &mut ClientConn) -> Result<(), RelayEnd> {
+    if !client.rbuf.is_empty() {
+        client.rbuf.reserve(REST_CHUNK);
+    }
     match client.stream.read_buf(&mut client.rbuf).await {
         Ok(0) | Err(_) => Err(RelayEnd::ClientGone),
         Ok(_) => Ok(()),

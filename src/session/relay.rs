@@ -111,6 +111,19 @@ pub struct ClientConn {
     pub pending: BytesMut,
 }
 
+impl ClientConn {
+    /// Drops the buffers that hold nothing, so that an idle client costs little: the relay's
+    /// read chunk is 16 KiB, and the server's read buffer, swapped in whole when a batch of
+    /// its messages goes to the client, as large. They grow again with the next unit.
+    pub fn release_buffers(&mut self) {
+        for buf in [&mut self.rbuf, &mut self.pending] {
+            if buf.is_empty() && buf.capacity() > 0 {
+                *buf = BytesMut::new();
+            }
+        }
+    }
+}
+
 /// Why the relay handed control back to the session.
 #[derive(Debug)]
 pub enum Stop {

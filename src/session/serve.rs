@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
 use pgvigil_proto::classify::encoding_is_safe;
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
@@ -485,13 +484,8 @@ impl Session<'_> {
         if node == self.steering.current {
             self.key.set_target(None);
             self.steering.released();
-            // An idle client costs little: its buffers go (the relay's read chunk is 16 KiB) and
-            // grow again with its next unit.
-            for buf in [&mut self.client.rbuf, &mut self.client.pending] {
-                if buf.is_empty() {
-                    *buf = BytesMut::new();
-                }
-            }
+            // Its buffers go once what the client is owed is written (see `next_unit`).
+            self.client.release_buffers();
         } else {
             self.steering.replay.fresh_connection(node);
         }

@@ -14,6 +14,7 @@ mod events;
 mod failback;
 mod failover;
 mod failover_safety;
+mod idle_memory;
 mod instances;
 mod lost_transaction;
 mod metrics;
