@@ -302,6 +302,8 @@ start_pgvigil() {
     {
         printf 'listen = "127.0.0.1:%s"\n\n[pool]\nmax_size = 100\nmode = "%s"\n' \
             "${PORT[$target]}" "${POOL_MODE:-session}"
+        # Several pgvigil targets run at once: each admin API on a port of its own.
+        printf '\n[admin]\nlisten = "127.0.0.1:0"\n'
         if [[ -n $balance ]]; then
             printf '\n[routing]\nbalance = "%s"\n' "$balance"
         fi

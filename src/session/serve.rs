@@ -87,7 +87,7 @@ pub async fn serve(
         .get(b"client_encoding")
         .is_none_or(encoding_is_safe);
     let mut held = Held::new(proxy.config.nodes.len());
-    held.leases[first] = Some(lease);
+    held.leases[first] = Some(Box::new(lease));
     let mut steering = Steering::new(proxy.config.nodes.len(), first, encoding_safe);
     if proxy.config.pool.mode == PoolMode::Transaction {
         steering.replay.set_context(startup.context());
@@ -480,7 +480,7 @@ impl Session<'_> {
             self.held.leases[node] = Some(lease);
             return;
         }
-        self.proxy.pools.checkin(lease);
+        self.proxy.pools.checkin(*lease);
         if node == self.steering.current {
             self.key.set_target(None);
             self.steering.released();

@@ -21,8 +21,10 @@ use crate::topology::{Need, NodeId, Primary};
 
 /// The server connections a session holds, at most one per node.
 pub struct Held {
-    /// The connection to node `n`, at `n`.
-    pub leases: Vec<Option<Lease>>,
+    /// The connection to node `n`, at `n`; boxed, so that the slots of the nodes a session
+    /// holds no connection to (every node, for an idle session under transaction pooling) cost
+    /// a pointer each.
+    pub leases: Vec<Option<Box<Lease>>>,
 }
 
 impl Held {
@@ -99,7 +101,7 @@ pub async fn sync(
             // A pooled connection may have the session's statements already.
             replay.adopt(node, &lease.conn.statements);
         }
-        held.leases[node] = Some(lease);
+        held.leases[node] = Some(Box::new(lease));
     }
     let Some(lease) = held.leases[node].as_mut() else {
         return Ok(());
