@@ -98,7 +98,9 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
                 rbuf: client_buf,
                 pending: BytesMut::new(),
             };
-            serve::serve(client, lease, &proxy, &key, &startup).await;
+            // Boxed: this task's own future then holds little beyond the session's.
+            let session = serve::Session::new(client, lease, &proxy, &key, &startup);
+            Box::pin(serve::serve(session)).await;
         }
         Err(error) => {
             info!(?peer, user = %startup.user, %error, "session could not start");

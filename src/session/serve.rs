@@ -57,7 +57,7 @@ enum Place {
 }
 
 /// What a session goes on with between relays.
-struct Session<'a> {
+pub(super) struct Session<'a> {
     client: ClientConn,
     held: Held,
     steering: Steering,
@@ -71,38 +71,49 @@ struct Session<'a> {
     proxy: &'a Proxy,
 }
 
+impl<'a> Session<'a> {
+    /// A session attached to its first server connection, `lease`.
+    ///
+    /// Built outside [`serve`] on purpose: an async function keeps room for its arguments and
+    /// for every local it moves elsewhere for its whole life, and an idle session is that
+    /// future; built here, only the session itself is kept.
+    pub(super) fn new(
+        client: ClientConn,
+        lease: Lease,
+        proxy: &'a Proxy,
+        key: &'a CancelKey,
+        startup: &'a ClientStartup,
+    ) -> Session<'a> {
+        let first = lease.conn.node;
+        let encoding_safe = lease
+            .conn
+            .params
+            .get(b"client_encoding")
+            .is_none_or(encoding_is_safe);
+        let mut held = Held::new(proxy.config.nodes.len());
+        held.leases[first] = Some(Box::new(lease));
+        let mut steering = Steering::new(proxy.config.nodes.len(), first, encoding_safe);
+        if proxy.config.pool.mode == PoolMode::Transaction {
+            steering.replay.set_context(startup.context());
+        }
+        Session {
+            client,
+            held,
+            steering,
+            progress: Progress::default(),
+            changes: proxy.topology.subscribe(),
+            place: Place::Attached,
+            key,
+            startup,
+            proxy,
+        }
+    }
+}
+
 /// Relays until the session ends, moving between nodes as units are routed and surviving the
 /// loss of server connections, then returns (or drops) every server connection.
-pub async fn serve(
-    client: ClientConn,
-    lease: Lease,
-    proxy: &Proxy,
-    key: &CancelKey,
-    startup: &ClientStartup,
-) {
-    let first = lease.conn.node;
-    let encoding_safe = lease
-        .conn
-        .params
-        .get(b"client_encoding")
-        .is_none_or(encoding_is_safe);
-    let mut held = Held::new(proxy.config.nodes.len());
-    held.leases[first] = Some(Box::new(lease));
-    let mut steering = Steering::new(proxy.config.nodes.len(), first, encoding_safe);
-    if proxy.config.pool.mode == PoolMode::Transaction {
-        steering.replay.set_context(startup.context());
-    }
-    let mut session = Session {
-        client,
-        held,
-        steering,
-        progress: Progress::default(),
-        changes: proxy.topology.subscribe(),
-        place: Place::Attached,
-        key,
-        startup,
-        proxy,
-    };
+pub(super) async fn serve(mut session: Session<'_>) {
+    let (proxy, key) = (session.proxy, session.key);
     let end = match session.run().await {
         Ok(end) => end,
         Err(error) => {
