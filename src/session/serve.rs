@@ -118,8 +118,12 @@ pub(super) async fn serve(mut session: Session<'_>) {
         Ok(end) => end,
         Err(error) => {
             info!(%error, "session ended: its next statement cannot be served");
-            let _ = flush_client(&mut session.client).await;
-            refuse(&mut session.client.stream, &error).await;
+            let client = &mut session.client;
+            Box::pin(async {
+                let _ = flush_client(client).await;
+                refuse(&mut client.stream, &error).await;
+            })
+            .await;
             RelayEnd::ClientGone
         }
     };
@@ -157,10 +161,10 @@ impl Session<'_> {
                 .drop_unusable(current, &mut self.steering.replay, self.proxy);
             if let Place::Detached(lost) = &self.place {
                 let lost = lost.clone();
-                let after =
-                    aborted::answer_unit(&mut self.client, lost, &mut self.steering, self.proxy)
-                        .await
-                        .map_err(ended)?;
+                // Boxed, like the relay: rare, and inline it would enlarge every session.
+                let answer =
+                    aborted::answer_unit(&mut self.client, lost, &mut self.steering, self.proxy);
+                let after = Box::pin(answer).await.map_err(ended)?;
                 self.enter(after.map_or(Place::Attached, Place::Detached));
                 continue;
             }
