@@ -186,13 +186,10 @@ impl Replayable {
         self.statements.clear();
     }
 
-    /// Transaction pooling: the client deallocated its statement `name` (SQL `DEALLOCATE`);
-    /// whether it had one by that name.
-    pub fn deallocated(&mut self, name: &[u8]) -> bool {
-        let had = self.uses_name(name);
+    /// Transaction pooling: the client deallocated its statement `name` (SQL `DEALLOCATE`).
+    pub fn deallocated(&mut self, name: &[u8]) {
         self.naming.close(name);
         self.statements.remove(name);
-        had
     }
 
     /// The named prepared statements, by name.
