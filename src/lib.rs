@@ -27,6 +27,7 @@ pub mod server;
 pub mod session;
 pub mod signals;
 pub mod state;
+pub mod statements;
 pub mod stream;
 pub mod tls;
 pub mod topology;

@@ -82,6 +82,8 @@ pub struct Proxy {
     pub events: Arc<crate::events::Events>,
     /// Whether this instance may act on the nodes (alone, or the leader elected in etcd).
     pub leadership: Arc<crate::cluster::Leadership>,
+    /// Transaction pooling: the server-side names of named prepared statements.
+    pub statements: crate::statements::Registry,
 }
 
 impl Proxy {
@@ -135,6 +137,7 @@ impl Proxy {
             ),
             events: Arc::new(crate::events::Events::default()),
             leadership: crate::cluster::Leadership::new(&config),
+            statements: crate::statements::Registry::default(),
             config: Arc::new(config),
         };
         Ok((proxy, publisher))
@@ -231,6 +234,7 @@ impl Proxy {
             if lease.conn.tx != pgvigil_proto::TxStatus::Idle {
                 lease.conn.run_internal("ROLLBACK").await?;
             }
+            lease.conn.statements.clear();
             lease.conn.run_internal("DISCARD ALL").await
         };
         match tokio::time::timeout(self.config.backend.connect_timeout, reset).await {

@@ -33,3 +33,6 @@ pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
 /// The connection was lost while a COMMIT or an autocommit write was running: it may or may not
 /// have committed.
 pub const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";
+
+/// duplicate_prepared_statement: a Parse or PREPARE reuses a statement name in use.
+pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";

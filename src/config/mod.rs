@@ -184,6 +184,10 @@ pub struct PoolConfig {
     /// How long a client waits for a free server connection (default 5s, must be > 0).
     #[serde(with = "humantime_serde")]
     pub checkout_timeout: Duration,
+    /// Transaction pooling: most named prepared statements kept on one server connection
+    /// (default 200, at least 1); past it the least recently used is closed there (and prepared
+    /// again when a session next needs it).
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
@@ -197,6 +201,8 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(10 * 60),
             max_lifetime: Duration::from_secs(60 * 60),
             checkout_timeout: Duration::from_secs(5),
+            // PgBouncer's default for its max_prepared_statements.
+            max_prepared_statements: 200,
         }
     }
 }

@@ -38,7 +38,7 @@ pub(super) async fn finish(
         if node != current {
             if let Some(lease) = lease.take() {
                 let reusable = lease.conn.rbuf.is_empty() && usable(node);
-                proxy.release(lease, reusable).await;
+                proxy.release(*lease, reusable).await;
             }
         }
     }
@@ -61,7 +61,7 @@ pub(super) async fn finish(
         }
     }
     if let Some(lease) = lease {
-        proxy.release(lease, reusable).await;
+        proxy.release(*lease, reusable).await;
     }
 }
 

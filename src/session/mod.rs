@@ -5,6 +5,7 @@ mod aborted;
 mod auth_exchange;
 mod finish;
 mod loss;
+mod naming;
 mod recover;
 mod relay;
 mod replay;
@@ -90,16 +91,24 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
     let key = proxy.cancels.register();
     // Startup, authentication and the first connection are boxed: their state is large and
     // would otherwise stay allocated in the task for the whole session (see `serve`).
-    match Box::pin(attach(&mut stream, &startup, &proxy, &key)).await {
+    let attached = match Box::pin(attach(&mut stream, &startup, &proxy, &key)).await {
         Ok(lease) => {
             let client = ClientConn {
                 stream,
                 rbuf: client_buf,
                 pending: BytesMut::new(),
             };
-            serve::serve(client, lease, &proxy, &key, &startup).await;
+            // The session and its whole future live in one box, built before any await: an
+            // async function keeps room for every local still in scope at an await, moved out
+            // or not, so the task itself then holds little more than the box.
+            let session = serve::Session::new(client, lease, &proxy, &key, &startup);
+            Ok(Box::pin(serve::serve(session)))
         }
-        Err(error) => {
+        Err(error) => Err((stream, error)),
+    };
+    match attached {
+        Ok(serving) => serving.await,
+        Err((mut stream, error)) => {
             info!(?peer, user = %startup.user, %error, "session could not start");
             proxy.metrics.client_rejected(Rejection::NoServer);
             refuse(&mut stream, &error).await;

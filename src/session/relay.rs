@@ -14,11 +14,13 @@ use pgvigil_proto::{header, TxStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+use super::naming::{self, OnServer, Outgoing};
 use super::server_side::ServerSide;
 use super::steering::{Decision, Steering};
 use crate::config::PoolMode;
 use crate::proxy::Proxy;
 use crate::server::ServerConn;
+use crate::statements::ServerStatements;
 use crate::stream::Stream;
 use crate::topology::{NodeId, Role};
 
@@ -109,6 +111,19 @@ pub struct ClientConn {
     pub pending: BytesMut,
 }
 
+impl ClientConn {
+    /// Drops the buffers that hold nothing, so that an idle client costs little: the relay's
+    /// read chunk is 16 KiB, and the server's read buffer, swapped in whole when a batch of
+    /// its messages goes to the client, as large. They grow again with the next unit.
+    pub fn release_buffers(&mut self) {
+        for buf in [&mut self.rbuf, &mut self.pending] {
+            if buf.is_empty() && buf.capacity() > 0 {
+                *buf = BytesMut::new();
+            }
+        }
+    }
+}
+
 /// Why the relay handed control back to the session.
 #[derive(Debug)]
 pub enum Stop {
@@ -145,6 +160,7 @@ pub async fn relay(
     let (mut server_read, mut server_write) = tokio::io::split(&mut server.stream);
     let client_in = &mut client.rbuf;
     let server_in = &mut server.rbuf;
+    let statements = &mut server.statements;
     let to_client = &mut client.pending;
     let mut to_server = BytesMut::new();
     let mut server_state = ServerSide {
@@ -165,7 +181,8 @@ pub async fn relay(
             to_client,
             max_message,
             progress,
-            &mut steering.replay.settings,
+            &mut steering.replay,
+            statements,
         )
         .is_err()
     {
@@ -175,6 +192,8 @@ pub async fn relay(
         max_message,
         proxy,
         terminated: &mut terminated,
+        statements,
+        to_client,
     };
     match client_scan.scan(
         client_in,
@@ -207,6 +226,8 @@ pub async fn relay(
                     max_message,
                     proxy,
                     terminated: &mut terminated,
+                    statements,
+                    to_client,
                 };
                 match scan.scan(
                     client_in,
@@ -261,7 +282,7 @@ pub async fn relay(
                 match read {
                     Ok(0) | Err(_) => return Stop::End(RelayEnd::ClientGone),
                     Ok(_) => {
-                        let mut scan = ClientScan { max_message, proxy, terminated: &mut terminated };
+                        let mut scan = ClientScan { max_message, proxy, terminated: &mut terminated, statements, to_client };
                         match scan.scan(client_in, &mut to_server, progress, steering, *server_state.tx) {
                             Err(end) => return Stop::End(end),
                             Ok(Some(decision)) if progress.is_quiet() && to_server.is_empty() => {
@@ -278,7 +299,7 @@ pub async fn relay(
                     Ok(0) => return server_lost(LossCause::Closed, &mut server_state),
                     Err(e) => return server_lost(LossCause::Io(e), &mut server_state),
                     Ok(_) => {
-                        if server_state.scan(server_in, to_client, max_message, progress, &mut steering.replay.settings).is_err() {
+                        if server_state.scan(server_in, to_client, max_message, progress, &mut steering.replay, statements).is_err() {
                             return server_lost(LossCause::Garbled, &mut server_state);
                         }
                     }
@@ -300,6 +321,10 @@ struct ClientScan<'a> {
     max_message: usize,
     proxy: &'a Proxy,
     terminated: &'a mut bool,
+    /// The statements the server connection has under pgvigil's names.
+    statements: &'a mut ServerStatements,
+    /// What goes to the client (where pgvigil's own answers join the server's).
+    to_client: &'a mut BytesMut,
 }
 
 impl ClientScan<'_> {
@@ -334,9 +359,39 @@ impl ClientScan<'_> {
                     }
                 }
             }
+            // Nothing is owed by the server nor waits to be sent: pgvigil may answer now.
+            let fresh = progress.is_quiet() && out.is_empty() && forward == 0;
             note_client(tag, progress)?;
-            steering.forwarded(tag, &input[forward..forward + len], self.proxy);
-            forward += len;
+            let frame = &input[forward..forward + len];
+            let names_statement = matches!(
+                tag,
+                frontend::tag::PARSE
+                    | frontend::tag::BIND
+                    | frontend::tag::DESCRIBE
+                    | frontend::tag::CLOSE
+            );
+            let outgoing =
+                if names_statement && self.proxy.config.pool.mode == PoolMode::Transaction {
+                    let server = OnServer {
+                        statements: &mut *self.statements,
+                        fresh,
+                        tx: server_tx,
+                    };
+                    steering.forwarded_to(tag, frame, Some(server), self.proxy)
+                } else {
+                    steering.forwarded(tag, frame, self.proxy);
+                    Outgoing::AsIs
+                };
+            if outgoing == Outgoing::AsIs {
+                forward += len;
+                continue;
+            }
+            // What came before goes as it is; this message is replaced.
+            move_prefix(input, out, forward);
+            forward = 0;
+            let naming = &mut steering.replay.naming;
+            naming::replace(outgoing, &input[..len], naming, out, self.to_client);
+            input.advance(len);
         }
         move_prefix(input, out, forward);
         if *self.terminated {
@@ -526,13 +581,14 @@ mod tests {
             encoding_safe: true,
             node: 0,
         };
-        let mut settings = super::super::settings::Settings::new(1);
+        let mut replay = super::super::replay::Replayable::new(1);
         side.scan(
             &mut input,
             &mut BytesMut::new(),
             1 << 20,
             progress,
-            &mut settings,
+            &mut replay,
+            &mut ServerStatements::default(),
         )
         .unwrap();
     }

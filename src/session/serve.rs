@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
 use pgvigil_proto::classify::encoding_is_safe;
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
@@ -58,7 +57,7 @@ enum Place {
 }
 
 /// What a session goes on with between relays.
-struct Session<'a> {
+pub(super) struct Session<'a> {
     client: ClientConn,
     held: Held,
     steering: Steering,
@@ -72,40 +71,59 @@ struct Session<'a> {
     proxy: &'a Proxy,
 }
 
+impl<'a> Session<'a> {
+    /// A session attached to its first server connection, `lease`.
+    ///
+    /// Built outside [`serve`] on purpose: an async function keeps room for its arguments and
+    /// for every local it moves elsewhere for its whole life, and an idle session is that
+    /// future; built here, only the session itself is kept.
+    pub(super) fn new(
+        client: ClientConn,
+        lease: Lease,
+        proxy: &'a Proxy,
+        key: &'a CancelKey,
+        startup: &'a ClientStartup,
+    ) -> Session<'a> {
+        let first = lease.conn.node;
+        let encoding_safe = lease
+            .conn
+            .params
+            .get(b"client_encoding")
+            .is_none_or(encoding_is_safe);
+        let mut held = Held::new(proxy.config.nodes.len());
+        held.leases[first] = Some(Box::new(lease));
+        let mut steering = Steering::new(proxy.config.nodes.len(), first, encoding_safe);
+        if proxy.config.pool.mode == PoolMode::Transaction {
+            steering.replay.set_context(startup.context());
+        }
+        Session {
+            client,
+            held,
+            steering,
+            progress: Progress::default(),
+            changes: proxy.topology.subscribe(),
+            place: Place::Attached,
+            key,
+            startup,
+            proxy,
+        }
+    }
+}
+
 /// Relays until the session ends, moving between nodes as units are routed and surviving the
 /// loss of server connections, then returns (or drops) every server connection.
-pub async fn serve(
-    client: ClientConn,
-    lease: Lease,
-    proxy: &Proxy,
-    key: &CancelKey,
-    startup: &ClientStartup,
-) {
-    let first = lease.conn.node;
-    let encoding_safe = lease
-        .conn
-        .params
-        .get(b"client_encoding")
-        .is_none_or(encoding_is_safe);
-    let mut held = Held::new(proxy.config.nodes.len());
-    held.leases[first] = Some(lease);
-    let mut session = Session {
-        client,
-        held,
-        steering: Steering::new(proxy.config.nodes.len(), first, encoding_safe),
-        progress: Progress::default(),
-        changes: proxy.topology.subscribe(),
-        place: Place::Attached,
-        key,
-        startup,
-        proxy,
-    };
+pub(super) async fn serve(mut session: Session<'_>) {
+    let (proxy, key) = (session.proxy, session.key);
     let end = match session.run().await {
         Ok(end) => end,
         Err(error) => {
             info!(%error, "session ended: its next statement cannot be served");
-            let _ = flush_client(&mut session.client).await;
-            refuse(&mut session.client.stream, &error).await;
+            let client = &mut session.client;
+            Box::pin(async {
+                let _ = flush_client(client).await;
+                refuse(&mut client.stream, &error).await;
+            })
+            .await;
             RelayEnd::ClientGone
         }
     };
@@ -143,10 +161,10 @@ impl Session<'_> {
                 .drop_unusable(current, &mut self.steering.replay, self.proxy);
             if let Place::Detached(lost) = &self.place {
                 let lost = lost.clone();
-                let after =
-                    aborted::answer_unit(&mut self.client, lost, &mut self.steering, self.proxy)
-                        .await
-                        .map_err(ended)?;
+                // Boxed, like the relay: rare, and inline it would enlarge every session.
+                let answer =
+                    aborted::answer_unit(&mut self.client, lost, &mut self.steering, self.proxy);
+                let after = Box::pin(answer).await.map_err(ended)?;
                 self.enter(after.map_or(Place::Attached, Place::Detached));
                 continue;
             }
@@ -317,6 +335,15 @@ impl Session<'_> {
                 Ok(())
             }
             Decision::WaitPrimary => self.wait_for_primary(None).await,
+            Decision::Deallocate => {
+                let status = self.held.leases[self.steering.current]
+                    .as_ref()
+                    .map_or(TxStatus::Idle, |lease| lease.conn.tx);
+                let max = self.proxy.config.max_message_size;
+                recover::answer_deallocate(&mut self.client, &mut self.steering, status, max)
+                    .await
+                    .map_err(ended)
+            }
             Decision::Forward | Decision::Wait => Ok(()),
         }
     }
@@ -468,17 +495,12 @@ impl Session<'_> {
             self.held.leases[node] = Some(lease);
             return;
         }
-        self.proxy.pools.checkin(lease);
+        self.proxy.pools.checkin(*lease);
         if node == self.steering.current {
             self.key.set_target(None);
             self.steering.released();
-            // An idle client costs little: its buffers go (the relay's read chunk is 16 KiB) and
-            // grow again with its next unit.
-            for buf in [&mut self.client.rbuf, &mut self.client.pending] {
-                if buf.is_empty() {
-                    *buf = BytesMut::new();
-                }
-            }
+            // Its buffers go once what the client is owed is written (see `next_unit`).
+            self.client.release_buffers();
         } else {
             self.steering.replay.fresh_connection(node);
         }

@@ -27,6 +27,27 @@ pub struct ClientStartup {
     pub params: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+impl ClientStartup {
+    /// What a server connection's context is made of for this session: database, user and
+    /// startup parameters, each NUL-terminated (transaction pooling shares a named statement
+    /// only between sessions with the same context, see `Replayable::statement_key`).
+    pub fn context(&self) -> Box<[u8]> {
+        let mut context = Vec::new();
+        for part in [self.database.as_bytes(), self.user.as_bytes()] {
+            context.extend_from_slice(part);
+            context.push(0);
+        }
+        for (name, value) in &self.params {
+            for part in [name, value] {
+                context.extend_from_slice(part);
+                context.push(0);
+            }
+        }
+        context.push(0);
+        context.into()
+    }
+}
+
 /// How the startup phase ended.
 pub enum Opening {
     /// A session is starting; the buffer holds any bytes the client sent after its startup packet.

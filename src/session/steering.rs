@@ -14,9 +14,11 @@
 use std::time::Instant;
 
 use pgvigil_proto::classify::{classify, Classification, Hint, Pin, Reason};
+use pgvigil_proto::frame::next_message;
 use pgvigil_proto::frontend::{self, Bind, Close, Parse, Query};
 use tracing::debug;
 
+use super::naming::{self, OnServer, Outgoing, SqlDrop};
 use super::replay::Replayable;
 use super::route::{self, Routed, SessionPolicy, Snapshot, Writes};
 use super::settings::{self, Effect};
@@ -40,6 +42,10 @@ pub enum Decision {
     FetchLsn,
     /// It must go to the primary and there is none right now.
     WaitPrimary,
+    /// Transaction pooling: it is a SQL `DEALLOCATE` of the session's own named statements,
+    /// answered by pgvigil once the server has answered everything before it (the statements
+    /// on the nodes are shared with other sessions and stay).
+    Deallocate,
 }
 
 /// Routing state of one session.
@@ -117,6 +123,9 @@ impl Steering {
         let facts = unit::inspect(input, max, &proxy.functions, self.replay.statements());
         if !facts.complete {
             return Decision::Wait;
+        }
+        if self.deallocates_own(input, proxy) {
+            return Decision::Deallocate;
         }
         self.unit = facts;
         self.unit_in_transaction = in_transaction || facts.begin.is_some();
@@ -218,6 +227,30 @@ impl Steering {
         }
     }
 
+    /// Transaction pooling: whether the unit is a SQL `DEALLOCATE` that pgvigil answers: of a
+    /// statement the session prepared through the protocol, or of all of them when the session
+    /// prepared none with SQL PREPARE on its (pinned) connection.
+    fn deallocates_own(&self, input: &[u8], proxy: &Proxy) -> bool {
+        if proxy.config.pool.mode != PoolMode::Transaction {
+            return false;
+        }
+        let max = proxy.config.max_message_size;
+        let Ok(Some(message)) = next_message(input, max) else {
+            return false;
+        };
+        if message.tag != frontend::tag::QUERY {
+            return false;
+        }
+        match Query::parse(message.body)
+            .ok()
+            .and_then(|q| naming::sql_drop(q.sql))
+        {
+            Some(SqlDrop::Deallocate(name)) => self.replay.uses_name(&name),
+            Some(SqlDrop::DeallocateAll) => self.replay.pinned().is_none(),
+            Some(SqlDrop::DiscardAll) | None => false,
+        }
+    }
+
     /// Whether the unit binds or describes a named statement that `node` does not have.
     fn misses_statements(&self, input: &[u8], node: NodeId, max: usize) -> bool {
         self.unit.named_refs && self.replay.misses_statements(input, node, max)
@@ -259,15 +292,50 @@ impl Steering {
 
     /// Notes one client message as it is forwarded to `current` (`frame` is the whole message).
     pub fn forwarded(&mut self, tag: u8, frame: &[u8], proxy: &Proxy) {
+        self.forwarded_to(tag, frame, None, proxy);
+    }
+
+    /// Notes one client message as it is forwarded to `current`, and says how it goes there:
+    /// under transaction pooling (`server` given) a message that names a prepared statement
+    /// uses the statement's name on the nodes, or is answered by pgvigil (see
+    /// [`naming::name_statement`]).
+    pub fn forwarded_to(
+        &mut self,
+        tag: u8,
+        frame: &[u8],
+        server: Option<OnServer<'_>>,
+        proxy: &Proxy,
+    ) -> Outgoing {
+        let outgoing = match server {
+            Some(server) => {
+                naming::name_statement(&mut self.replay, self.current, tag, frame, server, proxy)
+            }
+            None => Outgoing::AsIs,
+        };
+        self.note_forwarded(tag, frame, proxy);
+        outgoing
+    }
+
+    /// Applies what one forwarded client message does to the session.
+    fn note_forwarded(&mut self, tag: u8, frame: &[u8], proxy: &Proxy) {
         let covered = self.covered >= frame.len();
         self.covered = self.covered.saturating_sub(frame.len());
         let body = frame.get(5..).unwrap_or_default();
         match tag {
             frontend::tag::QUERY => {
                 self.replay.settings.request();
+                self.replay.naming.request();
                 let Ok(query) = Query::parse(body) else {
                     return;
                 };
+                if proxy.config.pool.mode == PoolMode::Transaction
+                    && matches!(
+                        naming::sql_drop(query.sql),
+                        Some(SqlDrop::DeallocateAll | SqlDrop::DiscardAll)
+                    )
+                {
+                    self.replay.drop_statements();
+                }
                 let (session_state, statements, reason, hint) = if covered {
                     let u = &self.unit;
                     (u.session_state, u.query_statements, u.reason, u.hint)
@@ -297,10 +365,14 @@ impl Steering {
             }
             frontend::tag::FUNCTION_CALL => {
                 self.replay.settings.request();
+                self.replay.naming.request();
                 self.note_write();
                 self.pin("a fast-path function call");
             }
-            frontend::tag::SYNC => self.replay.settings.request(),
+            frontend::tag::SYNC => {
+                self.replay.settings.request();
+                self.replay.naming.request();
+            }
             _ => {}
         }
     }
@@ -339,15 +411,12 @@ impl Steering {
         self.note_effects(parse.sql, class.reason, class.hint, false);
         if parse.name.is_empty() {
             self.replay.parsed_unnamed(self.current, class);
-        } else {
-            if proxy.config.pool.mode == PoolMode::Transaction {
-                // Sharing a named statement between the sessions of one connection needs
-                // server-side names of its own; until then the session keeps its connection.
-                self.pin("a named prepared statement under transaction pooling");
-            }
+        } else if proxy.config.pool.mode == PoolMode::Session {
             self.replay
                 .parsed_named(parse.name, frame, class, self.current);
         }
+        // Under transaction pooling a named statement is recorded once the server answers its
+        // Parse (see `Steering::name_statement` and `naming`).
     }
 
     /// A Bind forwarded without having been inspected (it followed a Flush): running a named
@@ -429,6 +498,7 @@ impl Steering {
     /// routed afresh (possibly back to the same node, on a new connection).
     pub fn lost_current(&mut self) {
         self.replay.settings.lost();
+        self.replay.naming.reset();
         self.replay.fresh_connection(self.current);
         self.detached = true;
         self.forced = false;
@@ -440,6 +510,7 @@ impl Steering {
     /// connection it gets.
     pub fn released(&mut self) {
         self.replay.fresh_connection(self.current);
+        self.replay.naming.reset();
         self.detached = true;
         self.forced = false;
     }
