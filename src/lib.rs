@@ -17,6 +17,7 @@ pub mod listener;
 pub mod local_cluster;
 pub mod metrics;
 pub mod node_control;
+pub mod pause;
 pub mod pool;
 pub mod proxy;
 pub mod replication;

@@ -13,6 +13,7 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 
 use crate::admin::api::Status;
+use crate::pause::Traffic;
 use crate::topology::NodeId;
 
 /// Latency buckets in seconds, from half a millisecond to ten seconds (wave2.md §6.4).
@@ -280,6 +281,11 @@ impl Metrics {
             vec![],
             status.generation as f64,
         );
+        gauge(
+            "pgvigil_paused",
+            vec![],
+            f64::from(u8::from(status.traffic == Traffic::Paused)),
+        );
         for node in &status.nodes {
             let label = || vec![Label::new("node", node.name.clone())];
             gauge(
@@ -371,7 +377,11 @@ fn describe(recorder: &PrometheusRecorder) {
     for (name, help) in histograms {
         recorder.describe_histogram(KeyName::from(name), Some(Unit::Seconds), help.into());
     }
-    let gauges: [(&'static str, &'static str); 10] = [
+    let gauges: [(&'static str, &'static str); 11] = [
+        (
+            "pgvigil_paused",
+            "1 while `pgvigil pause` holds new transactions",
+        ),
         (
             "pgvigil_last_failover_phase_seconds",
             "How long each phase of the last failover took",

@@ -80,6 +80,8 @@ pub struct Proxy {
     pub metrics: crate::metrics::Metrics,
     /// The event log (`GET /events`).
     pub events: Arc<crate::events::Events>,
+    /// The operator's PAUSE: whether new units wait, and the sessions in flight.
+    pub pause: Arc<crate::pause::Pause>,
     /// Whether this instance may act on the nodes (alone, or the leader elected in etcd).
     pub leadership: Arc<crate::cluster::Leadership>,
 }
@@ -134,6 +136,7 @@ impl Proxy {
                     .collect::<Vec<_>>(),
             ),
             events: Arc::new(crate::events::Events::default()),
+            pause: Arc::default(),
             leadership: crate::cluster::Leadership::new(&config),
             config: Arc::new(config),
         };

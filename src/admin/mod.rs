@@ -1,13 +1,15 @@
 //! The admin HTTP API (JSON, bearer token) on its own listener: `GET /status`, `GET /events`
 //! (the event log), `GET /metrics`
 //! (Prometheus text; no token unless `admin.metrics_auth`), and
-//! `POST /nodes/NAME/VERB` for the operator's commands, which go to the failover coordinator.
+//! `POST /nodes/NAME/VERB` and `POST /switchover` for the operator's commands, which go to the
+//! failover coordinator, and `POST /pause`, `POST /resume` (see `steer`).
 //! The CLI (`pgvigil status`, `promote`, ...) is its client (`client`).
 
 pub mod api;
 pub mod client;
 pub mod render;
 mod status;
+pub mod steer;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -142,6 +144,26 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
                 drain_timeout,
             }
         }
+        (&Method::POST, ["pause"]) => {
+            let wait = match value("timeout") {
+                None => steer::DEFAULT_PAUSE_WAIT,
+                Some(text) => match humantime::parse_duration(&text) {
+                    Ok(duration) => duration,
+                    Err(e) => {
+                        return json(
+                            StatusCode::BAD_REQUEST,
+                            &Refusal::new(
+                                format!("timeout {text:?} is not a duration: {e}"),
+                                "write it like 60s or 500ms",
+                            ),
+                        )
+                    }
+                },
+            };
+            let wait = flag("wait").then_some(wait);
+            return answered(steer::pause(&state.proxy, wait).await);
+        }
+        (&Method::POST, ["resume"]) => return answered(Ok(steer::resume(&state.proxy))),
         (&Method::GET, ["events"]) => return json(StatusCode::OK, &state.proxy.events.list()),
         (&Method::GET, ["status"]) => {
             return json(
@@ -165,7 +187,12 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         },
         _ => return not_found(),
     };
-    match state.control.send(command).await {
+    answered(state.control.send(command).await)
+}
+
+/// A command's answer: 200 when done, 409 when refused.
+fn answered(answer: Result<api::Done, Refusal>) -> Response<Full<Bytes>> {
+    match answer {
         Ok(done) => json(StatusCode::OK, &done),
         Err(refusal) => json(StatusCode::CONFLICT, &refusal),
     }
@@ -206,7 +233,7 @@ fn not_found() -> Response<Full<Bytes>> {
         StatusCode::NOT_FOUND,
         &Refusal::new(
             "no such endpoint",
-            "use GET /status, GET /events, GET /metrics, POST /switchover[?to=NODE&drain_timeout=5s] or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
+            "use GET /status, GET /events, GET /metrics, POST /pause[?wait=true&timeout=60s], POST /resume, POST /switchover[?to=NODE&drain_timeout=5s] or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
         ),
     )
 }

@@ -60,6 +60,9 @@ pub fn status(proxy: &Proxy, control: &Handle) -> Status {
             Primary::Known(_) => None,
             Primary::Unavailable(reason) => Some(reason.clone()),
         },
+        traffic: proxy.pause.traffic(),
+        in_flight: proxy.pause.in_flight(),
+        held: proxy.pause.held(),
         nodes,
         events: control.events.list(),
     }

@@ -194,7 +194,7 @@ pub async fn relay(
     loop {
         steering.encoding_safe = server_state.encoding_safe;
         if progress.is_quiet() {
-            steering.unit_done(proxy);
+            steering.unit_done(proxy, *server_state.tx != TxStatus::Idle);
             let idle = *server_state.tx == TxStatus::Idle && server_in.is_empty();
             if idle && !terminated && to_server.is_empty() && releasable(proxy, steering) {
                 // A unit that waits is routed afresh once the session has no connection.

@@ -8,6 +8,7 @@ use bytes::BytesMut;
 use pgvigil_proto::classify::encoding_is_safe;
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -24,6 +25,7 @@ use super::sync::{self, Held};
 use super::{refuse, OpenError, SessionError};
 use crate::cancel::CancelKey;
 use crate::config::PoolMode;
+use crate::pause::Traffic;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::replication::parse_lsn;
@@ -32,6 +34,10 @@ use crate::topology::{Need, NodeId, Primary};
 /// Longest pause between two tries to reach a primary that failed to connect, even when the
 /// topology does not change (the node may have been restarting).
 const PRIMARY_RETRY: Duration = Duration::from_millis(500);
+
+/// While a unit is held by PAUSE the client's socket is read (to see it close) until this much
+/// waits in its buffer.
+const HOLD_BUFFER: usize = 256 * 1024;
 
 /// The unit at the front of the client's buffer is waiting for a primary until `until`.
 #[derive(Debug)]
@@ -109,7 +115,7 @@ pub async fn serve(
             RelayEnd::ClientGone
         }
     };
-    session.steering.unit_done(proxy);
+    session.steering.unit_done(proxy, false);
     key.set_target(None);
     debug!(?end, "session ended");
     Box::pin(finish(
@@ -208,7 +214,7 @@ impl Session<'_> {
         // Settings still unanswered died with the connection: they must not count as a
         // setting of unknown outcome when the unit is closed.
         self.steering.replay.settings.lost();
-        self.steering.unit_done(self.proxy);
+        self.steering.unit_done(self.proxy, false);
         self.key.set_target(None);
         let fatal = loss.fatal.as_ref();
         if loss::terminated_by_admin(fatal, &loss.cause, node, self.startup, self.proxy).await {
@@ -317,6 +323,7 @@ impl Session<'_> {
                 Ok(())
             }
             Decision::WaitPrimary => self.wait_for_primary(None).await,
+            Decision::Hold => self.hold().await,
             Decision::Forward | Decision::Wait => Ok(()),
         }
     }
@@ -415,6 +422,48 @@ impl Session<'_> {
         recover::reject_unit(&mut self.client, &failure, max_message)
             .await
             .map_err(ended)
+    }
+
+    /// pgvigil is paused: the unit at the front waits until RESUME. The client's cancel request
+    /// refuses it with 57014, as PostgreSQL cancels a statement; a client that leaves ends the
+    /// session (the socket is read meanwhile, so that its close is seen).
+    async fn hold(&mut self) -> Result<(), SessionError> {
+        let mut traffic = self.proxy.pause.subscribe();
+        let mut cancels = self.key.cancels();
+        let _holding = self.proxy.pause.holding();
+        info!("unit held: pgvigil is paused");
+        let max_message = self.proxy.config.max_message_size;
+        loop {
+            if *traffic.borrow_and_update() == Traffic::Flowing {
+                debug!("held unit released");
+                return Ok(());
+            }
+            let room = self.client.rbuf.len() < HOLD_BUFFER;
+            tokio::select! {
+                changed = traffic.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                c = cancels.changed() => {
+                    if c.is_ok() {
+                        info!("a unit held by PAUSE was cancelled by the client");
+                        let failure = Failure {
+                            code: sqlstate::QUERY_CANCELED,
+                            message: "canceling statement due to user request",
+                        };
+                        return recover::reject_unit(&mut self.client, &failure, max_message)
+                            .await
+                            .map_err(ended);
+                    }
+                }
+                read = self.client.stream.read_buf(&mut self.client.rbuf), if room => {
+                    if matches!(read, Ok(0) | Err(_)) {
+                        return Err(ended(RelayEnd::ClientGone));
+                    }
+                }
+            }
+        }
     }
 
     /// Transaction pooling: a session between units that holds no connection to the primary

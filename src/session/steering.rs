@@ -23,6 +23,7 @@ use super::settings::{self, Effect};
 use super::unit::{self, UnitFacts};
 use crate::config::PoolMode;
 use crate::metrics::UnitKind;
+use crate::pause::{InFlight, Traffic};
 use crate::proxy::Proxy;
 use crate::router::{self, Route};
 use crate::topology::NodeId;
@@ -40,6 +41,8 @@ pub enum Decision {
     FetchLsn,
     /// It must go to the primary and there is none right now.
     WaitPrimary,
+    /// pgvigil is paused: it begins no transaction until RESUME.
+    Hold,
 }
 
 /// Routing state of one session.
@@ -80,6 +83,8 @@ pub struct Steering {
     detached: bool,
     /// Units begun so far (tells a unit that waits apart from the next one).
     units: u64,
+    /// The session is running a unit or inside a transaction block (counted for PAUSE).
+    in_flight: Option<InFlight>,
 }
 
 impl Steering {
@@ -103,6 +108,7 @@ impl Steering {
             avoided: 0,
             detached: false,
             units: 0,
+            in_flight: None,
         }
     }
 
@@ -117,6 +123,10 @@ impl Steering {
         let facts = unit::inspect(input, max, &proxy.functions, self.replay.statements());
         if !facts.complete {
             return Decision::Wait;
+        }
+        if !in_transaction && facts.has_statement && proxy.pause.traffic() == Traffic::Paused {
+            // PgBouncer's PAUSE: what runs finishes, nothing new begins.
+            return Decision::Hold;
         }
         self.unit = facts;
         self.unit_in_transaction = in_transaction || facts.begin.is_some();
@@ -225,6 +235,9 @@ impl Steering {
 
     /// The unit decided last is being forwarded to `current`: apply what it does to the session.
     fn begin_unit(&mut self, proxy: &Proxy) {
+        if self.in_flight.is_none() {
+            self.in_flight = Some(InFlight::enter(&proxy.pause));
+        }
         self.waiting_route = None;
         self.units += 1;
         self.prepared_on = (self.unit.parses_named && !self.unit.executes).then_some(self.current);
@@ -402,8 +415,13 @@ impl Steering {
         self.replay.pin(reason);
     }
 
-    /// The session ran its last unit (the node answered everything): the balancer stops counting it.
-    pub fn unit_done(&mut self, proxy: &Proxy) {
+    /// The session ran its last unit (the node answered everything): the balancer stops counting
+    /// it, and outside a transaction block (`in_transaction` false) the session is no longer in
+    /// flight.
+    pub fn unit_done(&mut self, proxy: &Proxy, in_transaction: bool) {
+        if !in_transaction {
+            self.in_flight = None;
+        }
         if let Some((began, kind)) = self.running.take() {
             proxy.balancer.finished(self.current);
             proxy.metrics.unit_done(self.current, kind, began.elapsed());

@@ -18,6 +18,7 @@ mod instances;
 mod lost_transaction;
 mod metrics;
 mod passthrough;
+mod pause;
 mod pgbench;
 mod pooling;
 mod read_split;

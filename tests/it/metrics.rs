@@ -42,7 +42,7 @@ pub(crate) async fn http_get(
 }
 
 /// `/metrics`, scraped and parsed.
-async fn scrape(admin: SocketAddr) -> Scrape {
+pub(crate) async fn scrape(admin: SocketAddr) -> Scrape {
     let (code, body) = get_metrics(admin, None).await;
     assert_eq!(code, 200, "{body}");
     Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("the exposition parses")
@@ -73,7 +73,7 @@ fn samples<'a>(
 }
 
 /// The value of the one counter or gauge `metric` with `labels`; panics if it is absent.
-fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
     let found: Vec<f64> = samples(scrape, metric, labels)
         .map(|s| match &s.value {
             Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
