@@ -20,6 +20,7 @@ pub mod node_control;
 pub mod pause;
 pub mod pool;
 pub mod proxy;
+pub mod reload;
 pub mod replication;
 pub mod router;
 pub mod server;

@@ -113,6 +113,12 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Read the configuration file again and apply what may change live (as SIGHUP does);
+    /// an invalid file is refused with every problem named.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Clear the fence of a node once an operator has dealt with it.
     Unfence {
         /// The node to unfence.
@@ -214,6 +220,7 @@ fn main() -> ExitCode {
             runtime.block_on(post(admin, &path))
         }
         Command::Resume { admin } => runtime.block_on(post(admin, "/resume")),
+        Command::Reload { admin } => runtime.block_on(post(admin, "/reload")),
     }
 }
 
@@ -326,7 +333,7 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    pgvigil::signals::stop_requested().await;
+    pgvigil::signals::serve_until_stopped(&running.proxy).await;
     info!("stopping");
     running.shutdown().await;
     ExitCode::SUCCESS

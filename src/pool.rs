@@ -2,9 +2,11 @@
 //! idle and lifetime reaping. A connection that broke is never handed out again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::PoolConfig;
@@ -61,12 +63,16 @@ struct NodePool {
     /// Wakes waiting checkouts when a connection goes back to an idle list: it keeps its slot, so
     /// waiting on `slots` alone would miss it.
     returned: Notify,
+    /// Slots a smaller `pool.max_size` took away that were in use: each connection that comes
+    /// back closes and gives its slot up until none is owed.
+    owed: AtomicUsize,
 }
 
 /// All pools, one per configured node.
 pub struct Pools {
     nodes: Vec<NodePool>,
-    config: PoolConfig,
+    /// `[pool]` in force (swapped by a reload, see [`Pools::reconfigure`]).
+    config: ArcSwap<PoolConfig>,
 }
 
 impl Pools {
@@ -77,9 +83,54 @@ impl Pools {
                 slots: Arc::new(Semaphore::new(config.max_size)),
                 idle: Mutex::new(HashMap::new()),
                 returned: Notify::new(),
+                owed: AtomicUsize::new(0),
             })
             .collect();
-        Pools { nodes, config }
+        Pools {
+            nodes,
+            config: ArcSwap::from_pointee(config),
+        }
+    }
+
+    /// Applies a reloaded `[pool]`: a larger `max_size` frees slots at once; a smaller one takes
+    /// free slots and idle connections away now, and the rest from connections as they come back
+    /// (none in use is closed under a session).
+    pub fn reconfigure(&self, config: PoolConfig) {
+        let old = self.config.swap(Arc::new(config.clone()));
+        for pool in &self.nodes {
+            if config.max_size >= old.max_size {
+                let mut more = config.max_size - old.max_size;
+                // Slots still owed from an earlier shrink are forgiven first.
+                let _ = pool
+                    .owed
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
+                        let forgiven = owed.min(more);
+                        more -= forgiven;
+                        Some(owed - forgiven)
+                    });
+                pool.slots.add_permits(more);
+                continue;
+            }
+            let fewer = old.max_size - config.max_size;
+            let mut owed = fewer - pool.slots.forget_permits(fewer);
+            let mut idle = lock(&pool.idle);
+            for conns in idle.values_mut() {
+                while owed > 0 {
+                    let Some(Idle { permit, .. }) = conns.pop() else {
+                        break;
+                    };
+                    permit.forget();
+                    owed -= 1;
+                }
+            }
+            idle.retain(|_, conns| !conns.is_empty());
+            pool.owed.fetch_add(owed, Ordering::AcqRel);
+        }
+    }
+
+    /// The `[pool]` in force.
+    fn config(&self) -> arc_swap::Guard<Arc<PoolConfig>> {
+        self.config.load()
     }
 
     /// Lends a connection for (node, database, user): an idle one if there is one, else a new one
@@ -88,7 +139,7 @@ impl Pools {
     pub async fn checkout(&self, target: &LoginTarget) -> Result<Lease, PoolError> {
         let pool = &self.nodes[target.node];
         let key = (target.database.clone(), target.user.clone());
-        let deadline = tokio::time::Instant::now() + self.config.checkout_timeout;
+        let deadline = tokio::time::Instant::now() + self.config().checkout_timeout;
         let permit = loop {
             // Enabled before looking: a connection checked in just after the look still wakes us.
             let returned = pool.returned.notified();
@@ -109,8 +160,8 @@ impl Pools {
                 () = tokio::time::sleep_until(deadline) => {
                     return Err(PoolError::Exhausted {
                         node: target.node_name.clone(),
-                        max_size: self.config.max_size,
-                        waited: self.config.checkout_timeout,
+                        max_size: self.config().max_size,
+                        waited: self.config().checkout_timeout,
                     })
                 }
             }
@@ -132,7 +183,7 @@ impl Pools {
             Ok(permit) => permit,
             Err(_) => evict_other(pool, &key).ok_or_else(|| PoolError::Exhausted {
                 node: target.node_name.clone(),
-                max_size: self.config.max_size,
+                max_size: self.config().max_size,
                 waited: Duration::ZERO,
             })?,
         };
@@ -145,7 +196,16 @@ impl Pools {
     /// session resets what it carries; anything else must be dropped instead.
     pub fn checkin(&self, mut lease: Lease) {
         let now = Instant::now();
-        if now.duration_since(lease.conn.created) >= self.config.max_lifetime {
+        let pool = &self.nodes[lease.conn.node];
+        let owed = pool
+            .owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if owed.is_ok() {
+            // The pool shrank while this connection was lent: it closes and its slot goes.
+            lease.permit.forget();
+            return;
+        }
+        if now.duration_since(lease.conn.created) >= self.config().max_lifetime {
             return;
         }
         if lease.conn.rbuf.capacity() > 64 * 1024 {
@@ -153,7 +213,6 @@ impl Pools {
         }
         lease.conn.idle_since = now;
         let key = (lease.conn.database.clone(), lease.conn.user.clone());
-        let pool = &self.nodes[lease.conn.node];
         lock(&pool.idle).entry(key).or_default().push(Idle {
             conn: lease.conn,
             permit: lease.permit,
@@ -164,12 +223,13 @@ impl Pools {
     /// Closes idle connections past `pool.idle_timeout` or `pool.max_lifetime`.
     pub fn reap(&self) {
         let now = Instant::now();
+        let config = self.config();
         for pool in &self.nodes {
             let mut idle = lock(&pool.idle);
             for conns in idle.values_mut() {
                 conns.retain(|i| {
-                    now.duration_since(i.conn.idle_since) < self.config.idle_timeout
-                        && now.duration_since(i.conn.created) < self.config.max_lifetime
+                    now.duration_since(i.conn.idle_since) < config.idle_timeout
+                        && now.duration_since(i.conn.created) < config.max_lifetime
                 });
             }
             idle.retain(|_, conns| !conns.is_empty());
@@ -190,16 +250,19 @@ impl Pools {
 
     /// Number of connections to `node` that exist, idle or lent.
     pub fn open_count(&self, node: NodeId) -> usize {
-        self.config.max_size - self.nodes[node].slots.available_permits()
+        let pool = &self.nodes[node];
+        (self.config().max_size + pool.owed.load(Ordering::Acquire))
+            .saturating_sub(pool.slots.available_permits())
     }
 
     /// Pairs that have been used on `node` and have fewer than `pool.min_idle` idle connections,
     /// with how many are missing.
     pub fn idle_deficit(&self, node: NodeId) -> Vec<(Key, usize)> {
+        let min_idle = self.config().min_idle;
         let idle = lock(&self.nodes[node].idle);
         idle.iter()
-            .filter(|(_, conns)| conns.len() < self.config.min_idle)
-            .map(|(key, conns)| (key.clone(), self.config.min_idle - conns.len()))
+            .filter(|(_, conns)| conns.len() < min_idle)
+            .map(|(key, conns)| (key.clone(), min_idle - conns.len()))
             .collect()
     }
 

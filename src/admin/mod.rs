@@ -2,7 +2,7 @@
 //! (the event log), `GET /metrics`
 //! (Prometheus text; no token unless `admin.metrics_auth`), and
 //! `POST /nodes/NAME/VERB` and `POST /switchover` for the operator's commands, which go to the
-//! failover coordinator, and `POST /pause`, `POST /resume` (see `steer`).
+//! failover coordinator, and `POST /pause`, `POST /resume`, `POST /reload` (see `steer`).
 //! The CLI (`pgvigil status`, `promote`, ...) is its client (`client`).
 
 pub mod api;
@@ -82,7 +82,7 @@ pub async fn serve(
 /// The response to one request.
 async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let is_metrics = request.method() == Method::GET && request.uri().path() == "/metrics";
-    if is_metrics && !state.proxy.config.admin.metrics_auth {
+    if is_metrics && !state.proxy.config().admin.metrics_auth {
         return metrics(state);
     }
     if !authorized(state.token.as_deref(), &request) {
@@ -164,6 +164,7 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
             return answered(steer::pause(&state.proxy, wait).await);
         }
         (&Method::POST, ["resume"]) => return answered(Ok(steer::resume(&state.proxy))),
+        (&Method::POST, ["reload"]) => return answered(steer::reload(&state.proxy)),
         (&Method::GET, ["events"]) => return json(StatusCode::OK, &state.proxy.events.list()),
         (&Method::GET, ["status"]) => {
             return json(
@@ -233,7 +234,7 @@ fn not_found() -> Response<Full<Bytes>> {
         StatusCode::NOT_FOUND,
         &Refusal::new(
             "no such endpoint",
-            "use GET /status, GET /events, GET /metrics, POST /pause[?wait=true&timeout=60s], POST /resume, POST /switchover[?to=NODE&drain_timeout=5s] or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
+            "use GET /status, GET /events, GET /metrics, POST /pause[?wait=true&timeout=60s], POST /resume, POST /reload, POST /switchover[?to=NODE&drain_timeout=5s] or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
         ),
     )
 }

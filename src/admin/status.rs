@@ -11,7 +11,7 @@ pub fn status(proxy: &Proxy, control: &Handle) -> Status {
     let topology = proxy.topology.snapshot();
     let view = control.view();
     let replication = proxy.replication.load();
-    let failures_allowed = proxy.config.health.failures;
+    let failures_allowed = proxy.config().health.failures;
     let primary = match &topology.primary {
         Primary::Known(node) => Some(*node),
         Primary::Unavailable(_) => None,

@@ -1,6 +1,6 @@
-//! The operator's traffic commands, shared by the admin API and the SQL console: PAUSE and
-//! RESUME. They change no topology, so they do not go through the failover coordinator; each is
-//! kept in the event log.
+//! The operator's commands that change no topology, shared by the admin API, the SQL console
+//! and SIGHUP: PAUSE, RESUME and RELOAD. They do not go through the failover coordinator; each
+//! is kept in the event log.
 
 use std::time::Duration;
 
@@ -55,6 +55,17 @@ pub fn resume(proxy: &Proxy) -> Done {
     info!(message, "resume");
     proxy.events.push(EventKind::Command, None, message);
     done(message.to_owned())
+}
+
+/// Reads the configuration file again and applies what may change live (see `reload`).
+pub fn reload(proxy: &Proxy) -> Result<Done, Refusal> {
+    match crate::reload::reload(proxy) {
+        Ok(reloaded) => Ok(done(reloaded.summary())),
+        Err(error) => Err(Refusal::new(
+            format!("reload refused, the running configuration stays: {error}"),
+            "fix the configuration file and reload again",
+        )),
+    }
 }
 
 fn done(message: String) -> Done {

@@ -61,6 +61,10 @@ pub struct Config {
     pub nodes: Vec<NodeConfig>,
     /// The users clients may log in as (`[[users]]`).
     pub users: Vec<UserConfig>,
+    /// The file this configuration was read from, which a reload reads again (none when it was
+    /// built in code).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -82,6 +86,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
+            source: None,
         }
     }
 }
@@ -501,7 +506,9 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text)
+        let mut config = Config::parse(&text)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and validates TOML text; the only file access is checking that the TLS files are readable.

@@ -76,7 +76,7 @@ pub async fn terminated_by_admin(
         return false;
     }
     let target = proxy.login_target(node, &startup.user, &startup.database);
-    let login = tokio::time::timeout(proxy.config.health.timeout, ServerConn::connect(&target));
+    let login = tokio::time::timeout(proxy.config().health.timeout, ServerConn::connect(&target));
     match login.await {
         Ok(Ok(_)) => true,
         Ok(Err(error)) => {

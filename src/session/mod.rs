@@ -124,7 +124,7 @@ async fn open_and_authenticate(
     tcp: TcpStream,
     proxy: &Proxy,
 ) -> Result<Option<Authenticated>, startup::Refusal> {
-    let deadline = tokio::time::Instant::now() + proxy.config.client.startup_timeout;
+    let deadline = tokio::time::Instant::now() + proxy.config().client.startup_timeout;
     let opening = match tokio::time::timeout_at(deadline, startup::open(tcp, proxy)).await {
         Ok(opening) => opening?,
         Err(_) => return Err((None, SessionError::Closed)),
@@ -239,14 +239,14 @@ async fn open_within(
     wait: bool,
     need: Need,
 ) -> Result<Lease, OpenError> {
-    let bound = proxy.config.health.timeout;
-    if bound >= proxy.config.backend.connect_timeout {
+    let bound = proxy.config().health.timeout;
+    if bound >= proxy.config().backend.connect_timeout {
         return open(proxy, node, startup, wait, need).await;
     }
     match tokio::time::timeout(bound, open(proxy, node, startup, wait, need)).await {
         Ok(result) => result,
         Err(_) => Err(OpenError::Pool(PoolError::Connect(ServerError::Timeout {
-            node: proxy.config.nodes[node].name.clone(),
+            node: proxy.config().nodes[node].name.clone(),
             after: bound,
         }))),
     }

@@ -135,7 +135,7 @@ pub async fn relay(
     changes: &mut watch::Receiver<u64>,
     proxy: &Proxy,
 ) -> Stop {
-    let max_message = proxy.config.max_message_size;
+    let max_message = proxy.config().max_message_size;
     let node = server.node;
     if let Some(role) = unusable(proxy, node) {
         return lost(LossCause::Unusable(role), None);
@@ -292,7 +292,7 @@ pub async fn relay(
 /// transaction block, with nothing more from the server (a notice, a notification): yes unless
 /// the session is pinned to it.
 pub fn releasable(proxy: &Proxy, steering: &Steering) -> bool {
-    proxy.config.pool.mode == PoolMode::Transaction && steering.replay.pinned().is_none()
+    proxy.config().pool.mode == PoolMode::Transaction && steering.replay.pinned().is_none()
 }
 
 /// Moves client messages to the server side, routing each new unit.

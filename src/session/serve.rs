@@ -93,12 +93,12 @@ pub async fn serve(
         .params
         .get(b"client_encoding")
         .is_none_or(encoding_is_safe);
-    let mut held = Held::new(proxy.config.nodes.len());
+    let mut held = Held::new(proxy.config().nodes.len());
     held.leases[first] = Some(lease);
     let mut session = Session {
         client,
         held,
-        steering: Steering::new(proxy.config.nodes.len(), first, encoding_safe),
+        steering: Steering::new(proxy.config().nodes.len(), first, encoding_safe),
         progress: Progress::default(),
         changes: proxy.topology.subscribe(),
         place: Place::Attached,
@@ -280,7 +280,7 @@ impl Session<'_> {
             code,
             message: &message,
         };
-        let max_message = self.proxy.config.max_message_size;
+        let max_message = self.proxy.config().max_message_size;
         recover::answer_lost(
             &mut self.client,
             &mut self.progress,
@@ -370,7 +370,7 @@ impl Session<'_> {
         let mut wait = match std::mem::replace(&mut self.place, Place::Attached) {
             Place::WaitingForPrimary(wait) if wait.units == units => wait,
             _ => PrimaryWait {
-                until: Instant::now() + self.proxy.config.failover.wait_timeout,
+                until: Instant::now() + self.proxy.config().failover.wait_timeout,
                 units,
                 cancels: self.key.cancels(),
             },
@@ -394,7 +394,7 @@ impl Session<'_> {
                 _ = tokio::time::sleep_until(pause) => {}
             }
         }
-        let max_message = self.proxy.config.max_message_size;
+        let max_message = self.proxy.config().max_message_size;
         if cancelled {
             info!("a unit waiting for a primary was cancelled by the client");
             let failure = Failure {
@@ -432,7 +432,7 @@ impl Session<'_> {
         let mut cancels = self.key.cancels();
         let _holding = self.proxy.pause.holding();
         info!("unit held: pgvigil is paused");
-        let max_message = self.proxy.config.max_message_size;
+        let max_message = self.proxy.config().max_message_size;
         loop {
             if *traffic.borrow_and_update() == Traffic::Flowing {
                 debug!("held unit released");
@@ -469,7 +469,7 @@ impl Session<'_> {
     /// Transaction pooling: a session between units that holds no connection to the primary
     /// takes one to read its write position; returns the primary when it did.
     async fn borrow_primary(&mut self) -> Option<NodeId> {
-        if self.proxy.config.pool.mode != PoolMode::Transaction {
+        if self.proxy.config().pool.mode != PoolMode::Transaction {
             return None;
         }
         let Primary::Known(primary) = self.proxy.topology.load().primary.clone() else {

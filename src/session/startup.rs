@@ -118,7 +118,7 @@ async fn next_step(
                 encode::negotiate_protocol_version(&mut out, u32::from(NEWEST_MINOR), &names);
                 stream.write_all(&out).await?;
             }
-            if proxy.config.tls.mode == TlsMode::Require && !stream.is_tls() {
+            if proxy.config().tls.mode == TlsMode::Require && !stream.is_tls() {
                 return Err(SessionError::Refused {
                     code: sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                     message: "pgvigil requires TLS (tls.mode = \"require\"): connect with sslmode=require".into(),

@@ -119,8 +119,13 @@ impl Steering {
             self.begin_unit(proxy);
             return Decision::Forward;
         }
-        let max = proxy.config.max_message_size;
-        let facts = unit::inspect(input, max, &proxy.functions, self.replay.statements());
+        let max = proxy.config().max_message_size;
+        let facts = unit::inspect(
+            input,
+            max,
+            &proxy.functions.load(),
+            self.replay.statements(),
+        );
         if !facts.complete {
             return Decision::Wait;
         }
@@ -196,7 +201,7 @@ impl Steering {
         input: &[u8],
         proxy: &Proxy,
     ) -> Result<Route, Decision> {
-        let max = proxy.config.max_message_size;
+        let max = proxy.config().max_message_size;
         let prefer = self
             .prepared_on
             .filter(|&node| facts.named_refs && !self.misses_statements(input, node, max));
@@ -214,8 +219,8 @@ impl Steering {
         let snapshot = Snapshot {
             topology: &topology,
             replication: &replication,
-            routing: &proxy.config.routing,
-            nodes: &proxy.config.nodes,
+            routing: &proxy.config().routing,
+            nodes: &proxy.config().nodes,
             balancer: &proxy.balancer,
         };
         match route::route_unit(facts, &policy, &snapshot) {
@@ -285,7 +290,7 @@ impl Steering {
                     let u = &self.unit;
                     (u.session_state, u.query_statements, u.reason, u.hint)
                 } else {
-                    let class = classify(query.sql, &proxy.functions);
+                    let class = classify(query.sql, &proxy.functions.load());
                     self.uncovered(&class);
                     (
                         class.session_state,
@@ -342,7 +347,7 @@ impl Steering {
             (true, true, Some(class)) if !self.unit.session_state => Some(class),
             _ => None,
         };
-        let class = known.unwrap_or_else(|| classify(parse.sql, &proxy.functions));
+        let class = known.unwrap_or_else(|| classify(parse.sql, &proxy.functions.load()));
         if !covered {
             self.uncovered(&class);
         }
@@ -353,7 +358,7 @@ impl Steering {
         if parse.name.is_empty() {
             self.replay.parsed_unnamed(self.current, class);
         } else {
-            if proxy.config.pool.mode == PoolMode::Transaction {
+            if proxy.config().pool.mode == PoolMode::Transaction {
                 // Sharing a named statement between the sessions of one connection needs
                 // server-side names of its own; until then the session keeps its connection.
                 self.pin("a named prepared statement under transaction pooling");
@@ -425,7 +430,7 @@ impl Steering {
         if let Some((began, kind)) = self.running.take() {
             proxy.balancer.finished(self.current);
             proxy.metrics.unit_done(self.current, kind, began.elapsed());
-            if let (UnitKind::Write, Some(node)) = (kind, proxy.config.nodes.get(self.current)) {
+            if let (UnitKind::Write, Some(node)) = (kind, proxy.config().nodes.get(self.current)) {
                 proxy.events.wrote(self.current, &node.name);
             }
         }

@@ -86,7 +86,7 @@ pub async fn sync(
     if held.leases[node].is_none() {
         // A read can go elsewhere: it does not wait long for a node that hangs. Under
         // transaction pooling a session holds no other connection: it waits for a slot.
-        let wait_for_slot = proxy.config.pool.mode == PoolMode::Transaction;
+        let wait_for_slot = proxy.config().pool.mode == PoolMode::Transaction;
         let lease = if need == Need::Primary || wait_for_slot {
             open(proxy, node, startup, true, need).await?
         } else {
@@ -146,7 +146,7 @@ async fn catch_up(
         skip_rejection(conn.exchange(&mut out).await)?;
     }
     replay.caught_up(node);
-    let max = proxy.config.max_message_size;
+    let max = proxy.config().max_message_size;
     for parse in replay.missing_statements(input, node, max) {
         out.extend_from_slice(&parse);
         encode::sync(&mut out);

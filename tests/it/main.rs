@@ -22,6 +22,7 @@ mod pause;
 mod pgbench;
 mod pooling;
 mod read_split;
+mod reload;
 mod replay;
 mod replication;
 mod repoint;

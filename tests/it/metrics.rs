@@ -111,7 +111,7 @@ async fn metrics_after_traffic_and_after_a_failover_hold_every_metric_with_plaus
         .proxy
         .running
         .proxy
-        .config
+        .config()
         .nodes
         .iter()
         .map(|n| n.name.clone())
