@@ -9,6 +9,7 @@ pub mod balance;
 pub mod cancel;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod events;
 pub mod failover;

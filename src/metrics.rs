@@ -7,6 +7,7 @@
 //! (node roles and health, lag, pool sizes, the topology generation) is copied into gauges when
 //! `/metrics` is scraped, so it costs nothing between scrapes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, Unit};
@@ -103,8 +104,38 @@ impl FailoverPhase {
     }
 }
 
+/// What a node has served so far (SHOW STATS), in plain counters read back by the console.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Units served.
+    pub units: u64,
+    /// Their time in all, in microseconds.
+    pub unit_us: u64,
+    /// Bytes received from clients.
+    pub received: u64,
+    /// Bytes sent to clients.
+    pub sent: u64,
+}
+
+/// The bytes a session moved for the units it ran on one node since the last count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bytes {
+    /// From the client.
+    pub received: u64,
+    /// To the client.
+    pub sent: u64,
+}
+
 /// The handles of one node's hot-path metrics.
 struct NodeMetrics {
+    /// `pgvigil_client_received_bytes_total{node}`, `pgvigil_client_sent_bytes_total{node}`.
+    received: Counter,
+    sent: Counter,
+    /// The same sums, readable for SHOW STATS.
+    units_sum: AtomicU64,
+    unit_us_sum: AtomicU64,
+    received_sum: AtomicU64,
+    sent_sum: AtomicU64,
     /// `pgvigil_units_total{node, kind}`, indexed like [`UnitKind::ALL`].
     units: [Counter; 4],
     unit_duration: Histogram,
@@ -166,6 +197,18 @@ impl Metrics {
                         &Key::from_parts("pgvigil_probe_failures_total", vec![node()]),
                         &METADATA,
                     ),
+                    received: recorder.register_counter(
+                        &Key::from_parts("pgvigil_client_received_bytes_total", vec![node()]),
+                        &METADATA,
+                    ),
+                    sent: recorder.register_counter(
+                        &Key::from_parts("pgvigil_client_sent_bytes_total", vec![node()]),
+                        &METADATA,
+                    ),
+                    units_sum: AtomicU64::new(0),
+                    unit_us_sum: AtomicU64::new(0),
+                    received_sum: AtomicU64::new(0),
+                    sent_sum: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -222,12 +265,32 @@ impl Metrics {
         }
     }
 
-    /// A unit of `kind` on `node` finished after `took`.
-    pub fn unit_done(&self, node: NodeId, kind: UnitKind, took: Duration) {
+    /// A unit of `kind` on `node` finished after `took`, having moved `bytes` (counted by the
+    /// session since its last unit: one flush per unit, nothing per message).
+    pub fn unit_done(&self, node: NodeId, kind: UnitKind, took: Duration, bytes: Bytes) {
         if let Some(m) = self.nodes.get(node) {
             m.units[kind as usize].increment(1);
             m.unit_duration.record(took.as_secs_f64());
+            m.received.increment(bytes.received);
+            m.sent.increment(bytes.sent);
+            let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            m.units_sum.fetch_add(1, Ordering::Relaxed);
+            m.unit_us_sum.fetch_add(micros, Ordering::Relaxed);
+            m.received_sum.fetch_add(bytes.received, Ordering::Relaxed);
+            m.sent_sum.fetch_add(bytes.sent, Ordering::Relaxed);
         }
+    }
+
+    /// What `node` has served so far.
+    pub fn totals(&self, node: NodeId) -> Totals {
+        self.nodes
+            .get(node)
+            .map_or_else(Totals::default, |m| Totals {
+                units: m.units_sum.load(Ordering::Relaxed),
+                unit_us: m.unit_us_sum.load(Ordering::Relaxed),
+                received: m.received_sum.load(Ordering::Relaxed),
+                sent: m.sent_sum.load(Ordering::Relaxed),
+            })
     }
 
     /// A probe of `node` finished after `took`, failed or not.
@@ -338,7 +401,15 @@ impl Metrics {
 
 /// Help text and units for every metric.
 fn describe(recorder: &PrometheusRecorder) {
-    let counters: [(&'static str, &'static str); 6] = [
+    let counters: [(&'static str, &'static str); 8] = [
+        (
+            "pgvigil_client_received_bytes_total",
+            "Bytes received from clients, per node their units went to",
+        ),
+        (
+            "pgvigil_client_sent_bytes_total",
+            "Bytes sent to clients, per node that answered",
+        ),
         ("pgvigil_switchovers_total", "Switchovers carried out"),
         (
             "pgvigil_failbacks_total",

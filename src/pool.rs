@@ -2,9 +2,9 @@
 //! idle and lifetime reaping. A connection that broke is never handed out again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -68,9 +68,54 @@ struct NodePool {
     owed: AtomicUsize,
 }
 
+/// An open server connection as SHOW SERVERS lists it.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    /// The node it is open to.
+    pub node: NodeId,
+    /// Role it is logged in as.
+    pub user: String,
+    /// Database it is logged in to.
+    pub database: String,
+    /// The node's host and port.
+    pub addr: (String, u16),
+    /// The backend's process id.
+    pub backend_pid: u32,
+    /// When it was opened.
+    pub connected_at: SystemTime,
+}
+
+/// Every open server connection by id; each leaves when its [`Listed`] is dropped.
+type OpenList = Arc<Mutex<HashMap<u64, ServerInfo>>>;
+
+/// A server connection's place in the list of open connections; dropped with the connection.
+#[derive(Debug)]
+pub struct Listed {
+    open: OpenList,
+    id: u64,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        lock(&self.open).remove(&self.id);
+    }
+}
+
+/// A server connection and whether it is idle in a pool or lent to a session.
+#[derive(Debug, Clone)]
+pub struct ServerRow {
+    /// What it is.
+    pub info: ServerInfo,
+    /// Idle in a pool (else lent to a session).
+    pub idle: bool,
+}
+
 /// All pools, one per configured node.
 pub struct Pools {
     nodes: Vec<NodePool>,
+    /// Every open server connection (opened here, closed anywhere).
+    open: OpenList,
+    next_id: AtomicU64,
     /// `[pool]` in force (swapped by a reload, see [`Pools::reconfigure`]).
     config: ArcSwap<PoolConfig>,
 }
@@ -88,6 +133,8 @@ impl Pools {
             .collect();
         Pools {
             nodes,
+            open: OpenList::default(),
+            next_id: AtomicU64::new(1),
             config: ArcSwap::from_pointee(config),
         }
     }
@@ -128,6 +175,53 @@ impl Pools {
         }
     }
 
+    /// Opens a connection for `target` and lists it among the open ones.
+    async fn open(&self, target: &LoginTarget) -> Result<ServerConn, ServerError> {
+        let mut conn = ServerConn::connect(target).await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let info = ServerInfo {
+            node: conn.node,
+            user: conn.user.clone(),
+            database: conn.database.clone(),
+            addr: conn.addr.clone(),
+            backend_pid: conn.backend_pid,
+            connected_at: SystemTime::now(),
+        };
+        lock(&self.open).insert(id, info);
+        conn.listed = Some(Listed {
+            open: self.open.clone(),
+            id,
+        });
+        Ok(conn)
+    }
+
+    /// Every open server connection, idle or lent, in the order they were opened.
+    pub fn servers(&self) -> Vec<ServerRow> {
+        let idle: std::collections::HashSet<u64> = self
+            .nodes
+            .iter()
+            .flat_map(|pool| {
+                lock(&pool.idle)
+                    .values()
+                    .flatten()
+                    .filter_map(|i| i.conn.listed.as_ref().map(|l| l.id))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut rows: Vec<(u64, ServerRow)> = lock(&self.open)
+            .iter()
+            .map(|(id, info)| {
+                let row = ServerRow {
+                    info: info.clone(),
+                    idle: idle.contains(id),
+                };
+                (*id, row)
+            })
+            .collect();
+        rows.sort_by_key(|(id, _)| *id);
+        rows.into_iter().map(|(_, row)| row).collect()
+    }
+
     /// The `[pool]` in force.
     fn config(&self) -> arc_swap::Guard<Arc<PoolConfig>> {
         self.config.load()
@@ -166,7 +260,7 @@ impl Pools {
                 }
             }
         };
-        let conn = ServerConn::connect(target).await?;
+        let conn = self.open(target).await?;
         Ok(Lease { conn, permit })
     }
 
@@ -187,7 +281,7 @@ impl Pools {
                 waited: Duration::ZERO,
             })?,
         };
-        let conn = ServerConn::connect(target).await?;
+        let conn = self.open(target).await?;
         Ok(Lease { conn, permit })
     }
 
@@ -272,7 +366,7 @@ impl Pools {
         let Ok(permit) = pool.slots.clone().try_acquire_owned() else {
             return Ok(false);
         };
-        let conn = ServerConn::connect(target).await?;
+        let conn = self.open(target).await?;
         self.checkin(Lease { conn, permit });
         Ok(true)
     }

@@ -84,6 +84,9 @@ pub struct Proxy {
     pub events: Arc<crate::events::Events>,
     /// The operator's PAUSE: whether new units wait, and the sessions in flight.
     pub pause: Arc<crate::pause::Pause>,
+    /// The failover coordinator's admin side (its view of the nodes), for the SQL console; set
+    /// once the coordinator is started.
+    pub control: std::sync::OnceLock<failover::Handle>,
     /// Whether this instance may act on the nodes (alone, or the leader elected in etcd).
     pub leadership: Arc<crate::cluster::Leadership>,
 }
@@ -132,6 +135,7 @@ impl Proxy {
             ),
             events: Arc::new(crate::events::Events::default()),
             pause: Arc::default(),
+            control: std::sync::OnceLock::new(),
             leadership: crate::cluster::Leadership::new(&config),
             config: ArcSwap::from_pointee(config),
         };
@@ -360,6 +364,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let (control, inbox) = failover::channel(proxy.config().nodes.len(), proxy.events.clone());
+    let _ = proxy.control.set(control.clone());
     tasks.spawn(admin::serve(
         admin_listener,
         proxy.clone(),

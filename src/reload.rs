@@ -13,6 +13,31 @@ use crate::admin::api::EventKind;
 use crate::config::{Config, ConfigError};
 use crate::proxy::Proxy;
 
+/// The keys (and sections) that keep their running value until a restart, as `merge` treats
+/// them; the node list's names and addresses too.
+pub const RESTART_ONLY: [&str; 9] = [
+    "listen",
+    "max_client_conn",
+    "tls",
+    "backend.tls",
+    "backend.ca",
+    "failover.state_dir",
+    "cluster",
+    "admin.listen",
+    "admin.token",
+];
+
+/// Whether a reload changes the key `key` (in SHOW CONFIG's spelling: `pool.max_size`,
+/// `nodes[0].weight`) live.
+pub fn changes_live(key: &str) -> bool {
+    let restart_only = RESTART_ONLY
+        .iter()
+        .any(|k| key == *k || key.starts_with(&format!("{k}.")));
+    let node_address =
+        key.starts_with("nodes[") && [".name", ".host", ".port"].iter().any(|f| key.ends_with(f));
+    !(restart_only || node_address)
+}
+
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {

@@ -166,6 +166,8 @@ pub struct ServerConn {
     /// none (new, or reset with `DISCARD ALL`). Transaction pooling returns connections without a
     /// reset: a session that takes one carrying another's settings resets them first.
     pub owner: u64,
+    /// Its entry in the pools' list of open connections (SHOW SERVERS), removed when it closes.
+    pub listed: Option<crate::pool::Listed>,
 }
 
 impl ServerConn {
@@ -207,6 +209,7 @@ impl ServerConn {
             created: now,
             idle_since: now,
             owner: 0,
+            listed: None,
         };
         conn.login(target).await?;
         Ok(conn)

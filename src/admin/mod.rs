@@ -8,7 +8,7 @@
 pub mod api;
 pub mod client;
 pub mod render;
-mod status;
+pub(crate) mod status;
 pub mod steer;
 
 use std::convert::Infallible;

@@ -419,6 +419,8 @@ pub struct UserConfig {
     pub password: Option<String>,
     /// How clients authenticate to pgvigil (default `scram-sha-256`).
     pub auth: AuthMethod,
+    /// May open the SQL console (`psql -d pgvigil`: SHOW, PAUSE, RESUME, RELOAD); default false.
+    pub admin: bool,
 }
 
 impl fmt::Debug for UserConfig {
@@ -428,6 +430,7 @@ impl fmt::Debug for UserConfig {
             .field("name", &self.name)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("auth", &self.auth)
+            .field("admin", &self.admin)
             .finish()
     }
 }
@@ -606,6 +609,7 @@ password = "app-secret"
             name: "app".to_owned(),
             password: Some("app-secret".to_owned()),
             auth: AuthMethod::ScramSha256,
+            admin: false,
         }
     }
 

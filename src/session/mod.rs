@@ -4,6 +4,7 @@
 mod aborted;
 mod auth_exchange;
 mod finish;
+mod hold;
 mod loss;
 mod recover;
 mod relay;
@@ -88,6 +89,38 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
     let span = tracing::debug_span!("session", user = %startup.user, db = %startup.database);
     let _entered = span.enter();
     let key = proxy.cancels.register();
+    let application_name = startup
+        .params
+        .iter()
+        .find(|(name, _)| name == b"application_name")
+        .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+        .unwrap_or_default();
+    key.describe(crate::cancel::ClientInfo::new(
+        &startup.user,
+        &startup.database,
+        &application_name,
+        peer,
+    ));
+    if startup.database == crate::console::DATABASE {
+        let admin = proxy.config().user(&startup.user).is_some_and(|u| u.admin);
+        if admin {
+            info!(user = %startup.user, "console session");
+            Box::pin(crate::console::serve(stream, client_buf, &proxy, &key)).await;
+        } else {
+            info!(user = %startup.user, "console refused: not an admin user");
+            proxy.metrics.client_rejected(Rejection::Startup);
+            // What PostgreSQL says to a role without CONNECT on the database.
+            let error = SessionError::Refused {
+                code: sqlstate::INSUFFICIENT_PRIVILEGE,
+                message: format!(
+                    "permission denied for database \"{}\": the console needs admin = true in [[users]]",
+                    crate::console::DATABASE
+                ),
+            };
+            refuse(&mut stream, &error).await;
+        }
+        return;
+    }
     // Startup, authentication and the first connection are boxed: their state is large and
     // would otherwise stay allocated in the task for the whole session (see `serve`).
     match Box::pin(attach(&mut stream, &startup, &proxy, &key)).await {

@@ -260,7 +260,8 @@ pub async fn relay(
             read = client_read.read_buf(client_in), if !held && !terminated && to_server.len() < HIGH_WATER => {
                 match read {
                     Ok(0) | Err(_) => return Stop::End(RelayEnd::ClientGone),
-                    Ok(_) => {
+                    Ok(n) => {
+                        steering.received(n);
                         let mut scan = ClientScan { max_message, proxy, terminated: &mut terminated };
                         match scan.scan(client_in, &mut to_server, progress, steering, *server_state.tx) {
                             Err(end) => return Stop::End(end),
@@ -277,7 +278,8 @@ pub async fn relay(
                 match read {
                     Ok(0) => return server_lost(LossCause::Closed, &mut server_state),
                     Err(e) => return server_lost(LossCause::Io(e), &mut server_state),
-                    Ok(_) => {
+                    Ok(n) => {
+                        steering.sent(n);
                         if server_state.scan(server_in, to_client, max_message, progress, &mut steering.replay.settings).is_err() {
                             return server_lost(LossCause::Garbled, &mut server_state);
                         }

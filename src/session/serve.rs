@@ -8,13 +8,13 @@ use bytes::BytesMut;
 use pgvigil_proto::classify::encoding_is_safe;
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::aborted::{self, LostTransaction};
 use super::finish::{finish, flush_client};
+use super::hold;
 use super::loss::{self, Aftermath};
 use super::recover::{self, Failure};
 use super::relay::{self, ClientConn, Loss, LossCause, Progress, RelayEnd, Stop};
@@ -25,7 +25,6 @@ use super::sync::{self, Held};
 use super::{refuse, OpenError, SessionError};
 use crate::cancel::CancelKey;
 use crate::config::PoolMode;
-use crate::pause::Traffic;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::replication::parse_lsn;
@@ -34,10 +33,6 @@ use crate::topology::{Need, NodeId, Primary};
 /// Longest pause between two tries to reach a primary that failed to connect, even when the
 /// topology does not change (the node may have been restarting).
 const PRIMARY_RETRY: Duration = Duration::from_millis(500);
-
-/// While a unit is held by PAUSE the client's socket is read (to see it close) until this much
-/// waits in its buffer.
-const HOLD_BUFFER: usize = 256 * 1024;
 
 /// The unit at the front of the client's buffer is waiting for a primary until `until`.
 #[derive(Debug)]
@@ -323,7 +318,9 @@ impl Session<'_> {
                 Ok(())
             }
             Decision::WaitPrimary => self.wait_for_primary(None).await,
-            Decision::Hold => self.hold().await,
+            Decision::Hold => hold::hold(&mut self.client, self.key, self.proxy)
+                .await
+                .map_err(ended),
             Decision::Forward | Decision::Wait => Ok(()),
         }
     }
@@ -376,6 +373,7 @@ impl Session<'_> {
             },
         };
         self.steering.reroute();
+        let _waiting = hold::Waiting::set(self.key);
         let until = wait.until;
         let pause = until.min(Instant::now() + PRIMARY_RETRY);
         let mut cancelled = wait.cancels.has_changed().unwrap_or(false);
@@ -422,48 +420,6 @@ impl Session<'_> {
         recover::reject_unit(&mut self.client, &failure, max_message)
             .await
             .map_err(ended)
-    }
-
-    /// pgvigil is paused: the unit at the front waits until RESUME. The client's cancel request
-    /// refuses it with 57014, as PostgreSQL cancels a statement; a client that leaves ends the
-    /// session (the socket is read meanwhile, so that its close is seen).
-    async fn hold(&mut self) -> Result<(), SessionError> {
-        let mut traffic = self.proxy.pause.subscribe();
-        let mut cancels = self.key.cancels();
-        let _holding = self.proxy.pause.holding();
-        info!("unit held: pgvigil is paused");
-        let max_message = self.proxy.config().max_message_size;
-        loop {
-            if *traffic.borrow_and_update() == Traffic::Flowing {
-                debug!("held unit released");
-                return Ok(());
-            }
-            let room = self.client.rbuf.len() < HOLD_BUFFER;
-            tokio::select! {
-                changed = traffic.changed() => {
-                    if changed.is_err() {
-                        return Ok(());
-                    }
-                }
-                c = cancels.changed() => {
-                    if c.is_ok() {
-                        info!("a unit held by PAUSE was cancelled by the client");
-                        let failure = Failure {
-                            code: sqlstate::QUERY_CANCELED,
-                            message: "canceling statement due to user request",
-                        };
-                        return recover::reject_unit(&mut self.client, &failure, max_message)
-                            .await
-                            .map_err(ended);
-                    }
-                }
-                read = self.client.stream.read_buf(&mut self.client.rbuf), if room => {
-                    if matches!(read, Ok(0) | Err(_)) {
-                        return Err(ended(RelayEnd::ClientGone));
-                    }
-                }
-            }
-        }
     }
 
     /// Transaction pooling: a session between units that holds no connection to the primary

@@ -22,7 +22,7 @@ use super::route::{self, Routed, SessionPolicy, Snapshot, Writes};
 use super::settings::{self, Effect};
 use super::unit::{self, UnitFacts};
 use crate::config::PoolMode;
-use crate::metrics::UnitKind;
+use crate::metrics::{Bytes, UnitKind};
 use crate::pause::{InFlight, Traffic};
 use crate::proxy::Proxy;
 use crate::router::{self, Route};
@@ -85,6 +85,8 @@ pub struct Steering {
     units: u64,
     /// The session is running a unit or inside a transaction block (counted for PAUSE).
     in_flight: Option<InFlight>,
+    /// Bytes moved since the last unit was counted (flushed to the metrics per unit).
+    bytes: Bytes,
 }
 
 impl Steering {
@@ -109,7 +111,18 @@ impl Steering {
             detached: false,
             units: 0,
             in_flight: None,
+            bytes: Bytes::default(),
         }
+    }
+
+    /// `n` bytes came from the client.
+    pub fn received(&mut self, n: usize) {
+        self.bytes.received += n as u64;
+    }
+
+    /// `n` bytes came from the server, for the client.
+    pub fn sent(&mut self, n: usize) {
+        self.bytes.sent += n as u64;
     }
 
     /// Decides where the unit at the start of `input` goes. `in_transaction`: the current
@@ -429,7 +442,10 @@ impl Steering {
         }
         if let Some((began, kind)) = self.running.take() {
             proxy.balancer.finished(self.current);
-            proxy.metrics.unit_done(self.current, kind, began.elapsed());
+            let bytes = std::mem::take(&mut self.bytes);
+            proxy
+                .metrics
+                .unit_done(self.current, kind, began.elapsed(), bytes);
             if let (UnitKind::Write, Some(node)) = (kind, proxy.config().nodes.get(self.current)) {
                 proxy.events.wrote(self.current, &node.name);
             }

@@ -9,6 +9,7 @@ mod cancel;
 mod chaos;
 mod cli;
 mod cluster_fixture;
+mod console;
 mod drivers;
 mod events;
 mod failback;
