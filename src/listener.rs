@@ -39,9 +39,9 @@ pub async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Can
             Ok(permit) => {
                 let proxy = proxy.clone();
                 tokio::spawn(async move {
-                    proxy.metrics.client_connections_add(1.0);
+                    proxy.metrics.client_opened();
                     session::run(tcp, proxy.clone()).await;
-                    proxy.metrics.client_connections_add(-1.0);
+                    proxy.metrics.client_closed();
                     drop(permit);
                 });
             }

@@ -154,7 +154,19 @@ pub struct Metrics {
     last_failover: [Gauge; 2],
     /// Indexed like [`Rejection::ALL`].
     rejected: [Counter; 4],
-    client_connections: Gauge,
+    /// Client connections accepted and not yet closed (logged in or not).
+    clients_open: AtomicU64,
+}
+
+/// The logged-in clients by what they do, counted when `/metrics` is scraped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientCounts {
+    /// Logged-in client sessions (console included).
+    pub logged_in: usize,
+    /// Of those, running a unit or inside a transaction block.
+    pub active: usize,
+    /// Of those, with a unit waiting (held by PAUSE, or for a primary).
+    pub waiting: usize,
 }
 
 /// Where the metrics macros' call sites would be; the exporter ignores it but the API asks.
@@ -241,9 +253,6 @@ impl Metrics {
             counter.absolute(0);
             counter
         });
-        let client_connections =
-            recorder.register_gauge(&Key::from_name("pgvigil_client_connections"), &METADATA);
-        client_connections.set(0.0);
         recorder
             .register_gauge(
                 &Key::from_parts(
@@ -261,7 +270,7 @@ impl Metrics {
             failbacks,
             last_failover,
             rejected,
-            client_connections,
+            clients_open: AtomicU64::new(0),
         }
     }
 
@@ -326,13 +335,42 @@ impl Metrics {
         self.rejected[reason as usize].increment(1);
     }
 
-    /// A client session started (`1.0`) or ended (`-1.0`).
-    pub fn client_connections_add(&self, delta: f64) {
-        self.client_connections.increment(delta);
+    /// A client connection was accepted.
+    pub fn client_opened(&self) {
+        self.clients_open.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The text exposition as of now: the gauges read from `status` first, then everything.
-    pub fn render(&self, status: &Status) -> String {
+    /// A client connection closed.
+    pub fn client_closed(&self) {
+        self.clients_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The `pgvigil_pool_waits_total` and `pgvigil_pool_wait_seconds` handles of every node,
+    /// for the pools to record the checkouts that had to wait.
+    pub fn pool_waits(&self, node_names: &[String]) -> Vec<crate::pool::WaitMetrics> {
+        node_names
+            .iter()
+            .map(|name| {
+                let node = || vec![Label::new("node", name.clone())];
+                let waits = self.recorder.register_counter(
+                    &Key::from_parts("pgvigil_pool_waits_total", node()),
+                    &METADATA,
+                );
+                waits.absolute(0);
+                crate::pool::WaitMetrics {
+                    waits,
+                    seconds: self.recorder.register_histogram(
+                        &Key::from_parts("pgvigil_pool_wait_seconds", node()),
+                        &METADATA,
+                    ),
+                }
+            })
+            .collect()
+    }
+
+    /// The text exposition as of now: the gauges read from `status` and `clients` first, then
+    /// everything.
+    pub fn render(&self, status: &Status, clients: ClientCounts) -> String {
         let gauge = |name: &'static str, labels: Vec<Label>, value: f64| {
             self.recorder
                 .register_gauge(&Key::from_parts(name, labels), &METADATA)
@@ -344,6 +382,22 @@ impl Metrics {
             vec![],
             status.generation as f64,
         );
+        let open = usize::try_from(self.clients_open.load(Ordering::Relaxed)).unwrap_or(0);
+        let idle = clients
+            .logged_in
+            .saturating_sub(clients.active + clients.waiting);
+        for (state, count) in [
+            ("login", open.saturating_sub(clients.logged_in)),
+            ("idle", idle),
+            ("active", clients.active),
+            ("waiting", clients.waiting),
+        ] {
+            gauge(
+                "pgvigil_client_connections",
+                vec![Label::new("state", state)],
+                count as f64,
+            );
+        }
         gauge(
             "pgvigil_paused",
             vec![],
@@ -401,7 +455,11 @@ impl Metrics {
 
 /// Help text and units for every metric.
 fn describe(recorder: &PrometheusRecorder) {
-    let counters: [(&'static str, &'static str); 8] = [
+    let counters: [(&'static str, &'static str); 9] = [
+        (
+            "pgvigil_pool_waits_total",
+            "Checkouts that found no free server connection and waited, per node",
+        ),
         (
             "pgvigil_client_received_bytes_total",
             "Bytes received from clients, per node their units went to",
@@ -435,7 +493,11 @@ fn describe(recorder: &PrometheusRecorder) {
     for (name, help) in counters {
         recorder.describe_counter(KeyName::from(name), None, help.into());
     }
-    let histograms: [(&'static str, &'static str); 2] = [
+    let histograms: [(&'static str, &'static str); 3] = [
+        (
+            "pgvigil_pool_wait_seconds",
+            "How long checkouts that waited for a server connection waited, per node",
+        ),
         (
             "pgvigil_unit_duration_seconds",
             "Time from forwarding a unit to its node until the node answered all of it",
@@ -458,7 +520,10 @@ fn describe(recorder: &PrometheusRecorder) {
             "How long each phase of the last failover took",
         ),
         ("pgvigil_build_info", "Always 1; the version is a label"),
-        ("pgvigil_client_connections", "Client sessions open"),
+        (
+            "pgvigil_client_connections",
+            "Client connections by state: login (not logged in yet), idle, active (in a unit or transaction), waiting (held by PAUSE or for a primary)",
+        ),
         (
             "pgvigil_server_connections",
             "Server connections held, per node and state (idle in the pool, active lent to a session)",

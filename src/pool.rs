@@ -66,6 +66,15 @@ struct NodePool {
     /// Slots a smaller `pool.max_size` took away that were in use: each connection that comes
     /// back closes and gives its slot up until none is owed.
     owed: AtomicUsize,
+    waits: WaitMetrics,
+}
+
+/// The handles a node's pool records its waits with.
+pub struct WaitMetrics {
+    /// `pgvigil_pool_waits_total{node}`: checkouts that had to wait.
+    pub waits: metrics::Counter,
+    /// `pgvigil_pool_wait_seconds{node}`: how long each waited.
+    pub seconds: metrics::Histogram,
 }
 
 /// An open server connection as SHOW SERVERS lists it.
@@ -121,14 +130,16 @@ pub struct Pools {
 }
 
 impl Pools {
-    /// Empty pools for `node_count` nodes.
-    pub fn new(node_count: usize, config: PoolConfig) -> Pools {
-        let nodes = (0..node_count)
-            .map(|_| NodePool {
+    /// Empty pools, one per node of `waits` (each node's wait metrics).
+    pub fn new(config: PoolConfig, waits: Vec<WaitMetrics>) -> Pools {
+        let nodes = waits
+            .into_iter()
+            .map(|waits| NodePool {
                 slots: Arc::new(Semaphore::new(config.max_size)),
                 idle: Mutex::new(HashMap::new()),
                 returned: Notify::new(),
                 owed: AtomicUsize::new(0),
+                waits,
             })
             .collect();
         Pools {
@@ -234,12 +245,15 @@ impl Pools {
         let pool = &self.nodes[target.node];
         let key = (target.database.clone(), target.user.clone());
         let deadline = tokio::time::Instant::now() + self.config().checkout_timeout;
+        // Set once the checkout had to wait: recorded when it ends, served or not.
+        let mut waiting_since: Option<Instant> = None;
         let permit = loop {
             // Enabled before looking: a connection checked in just after the look still wakes us.
             let returned = pool.returned.notified();
             tokio::pin!(returned);
             returned.as_mut().enable();
             if let Some(lease) = self.take_idle(pool, &key) {
+                pool.waited(waiting_since);
                 return Ok(lease);
             }
             if let Ok(permit) = pool.slots.clone().try_acquire_owned() {
@@ -248,10 +262,12 @@ impl Pools {
             if let Some(permit) = evict_other(pool, &key) {
                 break permit;
             }
+            waiting_since.get_or_insert_with(Instant::now);
             tokio::select! {
                 Ok(permit) = pool.slots.clone().acquire_owned() => break permit,
                 () = &mut returned => {}
                 () = tokio::time::sleep_until(deadline) => {
+                    pool.waited(waiting_since);
                     return Err(PoolError::Exhausted {
                         node: target.node_name.clone(),
                         max_size: self.config().max_size,
@@ -260,6 +276,7 @@ impl Pools {
                 }
             }
         };
+        pool.waited(waiting_since);
         let conn = self.open(target).await?;
         Ok(Lease { conn, permit })
     }
@@ -381,6 +398,16 @@ impl Pools {
             }
         }
         None
+    }
+}
+
+impl NodePool {
+    /// Records a checkout's wait, if it waited (since `since`).
+    fn waited(&self, since: Option<Instant>) {
+        if let Some(since) = since {
+            self.waits.waits.increment(1);
+            self.waits.seconds.record(since.elapsed().as_secs_f64());
+        }
     }
 }
 

@@ -113,10 +113,12 @@ impl Proxy {
         };
         let users = ArcSwap::from_pointee(user_secrets(&config, &HashMap::new()));
         let (topology, publisher) = TopologyHandle::new(Topology::initial(&config, generation));
+        let names: Vec<String> = config.nodes.iter().map(|n| n.name.clone()).collect();
+        let metrics = crate::metrics::Metrics::new(&names);
         let proxy = Proxy {
             topology,
             replication: ReplicationHandle::new(config.nodes.len()),
-            pools: Pools::new(config.nodes.len(), config.pool.clone()),
+            pools: Pools::new(config.pool.clone(), metrics.pool_waits(&names)),
             cancels: Arc::new(CancelRegistry::default()),
             tls_acceptor,
             backend_tls,
@@ -126,13 +128,7 @@ impl Proxy {
             nudges: Arc::new(health::Nudges::new(config.nodes.len())),
             functions: ArcSwap::from_pointee(config.function_lists()),
             balancer: crate::balance::Balancer::new(config.nodes.len()),
-            metrics: crate::metrics::Metrics::new(
-                &config
-                    .nodes
-                    .iter()
-                    .map(|n| n.name.clone())
-                    .collect::<Vec<_>>(),
-            ),
+            metrics,
             events: Arc::new(crate::events::Events::default()),
             pause: Arc::default(),
             control: std::sync::OnceLock::new(),

@@ -220,8 +220,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// `GET /metrics`: the Prometheus text exposition.
 fn metrics(state: &State) -> Response<Full<Bytes>> {
-    let status = status::status(&state.proxy, &state.control);
-    let mut response = Response::new(Full::new(Bytes::from(state.proxy.metrics.render(&status))));
+    let proxy = &state.proxy;
+    let status = status::status(proxy, &state.control);
+    let logged_in = proxy.cancels.clients();
+    let clients = crate::metrics::ClientCounts {
+        logged_in: logged_in.len(),
+        active: proxy.pause.in_flight(),
+        waiting: logged_in
+            .iter()
+            .filter(|(_, c)| c.state() == crate::cancel::ClientState::Waiting)
+            .count(),
+    };
+    let rendered = proxy.metrics.render(&status, clients);
+    let mut response = Response::new(Full::new(Bytes::from(rendered)));
     response.headers_mut().insert(
         CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
