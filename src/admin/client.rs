@@ -48,6 +48,8 @@ pub struct Admin {
     host: String,
     port: u16,
     token: Option<String>,
+    /// The instance forwarding the requests, if one is (see `forward`).
+    forwarded_by: Option<String>,
 }
 
 impl Admin {
@@ -67,7 +69,14 @@ impl Admin {
             host: host.to_owned(),
             port,
             token,
+            forwarded_by: None,
         })
+    }
+
+    /// The same API, each request marked as forwarded by instance `name`.
+    pub fn forwarded_by(mut self, name: &str) -> Admin {
+        self.forwarded_by = Some(name.to_owned());
+        self
     }
 
     /// `GET /status`; a refusal (wrong token) comes back as `Err` inside.
@@ -109,6 +118,9 @@ impl Admin {
             .header(HOST, format!("{}:{}", self.host, self.port));
         if let Some(token) = &self.token {
             request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        if let Some(name) = &self.forwarded_by {
+            request = request.header(super::forward::FORWARDED_BY, name);
         }
         let request = request
             .body(Empty::<Bytes>::new())
