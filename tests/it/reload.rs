@@ -54,6 +54,12 @@ async fn a_weight_and_a_pool_size_change_live_under_load_with_no_client_error() 
     crate::read_split::wait_until_every_node_may_read(&proxy);
     let shared = proxy.running.proxy.clone();
 
+    proxy
+        .connect_app()
+        .await
+        .batch_execute("CREATE TABLE IF NOT EXISTS reload_load (n int)")
+        .await
+        .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
     let mut clients = Vec::new();
@@ -61,11 +67,6 @@ async fn a_weight_and_a_pool_size_change_live_under_load_with_no_client_error() 
         let client = proxy.connect_app().await;
         let (stop, done) = (stop.clone(), done.clone());
         clients.push(tokio::spawn(async move {
-            if n == 0 {
-                client
-                    .batch_execute("CREATE TABLE IF NOT EXISTS reload_load (n int)")
-                    .await?;
-            }
             while !stop.load(Ordering::Relaxed) {
                 if n % 3 == 0 {
                     client
