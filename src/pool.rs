@@ -428,3 +428,38 @@ fn evict_other(pool: &NodePool, key: &Key) -> Option<OwnedSemaphorePermit> {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pools(max_size: usize) -> Pools {
+        let config = PoolConfig {
+            max_size,
+            ..PoolConfig::default()
+        };
+        let waits = WaitMetrics {
+            waits: metrics::Counter::noop(),
+            seconds: metrics::Histogram::noop(),
+        };
+        Pools::new(config, vec![waits])
+    }
+
+    #[test]
+    fn a_reloaded_max_size_changes_the_free_slots() {
+        let pools = pools(3);
+        pools.reconfigure(PoolConfig {
+            max_size: 1,
+            ..PoolConfig::default()
+        });
+        assert_eq!(pools.nodes[0].slots.available_permits(), 1);
+        assert_eq!(pools.nodes[0].owed.load(Ordering::Acquire), 0);
+        assert_eq!(pools.open_count(0), 0);
+        pools.reconfigure(PoolConfig {
+            max_size: 4,
+            ..PoolConfig::default()
+        });
+        assert_eq!(pools.nodes[0].slots.available_permits(), 4);
+        assert_eq!(pools.open_count(0), 0);
+    }
+}
