@@ -207,13 +207,20 @@ impl Proxy {
     }
 
     /// How to log in to `node` for a client's (user, database).
-    pub fn login_target(&self, node: NodeId, user: &str, database: &str) -> LoginTarget {
+    /// `remembered`: the password to use if a reload removed the user from the configuration.
+    pub fn login_target(
+        &self,
+        node: NodeId,
+        user: &str,
+        database: &str,
+        remembered: &str,
+    ) -> LoginTarget {
         let topology = self.topology.load();
         let node_state = &topology.nodes[node];
         let password = self
             .config()
             .user(user)
-            .and_then(|u| u.password.clone())
+            .map_or_else(|| Some(remembered.to_owned()), |u| u.password.clone())
             .unwrap_or_default();
         LoginTarget {
             node,
@@ -439,7 +446,11 @@ async fn reap_pools(proxy: Arc<Proxy>, shutdown: CancellationToken) {
             .collect();
         for node in (0..proxy.config().nodes.len()).filter(|&n| usable[n]) {
             for ((database, user), missing) in proxy.pools.idle_deficit(node) {
-                let target = proxy.login_target(node, &user, &database);
+                if proxy.config().user(&user).is_none() {
+                    // Removed by a reload: its open sessions go on, no new connections are kept.
+                    continue;
+                }
+                let target = proxy.login_target(node, &user, &database, "");
                 for _ in 0..missing {
                     if !matches!(proxy.pools.prefill(&target).await, Ok(true)) {
                         break;

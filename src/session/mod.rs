@@ -66,7 +66,7 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
     let peer = tcp.peer_addr().ok();
     let Authenticated {
         mut stream,
-        startup,
+        mut startup,
         buf: client_buf,
     } = match Box::pin(open_and_authenticate(tcp, &proxy)).await {
         Ok(Some(opened)) => opened,
@@ -88,6 +88,11 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
     };
     let span = tracing::debug_span!("session", user = %startup.user, db = %startup.database);
     let _entered = span.enter();
+    startup.password = proxy
+        .config()
+        .user(&startup.user)
+        .and_then(|u| u.password.clone())
+        .unwrap_or_default();
     let key = proxy.cancels.register();
     let application_name = startup
         .params
@@ -338,7 +343,7 @@ async fn open(
     wait: bool,
     need: Need,
 ) -> Result<Lease, OpenError> {
-    let target = proxy.login_target(node, &startup.user, &startup.database);
+    let target = proxy.login_target(node, &startup.user, &startup.database, &startup.password);
     let setup = async {
         let mut lease = if wait {
             proxy.pools.checkout(&target).await

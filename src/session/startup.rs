@@ -23,6 +23,9 @@ pub struct ClientStartup {
     pub user: String,
     /// The database (defaults to the user name, like PostgreSQL).
     pub database: String,
+    /// The user's configured password when it logged in: the session logs in to the nodes
+    /// with it should a reload remove the user (a user still configured uses its current one).
+    pub password: String,
     /// Every other parameter, to be applied on the server connection.
     pub params: Vec<(Vec<u8>, Vec<u8>)>,
 }
@@ -202,6 +205,7 @@ fn read_params<'a>(
         session: SESSIONS.fetch_add(1, Ordering::Relaxed),
         user,
         database,
+        password: String::new(),
         params: rest,
     })
 }

@@ -291,3 +291,32 @@ async fn sighup_reloads_the_configuration_of_the_running_binary() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// With transaction pooling, a removed user's open session needs new server connections: it
+/// logs in to the node with the password it had when it logged in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_users_session_opens_new_server_connections_under_transaction_pooling() {
+    let cluster = test_cluster(0);
+    let mut config = test_config(&cluster);
+    config.pool.mode = PoolMode::Transaction;
+    let file = TempConfig::new(&toml_of(&config));
+    let proxy = start_from(&file).await;
+    let md5 = conninfo(proxy.addr.port(), MD5_USER, MD5_PASSWORD);
+    let session = proxy.connect(&md5).await.expect("app_md5 logs in");
+    assert_eq!(
+        value(&session, "SELECT 1::text").await.as_deref(),
+        Some("1")
+    );
+
+    config.users.retain(|u| u.name != MD5_USER);
+    rewrite(&file, &config);
+    cli(proxy.running.admin_addr, None, &["reload"])
+        .await
+        .exits(0);
+    // No idle connection to reuse: the next transaction logs in to the node afresh.
+    proxy.running.proxy.pools.discard_idle(0);
+    assert_eq!(
+        value(&session, "SELECT current_user").await.as_deref(),
+        Some(MD5_USER)
+    );
+}
