@@ -44,10 +44,35 @@ impl Coordinator {
         };
         if !unsettled(self, &verdict) {
             self.held = None;
+            self.hinted = None;
             return Some(verdict);
         }
+        self.probe_leaders_primary().await;
         self.leave_to_leader(verdict, why);
         None
+    }
+
+    /// While the leader fails over: a new primary it shared in etcd is probed at once, so that
+    /// this instance's writes follow it without waiting for that node's next probe.
+    async fn probe_leaders_primary(&mut self) {
+        let Some(member) = self.proxy.leadership.member() else {
+            return;
+        };
+        let Ok(Some(state)) = shared::read(member).await else {
+            return;
+        };
+        let node = state
+            .primary
+            .and_then(|name| self.config().nodes.iter().position(|n| n.name == name));
+        let Some(node) = node else {
+            return;
+        };
+        if self.memory.primary == Some(node) || self.hinted == Some(node) {
+            return;
+        }
+        info!(primary = %self.name(node), leader = %state.leader, "the leader shared a new primary: probing it now");
+        self.hinted = Some(node);
+        self.proxy.nudges.nudge(node);
     }
 
     /// The primary is lost (or a promotion pending) but this instance may not act: writes wait

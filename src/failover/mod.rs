@@ -217,6 +217,9 @@ struct Coordinator {
     held: Option<String>,
     /// The leadership epoch whose shared state was last checked for a pending promotion.
     adopted: Option<i64>,
+    /// The primary the leader shared that this instance, leaving a failover to it, already
+    /// probed at once (see `gate`).
+    hinted: Option<NodeId>,
     /// Which standbys follow the primary; repoints in flight.
     followers: Followers,
     published: bool,
@@ -254,6 +257,7 @@ impl Coordinator {
             refused: None,
             held: None,
             adopted: None,
+            hinted: None,
             followers: Followers::new(nodes),
             published: false,
         }

@@ -1,7 +1,7 @@
 //! The coordinator's promotion steps: choose a standby, remember the choice, promote it, and
 //! finish (or keep waiting for) a promotion asked for earlier.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
@@ -14,6 +14,9 @@ use crate::admin::api::EventKind;
 use crate::metrics::FailoverPhase;
 use crate::replication::format_lsn;
 use crate::topology::{NodeId, Primary, Role};
+
+/// How soon a failover refused for want of a majority of the instances' views is tried again.
+const JOINT_VIEW_RETRY: Duration = Duration::from_millis(100);
 
 impl Coordinator {
     /// A promotion pgvigil asked for has not been seen to finish: that node stays the only
@@ -76,6 +79,9 @@ impl Coordinator {
         let began = Instant::now();
         if let Err(why) = self.joint_view(old).await {
             self.give_up(&verdict.roles, &verdict.suspect, why);
+            // The other instances publish their views as their probes find the primary lost:
+            // asked again at the next probe report rather than a whole interval later.
+            self.retry_at = Some(Instant::now() + JOINT_VIEW_RETRY);
             return;
         }
         warn!(
