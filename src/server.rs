@@ -169,6 +169,8 @@ pub struct ServerConn {
     pub owner: u64,
     /// Transaction pooling: the named statements prepared on it under pgvigil's names.
     pub statements: ServerStatements,
+    /// Its entry in the pools' list of open connections (SHOW SERVERS), removed when it closes.
+    pub listed: Option<crate::pool::Listed>,
 }
 
 impl ServerConn {
@@ -211,6 +213,7 @@ impl ServerConn {
             idle_since: now,
             owner: 0,
             statements: ServerStatements::default(),
+            listed: None,
         };
         conn.login(target).await?;
         Ok(conn)

@@ -61,6 +61,10 @@ pub struct Config {
     pub nodes: Vec<NodeConfig>,
     /// The users clients may log in as (`[[users]]`).
     pub users: Vec<UserConfig>,
+    /// The file this configuration was read from, which a reload reads again (none when it was
+    /// built in code).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -82,6 +86,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
+            source: None,
         }
     }
 }
@@ -420,6 +425,8 @@ pub struct UserConfig {
     pub password: Option<String>,
     /// How clients authenticate to pgvigil (default `scram-sha-256`).
     pub auth: AuthMethod,
+    /// May open the SQL console (`psql -d pgvigil`: SHOW, PAUSE, RESUME, RELOAD); default false.
+    pub admin: bool,
 }
 
 impl fmt::Debug for UserConfig {
@@ -429,6 +436,7 @@ impl fmt::Debug for UserConfig {
             .field("name", &self.name)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("auth", &self.auth)
+            .field("admin", &self.admin)
             .finish()
     }
 }
@@ -507,7 +515,9 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text)
+        let mut config = Config::parse(&text)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and validates TOML text; the only file access is checking that the TLS files are readable.
@@ -605,6 +615,7 @@ password = "app-secret"
             name: "app".to_owned(),
             password: Some("app-secret".to_owned()),
             auth: AuthMethod::ScramSha256,
+            admin: false,
         }
     }
 

@@ -75,7 +75,7 @@ async fn cancel_running(lease: &Lease, progress: &Progress, proxy: &Proxy) {
     }
     let target = lease.conn.cancel_target();
     if let Err(error) =
-        crate::cancel::send_cancel(&target, proxy.config.backend.connect_timeout).await
+        crate::cancel::send_cancel(&target, proxy.config().backend.connect_timeout).await
     {
         debug!(%error, "could not cancel the statement of a client that left");
     }

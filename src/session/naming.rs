@@ -272,7 +272,7 @@ pub fn name_statement(
             let key = replay.statement_key(after_name);
             let mut id = proxy.statements.id_for(&key);
             let class = match Parse::parse(&frame[5..]) {
-                Ok(parse) => classify(parse.sql, &proxy.functions),
+                Ok(parse) => classify(parse.sql, &proxy.functions.load()),
                 Err(_) => {
                     replay.naming.sent_unnamed();
                     return Outgoing::AsIs;

@@ -154,7 +154,7 @@ pub async fn answer_deallocate(
 /// Reads the client's next unit while the session has no connection to its current node, and
 /// returns where it goes (never `Forward`: the steering routes a detached session afresh).
 pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: &Proxy) -> Stop {
-    let max_message = proxy.config.max_message_size;
+    let max_message = proxy.config().max_message_size;
     if let Err(end) = flush(client).await {
         return Stop::End(end);
     }

@@ -150,7 +150,7 @@ pub async fn relay(
     changes: &mut watch::Receiver<u64>,
     proxy: &Proxy,
 ) -> Stop {
-    let max_message = proxy.config.max_message_size;
+    let max_message = proxy.config().max_message_size;
     let node = server.node;
     if let Some(role) = unusable(proxy, node) {
         return lost(LossCause::Unusable(role), None);
@@ -213,7 +213,7 @@ pub async fn relay(
     loop {
         steering.encoding_safe = server_state.encoding_safe;
         if progress.is_quiet() {
-            steering.unit_done(proxy);
+            steering.unit_done(proxy, *server_state.tx != TxStatus::Idle);
             let idle = *server_state.tx == TxStatus::Idle && server_in.is_empty();
             if idle && !terminated && to_server.is_empty() && releasable(proxy, steering) {
                 // A unit that waits is routed afresh once the session has no connection.
@@ -281,7 +281,8 @@ pub async fn relay(
             read = client_read.read_buf(client_in), if !held && !terminated && to_server.len() < HIGH_WATER => {
                 match read {
                     Ok(0) | Err(_) => return Stop::End(RelayEnd::ClientGone),
-                    Ok(_) => {
+                    Ok(n) => {
+                        steering.received(n);
                         let mut scan = ClientScan { max_message, proxy, terminated: &mut terminated, statements, to_client };
                         match scan.scan(client_in, &mut to_server, progress, steering, *server_state.tx) {
                             Err(end) => return Stop::End(end),
@@ -298,7 +299,8 @@ pub async fn relay(
                 match read {
                     Ok(0) => return server_lost(LossCause::Closed, &mut server_state),
                     Err(e) => return server_lost(LossCause::Io(e), &mut server_state),
-                    Ok(_) => {
+                    Ok(n) => {
+                        steering.sent(n);
                         if server_state.scan(server_in, to_client, max_message, progress, &mut steering.replay, statements).is_err() {
                             return server_lost(LossCause::Garbled, &mut server_state);
                         }
@@ -313,7 +315,7 @@ pub async fn relay(
 /// transaction block, with nothing more from the server (a notice, a notification): yes unless
 /// the session is pinned to it.
 pub fn releasable(proxy: &Proxy, steering: &Steering) -> bool {
-    proxy.config.pool.mode == PoolMode::Transaction && steering.replay.pinned().is_none()
+    proxy.config().pool.mode == PoolMode::Transaction && steering.replay.pinned().is_none()
 }
 
 /// Moves client messages to the server side, routing each new unit.
@@ -371,7 +373,7 @@ impl ClientScan<'_> {
                     | frontend::tag::CLOSE
             );
             let outgoing =
-                if names_statement && self.proxy.config.pool.mode == PoolMode::Transaction {
+                if names_statement && self.proxy.config().pool.mode == PoolMode::Transaction {
                     let server = OnServer {
                         statements: &mut *self.statements,
                         fresh,

@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::aborted::{self, LostTransaction};
 use super::finish::{finish, flush_client};
+use super::hold;
 use super::loss::{self, Aftermath};
 use super::recover::{self, Failure};
 use super::relay::{self, ClientConn, Loss, LossCause, Progress, RelayEnd, Stop};
@@ -90,10 +91,10 @@ impl<'a> Session<'a> {
             .params
             .get(b"client_encoding")
             .is_none_or(encoding_is_safe);
-        let mut held = Held::new(proxy.config.nodes.len());
+        let mut held = Held::new(proxy.config().nodes.len());
         held.leases[first] = Some(Box::new(lease));
-        let mut steering = Steering::new(proxy.config.nodes.len(), first, encoding_safe);
-        if proxy.config.pool.mode == PoolMode::Transaction {
+        let mut steering = Steering::new(proxy.config().nodes.len(), first, encoding_safe);
+        if proxy.config().pool.mode == PoolMode::Transaction {
             steering.replay.set_context(startup.context());
         }
         Session {
@@ -127,7 +128,7 @@ pub(super) async fn serve(mut session: Session<'_>) {
             RelayEnd::ClientGone
         }
     };
-    session.steering.unit_done(proxy);
+    session.steering.unit_done(proxy, false);
     key.set_target(None);
     debug!(?end, "session ended");
     Box::pin(finish(
@@ -226,7 +227,7 @@ impl Session<'_> {
         // Settings still unanswered died with the connection: they must not count as a
         // setting of unknown outcome when the unit is closed.
         self.steering.replay.settings.lost();
-        self.steering.unit_done(self.proxy);
+        self.steering.unit_done(self.proxy, false);
         self.key.set_target(None);
         let fatal = loss.fatal.as_ref();
         if loss::terminated_by_admin(fatal, &loss.cause, node, self.startup, self.proxy).await {
@@ -292,7 +293,7 @@ impl Session<'_> {
             code,
             message: &message,
         };
-        let max_message = self.proxy.config.max_message_size;
+        let max_message = self.proxy.config().max_message_size;
         recover::answer_lost(
             &mut self.client,
             &mut self.progress,
@@ -339,11 +340,14 @@ impl Session<'_> {
                 let status = self.held.leases[self.steering.current]
                     .as_ref()
                     .map_or(TxStatus::Idle, |lease| lease.conn.tx);
-                let max = self.proxy.config.max_message_size;
+                let max = self.proxy.config().max_message_size;
                 recover::answer_deallocate(&mut self.client, &mut self.steering, status, max)
                     .await
                     .map_err(ended)
             }
+            Decision::Hold => hold::hold(&mut self.client, self.key, self.proxy)
+                .await
+                .map_err(ended),
             Decision::Forward | Decision::Wait => Ok(()),
         }
     }
@@ -390,12 +394,13 @@ impl Session<'_> {
         let mut wait = match std::mem::replace(&mut self.place, Place::Attached) {
             Place::WaitingForPrimary(wait) if wait.units == units => wait,
             _ => PrimaryWait {
-                until: Instant::now() + self.proxy.config.failover.wait_timeout,
+                until: Instant::now() + self.proxy.config().failover.wait_timeout,
                 units,
                 cancels: self.key.cancels(),
             },
         };
         self.steering.reroute();
+        let _waiting = hold::Waiting::set(self.key);
         let until = wait.until;
         let pause = until.min(Instant::now() + PRIMARY_RETRY);
         let mut cancelled = wait.cancels.has_changed().unwrap_or(false);
@@ -414,7 +419,7 @@ impl Session<'_> {
                 _ = tokio::time::sleep_until(pause) => {}
             }
         }
-        let max_message = self.proxy.config.max_message_size;
+        let max_message = self.proxy.config().max_message_size;
         if cancelled {
             info!("a unit waiting for a primary was cancelled by the client");
             let failure = Failure {
@@ -447,7 +452,7 @@ impl Session<'_> {
     /// Transaction pooling: a session between units that holds no connection to the primary
     /// takes one to read its write position; returns the primary when it did.
     async fn borrow_primary(&mut self) -> Option<NodeId> {
-        if self.proxy.config.pool.mode != PoolMode::Transaction {
+        if self.proxy.config().pool.mode != PoolMode::Transaction {
             return None;
         }
         let Primary::Known(primary) = self.proxy.topology.load().primary.clone() else {

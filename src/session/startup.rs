@@ -23,6 +23,9 @@ pub struct ClientStartup {
     pub user: String,
     /// The database (defaults to the user name, like PostgreSQL).
     pub database: String,
+    /// The user's configured password when it logged in: the session logs in to the nodes
+    /// with it should a reload remove the user (a user still configured uses its current one).
+    pub password: String,
     /// Every other parameter, to be applied on the server connection.
     pub params: Vec<(Vec<u8>, Vec<u8>)>,
 }
@@ -139,7 +142,7 @@ async fn next_step(
                 encode::negotiate_protocol_version(&mut out, u32::from(NEWEST_MINOR), &names);
                 stream.write_all(&out).await?;
             }
-            if proxy.config.tls.mode == TlsMode::Require && !stream.is_tls() {
+            if proxy.config().tls.mode == TlsMode::Require && !stream.is_tls() {
                 return Err(SessionError::Refused {
                     code: sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                     message: "pgvigil requires TLS (tls.mode = \"require\"): connect with sslmode=require".into(),
@@ -223,6 +226,7 @@ fn read_params<'a>(
         session: SESSIONS.fetch_add(1, Ordering::Relaxed),
         user,
         database,
+        password: String::new(),
         params: rest,
     })
 }

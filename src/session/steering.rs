@@ -24,7 +24,8 @@ use super::route::{self, Routed, SessionPolicy, Snapshot, Writes};
 use super::settings::{self, Effect};
 use super::unit::{self, UnitFacts};
 use crate::config::PoolMode;
-use crate::metrics::UnitKind;
+use crate::metrics::{Bytes, UnitKind};
+use crate::pause::{InFlight, Traffic};
 use crate::proxy::Proxy;
 use crate::router::{self, Route};
 use crate::topology::NodeId;
@@ -46,6 +47,8 @@ pub enum Decision {
     /// answered by pgvigil once the server has answered everything before it (the statements
     /// on the nodes are shared with other sessions and stay).
     Deallocate,
+    /// pgvigil is paused: it begins no transaction until RESUME.
+    Hold,
 }
 
 /// Routing state of one session.
@@ -86,6 +89,10 @@ pub struct Steering {
     detached: bool,
     /// Units begun so far (tells a unit that waits apart from the next one).
     units: u64,
+    /// The session is running a unit or inside a transaction block (counted for PAUSE).
+    in_flight: Option<InFlight>,
+    /// Bytes moved since the last unit was counted (flushed to the metrics per unit).
+    bytes: Bytes,
 }
 
 impl Steering {
@@ -109,7 +116,19 @@ impl Steering {
             avoided: 0,
             detached: false,
             units: 0,
+            in_flight: None,
+            bytes: Bytes::default(),
         }
+    }
+
+    /// `n` bytes came from the client.
+    pub fn received(&mut self, n: usize) {
+        self.bytes.received += n as u64;
+    }
+
+    /// `n` bytes came from the server, for the client.
+    pub fn sent(&mut self, n: usize) {
+        self.bytes.sent += n as u64;
     }
 
     /// Decides where the unit at the start of `input` goes. `in_transaction`: the current
@@ -119,13 +138,22 @@ impl Steering {
             self.begin_unit(proxy);
             return Decision::Forward;
         }
-        let max = proxy.config.max_message_size;
-        let facts = unit::inspect(input, max, &proxy.functions, self.replay.statements());
+        let max = proxy.config().max_message_size;
+        let facts = unit::inspect(
+            input,
+            max,
+            &proxy.functions.load(),
+            self.replay.statements(),
+        );
         if !facts.complete {
             return Decision::Wait;
         }
         if self.deallocates_own(input, proxy) {
             return Decision::Deallocate;
+        }
+        if !in_transaction && facts.has_statement && proxy.pause.traffic() == Traffic::Paused {
+            // PgBouncer's PAUSE: what runs finishes, nothing new begins.
+            return Decision::Hold;
         }
         self.unit = facts;
         self.unit_in_transaction = in_transaction || facts.begin.is_some();
@@ -195,7 +223,7 @@ impl Steering {
         input: &[u8],
         proxy: &Proxy,
     ) -> Result<Route, Decision> {
-        let max = proxy.config.max_message_size;
+        let max = proxy.config().max_message_size;
         let prefer = self
             .prepared_on
             .filter(|&node| facts.named_refs && !self.misses_statements(input, node, max));
@@ -213,8 +241,8 @@ impl Steering {
         let snapshot = Snapshot {
             topology: &topology,
             replication: &replication,
-            routing: &proxy.config.routing,
-            nodes: &proxy.config.nodes,
+            routing: &proxy.config().routing,
+            nodes: &proxy.config().nodes,
             balancer: &proxy.balancer,
         };
         match route::route_unit(facts, &policy, &snapshot) {
@@ -231,10 +259,10 @@ impl Steering {
     /// statement the session prepared through the protocol, or of all of them when the session
     /// prepared none with SQL PREPARE on its (pinned) connection.
     fn deallocates_own(&self, input: &[u8], proxy: &Proxy) -> bool {
-        if proxy.config.pool.mode != PoolMode::Transaction {
+        if proxy.config().pool.mode != PoolMode::Transaction {
             return false;
         }
-        let max = proxy.config.max_message_size;
+        let max = proxy.config().max_message_size;
         let Ok(Some(message)) = next_message(input, max) else {
             return false;
         };
@@ -258,6 +286,9 @@ impl Steering {
 
     /// The unit decided last is being forwarded to `current`: apply what it does to the session.
     fn begin_unit(&mut self, proxy: &Proxy) {
+        if self.in_flight.is_none() {
+            self.in_flight = Some(InFlight::enter(&proxy.pause));
+        }
         self.waiting_route = None;
         self.units += 1;
         self.prepared_on = (self.unit.parses_named && !self.unit.executes).then_some(self.current);
@@ -328,7 +359,7 @@ impl Steering {
                 let Ok(query) = Query::parse(body) else {
                     return;
                 };
-                if proxy.config.pool.mode == PoolMode::Transaction
+                if proxy.config().pool.mode == PoolMode::Transaction
                     && matches!(
                         naming::sql_drop(query.sql),
                         Some(SqlDrop::DeallocateAll | SqlDrop::DiscardAll)
@@ -340,7 +371,7 @@ impl Steering {
                     let u = &self.unit;
                     (u.session_state, u.query_statements, u.reason, u.hint)
                 } else {
-                    let class = classify(query.sql, &proxy.functions);
+                    let class = classify(query.sql, &proxy.functions.load());
                     self.uncovered(&class);
                     (
                         class.session_state,
@@ -401,7 +432,7 @@ impl Steering {
             (true, true, Some(class)) if !self.unit.session_state => Some(class),
             _ => None,
         };
-        let class = known.unwrap_or_else(|| classify(parse.sql, &proxy.functions));
+        let class = known.unwrap_or_else(|| classify(parse.sql, &proxy.functions.load()));
         if !covered {
             self.uncovered(&class);
         }
@@ -411,7 +442,7 @@ impl Steering {
         self.note_effects(parse.sql, class.reason, class.hint, false);
         if parse.name.is_empty() {
             self.replay.parsed_unnamed(self.current, class);
-        } else if proxy.config.pool.mode == PoolMode::Session {
+        } else if proxy.config().pool.mode == PoolMode::Session {
             self.replay
                 .parsed_named(parse.name, frame, class, self.current);
         }
@@ -471,12 +502,20 @@ impl Steering {
         self.replay.pin(reason);
     }
 
-    /// The session ran its last unit (the node answered everything): the balancer stops counting it.
-    pub fn unit_done(&mut self, proxy: &Proxy) {
+    /// The session ran its last unit (the node answered everything): the balancer stops counting
+    /// it, and outside a transaction block (`in_transaction` false) the session is no longer in
+    /// flight.
+    pub fn unit_done(&mut self, proxy: &Proxy, in_transaction: bool) {
+        if !in_transaction {
+            self.in_flight = None;
+        }
         if let Some((began, kind)) = self.running.take() {
             proxy.balancer.finished(self.current);
-            proxy.metrics.unit_done(self.current, kind, began.elapsed());
-            if let (UnitKind::Write, Some(node)) = (kind, proxy.config.nodes.get(self.current)) {
+            let bytes = std::mem::take(&mut self.bytes);
+            proxy
+                .metrics
+                .unit_done(self.current, kind, began.elapsed(), bytes);
+            if let (UnitKind::Write, Some(node)) = (kind, proxy.config().nodes.get(self.current)) {
                 proxy.events.wrote(self.current, &node.name);
             }
         }

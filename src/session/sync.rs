@@ -90,14 +90,14 @@ pub async fn sync(
     if held.leases[node].is_none() {
         // A read can go elsewhere: it does not wait long for a node that hangs. Under
         // transaction pooling a session holds no other connection: it waits for a slot.
-        let wait_for_slot = proxy.config.pool.mode == PoolMode::Transaction;
+        let wait_for_slot = proxy.config().pool.mode == PoolMode::Transaction;
         let lease = if need == Need::Primary || wait_for_slot {
             open(proxy, node, startup, true, need).await?
         } else {
             open_within(proxy, node, startup, false, need).await?
         };
         replay.fresh_connection(node);
-        if proxy.config.pool.mode == PoolMode::Transaction {
+        if proxy.config().pool.mode == PoolMode::Transaction {
             // A pooled connection may have the session's statements already.
             replay.adopt(node, &lease.conn.statements);
         }
@@ -163,16 +163,16 @@ async fn catch_up(
         skip_rejection(conn.exchange(&mut out).await)?;
     }
     replay.caught_up(node);
-    let max = proxy.config.max_message_size;
+    let max = proxy.config().max_message_size;
     let missing = replay.missing_statements(input, node, max);
-    let shared = proxy.config.pool.mode == PoolMode::Transaction;
+    let shared = proxy.config().pool.mode == PoolMode::Transaction;
     if shared {
         if discarded {
             // A replayed DISCARD ALL dropped every statement there, other sessions' too.
             conn.statements.clear();
         }
         let keep = proxy
-            .config
+            .config()
             .pool
             .max_prepared_statements
             .saturating_sub(missing.len());
