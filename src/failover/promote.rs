@@ -35,26 +35,26 @@ impl Coordinator {
             return;
         }
         let began = Instant::now();
-        let outcome = match actions::pending(self.config(), node, &promotion.postmaster_start).await
-        {
-            Ok(Pending::LeftRecovery(timeline)) => Ok(timeline),
-            Ok(Pending::Withdrawn) => {
-                warn!(
-                    standby = %self.name(node),
-                    "the standby asked to promote restarted and is still in recovery: the \
-                     request is withdrawn; choosing again"
-                );
-                self.memory.promoting = None;
-                let old = promotion.old_primary;
-                self.fail_over(old, verdict).await;
-                return;
-            }
-            Ok(Pending::InRecovery) => {
-                info!(standby = %self.name(node), "asking the same standby to promote again");
-                actions::promote(self.config(), node).await
-            }
-            Err(e) => Err(e),
-        };
+        let outcome =
+            match actions::pending(&self.config(), node, &promotion.postmaster_start).await {
+                Ok(Pending::LeftRecovery(timeline)) => Ok(timeline),
+                Ok(Pending::Withdrawn) => {
+                    warn!(
+                        standby = %self.name(node),
+                        "the standby asked to promote restarted and is still in recovery: the \
+                         request is withdrawn; choosing again"
+                    );
+                    self.memory.promoting = None;
+                    let old = promotion.old_primary;
+                    self.fail_over(old, verdict).await;
+                    return;
+                }
+                Ok(Pending::InRecovery) => {
+                    info!(standby = %self.name(node), "asking the same standby to promote again");
+                    actions::promote(&self.config(), node).await
+                }
+                Err(e) => Err(e),
+            };
         match outcome {
             Ok(timeline) => {
                 info!(standby = %self.name(node), timeline, took = ?began.elapsed(), "promoted");
@@ -91,7 +91,7 @@ impl Coordinator {
         );
         self.events.push(
             EventKind::Detected,
-            Some(self.name(old)),
+            Some(self.name(old).as_str()),
             "primary lost: no answer to its probes and no standby receives WAL from it",
         );
         let roles = verdict.roles;
@@ -105,7 +105,7 @@ impl Coordinator {
             Choice::Promote(promotion) => {
                 self.events.push(
                     EventKind::Decided,
-                    Some(self.name(promotion.node)),
+                    Some(self.name(promotion.node).as_str()),
                     format!("chosen to replace {}", self.name(old)),
                 );
                 (promotion, Instant::now())
@@ -158,7 +158,7 @@ impl Coordinator {
         self.save(self.publisher.snapshot().generation);
         self.publish(&roles, suspect, Primary::Unavailable(asked));
         let step = Instant::now();
-        let timeline = match actions::promote(self.config(), new).await {
+        let timeline = match actions::promote(&self.config(), new).await {
             Ok(timeline) => timeline,
             Err(e) => {
                 error!(standby = %self.name(new), error = %e, took = ?step.elapsed(), "promotion did not finish in time; no other standby is asked while it still may");
@@ -197,7 +197,7 @@ impl Coordinator {
         self.events.await_first_write(new);
         self.events.push(
             EventKind::Promoted,
-            Some(self.name(new)),
+            Some(self.name(new).as_str()),
             format!(
                 "promoted in place of {} on timeline {timeline}",
                 self.name(old)
@@ -235,7 +235,7 @@ impl Coordinator {
             .collect();
         if self.may_act().is_ok() {
             self.followers.repoint(
-                &self.proxy.config,
+                &self.proxy.config(),
                 &standbys,
                 new,
                 timeline,
@@ -260,7 +260,7 @@ impl Coordinator {
     ) -> Choice {
         let step = Instant::now();
         let readings = self.read_candidates(old, roles, unreadable).await;
-        let choice = choose(self.config(), &self.board, old, &readings);
+        let choice = choose(&self.config(), &self.board, old, &readings);
         info!(
             readings = ?readings
                 .iter()
@@ -295,7 +295,7 @@ impl Coordinator {
             }
             match roles[node] {
                 Role::Standby => {
-                    let config = self.proxy.config.clone();
+                    let config = self.proxy.config().clone();
                     reads.spawn(async move { (node, actions::position(&config, node).await) });
                 }
                 Role::Primary | Role::Fenced | Role::Detached => {}
