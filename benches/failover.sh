@@ -410,6 +410,8 @@ follow_primary_command = ''
 use_watchdog = off
 memory_cache_enabled = off
 EOF
+        # A script sourcing this one may add settings (later ones win) and files in $p.
+        if declare -F pgpool_extra_setup >/dev/null; then pgpool_extra_setup "$dir"; fi
         i=0
         for name in "${NODE_NAMES[@]}"; do
             cat <<EOF
@@ -425,7 +427,7 @@ EOF
     } >"$p/pgpool.conf"
     printf 'local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n' >"$p/pool_hba.conf"
     printf '%s:TEXT%s\n' "$APP_USER" "$APP_PASSWORD" >"$p/pool_passwd"
-    : >"$p/pcp.conf"
+    [[ -e $p/pcp.conf ]] || : >"$p/pcp.conf"
     chown -R "$SERVER_USER": "$p"
     chmod 0600 "$p/pool_passwd"
     "${AS_SERVER_USER[@]}" "$PGPOOL" -n -D -f "$p/pgpool.conf" -a "$p/pool_hba.conf" -F "$p/pcp.conf" \
@@ -673,4 +675,5 @@ main() {
     report
 }
 
-main "$@"
+# Sourced (by benches/switchover.sh) for its functions only.
+[[ ${BASH_SOURCE[0]} != "$0" ]] || main "$@"
