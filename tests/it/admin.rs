@@ -17,7 +17,9 @@ use crate::cli::{listening_port, pgvigil, TempConfig};
 use crate::failover::{fast_health, other_standby, Scene, OLD_PRIMARY, PATIENCE, STANDBYS};
 use crate::failover_safety::{promote_signal_file, signal, startup_process};
 use crate::routing::until;
-use crate::support::{eventually, in_recovery, start_proxy, test_cluster, TestProxy};
+use crate::support::{
+    eventually, in_recovery, node_psql, start_proxy, test_cluster, LocalCluster, TestProxy,
+};
 
 /// The token the tests that need one set.
 const TOKEN: &str = "admin-test-token";
@@ -348,6 +350,20 @@ async fn every_verb_answers_json_with_its_exit_code_and_detach_takes_a_node_out_
     assert!(gone.stderr.contains("cannot reach"), "{}", gone.stderr);
 }
 
+/// Waits until both standbys have received and replayed all the WAL the primary has written.
+fn standbys_caught_up(cluster: &LocalCluster) {
+    eventually(PATIENCE, "both standbys hold all the primary's WAL", || {
+        let primary = node_psql(cluster, 0, "SELECT pg_current_wal_lsn()");
+        (1..=2).all(|n| {
+            node_psql(
+                cluster,
+                n,
+                "SELECT pg_last_wal_receive_lsn() || ' ' || pg_last_wal_replay_lsn()",
+            ) == format!("{primary} {primary}")
+        })
+    });
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn promote_dry_run_names_the_standby_the_next_failover_promotes_and_unfence_clears_its_fence()
 {
@@ -361,6 +377,9 @@ async fn promote_dry_run_names_the_standby_the_next_failover_promotes_and_unfenc
     .await;
     settled(&proxy).await;
     let admin = proxy.running.admin_addr;
+    // On a loaded machine one standby may not have received the primary's last background WAL
+    // yet (it would then rightly lose against the other, whatever the priority).
+    standbys_caught_up(&cluster);
     let dry: Done = cli(admin, None, &["promote", "pg2", "--dry-run", "--json"])
         .await
         .exits(0)
@@ -377,6 +396,7 @@ async fn promote_dry_run_names_the_standby_the_next_failover_promotes_and_unfenc
         "a dry run promoted"
     );
 
+    standbys_caught_up(&cluster);
     cluster.node_mut(OLD_PRIMARY).kill9();
     eventually(
         PATIENCE,
