@@ -3,12 +3,15 @@
 //! valid. Followers route from what they observe and leave failovers to the leader; the state
 //! the coordinator saves is also handed to the etcd writer (see `crate::cluster`).
 
+use std::time::Instant;
+
 use tracing::{info, warn};
 
 use super::choose::Promotion;
 use super::{assess, promotion_from, Assessment, Coordinator};
 use crate::cluster::shared::{self, SharedState};
 use crate::cluster::views::{self, InstanceView};
+use crate::cluster::Standing;
 use crate::state::State;
 use crate::topology::{NodeId, Primary};
 
@@ -23,6 +26,7 @@ impl Coordinator {
     /// again once a pending promotion changed hands), or None when this instance leaves the
     /// matter to the leader (clients are told why).
     pub(super) async fn pass_gate(&mut self, verdict: Assessment) -> Option<Assessment> {
+        self.follow_leaders_fences().await;
         let unsettled =
             |c: &Coordinator, v: &Assessment| c.memory.promoting.is_some() || v.lost.is_some();
         if !unsettled(self, &verdict) {
@@ -50,6 +54,43 @@ impl Coordinator {
         self.probe_leaders_primary().await;
         self.leave_to_leader(verdict, why);
         None
+    }
+
+    /// Following a leader: its fences, as it shared them in etcd, become this instance's (read at
+    /// most once per `health.interval`), so that a node the leader fenced gets nothing routed
+    /// here either, and one it failed back or unfenced is used again.
+    async fn follow_leaders_fences(&mut self) {
+        let Standing::Follower {
+            leader: Some(leader),
+            ..
+        } = self.proxy.leadership.standing()
+        else {
+            return;
+        };
+        let interval = self.config().health.interval;
+        if self.fences_read.is_some_and(|at| at.elapsed() < interval) {
+            return;
+        }
+        let Some(member) = self.proxy.leadership.member() else {
+            return;
+        };
+        self.fences_read = Some(Instant::now());
+        let Ok(Some(state)) = shared::read(member).await else {
+            return;
+        };
+        if state.leader != leader {
+            return;
+        }
+        for node in 0..self.memory.fenced.len() {
+            let fenced = state.fenced.iter().any(|name| *name == self.name(node));
+            if fenced && !self.memory.fenced[node] {
+                self.fence(node, format!("fenced by the leading instance {leader}"));
+            } else if !fenced && self.memory.fenced[node] {
+                info!(node = %self.name(node), %leader, "the leading instance lifted the fence");
+                self.memory.fenced[node] = false;
+                self.fence_reasons[node] = None;
+            }
+        }
     }
 
     /// While the leader fails over: a new primary it shared in etcd is probed at once, so that

@@ -220,6 +220,8 @@ struct Coordinator {
     /// The primary the leader shared that this instance, leaving a failover to it, already
     /// probed at once (see `gate`).
     hinted: Option<NodeId>,
+    /// When this instance, following a leader, last took the fences from the shared state.
+    fences_read: Option<Instant>,
     /// Which standbys follow the primary; repoints in flight.
     followers: Followers,
     published: bool,
@@ -258,6 +260,7 @@ impl Coordinator {
             held: None,
             adopted: None,
             hinted: None,
+            fences_read: None,
             followers: Followers::new(nodes),
             published: false,
         }

@@ -234,6 +234,29 @@ impl Instances {
         promoted[0]
     }
 
+    /// Waits until every instance's status shows `node` fenced (or not, as `fenced` says).
+    async fn fence_shown_everywhere(&self, node: usize, fenced: bool) {
+        for running in self.proxies.iter().map(|p| &p.running) {
+            let give_up = Instant::now() + PATIENCE;
+            loop {
+                let status: Status = cli(running.admin_addr, None, &["status", "--json"])
+                    .await
+                    .exits(0)
+                    .json();
+                if status.nodes[node].fenced.is_some() == fenced {
+                    break;
+                }
+                assert!(
+                    Instant::now() < give_up,
+                    "{} shows {:?}",
+                    running.admin_addr,
+                    status.nodes[node]
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
     /// The timeline node `node` writes on.
     fn timeline(&self, node: usize) -> u32 {
         let text = node_psql(
@@ -325,6 +348,23 @@ async fn after_kill9_of_the_primary_with_three_instances_exactly_one_promotes_an
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+
+    // The followers take the leader's fences: the old primary, fenced everywhere, is unfenced
+    // everywhere once the leader lifts its fence (asked through a follower).
+    scene.fence_shown_everywhere(OLD_PRIMARY, true).await;
+    let follower = (0..scene.proxies.len())
+        .find(|i| !leaders.contains(i))
+        .unwrap();
+    let done: Done = cli(
+        scene.proxies[follower].running.admin_addr,
+        None,
+        &["unfence", &name(OLD_PRIMARY), "--json"],
+    )
+    .await
+    .exits(0)
+    .json();
+    assert!(done.message.contains("unfenced"), "{done:?}");
+    scene.fence_shown_everywhere(OLD_PRIMARY, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
