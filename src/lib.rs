@@ -4,6 +4,7 @@
 //! connections, and sends their work to the node the topology says is right.
 
 pub mod admin;
+pub mod agent;
 pub mod auth;
 pub mod balance;
 pub mod cancel;
@@ -13,6 +14,7 @@ pub mod demo;
 pub mod events;
 pub mod failover;
 pub mod health;
+pub mod http_client;
 pub mod listener;
 pub mod local_cluster;
 pub mod metrics;

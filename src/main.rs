@@ -103,6 +103,10 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Run beside one PostgreSQL server and expose its control (status, stop, start, rewind,
+    /// reclone, make-standby) over HTTP with a token, for pgvigil's `agent` node control; with
+    /// --init, create the cluster in an empty data directory, start it, and stop it on exit.
+    Agent(pgvigil::agent::Options),
 }
 
 /// How the admin commands reach pgvigil. Exit codes: 0 done, 1 refused (with the reason and
@@ -180,6 +184,23 @@ fn main() -> ExitCode {
         }
         Command::Unfence { node, admin } => {
             runtime.block_on(command(admin, api::Command::Unfence(node)))
+        }
+        Command::Agent(options) => runtime.block_on(agent(options)),
+    }
+}
+
+/// `pgvigil agent`: exit 0 after a requested stop, 2 for unusable options, 1 otherwise.
+async fn agent(options: pgvigil::agent::Options) -> ExitCode {
+    use pgvigil::agent::AgentError;
+    match pgvigil::agent::run(options).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("pgvigil agent: {e}");
+            match e {
+                AgentError::Usage(_) | AgentError::NoToken(_) => ExitCode::from(USAGE),
+                AgentError::Bind { .. } | AgentError::Init(_) => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -1,20 +1,10 @@
 //! The CLI's side of the admin API: one HTTP/1.1 request per command.
 
-use std::time::Duration;
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::header::{AUTHORIZATION, HOST};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, StatusCode};
 use serde::de::DeserializeOwned;
-use tokio::net::TcpStream;
 
 use super::api::{Command, Done, Refusal, Status};
-
-/// How long the CLI waits for pgvigil to connect; a command itself may take as long as a
-/// failover it waits for, so answers are not bounded here.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::http_client::Endpoint;
 
 /// Why the CLI got no usable answer.
 #[derive(Debug, thiserror::Error)]
@@ -42,32 +32,18 @@ pub enum ClientError {
     },
 }
 
-/// Where the admin API is and the token to show it.
+/// Where the admin API is and the token to show it. A command may take as long as a failover
+/// it waits for, so answers are not bounded in time.
 pub struct Admin {
-    url: String,
-    host: String,
-    port: u16,
+    endpoint: Endpoint,
     token: Option<String>,
 }
 
 impl Admin {
     /// The API at `url` (`http://HOST:PORT`), with `token` if given.
     pub fn new(url: &str, token: Option<String>) -> Result<Admin, ClientError> {
-        let bad = || ClientError::BadUrl(url.to_owned());
-        let rest = url.strip_prefix("http://").ok_or_else(bad)?;
-        let authority = rest.trim_end_matches('/');
-        let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
-        let port = port.parse().map_err(|_| bad())?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains('/') {
-            return Err(bad());
-        }
-        Ok(Admin {
-            url: url.trim_end_matches('/').to_owned(),
-            host: host.to_owned(),
-            port,
-            token,
-        })
+        let endpoint = Endpoint::parse(url).ok_or_else(|| ClientError::BadUrl(url.to_owned()))?;
+        Ok(Admin { endpoint, token })
     }
 
     /// `GET /status`; a refusal (wrong token) comes back as `Err` inside.
@@ -109,42 +85,17 @@ impl Admin {
         method: Method,
         path: &str,
     ) -> Result<Result<T, Refusal>, ClientError> {
-        let unreachable = |reason: String| ClientError::Unreachable {
-            url: self.url.clone(),
-            reason,
-        };
-        let connect = TcpStream::connect((self.host.as_str(), self.port));
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        let url = self.endpoint.url();
+        let (code, body) = self
+            .endpoint
+            .request(method, path, self.token.as_deref(), None)
             .await
-            .map_err(|_| unreachable(format!("no connection within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| unreachable(e.to_string()))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        tokio::spawn(connection);
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(HOST, format!("{}:{}", self.host, self.port));
-        if let Some(token) = &self.token {
-            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let request = request
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| unreachable(e.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let code = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .to_bytes();
+            .map_err(|reason| ClientError::Unreachable {
+                url: url.to_owned(),
+                reason,
+            })?;
         let unexpected = || ClientError::Unexpected {
-            url: self.url.clone(),
+            url: url.to_owned(),
             code: code.as_u16(),
             body: String::from_utf8_lossy(&body).into_owned(),
         };
@@ -156,28 +107,6 @@ impl Admin {
             serde_json::from_slice(&body)
                 .map(Err)
                 .map_err(|_| unexpected())
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn admin_urls_are_http_host_and_port() {
-        let admin = Admin::new("http://127.0.0.1:9998/", None).map_err(|e| e.to_string());
-        assert!(matches!(&admin, Ok(a) if a.host == "127.0.0.1" && a.port == 9998));
-        let v6 = Admin::new("http://[::1]:9998", None).map_err(|e| e.to_string());
-        assert!(matches!(&v6, Ok(a) if a.host == "::1"));
-        for bad in [
-            "127.0.0.1:9998",
-            "https://h:1",
-            "http://h",
-            "http://:1",
-            "http://h:x",
-        ] {
-            assert!(Admin::new(bad, None).is_err(), "{bad}");
         }
     }
 }

@@ -11,7 +11,7 @@ mod replication;
 mod validate;
 
 pub use admin::{AdminConfig, TOKEN_ENV};
-pub use node_control::{ControlDriver, NodeControlConfig};
+pub use node_control::{ControlDriver, NodeControlConfig, AGENT_TOKEN_ENV};
 
 use std::fmt;
 use std::io;

@@ -249,7 +249,7 @@ fn check_nodes(config: &Config, problems: &mut Vec<Problem>) {
     for (i, node) in config.nodes.iter().enumerate() {
         let key = |field: &str| format!("nodes[{i}].{field}");
         if let Some(control) = &node.control {
-            super::node_control::check(i, control, problems);
+            super::node_control::check(i, &node.name, control, problems);
         }
         if node.name.is_empty() {
             problems.push(Problem::new(key("name"), "missing"));

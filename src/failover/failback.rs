@@ -51,7 +51,7 @@ impl Coordinator {
             return Err(Refusal::new(
                 format!("{name} has no node control configured"),
                 format!(
-                    "add a [nodes.control] section (driver = \"local\", data_dir) for {name} and \
+                    "add a [nodes.control] section (driver local, agent or command) for {name} and \
                      restart pgvigil, or rewind it by hand then `pgvigil unfence {name}`"
                 ),
             ));
@@ -64,7 +64,7 @@ impl Coordinator {
             Some(&name),
             format!("failback started ({mode} from {})", self.name(primary)),
         );
-        let driver = Driver::new(&control);
+        let driver = Driver::new(&self.config().nodes[node], &control);
         match self
             .failback_steps(node, primary, &driver, reclone, control.timeout)
             .await

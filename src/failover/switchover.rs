@@ -79,7 +79,7 @@ impl Coordinator {
             },
         };
         let new_name = self.name(target).to_owned();
-        let driver = Driver::new(&control);
+        let driver = Driver::new(&self.config().nodes[old], &control);
         let held = Instant::now();
         self.publish(
             &verdict.roles,

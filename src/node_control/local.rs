@@ -35,9 +35,11 @@ pub struct Local {
 
 /// Who runs the tools: the data directory's owner, when we are root and it is someone else.
 #[derive(Debug, Clone, Copy)]
-struct Owner {
-    uid: u32,
-    gid: u32,
+pub(crate) struct Owner {
+    /// User id.
+    pub(crate) uid: u32,
+    /// Group id.
+    pub(crate) gid: u32,
 }
 
 impl Local {
@@ -50,6 +52,16 @@ impl Local {
         }
     }
 
+    /// The data directory.
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The longest one action may take.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     fn program(&self, name: &str) -> Result<PathBuf, ControlError> {
         let dir = match &self.bin_dir {
             Some(dir) => dir.clone(),
@@ -60,7 +72,7 @@ impl Local {
 
     /// The owner of the data directory (of its parent while it does not exist), when the
     /// tools must switch to it.
-    fn owner(&self) -> Option<Owner> {
+    pub(crate) fn owner(&self) -> Option<Owner> {
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             return None;
@@ -74,13 +86,14 @@ impl Local {
         })
     }
 
-    fn parent(&self) -> &Path {
+    /// The directory holding the data directory (where the tools run).
+    pub(crate) fn parent(&self) -> &Path {
         self.data_dir.parent().unwrap_or(Path::new("/"))
     }
 
     /// Runs `program args` as `owner`, with a clean environment plus `env`, bounded by the
     /// timeout; its stdout and stderr together, or why it failed.
-    async fn run(
+    pub(crate) async fn run(
         &self,
         program: &str,
         args: &[&str],
@@ -140,7 +153,12 @@ impl Local {
     }
 
     /// Writes `text` to `name` in the data directory, owned by `owner`.
-    fn write_file(&self, name: &str, text: &str, owner: Option<Owner>) -> Result<(), ControlError> {
+    pub(crate) fn write_file(
+        &self,
+        name: &str,
+        text: &str,
+        owner: Option<Owner>,
+    ) -> Result<(), ControlError> {
         let path = self.data_dir.join(name);
         let io = |what: &str, source| ControlError::Io {
             what: format!("{what} {}", path.display()),
@@ -178,7 +196,6 @@ fn source_env(source: &Source) -> Vec<(&str, &str)> {
 /// `postgresql.auto.conf` with every line setting one of `OWN_KEYS` dropped and `settings`
 /// appended.
 fn with_own_settings(auto_conf: &str, settings: &OwnSettings) -> String {
-    let quote = |v: &str| format!("'{}'", v.replace('\'', "''"));
     let mut text: String = auto_conf
         .lines()
         .filter(|line| {
@@ -191,13 +208,37 @@ fn with_own_settings(auto_conf: &str, settings: &OwnSettings) -> String {
         })
         .map(|line| format!("{line}\n"))
         .collect();
-    text.push_str(&format!(
+    text.push_str(&standby_settings(settings));
+    text
+}
+
+/// The lines of `postgresql.auto.conf` that make a node the standby `settings` describe.
+pub(super) fn standby_settings(settings: &OwnSettings) -> String {
+    let quote = |v: &str| format!("'{}'", v.replace('\'', "''"));
+    format!(
         "# Written by pgvigil failback.\nport = {}\nprimary_conninfo = {}\nprimary_slot_name = {}\nrecovery_target_timeline = 'latest'\n",
         settings.port,
         quote(&settings.primary_conninfo),
         quote(&settings.primary_slot_name)
-    ));
-    text
+    )
+}
+
+impl Local {
+    /// `pg_controldata`'s "Database cluster state" (`in production`, `in archive recovery`,
+    /// `shut down`, ...), or `None` when the data directory has none.
+    pub(crate) async fn cluster_state(&self) -> Result<Option<String>, ControlError> {
+        if !self.data_dir.join("global/pg_control").exists() {
+            return Ok(None);
+        }
+        let dir = self.data_dir_arg();
+        let output = self
+            .run("pg_controldata", &["-D", &dir], &[], self.owner())
+            .await?;
+        Ok(output
+            .lines()
+            .find_map(|line| line.strip_prefix("Database cluster state:"))
+            .map(|state| state.trim().to_owned()))
+    }
 }
 
 impl NodeControl for Local {

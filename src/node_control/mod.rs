@@ -1,15 +1,23 @@
 //! How pgvigil acts on a node's server: stop, start, rewind onto another node, re-clone from it.
-//! One trait, one driver per way of reaching the server; `local` runs the PostgreSQL tools on
-//! this host (the `agent` and `command` drivers of issue 11 are not there yet).
+//! One trait, one driver per way of reaching the server: `local` runs the PostgreSQL tools on
+//! this host, `agent` asks a `pgvigil agent` beside the server over HTTP, `command` runs the
+//! operator's own shell commands.
 
+mod agent;
+mod command;
 mod local;
+pub mod template;
 
 use std::future::Future;
 use std::time::Duration;
 
+pub use agent::Agent;
+pub use command::Commands;
 pub use local::Local;
 
-use crate::config::{ControlDriver, NodeControlConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ControlDriver, NodeConfig, NodeControlConfig};
 
 /// Why an action failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,10 +59,35 @@ pub enum ControlError {
     /// No PostgreSQL binaries were found and `control.bin_dir` is not set.
     #[error("no PostgreSQL binaries found: set nodes[].control.bin_dir")]
     NoBinaries,
+    /// The `command` driver has no command for this action.
+    #[error("no {action} command is configured in [nodes.control]")]
+    NotConfigured {
+        /// The action's key.
+        action: &'static str,
+    },
+    /// The agent could not be reached or gave no answer.
+    #[error("cannot reach the agent at {url}: {reason}")]
+    Unreachable {
+        /// The agent's address.
+        url: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The agent answered with an error.
+    #[error("the agent at {url} answered HTTP {code}: {error}")]
+    Agent {
+        /// The agent's address.
+        url: String,
+        /// The HTTP status.
+        code: u16,
+        /// Its explanation (with the action's output when the action failed).
+        error: String,
+    },
 }
 
 /// Where the server of a node stands, as its control sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ServerState {
     /// A postmaster runs on the data directory.
     Running,
@@ -63,7 +96,7 @@ pub enum ServerState {
 }
 
 /// The source another node copies from: a normal (not replication) connection to it.
-#[derive(Debug, Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct Source {
     /// Host of the source node.
     pub host: String,
@@ -75,9 +108,20 @@ pub struct Source {
     pub password: Option<String>,
 }
 
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
+}
+
 /// Settings the node must have of its own after a rewind or re-clone (both copy the source's
 /// configuration files).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OwnSettings {
     /// The node's port.
     pub port: u16,
@@ -116,51 +160,56 @@ pub trait NodeControl {
 pub enum Driver {
     /// `pg_ctl`, `pg_rewind`, `pg_basebackup` on this host.
     Local(Local),
+    /// A `pgvigil agent` beside the server.
+    Agent(Agent),
+    /// The operator's shell commands.
+    Command(Box<Commands>),
 }
 
 impl Driver {
-    /// The driver `config` names.
-    pub fn new(config: &NodeControlConfig) -> Driver {
-        match config.driver {
-            ControlDriver::Local => Driver::Local(Local::new(config)),
+    /// The driver `control` names, for `node`.
+    pub fn new(node: &NodeConfig, control: &NodeControlConfig) -> Driver {
+        match control.driver {
+            ControlDriver::Local => Driver::Local(Local::new(control)),
+            ControlDriver::Agent => Driver::Agent(Agent::new(control)),
+            ControlDriver::Command => Driver::Command(Box::new(Commands::new(node, control))),
         }
     }
+}
+
+/// Calls `$call` on whichever driver `$driver` is.
+macro_rules! each {
+    ($driver:expr, $d:ident => $call:expr) => {
+        match $driver {
+            Driver::Local($d) => $call,
+            Driver::Agent($d) => $call,
+            Driver::Command($d) => $call,
+        }
+    };
 }
 
 impl NodeControl for Driver {
     async fn state(&self) -> Result<ServerState, ControlError> {
-        match self {
-            Driver::Local(local) => local.state().await,
-        }
+        each!(self, d => d.state().await)
     }
 
     async fn stop(&self) -> Result<Output, ControlError> {
-        match self {
-            Driver::Local(local) => local.stop().await,
-        }
+        each!(self, d => d.stop().await)
     }
 
     async fn start(&self) -> Result<Output, ControlError> {
-        match self {
-            Driver::Local(local) => local.start().await,
-        }
+        each!(self, d => d.start().await)
     }
 
     async fn rewind(&self, source: &Source) -> Result<Output, ControlError> {
-        match self {
-            Driver::Local(local) => local.rewind(source).await,
-        }
+        each!(self, d => d.rewind(source).await)
     }
 
     async fn reclone(&self, source: &Source) -> Result<Output, ControlError> {
-        match self {
-            Driver::Local(local) => local.reclone(source).await,
-        }
+        each!(self, d => d.reclone(source).await)
     }
 
     async fn make_standby(&self, settings: &OwnSettings) -> Result<(), ControlError> {
-        match self {
-            Driver::Local(local) => local.make_standby(settings).await,
-        }
+        each!(self, d => d.make_standby(settings).await)
     }
 }
