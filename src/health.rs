@@ -36,7 +36,8 @@ const PROBE_SQL: &str = "SELECT r, \
     w.status, w.sender_host, w.sender_port, \
     extract(epoch FROM now() - w.last_msg_receipt_time)::float8, \
     (SELECT setting::int FROM pg_settings WHERE name = 'wal_receiver_timeout'), \
-    current_setting('default_transaction_read_only') = 'on' \
+    current_setting('default_transaction_read_only') = 'on', \
+    current_setting('pgvigil.promoted_by', true) \
     FROM pg_is_in_recovery() AS r LEFT JOIN pg_stat_wal_receiver AS w ON true";
 
 /// Run on a node the probe found out of recovery: its standbys as `pg_stat_replication` shows
@@ -59,6 +60,9 @@ pub struct Observation {
     pub receiver: Option<Receiver>,
     /// `default_transaction_read_only` is on (a fenced node should say so).
     pub read_only: bool,
+    /// `pgvigil.promoted_by`: which pgvigil instance (and leadership epoch) promoted this node,
+    /// when one did (see `failover::actions::stamp_promotion`).
+    pub promoted_by: Option<String>,
     /// On a primary: its standbys and its synchronous replication setting. None on a standby.
     pub senders: Option<Senders>,
 }
@@ -371,6 +375,9 @@ fn read_probe(row: &Row) -> Result<Observation, ProbeError> {
         position,
         receiver: receiver.transpose()?,
         read_only: row.try_get(10)?,
+        promoted_by: row
+            .try_get::<_, Option<String>>(11)?
+            .filter(|text| !text.is_empty()),
         senders: None,
     })
 }
@@ -457,6 +464,7 @@ mod tests {
             position: at(lsn, 0),
             receiver: None,
             read_only: false,
+            promoted_by: None,
             senders: None,
         })
     }

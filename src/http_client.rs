@@ -53,13 +53,15 @@ impl Endpoint {
         self.port
     }
 
-    /// Sends `method path` with the bearer `token` and a JSON `body`, if given; the status and
-    /// the whole answer, or why there is none. The answer itself is not bounded in time here.
+    /// Sends `method path` with the bearer `token`, one more `header` (name, value) and a JSON
+    /// `body`, if given; the status and the whole answer, or why there is none. The answer
+    /// itself is not bounded in time here.
     pub async fn request(
         &self,
         method: Method,
         path: &str,
         token: Option<&str>,
+        header: Option<(&str, &str)>,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), String> {
         let connect = TcpStream::connect((self.host.as_str(), self.port));
@@ -77,6 +79,9 @@ impl Endpoint {
             .header(HOST, format!("{}:{}", self.host, self.port));
         if let Some(token) = token {
             request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        if let Some((name, value)) = header {
+            request = request.header(name, value);
         }
         if body.is_some() {
             request = request.header(CONTENT_TYPE, "application/json");

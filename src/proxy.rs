@@ -328,6 +328,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             addr: admin_listen,
             source,
         })?;
+    proxy.leadership.admin_bound(admin_addr);
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let (control, inbox) = failover::channel(proxy.config.nodes.len(), proxy.events.clone());

@@ -107,6 +107,39 @@ pub fn client_config_with_ca(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// Client configuration for etcd (`[cluster.etcd]`): trusts `ca_file`, checks the host name,
+/// and shows `cert_file`/`key_file` when both are set (etcd's `--client-cert-auth`).
+pub fn etcd_client_config(
+    etcd: &crate::config::EtcdConfig,
+) -> Result<Option<Arc<ClientConfig>>, TlsError> {
+    let Some(ca) = &etcd.ca_file else {
+        return Ok(None);
+    };
+    install_crypto_provider();
+    // A system bundle holds certificates webpki cannot use: those are skipped, not fatal.
+    let mut roots = RootCertStore::empty();
+    let (_, unusable) = roots.add_parsable_certificates(read_certificates(ca)?);
+    if roots.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: ca.to_owned(),
+        });
+    }
+    if unusable > 0 {
+        tracing::debug!(path = %ca.display(), unusable, "certificates skipped in the etcd CA file");
+    }
+    let builder = ClientConfig::builder().with_root_certificates(roots);
+    let config = match (&etcd.cert_file, &etcd.key_file) {
+        (Some(cert), Some(key)) => builder
+            .with_client_auth_cert(read_certificates(cert)?, read_private_key(key)?)
+            .map_err(|source| TlsError::Rejected {
+                path: cert.to_owned(),
+                source,
+            })?,
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Some(Arc::new(config)))
+}
+
 /// Every `CERTIFICATE` block of a PEM file, in order; at least one.
 fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let contents = read(path)?;

@@ -140,6 +140,39 @@ pub struct Status {
     pub nodes: Vec<NodeStatus>,
     /// The most recent events, oldest first.
     pub events: Vec<Event>,
+    /// With `[cluster]`: this instance's standing and what every live instance sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// The instances of a multi-instance pgvigil, as `GET /status` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This instance's name.
+    pub instance: String,
+    /// `leader`, `follower`, or `leader (lease not renewed)` when it may not act.
+    pub standing: String,
+    /// The leading instance, when known.
+    pub leader: Option<String>,
+    /// Why this instance does not lead, when it does not.
+    pub why: Option<String>,
+    /// Every live instance's published view, by name.
+    pub instances: Vec<InstanceStatus>,
+    /// Why the views could not be read from etcd, when they could not.
+    pub views_unavailable: Option<String>,
+}
+
+/// One live instance's view of the nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// Its name.
+    pub name: String,
+    /// The nodes its probes cannot reach.
+    pub cannot_reach: Vec<String>,
+    /// The primary it finds lost, if any.
+    pub lost: Option<String>,
+    /// Its admin API address.
+    pub admin: Option<String>,
 }
 
 /// One node in `GET /status`.
@@ -169,6 +202,9 @@ pub struct NodeStatus {
     pub fenced: Option<String>,
     /// Whether an operator detached it.
     pub detached: bool,
+    /// On a primary pgvigil promoted: which instance did, and when (`pgvigil.promoted_by`).
+    #[serde(default)]
+    pub promoted_by: Option<String>,
     /// Server connections pgvigil holds to it (idle and lent).
     pub connections: usize,
     /// Of those, idle in the pool.

@@ -37,13 +37,25 @@ pub enum ClientError {
 pub struct Admin {
     endpoint: Endpoint,
     token: Option<String>,
+    /// The instance forwarding the requests, if one is (see `forward`).
+    forwarded_by: Option<String>,
 }
 
 impl Admin {
     /// The API at `url` (`http://HOST:PORT`), with `token` if given.
     pub fn new(url: &str, token: Option<String>) -> Result<Admin, ClientError> {
         let endpoint = Endpoint::parse(url).ok_or_else(|| ClientError::BadUrl(url.to_owned()))?;
-        Ok(Admin { endpoint, token })
+        Ok(Admin {
+            endpoint,
+            token,
+            forwarded_by: None,
+        })
+    }
+
+    /// The same API, each request marked as forwarded by instance `name`.
+    pub fn forwarded_by(mut self, name: &str) -> Admin {
+        self.forwarded_by = Some(name.to_owned());
+        self
     }
 
     /// `GET /status`; a refusal (wrong token) comes back as `Err` inside.
@@ -86,9 +98,13 @@ impl Admin {
         path: &str,
     ) -> Result<Result<T, Refusal>, ClientError> {
         let url = self.endpoint.url();
+        let forwarded = self
+            .forwarded_by
+            .as_deref()
+            .map(|name| (super::forward::FORWARDED_BY, name));
         let (code, body) = self
             .endpoint
-            .request(method, path, self.token.as_deref(), None)
+            .request(method, path, self.token.as_deref(), forwarded, None)
             .await
             .map_err(|reason| ClientError::Unreachable {
                 url: url.to_owned(),

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod client;
+pub mod forward;
 pub mod render;
 mod status;
 
@@ -144,10 +145,9 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         }
         (&Method::GET, ["events"]) => return json(StatusCode::OK, &state.proxy.events.list()),
         (&Method::GET, ["status"]) => {
-            return json(
-                StatusCode::OK,
-                &status::status(&state.proxy, &state.control),
-            )
+            let mut status = status::status(&state.proxy, &state.control);
+            status.cluster = status::cluster(&state.proxy).await;
+            return json(StatusCode::OK, &status);
         }
         (&Method::POST, ["nodes", node, verb]) => match *verb {
             "attach" => Command::Attach((*node).to_owned()),
@@ -165,6 +165,16 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         },
         _ => return not_found(),
     };
+    let token = bearer(&request).map(str::to_owned);
+    let forwarded_by = request
+        .headers()
+        .get(forward::FORWARDED_BY)
+        .and_then(|v| v.to_str().ok());
+    match forward::to_leader(&state.proxy, &command, token, forwarded_by).await {
+        forward::Forwarded::Here => {}
+        forward::Forwarded::Answered(code, Ok(done)) => return json(code, &done),
+        forward::Forwarded::Answered(code, Err(refusal)) => return json(code, &refusal),
+    }
     match state.control.send(command).await {
         Ok(done) => json(StatusCode::OK, &done),
         Err(refusal) => json(StatusCode::CONFLICT, &refusal),
@@ -176,13 +186,17 @@ fn authorized(token: Option<&str>, request: &Request<Incoming>) -> bool {
     let Some(token) = token else {
         return true;
     };
-    let given = request
+    let given = bearer(request).unwrap_or("");
+    constant_time_eq(given.as_bytes(), token.as_bytes())
+}
+
+/// The bearer token the request carries, if any.
+fn bearer(request: &Request<Incoming>) -> Option<&str> {
+    request
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    constant_time_eq(given.as_bytes(), token.as_bytes())
 }
 
 /// Compares without stopping at the first difference, so timing does not reveal the token.

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::api::{DryRun, Status};
+use super::api::{ClusterStatus, DryRun, Status};
 
 /// Events shown under the status table (the JSON has them all).
 const EVENTS_SHOWN: usize = 10;
@@ -26,6 +26,9 @@ pub fn status(status: &Status) -> String {
             }
             if n.detached {
                 note.push("detached".to_owned());
+            }
+            if let Some(by) = &n.promoted_by {
+                note.push(format!("promoted by {by}"));
             }
             vec![
                 n.name.clone(),
@@ -57,6 +60,9 @@ pub fn status(status: &Status) -> String {
         ],
         &rows,
     );
+    if let Some(cluster) = &status.cluster {
+        instances(&mut out, cluster);
+    }
     let recent = status.events.len().saturating_sub(EVENTS_SHOWN);
     if !status.events[recent..].is_empty() {
         out.push_str("\nrecent events (ms since epoch):\n");
@@ -68,6 +74,50 @@ pub fn status(status: &Status) -> String {
         }
     }
     out
+}
+
+/// The instances' part of `pgvigil status`: this one's standing, and a line per live instance.
+fn instances(out: &mut String, cluster: &ClusterStatus) {
+    let leader = cluster.leader.as_deref().unwrap_or("none known");
+    let _ = write!(
+        out,
+        "\ninstance {}: {} (leader: {leader})",
+        cluster.instance, cluster.standing
+    );
+    match &cluster.why {
+        Some(why) => {
+            let _ = writeln!(out, ", {why}");
+        }
+        None => out.push('\n'),
+    }
+    if let Some(why) = &cluster.views_unavailable {
+        let _ = writeln!(
+            out,
+            "the instances' views could not be read from etcd: {why}"
+        );
+        return;
+    }
+    let rows: Vec<Vec<String>> = cluster
+        .instances
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                if i.cannot_reach.is_empty() {
+                    "-".to_owned()
+                } else {
+                    i.cannot_reach.join(",")
+                },
+                i.lost.clone().unwrap_or_else(|| "-".into()),
+                i.admin.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["INSTANCE", "CANNOT REACH", "FINDS LOST", "ADMIN"],
+        &rows,
+    );
 }
 
 /// `pgvigil promote NODE --dry-run` as a table of what the choice weighed.

@@ -1,6 +1,7 @@
 //! `GET /status`: the topology, the coordinator's view of each node, the pools and the events.
 
-use crate::admin::api::{NodeStatus, Status};
+use crate::admin::api::{ClusterStatus, InstanceStatus, NodeStatus, Status};
+use crate::cluster::{views, Standing};
 use crate::failover::Handle;
 use crate::proxy::Proxy;
 use crate::replication::format_lsn;
@@ -48,6 +49,9 @@ pub fn status(proxy: &Proxy, control: &Handle) -> Status {
                 }),
                 fenced: seen.and_then(|v| v.fenced.clone()),
                 detached: seen.is_some_and(|v| v.detached) || node.role == Role::Detached,
+                promoted_by: last
+                    .filter(|o| !o.in_recovery)
+                    .and_then(|o| o.promoted_by.clone()),
                 connections: proxy.pools.open_count(node.id),
                 idle_connections: proxy.pools.idle_count(node.id),
             }
@@ -62,5 +66,52 @@ pub fn status(proxy: &Proxy, control: &Handle) -> Status {
         },
         nodes,
         events: control.events.list(),
+        cluster: None,
     }
+}
+
+/// The instances' part of the status with `[cluster]` (None without): this one's standing, and
+/// every live instance's view as published in etcd.
+pub async fn cluster(proxy: &Proxy) -> Option<ClusterStatus> {
+    let member = proxy.leadership.member()?;
+    let (standing, leader, why) = match proxy.leadership.standing() {
+        Standing::Alone => ("alone".to_owned(), None, None),
+        Standing::Leader { .. } => {
+            let standing = match proxy.leadership.may_act() {
+                Ok(()) => "leader".to_owned(),
+                Err(_) => "leader (lease not renewed)".to_owned(),
+            };
+            (standing, Some(member.name.clone()), None)
+        }
+        Standing::Follower { leader, why } => ("follower".to_owned(), leader, Some(why)),
+    };
+    let (instances, views_unavailable) = match views::read_all(member).await {
+        Ok(views) => (
+            views
+                .into_iter()
+                .map(|(name, view)| InstanceStatus {
+                    cannot_reach: proxy
+                        .config
+                        .nodes
+                        .iter()
+                        .filter(|node| !view.reaches.contains(&node.name))
+                        .map(|node| node.name.clone())
+                        .collect(),
+                    name,
+                    lost: view.lost,
+                    admin: view.admin,
+                })
+                .collect(),
+            None,
+        ),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    Some(ClusterStatus {
+        instance: member.name.clone(),
+        standing,
+        leader,
+        why,
+        instances,
+        views_unavailable,
+    })
 }

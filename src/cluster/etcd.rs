@@ -1,6 +1,6 @@
 //! A small client for etcd's v3 JSON gateway (`POST /v3/...`, keys and values in base64, 64-bit
-//! integers as strings): plain HTTP/1.1 over a fresh TCP connection per request, so the build
-//! needs neither `protoc` nor an HTTP stack. Requests go to the endpoint that answered last,
+//! integers as strings): plain HTTP/1.1 over a fresh TCP (or TLS) connection per request, so the
+//! build needs neither `protoc` nor an HTTP stack. Requests go to the endpoint that answered last,
 //! then to the others in turn.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
+use rustls_pki_types::ServerName;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::config::{endpoint_address, EtcdConfig};
@@ -105,10 +107,32 @@ pub struct Grant {
     pub ttl: i64,
 }
 
-/// The client: endpoints, timeout and the credentials of `[cluster.etcd]`.
+/// How the client's connections are made.
+enum Transport {
+    /// Plain TCP (`http://` endpoints).
+    Plain,
+    /// TLS (`https://` endpoints) with this client configuration.
+    Tls(TlsConnector),
+    /// TLS was asked for but its files could not be used (checked at start; a file that went
+    /// away since): every request fails with this reason.
+    Broken(String),
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Plain => f.write_str("Plain"),
+            Transport::Tls(_) => f.write_str("Tls"),
+            Transport::Broken(why) => write!(f, "Broken({why:?})"),
+        }
+    }
+}
+
+/// The client: endpoints, transport, timeout and the credentials of `[cluster.etcd]`.
 #[derive(Debug)]
 pub struct Etcd {
     endpoints: Vec<String>,
+    transport: Transport,
     timeout: Duration,
     credentials: Option<(String, String)>,
     /// The auth token from `/v3/auth/authenticate`, when etcd has authentication on.
@@ -126,6 +150,11 @@ impl Etcd {
                 .iter()
                 .filter_map(|e| endpoint_address(e).map(str::to_owned))
                 .collect(),
+            transport: match crate::tls::etcd_client_config(config) {
+                Ok(None) => Transport::Plain,
+                Ok(Some(tls)) => Transport::Tls(TlsConnector::from(tls)),
+                Err(e) => Transport::Broken(e.to_string()),
+            },
             timeout: config.timeout,
             credentials: config.user.clone().zip(config.password.clone()),
             token: Mutex::new(None),
@@ -309,7 +338,7 @@ impl Etcd {
         for i in 0..self.endpoints.len() {
             let index = (first + i) % self.endpoints.len();
             let endpoint = &self.endpoints[index];
-            let exchange = exchange(endpoint, path, &body, token);
+            let exchange = exchange(&self.transport, endpoint, path, &body, token);
             let raw = match tokio::time::timeout(self.timeout, exchange).await {
                 Ok(Ok(raw)) => raw,
                 Ok(Err(e)) => {
@@ -330,14 +359,43 @@ impl Etcd {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection (`Connection: close`); the raw response.
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`, TLS with `https://`
+/// endpoints); the raw response.
 async fn exchange(
+    transport: &Transport,
     endpoint: &str,
     path: &str,
     body: &str,
     token: Option<&str>,
 ) -> std::io::Result<Vec<u8>> {
-    let mut stream = TcpStream::connect(endpoint).await?;
+    let connector = match transport {
+        Transport::Plain => None,
+        Transport::Tls(connector) => Some(connector),
+        Transport::Broken(why) => return Err(std::io::Error::other(why.clone())),
+    };
+    let stream = TcpStream::connect(endpoint).await?;
+    let Some(connector) = connector else {
+        return request(stream, endpoint, path, body, token).await;
+    };
+    let host = endpoint
+        .rsplit_once(':')
+        .map_or(endpoint, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let stream = connector.connect(name, stream).await?;
+    request(stream, endpoint, path, body, token).await
+}
+
+/// Sends the request on `stream` and reads the whole response.
+async fn request<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    endpoint: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> std::io::Result<Vec<u8>> {
     let authorization = token.map_or(String::new(), |t| format!("Authorization: {t}\r\n"));
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\n\

@@ -10,7 +10,8 @@ pub mod etcd;
 pub mod shared;
 pub mod views;
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -78,6 +79,9 @@ pub struct Member {
     pub name: String,
     /// The lease TTL asked for.
     pub ttl: Duration,
+    /// Where the other instances reach this one's admin API: `cluster.instance.admin_url`, else
+    /// set once the admin listener is bound ([`Leadership::admin_bound`]).
+    pub admin_url: OnceLock<String>,
 }
 
 /// This instance's standing, shared by the election, the shared-state writer and the failover
@@ -102,11 +106,16 @@ impl Leadership {
             let name = cluster.instance.name.clone().unwrap_or_else(host_name);
             info!(instance = %name, endpoints = ?cluster.etcd.endpoints, prefix = %cluster.etcd.prefix,
                 "several pgvigil instances: the leader elected in etcd decides failovers");
+            let admin_url = OnceLock::new();
+            if let Some(url) = &cluster.instance.admin_url {
+                let _ = admin_url.set(url.clone());
+            }
             let member = Member {
                 etcd: Etcd::new(&cluster.etcd),
                 keys: Keys::new(&cluster.etcd.prefix),
                 name,
                 ttl: cluster.ttl,
+                admin_url,
             };
             let standing = Standing::Follower {
                 leader: None,
@@ -195,14 +204,43 @@ impl Leadership {
         }
     }
 
-    /// Records this instance's view of the nodes, for the election to publish when it changed
-    /// (without `[cluster]` nothing happens).
-    pub fn report_view(&self, view: InstanceView) {
-        if self.member.is_some() {
+    /// Records this instance's view of the nodes (with its admin address), for the election to
+    /// publish when it changed (without `[cluster]` nothing happens).
+    pub fn report_view(&self, mut view: InstanceView) {
+        if let Some(member) = &self.member {
+            view.admin = member.admin_url.get().cloned();
             self.view.send_if_modified(|current| {
                 let changed = current.as_ref() != Some(&view);
                 *current = Some(view);
                 changed
+            });
+        }
+    }
+
+    /// What a node this instance promotes records as `pgvigil.promoted_by`: the instance, its
+    /// leadership epoch and lease (alone: the host name), and the time.
+    pub fn promotion_stamp(&self) -> String {
+        let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        match (&self.member, self.standing()) {
+            (Some(member), Standing::Leader { epoch, lease, .. }) => {
+                format!("{} epoch {epoch} lease {lease} at {at}", member.name)
+            }
+            (Some(member), _) => format!("{} (not leading) at {at}", member.name),
+            (None, _) => format!("{} alone at {at}", host_name()),
+        }
+    }
+
+    /// Tells where the admin API was bound, for the other instances to forward commands to
+    /// (unless `cluster.instance.admin_url` says otherwise): `http://` and `bound`, an
+    /// unspecified address replaced by the instance name.
+    pub fn admin_bound(&self, bound: SocketAddr) {
+        if let Some(member) = &self.member {
+            member.admin_url.get_or_init(|| {
+                if bound.ip().is_unspecified() {
+                    format!("http://{}:{}", member.name, bound.port())
+                } else {
+                    format!("http://{bound}")
+                }
             });
         }
     }

@@ -15,6 +15,10 @@ pub struct InstanceView {
     pub reaches: Vec<String>,
     /// The primary this instance finds lost (down, and no standby hears from it), if any.
     pub lost: Option<String>,
+    /// Where its admin API is reached (`cluster.instance.admin_url`): followers forward
+    /// commands there when it leads.
+    #[serde(default)]
+    pub admin: Option<String>,
 }
 
 /// Publishes `view` as this instance's, attached to its `lease`.
@@ -70,6 +74,7 @@ mod tests {
         let view = InstanceView {
             reaches: Vec::new(),
             lost: lost.map(str::to_owned),
+            admin: None,
         };
         (name.to_owned(), view)
     }

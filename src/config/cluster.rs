@@ -3,6 +3,7 @@
 //! With no `etcd.endpoints` the section is unused and this instance decides alone.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -49,8 +50,8 @@ impl ClusterConfig {
 #[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EtcdConfig {
-    /// Client URLs of the etcd members, `http://host:port` or `host:port` (default none:
-    /// single instance). TLS (`https://`) is not supported yet.
+    /// Client URLs of the etcd members, `http://host:port`, `https://host:port` (TLS, with
+    /// `ca_file`) or `host:port` (default none: single instance); all with the same scheme.
     pub endpoints: Vec<String>,
     /// Key prefix of this pgvigil cluster, so that several share one etcd (default `/pgvigil`).
     pub prefix: String,
@@ -61,6 +62,20 @@ pub struct EtcdConfig {
     /// Bound on one request to etcd, connecting included (default 2s, must be > 0).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// PEM file of the certificate authorities that sign etcd's server certificates (needed
+    /// with `https://` endpoints; the host name is checked).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for etcd with `--client-cert-auth` (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl EtcdConfig {
+    /// Whether the endpoints are `https://` (checked to be all or none).
+    pub fn uses_tls(&self) -> bool {
+        self.endpoints.iter().any(|e| e.starts_with("https://"))
+    }
 }
 
 impl Default for EtcdConfig {
@@ -71,6 +86,9 @@ impl Default for EtcdConfig {
             user: None,
             password: None,
             timeout: Duration::from_secs(2),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -84,6 +102,9 @@ impl fmt::Debug for EtcdConfig {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
             .finish()
     }
 }
@@ -95,6 +116,10 @@ pub struct InstanceConfig {
     /// Name of this instance in etcd and in logs, unique in the cluster (default: the host
     /// name).
     pub name: Option<String>,
+    /// Where the other instances reach this one's admin API, to forward an operator's commands
+    /// to the leader (default: `http://` and the bound `admin.listen`, an unspecified address
+    /// replaced by the instance name).
+    pub admin_url: Option<String>,
 }
 
 /// Problems with `[cluster]`.
@@ -104,15 +129,19 @@ pub(super) fn check(cluster: &ClusterConfig, problems: &mut Vec<Problem>) {
     }
     for (i, endpoint) in cluster.etcd.endpoints.iter().enumerate() {
         let key = format!("cluster.etcd.endpoints[{i}]");
-        if endpoint.starts_with("https://") {
-            problems.push(Problem::new(key, "TLS to etcd is not supported yet"));
-        } else if endpoint_address(endpoint).is_none() {
+        if endpoint_address(endpoint).is_none() {
             problems.push(Problem::new(
                 key,
-                format!("{endpoint:?} is not http://host:port or host:port"),
+                format!("{endpoint:?} is not http://host:port, https://host:port or host:port"),
+            ));
+        } else if endpoint.starts_with("https://") != cluster.etcd.uses_tls() {
+            problems.push(Problem::new(
+                key,
+                "mixes http and https: give every endpoint the same scheme",
             ));
         }
     }
+    check_tls(&cluster.etcd, problems);
     let prefix = &cluster.etcd.prefix;
     if !prefix.starts_with('/') || prefix.ends_with('/') {
         problems.push(Problem::new(
@@ -149,6 +178,14 @@ pub(super) fn check(cluster: &ClusterConfig, problems: &mut Vec<Problem>) {
             ));
         }
     }
+    if let Some(url) = &cluster.instance.admin_url {
+        if crate::admin::client::Admin::new(url, None).is_err() {
+            problems.push(Problem::new(
+                "cluster.instance.admin_url",
+                format!("{url:?} is not http://HOST:PORT"),
+            ));
+        }
+    }
     if cluster.ttl < MIN_TTL {
         problems.push(Problem::new(
             "cluster.ttl",
@@ -160,9 +197,41 @@ pub(super) fn check(cluster: &ClusterConfig, problems: &mut Vec<Problem>) {
     }
 }
 
-/// The `host:port` of an etcd endpoint written as `http://host:port[/]` or `host:port`.
+/// Problems with etcd's TLS files: the client configuration is built once here, so a missing or
+/// unreadable file is named at start (and on reload).
+fn check_tls(etcd: &EtcdConfig, problems: &mut Vec<Problem>) {
+    let tls_file = etcd.ca_file.is_some() || etcd.cert_file.is_some() || etcd.key_file.is_some();
+    if !etcd.uses_tls() {
+        if tls_file {
+            problems.push(Problem::new(
+                "cluster.etcd.endpoints",
+                "TLS files are set but the endpoints are not https://",
+            ));
+        }
+        return;
+    }
+    if etcd.ca_file.is_none() {
+        problems.push(Problem::new(
+            "cluster.etcd.ca_file",
+            "missing: https:// endpoints need the certificate authority that signs etcd's",
+        ));
+    } else if etcd.cert_file.is_some() != etcd.key_file.is_some() {
+        problems.push(Problem::new(
+            "cluster.etcd.cert_file",
+            "give cert_file and key_file together, or neither",
+        ));
+    } else if let Err(e) = crate::tls::etcd_client_config(etcd) {
+        problems.push(Problem::new("cluster.etcd", e.to_string()));
+    }
+}
+
+/// The `host:port` of an etcd endpoint written as `http://host:port[/]`, `https://host:port[/]`
+/// or `host:port`.
 pub fn endpoint_address(endpoint: &str) -> Option<&str> {
-    let address = endpoint.strip_prefix("http://").unwrap_or(endpoint);
+    let address = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+        .unwrap_or(endpoint);
     let address = address.strip_suffix('/').unwrap_or(address);
     let (host, port) = address.rsplit_once(':')?;
     let valid =

@@ -395,8 +395,8 @@ password = "app-secret"
                 "replication.conninfo.port: set by pgvigil or by its own [replication] key, not here",
             ]),
             ("[cluster]\nttl = \"1s\"\n[cluster.etcd]\nendpoints = [\"https://e1:2379\", \"e2\"]\nprefix = \"pgvigil/\"\nuser = \"u\"\n[cluster.instance]\nname = \"app 1\"", &[
-                "cluster.etcd.endpoints[0]: TLS to etcd is not supported yet",
-                "cluster.etcd.endpoints[1]: \"e2\" is not http://host:port or host:port",
+                "cluster.etcd.endpoints[1]: \"e2\" is not http://host:port, https://host:port or host:port",
+                "cluster.etcd.ca_file: missing: https:// endpoints need the certificate authority that signs etcd's",
                 "cluster.etcd.prefix: must start with '/' and not end with one, e.g. \"/pgvigil/main\"",
                 "cluster.etcd.password: missing: cluster.etcd.user is set, give both or neither",
                 "cluster.instance.name: must be letters, digits, '_', '-' or '.'",

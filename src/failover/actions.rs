@@ -526,6 +526,23 @@ pub async fn checkpoint(config: &Config, node: NodeId) -> Result<(), ActionError
     .await
 }
 
+/// Records on a new primary which pgvigil instance promoted it (`stamp`, see
+/// `Leadership::promotion_stamp`): `ALTER SYSTEM SET pgvigil.promoted_by`, reloaded, so that any
+/// instance's probe, and an operator's `SHOW pgvigil.promoted_by`, can tell. A custom setting
+/// must exist in the session before `ALTER SYSTEM` accepts it, hence the `SET` first.
+pub async fn stamp_promotion(
+    config: &Config,
+    node: NodeId,
+    stamp: &str,
+) -> Result<(), ActionError> {
+    bounded(config.health.timeout * 2, async {
+        let client = admin_connect(config, node, "pgvigil failover").await?;
+        client.batch_execute("SET pgvigil.promoted_by = ''").await?;
+        alter_system(&client, "pgvigil.promoted_by", stamp).await
+    })
+    .await
+}
+
 /// `SHOW name` as text.
 async fn show(client: &Client, name: &str) -> Result<String, ActionError> {
     let row = client
@@ -536,9 +553,11 @@ async fn show(client: &Client, name: &str) -> Result<String, ActionError> {
 
 /// `ALTER SYSTEM SET name = value` (value quoted by the server itself) and a reload.
 async fn alter_system(client: &Client, name: &str, value: &str) -> Result<(), ActionError> {
+    // A dotted (custom) name is quoted part by part.
     let row = client
         .query_one(
-            "SELECT quote_ident($1), quote_literal($2)",
+            "SELECT string_agg(quote_ident(part), '.' ORDER BY n), quote_literal($2) \
+             FROM unnest(string_to_array($1, '.')) WITH ORDINALITY AS p(part, n)",
             &[&name, &value],
         )
         .await?;

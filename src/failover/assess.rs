@@ -271,6 +271,7 @@ mod tests {
             },
             receiver: None,
             read_only: false,
+            promoted_by: None,
             senders: None,
         }
     }

@@ -327,6 +327,7 @@ mod tests {
                 },
                 receiver: None,
                 read_only: false,
+                promoted_by: None,
                 senders,
             }),
         });

@@ -180,6 +180,7 @@ mod tests {
                 timeout: Duration::from_secs(60),
             }),
             read_only: false,
+            promoted_by: None,
             senders: None,
         }
     }

@@ -121,9 +121,11 @@ impl Coordinator {
             .map(|n| self.name(n).to_owned())
             .collect();
         let lost = verdict.lost.map(|n| self.name(n).to_owned());
-        self.proxy
-            .leadership
-            .report_view(InstanceView { reaches, lost });
+        self.proxy.leadership.report_view(InstanceView {
+            reaches,
+            lost,
+            admin: None,
+        });
     }
 
     /// Ok when the failover of `primary` may go ahead on the instances' joint view: alone

@@ -515,10 +515,15 @@ impl Coordinator {
         }
     }
 
-    /// A checkpoint on the new primary, in the background (see `actions::checkpoint`).
-    fn checkpoint_later(&self, primary: NodeId) {
+    /// In the background, on a new primary: the promotion's stamp (which instance promoted it,
+    /// `actions::stamp_promotion`), then a checkpoint (`actions::checkpoint`).
+    fn settle_new_primary(&self, primary: NodeId) {
         let config = self.proxy.config.clone();
+        let stamp = self.proxy.leadership.promotion_stamp();
         tokio::spawn(async move {
+            if let Err(e) = actions::stamp_promotion(&config, primary, &stamp).await {
+                warn!(node = %config.nodes[primary].name, error = %e, "could not record which instance promoted the node");
+            }
             if let Err(e) = actions::checkpoint(&config, primary).await {
                 warn!(node = %config.nodes[primary].name, error = %e, "checkpoint after promotion failed");
             }

@@ -240,7 +240,7 @@ impl Coordinator {
             }
             self.save(self.publisher.snapshot().generation);
             self.fence_reachable();
-            self.checkpoint_later(new);
+            self.settle_new_primary(new);
         }
     }
 

@@ -84,6 +84,15 @@ async fn after_kill9_of_the_primary_writes_resume_within_5s_and_the_third_node_f
     let topology = scene.topology();
     assert_eq!(topology.primary, Primary::Known(new));
     assert_eq!(topology.nodes[OLD_PRIMARY].role, Role::Fenced);
+    // A single instance stamps the node it promoted with its host name.
+    eventually(PATIENCE, "the new primary says who promoted it", || {
+        let stamp = node_psql(
+            &scene.cluster,
+            new,
+            "SELECT coalesce(current_setting('pgvigil.promoted_by', true), '')",
+        );
+        stamp.contains(" alone at ")
+    });
 }
 
 #[tokio::test(flavor = "multi_thread")]

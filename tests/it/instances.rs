@@ -10,7 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgvigil::admin::api::Done;
+use pgvigil::admin::api::{Command, Done, Status};
+use pgvigil::admin::client::Admin;
 use pgvigil::cluster::election::Elector;
 use pgvigil::cluster::shared::{self, SharedError, SharedState};
 use pgvigil::cluster::{Leadership, Standing};
@@ -21,12 +22,12 @@ use pgvigil::topology::Primary;
 use crate::admin::cli;
 use crate::failover::{fast_health, other_standby, OLD_PRIMARY, PATIENCE, STANDBYS};
 use crate::failover_safety::{promote_signal_file, signal, startup_process};
-use crate::support::etcd::TestEtcd;
+use crate::support::etcd::{Clients, TestEtcd};
 use crate::support::relay::Relay;
 use crate::support::writer::{create_ticks, tick_ids, Writer};
 use crate::support::{
-    eventually, in_recovery, node_psql, set_primary_conninfo, start_proxy, test_cluster,
-    LocalCluster, TestProxy,
+    eventually, fresh_base_dir, in_recovery, node_psql, set_primary_conninfo, start, start_proxy,
+    test_cluster, ClusterSpec, LocalCluster, TestProxy,
 };
 
 /// The lease TTL of every instance here: short, so that a lost leader is replaced quickly.
@@ -37,7 +38,7 @@ const WARM_UP: usize = 25;
 
 /// The `[cluster]` settings of instance `name` on `etcd`.
 fn join(config: &mut Config, etcd: &TestEtcd, name: &str) {
-    config.cluster.etcd.endpoints = etcd.endpoints();
+    config.cluster.etcd = etcd.config();
     config.cluster.instance.name = Some(name.into());
     config.cluster.ttl = TTL;
 }
@@ -145,8 +146,12 @@ impl Instances {
     /// Like [`Instances::start`], instance `i`'s config changed by `adjust(i, config)`; instance
     /// 0 is started first and leads.
     async fn start_with(adjust: impl Fn(usize, &mut Config)) -> Instances {
+        Instances::start_on(test_cluster(2), adjust).await
+    }
+
+    /// Like [`Instances::start_with`], in front of `cluster`.
+    async fn start_on(cluster: LocalCluster, adjust: impl Fn(usize, &mut Config)) -> Instances {
         let etcd = TestEtcd::start(3).await;
-        let cluster = test_cluster(2);
         let mut proxies = Vec::new();
         for i in 0..3 {
             let name = format!("app{i}");
@@ -279,6 +284,82 @@ async fn after_kill9_of_the_primary_with_three_instances_exactly_one_promotes_an
         state.last_promotion.map(|p| (p.node, p.old_primary)),
         Some((name(new), name(OLD_PRIMARY)))
     );
+
+    // The new primary carries the leader's fencing token, and every instance's status shows it.
+    let epoch = proxy.leadership.epoch().unwrap();
+    let token = format!("{} epoch {epoch} lease", member.name);
+    eventually(
+        PATIENCE,
+        "the new primary carries the leader's token",
+        || {
+            node_psql(
+                &scene.cluster,
+                new,
+                "SELECT coalesce(current_setting('pgvigil.promoted_by', true), '')",
+            )
+            .starts_with(&token)
+        },
+    );
+    for running in scene.proxies.iter().map(|p| &p.running) {
+        let admin = running.admin_addr;
+        let give_up = Instant::now() + PATIENCE;
+        loop {
+            let status: Status = cli(admin, None, &["status", "--json"])
+                .await
+                .exits(0)
+                .json();
+            let shown = status.nodes.iter().find(|n| n.name == name(new)).unwrap();
+            if shown
+                .promoted_by
+                .as_deref()
+                .is_some_and(|by| by.starts_with(&token))
+            {
+                break;
+            }
+            assert!(Instant::now() < give_up, "{admin} shows {shown:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_synchronous_replication_a_kill9_under_three_instances_loses_no_acknowledged_write() {
+    let cluster = start(
+        ClusterSpec::new(fresh_base_dir())
+            .replicas(2)
+            .sync_replication(true),
+    );
+    for node in 0..cluster.nodes().len() {
+        node_psql(
+            &cluster,
+            node,
+            "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'",
+        );
+        node_psql(&cluster, node, "SELECT pg_reload_conf()");
+    }
+    let mut scene = Instances::start_on(cluster, |_, _| {}).await;
+    let before = scene.timeline(OLD_PRIMARY);
+    scene.cluster.node_mut(OLD_PRIMARY).kill9();
+    let kill = Instant::now();
+    eventually(PATIENCE, "a standby is promoted", || {
+        STANDBYS.iter().any(|&n| !in_recovery(&scene.cluster, n))
+    });
+    let new = scene.sole_promoted();
+    scene.all_write_to(kill, new);
+    assert_eq!(scene.timeline(new), before + 1, "more than one promotion");
+    let on_new = tick_ids(&scene.cluster, new);
+    for (i, writer) in scene.writers.iter().enumerate() {
+        let lost: Vec<_> = writer
+            .log()
+            .acked_ids()
+            .difference(&on_new)
+            .copied()
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "instance {i}: acknowledged writes lost: {lost:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -447,6 +528,44 @@ async fn with_etcd_authentication_on_an_instance_leads_with_its_credentials_and_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn over_tls_to_etcd_an_instance_leads_and_one_that_cannot_verify_or_be_verified_does_not() {
+    for clients in [Clients::Tls, Clients::MutualTls] {
+        let etcd = TestEtcd::start_with(1, clients).await;
+        let member = leadership(&etcd, "app0");
+        let standing = Elector::new(member.clone()).cycle().await;
+        let lease = lease_of(&standing.unwrap_or_else(|e| panic!("{clients:?}: {e}")));
+        shared::write_guarded(member.member().unwrap(), lease, &state_by("app0", 1))
+            .await
+            .unwrap_or_else(|e| panic!("{clients:?}: {e}"));
+        assert_eq!(member.may_act(), Ok(()));
+
+        // Trusting other authorities than the one that signed etcd's certificate; or, where etcd
+        // asks for one, showing no client certificate: no lease, no leadership.
+        let mut config = Config::default();
+        join(&mut config, &etcd, "app1");
+        match clients {
+            Clients::MutualTls => {
+                (config.cluster.etcd.cert_file, config.cluster.etcd.key_file) = (None, None)
+            }
+            _ => config.cluster.etcd.ca_file = Some("/etc/ssl/certs/ca-certificates.crt".into()),
+        }
+        // The files themselves are valid: only etcd can refuse (the nodes and users are missing
+        // from this bare config, nothing else may be).
+        let problems = config.validate().map_err(|e| e.to_string()).unwrap_err();
+        assert!(!problems.contains("cluster"), "{clients:?}: {problems}");
+        let refused = Leadership::new(&config);
+        let cycle = Elector::new(refused.clone()).cycle().await;
+        assert!(cycle.is_err(), "{clients:?}: etcd let app1 in: {cycle:?}");
+        let why = cycle.unwrap_err().to_string();
+        assert!(
+            why.to_lowercase().contains("certificate"),
+            "{clients:?}: {why}"
+        );
+        assert!(refused.may_act().is_err());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_promotion_left_pending_by_a_leader_that_stopped_is_finished_by_the_next_and_no_other_standby_promotes(
 ) {
     // The first leader prefers node 1, the others node 2: a new leader that ignored the
@@ -570,21 +689,64 @@ async fn an_instance_restarted_with_a_promotion_pending_in_its_state_file_writes
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_admin_command_sent_to_a_follower_is_refused_naming_the_leader() {
+async fn an_admin_command_sent_to_a_follower_is_carried_out_by_the_leader_and_status_shows_the_instances(
+) {
     let scene = Instances::start().await;
     let follower = (0..scene.proxies.len())
         .find(|i| !scene.leaders().contains(i))
         .unwrap();
     let admin = scene.proxies[follower].running.admin_addr;
-    let refusal = cli(admin, None, &["detach", "pg2", "--json"])
-        .await
-        .exits(1)
-        .refusal();
-    assert!(refusal.refused.contains("app0 leads"), "{refusal:?}");
-    let leader_admin = scene.proxies[0].running.admin_addr;
-    let done: Done = cli(leader_admin, None, &["detach", "pg2", "--json"])
+    let done: Done = cli(admin, None, &["detach", "pg2", "--json"])
         .await
         .exits(0)
         .json();
-    assert!(done.message.contains("detached"), "{done:?}");
+    assert!(
+        done.message.contains("detached") && done.message.contains("leading instance app0"),
+        "{done:?}"
+    );
+    let leader_admin = scene.proxies[0].running.admin_addr;
+    let status: Status = cli(leader_admin, None, &["status", "--json"])
+        .await
+        .exits(0)
+        .json();
+    let pg2 = status.nodes.iter().find(|n| n.name == "pg2").unwrap();
+    assert!(pg2.detached, "the leader did not detach pg2: {pg2:?}");
+
+    // The follower's status names its standing, the leader and every live instance's view.
+    let status: Status = cli(admin, None, &["status", "--json"])
+        .await
+        .exits(0)
+        .json();
+    let cluster = status.cluster.expect("a [cluster] status");
+    assert_eq!(cluster.instance, format!("app{follower}"));
+    assert_eq!(cluster.standing, "follower");
+    assert_eq!(cluster.leader.as_deref(), Some("app0"));
+    let mut names: Vec<&str> = cluster.instances.iter().map(|i| i.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["app0", "app1", "app2"], "{cluster:?}");
+    let app0 = cluster.instances.iter().find(|i| i.name == "app0").unwrap();
+    assert_eq!(app0.admin, Some(format!("http://{leader_admin}")));
+    assert!(app0.cannot_reach.is_empty(), "{app0:?}");
+    let table = cli(admin, None, &["status"]).await.exits(0).stdout.clone();
+    assert!(
+        table.contains(&format!("instance app{follower}: follower (leader: app0)")),
+        "{table}"
+    );
+
+    // A command another instance already forwarded is not forwarded again.
+    let url = format!("http://{admin}");
+    let twice = Admin::new(&url, None)
+        .unwrap()
+        .forwarded_by("elsewhere")
+        .send(&Command::Attach("pg2".into()))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(twice.refused.contains("does not lead"), "{twice:?}");
+
+    let done: Done = cli(admin, None, &["attach", "pg2", "--json"])
+        .await
+        .exits(0)
+        .json();
+    assert!(done.message.contains("leading instance app0"), "{done:?}");
 }

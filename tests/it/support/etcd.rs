@@ -1,7 +1,7 @@
 //! Real etcd members (Debian's `etcd-server`) on free loopback ports, each with its own data
 //! directory, started and stopped by the test.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -21,15 +21,33 @@ struct Member {
     child: Option<Child>,
 }
 
+/// How clients reach the members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clients {
+    /// Plain HTTP.
+    Plain,
+    /// HTTPS with the test certificate (tests/fixtures/tls).
+    Tls,
+    /// HTTPS, and clients must show a certificate the test CA signed (`--client-cert-auth`).
+    MutualTls,
+}
+
 /// A running etcd cluster; its members are killed and its directory removed on drop.
 pub struct TestEtcd {
     dir: PathBuf,
     members: Vec<Member>,
+    clients: Clients,
 }
 
 impl TestEtcd {
     /// Starts `count` members and waits until the cluster answers.
     pub async fn start(count: usize) -> TestEtcd {
+        TestEtcd::start_with(count, Clients::Plain).await
+    }
+
+    /// Starts `count` members whose clients connect as `clients` says, and waits until the
+    /// cluster answers.
+    pub async fn start_with(count: usize, clients: Clients) -> TestEtcd {
         let dir = fresh_base_dir().with_extension("etcd");
         let port =
             || pgvigil::local_cluster::free_port().unwrap_or_else(|e| panic!("no free port: {e}"));
@@ -41,7 +59,11 @@ impl TestEtcd {
                 child: None,
             })
             .collect();
-        let mut etcd = TestEtcd { dir, members };
+        let mut etcd = TestEtcd {
+            dir,
+            members,
+            clients,
+        };
         etcd.resume().await;
         etcd
     }
@@ -50,16 +72,26 @@ impl TestEtcd {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client))
             .collect()
+    }
+
+    /// `[cluster.etcd]` for a client of this cluster (TLS files included).
+    pub fn config(&self) -> EtcdConfig {
+        let tls = self.clients != Clients::Plain;
+        let mutual = self.clients == Clients::MutualTls;
+        EtcdConfig {
+            endpoints: self.endpoints(),
+            ca_file: tls.then(|| fixture("cert.pem")),
+            cert_file: mutual.then(|| fixture("cert.pem")),
+            key_file: mutual.then(|| fixture("key.pem")),
+            ..EtcdConfig::default()
+        }
     }
 
     /// A client of this cluster.
     pub fn client(&self) -> Etcd {
-        Etcd::new(&EtcdConfig {
-            endpoints: self.endpoints(),
-            ..EtcdConfig::default()
-        })
+        Etcd::new(&self.config())
     }
 
     /// Kills every member (their data stays for [`TestEtcd::resume`]).
@@ -80,15 +112,28 @@ impl TestEtcd {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
             .collect::<Vec<_>>()
             .join(",");
+        let (scheme, clients) = (self.scheme(), self.clients);
         for member in self.members.iter_mut().filter(|m| m.child.is_none()) {
             let data = self.dir.join(&member.name);
             std::fs::create_dir_all(&self.dir)
                 .unwrap_or_else(|e| panic!("{}: {e}", self.dir.display()));
             let log = std::fs::File::create(self.dir.join(format!("{}.log", member.name)))
                 .unwrap_or_else(|e| panic!("etcd log: {e}"));
-            let client = format!("http://127.0.0.1:{}", member.client);
+            let client = format!("{scheme}://127.0.0.1:{}", member.client);
             let peer = format!("http://127.0.0.1:{}", member.peer);
-            let child = Command::new("etcd")
+            let mut etcd = Command::new("etcd");
+            if clients != Clients::Plain {
+                etcd.arg("--cert-file")
+                    .arg(fixture("cert.pem"))
+                    .arg("--key-file")
+                    .arg(fixture("key.pem"));
+            }
+            if clients == Clients::MutualTls {
+                etcd.arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(fixture("cert.pem"));
+            }
+            let child = etcd
                 .arg("--name")
                 .arg(&member.name)
                 .arg("--data-dir")
@@ -119,6 +164,22 @@ impl TestEtcd {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+impl TestEtcd {
+    fn scheme(&self) -> &'static str {
+        match self.clients {
+            Clients::Plain => "http",
+            Clients::Tls | Clients::MutualTls => "https",
+        }
+    }
+}
+
+/// A file of the test certificate (for `localhost` and 127.0.0.1, self-signed).
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls")
+        .join(name)
 }
 
 impl Drop for TestEtcd {
