@@ -166,6 +166,13 @@ async fn clone_standby(local: &Local, plan: &Plan) -> Result<(), ControlError> {
             Err(e) => return Err(e),
         }
     }
+    // A data directory that existed empty (a volume) keeps its mode through pg_basebackup,
+    // and the server refuses to start unless only its owner (and group) may enter it.
+    let mode = std::os::unix::fs::PermissionsExt::from_mode(0o700);
+    std::fs::set_permissions(local.data_dir(), mode).map_err(|source| ControlError::Io {
+        what: format!("chmod 0700 {}", local.data_dir().display()),
+        source,
+    })?;
     // pg_basebackup copied the primary's postgresql.conf, port included; this node's own
     // port goes where it wins, after the primary_conninfo -R wrote.
     let auto = read(local, "postgresql.auto.conf")?;

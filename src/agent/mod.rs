@@ -195,17 +195,21 @@ pub async fn run(options: Options) -> Result<(), AgentError> {
     let stop = crate::signals::stop_requested();
     tokio::pin!(stop);
     let mut outcome = Ok(());
+    let mut stopped_early = false;
     if let Some(plan) = &plan {
-        // Actions wait for the cluster to be there: they get 409 "another action is running".
+        // Until the cluster is there, actions are refused (409, another action is running).
         let _busy = served.busy.lock().await;
         tokio::select! {
             prepared = bootstrap::prepare(&served.local, plan) => {
                 outcome = prepared.map_err(AgentError::Init);
             }
-            () = &mut stop => info!("agent: stop requested during --init"),
+            () = &mut stop => {
+                info!("agent: stop requested during --init");
+                stopped_early = true;
+            }
         }
     }
-    if outcome.is_ok() {
+    if outcome.is_ok() && !stopped_early {
         info!("agent: ready");
         (&mut stop).await;
         info!("agent: stopping");

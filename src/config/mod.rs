@@ -856,8 +856,17 @@ write_functions = ["lower"]
         full.cluster.etcd.password = Some("secret".into());
         full.cluster.instance.name = Some("app1".into());
         full.admin.token = Some("secret".into());
+        // Every driver's keys at once (validation would refuse it; serde does not care).
         full.nodes[0].control = Some(NodeControlConfig {
             bin_dir: Some(PathBuf::from("/usr/lib/postgresql/16/bin")),
+            url: Some("http://db1:9997".into()),
+            token_file: Some(PathBuf::from("/etc/pgvigil/agent.token")),
+            stop: Some("stop".into()),
+            start: Some("start".into()),
+            status: Some("status".into()),
+            rewind: Some("rewind".into()),
+            reclone: Some("reclone".into()),
+            make_standby: Some("make_standby".into()),
             ..NodeControlConfig::default()
         });
         let mut keys = Vec::new();

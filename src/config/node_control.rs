@@ -182,3 +182,86 @@ pub(super) fn check(
         problem("timeout", "must be greater than 0".into());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(control: &NodeControlConfig) -> Vec<String> {
+        let mut problems = Vec::new();
+        check(1, "pg2", control, &mut problems);
+        problems.iter().map(Problem::to_string).collect()
+    }
+
+    fn commands() -> NodeControlConfig {
+        NodeControlConfig {
+            driver: ControlDriver::Command,
+            stop: Some("ssh {host} pg_ctl stop".into()),
+            start: Some("ssh {host} pg_ctl start".into()),
+            status: Some("ssh {host} pg_ctl status".into()),
+            ..NodeControlConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_agent_driver_needs_an_http_url_and_only_its_own_keys() {
+        let agent = NodeControlConfig {
+            driver: ControlDriver::Agent,
+            ..NodeControlConfig::default()
+        };
+        assert_eq!(
+            problems(&agent),
+            ["nodes[1].control.url: node pg2: required with the agent driver (http://HOST:9997)"]
+        );
+        let wrong = NodeControlConfig {
+            url: Some("db2:9997".into()),
+            stop: Some("x".into()),
+            ..agent.clone()
+        };
+        assert_eq!(
+            problems(&wrong),
+            [
+                "nodes[1].control.url: node pg2: \"db2:9997\" is not an http://HOST:PORT address",
+                "nodes[1].control.stop: node pg2: only the command driver uses it, not agent",
+            ]
+        );
+        let good = NodeControlConfig {
+            url: Some("http://db2:9997".into()),
+            token_file: Some("/etc/pgvigil/agent.token".into()),
+            ..agent
+        };
+        assert!(problems(&good).is_empty());
+    }
+
+    #[test]
+    fn command_templates_are_required_where_needed_and_their_placeholders_known() {
+        assert!(problems(&commands()).is_empty());
+        let missing = NodeControlConfig {
+            status: None,
+            rewind: Some("my-rewind {node} {source_conninfo}".into()),
+            ..commands()
+        };
+        assert_eq!(
+            problems(&missing),
+            [
+                "nodes[1].control.status: node pg2: required with the command driver",
+                "nodes[1].control.make_standby: node pg2: required with rewind or reclone: failback writes the node's standby settings with it",
+            ]
+        );
+        let unknown = NodeControlConfig {
+            stop: Some("pg_ctl stop -D {datadir}".into()),
+            rewind: Some("pg_rewind -D {data_dir}".into()),
+            make_standby: Some("echo {slot}".into()),
+            url: Some("http://x:1".into()),
+            ..commands()
+        };
+        assert_eq!(
+            problems(&unknown),
+            [
+                "nodes[1].control.url: node pg2: only the agent driver uses it, not command",
+                "nodes[1].control.stop: node pg2: unknown placeholder {datadir}: stop knows {node}, {host}, {port}, {data_dir}",
+                "nodes[1].control.rewind: node pg2: {data_dir} is used but data_dir is not set",
+            ]
+        );
+    }
+}

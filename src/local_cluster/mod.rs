@@ -26,6 +26,12 @@ pub fn free_port() -> Result<u16, ClusterError> {
     ports::reserve(None)
 }
 
+/// The directory of this host's PostgreSQL binaries: `pg_config --bindir` if it holds a server,
+/// else the newest `/usr/lib/postgresql/*/bin`.
+pub fn postgres_bin_dir() -> Option<PathBuf> {
+    tools::find_bin_dir()
+}
+
 use conf::SharedSettings;
 use node::Shutdown;
 use tools::PgTools;

@@ -139,3 +139,45 @@ impl NodeControl for Agent {
         self.action("/make-standby", Some(&body)).await.map(drop)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_agent_nobody_answers_for_is_a_clear_error_naming_its_url() {
+        // A port that was just free: nothing listens there.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = listener.local_addr().expect("its address").port();
+        drop(listener);
+        let url = format!("http://127.0.0.1:{port}");
+        let agent = Agent::new(&NodeControlConfig {
+            url: Some(url.clone()),
+            ..NodeControlConfig::default()
+        });
+        let state = agent.state().await;
+        assert!(
+            matches!(&state, Err(ControlError::Unreachable { url: u, .. }) if *u == url),
+            "{state:?}"
+        );
+        let message = state.map(|_| ()).unwrap_err().to_string();
+        assert!(
+            message.starts_with(&format!("cannot reach the agent at {url}: ")),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_token_file_is_named() {
+        let agent = Agent::new(&NodeControlConfig {
+            url: Some("http://127.0.0.1:9".into()),
+            token_file: Some("/nonexistent/agent.token".into()),
+            ..NodeControlConfig::default()
+        });
+        let stop = agent.stop().await;
+        assert!(
+            matches!(&stop, Err(ControlError::Io { what, .. }) if what.contains("/nonexistent/agent.token")),
+            "{stop:?}"
+        );
+    }
+}

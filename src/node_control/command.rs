@@ -103,6 +103,7 @@ impl Commands {
             ("source_host", source.host.clone()),
             ("source_port", source.port.to_string()),
             ("source_user", source.user.clone()),
+            ("source_conninfo", super::local::source_conninfo(source)),
         ]
     }
 }
@@ -247,5 +248,92 @@ impl NodeControl for Commands {
         ];
         let values = vec![("slot", settings.primary_slot_name.clone())];
         self.act(Action::MakeStandby, values, &env).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ControlDriver;
+
+    fn driver(status: &str, stop: &str, timeout: Duration) -> Commands {
+        let node = NodeConfig {
+            name: "pg1".into(),
+            host: "db1".into(),
+            ..NodeConfig::default()
+        };
+        let control = NodeControlConfig {
+            driver: ControlDriver::Command,
+            status: Some(status.into()),
+            stop: Some(stop.into()),
+            start: Some("true".into()),
+            timeout,
+            ..NodeControlConfig::default()
+        };
+        Commands::new(&node, &control)
+    }
+
+    #[tokio::test]
+    async fn status_exit_codes_mean_running_stopped_or_an_error_with_the_output() {
+        let limit = Duration::from_secs(30);
+        let running = driver("exit 0", "true", limit).state().await;
+        assert!(matches!(running, Ok(ServerState::Running)), "{running:?}");
+        let stopped = driver("exit 3", "true", limit).state().await;
+        assert!(matches!(stopped, Ok(ServerState::Stopped)), "{stopped:?}");
+        let broken = driver("echo no route to {host} >&2; exit 255", "true", limit)
+            .state()
+            .await;
+        assert!(
+            matches!(&broken, Err(ControlError::Failed { output, .. }) if output == "no route to db1"),
+            "{broken:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn output_is_kept_when_a_started_process_outlives_the_command() {
+        // The background sleep keeps the command's stdout open, as a started server would.
+        let stop = driver(
+            "true",
+            "sleep 30 & echo stopped {node}",
+            Duration::from_secs(20),
+        );
+        let began = std::time::Instant::now();
+        let output = stop.stop().await;
+        assert!(
+            matches!(&output, Ok(text) if text == "stopped pg1"),
+            "{output:?}"
+        );
+        assert!(began.elapsed() < Duration::from_secs(20));
+    }
+
+    #[tokio::test]
+    async fn a_command_past_its_timeout_is_killed_with_its_children() {
+        let marker =
+            std::env::temp_dir().join(format!("pgvigil-command-test-{}", std::process::id()));
+        let script = format!("(sleep 2; touch {}) & sleep 30", marker.display());
+        let stop = driver("true", &script, Duration::from_millis(300));
+        let output = stop.stop().await;
+        assert!(
+            matches!(output, Err(ControlError::Timeout { .. })),
+            "{output:?}"
+        );
+        // The grandchild would have touched the marker after 2 s had it survived.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            !marker.exists(),
+            "a child of the command outlived its timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn pgvigils_own_variables_stay_out_of_the_commands_environment() {
+        std::env::set_var("PGVIGIL_COMMAND_TEST_SECRET", "secret");
+        let stop = driver(
+            "true",
+            "echo \"[$PGVIGIL_COMMAND_TEST_SECRET]\"",
+            Duration::from_secs(20),
+        );
+        let output = stop.stop().await;
+        assert!(matches!(&output, Ok(text) if text == "[]"), "{output:?}");
     }
 }

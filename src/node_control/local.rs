@@ -86,8 +86,7 @@ impl Local {
         })
     }
 
-    /// The directory holding the data directory (where the tools run).
-    pub(crate) fn parent(&self) -> &Path {
+    fn parent(&self) -> &Path {
         self.data_dir.parent().unwrap_or(Path::new("/"))
     }
 
@@ -174,7 +173,7 @@ impl Local {
 }
 
 /// libpq `key=value` pairs for `source` (the password travels in PGPASSWORD).
-fn source_conninfo(source: &Source) -> String {
+pub(super) fn source_conninfo(source: &Source) -> String {
     let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
     format!(
         "host={} port={} user={} dbname=postgres connect_timeout=10",

@@ -56,8 +56,8 @@ pub enum ControlError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// No PostgreSQL binaries were found and `control.bin_dir` is not set.
-    #[error("no PostgreSQL binaries found: set nodes[].control.bin_dir")]
+    /// No PostgreSQL binaries were found and no bin dir is set.
+    #[error("no PostgreSQL binaries found: set nodes[].control.bin_dir (the agent's --bin-dir)")]
     NoBinaries,
     /// The `command` driver has no command for this action.
     #[error("no {action} command is configured in [nodes.control]")]

@@ -22,7 +22,12 @@ pub enum Action {
 /// Placeholders every template knows.
 const COMMON: [&str; 4] = ["node", "host", "port", "data_dir"];
 /// Placeholders of `rewind` and `reclone`, beyond the common ones.
-const SOURCE: [&str; 3] = ["source_host", "source_port", "source_user"];
+const SOURCE: [&str; 4] = [
+    "source_host",
+    "source_port",
+    "source_user",
+    "source_conninfo",
+];
 /// Placeholders of `make_standby`, beyond the common ones.
 const STANDBY: [&str; 1] = ["slot"];
 

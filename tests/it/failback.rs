@@ -4,11 +4,12 @@
 //! refused naming `--reclone`, which then brings it back from a fresh copy.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pgvigil::admin::api::{Done, Status};
 use pgvigil::config::{Config, NodeControlConfig, TOKEN_ENV};
+use pgvigil::local_cluster::LocalCluster;
 use pgvigil::topology::{NodeId, Role};
 
 use crate::admin::{read_ports, Run};
@@ -21,7 +22,7 @@ use crate::support::{eventually, in_recovery, node_psql, test_cluster};
 pub(crate) const FAILBACK: Duration = Duration::from_secs(120);
 
 /// Gives every node of the test cluster the local node control.
-pub(crate) fn local_control(config: &mut Config, data_dirs: &[PathBuf], bin_dir: &std::path::Path) {
+pub(crate) fn local_control(config: &mut Config, data_dirs: &[PathBuf], bin_dir: &Path) {
     for (node, data_dir) in config.nodes.iter_mut().zip(data_dirs) {
         node.control = Some(NodeControlConfig {
             data_dir: data_dir.clone(),
@@ -62,10 +63,20 @@ impl Drop for StopOnDrop {
 /// returns it with the new primary.
 async fn failed_over() -> (Scene, NodeId, StopOnDrop) {
     let cluster = test_cluster(2);
+    failed_over_with(cluster, local_control).await
+}
+
+/// A scene on `cluster` with node control set by `control` (given the nodes' data directories
+/// and the binaries' directory), whose primary was killed and replaced; returns it with the
+/// new primary.
+pub(crate) async fn failed_over_with(
+    cluster: LocalCluster,
+    control: impl FnOnce(&mut Config, &[PathBuf], &Path),
+) -> (Scene, NodeId, StopOnDrop) {
     let data_dirs: Vec<PathBuf> = cluster.nodes().iter().map(|n| n.data_dir.clone()).collect();
     let bin_dir = cluster.bin_dir().to_path_buf();
     let mut scene = Scene::start(cluster, |config| {
-        local_control(config, &data_dirs, &bin_dir);
+        control(config, &data_dirs, &bin_dir);
     })
     .await;
     let kill = scene.kill(OLD_PRIMARY);
@@ -82,7 +93,7 @@ async fn failed_over() -> (Scene, NodeId, StopOnDrop) {
 }
 
 /// Runs `pgvigil failback pg1 [extra] --json` against the scene's admin API.
-async fn failback(scene: &Scene, extra: &[&str]) -> Run {
+pub(crate) async fn failback(scene: &Scene, extra: &[&str]) -> Run {
     let url = format!("http://{}", scene.proxy.running.admin_addr);
     let mut args = vec!["failback", "pg1", "--json", "--admin", &url];
     args.extend(extra);
@@ -101,7 +112,7 @@ async fn failback(scene: &Scene, extra: &[&str]) -> Run {
 
 /// pg1 is a standby streaming from `new`, takes reads through pgvigil, and has a write the
 /// writer made after the failback.
-async fn back_as_standby(scene: &Scene, new: NodeId) {
+pub(crate) async fn back_as_standby(scene: &Scene, new: NodeId) {
     assert!(
         in_recovery(&scene.cluster, OLD_PRIMARY),
         "pg1 is not a standby"
@@ -159,9 +170,8 @@ async fn after_a_kill9_and_a_failover_failback_brings_pg1_back_as_a_streaming_st
     println!("{}", table.exits(0).stdout);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn with_its_wal_gone_failback_is_refused_naming_reclone_which_then_brings_pg1_back() {
-    let (scene, new, _stop) = failed_over().await;
+/// Removes the WAL files of the old primary, so that pg_rewind cannot work.
+pub(crate) fn remove_wal(scene: &Scene) {
     let wal = scene.cluster.node(OLD_PRIMARY).data_dir.join("pg_wal");
     for entry in std::fs::read_dir(&wal).unwrap() {
         let path = entry.unwrap().path();
@@ -169,6 +179,12 @@ async fn with_its_wal_gone_failback_is_refused_naming_reclone_which_then_brings_
             std::fs::remove_file(path).unwrap();
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_its_wal_gone_failback_is_refused_naming_reclone_which_then_brings_pg1_back() {
+    let (scene, new, _stop) = failed_over().await;
+    remove_wal(&scene);
     let refusal = failback(&scene, &[]).await.refusal();
     println!("without its WAL: {refusal:?}");
     assert!(refusal.refused.contains("pg_rewind"), "{refusal:?}");

@@ -2,6 +2,7 @@
 
 mod abandon_waits;
 mod admin;
+mod agent;
 mod auth;
 mod backend_login;
 mod bad_input;
@@ -12,6 +13,7 @@ mod cluster_fixture;
 mod drivers;
 mod events;
 mod failback;
+mod failback_drivers;
 mod failover;
 mod failover_safety;
 mod instances;

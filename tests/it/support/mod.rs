@@ -91,6 +91,7 @@ pub async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
     pid.and_then(|p| p.parse().ok()).expect("a pid")
 }
 
+pub mod agent;
 pub mod etcd;
 mod proxy;
 pub mod relay;
