@@ -27,10 +27,11 @@ export RUST_VERSION
 project="$COMPOSE_PROJECT_NAME"
 
 if docker compose version >/dev/null 2>&1; then
-    compose() { docker compose -f "$here/compose.yaml" "$@"; }
+    compose_cmd=(docker compose -f "$here/compose.yaml")
 else
-    compose() { docker-compose -f "$here/compose.yaml" "$@"; }
+    compose_cmd=(docker-compose -f "$here/compose.yaml")
 fi
+compose() { "${compose_cmd[@]}" "$@"; }
 
 t0=$(date +%s%N)
 t_step=$t0
@@ -63,15 +64,18 @@ teardown() {
     exit "$rc"
 }
 
-# The id of SERVICE's container (kept: a killed container is not listed by every compose).
+# The id of SERVICE's container, read once after `up` (a killed container is not listed by
+# every compose, and compose itself is slow to start).
 declare -A ids
-cid() {
-    if [ -z "${ids[$1]:-}" ]; then
-        ids[$1]="$(compose ps -q "$1")"
-        [ -n "${ids[$1]}" ] || fail "no container for $1"
-    fi
-    echo "${ids[$1]}"
+services=(etcd1 etcd2 etcd3 pg1 pg2 pg3 pgvigil app1 pgvigil-app1 app2 pgvigil-app2)
+read_ids() {
+    local svc
+    for svc in "${services[@]}"; do
+        ids[$svc]="$(compose ps -q "$svc")"
+        [ -n "${ids[$svc]}" ] || fail "no container for $svc"
+    done
 }
+cid() { echo "${ids[$1]:?unknown service $1}"; }
 # SQL on NODE itself, as postgres over its local socket.
 on_node() { docker exec "$(cid "$1")" psql -XAtq -d "${3:-postgres}" -c "$2"; }
 # SQL through APP's sidecar (the application's own environment: localhost:9999).
@@ -156,7 +160,8 @@ docker image ls --format '    {{.Repository}}:{{.Tag}} {{.Size}}' | grep -E 'pgv
 
 step "compose up (etcd x3, pg1 primary, pg2 and pg3 standbys, pgvigil, app1 and app2 with sidecars)"
 compose down -v --remove-orphans -t 1 >/dev/null 2>&1 || true
-timeout 300 compose up -d --no-build >"$work/up.log" 2>&1 || { cat "$work/up.log"; fail "compose up"; }
+timeout 300 "${compose_cmd[@]}" up -d --no-build >"$work/up.log" 2>&1 || { cat "$work/up.log"; fail "compose up"; }
+read_ids
 port="$(compose port pgvigil 9999 | sed 's/.*://')"
 wait_for "pgvigil sees pg1 as primary" 60 primary_is pgvigil pg1
 for node in pg2 pg3; do
@@ -175,8 +180,8 @@ done
 step "routing: writes to the primary, reads to a standby, through each sidecar and the published port"
 check_routing() {
     local where=$1 primary=$2 read write
-    read="$("${@:3}" "SELECT pg_is_in_recovery(), host(inet_server_addr())")"
-    write="$("${@:3}" "WITH w AS (INSERT INTO ticks (app, n) VALUES ('route-$where', $(date +%s%N)) RETURNING 1) SELECT pg_is_in_recovery(), host(inet_server_addr()) FROM w")"
+    read="$("${@:3}" "SELECT pg_is_in_recovery(), inet_server_addr()")"
+    write="$("${@:3}" "WITH w AS (INSERT INTO ticks (app, n) VALUES ('route-$where', $(date +%s%N)) RETURNING 1) SELECT pg_is_in_recovery(), inet_server_addr() FROM w")"
     echo "    $where: read on $(node_of_ip "${read#*|}") (in recovery: ${read%%|*}), write on $(node_of_ip "${write#*|}") (in recovery: ${write%%|*})"
     [ "${read%%|*}" = t ] || fail "$where: a read went to the primary"
     [ "${write%%|*}" = f ] && [ "$(node_of_ip "${write#*|}")" = "$primary" ] || fail "$where: a write missed the primary $primary"
@@ -220,10 +225,9 @@ if "detected" in at:
 step "failback: pg1 started again, then one pgvigil failback pg1"
 docker start "$(cid pg1)" >/dev/null
 wait_for "pgvigil reaches pg1 again" 60 health_is pgvigil pg1 up
-lead="$(service_of_instance "$(leader)")"
 fb_start=$(date +%s%N)
-compose exec -T "$lead" pgvigil failback pg1 || fail "pgvigil failback pg1 (on the leader, $lead)"
-echo "    failback command: $(ms_since "$fb_start") ms (sent to $lead, the leader)"
+compose exec -T pgvigil pgvigil failback pg1 || fail "pgvigil failback pg1"
+echo "    failback command: $(ms_since "$fb_start") ms (leader: $(leader))"
 in_recovery pg1 t || fail "pg1 is not a standby after failback"
 wait_for "pg1 streams from $new" 60 streams_from pg1 "$new"
 last="$(acks app1 | tail -1 | awk '{ print $1 }')"

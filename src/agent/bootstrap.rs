@@ -66,6 +66,8 @@ pub(super) struct Plan {
     pub(super) init_sql: Option<PathBuf>,
     /// The standby's source.
     pub(super) source: Option<(String, u16)>,
+    /// The standby's application_name (its pgvigil node name).
+    pub(super) name: String,
 }
 
 /// Creates the cluster if the data directory is empty, then starts the server if it is not
@@ -140,7 +142,12 @@ async fn clone_standby(local: &Local, plan: &Plan) -> Result<(), ControlError> {
     };
     let port = port.to_string();
     let dir = local.data_dir().to_string_lossy().into_owned();
-    let conninfo = format!("host={host} port={port} user={SUPERUSER} connect_timeout=5");
+    // pg_basebackup -R writes this conninfo as primary_conninfo: the application_name names
+    // the standby to synchronous_standby_names and to pgvigil.
+    let name = plan.name.replace('\\', "\\\\").replace('\'', "\\'");
+    let conninfo = format!(
+        "host={host} port={port} user={SUPERUSER} application_name='{name}' connect_timeout=5"
+    );
     let deadline = Instant::now() + local.timeout();
     loop {
         let ping = ["-h", host.as_str(), "-p", &port, "-t", "2"];

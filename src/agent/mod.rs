@@ -58,6 +58,11 @@ pub struct Options {
     /// With --init standby: HOST:PORT of the primary to copy (waited for until --timeout).
     #[arg(long, env = "PGVIGIL_AGENT_SOURCE", required_if_eq("init", "standby"))]
     pub source: Option<String>,
+    /// With --init standby: the standby's application_name in its primary_conninfo, which must
+    /// be its pgvigil node name (synchronous_standby_names and failover match standbys by it)
+    /// [default: the host name].
+    #[arg(long, env = "PGVIGIL_AGENT_NAME")]
+    pub name: Option<String>,
     /// With --init primary: SQL file run once as the superuser after the first start.
     #[arg(long, env = "PGVIGIL_AGENT_INIT_SQL")]
     pub init_sql: Option<PathBuf>,
@@ -146,6 +151,7 @@ impl Options {
             password,
             init_sql: self.init_sql.clone(),
             source,
+            name: self.name.clone().unwrap_or_else(crate::cluster::host_name),
         }))
     }
 }

@@ -234,6 +234,8 @@ async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigt
             &bin,
             "--timeout",
             "100s",
+            "--name",
+            "pg2",
         ],
         Some(TOKEN),
         &[("PGVIGIL_SUPERUSER_PASSWORD", PASSWORD)],
@@ -274,6 +276,15 @@ async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigt
         )
         .is_ok_and(|s| s == format!("streaming {primary_port}"))
     });
+    assert_eq!(
+        psql(
+            &bin_dir,
+            primary_port,
+            "SELECT application_name FROM pg_stat_replication"
+        ),
+        Ok("pg2".into()),
+        "the standby names itself by --name, as synchronous_standby_names and pgvigil need"
+    );
     psql(&bin_dir, primary_port, "CREATE TABLE t AS SELECT 42 AS x").unwrap();
     eventually(
         PATIENCE,
