@@ -43,25 +43,15 @@ impl Endpoint {
         &self.url
     }
 
-    /// The host name or address.
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    /// The port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// Sends `method path` with the bearer `token`, one more `header` (name, value) and a JSON
-    /// `body`, if given; the status and the whole answer, or why there is none. The answer
-    /// itself is not bounded in time here.
+    /// Sends `method path` with the bearer `token`, the extra `headers` and a JSON `body`, if
+    /// given; the status and the whole answer, or why there is none. The answer itself is not
+    /// bounded in time here.
     pub async fn request(
         &self,
         method: Method,
         path: &str,
         token: Option<&str>,
-        header: Option<(&str, &str)>,
+        headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), String> {
         let connect = TcpStream::connect((self.host.as_str(), self.port));
@@ -80,8 +70,8 @@ impl Endpoint {
         if let Some(token) = token {
             request = request.header(AUTHORIZATION, format!("Bearer {token}"));
         }
-        if let Some((name, value)) = header {
-            request = request.header(name, value);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         if body.is_some() {
             request = request.header(CONTENT_TYPE, "application/json");

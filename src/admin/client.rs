@@ -98,13 +98,15 @@ impl Admin {
         path: &str,
     ) -> Result<Result<T, Refusal>, ClientError> {
         let url = self.endpoint.url();
-        let forwarded = self
+        let headers: Vec<(&str, &str)> = self
             .forwarded_by
             .as_deref()
-            .map(|name| (super::forward::FORWARDED_BY, name));
+            .map(|name| (super::forward::FORWARDED_BY, name))
+            .into_iter()
+            .collect();
         let (code, body) = self
             .endpoint
-            .request(method, path, self.token.as_deref(), forwarded, None)
+            .request(method, path, self.token.as_deref(), &headers, None)
             .await
             .map_err(|reason| ClientError::Unreachable {
                 url: url.to_owned(),

@@ -53,21 +53,32 @@ pub enum Init {
     Standby,
 }
 
+/// What `--init` makes of an empty data directory.
+#[derive(Debug)]
+pub(super) enum Make {
+    /// A primary, with SQL run once after its first start.
+    Primary {
+        /// `--init-sql`.
+        init_sql: Option<PathBuf>,
+    },
+    /// A standby of `source`.
+    Standby {
+        /// `--source`: host and port.
+        source: (String, u16),
+        /// `--name`: the node's name in pgvigil, its application_name and slot.
+        name: Option<String>,
+    },
+}
+
 /// `--init` with what it needs, checked.
 #[derive(Debug)]
 pub(super) struct Plan {
-    /// Primary or standby.
-    pub(super) init: Init,
+    /// What to make.
+    pub(super) make: Make,
     /// The server's port.
     pub(super) port: u16,
     /// The superuser's password.
     pub(super) password: String,
-    /// SQL run once on a new primary.
-    pub(super) init_sql: Option<PathBuf>,
-    /// The standby's source.
-    pub(super) source: Option<(String, u16)>,
-    /// The standby's application_name (its pgvigil node name).
-    pub(super) name: String,
 }
 
 /// Creates the cluster if the data directory is empty, then starts the server if it is not
@@ -75,9 +86,11 @@ pub(super) struct Plan {
 pub(super) async fn prepare(local: &Local, plan: &Plan) -> Result<(), ControlError> {
     let fresh = is_empty(local.data_dir())?;
     if fresh {
-        match plan.init {
-            Init::Primary => init_primary(local, plan).await?,
-            Init::Standby => clone_standby(local, plan).await?,
+        match &plan.make {
+            Make::Primary { .. } => init_primary(local, plan).await?,
+            Make::Standby { source, name } => {
+                clone_standby(local, plan, source, name.as_deref()).await?;
+            }
         }
     } else {
         info!(data_dir = %local.data_dir().display(), "agent: the data directory is there; using it as it is");
@@ -86,7 +99,13 @@ pub(super) async fn prepare(local: &Local, plan: &Plan) -> Result<(), ControlErr
         let output = local.start().await?;
         info!(%output, "agent: PostgreSQL started");
     }
-    if let (true, Init::Primary, Some(sql)) = (fresh, plan.init, &plan.init_sql) {
+    if let (
+        true,
+        Make::Primary {
+            init_sql: Some(sql),
+        },
+    ) = (fresh, &plan.make)
+    {
         run_init_sql(local, plan, sql).await?;
     }
     Ok(())
@@ -135,30 +154,26 @@ async fn init_primary(local: &Local, plan: &Plan) -> Result<(), ControlError> {
 
 /// Waits until the source accepts connections and copies it (retrying until the timeout:
 /// a primary being created at the same time may not let us in at once).
-async fn clone_standby(local: &Local, plan: &Plan) -> Result<(), ControlError> {
+async fn clone_standby(
+    local: &Local,
+    plan: &Plan,
+    (host, port): &(String, u16),
+    name: Option<&str>,
+) -> Result<(), ControlError> {
     let owner = local.owner();
-    let Some((host, port)) = &plan.source else {
-        return Err(ControlError::NotConfigured { action: "--source" });
-    };
     let port = port.to_string();
     let dir = local.data_dir().to_string_lossy().into_owned();
-    // pg_basebackup -R writes this conninfo as primary_conninfo: the application_name names
-    // the standby to synchronous_standby_names and to pgvigil.
-    let name = plan.name.replace('\\', "\\\\").replace('\'', "\\'");
-    let conninfo = format!(
-        "host={host} port={port} user={SUPERUSER} application_name='{name}' connect_timeout=5"
-    );
+    let mut conninfo = format!("host={host} port={port} user={SUPERUSER} connect_timeout=5");
+    // -R writes it into primary_conninfo, and the slot into primary_slot_name.
+    let slot = name.map(crate::failover::slot_name);
+    if let Some(name) = name {
+        conninfo.push_str(&format!(" application_name={name}"));
+    }
     let deadline = Instant::now() + local.timeout();
     loop {
         let ping = ["-h", host.as_str(), "-p", &port, "-t", "2"];
         let copied = match local.run("pg_isready", &ping, &[], owner).await {
-            Ok(_) => {
-                let args = [
-                    "-D", &dir, "-d", &conninfo, "-R", "-X", "stream", "-c", "fast",
-                ];
-                let env = [("PGPASSWORD", plan.password.as_str())];
-                local.run("pg_basebackup", &args, &env, owner).await
-            }
+            Ok(_) => copy(local, plan, &dir, &conninfo, slot.as_deref()).await,
             Err(e) => Err(e),
         };
         match copied {
@@ -188,6 +203,40 @@ async fn clone_standby(local: &Local, plan: &Plan) -> Result<(), ControlError> {
         plan.port
     );
     local.write_file("postgresql.auto.conf", &text, owner)
+}
+
+/// Creates `slot` on the source if it is not there, then takes the copy through it.
+async fn copy(
+    local: &Local,
+    plan: &Plan,
+    dir: &str,
+    conninfo: &str,
+    slot: Option<&str>,
+) -> Result<String, ControlError> {
+    let env = [("PGPASSWORD", plan.password.as_str())];
+    let mut args = vec![
+        "-D", dir, "-d", conninfo, "-R", "-X", "stream", "-c", "fast",
+    ];
+    if let Some(slot) = slot {
+        // A slot name holds only lowercase letters, digits and '_': no quoting needed.
+        let sql = format!(
+            "SELECT pg_create_physical_replication_slot('{slot}') WHERE NOT EXISTS \
+             (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"
+        );
+        let create = [
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            conninfo,
+            "-c",
+            &sql,
+        ];
+        local.run("psql", &create, &env, local.owner()).await?;
+        args.extend(["-S", slot]);
+    }
+    local.run("pg_basebackup", &args, &env, local.owner()).await
 }
 
 async fn run_init_sql(local: &Local, plan: &Plan, sql: &Path) -> Result<(), ControlError> {

@@ -58,9 +58,9 @@ pub struct Options {
     /// With --init standby: HOST:PORT of the primary to copy (waited for until --timeout).
     #[arg(long, env = "PGVIGIL_AGENT_SOURCE", required_if_eq("init", "standby"))]
     pub source: Option<String>,
-    /// With --init standby: the standby's application_name in its primary_conninfo, which must
-    /// be its pgvigil node name (synchronous_standby_names and failover match standbys by it)
-    /// [default: the host name].
+    /// With --init standby: the node's name in pgvigil's configuration, given to the standby as
+    /// its application_name, with a replication slot of that name on the source (pgvigil
+    /// matches standbys by application_name).
     #[arg(long, env = "PGVIGIL_AGENT_NAME")]
     pub name: Option<String>,
     /// With --init primary: SQL file run once as the superuser after the first start.
@@ -134,24 +134,34 @@ impl Options {
                  {SUPERUSER_PASSWORD_ENV}"
             )));
         }
-        let source = match (init, &self.source) {
-            (Init::Standby, Some(source)) => Some(parse_host_port(source).ok_or_else(|| {
-                AgentError::Usage(format!("--source {source:?} is not HOST:PORT"))
-            })?),
-            (Init::Standby, None) => {
-                return Err(AgentError::Usage(
-                    "--init standby needs --source HOST:PORT".into(),
-                ))
+        let make = match init {
+            Init::Primary => bootstrap::Make::Primary {
+                init_sql: self.init_sql.clone(),
+            },
+            Init::Standby => {
+                let source = self.source.as_deref().unwrap_or_default();
+                let source = parse_host_port(source).ok_or_else(|| {
+                    AgentError::Usage(format!(
+                        "--init standby needs --source HOST:PORT, not {source:?}"
+                    ))
+                })?;
+                let name = self.name.clone();
+                if let Some(name) = &name {
+                    let allowed = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+                    if name.is_empty() || !name.chars().all(allowed) {
+                        return Err(AgentError::Usage(format!(
+                            "--name {name:?} may hold only letters, digits, '_' and '-', as a \
+                             node name"
+                        )));
+                    }
+                }
+                bootstrap::Make::Standby { source, name }
             }
-            (Init::Primary, _) => None,
         };
         Ok(Some(bootstrap::Plan {
-            init,
+            make,
             port: self.pg_port,
             password,
-            init_sql: self.init_sql.clone(),
-            source,
-            name: self.name.clone().unwrap_or_else(crate::cluster::host_name),
         }))
     }
 }

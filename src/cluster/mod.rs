@@ -271,8 +271,7 @@ impl Leadership {
 }
 
 /// The machine's host name (`instance.name`'s default), "pgvigil" when it cannot be read.
-/// This host's name (the default instance name, and the agent's default standby name).
-pub(crate) fn host_name() -> String {
+fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|name| name.trim().to_owned())

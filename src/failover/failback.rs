@@ -251,7 +251,7 @@ impl Coordinator {
 }
 
 /// A replication slot name for node `name` (slot names take lowercase letters, digits and `_`).
-fn slot_name(name: &str) -> String {
+pub fn slot_name(name: &str) -> String {
     name.chars()
         .map(|c| match c {
             'a'..='z' | '0'..='9' | '_' => c,

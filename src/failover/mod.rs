@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 
 pub use assess::Memory;
 pub use control::{channel, Handle, Inbox, NodeView, Reply};
+pub use failback::slot_name;
 pub use switchover::DEFAULT_DRAIN;
 
 use crate::admin::api::EventKind;

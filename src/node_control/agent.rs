@@ -64,7 +64,7 @@ impl Agent {
             .map(serde_json::to_vec)
             .transpose()
             .map_err(|e| unreachable(format!("cannot encode the request: {e}")))?;
-        let request = endpoint.request(method, path, token.as_deref(), None, body);
+        let request = endpoint.request(method, path, token.as_deref(), &[], body);
         let (code, answer) = tokio::time::timeout(self.timeout, request)
             .await
             .map_err(|_| ControlError::Timeout {

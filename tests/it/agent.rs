@@ -1,7 +1,8 @@
 //! `pgvigil agent`, the real binary, as pgvigil and an operator meet it: its API wants the token
 //! (401 and nothing happens without it), refuses what the server's state does not allow (409),
 //! refuses to start on a non-loopback address without a token; and `--init` builds a primary in
-//! an empty data directory and a standby of it, which streams (the container path, on the host).
+//! an empty data directory (the agent running as the server's user, as in a container) and a
+//! standby of it (the agent as root), which streams.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -143,18 +144,35 @@ async fn an_agent_on_a_non_loopback_address_without_a_token_refuses_to_start() {
     assert!(stderr.contains("without a token"), "{stderr}");
 }
 
-/// A fresh directory the PostgreSQL OS user owns (the agent runs the tools as the owner of the
-/// data directory's parent while the data directory does not exist).
-fn base_dir_for_postgres() -> PathBuf {
-    let base = fresh_base_dir();
-    std::fs::create_dir_all(&base).unwrap();
-    // The test clusters' user: the distribution's postgres, else the one they create.
-    let probe = test_owner();
-    std::os::unix::fs::chown(&base, Some(probe.0), Some(probe.1)).unwrap();
-    base
+/// A directory removed with everything in it when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
-/// uid and gid of the user the test clusters run as.
+/// A fresh directory the PostgreSQL OS user owns (the agent runs the tools as the owner of the
+/// data directory's parent while the data directory does not exist), removed when dropped.
+fn base_dir_for_postgres() -> Scratch {
+    let base = fresh_base_dir();
+    std::fs::create_dir_all(&base).unwrap();
+    if let Some((uid, gid)) = server_user() {
+        std::os::unix::fs::chown(&base, Some(uid), Some(gid)).unwrap();
+    }
+    Scratch(base)
+}
+
+/// uid and gid of the user the servers run as when the tests run as root (PostgreSQL refuses
+/// root); `None` when they do not (everything runs as the tests' user).
+fn server_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    (unsafe { libc::geteuid() } == 0).then(test_owner)
+}
+
+/// uid and gid of the user the test clusters run as under root: the distribution's postgres,
+/// else the one they create.
 fn test_owner() -> (u32, u32) {
     for name in ["postgres", "pgvigil"] {
         let out = std::process::Command::new("getent")
@@ -198,7 +216,9 @@ fn psql(bin_dir: &Path, port: u16, sql: &str) -> Result<String, String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigterm_stops_both() {
-    let base = base_dir_for_postgres();
+    // Dropped last: after the agents and servers have stopped.
+    let scratch = base_dir_for_postgres();
+    let base = scratch.0.clone();
     let bin_dir = pgvigil::local_cluster::postgres_bin_dir().expect("PostgreSQL binaries");
     let bin = bin_dir.to_string_lossy().into_owned();
     let (primary_dir, standby_dir) = (base.join("primary"), base.join("standby"));
@@ -224,6 +244,8 @@ async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigt
         &[
             "--init",
             "standby",
+            "--name",
+            "Pg-2",
             "--source",
             &source,
             "--data-dir",
@@ -234,14 +256,15 @@ async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigt
             &bin,
             "--timeout",
             "100s",
-            "--name",
-            "pg2",
         ],
         Some(TOKEN),
         &[("PGVIGIL_SUPERUSER_PASSWORD", PASSWORD)],
         &base.join("standby-agent.log"),
     );
-    let mut primary = AgentProcess::spawn(
+    // The primary's agent runs as the server's user, as in a container; the standby's as
+    // root, as on a host where it switches to the data directory's owner.
+    let mut primary = AgentProcess::spawn_as(
+        server_user(),
         &[
             "--init",
             "primary",
@@ -276,14 +299,15 @@ async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigt
         )
         .is_ok_and(|s| s == format!("streaming {primary_port}"))
     });
+    // Named as pgvigil knows the node, through a slot named after it.
     assert_eq!(
         psql(
             &bin_dir,
             primary_port,
-            "SELECT application_name FROM pg_stat_replication"
+            "SELECT application_name || ' ' || slot_name || ' ' || active FROM \
+             pg_stat_replication JOIN pg_replication_slots ON active_pid = pid"
         ),
-        Ok("pg2".into()),
-        "the standby names itself by --name, as synchronous_standby_names and pgvigil need"
+        Ok("Pg-2 pg_2 true".into())
     );
     psql(&bin_dir, primary_port, "CREATE TABLE t AS SELECT 42 AS x").unwrap();
     eventually(
@@ -308,8 +332,16 @@ async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigt
         psql(&bin_dir, primary_port, "SHOW listen_addresses"),
         Ok("*".into())
     );
-    let owner = test_owner().0;
-    assert_eq!(std::fs::metadata(&primary_dir).unwrap().uid(), owner);
+    if let Some((uid, _)) = server_user() {
+        assert_eq!(
+            primary.uid(),
+            Some(uid),
+            "the primary's agent runs as the server's user"
+        );
+        assert_eq!(standby.uid(), Some(0), "the standby's agent runs as root");
+        assert_eq!(std::fs::metadata(&primary_dir).unwrap().uid(), uid);
+        assert_eq!(std::fs::metadata(&standby_dir).unwrap().uid(), uid);
+    }
 
     assert_eq!(standby.terminate(), Some(0), "{}", standby.log_text());
     assert_eq!(primary.terminate(), Some(0), "{}", primary.log_text());
@@ -329,7 +361,9 @@ async fn agent_init_primary_then_init_standby_gives_a_streaming_standby_and_sigt
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_waiting_for_its_source_stops_at_once_on_sigterm() {
-    let base = base_dir_for_postgres();
+    // Dropped last: after the agents and servers have stopped.
+    let scratch = base_dir_for_postgres();
+    let base = scratch.0.clone();
     let nobody = pgvigil::local_cluster::free_port().unwrap();
     let source = format!("127.0.0.1:{nobody}");
     let data_dir = base.join("standby");

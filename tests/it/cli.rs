@@ -124,6 +124,17 @@ async fn serve_with_a_bad_config_exits_2_naming_the_key() {
             format!("{VALID_NODES_AND_USERS}\n[routing]\nread_functions = [\"bad name\"]\n"),
             "routing.read_functions[0]: \"bad name\" is not a function name",
         ),
+        (
+            format!("{VALID_NODES_AND_USERS}\n[nodes.control]\ndriver = \"agent\"\n"),
+            "nodes[0].control.url: node pg1: required with the agent driver",
+        ),
+        (
+            format!(
+                "{VALID_NODES_AND_USERS}\n[nodes.control]\ndriver = \"command\"\n\
+                 stop = \"pg_ctl stop -D {{datadir}}\"\nstart = \"x\"\nstatus = \"y\"\n"
+            ),
+            "nodes[0].control.stop: node pg1: unknown placeholder {datadir}",
+        ),
     ];
     for (text, key) in cases {
         assert_refused(text, key).await;

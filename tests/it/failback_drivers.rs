@@ -2,7 +2,9 @@
 //! kill -9 of the primary and a failover, pg1 comes back as a standby of the new primary,
 //! streams from it, serves reads, and has the writes made after it came back; the agent is the
 //! real `pgvigil agent` process beside pg1's data directory, the commands are shell templates
-//! around pg_ctl and pg_rewind.
+//! around pg_ctl, pg_rewind and pg_basebackup. With pg1's WAL gone, failback is refused naming
+//! `--reclone`, which brings it back through either. A switchover through the agent stops pg1
+//! cleanly and brings it back as a standby.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -10,11 +12,13 @@ use std::time::{Duration, Instant};
 
 use pgvigil::admin::api::{Done, Status};
 use pgvigil::config::{ControlDriver, NodeControlConfig};
+use pgvigil::local_cluster::LocalCluster;
 
 use crate::failback::{back_as_standby, failback, failed_over_with, remove_wal, StopOnDrop};
 use crate::failover::{Scene, OLD_PRIMARY};
 use crate::support::agent::AgentProcess;
 use crate::support::test_cluster;
+use crate::switchover::switch_to;
 
 /// The agent's token.
 const TOKEN: &str = "failback-agent-token";
@@ -40,10 +44,8 @@ async fn fails_back(scene: &Scene, new: usize, driver: &str) -> Status {
         .json()
 }
 
-/// A real `pgvigil agent` beside pg1's data directory, and a scene whose pg1 has it as its
-/// node control, was killed and replaced; returns them with the new primary.
-async fn failed_over_with_an_agent() -> (AgentProcess, Scene, usize, StopOnDrop) {
-    let cluster = test_cluster(2);
+/// A real `pgvigil agent` beside pg1's data directory in `cluster`, ready.
+async fn agent_beside_pg1(cluster: &LocalCluster) -> AgentProcess {
     let node = cluster.node(OLD_PRIMARY);
     let agent = AgentProcess::spawn(
         &[
@@ -61,18 +63,56 @@ async fn failed_over_with_an_agent() -> (AgentProcess, Scene, usize, StopOnDrop)
     agent
         .wait_status(Some(TOKEN), |s| s["state"] == "running")
         .await;
-    let (url, token_file) = (agent.url.clone(), agent.token_file.clone());
+    agent
+}
+
+/// pg1's node control: `agent`.
+fn agent_control(agent: &AgentProcess) -> NodeControlConfig {
+    NodeControlConfig {
+        driver: ControlDriver::Agent,
+        url: Some(agent.url.clone()),
+        token_file: agent.token_file.clone(),
+        timeout: ACTION,
+        ..NodeControlConfig::default()
+    }
+}
+
+/// A scene whose pg1 has a real `pgvigil agent` as its node control, was killed and replaced;
+/// returns it with the agent and the new primary.
+async fn failed_over_with_an_agent() -> (AgentProcess, Scene, usize, StopOnDrop) {
+    let cluster = test_cluster(2);
+    let agent = agent_beside_pg1(&cluster).await;
+    let control = agent_control(&agent);
     let (scene, new, stop) = failed_over_with(cluster, |config, _, _| {
-        config.nodes[OLD_PRIMARY].control = Some(NodeControlConfig {
-            driver: ControlDriver::Agent,
-            url: Some(url),
-            token_file,
-            timeout: ACTION,
-            ..NodeControlConfig::default()
-        });
+        config.nodes[OLD_PRIMARY].control = Some(control);
     })
     .await;
     (agent, scene, new, stop)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn switchover_through_the_agent_stops_pg1_cleanly_and_brings_it_back_as_a_standby() {
+    let cluster = test_cluster(2);
+    let agent = agent_beside_pg1(&cluster).await;
+    let control = agent_control(&agent);
+    let _stop = StopOnDrop {
+        bin_dir: cluster.bin_dir().to_path_buf(),
+        data_dir: cluster.node(OLD_PRIMARY).data_dir.clone(),
+    };
+    let scene = Scene::start(cluster, |config| {
+        config.nodes[OLD_PRIMARY].control = Some(control);
+    })
+    .await;
+    let pause = switch_to(&scene, 1, OLD_PRIMARY).await;
+    println!("switchover through the agent: writes paused {pause} ms");
+    back_as_standby(&scene, 1).await;
+    let log = agent.log_text();
+    for action in ["stop", "rewind", "make-standby", "start"] {
+        assert!(
+            log.contains(&format!("action=\"{action}\"")),
+            "no {action}: {log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -149,6 +189,10 @@ fn command_control(data_dir: &Path, bin_dir: &Path) -> NodeControlConfig {
         stop: run("pg_ctl stop -D {data_dir} -m fast -w"),
         start: run("pg_ctl start -D {data_dir} -w -l {data_dir}/command-start.log"),
         rewind: run("pg_rewind -D {data_dir} --source-server={source_conninfo}"),
+        reclone: Some(format!(
+            "cd / && mv {{data_dir}} {{data_dir}}.old && {as_owner}{bin}/pg_basebackup \
+             -D {{data_dir}} -d {{source_conninfo}} -X stream -c fast"
+        )),
         make_standby: Some(format!(
             "printf '%s\\n' \"$PGVIGIL_STANDBY_SETTINGS\" | {as_owner}tee -a \
              {{data_dir}}/postgresql.auto.conf >/dev/null && {as_owner}touch {{data_dir}}/standby.signal"
@@ -157,14 +201,49 @@ fn command_control(data_dir: &Path, bin_dir: &Path) -> NodeControlConfig {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn failback_through_shell_command_templates_brings_pg1_back_as_a_streaming_standby() {
+/// A scene whose pg1 has the command templates as its node control, was killed and replaced;
+/// returns it with the new primary.
+async fn failed_over_with_commands() -> (Scene, usize, StopOnDrop) {
     let cluster = test_cluster(2);
-    let (scene, new, _stop) = failed_over_with(cluster, |config, data_dirs, bin_dir| {
+    failed_over_with(cluster, |config, data_dirs, bin_dir| {
         let control = command_control(&data_dirs[OLD_PRIMARY], bin_dir);
         config.nodes[OLD_PRIMARY].control = Some(control);
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_command_templates_a_node_whose_wal_is_gone_is_brought_back_by_reclone() {
+    let (scene, new, _stop) = failed_over_with_commands().await;
+    remove_wal(&scene);
+    let refusal = failback(&scene, &[]).await.refusal();
+    assert!(
+        refusal.refused.contains("the rewind command"),
+        "{refusal:?}"
+    );
+    assert!(refusal.next.contains("--reclone"), "{refusal:?}");
+    let started = Instant::now();
+    let done: Done = failback(&scene, &["--reclone"]).await.exits(0).json();
+    println!(
+        "failback --reclone through the command template took {:?}: {}",
+        started.elapsed(),
+        done.message
+    );
+    back_as_standby(&scene, new).await;
+    let old = scene
+        .cluster
+        .node(OLD_PRIMARY)
+        .data_dir
+        .with_extension("old");
+    assert!(
+        old.join("PG_VERSION").exists(),
+        "the template kept the old data directory"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failback_through_shell_command_templates_brings_pg1_back_as_a_streaming_standby() {
+    let (scene, new, _stop) = failed_over_with_commands().await;
     let status = fails_back(&scene, new, "command").await;
     for step in ["rewound", "started"] {
         let event = status.events.iter().find(|e| e.message.starts_with(step));

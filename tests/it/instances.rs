@@ -1,10 +1,12 @@
 //! Several pgvigil instances in front of one cluster, with a leader elected in a real etcd
-//! (Debian's `etcd-server`, three members unless one suffices): exactly one of them promotes, a
-//! leader frozen past its lease stops acting and its guarded writes are refused, a leader cut off
-//! from the primary alone does not fail over, while etcd is away nobody promotes but traffic goes
-//! on, etcd authentication works, a promotion left pending by a leader that stopped is finished
-//! by the next one (never a second standby), and an instance that may not act lets go of a
-//! pending promotion that finished without it.
+//! (Debian's `etcd-server`, three members unless one suffices): exactly one of them promotes (and
+//! with synchronous replication nothing acknowledged is lost), a leader frozen past its lease
+//! stops acting and its guarded writes are refused, a leader cut off from the primary alone does
+//! not fail over (its own writes wait, then get 57P03), while etcd is away nobody promotes but
+//! traffic goes on, etcd authentication and TLS work, a promotion left pending by a leader that
+//! stopped is finished by the next one (never a second standby), an instance that may not act
+//! lets go of a pending promotion that finished without it, and a follower forwards admin
+//! commands to the leader.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +31,9 @@ use crate::support::{
     eventually, fresh_base_dir, in_recovery, node_psql, set_primary_conninfo, start, start_proxy,
     test_cluster, ClusterSpec, LocalCluster, TestProxy,
 };
+
+/// `failover.wait_timeout` of the instance cut off from the primary.
+const CUT_OFF_WAIT: Duration = Duration::from_secs(2);
 
 /// The lease TTL of every instance here: short, so that a lost leader is replaced quickly.
 const TTL: Duration = Duration::from_secs(3);
@@ -413,6 +418,7 @@ async fn the_leader_alone_cut_off_from_the_primary_does_not_fail_over_and_the_ot
         fast_health(config);
         join(config, &etcd, "app0");
         config.nodes[OLD_PRIMARY].port = relay.port();
+        config.failover.wait_timeout = CUT_OFF_WAIT;
     })
     .await;
     eventually(PATIENCE, "the instance behind the relay leads", || {
@@ -446,6 +452,7 @@ async fn the_leader_alone_cut_off_from_the_primary_does_not_fail_over_and_the_ot
         set_primary_conninfo(&cluster, standby, "");
     }
 
+    let client = cut_off.connect_app().await;
     relay.cut();
     let cut = Instant::now();
     let refusal = |proxy: &TestProxy| match &proxy.running.proxy.topology.snapshot().primary {
@@ -458,6 +465,18 @@ async fn the_leader_alone_cut_off_from_the_primary_does_not_fail_over_and_the_ot
         || refusal(&cut_off).is_some(),
     );
     println!("the cut-off leader: {:?}", refusal(&cut_off));
+    // A write through the cut-off instance waits `failover.wait_timeout`, then gets 57P03.
+    let asked = Instant::now();
+    let error = client
+        .execute("INSERT INTO ticks (id) VALUES (-1)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW),
+        "{error:?}"
+    );
+    assert!(asked.elapsed() >= CUT_OFF_WAIT / 2, "{:?}", asked.elapsed());
     // Several probe rounds and failover retries later, still nobody promoted.
     let hold = Instant::now() + 3 * TTL;
     while Instant::now() < hold {

@@ -32,7 +32,7 @@ fn longest_gap(log: &WriteLog, since: Instant) -> Duration {
 
 /// Switches over to `to` (node index) through the CLI and checks it became the primary, the
 /// other node of the pair a standby again; returns the write pause pgvigil reports.
-async fn switch_to(scene: &Scene, to: NodeId, from: NodeId) -> u64 {
+pub(crate) async fn switch_to(scene: &Scene, to: NodeId, from: NodeId) -> u64 {
     let name = format!("pg{}", to + 1);
     // A node that just rejoined is a candidate once the probes have seen it as a standby.
     eventually(PATIENCE, "the target is seen as a standby", || {

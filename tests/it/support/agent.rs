@@ -32,6 +32,18 @@ impl AgentProcess {
         env: &[(&str, &str)],
         log: &Path,
     ) -> AgentProcess {
+        AgentProcess::spawn_as(None, args, token, env, log)
+    }
+
+    /// [`AgentProcess::spawn`], run as the user `uid`/`gid` when given (as in a container,
+    /// where the agent is the unprivileged `postgres`).
+    pub fn spawn_as(
+        user: Option<(u32, u32)>,
+        args: &[&str],
+        token: Option<&str>,
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> AgentProcess {
         let port = pgvigil::local_cluster::free_port().expect("a free port");
         let listen = format!("127.0.0.1:{port}");
         let mut command = Command::new(env!("CARGO_BIN_EXE_pgvigil"));
@@ -55,6 +67,10 @@ impl AgentProcess {
         let out = std::fs::File::create(log).expect("creating the agent's log");
         let err = out.try_clone().expect("cloning the log file");
         command.stdout(out).stderr(err);
+        if let Some((uid, gid)) = user {
+            std::os::unix::process::CommandExt::uid(&mut command, uid);
+            std::os::unix::process::CommandExt::gid(&mut command, gid);
+        }
         let child = command.spawn().expect("pgvigil agent starts");
         AgentProcess {
             child,
@@ -74,7 +90,7 @@ impl AgentProcess {
     ) -> Result<(u16, String), String> {
         let endpoint = Endpoint::parse(&self.url).expect("an http URL");
         let body = body.map(|b| b.as_bytes().to_vec());
-        let (code, answer) = endpoint.request(method, path, token, None, body).await?;
+        let (code, answer) = endpoint.request(method, path, token, &[], body).await?;
         Ok((code.as_u16(), String::from_utf8_lossy(&answer).into_owned()))
     }
 
@@ -98,6 +114,13 @@ impl AgentProcess {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The real user id it runs as (from `/proc`).
+    pub fn uid(&self) -> Option<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
     }
 
     /// What it printed so far.
