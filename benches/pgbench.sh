@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Macro benchmark: pgbench against PostgreSQL directly, through PgBouncer and through pgvigil, in
-# interleaved rounds, reporting medians. Two runs:
+# interleaved rounds, reporting medians. Three runs:
 #   single  one primary; targets: direct, PgBouncer session and transaction pooling, pgvigil.
 #   split   read/write splitting: the primary gets two streaming replicas (pg_basebackup -R, hot
 #           standby); read-only workloads against the primary directly, PgBouncer (transaction
 #           pooling, on the primary), pgvigil with only the primary in [[nodes]] (baseline) and
 #           pgvigil with all three nodes, whose reads are balanced over them. For each run of the
 #           3-node pgvigil it also reports how the transactions spread over the nodes.
+#   txn     transaction pooling: the primary directly, PgBouncer and pgvigil both in transaction
+#           pooling, with every query mode (-M prepared needs PgBouncer 1.21+, which gets
+#           max_prepared_statements = 200; older ones fail those rows); besides TPS it reports
+#           each proxy's CPU time per transaction (utime + stime from /proc over the run).
 #
 # Usage: benches/pgbench.sh            (from anywhere; run as root or as a user who can run initdb)
-#   RUNS=single   which run: single, split or all (both, single first)
+#   RUNS=single   which run: single, split, txn or all (all three, in that order)
 #   DURATION=10   seconds per pgbench run (integer)
 #   ROUNDS=3      interleaved rounds (in each: every workload, every target in turn)
 #   SCALE=10      pgbench scale factor, initialised once
@@ -26,7 +30,8 @@
 #   split   4 workloads x 4 targets x 3 rounds x 10 s = 8 min of pgbench, plus 2 x 11 s of waiting
 #           for statistics around each of the 12 runs of the 3-node pgvigil (4.4 min) and ~1 min
 #           for the replicas: ~14 min.
-#   all     ~32 min.
+#   txn     5 workloads x 3 targets x 3 rounds x 10 s = 7.5 min of pgbench, ~9 min in all.
+#   all     ~41 min.
 #
 # The cluster is built here (initdb + pg_ctl, as the `postgres` OS user when root) rather than with
 # `pgvigil demo`, to get max_connections for every target's pool at once and a pgvigil config with
@@ -64,6 +69,14 @@ SPLIT_WORKLOADS=(
     "select-extended-c16|-S -M extended -c 16"
     "select-extended-c64|-S -M extended -c 64"
 )
+TXN_TARGETS=(direct pgbouncer-transaction pgvigil-txn)
+TXN_WORKLOADS=(
+    "select-simple-c64|-S -M simple -c 64"
+    "select-extended-c64|-S -M extended -c 64"
+    "select-prepared-c64|-S -M prepared -c 64"
+    "tpcb-prepared-c16|-M prepared -c 16"
+    "tpcb-simple-c16|-M simple -c 16"
+)
 # Nodes of the split run, the primary first; pgvigil-3node has them all in [[nodes]].
 NODES=(pg1 pg2 pg3)
 # A backend keeps its statistics pending for up to PGSTAT_IDLE_INTERVAL (10 s, in PostgreSQL's
@@ -81,12 +94,14 @@ PGVIGIL_PIDS=()
 # Data directories of the servers started, the primary first.
 PG_DATA_DIRS=()
 declare -A PORT=()
+# Process id of each proxy target, for its CPU time.
+declare -A PID=()
 FAILED_RUNS=0
 
 say() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-# Whether run $1 (single or split) is selected by RUNS.
+# Whether run $1 (single, split or txn) is selected by RUNS.
 wants() { [[ $RUNS == all || $RUNS == "$1" ]]; }
 
 # Runs a command as the unprivileged server user when we are root (postgres and pgbouncer both
@@ -279,13 +294,16 @@ wait_replayed() {
 }
 
 # Starts pgvigil as target $1 with the nodes $3... in [[nodes]], and `[routing] balance = "$2"`
-# unless $2 is empty.
+# unless $2 is empty; `[pool] mode` is $POOL_MODE (default session).
 start_pgvigil() {
     local target=$1 balance=$2 node config=$WORK/$1.toml
     shift 2
     PORT[$target]=$(pick_port 26432)
     {
-        printf 'listen = "127.0.0.1:%s"\n\n[pool]\nmax_size = 100\n' "${PORT[$target]}"
+        printf 'listen = "127.0.0.1:%s"\n\n[pool]\nmax_size = 100\nmode = "%s"\n' \
+            "${PORT[$target]}" "${POOL_MODE:-session}"
+        # Several pgvigil targets run at once: each admin API on a port of its own.
+        printf '\n[admin]\nlisten = "127.0.0.1:0"\n'
         if [[ -n $balance ]]; then
             printf '\n[routing]\nbalance = "%s"\n' "$balance"
         fi
@@ -299,6 +317,7 @@ start_pgvigil() {
     say "start $target ($*) on port ${PORT[$target]}"
     PGVIGIL_LOG=warn "$PGVIGIL_BIN" serve --config "$config" >"$WORK/$target.log" 2>&1 &
     PGVIGIL_PIDS+=("$!")
+    PID[$target]=$!
     wait_ready "${PORT[$target]}" "$target" ||
         { tail -n 20 "$WORK/$target.log" >&2; die "$target did not start"; }
 }
@@ -326,12 +345,35 @@ logfile = $dir/pgbouncer.log
 pidfile = $dir/pgbouncer.pid
 log_connections = 0
 log_disconnections = 0
+$(prepared_statements_setting "$mode")
 EOF
     say "start pgbouncer ($mode pooling) on port $port"
     as_server_user "$PGBOUNCER" -d "$dir/pgbouncer.ini" ||
         { tail -n 20 "$dir/pgbouncer.log" >&2 || true; die "pgbouncer ($mode) did not start"; }
     wait_ready "$port" "pgbouncer ($mode)" ||
         { tail -n 20 "$dir/pgbouncer.log" >&2 || true; die "pgbouncer ($mode) is not usable"; }
+    PID[pgbouncer-$mode]=$(as_server_user cat "$dir/pgbouncer.pid")
+}
+
+# PgBouncer 1.21+ supports protocol-level prepared statements in transaction pooling once
+# max_prepared_statements is set (PgBouncer's own default, 200, from 1.24 on); older versions
+# reject the key, and pgbench -M prepared fails through them in transaction pooling.
+prepared_statements_setting() {
+    local version
+    [[ $1 == transaction ]] || return 0
+    version=$("$PGBOUNCER" --version | awk 'NR == 1 {print $2}')
+    if printf '%s\n1.20.99\n' "$version" | sort -V -C 2>/dev/null; then
+        say "PgBouncer $version has no max_prepared_statements: its -M prepared rows will fail"
+    else
+        echo "max_prepared_statements = 200"
+    fi
+}
+
+# CPU time (user + system) of process $1 so far, in clock ticks; empty without a process.
+cpu_ticks() {
+    [[ -n ${1:-} && -r /proc/$1/stat ]] || return 0
+    # Fields after the command name, which is in parentheses and may hold spaces.
+    sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
 }
 
 init_pgbench() {
@@ -347,6 +389,9 @@ use_run() {
     if [[ $RUN == single ]]; then
         TARGETS=("${SINGLE_TARGETS[@]}")
         WORKLOADS=("${SINGLE_WORKLOADS[@]}")
+    elif [[ $RUN == txn ]]; then
+        TARGETS=("${TXN_TARGETS[@]}")
+        WORKLOADS=("${TXN_WORKLOADS[@]}")
     else
         TARGETS=("${SPLIT_TARGETS[@]}")
         WORKLOADS=("${SPLIT_WORKLOADS[@]}")
@@ -357,13 +402,21 @@ use_run() {
 # One pgbench run: workload options $3 against target $2; appends "tps latency_ms" to the
 # results of workload $1 and target $2, or counts a failure and shows why.
 run_one() {
-    local workload=$1 target=$2 opts=$3 out status=0
+    local workload=$1 target=$2 opts=$3 out status=0 cpu_before cpu_after
     out=$WORK/runs/$RUN/$workload.$target.$round.log
+    cpu_before=$(cpu_ticks "${PID[$target]:-}")
     # shellcheck disable=SC2086 # $opts holds several options on purpose
     PGPASSWORD=$APP_PASSWORD "$PGBENCH" -h 127.0.0.1 -p "${PORT[$target]}" -U "$APP_USER" \
         -T "$DURATION" -j "$THREADS" $opts "$APP_DB" >"$out" 2>&1 || status=$?
-    local tps latency failed
+    cpu_after=$(cpu_ticks "${PID[$target]:-}")
+    local tps latency failed txns cpu_per_txn=""
     tps=$(awk '/^tps = /{print $3; exit}' "$out")
+    txns=$(awk -F'[:/]' '/^number of transactions actually processed/{print $2 + 0; exit}' "$out")
+    if [[ -n $cpu_before && -n $cpu_after && ${txns:-0} -gt 0 ]]; then
+        # Microseconds of the proxy's CPU per transaction.
+        cpu_per_txn=$(awk -v t="$((cpu_after - cpu_before))" -v hz="$(getconf CLK_TCK)" \
+            -v n="$txns" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
+    fi
     latency=$(awk '/^latency average = /{print $4; exit}' "$out")
     failed=$(awk -F': ' '/^number of failed transactions/{split($2, a, " "); print a[1]; exit}' "$out")
     if [[ $status -ne 0 || -z $tps || -z $latency || ${failed:-0} != 0 ]]; then
@@ -372,7 +425,7 @@ run_one() {
         grep -v '^progress' "$out" | tail -n 15 >&2
         return
     fi
-    echo "$tps $latency" >>"$WORK/runs/$RUN/$workload.$target.results"
+    echo "$tps $latency $cpu_per_txn" >>"$WORK/runs/$RUN/$workload.$target.results"
     say "  $workload on $target: tps $tps, latency $latency ms"
 }
 
@@ -481,6 +534,38 @@ report_single() {
     done
 }
 
+report_txn() {
+    local entry name target
+    echo
+    echo "Transaction pooling: pgbench, ${ROUNDS} round(s) x ${DURATION} s per run, -j $THREADS," \
+        "scale $SCALE; medians."
+    echo "Cells: TPS / average latency in ms. pgb-txn: PgBouncer, vigil-txn: pgvigil, both in" \
+        "transaction pooling. CPU: the proxy's CPU time per transaction, in microseconds."
+    printf '%-21s %18s %18s %18s %9s %8s %8s %9s\n' workload direct pgb-txn vigil-txn \
+        vigil/pgb "cpu pgb" "cpu vig" "cpu v/p"
+    for entry in "${WORKLOADS[@]}"; do
+        name=${entry%%|*}
+        declare -A T=() L=() C=()
+        for target in "${TARGETS[@]}"; do
+            T[$target]=$(median "$WORK/runs/$RUN/$name.$target.results" 1)
+            L[$target]=$(median "$WORK/runs/$RUN/$name.$target.results" 2)
+            C[$target]=$(median "$WORK/runs/$RUN/$name.$target.results" 3)
+        done
+        awk -v name="$name" \
+            -v dt="${T[direct]}" -v dl="${L[direct]}" \
+            -v xt="${T[pgbouncer-transaction]}" -v xl="${L[pgbouncer-transaction]}" \
+            -v xc="${C[pgbouncer-transaction]}" \
+            -v vt="${T[pgvigil-txn]}" -v vl="${L[pgvigil-txn]}" -v vc="${C[pgvigil-txn]}" \
+            "$AWK_CELLS"'
+            BEGIN {
+                printf "%-21s %18s %18s %18s %9s %8s %8s %9s\n", name, cell(dt, dl),
+                    cell(xt, xl), cell(vt, vl), ratio(vt, xt), (xc == "" ? "-" : xc),
+                    (vc == "" ? "-" : vc), ratio(vc, xc)
+            }'
+        unset T L C
+    done
+}
+
 report_split() {
     local entry name target
     echo
@@ -545,8 +630,8 @@ report_reads() {
 main() {
     local node
     case $RUNS in
-    single | split | all) ;;
-    *) die "RUNS must be single, split or all" ;;
+    single | split | txn | all) ;;
+    *) die "RUNS must be single, split, txn or all" ;;
     esac
     case $SPLIT_BALANCE in
     "" | least_connections | round_robin | random) ;;
@@ -566,9 +651,17 @@ main() {
         start_pgbouncer session
     fi
     start_pgbouncer transaction
+    if wants txn; then
+        POOL_MODE=transaction start_pgvigil pgvigil-txn "" pg1
+    fi
     init_pgbench
     if wants single; then
         use_run single
+        warm_up
+        run_rounds
+    fi
+    if wants txn; then
+        use_run txn
         warm_up
         run_rounds
     fi
@@ -589,6 +682,10 @@ main() {
     if wants split; then
         use_run split
         report_split
+    fi
+    if wants txn; then
+        use_run txn
+        report_txn
     fi
     if ((FAILED_RUNS > 0)); then
         die "$FAILED_RUNS pgbench run(s) failed (shown above): medians exclude them; FAIL: no run succeeded"

@@ -2,7 +2,8 @@
 //! that is serving that client right now, so a cancel reaches exactly that backend, at once.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -24,9 +25,64 @@ pub struct CancelTarget {
     pub key: Vec<u8>,
 }
 
+/// What a logged-in client is, as SHOW CLIENTS lists it.
+#[derive(Debug)]
+pub struct ClientInfo {
+    /// The role it logged in as.
+    pub user: String,
+    /// The database it asked for.
+    pub database: String,
+    /// Its `application_name` startup parameter (empty when it sent none).
+    pub application_name: String,
+    /// Its address.
+    pub addr: Option<std::net::SocketAddr>,
+    /// When its session started.
+    pub connected_at: std::time::SystemTime,
+    state: AtomicU8,
+}
+
+/// Whether a client's next unit waits (PgBouncer's `cl_active` and `cl_waiting`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// Logged in, running or idle.
+    Active = 0,
+    /// Its unit waits: held by PAUSE, or for a primary.
+    Waiting = 1,
+}
+
+impl ClientInfo {
+    /// A client that has just logged in.
+    pub fn new(
+        user: &str,
+        database: &str,
+        application_name: &str,
+        addr: Option<std::net::SocketAddr>,
+    ) -> ClientInfo {
+        ClientInfo {
+            user: user.to_owned(),
+            database: database.to_owned(),
+            application_name: application_name.to_owned(),
+            addr,
+            connected_at: std::time::SystemTime::now(),
+            state: AtomicU8::new(ClientState::Active as u8),
+        }
+    }
+
+    /// Whether its next unit waits.
+    pub fn state(&self) -> ClientState {
+        if self.state.load(Ordering::Relaxed) == ClientState::Waiting as u8 {
+            ClientState::Waiting
+        } else {
+            ClientState::Active
+        }
+    }
+}
+
 struct Entry {
     secret: u32,
     target: Option<CancelTarget>,
+    /// What the client is, once it has logged in.
+    client: Option<Arc<ClientInfo>>,
     /// Counts the cancel requests that matched, for a session that waits without a backend.
     cancels: watch::Sender<u64>,
 }
@@ -41,6 +97,7 @@ pub struct CancelRegistry {
 pub struct CancelKey {
     registry: Arc<CancelRegistry>,
     cancels: watch::Receiver<u64>,
+    client: OnceLock<Arc<ClientInfo>>,
     /// The process id pgvigil reports to the client.
     pub pid: u32,
     /// The secret pgvigil reports to the client.
@@ -61,12 +118,14 @@ impl CancelRegistry {
                     Entry {
                         secret,
                         target: None,
+                        client: None,
                         cancels,
                     },
                 );
                 return CancelKey {
                     registry: self.clone(),
                     cancels: cancels_rx,
+                    client: OnceLock::new(),
                     pid,
                     secret,
                 };
@@ -88,6 +147,14 @@ impl CancelRegistry {
         }
     }
 
+    /// The logged-in clients with their cancel pids, in no particular order.
+    pub fn clients(&self) -> Vec<(u32, Arc<ClientInfo>)> {
+        lock(&self.sessions)
+            .iter()
+            .filter_map(|(pid, entry)| Some((*pid, entry.client.clone()?)))
+            .collect()
+    }
+
     /// Number of registered sessions.
     pub fn len(&self) -> usize {
         lock(&self.sessions).len()
@@ -100,6 +167,22 @@ impl CancelRegistry {
 }
 
 impl CancelKey {
+    /// Says what the client is, for SHOW CLIENTS (once, after it logged in).
+    pub fn describe(&self, info: ClientInfo) {
+        let info = Arc::new(info);
+        if let Some(entry) = lock(&self.registry.sessions).get_mut(&self.pid) {
+            entry.client = Some(info.clone());
+        }
+        let _ = self.client.set(info);
+    }
+
+    /// Notes whether the client's next unit waits.
+    pub fn set_state(&self, state: ClientState) {
+        if let Some(info) = self.client.get() {
+            info.state.store(state as u8, Ordering::Relaxed);
+        }
+    }
+
     /// Points this session's key at the backend now serving it (or at none).
     pub fn set_target(&self, target: Option<CancelTarget>) {
         if let Some(entry) = lock(&self.registry.sessions).get_mut(&self.pid) {

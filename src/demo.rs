@@ -73,6 +73,7 @@ pub fn demo_config(cluster: &LocalCluster, port: u16) -> Config {
         name: APP_USER.into(),
         password: Some(APP_PASSWORD.into()),
         auth: AuthMethod::ScramSha256,
+        admin: false,
     }];
     // Probes and failover run as the cluster's superuser; the state file lives with the nodes.
     config.health.user = Some(ADMIN_USER.into());

@@ -207,11 +207,7 @@ pub async fn probe_node(
     reports: mpsc::Sender<Report>,
     shutdown: CancellationToken,
 ) {
-    let config = proxy.config.clone();
-    let interval = config.health.interval;
-    // Nudged probes come at most this often, so that a burst of broken sessions does not count
-    // as several consecutive failures within milliseconds.
-    let min_gap = interval / 4;
+    let mut interval = proxy.config().health.interval;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut conn: Option<ProbeConn> = None;
@@ -227,11 +223,22 @@ pub async fn probe_node(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
             _ = nudge => {
+                // Nudged probes come at most this often, so that a burst of broken sessions
+                // does not count as several consecutive failures within milliseconds.
+                let min_gap = interval / 4;
                 if let Some(wait) = last_start.and_then(|at| min_gap.checked_sub(at.elapsed())) {
                     tokio::time::sleep(wait).await;
                 }
                 tick.reset();
             }
+        }
+        // Read again every round: a reload may change `[health]` (the interval takes effect
+        // from the next tick) or the credentials (from the next connection).
+        let config = proxy.config().clone();
+        if config.health.interval != interval {
+            interval = config.health.interval;
+            tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         }
         let started = Instant::now();
         last_start = Some(started);

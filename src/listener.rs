@@ -19,7 +19,7 @@ use crate::stream::tune_socket;
 
 /// Accepts clients until `shutdown` fires.
 pub async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
-    let limit = Arc::new(Semaphore::new(proxy.config.max_client_conn));
+    let limit = Arc::new(Semaphore::new(proxy.config().max_client_conn));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -39,9 +39,9 @@ pub async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Can
             Ok(permit) => {
                 let proxy = proxy.clone();
                 tokio::spawn(async move {
-                    proxy.metrics.client_connections_add(1.0);
+                    proxy.metrics.client_opened();
                     session::run(tcp, proxy.clone()).await;
-                    proxy.metrics.client_connections_add(-1.0);
+                    proxy.metrics.client_closed();
                     drop(permit);
                 });
             }
@@ -49,7 +49,7 @@ pub async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Can
                 proxy
                     .metrics
                     .client_rejected(crate::metrics::Rejection::TooManyClients);
-                tokio::spawn(refuse_too_many(tcp, proxy.config.max_client_conn));
+                tokio::spawn(refuse_too_many(tcp, proxy.config().max_client_conn));
             }
         }
     }

@@ -96,6 +96,29 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Hold new transactions (PgBouncer's PAUSE): those running finish, new ones wait for
+    /// `resume`; a client's cancel request ends its wait.
+    Pause {
+        /// Return only once no session is running a statement or inside a transaction block.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this long (pgvigil stays paused).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Release the transactions held by `pause`.
+    Resume {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Read the configuration file again and apply what may change live (as SIGHUP does);
+    /// an invalid file is refused with every problem named.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Clear the fence of a node once an operator has dealt with it.
     Unfence {
         /// The node to unfence.
@@ -185,6 +208,23 @@ fn main() -> ExitCode {
         Command::Unfence { node, admin } => {
             runtime.block_on(command(admin, api::Command::Unfence(node)))
         }
+        Command::Pause {
+            wait,
+            timeout,
+            admin,
+        } => {
+            let timeout = humantime::format_duration(timeout)
+                .to_string()
+                .replace(' ', "");
+            let path = if wait {
+                format!("/pause?wait=true&timeout={timeout}")
+            } else {
+                "/pause".to_owned()
+            };
+            runtime.block_on(post(admin, &path))
+        }
+        Command::Resume { admin } => runtime.block_on(post(admin, "/resume")),
+        Command::Reload { admin } => runtime.block_on(post(admin, "/reload")),
         Command::Agent(options) => runtime.block_on(agent(options)),
     }
 }
@@ -245,11 +285,16 @@ async fn status(args: AdminArgs) -> ExitCode {
 
 /// `pgvigil promote|failback|attach|detach|unfence NODE`, `pgvigil switchover`.
 async fn command(args: AdminArgs, command: api::Command) -> ExitCode {
+    post(args, &pgvigil::admin::client::command_path(&command)).await
+}
+
+/// Sends a command to its endpoint `path` and prints the answer.
+async fn post(args: AdminArgs, path: &str) -> ExitCode {
     let admin = match admin_client(&args) {
         Ok(admin) => admin,
         Err(code) => return code,
     };
-    match admin.send(&command).await {
+    match admin.post(path).await {
         Ok(Ok(done)) => {
             if args.json {
                 print_json(&done);
@@ -309,7 +354,7 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    pgvigil::signals::stop_requested().await;
+    pgvigil::signals::serve_until_stopped(&running.proxy).await;
     info!("stopping");
     running.shutdown().await;
     ExitCode::SUCCESS

@@ -7,12 +7,14 @@
 //! (node roles and health, lag, pool sizes, the topology generation) is copied into gauges when
 //! `/metrics` is scraped, so it costs nothing between scrapes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 
 use crate::admin::api::Status;
+use crate::pause::Traffic;
 use crate::topology::NodeId;
 
 /// Latency buckets in seconds, from half a millisecond to ten seconds (wave2.md §6.4).
@@ -102,8 +104,38 @@ impl FailoverPhase {
     }
 }
 
+/// What a node has served so far (SHOW STATS), in plain counters read back by the console.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Units served.
+    pub units: u64,
+    /// Their time in all, in microseconds.
+    pub unit_us: u64,
+    /// Bytes received from clients.
+    pub received: u64,
+    /// Bytes sent to clients.
+    pub sent: u64,
+}
+
+/// The bytes a session moved for the units it ran on one node since the last count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bytes {
+    /// From the client.
+    pub received: u64,
+    /// To the client.
+    pub sent: u64,
+}
+
 /// The handles of one node's hot-path metrics.
 struct NodeMetrics {
+    /// `pgvigil_client_received_bytes_total{node}`, `pgvigil_client_sent_bytes_total{node}`.
+    received: Counter,
+    sent: Counter,
+    /// The same sums, readable for SHOW STATS.
+    units_sum: AtomicU64,
+    unit_us_sum: AtomicU64,
+    received_sum: AtomicU64,
+    sent_sum: AtomicU64,
     /// `pgvigil_units_total{node, kind}`, indexed like [`UnitKind::ALL`].
     units: [Counter; 4],
     unit_duration: Histogram,
@@ -122,7 +154,19 @@ pub struct Metrics {
     last_failover: [Gauge; 2],
     /// Indexed like [`Rejection::ALL`].
     rejected: [Counter; 4],
-    client_connections: Gauge,
+    /// Client connections accepted and not yet closed (logged in or not).
+    clients_open: AtomicU64,
+}
+
+/// The logged-in clients by what they do, counted when `/metrics` is scraped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientCounts {
+    /// Logged-in client sessions (console included).
+    pub logged_in: usize,
+    /// Of those, running a unit or inside a transaction block.
+    pub active: usize,
+    /// Of those, with a unit waiting (held by PAUSE, or for a primary).
+    pub waiting: usize,
 }
 
 /// Where the metrics macros' call sites would be; the exporter ignores it but the API asks.
@@ -165,6 +209,18 @@ impl Metrics {
                         &Key::from_parts("pgvigil_probe_failures_total", vec![node()]),
                         &METADATA,
                     ),
+                    received: recorder.register_counter(
+                        &Key::from_parts("pgvigil_client_received_bytes_total", vec![node()]),
+                        &METADATA,
+                    ),
+                    sent: recorder.register_counter(
+                        &Key::from_parts("pgvigil_client_sent_bytes_total", vec![node()]),
+                        &METADATA,
+                    ),
+                    units_sum: AtomicU64::new(0),
+                    unit_us_sum: AtomicU64::new(0),
+                    received_sum: AtomicU64::new(0),
+                    sent_sum: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -197,9 +253,6 @@ impl Metrics {
             counter.absolute(0);
             counter
         });
-        let client_connections =
-            recorder.register_gauge(&Key::from_name("pgvigil_client_connections"), &METADATA);
-        client_connections.set(0.0);
         recorder
             .register_gauge(
                 &Key::from_parts(
@@ -217,16 +270,36 @@ impl Metrics {
             failbacks,
             last_failover,
             rejected,
-            client_connections,
+            clients_open: AtomicU64::new(0),
         }
     }
 
-    /// A unit of `kind` on `node` finished after `took`.
-    pub fn unit_done(&self, node: NodeId, kind: UnitKind, took: Duration) {
+    /// A unit of `kind` on `node` finished after `took`, having moved `bytes` (counted by the
+    /// session since its last unit: one flush per unit, nothing per message).
+    pub fn unit_done(&self, node: NodeId, kind: UnitKind, took: Duration, bytes: Bytes) {
         if let Some(m) = self.nodes.get(node) {
             m.units[kind as usize].increment(1);
             m.unit_duration.record(took.as_secs_f64());
+            m.received.increment(bytes.received);
+            m.sent.increment(bytes.sent);
+            let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            m.units_sum.fetch_add(1, Ordering::Relaxed);
+            m.unit_us_sum.fetch_add(micros, Ordering::Relaxed);
+            m.received_sum.fetch_add(bytes.received, Ordering::Relaxed);
+            m.sent_sum.fetch_add(bytes.sent, Ordering::Relaxed);
         }
+    }
+
+    /// What `node` has served so far.
+    pub fn totals(&self, node: NodeId) -> Totals {
+        self.nodes
+            .get(node)
+            .map_or_else(Totals::default, |m| Totals {
+                units: m.units_sum.load(Ordering::Relaxed),
+                unit_us: m.unit_us_sum.load(Ordering::Relaxed),
+                received: m.received_sum.load(Ordering::Relaxed),
+                sent: m.sent_sum.load(Ordering::Relaxed),
+            })
     }
 
     /// A probe of `node` finished after `took`, failed or not.
@@ -262,13 +335,42 @@ impl Metrics {
         self.rejected[reason as usize].increment(1);
     }
 
-    /// A client session started (`1.0`) or ended (`-1.0`).
-    pub fn client_connections_add(&self, delta: f64) {
-        self.client_connections.increment(delta);
+    /// A client connection was accepted.
+    pub fn client_opened(&self) {
+        self.clients_open.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The text exposition as of now: the gauges read from `status` first, then everything.
-    pub fn render(&self, status: &Status) -> String {
+    /// A client connection closed.
+    pub fn client_closed(&self) {
+        self.clients_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The `pgvigil_pool_waits_total` and `pgvigil_pool_wait_seconds` handles of every node,
+    /// for the pools to record the checkouts that had to wait.
+    pub fn pool_waits(&self, node_names: &[String]) -> Vec<crate::pool::WaitMetrics> {
+        node_names
+            .iter()
+            .map(|name| {
+                let node = || vec![Label::new("node", name.clone())];
+                let waits = self.recorder.register_counter(
+                    &Key::from_parts("pgvigil_pool_waits_total", node()),
+                    &METADATA,
+                );
+                waits.absolute(0);
+                crate::pool::WaitMetrics {
+                    waits,
+                    seconds: self.recorder.register_histogram(
+                        &Key::from_parts("pgvigil_pool_wait_seconds", node()),
+                        &METADATA,
+                    ),
+                }
+            })
+            .collect()
+    }
+
+    /// The text exposition as of now: the gauges read from `status` and `clients` first, then
+    /// everything.
+    pub fn render(&self, status: &Status, clients: ClientCounts) -> String {
         let gauge = |name: &'static str, labels: Vec<Label>, value: f64| {
             self.recorder
                 .register_gauge(&Key::from_parts(name, labels), &METADATA)
@@ -279,6 +381,27 @@ impl Metrics {
             "pgvigil_topology_generation",
             vec![],
             status.generation as f64,
+        );
+        let open = usize::try_from(self.clients_open.load(Ordering::Relaxed)).unwrap_or(0);
+        let idle = clients
+            .logged_in
+            .saturating_sub(clients.active + clients.waiting);
+        for (state, count) in [
+            ("login", open.saturating_sub(clients.logged_in)),
+            ("idle", idle),
+            ("active", clients.active),
+            ("waiting", clients.waiting),
+        ] {
+            gauge(
+                "pgvigil_client_connections",
+                vec![Label::new("state", state)],
+                count as f64,
+            );
+        }
+        gauge(
+            "pgvigil_paused",
+            vec![],
+            f64::from(u8::from(status.traffic == Traffic::Paused)),
         );
         for node in &status.nodes {
             let label = || vec![Label::new("node", node.name.clone())];
@@ -332,7 +455,19 @@ impl Metrics {
 
 /// Help text and units for every metric.
 fn describe(recorder: &PrometheusRecorder) {
-    let counters: [(&'static str, &'static str); 6] = [
+    let counters: [(&'static str, &'static str); 9] = [
+        (
+            "pgvigil_pool_waits_total",
+            "Checkouts that found no free server connection and waited, per node",
+        ),
+        (
+            "pgvigil_client_received_bytes_total",
+            "Bytes received from clients, per node their units went to",
+        ),
+        (
+            "pgvigil_client_sent_bytes_total",
+            "Bytes sent to clients, per node that answered",
+        ),
         ("pgvigil_switchovers_total", "Switchovers carried out"),
         (
             "pgvigil_failbacks_total",
@@ -358,7 +493,11 @@ fn describe(recorder: &PrometheusRecorder) {
     for (name, help) in counters {
         recorder.describe_counter(KeyName::from(name), None, help.into());
     }
-    let histograms: [(&'static str, &'static str); 2] = [
+    let histograms: [(&'static str, &'static str); 3] = [
+        (
+            "pgvigil_pool_wait_seconds",
+            "How long checkouts that waited for a server connection waited, per node",
+        ),
         (
             "pgvigil_unit_duration_seconds",
             "Time from forwarding a unit to its node until the node answered all of it",
@@ -371,13 +510,20 @@ fn describe(recorder: &PrometheusRecorder) {
     for (name, help) in histograms {
         recorder.describe_histogram(KeyName::from(name), Some(Unit::Seconds), help.into());
     }
-    let gauges: [(&'static str, &'static str); 10] = [
+    let gauges: [(&'static str, &'static str); 11] = [
+        (
+            "pgvigil_paused",
+            "1 while `pgvigil pause` holds new transactions",
+        ),
         (
             "pgvigil_last_failover_phase_seconds",
             "How long each phase of the last failover took",
         ),
         ("pgvigil_build_info", "Always 1; the version is a label"),
-        ("pgvigil_client_connections", "Client sessions open"),
+        (
+            "pgvigil_client_connections",
+            "Client connections by state: login (not logged in yet), idle, active (in a unit or transaction), waiting (held by PAUSE or for a primary)",
+        ),
         (
             "pgvigil_server_connections",
             "Server connections held, per node and state (idle in the pool, active lent to a session)",

@@ -2,9 +2,11 @@
 //! idle and lifetime reaping. A connection that broke is never handed out again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::PoolConfig;
@@ -61,25 +63,179 @@ struct NodePool {
     /// Wakes waiting checkouts when a connection goes back to an idle list: it keeps its slot, so
     /// waiting on `slots` alone would miss it.
     returned: Notify,
+    /// Slots a smaller `pool.max_size` took away that were in use: each connection that comes
+    /// back closes and gives its slot up until none is owed.
+    owed: AtomicUsize,
+    waits: WaitMetrics,
+}
+
+/// The handles a node's pool records its waits with.
+pub struct WaitMetrics {
+    /// `pgvigil_pool_waits_total{node}`: checkouts that had to wait.
+    pub waits: metrics::Counter,
+    /// `pgvigil_pool_wait_seconds{node}`: how long each waited.
+    pub seconds: metrics::Histogram,
+}
+
+/// An open server connection as SHOW SERVERS lists it.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    /// The node it is open to.
+    pub node: NodeId,
+    /// Role it is logged in as.
+    pub user: String,
+    /// Database it is logged in to.
+    pub database: String,
+    /// The node's host and port.
+    pub addr: (String, u16),
+    /// The backend's process id.
+    pub backend_pid: u32,
+    /// When it was opened.
+    pub connected_at: SystemTime,
+}
+
+/// Every open server connection by id; each leaves when its [`Listed`] is dropped.
+type OpenList = Arc<Mutex<HashMap<u64, ServerInfo>>>;
+
+/// A server connection's place in the list of open connections; dropped with the connection.
+#[derive(Debug)]
+pub struct Listed {
+    open: OpenList,
+    id: u64,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        lock(&self.open).remove(&self.id);
+    }
+}
+
+/// A server connection and whether it is idle in a pool or lent to a session.
+#[derive(Debug, Clone)]
+pub struct ServerRow {
+    /// What it is.
+    pub info: ServerInfo,
+    /// Idle in a pool (else lent to a session).
+    pub idle: bool,
 }
 
 /// All pools, one per configured node.
 pub struct Pools {
     nodes: Vec<NodePool>,
-    config: PoolConfig,
+    /// Every open server connection (opened here, closed anywhere).
+    open: OpenList,
+    next_id: AtomicU64,
+    /// `[pool]` in force (swapped by a reload, see [`Pools::reconfigure`]).
+    config: ArcSwap<PoolConfig>,
 }
 
 impl Pools {
-    /// Empty pools for `node_count` nodes.
-    pub fn new(node_count: usize, config: PoolConfig) -> Pools {
-        let nodes = (0..node_count)
-            .map(|_| NodePool {
+    /// Empty pools, one per node of `waits` (each node's wait metrics).
+    pub fn new(config: PoolConfig, waits: Vec<WaitMetrics>) -> Pools {
+        let nodes = waits
+            .into_iter()
+            .map(|waits| NodePool {
                 slots: Arc::new(Semaphore::new(config.max_size)),
                 idle: Mutex::new(HashMap::new()),
                 returned: Notify::new(),
+                owed: AtomicUsize::new(0),
+                waits,
             })
             .collect();
-        Pools { nodes, config }
+        Pools {
+            nodes,
+            open: OpenList::default(),
+            next_id: AtomicU64::new(1),
+            config: ArcSwap::from_pointee(config),
+        }
+    }
+
+    /// Applies a reloaded `[pool]`: a larger `max_size` frees slots at once; a smaller one takes
+    /// free slots and idle connections away now, and the rest from connections as they come back
+    /// (none in use is closed under a session).
+    pub fn reconfigure(&self, config: PoolConfig) {
+        let old = self.config.swap(Arc::new(config.clone()));
+        for pool in &self.nodes {
+            if config.max_size >= old.max_size {
+                let mut more = config.max_size - old.max_size;
+                // Slots still owed from an earlier shrink are forgiven first.
+                let _ = pool
+                    .owed
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
+                        let forgiven = owed.min(more);
+                        more -= forgiven;
+                        Some(owed - forgiven)
+                    });
+                pool.slots.add_permits(more);
+                continue;
+            }
+            let fewer = old.max_size - config.max_size;
+            let mut owed = fewer - pool.slots.forget_permits(fewer);
+            let mut idle = lock(&pool.idle);
+            for conns in idle.values_mut() {
+                while owed > 0 {
+                    let Some(Idle { permit, .. }) = conns.pop() else {
+                        break;
+                    };
+                    permit.forget();
+                    owed -= 1;
+                }
+            }
+            idle.retain(|_, conns| !conns.is_empty());
+            pool.owed.fetch_add(owed, Ordering::AcqRel);
+        }
+    }
+
+    /// Opens a connection for `target` and lists it among the open ones.
+    async fn open(&self, target: &LoginTarget) -> Result<ServerConn, ServerError> {
+        let mut conn = ServerConn::connect(target).await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let info = ServerInfo {
+            node: conn.node,
+            user: conn.user.clone(),
+            database: conn.database.clone(),
+            addr: conn.addr.clone(),
+            backend_pid: conn.backend_pid,
+            connected_at: SystemTime::now(),
+        };
+        lock(&self.open).insert(id, info);
+        conn.listed = Some(Listed {
+            open: self.open.clone(),
+            id,
+        });
+        Ok(conn)
+    }
+
+    /// Every open server connection, idle or lent, in the order they were opened.
+    pub fn servers(&self) -> Vec<ServerRow> {
+        let idle: std::collections::HashSet<u64> = self
+            .nodes
+            .iter()
+            .flat_map(|pool| {
+                lock(&pool.idle)
+                    .values()
+                    .flatten()
+                    .filter_map(|i| i.conn.listed.as_ref().map(|l| l.id))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut rows: Vec<(u64, ServerRow)> = lock(&self.open)
+            .iter()
+            .map(|(id, info)| {
+                let row = ServerRow {
+                    info: info.clone(),
+                    idle: idle.contains(id),
+                };
+                (*id, row)
+            })
+            .collect();
+        rows.sort_by_key(|(id, _)| *id);
+        rows.into_iter().map(|(_, row)| row).collect()
+    }
+
+    /// The `[pool]` in force.
+    fn config(&self) -> arc_swap::Guard<Arc<PoolConfig>> {
+        self.config.load()
     }
 
     /// Lends a connection for (node, database, user): an idle one if there is one, else a new one
@@ -88,13 +244,16 @@ impl Pools {
     pub async fn checkout(&self, target: &LoginTarget) -> Result<Lease, PoolError> {
         let pool = &self.nodes[target.node];
         let key = (target.database.clone(), target.user.clone());
-        let deadline = tokio::time::Instant::now() + self.config.checkout_timeout;
+        let deadline = tokio::time::Instant::now() + self.config().checkout_timeout;
+        // Set once the checkout had to wait: recorded when it ends, served or not.
+        let mut waiting_since: Option<Instant> = None;
         let permit = loop {
             // Enabled before looking: a connection checked in just after the look still wakes us.
             let returned = pool.returned.notified();
             tokio::pin!(returned);
             returned.as_mut().enable();
             if let Some(lease) = self.take_idle(pool, &key) {
+                pool.waited(waiting_since);
                 return Ok(lease);
             }
             if let Ok(permit) = pool.slots.clone().try_acquire_owned() {
@@ -103,19 +262,22 @@ impl Pools {
             if let Some(permit) = evict_other(pool, &key) {
                 break permit;
             }
+            waiting_since.get_or_insert_with(Instant::now);
             tokio::select! {
                 Ok(permit) = pool.slots.clone().acquire_owned() => break permit,
                 () = &mut returned => {}
                 () = tokio::time::sleep_until(deadline) => {
+                    pool.waited(waiting_since);
                     return Err(PoolError::Exhausted {
                         node: target.node_name.clone(),
-                        max_size: self.config.max_size,
-                        waited: self.config.checkout_timeout,
+                        max_size: self.config().max_size,
+                        waited: self.config().checkout_timeout,
                     })
                 }
             }
         };
-        let conn = ServerConn::connect(target).await?;
+        pool.waited(waiting_since);
+        let conn = self.open(target).await?;
         Ok(Lease { conn, permit })
     }
 
@@ -132,11 +294,11 @@ impl Pools {
             Ok(permit) => permit,
             Err(_) => evict_other(pool, &key).ok_or_else(|| PoolError::Exhausted {
                 node: target.node_name.clone(),
-                max_size: self.config.max_size,
+                max_size: self.config().max_size,
                 waited: Duration::ZERO,
             })?,
         };
-        let conn = ServerConn::connect(target).await?;
+        let conn = self.open(target).await?;
         Ok(Lease { conn, permit })
     }
 
@@ -145,7 +307,16 @@ impl Pools {
     /// session resets what it carries; anything else must be dropped instead.
     pub fn checkin(&self, mut lease: Lease) {
         let now = Instant::now();
-        if now.duration_since(lease.conn.created) >= self.config.max_lifetime {
+        let pool = &self.nodes[lease.conn.node];
+        let owed = pool
+            .owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if owed.is_ok() {
+            // The pool shrank while this connection was lent: it closes and its slot goes.
+            lease.permit.forget();
+            return;
+        }
+        if now.duration_since(lease.conn.created) >= self.config().max_lifetime {
             return;
         }
         if lease.conn.rbuf.capacity() > 64 * 1024 {
@@ -153,7 +324,6 @@ impl Pools {
         }
         lease.conn.idle_since = now;
         let key = (lease.conn.database.clone(), lease.conn.user.clone());
-        let pool = &self.nodes[lease.conn.node];
         lock(&pool.idle).entry(key).or_default().push(Idle {
             conn: lease.conn,
             permit: lease.permit,
@@ -164,12 +334,13 @@ impl Pools {
     /// Closes idle connections past `pool.idle_timeout` or `pool.max_lifetime`.
     pub fn reap(&self) {
         let now = Instant::now();
+        let config = self.config();
         for pool in &self.nodes {
             let mut idle = lock(&pool.idle);
             for conns in idle.values_mut() {
                 conns.retain(|i| {
-                    now.duration_since(i.conn.idle_since) < self.config.idle_timeout
-                        && now.duration_since(i.conn.created) < self.config.max_lifetime
+                    now.duration_since(i.conn.idle_since) < config.idle_timeout
+                        && now.duration_since(i.conn.created) < config.max_lifetime
                 });
             }
             idle.retain(|_, conns| !conns.is_empty());
@@ -190,16 +361,19 @@ impl Pools {
 
     /// Number of connections to `node` that exist, idle or lent.
     pub fn open_count(&self, node: NodeId) -> usize {
-        self.config.max_size - self.nodes[node].slots.available_permits()
+        let pool = &self.nodes[node];
+        (self.config().max_size + pool.owed.load(Ordering::Acquire))
+            .saturating_sub(pool.slots.available_permits())
     }
 
     /// Pairs that have been used on `node` and have fewer than `pool.min_idle` idle connections,
     /// with how many are missing.
     pub fn idle_deficit(&self, node: NodeId) -> Vec<(Key, usize)> {
+        let min_idle = self.config().min_idle;
         let idle = lock(&self.nodes[node].idle);
         idle.iter()
-            .filter(|(_, conns)| conns.len() < self.config.min_idle)
-            .map(|(key, conns)| (key.clone(), self.config.min_idle - conns.len()))
+            .filter(|(_, conns)| conns.len() < min_idle)
+            .map(|(key, conns)| (key.clone(), min_idle - conns.len()))
             .collect()
     }
 
@@ -209,7 +383,7 @@ impl Pools {
         let Ok(permit) = pool.slots.clone().try_acquire_owned() else {
             return Ok(false);
         };
-        let conn = ServerConn::connect(target).await?;
+        let conn = self.open(target).await?;
         self.checkin(Lease { conn, permit });
         Ok(true)
     }
@@ -224,6 +398,16 @@ impl Pools {
             }
         }
         None
+    }
+}
+
+impl NodePool {
+    /// Records a checkout's wait, if it waited (since `since`).
+    fn waited(&self, since: Option<Instant>) {
+        if let Some(since) = since {
+            self.waits.waits.increment(1);
+            self.waits.seconds.record(since.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -243,4 +427,39 @@ fn evict_other(pool: &NodePool, key: &Key) -> Option<OwnedSemaphorePermit> {
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the lists stay valid).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pools(max_size: usize) -> Pools {
+        let config = PoolConfig {
+            max_size,
+            ..PoolConfig::default()
+        };
+        let waits = WaitMetrics {
+            waits: metrics::Counter::noop(),
+            seconds: metrics::Histogram::noop(),
+        };
+        Pools::new(config, vec![waits])
+    }
+
+    #[test]
+    fn a_reloaded_max_size_changes_the_free_slots() {
+        let pools = pools(3);
+        pools.reconfigure(PoolConfig {
+            max_size: 1,
+            ..PoolConfig::default()
+        });
+        assert_eq!(pools.nodes[0].slots.available_permits(), 1);
+        assert_eq!(pools.nodes[0].owed.load(Ordering::Acquire), 0);
+        assert_eq!(pools.open_count(0), 0);
+        pools.reconfigure(PoolConfig {
+            max_size: 4,
+            ..PoolConfig::default()
+        });
+        assert_eq!(pools.nodes[0].slots.available_permits(), 4);
+        assert_eq!(pools.open_count(0), 0);
+    }
 }

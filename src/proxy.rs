@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, Guard};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -49,10 +50,10 @@ pub enum StartError {
 
 /// State shared by every session.
 pub struct Proxy {
-    /// The configuration in force.
-    pub config: Arc<Config>,
-    /// Configured users with their precomputed SCRAM secrets.
-    pub users: HashMap<String, UserSecret>,
+    /// The configuration in force (swapped whole by a reload).
+    config: ArcSwap<Config>,
+    /// Configured users with their precomputed SCRAM secrets (swapped by a reload).
+    pub users: ArcSwap<HashMap<String, UserSecret>>,
     /// Where the nodes stand.
     pub topology: TopologyHandle,
     /// How far each node has come in the WAL, from the latest probe round.
@@ -72,16 +73,24 @@ pub struct Proxy {
     pub unknown_user_method: crate::config::AuthMethod,
     /// Wakes a node's probe task for an immediate probe.
     pub nudges: Arc<health::Nudges>,
-    /// The classifier's function lists (built-in plus `routing.read_functions`/`write_functions`).
-    pub functions: pgvigil_proto::classify::FunctionLists,
+    /// The classifier's function lists (built-in plus `routing.read_functions`/`write_functions`;
+    /// swapped by a reload).
+    pub functions: ArcSwap<pgvigil_proto::classify::FunctionLists>,
     /// Spreads reads over the nodes that may take them.
     pub balancer: crate::balance::Balancer,
     /// The Prometheus metrics served at `/metrics`.
     pub metrics: crate::metrics::Metrics,
     /// The event log (`GET /events`).
     pub events: Arc<crate::events::Events>,
+    /// The operator's PAUSE: whether new units wait, and the sessions in flight.
+    pub pause: Arc<crate::pause::Pause>,
+    /// The failover coordinator's admin side (its view of the nodes), for the SQL console; set
+    /// once the coordinator is started.
+    pub control: std::sync::OnceLock<failover::Handle>,
     /// Whether this instance may act on the nodes (alone, or the leader elected in etcd).
     pub leadership: Arc<crate::cluster::Leadership>,
+    /// Transaction pooling: the server-side names of named prepared statements.
+    pub statements: crate::statements::Registry,
 }
 
 impl Proxy {
@@ -104,19 +113,14 @@ impl Proxy {
             (_, Some(ca)) => Some(tls::client_config_with_ca(ca)?),
             (_, None) => Some(tls::client_config_no_verify()),
         };
-        let users = config
-            .users
-            .iter()
-            .map(|u| {
-                let password = u.password.clone().unwrap_or_default();
-                (u.name.clone(), UserSecret::new(&u.name, &password, u.auth))
-            })
-            .collect();
+        let users = ArcSwap::from_pointee(user_secrets(&config, &HashMap::new()));
         let (topology, publisher) = TopologyHandle::new(Topology::initial(&config, generation));
+        let names: Vec<String> = config.nodes.iter().map(|n| n.name.clone()).collect();
+        let metrics = crate::metrics::Metrics::new(&names);
         let proxy = Proxy {
             topology,
             replication: ReplicationHandle::new(config.nodes.len()),
-            pools: Pools::new(config.nodes.len(), config.pool.clone()),
+            pools: Pools::new(config.pool.clone(), metrics.pool_waits(&names)),
             cancels: Arc::new(CancelRegistry::default()),
             tls_acceptor,
             backend_tls,
@@ -124,20 +128,27 @@ impl Proxy {
             auth_seed: rand::random(),
             unknown_user_method: most_common_method(&config),
             nudges: Arc::new(health::Nudges::new(config.nodes.len())),
-            functions: config.function_lists(),
+            functions: ArcSwap::from_pointee(config.function_lists()),
             balancer: crate::balance::Balancer::new(config.nodes.len()),
-            metrics: crate::metrics::Metrics::new(
-                &config
-                    .nodes
-                    .iter()
-                    .map(|n| n.name.clone())
-                    .collect::<Vec<_>>(),
-            ),
+            metrics,
             events: Arc::new(crate::events::Events::default()),
+            pause: Arc::default(),
+            control: std::sync::OnceLock::new(),
             leadership: crate::cluster::Leadership::new(&config),
-            config: Arc::new(config),
+            statements: crate::statements::Registry::default(),
+            config: ArcSwap::from_pointee(config),
         };
         Ok((proxy, publisher))
+    }
+
+    /// The configuration in force now. Hold it briefly: a reload swaps in a new one.
+    pub fn config(&self) -> Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// Swaps in a reloaded configuration (see `reload`).
+    pub(crate) fn store_config(&self, next: Config) {
+        self.config.store(Arc::new(next));
     }
 
     /// Asks `decide` for a route; while it finds none (no primary during a failover, no usable
@@ -148,7 +159,7 @@ impl Proxy {
         decide: impl Fn(&Topology) -> Result<Route, RouteError>,
     ) -> Result<Route, RouteError> {
         let mut changes = self.topology.subscribe();
-        let deadline = tokio::time::Instant::now() + self.config.failover.wait_timeout;
+        let deadline = tokio::time::Instant::now() + self.config().failover.wait_timeout;
         loop {
             let error = match decide(&self.topology.load()) {
                 Ok(route) => return Ok(route),
@@ -199,13 +210,20 @@ impl Proxy {
     }
 
     /// How to log in to `node` for a client's (user, database).
-    pub fn login_target(&self, node: NodeId, user: &str, database: &str) -> LoginTarget {
+    /// `remembered`: the password to use if a reload removed the user from the configuration.
+    pub fn login_target(
+        &self,
+        node: NodeId,
+        user: &str,
+        database: &str,
+        remembered: &str,
+    ) -> LoginTarget {
         let topology = self.topology.load();
         let node_state = &topology.nodes[node];
         let password = self
-            .config
+            .config()
             .user(user)
-            .and_then(|u| u.password.clone())
+            .map_or_else(|| Some(remembered.to_owned()), |u| u.password.clone())
             .unwrap_or_default();
         LoginTarget {
             node,
@@ -215,8 +233,8 @@ impl Proxy {
             user: user.to_string(),
             password,
             database: database.to_string(),
-            connect_timeout: self.config.backend.connect_timeout,
-            tls: self.config.backend.tls,
+            connect_timeout: self.config().backend.connect_timeout,
+            tls: self.config().backend.tls,
             tls_config: self.backend_tls.clone(),
         }
     }
@@ -231,9 +249,10 @@ impl Proxy {
             if lease.conn.tx != pgvigil_proto::TxStatus::Idle {
                 lease.conn.run_internal("ROLLBACK").await?;
             }
+            lease.conn.statements.clear();
             lease.conn.run_internal("DISCARD ALL").await
         };
-        match tokio::time::timeout(self.config.backend.connect_timeout, reset).await {
+        match tokio::time::timeout(self.config().backend.connect_timeout, reset).await {
             Ok(Ok(())) if lease.conn.rbuf.is_empty() => {
                 lease.conn.owner = 0;
                 self.pools.checkin(lease)
@@ -252,7 +271,7 @@ impl Proxy {
 
     /// Probes every node now instead of at the next tick.
     pub fn probe_all_now(&self) {
-        for node in 0..self.config.nodes.len() {
+        for node in 0..self.config().nodes.len() {
             self.nudges.nudge(node);
         }
     }
@@ -262,7 +281,7 @@ impl Proxy {
         match self.cancels.lookup(pid, key) {
             Some(target) => {
                 if let Err(error) =
-                    crate::cancel::send_cancel(&target, self.config.backend.connect_timeout).await
+                    crate::cancel::send_cancel(&target, self.config().backend.connect_timeout).await
                 {
                     warn!(%error, "could not forward a cancel request");
                 }
@@ -270,6 +289,27 @@ impl Proxy {
             None => info!("cancel request with an unknown key ignored"),
         }
     }
+}
+
+/// The SCRAM secrets of the configured users; a user whose name, password and method are those
+/// of one in `known` keeps its secret (computing one costs 4096 HMAC rounds).
+pub(crate) fn user_secrets(
+    config: &Config,
+    known: &HashMap<String, UserSecret>,
+) -> HashMap<String, UserSecret> {
+    config
+        .users
+        .iter()
+        .map(|u| {
+            let password = u.password.clone().unwrap_or_default();
+            let secret = known
+                .get(&u.name)
+                .filter(|s| s.matches(&password, u.auth))
+                .cloned()
+                .unwrap_or_else(|| UserSecret::new(&u.name, &password, u.auth));
+            (u.name.clone(), secret)
+        })
+        .collect()
 }
 
 /// The client authentication method most configured users have (SCRAM on a tie).
@@ -331,7 +371,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     proxy.leadership.admin_bound(admin_addr);
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let (control, inbox) = failover::channel(proxy.config.nodes.len(), proxy.events.clone());
+    let (control, inbox) = failover::channel(proxy.config().nodes.len(), proxy.events.clone());
+    let _ = proxy.control.set(control.clone());
     tasks.spawn(admin::serve(
         admin_listener,
         proxy.clone(),
@@ -344,8 +385,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         proxy.clone(),
         shutdown.clone(),
     ));
-    let (reports, received) = tokio::sync::mpsc::channel(4 * proxy.config.nodes.len().max(1));
-    for node in 0..proxy.config.nodes.len() {
+    let (reports, received) = tokio::sync::mpsc::channel(4 * proxy.config().nodes.len().max(1));
+    for node in 0..proxy.config().nodes.len() {
         tasks.spawn(health::probe_node(
             proxy.clone(),
             node,
@@ -372,7 +413,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown.clone(),
     ));
     tasks.close();
-    info!(%local_addr, %admin_addr, nodes = proxy.config.nodes.len(), "pgvigil listening");
+    info!(%local_addr, %admin_addr, nodes = proxy.config().nodes.len(), "pgvigil listening");
     Ok(Running {
         proxy,
         local_addr,
@@ -392,7 +433,7 @@ impl Running {
 
 /// Closes idle connections past their idle timeout or lifetime, and keeps `pool.min_idle`.
 async fn reap_pools(proxy: Arc<Proxy>, shutdown: CancellationToken) {
-    let period = proxy.config.pool.idle_timeout.min(Duration::from_secs(5));
+    let period = proxy.config().pool.idle_timeout.min(Duration::from_secs(5));
     let mut tick = tokio::time::interval(period);
     loop {
         tokio::select! {
@@ -407,9 +448,13 @@ async fn reap_pools(proxy: Arc<Proxy>, shutdown: CancellationToken) {
             .iter()
             .map(|n| n.role.is_usable())
             .collect();
-        for node in (0..proxy.config.nodes.len()).filter(|&n| usable[n]) {
+        for node in (0..proxy.config().nodes.len()).filter(|&n| usable[n]) {
             for ((database, user), missing) in proxy.pools.idle_deficit(node) {
-                let target = proxy.login_target(node, &user, &database);
+                if proxy.config().user(&user).is_none() {
+                    // Removed by a reload: its open sessions go on, no new connections are kept.
+                    continue;
+                }
+                let target = proxy.login_target(node, &user, &database, "");
                 for _ in 0..missing {
                     if !matches!(proxy.pools.prefill(&target).await, Ok(true)) {
                         break;

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 use crate::cancel::CancelTarget;
 use crate::config::BackendTlsMode;
+use crate::statements::ServerStatements;
 use crate::stream::{tune_socket, Stream};
 use crate::topology::NodeId;
 
@@ -166,6 +167,10 @@ pub struct ServerConn {
     /// none (new, or reset with `DISCARD ALL`). Transaction pooling returns connections without a
     /// reset: a session that takes one carrying another's settings resets them first.
     pub owner: u64,
+    /// Transaction pooling: the named statements prepared on it under pgvigil's names.
+    pub statements: ServerStatements,
+    /// Its entry in the pools' list of open connections (SHOW SERVERS), removed when it closes.
+    pub listed: Option<crate::pool::Listed>,
 }
 
 impl ServerConn {
@@ -207,6 +212,8 @@ impl ServerConn {
             created: now,
             idle_since: now,
             owner: 0,
+            statements: ServerStatements::default(),
+            listed: None,
         };
         conn.login(target).await?;
         Ok(conn)

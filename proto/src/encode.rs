@@ -189,6 +189,67 @@ pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
     message(buf, be::READY_FOR_QUERY, |b| b.put_u8(status.as_byte()));
 }
 
+/// The type of a column pgvigil itself returns (its SQL console's result sets).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ColumnType {
+    /// `text` (OID 25).
+    Text,
+    /// `bigint` (OID 20).
+    Int8,
+}
+
+impl ColumnType {
+    fn oid_and_size(self) -> (u32, i16) {
+        match self {
+            ColumnType::Text => (25, -1),
+            ColumnType::Int8 => (20, 8),
+        }
+    }
+}
+
+/// Appends RowDescription for columns (name, type), every one in text format and from no table.
+pub fn row_description(buf: &mut BytesMut, columns: &[(&str, ColumnType)]) {
+    message(buf, be::ROW_DESCRIPTION, |b| {
+        b.put_u16(columns.len() as u16);
+        for (name, ty) in columns {
+            let (oid, size) = ty.oid_and_size();
+            put_cstr(b, name.as_bytes());
+            b.put_u32(0); // table OID
+            b.put_u16(0); // column number
+            b.put_u32(oid);
+            b.put_i16(size);
+            b.put_i32(-1); // type modifier
+            b.put_u16(0); // text format
+        }
+    });
+}
+
+/// Appends DataRow with `values` in text format (`None` is SQL NULL).
+pub fn data_row(buf: &mut BytesMut, values: &[Option<&str>]) {
+    message(buf, be::DATA_ROW, |b| {
+        b.put_u16(values.len() as u16);
+        for value in values {
+            match value {
+                Some(text) => {
+                    b.put_u32(text.len() as u32);
+                    b.put_slice(text.as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+    });
+}
+
+/// Appends CommandComplete with its command tag (`SHOW`, `PAUSE`, ...).
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    message(buf, be::COMMAND_COMPLETE, |b| put_cstr(b, tag.as_bytes()));
+}
+
+/// Appends EmptyQueryResponse (the answer to a Query holding no statement).
+pub fn empty_query_response(buf: &mut BytesMut) {
+    message(buf, be::EMPTY_QUERY_RESPONSE, |_| {});
+}
+
 /// Appends NegotiateProtocolVersion: protocol 3.`newest_minor` is the best we speak, and the
 /// `_pq_.` options in `unrecognized` were ignored.
 pub fn negotiate_protocol_version(buf: &mut BytesMut, newest_minor: u32, unrecognized: &[&[u8]]) {
@@ -289,6 +350,21 @@ mod tests {
             .unwrap();
         assert_eq!(5 + body.len(), buf.len(), "exactly one frame");
         (tag, body.to_vec())
+    }
+
+    #[test]
+    fn result_set_messages_have_their_fields_in_order() {
+        let (tag, body) = one(|b| row_description(b, &[("n", ColumnType::Int8)]));
+        assert_eq!(tag, b'T');
+        assert_eq!(
+            &body[..],
+            b"\0\x01n\0\0\0\0\0\0\0\0\0\0\x14\0\x08\xff\xff\xff\xff\0\0"
+        );
+        let (tag, body) = one(|b| data_row(b, &[Some("ab"), None]));
+        assert_eq!(tag, b'D');
+        assert_eq!(&body[..], b"\0\x02\0\0\0\x02ab\xff\xff\xff\xff");
+        let (tag, body) = one(|b| command_complete(b, "SHOW"));
+        assert_eq!((tag, &body[..]), (b'C', &b"SHOW\0"[..]));
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
 /// Password or SCRAM proof did not verify.
 pub const INVALID_PASSWORD: &str = "28P01";
+/// insufficient_privilege: e.g. no CONNECT privilege on the database asked for.
+pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
 /// The client connection limit (global, per user or per database) is reached.
 pub const TOO_MANY_CONNECTIONS: &str = "53300";
 /// The server connection behind a session was lost mid-transaction, or no node is reachable.
@@ -33,3 +35,6 @@ pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
 /// The connection was lost while a COMMIT or an autocommit write was running: it may or may not
 /// have committed.
 pub const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";
+
+/// duplicate_prepared_statement: a Parse or PREPARE reuses a statement name in use.
+pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";

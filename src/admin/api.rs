@@ -136,6 +136,15 @@ pub struct Status {
     pub primary: Option<String>,
     /// Why writes cannot go anywhere, when they cannot.
     pub primary_unavailable: Option<String>,
+    /// Whether new units flow or are held by `pgvigil pause`.
+    #[serde(default)]
+    pub traffic: crate::pause::Traffic,
+    /// Sessions running a unit or inside a transaction block.
+    #[serde(default)]
+    pub in_flight: usize,
+    /// Units held by the pause now.
+    #[serde(default)]
+    pub held: usize,
     /// Every configured node, in configuration order.
     pub nodes: Vec<NodeStatus>,
     /// The most recent events, oldest first.
@@ -244,6 +253,8 @@ pub enum EventKind {
     Fence,
     /// An operator's command, carried out or refused.
     Command,
+    /// The configuration file was read again: what changed, or why it was refused.
+    Reload,
 }
 
 impl EventKind {
@@ -258,6 +269,7 @@ impl EventKind {
             EventKind::FirstWrite => "first_write",
             EventKind::Fence => "fence",
             EventKind::Command => "command",
+            EventKind::Reload => "reload",
         }
     }
 }

@@ -65,31 +65,12 @@ impl Admin {
 
     /// Sends `command`; `Ok(Err(refusal))` when pgvigil refused it.
     pub async fn send(&self, command: &Command) -> Result<Result<Done, Refusal>, ClientError> {
-        let path = match command {
-            Command::Switchover { to, drain_timeout } => {
-                let mut path = format!(
-                    "/switchover?drain_timeout={}",
-                    humantime::format_duration(*drain_timeout)
-                )
-                .replace(' ', "");
-                if let Some(to) = to {
-                    path.push_str(&format!("&to={to}"));
-                }
-                path
-            }
-            Command::Attach(node) | Command::Detach(node) | Command::Unfence(node) => {
-                format!("/nodes/{node}/{}", command.verb())
-            }
-            Command::Promote { node, dry_run } => {
-                let query = if *dry_run { "?dry_run=true" } else { "" };
-                format!("/nodes/{node}/promote{query}")
-            }
-            Command::Failback { node, reclone } => {
-                let query = if *reclone { "?reclone=true" } else { "" };
-                format!("/nodes/{node}/failback{query}")
-            }
-        };
-        self.request(Method::POST, &path).await
+        self.post(&command_path(command)).await
+    }
+
+    /// `POST path` (a command's endpoint, with its query); `Ok(Err(refusal))` when refused.
+    pub async fn post(&self, path: &str) -> Result<Result<Done, Refusal>, ClientError> {
+        self.request(Method::POST, path).await
     }
 
     async fn request<T: DeserializeOwned>(
@@ -125,6 +106,34 @@ impl Admin {
             serde_json::from_slice(&body)
                 .map(Err)
                 .map_err(|_| unexpected())
+        }
+    }
+}
+
+/// The endpoint of a coordinator command, with its query.
+pub fn command_path(command: &Command) -> String {
+    match command {
+        Command::Switchover { to, drain_timeout } => {
+            let mut path = format!(
+                "/switchover?drain_timeout={}",
+                humantime::format_duration(*drain_timeout)
+            )
+            .replace(' ', "");
+            if let Some(to) = to {
+                path.push_str(&format!("&to={to}"));
+            }
+            path
+        }
+        Command::Attach(node) | Command::Detach(node) | Command::Unfence(node) => {
+            format!("/nodes/{node}/{}", command.verb())
+        }
+        Command::Promote { node, dry_run } => {
+            let query = if *dry_run { "?dry_run=true" } else { "" };
+            format!("/nodes/{node}/promote{query}")
+        }
+        Command::Failback { node, reclone } => {
+            let query = if *reclone { "?reclone=true" } else { "" };
+            format!("/nodes/{node}/failback{query}")
         }
     }
 }

@@ -1,14 +1,16 @@
 //! The admin HTTP API (JSON, bearer token) on its own listener: `GET /status`, `GET /events`
 //! (the event log), `GET /metrics`
 //! (Prometheus text; no token unless `admin.metrics_auth`), and
-//! `POST /nodes/NAME/VERB` for the operator's commands, which go to the failover coordinator.
+//! `POST /nodes/NAME/VERB` and `POST /switchover` for the operator's commands, which go to the
+//! failover coordinator, and `POST /pause`, `POST /resume`, `POST /reload` (see `steer`).
 //! The CLI (`pgvigil status`, `promote`, ...) is its client (`client`).
 
 pub mod api;
 pub mod client;
 pub mod forward;
 pub mod render;
-mod status;
+pub(crate) mod status;
+pub mod steer;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -81,7 +83,7 @@ pub async fn serve(
 /// The response to one request.
 async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let is_metrics = request.method() == Method::GET && request.uri().path() == "/metrics";
-    if is_metrics && !state.proxy.config.admin.metrics_auth {
+    if is_metrics && !state.proxy.config().admin.metrics_auth {
         return metrics(state);
     }
     if !authorized(state.token.as_deref(), &request) {
@@ -143,6 +145,27 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
                 drain_timeout,
             }
         }
+        (&Method::POST, ["pause"]) => {
+            let wait = match value("timeout") {
+                None => steer::DEFAULT_PAUSE_WAIT,
+                Some(text) => match humantime::parse_duration(&text) {
+                    Ok(duration) => duration,
+                    Err(e) => {
+                        return json(
+                            StatusCode::BAD_REQUEST,
+                            &Refusal::new(
+                                format!("timeout {text:?} is not a duration: {e}"),
+                                "write it like 60s or 500ms",
+                            ),
+                        )
+                    }
+                },
+            };
+            let wait = flag("wait").then_some(wait);
+            return answered(steer::pause(&state.proxy, wait).await);
+        }
+        (&Method::POST, ["resume"]) => return answered(Ok(steer::resume(&state.proxy))),
+        (&Method::POST, ["reload"]) => return answered(steer::reload(&state.proxy)),
         (&Method::GET, ["events"]) => return json(StatusCode::OK, &state.proxy.events.list()),
         (&Method::GET, ["status"]) => {
             let mut status = status::status(&state.proxy, &state.control);
@@ -175,7 +198,12 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         forward::Forwarded::Answered(code, Ok(done)) => return json(code, &done),
         forward::Forwarded::Answered(code, Err(refusal)) => return json(code, &refusal),
     }
-    match state.control.send(command).await {
+    answered(state.control.send(command).await)
+}
+
+/// A command's answer: 200 when done, 409 when refused.
+fn answered(answer: Result<api::Done, Refusal>) -> Response<Full<Bytes>> {
+    match answer {
         Ok(done) => json(StatusCode::OK, &done),
         Err(refusal) => json(StatusCode::CONFLICT, &refusal),
     }
@@ -206,8 +234,19 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// `GET /metrics`: the Prometheus text exposition.
 fn metrics(state: &State) -> Response<Full<Bytes>> {
-    let status = status::status(&state.proxy, &state.control);
-    let mut response = Response::new(Full::new(Bytes::from(state.proxy.metrics.render(&status))));
+    let proxy = &state.proxy;
+    let status = status::status(proxy, &state.control);
+    let logged_in = proxy.cancels.clients();
+    let clients = crate::metrics::ClientCounts {
+        logged_in: logged_in.len(),
+        active: proxy.pause.in_flight(),
+        waiting: logged_in
+            .iter()
+            .filter(|(_, c)| c.state() == crate::cancel::ClientState::Waiting)
+            .count(),
+    };
+    let rendered = proxy.metrics.render(&status, clients);
+    let mut response = Response::new(Full::new(Bytes::from(rendered)));
     response.headers_mut().insert(
         CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -220,7 +259,7 @@ fn not_found() -> Response<Full<Bytes>> {
         StatusCode::NOT_FOUND,
         &Refusal::new(
             "no such endpoint",
-            "use GET /status, GET /events, GET /metrics, POST /switchover[?to=NODE&drain_timeout=5s] or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
+            "use GET /status, GET /events, GET /metrics, POST /pause[?wait=true&timeout=60s], POST /resume, POST /reload, POST /switchover[?to=NODE&drain_timeout=5s] or POST /nodes/NAME/{attach,detach,unfence,failback[?reclone=true],promote[?dry_run=true]}",
         ),
     )
 }

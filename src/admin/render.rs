@@ -16,6 +16,13 @@ pub fn status(status: &Status) -> String {
         (None, None) => "no primary".to_owned(),
     };
     let _ = writeln!(out, "topology generation {}, {primary}", status.generation);
+    if status.traffic == crate::pause::Traffic::Paused {
+        let _ = writeln!(
+            out,
+            "PAUSED: new transactions wait for `pgvigil resume` ({} sessions in flight, {} held)",
+            status.in_flight, status.held
+        );
+    }
     let rows: Vec<Vec<String>> = status
         .nodes
         .iter()

@@ -12,7 +12,7 @@ pub fn status(proxy: &Proxy, control: &Handle) -> Status {
     let topology = proxy.topology.snapshot();
     let view = control.view();
     let replication = proxy.replication.load();
-    let failures_allowed = proxy.config.health.failures;
+    let failures_allowed = proxy.config().health.failures;
     let primary = match &topology.primary {
         Primary::Known(node) => Some(*node),
         Primary::Unavailable(_) => None,
@@ -64,6 +64,9 @@ pub fn status(proxy: &Proxy, control: &Handle) -> Status {
             Primary::Known(_) => None,
             Primary::Unavailable(reason) => Some(reason.clone()),
         },
+        traffic: proxy.pause.traffic(),
+        in_flight: proxy.pause.in_flight(),
+        held: proxy.pause.held(),
         nodes,
         events: control.events.list(),
         cluster: None,
@@ -91,7 +94,7 @@ pub async fn cluster(proxy: &Proxy) -> Option<ClusterStatus> {
                 .into_iter()
                 .map(|(name, view)| InstanceStatus {
                     cannot_reach: proxy
-                        .config
+                        .config()
                         .nodes
                         .iter()
                         .filter(|node| !view.reaches.contains(&node.name))

@@ -55,6 +55,11 @@ impl UserSecret {
             scram: ScramSecret::generate(password),
         }
     }
+
+    /// Whether this secret was built from `password` for `method` (a reload keeps it then).
+    pub fn matches(&self, password: &str, method: AuthMethod) -> bool {
+        self.password == password && self.method == method
+    }
 }
 
 /// The first authentication message the session sends after the startup packet.

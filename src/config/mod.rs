@@ -61,6 +61,10 @@ pub struct Config {
     pub nodes: Vec<NodeConfig>,
     /// The users clients may log in as (`[[users]]`).
     pub users: Vec<UserConfig>,
+    /// The file this configuration was read from, which a reload reads again (none when it was
+    /// built in code).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -82,6 +86,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             nodes: Vec::new(),
             users: Vec::new(),
+            source: None,
         }
     }
 }
@@ -184,6 +189,10 @@ pub struct PoolConfig {
     /// How long a client waits for a free server connection (default 5s, must be > 0).
     #[serde(with = "humantime_serde")]
     pub checkout_timeout: Duration,
+    /// Transaction pooling: most named prepared statements kept on one server connection
+    /// (default 200, at least 1); past it the least recently used is closed there (and prepared
+    /// again when a session next needs it).
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
@@ -197,6 +206,8 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(10 * 60),
             max_lifetime: Duration::from_secs(60 * 60),
             checkout_timeout: Duration::from_secs(5),
+            // PgBouncer's default for its max_prepared_statements.
+            max_prepared_statements: 200,
         }
     }
 }
@@ -414,6 +425,8 @@ pub struct UserConfig {
     pub password: Option<String>,
     /// How clients authenticate to pgvigil (default `scram-sha-256`).
     pub auth: AuthMethod,
+    /// May open the SQL console (`psql -d pgvigil`: SHOW, PAUSE, RESUME, RELOAD); default false.
+    pub admin: bool,
 }
 
 impl fmt::Debug for UserConfig {
@@ -423,6 +436,7 @@ impl fmt::Debug for UserConfig {
             .field("name", &self.name)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("auth", &self.auth)
+            .field("admin", &self.admin)
             .finish()
     }
 }
@@ -501,7 +515,9 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text)
+        let mut config = Config::parse(&text)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and validates TOML text; the only file access is checking that the TLS files are readable.
@@ -599,6 +615,7 @@ password = "app-secret"
             name: "app".to_owned(),
             password: Some("app-secret".to_owned()),
             auth: AuthMethod::ScramSha256,
+            admin: false,
         }
     }
 

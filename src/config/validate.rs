@@ -202,6 +202,12 @@ fn check_pool(config: &Config, problems: &mut Vec<Problem>) {
     if pool.max_size == 0 {
         problems.push(Problem::new("pool.max_size", "must be at least 1"));
     }
+    if pool.max_prepared_statements == 0 {
+        problems.push(Problem::new(
+            "pool.max_prepared_statements",
+            "must be at least 1",
+        ));
+    }
     if pool.min_idle > pool.max_size {
         problems.push(Problem::new(
             "pool.min_idle",

@@ -106,12 +106,8 @@ impl Coordinator {
 
     /// The configured node names, comma-separated.
     fn node_names(&self) -> String {
-        let names: Vec<&str> = self
-            .config()
-            .nodes
-            .iter()
-            .map(|n| n.name.as_str())
-            .collect();
+        let config = self.config();
+        let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
         names.join(", ")
     }
 
@@ -163,7 +159,7 @@ impl Coordinator {
             ));
         }
         // Reset first: a node unfenced while still read-only would refuse writes if promoted.
-        let reset = super::actions::unfence(self.config(), node).await;
+        let reset = super::actions::unfence(&self.config(), node).await;
         self.memory.fenced[node] = false;
         self.fence_reasons[node] = None;
         self.fence_attempts[node] = None;
@@ -199,7 +195,7 @@ impl Coordinator {
     /// `promote NODE` while the primary is lost (automatic failover off, or refused): the same
     /// choice failover makes, carried out only if it picks NODE.
     async fn promote_by_hand(&mut self, node: NodeId) -> Reply {
-        let verdict = assess(self.config(), &self.board, &self.memory);
+        let verdict = assess(&self.config(), &self.board, &self.memory);
         let name = self.name(node).to_owned();
         let old = match (&verdict.primary, verdict.lost) {
             (Primary::Known(primary), _) if *primary == node => {
@@ -263,10 +259,10 @@ impl Coordinator {
                 format!("wait for the first probes ({SEE_STATUS})"),
             ));
         };
-        let verdict = assess(self.config(), &self.board, &self.memory);
+        let verdict = assess(&self.config(), &self.board, &self.memory);
         let roles = self.candidate_roles(verdict.roles);
         let readings = self.read_candidates(old, &roles, &[]).await;
-        let choice = choose(self.config(), &self.board, old, &readings);
+        let choice = choose(&self.config(), &self.board, old, &readings);
         let last = self.board[old].last.as_ref();
         let primary_lsn = last.map(|o| o.position.lsn);
         let sync_state = |node: NodeId| {

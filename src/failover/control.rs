@@ -99,7 +99,7 @@ impl Coordinator {
         if !self.memory.fenced[node] || self.fence_reasons[node].is_none() {
             self.events.push(
                 EventKind::Fence,
-                Some(self.name(node)),
+                Some(self.name(node).as_str()),
                 format!("fenced: {reason}"),
             );
             self.fence_reasons[node] = Some(reason);

@@ -103,7 +103,7 @@ impl Coordinator {
         let name = self.name(node).to_owned();
         let retry = format!("fix what it says, then `pgvigil failback {name}` again");
         // The source's control file must name its new timeline, or pg_rewind sees nothing to do.
-        let timeline = actions::checkpoint_on_timeline(self.config(), primary, limit)
+        let timeline = actions::checkpoint_on_timeline(&self.config(), primary, limit)
             .await
             .map_err(|e| {
                 Refusal::new(
@@ -112,7 +112,7 @@ impl Coordinator {
                 )
             })?;
         let slot = slot_name(&name);
-        actions::create_slot(self.config(), primary, &slot)
+        actions::create_slot(&self.config(), primary, &slot)
             .await
             .map_err(|e| {
                 Refusal::new(
@@ -131,13 +131,16 @@ impl Coordinator {
                 .map_err(|e| self.control_refusal(&name, "stop", &e))?;
             self.action_event(&name, "stopped", &output);
         }
-        let (user, password) = self.config().health_credentials();
-        let target = &self.config().nodes[primary];
-        let source = Source {
-            host: target.host.clone(),
-            port: target.port,
-            user: user.to_owned(),
-            password: (!password.is_empty()).then(|| password.to_owned()),
+        let source = {
+            let config = self.config();
+            let (user, password) = config.health_credentials();
+            let target = &config.nodes[primary];
+            Source {
+                host: target.host.clone(),
+                port: target.port,
+                user: user.to_owned(),
+                password: (!password.is_empty()).then(|| password.to_owned()),
+            }
         };
         if reclone {
             let output = driver
@@ -169,7 +172,7 @@ impl Coordinator {
             .filter(|&n| n != node)
             .collect();
         let conninfo = actions::complete_conninfo(
-            self.config(),
+            &self.config(),
             node,
             primary,
             &siblings,
@@ -196,7 +199,7 @@ impl Coordinator {
             .await
             .map_err(|e| self.control_refusal(&name, "start", &e))?;
         self.action_event(&name, "started", &output);
-        actions::await_stream(self.config(), node, primary, timeline, limit)
+        actions::await_stream(&self.config(), node, primary, timeline, limit)
             .await
             .map_err(|e| {
                 Refusal::new(

@@ -31,29 +31,57 @@ impl Coordinator {
         }
         let (verdict, why) = match self.may_act() {
             Err(why) if self.finished_elsewhere(&verdict) => {
-                (assess(self.config(), &self.board, &self.memory), why)
+                (assess(&self.config(), &self.board, &self.memory), why)
             }
             Err(why) => (verdict, why),
             Ok(()) => match self.adopt_pending().await {
                 Ok(()) => {
                     self.held = None;
-                    return Some(assess(self.config(), &self.board, &self.memory));
+                    return Some(assess(&self.config(), &self.board, &self.memory));
                 }
                 Err(why) => (verdict, why),
             },
         };
         if !unsettled(self, &verdict) {
             self.held = None;
+            self.hinted = None;
             return Some(verdict);
         }
+        self.probe_leaders_primary().await;
         self.leave_to_leader(verdict, why);
         None
+    }
+
+    /// While the leader fails over: a new primary it shared in etcd is probed at once, so that
+    /// this instance's writes follow it without waiting for that node's next probe.
+    async fn probe_leaders_primary(&mut self) {
+        let Some(member) = self.proxy.leadership.member() else {
+            return;
+        };
+        let Ok(Some(state)) = shared::read(member).await else {
+            return;
+        };
+        let node = state
+            .primary
+            .and_then(|name| self.config().nodes.iter().position(|n| n.name == name));
+        let Some(node) = node else {
+            return;
+        };
+        if self.memory.primary == Some(node) || self.hinted == Some(node) {
+            return;
+        }
+        info!(primary = %self.name(node), leader = %state.leader, "the leader shared a new primary: probing it now");
+        self.hinted = Some(node);
+        self.proxy.nudges.nudge(node);
     }
 
     /// The primary is lost (or a promotion pending) but this instance may not act: writes wait
     /// while the leader, if any, fails over; reads go on from the observed topology.
     pub(super) fn leave_to_leader(&mut self, verdict: Assessment, why: String) {
-        let primary = self.memory.primary.map_or("?", |n| self.name(n)).to_owned();
+        let primary = self
+            .memory
+            .primary
+            .map_or_else(|| "?".to_owned(), |n| self.name(n));
         if self.held.as_ref() != Some(&why) {
             warn!(%primary, %why, "the primary is lost; this instance does not fail over");
             self.held = Some(why.clone());
@@ -137,7 +165,7 @@ impl Coordinator {
         let views = views::read_all(member)
             .await
             .map_err(|e| format!("could not read the pgvigil instances' views from etcd: {e}"))?;
-        views::majority_lost(&views, &member.name, self.name(primary))
+        views::majority_lost(&views, &member.name, &self.name(primary))
     }
 
     /// Once per leadership epoch, before acting on a lost primary: a promotion the previous
@@ -163,7 +191,7 @@ impl Coordinator {
         if self.memory.promoting.is_some() {
             return Ok(());
         }
-        if let Some(promotion) = promotion_from(self.config(), &record) {
+        if let Some(promotion) = promotion_from(&self.config(), &record) {
             warn!(
                 standby = %record.node,
                 old_primary = %record.old_primary,

@@ -153,11 +153,11 @@ pub async fn run(
                 if let Ok((standby, primary, Ok(_))) = &outcome {
                     coordinator.events.push(
                         EventKind::Repointed,
-                        Some(coordinator.name(*standby)),
+                        Some(coordinator.name(*standby).as_str()),
                         format!("streams from the new primary {}", coordinator.name(*primary)),
                     );
                 }
-                coordinator.followers.settle(&coordinator.proxy.config, outcome);
+                coordinator.followers.settle(&coordinator.proxy.config(), outcome);
             }
             // One command at a time, between two steps: never during a failover (that step
             // is awaited below before the loop comes back here).
@@ -217,6 +217,9 @@ struct Coordinator {
     held: Option<String>,
     /// The leadership epoch whose shared state was last checked for a pending promotion.
     adopted: Option<i64>,
+    /// The primary the leader shared that this instance, leaving a failover to it, already
+    /// probed at once (see `gate`).
+    hinted: Option<NodeId>,
     /// Which standbys follow the primary; repoints in flight.
     followers: Followers,
     published: bool,
@@ -230,14 +233,14 @@ impl Coordinator {
         view: tokio::sync::watch::Sender<Arc<Vec<NodeView>>>,
         events: Arc<Events>,
     ) -> Coordinator {
-        let nodes = proxy.config.nodes.len();
+        let nodes = proxy.config().nodes.len();
         Coordinator {
             publisher,
             fence_reasons: vec![None; nodes],
             view,
             events,
             state_file: proxy
-                .config
+                .config()
                 .failover
                 .state_dir
                 .as_deref()
@@ -254,17 +257,19 @@ impl Coordinator {
             refused: None,
             held: None,
             adopted: None,
+            hinted: None,
             followers: Followers::new(nodes),
             published: false,
         }
     }
 
-    fn config(&self) -> &Config {
-        &self.proxy.config
+    /// The configuration in force now (a reload may swap it between two steps).
+    fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.proxy.config()
     }
 
-    fn name(&self, node: NodeId) -> &str {
-        &self.proxy.config.nodes[node].name
+    fn name(&self, node: NodeId) -> String {
+        self.proxy.config().nodes[node].name.clone()
     }
 
     fn record(&mut self, report: &Report) {
@@ -313,17 +318,17 @@ impl Coordinator {
 
     /// Judges the board and acts on the verdict.
     async fn evaluate(&mut self) {
-        let mut verdict = assess(self.config(), &self.board, &self.memory);
+        let mut verdict = assess(&self.config(), &self.board, &self.memory);
         if let Some(promotion) = self.memory.promoting.clone() {
             if let Primary::Known(other) = verdict.primary {
                 if other != promotion.node {
                     self.promoted_by_hand(&promotion, other);
-                    verdict = assess(self.config(), &self.board, &self.memory);
+                    verdict = assess(&self.config(), &self.board, &self.memory);
                 }
             }
         }
         self.followers.judge(
-            &self.proxy.config,
+            &self.proxy.config(),
             &self.board,
             &verdict.roles,
             &verdict.primary,
@@ -388,7 +393,7 @@ impl Coordinator {
                 continue;
             }
             self.receiver_attempts[node] = Some(Instant::now());
-            let config = self.proxy.config.clone();
+            let config = self.proxy.config().clone();
             tokio::spawn(async move {
                 let name = &config.nodes[node].name;
                 match actions::set_receiver_timeout(&config, node, target).await {
@@ -501,7 +506,7 @@ impl Coordinator {
                 continue;
             }
             self.fence_attempts[node] = Some(Instant::now());
-            let config = self.proxy.config.clone();
+            let config = self.proxy.config().clone();
             tokio::spawn(async move {
                 let name = &config.nodes[node].name;
                 match actions::fence(&config, node).await {
@@ -519,7 +524,7 @@ impl Coordinator {
     /// In the background, on a new primary: the promotion's stamp (which instance promoted it,
     /// `actions::stamp_promotion`), then a checkpoint (`actions::checkpoint`).
     fn settle_new_primary(&self, primary: NodeId) {
-        let config = self.proxy.config.clone();
+        let config = self.proxy.config().clone();
         let stamp = self.proxy.leadership.promotion_stamp();
         tokio::spawn(async move {
             if let Err(e) = actions::stamp_promotion(&config, primary, &stamp).await {

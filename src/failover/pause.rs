@@ -29,7 +29,7 @@ impl Coordinator {
                 && !self.memory.detached[n]
         });
         for node in candidates {
-            let config = self.proxy.config.clone();
+            let config = self.proxy.config().clone();
             stops.spawn(async move { (node, actions::stop_receiver(&config, node).await) });
         }
         let mut failed = Vec::new();
@@ -72,7 +72,7 @@ impl Coordinator {
         let mut standbys = paused.clone();
         standbys.push(primary);
         self.followers.repoint(
-            &self.proxy.config,
+            &self.proxy.config(),
             &standbys,
             primary,
             timeline,

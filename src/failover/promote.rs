@@ -1,7 +1,7 @@
 //! The coordinator's promotion steps: choose a standby, remember the choice, promote it, and
 //! finish (or keep waiting for) a promotion asked for earlier.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
@@ -14,6 +14,9 @@ use crate::admin::api::EventKind;
 use crate::metrics::FailoverPhase;
 use crate::replication::format_lsn;
 use crate::topology::{NodeId, Primary, Role};
+
+/// How soon a failover refused for want of a majority of the instances' views is tried again.
+const JOINT_VIEW_RETRY: Duration = Duration::from_millis(100);
 
 impl Coordinator {
     /// A promotion pgvigil asked for has not been seen to finish: that node stays the only
@@ -32,26 +35,26 @@ impl Coordinator {
             return;
         }
         let began = Instant::now();
-        let outcome = match actions::pending(self.config(), node, &promotion.postmaster_start).await
-        {
-            Ok(Pending::LeftRecovery(timeline)) => Ok(timeline),
-            Ok(Pending::Withdrawn) => {
-                warn!(
-                    standby = %self.name(node),
-                    "the standby asked to promote restarted and is still in recovery: the \
-                     request is withdrawn; choosing again"
-                );
-                self.memory.promoting = None;
-                let old = promotion.old_primary;
-                self.fail_over(old, verdict).await;
-                return;
-            }
-            Ok(Pending::InRecovery) => {
-                info!(standby = %self.name(node), "asking the same standby to promote again");
-                actions::promote(self.config(), node).await
-            }
-            Err(e) => Err(e),
-        };
+        let outcome =
+            match actions::pending(&self.config(), node, &promotion.postmaster_start).await {
+                Ok(Pending::LeftRecovery(timeline)) => Ok(timeline),
+                Ok(Pending::Withdrawn) => {
+                    warn!(
+                        standby = %self.name(node),
+                        "the standby asked to promote restarted and is still in recovery: the \
+                         request is withdrawn; choosing again"
+                    );
+                    self.memory.promoting = None;
+                    let old = promotion.old_primary;
+                    self.fail_over(old, verdict).await;
+                    return;
+                }
+                Ok(Pending::InRecovery) => {
+                    info!(standby = %self.name(node), "asking the same standby to promote again");
+                    actions::promote(&self.config(), node).await
+                }
+                Err(e) => Err(e),
+            };
         match outcome {
             Ok(timeline) => {
                 info!(standby = %self.name(node), timeline, took = ?began.elapsed(), "promoted");
@@ -76,6 +79,9 @@ impl Coordinator {
         let began = Instant::now();
         if let Err(why) = self.joint_view(old).await {
             self.give_up(&verdict.roles, &verdict.suspect, why);
+            // The other instances publish their views as their probes find the primary lost:
+            // asked again at the next probe report rather than a whole interval later.
+            self.retry_at = Some(Instant::now() + JOINT_VIEW_RETRY);
             return;
         }
         warn!(
@@ -85,7 +91,7 @@ impl Coordinator {
         );
         self.events.push(
             EventKind::Detected,
-            Some(self.name(old)),
+            Some(self.name(old).as_str()),
             "primary lost: no answer to its probes and no standby receives WAL from it",
         );
         let roles = verdict.roles;
@@ -99,7 +105,7 @@ impl Coordinator {
             Choice::Promote(promotion) => {
                 self.events.push(
                     EventKind::Decided,
-                    Some(self.name(promotion.node)),
+                    Some(self.name(promotion.node).as_str()),
                     format!("chosen to replace {}", self.name(old)),
                 );
                 (promotion, Instant::now())
@@ -152,7 +158,7 @@ impl Coordinator {
         self.save(self.publisher.snapshot().generation);
         self.publish(&roles, suspect, Primary::Unavailable(asked));
         let step = Instant::now();
-        let timeline = match actions::promote(self.config(), new).await {
+        let timeline = match actions::promote(&self.config(), new).await {
             Ok(timeline) => timeline,
             Err(e) => {
                 error!(standby = %self.name(new), error = %e, took = ?step.elapsed(), "promotion did not finish in time; no other standby is asked while it still may");
@@ -191,7 +197,7 @@ impl Coordinator {
         self.events.await_first_write(new);
         self.events.push(
             EventKind::Promoted,
-            Some(self.name(new)),
+            Some(self.name(new).as_str()),
             format!(
                 "promoted in place of {} on timeline {timeline}",
                 self.name(old)
@@ -229,7 +235,7 @@ impl Coordinator {
             .collect();
         if self.may_act().is_ok() {
             self.followers.repoint(
-                &self.proxy.config,
+                &self.proxy.config(),
                 &standbys,
                 new,
                 timeline,
@@ -254,7 +260,7 @@ impl Coordinator {
     ) -> Choice {
         let step = Instant::now();
         let readings = self.read_candidates(old, roles, unreadable).await;
-        let choice = choose(self.config(), &self.board, old, &readings);
+        let choice = choose(&self.config(), &self.board, old, &readings);
         info!(
             readings = ?readings
                 .iter()
@@ -289,7 +295,7 @@ impl Coordinator {
             }
             match roles[node] {
                 Role::Standby => {
-                    let config = self.proxy.config.clone();
+                    let config = self.proxy.config().clone();
                     reads.spawn(async move { (node, actions::position(&config, node).await) });
                 }
                 Role::Primary | Role::Fenced | Role::Detached => {}

@@ -39,7 +39,7 @@ impl Coordinator {
                 format!("add a [nodes.control] section for {old_name} and restart pgvigil"),
             ));
         };
-        let verdict = assess(self.config(), &self.board, &self.memory);
+        let verdict = assess(&self.config(), &self.board, &self.memory);
         let roles = self.candidate_roles(verdict.roles.clone());
         let readings = self.read_candidates(old, &roles, &[]).await;
         let target = match to {
@@ -70,7 +70,7 @@ impl Coordinator {
                 }
                 node
             }
-            None => match choose(self.config(), &self.board, old, &readings) {
+            None => match choose(&self.config(), &self.board, old, &readings) {
                 Choice::Promote(promotion) => promotion.node,
                 Choice::Refuse(reason) => return Err(Refusal::new(
                     reason,
@@ -96,7 +96,7 @@ impl Coordinator {
                 return Err(refusal);
             }
         };
-        let postmaster_start = match actions::position(self.config(), target).await {
+        let postmaster_start = match actions::position(&self.config(), target).await {
             Ok(position) => position.postmaster_start,
             Err(e) => {
                 warn!(standby = %new_name, error = %e, "cannot read the target's start time");
@@ -166,7 +166,7 @@ impl Coordinator {
     ) -> Result<u64, Refusal> {
         let retry = "see `pgvigil status`, then retry the switchover";
         let old_name = self.name(old).to_owned();
-        let ended = actions::drain(self.config(), old, drain)
+        let ended = actions::drain(&self.config(), old, drain)
             .await
             .map_err(|e| Refusal::new(format!("cannot drain {old_name}: {e}"), retry))?;
         if ended > 0 {
@@ -178,7 +178,7 @@ impl Coordinator {
                 ),
             );
         }
-        let last = actions::checkpoint_position(self.config(), old)
+        let last = actions::checkpoint_position(&self.config(), old)
             .await
             .map_err(|e| Refusal::new(format!("cannot checkpoint {old_name}: {e}"), retry))?;
         // A clean stop: the WAL senders hand everything up to the shutdown checkpoint to the
@@ -188,7 +188,7 @@ impl Coordinator {
             .await
             .map_err(|e| Refusal::new(format!("cannot stop {old_name}: {e}"), retry))?;
         let limit = self.config().failover.promote_timeout;
-        if let Err(e) = actions::await_replay(self.config(), target, last, limit).await {
+        if let Err(e) = actions::await_replay(&self.config(), target, last, limit).await {
             let restarted = driver.start().await;
             return Err(Refusal::new(
                 format!(

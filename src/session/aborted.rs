@@ -39,7 +39,7 @@ pub async fn answer_unit(
     steering: &mut Steering,
     proxy: &Proxy,
 ) -> Result<Option<LostTransaction>, RelayEnd> {
-    let max_message = proxy.config.max_message_size;
+    let max_message = proxy.config().max_message_size;
     let (tag, len) = first_message(client, max_message).await?;
     let failure = match &lost {
         LostTransaction::Unannounced(message) => Failure {
@@ -53,7 +53,7 @@ pub async fn answer_unit(
         frontend::tag::QUERY => {
             let frame = client.rbuf.split_to(len);
             let sql = Query::parse(&frame[5..]).map(|q| q.sql).unwrap_or_default();
-            let c = classify(sql, &proxy.functions);
+            let c = classify(sql, &proxy.functions.load());
             let single = (c.statements == 1).then_some(c.tx).flatten();
             let ends = single.is_some_and(ends_block);
             let unannounced = matches!(lost, LostTransaction::Unannounced(_));
@@ -116,7 +116,7 @@ async fn extended(
     steering: &mut Steering,
     proxy: &Proxy,
 ) -> Result<Option<LostTransaction>, RelayEnd> {
-    let max_message = proxy.config.max_message_size;
+    let max_message = proxy.config().max_message_size;
     let mut exit = Exit::None;
     loop {
         let (tag, len) = first_message(client, max_message).await?;
@@ -147,7 +147,7 @@ async fn extended(
                     .ok()
                     .filter(|p| p.name.is_empty())
                     .map(|p| {
-                        let c = classify(p.sql, &proxy.functions);
+                        let c = classify(p.sql, &proxy.functions.load());
                         c.statements == 1 && c.tx.is_some_and(ends_block)
                     });
                 if ends == Some(true) {

@@ -22,7 +22,8 @@ pub async fn authenticate(
     startup: &ClientStartup,
     proxy: &Proxy,
 ) -> Result<(), SessionError> {
-    let user = proxy.users.get(&startup.user);
+    let users = proxy.users.load_full();
+    let user = users.get(&startup.user);
     let (mut auth, first) = ClientAuth::start(
         user,
         &startup.user,

@@ -38,7 +38,7 @@ pub(super) async fn finish(
         if node != current {
             if let Some(lease) = lease.take() {
                 let reusable = lease.conn.rbuf.is_empty() && usable(node);
-                proxy.release(lease, reusable).await;
+                proxy.release(*lease, reusable).await;
             }
         }
     }
@@ -61,7 +61,7 @@ pub(super) async fn finish(
         }
     }
     if let Some(lease) = lease {
-        proxy.release(lease, reusable).await;
+        proxy.release(*lease, reusable).await;
     }
 }
 
@@ -75,7 +75,7 @@ async fn cancel_running(lease: &Lease, progress: &Progress, proxy: &Proxy) {
     }
     let target = lease.conn.cancel_target();
     if let Err(error) =
-        crate::cancel::send_cancel(&target, proxy.config.backend.connect_timeout).await
+        crate::cancel::send_cancel(&target, proxy.config().backend.connect_timeout).await
     {
         debug!(%error, "could not cancel the statement of a client that left");
     }

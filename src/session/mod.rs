@@ -4,7 +4,9 @@
 mod aborted;
 mod auth_exchange;
 mod finish;
+mod hold;
 mod loss;
+mod naming;
 mod recover;
 mod relay;
 mod replay;
@@ -65,7 +67,7 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
     let peer = tcp.peer_addr().ok();
     let Authenticated {
         mut stream,
-        startup,
+        mut startup,
         buf: client_buf,
     } = match Box::pin(open_and_authenticate(tcp, &proxy)).await {
         Ok(Some(opened)) => opened,
@@ -87,19 +89,64 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
     };
     let span = tracing::debug_span!("session", user = %startup.user, db = %startup.database);
     let _entered = span.enter();
+    startup.password = proxy
+        .config()
+        .user(&startup.user)
+        .and_then(|u| u.password.clone())
+        .unwrap_or_default();
     let key = proxy.cancels.register();
+    let application_name = startup
+        .params
+        .iter()
+        .find(|(name, _)| name == b"application_name")
+        .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+        .unwrap_or_default();
+    key.describe(crate::cancel::ClientInfo::new(
+        &startup.user,
+        &startup.database,
+        &application_name,
+        peer,
+    ));
+    if startup.database == crate::console::DATABASE {
+        let admin = proxy.config().user(&startup.user).is_some_and(|u| u.admin);
+        if admin {
+            info!(user = %startup.user, "console session");
+            Box::pin(crate::console::serve(stream, client_buf, &proxy, &key)).await;
+        } else {
+            info!(user = %startup.user, "console refused: not an admin user");
+            proxy.metrics.client_rejected(Rejection::Startup);
+            // What PostgreSQL says to a role without CONNECT on the database.
+            let error = SessionError::Refused {
+                code: sqlstate::INSUFFICIENT_PRIVILEGE,
+                message: format!(
+                    "permission denied for database \"{}\": the console needs admin = true in [[users]]",
+                    crate::console::DATABASE
+                ),
+            };
+            refuse(&mut stream, &error).await;
+        }
+        return;
+    }
     // Startup, authentication and the first connection are boxed: their state is large and
     // would otherwise stay allocated in the task for the whole session (see `serve`).
-    match Box::pin(attach(&mut stream, &startup, &proxy, &key)).await {
+    let attached = match Box::pin(attach(&mut stream, &startup, &proxy, &key)).await {
         Ok(lease) => {
             let client = ClientConn {
                 stream,
                 rbuf: client_buf,
                 pending: BytesMut::new(),
             };
-            serve::serve(client, lease, &proxy, &key, &startup).await;
+            // The session and its whole future live in one box, built before any await: an
+            // async function keeps room for every local still in scope at an await, moved out
+            // or not, so the task itself then holds little more than the box.
+            let session = serve::Session::new(client, lease, &proxy, &key, &startup);
+            Ok(Box::pin(serve::serve(session)))
         }
-        Err(error) => {
+        Err(error) => Err((stream, error)),
+    };
+    match attached {
+        Ok(serving) => serving.await,
+        Err((mut stream, error)) => {
             info!(?peer, user = %startup.user, %error, "session could not start");
             proxy.metrics.client_rejected(Rejection::NoServer);
             refuse(&mut stream, &error).await;
@@ -124,7 +171,7 @@ async fn open_and_authenticate(
     tcp: TcpStream,
     proxy: &Proxy,
 ) -> Result<Option<Authenticated>, startup::Refusal> {
-    let deadline = tokio::time::Instant::now() + proxy.config.client.startup_timeout;
+    let deadline = tokio::time::Instant::now() + proxy.config().client.startup_timeout;
     let opening = match tokio::time::timeout_at(deadline, startup::open(tcp, proxy)).await {
         Ok(opening) => opening?,
         Err(_) => return Err((None, SessionError::Closed)),
@@ -239,14 +286,14 @@ async fn open_within(
     wait: bool,
     need: Need,
 ) -> Result<Lease, OpenError> {
-    let bound = proxy.config.health.timeout;
-    if bound >= proxy.config.backend.connect_timeout {
+    let bound = proxy.config().health.timeout;
+    if bound >= proxy.config().backend.connect_timeout {
         return open(proxy, node, startup, wait, need).await;
     }
     match tokio::time::timeout(bound, open(proxy, node, startup, wait, need)).await {
         Ok(result) => result,
         Err(_) => Err(OpenError::Pool(PoolError::Connect(ServerError::Timeout {
-            node: proxy.config.nodes[node].name.clone(),
+            node: proxy.config().nodes[node].name.clone(),
             after: bound,
         }))),
     }
@@ -305,7 +352,7 @@ async fn open(
     wait: bool,
     need: Need,
 ) -> Result<Lease, OpenError> {
-    let target = proxy.login_target(node, &startup.user, &startup.database);
+    let target = proxy.login_target(node, &startup.user, &startup.database, &startup.password);
     let setup = async {
         let mut lease = if wait {
             proxy.pools.checkout(&target).await

@@ -6,17 +6,22 @@
 //! (docs, "Extended Query"): an ErrorResponse at once, then every message up to the next Sync is
 //! discarded, and the Sync is answered with ReadyForQuery.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
+use pgvigil_proto::backend;
 use pgvigil_proto::encode::{self, PgError, Severity};
 use pgvigil_proto::frame::next_message;
-use pgvigil_proto::frontend;
+use pgvigil_proto::frontend::{self, Query};
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::naming::{self, SqlDrop};
 use super::relay::{ClientConn, Progress, RelayEnd, Stop};
 use super::steering::{Decision, Steering};
 use crate::proxy::Proxy;
+
+/// Room made for the rest of a message the client has begun to send.
+const REST_CHUNK: usize = 4096;
 
 /// An error the client is told about as ERROR (its session goes on).
 pub struct Failure<'a> {
@@ -110,13 +115,51 @@ pub async fn reject_unit(
     flush(client).await
 }
 
+/// Transaction pooling: answers the client's SQL `DEALLOCATE` at the front of its buffer (see
+/// `Decision::Deallocate`) from the session's own record, as PostgreSQL would on a connection
+/// in transaction status `status`: in a failed block it is refused like every statement.
+pub async fn answer_deallocate(
+    client: &mut ClientConn,
+    steering: &mut Steering,
+    status: TxStatus,
+    max_message: usize,
+) -> Result<(), RelayEnd> {
+    let (_, len) = first_message(client, max_message).await?;
+    let frame = client.rbuf.split_to(len);
+    let drop = Query::parse(&frame[5..])
+        .ok()
+        .and_then(|q| naming::sql_drop(q.sql));
+    if status == TxStatus::Failed {
+        IN_FAILED.encode(&mut client.pending);
+    } else {
+        let tag: &[u8] = match drop {
+            Some(SqlDrop::Deallocate(name)) => {
+                steering.replay.deallocated(&name);
+                b"DEALLOCATE"
+            }
+            _ => {
+                steering.replay.drop_statements();
+                b"DEALLOCATE ALL"
+            }
+        };
+        encode::message(&mut client.pending, backend::tag::COMMAND_COMPLETE, |b| {
+            b.put_slice(tag);
+            b.put_u8(0);
+        });
+    }
+    encode::ready_for_query(&mut client.pending, status);
+    flush(client).await
+}
+
 /// Reads the client's next unit while the session has no connection to its current node, and
 /// returns where it goes (never `Forward`: the steering routes a detached session afresh).
 pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: &Proxy) -> Stop {
-    let max_message = proxy.config.max_message_size;
+    let max_message = proxy.config().max_message_size;
     if let Err(end) = flush(client).await {
         return Stop::End(end);
     }
+    // The session holds no server connection: it may stay idle a long time.
+    client.release_buffers();
     loop {
         match first_message(client, max_message).await {
             Err(end) => return Stop::End(end),
@@ -164,7 +207,13 @@ pub(super) async fn first_message(
     }
 }
 
+/// Reads what the client sends next. An empty buffer reads a first few bytes (BytesMut grows by
+/// 64 bytes when full), so that a client idle in this read holds no large buffer; once a message
+/// has begun, room for the rest is made first.
 async fn read_more(client: &mut ClientConn) -> Result<(), RelayEnd> {
+    if !client.rbuf.is_empty() {
+        client.rbuf.reserve(REST_CHUNK);
+    }
     match client.stream.read_buf(&mut client.rbuf).await {
         Ok(0) | Err(_) => Err(RelayEnd::ClientGone),
         Ok(_) => Ok(()),

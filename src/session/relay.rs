@@ -14,11 +14,13 @@ use pgvigil_proto::{header, TxStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+use super::naming::{self, OnServer, Outgoing};
 use super::server_side::ServerSide;
 use super::steering::{Decision, Steering};
 use crate::config::PoolMode;
 use crate::proxy::Proxy;
 use crate::server::ServerConn;
+use crate::statements::ServerStatements;
 use crate::stream::Stream;
 use crate::topology::{NodeId, Role};
 
@@ -109,6 +111,19 @@ pub struct ClientConn {
     pub pending: BytesMut,
 }
 
+impl ClientConn {
+    /// Drops the buffers that hold nothing, so that an idle client costs little: the relay's
+    /// read chunk is 16 KiB, and the server's read buffer, swapped in whole when a batch of
+    /// its messages goes to the client, as large. They grow again with the next unit.
+    pub fn release_buffers(&mut self) {
+        for buf in [&mut self.rbuf, &mut self.pending] {
+            if buf.is_empty() && buf.capacity() > 0 {
+                *buf = BytesMut::new();
+            }
+        }
+    }
+}
+
 /// Why the relay handed control back to the session.
 #[derive(Debug)]
 pub enum Stop {
@@ -135,7 +150,7 @@ pub async fn relay(
     changes: &mut watch::Receiver<u64>,
     proxy: &Proxy,
 ) -> Stop {
-    let max_message = proxy.config.max_message_size;
+    let max_message = proxy.config().max_message_size;
     let node = server.node;
     if let Some(role) = unusable(proxy, node) {
         return lost(LossCause::Unusable(role), None);
@@ -145,6 +160,7 @@ pub async fn relay(
     let (mut server_read, mut server_write) = tokio::io::split(&mut server.stream);
     let client_in = &mut client.rbuf;
     let server_in = &mut server.rbuf;
+    let statements = &mut server.statements;
     let to_client = &mut client.pending;
     let mut to_server = BytesMut::new();
     let mut server_state = ServerSide {
@@ -165,7 +181,8 @@ pub async fn relay(
             to_client,
             max_message,
             progress,
-            &mut steering.replay.settings,
+            &mut steering.replay,
+            statements,
         )
         .is_err()
     {
@@ -175,6 +192,8 @@ pub async fn relay(
         max_message,
         proxy,
         terminated: &mut terminated,
+        statements,
+        to_client,
     };
     match client_scan.scan(
         client_in,
@@ -194,7 +213,7 @@ pub async fn relay(
     loop {
         steering.encoding_safe = server_state.encoding_safe;
         if progress.is_quiet() {
-            steering.unit_done(proxy);
+            steering.unit_done(proxy, *server_state.tx != TxStatus::Idle);
             let idle = *server_state.tx == TxStatus::Idle && server_in.is_empty();
             if idle && !terminated && to_server.is_empty() && releasable(proxy, steering) {
                 // A unit that waits is routed afresh once the session has no connection.
@@ -207,6 +226,8 @@ pub async fn relay(
                     max_message,
                     proxy,
                     terminated: &mut terminated,
+                    statements,
+                    to_client,
                 };
                 match scan.scan(
                     client_in,
@@ -260,8 +281,9 @@ pub async fn relay(
             read = client_read.read_buf(client_in), if !held && !terminated && to_server.len() < HIGH_WATER => {
                 match read {
                     Ok(0) | Err(_) => return Stop::End(RelayEnd::ClientGone),
-                    Ok(_) => {
-                        let mut scan = ClientScan { max_message, proxy, terminated: &mut terminated };
+                    Ok(n) => {
+                        steering.received(n);
+                        let mut scan = ClientScan { max_message, proxy, terminated: &mut terminated, statements, to_client };
                         match scan.scan(client_in, &mut to_server, progress, steering, *server_state.tx) {
                             Err(end) => return Stop::End(end),
                             Ok(Some(decision)) if progress.is_quiet() && to_server.is_empty() => {
@@ -277,8 +299,9 @@ pub async fn relay(
                 match read {
                     Ok(0) => return server_lost(LossCause::Closed, &mut server_state),
                     Err(e) => return server_lost(LossCause::Io(e), &mut server_state),
-                    Ok(_) => {
-                        if server_state.scan(server_in, to_client, max_message, progress, &mut steering.replay.settings).is_err() {
+                    Ok(n) => {
+                        steering.sent(n);
+                        if server_state.scan(server_in, to_client, max_message, progress, &mut steering.replay, statements).is_err() {
                             return server_lost(LossCause::Garbled, &mut server_state);
                         }
                     }
@@ -292,7 +315,7 @@ pub async fn relay(
 /// transaction block, with nothing more from the server (a notice, a notification): yes unless
 /// the session is pinned to it.
 pub fn releasable(proxy: &Proxy, steering: &Steering) -> bool {
-    proxy.config.pool.mode == PoolMode::Transaction && steering.replay.pinned().is_none()
+    proxy.config().pool.mode == PoolMode::Transaction && steering.replay.pinned().is_none()
 }
 
 /// Moves client messages to the server side, routing each new unit.
@@ -300,6 +323,10 @@ struct ClientScan<'a> {
     max_message: usize,
     proxy: &'a Proxy,
     terminated: &'a mut bool,
+    /// The statements the server connection has under pgvigil's names.
+    statements: &'a mut ServerStatements,
+    /// What goes to the client (where pgvigil's own answers join the server's).
+    to_client: &'a mut BytesMut,
 }
 
 impl ClientScan<'_> {
@@ -334,9 +361,39 @@ impl ClientScan<'_> {
                     }
                 }
             }
+            // Nothing is owed by the server nor waits to be sent: pgvigil may answer now.
+            let fresh = progress.is_quiet() && out.is_empty() && forward == 0;
             note_client(tag, progress)?;
-            steering.forwarded(tag, &input[forward..forward + len], self.proxy);
-            forward += len;
+            let frame = &input[forward..forward + len];
+            let names_statement = matches!(
+                tag,
+                frontend::tag::PARSE
+                    | frontend::tag::BIND
+                    | frontend::tag::DESCRIBE
+                    | frontend::tag::CLOSE
+            );
+            let outgoing =
+                if names_statement && self.proxy.config().pool.mode == PoolMode::Transaction {
+                    let server = OnServer {
+                        statements: &mut *self.statements,
+                        fresh,
+                        tx: server_tx,
+                    };
+                    steering.forwarded_to(tag, frame, Some(server), self.proxy)
+                } else {
+                    steering.forwarded(tag, frame, self.proxy);
+                    Outgoing::AsIs
+                };
+            if outgoing == Outgoing::AsIs {
+                forward += len;
+                continue;
+            }
+            // What came before goes as it is; this message is replaced.
+            move_prefix(input, out, forward);
+            forward = 0;
+            let naming = &mut steering.replay.naming;
+            naming::replace(outgoing, &input[..len], naming, out, self.to_client);
+            input.advance(len);
         }
         move_prefix(input, out, forward);
         if *self.terminated {
@@ -526,13 +583,14 @@ mod tests {
             encoding_safe: true,
             node: 0,
         };
-        let mut settings = super::super::settings::Settings::new(1);
+        let mut replay = super::super::replay::Replayable::new(1);
         side.scan(
             &mut input,
             &mut BytesMut::new(),
             1 << 20,
             progress,
-            &mut settings,
+            &mut replay,
+            &mut ServerStatements::default(),
         )
         .unwrap();
     }

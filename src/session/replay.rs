@@ -14,8 +14,10 @@ use pgvigil_proto::classify::Classification;
 use pgvigil_proto::frontend::Parse;
 use tracing::info;
 
+use super::naming::{Naming, PendingParse};
 use super::settings::Settings;
 use super::unit;
+use crate::statements::{ServerStatements, StatementId, NO_STATEMENT};
 use crate::topology::NodeId;
 
 /// A named prepared statement the client made.
@@ -27,6 +29,9 @@ pub struct Prepared {
     pub class: Classification,
     /// Bit `n` set: it exists on the session's connection to node `n`.
     pub on: u64,
+    /// Transaction pooling: its statement on the nodes (`pgv_<id>`); [`NO_STATEMENT`] in
+    /// session pooling, where the nodes know it by the client's name.
+    pub server: StatementId,
 }
 
 /// A statement text or name, as the client sent it.
@@ -48,6 +53,11 @@ pub struct Replayable {
     unnamed: Option<(NodeId, Classification)>,
     /// Why the session must stay on its primary connection, once it must.
     pinned: Option<&'static str>,
+    /// Transaction pooling: named Parses in flight on the current connection.
+    pub naming: Naming,
+    /// Transaction pooling: what every statement key of this session starts with (database,
+    /// user, startup parameters).
+    context: Box<[u8]>,
 }
 
 impl Replayable {
@@ -59,7 +69,127 @@ impl Replayable {
             pending_close: vec![Vec::new(); node_count],
             unnamed: None,
             pinned: None,
+            naming: Naming::default(),
+            context: Box::default(),
         }
+    }
+
+    /// Transaction pooling: statements are shared only between sessions with the same
+    /// `context` (database, user, startup parameters) and the same settings log.
+    pub fn set_context(&mut self, context: Box<[u8]>) {
+        self.context = context;
+    }
+
+    /// Transaction pooling: the key under which the statement of a Parse is shared, given the
+    /// Parse's body after its name: the same text with the same parameter types, parsed with the
+    /// same settings (a search_path changes what the names in it mean).
+    pub fn statement_key(&self, body_after_name: &[u8]) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.context.len() + body_after_name.len() + 64);
+        key.extend_from_slice(&self.context);
+        for sql in self.settings.log() {
+            key.extend_from_slice(sql);
+            key.push(0);
+        }
+        key.push(0);
+        key.extend_from_slice(body_after_name);
+        key
+    }
+
+    /// Transaction pooling: whether the client's name `name` is in use (prepared, or its Parse
+    /// in flight).
+    pub fn uses_name(&self, name: &[u8]) -> bool {
+        self.statements.contains_key(name) || self.naming.live(name).is_some()
+    }
+
+    /// Transaction pooling: the statement on the nodes that the client's `name` stands for.
+    pub fn server_id(&self, name: &[u8]) -> Option<StatementId> {
+        match self.naming.live(name) {
+            Some(pending) => Some(pending.id),
+            None => self
+                .statements
+                .get(name)
+                .map(|p| p.server)
+                .filter(|id| *id != NO_STATEMENT),
+        }
+    }
+
+    /// Transaction pooling: the client's Parse was answered by pgvigil, as statement `id` that
+    /// the connection to `node` has.
+    pub fn prepared_shared(
+        &mut self,
+        name: &[u8],
+        frame: &[u8],
+        class: Classification,
+        id: StatementId,
+        node: NodeId,
+    ) {
+        let prepared = Prepared {
+            parse: Bytes::copy_from_slice(frame),
+            class,
+            on: 1 << node,
+            server: id,
+        };
+        self.statements.insert(name.into(), prepared);
+    }
+
+    /// Transaction pooling: the server answered a Parse in flight on `node` with ParseComplete.
+    pub fn parse_complete(&mut self, node: NodeId, server: &mut ServerStatements) {
+        let Some(pending) = self.naming.parse_complete() else {
+            return;
+        };
+        let PendingParse {
+            name,
+            parse,
+            class,
+            id,
+            closed,
+        } = *pending;
+        server.touch(id);
+        if !closed {
+            let prepared = Prepared {
+                parse,
+                class,
+                on: 1 << node,
+                server: id,
+            };
+            self.statements.insert(name, prepared);
+        }
+    }
+
+    /// Transaction pooling: the connection to `node` is the session's now; its statements are
+    /// there when that connection has them.
+    pub fn adopt(&mut self, node: NodeId, server: &ServerStatements) {
+        for prepared in self.statements.values_mut() {
+            if prepared.server != NO_STATEMENT && server.has(prepared.server) {
+                prepared.on |= 1 << node;
+            } else {
+                prepared.on &= !(1 << node);
+            }
+        }
+    }
+
+    /// Transaction pooling: the connection to `node` no longer has statement `id`.
+    pub fn gone(&mut self, id: StatementId, node: NodeId) {
+        for prepared in self.statements.values_mut() {
+            if prepared.server == id {
+                prepared.on &= !(1 << node);
+            }
+        }
+    }
+
+    /// The client dropped every named statement (`DEALLOCATE ALL`, `DISCARD ALL`).
+    pub fn drop_statements(&mut self) {
+        let names: Vec<Box<[u8]>> = self.statements.keys().cloned().collect();
+        for name in names {
+            self.naming.close(&name);
+        }
+        self.statements.clear();
+    }
+
+    /// Transaction pooling: the client deallocated its statement `name` (SQL `DEALLOCATE`).
+    pub fn deallocated(&mut self, name: &[u8]) {
+        self.naming.close(name);
+        self.statements.remove(name);
     }
 
     /// The named prepared statements, by name.
@@ -84,6 +214,7 @@ impl Replayable {
             parse: Bytes::copy_from_slice(frame),
             class,
             on: 1 << node,
+            server: NO_STATEMENT,
         };
         if let Some(old) = self.statements.insert(name.into(), prepared) {
             self.close_elsewhere(name, old.on, node);
@@ -91,10 +222,14 @@ impl Replayable {
     }
 
     /// The client closed its named statement `name` on `node`: the other nodes that have it
-    /// close it before their next use.
+    /// close it before their next use. (Under transaction pooling the statement on the nodes is
+    /// shared and stays: only the session forgets it.)
     pub fn closed(&mut self, name: &[u8], node: NodeId) {
+        self.naming.close(name);
         if let Some(old) = self.statements.remove(name) {
-            self.close_elsewhere(name, old.on, node);
+            if old.server == NO_STATEMENT {
+                self.close_elsewhere(name, old.on, node);
+            }
         }
     }
 
@@ -164,17 +299,32 @@ impl Replayable {
     }
 
     /// Named statements the unit at the start of `input` needs and `node` does not have, with
-    /// their Parse messages.
-    pub fn missing_statements(&self, input: &[u8], node: NodeId, max: usize) -> Vec<Bytes> {
-        let mut missing: Vec<Bytes> = Vec::new();
+    /// their Parse messages and their statements on the nodes.
+    pub fn missing_statements(
+        &self,
+        input: &[u8],
+        node: NodeId,
+        max: usize,
+    ) -> Vec<(Bytes, StatementId)> {
+        let mut missing: Vec<(Bytes, StatementId)> = Vec::new();
         unit::named_references(input, max, |name| {
             if let Some(p) = self.statements.get(name) {
-                if p.on & (1 << node) == 0 && !missing.contains(&p.parse) {
-                    missing.push(p.parse.clone());
+                if p.on & (1 << node) == 0 && !missing.iter().any(|(m, _)| *m == p.parse) {
+                    missing.push((p.parse.clone(), p.server));
                 }
             }
         });
         missing
+    }
+
+    /// Transaction pooling: the statements on the nodes that the unit at the start of `input`
+    /// binds or describes.
+    pub fn referenced(&self, input: &[u8], max: usize) -> Vec<StatementId> {
+        let mut ids = Vec::new();
+        unit::named_references(input, max, |name| {
+            ids.extend(self.statements.get(name).map(|p| p.server));
+        });
+        ids
     }
 
     /// `node` now has the statement whose Parse message is `parse`.
@@ -230,7 +380,7 @@ mod tests {
         assert!(replay.misses_statements(&unit, 1, 1 << 20));
         assert_eq!(
             replay.missing_statements(&unit, 1, 1 << 20),
-            vec![parse.clone().freeze()]
+            vec![(parse.clone().freeze(), NO_STATEMENT)]
         );
         replay.statement_on(&parse, 1);
         assert!(!replay.misses_statements(&unit, 1, 1 << 20));

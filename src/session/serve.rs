@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
 use pgvigil_proto::classify::encoding_is_safe;
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
@@ -14,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::aborted::{self, LostTransaction};
 use super::finish::{finish, flush_client};
+use super::hold;
 use super::loss::{self, Aftermath};
 use super::recover::{self, Failure};
 use super::relay::{self, ClientConn, Loss, LossCause, Progress, RelayEnd, Stop};
@@ -58,7 +58,7 @@ enum Place {
 }
 
 /// What a session goes on with between relays.
-struct Session<'a> {
+pub(super) struct Session<'a> {
     client: ClientConn,
     held: Held,
     steering: Steering,
@@ -72,44 +72,63 @@ struct Session<'a> {
     proxy: &'a Proxy,
 }
 
+impl<'a> Session<'a> {
+    /// A session attached to its first server connection, `lease`.
+    ///
+    /// Built outside [`serve`] on purpose: an async function keeps room for its arguments and
+    /// for every local it moves elsewhere for its whole life, and an idle session is that
+    /// future; built here, only the session itself is kept.
+    pub(super) fn new(
+        client: ClientConn,
+        lease: Lease,
+        proxy: &'a Proxy,
+        key: &'a CancelKey,
+        startup: &'a ClientStartup,
+    ) -> Session<'a> {
+        let first = lease.conn.node;
+        let encoding_safe = lease
+            .conn
+            .params
+            .get(b"client_encoding")
+            .is_none_or(encoding_is_safe);
+        let mut held = Held::new(proxy.config().nodes.len());
+        held.leases[first] = Some(Box::new(lease));
+        let mut steering = Steering::new(proxy.config().nodes.len(), first, encoding_safe);
+        if proxy.config().pool.mode == PoolMode::Transaction {
+            steering.replay.set_context(startup.context());
+        }
+        Session {
+            client,
+            held,
+            steering,
+            progress: Progress::default(),
+            changes: proxy.topology.subscribe(),
+            place: Place::Attached,
+            key,
+            startup,
+            proxy,
+        }
+    }
+}
+
 /// Relays until the session ends, moving between nodes as units are routed and surviving the
 /// loss of server connections, then returns (or drops) every server connection.
-pub async fn serve(
-    client: ClientConn,
-    lease: Lease,
-    proxy: &Proxy,
-    key: &CancelKey,
-    startup: &ClientStartup,
-) {
-    let first = lease.conn.node;
-    let encoding_safe = lease
-        .conn
-        .params
-        .get(b"client_encoding")
-        .is_none_or(encoding_is_safe);
-    let mut held = Held::new(proxy.config.nodes.len());
-    held.leases[first] = Some(lease);
-    let mut session = Session {
-        client,
-        held,
-        steering: Steering::new(proxy.config.nodes.len(), first, encoding_safe),
-        progress: Progress::default(),
-        changes: proxy.topology.subscribe(),
-        place: Place::Attached,
-        key,
-        startup,
-        proxy,
-    };
+pub(super) async fn serve(mut session: Session<'_>) {
+    let (proxy, key) = (session.proxy, session.key);
     let end = match session.run().await {
         Ok(end) => end,
         Err(error) => {
             info!(%error, "session ended: its next statement cannot be served");
-            let _ = flush_client(&mut session.client).await;
-            refuse(&mut session.client.stream, &error).await;
+            let client = &mut session.client;
+            Box::pin(async {
+                let _ = flush_client(client).await;
+                refuse(&mut client.stream, &error).await;
+            })
+            .await;
             RelayEnd::ClientGone
         }
     };
-    session.steering.unit_done(proxy);
+    session.steering.unit_done(proxy, false);
     key.set_target(None);
     debug!(?end, "session ended");
     Box::pin(finish(
@@ -143,10 +162,10 @@ impl Session<'_> {
                 .drop_unusable(current, &mut self.steering.replay, self.proxy);
             if let Place::Detached(lost) = &self.place {
                 let lost = lost.clone();
-                let after =
-                    aborted::answer_unit(&mut self.client, lost, &mut self.steering, self.proxy)
-                        .await
-                        .map_err(ended)?;
+                // Boxed, like the relay: rare, and inline it would enlarge every session.
+                let answer =
+                    aborted::answer_unit(&mut self.client, lost, &mut self.steering, self.proxy);
+                let after = Box::pin(answer).await.map_err(ended)?;
                 self.enter(after.map_or(Place::Attached, Place::Detached));
                 continue;
             }
@@ -208,7 +227,7 @@ impl Session<'_> {
         // Settings still unanswered died with the connection: they must not count as a
         // setting of unknown outcome when the unit is closed.
         self.steering.replay.settings.lost();
-        self.steering.unit_done(self.proxy);
+        self.steering.unit_done(self.proxy, false);
         self.key.set_target(None);
         let fatal = loss.fatal.as_ref();
         if loss::terminated_by_admin(fatal, &loss.cause, node, self.startup, self.proxy).await {
@@ -274,7 +293,7 @@ impl Session<'_> {
             code,
             message: &message,
         };
-        let max_message = self.proxy.config.max_message_size;
+        let max_message = self.proxy.config().max_message_size;
         recover::answer_lost(
             &mut self.client,
             &mut self.progress,
@@ -317,6 +336,18 @@ impl Session<'_> {
                 Ok(())
             }
             Decision::WaitPrimary => self.wait_for_primary(None).await,
+            Decision::Deallocate => {
+                let status = self.held.leases[self.steering.current]
+                    .as_ref()
+                    .map_or(TxStatus::Idle, |lease| lease.conn.tx);
+                let max = self.proxy.config().max_message_size;
+                recover::answer_deallocate(&mut self.client, &mut self.steering, status, max)
+                    .await
+                    .map_err(ended)
+            }
+            Decision::Hold => hold::hold(&mut self.client, self.key, self.proxy)
+                .await
+                .map_err(ended),
             Decision::Forward | Decision::Wait => Ok(()),
         }
     }
@@ -363,12 +394,13 @@ impl Session<'_> {
         let mut wait = match std::mem::replace(&mut self.place, Place::Attached) {
             Place::WaitingForPrimary(wait) if wait.units == units => wait,
             _ => PrimaryWait {
-                until: Instant::now() + self.proxy.config.failover.wait_timeout,
+                until: Instant::now() + self.proxy.config().failover.wait_timeout,
                 units,
                 cancels: self.key.cancels(),
             },
         };
         self.steering.reroute();
+        let _waiting = hold::Waiting::set(self.key);
         let until = wait.until;
         let pause = until.min(Instant::now() + PRIMARY_RETRY);
         let mut cancelled = wait.cancels.has_changed().unwrap_or(false);
@@ -387,7 +419,7 @@ impl Session<'_> {
                 _ = tokio::time::sleep_until(pause) => {}
             }
         }
-        let max_message = self.proxy.config.max_message_size;
+        let max_message = self.proxy.config().max_message_size;
         if cancelled {
             info!("a unit waiting for a primary was cancelled by the client");
             let failure = Failure {
@@ -420,7 +452,7 @@ impl Session<'_> {
     /// Transaction pooling: a session between units that holds no connection to the primary
     /// takes one to read its write position; returns the primary when it did.
     async fn borrow_primary(&mut self) -> Option<NodeId> {
-        if self.proxy.config.pool.mode != PoolMode::Transaction {
+        if self.proxy.config().pool.mode != PoolMode::Transaction {
             return None;
         }
         let Primary::Known(primary) = self.proxy.topology.load().primary.clone() else {
@@ -468,17 +500,12 @@ impl Session<'_> {
             self.held.leases[node] = Some(lease);
             return;
         }
-        self.proxy.pools.checkin(lease);
+        self.proxy.pools.checkin(*lease);
         if node == self.steering.current {
             self.key.set_target(None);
             self.steering.released();
-            // An idle client costs little: its buffers go (the relay's read chunk is 16 KiB) and
-            // grow again with its next unit.
-            for buf in [&mut self.client.rbuf, &mut self.client.pending] {
-                if buf.is_empty() {
-                    *buf = BytesMut::new();
-                }
-            }
+            // Its buffers go once what the client is owed is written (see `next_unit`).
+            self.client.release_buffers();
         } else {
             self.steering.replay.fresh_connection(node);
         }

@@ -2,7 +2,7 @@
 //! change the session's state noted on the way (ReadyForQuery, ParameterStatus, CopyInResponse)
 //! and a node's FATAL error held back for the session to judge.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use pgvigil_proto::backend::{self, ErrorFields};
 use pgvigil_proto::classify::encoding_is_safe;
 use pgvigil_proto::frame::messages;
@@ -10,8 +10,9 @@ use pgvigil_proto::{FrameError, TxStatus};
 use tracing::debug;
 
 use super::relay::{move_prefix, NodeFatal, Progress};
-use super::settings::Settings;
+use super::replay::Replayable;
 use crate::server::ReportedParams;
+use crate::statements::ServerStatements;
 use crate::topology::NodeId;
 
 /// The server-side state the relay updates.
@@ -40,62 +41,97 @@ impl ServerSide<'_> {
         out: &mut BytesMut,
         max_message: usize,
         progress: &mut Progress,
-        settings: &mut Settings,
+        replay: &mut Replayable,
+        statements: &mut ServerStatements,
     ) -> Result<(), FrameError> {
-        let mut iter = messages(input, max_message);
-        let mut offset = 0;
-        let mut fatal_at = None;
-        for message in iter.by_ref() {
-            let message = message?;
-            let start = offset;
-            offset += message.len();
-            match message.tag {
-                backend::tag::READY_FOR_QUERY => {
-                    if let Ok(status) = backend::ReadyForQuery::parse(message.body) {
-                        *self.tx = status;
-                        settings.ready(status, self.node);
-                    }
-                    progress.awaiting_ready = progress.awaiting_ready.saturating_sub(1);
-                    // Copy-in mode has ended by now (a ReadyForQuery never comes during it).
-                    progress.copy_in = false;
-                }
-                backend::tag::PARAMETER_STATUS => {
-                    // A malformed one is still relayed; the client will judge it.
-                    if let Ok(status) = backend::ParameterStatus::parse(message.body) {
-                        if status.name == b"client_encoding" {
-                            self.encoding_safe = encoding_is_safe(status.value);
+        loop {
+            let mut iter = messages(input, max_message);
+            let mut offset = 0;
+            let mut fatal_at = None;
+            // A message replaced by pgvigil's own: where it is, and what goes instead.
+            let mut replaced: Option<(usize, usize, BytesMut)> = None;
+            for message in iter.by_ref() {
+                let message = message?;
+                let start = offset;
+                offset += message.len();
+                match message.tag {
+                    backend::tag::READY_FOR_QUERY => {
+                        if let Ok(status) = backend::ReadyForQuery::parse(message.body) {
+                            *self.tx = status;
+                            replay.settings.ready(status, self.node);
+                        }
+                        progress.awaiting_ready = progress.awaiting_ready.saturating_sub(1);
+                        // Copy-in mode has ended by now (a ReadyForQuery never comes during it).
+                        progress.copy_in = false;
+                        for id in replay.naming.ready(progress.is_quiet()) {
+                            statements.doubt(id);
+                            replay.gone(id, self.node);
                         }
                     }
-                    let _ = self.params.note(message.body);
-                }
-                backend::tag::ERROR_RESPONSE => {
-                    if let Some(code) = fatal_code(message.body) {
-                        fatal_at = Some(start);
-                        self.fatal = Some(NodeFatal {
-                            code,
-                            answering: !progress.is_quiet(),
-                            frame: Bytes::copy_from_slice(&input[start..offset]),
-                        });
-                        break;
+                    backend::tag::PARAMETER_STATUS => {
+                        // A malformed one is still relayed; the client will judge it.
+                        if let Ok(status) = backend::ParameterStatus::parse(message.body) {
+                            if status.name == b"client_encoding" {
+                                self.encoding_safe = encoding_is_safe(status.value);
+                            }
+                        }
+                        let _ = self.params.note(message.body);
                     }
-                    settings.error();
+                    backend::tag::ERROR_RESPONSE => {
+                        if let Some(code) = fatal_code(message.body) {
+                            fatal_at = Some(start);
+                            self.fatal = Some(NodeFatal {
+                                code,
+                                answering: !progress.is_quiet(),
+                                frame: Bytes::copy_from_slice(&input[start..offset]),
+                            });
+                            break;
+                        }
+                        replay.settings.error();
+                        replay.naming.error();
+                        let mut instead = BytesMut::new();
+                        if replay.naming.expects_duplicate()
+                            && ErrorFields::parse(message.body)
+                                .ok()
+                                .and_then(|f| f.message())
+                                .is_some_and(|m| replay.naming.duplicate_error(m, &mut instead))
+                        {
+                            replaced = Some((start, offset, instead));
+                            break;
+                        }
+                    }
+                    backend::tag::PARSE_COMPLETE => replay.parse_complete(self.node, statements),
+                    backend::tag::COMMAND_COMPLETE => {
+                        replay.settings.command_complete(message.body);
+                        if matches!(message.body, b"DISCARD ALL\0" | b"DEALLOCATE ALL\0")
+                            && !statements.is_empty()
+                        {
+                            // Every statement on the connection is gone, other sessions' too
+                            // (transaction pooling: in session pooling it has none of pgvigil's).
+                            statements.clear();
+                            replay.adopt(self.node, statements);
+                        }
+                    }
+                    backend::tag::COPY_IN_RESPONSE => progress.copy_in = true,
+                    _ => {}
                 }
-                backend::tag::COMMAND_COMPLETE => settings.command_complete(message.body),
-                backend::tag::COPY_IN_RESPONSE => progress.copy_in = true,
-                _ => {}
             }
-        }
-        let consumed = iter.consumed();
-        match fatal_at {
-            Some(start) => {
+            let consumed = iter.consumed();
+            if let Some(start) = fatal_at {
                 debug!(code = ?self.fatal.as_ref().map(|f| String::from_utf8_lossy(&f.code)), "FATAL from the node, held back");
                 move_prefix(input, out, start);
                 // Nothing the node sends after a FATAL means anything.
                 input.clear();
+                return Ok(());
             }
-            None => move_prefix(input, out, consumed),
+            let Some((start, end, instead)) = replaced else {
+                move_prefix(input, out, consumed);
+                return Ok(());
+            };
+            move_prefix(input, out, start);
+            out.extend_from_slice(&instead);
+            input.advance(end - start);
         }
-        Ok(())
     }
 }
 
@@ -166,9 +202,17 @@ mod tests {
             node: 0,
         };
         let mut out = BytesMut::new();
-        let mut settings = Settings::new(1);
-        side.scan(&mut input, &mut out, 1 << 20, progress, &mut settings)
-            .unwrap();
+        let mut replay = Replayable::new(1);
+        let mut statements = ServerStatements::default();
+        side.scan(
+            &mut input,
+            &mut out,
+            1 << 20,
+            progress,
+            &mut replay,
+            &mut statements,
+        )
+        .unwrap();
         assert!(input.is_empty(), "nothing is left behind");
         (out.to_vec(), side.fatal)
     }

@@ -148,6 +148,11 @@ impl Settings {
         self.unreplayable
     }
 
+    /// Every statement that took effect, in order.
+    pub fn log(&self) -> &[SqlText] {
+        &self.log
+    }
+
     /// What `node` has not run yet.
     pub fn missing(&self, node: NodeId) -> &[SqlText] {
         let applied = self.applied[node].min(self.log.len());

@@ -23,8 +23,32 @@ pub struct ClientStartup {
     pub user: String,
     /// The database (defaults to the user name, like PostgreSQL).
     pub database: String,
+    /// The user's configured password when it logged in: the session logs in to the nodes
+    /// with it should a reload remove the user (a user still configured uses its current one).
+    pub password: String,
     /// Every other parameter, to be applied on the server connection.
     pub params: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ClientStartup {
+    /// What a server connection's context is made of for this session: database, user and
+    /// startup parameters, each NUL-terminated (transaction pooling shares a named statement
+    /// only between sessions with the same context, see `Replayable::statement_key`).
+    pub fn context(&self) -> Box<[u8]> {
+        let mut context = Vec::new();
+        for part in [self.database.as_bytes(), self.user.as_bytes()] {
+            context.extend_from_slice(part);
+            context.push(0);
+        }
+        for (name, value) in &self.params {
+            for part in [name, value] {
+                context.extend_from_slice(part);
+                context.push(0);
+            }
+        }
+        context.push(0);
+        context.into()
+    }
 }
 
 /// How the startup phase ended.
@@ -118,7 +142,7 @@ async fn next_step(
                 encode::negotiate_protocol_version(&mut out, u32::from(NEWEST_MINOR), &names);
                 stream.write_all(&out).await?;
             }
-            if proxy.config.tls.mode == TlsMode::Require && !stream.is_tls() {
+            if proxy.config().tls.mode == TlsMode::Require && !stream.is_tls() {
                 return Err(SessionError::Refused {
                     code: sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                     message: "pgvigil requires TLS (tls.mode = \"require\"): connect with sslmode=require".into(),
@@ -202,6 +226,7 @@ fn read_params<'a>(
         session: SESSIONS.fetch_add(1, Ordering::Relaxed),
         user,
         database,
+        password: String::new(),
         params: rest,
     })
 }

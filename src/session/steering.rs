@@ -14,15 +14,18 @@
 use std::time::Instant;
 
 use pgvigil_proto::classify::{classify, Classification, Hint, Pin, Reason};
+use pgvigil_proto::frame::next_message;
 use pgvigil_proto::frontend::{self, Bind, Close, Parse, Query};
 use tracing::debug;
 
+use super::naming::{self, OnServer, Outgoing, SqlDrop};
 use super::replay::Replayable;
 use super::route::{self, Routed, SessionPolicy, Snapshot, Writes};
 use super::settings::{self, Effect};
 use super::unit::{self, UnitFacts};
 use crate::config::PoolMode;
-use crate::metrics::UnitKind;
+use crate::metrics::{Bytes, UnitKind};
+use crate::pause::{InFlight, Traffic};
 use crate::proxy::Proxy;
 use crate::router::{self, Route};
 use crate::topology::NodeId;
@@ -40,6 +43,12 @@ pub enum Decision {
     FetchLsn,
     /// It must go to the primary and there is none right now.
     WaitPrimary,
+    /// Transaction pooling: it is a SQL `DEALLOCATE` of the session's own named statements,
+    /// answered by pgvigil once the server has answered everything before it (the statements
+    /// on the nodes are shared with other sessions and stay).
+    Deallocate,
+    /// pgvigil is paused: it begins no transaction until RESUME.
+    Hold,
 }
 
 /// Routing state of one session.
@@ -80,6 +89,10 @@ pub struct Steering {
     detached: bool,
     /// Units begun so far (tells a unit that waits apart from the next one).
     units: u64,
+    /// The session is running a unit or inside a transaction block (counted for PAUSE).
+    in_flight: Option<InFlight>,
+    /// Bytes moved since the last unit was counted (flushed to the metrics per unit).
+    bytes: Bytes,
 }
 
 impl Steering {
@@ -103,7 +116,19 @@ impl Steering {
             avoided: 0,
             detached: false,
             units: 0,
+            in_flight: None,
+            bytes: Bytes::default(),
         }
+    }
+
+    /// `n` bytes came from the client.
+    pub fn received(&mut self, n: usize) {
+        self.bytes.received += n as u64;
+    }
+
+    /// `n` bytes came from the server, for the client.
+    pub fn sent(&mut self, n: usize) {
+        self.bytes.sent += n as u64;
     }
 
     /// Decides where the unit at the start of `input` goes. `in_transaction`: the current
@@ -113,10 +138,22 @@ impl Steering {
             self.begin_unit(proxy);
             return Decision::Forward;
         }
-        let max = proxy.config.max_message_size;
-        let facts = unit::inspect(input, max, &proxy.functions, self.replay.statements());
+        let max = proxy.config().max_message_size;
+        let facts = unit::inspect(
+            input,
+            max,
+            &proxy.functions.load(),
+            self.replay.statements(),
+        );
         if !facts.complete {
             return Decision::Wait;
+        }
+        if self.deallocates_own(input, proxy) {
+            return Decision::Deallocate;
+        }
+        if !in_transaction && facts.has_statement && proxy.pause.traffic() == Traffic::Paused {
+            // PgBouncer's PAUSE: what runs finishes, nothing new begins.
+            return Decision::Hold;
         }
         self.unit = facts;
         self.unit_in_transaction = in_transaction || facts.begin.is_some();
@@ -186,7 +223,7 @@ impl Steering {
         input: &[u8],
         proxy: &Proxy,
     ) -> Result<Route, Decision> {
-        let max = proxy.config.max_message_size;
+        let max = proxy.config().max_message_size;
         let prefer = self
             .prepared_on
             .filter(|&node| facts.named_refs && !self.misses_statements(input, node, max));
@@ -204,8 +241,8 @@ impl Steering {
         let snapshot = Snapshot {
             topology: &topology,
             replication: &replication,
-            routing: &proxy.config.routing,
-            nodes: &proxy.config.nodes,
+            routing: &proxy.config().routing,
+            nodes: &proxy.config().nodes,
             balancer: &proxy.balancer,
         };
         match route::route_unit(facts, &policy, &snapshot) {
@@ -218,6 +255,30 @@ impl Steering {
         }
     }
 
+    /// Transaction pooling: whether the unit is a SQL `DEALLOCATE` that pgvigil answers: of a
+    /// statement the session prepared through the protocol, or of all of them when the session
+    /// prepared none with SQL PREPARE on its (pinned) connection.
+    fn deallocates_own(&self, input: &[u8], proxy: &Proxy) -> bool {
+        if proxy.config().pool.mode != PoolMode::Transaction {
+            return false;
+        }
+        let max = proxy.config().max_message_size;
+        let Ok(Some(message)) = next_message(input, max) else {
+            return false;
+        };
+        if message.tag != frontend::tag::QUERY {
+            return false;
+        }
+        match Query::parse(message.body)
+            .ok()
+            .and_then(|q| naming::sql_drop(q.sql))
+        {
+            Some(SqlDrop::Deallocate(name)) => self.replay.uses_name(&name),
+            Some(SqlDrop::DeallocateAll) => self.replay.pinned().is_none(),
+            Some(SqlDrop::DiscardAll) | None => false,
+        }
+    }
+
     /// Whether the unit binds or describes a named statement that `node` does not have.
     fn misses_statements(&self, input: &[u8], node: NodeId, max: usize) -> bool {
         self.unit.named_refs && self.replay.misses_statements(input, node, max)
@@ -225,6 +286,9 @@ impl Steering {
 
     /// The unit decided last is being forwarded to `current`: apply what it does to the session.
     fn begin_unit(&mut self, proxy: &Proxy) {
+        if self.in_flight.is_none() {
+            self.in_flight = Some(InFlight::enter(&proxy.pause));
+        }
         self.waiting_route = None;
         self.units += 1;
         self.prepared_on = (self.unit.parses_named && !self.unit.executes).then_some(self.current);
@@ -259,20 +323,55 @@ impl Steering {
 
     /// Notes one client message as it is forwarded to `current` (`frame` is the whole message).
     pub fn forwarded(&mut self, tag: u8, frame: &[u8], proxy: &Proxy) {
+        self.forwarded_to(tag, frame, None, proxy);
+    }
+
+    /// Notes one client message as it is forwarded to `current`, and says how it goes there:
+    /// under transaction pooling (`server` given) a message that names a prepared statement
+    /// uses the statement's name on the nodes, or is answered by pgvigil (see
+    /// [`naming::name_statement`]).
+    pub fn forwarded_to(
+        &mut self,
+        tag: u8,
+        frame: &[u8],
+        server: Option<OnServer<'_>>,
+        proxy: &Proxy,
+    ) -> Outgoing {
+        let outgoing = match server {
+            Some(server) => {
+                naming::name_statement(&mut self.replay, self.current, tag, frame, server, proxy)
+            }
+            None => Outgoing::AsIs,
+        };
+        self.note_forwarded(tag, frame, proxy);
+        outgoing
+    }
+
+    /// Applies what one forwarded client message does to the session.
+    fn note_forwarded(&mut self, tag: u8, frame: &[u8], proxy: &Proxy) {
         let covered = self.covered >= frame.len();
         self.covered = self.covered.saturating_sub(frame.len());
         let body = frame.get(5..).unwrap_or_default();
         match tag {
             frontend::tag::QUERY => {
                 self.replay.settings.request();
+                self.replay.naming.request();
                 let Ok(query) = Query::parse(body) else {
                     return;
                 };
+                if proxy.config().pool.mode == PoolMode::Transaction
+                    && matches!(
+                        naming::sql_drop(query.sql),
+                        Some(SqlDrop::DeallocateAll | SqlDrop::DiscardAll)
+                    )
+                {
+                    self.replay.drop_statements();
+                }
                 let (session_state, statements, reason, hint) = if covered {
                     let u = &self.unit;
                     (u.session_state, u.query_statements, u.reason, u.hint)
                 } else {
-                    let class = classify(query.sql, &proxy.functions);
+                    let class = classify(query.sql, &proxy.functions.load());
                     self.uncovered(&class);
                     (
                         class.session_state,
@@ -297,10 +396,14 @@ impl Steering {
             }
             frontend::tag::FUNCTION_CALL => {
                 self.replay.settings.request();
+                self.replay.naming.request();
                 self.note_write();
                 self.pin("a fast-path function call");
             }
-            frontend::tag::SYNC => self.replay.settings.request(),
+            frontend::tag::SYNC => {
+                self.replay.settings.request();
+                self.replay.naming.request();
+            }
             _ => {}
         }
     }
@@ -329,7 +432,7 @@ impl Steering {
             (true, true, Some(class)) if !self.unit.session_state => Some(class),
             _ => None,
         };
-        let class = known.unwrap_or_else(|| classify(parse.sql, &proxy.functions));
+        let class = known.unwrap_or_else(|| classify(parse.sql, &proxy.functions.load()));
         if !covered {
             self.uncovered(&class);
         }
@@ -339,15 +442,12 @@ impl Steering {
         self.note_effects(parse.sql, class.reason, class.hint, false);
         if parse.name.is_empty() {
             self.replay.parsed_unnamed(self.current, class);
-        } else {
-            if proxy.config.pool.mode == PoolMode::Transaction {
-                // Sharing a named statement between the sessions of one connection needs
-                // server-side names of its own; until then the session keeps its connection.
-                self.pin("a named prepared statement under transaction pooling");
-            }
+        } else if proxy.config().pool.mode == PoolMode::Session {
             self.replay
                 .parsed_named(parse.name, frame, class, self.current);
         }
+        // Under transaction pooling a named statement is recorded once the server answers its
+        // Parse (see `Steering::name_statement` and `naming`).
     }
 
     /// A Bind forwarded without having been inspected (it followed a Flush): running a named
@@ -402,12 +502,20 @@ impl Steering {
         self.replay.pin(reason);
     }
 
-    /// The session ran its last unit (the node answered everything): the balancer stops counting it.
-    pub fn unit_done(&mut self, proxy: &Proxy) {
+    /// The session ran its last unit (the node answered everything): the balancer stops counting
+    /// it, and outside a transaction block (`in_transaction` false) the session is no longer in
+    /// flight.
+    pub fn unit_done(&mut self, proxy: &Proxy, in_transaction: bool) {
+        if !in_transaction {
+            self.in_flight = None;
+        }
         if let Some((began, kind)) = self.running.take() {
             proxy.balancer.finished(self.current);
-            proxy.metrics.unit_done(self.current, kind, began.elapsed());
-            if let (UnitKind::Write, Some(node)) = (kind, proxy.config.nodes.get(self.current)) {
+            let bytes = std::mem::take(&mut self.bytes);
+            proxy
+                .metrics
+                .unit_done(self.current, kind, began.elapsed(), bytes);
+            if let (UnitKind::Write, Some(node)) = (kind, proxy.config().nodes.get(self.current)) {
                 proxy.events.wrote(self.current, &node.name);
             }
         }
@@ -429,6 +537,7 @@ impl Steering {
     /// routed afresh (possibly back to the same node, on a new connection).
     pub fn lost_current(&mut self) {
         self.replay.settings.lost();
+        self.replay.naming.reset();
         self.replay.fresh_connection(self.current);
         self.detached = true;
         self.forced = false;
@@ -440,6 +549,7 @@ impl Steering {
     /// connection it gets.
     pub fn released(&mut self) {
         self.replay.fresh_connection(self.current);
+        self.replay.naming.reset();
         self.detached = true;
         self.forced = false;
     }

@@ -8,6 +8,7 @@ use bytes::{BufMut, BytesMut};
 use pgvigil_proto::encode;
 use tracing::debug;
 
+use super::naming;
 use super::replay::Replayable;
 use super::startup::ClientStartup;
 use super::{open, open_within, OpenError};
@@ -15,12 +16,15 @@ use crate::config::PoolMode;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::server::{ServerConn, ServerError};
+use crate::statements::{self, StatementId, NO_STATEMENT};
 use crate::topology::{Need, NodeId, Primary};
 
 /// The server connections a session holds, at most one per node.
 pub struct Held {
-    /// The connection to node `n`, at `n`.
-    pub leases: Vec<Option<Lease>>,
+    /// The connection to node `n`, at `n`; boxed, so that the slots of the nodes a session
+    /// holds no connection to (every node, for an idle session under transaction pooling) cost
+    /// a pointer each.
+    pub leases: Vec<Option<Box<Lease>>>,
 }
 
 impl Held {
@@ -86,14 +90,18 @@ pub async fn sync(
     if held.leases[node].is_none() {
         // A read can go elsewhere: it does not wait long for a node that hangs. Under
         // transaction pooling a session holds no other connection: it waits for a slot.
-        let wait_for_slot = proxy.config.pool.mode == PoolMode::Transaction;
+        let wait_for_slot = proxy.config().pool.mode == PoolMode::Transaction;
         let lease = if need == Need::Primary || wait_for_slot {
             open(proxy, node, startup, true, need).await?
         } else {
             open_within(proxy, node, startup, false, need).await?
         };
         replay.fresh_connection(node);
-        held.leases[node] = Some(lease);
+        if proxy.config().pool.mode == PoolMode::Transaction {
+            // A pooled connection may have the session's statements already.
+            replay.adopt(node, &lease.conn.statements);
+        }
+        held.leases[node] = Some(Box::new(lease));
     }
     let Some(lease) = held.leases[node].as_mut() else {
         return Ok(());
@@ -121,6 +129,10 @@ pub async fn sync(
 /// settings log from where it stands, and the named statements the unit at the start of `input`
 /// uses. A statement the node rejects is logged and skipped: the node would reject it for the
 /// client too, and the client's own statement will say so.
+///
+/// Under transaction pooling the statements go by their names on the nodes, and the
+/// connection keeps at most `pool.max_prepared_statements`: the least recently used ones the
+/// unit does not need are closed first.
 async fn catch_up(
     conn: &mut ServerConn,
     replay: &mut Replayable,
@@ -141,22 +153,73 @@ async fn catch_up(
         encode::sync(&mut out);
         skip_rejection(conn.exchange(&mut out).await)?;
     }
+    let mut discarded = false;
     for sql in settings {
+        discarded |= sql
+            .trim_ascii_start()
+            .get(..7)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"discard"));
         encode::query(&mut out, sql);
         skip_rejection(conn.exchange(&mut out).await)?;
     }
     replay.caught_up(node);
-    let max = proxy.config.max_message_size;
-    for parse in replay.missing_statements(input, node, max) {
-        out.extend_from_slice(&parse);
+    let max = proxy.config().max_message_size;
+    let missing = replay.missing_statements(input, node, max);
+    let shared = proxy.config().pool.mode == PoolMode::Transaction;
+    if shared {
+        if discarded {
+            // A replayed DISCARD ALL dropped every statement there, other sessions' too.
+            conn.statements.clear();
+        }
+        let keep = proxy
+            .config()
+            .pool
+            .max_prepared_statements
+            .saturating_sub(missing.len());
+        let excess = conn
+            .statements
+            .take_excess(keep, &replay.referenced(input, max));
+        close_excess(conn, &excess).await?;
+        replay.adopt(node, &conn.statements);
+    }
+    for (parse, id) in missing {
+        match naming::statement_name(b'P', &parse).filter(|_| id != NO_STATEMENT) {
+            Some((at, len)) => naming::rename(&parse, at, len, id, &mut out),
+            None => out.extend_from_slice(&parse),
+        }
         encode::sync(&mut out);
         // A node that refuses it (a failed transaction block refuses everything) does not have
         // it: the next unit that needs it there prepares it again.
         if accepted(conn.exchange(&mut out).await)? {
+            if id != NO_STATEMENT {
+                conn.statements.touch(id);
+            }
             replay.statement_on(&parse, node);
         }
     }
+    if shared {
+        replay.adopt(node, &conn.statements);
+    }
     Ok(())
+}
+
+/// Closes statements `ids` on `conn` (the least recently used past the bound, or ones whose
+/// presence is in doubt); closing one it does not have is no error.
+async fn close_excess(conn: &mut ServerConn, ids: &[StatementId]) -> Result<(), ServerError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    debug!(count = ids.len(), node = %conn.node_name, "closing prepared statements past the bound");
+    let mut out = BytesMut::new();
+    for &id in ids {
+        encode::message(&mut out, b'C', |b| {
+            b.put_u8(b'S');
+            statements::put_name(b, id);
+            b.put_u8(0);
+        });
+    }
+    encode::sync(&mut out);
+    skip_rejection(conn.exchange(&mut out).await)
 }
 
 /// Whether the node accepted a replayed statement; a rejection is logged, any other failure is an

@@ -384,6 +384,7 @@ mod tests {
                 parse: Bytes::new(),
                 class,
                 on: 1,
+                server: 0,
             },
         );
         let mut known = BytesMut::new();
@@ -486,6 +487,7 @@ mod tests {
                 parse: Bytes::new(),
                 class,
                 on: 1,
+                server: 0,
             },
         );
         let mut run = BytesMut::new();

@@ -203,6 +203,7 @@ fn open_admin_config() -> String {
             name: "app".into(),
             password: Some("app-secret".into()),
             auth: pgvigil::config::AuthMethod::ScramSha256,
+            admin: false,
         }],
         ..Config::default()
     };

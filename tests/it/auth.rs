@@ -200,7 +200,7 @@ pub(crate) async fn psql_output(conninfo: &str, args: &[&str]) -> std::process::
         .expect("psql runs")
 }
 
-fn psql_path() -> std::path::PathBuf {
+pub(crate) fn psql_path() -> std::path::PathBuf {
     let installed = std::path::Path::new("/usr/lib/postgresql/15/bin/psql");
     if installed.exists() {
         installed.to_path_buf()

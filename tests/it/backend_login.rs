@@ -42,6 +42,7 @@ async fn pgvigil_logs_in_to_a_node_that_trusts_the_user() {
             name: "postgres".into(),
             password: Some("client-side-secret".into()),
             auth: AuthMethod::Md5,
+            admin: false,
         })
     })
     .await;

@@ -270,7 +270,7 @@ async fn two_thousand_bad_or_abandoned_connections_at_once_leave_the_proxy_servi
     eventually(SETTLE, "no session is left registered", || {
         state.cancels.is_empty()
     });
-    assert!(state.pools.open_count(PRIMARY) <= state.config.pool.max_size);
+    assert!(state.pools.open_count(PRIMARY) <= state.config().pool.max_size);
     assert_served(&proxy).await;
 }
 

@@ -1,7 +1,8 @@
 //! The driver matrix of issue 17: pgjdbc, psycopg 3 and asyncpg, each through pgvigil in front of a
 //! primary and two streaming replicas, run their program in `tests/drivers/` (one line per check,
 //! `ok NAME` or `FAIL NAME: why`, and a non-zero exit status on any failure); a test fails with
-//! the program's output unless every check the issue asks of that driver passed.
+//! the program's output unless every check the issue asks of that driver passed. Each runs in both
+//! pool modes: in transaction mode their named prepared statements are shared per connection.
 //!
 //! Runtimes: pgjdbc runs as a single source file with `java` and Debian's
 //! `libpostgresql-jdbc-java` jar; the Python drivers run in a virtual environment this test
@@ -16,6 +17,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use pgvigil::config::PoolMode;
 use tokio::process::Command;
 
 use crate::read_split::wait_until_every_node_may_read;
@@ -55,21 +57,49 @@ async fn pgjdbc_passes_every_check_through_pgvigil() {
         .args(["-cp", JDBC_JAR])
         .arg(Path::new(PROGRAMS).join("jdbc/Main.java"));
     // pgjdbc's batches are its pipeline: every row's Bind/Execute, then one Sync.
-    run_checks("pgjdbc", program, &["batch_rewritten"]).await;
+    run_checks("pgjdbc", program, &["batch_rewritten"], PoolMode::Session).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pgjdbc_passes_every_check_through_pgvigil_in_transaction_mode() {
+    if let Err(why) = jdbc_runtime() {
+        return missing_runtime("pgjdbc", &why);
+    }
+    let mut program = Command::new("java");
+    program
+        .args(["-cp", JDBC_JAR])
+        .arg(Path::new(PROGRAMS).join("jdbc/Main.java"));
+    run_checks(
+        "pgjdbc",
+        program,
+        &["batch_rewritten"],
+        PoolMode::Transaction,
+    )
+    .await;
+}
+
+/// What psycopg must pass beyond the common checks.
+const PSYCOPG_EXTRA: [&str; 4] = [
+    "pipeline",
+    "reads_after_an_extended_set",
+    "reads_after_a_set_in_a_pipeline",
+    "write_after_a_pipeline",
+];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn psycopg_passes_every_check_through_pgvigil() {
     let Some(program) = python_program("psycopg", "psycopg_checks.py").await else {
         return;
     };
-    let extra = [
-        "pipeline",
-        "reads_after_an_extended_set",
-        "reads_after_a_set_in_a_pipeline",
-        "write_after_a_pipeline",
-    ];
-    run_checks("psycopg", program, &extra).await;
+    run_checks("psycopg", program, &PSYCOPG_EXTRA, PoolMode::Session).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn psycopg_passes_every_check_through_pgvigil_in_transaction_mode() {
+    let Some(program) = python_program("psycopg", "psycopg_checks.py").await else {
+        return;
+    };
+    run_checks("psycopg", program, &PSYCOPG_EXTRA, PoolMode::Transaction).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -77,15 +107,23 @@ async fn asyncpg_passes_every_check_through_pgvigil() {
     let Some(program) = python_program("asyncpg", "asyncpg_checks.py").await else {
         return;
     };
-    run_checks("asyncpg", program, &[]).await;
+    run_checks("asyncpg", program, &[], PoolMode::Session).await;
 }
 
-/// Builds a primary and two replicas with pgvigil in front, runs `program` against it with the
-/// connection parameters in libpq's environment variables, and fails unless it exits 0 having
-/// passed every common check and every one of `extra`.
-async fn run_checks(driver: &str, mut program: Command, extra: &[&str]) {
+#[tokio::test(flavor = "multi_thread")]
+async fn asyncpg_passes_every_check_through_pgvigil_in_transaction_mode() {
+    let Some(program) = python_program("asyncpg", "asyncpg_checks.py").await else {
+        return;
+    };
+    run_checks("asyncpg", program, &[], PoolMode::Transaction).await;
+}
+
+/// Builds a primary and two replicas with pgvigil in front (pooling in `mode`), runs `program`
+/// against it with the connection parameters in libpq's environment variables, and fails unless
+/// it exits 0 having passed every common check and every one of `extra`.
+async fn run_checks(driver: &str, mut program: Command, extra: &[&str], mode: PoolMode) {
     let cluster = test_cluster(2);
-    let proxy = start_proxy(&cluster, |_| {}).await;
+    let proxy = start_proxy(&cluster, |config| config.pool.mode = mode).await;
     // Reads may land on the replicas only once pgvigil has seen them catch up.
     wait_until_every_node_may_read(&proxy);
     let replica_ports = [1, 2].map(|n| cluster.node(n).port.to_string()).join(",");

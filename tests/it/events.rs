@@ -30,7 +30,7 @@ async fn the_event_log_holds_a_failovers_phases_in_order() {
     scene.writes_resume(kill, "kill -9 with the event log watched");
     let new = scene.sole_primary(&STANDBYS);
     let third = STANDBYS.into_iter().find(|&s| s != new).unwrap();
-    let name = |node: usize| scene.proxy.running.proxy.config.nodes[node].name.clone();
+    let name = |node: usize| scene.proxy.running.proxy.config().nodes[node].name.clone();
     let (old, new, third) = (name(OLD_PRIMARY), name(new), name(third));
 
     // The repoint of the third node and the writer's next write finish on their own time.

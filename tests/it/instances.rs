@@ -272,7 +272,7 @@ async fn after_kill9_of_the_primary_with_three_instances_exactly_one_promotes_an
     // The leader shared the outcome in etcd.
     let proxy = &scene.proxies[leaders[0]].running.proxy;
     let member = proxy.leadership.member().unwrap();
-    let name = |node: usize| proxy.config.nodes[node].name.clone();
+    let name = |node: usize| proxy.config().nodes[node].name.clone();
     let give_up = Instant::now() + PATIENCE;
     let state = loop {
         match shared::read(member).await {

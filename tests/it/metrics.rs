@@ -42,7 +42,7 @@ pub(crate) async fn http_get(
 }
 
 /// `/metrics`, scraped and parsed.
-async fn scrape(admin: SocketAddr) -> Scrape {
+pub(crate) async fn scrape(admin: SocketAddr) -> Scrape {
     let (code, body) = get_metrics(admin, None).await;
     assert_eq!(code, 200, "{body}");
     Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("the exposition parses")
@@ -73,7 +73,7 @@ fn samples<'a>(
 }
 
 /// The value of the one counter or gauge `metric` with `labels`; panics if it is absent.
-fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
     let found: Vec<f64> = samples(scrape, metric, labels)
         .map(|s| match &s.value {
             Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
@@ -111,7 +111,7 @@ async fn metrics_after_traffic_and_after_a_failover_hold_every_metric_with_plaus
         .proxy
         .running
         .proxy
-        .config
+        .config()
         .nodes
         .iter()
         .map(|n| n.name.clone())
@@ -145,7 +145,9 @@ async fn metrics_after_traffic_and_after_a_failover_hold_every_metric_with_plaus
     ] {
         assert_eq!(value(&first, counter, &[]), 0.0, "{counter}");
     }
-    assert!(value(&first, "pgvigil_client_connections", &[]) >= 2.0);
+    let sessions = ["idle", "active", "waiting"]
+        .map(|state| value(&first, "pgvigil_client_connections", &[("state", state)]));
+    assert!(sessions.iter().sum::<f64>() >= 2.0, "{sessions:?}");
     assert_eq!(
         value(&first, "pgvigil_node_is_primary", &[node(OLD_PRIMARY)]),
         1.0
@@ -312,4 +314,87 @@ async fn metrics_ask_for_the_token_only_with_metrics_auth() {
         );
         proxy.running.shutdown().await;
     }
+}
+
+/// Client connections by state, pool waits, bytes per node and the paused gauge, from one
+/// proxy whose pools hold one connection per node, lent per transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_states_pool_waits_and_bytes_are_exported() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |c| {
+        c.pool.max_size = 1;
+        c.pool.mode = pgvigil::config::PoolMode::Transaction;
+    })
+    .await;
+    let admin = proxy.running.admin_addr;
+    let holder = proxy.connect_app().await;
+    holder
+        .batch_execute("CREATE TABLE IF NOT EXISTS metrics_wait (n int); BEGIN; INSERT INTO metrics_wait VALUES (1)")
+        .await
+        .unwrap();
+
+    // A second client needs the one connection, held by the open transaction: it waits.
+    let waiter = tokio::spawn({
+        let conninfo = proxy.conninfo(APP_USER, crate::support::APP_PASSWORD, APP_DB);
+        async move {
+            let (client, connection) =
+                tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            client.simple_query("SELECT 1").await.map(|_| ())
+        }
+    });
+    // The second one is logging in or, logged in, waits for the connection in its first
+    // checkout (idle: no unit of its own has begun).
+    let during = scrape_until(admin, "a client in a transaction, another one", |s| {
+        let state = |state| value(s, "pgvigil_client_connections", &[("state", state)]);
+        state("active") == 1.0 && state("login") + state("idle") + state("waiting") == 1.0
+    })
+    .await;
+    assert_eq!(value(&during, "pgvigil_paused", &[]), 0.0);
+    holder.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .expect("the waiting client was served")
+        .unwrap()
+        .unwrap();
+
+    let after = scrape_until(admin, "the wait is counted", |s| {
+        value(s, "pgvigil_pool_waits_total", &[("node", "pg1")]) >= 1.0
+    })
+    .await;
+    assert!(observations(&after, "pgvigil_pool_wait_seconds", &[("node", "pg1")]) >= 1.0);
+    assert!(
+        value(
+            &after,
+            "pgvigil_client_received_bytes_total",
+            &[("node", "pg1")]
+        ) > 0.0
+    );
+    assert!(
+        value(
+            &after,
+            "pgvigil_client_sent_bytes_total",
+            &[("node", "pg1")]
+        ) > 0.0
+    );
+    assert_eq!(
+        value(&after, "pgvigil_client_connections", &[("state", "idle")]),
+        1.0,
+        "the holder, idle after its commit"
+    );
+
+    // Paused, a new statement waits and shows as such.
+    proxy.running.proxy.pause.pause();
+    let held = tokio::spawn(async move { holder.simple_query("SELECT 1").await.map(|_| ()) });
+    let paused = scrape_until(admin, "a waiting client", |s| {
+        value(s, "pgvigil_client_connections", &[("state", "waiting")]) == 1.0
+    })
+    .await;
+    assert_eq!(value(&paused, "pgvigil_paused", &[]), 1.0);
+    proxy.running.proxy.pause.resume();
+    tokio::time::timeout(PATIENCE, held)
+        .await
+        .expect("the held statement ran after resume")
+        .unwrap()
+        .unwrap();
 }

@@ -218,7 +218,7 @@ async fn a_standby_whose_wal_receiver_is_off_gets_no_reads_after_max_lag_while_a
     assert_eq!(topology.nodes[1].role, Role::Standby);
     // By bytes it is as current as ever: only its receiver tells.
     let view = shared.replication.load();
-    assert!(view.caught_up(1, PRIMARY, shared.config.routing.max_lag_bytes, max_lag));
+    assert!(view.caught_up(1, PRIMARY, shared.config().routing.max_lag_bytes, max_lag));
     let tally = tally_reads(&client, &ports, LAG_READS).await;
     assert_eq!(
         tally,
@@ -781,7 +781,8 @@ async fn wait_for_replicas_to_replay(cluster: &LocalCluster, proxy: &TestProxy) 
 /// limits, so that every node may take reads.
 pub(crate) fn wait_until_every_node_may_read(proxy: &TestProxy) {
     let shared = &proxy.running.proxy;
-    let routing = &shared.config.routing;
+    let config = shared.config();
+    let routing = &config.routing;
     eventually(SETTLE, "node 0 primary, both replicas caught up", || {
         let topology = shared.topology.load();
         let view = shared.replication.load();

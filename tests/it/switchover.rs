@@ -1,12 +1,14 @@
 //! `pgvigil switchover` there and back under two writers (an insert every 20 ms on a kept
 //! connection, and one connection per insert): no acknowledged write is lost, the longest write
 //! gap and the write pause pgvigil measured are printed, the old primary rejoins as a standby
-//! each time, and an idle session keeps its settings and prepared statement throughout.
+//! each time, and an idle session keeps its settings and prepared statement throughout; in
+//! session and in transaction pooling.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use pgvigil::admin::api::Done;
+use pgvigil::config::PoolMode;
 use pgvigil::topology::{NodeId, Primary, Role};
 
 use crate::admin::cli;
@@ -60,11 +62,24 @@ pub(crate) async fn switch_to(scene: &Scene, to: NodeId, from: NodeId) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn switchover_there_and_back_under_writers_loses_no_acknowledged_write() {
+    there_and_back(PoolMode::Session).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn switchover_there_and_back_in_transaction_pooling_loses_nothing_and_keeps_the_idle_session()
+{
+    there_and_back(PoolMode::Transaction).await;
+}
+
+/// Switches over there and back under the writers, in pool mode `mode`, checking what the
+/// module's doc says.
+async fn there_and_back(mode: PoolMode) {
     let cluster = test_cluster(2);
     let data_dirs: Vec<PathBuf> = cluster.nodes().iter().map(|n| n.data_dir.clone()).collect();
     let bin_dir = cluster.bin_dir().to_path_buf();
     let scene = Scene::start(cluster, |config| {
         local_control(config, &data_dirs, &bin_dir);
+        config.pool.mode = mode;
     })
     .await;
     let _stop: Vec<StopOnDrop> = data_dirs[..2]
@@ -113,14 +128,16 @@ async fn switchover_there_and_back_under_writers_loses_no_acknowledged_write() {
             "{what}: acknowledged writes lost: {lost:?}"
         );
         println!(
-            "switchover there and back, {what}: {} acknowledged writes, none lost, longest write \
-             gap {:?}, {} errors",
+            "switchover there and back ({mode:?} pooling), {what}: {} acknowledged writes, none \
+             lost, longest write gap {:?}, {} errors",
             acked.len(),
             longest_gap(log, began),
             log.errors_after(began).len()
         );
     }
-    println!("write pause measured by pgvigil: {there} ms there, {back} ms back");
+    println!(
+        "write pause measured by pgvigil ({mode:?} pooling): {there} ms there, {back} ms back"
+    );
     eventually(PATIENCE, "the third node follows pg1 again", || {
         tick_ids(&scene.cluster, 2).contains(&-8)
     });

@@ -25,6 +25,7 @@ pub fn test_config(cluster: &LocalCluster) -> Config {
         name: MD5_USER.into(),
         password: Some(MD5_PASSWORD.into()),
         auth: AuthMethod::Md5,
+        admin: false,
     });
     config
 }

@@ -42,7 +42,12 @@ impl Answer {
 impl Wire {
     /// Logs in as `app` (trust) and reads up to ReadyForQuery.
     pub(crate) async fn login(proxy: &TestProxy) -> Wire {
-        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+        Wire::login_at(proxy.addr).await
+    }
+
+    /// Logs in as `app` (trust) to a pgvigil listening at `addr`.
+    pub(crate) async fn login_at(addr: std::net::SocketAddr) -> Wire {
+        let tcp = TcpStream::connect(addr).await.unwrap();
         let mut wire = Wire {
             tcp,
             buf: BytesMut::new(),

@@ -1,0 +1,566 @@
+//! Transaction pooling, the session's side of statement names: how each client message that
+//! names a prepared statement goes to the server (renamed to the connection's `pgv_<id>`, or
+//! answered by pgvigil), and the named Parses forwarded and not answered yet.
+//!
+//! A named statement is recorded only once the server answered its Parse with ParseComplete:
+//! one that fails leaves no name behind, as on PostgreSQL. Answers come in the order of the
+//! requests, so the first Parse waiting is the one a ParseComplete answers; an ErrorResponse
+//! makes the server skip every message up to the next Sync (PostgreSQL docs, "Extended Query"),
+//! so the Parses waiting in the same Sync-delimited stretch as the error never ran.
+
+use std::collections::VecDeque;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use pgvigil_proto::backend;
+use pgvigil_proto::classify::{classify, Classification};
+use pgvigil_proto::encode::{self, PgError, Severity};
+use pgvigil_proto::frontend::{self, Parse};
+use pgvigil_proto::sqlstate;
+use pgvigil_proto::TxStatus;
+
+use super::replay::Replayable;
+use crate::proxy::Proxy;
+use crate::statements::{self, ServerStatements, StatementId, NO_STATEMENT};
+use crate::topology::NodeId;
+
+/// How a client message goes to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outgoing {
+    /// Unchanged.
+    AsIs,
+    /// With the statement name at bytes `at..at + len` of the frame replaced by `pgv_<id>`.
+    Renamed {
+        /// Where the client's name starts in the frame.
+        at: usize,
+        /// Its length.
+        len: usize,
+        /// The server-side statement.
+        id: StatementId,
+    },
+    /// Not sent: a Parse of a statement the connection already has, answered with
+    /// ParseComplete by pgvigil.
+    Answered,
+    /// A Parse of a name the client already uses: replaced by a Parse the server rejects, whose
+    /// error is then replaced by PostgreSQL's own for the client's name (see
+    /// [`Naming::duplicate_error`]). The client's name is at bytes `at..at + len`.
+    Duplicate {
+        /// Where the client's name starts in the frame.
+        at: usize,
+        /// Its length.
+        len: usize,
+    },
+}
+
+/// SQL the server cannot parse, sent instead of a Parse that reuses a client's name: its syntax
+/// error, which quotes this word, marks the place of PostgreSQL's "already exists" error.
+const DUPLICATE_MARKER: &[u8] = b"pgvigil_duplicate_statement_name";
+
+/// A named Parse forwarded, waiting for its answer.
+#[derive(Debug)]
+pub struct PendingParse {
+    /// The client's name for it.
+    pub name: Box<[u8]>,
+    /// The client's Parse message, whole.
+    pub parse: Bytes,
+    /// What its text is.
+    pub class: Classification,
+    /// Its server-side statement.
+    pub id: StatementId,
+    /// The client closed it before the answer came.
+    pub closed: bool,
+}
+
+/// A Parse forwarded (named or not: answers come in order), waiting for its answer.
+#[derive(Debug)]
+struct InFlight {
+    named: Option<Box<PendingParse>>,
+    /// The requests answered by ReadyForQuery (Sync, Query, FunctionCall) forwarded before it.
+    epoch: u64,
+}
+
+/// The Parses in flight on the current connection.
+#[derive(Debug, Default)]
+pub struct Naming {
+    pending: VecDeque<InFlight>,
+    /// Client names of Parses sent as [`Outgoing::Duplicate`], in order.
+    duplicates: VecDeque<Box<[u8]>>,
+    /// Requests answered by ReadyForQuery forwarded since the connection was last quiet.
+    requests: u64,
+    /// ReadyForQuery messages seen since then.
+    readies: u64,
+}
+
+impl Naming {
+    /// A request that a ReadyForQuery answers (Sync, Query, FunctionCall) was forwarded.
+    pub fn request(&mut self) {
+        self.requests += 1;
+    }
+
+    /// A named Parse was forwarded as statement `id`.
+    pub fn sent(&mut self, name: &[u8], parse: &[u8], class: Classification, id: StatementId) {
+        let named = PendingParse {
+            name: name.into(),
+            parse: Bytes::copy_from_slice(parse),
+            class,
+            id,
+            closed: false,
+        };
+        self.pending.push_back(InFlight {
+            named: Some(Box::new(named)),
+            epoch: self.requests,
+        });
+    }
+
+    /// A Parse that prepares no named statement was forwarded.
+    pub fn sent_unnamed(&mut self) {
+        self.pending.push_back(InFlight {
+            named: None,
+            epoch: self.requests,
+        });
+    }
+
+    fn named(&self) -> impl DoubleEndedIterator<Item = &PendingParse> {
+        self.pending.iter().filter_map(|p| p.named.as_deref())
+    }
+
+    /// The latest Parse in flight of the client's `name` that the client has not closed.
+    pub fn live(&self, name: &[u8]) -> Option<&PendingParse> {
+        self.named().rev().find(|p| !p.closed && &*p.name == name)
+    }
+
+    /// Whether a Parse in flight prepares statement `id` on the connection.
+    pub fn prepares(&self, id: StatementId) -> bool {
+        self.named().any(|p| p.id == id)
+    }
+
+    /// The client closed its `name`: a Parse of it in flight no longer names a statement.
+    pub fn close(&mut self, name: &[u8]) {
+        for p in self
+            .pending
+            .iter_mut()
+            .filter_map(|p| p.named.as_deref_mut())
+        {
+            if &*p.name == name {
+                p.closed = true;
+            }
+        }
+    }
+
+    /// The server answered the first Parse in flight with ParseComplete: the named one it
+    /// prepared, if it was named.
+    pub fn parse_complete(&mut self) -> Option<Box<PendingParse>> {
+        self.pending.pop_front().and_then(|p| p.named)
+    }
+
+    /// The server sent an ErrorResponse: the Parses in flight before the next Sync never ran.
+    pub fn error(&mut self) {
+        let readies = self.readies;
+        self.pending.retain(|p| p.epoch != readies);
+    }
+
+    /// The server sent ReadyForQuery; `quiet`: it answered every request. Named Parses still in
+    /// flight then were miscounted (a Sync the server ignored in COPY mode): returned, their
+    /// statements' presence on the connection unknown.
+    pub fn ready(&mut self, quiet: bool) -> Vec<StatementId> {
+        self.readies += 1;
+        if !quiet {
+            return Vec::new();
+        }
+        self.requests = 0;
+        self.readies = 0;
+        self.duplicates.clear();
+        self.pending
+            .drain(..)
+            .filter_map(|p| p.named.map(|n| n.id))
+            .collect()
+    }
+
+    /// The connection is gone or given back: nothing in flight on it matters any more.
+    pub fn reset(&mut self) {
+        *self = Naming::default();
+    }
+
+    /// A Parse of the client's `name`, which it already uses, goes to the server as the failing
+    /// Parse written to `out`.
+    pub fn send_duplicate(&mut self, name: &[u8], out: &mut BytesMut) {
+        self.duplicates.push_back(name.into());
+        self.sent_unnamed();
+        encode::message(out, b'P', |b| {
+            statements::put_name(b, statements::NO_STATEMENT);
+            b.put_u8(0);
+            b.put_slice(DUPLICATE_MARKER);
+            b.put_u8(0);
+            b.put_u16(0);
+        });
+    }
+
+    /// Whether a failing Parse sent by [`Naming::send_duplicate`] waits for its error.
+    pub fn expects_duplicate(&self) -> bool {
+        !self.duplicates.is_empty()
+    }
+
+    /// When the ErrorResponse `message` (its M field) answers a failing Parse sent by
+    /// [`Naming::send_duplicate`], PostgreSQL's error for the client's name, written to `out`.
+    pub fn duplicate_error(&mut self, message: &[u8], out: &mut BytesMut) -> bool {
+        let ours = !self.duplicates.is_empty()
+            && message
+                .windows(DUPLICATE_MARKER.len())
+                .any(|w| w == DUPLICATE_MARKER);
+        let Some(name) = ours.then(|| self.duplicates.pop_front()).flatten() else {
+            return false;
+        };
+        encode::error_response_with(
+            out,
+            &PgError {
+                severity: Severity::Error,
+                code: sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                message: &format!(
+                    "prepared statement \"{}\" already exists",
+                    String::from_utf8_lossy(&name)
+                ),
+                detail: None,
+                hint: None,
+            },
+        );
+        true
+    }
+}
+
+/// The current server connection, as the relay sees it when a client message that names a
+/// prepared statement goes to it under transaction pooling.
+pub struct OnServer<'a> {
+    /// The statements the connection has under pgvigil's names.
+    pub statements: &'a mut ServerStatements,
+    /// The server has answered everything and nothing was sent to it since: pgvigil may answer
+    /// the message itself.
+    pub fresh: bool,
+    /// The connection's transaction status.
+    pub tx: TxStatus,
+}
+
+/// Transaction pooling: how a client message that names a prepared statement goes to the
+/// server. A Parse gets the shared statement of its key, or one of its own when the
+/// connection has the shared one already and pgvigil cannot answer for it (the server
+/// owes earlier answers, or is in a failed transaction block, which refuses a Parse); a
+/// Parse of a name the client uses already fails as on PostgreSQL. Bind and Describe use
+/// the statement's name on the nodes; Close forgets the client's name and closes nothing
+/// there (other sessions share the statement).
+pub fn name_statement(
+    replay: &mut Replayable,
+    current: NodeId,
+    tag: u8,
+    frame: &[u8],
+    server: OnServer<'_>,
+    proxy: &Proxy,
+) -> Outgoing {
+    let Some((at, len)) = statement_name(tag, frame) else {
+        if tag == frontend::tag::PARSE {
+            replay.naming.sent_unnamed();
+        }
+        return Outgoing::AsIs;
+    };
+    let name = &frame[at..at + len];
+    match tag {
+        frontend::tag::PARSE => {
+            if replay.uses_name(name) {
+                return Outgoing::Duplicate { at, len };
+            }
+            let Some(after_name) = frame.get(at + len + 1..) else {
+                replay.naming.sent_unnamed();
+                return Outgoing::AsIs;
+            };
+            let key = replay.statement_key(after_name);
+            let mut id = proxy.statements.id_for(&key);
+            let class = match Parse::parse(&frame[5..]) {
+                Ok(parse) => classify(parse.sql, &proxy.functions.load()),
+                Err(_) => {
+                    replay.naming.sent_unnamed();
+                    return Outgoing::AsIs;
+                }
+            };
+            if server.statements.has(id) || replay.naming.prepares(id) {
+                if server.fresh && server.tx != TxStatus::Failed {
+                    server.statements.touch(id);
+                    replay.prepared_shared(name, frame, class, id, current);
+                    return Outgoing::Answered;
+                }
+                id = proxy.statements.unique();
+            }
+            replay.naming.sent(name, frame, class, id);
+            Outgoing::Renamed { at, len, id }
+        }
+        frontend::tag::CLOSE => match replay.server_id(name) {
+            Some(_) => Outgoing::Renamed {
+                at,
+                len,
+                id: NO_STATEMENT,
+            },
+            None => Outgoing::AsIs,
+        },
+        _ => match replay.server_id(name) {
+            Some(id) => {
+                server.statements.touch(id);
+                Outgoing::Renamed { at, len, id }
+            }
+            None => Outgoing::AsIs,
+        },
+    }
+}
+
+/// Writes what goes instead of the client message `frame` for `outgoing`: to the server
+/// (`out`), or pgvigil's own answer to the client (`to_client`).
+pub fn replace(
+    outgoing: Outgoing,
+    frame: &[u8],
+    naming: &mut Naming,
+    out: &mut BytesMut,
+    to_client: &mut BytesMut,
+) {
+    match outgoing {
+        Outgoing::AsIs => out.extend_from_slice(frame),
+        Outgoing::Renamed { at, len, id } => rename(frame, at, len, id, out),
+        Outgoing::Answered => encode::message(to_client, backend::tag::PARSE_COMPLETE, |_| {}),
+        Outgoing::Duplicate { at, len } => naming.send_duplicate(&frame[at..at + len], out),
+    }
+}
+
+/// Writes `frame` to `out` with bytes `at..at + len` (a statement name) replaced by the name
+/// of statement `id`.
+pub fn rename(frame: &[u8], at: usize, len: usize, id: StatementId, out: &mut BytesMut) {
+    let Some((head, tail)) = frame.get(5..at).zip(frame.get(at + len..)) else {
+        out.extend_from_slice(frame);
+        return;
+    };
+    let body = head.len() + statements::name_len(id) + tail.len();
+    out.put_u8(frame[0]);
+    out.put_u32((body + 4) as u32);
+    out.put_slice(head);
+    statements::put_name(out, id);
+    out.put_slice(tail);
+}
+
+/// Where the statement name of a Parse, Bind, Describe or Close frame starts and how long it
+/// is; `None` when it has none (unnamed, a portal) or the frame is malformed.
+pub fn statement_name(tag: u8, frame: &[u8]) -> Option<(usize, usize)> {
+    let body = frame.get(5..)?;
+    let at = match tag {
+        b'P' => 5,
+        b'B' => 5 + body.iter().position(|b| *b == 0)? + 1,
+        b'D' | b'C' if body.first() == Some(&b'S') => 6,
+        _ => return None,
+    };
+    let len = frame.get(at..)?.iter().position(|b| *b == 0)?;
+    (len > 0).then_some((at, len))
+}
+
+/// A SQL statement that drops named prepared statements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SqlDrop {
+    /// `DEALLOCATE [PREPARE] ALL`.
+    DeallocateAll,
+    /// `DEALLOCATE [PREPARE] name`, with the name as PostgreSQL reads it.
+    Deallocate(Vec<u8>),
+    /// `DISCARD ALL`.
+    DiscardAll,
+}
+
+/// Reads a Query that is one `DEALLOCATE` or `DISCARD ALL` (an optional `;` and whitespace
+/// after it); anything else is `None`.
+pub fn sql_drop(sql: &[u8]) -> Option<SqlDrop> {
+    let mut words = Words(sql);
+    let first = words.next()?;
+    let drop = if first.eq_ignore_ascii_case(b"discard") {
+        let all = words.next()?;
+        all.eq_ignore_ascii_case(b"all")
+            .then_some(SqlDrop::DiscardAll)?
+    } else if first.eq_ignore_ascii_case(b"deallocate") {
+        let mut name = words.next()?;
+        if name.eq_ignore_ascii_case(b"prepare") {
+            name = words.next()?;
+        }
+        if name.eq_ignore_ascii_case(b"all") {
+            SqlDrop::DeallocateAll
+        } else {
+            SqlDrop::Deallocate(identifier(name)?)
+        }
+    } else {
+        return None;
+    };
+    let rest = words.0.trim_ascii();
+    (rest.is_empty() || rest == b";").then_some(drop)
+}
+
+/// An identifier as PostgreSQL reads it: a quoted one as written (`""` for `"`), an unquoted
+/// one folded to lower case (ASCII letters only, as PostgreSQL does for multibyte encodings).
+fn identifier(word: &[u8]) -> Option<Vec<u8>> {
+    match word.strip_prefix(b"\"") {
+        Some(quoted) => {
+            let inner = quoted.strip_suffix(b"\"")?;
+            let mut name = Vec::with_capacity(inner.len());
+            let mut bytes = inner.iter();
+            while let Some(&b) = bytes.next() {
+                if b == b'"' && bytes.next() != Some(&b'"') {
+                    return None;
+                }
+                name.push(b);
+            }
+            (!name.is_empty()).then_some(name)
+        }
+        None => word
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$' || !b.is_ascii())
+            .then(|| word.to_ascii_lowercase()),
+    }
+}
+
+/// Splits SQL into words: whitespace separates them, a `"quoted identifier"` is one word, and
+/// `;` ends the words (what follows is left in place).
+struct Words<'a>(&'a [u8]);
+
+impl<'a> Iterator for Words<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let rest = self.0.trim_ascii_start();
+        if rest.is_empty() || rest[0] == b';' {
+            self.0 = rest;
+            return None;
+        }
+        let end = if rest[0] == b'"' {
+            let mut i = 1;
+            loop {
+                match rest.get(i) {
+                    None => break rest.len(),
+                    Some(b'"') if rest.get(i + 1) == Some(&b'"') => i += 2,
+                    Some(b'"') => break i + 1,
+                    Some(_) => i += 1,
+                }
+            }
+        } else {
+            rest.iter()
+                .position(|b| b.is_ascii_whitespace() || *b == b';')
+                .unwrap_or(rest.len())
+        };
+        let (word, after) = rest.split_at(end);
+        self.0 = after;
+        Some(word)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgvigil_proto::backend::ErrorFields;
+    use pgvigil_proto::classify::{classify, FunctionLists};
+
+    fn frame(tag: u8, body: &[u8]) -> BytesMut {
+        let mut out = BytesMut::new();
+        encode::message(&mut out, tag, |b| b.put_slice(body));
+        out
+    }
+
+    #[test]
+    fn names_are_found_and_replaced_in_every_message_that_carries_one() {
+        let cases = [
+            (
+                b'P',
+                &b"s1\0SELECT 1\0\0\0"[..],
+                &b"pgv_42\0SELECT 1\0\0\0"[..],
+            ),
+            (
+                b'B',
+                b"portal\0s1\0\0\0\0\0\0\0",
+                b"portal\0pgv_42\0\0\0\0\0\0\0",
+            ),
+            (b'D', b"Ss1\0", b"Spgv_42\0"),
+            (b'C', b"Ss1\0", b"Spgv_42\0"),
+        ];
+        for (tag, body, renamed) in cases {
+            let original = frame(tag, body);
+            let (at, len) = statement_name(tag, &original).unwrap();
+            assert_eq!(&original[at..at + len], b"s1");
+            let mut out = BytesMut::new();
+            rename(&original, at, len, 42, &mut out);
+            assert_eq!(out, frame(tag, renamed));
+        }
+        assert_eq!(
+            statement_name(b'P', &frame(b'P', b"\0SELECT 1\0\0\0")),
+            None
+        );
+        assert_eq!(statement_name(b'D', &frame(b'D', b"Pportal\0")), None);
+        assert_eq!(statement_name(b'B', &frame(b'B', b"\0")), None);
+    }
+
+    #[test]
+    fn a_parse_is_recorded_when_answered_and_dropped_when_its_stretch_failed() {
+        let class = classify(b"SELECT 1", &FunctionLists::default());
+        let mut naming = Naming::default();
+        naming.sent_unnamed();
+        naming.sent(b"a", b"", class, 1);
+        naming.request();
+        naming.sent(b"b", b"", class, 2);
+        naming.request();
+        naming.sent(b"c", b"", class, 3);
+        naming.request();
+        assert!(naming.parse_complete().is_none(), "the unnamed one");
+        assert_eq!(naming.parse_complete().map(|p| p.id), Some(1));
+        assert!(naming.ready(false).is_empty());
+        // "b" failed: it never ran; "c" is after the next Sync and still waits.
+        naming.error();
+        assert!(naming.live(b"b").is_none() && naming.live(b"c").is_some());
+        assert!(naming.ready(false).is_empty());
+        naming.close(b"c");
+        assert!(naming.live(b"c").is_none() && naming.prepares(3));
+        assert_eq!(
+            naming.ready(true),
+            vec![3],
+            "unanswered when quiet: in doubt"
+        );
+    }
+
+    #[test]
+    fn deallocate_and_discard_all_are_read_as_postgresql_reads_them() {
+        let cases: [(&[u8], Option<SqlDrop>); 9] = [
+            (b"DEALLOCATE s1", Some(SqlDrop::Deallocate(b"s1".to_vec()))),
+            (
+                b"  deallocate prepare S1 ;",
+                Some(SqlDrop::Deallocate(b"s1".to_vec())),
+            ),
+            (
+                b"DEALLOCATE \"My \"\"s\"\"\"",
+                Some(SqlDrop::Deallocate(b"My \"s\"".to_vec())),
+            ),
+            (b"DEALLOCATE ALL", Some(SqlDrop::DeallocateAll)),
+            (b"deallocate prepare all;", Some(SqlDrop::DeallocateAll)),
+            (b"DISCARD ALL", Some(SqlDrop::DiscardAll)),
+            (b"DISCARD TEMP", None),
+            (b"DEALLOCATE s1; SELECT 1", None),
+            (b"SELECT 1", None),
+        ];
+        for (sql, wanted) in cases {
+            assert_eq!(sql_drop(sql), wanted, "{}", String::from_utf8_lossy(sql));
+        }
+    }
+
+    #[test]
+    fn a_duplicate_name_gets_postgresqls_error() {
+        let mut naming = Naming::default();
+        let mut sent = BytesMut::new();
+        naming.send_duplicate(b"s1", &mut sent);
+        assert_eq!(statement_name(b'P', &sent), Some((5, 5)));
+        let mut out = BytesMut::new();
+        assert!(!naming.duplicate_error(b"relation \"t\" does not exist", &mut out));
+        let syntax = b"syntax error at or near \"pgvigil_duplicate_statement_name\"";
+        assert!(naming.duplicate_error(syntax, &mut out));
+        let fields = ErrorFields::parse(&out[5..]).unwrap();
+        assert_eq!(fields.sqlstate(), Some(b"42P05".as_slice()));
+        assert_eq!(
+            fields.message(),
+            Some(b"prepared statement \"s1\" already exists".as_slice())
+        );
+        assert!(
+            !naming.duplicate_error(syntax, &mut BytesMut::new()),
+            "once"
+        );
+    }
+}

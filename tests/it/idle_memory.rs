@@ -1,0 +1,111 @@
+//! What idle clients cost: five thousand clients through a pgvigil process in transaction mode
+//! over twenty server connections, each logged in and having run one query, then idle. pgvigil's
+//! resident memory (VmRSS of its own process) grows by at most a few kilobytes per client. The
+//! figure is printed (`--nocapture`); `benches/` holds timing, this holds only a generous bound.
+//! `PGVIGIL_BIN=target/release/pgvigil` measures a release build instead of the test's own.
+
+use std::process::Stdio;
+
+use pgvigil::config::PoolMode;
+
+use crate::cli::{listening_port, pgvigil, TempConfig};
+use crate::lost_transaction::trust_app;
+use crate::support::wire::Wire;
+use crate::support::{test_cluster, test_config};
+
+/// Idle clients opened.
+const CLIENTS: usize = 5000;
+
+/// The bound per idle client, generous: the debug build the tests run measures about 4.4 KB
+/// (its futures are larger than a release build's). It catches a regression such as a read
+/// buffer kept while idle (15.5 KB per client when the write buffer kept the server's 16 KiB
+/// read buffer).
+const BOUND_PER_CLIENT: usize = 6 * 1024;
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS in /proc/PID/status");
+    let kb: usize = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in kB");
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_thousand_idle_clients_cost_a_few_kilobytes_each() {
+    let cluster = test_cluster(0);
+    let mut config = test_config(&cluster);
+    config.pool.mode = PoolMode::Transaction;
+    config.pool.max_size = 20;
+    config.max_client_conn = CLIENTS + 100;
+    trust_app(&mut config);
+    let file = TempConfig::new(&toml::to_string(&config).unwrap());
+    // PGVIGIL_BIN measures another build (a release one) than this test's own.
+    let mut command = match std::env::var_os("PGVIGIL_BIN") {
+        Some(bin) => {
+            let mut command = tokio::process::Command::new(bin);
+            command.env("PGVIGIL_LOG", "info");
+            command
+        }
+        None => pgvigil(&[]),
+    };
+    let mut child = command
+        .args(["serve", "--config", file.path().to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().expect("pgvigil runs");
+    let (port, mut log) = listening_port(&mut child).await;
+    // Its log is read to the end, so that pgvigil never blocks on a full pipe.
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        while log.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+            line.clear();
+        }
+    });
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+
+    // Warm up: the pool's connections, the allocator's first arenas.
+    let mut warm = Vec::new();
+    for _ in 0..50 {
+        let mut wire = Wire::login_at(addr).await;
+        assert!(wire.query("SELECT 1").await.errors.is_empty());
+        warm.push(wire);
+    }
+    let before = rss(pid);
+    let mut idle = Vec::with_capacity(CLIENTS);
+    for chunk in 0..CLIENTS / 100 {
+        let logins = (0..100).map(|_| async {
+            let mut wire = Wire::login_at(addr).await;
+            let answer = wire.query("SELECT 1").await;
+            assert!(answer.errors.is_empty(), "{:?}", answer.errors);
+            wire
+        });
+        idle.extend(futures_util::future::join_all(logins).await);
+        assert_eq!(idle.len(), (chunk + 1) * 100);
+    }
+    let after = rss(pid);
+    let per_client = after.saturating_sub(before) / CLIENTS;
+    println!(
+        "pgvigil RSS {:.1} MB -> {:.1} MB with {CLIENTS} idle clients: {per_client} bytes each",
+        before as f64 / 1e6,
+        after as f64 / 1e6
+    );
+    assert!(
+        per_client <= BOUND_PER_CLIENT,
+        "{per_client} bytes per idle client, bound {BOUND_PER_CLIENT}"
+    );
+    // Every one of them is still served.
+    for wire in idle.iter_mut().step_by(500) {
+        assert!(wire.query("SELECT 1").await.errors.is_empty());
+    }
+}

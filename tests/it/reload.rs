@@ -1,0 +1,322 @@
+//! Reload as an operator uses it: the configuration file edited, then `pgvigil reload` (or
+//! SIGHUP to the real binary). A weight and a pool size change live under load with no client
+//! error; an invalid file is refused with every problem named and changes nothing; users added
+//! log in, users removed cannot, and a removed user's open session goes on.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgvigil::admin::api::{Done, EventKind};
+use pgvigil::config::{Config, PoolMode};
+use tokio::io::AsyncBufReadExt;
+use tokio_postgres::error::SqlState;
+
+use crate::admin::cli;
+use crate::auth::{psql, psql_output};
+use crate::cli::{listening_port, pgvigil, TempConfig};
+use crate::support::{
+    eventually, test_cluster, test_config, value, LocalCluster, TestProxy, APP_DB, APP_PASSWORD,
+    APP_USER, MD5_PASSWORD, MD5_USER,
+};
+
+/// How long anything that should be quick may take on a loaded machine.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// `config` as the TOML file pgvigil reads.
+fn toml_of(config: &Config) -> String {
+    toml::to_string(config).expect("the config serializes")
+}
+
+/// Starts pgvigil in-process from `file`, as `serve --config` would.
+async fn start_from(file: &TempConfig) -> TestProxy {
+    let config = Config::load(file.path()).unwrap_or_else(|e| panic!("{e}"));
+    let running = pgvigil::proxy::start(config)
+        .await
+        .unwrap_or_else(|e| panic!("pgvigil did not start: {e}"));
+    let addr = running.local_addr;
+    TestProxy { running, addr }
+}
+
+/// Overwrites `file` with `config`.
+fn rewrite(file: &TempConfig, config: &Config) {
+    std::fs::write(file.path(), toml_of(config)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_weight_and_a_pool_size_change_live_under_load_with_no_client_error() {
+    let cluster = test_cluster(2);
+    let mut config = test_config(&cluster);
+    config.pool.mode = PoolMode::Transaction;
+    let file = TempConfig::new(&toml_of(&config));
+    let proxy = start_from(&file).await;
+    crate::read_split::wait_until_every_node_may_read(&proxy);
+    let shared = proxy.running.proxy.clone();
+
+    proxy
+        .connect_app()
+        .await
+        .batch_execute("CREATE TABLE IF NOT EXISTS reload_load (n int)")
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for n in 0..6 {
+        let client = proxy.connect_app().await;
+        let (stop, done) = (stop.clone(), done.clone());
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if n % 3 == 0 {
+                    client
+                        .execute("INSERT INTO reload_load VALUES ($1)", &[&n])
+                        .await?;
+                } else {
+                    client.simple_query("SELECT inet_server_port()").await?;
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        }));
+    }
+    eventually(PATIENCE, "load running", || {
+        done.load(Ordering::Relaxed) > 100
+    });
+
+    // pg2 takes no more reads; the pools shrink to 2 connections per node.
+    config.nodes[1].weight = 0;
+    config.pool.max_size = 2;
+    rewrite(&file, &config);
+    let reloaded: Done = cli(proxy.running.admin_addr, None, &["reload", "--json"])
+        .await
+        .exits(0)
+        .json();
+    assert!(
+        reloaded.message.contains("pool") && reloaded.message.contains("nodes[pg2]"),
+        "{}",
+        reloaded.message
+    );
+    assert_eq!(shared.config().pool.max_size, 2);
+    eventually(PATIENCE, "every pool down to 2 connections", || {
+        (0..3).all(|node| shared.pools.open_count(node) <= 2)
+    });
+    let before = done.load(Ordering::Relaxed);
+    eventually(PATIENCE, "load going on after the reload", || {
+        done.load(Ordering::Relaxed) > before + 200
+    });
+
+    // Reads now land on pg3 only (and never on pg2).
+    let reader = proxy.connect_app().await;
+    let pg2 = cluster.node(1).port.to_string();
+    for _ in 0..50 {
+        let port = value(&reader, "SELECT inet_server_port()").await;
+        assert_ne!(port.as_deref(), Some(pg2.as_str()), "a read went to pg2");
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        let outcome = tokio::time::timeout(PATIENCE, client)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(outcome.is_ok(), "a client got an error: {outcome:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_file_is_refused_with_every_problem_named_and_changes_nothing() {
+    let cluster = test_cluster(0);
+    let config = test_config(&cluster);
+    let file = TempConfig::new(&toml_of(&config));
+    let proxy = start_from(&file).await;
+    let shared = proxy.running.proxy.clone();
+
+    let mut bad = config.clone();
+    bad.pool.max_size = 0;
+    bad.users[1].password = None;
+    rewrite(&file, &bad);
+    let refusal = cli(proxy.running.admin_addr, None, &["reload", "--json"])
+        .await
+        .refusal();
+    for key in ["pool.max_size", "users[1].password"] {
+        assert!(
+            refusal.refused.contains(key),
+            "{key} not named: {refusal:?}"
+        );
+    }
+    assert_eq!(shared.config().pool.max_size, config.pool.max_size);
+    let events = shared.events.list();
+    let reload = events
+        .iter()
+        .rfind(|e| e.kind == EventKind::Reload)
+        .expect("the reload in the event log");
+    assert!(reload.message.contains("refused"), "{}", reload.message);
+    // Still serving with the old configuration.
+    let client = proxy.connect_app().await;
+    assert_eq!(value(&client, "SELECT 'up'").await.as_deref(), Some("up"));
+
+    // A change that cannot apply live is reported, the rest applied.
+    let mut moved = config.clone();
+    moved.listen = "127.0.0.1:1".parse().unwrap();
+    moved.pool.checkout_timeout = Duration::from_secs(7);
+    rewrite(&file, &moved);
+    let done: Done = cli(proxy.running.admin_addr, None, &["reload", "--json"])
+        .await
+        .exits(0)
+        .json();
+    assert!(
+        done.message.contains("applied pool")
+            && done.message.contains("needs a restart to change: listen"),
+        "{}",
+        done.message
+    );
+    assert_eq!(
+        shared.config().pool.checkout_timeout,
+        Duration::from_secs(7)
+    );
+    assert_ne!(shared.config().listen.port(), 1);
+}
+
+/// A connection string to pgvigil at `port` as `user`.
+fn conninfo(port: u16, user: &str, password: &str) -> String {
+    format!("host=127.0.0.1 port={port} user={user} password={password} dbname={APP_DB}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_added_log_in_removed_ones_cannot_and_open_sessions_go_on() {
+    let cluster = test_cluster(0);
+    let mut config = test_config(&cluster);
+    let md5_user = config.users.pop().expect("the md5 user");
+    let file = TempConfig::new(&toml_of(&config));
+    let proxy = start_from(&file).await;
+    let admin = proxy.running.admin_addr;
+    let md5 = conninfo(proxy.addr.port(), MD5_USER, MD5_PASSWORD);
+    let Err(refused) = proxy.connect(&md5).await else {
+        panic!("not a user yet")
+    };
+    assert_eq!(refused.code(), Some(&SqlState::INVALID_PASSWORD));
+
+    config.users.push(md5_user);
+    rewrite(&file, &config);
+    let done: Done = cli(admin, None, &["reload", "--json"])
+        .await
+        .exits(0)
+        .json();
+    assert!(
+        done.message.contains("users added (app_md5)"),
+        "{}",
+        done.message
+    );
+    let session = proxy.connect(&md5).await.expect("an added user logs in");
+    assert_eq!(
+        value(&session, "SELECT current_user").await.as_deref(),
+        Some(MD5_USER)
+    );
+
+    config.users.pop();
+    rewrite(&file, &config);
+    let done: Done = cli(admin, None, &["reload", "--json"])
+        .await
+        .exits(0)
+        .json();
+    assert!(
+        done.message.contains("users removed (app_md5)"),
+        "{}",
+        done.message
+    );
+    let Err(refused) = proxy.connect(&md5).await else {
+        panic!("a removed user is refused")
+    };
+    assert_eq!(refused.code(), Some(&SqlState::INVALID_PASSWORD));
+    // Its open session goes on, as in PgBouncer.
+    assert_eq!(
+        value(&session, "SELECT 'still here'").await.as_deref(),
+        Some("still here")
+    );
+    let app = proxy
+        .connect(&conninfo(proxy.addr.port(), APP_USER, APP_PASSWORD))
+        .await;
+    assert!(app.is_ok(), "the remaining user logs in");
+}
+
+/// SIGHUP to the real binary: the file is read again (a user added logs in), and the log says
+/// what was applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_configuration_of_the_running_binary() {
+    let cluster: LocalCluster = test_cluster(0);
+    let mut config = test_config(&cluster);
+    let md5_user = config.users.pop().expect("the md5 user");
+    let file = TempConfig::new(&toml_of(&config));
+    let mut child = pgvigil(&["serve", "--config", file.path().to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (port, mut stderr) = listening_port(&mut child).await;
+    let md5 = conninfo(port, MD5_USER, MD5_PASSWORD);
+    let before = psql_output(&md5, &["-c", "SELECT 1"]).await;
+    assert!(
+        !before.status.success(),
+        "app_md5 logged in before the reload"
+    );
+
+    config.users.push(md5_user);
+    rewrite(&file, &config);
+    let pid = child.id().expect("pgvigil is running") as libc::pid_t;
+    // SAFETY: kill only sends a signal to the child we spawned (and still own, so not reaped).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let logged = tokio::time::timeout(PATIENCE, async {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if stderr.read_line(&mut line).await.unwrap() == 0 {
+                return None;
+            }
+            if line.contains("configuration reloaded") {
+                return Some(line.clone());
+            }
+        }
+    })
+    .await
+    .expect("no reload in the log within 30 s")
+    .expect("pgvigil exited");
+    assert!(logged.contains("users added (app_md5)"), "{logged}");
+    assert_eq!(psql(&md5, &["-c", "SELECT current_user"]).await, MD5_USER);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// With transaction pooling, a removed user's open session needs new server connections: it
+/// logs in to the node with the password it had when it logged in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_users_session_opens_new_server_connections_under_transaction_pooling() {
+    let cluster = test_cluster(0);
+    let mut config = test_config(&cluster);
+    config.pool.mode = PoolMode::Transaction;
+    let file = TempConfig::new(&toml_of(&config));
+    let proxy = start_from(&file).await;
+    let md5 = conninfo(proxy.addr.port(), MD5_USER, MD5_PASSWORD);
+    let session = proxy.connect(&md5).await.expect("app_md5 logs in");
+    assert_eq!(
+        value(&session, "SELECT 1::text").await.as_deref(),
+        Some("1")
+    );
+
+    config.users.retain(|u| u.name != MD5_USER);
+    rewrite(&file, &config);
+    cli(proxy.running.admin_addr, None, &["reload"])
+        .await
+        .exits(0);
+    // No idle connection to reuse: the next transaction logs in to the node afresh.
+    proxy.running.proxy.pools.discard_idle(0);
+    assert_eq!(
+        value(&session, "SELECT current_user").await.as_deref(),
+        Some(MD5_USER)
+    );
+}
