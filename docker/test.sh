@@ -139,6 +139,7 @@ streams_from() {
 primary_is() { [ "$(status_of "$1" "s['primary']")" = "$2" ]; }
 primary_moved_from() { local p; p="$(status_of "$1" "s['primary']")"; [ -n "$p" ] && [ "$p" != "$2" ]; }
 health_is() { [ "$(node_field "$1" "$2" health)" = "$3" ]; }
+role_is() { [ "$(node_field "$1" "$2" role)" = "$3" ]; }
 container_healthy() { [ "$(docker inspect -f '{{.State.Health.Status}}' "$(cid "$1")")" = healthy ]; }
 acks_at_least() { [ "$(ack_count "$1")" -ge "$2" ]; }
 has_row() { [ -n "$(on_node "$1" "SELECT 1 FROM ticks WHERE app = '$2' AND n = $3" app)" ]; }
@@ -245,8 +246,9 @@ wait_for "pg1 streams from $new" 60 streams_from pg1 "$new"
 last="$(acks app1 | tail -1 | awk '{ print $1 }')"
 wait_for "pg1 replays app1's write $last" 30 has_row pg1 app1 "$last"
 echo "    pg1 streams from $new on timeline $(node_field "$(service_of_instance "$(leader)")" pg1 timeline) and has replayed app1's write $last"
+# Every instance, the followers too (they take the leader's fences from etcd), uses pg1 again.
 for svc in pgvigil pgvigil-app1 pgvigil-app2; do
-    echo "    pg1 as $svc sees it: $(node_field "$svc" pg1 role)"
+    wait_for "$svc sees pg1 as a standby" 30 role_is "$svc" pg1 standby
 done
 
 step "partition: the leader's application cut from the primary's network; no failover follows"
