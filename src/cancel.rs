@@ -138,7 +138,8 @@ impl CancelRegistry {
     pub fn lookup(&self, pid: u32, secret: &[u8]) -> Option<CancelTarget> {
         let sessions = lock(&self.sessions);
         let entry = sessions.get(&pid)?;
-        let matches = secret.len() == 4 && constant_time_eq(&entry.secret.to_be_bytes(), secret);
+        let matches =
+            secret.len() == 4 && crate::auth::constant_time_eq(&entry.secret.to_be_bytes(), secret);
         if matches {
             entry.cancels.send_modify(|n| *n = n.wrapping_add(1));
             entry.target.clone()
@@ -220,10 +221,6 @@ pub async fn send_cancel(target: &CancelTarget, timeout: Duration) -> std::io::R
     tokio::time::timeout(timeout, send)
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -16,6 +16,7 @@ pub mod events;
 pub mod failover;
 pub mod health;
 pub mod http_client;
+pub mod http_server;
 pub mod listener;
 pub mod local_cluster;
 pub mod metrics;

@@ -12,21 +12,19 @@ pub mod render;
 pub(crate) mod status;
 pub mod steer;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
 
 use crate::failover::Handle;
+use crate::http_server::{self, authorized, bearer};
 use crate::proxy::Proxy;
 use api::{Command, Refusal};
 
@@ -50,34 +48,11 @@ pub async fn serve(
         control,
         token,
     });
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    warn!(error = %e, "admin API: accept failed");
-                    continue;
-                }
-            },
-        };
+    http_server::serve(listener, "admin API", shutdown, move |request| {
         let state = state.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&state, request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                served = connection => if let Err(e) = served {
-                    debug!(error = %e, "admin API connection ended with an error");
-                },
-            }
-        });
-    }
+        async move { answer(&state, request).await }
+    })
+    .await;
 }
 
 /// The response to one request.
@@ -209,29 +184,6 @@ fn answered(answer: Result<api::Done, Refusal>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Whether the request carries the token (any request does when there is none).
-fn authorized(token: Option<&str>, request: &Request<Incoming>) -> bool {
-    let Some(token) = token else {
-        return true;
-    };
-    let given = bearer(request).unwrap_or("");
-    constant_time_eq(given.as_bytes(), token.as_bytes())
-}
-
-/// The bearer token the request carries, if any.
-fn bearer(request: &Request<Incoming>) -> Option<&str> {
-    request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-}
-
-/// Compares without stopping at the first difference, so timing does not reveal the token.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// `GET /metrics`: the Prometheus text exposition.
 fn metrics(state: &State) -> Response<Full<Bytes>> {
     let proxy = &state.proxy;
@@ -276,17 +228,4 @@ fn json(code: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static("application/json"),
     );
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn tokens_match_only_when_equal() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"secret"));
-    }
 }

@@ -2,21 +2,19 @@
 //! `/make-standby`, each behind the bearer token, one action at a time, each carried out by the
 //! `local` driver and bounded by its timeout.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::api::{ActionDone, AgentRefusal, ServerStatus, SourceRequest, StandbyRequest};
 use crate::node_control::{
@@ -38,34 +36,11 @@ pub(super) struct Served {
 
 /// Serves the API on `listener` until `shutdown`.
 pub(super) async fn serve(listener: TcpListener, served: Arc<Served>, shutdown: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    warn!(error = %e, "agent API: accept failed");
-                    continue;
-                }
-            },
-        };
+    crate::http_server::serve(listener, "agent API", shutdown, move |request| {
         let served = served.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let served = served.clone();
-                async move { Ok::<_, Infallible>(answer(&served, request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                served = connection => if let Err(e) = served {
-                    debug!(error = %e, "agent API connection ended with an error");
-                },
-            }
-        });
-    }
+        async move { answer(&served, request).await }
+    })
+    .await;
 }
 
 /// An action on the server and what it needs.
@@ -121,7 +96,7 @@ impl Act {
 
 /// The response to one request.
 async fn answer(served: &Served, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    if !authorized(served.token.as_deref(), &request) {
+    if !crate::http_server::authorized(served.token.as_deref(), &request) {
         let mut response = refusal(
             StatusCode::UNAUTHORIZED,
             "the agent token is missing or wrong: give it as a bearer token (pgvigil reads it \
@@ -224,20 +199,6 @@ async fn body<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, Resp
             &format!("the body is not the expected JSON document: {e}"),
         )
     })
-}
-
-/// Whether the request carries the token (any request does when there is none).
-fn authorized(token: Option<&str>, request: &Request<Incoming>) -> bool {
-    let Some(token) = token else {
-        return true;
-    };
-    let given = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    crate::admin::constant_time_eq(given.as_bytes(), token.as_bytes())
 }
 
 /// 504 when the action ran out of time, 500 for any other failure.

@@ -321,7 +321,7 @@ fn split_cstring(body: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 /// Equality whose time does not depend on where the inputs differ (lengths are not secret).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

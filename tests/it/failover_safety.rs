@@ -334,20 +334,7 @@ async fn with_default_receiver_timeouts_cutting_only_pgvigils_path_is_still_no_f
 /// streaming before it reads their positions, so writes resume, acknowledged by the third node.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primary_thawed_as_it_is_declared_lost_leaves_the_third_node_following_the_new_one() {
-    let cluster = start(
-        ClusterSpec::new(fresh_base_dir())
-            .replicas(2)
-            .sync_replication(true),
-    );
-    for node in 0..cluster.nodes().len() {
-        node_psql(
-            &cluster,
-            node,
-            "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'",
-        );
-        node_psql(&cluster, node, "SELECT pg_reload_conf()");
-    }
-    let mut scene = Scene::start(cluster, |_| {}).await;
+    let mut scene = Scene::start(quorum_sync_cluster(), |_| {}).await;
     scene.cluster.node_mut(OLD_PRIMARY).freeze();
     // Writes stop going to it once pgvigil declares it lost (a failover in progress, or done).
     eventually(PATIENCE, "pgvigil declares the frozen primary lost", || {
@@ -382,6 +369,25 @@ async fn a_primary_thawed_as_it_is_declared_lost_leaves_the_third_node_following
         || tick_ids(&scene.cluster, third).contains(&last),
     );
     assert_eq!(scene.topology().primary, Primary::Known(new));
+}
+
+/// A primary and two standbys with quorum synchronous replication (`ANY 1 (*)`): a commit waits
+/// for either standby.
+pub(crate) fn quorum_sync_cluster() -> LocalCluster {
+    let cluster = start(
+        ClusterSpec::new(fresh_base_dir())
+            .replicas(2)
+            .sync_replication(true),
+    );
+    for node in 0..cluster.nodes().len() {
+        node_psql(
+            &cluster,
+            node,
+            "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'",
+        );
+        node_psql(&cluster, node, "SELECT pg_reload_conf()");
+    }
+    cluster
 }
 
 /// A cluster with PostgreSQL's own replication timeouts instead of the fixture's short ones.

@@ -23,13 +23,13 @@ use pgvigil::topology::Primary;
 
 use crate::admin::cli;
 use crate::failover::{fast_health, other_standby, OLD_PRIMARY, PATIENCE, STANDBYS};
-use crate::failover_safety::{promote_signal_file, signal, startup_process};
+use crate::failover_safety::{promote_signal_file, quorum_sync_cluster, signal, startup_process};
 use crate::support::etcd::{Clients, TestEtcd};
 use crate::support::relay::Relay;
 use crate::support::writer::{create_ticks, tick_ids, Writer};
 use crate::support::{
-    eventually, fresh_base_dir, in_recovery, node_psql, set_primary_conninfo, start, start_proxy,
-    test_cluster, ClusterSpec, LocalCluster, TestProxy,
+    eventually, in_recovery, node_psql, set_primary_conninfo, start_proxy, test_cluster,
+    LocalCluster, TestProxy,
 };
 
 /// `failover.wait_timeout` of the instance cut off from the primary.
@@ -369,20 +369,7 @@ async fn after_kill9_of_the_primary_with_three_instances_exactly_one_promotes_an
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_synchronous_replication_a_kill9_under_three_instances_loses_no_acknowledged_write() {
-    let cluster = start(
-        ClusterSpec::new(fresh_base_dir())
-            .replicas(2)
-            .sync_replication(true),
-    );
-    for node in 0..cluster.nodes().len() {
-        node_psql(
-            &cluster,
-            node,
-            "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'",
-        );
-        node_psql(&cluster, node, "SELECT pg_reload_conf()");
-    }
-    let mut scene = Instances::start_on(cluster, |_, _| {}).await;
+    let mut scene = Instances::start_on(quorum_sync_cluster(), |_, _| {}).await;
     let before = scene.timeline(OLD_PRIMARY);
     scene.cluster.node_mut(OLD_PRIMARY).kill9();
     let kill = Instant::now();
