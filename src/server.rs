@@ -163,14 +163,27 @@ pub struct ServerConn {
     pub created: Instant,
     /// When it was last returned to the pool.
     pub idle_since: Instant,
-    /// The session whose settings it carries (`ClientStartup::session`), or 0 when it carries
-    /// none (new, or reset with `DISCARD ALL`). Transaction pooling returns connections without a
-    /// reset: a session that takes one carrying another's settings resets them first.
-    pub owner: u64,
+    /// The session state it carries. Transaction pooling returns connections without a reset:
+    /// a session that takes one carrying another's state resets it first, unless it is the
+    /// state the session would give it anyway.
+    pub carries: Carried,
     /// Transaction pooling: the named statements prepared on it under pgvigil's names.
     pub statements: ServerStatements,
     /// Its entry in the pools' list of open connections (SHOW SERVERS), removed when it closes.
     pub listed: Option<crate::pool::Listed>,
+}
+
+/// The session state a server connection carries beyond its login.
+#[derive(Debug, Clone)]
+pub enum Carried {
+    /// Nothing: it is new, or was reset with `DISCARD ALL`.
+    Nothing,
+    /// The startup parameters of sessions whose context (`ClientStartup::context`) is this one,
+    /// and nothing else: such a session takes it as it is.
+    Startup(Arc<[u8]>),
+    /// Whatever session `n` (`ClientStartup::session`) ran on it that the pool cannot tell
+    /// apart: its settings log, if it had one.
+    Session(u64),
 }
 
 impl ServerConn {
@@ -211,7 +224,7 @@ impl ServerConn {
             tx: TxStatus::Idle,
             created: now,
             idle_since: now,
-            owner: 0,
+            carries: Carried::Nothing,
             statements: ServerStatements::default(),
             listed: None,
         };
@@ -332,7 +345,12 @@ impl ServerConn {
     pub async fn query_text(&mut self, sql: &str) -> Result<Option<String>, ServerError> {
         let mut out = BytesMut::new();
         encode::query(&mut out, sql.as_bytes());
-        self.exchange(&mut out).await
+        let result = self.exchange(&mut out).await;
+        if let Ok(_) | Err(ServerError::Rejected { .. }) = result {
+            // The node ran (or refused) a simple Query, which drops the unnamed statement.
+            self.statements.set_unnamed(false);
+        }
+        result
     }
 
     /// Sends `messages` (ending with Sync or a Query) and reads everything up to ReadyForQuery;

@@ -151,6 +151,7 @@ pub async fn relay(
     proxy: &Proxy,
 ) -> Stop {
     let max_message = proxy.config().max_message_size;
+    let shared = proxy.config().pool.mode == PoolMode::Transaction;
     let node = server.node;
     if let Some(role) = unusable(proxy, node) {
         return lost(LossCause::Unusable(role), None);
@@ -190,6 +191,7 @@ pub async fn relay(
     }
     let mut client_scan = ClientScan {
         max_message,
+        shared,
         proxy,
         terminated: &mut terminated,
         statements,
@@ -224,6 +226,7 @@ pub async fn relay(
                 held = false;
                 let mut scan = ClientScan {
                     max_message,
+                    shared,
                     proxy,
                     terminated: &mut terminated,
                     statements,
@@ -283,7 +286,7 @@ pub async fn relay(
                     Ok(0) | Err(_) => return Stop::End(RelayEnd::ClientGone),
                     Ok(n) => {
                         steering.received(n);
-                        let mut scan = ClientScan { max_message, proxy, terminated: &mut terminated, statements, to_client };
+                        let mut scan = ClientScan { max_message, shared, proxy, terminated: &mut terminated, statements, to_client };
                         match scan.scan(client_in, &mut to_server, progress, steering, *server_state.tx) {
                             Err(end) => return Stop::End(end),
                             Ok(Some(decision)) if progress.is_quiet() && to_server.is_empty() => {
@@ -321,6 +324,8 @@ pub fn releasable(proxy: &Proxy, steering: &Steering) -> bool {
 /// Moves client messages to the server side, routing each new unit.
 struct ClientScan<'a> {
     max_message: usize,
+    /// Transaction pooling: statements are shared under pgvigil's names.
+    shared: bool,
     proxy: &'a Proxy,
     terminated: &'a mut bool,
     /// The statements the server connection has under pgvigil's names.
@@ -372,18 +377,26 @@ impl ClientScan<'_> {
                     | frontend::tag::DESCRIBE
                     | frontend::tag::CLOSE
             );
-            let outgoing =
-                if names_statement && self.proxy.config().pool.mode == PoolMode::Transaction {
-                    let server = OnServer {
-                        statements: &mut *self.statements,
-                        fresh,
-                        tx: server_tx,
-                    };
-                    steering.forwarded_to(tag, frame, Some(server), self.proxy)
-                } else {
-                    steering.forwarded(tag, frame, self.proxy);
-                    Outgoing::AsIs
+            if self.shared
+                && tag == frontend::tag::PARSE
+                && naming::statement_name(tag, frame).is_none()
+            {
+                // Unnamed (or malformed): the connection may have it from now on. (A Query
+                // drops it, if well-formed: telling would cost a scan of every Query, and the
+                // reset a foreign unnamed statement calls for drops it anyway.)
+                self.statements.set_unnamed(true);
+            }
+            let outgoing = if names_statement && self.shared {
+                let server = OnServer {
+                    statements: &mut *self.statements,
+                    fresh,
+                    tx: server_tx,
                 };
+                steering.forwarded_to(tag, frame, Some(server), self.proxy)
+            } else {
+                steering.forwarded(tag, frame, self.proxy);
+                Outgoing::AsIs
+            };
             if outgoing == Outgoing::AsIs {
                 forward += len;
                 continue;
@@ -400,6 +413,22 @@ impl ClientScan<'_> {
             input.clear();
         }
         Ok(stop)
+    }
+}
+
+/// Whether the client message at the start of `input` drops any unnamed statement the server
+/// connection had before anything can use it: a well-formed simple Query, or Parse of the
+/// unnamed statement (PostgreSQL drops the old one before it reads the new one's text).
+pub(super) fn drops_unnamed(input: &[u8], max_message: usize) -> bool {
+    let Ok(Some(message)) = next_message(input, max_message) else {
+        return false;
+    };
+    match message.tag {
+        frontend::tag::QUERY => frontend::Query::parse(message.body).is_ok(),
+        frontend::tag::PARSE => {
+            frontend::Parse::parse(message.body).is_ok_and(|parse| parse.name.is_empty())
+        }
+        _ => false,
     }
 }
 
