@@ -355,13 +355,20 @@ async fn open(
     wait: bool,
     need: Need,
 ) -> Result<Lease, OpenError> {
-    let target = proxy.login_target(node, &startup.user, &startup.database, &startup.password);
     let setup = async {
-        let mut lease = if wait {
-            proxy.pools.checkout(&target).await
-        } else {
-            proxy.pools.try_checkout(&target).await
-        }?;
+        let reused = proxy.pools.reuse(node, &startup.database, &startup.user);
+        let mut lease = match reused {
+            Some(lease) => lease,
+            None => {
+                let (user, database) = (&startup.user, &startup.database);
+                let target = proxy.login_target(node, user, database, &startup.password);
+                if wait {
+                    proxy.pools.checkout(&target).await
+                } else {
+                    proxy.pools.try_checkout(&target).await
+                }?
+            }
+        };
         if let Err(error) = adopt(&mut lease, startup, unit, proxy.config().max_message_size).await
         {
             proxy.release(lease, true).await;
