@@ -153,8 +153,8 @@ pub struct ServerConn {
     pub user: String,
     /// The backend's process id (from BackendKeyData).
     pub backend_pid: u32,
-    /// The backend's cancel secret.
-    pub backend_key: Vec<u8>,
+    /// Where a CancelRequest for its backend goes (built once it logged in).
+    cancel: Arc<CancelTarget>,
     /// Parameters the node reported with ParameterStatus, latest value each.
     pub params: ReportedParams,
     /// Transaction status from the last ReadyForQuery.
@@ -219,7 +219,12 @@ impl ServerConn {
             database: target.database.clone(),
             user: target.user.clone(),
             backend_pid: 0,
-            backend_key: Vec::new(),
+            cancel: Arc::new(CancelTarget {
+                host: String::new(),
+                port: target.port,
+                pid: 0,
+                key: Vec::new(),
+            }),
             params: ReportedParams::default(),
             tx: TxStatus::Idle,
             created: now,
@@ -260,7 +265,12 @@ impl ServerConn {
                 backend::tag::BACKEND_KEY_DATA => {
                     let key = BackendKeyData::parse(body).map_err(|e| self.protocol(e))?;
                     self.backend_pid = key.pid;
-                    self.backend_key = key.key.to_vec();
+                    self.cancel = Arc::new(CancelTarget {
+                        host: self.addr.0.clone(),
+                        port: self.addr.1,
+                        pid: key.pid,
+                        key: key.key.to_vec(),
+                    });
                 }
                 backend::tag::READY_FOR_QUERY => {
                     self.tx = backend::ReadyForQuery::parse(body).map_err(|e| self.protocol(e))?;
@@ -383,13 +393,8 @@ impl ServerConn {
     }
 
     /// Where a CancelRequest for this backend must go.
-    pub fn cancel_target(&self) -> CancelTarget {
-        CancelTarget {
-            host: self.addr.0.clone(),
-            port: self.addr.1,
-            pid: self.backend_pid,
-            key: self.backend_key.clone(),
-        }
+    pub fn cancel_target(&self) -> Arc<CancelTarget> {
+        self.cancel.clone()
     }
 
     /// Records a ParameterStatus body.
