@@ -156,7 +156,19 @@ pub async fn relay(
     if let Some(role) = unusable(proxy, node) {
         return lost(LossCause::Unusable(role), None);
     }
-    let mut watching = true;
+    // Registered once for the whole relay (not once per turn of the loop), it ends only when a
+    // topology makes the node unusable; with the sender gone (the proxy is stopping), never.
+    let watcher = async {
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if let Some(role) = unusable(proxy, node) {
+                return role;
+            }
+        }
+    };
+    tokio::pin!(watcher);
     let (mut client_read, mut client_write) = tokio::io::split(&mut client.stream);
     let (mut server_read, mut server_write) = tokio::io::split(&mut server.stream);
     let client_in = &mut client.rbuf;
@@ -274,13 +286,7 @@ pub async fn relay(
                     }
                 }
             }
-            changed = changes.changed(), if watching => {
-                // The sender lives as long as the proxy; should it go, stop watching.
-                watching = changed.is_ok();
-                if let Some(role) = unusable(proxy, node) {
-                    return server_lost(LossCause::Unusable(role), &mut server_state);
-                }
-            }
+            role = &mut watcher => return server_lost(LossCause::Unusable(role), &mut server_state),
             read = client_read.read_buf(client_in), if !held && !terminated && to_server.len() < HIGH_WATER => {
                 match read {
                     Ok(0) | Err(_) => return Stop::End(RelayEnd::ClientGone),
