@@ -124,6 +124,12 @@ impl ServerStatements {
         self.unnamed
     }
 
+    /// Whether nothing must be closed on the connection before more is prepared there: no
+    /// doubtful statement, and at most `max` statements.
+    pub fn within(&self, max: usize) -> bool {
+        self.doubtful.is_empty() && self.used.len() <= max
+    }
+
     /// How many statements the connection has.
     pub fn len(&self) -> usize {
         self.used.len()

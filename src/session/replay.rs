@@ -268,6 +268,14 @@ impl Replayable {
         (self.settings.missing(node), &self.pending_close[node])
     }
 
+    /// Whether the session's connection to `node` lacks nothing the session could give it: no
+    /// setting or close owed there, and no named statement at all.
+    pub fn nothing_owed(&self, node: NodeId) -> bool {
+        self.settings.missing(node).is_empty()
+            && self.pending_close[node].is_empty()
+            && self.statements.is_empty()
+    }
+
     /// `node` ran everything [`Replayable::catch_up`] listed.
     pub fn caught_up(&mut self, node: NodeId) {
         self.settings.caught_up(node);

@@ -106,6 +106,12 @@ pub async fn sync(
     let Some(lease) = held.leases[node].as_mut() else {
         return Ok(());
     };
+    let shared = proxy.config().pool.mode == PoolMode::Transaction;
+    let bound = proxy.config().pool.max_prepared_statements;
+    if replay.nothing_owed(node) && (!shared || lease.conn.statements.within(bound)) {
+        // In sync already (see `catch_up`): no round trip, so no wait to bound either.
+        return Ok(());
+    }
     let result = proxy
         .unless_given_up(node, need, catch_up(&mut lease.conn, replay, input, proxy))
         .await;
