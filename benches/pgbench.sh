@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Macro benchmark: pgbench against PostgreSQL directly, through PgBouncer and through pgvigil, in
 # interleaved rounds, reporting medians. Three runs:
-#   single  one primary; targets: direct, PgBouncer session and transaction pooling, pgvigil.
+#   single  one primary; targets: direct, PgBouncer and pgvigil each in session and transaction
+#           pooling. Per workload it reports every target's TPS and the proxies' CPU time per
+#           transaction (utime + stime from /proc over the run), and each pgvigil's peak
+#           resident memory so far (VmHWM from /proc, after that workload's last run).
 #   split   read/write splitting: the primary gets two streaming replicas (pg_basebackup -R, hot
 #           standby); read-only workloads against the primary directly, PgBouncer (transaction
 #           pooling, on the primary), pgvigil with only the primary in [[nodes]] (baseline) and
@@ -26,12 +29,12 @@
 #
 # Expected runtime with the defaults, plus the release build (a few minutes when target/release is
 # cold) and ~1 min for the cluster and pgbench -i at scale 10. Run it on a quiet machine.
-#   single  8 workloads x 4 targets x 3 rounds x 10 s = 16 min of pgbench, ~18 min in all.
+#   single  8 workloads x 5 targets x 3 rounds x 10 s = 20 min of pgbench, ~22 min in all.
 #   split   4 workloads x 4 targets x 3 rounds x 10 s = 8 min of pgbench, plus 2 x 11 s of waiting
 #           for statistics around each of the 12 runs of the 3-node pgvigil (4.4 min) and ~1 min
 #           for the replicas: ~14 min.
 #   txn     5 workloads x 3 targets x 3 rounds x 10 s = 7.5 min of pgbench, ~9 min in all.
-#   all     ~41 min.
+#   all     ~45 min.
 #
 # The cluster is built here (initdb + pg_ctl, as the `postgres` OS user when root) rather than with
 # `pgvigil demo`, to get max_connections for every target's pool at once and a pgvigil config with
@@ -50,7 +53,7 @@ THREADS=2
 APP_USER=app
 APP_PASSWORD=app-secret
 APP_DB=app
-SINGLE_TARGETS=(direct pgbouncer-session pgbouncer-transaction pgvigil)
+SINGLE_TARGETS=(direct pgbouncer-session pgbouncer-transaction pgvigil pgvigil-txn)
 # name|pgbench options (besides -T, -j and the connection)
 SINGLE_WORKLOADS=(
     "select-simple-c1|-S -M simple -c 1"
@@ -376,6 +379,12 @@ cpu_ticks() {
     sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
 }
 
+# Peak resident memory (VmHWM) of process $1 so far, in KiB; empty without a process.
+peak_rss_kib() {
+    [[ -n ${1:-} && -r /proc/$1/status ]] || return 0
+    awk '/^VmHWM:/ {print $2; exit}' "/proc/$1/status"
+}
+
 init_pgbench() {
     say "pgbench -i -s $SCALE (directly)"
     PGPASSWORD=$APP_PASSWORD "$PGBENCH" -i -s "$SCALE" -q -h 127.0.0.1 -p "${PORT[direct]}" \
@@ -399,8 +408,9 @@ use_run() {
     mkdir -p "$WORK/runs/$RUN"
 }
 
-# One pgbench run: workload options $3 against target $2; appends "tps latency_ms" to the
-# results of workload $1 and target $2, or counts a failure and shows why.
+# One pgbench run: workload options $3 against target $2; appends "tps latency_ms cpu_us
+# peak_rss_kib" to the results of workload $1 and target $2 (the last two empty for a target
+# without a process of its own, the last empty for PgBouncer), or counts a failure and shows why.
 run_one() {
     local workload=$1 target=$2 opts=$3 out status=0 cpu_before cpu_after
     out=$WORK/runs/$RUN/$workload.$target.$round.log
@@ -425,7 +435,9 @@ run_one() {
         grep -v '^progress' "$out" | tail -n 15 >&2
         return
     fi
-    echo "$tps $latency $cpu_per_txn" >>"$WORK/runs/$RUN/$workload.$target.results"
+    local rss=""
+    [[ $target == pgvigil* ]] && rss=$(peak_rss_kib "${PID[$target]:-}")
+    echo "$tps $latency ${cpu_per_txn:--} ${rss:--}" >>"$WORK/runs/$RUN/$workload.$target.results"
     say "  $workload on $target: tps $tps, latency $latency ms"
 }
 
@@ -500,37 +512,52 @@ median() {
 # awk functions of both tables: a "TPS / latency" cell, and the ratio of two TPS.
 AWK_CELLS='
     function cell(t, l) { return t == "" ? "FAIL" : sprintf("%.0f / %.3f", t, l) }
-    function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "-" : sprintf("%.2f", a / b) }
+    function ratio(a, b) {
+        return (a == "" || a == "-" || b == "" || b == "-" || b == 0) ? "-" : sprintf("%.2f", a / b)
+    }
 '
+
+# Largest value of column $2 of file $1 ("" when the file is missing or holds none).
+maximum() {
+    [[ -f $1 ]] || return 0
+    awk -v c="$2" '$c != "-" && (m == "" || $c + 0 > m + 0) {m = $c} END {print m}' "$1"
+}
 
 report_single() {
     local entry name target
     echo
     echo "pgbench, ${ROUNDS} round(s) x ${DURATION} s per run, -j $THREADS, scale $SCALE; medians."
-    echo "Cells: TPS / average latency in ms. pgb-sess/pgb-txn: PgBouncer session/transaction pooling."
-    printf '%-21s %18s %18s %18s %18s %9s %16s\n' workload direct pgb-sess pgb-txn pgvigil \
-        vigil/dir "vigil/best-pgb"
+    echo "Cells: TPS / the proxy's CPU time per transaction in microseconds (user + system)."
+    echo "pgb: PgBouncer, vig: pgvigil; -s: session pooling, -t: transaction pooling. v/p: pgvigil"
+    echo "over PgBouncer in the same pool mode (TPS, then CPU). RSS: pgvigil's peak resident memory"
+    echo "(VmHWM) after the workload's last run, MiB, session / transaction pooling."
+    printf '%-20s %7s %14s %14s %14s %14s %11s %11s %11s\n' workload direct pgb-s pgb-t vig-s \
+        vig-t "v/p-s" "v/p-t" RSS
     for entry in "${WORKLOADS[@]}"; do
         name=${entry%%|*}
-        declare -A T=() L=()
+        declare -A T=() C=() M=()
         for target in "${TARGETS[@]}"; do
             T[$target]=$(median "$WORK/runs/$RUN/$name.$target.results" 1)
-            L[$target]=$(median "$WORK/runs/$RUN/$name.$target.results" 2)
+            C[$target]=$(median "$WORK/runs/$RUN/$name.$target.results" 3)
+            M[$target]=$(maximum "$WORK/runs/$RUN/$name.$target.results" 4)
         done
-        awk -v name="$name" \
-            -v dt="${T[direct]}" -v dl="${L[direct]}" \
-            -v st="${T[pgbouncer-session]}" -v sl="${L[pgbouncer-session]}" \
-            -v xt="${T[pgbouncer-transaction]}" -v xl="${L[pgbouncer-transaction]}" \
-            -v vt="${T[pgvigil]}" -v vl="${L[pgvigil]}" "$AWK_CELLS"'
+        awk -v name="$name" -v dt="${T[direct]}" \
+            -v st="${T[pgbouncer-session]}" -v sc="${C[pgbouncer-session]}" \
+            -v xt="${T[pgbouncer-transaction]}" -v xc="${C[pgbouncer-transaction]}" \
+            -v vt="${T[pgvigil]}" -v vc="${C[pgvigil]}" -v vm="${M[pgvigil]}" \
+            -v wt="${T[pgvigil-txn]}" -v wc="${C[pgvigil-txn]}" -v wm="${M[pgvigil-txn]}" \
+            "$AWK_CELLS"'
+            function tc(t, c) {
+                return t == "" ? "FAIL" : sprintf("%.0f / %s", t, (c == "" || c == "-") ? "-" : c)
+            }
+            function pair(t1, t2, c1, c2) { return ratio(t1, t2) " " ratio(c1, c2) }
+            function mib(k) { return (k == "" || k == "-") ? "-" : sprintf("%.0f", k / 1024) }
             BEGIN {
-                if (st == "" && xt == "") { best = ""; which = "" }
-                else if (xt == "" || (st != "" && st + 0 >= xt + 0)) { best = st; which = " (sess)" }
-                else { best = xt; which = " (txn)" }
-                bestcell = ratio(vt, best); if (bestcell != "-") bestcell = bestcell which
-                printf "%-21s %18s %18s %18s %18s %9s %16s\n", name, cell(dt, dl), cell(st, sl),
-                    cell(xt, xl), cell(vt, vl), ratio(vt, dt), bestcell
+                printf "%-20s %7s %14s %14s %14s %14s %11s %11s %11s\n", name,
+                    (dt == "" ? "FAIL" : sprintf("%.0f", dt)), tc(st, sc), tc(xt, xc), tc(vt, vc),
+                    tc(wt, wc), pair(vt, st, vc, sc), pair(wt, xt, wc, xc), mib(vm) " / " mib(wm)
             }'
-        unset T L
+        unset T C M
     done
 }
 
@@ -651,7 +678,7 @@ main() {
         start_pgbouncer session
     fi
     start_pgbouncer transaction
-    if wants txn; then
+    if wants single || wants txn; then
         POOL_MODE=transaction start_pgvigil pgvigil-txn "" pg1
     fi
     init_pgbench

@@ -80,7 +80,7 @@ impl ClientInfo {
 
 struct Entry {
     secret: u32,
-    target: Option<CancelTarget>,
+    target: Option<Arc<CancelTarget>>,
     /// What the client is, once it has logged in.
     client: Option<Arc<ClientInfo>>,
     /// Counts the cancel requests that matched, for a session that waits without a backend.
@@ -135,7 +135,7 @@ impl CancelRegistry {
 
     /// The backend to cancel for a client's (pid, secret), if both match a live session. A match
     /// is also announced to the session (see [`CancelKey::cancels`]).
-    pub fn lookup(&self, pid: u32, secret: &[u8]) -> Option<CancelTarget> {
+    pub fn lookup(&self, pid: u32, secret: &[u8]) -> Option<Arc<CancelTarget>> {
         let sessions = lock(&self.sessions);
         let entry = sessions.get(&pid)?;
         let matches =
@@ -185,7 +185,7 @@ impl CancelKey {
     }
 
     /// Points this session's key at the backend now serving it (or at none).
-    pub fn set_target(&self, target: Option<CancelTarget>) {
+    pub fn set_target(&self, target: Option<Arc<CancelTarget>>) {
         if let Some(entry) = lock(&self.registry.sessions).get_mut(&self.pid) {
             entry.target = target;
         }
@@ -241,7 +241,7 @@ mod tests {
             pid: 42,
             key: vec![1, 2, 3, 4],
         };
-        key.set_target(Some(target));
+        key.set_target(Some(Arc::new(target)));
         assert_eq!(
             registry
                 .lookup(key.pid, &key.secret.to_be_bytes())

@@ -56,10 +56,25 @@ struct Idle {
     permit: OwnedSemaphorePermit,
 }
 
+/// The idle connections of one (database, user) pair, the most recently returned last. A node
+/// serves few pairs: a list searched by name costs less per checkout than hashing (and cloning)
+/// a key.
+struct IdleList {
+    database: String,
+    user: String,
+    conns: Vec<Idle>,
+}
+
+impl IdleList {
+    fn is_for(&self, database: &str, user: &str) -> bool {
+        self.database == database && self.user == user
+    }
+}
+
 /// The pools of one node: a slot limit shared by every (database, user) pair, and idle lists.
 struct NodePool {
     slots: Arc<Semaphore>,
-    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    idle: Mutex<Vec<IdleList>>,
     /// Wakes waiting checkouts when a connection goes back to an idle list: it keeps its slot, so
     /// waiting on `slots` alone would miss it.
     returned: Notify,
@@ -136,7 +151,7 @@ impl Pools {
             .into_iter()
             .map(|waits| NodePool {
                 slots: Arc::new(Semaphore::new(config.max_size)),
-                idle: Mutex::new(HashMap::new()),
+                idle: Mutex::new(Vec::new()),
                 returned: Notify::new(),
                 owed: AtomicUsize::new(0),
                 waits,
@@ -172,16 +187,16 @@ impl Pools {
             let fewer = old.max_size - config.max_size;
             let mut owed = fewer - pool.slots.forget_permits(fewer);
             let mut idle = lock(&pool.idle);
-            for conns in idle.values_mut() {
+            for list in idle.iter_mut() {
                 while owed > 0 {
-                    let Some(Idle { permit, .. }) = conns.pop() else {
+                    let Some(Idle { permit, .. }) = list.conns.pop() else {
                         break;
                     };
                     permit.forget();
                     owed -= 1;
                 }
             }
-            idle.retain(|_, conns| !conns.is_empty());
+            idle.retain(|list| !list.conns.is_empty());
             pool.owed.fetch_add(owed, Ordering::AcqRel);
         }
     }
@@ -213,8 +228,8 @@ impl Pools {
             .iter()
             .flat_map(|pool| {
                 lock(&pool.idle)
-                    .values()
-                    .flatten()
+                    .iter()
+                    .flat_map(|list| &list.conns)
                     .filter_map(|i| i.conn.listed.as_ref().map(|l| l.id))
                     .collect::<Vec<_>>()
             })
@@ -243,7 +258,7 @@ impl Pools {
     /// to `pool.checkout_timeout` for either to become possible.
     pub async fn checkout(&self, target: &LoginTarget) -> Result<Lease, PoolError> {
         let pool = &self.nodes[target.node];
-        let key = (target.database.clone(), target.user.clone());
+        let (database, user) = (target.database.as_str(), target.user.as_str());
         let deadline = tokio::time::Instant::now() + self.config().checkout_timeout;
         // Set once the checkout had to wait: recorded when it ends, served or not.
         let mut waiting_since: Option<Instant> = None;
@@ -252,14 +267,14 @@ impl Pools {
             let returned = pool.returned.notified();
             tokio::pin!(returned);
             returned.as_mut().enable();
-            if let Some(lease) = self.take_idle(pool, &key) {
+            if let Some(lease) = take_idle(pool, database, user) {
                 pool.waited(waiting_since);
                 return Ok(lease);
             }
             if let Ok(permit) = pool.slots.clone().try_acquire_owned() {
                 break permit;
             }
-            if let Some(permit) = evict_other(pool, &key) {
+            if let Some(permit) = evict_other(pool, database, user) {
                 break permit;
             }
             waiting_since.get_or_insert_with(Instant::now);
@@ -281,18 +296,24 @@ impl Pools {
         Ok(Lease { conn, permit })
     }
 
+    /// An idle connection for (`database`, `user`) on `node`, when one is at hand: the first try
+    /// of every checkout, without building a [`LoginTarget`].
+    pub fn reuse(&self, node: NodeId, database: &str, user: &str) -> Option<Lease> {
+        take_idle(&self.nodes[node], database, user)
+    }
+
     /// Like [`Pools::checkout`] but never waits for a slot: an idle connection, or a new one when
     /// a slot is free, else `Exhausted` at once. Sessions use it for extra nodes (replicas for
     /// reads), so that a session holding one connection never waits for another.
     pub async fn try_checkout(&self, target: &LoginTarget) -> Result<Lease, PoolError> {
         let pool = &self.nodes[target.node];
-        let key = (target.database.clone(), target.user.clone());
-        if let Some(lease) = self.take_idle(pool, &key) {
+        let (database, user) = (target.database.as_str(), target.user.as_str());
+        if let Some(lease) = take_idle(pool, database, user) {
             return Ok(lease);
         }
         let permit = match pool.slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => evict_other(pool, &key).ok_or_else(|| PoolError::Exhausted {
+            Err(_) => evict_other(pool, database, user).ok_or_else(|| PoolError::Exhausted {
                 node: target.node_name.clone(),
                 max_size: self.config().max_size,
                 waited: Duration::ZERO,
@@ -323,11 +344,26 @@ impl Pools {
             lease.conn.rbuf = bytes::BytesMut::with_capacity(8192);
         }
         lease.conn.idle_since = now;
-        let key = (lease.conn.database.clone(), lease.conn.user.clone());
-        lock(&pool.idle).entry(key).or_default().push(Idle {
+        let mut idle = lock(&pool.idle);
+        let at = match idle
+            .iter()
+            .position(|list| list.is_for(&lease.conn.database, &lease.conn.user))
+        {
+            Some(at) => at,
+            None => {
+                idle.push(IdleList {
+                    database: lease.conn.database.clone(),
+                    user: lease.conn.user.clone(),
+                    conns: Vec::new(),
+                });
+                idle.len() - 1
+            }
+        };
+        idle[at].conns.push(Idle {
             conn: lease.conn,
             permit: lease.permit,
         });
+        drop(idle);
         pool.returned.notify_waiters();
     }
 
@@ -337,13 +373,13 @@ impl Pools {
         let config = self.config();
         for pool in &self.nodes {
             let mut idle = lock(&pool.idle);
-            for conns in idle.values_mut() {
-                conns.retain(|i| {
+            for list in idle.iter_mut() {
+                list.conns.retain(|i| {
                     now.duration_since(i.conn.idle_since) < config.idle_timeout
                         && now.duration_since(i.conn.created) < config.max_lifetime
                 });
             }
-            idle.retain(|_, conns| !conns.is_empty());
+            idle.retain(|list| !list.conns.is_empty());
         }
     }
 
@@ -356,7 +392,10 @@ impl Pools {
 
     /// Number of idle connections to `node` (for tests and status).
     pub fn idle_count(&self, node: NodeId) -> usize {
-        lock(&self.nodes[node].idle).values().map(Vec::len).sum()
+        lock(&self.nodes[node].idle)
+            .iter()
+            .map(|list| list.conns.len())
+            .sum()
     }
 
     /// Number of connections to `node` that exist, idle or lent.
@@ -372,8 +411,11 @@ impl Pools {
         let min_idle = self.config().min_idle;
         let idle = lock(&self.nodes[node].idle);
         idle.iter()
-            .filter(|(_, conns)| conns.len() < min_idle)
-            .map(|(key, conns)| (key.clone(), min_idle - conns.len()))
+            .filter(|list| list.conns.len() < min_idle)
+            .map(|list| {
+                let key = (list.database.clone(), list.user.clone());
+                (key, min_idle - list.conns.len())
+            })
             .collect()
     }
 
@@ -387,18 +429,6 @@ impl Pools {
         self.checkin(Lease { conn, permit });
         Ok(true)
     }
-
-    fn take_idle(&self, pool: &NodePool, key: &Key) -> Option<Lease> {
-        let mut idle = lock(&pool.idle);
-        let conns = idle.get_mut(key)?;
-        // Newest first: a recently used connection is the least likely to have been closed.
-        while let Some(Idle { mut conn, permit }) = conns.pop() {
-            if !conn.looks_broken() {
-                return Some(Lease { conn, permit });
-            }
-        }
-        None
-    }
 }
 
 impl NodePool {
@@ -411,16 +441,27 @@ impl NodePool {
     }
 }
 
-/// Closes the oldest idle connection of another (database, user) pair and keeps its slot.
-fn evict_other(pool: &NodePool, key: &Key) -> Option<OwnedSemaphorePermit> {
+/// An idle connection for (`database`, `user`), the most recently returned first (the least
+/// likely to have been closed); broken ones met on the way are dropped.
+fn take_idle(pool: &NodePool, database: &str, user: &str) -> Option<Lease> {
     let mut idle = lock(&pool.idle);
-    let victim_key = idle
-        .iter()
-        .filter(|(k, conns)| *k != key && !conns.is_empty())
-        .min_by_key(|(_, conns)| conns[0].conn.idle_since)
-        .map(|(k, _)| k.clone())?;
-    let conns = idle.get_mut(&victim_key)?;
-    let Idle { permit, .. } = conns.remove(0);
+    let list = idle.iter_mut().find(|list| list.is_for(database, user))?;
+    while let Some(Idle { mut conn, permit }) = list.conns.pop() {
+        if !conn.looks_broken() {
+            return Some(Lease { conn, permit });
+        }
+    }
+    None
+}
+
+/// Closes the oldest idle connection of another (database, user) pair and keeps its slot.
+fn evict_other(pool: &NodePool, database: &str, user: &str) -> Option<OwnedSemaphorePermit> {
+    let mut idle = lock(&pool.idle);
+    let victim = idle
+        .iter_mut()
+        .filter(|list| !list.is_for(database, user) && !list.conns.is_empty())
+        .min_by_key(|list| list.conns[0].conn.idle_since)?;
+    let Idle { permit, .. } = victim.conns.remove(0);
     Some(permit)
 }
 

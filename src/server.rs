@@ -153,8 +153,8 @@ pub struct ServerConn {
     pub user: String,
     /// The backend's process id (from BackendKeyData).
     pub backend_pid: u32,
-    /// The backend's cancel secret.
-    pub backend_key: Vec<u8>,
+    /// Where a CancelRequest for its backend goes (built once it logged in).
+    cancel: Arc<CancelTarget>,
     /// Parameters the node reported with ParameterStatus, latest value each.
     pub params: ReportedParams,
     /// Transaction status from the last ReadyForQuery.
@@ -163,14 +163,27 @@ pub struct ServerConn {
     pub created: Instant,
     /// When it was last returned to the pool.
     pub idle_since: Instant,
-    /// The session whose settings it carries (`ClientStartup::session`), or 0 when it carries
-    /// none (new, or reset with `DISCARD ALL`). Transaction pooling returns connections without a
-    /// reset: a session that takes one carrying another's settings resets them first.
-    pub owner: u64,
+    /// The session state it carries. Transaction pooling returns connections without a reset:
+    /// a session that takes one carrying another's state resets it first, unless it is the
+    /// state the session would give it anyway.
+    pub carries: Carried,
     /// Transaction pooling: the named statements prepared on it under pgvigil's names.
     pub statements: ServerStatements,
     /// Its entry in the pools' list of open connections (SHOW SERVERS), removed when it closes.
     pub listed: Option<crate::pool::Listed>,
+}
+
+/// The session state a server connection carries beyond its login.
+#[derive(Debug, Clone)]
+pub enum Carried {
+    /// Nothing: it is new, or was reset with `DISCARD ALL`.
+    Nothing,
+    /// The startup parameters of sessions whose context (`ClientStartup::context`) is this one,
+    /// and nothing else: such a session takes it as it is.
+    Startup(Arc<[u8]>),
+    /// Whatever session `n` (`ClientStartup::session`) ran on it that the pool cannot tell
+    /// apart: its settings log, if it had one.
+    Session(u64),
 }
 
 impl ServerConn {
@@ -206,12 +219,17 @@ impl ServerConn {
             database: target.database.clone(),
             user: target.user.clone(),
             backend_pid: 0,
-            backend_key: Vec::new(),
+            cancel: Arc::new(CancelTarget {
+                host: String::new(),
+                port: target.port,
+                pid: 0,
+                key: Vec::new(),
+            }),
             params: ReportedParams::default(),
             tx: TxStatus::Idle,
             created: now,
             idle_since: now,
-            owner: 0,
+            carries: Carried::Nothing,
             statements: ServerStatements::default(),
             listed: None,
         };
@@ -247,7 +265,12 @@ impl ServerConn {
                 backend::tag::BACKEND_KEY_DATA => {
                     let key = BackendKeyData::parse(body).map_err(|e| self.protocol(e))?;
                     self.backend_pid = key.pid;
-                    self.backend_key = key.key.to_vec();
+                    self.cancel = Arc::new(CancelTarget {
+                        host: self.addr.0.clone(),
+                        port: self.addr.1,
+                        pid: key.pid,
+                        key: key.key.to_vec(),
+                    });
                 }
                 backend::tag::READY_FOR_QUERY => {
                     self.tx = backend::ReadyForQuery::parse(body).map_err(|e| self.protocol(e))?;
@@ -332,7 +355,12 @@ impl ServerConn {
     pub async fn query_text(&mut self, sql: &str) -> Result<Option<String>, ServerError> {
         let mut out = BytesMut::new();
         encode::query(&mut out, sql.as_bytes());
-        self.exchange(&mut out).await
+        let result = self.exchange(&mut out).await;
+        if let Ok(_) | Err(ServerError::Rejected { .. }) = result {
+            // The node ran (or refused) a simple Query, which drops the unnamed statement.
+            self.statements.set_unnamed(false);
+        }
+        result
     }
 
     /// Sends `messages` (ending with Sync or a Query) and reads everything up to ReadyForQuery;
@@ -365,13 +393,8 @@ impl ServerConn {
     }
 
     /// Where a CancelRequest for this backend must go.
-    pub fn cancel_target(&self) -> CancelTarget {
-        CancelTarget {
-            host: self.addr.0.clone(),
-            port: self.addr.1,
-            pid: self.backend_pid,
-            key: self.backend_key.clone(),
-        }
+    pub fn cancel_target(&self) -> Arc<CancelTarget> {
+        self.cancel.clone()
     }
 
     /// Records a ParameterStatus body.

@@ -79,6 +79,9 @@ pub struct ServerStatements {
     /// Statements the connection may have, to close before anything is prepared on it (a Parse
     /// whose outcome could not be followed).
     doubtful: Vec<StatementId>,
+    /// A Parse of the unnamed statement was sent since the last simple Query (which drops it,
+    /// as does the next such Parse: PostgreSQL docs, "Extended Query").
+    unnamed: bool,
 }
 
 impl ServerStatements {
@@ -108,6 +111,23 @@ impl ServerStatements {
     pub fn clear(&mut self) {
         self.used.clear();
         self.doubtful.clear();
+    }
+
+    /// A Parse of the unnamed statement went to the connection (`true`), or a simple Query that
+    /// dropped it ran there (`false`).
+    pub fn set_unnamed(&mut self, parsed: bool) {
+        self.unnamed = parsed;
+    }
+
+    /// Whether the connection may have an unnamed statement.
+    pub fn has_unnamed(&self) -> bool {
+        self.unnamed
+    }
+
+    /// Whether nothing must be closed on the connection before more is prepared there: no
+    /// doubtful statement, and at most `max` statements.
+    pub fn within(&self, max: usize) -> bool {
+        self.doubtful.is_empty() && self.used.len() <= max
     }
 
     /// How many statements the connection has.

@@ -34,7 +34,7 @@ use crate::metrics::Rejection;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::router;
-use crate::server::ServerError;
+use crate::server::{Carried, ServerError};
 use crate::stream::Stream;
 use crate::topology::{Need, NodeId};
 use relay::ClientConn;
@@ -271,9 +271,9 @@ async fn open_for_start(
         .iter()
         .any(|n| n.id != node && n.role.is_usable() && tried & (1 << n.id) == 0);
     if others {
-        open_within(proxy, node, startup, true, Need::Replaceable).await
+        open_within(proxy, node, startup, &[], true, Need::Replaceable).await
     } else {
-        open(proxy, node, startup, true, Need::Usable).await
+        open(proxy, node, startup, &[], true, Need::Usable).await
     }
 }
 
@@ -283,14 +283,15 @@ async fn open_within(
     proxy: &Proxy,
     node: NodeId,
     startup: &ClientStartup,
+    unit: &[u8],
     wait: bool,
     need: Need,
 ) -> Result<Lease, OpenError> {
     let bound = proxy.config().health.timeout;
     if bound >= proxy.config().backend.connect_timeout {
-        return open(proxy, node, startup, wait, need).await;
+        return open(proxy, node, startup, unit, wait, need).await;
     }
-    match tokio::time::timeout(bound, open(proxy, node, startup, wait, need)).await {
+    match tokio::time::timeout(bound, open(proxy, node, startup, unit, wait, need)).await {
         Ok(result) => result,
         Err(_) => Err(OpenError::Pool(PoolError::Connect(ServerError::Timeout {
             node: proxy.config().nodes[node].name.clone(),
@@ -344,22 +345,32 @@ impl OpenError {
 /// Opens the session's connection to `node`: a checkout (waiting for a slot when `wait`, else
 /// failing at once), then the client's startup parameters, all abandoned once the topology
 /// gives up on `node` for `need`. A connection whose setup failed is released (and dropped
-/// unless the reset proves it sound).
+/// unless the reset proves it sound). `unit`: the unit it is opened for, at the start of the
+/// client's buffer (empty when none is known).
 async fn open(
     proxy: &Proxy,
     node: NodeId,
     startup: &ClientStartup,
+    unit: &[u8],
     wait: bool,
     need: Need,
 ) -> Result<Lease, OpenError> {
-    let target = proxy.login_target(node, &startup.user, &startup.database, &startup.password);
     let setup = async {
-        let mut lease = if wait {
-            proxy.pools.checkout(&target).await
-        } else {
-            proxy.pools.try_checkout(&target).await
-        }?;
-        if let Err(error) = adopt(&mut lease, startup).await {
+        let reused = proxy.pools.reuse(node, &startup.database, &startup.user);
+        let mut lease = match reused {
+            Some(lease) => lease,
+            None => {
+                let (user, database) = (&startup.user, &startup.database);
+                let target = proxy.login_target(node, user, database, &startup.password);
+                if wait {
+                    proxy.pools.checkout(&target).await
+                } else {
+                    proxy.pools.try_checkout(&target).await
+                }?
+            }
+        };
+        if let Err(error) = adopt(&mut lease, startup, unit, proxy.config().max_message_size).await
+        {
             proxy.release(lease, true).await;
             return Err(error);
         }
@@ -373,17 +384,38 @@ async fn open(
 /// client's startup parameters. `SET SESSION AUTHORIZATION DEFAULT` comes first because `RESET
 /// ALL` leaves the role alone; the simple Query also drops the unnamed statement and portal,
 /// so no unit can bind another session's.
-async fn adopt(lease: &mut Lease, startup: &ClientStartup) -> Result<(), OpenError> {
-    let owner = lease.conn.owner;
-    if owner != 0 && owner != startup.session {
-        lease
-            .conn
-            .run_internal("SET SESSION AUTHORIZATION DEFAULT; RESET ALL")
-            .await
-            .map_err(|e| OpenError::Pool(PoolError::Connect(e)))?;
+///
+/// A connection that carries only the startup parameters of a session with the same context is
+/// already what they would make it, and is taken as it is (no round trip) unless it may have an
+/// unnamed statement that `unit` could use before replacing it.
+async fn adopt(
+    lease: &mut Lease,
+    startup: &ClientStartup,
+    unit: &[u8],
+    max_message: usize,
+) -> Result<(), OpenError> {
+    let conn = &mut lease.conn;
+    let in_sync = match &conn.carries {
+        Carried::Startup(context) => {
+            **context == **startup.context()
+                && (!conn.statements.has_unnamed() || relay::drops_unnamed(unit, max_message))
+        }
+        Carried::Nothing | Carried::Session(_) => false,
+    };
+    if !in_sync {
+        let foreign = match conn.carries {
+            Carried::Nothing => false,
+            Carried::Session(owner) => owner != startup.session,
+            Carried::Startup(_) => true,
+        };
+        if foreign {
+            conn.run_internal("SET SESSION AUTHORIZATION DEFAULT; RESET ALL")
+                .await
+                .map_err(|e| OpenError::Pool(PoolError::Connect(e)))?;
+        }
+        apply_params(lease, startup).await?;
     }
-    apply_params(lease, startup).await?;
-    lease.conn.owner = startup.session;
+    lease.conn.carries = Carried::Session(startup.session);
     Ok(())
 }
 

@@ -151,11 +151,24 @@ pub async fn relay(
     proxy: &Proxy,
 ) -> Stop {
     let max_message = proxy.config().max_message_size;
+    let shared = proxy.config().pool.mode == PoolMode::Transaction;
     let node = server.node;
     if let Some(role) = unusable(proxy, node) {
         return lost(LossCause::Unusable(role), None);
     }
-    let mut watching = true;
+    // Registered once for the whole relay (not once per turn of the loop), it ends only when a
+    // topology makes the node unusable; with the sender gone (the proxy is stopping), never.
+    let watcher = async {
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if let Some(role) = unusable(proxy, node) {
+                return role;
+            }
+        }
+    };
+    tokio::pin!(watcher);
     let (mut client_read, mut client_write) = tokio::io::split(&mut client.stream);
     let (mut server_read, mut server_write) = tokio::io::split(&mut server.stream);
     let client_in = &mut client.rbuf;
@@ -190,6 +203,7 @@ pub async fn relay(
     }
     let mut client_scan = ClientScan {
         max_message,
+        shared,
         proxy,
         terminated: &mut terminated,
         statements,
@@ -224,6 +238,7 @@ pub async fn relay(
                 held = false;
                 let mut scan = ClientScan {
                     max_message,
+                    shared,
                     proxy,
                     terminated: &mut terminated,
                     statements,
@@ -271,19 +286,13 @@ pub async fn relay(
                     }
                 }
             }
-            changed = changes.changed(), if watching => {
-                // The sender lives as long as the proxy; should it go, stop watching.
-                watching = changed.is_ok();
-                if let Some(role) = unusable(proxy, node) {
-                    return server_lost(LossCause::Unusable(role), &mut server_state);
-                }
-            }
+            role = &mut watcher => return server_lost(LossCause::Unusable(role), &mut server_state),
             read = client_read.read_buf(client_in), if !held && !terminated && to_server.len() < HIGH_WATER => {
                 match read {
                     Ok(0) | Err(_) => return Stop::End(RelayEnd::ClientGone),
                     Ok(n) => {
                         steering.received(n);
-                        let mut scan = ClientScan { max_message, proxy, terminated: &mut terminated, statements, to_client };
+                        let mut scan = ClientScan { max_message, shared, proxy, terminated: &mut terminated, statements, to_client };
                         match scan.scan(client_in, &mut to_server, progress, steering, *server_state.tx) {
                             Err(end) => return Stop::End(end),
                             Ok(Some(decision)) if progress.is_quiet() && to_server.is_empty() => {
@@ -321,6 +330,8 @@ pub fn releasable(proxy: &Proxy, steering: &Steering) -> bool {
 /// Moves client messages to the server side, routing each new unit.
 struct ClientScan<'a> {
     max_message: usize,
+    /// Transaction pooling: statements are shared under pgvigil's names.
+    shared: bool,
     proxy: &'a Proxy,
     terminated: &'a mut bool,
     /// The statements the server connection has under pgvigil's names.
@@ -372,18 +383,26 @@ impl ClientScan<'_> {
                     | frontend::tag::DESCRIBE
                     | frontend::tag::CLOSE
             );
-            let outgoing =
-                if names_statement && self.proxy.config().pool.mode == PoolMode::Transaction {
-                    let server = OnServer {
-                        statements: &mut *self.statements,
-                        fresh,
-                        tx: server_tx,
-                    };
-                    steering.forwarded_to(tag, frame, Some(server), self.proxy)
-                } else {
-                    steering.forwarded(tag, frame, self.proxy);
-                    Outgoing::AsIs
+            if self.shared
+                && tag == frontend::tag::PARSE
+                && naming::statement_name(tag, frame).is_none()
+            {
+                // Unnamed (or malformed): the connection may have it from now on. (A Query
+                // drops it, if well-formed: telling would cost a scan of every Query, and the
+                // reset a foreign unnamed statement calls for drops it anyway.)
+                self.statements.set_unnamed(true);
+            }
+            let outgoing = if names_statement && self.shared {
+                let server = OnServer {
+                    statements: &mut *self.statements,
+                    fresh,
+                    tx: server_tx,
                 };
+                steering.forwarded_to(tag, frame, Some(server), self.proxy)
+            } else {
+                steering.forwarded(tag, frame, self.proxy);
+                Outgoing::AsIs
+            };
             if outgoing == Outgoing::AsIs {
                 forward += len;
                 continue;
@@ -400,6 +419,22 @@ impl ClientScan<'_> {
             input.clear();
         }
         Ok(stop)
+    }
+}
+
+/// Whether the client message at the start of `input` drops any unnamed statement the server
+/// connection had before anything can use it: a well-formed simple Query, or Parse of the
+/// unnamed statement (PostgreSQL drops the old one before it reads the new one's text).
+pub(super) fn drops_unnamed(input: &[u8], max_message: usize) -> bool {
+    let Ok(Some(message)) = next_message(input, max_message) else {
+        return false;
+    };
+    match message.tag {
+        frontend::tag::QUERY => frontend::Query::parse(message.body).is_ok(),
+        frontend::tag::PARSE => {
+            frontend::Parse::parse(message.body).is_ok_and(|parse| parse.name.is_empty())
+        }
+        _ => false,
     }
 }
 

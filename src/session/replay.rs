@@ -8,6 +8,7 @@
 //! ([`Replayable::fresh_connection`]).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use pgvigil_proto::classify::Classification;
@@ -57,7 +58,7 @@ pub struct Replayable {
     pub naming: Naming,
     /// Transaction pooling: what every statement key of this session starts with (database,
     /// user, startup parameters).
-    context: Box<[u8]>,
+    context: Arc<[u8]>,
 }
 
 impl Replayable {
@@ -70,13 +71,13 @@ impl Replayable {
             unnamed: None,
             pinned: None,
             naming: Naming::default(),
-            context: Box::default(),
+            context: Arc::from([].as_slice()),
         }
     }
 
     /// Transaction pooling: statements are shared only between sessions with the same
     /// `context` (database, user, startup parameters) and the same settings log.
-    pub fn set_context(&mut self, context: Box<[u8]>) {
+    pub fn set_context(&mut self, context: Arc<[u8]>) {
         self.context = context;
     }
 
@@ -265,6 +266,14 @@ impl Replayable {
     /// statements to close.
     pub fn catch_up(&self, node: NodeId) -> (&[SqlText], &[SqlText]) {
         (self.settings.missing(node), &self.pending_close[node])
+    }
+
+    /// Whether the session's connection to `node` lacks nothing the session could give it: no
+    /// setting or close owed there, and no named statement at all.
+    pub fn nothing_owed(&self, node: NodeId) -> bool {
+        self.settings.missing(node).is_empty()
+            && self.pending_close[node].is_empty()
+            && self.statements.is_empty()
     }
 
     /// `node` ran everything [`Replayable::catch_up`] listed.

@@ -27,6 +27,7 @@ use crate::config::PoolMode;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::replication::parse_lsn;
+use crate::server::Carried;
 use crate::topology::{Need, NodeId, Primary};
 
 /// Longest pause between two tries to reach a primary that failed to connect, even when the
@@ -95,7 +96,7 @@ impl<'a> Session<'a> {
         held.leases[first] = Some(Box::new(lease));
         let mut steering = Steering::new(proxy.config().nodes.len(), first, encoding_safe);
         if proxy.config().pool.mode == PoolMode::Transaction {
-            steering.replay.set_context(startup.context());
+            steering.replay.set_context(startup.context().clone());
         }
         Session {
             client,
@@ -500,7 +501,12 @@ impl Session<'_> {
             self.held.leases[node] = Some(lease);
             return;
         }
-        self.proxy.pools.checkin(*lease);
+        let mut lease = *lease;
+        if self.steering.replay.settings.log().is_empty() {
+            // Its state is what the client's startup parameters made it.
+            lease.conn.carries = Carried::Startup(self.startup.context().clone());
+        }
+        self.proxy.pools.checkin(lease);
         if node == self.steering.current {
             self.key.set_target(None);
             self.steering.released();

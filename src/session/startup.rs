@@ -2,6 +2,7 @@
 //! StartupMessage with its protocol version and parameters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use pgvigil_proto::startup::{parse_startup, ProtocolVersion, StartupPacket, MAX_STARTUP_PACKET};
@@ -17,7 +18,7 @@ use crate::stream::Stream;
 /// What a client asked for in its startup packet.
 pub struct ClientStartup {
     /// A number no other session of this process has: a server connection remembers the last
-    /// session it served (see `ServerConn::owner`).
+    /// session it served (see `ServerConn::carries`).
     pub session: u64,
     /// The role name.
     pub user: String,
@@ -28,27 +29,35 @@ pub struct ClientStartup {
     pub password: String,
     /// Every other parameter, to be applied on the server connection.
     pub params: Vec<(Vec<u8>, Vec<u8>)>,
+    /// See [`ClientStartup::context`].
+    context: Arc<[u8]>,
 }
 
 impl ClientStartup {
     /// What a server connection's context is made of for this session: database, user and
     /// startup parameters, each NUL-terminated (transaction pooling shares a named statement
-    /// only between sessions with the same context, see `Replayable::statement_key`).
-    pub fn context(&self) -> Box<[u8]> {
-        let mut context = Vec::new();
-        for part in [self.database.as_bytes(), self.user.as_bytes()] {
+    /// only between sessions with the same context, see `Replayable::statement_key`, and takes
+    /// a pooled connection as it is from a session with the same context, see `Carried`).
+    pub fn context(&self) -> &Arc<[u8]> {
+        &self.context
+    }
+}
+
+/// The bytes of [`ClientStartup::context`].
+fn context_of(database: &str, user: &str, params: &[(Vec<u8>, Vec<u8>)]) -> Arc<[u8]> {
+    let mut context = Vec::new();
+    for part in [database.as_bytes(), user.as_bytes()] {
+        context.extend_from_slice(part);
+        context.push(0);
+    }
+    for (name, value) in params {
+        for part in [name, value] {
             context.extend_from_slice(part);
             context.push(0);
         }
-        for (name, value) in &self.params {
-            for part in [name, value] {
-                context.extend_from_slice(part);
-                context.push(0);
-            }
-        }
-        context.push(0);
-        context.into()
     }
+    context.push(0);
+    context.into()
 }
 
 /// How the startup phase ended.
@@ -59,7 +68,7 @@ pub enum Opening {
     Cancelled,
 }
 
-/// Sessions started so far; the next one's number (0 is no session: see `ServerConn::owner`).
+/// Sessions started so far; the next one's number (0 is no session).
 static SESSIONS: AtomicU64 = AtomicU64::new(1);
 
 /// Newest protocol minor version pgvigil speaks (3.0).
@@ -224,6 +233,7 @@ fn read_params<'a>(
         .unwrap_or_else(|| user.clone());
     Ok(ClientStartup {
         session: SESSIONS.fetch_add(1, Ordering::Relaxed),
+        context: context_of(&database, &user, &rest),
         user,
         database,
         password: String::new(),

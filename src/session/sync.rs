@@ -92,9 +92,9 @@ pub async fn sync(
         // transaction pooling a session holds no other connection: it waits for a slot.
         let wait_for_slot = proxy.config().pool.mode == PoolMode::Transaction;
         let lease = if need == Need::Primary || wait_for_slot {
-            open(proxy, node, startup, true, need).await?
+            open(proxy, node, startup, input, true, need).await?
         } else {
-            open_within(proxy, node, startup, false, need).await?
+            open_within(proxy, node, startup, input, false, need).await?
         };
         replay.fresh_connection(node);
         if proxy.config().pool.mode == PoolMode::Transaction {
@@ -106,6 +106,12 @@ pub async fn sync(
     let Some(lease) = held.leases[node].as_mut() else {
         return Ok(());
     };
+    let shared = proxy.config().pool.mode == PoolMode::Transaction;
+    let bound = proxy.config().pool.max_prepared_statements;
+    if replay.nothing_owed(node) && (!shared || lease.conn.statements.within(bound)) {
+        // In sync already (see `catch_up`): no round trip, so no wait to bound either.
+        return Ok(());
+    }
     let result = proxy
         .unless_given_up(node, need, catch_up(&mut lease.conn, replay, input, proxy))
         .await;

@@ -12,12 +12,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgvigil::config::PoolMode;
+use pgvigil_proto::encode;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use crate::failover::{Scene, OLD_PRIMARY, STANDBYS};
+use crate::lost_transaction::trust_app;
 use crate::pgbench::{assert_clean_run, pgbench, pgbench_path};
+use crate::support::wire::{bind_execute, parse, Wire};
 use crate::support::writer::{describe, tick_ids};
-use crate::support::{start_proxy, test_cluster, TestProxy, APP_DB, APP_PASSWORD, APP_USER};
+use crate::support::{
+    eventually, node_psql, start_proxy, test_cluster, TestProxy, APP_DB, APP_PASSWORD, APP_USER,
+};
 
 /// Server connections per node in the thousand-client test.
 const POOL: usize = 20;
@@ -203,6 +208,84 @@ async fn settings_follow_their_session_across_shared_connections_and_never_leak(
         served_by.values().any(|clients| clients.len() > 1),
         "connections are shared between sessions: {served_by:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_left_as_startup_made_it_is_taken_without_a_reset_yet_never_lends_an_unnamed_statement(
+) {
+    let cluster = test_cluster(0);
+    // Every statement the node runs goes to its log: the resets pgvigil sends show there.
+    node_psql(&cluster, 0, "ALTER SYSTEM SET log_statement = 'all'");
+    node_psql(&cluster, 0, "SELECT pg_reload_conf()");
+    eventually(Duration::from_secs(30), "log_statement = all", || {
+        node_psql(&cluster, 0, "SHOW log_statement").trim() == "all"
+    });
+    let resets = || {
+        let log = std::fs::read_to_string(cluster.node(0).log_path()).unwrap();
+        log.matches("RESET ALL").count()
+    };
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        // One server connection: every unit of both sessions runs on the same backend.
+        config.pool.max_size = 1;
+        trust_app(config);
+    })
+    .await;
+    // Same startup parameters, no settings: the connection each leaves is what the other's
+    // startup parameters would make it.
+    let mut first = Wire::login(&proxy).await;
+    let mut second = Wire::login(&proxy).await;
+    let before = resets();
+    for _ in 0..10 {
+        for wire in [&mut first, &mut second] {
+            let one = wire.query("SELECT 1").await;
+            assert_eq!(one.rows, vec![vec!["1".to_owned()]]);
+        }
+    }
+    assert_eq!(
+        resets(),
+        before,
+        "the connection was reset between the sessions"
+    );
+
+    // An unnamed statement the first session left on the connection is not the second's.
+    let parsed = first
+        .exchange(|out| {
+            parse(out, "", "SELECT 'the first session''s'");
+            encode::sync(out);
+        })
+        .await;
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    let bound = second
+        .exchange(|out| {
+            bind_execute(out, "");
+            encode::sync(out);
+        })
+        .await;
+    assert!(
+        bound.rows.is_empty(),
+        "another session's statement ran: {bound:?}"
+    );
+    assert_eq!(
+        bound.codes(),
+        vec!["26000"],
+        "as PostgreSQL answers: {bound:?}"
+    );
+    // A unit that parses its own unnamed statement first is served as it is.
+    first
+        .exchange(|out| {
+            parse(out, "", "SELECT 'the first session''s'");
+            encode::sync(out);
+        })
+        .await;
+    let own = second
+        .exchange(|out| {
+            parse(out, "", "SELECT 'the second session''s'");
+            bind_execute(out, "");
+            encode::sync(out);
+        })
+        .await;
+    assert_eq!(own.rows, vec![vec!["the second session's".to_owned()]]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
