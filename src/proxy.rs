@@ -254,7 +254,7 @@ impl Proxy {
         };
         match tokio::time::timeout(self.config().backend.connect_timeout, reset).await {
             Ok(Ok(())) if lease.conn.rbuf.is_empty() => {
-                lease.conn.owner = 0;
+                lease.conn.owner = crate::server::Owner::Nobody;
                 self.pools.checkin(lease)
             }
             Ok(Ok(())) => {}

@@ -135,6 +135,21 @@ impl ReportedParams {
     }
 }
 
+/// Whose session settings a server connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// None: it is new, or was reset with `DISCARD ALL`.
+    Nobody,
+    /// Session `session` (`ClientStartup::session`): its startup parameters, and the first
+    /// `settings` statements of its settings log.
+    Session {
+        /// The session's number.
+        session: u64,
+        /// How many statements of the session's settings log the connection has run.
+        settings: usize,
+    },
+}
+
 /// An open, logged-in connection to one node.
 pub struct ServerConn {
     /// The socket.
@@ -163,10 +178,10 @@ pub struct ServerConn {
     pub created: Instant,
     /// When it was last returned to the pool.
     pub idle_since: Instant,
-    /// The session whose settings it carries (`ClientStartup::session`), or 0 when it carries
-    /// none (new, or reset with `DISCARD ALL`). Transaction pooling returns connections without a
-    /// reset: a session that takes one carrying another's settings resets them first.
-    pub owner: u64,
+    /// The session whose settings it carries. Transaction pooling returns connections without
+    /// a reset: a session that takes one carrying another's settings resets them first, and one
+    /// that takes back its own gives it only what it lacks.
+    pub owner: Owner,
     /// Transaction pooling: the named statements prepared on it under pgvigil's names.
     pub statements: ServerStatements,
     /// Its entry in the pools' list of open connections (SHOW SERVERS), removed when it closes.
@@ -211,7 +226,7 @@ impl ServerConn {
             tx: TxStatus::Idle,
             created: now,
             idle_since: now,
-            owner: 0,
+            owner: Owner::Nobody,
             statements: ServerStatements::default(),
             listed: None,
         };

@@ -34,7 +34,7 @@ use crate::metrics::Rejection;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::router;
-use crate::server::ServerError;
+use crate::server::{Owner, ServerError};
 use crate::stream::Stream;
 use crate::topology::{Need, NodeId};
 use relay::ClientConn;
@@ -381,20 +381,25 @@ async fn open(
 
 /// Makes a checked-out connection the session's: resets the settings of another session it
 /// carries (transaction pooling returns connections without a reset), then applies the
-/// client's startup parameters. `SET SESSION AUTHORIZATION DEFAULT` comes first because `RESET
-/// ALL` leaves the role alone; the simple Query also drops the unnamed statement and portal,
-/// so no unit can bind another session's.
+/// client's startup parameters; a connection that carries this session's already keeps them
+/// (and `sync` gives it only the settings it lacks). `SET SESSION AUTHORIZATION DEFAULT` comes
+/// first because `RESET ALL` leaves the role alone; the simple Query also drops the unnamed
+/// statement and portal, so no unit can bind another session's.
 async fn adopt(lease: &mut Lease, startup: &ClientStartup) -> Result<(), OpenError> {
-    let owner = lease.conn.owner;
-    if owner != 0 && owner != startup.session {
-        lease
+    match lease.conn.owner {
+        Owner::Session { session, .. } if session == startup.session => return Ok(()),
+        Owner::Session { .. } => lease
             .conn
             .run_internal("SET SESSION AUTHORIZATION DEFAULT; RESET ALL")
             .await
-            .map_err(|e| OpenError::Pool(PoolError::Connect(e)))?;
+            .map_err(|e| OpenError::Pool(PoolError::Connect(e)))?,
+        Owner::Nobody => {}
     }
     apply_params(lease, startup).await?;
-    lease.conn.owner = startup.session;
+    lease.conn.owner = Owner::Session {
+        session: startup.session,
+        settings: 0,
+    };
     Ok(())
 }
 

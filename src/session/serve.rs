@@ -27,6 +27,7 @@ use crate::config::PoolMode;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::replication::parse_lsn;
+use crate::server::Owner;
 use crate::topology::{Need, NodeId, Primary};
 
 /// Longest pause between two tries to reach a primary that failed to connect, even when the
@@ -527,7 +528,13 @@ impl Session<'_> {
             self.held.leases[node] = Some(lease);
             return;
         }
-        self.proxy.pools.checkin(*lease);
+        let mut lease = *lease;
+        // The next unit of this session that takes it back gives it only what it lacks.
+        lease.conn.owner = Owner::Session {
+            session: self.startup.session,
+            settings: self.steering.replay.settings.applied(node),
+        };
+        self.proxy.pools.checkin(lease);
         if node == self.steering.current {
             self.key.set_target(None);
             self.steering.released();

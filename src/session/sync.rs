@@ -15,7 +15,7 @@ use super::{open, open_within, OpenError};
 use crate::config::PoolMode;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
-use crate::server::{ServerConn, ServerError};
+use crate::server::{Owner, ServerConn, ServerError};
 use crate::statements::{self, StatementId, NO_STATEMENT};
 use crate::topology::{Need, NodeId, Primary};
 
@@ -97,6 +97,11 @@ pub async fn sync(
             open_within(proxy, node, startup, false, need).await?
         };
         replay.fresh_connection(node);
+        if let Owner::Session { settings, .. } = lease.conn.owner {
+            // Transaction pooling: the session may have had this connection before (`adopt`
+            // kept what it carries only then), so it lacks only the settings logged since.
+            replay.settings.resume(node, settings);
+        }
         if proxy.config().pool.mode == PoolMode::Transaction {
             // A pooled connection may have the session's statements already.
             replay.adopt(node, &lease.conn.statements);
