@@ -18,6 +18,7 @@ use pgvigil_proto::frontend::{self, Parse};
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
 
+use super::recover::IN_FAILED;
 use super::replay::Replayable;
 use crate::proxy::Proxy;
 use crate::statements::{self, ServerStatements, StatementId, NO_STATEMENT};
@@ -84,6 +85,10 @@ pub struct Naming {
     pending: VecDeque<InFlight>,
     /// Client names of Parses sent as [`Outgoing::Duplicate`], in order.
     duplicates: VecDeque<Box<[u8]>>,
+    /// A statement the unit in flight uses could not be prepared on the connection because
+    /// its transaction block had failed: the server's 26000 for it stands for PostgreSQL's
+    /// 25P02 (PostgreSQL, which has the statement, refuses the Bind for the failed block).
+    missing_in_failed_block: bool,
     /// Requests answered by ReadyForQuery forwarded since the connection was last quiet.
     requests: u64,
     /// ReadyForQuery messages seen since then.
@@ -163,6 +168,7 @@ impl Naming {
     /// statements' presence on the connection unknown.
     pub fn ready(&mut self, quiet: bool) -> Vec<StatementId> {
         self.readies += 1;
+        self.missing_in_failed_block = false;
         if !quiet {
             return Vec::new();
         }
@@ -192,6 +198,26 @@ impl Naming {
             b.put_u8(0);
             b.put_u16(0);
         });
+    }
+
+    /// A statement the next unit uses was refused on the connection: its transaction block
+    /// has failed (see [`Naming::failed_block_error`]).
+    pub fn missing_in_failed_block(&mut self) {
+        self.missing_in_failed_block = true;
+    }
+
+    /// Writes to `out` what the client is owed instead of the server's error `code`, when that
+    /// error is the 26000 of a statement missing on a connection whose transaction block failed:
+    /// the 25P02 PostgreSQL answers there. Once per unit.
+    pub fn failed_block_error(&mut self, code: Option<&[u8]>, out: &mut BytesMut) -> bool {
+        if !(self.missing_in_failed_block
+            && code == Some(sqlstate::INVALID_SQL_STATEMENT_NAME.as_bytes()))
+        {
+            return false;
+        }
+        self.missing_in_failed_block = false;
+        IN_FAILED.encode(out);
+        true
     }
 
     /// Whether a failing Parse sent by [`Naming::send_duplicate`] waits for its error.
@@ -299,7 +325,11 @@ pub fn name_statement(
         },
         _ => match replay.server_id(name) {
             Some(id) => {
-                server.statements.touch(id);
+                // A use keeps the statement recent; one the connection lacks (refused there in
+                // a failed block: the server answers 26000) is not recorded as there.
+                if server.statements.has(id) {
+                    server.statements.touch(id);
+                }
                 Outgoing::Renamed { at, len, id }
             }
             None => Outgoing::AsIs,

@@ -6,6 +6,7 @@
 
 use bytes::{BufMut, BytesMut};
 use pgvigil_proto::encode;
+use pgvigil_proto::TxStatus;
 use tracing::debug;
 
 use super::naming;
@@ -200,6 +201,10 @@ async fn catch_up(
                 conn.statements.touch(id);
             }
             replay.statement_on(&parse, node);
+        } else if conn.tx == TxStatus::Failed {
+            // The unit's Bind will find no statement (26000) where PostgreSQL, which has it,
+            // refuses it for the failed block (25P02): the client is told the latter.
+            replay.naming.missing_in_failed_block();
         }
     }
     if shared {
