@@ -19,7 +19,7 @@ use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
 
 use super::recover::IN_FAILED;
-use super::replay::Replayable;
+use super::replay::{Prepared, Replayable};
 use crate::proxy::Proxy;
 use crate::statements::{self, ServerStatements, StatementId, NO_STATEMENT};
 use crate::topology::NodeId;
@@ -69,6 +69,9 @@ pub struct PendingParse {
     pub id: StatementId,
     /// The client closed it before the answer came.
     pub closed: bool,
+    /// Session pooling: the client's statement of the same name it replaces in the session's
+    /// record, put back should this Parse fail (the nodes keep that one then).
+    pub replaced: Option<Prepared>,
 }
 
 /// A Parse forwarded (named or not: answers come in order), waiting for its answer.
@@ -109,6 +112,29 @@ impl Naming {
             class,
             id,
             closed: false,
+            replaced: None,
+        };
+        self.pending.push_back(InFlight {
+            named: Some(Box::new(named)),
+            epoch: self.requests,
+        });
+    }
+
+    /// Session pooling: a Parse of the client's `name`, recorded as it was forwarded, replacing
+    /// `replaced` in the record until its answer comes.
+    pub fn sent_recorded(
+        &mut self,
+        name: &[u8],
+        class: Classification,
+        replaced: Option<Prepared>,
+    ) {
+        let named = PendingParse {
+            name: name.into(),
+            parse: Bytes::new(),
+            class,
+            id: NO_STATEMENT,
+            closed: false,
+            replaced,
         };
         self.pending.push_back(InFlight {
             named: Some(Box::new(named)),
@@ -157,10 +183,19 @@ impl Naming {
         self.pending.pop_front().and_then(|p| p.named)
     }
 
-    /// The server sent an ErrorResponse: the Parses in flight before the next Sync never ran.
-    pub fn error(&mut self) {
+    /// The server sent an ErrorResponse: the Parses in flight before the next Sync never ran;
+    /// the named ones are returned, in the order they were sent.
+    pub fn error(&mut self) -> Vec<PendingParse> {
         let readies = self.readies;
-        self.pending.retain(|p| p.epoch != readies);
+        let mut failed = Vec::new();
+        self.pending.retain_mut(|p| {
+            if p.epoch != readies {
+                return true;
+            }
+            failed.extend(p.named.take().map(|named| *named));
+            false
+        });
+        failed
     }
 
     /// The server sent ReadyForQuery; `quiet`: it answered every request. Named Parses still in
@@ -178,6 +213,7 @@ impl Naming {
         self.pending
             .drain(..)
             .filter_map(|p| p.named.map(|n| n.id))
+            .filter(|id| *id != NO_STATEMENT)
             .collect()
     }
 

@@ -88,7 +88,7 @@ impl ServerSide<'_> {
                             break;
                         }
                         replay.settings.error();
-                        replay.naming.error();
+                        replay.parse_failed();
                         let mut instead = BytesMut::new();
                         let fields = ErrorFields::parse(message.body).ok();
                         let code = fields.as_ref().and_then(|f| f.sqlstate());
