@@ -165,7 +165,8 @@ pub struct ServerConn {
     pub idle_since: Instant,
     /// The session state it carries. Transaction pooling returns connections without a reset:
     /// a session that takes one carrying another's state resets it first, unless it is the
-    /// state the session would give it anyway.
+    /// state the session would give it anyway; one that takes back its own gives it only what
+    /// it lacks.
     pub carries: Carried,
     /// Transaction pooling: the named statements prepared on it under pgvigil's names.
     pub statements: ServerStatements,
@@ -178,12 +179,19 @@ pub struct ServerConn {
 pub enum Carried {
     /// Nothing: it is new, or was reset with `DISCARD ALL`.
     Nothing,
-    /// The startup parameters of sessions whose context (`ClientStartup::context`) is this one,
-    /// and nothing else: such a session takes it as it is.
-    Startup(Arc<[u8]>),
-    /// Whatever session `n` (`ClientStartup::session`) ran on it that the pool cannot tell
-    /// apart: its settings log, if it had one.
-    Session(u64),
+    /// What session `session` (`ClientStartup::session`) gave it: the startup parameters of its
+    /// `context` (`ClientStartup::context`) and the first `settings` statements of its settings
+    /// log. Exact once the session returned it to the pool; while the session holds it, the
+    /// session's own account is the one that counts.
+    Session {
+        /// The session's number.
+        session: u64,
+        /// The session's context: a session with the same one and no settings of its own on
+        /// the connection (`settings == 0`) can take it as it is.
+        context: Arc<[u8]>,
+        /// How many statements of the session's settings log the connection has run.
+        settings: usize,
+    },
 }
 
 impl ServerConn {

@@ -38,3 +38,6 @@ pub const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";
 
 /// duplicate_prepared_statement: a Parse or PREPARE reuses a statement name in use.
 pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
+
+/// invalid_sql_statement_name: a Bind, Describe or EXECUTE names no prepared statement.
+pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";

@@ -24,7 +24,7 @@ pub(super) async fn hold(
     proxy: &Proxy,
 ) -> Result<(), RelayEnd> {
     let mut traffic = proxy.pause.subscribe();
-    let mut cancels = key.cancels();
+    let cancels = key.cancels();
     let _holding = proxy.pause.holding();
     let _waiting = Waiting::set(key);
     info!("unit held: pgvigil is paused");
@@ -41,15 +41,13 @@ pub(super) async fn hold(
                     return Ok(());
                 }
             }
-            c = cancels.changed() => {
-                if c.is_ok() {
-                    info!("a unit held by PAUSE was cancelled by the client");
-                    let failure = Failure {
-                        code: sqlstate::QUERY_CANCELED,
-                        message: "canceling statement due to user request",
-                    };
-                    return recover::reject_unit(client, &failure, max_message).await;
-                }
+            () = cancels.changed() => {
+                info!("a unit held by PAUSE was cancelled by the client");
+                let failure = Failure {
+                    code: sqlstate::QUERY_CANCELED,
+                    message: "canceling statement due to user request",
+                };
+                return recover::reject_unit(client, &failure, max_message).await;
             }
             read = client.stream.read_buf(&mut client.rbuf), if room => {
                 if matches!(read, Ok(0) | Err(_)) {

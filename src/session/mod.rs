@@ -64,14 +64,31 @@ pub enum SessionError {
 
 /// Serves one accepted client connection to the end.
 pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
+    // Everything up to the first server connection is boxed: its state is large and would
+    // otherwise stay allocated in the task for the whole session. The session itself is boxed
+    // too, so that the task holds little more than the box (and, while the session is idle,
+    // one small read).
+    let Some((span, session)) = Box::pin(start(tcp, &proxy)).await else {
+        return;
+    };
+    let _entered = span.enter();
+    serve::serve(session).await
+}
+
+/// Startup, authentication and the first server connection: the session, with the span of its
+/// logs; `None` when the client was refused (and told why), or served by the console.
+async fn start(
+    tcp: TcpStream,
+    proxy: &Arc<Proxy>,
+) -> Option<(tracing::Span, Box<serve::Session<'_>>)> {
     let peer = tcp.peer_addr().ok();
     let Authenticated {
         mut stream,
         mut startup,
         buf: client_buf,
-    } = match Box::pin(open_and_authenticate(tcp, &proxy)).await {
+    } = match open_and_authenticate(tcp, proxy).await {
         Ok(Some(opened)) => opened,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err((stream, error)) => {
             debug!(?peer, %error, "client refused before its session started");
             let reason = match &error {
@@ -84,11 +101,11 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
             if let Some(mut stream) = stream {
                 refuse(&mut stream, &error).await;
             }
-            return;
+            return None;
         }
     };
     let span = tracing::debug_span!("session", user = %startup.user, db = %startup.database);
-    let _entered = span.enter();
+    let entered = span.enter();
     startup.password = proxy
         .config()
         .user(&startup.user)
@@ -111,7 +128,7 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
         let admin = proxy.config().user(&startup.user).is_some_and(|u| u.admin);
         if admin {
             info!(user = %startup.user, "console session");
-            Box::pin(crate::console::serve(stream, client_buf, &proxy, &key)).await;
+            Box::pin(crate::console::serve(stream, client_buf, proxy, &key)).await;
         } else {
             info!(user = %startup.user, "console refused: not an admin user");
             proxy.metrics.client_rejected(Rejection::Startup);
@@ -125,31 +142,25 @@ pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
             };
             refuse(&mut stream, &error).await;
         }
-        return;
+        return None;
     }
-    // Startup, authentication and the first connection are boxed: their state is large and
-    // would otherwise stay allocated in the task for the whole session (see `serve`).
-    let attached = match Box::pin(attach(&mut stream, &startup, &proxy, &key)).await {
+    let attached = attach(&mut stream, &startup, proxy, &key).await;
+    drop(entered);
+    match attached {
         Ok(lease) => {
             let client = ClientConn {
                 stream,
                 rbuf: client_buf,
                 pending: BytesMut::new(),
             };
-            // The session and its whole future live in one box, built before any await: an
-            // async function keeps room for every local still in scope at an await, moved out
-            // or not, so the task itself then holds little more than the box.
-            let session = serve::Session::new(client, lease, &proxy, &key, &startup);
-            Ok(Box::pin(serve::serve(session)))
+            let session = serve::Session::new(client, lease, proxy, key, startup);
+            Some((span, Box::new(session)))
         }
-        Err(error) => Err((stream, error)),
-    };
-    match attached {
-        Ok(serving) => serving.await,
-        Err((mut stream, error)) => {
+        Err(error) => {
             info!(?peer, user = %startup.user, %error, "session could not start");
             proxy.metrics.client_rejected(Rejection::NoServer);
             refuse(&mut stream, &error).await;
+            None
         }
     }
 }
@@ -385,9 +396,10 @@ async fn open(
 /// ALL` leaves the role alone; the simple Query also drops the unnamed statement and portal,
 /// so no unit can bind another session's.
 ///
-/// A connection that carries only the startup parameters of a session with the same context is
-/// already what they would make it, and is taken as it is (no round trip) unless it may have an
-/// unnamed statement that `unit` could use before replacing it.
+/// A connection that carries this session's state already keeps it (and `sync` gives it only
+/// the settings it lacks). One that carries only the startup parameters of a session with the
+/// same context is already what they would make it, and is taken as it is (no round trip)
+/// unless it may have an unnamed statement that `unit` could use before replacing it.
 async fn adopt(
     lease: &mut Lease,
     startup: &ClientStartup,
@@ -395,27 +407,36 @@ async fn adopt(
     max_message: usize,
 ) -> Result<(), OpenError> {
     let conn = &mut lease.conn;
-    let in_sync = match &conn.carries {
-        Carried::Startup(context) => {
-            **context == **startup.context()
-                && (!conn.statements.has_unnamed() || relay::drops_unnamed(unit, max_message))
+    let settings = match &conn.carries {
+        Carried::Session {
+            session, settings, ..
+        } if *session == startup.session => *settings,
+        Carried::Session {
+            context,
+            settings: 0,
+            ..
+        } if **context == **startup.context()
+            && (!conn.statements.has_unnamed() || relay::drops_unnamed(unit, max_message)) =>
+        {
+            0
         }
-        Carried::Nothing | Carried::Session(_) => false,
-    };
-    if !in_sync {
-        let foreign = match conn.carries {
-            Carried::Nothing => false,
-            Carried::Session(owner) => owner != startup.session,
-            Carried::Startup(_) => true,
-        };
-        if foreign {
+        Carried::Session { .. } => {
             conn.run_internal("SET SESSION AUTHORIZATION DEFAULT; RESET ALL")
                 .await
                 .map_err(|e| OpenError::Pool(PoolError::Connect(e)))?;
+            apply_params(lease, startup).await?;
+            0
         }
-        apply_params(lease, startup).await?;
-    }
-    lease.conn.carries = Carried::Session(startup.session);
+        Carried::Nothing => {
+            apply_params(lease, startup).await?;
+            0
+        }
+    };
+    lease.conn.carries = Carried::Session {
+        session: startup.session,
+        context: startup.context().clone(),
+        settings,
+    };
     Ok(())
 }
 

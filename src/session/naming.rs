@@ -18,7 +18,8 @@ use pgvigil_proto::frontend::{self, Parse};
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
 
-use super::replay::Replayable;
+use super::recover::IN_FAILED;
+use super::replay::{Prepared, Replayable};
 use crate::proxy::Proxy;
 use crate::statements::{self, ServerStatements, StatementId, NO_STATEMENT};
 use crate::topology::NodeId;
@@ -68,6 +69,9 @@ pub struct PendingParse {
     pub id: StatementId,
     /// The client closed it before the answer came.
     pub closed: bool,
+    /// Session pooling: the client's statement of the same name it replaces in the session's
+    /// record, put back should this Parse fail (the nodes keep that one then).
+    pub replaced: Option<Prepared>,
 }
 
 /// A Parse forwarded (named or not: answers come in order), waiting for its answer.
@@ -84,6 +88,10 @@ pub struct Naming {
     pending: VecDeque<InFlight>,
     /// Client names of Parses sent as [`Outgoing::Duplicate`], in order.
     duplicates: VecDeque<Box<[u8]>>,
+    /// A statement the unit in flight uses could not be prepared on the connection because
+    /// its transaction block had failed: the server's 26000 for it stands for PostgreSQL's
+    /// 25P02 (PostgreSQL, which has the statement, refuses the Bind for the failed block).
+    missing_in_failed_block: bool,
     /// Requests answered by ReadyForQuery forwarded since the connection was last quiet.
     requests: u64,
     /// ReadyForQuery messages seen since then.
@@ -104,6 +112,29 @@ impl Naming {
             class,
             id,
             closed: false,
+            replaced: None,
+        };
+        self.pending.push_back(InFlight {
+            named: Some(Box::new(named)),
+            epoch: self.requests,
+        });
+    }
+
+    /// Session pooling: a Parse of the client's `name`, recorded as it was forwarded, replacing
+    /// `replaced` in the record until its answer comes.
+    pub fn sent_recorded(
+        &mut self,
+        name: &[u8],
+        class: Classification,
+        replaced: Option<Prepared>,
+    ) {
+        let named = PendingParse {
+            name: name.into(),
+            parse: Bytes::new(),
+            class,
+            id: NO_STATEMENT,
+            closed: false,
+            replaced,
         };
         self.pending.push_back(InFlight {
             named: Some(Box::new(named)),
@@ -152,10 +183,19 @@ impl Naming {
         self.pending.pop_front().and_then(|p| p.named)
     }
 
-    /// The server sent an ErrorResponse: the Parses in flight before the next Sync never ran.
-    pub fn error(&mut self) {
+    /// The server sent an ErrorResponse: the Parses in flight before the next Sync never ran;
+    /// the named ones are returned, in the order they were sent.
+    pub fn error(&mut self) -> Vec<PendingParse> {
         let readies = self.readies;
-        self.pending.retain(|p| p.epoch != readies);
+        let mut failed = Vec::new();
+        self.pending.retain_mut(|p| {
+            if p.epoch != readies {
+                return true;
+            }
+            failed.extend(p.named.take().map(|named| *named));
+            false
+        });
+        failed
     }
 
     /// The server sent ReadyForQuery; `quiet`: it answered every request. Named Parses still in
@@ -163,6 +203,7 @@ impl Naming {
     /// statements' presence on the connection unknown.
     pub fn ready(&mut self, quiet: bool) -> Vec<StatementId> {
         self.readies += 1;
+        self.missing_in_failed_block = false;
         if !quiet {
             return Vec::new();
         }
@@ -172,6 +213,7 @@ impl Naming {
         self.pending
             .drain(..)
             .filter_map(|p| p.named.map(|n| n.id))
+            .filter(|id| *id != NO_STATEMENT)
             .collect()
     }
 
@@ -192,6 +234,26 @@ impl Naming {
             b.put_u8(0);
             b.put_u16(0);
         });
+    }
+
+    /// A statement the next unit uses was refused on the connection: its transaction block
+    /// has failed (see [`Naming::failed_block_error`]).
+    pub fn missing_in_failed_block(&mut self) {
+        self.missing_in_failed_block = true;
+    }
+
+    /// Writes to `out` what the client is owed instead of the server's error `code`, when that
+    /// error is the 26000 of a statement missing on a connection whose transaction block failed:
+    /// the 25P02 PostgreSQL answers there. Once per unit.
+    pub fn failed_block_error(&mut self, code: Option<&[u8]>, out: &mut BytesMut) -> bool {
+        if !(self.missing_in_failed_block
+            && code == Some(sqlstate::INVALID_SQL_STATEMENT_NAME.as_bytes()))
+        {
+            return false;
+        }
+        self.missing_in_failed_block = false;
+        IN_FAILED.encode(out);
+        true
     }
 
     /// Whether a failing Parse sent by [`Naming::send_duplicate`] waits for its error.
@@ -299,7 +361,11 @@ pub fn name_statement(
         },
         _ => match replay.server_id(name) {
             Some(id) => {
-                server.statements.touch(id);
+                // A use keeps the statement recent; one the connection lacks (refused there in
+                // a failed block: the server answers 26000) is not recorded as there.
+                if server.statements.has(id) {
+                    server.statements.touch(id);
+                }
                 Outgoing::Renamed { at, len, id }
             }
             None => Outgoing::AsIs,

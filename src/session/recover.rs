@@ -6,6 +6,8 @@
 //! (docs, "Extended Query"): an ErrorResponse at once, then every message up to the next Sync is
 //! discarded, and the Sync is answered with ReadyForQuery.
 
+use std::task::Poll;
+
 use bytes::{Buf, BufMut, BytesMut};
 use pgvigil_proto::backend;
 use pgvigil_proto::encode::{self, PgError, Severity};
@@ -13,7 +15,7 @@ use pgvigil_proto::frame::next_message;
 use pgvigil_proto::frontend::{self, Query};
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 
 use super::naming::{self, SqlDrop};
 use super::relay::{ClientConn, Progress, RelayEnd, Stop};
@@ -22,6 +24,10 @@ use crate::proxy::Proxy;
 
 /// Room made for the rest of a message the client has begun to send.
 const REST_CHUNK: usize = 4096;
+
+/// The most an idle session reads at once when its client sends again: enough for a usual
+/// Query or extended-protocol unit; the rest is read into the session's buffer.
+const FIRST_READ: usize = 2048;
 
 /// An error the client is told about as ERROR (its session goes on).
 pub struct Failure<'a> {
@@ -152,7 +158,8 @@ pub async fn answer_deallocate(
 }
 
 /// Reads the client's next unit while the session has no connection to its current node, and
-/// returns where it goes (never `Forward`: the steering routes a detached session afresh).
+/// returns where it goes (never `Forward`: the steering routes a detached session afresh), or
+/// `Idle` when the client has sent nothing yet: the session then waits without this future.
 pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: &Proxy) -> Stop {
     let max_message = proxy.config().max_message_size;
     if let Err(end) = flush(client).await {
@@ -160,6 +167,9 @@ pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: 
     }
     // The session holds no server connection: it may stay idle a long time.
     client.release_buffers();
+    if client.rbuf.is_empty() {
+        return Stop::Idle;
+    }
     loop {
         match first_message(client, max_message).await {
             Err(end) => return Stop::End(end),
@@ -175,6 +185,28 @@ pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: 
             decision => return Stop::Decided(decision),
         }
     }
+}
+
+/// Waits until the client sends something (or leaves), and keeps the first bytes, read into a
+/// small buffer on the stack: an idle session waits here and holds no buffer of its own (a read
+/// into its empty `BytesMut` would allocate before the client has sent anything).
+pub async fn first_bytes(client: &mut ClientConn) -> Result<(), RelayEnd> {
+    std::future::poll_fn(|cx| {
+        let mut first = [0u8; FIRST_READ];
+        let mut read = ReadBuf::new(&mut first);
+        match std::pin::Pin::new(&mut client.stream).poll_read(cx, &mut read) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(_)) => Poll::Ready(Err(RelayEnd::ClientGone)),
+            Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                Poll::Ready(Err(RelayEnd::ClientGone))
+            }
+            Poll::Ready(Ok(())) => {
+                client.rbuf.extend_from_slice(read.filled());
+                Poll::Ready(Ok(()))
+            }
+        }
+    })
+    .await
 }
 
 /// Discards client messages up to and including the next Sync.

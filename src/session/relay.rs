@@ -137,6 +137,9 @@ pub enum Stop {
     /// Transaction pooling: the server answered everything and is outside a transaction block,
     /// and the session keeps nothing on it that cannot be replayed; it goes back to the pool.
     Release,
+    /// The session holds no server connection, owes the client nothing and has none of its
+    /// bytes: it waits for the client's next unit (see `serve::serve`).
+    Idle,
 }
 
 /// Pumps messages both ways until the session ends, the next unit must go elsewhere, or the

@@ -133,7 +133,7 @@ impl Replayable {
         self.statements.insert(name.into(), prepared);
     }
 
-    /// Transaction pooling: the server answered a Parse in flight on `node` with ParseComplete.
+    /// The server answered a Parse in flight on `node` with ParseComplete.
     pub fn parse_complete(&mut self, node: NodeId, server: &mut ServerStatements) {
         let Some(pending) = self.naming.parse_complete() else {
             return;
@@ -144,7 +144,16 @@ impl Replayable {
             class,
             id,
             closed,
+            replaced,
         } = *pending;
+        if id == NO_STATEMENT {
+            // Session pooling: recorded when forwarded; the statement it replaced is closed on
+            // the other nodes that have it.
+            if let Some(old) = replaced {
+                self.close_elsewhere(&name, old.on, node);
+            }
+            return;
+        }
         server.touch(id);
         if !closed {
             let prepared = Prepared {
@@ -208,8 +217,10 @@ impl Replayable {
         self.unnamed = Some((node, class));
     }
 
-    /// The client prepared the named statement of the Parse message `frame` on `node`; one of
-    /// the same name made before is replaced (closed on the other nodes that have it).
+    /// Session pooling: the client's Parse message `frame` of the named statement `name` went to
+    /// `node`. It is recorded at once (the next units are routed by it), and undone should the
+    /// server refuse it (see [`Replayable::parse_failed`]); once it succeeds, one of the same
+    /// name made before is closed on the other nodes that have it.
     pub fn parsed_named(&mut self, name: &[u8], frame: &[u8], class: Classification, node: NodeId) {
         let prepared = Prepared {
             parse: Bytes::copy_from_slice(frame),
@@ -217,8 +228,22 @@ impl Replayable {
             on: 1 << node,
             server: NO_STATEMENT,
         };
-        if let Some(old) = self.statements.insert(name.into(), prepared) {
-            self.close_elsewhere(name, old.on, node);
+        let replaced = self.statements.insert(name.into(), prepared);
+        self.naming.sent_recorded(name, class, replaced);
+    }
+
+    /// The server sent an ErrorResponse: the Parses in flight before the next Sync never ran.
+    /// Under session pooling the record is put back as it was before them (a Parse of a name in
+    /// use fails with 42P05, and the statement of that name stays).
+    pub fn parse_failed(&mut self) {
+        for failed in self.naming.error().into_iter().rev() {
+            if failed.id != NO_STATEMENT || failed.closed {
+                continue;
+            }
+            match failed.replaced {
+                Some(old) => self.statements.insert(failed.name, old),
+                None => self.statements.remove(&failed.name),
+            };
         }
     }
 
@@ -384,6 +409,7 @@ mod tests {
         let mut replay = Replayable::new(2);
         let parse = parse_frame("s1", "select 1");
         replay.parsed_named(b"s1", &parse, classify(b"select 1", &functions), 0);
+        replay.parse_complete(0, &mut ServerStatements::default());
         let unit = bind_and_sync("s1");
         assert!(!replay.misses_statements(&unit, 0, 1 << 20));
         assert!(replay.misses_statements(&unit, 1, 1 << 20));
@@ -394,8 +420,10 @@ mod tests {
         replay.statement_on(&parse, 1);
         assert!(!replay.misses_statements(&unit, 1, 1 << 20));
 
-        // Replaced on node 0: node 1 closes its copy before its next use.
+        // Replaced on node 0: once that succeeded, node 1 closes its copy before its next use.
         replay.parsed_named(b"s1", &parse, classify(b"select 1", &functions), 0);
+        assert!(replay.catch_up(1).1.is_empty(), "not before the answer");
+        replay.parse_complete(0, &mut ServerStatements::default());
         assert_eq!(replay.catch_up(1).1, &[SqlText::from(&b"s1"[..])]);
         replay.caught_up(1);
         assert!(replay.catch_up(1).1.is_empty());
@@ -403,6 +431,33 @@ mod tests {
         // A fresh connection has nothing.
         replay.fresh_connection(0);
         assert!(replay.misses_statements(&unit, 0, 1 << 20));
+    }
+
+    #[test]
+    fn a_named_parse_the_server_refuses_leaves_the_record_as_it_was() {
+        let functions = FunctionLists::default();
+        let mut replay = Replayable::new(2);
+        let one = parse_frame("s1", "select 1");
+        replay.parsed_named(b"s1", &one, classify(b"select 1", &functions), 1);
+        replay.naming.request();
+        replay.parse_complete(1, &mut ServerStatements::default());
+        assert!(replay.naming.ready(true).is_empty());
+        // A second Parse of the name (42P05 on the server), and one of a new name, both refused.
+        let two = parse_frame("s1", "select 2");
+        replay.parsed_named(b"s1", &two, classify(b"select 2", &functions), 0);
+        replay.parsed_named(b"s2", &two, classify(b"select 2", &functions), 0);
+        replay.parse_failed();
+        replay.naming.request();
+        assert_eq!(
+            replay.statements().get(&b"s1"[..]).map(|p| &p.parse[..]),
+            Some(&one[..])
+        );
+        assert_eq!(
+            replay.statements().get(&b"s1"[..]).map(|p| p.on),
+            Some(1 << 1)
+        );
+        assert!(replay.statements().get(&b"s2"[..]).is_none());
+        assert!(replay.catch_up(1).1.is_empty(), "node 1 keeps its s1");
     }
 
     #[test]

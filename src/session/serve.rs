@@ -22,7 +22,7 @@ use super::startup::ClientStartup;
 use super::steering::{Decision, Steering};
 use super::sync::{self, Held};
 use super::{refuse, OpenError, SessionError};
-use crate::cancel::CancelKey;
+use crate::cancel::{CancelKey, Cancels};
 use crate::config::PoolMode;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
@@ -42,7 +42,7 @@ struct PrimaryWait {
     units: u64,
     /// The client's cancel requests since the wait started: one ends the wait, as PostgreSQL
     /// cancels a statement.
-    cancels: watch::Receiver<u64>,
+    cancels: Cancels,
 }
 
 /// Where a session is between relays. Every change goes through [`Session::enter`].
@@ -68,8 +68,9 @@ pub(super) struct Session<'a> {
     changes: watch::Receiver<u64>,
     /// Where the session is.
     place: Place,
-    key: &'a CancelKey,
-    startup: &'a ClientStartup,
+    /// The client's cancel key, unregistered when the session is dropped.
+    key: CancelKey,
+    startup: ClientStartup,
     proxy: &'a Proxy,
 }
 
@@ -83,8 +84,8 @@ impl<'a> Session<'a> {
         client: ClientConn,
         lease: Lease,
         proxy: &'a Proxy,
-        key: &'a CancelKey,
-        startup: &'a ClientStartup,
+        key: CancelKey,
+        startup: ClientStartup,
     ) -> Session<'a> {
         let first = lease.conn.node;
         let encoding_safe = lease
@@ -114,9 +115,24 @@ impl<'a> Session<'a> {
 
 /// Relays until the session ends, moving between nodes as units are routed and surviving the
 /// loss of server connections, then returns (or drops) every server connection.
-pub(super) async fn serve(mut session: Session<'_>) {
-    let (proxy, key) = (session.proxy, session.key);
-    let end = match session.run().await {
+///
+/// An idle session (no server connection, nothing owed to the client, none of its bytes) waits
+/// here for its client's next bytes with nothing but `session` and that read: the future of
+/// [`Session::run`] is boxed and dropped while idle, so that an idle client costs its session's
+/// state and little more.
+pub(super) async fn serve(mut session: Box<Session<'_>>) {
+    let proxy = session.proxy;
+    let ran = loop {
+        match Box::pin(session.run()).await {
+            Ok(Pause::Idle) => {}
+            Ok(Pause::End(end)) => break Ok(end),
+            Err(error) => break Err(error),
+        }
+        if let Err(end) = recover::first_bytes(&mut session.client).await {
+            break Ok(end);
+        }
+    };
+    let end = match ran {
         Ok(end) => end,
         Err(error) => {
             info!(%error, "session ended: its next statement cannot be served");
@@ -130,7 +146,7 @@ pub(super) async fn serve(mut session: Session<'_>) {
         }
     };
     session.steering.unit_done(proxy, false);
-    key.set_target(None);
+    session.key.set_target(None);
     debug!(?end, "session ended");
     Box::pin(finish(
         end,
@@ -141,6 +157,14 @@ pub(super) async fn serve(mut session: Session<'_>) {
         proxy,
     ))
     .await;
+}
+
+/// Why [`Session::run`] returned.
+enum Pause {
+    /// The session is idle: it waits for the client's next bytes.
+    Idle,
+    /// The session is over.
+    End(RelayEnd),
 }
 
 impl Session<'_> {
@@ -155,8 +179,9 @@ impl Session<'_> {
         self.place = next;
     }
 
-    /// The session's steady state: relay, act on decisions, recover from lost connections.
-    async fn run(&mut self) -> Result<RelayEnd, SessionError> {
+    /// The session's steady state: relay, act on decisions, recover from lost connections; until
+    /// the session ends or is idle.
+    async fn run(&mut self) -> Result<Pause, SessionError> {
         loop {
             let current = self.steering.current;
             self.held
@@ -187,7 +212,8 @@ impl Session<'_> {
                 None => recover::next_unit(&mut self.client, &mut self.steering, self.proxy).await,
             };
             let decision = match stop {
-                Stop::End(end) => return Ok(end),
+                Stop::End(end) => return Ok(Pause::End(end)),
+                Stop::Idle => return Ok(Pause::Idle),
                 Stop::Lost(loss) => {
                     Box::pin(self.recover(loss)).await?;
                     continue;
@@ -199,7 +225,7 @@ impl Session<'_> {
                 }
             };
             if flush_client(&mut self.client).await.is_err() {
-                return Ok(RelayEnd::ClientGone);
+                return Ok(Pause::End(RelayEnd::ClientGone));
             }
             Box::pin(self.act(decision)).await?;
         }
@@ -231,7 +257,7 @@ impl Session<'_> {
         self.steering.unit_done(self.proxy, false);
         self.key.set_target(None);
         let fatal = loss.fatal.as_ref();
-        if loss::terminated_by_admin(fatal, &loss.cause, node, self.startup, self.proxy).await {
+        if loss::terminated_by_admin(fatal, &loss.cause, node, &self.startup, self.proxy).await {
             info!(node = %name, "backend terminated by an administrator; the session ends with it");
             let frame = fatal.map(|f| f.frame.clone()).unwrap_or_default();
             return Err(SessionError::NodeRefused(
@@ -346,7 +372,7 @@ impl Session<'_> {
                     .await
                     .map_err(ended)
             }
-            Decision::Hold => hold::hold(&mut self.client, self.key, self.proxy)
+            Decision::Hold => hold::hold(&mut self.client, &self.key, self.proxy)
                 .await
                 .map_err(ended),
             Decision::Forward | Decision::Wait => Ok(()),
@@ -392,7 +418,7 @@ impl Session<'_> {
     /// since it first waited; past that it is refused with 57P03 and the session goes on.
     async fn wait_for_primary(&mut self, failure: Option<String>) -> Result<(), SessionError> {
         let units = self.steering.units_begun();
-        let mut wait = match std::mem::replace(&mut self.place, Place::Attached) {
+        let wait = match std::mem::replace(&mut self.place, Place::Attached) {
             Place::WaitingForPrimary(wait) if wait.units == units => wait,
             _ => PrimaryWait {
                 until: Instant::now() + self.proxy.config().failover.wait_timeout,
@@ -401,10 +427,10 @@ impl Session<'_> {
             },
         };
         self.steering.reroute();
-        let _waiting = hold::Waiting::set(self.key);
+        let waiting = hold::Waiting::set(&self.key);
         let until = wait.until;
         let pause = until.min(Instant::now() + PRIMARY_RETRY);
-        let mut cancelled = wait.cancels.has_changed().unwrap_or(false);
+        let mut cancelled = wait.cancels.has_changed();
         if !cancelled {
             tokio::select! {
                 changed = self.changes.changed() => {
@@ -412,11 +438,11 @@ impl Session<'_> {
                         // No more generations can come: wait out the rest (or a cancel).
                         tokio::select! {
                             _ = tokio::time::sleep_until(until) => {}
-                            c = wait.cancels.changed() => cancelled = c.is_ok(),
+                            () = wait.cancels.changed() => cancelled = true,
                         }
                     }
                 }
-                c = wait.cancels.changed() => cancelled = c.is_ok(),
+                () = wait.cancels.changed() => cancelled = true,
                 _ = tokio::time::sleep_until(pause) => {}
             }
         }
@@ -432,6 +458,7 @@ impl Session<'_> {
                 .map_err(ended);
         }
         if Instant::now() < until {
+            drop(waiting);
             self.enter(Place::WaitingForPrimary(wait));
             return Ok(());
         }
@@ -468,7 +495,7 @@ impl Session<'_> {
             &mut self.held,
             replay,
             &[],
-            self.startup,
+            &self.startup,
             self.proxy,
         )
         .await
@@ -502,10 +529,13 @@ impl Session<'_> {
             return;
         }
         let mut lease = *lease;
-        if self.steering.replay.settings.log().is_empty() {
-            // Its state is what the client's startup parameters made it.
-            lease.conn.carries = Carried::Startup(self.startup.context().clone());
-        }
+        // The next unit of this session that takes it back gives it only what it lacks; one of
+        // another session with the same context takes it as it is if it ran no settings here.
+        lease.conn.carries = Carried::Session {
+            session: self.startup.session,
+            context: self.startup.context().clone(),
+            settings: self.steering.replay.settings.applied(node),
+        };
         self.proxy.pools.checkin(lease);
         if node == self.steering.current {
             self.key.set_target(None);
@@ -526,7 +556,7 @@ impl Session<'_> {
             &mut self.held,
             &mut self.steering.replay,
             input,
-            self.startup,
+            &self.startup,
             self.proxy,
         )
         .await

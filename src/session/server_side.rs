@@ -88,13 +88,16 @@ impl ServerSide<'_> {
                             break;
                         }
                         replay.settings.error();
-                        replay.naming.error();
+                        replay.parse_failed();
                         let mut instead = BytesMut::new();
+                        let fields = ErrorFields::parse(message.body).ok();
+                        let code = fields.as_ref().and_then(|f| f.sqlstate());
                         if replay.naming.expects_duplicate()
-                            && ErrorFields::parse(message.body)
-                                .ok()
+                            && fields
+                                .as_ref()
                                 .and_then(|f| f.message())
                                 .is_some_and(|m| replay.naming.duplicate_error(m, &mut instead))
+                            || replay.naming.failed_block_error(code, &mut instead)
                         {
                             replaced = Some((start, offset, instead));
                             break;

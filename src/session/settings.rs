@@ -169,6 +169,17 @@ impl Settings {
         self.applied[node] = 0;
     }
 
+    /// How many statements of the log the connection to `node` has run.
+    pub fn applied(&self, node: NodeId) -> usize {
+        self.applied[node]
+    }
+
+    /// The connection to `node` is one that has run the first `applied` statements of the log
+    /// already (transaction pooling: the session had it before).
+    pub fn resume(&mut self, node: NodeId, applied: usize) {
+        self.applied[node] = applied.min(self.log.len());
+    }
+
     /// Logs statements that took effect on `node` (which therefore has them).
     fn append(&mut self, statements: Vec<SqlText>, node: NodeId) {
         if statements.is_empty() {

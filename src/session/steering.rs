@@ -440,9 +440,14 @@ impl Steering {
             self.record_state(parse.sql, class.statements, false);
         }
         self.note_effects(parse.sql, class.reason, class.hint, false);
+        let session_pooling = proxy.config().pool.mode == PoolMode::Session;
         if parse.name.is_empty() {
             self.replay.parsed_unnamed(self.current, class);
-        } else if proxy.config().pool.mode == PoolMode::Session {
+            if session_pooling {
+                // Its answer comes in turn with the named ones' (see `naming`).
+                self.replay.naming.sent_unnamed();
+            }
+        } else if session_pooling {
             self.replay
                 .parsed_named(parse.name, frame, class, self.current);
         }

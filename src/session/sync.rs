@@ -6,6 +6,7 @@
 
 use bytes::{BufMut, BytesMut};
 use pgvigil_proto::encode;
+use pgvigil_proto::TxStatus;
 use tracing::debug;
 
 use super::naming;
@@ -15,7 +16,7 @@ use super::{open, open_within, OpenError};
 use crate::config::PoolMode;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
-use crate::server::{ServerConn, ServerError};
+use crate::server::{Carried, ServerConn, ServerError};
 use crate::statements::{self, StatementId, NO_STATEMENT};
 use crate::topology::{Need, NodeId, Primary};
 
@@ -97,6 +98,11 @@ pub async fn sync(
             open_within(proxy, node, startup, input, false, need).await?
         };
         replay.fresh_connection(node);
+        if let Carried::Session { settings, .. } = lease.conn.carries {
+            // Transaction pooling: the session may have had this connection before (`adopt`
+            // kept what it carries only then), so it lacks only the settings logged since.
+            replay.settings.resume(node, settings);
+        }
         if proxy.config().pool.mode == PoolMode::Transaction {
             // A pooled connection may have the session's statements already.
             replay.adopt(node, &lease.conn.statements);
@@ -201,6 +207,10 @@ async fn catch_up(
                 conn.statements.touch(id);
             }
             replay.statement_on(&parse, node);
+        } else if conn.tx == TxStatus::Failed {
+            // The unit's Bind will find no statement (26000) where PostgreSQL, which has it,
+            // refuses it for the failed block (25P02): the client is told the latter.
+            replay.naming.missing_in_failed_block();
         }
     }
     if shared {

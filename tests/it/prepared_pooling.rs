@@ -2,8 +2,9 @@
 //! preparing statements share five server connections without pinning them; a Parse that fails
 //! leaves no name behind and answers as PostgreSQL does; a closed or deallocated name can be
 //! prepared again with another text while another session's statement of the same text goes on
-//! working; more distinct statements than `pool.max_prepared_statements` all work; pgbench
-//! `-M prepared` runs clean with more clients than server connections.
+//! working; more distinct statements than `pool.max_prepared_statements` all work; a statement
+//! missing on the connection of a failed transaction block is refused with 25P02, as PostgreSQL
+//! refuses it; pgbench `-M prepared` runs clean with more clients than server connections.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -307,4 +308,58 @@ async fn pgbench_prepared_runs_clean_with_more_clients_than_connections() {
     let run = ["-T", "5", "-c", "12", "-j", "12", "-M", "prepared"];
     assert_clean_run(&pgbench(&program, &proxy, &run).await);
     assert!(proxy.running.proxy.pools.open_count(0) <= 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_missing_on_the_connection_of_a_failed_block_gets_25p02_as_on_postgresql() {
+    let cluster = test_cluster(0);
+    // One server connection, shared by both sessions.
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.max_size = 1;
+        trust_app(config);
+    })
+    .await;
+    let mut session = Wire::login(&proxy).await;
+    let mut other = Wire::login(&proxy).await;
+    let prepared = session
+        .exchange(|out| {
+            parse(out, "s1", "SELECT 'prepared'");
+            pgvigil_proto::encode::sync(out);
+        })
+        .await;
+    assert!(prepared.errors.is_empty(), "{:?}", prepared.errors);
+    // Another session drops every statement on the connection.
+    assert!(other.query("DISCARD ALL").await.errors.is_empty());
+    let failed = session.query("BEGIN; SELECT 1/0").await;
+    assert_eq!(failed.codes(), vec!["22012"]);
+    assert_eq!(failed.status, b'E');
+
+    // What PostgreSQL answers a Bind of an existing statement in a failed block.
+    let refused = session
+        .exchange(|out| {
+            bind_execute(out, "s1");
+            pgvigil_proto::encode::sync(out);
+        })
+        .await;
+    assert_eq!(
+        refused.errors,
+        vec![(
+            "25P02".to_owned(),
+            "current transaction is aborted, commands ignored until end of transaction block"
+                .to_owned()
+        )]
+    );
+    assert_eq!(refused.status, b'E');
+
+    // The block ends as usual, and the statement works again.
+    assert!(session.query("ROLLBACK").await.errors.is_empty());
+    let works = session
+        .exchange(|out| {
+            bind_execute(out, "s1");
+            pgvigil_proto::encode::sync(out);
+        })
+        .await;
+    assert!(works.errors.is_empty(), "{:?}", works.errors);
+    assert_eq!(works.rows, vec![vec!["prepared".to_owned()]]);
 }

@@ -1,14 +1,17 @@
 //! A session survives a lost connection only with what pgvigil can replay (issue 9): settings
 //! that took effect (SET, constant `set_config(..., false)`) come back on the new connection, a
 //! SET whose transaction rolled back does not, and a session that did what cannot be replayed
-//! (DO, a session advisory lock, a WITH HOLD cursor) ends as it would on PostgreSQL.
+//! (DO, a session advisory lock, a WITH HOLD cursor) ends as it would on PostgreSQL. A named
+//! statement is what its successful Parse made it: one refused (42P05) changes nothing.
 
 use std::time::{Duration, Instant};
 
 use pgvigil::topology::NodeId;
+use pgvigil_proto::encode;
 use tokio_postgres::Client;
 
-use crate::lost_transaction::restart;
+use crate::lost_transaction::{restart, trust_app};
+use crate::support::wire::{bind_execute, parse, Wire};
 use crate::support::{start_proxy, test_cluster, value};
 
 const PRIMARY: NodeId = 0;
@@ -109,4 +112,49 @@ async fn show(client: &Client, name: &str) -> String {
     value(client, &format!("SHOW {name}"))
         .await
         .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_named_parse_refused_for_a_name_in_use_leaves_the_statement_as_it_was() {
+    let cluster = test_cluster(1);
+    let proxy = start_proxy(&cluster, trust_app).await;
+    let primary = cluster.node(PRIMARY).port.to_string();
+    let replica = cluster.node(1).port.to_string();
+    let mut wire = Wire::login(&proxy).await;
+    // Reads reach the replica once pgvigil has seen it streaming.
+    let give_up = Instant::now() + PATIENCE;
+    while wire.query("SELECT inet_server_port()").await.rows != vec![vec![replica.clone()]] {
+        assert!(Instant::now() < give_up, "no read reached the replica");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = wire
+        .exchange(|out| {
+            parse(out, "s1", "SELECT 'one', inet_server_port()");
+            bind_execute(out, "s1");
+            encode::sync(out);
+        })
+        .await;
+    assert!(first.errors.is_empty(), "{:?}", first.errors);
+    assert_eq!(first.rows, vec![vec!["one".to_owned(), replica]]);
+
+    // The name is in use: the node refuses the Parse, and s1 stays what it was.
+    let again = wire
+        .exchange(|out| {
+            parse(out, "s1", "SELECT 'two', inet_server_port()");
+            encode::sync(out);
+        })
+        .await;
+    assert_eq!(again.codes(), vec!["42P05"]);
+
+    // In a transaction block on the primary, s1 is prepared there from the session's record.
+    assert!(wire.query("BEGIN").await.errors.is_empty());
+    let on_primary = wire
+        .exchange(|out| {
+            bind_execute(out, "s1");
+            encode::sync(out);
+        })
+        .await;
+    assert!(on_primary.errors.is_empty(), "{:?}", on_primary.errors);
+    assert_eq!(on_primary.rows, vec![vec!["one".to_owned(), primary]]);
+    assert!(wire.query("ROLLBACK").await.errors.is_empty());
 }

@@ -1,7 +1,8 @@
 //! Transaction pooling (`pool.mode = "transaction"`) as a user sees it: a thousand clients
 //! connected at once share twenty server connections, each holding one only for a transaction;
 //! a session's settings and startup parameters follow it onto whatever connection serves its
-//! next transaction and never show in another session; a session that prepares a named
+//! next transaction and never show in another session, and reach a connection only when it
+//! lacks them; a session that prepares a named
 //! statement holds no connection between its units (see prepared_pooling.rs); an idle session holds no connection, so
 //! a kill -9 failover leaves it untouched and its next statement runs on the new primary with
 //! its settings.
@@ -21,7 +22,8 @@ use crate::pgbench::{assert_clean_run, pgbench, pgbench_path};
 use crate::support::wire::{bind_execute, parse, Wire};
 use crate::support::writer::{describe, tick_ids};
 use crate::support::{
-    eventually, node_psql, start_proxy, test_cluster, TestProxy, APP_DB, APP_PASSWORD, APP_USER,
+    eventually, fresh_base_dir, node_psql, start, start_proxy, test_cluster, ClusterSpec,
+    LocalCluster, TestProxy, APP_DB, APP_PASSWORD, APP_USER,
 };
 
 /// Server connections per node in the thousand-client test.
@@ -208,6 +210,66 @@ async fn settings_follow_their_session_across_shared_connections_and_never_leak(
         served_by.values().any(|clients| clients.len() > 1),
         "connections are shared between sessions: {served_by:?}"
     );
+}
+
+/// How many times the simple-protocol statement `sql` ran on node 0 of `cluster`, from its log
+/// (`log_statement = all`).
+fn calls(cluster: &LocalCluster, sql: &str) -> usize {
+    let log = std::fs::read_to_string(cluster.node(0).log_path()).unwrap_or_default();
+    let line = format!("statement: {sql}");
+    log.lines().filter(|l| l.ends_with(&line)).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_the_session_left_in_sync_is_given_only_what_it_lacks() {
+    let cluster = start(
+        ClusterSpec::new(fresh_base_dir())
+            .replicas(0)
+            .conf("log_statement", "all"),
+    );
+    // One server connection: every unit of every session runs on it.
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.max_size = 1;
+    })
+    .await;
+    let first = "SET work_mem = '3MB'";
+    let second = "SET lock_timeout = '4s'";
+    let ask = "SELECT current_setting('work_mem') || ' ' || current_setting('lock_timeout')";
+    let tuned = proxy.connect_app().await;
+    let plain = proxy.connect_app().await;
+
+    tuned.batch_execute(first).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(simple_value(&tuned, ask).await, "3MB 0");
+    }
+    assert_eq!(
+        calls(&cluster, first),
+        1,
+        "nothing replayed on a connection in sync"
+    );
+
+    // Another session takes the connection: it sees none of the settings, and the first
+    // session gets them back there once.
+    assert_eq!(simple_value(&plain, ask).await, "4MB 0");
+    for _ in 0..3 {
+        assert_eq!(simple_value(&tuned, ask).await, "3MB 0");
+    }
+    assert_eq!(
+        calls(&cluster, first),
+        2,
+        "replayed once after another session"
+    );
+
+    // A setting added later: the connection runs it once, and nothing before it again.
+    tuned.batch_execute(second).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(simple_value(&tuned, ask).await, "3MB 4s");
+    }
+    assert_eq!(simple_value(&plain, ask).await, "4MB 0");
+    assert_eq!(simple_value(&tuned, ask).await, "3MB 4s");
+    assert_eq!(calls(&cluster, first), 3);
+    assert_eq!(calls(&cluster, second), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
