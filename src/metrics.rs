@@ -128,6 +128,8 @@ pub struct Bytes {
 
 /// The handles of one node's hot-path metrics.
 struct NodeMetrics {
+    /// The node's configured name.
+    name: String,
     /// `pgvigil_client_received_bytes_total{node}`, `pgvigil_client_sent_bytes_total{node}`.
     received: Counter,
     sent: Counter,
@@ -146,7 +148,9 @@ struct NodeMetrics {
 /// The proxy's metrics: its recorder and the handles registered at start.
 pub struct Metrics {
     recorder: PrometheusRecorder,
-    nodes: Vec<NodeMetrics>,
+    /// Indexed by node id; grows when a reload adds a node (a node removed keeps its slot, and
+    /// its counters keep their totals).
+    nodes: boxcar::Vec<NodeMetrics>,
     failovers: Counter,
     switchovers: Counter,
     failbacks: Counter,
@@ -169,6 +173,47 @@ pub struct ClientCounts {
     pub waiting: usize,
 }
 
+/// The per-unit and probe handles of the node called `name`.
+fn node_metrics(recorder: &PrometheusRecorder, name: &str) -> NodeMetrics {
+    let node = || Label::new("node", name.to_owned());
+    NodeMetrics {
+        name: name.to_owned(),
+        units: UnitKind::ALL.map(|kind| {
+            recorder.register_counter(
+                &Key::from_parts(
+                    "pgvigil_units_total",
+                    vec![node(), Label::new("kind", kind.as_str())],
+                ),
+                &METADATA,
+            )
+        }),
+        unit_duration: recorder.register_histogram(
+            &Key::from_parts("pgvigil_unit_duration_seconds", vec![node()]),
+            &METADATA,
+        ),
+        probe_duration: recorder.register_histogram(
+            &Key::from_parts("pgvigil_probe_duration_seconds", vec![node()]),
+            &METADATA,
+        ),
+        probe_failures: recorder.register_counter(
+            &Key::from_parts("pgvigil_probe_failures_total", vec![node()]),
+            &METADATA,
+        ),
+        received: recorder.register_counter(
+            &Key::from_parts("pgvigil_client_received_bytes_total", vec![node()]),
+            &METADATA,
+        ),
+        sent: recorder.register_counter(
+            &Key::from_parts("pgvigil_client_sent_bytes_total", vec![node()]),
+            &METADATA,
+        ),
+        units_sum: AtomicU64::new(0),
+        unit_us_sum: AtomicU64::new(0),
+        received_sum: AtomicU64::new(0),
+        sent_sum: AtomicU64::new(0),
+    }
+}
+
 /// Where the metrics macros' call sites would be; the exporter ignores it but the API asks.
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
@@ -183,47 +228,10 @@ impl Metrics {
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         describe(&recorder);
-        let nodes = node_names
-            .iter()
-            .map(|name| {
-                let node = || Label::new("node", name.clone());
-                NodeMetrics {
-                    units: UnitKind::ALL.map(|kind| {
-                        recorder.register_counter(
-                            &Key::from_parts(
-                                "pgvigil_units_total",
-                                vec![node(), Label::new("kind", kind.as_str())],
-                            ),
-                            &METADATA,
-                        )
-                    }),
-                    unit_duration: recorder.register_histogram(
-                        &Key::from_parts("pgvigil_unit_duration_seconds", vec![node()]),
-                        &METADATA,
-                    ),
-                    probe_duration: recorder.register_histogram(
-                        &Key::from_parts("pgvigil_probe_duration_seconds", vec![node()]),
-                        &METADATA,
-                    ),
-                    probe_failures: recorder.register_counter(
-                        &Key::from_parts("pgvigil_probe_failures_total", vec![node()]),
-                        &METADATA,
-                    ),
-                    received: recorder.register_counter(
-                        &Key::from_parts("pgvigil_client_received_bytes_total", vec![node()]),
-                        &METADATA,
-                    ),
-                    sent: recorder.register_counter(
-                        &Key::from_parts("pgvigil_client_sent_bytes_total", vec![node()]),
-                        &METADATA,
-                    ),
-                    units_sum: AtomicU64::new(0),
-                    unit_us_sum: AtomicU64::new(0),
-                    received_sum: AtomicU64::new(0),
-                    sent_sum: AtomicU64::new(0),
-                }
-            })
-            .collect();
+        let nodes = boxcar::Vec::new();
+        for name in node_names {
+            nodes.push(node_metrics(&recorder, name));
+        }
         let counter = |name: &'static str| {
             let counter = recorder.register_counter(&Key::from_name(name), &METADATA);
             // Present from the start, so that a dashboard shows 0 rather than no data.
@@ -345,27 +353,30 @@ impl Metrics {
         self.clients_open.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// The `pgvigil_pool_waits_total` and `pgvigil_pool_wait_seconds` handles of every node,
-    /// for the pools to record the checkouts that had to wait.
-    pub fn pool_waits(&self, node_names: &[String]) -> Vec<crate::pool::WaitMetrics> {
-        node_names
-            .iter()
-            .map(|name| {
-                let node = || vec![Label::new("node", name.clone())];
-                let waits = self.recorder.register_counter(
-                    &Key::from_parts("pgvigil_pool_waits_total", node()),
-                    &METADATA,
-                );
-                waits.absolute(0);
-                crate::pool::WaitMetrics {
-                    waits,
-                    seconds: self.recorder.register_histogram(
-                        &Key::from_parts("pgvigil_pool_wait_seconds", node()),
-                        &METADATA,
-                    ),
-                }
-            })
-            .collect()
+    /// Handles for a node a reload added, as the started nodes have them: its id must be the
+    /// next one (the number of nodes so far).
+    pub fn add_node(&self, node: NodeId, name: &str) {
+        if node == self.nodes.count() {
+            self.nodes.push(node_metrics(&self.recorder, name));
+        }
+    }
+
+    /// The `pgvigil_pool_waits_total` and `pgvigil_pool_wait_seconds` handles of the node
+    /// called `name`, for its pool to record the checkouts that had to wait.
+    pub fn pool_wait(&self, name: &str) -> crate::pool::WaitMetrics {
+        let node = || vec![Label::new("node", name.to_owned())];
+        let waits = self.recorder.register_counter(
+            &Key::from_parts("pgvigil_pool_waits_total", node()),
+            &METADATA,
+        );
+        waits.absolute(0);
+        crate::pool::WaitMetrics {
+            waits,
+            seconds: self.recorder.register_histogram(
+                &Key::from_parts("pgvigil_pool_wait_seconds", node()),
+                &METADATA,
+            ),
+        }
     }
 
     /// The text exposition as of now: the gauges read from `status` and `clients` first, then
@@ -403,46 +414,45 @@ impl Metrics {
             vec![],
             f64::from(u8::from(status.traffic == Traffic::Paused)),
         );
-        for node in &status.nodes {
-            let label = || vec![Label::new("node", node.name.clone())];
-            gauge(
-                "pgvigil_node_up",
-                label(),
-                f64::from(u8::from(node.health == "up")),
-            );
-            gauge(
-                "pgvigil_node_is_primary",
-                label(),
-                f64::from(u8::from(node.role == "primary")),
-            );
-            gauge(
-                "pgvigil_node_timeline",
-                label(),
-                node.timeline.map_or(0.0, f64::from),
-            );
-            gauge(
-                "pgvigil_node_replication_lag_bytes",
-                label(),
-                node.lag_bytes.unwrap_or(0) as f64,
-            );
-            gauge(
-                "pgvigil_node_replay_lag_seconds",
-                label(),
-                node.replay_delay_ms.unwrap_or(0) as f64 / 1000.0,
-            );
-            let idle = node.idle_connections;
-            for (state, count) in [
-                ("idle", idle),
-                ("active", node.connections.saturating_sub(idle)),
-            ] {
+        let node_gauges = |name: &str, values: [f64; 7]| {
+            let label = || vec![Label::new("node", name.to_owned())];
+            let [up, primary, timeline, lag_bytes, replay_lag, idle, active] = values;
+            gauge("pgvigil_node_up", label(), up);
+            gauge("pgvigil_node_is_primary", label(), primary);
+            gauge("pgvigil_node_timeline", label(), timeline);
+            gauge("pgvigil_node_replication_lag_bytes", label(), lag_bytes);
+            gauge("pgvigil_node_replay_lag_seconds", label(), replay_lag);
+            for (state, count) in [("idle", idle), ("active", active)] {
                 gauge(
                     "pgvigil_server_connections",
                     vec![
-                        Label::new("node", node.name.clone()),
+                        Label::new("node", name.to_owned()),
                         Label::new("state", state),
                     ],
-                    count as f64,
+                    count,
                 );
+            }
+        };
+        for node in &status.nodes {
+            let idle = node.idle_connections;
+            node_gauges(
+                &node.name,
+                [
+                    f64::from(u8::from(node.health == "up")),
+                    f64::from(u8::from(node.role == "primary")),
+                    node.timeline.map_or(0.0, f64::from),
+                    node.lag_bytes.unwrap_or(0) as f64,
+                    node.replay_delay_ms.unwrap_or(0) as f64 / 1000.0,
+                    idle as f64,
+                    node.connections.saturating_sub(idle) as f64,
+                ],
+            );
+        }
+        // A node a reload removed keeps its series (the exporter cannot drop them): its
+        // gauges read 0, its counters keep their totals.
+        for (_, m) in &self.nodes {
+            if !status.nodes.iter().any(|n| n.name == m.name) {
+                node_gauges(&m.name, [0.0; 7]);
             }
         }
         // Rendering ourselves means no upkeep task runs: do it here, or histograms grow

@@ -119,9 +119,10 @@ pub struct ServerRow {
     pub idle: bool,
 }
 
-/// All pools, one per configured node.
+/// All pools, one per node, indexed by node id.
 pub struct Pools {
-    nodes: Vec<NodePool>,
+    /// Grows when a reload adds a node; a removed node's pool stays, empty.
+    nodes: boxcar::Vec<NodePool>,
     /// Every open server connection (opened here, closed anywhere).
     open: OpenList,
     next_id: AtomicU64,
@@ -130,24 +131,31 @@ pub struct Pools {
 }
 
 impl Pools {
-    /// Empty pools, one per node of `waits` (each node's wait metrics).
-    pub fn new(config: PoolConfig, waits: Vec<WaitMetrics>) -> Pools {
-        let nodes = waits
-            .into_iter()
-            .map(|waits| NodePool {
-                slots: Arc::new(Semaphore::new(config.max_size)),
-                idle: Mutex::new(HashMap::new()),
-                returned: Notify::new(),
-                owed: AtomicUsize::new(0),
-                waits,
-            })
-            .collect();
+    /// No pool yet; [`Pools::add_node`] adds one per node.
+    pub fn new(config: PoolConfig) -> Pools {
         Pools {
-            nodes,
+            nodes: boxcar::Vec::new(),
             open: OpenList::default(),
             next_id: AtomicU64::new(1),
             config: ArcSwap::from_pointee(config),
         }
+    }
+
+    /// An empty pool for `node`, which must be the next id (the number of pools so far), its
+    /// waits recorded with `waits`.
+    pub fn add_node(&self, node: NodeId, waits: WaitMetrics) {
+        if node != self.nodes.count() {
+            return;
+        }
+        // Two reloads are never applied at once (the failover coordinator applies them), so
+        // the size read here is the one the pool keeps until the next `reconfigure`.
+        self.nodes.push(NodePool {
+            slots: Arc::new(Semaphore::new(self.config.load().max_size)),
+            idle: Mutex::new(HashMap::new()),
+            returned: Notify::new(),
+            owed: AtomicUsize::new(0),
+            waits,
+        });
     }
 
     /// Applies a reloaded `[pool]`: a larger `max_size` frees slots at once; a smaller one takes
@@ -155,7 +163,7 @@ impl Pools {
     /// (none in use is closed under a session).
     pub fn reconfigure(&self, config: PoolConfig) {
         let old = self.config.swap(Arc::new(config.clone()));
-        for pool in &self.nodes {
+        for (_, pool) in &self.nodes {
             if config.max_size >= old.max_size {
                 let mut more = config.max_size - old.max_size;
                 // Slots still owed from an earlier shrink are forgiven first.
@@ -211,7 +219,7 @@ impl Pools {
         let idle: std::collections::HashSet<u64> = self
             .nodes
             .iter()
-            .flat_map(|pool| {
+            .flat_map(|(_, pool)| {
                 lock(&pool.idle)
                     .values()
                     .flatten()
@@ -335,7 +343,7 @@ impl Pools {
     pub fn reap(&self) {
         let now = Instant::now();
         let config = self.config();
-        for pool in &self.nodes {
+        for (_, pool) in &self.nodes {
             let mut idle = lock(&pool.idle);
             for conns in idle.values_mut() {
                 conns.retain(|i| {
@@ -442,7 +450,9 @@ mod tests {
             waits: metrics::Counter::noop(),
             seconds: metrics::Histogram::noop(),
         };
-        Pools::new(config, vec![waits])
+        let pools = Pools::new(config);
+        pools.add_node(0, waits);
+        pools
     }
 
     #[test]
