@@ -33,9 +33,14 @@ pub enum Membership {
         /// When the reload removed it.
         since: Instant,
     },
-    /// Drained, or its drain timed out: out of the topology; the server connections sessions
-    /// still hold to it (idle sessions that used it) are closed on the node next round.
-    Closing,
+    /// Drained, or its drain timed out, at `since`: out of the topology. The server connections
+    /// sessions still hold to it (idle sessions that used it) are closed on the node one
+    /// `health.interval` later: by then a session whose current connection it was has seen the
+    /// topology and dropped it quietly (it would otherwise get the backend's FATAL 57P01).
+    Closing {
+        /// When it left the topology.
+        since: Instant,
+    },
     /// Removed and drained: not probed, not shown; its id is kept.
     Removed,
 }
@@ -146,7 +151,7 @@ impl Coordinator {
         for &node in &added {
             if matches!(
                 self.membership.get(node),
-                Some(Membership::Leaving { .. } | Membership::Closing)
+                Some(Membership::Leaving { .. } | Membership::Closing { .. })
             ) {
                 problems.push(format!(
                     "nodes: {} is still being drained after its removal: add it again once \
@@ -195,9 +200,9 @@ impl Coordinator {
 
     /// Removes the leaving nodes that have no server connection open any more, or whose
     /// `pool.drain_timeout` has run out (the sessions still holding a connection to them lose
-    /// it, as after a failover); the next evaluation publishes it. A round later, once sessions
-    /// had the topology without the node, the connections still held to it are terminated on
-    /// the node (their sessions drop them unused: they are not current there).
+    /// it, as after a failover); the next evaluation publishes it. A `health.interval` later,
+    /// the connections still held to it are terminated on the node (their sessions drop them
+    /// unused: they are not current there).
     pub(super) fn finish_leaving(&mut self) {
         let drain = self.config().pool.drain_timeout;
         for node in 0..self.membership.len() {
@@ -209,7 +214,9 @@ impl Coordinator {
                     if open > 0 && since.elapsed() < drain {
                         continue;
                     }
-                    self.membership[node] = Membership::Closing;
+                    self.membership[node] = Membership::Closing {
+                        since: Instant::now(),
+                    };
                     self.probes.stop_node(node);
                     self.forget(node);
                     let message = if open == 0 {
@@ -224,7 +231,10 @@ impl Coordinator {
                     self.events
                         .push(EventKind::Reload, Some(&self.name(node)), message);
                 }
-                Membership::Closing => {
+                Membership::Closing { since } => {
+                    if since.elapsed() < self.config().health.interval {
+                        continue;
+                    }
                     self.membership[node] = Membership::Removed;
                     self.close_held(node);
                 }
@@ -260,7 +270,7 @@ impl Coordinator {
     /// The role the topology shows for `node`, observed as `role`.
     pub(super) fn shown_role(&self, node: NodeId, role: Role) -> Role {
         match (self.membership.get(node), role) {
-            (Some(Membership::Closing | Membership::Removed), _) => Role::Removed,
+            (Some(Membership::Closing { .. } | Membership::Removed), _) => Role::Removed,
             (Some(Membership::Leaving { .. }), Role::Primary | Role::Standby) => Role::Leaving,
             (Some(Membership::Leaving { .. }), role) => role,
             (_, Role::Primary | Role::Standby) if self.memory.detached[node] => Role::Detached,
