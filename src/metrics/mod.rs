@@ -13,6 +13,10 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 
+mod histogram;
+
+use histogram::LatencyHistogram;
+
 use crate::admin::api::Status;
 use crate::pause::Traffic;
 use crate::topology::NodeId;
@@ -140,7 +144,9 @@ struct NodeMetrics {
     sent_sum: AtomicU64,
     /// `pgvigil_units_total{node, kind}`, indexed like [`UnitKind::ALL`].
     units: [Counter; 4],
-    unit_duration: Histogram,
+    /// `pgvigil_unit_duration_seconds{node}`, rendered by pgvigil (count and sum are
+    /// `units_sum` and `unit_us_sum`).
+    unit_duration: LatencyHistogram,
     probe_duration: Histogram,
     probe_failures: Counter,
 }
@@ -187,10 +193,7 @@ fn node_metrics(recorder: &PrometheusRecorder, name: &str) -> NodeMetrics {
                 &METADATA,
             )
         }),
-        unit_duration: recorder.register_histogram(
-            &Key::from_parts("pgvigil_unit_duration_seconds", vec![node()]),
-            &METADATA,
-        ),
+        unit_duration: LatencyHistogram::default(),
         probe_duration: recorder.register_histogram(
             &Key::from_parts("pgvigil_probe_duration_seconds", vec![node()]),
             &METADATA,
@@ -286,11 +289,11 @@ impl Metrics {
     /// session since its last unit: one flush per unit, nothing per message).
     pub fn unit_done(&self, node: NodeId, kind: UnitKind, took: Duration, bytes: Bytes) {
         if let Some(m) = self.nodes.get(node) {
+            let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
             m.units[kind as usize].increment(1);
-            m.unit_duration.record(took.as_secs_f64());
+            m.unit_duration.record(micros);
             m.received.increment(bytes.received);
             m.sent.increment(bytes.sent);
-            let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
             m.units_sum.fetch_add(1, Ordering::Relaxed);
             m.unit_us_sum.fetch_add(micros, Ordering::Relaxed);
             m.received_sum.fetch_add(bytes.received, Ordering::Relaxed);
@@ -459,9 +462,21 @@ impl Metrics {
         // without bound (metrics-exporter-prometheus, "Upkeep and maintenance").
         let handle = self.recorder.handle();
         handle.run_upkeep();
-        handle.render()
+        let mut text = handle.render();
+        let name = "pgvigil_unit_duration_seconds";
+        text.push_str(&format!("# HELP {name} {UNIT_DURATION_HELP}\n"));
+        text.push_str(&format!("# TYPE {name} histogram\n"));
+        for (_, m) in &self.nodes {
+            let sum = m.unit_us_sum.load(Ordering::Relaxed);
+            m.unit_duration.render(name, &m.name, sum, &mut text);
+        }
+        text
     }
 }
+
+/// `pgvigil_unit_duration_seconds`' help (rendered by pgvigil, see `histogram`).
+const UNIT_DURATION_HELP: &str =
+    "Time from forwarding a unit to its node until the node answered all of it";
 
 /// Help text and units for every metric.
 fn describe(recorder: &PrometheusRecorder) {
@@ -503,14 +518,10 @@ fn describe(recorder: &PrometheusRecorder) {
     for (name, help) in counters {
         recorder.describe_counter(KeyName::from(name), None, help.into());
     }
-    let histograms: [(&'static str, &'static str); 3] = [
+    let histograms: [(&'static str, &'static str); 2] = [
         (
             "pgvigil_pool_wait_seconds",
             "How long checkouts that waited for a server connection waited, per node",
-        ),
-        (
-            "pgvigil_unit_duration_seconds",
-            "Time from forwarding a unit to its node until the node answered all of it",
         ),
         (
             "pgvigil_probe_duration_seconds",
