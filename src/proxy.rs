@@ -68,9 +68,6 @@ pub struct Proxy {
     pub backend_tls: Option<Arc<rustls::ClientConfig>>,
     /// Random per-process seed for the mock SCRAM secrets of unknown users.
     pub auth_seed: [u8; 32],
-    /// What unknown users are asked for: the method most configured users have, so that the
-    /// request itself does not tell them apart.
-    pub unknown_user_method: crate::config::AuthMethod,
     /// Wakes a node's probe task for an immediate probe.
     pub nudges: Arc<health::Nudges>,
     /// The classifier's function lists (built-in plus `routing.read_functions`/`write_functions`;
@@ -125,7 +122,6 @@ impl Proxy {
             backend_tls,
             users,
             auth_seed: rand::random(),
-            unknown_user_method: most_common_method(&config),
             // Room for every node a reload may add (ids are never reused, up to MAX_NODES).
             nudges: Arc::new(health::Nudges::new(crate::router::MAX_NODES)),
             functions: ArcSwap::from_pointee(config.function_lists()),
@@ -149,6 +145,13 @@ impl Proxy {
     pub(crate) fn add_node(&self, node: NodeId, name: &str) {
         self.metrics.add_node(node, name);
         self.pools.add_node(node, self.metrics.pool_wait(name));
+    }
+
+    /// What unknown users are asked for: the method most users configured now have, so that
+    /// the request itself does not tell them apart (read at each login: a reload may change
+    /// the users).
+    pub fn unknown_user_method(&self) -> crate::config::AuthMethod {
+        most_common_method(&self.config())
     }
 
     /// The configuration in force now. Hold it briefly: a reload swaps in a new one.

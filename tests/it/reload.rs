@@ -626,3 +626,32 @@ async fn an_idle_session_on_a_removed_standby_moves_at_its_next_statement() {
     let port = value(&idle, "SELECT inet_server_port()").await;
     assert_eq!(port, Some(cluster.node(0).port.to_string()));
 }
+
+/// The authentication request an unknown user gets first (5: md5, 10: SASL).
+async fn unknown_user_request(proxy: &TestProxy) -> i32 {
+    let mut raw = crate::auth::RawClient::connect(proxy.addr).await;
+    let mut startup = bytes::BytesMut::new();
+    pgvigil_proto::encode::startup_message(
+        &mut startup,
+        &[(b"user", b"nobody"), (b"database", APP_DB.as_bytes())],
+    );
+    raw.send(&startup).await;
+    raw.recv().await.auth_code()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_users_are_asked_for_the_method_most_users_have_after_a_reload_too() {
+    let cluster = test_cluster(0);
+    let mut config = test_config(&cluster);
+    let file = TempConfig::new(&toml_of(&config));
+    let proxy = start_from(&file).await;
+    // One SCRAM user, one md5 user: a tie goes to SCRAM.
+    assert_eq!(unknown_user_request(&proxy).await, 10);
+
+    config.users.retain(|u| u.name == MD5_USER);
+    rewrite(&file, &config);
+    cli(proxy.running.admin_addr, None, &["reload"])
+        .await
+        .exits(0);
+    assert_eq!(unknown_user_request(&proxy).await, 5);
+}
