@@ -98,12 +98,17 @@ pub struct ClientConfig {
     /// Time a client has to finish startup and authentication (default 10s, must be > 0).
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
+    /// Longest a unit held by `pgvigil pause` waits before it gets 57014 (PgBouncer's
+    /// `query_wait_timeout`; default 120s as there, 0 for no limit).
+    #[serde(with = "humantime_serde")]
+    pub query_wait_timeout: Duration,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
         Self {
             startup_timeout: Duration::from_secs(10),
+            query_wait_timeout: Duration::from_secs(120),
         }
     }
 }
