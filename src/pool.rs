@@ -67,6 +67,8 @@ struct NodePool {
     /// back closes and gives its slot up until none is owed.
     owed: AtomicUsize,
     waits: WaitMetrics,
+    /// Microseconds checkouts spent waiting in all (SHOW STATS' `total_wait_time`).
+    wait_us: AtomicU64,
 }
 
 /// The handles a node's pool records its waits with.
@@ -155,6 +157,7 @@ impl Pools {
             returned: Notify::new(),
             owed: AtomicUsize::new(0),
             waits,
+            wait_us: AtomicU64::new(0),
         });
     }
 
@@ -362,6 +365,13 @@ impl Pools {
         }
     }
 
+    /// Microseconds checkouts on `node` spent waiting for a server connection, in all.
+    pub fn wait_us(&self, node: NodeId) -> u64 {
+        self.nodes
+            .get(node)
+            .map_or(0, |pool| pool.wait_us.load(Ordering::Relaxed))
+    }
+
     /// Number of idle connections to `node` (for tests and status).
     pub fn idle_count(&self, node: NodeId) -> usize {
         lock(&self.nodes[node].idle).values().map(Vec::len).sum()
@@ -413,8 +423,11 @@ impl NodePool {
     /// Records a checkout's wait, if it waited (since `since`).
     fn waited(&self, since: Option<Instant>) {
         if let Some(since) = since {
+            let waited = since.elapsed();
             self.waits.waits.increment(1);
-            self.waits.seconds.record(since.elapsed().as_secs_f64());
+            self.waits.seconds.record(waited.as_secs_f64());
+            let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+            self.wait_us.fetch_add(micros, Ordering::Relaxed);
         }
     }
 }

@@ -256,10 +256,12 @@ fn servers(proxy: &Proxy) -> ResultSet {
 fn stats(proxy: &Proxy) -> ResultSet {
     let mut set = ResultSet::new(&[
         ("node", Text),
+        ("total_xact_count", Int8),
         ("total_query_count", Int8),
         ("total_received", Int8),
         ("total_sent", Int8),
         ("total_query_time", Int8),
+        ("total_wait_time", Int8),
         ("avg_query_time", Int8),
     ]);
     let config = proxy.config();
@@ -275,10 +277,12 @@ fn stats(proxy: &Proxy) -> ResultSet {
         let avg = totals.unit_us.checked_div(totals.units).unwrap_or(0);
         set.push(vec![
             text(&node.name),
+            text(totals.transactions),
             text(totals.units),
             text(totals.received),
             text(totals.sent),
             text(totals.unit_us),
+            text(proxy.pools.wait_us(id)),
             text(avg),
         ]);
     }

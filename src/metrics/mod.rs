@@ -111,6 +111,8 @@ impl FailoverPhase {
 /// What a node has served so far (SHOW STATS), in plain counters read back by the console.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
+    /// Transactions ended (an autocommit unit, or the unit that ended a block).
+    pub transactions: u64,
     /// Units served.
     pub units: u64,
     /// Their time in all, in microseconds.
@@ -138,6 +140,7 @@ struct NodeMetrics {
     received: Counter,
     sent: Counter,
     /// The same sums, readable for SHOW STATS.
+    xacts_sum: AtomicU64,
     units_sum: AtomicU64,
     unit_us_sum: AtomicU64,
     received_sum: AtomicU64,
@@ -210,6 +213,7 @@ fn node_metrics(recorder: &PrometheusRecorder, name: &str) -> NodeMetrics {
             &Key::from_parts("pgvigil_client_sent_bytes_total", vec![node()]),
             &METADATA,
         ),
+        xacts_sum: AtomicU64::new(0),
         units_sum: AtomicU64::new(0),
         unit_us_sum: AtomicU64::new(0),
         received_sum: AtomicU64::new(0),
@@ -286,14 +290,25 @@ impl Metrics {
     }
 
     /// A unit of `kind` on `node` finished after `took`, having moved `bytes` (counted by the
-    /// session since its last unit: one flush per unit, nothing per message).
-    pub fn unit_done(&self, node: NodeId, kind: UnitKind, took: Duration, bytes: Bytes) {
+    /// session since its last unit: one flush per unit, nothing per message); `ended_transaction`:
+    /// the session is no longer in a transaction block after it.
+    pub fn unit_done(
+        &self,
+        node: NodeId,
+        kind: UnitKind,
+        took: Duration,
+        bytes: Bytes,
+        ended_transaction: bool,
+    ) {
         if let Some(m) = self.nodes.get(node) {
             let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
             m.units[kind as usize].increment(1);
             m.unit_duration.record(micros);
             m.received.increment(bytes.received);
             m.sent.increment(bytes.sent);
+            if ended_transaction {
+                m.xacts_sum.fetch_add(1, Ordering::Relaxed);
+            }
             m.units_sum.fetch_add(1, Ordering::Relaxed);
             m.unit_us_sum.fetch_add(micros, Ordering::Relaxed);
             m.received_sum.fetch_add(bytes.received, Ordering::Relaxed);
@@ -306,6 +321,7 @@ impl Metrics {
         self.nodes
             .get(node)
             .map_or_else(Totals::default, |m| Totals {
+                transactions: m.xacts_sum.load(Ordering::Relaxed),
                 units: m.units_sum.load(Ordering::Relaxed),
                 unit_us: m.unit_us_sum.load(Ordering::Relaxed),
                 received: m.received_sum.load(Ordering::Relaxed),

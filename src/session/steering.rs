@@ -527,7 +527,7 @@ impl Steering {
             let bytes = std::mem::take(&mut self.bytes);
             proxy
                 .metrics
-                .unit_done(self.current, kind, began.elapsed(), bytes);
+                .unit_done(self.current, kind, began.elapsed(), bytes, !in_transaction);
             if let (UnitKind::Write, Some(node)) = (kind, proxy.config().nodes.get(self.current)) {
                 proxy.events.wrote(self.current, &node.name);
             }

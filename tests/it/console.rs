@@ -112,6 +112,15 @@ async fn every_show_and_command_works_through_psql() {
     )
     .await
     .unwrap();
+    // One transaction of four units, on pg1.
+    for statement in [
+        "BEGIN",
+        "INSERT INTO console_t VALUES (2)",
+        "INSERT INTO console_t VALUES (3)",
+        "COMMIT",
+    ] {
+        app.simple_query(statement).await.unwrap();
+    }
 
     let nodes = show(
         port,
@@ -214,10 +223,12 @@ async fn every_show_and_command_works_through_psql() {
         "STATS",
         &[
             "node",
+            "total_xact_count",
             "total_query_count",
             "total_received",
             "total_sent",
             "total_query_time",
+            "total_wait_time",
             "avg_query_time",
         ],
     )
@@ -229,6 +240,21 @@ async fn every_show_and_command_works_through_psql() {
     );
     let pg1 = stats.rows_where("node", "pg1");
     assert!(count(pg1[0]) >= 1, "the batch wrote on pg1");
+    let xacts = stats
+        .get(pg1[0], "total_xact_count")
+        .parse::<u64>()
+        .unwrap();
+    assert!(xacts >= 2, "the batch and the block: {xacts}");
+    assert!(
+        count(pg1[0]) >= xacts + 3,
+        "the block's four units are one transaction: {:?}",
+        stats.rows
+    );
+    assert_eq!(
+        stats.get(pg1[0], "total_wait_time"),
+        "0",
+        "no checkout waited"
+    );
     assert!(stats.get(pg1[0], "total_received").parse::<u64>().unwrap() > 0);
     assert!(stats.get(pg1[0], "total_sent").parse::<u64>().unwrap() > 0);
 
@@ -266,7 +292,7 @@ async fn every_show_and_command_works_through_psql() {
         crate::support::value(&app, "SELECT count(*)::text FROM console_t")
             .await
             .as_deref(),
-        Some("1")
+        Some("3")
     );
 }
 
