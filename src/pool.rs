@@ -69,6 +69,20 @@ struct NodePool {
     waits: WaitMetrics,
     /// Microseconds checkouts spent waiting in all (SHOW STATS' `total_wait_time`).
     wait_us: AtomicU64,
+    /// The checkouts waiting now, by id, with their pair and since when (SHOW POOLS' maxwait).
+    waiters: Mutex<HashMap<u64, (Key, Instant)>>,
+}
+
+/// A checkout listed as waiting until this is dropped.
+struct Waiter<'a> {
+    pool: &'a NodePool,
+    id: u64,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        lock(&self.pool.waiters).remove(&self.id);
+    }
 }
 
 /// The handles a node's pool records its waits with.
@@ -158,6 +172,7 @@ impl Pools {
             owed: AtomicUsize::new(0),
             waits,
             wait_us: AtomicU64::new(0),
+            waiters: Mutex::new(HashMap::new()),
         });
     }
 
@@ -258,6 +273,8 @@ impl Pools {
         let deadline = tokio::time::Instant::now() + self.config().checkout_timeout;
         // Set once the checkout had to wait: recorded when it ends, served or not.
         let mut waiting_since: Option<Instant> = None;
+        // Listed among the waiters while it waits (dropped when the checkout ends).
+        let mut _waiter: Option<Waiter<'_>> = None;
         let permit = loop {
             // Enabled before looking: a connection checked in just after the look still wakes us.
             let returned = pool.returned.notified();
@@ -273,7 +290,13 @@ impl Pools {
             if let Some(permit) = evict_other(pool, &key) {
                 break permit;
             }
-            waiting_since.get_or_insert_with(Instant::now);
+            if waiting_since.is_none() {
+                let since = Instant::now();
+                waiting_since = Some(since);
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                lock(&pool.waiters).insert(id, (key.clone(), since));
+                _waiter = Some(Waiter { pool, id });
+            }
             tokio::select! {
                 Ok(permit) = pool.slots.clone().acquire_owned() => break permit,
                 () = &mut returned => {}
@@ -363,6 +386,20 @@ impl Pools {
         if let Some(pool) = self.nodes.get(node) {
             lock(&pool.idle).clear();
         }
+    }
+
+    /// How long the longest-waiting checkout of each (database, user) pair waiting on `node`
+    /// has waited so far.
+    pub fn max_waits(&self, node: NodeId) -> HashMap<Key, Duration> {
+        let mut longest: HashMap<Key, Duration> = HashMap::new();
+        if let Some(pool) = self.nodes.get(node) {
+            for (key, since) in lock(&pool.waiters).values() {
+                let waited = since.elapsed();
+                let entry = longest.entry(key.clone()).or_default();
+                *entry = (*entry).max(waited);
+            }
+        }
+        longest
     }
 
     /// Microseconds checkouts on `node` spent waiting for a server connection, in all.

@@ -131,6 +131,8 @@ fn pools(proxy: &Proxy) -> ResultSet {
         ("cl_waiting", Int8),
         ("sv_active", Int8),
         ("sv_idle", Int8),
+        ("maxwait", Int8),
+        ("maxwait_us", Int8),
         ("pool_mode", Text),
     ]);
     let config = proxy.config();
@@ -164,6 +166,16 @@ fn pools(proxy: &Proxy) -> ResultSet {
                 .or_default();
         }
     }
+    // How long the longest checkout of each (database, user, node) waiting now has waited.
+    let mut waits = BTreeMap::new();
+    for node in (0..config.nodes.len()).filter(|&n| shown(n)) {
+        for ((database, user), waited) in proxy.pools.max_waits(node) {
+            servers
+                .entry((database.clone(), user.clone(), node))
+                .or_default();
+            waits.insert((database, user, node), waited);
+        }
+    }
     let mode = format!("{:?}", config.pool.mode).to_ascii_lowercase();
     for ((database, user, node), [active, idle]) in servers {
         if database == super::DATABASE || !shown(node) {
@@ -174,6 +186,10 @@ fn pools(proxy: &Proxy) -> ResultSet {
             .copied()
             .unwrap_or_default();
         let name = config.nodes.get(node).map_or("?", |n| n.name.as_str());
+        let waited = waits
+            .get(&(database.clone(), user.clone(), node))
+            .copied()
+            .unwrap_or_default();
         set.push(vec![
             text(&database),
             text(&user),
@@ -182,6 +198,8 @@ fn pools(proxy: &Proxy) -> ResultSet {
             text(cl_waiting),
             text(active),
             text(idle),
+            text(waited.as_secs()),
+            text(waited.subsec_micros()),
             text(&mode),
         ]);
     }
