@@ -112,7 +112,7 @@ impl Proxy {
         };
         let users = ArcSwap::from_pointee(user_secrets(&config, &HashMap::new()));
         let (topology, publisher) = TopologyHandle::new(Topology::initial(&config, generation));
-        let metrics = crate::metrics::Metrics::new(&[]);
+        let metrics = crate::metrics::Metrics::default();
         let proxy = Proxy {
             topology,
             replication: ReplicationHandle::new(config.nodes.len()),

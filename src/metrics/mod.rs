@@ -225,9 +225,9 @@ fn node_metrics(recorder: &PrometheusRecorder, name: &str) -> NodeMetrics {
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
-impl Metrics {
-    /// A recorder with the latency buckets, and the handles for `node_names`.
-    pub fn new(node_names: &[String]) -> Metrics {
+impl Default for Metrics {
+    /// A recorder with the latency buckets and no node yet ([`Metrics::add_node`] adds them).
+    fn default() -> Metrics {
         // `set_buckets` only fails on an empty list, and ours is not; without buckets
         // histograms would render as summaries, which cannot be aggregated across instances.
         let builder = PrometheusBuilder::new()
@@ -236,9 +236,6 @@ impl Metrics {
         let recorder = builder.build_recorder();
         describe(&recorder);
         let nodes = boxcar::Vec::new();
-        for name in node_names {
-            nodes.push(node_metrics(&recorder, name));
-        }
         let counter = |name: &'static str| {
             let counter = recorder.register_counter(&Key::from_name(name), &METADATA);
             // Present from the start, so that a dashboard shows 0 rather than no data.
@@ -288,7 +285,9 @@ impl Metrics {
             clients_open: AtomicU64::new(0),
         }
     }
+}
 
+impl Metrics {
     /// A unit of `kind` on `node` finished after `took`, having moved `bytes` (counted by the
     /// session since its last unit: one flush per unit, nothing per message); `ended_transaction`:
     /// the session is no longer in a transaction block after it.
