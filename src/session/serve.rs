@@ -512,8 +512,12 @@ impl Session<'_> {
     }
 
     /// Makes `node` ready for the unit at the front of the client's buffer (see
-    /// [`sync::sync`]).
+    /// [`sync::sync`]). Without a connection there yet, the client shows as waiting (SHOW
+    /// CLIENTS, SHOW POOLS, metrics) until it has one, as in PgBouncer's `cl_waiting`.
     async fn bring(&mut self, node: NodeId) -> Result<(), OpenError> {
+        let _waiting = (self.held.leases.get(node))
+            .is_none_or(Option::is_none)
+            .then(|| hold::Waiting::set(self.key));
         let input = &self.client.rbuf;
         sync::sync(
             node,

@@ -437,3 +437,59 @@ async fn show_pools_has_how_long_a_checkout_waits_for_a_full_pool() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_waiting_for_a_server_connection_shows_as_waiting() {
+    let cluster = test_cluster(0);
+    let (proxy, _file) = start_with(&cluster, |config| {
+        config.pool.mode = pgvigil::config::PoolMode::Transaction;
+        config.pool.max_size = 1;
+        config.pool.checkout_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let port = proxy.addr.port();
+    let waiter = proxy.connect_app().await;
+    let holder = proxy.connect_app().await;
+    // Transaction pooling: the holder keeps pg1's one server connection until its COMMIT.
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 1").await.map(|_| ()) });
+    let columns = [
+        "type",
+        "user",
+        "database",
+        "state",
+        "addr",
+        "port",
+        "connect_time",
+        "pid",
+        "application_name",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let clients = show(port, "CLIENTS", &columns).await;
+        let app = clients.rows_where("database", "app");
+        let waiting: Vec<_> = app
+            .iter()
+            .filter(|r| clients.get(r, "state") == "waiting")
+            .collect();
+        if waiting.len() == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no client shown waiting: {:?}",
+            clients.rows
+        );
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    let served = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the waiter was served after the holder's COMMIT")
+        .unwrap();
+    assert!(served.is_ok(), "{served:?}");
+    let clients = show(port, "CLIENTS", &columns).await;
+    assert!(clients
+        .rows_where("database", "app")
+        .iter()
+        .all(|r| clients.get(r, "state") != "waiting"));
+}
