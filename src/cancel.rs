@@ -46,7 +46,7 @@ pub struct ClientInfo {
 pub enum ClientState {
     /// Logged in, running or idle.
     Active = 0,
-    /// Its unit waits: held by PAUSE, or for a primary.
+    /// Its unit waits: held by PAUSE, for a primary or for a server connection.
     Waiting = 1,
 }
 

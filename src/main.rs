@@ -113,8 +113,9 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Read the configuration file again and apply what may change live (as SIGHUP does);
-    /// an invalid file is refused with every problem named.
+    /// Read the configuration file again and apply what may change live (as SIGHUP does),
+    /// nodes added and removed included (a removed one is drained first); an invalid file is
+    /// refused with every problem named.
     Reload {
         #[command(flatten)]
         admin: AdminArgs,

@@ -82,6 +82,22 @@ struct NodePool {
     /// back closes and gives its slot up until none is owed.
     owed: AtomicUsize,
     waits: WaitMetrics,
+    /// Microseconds checkouts spent waiting in all (SHOW STATS' `total_wait_time`).
+    wait_us: AtomicU64,
+    /// The checkouts waiting now, by id, with their pair and since when (SHOW POOLS' maxwait).
+    waiters: Mutex<HashMap<u64, (Key, Instant)>>,
+}
+
+/// A checkout listed as waiting until this is dropped.
+struct Waiter<'a> {
+    pool: &'a NodePool,
+    id: u64,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        lock(&self.pool.waiters).remove(&self.id);
+    }
 }
 
 /// The handles a node's pool records its waits with.
@@ -134,9 +150,10 @@ pub struct ServerRow {
     pub idle: bool,
 }
 
-/// All pools, one per configured node.
+/// All pools, one per node, indexed by node id.
 pub struct Pools {
-    nodes: Vec<NodePool>,
+    /// Grows when a reload adds a node; a removed node's pool stays, empty.
+    nodes: boxcar::Vec<NodePool>,
     /// Every open server connection (opened here, closed anywhere).
     open: OpenList,
     next_id: AtomicU64,
@@ -145,24 +162,33 @@ pub struct Pools {
 }
 
 impl Pools {
-    /// Empty pools, one per node of `waits` (each node's wait metrics).
-    pub fn new(config: PoolConfig, waits: Vec<WaitMetrics>) -> Pools {
-        let nodes = waits
-            .into_iter()
-            .map(|waits| NodePool {
-                slots: Arc::new(Semaphore::new(config.max_size)),
-                idle: Mutex::new(Vec::new()),
-                returned: Notify::new(),
-                owed: AtomicUsize::new(0),
-                waits,
-            })
-            .collect();
+    /// No pool yet; [`Pools::add_node`] adds one per node.
+    pub fn new(config: PoolConfig) -> Pools {
         Pools {
-            nodes,
+            nodes: boxcar::Vec::new(),
             open: OpenList::default(),
             next_id: AtomicU64::new(1),
             config: ArcSwap::from_pointee(config),
         }
+    }
+
+    /// An empty pool for `node`, which must be the next id (the number of pools so far), its
+    /// waits recorded with `waits`.
+    pub fn add_node(&self, node: NodeId, waits: WaitMetrics) {
+        if node != self.nodes.count() {
+            return;
+        }
+        // Two reloads are never applied at once (the failover coordinator applies them), so
+        // the size read here is the one the pool keeps until the next `reconfigure`.
+        self.nodes.push(NodePool {
+            slots: Arc::new(Semaphore::new(self.config.load().max_size)),
+            idle: Mutex::new(Vec::new()),
+            returned: Notify::new(),
+            owed: AtomicUsize::new(0),
+            waits,
+            wait_us: AtomicU64::new(0),
+            waiters: Mutex::new(HashMap::new()),
+        });
     }
 
     /// Applies a reloaded `[pool]`: a larger `max_size` frees slots at once; a smaller one takes
@@ -170,7 +196,7 @@ impl Pools {
     /// (none in use is closed under a session).
     pub fn reconfigure(&self, config: PoolConfig) {
         let old = self.config.swap(Arc::new(config.clone()));
-        for pool in &self.nodes {
+        for (_, pool) in &self.nodes {
             if config.max_size >= old.max_size {
                 let mut more = config.max_size - old.max_size;
                 // Slots still owed from an earlier shrink are forgiven first.
@@ -226,7 +252,7 @@ impl Pools {
         let idle: std::collections::HashSet<u64> = self
             .nodes
             .iter()
-            .flat_map(|pool| {
+            .flat_map(|(_, pool)| {
                 lock(&pool.idle)
                     .iter()
                     .flat_map(|list| &list.conns)
@@ -262,6 +288,8 @@ impl Pools {
         let deadline = tokio::time::Instant::now() + self.config().checkout_timeout;
         // Set once the checkout had to wait: recorded when it ends, served or not.
         let mut waiting_since: Option<Instant> = None;
+        // Listed among the waiters while it waits (dropped when the checkout ends).
+        let mut _waiter: Option<Waiter<'_>> = None;
         let permit = loop {
             // Enabled before looking: a connection checked in just after the look still wakes us.
             let returned = pool.returned.notified();
@@ -277,7 +305,13 @@ impl Pools {
             if let Some(permit) = evict_other(pool, database, user) {
                 break permit;
             }
-            waiting_since.get_or_insert_with(Instant::now);
+            if waiting_since.is_none() {
+                let since = Instant::now();
+                waiting_since = Some(since);
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                lock(&pool.waiters).insert(id, ((database.to_owned(), user.to_owned()), since));
+                _waiter = Some(Waiter { pool, id });
+            }
             tokio::select! {
                 Ok(permit) = pool.slots.clone().acquire_owned() => break permit,
                 () = &mut returned => {}
@@ -371,7 +405,7 @@ impl Pools {
     pub fn reap(&self) {
         let now = Instant::now();
         let config = self.config();
-        for pool in &self.nodes {
+        for (_, pool) in &self.nodes {
             let mut idle = lock(&pool.idle);
             for list in idle.iter_mut() {
                 list.conns.retain(|i| {
@@ -388,6 +422,27 @@ impl Pools {
         if let Some(pool) = self.nodes.get(node) {
             lock(&pool.idle).clear();
         }
+    }
+
+    /// How long the longest-waiting checkout of each (database, user) pair waiting on `node`
+    /// has waited so far.
+    pub fn max_waits(&self, node: NodeId) -> HashMap<Key, Duration> {
+        let mut longest: HashMap<Key, Duration> = HashMap::new();
+        if let Some(pool) = self.nodes.get(node) {
+            for (key, since) in lock(&pool.waiters).values() {
+                let waited = since.elapsed();
+                let entry = longest.entry(key.clone()).or_default();
+                *entry = (*entry).max(waited);
+            }
+        }
+        longest
+    }
+
+    /// Microseconds checkouts on `node` spent waiting for a server connection, in all.
+    pub fn wait_us(&self, node: NodeId) -> u64 {
+        self.nodes
+            .get(node)
+            .map_or(0, |pool| pool.wait_us.load(Ordering::Relaxed))
     }
 
     /// Number of idle connections to `node` (for tests and status).
@@ -435,8 +490,11 @@ impl NodePool {
     /// Records a checkout's wait, if it waited (since `since`).
     fn waited(&self, since: Option<Instant>) {
         if let Some(since) = since {
+            let waited = since.elapsed();
             self.waits.waits.increment(1);
-            self.waits.seconds.record(since.elapsed().as_secs_f64());
+            self.waits.seconds.record(waited.as_secs_f64());
+            let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+            self.wait_us.fetch_add(micros, Ordering::Relaxed);
         }
     }
 }
@@ -483,7 +541,9 @@ mod tests {
             waits: metrics::Counter::noop(),
             seconds: metrics::Histogram::noop(),
         };
-        Pools::new(config, vec![waits])
+        let pools = Pools::new(config);
+        pools.add_node(0, waits);
+        pools
     }
 
     #[test]

@@ -68,9 +68,6 @@ pub struct Proxy {
     pub backend_tls: Option<Arc<rustls::ClientConfig>>,
     /// Random per-process seed for the mock SCRAM secrets of unknown users.
     pub auth_seed: [u8; 32],
-    /// What unknown users are asked for: the method most configured users have, so that the
-    /// request itself does not tell them apart.
-    pub unknown_user_method: crate::config::AuthMethod,
     /// Wakes a node's probe task for an immediate probe.
     pub nudges: Arc<health::Nudges>,
     /// The classifier's function lists (built-in plus `routing.read_functions`/`write_functions`;
@@ -115,21 +112,20 @@ impl Proxy {
         };
         let users = ArcSwap::from_pointee(user_secrets(&config, &HashMap::new()));
         let (topology, publisher) = TopologyHandle::new(Topology::initial(&config, generation));
-        let names: Vec<String> = config.nodes.iter().map(|n| n.name.clone()).collect();
-        let metrics = crate::metrics::Metrics::new(&names);
+        let metrics = crate::metrics::Metrics::default();
         let proxy = Proxy {
             topology,
             replication: ReplicationHandle::new(config.nodes.len()),
-            pools: Pools::new(config.pool.clone(), metrics.pool_waits(&names)),
+            pools: Pools::new(config.pool.clone()),
             cancels: Arc::new(CancelRegistry::default()),
             tls_acceptor,
             backend_tls,
             users,
             auth_seed: rand::random(),
-            unknown_user_method: most_common_method(&config),
-            nudges: Arc::new(health::Nudges::new(config.nodes.len())),
+            // Room for every node a reload may add (ids are never reused, up to MAX_NODES).
+            nudges: Arc::new(health::Nudges::new(crate::router::MAX_NODES)),
             functions: ArcSwap::from_pointee(config.function_lists()),
-            balancer: crate::balance::Balancer::new(config.nodes.len()),
+            balancer: crate::balance::Balancer::new(crate::router::MAX_NODES),
             metrics,
             events: Arc::new(crate::events::Events::default()),
             pause: Arc::default(),
@@ -138,7 +134,24 @@ impl Proxy {
             statements: crate::statements::Registry::default(),
             config: ArcSwap::from_pointee(config),
         };
+        for (node, n) in proxy.config().nodes.iter().enumerate() {
+            proxy.add_node(node, &n.name);
+        }
         Ok((proxy, publisher))
+    }
+
+    /// Gives the node with id `node` (the next one) its pool and metrics, before it is
+    /// published in the topology (at start, or when a reload adds it).
+    pub(crate) fn add_node(&self, node: NodeId, name: &str) {
+        self.metrics.add_node(node, name);
+        self.pools.add_node(node, self.metrics.pool_wait(name));
+    }
+
+    /// What unknown users are asked for: the method most users configured now have, so that
+    /// the request itself does not tell them apart (read at each login: a reload may change
+    /// the users).
+    pub fn unknown_user_method(&self) -> crate::config::AuthMethod {
+        most_common_method(&self.config())
     }
 
     /// The configuration in force now. Hold it briefly: a reload swaps in a new one.
@@ -385,22 +398,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         proxy.clone(),
         shutdown.clone(),
     ));
-    let (reports, received) = tokio::sync::mpsc::channel(4 * proxy.config().nodes.len().max(1));
-    for node in 0..proxy.config().nodes.len() {
-        tasks.spawn(health::probe_node(
-            proxy.clone(),
-            node,
-            proxy.nudges.clone(),
-            reports.clone(),
-            shutdown.clone(),
-        ));
-    }
     tasks.spawn(failover::run(
         proxy.clone(),
         publisher,
         memory,
-        received,
         inbox,
+        tasks.clone(),
         shutdown.clone(),
     ));
     tasks.spawn(reap_pools(proxy.clone(), shutdown.clone()));
@@ -441,14 +444,15 @@ async fn reap_pools(proxy: Arc<Proxy>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         proxy.pools.reap();
-        let usable: Vec<bool> = proxy
+        let usable: Vec<NodeId> = proxy
             .topology
             .load()
             .nodes
             .iter()
-            .map(|n| n.role.is_usable())
+            .filter(|n| n.role.takes_new_work())
+            .map(|n| n.id)
             .collect();
-        for node in (0..proxy.config().nodes.len()).filter(|&n| usable[n]) {
+        for node in usable {
             for ((database, user), missing) in proxy.pools.idle_deficit(node) {
                 if proxy.config().user(&user).is_none() {
                     // Removed by a reload: its open sessions go on, no new connections are kept.

@@ -90,8 +90,9 @@ pub struct ReadPolicy<'a> {
 /// needs no primary to start, and never waits on a node whose probes fail while another can
 /// take it.
 pub fn route_session(topology: &Topology, skip: u64) -> Result<Route, RouteError> {
-    let open =
-        |node: &&Node| node.role.is_usable() && node.id < MAX_NODES && skip & (1 << node.id) == 0;
+    let open = |node: &&Node| {
+        node.role.takes_new_work() && node.id < MAX_NODES && skip & (1 << node.id) == 0
+    };
     let primary = match topology.primary {
         Primary::Known(p) => topology
             .nodes

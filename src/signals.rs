@@ -39,7 +39,7 @@ pub async fn serve_until_stopped(proxy: &Proxy) {
             _ = &mut stop => return,
             Some(()) = hangups.recv() => {
                 // The outcome is logged and kept in the event log by `reload` itself.
-                let _ = crate::reload::reload(proxy);
+                let _ = crate::reload::reload(proxy).await;
             }
         }
     }

@@ -32,6 +32,12 @@ pub enum Role {
     /// Taken out of routing and failover candidacy by an operator (`pgvigil detach`), whatever
     /// it is; still probed, untouched, until `pgvigil attach`.
     Detached,
+    /// Removed from `[[nodes]]` by a reload and being drained: sessions finish what they run on
+    /// it (a transaction ends there), but no new unit, connection or session goes to it.
+    Leaving,
+    /// Removed by a reload and drained: no longer probed, connected to or shown. Its id is not
+    /// reused (every per-node table is indexed by it) unless a reload adds its name again.
+    Removed,
 }
 
 impl Role {
@@ -44,11 +50,20 @@ impl Role {
             Role::Down => "down",
             Role::Fenced => "fenced",
             Role::Detached => "detached",
+            Role::Leaving => "leaving",
+            Role::Removed => "removed",
         }
     }
 
-    /// Whether sessions may use a node in this role.
+    /// Whether sessions may go on using what they hold on a node in this role (a leaving node
+    /// lets a transaction running on it finish).
     pub fn is_usable(self) -> bool {
+        matches!(self, Role::Primary | Role::Standby | Role::Leaving)
+    }
+
+    /// Whether new work (a unit routed afresh, a new server connection, a pooled one) may go to
+    /// a node in this role.
+    pub fn takes_new_work(self) -> bool {
         matches!(self, Role::Primary | Role::Standby)
     }
 }
@@ -193,6 +208,29 @@ impl Topology {
         }
     }
 
+    /// This snapshot with a node for every one of `config.nodes` (added ones not yet probed) and
+    /// the addresses configured now (a removed node's name added again may have moved).
+    pub fn with_members(mut self, config: &Config) -> Topology {
+        for (id, n) in config.nodes.iter().enumerate() {
+            match self.nodes.get_mut(id) {
+                Some(node) => {
+                    node.host.clone_from(&n.host);
+                    node.port = n.port;
+                }
+                None => self.nodes.push(Node {
+                    id,
+                    name: n.name.clone(),
+                    host: n.host.clone(),
+                    port: n.port,
+                    role: Role::Unknown,
+                    suspect: false,
+                    stale: None,
+                }),
+            }
+        }
+        self
+    }
+
     /// This snapshot with each standby's reason to take no reads (one per node, same order).
     pub fn with_stale(mut self, stale: &[Option<Stale>]) -> Topology {
         for (i, node) in self.nodes.iter_mut().enumerate() {
@@ -201,15 +239,17 @@ impl Topology {
         self
     }
 
-    /// Whether `other` has the same roles, suspicions, stale standbys and primary (publishing it
-    /// would change nothing).
+    /// Whether `other` has the same nodes, addresses, roles, suspicions, stale standbys and
+    /// primary (publishing it would change nothing).
     pub fn same_state(&self, other: &Topology) -> bool {
         self.primary == other.primary
-            && self
-                .nodes
-                .iter()
-                .zip(&other.nodes)
-                .all(|(a, b)| a.role == b.role && a.suspect == b.suspect && a.stale == b.stale)
+            && self.nodes.len() == other.nodes.len()
+            && self.nodes.iter().zip(&other.nodes).all(|(a, b)| {
+                a.role == b.role
+                    && a.suspect == b.suspect
+                    && a.stale == b.stale
+                    && (&a.host, a.port) == (&b.host, b.port)
+            })
     }
 
     /// Why a session waiting on `node` for `need` (connecting, logging in, checking out, setting
@@ -218,7 +258,7 @@ impl Topology {
         let Some(state) = self.nodes.get(node) else {
             return Some(GiveUp::Unusable(Role::Unknown));
         };
-        if !state.role.is_usable() {
+        if !state.role.takes_new_work() {
             return Some(GiveUp::Unusable(state.role));
         }
         match need {
@@ -227,7 +267,7 @@ impl Topology {
                 let elsewhere = self
                     .nodes
                     .iter()
-                    .any(|n| n.id != node && n.role.is_usable() && !n.suspect);
+                    .any(|n| n.id != node && n.role.takes_new_work() && !n.suspect);
                 (state.suspect && elsewhere).then_some(GiveUp::Suspect)
             }
             Need::Usable => None,

@@ -140,7 +140,7 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
             return answered(steer::pause(&state.proxy, wait).await);
         }
         (&Method::POST, ["resume"]) => return answered(Ok(steer::resume(&state.proxy))),
-        (&Method::POST, ["reload"]) => return answered(steer::reload(&state.proxy)),
+        (&Method::POST, ["reload"]) => return answered(steer::reload(&state.proxy).await),
         (&Method::GET, ["events"]) => return json(StatusCode::OK, &state.proxy.events.list()),
         (&Method::GET, ["status"]) => {
             let mut status = status::status(&state.proxy, &state.control);

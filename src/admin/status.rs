@@ -20,6 +20,8 @@ pub fn status(proxy: &Proxy, control: &Handle) -> Status {
     let nodes = topology
         .nodes
         .iter()
+        // A node a reload removed and drained has left; its id is merely kept.
+        .filter(|node| node.role != Role::Removed)
         .map(|node| {
             let seen = view.get(node.id);
             let health = seen.map(|v| &v.health);

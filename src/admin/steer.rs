@@ -58,8 +58,8 @@ pub fn resume(proxy: &Proxy) -> Done {
 }
 
 /// Reads the configuration file again and applies what may change live (see `reload`).
-pub fn reload(proxy: &Proxy) -> Result<Done, Refusal> {
-    match crate::reload::reload(proxy) {
+pub async fn reload(proxy: &Proxy) -> Result<Done, Refusal> {
+    match crate::reload::reload(proxy).await {
         Ok(reloaded) => Ok(done(reloaded.summary())),
         Err(error) => Err(Refusal::new(
             format!("reload refused, the running configuration stays: {error}"),

@@ -98,12 +98,17 @@ pub struct ClientConfig {
     /// Time a client has to finish startup and authentication (default 10s, must be > 0).
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
+    /// Longest a unit held by `pgvigil pause` waits before it gets 57014 (PgBouncer's
+    /// `query_wait_timeout`; default 120s as there, 0 for no limit).
+    #[serde(with = "humantime_serde")]
+    pub query_wait_timeout: Duration,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
         Self {
             startup_timeout: Duration::from_secs(10),
+            query_wait_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -193,6 +198,11 @@ pub struct PoolConfig {
     /// (default 200, at least 1); past it the least recently used is closed there (and prepared
     /// again when a session next needs it).
     pub max_prepared_statements: usize,
+    /// How long a node removed from `[[nodes]]` by a reload is drained: sessions finish what
+    /// they run there and move at their next unit; connections still held after this are
+    /// closed, as if the node had failed (default 30s, must be > 0).
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -208,6 +218,7 @@ impl Default for PoolConfig {
             checkout_timeout: Duration::from_secs(5),
             // PgBouncer's default for its max_prepared_statements.
             max_prepared_statements: 200,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }

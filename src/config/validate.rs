@@ -220,6 +220,7 @@ fn check_pool(config: &Config, problems: &mut Vec<Problem>) {
     check_positive("pool.idle_timeout", pool.idle_timeout, problems);
     check_positive("pool.max_lifetime", pool.max_lifetime, problems);
     check_positive("pool.checkout_timeout", pool.checkout_timeout, problems);
+    check_positive("pool.drain_timeout", pool.drain_timeout, problems);
 }
 
 /// Records `value` as seen at index `i`, or returns the index where it was first seen.

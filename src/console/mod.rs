@@ -190,7 +190,7 @@ async fn answer(statement: &str, proxy: &Proxy) -> Answer {
             tag: "RESUME",
             message: steer::resume(proxy).message,
         },
-        ["RELOAD"] => match steer::reload(proxy) {
+        ["RELOAD"] => match steer::reload(proxy).await {
             Ok(done) => Answer::Done {
                 tag: "RELOAD",
                 message: done.message,

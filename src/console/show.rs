@@ -9,6 +9,7 @@ use pgvigil_proto::encode::{self, ColumnType};
 
 use crate::cancel::ClientState;
 use crate::proxy::Proxy;
+use crate::topology::{NodeId, Role};
 
 use ColumnType::{Int8, Text};
 
@@ -99,7 +100,10 @@ fn nodes(proxy: &Proxy) -> ResultSet {
     };
     let status = crate::admin::status::status(proxy, control);
     let config = proxy.config();
-    for (node, seen) in config.nodes.iter().zip(&status.nodes) {
+    for seen in &status.nodes {
+        let Some(node) = config.nodes.iter().find(|n| n.name == seen.name) else {
+            continue;
+        };
         set.push(vec![
             text(&node.name),
             text(&node.host),
@@ -127,6 +131,8 @@ fn pools(proxy: &Proxy) -> ResultSet {
         ("cl_waiting", Int8),
         ("sv_active", Int8),
         ("sv_idle", Int8),
+        ("maxwait", Int8),
+        ("maxwait_us", Int8),
         ("pool_mode", Text),
     ]);
     let config = proxy.config();
@@ -146,16 +152,33 @@ fn pools(proxy: &Proxy) -> ResultSet {
             .or_default();
         entry[usize::from(row.idle)] += 1;
     }
+    let topology = proxy.topology.snapshot();
+    let shown = |node: NodeId| {
+        topology
+            .nodes
+            .get(node)
+            .is_some_and(|n| n.role != Role::Removed)
+    };
     for (database, user) in clients.keys() {
-        for node in 0..config.nodes.len() {
+        for node in (0..config.nodes.len()).filter(|&n| shown(n)) {
             servers
                 .entry((database.clone(), user.clone(), node))
                 .or_default();
         }
     }
+    // How long the longest checkout of each (database, user, node) waiting now has waited.
+    let mut waits = BTreeMap::new();
+    for node in (0..config.nodes.len()).filter(|&n| shown(n)) {
+        for ((database, user), waited) in proxy.pools.max_waits(node) {
+            servers
+                .entry((database.clone(), user.clone(), node))
+                .or_default();
+            waits.insert((database, user, node), waited);
+        }
+    }
     let mode = format!("{:?}", config.pool.mode).to_ascii_lowercase();
     for ((database, user, node), [active, idle]) in servers {
-        if database == super::DATABASE {
+        if database == super::DATABASE || !shown(node) {
             continue;
         }
         let [cl_active, cl_waiting] = clients
@@ -163,6 +186,10 @@ fn pools(proxy: &Proxy) -> ResultSet {
             .copied()
             .unwrap_or_default();
         let name = config.nodes.get(node).map_or("?", |n| n.name.as_str());
+        let waited = waits
+            .get(&(database.clone(), user.clone(), node))
+            .copied()
+            .unwrap_or_default();
         set.push(vec![
             text(&database),
             text(&user),
@@ -171,6 +198,8 @@ fn pools(proxy: &Proxy) -> ResultSet {
             text(cl_waiting),
             text(active),
             text(idle),
+            text(waited.as_secs()),
+            text(waited.subsec_micros()),
             text(&mode),
         ]);
     }
@@ -245,22 +274,33 @@ fn servers(proxy: &Proxy) -> ResultSet {
 fn stats(proxy: &Proxy) -> ResultSet {
     let mut set = ResultSet::new(&[
         ("node", Text),
+        ("total_xact_count", Int8),
         ("total_query_count", Int8),
         ("total_received", Int8),
         ("total_sent", Int8),
         ("total_query_time", Int8),
+        ("total_wait_time", Int8),
         ("avg_query_time", Int8),
     ]);
     let config = proxy.config();
-    for (id, node) in config.nodes.iter().enumerate() {
+    let topology = proxy.topology.snapshot();
+    let shown = |node: NodeId| {
+        topology
+            .nodes
+            .get(node)
+            .is_some_and(|n| n.role != Role::Removed)
+    };
+    for (id, node) in config.nodes.iter().enumerate().filter(|&(id, _)| shown(id)) {
         let totals = proxy.metrics.totals(id);
         let avg = totals.unit_us.checked_div(totals.units).unwrap_or(0);
         set.push(vec![
             text(&node.name),
+            text(totals.transactions),
             text(totals.units),
             text(totals.received),
             text(totals.sent),
             text(totals.unit_us),
+            text(proxy.pools.wait_us(id)),
             text(avg),
         ]);
     }
@@ -292,7 +332,16 @@ fn config(proxy: &Proxy) -> ResultSet {
         ("default", Text),
         ("changeable", Text),
     ]);
-    let running = flatten(&proxy.config());
+    // The node list as the file has it: without the nodes a reload removed (leaving or gone).
+    let mut in_force = crate::config::Config::clone(&proxy.config());
+    let topology = proxy.topology.snapshot();
+    let mut id = 0;
+    in_force.nodes.retain(|_| {
+        let role = topology.nodes.get(id).map(|n| n.role);
+        id += 1;
+        !matches!(role, Some(Role::Leaving | Role::Removed))
+    });
+    let running = flatten(&in_force);
     let defaults: BTreeMap<String, String> = flatten(&crate::config::Config::default())
         .into_iter()
         .collect();

@@ -326,6 +326,21 @@ pub async fn drain(config: &Config, node: NodeId, limit: Duration) -> Result<usi
     }
 }
 
+/// Terminates the backends `pids` on `node` (pgvigil's own server connections there).
+pub async fn terminate(config: &Config, node: NodeId, pids: Vec<i32>) -> Result<(), ActionError> {
+    bounded(config.health.timeout * 2, async {
+        let client = admin_connect(config, node, "pgvigil node removal").await?;
+        client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid",
+                &[&pids],
+            )
+            .await?;
+        Ok(())
+    })
+    .await
+}
+
 /// Runs a `CHECKPOINT` on `node` and returns its WAL position right after (writes are held, so
 /// every acknowledged commit is at or below it).
 pub async fn checkpoint_position(config: &Config, node: NodeId) -> Result<u64, ActionError> {

@@ -96,6 +96,7 @@ impl Coordinator {
             .nodes
             .iter()
             .position(|n| n.name == name)
+            .filter(|&node| self.is_member(node))
             .ok_or_else(|| {
                 Refusal::new(
                     format!("no node is called {name:?}"),
@@ -107,7 +108,10 @@ impl Coordinator {
     /// The configured node names, comma-separated.
     fn node_names(&self) -> String {
         let config = self.config();
-        let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
+        let names: Vec<&str> = (config.nodes.iter().enumerate())
+            .filter(|&(node, _)| self.is_member(node))
+            .map(|(_, n)| n.name.as_str())
+            .collect();
         names.join(", ")
     }
 

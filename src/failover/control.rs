@@ -17,10 +17,18 @@ const QUEUE: usize = 16;
 /// The coordinator's answer to one command.
 pub type Reply = Result<Done, Refusal>;
 
-/// One command and where its answer goes.
-pub(super) struct Request {
-    pub(super) command: Command,
-    pub(super) reply: oneshot::Sender<Reply>,
+/// One request and where its answer goes.
+pub(super) enum Request {
+    /// An operator's command.
+    Command {
+        command: Command,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// A reloaded configuration whose node list changed (see `membership`).
+    Nodes {
+        change: Box<super::membership::NodeChange>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// What the coordinator knows of one node beyond its role, for status.
@@ -32,6 +40,8 @@ pub struct NodeView {
     pub fenced: Option<String>,
     /// Whether an operator detached it.
     pub detached: bool,
+    /// Whether a reload removed it (it is leaving, or gone).
+    pub removed: bool,
 }
 
 /// The admin side: sends commands, reads the coordinator's view and the events.
@@ -80,7 +90,23 @@ impl Handle {
         };
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Request { command, reply })
+            .send(Request::Command { command, reply })
+            .await
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Hands a reloaded configuration whose node list changed to the coordinator, which puts
+    /// it in force with the nodes added and removed, or refuses it (the reason is returned and
+    /// the running configuration stays). Waits for a failover in progress to finish first.
+    pub async fn change_nodes(&self, change: super::membership::NodeChange) -> Result<(), String> {
+        let gone = || "pgvigil is shutting down".to_owned();
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Request::Nodes {
+                change: Box::new(change),
+                reply,
+            })
             .await
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
@@ -117,7 +143,8 @@ impl Coordinator {
                         .clone()
                         .unwrap_or_else(|| "fenced before pgvigil restarted (state file)".into())
                 }),
-                detached: self.memory.detached[node],
+                detached: self.memory.detached[node] && self.is_member(node),
+                removed: !self.is_member(node),
             })
             .collect();
         self.view.send_replace(Arc::new(view));

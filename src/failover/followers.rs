@@ -45,6 +45,21 @@ impl Followers {
         }
     }
 
+    /// Makes room for nodes a reload added, up to `node_count`; `node` (added again after its
+    /// removal) starts afresh.
+    pub fn cover(&mut self, node_count: usize) {
+        self.stale.resize(node_count.max(self.stale.len()), None);
+        self.probed.resize(node_count.max(self.probed.len()), None);
+    }
+
+    /// Forgets what was known of `node` (a reload removed it or added it again).
+    pub fn forget(&mut self, node: NodeId) {
+        if let (Some(stale), Some(probed)) = (self.stale.get_mut(node), self.probed.get_mut(node)) {
+            *stale = None;
+            *probed = None;
+        }
+    }
+
     /// Each node's reason to take no reads, in node order.
     pub fn stale(&self) -> &[Option<Stale>] {
         &self.stale

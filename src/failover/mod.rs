@@ -14,6 +14,7 @@ mod failback;
 mod followers;
 mod following;
 mod gate;
+mod membership;
 mod pause;
 mod promote;
 mod switchover;
@@ -23,11 +24,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 pub use assess::Memory;
+use control::Request;
 pub use control::{channel, Handle, Inbox, NodeView, Reply};
 pub use failback::slot_name;
+pub use membership::NodeChange;
+use membership::{Membership, Probes};
 pub use switchover::DEFAULT_DRAIN;
 
 use crate::admin::api::EventKind;
@@ -37,7 +42,7 @@ use crate::health::{NodeHealth, Report};
 use crate::proxy::Proxy;
 use crate::replication::{format_lsn, parse_lsn, ReplicationView};
 use crate::state::{PromotionRecord, State, StateError, StateFile};
-use crate::topology::{NodeId, Primary, Role, TopologyPublisher};
+use crate::topology::{NodeId, Primary, Role, Topology, TopologyPublisher};
 use assess::{assess, Assessment};
 use choose::Promotion;
 use followers::Followers;
@@ -123,12 +128,13 @@ fn promotion_from(config: &Config, record: &PromotionRecord) -> Option<Promotion
 
 /// Takes in probe reports and operators' commands until `shutdown`, keeping the topology true
 /// to them; `publisher` makes it the topology's only writer.
+/// It starts the probe tasks (on `tasks`) and those of nodes a reload adds.
 pub async fn run(
     proxy: Arc<Proxy>,
     publisher: TopologyPublisher,
     memory: Memory,
-    mut reports: mpsc::Receiver<Report>,
     inbox: Inbox,
+    tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
     let Inbox {
@@ -136,7 +142,10 @@ pub async fn run(
         view,
         events,
     } = inbox;
-    let mut coordinator = Coordinator::new(proxy, publisher, memory, view, events);
+    // Room for a few reports from every node there may be, so that probes rarely wait.
+    let (sender, mut reports) = mpsc::channel(4 * crate::router::MAX_NODES);
+    let probes = Probes::start(proxy.clone(), sender, tasks, shutdown.clone());
+    let mut coordinator = Coordinator::new(proxy, publisher, memory, view, events, probes);
     // The first verdict waits until every node has answered or failed once.
     let first = tokio::time::Instant::now()
         + coordinator.config().health.timeout
@@ -162,9 +171,17 @@ pub async fn run(
             // One command at a time, between two steps: never during a failover (that step
             // is awaited below before the loop comes back here).
             Some(request) = commands.recv() => {
-                let answer = coordinator.execute(request.command, started).await;
                 // The sender may have given up waiting; nothing to undo then.
-                let _ = request.reply.send(answer);
+                match request {
+                    Request::Command { command, reply } => {
+                        let answer = coordinator.execute(command, started).await;
+                        let _ = reply.send(answer);
+                    }
+                    Request::Nodes { change, reply } => {
+                        let answer = coordinator.change_nodes(*change, started).await;
+                        let _ = reply.send(answer);
+                    }
+                }
                 continue;
             }
             _ = tokio::time::sleep_until(first), if !started => {}
@@ -179,6 +196,7 @@ pub async fn run(
             }
             started = true;
         }
+        coordinator.finish_leaving();
         coordinator.publish_positions();
         coordinator.evaluate().await;
         coordinator.publish_view();
@@ -224,6 +242,10 @@ struct Coordinator {
     fences_read: Option<Instant>,
     /// Which standbys follow the primary; repoints in flight.
     followers: Followers,
+    /// Whether each node is in the configuration file, leaving or removed (see `membership`).
+    membership: Vec<Membership>,
+    /// The probe tasks.
+    probes: Probes,
     published: bool,
 }
 
@@ -234,6 +256,7 @@ impl Coordinator {
         memory: Memory,
         view: tokio::sync::watch::Sender<Arc<Vec<NodeView>>>,
         events: Arc<Events>,
+        probes: Probes,
     ) -> Coordinator {
         let nodes = proxy.config().nodes.len();
         Coordinator {
@@ -262,6 +285,8 @@ impl Coordinator {
             hinted: None,
             fences_read: None,
             followers: Followers::new(nodes),
+            membership: vec![Membership::Member; nodes],
+            probes,
             published: false,
         }
     }
@@ -540,18 +565,17 @@ impl Coordinator {
     }
 
     /// Publishes the next topology when it differs from the current one, saving the state first.
-    /// A detached node that would be usable is shown as detached: nothing is routed to it.
+    /// A detached node that would be usable is shown as detached, a node a reload removed as
+    /// leaving, then removed: nothing new is routed to them (see `membership`).
     fn publish(&mut self, roles: &[Role], suspect: &[bool], primary: Primary) {
         let roles: Vec<Role> = roles
             .iter()
             .enumerate()
-            .map(|(node, &role)| match role {
-                Role::Primary | Role::Standby if self.memory.detached[node] => Role::Detached,
-                role => role,
-            })
+            .map(|(node, &role)| self.shown_role(node, role))
             .collect();
         let current = self.publisher.snapshot();
-        let next = current
+        let next = Topology::clone(&current)
+            .with_members(&self.config())
             .next(&roles, suspect, primary)
             .with_stale(self.followers.stale());
         if self.published && current.same_state(&next) {
@@ -567,7 +591,7 @@ impl Coordinator {
             primary = ?next.primary,
             "topology changed"
         );
-        for node in next.nodes.iter().filter(|n| !n.role.is_usable()) {
+        for node in next.nodes.iter().filter(|n| !n.role.takes_new_work()) {
             self.proxy.pools.discard_idle(node.id);
         }
         if next.primary != current.primary {
@@ -599,12 +623,13 @@ impl Coordinator {
         State {
             generation,
             primary: self.memory.primary.map(|n| self.name(n).to_owned()),
+            // A node a reload removed is no longer in the file: the state file does not name it.
             fenced: (0..self.memory.fenced.len())
-                .filter(|&n| self.memory.fenced[n])
+                .filter(|&n| self.memory.fenced[n] && self.is_member(n))
                 .map(|n| self.name(n).to_owned())
                 .collect(),
             detached: (0..self.memory.detached.len())
-                .filter(|&n| self.memory.detached[n])
+                .filter(|&n| self.memory.detached[n] && self.is_member(n))
                 .map(|n| self.name(n).to_owned())
                 .collect(),
             promoting: self

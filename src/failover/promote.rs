@@ -298,7 +298,7 @@ impl Coordinator {
                     let config = self.proxy.config().clone();
                     reads.spawn(async move { (node, actions::position(&config, node).await) });
                 }
-                Role::Primary | Role::Fenced | Role::Detached => {}
+                Role::Primary | Role::Fenced | Role::Detached | Role::Leaving | Role::Removed => {}
                 Role::Down | Role::Unknown => readings.push((
                     node,
                     Reading::Unreadable("it does not answer its probes".into()),

@@ -27,7 +27,7 @@ pub async fn authenticate(
     let (mut auth, first) = ClientAuth::start(
         user,
         &startup.user,
-        proxy.unknown_user_method,
+        proxy.unknown_user_method(),
         &proxy.auth_seed,
     );
     let mut out = BytesMut::with_capacity(128);

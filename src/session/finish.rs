@@ -33,7 +33,12 @@ pub(super) async fn finish(
     proxy: &Proxy,
 ) {
     let topology = proxy.topology.snapshot();
-    let usable = |node: NodeId| topology.nodes.get(node).is_some_and(|n| n.role.is_usable());
+    let usable = |node: NodeId| {
+        topology
+            .nodes
+            .get(node)
+            .is_some_and(|n| n.role.takes_new_work())
+    };
     for (node, lease) in held.leases.iter_mut().enumerate() {
         if node != current {
             if let Some(lease) = lease.take() {

@@ -16,8 +16,9 @@ use crate::proxy::Proxy;
 const HOLD_BUFFER: usize = 256 * 1024;
 
 /// The unit at the front of the client's buffer waits until RESUME. The client's cancel request
-/// refuses it with 57014, as PostgreSQL cancels a statement; a client that leaves ends the
-/// session (the socket is read meanwhile, so that its close is seen).
+/// refuses it with 57014, as PostgreSQL cancels a statement, and so does
+/// `client.query_wait_timeout` running out (the session goes on either way); a client that
+/// leaves ends the session (the socket is read meanwhile, so that its close is seen).
 pub(super) async fn hold(
     client: &mut ClientConn,
     key: &CancelKey,
@@ -29,6 +30,14 @@ pub(super) async fn hold(
     let _waiting = Waiting::set(key);
     info!("unit held: pgvigil is paused");
     let max_message = proxy.config().max_message_size;
+    let limit = proxy.config().client.query_wait_timeout;
+    let expired = async {
+        if limit.is_zero() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(limit).await;
+    };
+    tokio::pin!(expired);
     loop {
         if *traffic.borrow_and_update() == Traffic::Flowing {
             debug!("held unit released");
@@ -40,6 +49,15 @@ pub(super) async fn hold(
                 if changed.is_err() {
                     return Ok(());
                 }
+            }
+            () = &mut expired => {
+                info!(?limit, "a unit held by PAUSE waited past client.query_wait_timeout");
+                let failure = Failure {
+                    code: sqlstate::QUERY_CANCELED,
+                    message: "canceling statement: pgvigil is paused and held it longer than \
+                              client.query_wait_timeout",
+                };
+                return recover::reject_unit(client, &failure, max_message).await;
             }
             () = cancels.changed() => {
                 info!("a unit held by PAUSE was cancelled by the client");

@@ -280,7 +280,7 @@ async fn open_for_start(
         .load()
         .nodes
         .iter()
-        .any(|n| n.id != node && n.role.is_usable() && tried & (1 << n.id) == 0);
+        .any(|n| n.id != node && n.role.takes_new_work() && tried & (1 << n.id) == 0);
     if others {
         open_within(proxy, node, startup, &[], true, Need::Replaceable).await
     } else {

@@ -75,6 +75,14 @@ impl Replayable {
         }
     }
 
+    /// Makes room for nodes a reload added, up to `node_count`.
+    pub fn cover(&mut self, node_count: usize) {
+        self.settings.cover(node_count);
+        if self.pending_close.len() < node_count {
+            self.pending_close.resize_with(node_count, Vec::new);
+        }
+    }
+
     /// Transaction pooling: statements are shared only between sessions with the same
     /// `context` (database, user, startup parameters) and the same settings log.
     pub fn set_context(&mut self, context: Arc<[u8]>) {

@@ -486,7 +486,7 @@ impl Session<'_> {
         let Primary::Known(primary) = self.proxy.topology.load().primary.clone() else {
             return None;
         };
-        if self.held.leases[primary].is_some() {
+        if self.held.leases.get(primary).is_some_and(Option::is_some) {
             return None;
         }
         let replay = &mut self.steering.replay;
@@ -522,7 +522,7 @@ impl Session<'_> {
             .load()
             .nodes
             .get(node)
-            .is_some_and(|n| n.role.is_usable());
+            .is_some_and(|n| n.role.takes_new_work());
         let idle = lease.conn.tx == TxStatus::Idle && lease.conn.rbuf.is_empty();
         if !(idle && usable && relay::releasable(self.proxy, &self.steering)) {
             self.held.leases[node] = Some(lease);
@@ -548,8 +548,12 @@ impl Session<'_> {
     }
 
     /// Makes `node` ready for the unit at the front of the client's buffer (see
-    /// [`sync::sync`]).
+    /// [`sync::sync`]). Without a connection there yet, the client shows as waiting (SHOW
+    /// CLIENTS, SHOW POOLS, metrics) until it has one, as in PgBouncer's `cl_waiting`.
     async fn bring(&mut self, node: NodeId) -> Result<(), OpenError> {
+        let _waiting = (self.held.leases.get(node))
+            .is_none_or(Option::is_none)
+            .then(|| hold::Waiting::set(&self.key));
         let input = &self.client.rbuf;
         sync::sync(
             node,
@@ -581,7 +585,7 @@ async fn write_position(held: &mut Held, steering: &mut Steering, proxy: &Proxy)
     let Primary::Known(primary) = proxy.topology.load().primary.clone() else {
         return None;
     };
-    let lease = held.leases[primary].as_mut()?;
+    let lease = held.leases.get_mut(primary)?.as_mut()?;
     let read = lease
         .conn
         .query_text("SELECT pg_current_wal_insert_lsn()::text");

@@ -60,6 +60,13 @@ impl Settings {
         }
     }
 
+    /// Makes room for nodes a reload added, up to `node_count` (they have run nothing yet).
+    pub fn cover(&mut self, node_count: usize) {
+        if self.applied.len() < node_count {
+            self.applied.resize(node_count, 0);
+        }
+    }
+
     /// A request that a ReadyForQuery will answer was forwarded.
     pub fn request(&mut self) {
         self.requests += 1;

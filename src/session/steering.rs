@@ -93,6 +93,12 @@ pub struct Steering {
     in_flight: Option<InFlight>,
     /// Bytes moved since the last unit was counted (flushed to the metrics per unit).
     bytes: Bytes,
+    /// The topology generation the last unit was routed with.
+    generation: Option<u64>,
+    /// The topology changed since and took new work from a node: the next unit routed to the
+    /// current node still goes through a move, which drops the connections the session holds
+    /// to such nodes (see `Held::drop_unusable`; a node a reload removes is drained so).
+    recheck: bool,
 }
 
 impl Steering {
@@ -118,6 +124,8 @@ impl Steering {
             units: 0,
             in_flight: None,
             bytes: Bytes::default(),
+            generation: None,
+            recheck: false,
         }
     }
 
@@ -205,6 +213,7 @@ impl Steering {
         );
         if route.node == self.current
             && !self.detached
+            && !std::mem::take(&mut self.recheck)
             && !self.misses_statements(input, route.node, max)
         {
             self.begin_unit(proxy);
@@ -237,6 +246,10 @@ impl Steering {
             prefer,
         };
         let topology = proxy.topology.load();
+        let seen = self.generation.replace(topology.generation);
+        if seen.is_some_and(|g| g != topology.generation) {
+            self.recheck |= topology.nodes.iter().any(|n| !n.role.takes_new_work());
+        }
         let replication = proxy.replication.load();
         let snapshot = Snapshot {
             topology: &topology,
@@ -519,7 +532,7 @@ impl Steering {
             let bytes = std::mem::take(&mut self.bytes);
             proxy
                 .metrics
-                .unit_done(self.current, kind, began.elapsed(), bytes);
+                .unit_done(self.current, kind, began.elapsed(), bytes, !in_transaction);
             if let (UnitKind::Write, Some(node)) = (kind, proxy.config().nodes.get(self.current)) {
                 proxy.events.wrote(self.current, &node.name);
             }

@@ -36,12 +36,25 @@ impl Held {
         }
     }
 
+    /// Makes room for nodes a reload added, up to `node_count` (no connection to them yet).
+    fn cover(&mut self, node_count: usize, replay: &mut Replayable) {
+        if self.leases.len() < node_count {
+            self.leases.resize_with(node_count, || None);
+        }
+        replay.cover(node_count);
+    }
+
     /// Drops (never pools) the connections to nodes other than `current` that the topology no
-    /// longer lets sessions use; what the session had there is forgotten.
+    /// longer gives new work (down, fenced, being removed by a reload); what the session had
+    /// there is forgotten. Makes room for nodes a reload added.
     pub fn drop_unusable(&mut self, current: NodeId, replay: &mut Replayable, proxy: &Proxy) {
         let topology = proxy.topology.load();
+        self.cover(topology.nodes.len(), replay);
         for (node, lease) in self.leases.iter_mut().enumerate() {
-            let usable = topology.nodes.get(node).is_some_and(|n| n.role.is_usable());
+            let usable = topology
+                .nodes
+                .get(node)
+                .is_some_and(|n| n.role.takes_new_work());
             if node != current && !usable && lease.take().is_some() {
                 debug!(
                     node,
@@ -71,6 +84,8 @@ pub async fn sync(
     startup: &ClientStartup,
     proxy: &Proxy,
 ) -> Result<(), OpenError> {
+    // A node a reload added after the session began has no slot yet.
+    held.cover(node + 1, replay);
     let need = if proxy.topology.load().primary == Primary::Known(node) {
         Need::Primary
     } else {

@@ -49,7 +49,7 @@ pub(crate) struct Received {
 
 impl Received {
     /// The request code of an Authentication ('R') message.
-    fn auth_code(&self) -> i32 {
+    pub(crate) fn auth_code(&self) -> i32 {
         assert_eq!(self.tag, b'R', "expected an Authentication message");
         i32::from_be_bytes(self.body[..4].try_into().unwrap())
     }

@@ -3,6 +3,8 @@
 //! `admin` is refused as PostgreSQL refuses a database without CONNECT (42501); anything else
 //! gets an error naming what the console runs, and the extended protocol a clear 0A000.
 
+use std::time::Duration;
+
 use pgvigil::config::Config;
 use pgvigil::pause::Traffic;
 use tokio_postgres::error::SqlState;
@@ -90,8 +92,17 @@ async fn show(port: u16, item: &str, columns: &[&str]) -> Table {
 
 /// pgvigil in front of `cluster` with `app` an admin, started from a config file (for RELOAD).
 async fn start(cluster: &crate::support::LocalCluster) -> (TestProxy, TempConfig) {
+    start_with(cluster, |_| {}).await
+}
+
+/// Like [`start`], with `tweak` applied to the configuration first.
+async fn start_with(
+    cluster: &crate::support::LocalCluster,
+    tweak: impl FnOnce(&mut Config),
+) -> (TestProxy, TempConfig) {
     let mut config = test_config(cluster);
     config.users[0].admin = true;
+    tweak(&mut config);
     let file = TempConfig::new(&toml::to_string(&config).unwrap());
     let config = Config::load(file.path()).unwrap();
     let running = pgvigil::proxy::start(config).await.unwrap();
@@ -112,6 +123,15 @@ async fn every_show_and_command_works_through_psql() {
     )
     .await
     .unwrap();
+    // One transaction of four units, on pg1.
+    for statement in [
+        "BEGIN",
+        "INSERT INTO console_t VALUES (2)",
+        "INSERT INTO console_t VALUES (3)",
+        "COMMIT",
+    ] {
+        app.simple_query(statement).await.unwrap();
+    }
 
     let nodes = show(
         port,
@@ -148,6 +168,8 @@ async fn every_show_and_command_works_through_psql() {
             "cl_waiting",
             "sv_active",
             "sv_idle",
+            "maxwait",
+            "maxwait_us",
             "pool_mode",
         ],
     )
@@ -214,10 +236,12 @@ async fn every_show_and_command_works_through_psql() {
         "STATS",
         &[
             "node",
+            "total_xact_count",
             "total_query_count",
             "total_received",
             "total_sent",
             "total_query_time",
+            "total_wait_time",
             "avg_query_time",
         ],
     )
@@ -229,6 +253,21 @@ async fn every_show_and_command_works_through_psql() {
     );
     let pg1 = stats.rows_where("node", "pg1");
     assert!(count(pg1[0]) >= 1, "the batch wrote on pg1");
+    let xacts = stats
+        .get(pg1[0], "total_xact_count")
+        .parse::<u64>()
+        .unwrap();
+    assert!(xacts >= 2, "the batch and the block: {xacts}");
+    assert!(
+        count(pg1[0]) >= xacts + 3,
+        "the block's four units are one transaction: {:?}",
+        stats.rows
+    );
+    assert_eq!(
+        stats.get(pg1[0], "total_wait_time"),
+        "0",
+        "no checkout waited"
+    );
     assert!(stats.get(pg1[0], "total_received").parse::<u64>().unwrap() > 0);
     assert!(stats.get(pg1[0], "total_sent").parse::<u64>().unwrap() > 0);
 
@@ -266,7 +305,7 @@ async fn every_show_and_command_works_through_psql() {
         crate::support::value(&app, "SELECT count(*)::text FROM console_t")
             .await
             .as_deref(),
-        Some("1")
+        Some("3")
     );
 }
 
@@ -326,4 +365,131 @@ async fn anything_else_gets_a_clear_error_and_the_console_goes_on() {
     assert!(rows
         .iter()
         .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn show_pools_has_how_long_a_checkout_waits_for_a_full_pool() {
+    let cluster = test_cluster(0);
+    let (proxy, _file) = start_with(&cluster, |config| {
+        config.pool.max_size = 1;
+        config.pool.checkout_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let port = proxy.addr.port();
+    // Session pooling: the holder keeps pg1's one server connection while it is open.
+    let holder = proxy.connect_app().await;
+    holder.simple_query("SELECT 1").await.unwrap();
+    let waiter = tokio::spawn({
+        let conninfo = proxy.conninfo(APP_USER, APP_PASSWORD, "app");
+        async move {
+            let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                .await
+                .expect("the waiter is served once the holder leaves");
+            tokio::spawn(connection);
+            client.simple_query("SELECT 1").await.map(|_| ())
+        }
+    });
+    let columns = [
+        "database",
+        "user",
+        "node",
+        "cl_active",
+        "cl_waiting",
+        "sv_active",
+        "sv_idle",
+        "maxwait",
+        "maxwait_us",
+        "pool_mode",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let pools = show(port, "POOLS", &columns).await;
+        let row = pools
+            .rows_where("database", "app")
+            .into_iter()
+            .find(|r| pools.get(r, "user") == APP_USER)
+            .cloned();
+        let waited = row.as_ref().map_or(0, |r| {
+            pools.get(r, "maxwait").parse::<u64>().unwrap() * 1_000_000
+                + pools.get(r, "maxwait_us").parse::<u64>().unwrap()
+        });
+        if waited > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no wait shown: {:?}",
+            pools.rows
+        );
+    }
+    drop(holder);
+    let served = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("the waiter was served")
+        .unwrap();
+    assert!(served.is_ok(), "{served:?}");
+    let pools = show(port, "POOLS", &columns).await;
+    for row in pools.rows_where("database", "app") {
+        assert_eq!(
+            (pools.get(row, "maxwait"), pools.get(row, "maxwait_us")),
+            ("0", "0"),
+            "nobody waits any more"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_waiting_for_a_server_connection_shows_as_waiting() {
+    let cluster = test_cluster(0);
+    let (proxy, _file) = start_with(&cluster, |config| {
+        config.pool.mode = pgvigil::config::PoolMode::Transaction;
+        config.pool.max_size = 1;
+        config.pool.checkout_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let port = proxy.addr.port();
+    let waiter = proxy.connect_app().await;
+    let holder = proxy.connect_app().await;
+    // Transaction pooling: the holder keeps pg1's one server connection until its COMMIT.
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 1").await.map(|_| ()) });
+    let columns = [
+        "type",
+        "user",
+        "database",
+        "state",
+        "addr",
+        "port",
+        "connect_time",
+        "pid",
+        "application_name",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let clients = show(port, "CLIENTS", &columns).await;
+        let app = clients.rows_where("database", "app");
+        let waiting: Vec<_> = app
+            .iter()
+            .filter(|r| clients.get(r, "state") == "waiting")
+            .collect();
+        if waiting.len() == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no client shown waiting: {:?}",
+            clients.rows
+        );
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    let served = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the waiter was served after the holder's COMMIT")
+        .unwrap();
+    assert!(served.is_ok(), "{served:?}");
+    let clients = show(port, "CLIENTS", &columns).await;
+    assert!(clients
+        .rows_where("database", "app")
+        .iter()
+        .all(|r| clients.get(r, "state") != "waiting"));
 }

@@ -363,6 +363,8 @@ async fn client_states_pool_waits_and_bytes_are_exported() {
     })
     .await;
     assert!(observations(&after, "pgvigil_pool_wait_seconds", &[("node", "pg1")]) >= 1.0);
+    // SHOW STATS' total_wait_time has the wait too.
+    assert!(proxy.running.proxy.pools.wait_us(0) > 0);
     assert!(
         value(
             &after,

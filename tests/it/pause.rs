@@ -1,7 +1,7 @@
 //! `pgvigil pause` and `resume` as an operator uses them (the real CLI against pgvigil in front
 //! of a real cluster): a new transaction waits while paused and runs after resume, one already
 //! open finishes, `pause --wait` returns once none is in flight, and a held client's cancel
-//! request gets 57014 with the session going on.
+//! request, or `client.query_wait_timeout` running out, gets 57014 with the session going on.
 
 use std::time::Duration;
 
@@ -123,6 +123,45 @@ async fn a_held_statement_is_cancelled_with_57014_and_the_session_goes_on() {
     assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED));
     assert_eq!(proxy.running.proxy.pause.held(), 0);
 
+    cli(admin, None, &["resume"]).await.exits(0);
+    assert_eq!(
+        value(&client, "SELECT 'after'").await.as_deref(),
+        Some("after")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_held_past_query_wait_timeout_gets_57014_and_the_session_goes_on() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |config| {
+        config.client.query_wait_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let admin = proxy.running.admin_addr;
+    let client = proxy.connect_app().await;
+    cli(admin, None, &["pause"]).await.exits(0);
+
+    let held = tokio::spawn(async move {
+        let result = client.simple_query("SELECT 1").await.map(|_| ());
+        (client, result)
+    });
+    until_held(&proxy, 1);
+    let (client, result) = tokio::time::timeout(PATIENCE, held)
+        .await
+        .expect("the held statement was not answered after query_wait_timeout")
+        .unwrap();
+    let error = result.expect_err("the held statement timed out");
+    assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED));
+    let message = error.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("client.query_wait_timeout")),
+        "{message:?}"
+    );
+    assert_eq!(proxy.running.proxy.pause.held(), 0);
+    // Still paused: pgvigil stays paused; the session goes on after resume.
+    assert_eq!(proxy.running.proxy.pause.traffic(), Traffic::Paused);
     cli(admin, None, &["resume"]).await.exits(0);
     assert_eq!(
         value(&client, "SELECT 'after'").await.as_deref(),

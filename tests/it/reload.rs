@@ -320,3 +320,338 @@ async fn a_removed_users_session_opens_new_server_connections_under_transaction_
         Some(MD5_USER)
     );
 }
+
+/// Clients reading and writing through `proxy` until `stop`, each counting into `done`; each
+/// returns the first error it got.
+async fn load(
+    proxy: &TestProxy,
+    clients: usize,
+    stop: &Arc<AtomicBool>,
+    done: &Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>> {
+    proxy
+        .connect_app()
+        .await
+        .batch_execute("CREATE TABLE IF NOT EXISTS reload_nodes (n int)")
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..clients {
+        let client = proxy.connect_app().await;
+        let (stop, done) = (stop.clone(), done.clone());
+        let n = i32::try_from(n).unwrap();
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if n % 3 == 0 {
+                    client
+                        .execute("INSERT INTO reload_nodes VALUES ($1)", &[&n])
+                        .await?;
+                } else {
+                    client.simple_query("SELECT inet_server_port()").await?;
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+    tasks
+}
+
+/// Stops the load and asserts no client got an error.
+async fn no_client_error(
+    stop: &AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>>,
+) {
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let outcome = tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
+        assert!(outcome.is_ok(), "a client got an error: {outcome:?}");
+    }
+}
+
+/// Waits until `done` has moved on by `more` units.
+fn load_goes_on(done: &AtomicUsize, more: usize, what: &str) {
+    let before = done.load(Ordering::Relaxed);
+    eventually(PATIENCE, what, || {
+        done.load(Ordering::Relaxed) > before + more
+    });
+}
+
+/// The status as `pgvigil status --json` prints it.
+async fn status(proxy: &TestProxy) -> pgvigil::admin::api::Status {
+    cli(proxy.running.admin_addr, None, &["status", "--json"])
+        .await
+        .exits(0)
+        .json()
+}
+
+/// Server connections of the application user open on `node` (pgvigil's pools and probes).
+fn app_backends(cluster: &LocalCluster, node: usize) -> usize {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
+         AND backend_type = 'client backend' AND usename = '{APP_USER}'"
+    );
+    let out = cluster.psql(node, &sql).unwrap();
+    out.parse().unwrap_or_else(|_| panic!("{sql}: {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_added_by_reload_under_load_takes_reads_with_no_client_error() {
+    let cluster = test_cluster(2);
+    let mut config = test_config(&cluster);
+    let pg3 = config.nodes.pop().expect("three nodes");
+    let file = TempConfig::new(&toml_of(&config));
+    let proxy = start_from(&file).await;
+    let shared = proxy.running.proxy.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients = load(&proxy, 6, &stop, &done).await;
+    load_goes_on(&done, 100, "load running");
+
+    config.nodes.push(pg3);
+    rewrite(&file, &config);
+    let reloaded: Done = cli(proxy.running.admin_addr, None, &["reload", "--json"])
+        .await
+        .exits(0)
+        .json();
+    assert!(
+        reloaded.message.contains("nodes added (pg3)"),
+        "{}",
+        reloaded.message
+    );
+    // Probed, found a standby, caught up: it takes reads.
+    eventually(PATIENCE, "pg3 a caught-up standby", || {
+        let topology = shared.topology.load();
+        let routing = &shared.config().routing;
+        topology
+            .nodes
+            .get(2)
+            .is_some_and(|n| n.role == pgvigil::topology::Role::Standby && n.stale.is_none())
+            && shared
+                .replication
+                .load()
+                .caught_up(2, 0, routing.max_lag_bytes, routing.max_lag)
+    });
+    let reader = proxy.connect_app().await;
+    let pg3_port = cluster.node(2).port.to_string();
+    let mut reached = false;
+    for _ in 0..200 {
+        if value(&reader, "SELECT inet_server_port()").await.as_deref() == Some(&pg3_port) {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "no read reached pg3 in 200");
+    load_goes_on(&done, 200, "load going on after the reload");
+    let seen = status(&proxy).await;
+    let node = seen
+        .nodes
+        .iter()
+        .find(|n| n.name == "pg3")
+        .expect("pg3 in status");
+    assert_eq!(node.role, "standby");
+    assert!(shared
+        .events
+        .list()
+        .iter()
+        .any(|e| e.node.as_deref() == Some("pg3") && e.message == "node added"));
+    no_client_error(&stop, clients).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_removed_by_reload_under_load_is_drained_and_leaves_with_no_client_error() {
+    let cluster = test_cluster(2);
+    let mut config = test_config(&cluster);
+    let file = TempConfig::new(&toml_of(&config));
+    let proxy = start_from(&file).await;
+    crate::read_split::wait_until_every_node_may_read(&proxy);
+    let shared = proxy.running.proxy.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients = load(&proxy, 6, &stop, &done).await;
+    eventually(PATIENCE, "load running, some of it on pg3", || {
+        done.load(Ordering::Relaxed) > 100 && shared.pools.open_count(2) > 0
+    });
+
+    config.nodes.pop();
+    rewrite(&file, &config);
+    let reloaded: Done = cli(proxy.running.admin_addr, None, &["reload", "--json"])
+        .await
+        .exits(0)
+        .json();
+    assert!(
+        reloaded.message.contains("nodes removed (pg3)"),
+        "{}",
+        reloaded.message
+    );
+    // The sessions move at their next statement: drained well before pool.drain_timeout.
+    eventually(PATIENCE, "pg3 drained and removed", || {
+        eprintln!(
+            "DEBUG role {:?} open {} idle {}",
+            shared.topology.load().nodes[2].role,
+            shared.pools.open_count(2),
+            shared.pools.idle_count(2)
+        );
+        shared.topology.load().nodes[2].role == pgvigil::topology::Role::Removed
+    });
+    let events = shared.events.list();
+    let removed = events
+        .iter()
+        .rfind(|e| e.node.as_deref() == Some("pg3"))
+        .expect("pg3's removal in the event log");
+    assert_eq!(removed.message, "node removed: drained");
+    eventually(PATIENCE, "no connection of pgvigil's left on pg3", || {
+        app_backends(&cluster, 2) == 0
+    });
+    let seen = status(&proxy).await;
+    assert!(
+        seen.nodes.iter().all(|n| n.name != "pg3"),
+        "pg3 still in status: {:?}",
+        seen.nodes
+    );
+    load_goes_on(&done, 200, "load going on after the removal");
+    let pg3_port = cluster.node(2).port.to_string();
+    let reader = proxy.connect_app().await;
+    for _ in 0..50 {
+        let port = value(&reader, "SELECT inet_server_port()").await;
+        assert_ne!(
+            port.as_deref(),
+            Some(pg3_port.as_str()),
+            "a read went to pg3"
+        );
+    }
+    no_client_error(&stop, clients).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn removing_the_primary_is_refused_and_the_running_configuration_stays() {
+    let cluster = test_cluster(1);
+    let config = test_config(&cluster);
+    let file = TempConfig::new(&toml_of(&config));
+    let proxy = start_from(&file).await;
+    let shared = proxy.running.proxy.clone();
+    eventually(PATIENCE, "pg1 the primary", || {
+        shared.topology.load().primary == pgvigil::topology::Primary::Known(0)
+    });
+
+    let mut without_primary = config.clone();
+    without_primary.nodes.remove(0);
+    without_primary.pool.max_size = 3;
+    rewrite(&file, &without_primary);
+    let refusal = cli(proxy.running.admin_addr, None, &["reload", "--json"])
+        .await
+        .refusal();
+    assert!(
+        refusal
+            .refused
+            .contains("pg1 is the primary and cannot be removed"),
+        "{refusal:?}"
+    );
+    assert_eq!(shared.config().pool.max_size, config.pool.max_size);
+    assert_eq!(shared.config().nodes.len(), 2);
+    let seen = status(&proxy).await;
+    assert_eq!(seen.primary.as_deref(), Some("pg1"));
+    assert!(seen.nodes.iter().all(|n| n.role != "leaving"));
+
+    // Nor may a node keep its name at another address.
+    let mut moved = config.clone();
+    moved.nodes[1].port = 1;
+    rewrite(&file, &moved);
+    let refusal = cli(proxy.running.admin_addr, None, &["reload", "--json"])
+        .await
+        .refusal();
+    assert!(
+        refusal
+            .refused
+            .contains("nodes[pg2]: its address cannot change live"),
+        "{refusal:?}"
+    );
+    let client = proxy.connect_app().await;
+    assert_eq!(value(&client, "SELECT 'up'").await.as_deref(), Some("up"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_on_a_removed_standby_moves_at_its_next_statement() {
+    let cluster = test_cluster(1);
+    let mut config = test_config(&cluster);
+    config.pool.drain_timeout = Duration::from_secs(2);
+    let file = TempConfig::new(&toml_of(&config));
+    let proxy = start_from(&file).await;
+    let shared = proxy.running.proxy.clone();
+    eventually(PATIENCE, "pg2 a caught-up standby", || {
+        let topology = shared.topology.load();
+        let routing = &shared.config().routing;
+        topology.primary == pgvigil::topology::Primary::Known(0)
+            && topology.nodes[1].role == pgvigil::topology::Role::Standby
+            && topology.nodes[1].stale.is_none()
+            && shared
+                .replication
+                .load()
+                .caught_up(1, 0, routing.max_lag_bytes, routing.max_lag)
+    });
+    // Session pooling: this client keeps its connection to pg2 while it sits idle.
+    let idle = proxy.connect_app().await;
+    let pg2_port = cluster.node(1).port.to_string();
+    let mut on_pg2 = false;
+    for _ in 0..200 {
+        if value(&idle, "SELECT inet_server_port()").await.as_deref() == Some(&pg2_port) {
+            on_pg2 = true;
+            break;
+        }
+    }
+    assert!(on_pg2, "no read reached pg2 in 200");
+
+    config.nodes.pop();
+    rewrite(&file, &config);
+    cli(proxy.running.admin_addr, None, &["reload"])
+        .await
+        .exits(0);
+    eventually(PATIENCE, "pg2 removed after pool.drain_timeout", || {
+        shared.topology.load().nodes[1].role == pgvigil::topology::Role::Removed
+    });
+    let removed = shared
+        .events
+        .list()
+        .into_iter()
+        .rfind(|e| e.node.as_deref() == Some("pg2"))
+        .expect("pg2's removal in the event log");
+    assert_eq!(
+        removed.message,
+        "node removed: 1 server connections still held after pool.drain_timeout are closed"
+    );
+    eventually(PATIENCE, "no connection of pgvigil's left on pg2", || {
+        app_backends(&cluster, 1) == 0
+    });
+    // Its next statement runs elsewhere, with no error.
+    let port = value(&idle, "SELECT inet_server_port()").await;
+    assert_eq!(port, Some(cluster.node(0).port.to_string()));
+}
+
+/// The authentication request an unknown user gets first (5: md5, 10: SASL).
+async fn unknown_user_request(proxy: &TestProxy) -> i32 {
+    let mut raw = crate::auth::RawClient::connect(proxy.addr).await;
+    let mut startup = bytes::BytesMut::new();
+    pgvigil_proto::encode::startup_message(
+        &mut startup,
+        &[(b"user", b"nobody"), (b"database", APP_DB.as_bytes())],
+    );
+    raw.send(&startup).await;
+    raw.recv().await.auth_code()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_users_are_asked_for_the_method_most_users_have_after_a_reload_too() {
+    let cluster = test_cluster(0);
+    let mut config = test_config(&cluster);
+    let file = TempConfig::new(&toml_of(&config));
+    let proxy = start_from(&file).await;
+    // One SCRAM user, one md5 user: a tie goes to SCRAM.
+    assert_eq!(unknown_user_request(&proxy).await, 10);
+
+    config.users.retain(|u| u.name == MD5_USER);
+    rewrite(&file, &config);
+    cli(proxy.running.admin_addr, None, &["reload"])
+        .await
+        .exits(0);
+    assert_eq!(unknown_user_request(&proxy).await, 5);
+}

@@ -13,6 +13,10 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 
+mod histogram;
+
+use histogram::LatencyHistogram;
+
 use crate::admin::api::Status;
 use crate::pause::Traffic;
 use crate::topology::NodeId;
@@ -107,6 +111,8 @@ impl FailoverPhase {
 /// What a node has served so far (SHOW STATS), in plain counters read back by the console.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
+    /// Transactions ended (an autocommit unit, or the unit that ended a block).
+    pub transactions: u64,
     /// Units served.
     pub units: u64,
     /// Their time in all, in microseconds.
@@ -128,17 +134,22 @@ pub struct Bytes {
 
 /// The handles of one node's hot-path metrics.
 struct NodeMetrics {
+    /// The node's configured name.
+    name: String,
     /// `pgvigil_client_received_bytes_total{node}`, `pgvigil_client_sent_bytes_total{node}`.
     received: Counter,
     sent: Counter,
     /// The same sums, readable for SHOW STATS.
+    xacts_sum: AtomicU64,
     units_sum: AtomicU64,
     unit_us_sum: AtomicU64,
     received_sum: AtomicU64,
     sent_sum: AtomicU64,
     /// `pgvigil_units_total{node, kind}`, indexed like [`UnitKind::ALL`].
     units: [Counter; 4],
-    unit_duration: Histogram,
+    /// `pgvigil_unit_duration_seconds{node}`, rendered by pgvigil (count and sum are
+    /// `units_sum` and `unit_us_sum`).
+    unit_duration: LatencyHistogram,
     probe_duration: Histogram,
     probe_failures: Counter,
 }
@@ -146,7 +157,9 @@ struct NodeMetrics {
 /// The proxy's metrics: its recorder and the handles registered at start.
 pub struct Metrics {
     recorder: PrometheusRecorder,
-    nodes: Vec<NodeMetrics>,
+    /// Indexed by node id; grows when a reload adds a node (a node removed keeps its slot, and
+    /// its counters keep their totals).
+    nodes: boxcar::Vec<NodeMetrics>,
     failovers: Counter,
     switchovers: Counter,
     failbacks: Counter,
@@ -169,13 +182,52 @@ pub struct ClientCounts {
     pub waiting: usize,
 }
 
+/// The per-unit and probe handles of the node called `name`.
+fn node_metrics(recorder: &PrometheusRecorder, name: &str) -> NodeMetrics {
+    let node = || Label::new("node", name.to_owned());
+    NodeMetrics {
+        name: name.to_owned(),
+        units: UnitKind::ALL.map(|kind| {
+            recorder.register_counter(
+                &Key::from_parts(
+                    "pgvigil_units_total",
+                    vec![node(), Label::new("kind", kind.as_str())],
+                ),
+                &METADATA,
+            )
+        }),
+        unit_duration: LatencyHistogram::default(),
+        probe_duration: recorder.register_histogram(
+            &Key::from_parts("pgvigil_probe_duration_seconds", vec![node()]),
+            &METADATA,
+        ),
+        probe_failures: recorder.register_counter(
+            &Key::from_parts("pgvigil_probe_failures_total", vec![node()]),
+            &METADATA,
+        ),
+        received: recorder.register_counter(
+            &Key::from_parts("pgvigil_client_received_bytes_total", vec![node()]),
+            &METADATA,
+        ),
+        sent: recorder.register_counter(
+            &Key::from_parts("pgvigil_client_sent_bytes_total", vec![node()]),
+            &METADATA,
+        ),
+        xacts_sum: AtomicU64::new(0),
+        units_sum: AtomicU64::new(0),
+        unit_us_sum: AtomicU64::new(0),
+        received_sum: AtomicU64::new(0),
+        sent_sum: AtomicU64::new(0),
+    }
+}
+
 /// Where the metrics macros' call sites would be; the exporter ignores it but the API asks.
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
-impl Metrics {
-    /// A recorder with the latency buckets, and the handles for `node_names`.
-    pub fn new(node_names: &[String]) -> Metrics {
+impl Default for Metrics {
+    /// A recorder with the latency buckets and no node yet ([`Metrics::add_node`] adds them).
+    fn default() -> Metrics {
         // `set_buckets` only fails on an empty list, and ours is not; without buckets
         // histograms would render as summaries, which cannot be aggregated across instances.
         let builder = PrometheusBuilder::new()
@@ -183,47 +235,7 @@ impl Metrics {
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         describe(&recorder);
-        let nodes = node_names
-            .iter()
-            .map(|name| {
-                let node = || Label::new("node", name.clone());
-                NodeMetrics {
-                    units: UnitKind::ALL.map(|kind| {
-                        recorder.register_counter(
-                            &Key::from_parts(
-                                "pgvigil_units_total",
-                                vec![node(), Label::new("kind", kind.as_str())],
-                            ),
-                            &METADATA,
-                        )
-                    }),
-                    unit_duration: recorder.register_histogram(
-                        &Key::from_parts("pgvigil_unit_duration_seconds", vec![node()]),
-                        &METADATA,
-                    ),
-                    probe_duration: recorder.register_histogram(
-                        &Key::from_parts("pgvigil_probe_duration_seconds", vec![node()]),
-                        &METADATA,
-                    ),
-                    probe_failures: recorder.register_counter(
-                        &Key::from_parts("pgvigil_probe_failures_total", vec![node()]),
-                        &METADATA,
-                    ),
-                    received: recorder.register_counter(
-                        &Key::from_parts("pgvigil_client_received_bytes_total", vec![node()]),
-                        &METADATA,
-                    ),
-                    sent: recorder.register_counter(
-                        &Key::from_parts("pgvigil_client_sent_bytes_total", vec![node()]),
-                        &METADATA,
-                    ),
-                    units_sum: AtomicU64::new(0),
-                    unit_us_sum: AtomicU64::new(0),
-                    received_sum: AtomicU64::new(0),
-                    sent_sum: AtomicU64::new(0),
-                }
-            })
-            .collect();
+        let nodes = boxcar::Vec::new();
         let counter = |name: &'static str| {
             let counter = recorder.register_counter(&Key::from_name(name), &METADATA);
             // Present from the start, so that a dashboard shows 0 rather than no data.
@@ -273,16 +285,29 @@ impl Metrics {
             clients_open: AtomicU64::new(0),
         }
     }
+}
 
+impl Metrics {
     /// A unit of `kind` on `node` finished after `took`, having moved `bytes` (counted by the
-    /// session since its last unit: one flush per unit, nothing per message).
-    pub fn unit_done(&self, node: NodeId, kind: UnitKind, took: Duration, bytes: Bytes) {
+    /// session since its last unit: one flush per unit, nothing per message); `ended_transaction`:
+    /// the session is no longer in a transaction block after it.
+    pub fn unit_done(
+        &self,
+        node: NodeId,
+        kind: UnitKind,
+        took: Duration,
+        bytes: Bytes,
+        ended_transaction: bool,
+    ) {
         if let Some(m) = self.nodes.get(node) {
+            let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
             m.units[kind as usize].increment(1);
-            m.unit_duration.record(took.as_secs_f64());
+            m.unit_duration.record(micros);
             m.received.increment(bytes.received);
             m.sent.increment(bytes.sent);
-            let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            if ended_transaction {
+                m.xacts_sum.fetch_add(1, Ordering::Relaxed);
+            }
             m.units_sum.fetch_add(1, Ordering::Relaxed);
             m.unit_us_sum.fetch_add(micros, Ordering::Relaxed);
             m.received_sum.fetch_add(bytes.received, Ordering::Relaxed);
@@ -295,6 +320,7 @@ impl Metrics {
         self.nodes
             .get(node)
             .map_or_else(Totals::default, |m| Totals {
+                transactions: m.xacts_sum.load(Ordering::Relaxed),
                 units: m.units_sum.load(Ordering::Relaxed),
                 unit_us: m.unit_us_sum.load(Ordering::Relaxed),
                 received: m.received_sum.load(Ordering::Relaxed),
@@ -345,27 +371,30 @@ impl Metrics {
         self.clients_open.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// The `pgvigil_pool_waits_total` and `pgvigil_pool_wait_seconds` handles of every node,
-    /// for the pools to record the checkouts that had to wait.
-    pub fn pool_waits(&self, node_names: &[String]) -> Vec<crate::pool::WaitMetrics> {
-        node_names
-            .iter()
-            .map(|name| {
-                let node = || vec![Label::new("node", name.clone())];
-                let waits = self.recorder.register_counter(
-                    &Key::from_parts("pgvigil_pool_waits_total", node()),
-                    &METADATA,
-                );
-                waits.absolute(0);
-                crate::pool::WaitMetrics {
-                    waits,
-                    seconds: self.recorder.register_histogram(
-                        &Key::from_parts("pgvigil_pool_wait_seconds", node()),
-                        &METADATA,
-                    ),
-                }
-            })
-            .collect()
+    /// Handles for a node a reload added, as the started nodes have them: its id must be the
+    /// next one (the number of nodes so far).
+    pub fn add_node(&self, node: NodeId, name: &str) {
+        if node == self.nodes.count() {
+            self.nodes.push(node_metrics(&self.recorder, name));
+        }
+    }
+
+    /// The `pgvigil_pool_waits_total` and `pgvigil_pool_wait_seconds` handles of the node
+    /// called `name`, for its pool to record the checkouts that had to wait.
+    pub fn pool_wait(&self, name: &str) -> crate::pool::WaitMetrics {
+        let node = || vec![Label::new("node", name.to_owned())];
+        let waits = self.recorder.register_counter(
+            &Key::from_parts("pgvigil_pool_waits_total", node()),
+            &METADATA,
+        );
+        waits.absolute(0);
+        crate::pool::WaitMetrics {
+            waits,
+            seconds: self.recorder.register_histogram(
+                &Key::from_parts("pgvigil_pool_wait_seconds", node()),
+                &METADATA,
+            ),
+        }
     }
 
     /// The text exposition as of now: the gauges read from `status` and `clients` first, then
@@ -403,55 +432,66 @@ impl Metrics {
             vec![],
             f64::from(u8::from(status.traffic == Traffic::Paused)),
         );
-        for node in &status.nodes {
-            let label = || vec![Label::new("node", node.name.clone())];
-            gauge(
-                "pgvigil_node_up",
-                label(),
-                f64::from(u8::from(node.health == "up")),
-            );
-            gauge(
-                "pgvigil_node_is_primary",
-                label(),
-                f64::from(u8::from(node.role == "primary")),
-            );
-            gauge(
-                "pgvigil_node_timeline",
-                label(),
-                node.timeline.map_or(0.0, f64::from),
-            );
-            gauge(
-                "pgvigil_node_replication_lag_bytes",
-                label(),
-                node.lag_bytes.unwrap_or(0) as f64,
-            );
-            gauge(
-                "pgvigil_node_replay_lag_seconds",
-                label(),
-                node.replay_delay_ms.unwrap_or(0) as f64 / 1000.0,
-            );
-            let idle = node.idle_connections;
-            for (state, count) in [
-                ("idle", idle),
-                ("active", node.connections.saturating_sub(idle)),
-            ] {
+        let node_gauges = |name: &str, values: [f64; 7]| {
+            let label = || vec![Label::new("node", name.to_owned())];
+            let [up, primary, timeline, lag_bytes, replay_lag, idle, active] = values;
+            gauge("pgvigil_node_up", label(), up);
+            gauge("pgvigil_node_is_primary", label(), primary);
+            gauge("pgvigil_node_timeline", label(), timeline);
+            gauge("pgvigil_node_replication_lag_bytes", label(), lag_bytes);
+            gauge("pgvigil_node_replay_lag_seconds", label(), replay_lag);
+            for (state, count) in [("idle", idle), ("active", active)] {
                 gauge(
                     "pgvigil_server_connections",
                     vec![
-                        Label::new("node", node.name.clone()),
+                        Label::new("node", name.to_owned()),
                         Label::new("state", state),
                     ],
-                    count as f64,
+                    count,
                 );
+            }
+        };
+        for node in &status.nodes {
+            let idle = node.idle_connections;
+            node_gauges(
+                &node.name,
+                [
+                    f64::from(u8::from(node.health == "up")),
+                    f64::from(u8::from(node.role == "primary")),
+                    node.timeline.map_or(0.0, f64::from),
+                    node.lag_bytes.unwrap_or(0) as f64,
+                    node.replay_delay_ms.unwrap_or(0) as f64 / 1000.0,
+                    idle as f64,
+                    node.connections.saturating_sub(idle) as f64,
+                ],
+            );
+        }
+        // A node a reload removed keeps its series (the exporter cannot drop them): its
+        // gauges read 0, its counters keep their totals.
+        for (_, m) in &self.nodes {
+            if !status.nodes.iter().any(|n| n.name == m.name) {
+                node_gauges(&m.name, [0.0; 7]);
             }
         }
         // Rendering ourselves means no upkeep task runs: do it here, or histograms grow
         // without bound (metrics-exporter-prometheus, "Upkeep and maintenance").
         let handle = self.recorder.handle();
         handle.run_upkeep();
-        handle.render()
+        let mut text = handle.render();
+        let name = "pgvigil_unit_duration_seconds";
+        text.push_str(&format!("# HELP {name} {UNIT_DURATION_HELP}\n"));
+        text.push_str(&format!("# TYPE {name} histogram\n"));
+        for (_, m) in &self.nodes {
+            let sum = m.unit_us_sum.load(Ordering::Relaxed);
+            m.unit_duration.render(name, &m.name, sum, &mut text);
+        }
+        text
     }
 }
+
+/// `pgvigil_unit_duration_seconds`' help (rendered by pgvigil, see `histogram`).
+const UNIT_DURATION_HELP: &str =
+    "Time from forwarding a unit to its node until the node answered all of it";
 
 /// Help text and units for every metric.
 fn describe(recorder: &PrometheusRecorder) {
@@ -493,14 +533,10 @@ fn describe(recorder: &PrometheusRecorder) {
     for (name, help) in counters {
         recorder.describe_counter(KeyName::from(name), None, help.into());
     }
-    let histograms: [(&'static str, &'static str); 3] = [
+    let histograms: [(&'static str, &'static str); 2] = [
         (
             "pgvigil_pool_wait_seconds",
             "How long checkouts that waited for a server connection waited, per node",
-        ),
-        (
-            "pgvigil_unit_duration_seconds",
-            "Time from forwarding a unit to its node until the node answered all of it",
         ),
         (
             "pgvigil_probe_duration_seconds",
