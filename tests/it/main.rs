@@ -19,6 +19,7 @@ mod failover;
 mod failover_safety;
 mod idle_memory;
 mod instances;
+mod large_messages;
 mod lost_transaction;
 mod metrics;
 mod passthrough;
