@@ -68,6 +68,8 @@ pub struct Proxy {
     pub backend_tls: Option<Arc<rustls::ClientConfig>>,
     /// Random per-process seed for the mock SCRAM secrets of unknown users.
     pub auth_seed: [u8; 32],
+    /// The salted passwords of SCRAM logins to the nodes (see `auth::scram_client`).
+    pub salted_passwords: Arc<crate::auth::scram_client::SaltedPasswords>,
     /// What unknown users are asked for: the method most configured users have, so that the
     /// request itself does not tell them apart.
     pub unknown_user_method: crate::config::AuthMethod,
@@ -126,6 +128,7 @@ impl Proxy {
             backend_tls,
             users,
             auth_seed: rand::random(),
+            salted_passwords: Arc::default(),
             unknown_user_method: most_common_method(&config),
             nudges: Arc::new(health::Nudges::new(config.nodes.len())),
             functions: ArcSwap::from_pointee(config.function_lists()),
@@ -236,6 +239,7 @@ impl Proxy {
             connect_timeout: self.config().backend.connect_timeout,
             tls: self.config().backend.tls,
             tls_config: self.backend_tls.clone(),
+            salted: self.salted_passwords.clone(),
         }
     }
 

@@ -28,6 +28,7 @@ mod pgbench;
 mod pooling;
 mod prepared_pooling;
 mod read_split;
+mod reconnect_storm;
 mod reload;
 mod replay;
 mod replication;
