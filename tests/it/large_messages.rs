@@ -1,8 +1,9 @@
 //! Large messages pass through in pieces: a 256 MiB bytea row read, copied out and copied in
 //! through a pgvigil process arrives byte-exact (its digest computed by PostgreSQL equals the
 //! client's), while pgvigil's resident memory grows by less than 16 MB, in both pool modes.
-//! The figures are printed (`--nocapture`); `PGVIGIL_BIN=target/release/pgvigil` measures a
-//! release build instead of the test's own.
+//! A backend lost in the middle of such a row leaves the client half a row and a closed
+//! connection, as PostgreSQL itself would. The figures are printed (`--nocapture`);
+//! `PGVIGIL_BIN=target/release/pgvigil` measures a release build instead of the test's own.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, TryStreamExt};
@@ -12,7 +13,10 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::lost_transaction::trust_app;
 use crate::support::binary::ProxyProcess;
-use crate::support::{test_cluster, test_config, APP_DB, APP_USER};
+use crate::support::wire::Wire;
+use crate::support::{
+    eventually, node_psql, start_proxy, test_cluster, test_config, APP_DB, APP_USER,
+};
 
 /// The value's size: 8 Mi SHA-256 digests of consecutive integers, so that no two pieces of it
 /// look alike and a piece out of place changes its digest.
@@ -20,6 +24,9 @@ const VALUE_LEN: usize = 256 << 20;
 
 /// The bound on pgvigil's growth while one value passes (the issue's target).
 const GROWTH_BOUND: usize = 16 << 20;
+
+/// Generous bound on anything that must happen "eventually" on a loaded two-core machine.
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// PostgreSQL's binary COPY header: signature, flags, header extension length.
 const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
@@ -98,6 +105,59 @@ async fn a_256_mib_row_and_copy_pass_through_byte_exact_in_bounded_memory() {
             "COPY FROM STDIN"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_lost_in_the_middle_of_a_large_row_leaves_the_client_half_a_row_and_a_close() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, trust_app).await;
+    let setup = proxy.connect_app().await;
+    setup
+        .batch_execute(
+            "CREATE TABLE big (data bytea);
+             ALTER TABLE big ALTER data SET STORAGE EXTERNAL;
+             INSERT INTO big SELECT string_agg(sha256(int4send(g)), '' ORDER BY g)
+               FROM generate_series(1, 2097152) g",
+        )
+        .await
+        .unwrap();
+    let row_len = 64 << 20;
+
+    // The client reads the start of the 64 MiB row and stops: pgvigil stops reading from the
+    // node once its buffer for the client is full, and the backend blocks writing the rest.
+    let mut wire = Wire::login(&proxy).await;
+    wire.send(|out| pgvigil_proto::encode::query(out, b"SELECT data FROM big"))
+        .await;
+    wire.read_at_least(1 << 20).await;
+    eventually(
+        PATIENCE,
+        "the backend sending the row is terminated",
+        || {
+            node_psql(
+                &cluster,
+                0,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE query = 'SELECT data FROM big' AND wait_event = 'ClientWrite'",
+            ) == "1"
+        },
+    );
+
+    // PostgreSQL closes a connection it cannot finish a message on without another word, and
+    // so does pgvigil: anything after half a row would be read as the rest of the row.
+    let received = wire.read_until_closed().await;
+    assert!(
+        received.len() < row_len,
+        "{} bytes: the row cannot have been whole",
+        received.len()
+    );
+    assert_eq!(
+        received.first(),
+        Some(&b'T'),
+        "RowDescription, then the row"
+    );
+    let client = proxy.connect_app().await;
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1, "pgvigil serves the next client");
 }
 
 /// Runs `transfer` through `proxy` and checks how much pgvigil's memory grew meanwhile.
