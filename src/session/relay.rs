@@ -1,5 +1,5 @@
-//! The steady state of a session: bytes flow between the client and its server connection in
-//! whole messages, copied in batches, inspected only where state changes (ReadyForQuery,
+//! The steady state of a session: bytes flow between the client and its server connection as
+//! messages, copied in batches, inspected only where state changes (ReadyForQuery,
 //! ParameterStatus, ErrorResponse, Terminate). Rows are never decoded.
 //!
 //! A message larger than [`PIECES_OVER`] that the relay does not read (a DataRow, a CopyData)
