@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use super::naming::{self, OnServer, Outgoing};
 use super::server_side::ServerSide;
 use super::steering::{Decision, Steering};
+use super::unit;
 use crate::config::PoolMode;
 use crate::proxy::Proxy;
 use crate::server::ServerConn;
@@ -262,7 +263,7 @@ pub async fn relay(
         }
 
         reserve(client_in, max_message, &progress.from_client, |tag| {
-            tag != frontend::tag::COPY_DATA
+            !matches!(tag, frontend::tag::COPY_DATA | frontend::tag::BIND)
         });
         reserve(server_in, max_message, &progress.from_server, |tag| {
             !ServerSide::passes_in_pieces(tag)
@@ -371,7 +372,7 @@ impl ClientScan<'_> {
             else {
                 move_prefix(input, out, forward);
                 forward = 0;
-                self.pass_large(input, out, progress)?;
+                stop = self.pass_large(input, out, progress, steering, server_tx)?;
                 break;
             };
             let (tag, len) = (message.tag, message.len());
@@ -432,23 +433,61 @@ impl ClientScan<'_> {
     }
 
     /// Starts passing along, in pieces, the large message begun at the front of `input` when
-    /// nothing needs it whole: a CopyData.
+    /// nothing needs it whole: a CopyData, or a Bind over [`unit::LOOKAHEAD_LIMIT`] once its
+    /// unit is routed on its names (the statement name renamed under transaction pooling).
+    /// Returns the decision that keeps it for another node, as [`Self::scan`] does.
     fn pass_large(
         &mut self,
         input: &mut BytesMut,
         out: &mut BytesMut,
         progress: &mut Progress,
-    ) -> Result<(), RelayEnd> {
+        steering: &mut Steering,
+        server_tx: TxStatus,
+    ) -> Result<Option<Decision>, RelayEnd> {
         let Ok(Some((tag, total))) = header(input, self.max_message) else {
-            return Ok(());
+            return Ok(None);
         };
-        if total <= PIECES_OVER || tag != frontend::tag::COPY_DATA {
-            return Ok(());
+        let in_pieces = match tag {
+            frontend::tag::COPY_DATA => total > PIECES_OVER,
+            frontend::tag::BIND => unit::large_bind_at(input, 0, self.max_message).is_some(),
+            _ => false,
+        };
+        if !in_pieces {
+            return Ok(None);
         }
+        if starts_unit(tag, progress) {
+            match steering.decide(input, server_tx != TxStatus::Idle, self.proxy) {
+                Decision::Forward => {}
+                Decision::Wait => return Ok(None),
+                other => return Ok(Some(other)),
+            }
+        }
+        let fresh = progress.is_quiet() && out.is_empty();
         note_client(tag, progress)?;
         let here = progress.from_client.start(total, input);
-        move_prefix(input, out, here);
-        Ok(())
+        let start = &input[..here];
+        let outgoing = if tag == frontend::tag::BIND
+            && self.proxy.config().pool.mode == PoolMode::Transaction
+        {
+            let server = OnServer {
+                statements: &mut *self.statements,
+                fresh,
+                tx: server_tx,
+            };
+            steering.forwarded_to(tag, start, Some(server), self.proxy)
+        } else {
+            steering.forwarded(tag, start, self.proxy);
+            Outgoing::AsIs
+        };
+        match outgoing {
+            Outgoing::Renamed { at, len, id } => {
+                naming::rename_start(start, total, at, len, id, out);
+                input.advance(here);
+            }
+            // A Bind is renamed or goes as it is (only a Parse is answered or replaced).
+            _ => move_prefix(input, out, here),
+        }
+        Ok(None)
     }
 }
 

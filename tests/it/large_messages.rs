@@ -1,5 +1,5 @@
-//! Large messages pass through in pieces: a 256 MiB bytea row read, copied out and copied in
-//! through a pgvigil process arrives byte-exact (its digest computed by PostgreSQL equals the
+//! Large messages pass through in pieces: a 256 MiB bytea row read, copied out, bound as a
+//! parameter and copied in through a pgvigil process arrives byte-exact (its digest computed by PostgreSQL equals the
 //! client's), while pgvigil's resident memory grows by less than 16 MB, in both pool modes.
 //! A backend lost in the middle of such a row leaves the client half a row and a closed
 //! connection, as PostgreSQL itself would. The figures are printed (`--nocapture`);
@@ -77,6 +77,22 @@ async fn a_256_mib_row_and_copy_pass_through_byte_exact_in_bounded_memory() {
         })
         .await;
         assert_eq!(hex_md5(copied_value(&copied)), expected, "COPY TO STDOUT");
+
+        // A Bind: the row back as a parameter of 256 MiB, in a unit the Bind starts
+        // (tokio-postgres prepared the statement in a unit of its own).
+        let inserted = passing(&proxy, mode, "INSERT with a Bind", async {
+            client
+                .execute("INSERT INTO big VALUES (3, $1)", &[&value])
+                .await
+                .unwrap()
+        })
+        .await;
+        assert_eq!(inserted, 1);
+        assert_eq!(
+            md5_in_postgres(&client, 3).await,
+            expected,
+            "a Bind's value"
+        );
 
         // COPY FROM STDIN: the row back as one CopyData of 256 MiB.
         let mut data = BytesMut::with_capacity(VALUE_LEN + 64);
