@@ -13,8 +13,9 @@
 #           each proxy's CPU time per transaction (utime + stime from /proc over the run).
 #   memory  memory, not speed (the `memory_load` example as the client): each proxy's resident
 #           memory before and at its peak while one 256 MiB bytea value passes through it (a
-#           SELECT, COPY TO STDOUT, COPY FROM STDIN, each checked byte-exact against md5()), for
-#           pgvigil in session and in transaction pooling and PgBouncer in transaction pooling;
+#           SELECT, COPY TO STDOUT, an INSERT's Bind, COPY FROM STDIN, each checked byte-exact
+#           against md5()), for pgvigil in session and in transaction pooling and PgBouncer in
+#           transaction pooling;
 #           then pgvigil's growth with MEMORY_CLIENTS idle clients (transaction pooling over 20
 #           server connections, each client logged in and having run one query).
 #
@@ -653,7 +654,8 @@ run_memory() {
     local target
     for target in pgvigil pgvigil-memory pgbouncer-transaction; do
         say "memory: a 256 MiB value through $target"
-        "$MEMORY_LOAD" --conn "$(app_conninfo "$target")" --pid "${PID[$target]}" --step large \
+        # PgBouncer 1.18 was seen to hang on or after a 256 MiB CopyData: bounded.
+        timeout 600 "$MEMORY_LOAD" --conn "$(app_conninfo "$target")" --pid "${PID[$target]}" --step large \
             --label "$target" 2>&1 | tee -a "$WORK/memory.txt" >&2 ||
             say "warning: the memory run through $target failed (the report shows where)"
     done

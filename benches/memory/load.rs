@@ -37,7 +37,7 @@ struct Args {
 enum Step {
     /// Open `clients` connections, run one query on each, and hold them idle.
     Idle,
-    /// Read a 256 MiB bytea row, copy it out, and copy it back in.
+    /// Read a 256 MiB bytea row, copy it out, insert it as a parameter, and copy it back in.
     Large,
 }
 
@@ -123,6 +123,16 @@ async fn large(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     })
     .await?;
     check(copied_value(&copied)?, &expected, "COPY TO STDOUT")?;
+
+    measured(args, "INSERT with a 256 MiB Bind parameter", async {
+        Ok(client
+            .execute("INSERT INTO memory_bench VALUES (3, $1)", &[&value])
+            .await?)
+    })
+    .await?;
+    if md5_of(&client, 3).await? != expected {
+        return Err("the INSERT stored another value".into());
+    }
 
     let mut data = BytesMut::with_capacity(VALUE_LEN + 64);
     data.put_slice(COPY_HEADER);
