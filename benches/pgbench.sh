@@ -14,12 +14,20 @@
 #           pooling, with every query mode (-M prepared needs PgBouncer 1.21+, which gets
 #           max_prepared_statements = 200; older ones fail those rows); besides TPS it reports
 #           each proxy's CPU time per transaction (utime + stime from /proc over the run).
+#   memory  memory, not speed (the `memory_load` example as the client): each proxy's resident
+#           memory before and at its peak while one 256 MiB bytea value passes through it (a
+#           SELECT, COPY TO STDOUT, an INSERT's Bind, COPY FROM STDIN, each checked byte-exact
+#           against md5()), for pgvigil in session and in transaction pooling and PgBouncer in
+#           transaction pooling;
+#           then pgvigil's growth with MEMORY_CLIENTS idle clients (transaction pooling over 20
+#           server connections, each client logged in and having run one query).
 #
 # Usage: benches/pgbench.sh            (from anywhere; run as root or as a user who can run initdb)
-#   RUNS=single   which run: single, split, txn or all (all three, in that order)
+#   RUNS=single   which run: single, split, txn, memory or all (all four)
 #   DURATION=10   seconds per pgbench run (integer)
 #   ROUNDS=3      interleaved rounds (in each: every workload, every target in turn)
 #   SCALE=10      pgbench scale factor, initialised once
+#   MEMORY_CLIENTS=5000  idle clients of the memory run
 #   SPLIT_BALANCE unset: the 3-node pgvigil config has no balance key (the default,
 #                 least_connections); round_robin, random or least_connections: written as
 #                 [routing] balance
@@ -34,7 +42,8 @@
 #           for statistics around each of the 12 runs of the 3-node pgvigil (4.4 min) and ~1 min
 #           for the replicas: ~14 min.
 #   txn     5 workloads x 3 targets x 3 rounds x 10 s = 7.5 min of pgbench, ~9 min in all.
-#   all     ~45 min.
+#   memory  ~2 min: three 256 MiB values generated and passed three ways, 5,000 SCRAM logins.
+#   all     ~47 min.
 #
 # The cluster is built here (initdb + pg_ctl, as the `postgres` OS user when root) rather than with
 # `pgvigil demo`, to get max_connections for every target's pool at once and a pgvigil config with
@@ -49,6 +58,7 @@ DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 SCALE=${SCALE:-10}
 SPLIT_BALANCE=${SPLIT_BALANCE:-}
+MEMORY_CLIENTS=${MEMORY_CLIENTS:-5000}
 THREADS=2
 APP_USER=app
 APP_PASSWORD=app-secret
@@ -208,6 +218,14 @@ build_pgvigil() {
     PGVIGIL_BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/pgvigil
 }
 
+# The memory run's client (benches/memory/load.rs).
+build_memory_load() {
+    say "building the memory_load example (release)"
+    (cd "$REPO" && cargo build --release --example memory_load) ||
+        die "cargo build --release --example memory_load failed"
+    MEMORY_LOAD=${CARGO_TARGET_DIR:-$REPO/target}/release/examples/memory_load
+}
+
 make_work_dir() {
     WORK=$(mktemp -d /tmp/pgvigil-bench.XXXXXX)
     chmod 0711 "$WORK"
@@ -297,14 +315,18 @@ wait_replayed() {
 }
 
 # Starts pgvigil as target $1 with the nodes $3... in [[nodes]], and `[routing] balance = "$2"`
-# unless $2 is empty; `[pool] mode` is $POOL_MODE (default session).
+# unless $2 is empty; `[pool] mode` is $POOL_MODE (default session), `max_size` $POOL_SIZE
+# (default 100), `max_client_conn` $MAX_CLIENT_CONN (default pgvigil's).
 start_pgvigil() {
     local target=$1 balance=$2 node config=$WORK/$1.toml
     shift 2
     PORT[$target]=$(pick_port 26432)
     {
-        printf 'listen = "127.0.0.1:%s"\n\n[pool]\nmax_size = 100\nmode = "%s"\n' \
-            "${PORT[$target]}" "${POOL_MODE:-session}"
+        printf 'listen = "127.0.0.1:%s"\n' "${PORT[$target]}"
+        if [[ -n ${MAX_CLIENT_CONN:-} ]]; then
+            printf 'max_client_conn = %s\n' "$MAX_CLIENT_CONN"
+        fi
+        printf '\n[pool]\nmax_size = %s\nmode = "%s"\n' "${POOL_SIZE:-100}" "${POOL_MODE:-session}"
         # Several pgvigil targets run at once: each admin API on a port of its own.
         printf '\n[admin]\nlisten = "127.0.0.1:0"\n'
         if [[ -n $balance ]]; then
@@ -654,11 +676,40 @@ report_reads() {
     done
 }
 
+# RUNS=memory: the memory_load client through each proxy, its lines kept for the report.
+run_memory() {
+    local target
+    for target in pgvigil pgvigil-memory pgbouncer-transaction; do
+        say "memory: a 256 MiB value through $target"
+        # PgBouncer 1.18 was seen to hang on or after a 256 MiB CopyData: bounded.
+        timeout 600 "$MEMORY_LOAD" --conn "$(app_conninfo "$target")" --pid "${PID[$target]}" --step large \
+            --label "$target" 2>&1 | tee -a "$WORK/memory.txt" >&2 ||
+            say "warning: the memory run through $target failed (the report shows where)"
+    done
+    say "memory: $MEMORY_CLIENTS idle clients through pgvigil-memory"
+    "$MEMORY_LOAD" --conn "$(app_conninfo pgvigil-memory)" --pid "${PID[pgvigil-memory]}" \
+        --step idle --clients "$MEMORY_CLIENTS" --label pgvigil-memory 2>&1 |
+        tee -a "$WORK/memory.txt" >&2 || say "warning: the idle clients' memory run failed"
+}
+
+# The connection string of `app` to target $1.
+app_conninfo() {
+    printf 'host=127.0.0.1 port=%s user=%s password=%s dbname=%s' \
+        "${PORT[$1]}" "$APP_USER" "$APP_PASSWORD" "$APP_DB"
+}
+
+report_memory() {
+    echo
+    echo "Memory (RUNS=memory): resident memory before each step and its peak during it"
+    echo "(pgvigil: session pooling; pgvigil-memory: transaction pooling over 20 connections)"
+    cat "$WORK/memory.txt"
+}
+
 main() {
     local node
     case $RUNS in
-    single | split | txn | all) ;;
-    *) die "RUNS must be single, split, txn or all" ;;
+    single | split | txn | memory | all) ;;
+    *) die "RUNS must be single, split, txn, memory or all" ;;
     esac
     case $SPLIT_BALANCE in
     "" | least_connections | round_robin | random) ;;
@@ -681,6 +732,11 @@ main() {
     if wants single || wants txn; then
         POOL_MODE=transaction start_pgvigil pgvigil-txn "" pg1
     fi
+    if wants memory; then
+        build_memory_load
+        POOL_MODE=transaction POOL_SIZE=20 MAX_CLIENT_CONN=$((MEMORY_CLIENTS + 100)) \
+            start_pgvigil pgvigil-memory "" pg1
+    fi
     init_pgbench
     if wants single; then
         use_run single
@@ -691,6 +747,9 @@ main() {
         use_run txn
         warm_up
         run_rounds
+    fi
+    if wants memory; then
+        run_memory
     fi
     if wants split; then
         for node in "${NODES[@]:1}"; do
@@ -713,6 +772,9 @@ main() {
     if wants txn; then
         use_run txn
         report_txn
+    fi
+    if wants memory; then
+        report_memory
     fi
     if ((FAILED_RUNS > 0)); then
         die "$FAILED_RUNS pgbench run(s) failed (shown above): medians exclude them; FAIL: no run succeeded"

@@ -68,6 +68,8 @@ pub struct Proxy {
     pub backend_tls: Option<Arc<rustls::ClientConfig>>,
     /// Random per-process seed for the mock SCRAM secrets of unknown users.
     pub auth_seed: [u8; 32],
+    /// The salted passwords of SCRAM logins to the nodes (see `auth::scram_client`).
+    pub salted_passwords: Arc<crate::auth::scram_client::SaltedPasswords>,
     /// Wakes a node's probe task for an immediate probe.
     pub nudges: Arc<health::Nudges>,
     /// The classifier's function lists (built-in plus `routing.read_functions`/`write_functions`;
@@ -122,6 +124,7 @@ impl Proxy {
             backend_tls,
             users,
             auth_seed: rand::random(),
+            salted_passwords: Arc::default(),
             // Room for every node a reload may add (ids are never reused, up to MAX_NODES).
             nudges: Arc::new(health::Nudges::new(crate::router::MAX_NODES)),
             functions: ArcSwap::from_pointee(config.function_lists()),
@@ -249,6 +252,7 @@ impl Proxy {
             connect_timeout: self.config().backend.connect_timeout,
             tls: self.config().backend.tls,
             tls_config: self.backend_tls.clone(),
+            salted: self.salted_passwords.clone(),
         }
     }
 

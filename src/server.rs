@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use pgvigil_proto::backend::{self, Authentication, BackendKeyData, ErrorFields, ParameterStatus};
 use pgvigil_proto::{encode, next_message, TxStatus};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::auth::scram_client::{verify_server_final, SaltedPasswords, ScramClient};
 use crate::cancel::CancelTarget;
 use crate::config::BackendTlsMode;
 use crate::statements::ServerStatements;
@@ -20,6 +20,19 @@ use crate::topology::NodeId;
 
 /// Largest message accepted from a node during login and internal queries.
 const LOGIN_MESSAGE_LIMIT: usize = 1 << 20;
+
+/// The SASL mechanism pgvigil logs in to the nodes with.
+const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+
+/// Where a SCRAM login to a node stands.
+enum Sasl {
+    /// No SASL exchange started.
+    Idle,
+    /// The client-first-message was sent.
+    Started(ScramClient),
+    /// The client-final-message was sent; the node must answer with this signature.
+    Proven([u8; 32]),
+}
 
 /// Where and how to log in.
 #[derive(Clone)]
@@ -44,6 +57,8 @@ pub struct LoginTarget {
     pub tls: BackendTlsMode,
     /// TLS client settings, when TLS may be used.
     pub tls_config: Option<Arc<rustls::ClientConfig>>,
+    /// The salted passwords of earlier SCRAM logins, shared by the process.
+    pub salted: Arc<SaltedPasswords>,
 }
 
 /// Why a server connection could not be made or used.
@@ -257,14 +272,14 @@ impl ServerConn {
             ],
         );
         self.send(&mut out).await?;
-        let mut scram: Option<ScramSha256> = None;
+        let mut sasl = Sasl::Idle;
         loop {
             let (tag, frame) = self.read_frame().await?;
             let body = &frame[5..];
             match tag {
                 backend::tag::AUTHENTICATION => {
                     let auth = Authentication::parse(body).map_err(|e| self.protocol(e))?;
-                    self.answer_auth(auth, target, &mut scram, &mut out)?;
+                    self.answer_auth(auth, target, &mut sasl, &mut out).await?;
                     if !out.is_empty() {
                         self.send(&mut out).await?;
                     }
@@ -297,11 +312,11 @@ impl ServerConn {
     }
 
     /// Writes the answer to one authentication request into `out` (empty when none is due).
-    fn answer_auth(
+    async fn answer_auth(
         &self,
         auth: Authentication<'_>,
         target: &LoginTarget,
-        scram: &mut Option<ScramSha256>,
+        sasl: &mut Sasl,
         out: &mut BytesMut,
     ) -> Result<(), ServerError> {
         let password = target.password.as_bytes();
@@ -323,25 +338,30 @@ impl ServerConn {
                 if !offered {
                     return Err(self.protocol("the node offers no SASL mechanism pgvigil supports"));
                 }
-                let client = ScramSha256::new(password, ChannelBinding::unsupported());
-                encode::sasl_initial_response(out, SCRAM_SHA_256, client.message());
-                *scram = Some(client);
+                let client = ScramClient::new(&target.password);
+                encode::sasl_initial_response(out, SCRAM_SHA_256, client.client_first().as_bytes());
+                *sasl = Sasl::Started(client);
             }
             Authentication::SaslContinue { data } => {
-                let client = scram
-                    .as_mut()
-                    .ok_or_else(|| self.protocol("SASL continue before SASL start"))?;
-                client
-                    .update(data)
-                    .map_err(|e| self.protocol(format!("SCRAM: {e}")))?;
-                encode::sasl_response(out, client.message());
+                let Sasl::Started(client) = std::mem::replace(sasl, Sasl::Idle) else {
+                    return Err(self.protocol("SASL continue before SASL start"));
+                };
+                let scram = |e| self.protocol(format!("SCRAM: {e}"));
+                let first = client.server_first(data).map_err(scram)?;
+                let salted = target
+                    .salted
+                    .get(target.node, &target.user, &client, &first)
+                    .await
+                    .map_err(scram)?;
+                let (message, signature) = client.client_final(&first, &salted);
+                encode::sasl_response(out, &message);
+                *sasl = Sasl::Proven(signature);
             }
             Authentication::SaslFinal { data } => {
-                let client = scram
-                    .as_mut()
-                    .ok_or_else(|| self.protocol("SASL final before SASL start"))?;
-                client
-                    .finish(data)
+                let Sasl::Proven(signature) = std::mem::replace(sasl, Sasl::Idle) else {
+                    return Err(self.protocol("SASL final before SASL continue"));
+                };
+                verify_server_final(data, &signature)
                     .map_err(|e| self.protocol(format!("SCRAM server signature: {e}")))?;
             }
             Authentication::Other { code } => {

@@ -162,6 +162,37 @@ impl<'a> Iterator for Messages<'a> {
 
 impl FusedIterator for Messages<'_> {}
 
+/// A message forwarded in pieces as its bytes arrive, rather than buffered whole: what is left
+/// of it. A relay starts one with [`Passage::start`] on a message whose header it has read, then
+/// hands every following byte to [`Passage::take`] until the message is through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Passage {
+    rest: usize,
+}
+
+impl Passage {
+    /// Starts passing along the message at the start of `buf`, whose header says it is `total`
+    /// bytes long; returns how many bytes of `buf` belong to it (to forward now).
+    pub fn start(&mut self, total: usize, buf: &[u8]) -> usize {
+        let here = total.min(buf.len());
+        self.rest = total - here;
+        here
+    }
+
+    /// How many of the `available` bytes at the front of the input belong to the message in
+    /// passage (0 when none is); records them as passed.
+    pub fn take(&mut self, available: usize) -> usize {
+        let here = self.rest.min(available);
+        self.rest -= here;
+        here
+    }
+
+    /// Whether part of a message was forwarded and the rest has not been.
+    pub fn is_open(&self) -> bool {
+        self.rest > 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +303,20 @@ mod tests {
         );
         assert_eq!(it.next(), None);
         assert_eq!(it.consumed(), 14);
+    }
+
+    #[test]
+    fn a_passage_takes_exactly_the_rest_of_its_message() {
+        let mut passage = Passage::default();
+        assert_eq!(passage.take(10), 0, "no passage: nothing belongs to one");
+        let f = frame(b'D', &[7; 100]);
+        assert_eq!(passage.start(f.len(), &f[..30]), 30);
+        assert!(passage.is_open());
+        assert_eq!(passage.take(50), 50);
+        assert_eq!(passage.take(80), 25, "what follows is the next message");
+        assert!(!passage.is_open());
+        assert_eq!(passage.start(f.len(), &f), f.len(), "whole: closed at once");
+        assert!(!passage.is_open());
     }
 
     #[test]

@@ -142,6 +142,15 @@ impl<'a> Bind<'a> {
         c.finish("Bind")?;
         Ok(Bind { portal, statement })
     }
+
+    /// Reads only the names at the start of a Bind body that may be cut short after them (a
+    /// large Bind whose parameter values have not all arrived).
+    pub fn names(body: &'a [u8]) -> Result<Self, ProtoError> {
+        let mut c = Cursor::new(body);
+        let portal = c.cstr("portal name")?;
+        let statement = c.cstr("statement name")?;
+        Ok(Bind { portal, statement })
+    }
 }
 
 /// What a Describe or Close refers to: `S` for a prepared statement, `P` for a portal.

@@ -7,6 +7,7 @@
 
 pub mod md5;
 pub mod scram;
+pub mod scram_client;
 
 use std::fmt;
 

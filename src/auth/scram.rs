@@ -25,7 +25,7 @@ const SALT_LEN: usize = 16;
 /// Raw server nonce length PostgreSQL uses (`SCRAM_RAW_NONCE_LEN`).
 const SERVER_NONCE_LEN: usize = 18;
 /// Output size of SHA-256, and so of every SCRAM key and proof.
-const KEY_LEN: usize = 32;
+pub(super) const KEY_LEN: usize = 32;
 /// Prefix of a SCRAM verifier in `pg_authid.rolpassword`.
 const VERIFIER_PREFIX: &str = "SCRAM-SHA-256$";
 
@@ -387,7 +387,7 @@ fn decode_key(b64: &str) -> Option<[u8; KEY_LEN]> {
 }
 
 /// SASLprep the password when possible; like PostgreSQL, use the raw bytes when it fails.
-fn normalize(password: &str) -> Vec<u8> {
+pub(super) fn normalize(password: &str) -> Vec<u8> {
     match stringprep::saslprep(password) {
         Ok(prepared) => prepared.into_owned().into_bytes(),
         Err(_) => password.as_bytes().to_vec(),
@@ -395,7 +395,7 @@ fn normalize(password: &str) -> Vec<u8> {
 }
 
 /// PBKDF2-HMAC-SHA-256 with a single output block: SCRAM's `Hi()` (RFC 5802 §2.2).
-fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; KEY_LEN] {
+pub(super) fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; KEY_LEN] {
     // Keying HMAC costs two compressions; do it once and clone the keyed state per round.
     let prf = keyed(password);
     let mut mac = prf.clone();
@@ -415,7 +415,7 @@ fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; KEY_LE
 }
 
 /// HMAC-SHA-256 of the concatenated `parts`.
-fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; KEY_LEN] {
+pub(super) fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; KEY_LEN] {
     let mut mac = keyed(key);
     for part in parts {
         mac.update(part);

@@ -56,6 +56,8 @@ pub(super) async fn finish(
                 cancel_running(lease, progress, proxy).await;
             }
         }
+        // The client holds part of a message: an error after it would be read as its rest.
+        RelayEnd::Violation(_) if progress.from_server.is_open() => {}
         RelayEnd::Violation(message) => {
             let error = SessionError::Refused {
                 code: sqlstate::PROTOCOL_VIOLATION,

@@ -393,11 +393,25 @@ pub fn replace(
 /// Writes `frame` to `out` with bytes `at..at + len` (a statement name) replaced by the name
 /// of statement `id`.
 pub fn rename(frame: &[u8], at: usize, len: usize, id: StatementId, out: &mut BytesMut) {
+    rename_start(frame, frame.len(), at, len, id, out);
+}
+
+/// Like [`rename`] for the start of a message of `total` bytes that passes in pieces: the
+/// header says the renamed message's length, and the rest follows as it arrives.
+pub fn rename_start(
+    frame: &[u8],
+    total: usize,
+    at: usize,
+    len: usize,
+    id: StatementId,
+    out: &mut BytesMut,
+) {
     let Some((head, tail)) = frame.get(5..at).zip(frame.get(at + len..)) else {
         out.extend_from_slice(frame);
         return;
     };
-    let body = head.len() + statements::name_len(id) + tail.len();
+    let rest = total.saturating_sub(at + len);
+    let body = head.len() + statements::name_len(id) + rest;
     out.put_u8(frame[0]);
     out.put_u32((body + 4) as u32);
     out.put_slice(head);

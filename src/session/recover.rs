@@ -11,7 +11,7 @@ use std::task::Poll;
 use bytes::{Buf, BufMut, BytesMut};
 use pgvigil_proto::backend;
 use pgvigil_proto::encode::{self, PgError, Severity};
-use pgvigil_proto::frame::next_message;
+use pgvigil_proto::frame::{header, next_message};
 use pgvigil_proto::frontend::{self, Query};
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
@@ -171,9 +171,10 @@ pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: 
         return Stop::Idle;
     }
     loop {
-        match first_message(client, max_message).await {
+        // Only the first header: a large Bind is routed on its names, before it is whole.
+        match first_tag(client, max_message).await {
             Err(end) => return Stop::End(end),
-            Ok((frontend::tag::TERMINATE, _)) => return Stop::End(RelayEnd::Terminated),
+            Ok(frontend::tag::TERMINATE) => return Stop::End(RelayEnd::Terminated),
             Ok(_) => {}
         }
         match steering.decide(&client.rbuf, false, proxy) {
@@ -233,6 +234,17 @@ pub(super) async fn first_message(
     loop {
         match next_message(&client.rbuf, max_message) {
             Ok(Some(message)) => return Ok((message.tag, message.len())),
+            Ok(None) => read_more(client).await?,
+            Err(e) => return Err(RelayEnd::Violation(e.to_string())),
+        }
+    }
+}
+
+/// The type of the first message in the client's buffer, reading until its header is there.
+async fn first_tag(client: &mut ClientConn, max_message: usize) -> Result<u8, RelayEnd> {
+    loop {
+        match header(&client.rbuf, max_message) {
+            Ok(Some((tag, _))) => return Ok(tag),
             Ok(None) => read_more(client).await?,
             Err(e) => return Err(RelayEnd::Violation(e.to_string())),
         }

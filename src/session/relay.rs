@@ -1,14 +1,18 @@
-//! The steady state of a session: bytes flow between the client and its server connection in
-//! whole messages, copied in batches, inspected only where state changes (ReadyForQuery,
+//! The steady state of a session: bytes flow between the client and its server connection as
+//! messages, copied in batches, inspected only where state changes (ReadyForQuery,
 //! ParameterStatus, ErrorResponse, Terminate). Rows are never decoded.
+//!
+//! A message larger than [`PIECES_OVER`] that the relay does not read (a DataRow, a CopyData)
+//! is forwarded in pieces as its bytes arrive, so a 1 GiB row costs no more memory than a small
+//! one; every message the relay reads is still read whole (see [`Passage`]).
 //!
 //! Both directions progress independently (one read and one write per direction in a single
 //! `select!`), so a server busy sending results never deadlocks against a client still sending.
 
 use std::io;
 
-use bytes::{Buf, BytesMut};
-use pgvigil_proto::frame::next_message;
+use bytes::{Buf, BufMut, BytesMut};
+use pgvigil_proto::frame::{next_message, Passage};
 use pgvigil_proto::frontend::{self, is_known_frontend_tag};
 use pgvigil_proto::{header, TxStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,6 +21,7 @@ use tokio::sync::watch;
 use super::naming::{self, OnServer, Outgoing};
 use super::server_side::ServerSide;
 use super::steering::{Decision, Steering};
+use super::unit;
 use crate::config::PoolMode;
 use crate::proxy::Proxy;
 use crate::server::ServerConn;
@@ -28,6 +33,9 @@ use crate::topology::{NodeId, Role};
 const HIGH_WATER: usize = 256 * 1024;
 /// Read granularity.
 const READ_CHUNK: usize = 16 * 1024;
+/// A message the relay does not read that is larger than this passes in pieces, as its bytes
+/// arrive, rather than whole.
+pub const PIECES_OVER: usize = 64 * 1024;
 
 /// Why the relay stopped.
 #[derive(Debug)]
@@ -92,12 +100,19 @@ pub struct Progress {
     /// The server answered with CopyInResponse and the client has not yet sent CopyDone or
     /// CopyFail.
     pub copy_in: bool,
+    /// A large client message forwarded in part: the rest is still to come from the client.
+    pub from_client: Passage,
+    /// A large server message forwarded in part: the client has seen only its beginning.
+    pub from_server: Passage,
 }
 
 impl Progress {
     /// Whether the server has answered everything and can be reset and reused.
     pub fn is_quiet(&self) -> bool {
-        self.awaiting_ready == 0 && !self.unsynced
+        self.awaiting_ready == 0
+            && !self.unsynced
+            && !self.from_client.is_open()
+            && !self.from_server.is_open()
     }
 }
 
@@ -265,8 +280,12 @@ pub async fn relay(
             return Stop::End(RelayEnd::Terminated);
         }
 
-        reserve(client_in, max_message);
-        reserve(server_in, max_message);
+        reserve(client_in, max_message, &progress.from_client, |tag| {
+            !matches!(tag, frontend::tag::COPY_DATA | frontend::tag::BIND)
+        });
+        reserve(server_in, max_message, &progress.from_server, |tag| {
+            !ServerSide::passes_in_pieces(tag)
+        });
         tokio::select! {
             written = client_write.write(to_client), if !to_client.is_empty() => {
                 match written {
@@ -290,7 +309,7 @@ pub async fn relay(
                 }
             }
             role = &mut watcher => return server_lost(LossCause::Unusable(role), &mut server_state),
-            read = client_read.read_buf(client_in), if !held && !terminated && to_server.len() < HIGH_WATER => {
+            read = read_some(&mut client_read, client_in), if !held && !terminated && to_server.len() < HIGH_WATER => {
                 match read {
                     Ok(0) | Err(_) => return Stop::End(RelayEnd::ClientGone),
                     Ok(n) => {
@@ -307,7 +326,7 @@ pub async fn relay(
                     }
                 }
             }
-            read = server_read.read_buf(server_in), if to_client.len() < HIGH_WATER => {
+            read = read_some(&mut server_read, server_in), if to_client.len() < HIGH_WATER => {
                 match read {
                     Ok(0) => return server_lost(LossCause::Closed, &mut server_state),
                     Err(e) => return server_lost(LossCause::Io(e), &mut server_state),
@@ -354,11 +373,22 @@ impl ClientScan<'_> {
         steering: &mut Steering,
         server_tx: TxStatus,
     ) -> Result<Option<Decision>, RelayEnd> {
+        let through = progress.from_client.take(input.len());
+        move_prefix(input, out, through);
+        if progress.from_client.is_open() {
+            return Ok(None);
+        }
         let mut forward = 0;
         let mut stop = None;
-        while let Some(message) = next_message(&input[forward..], self.max_message)
-            .map_err(|e| RelayEnd::Violation(e.to_string()))?
-        {
+        loop {
+            let Some(message) = next_message(&input[forward..], self.max_message)
+                .map_err(|e| RelayEnd::Violation(e.to_string()))?
+            else {
+                move_prefix(input, out, forward);
+                forward = 0;
+                stop = self.pass_large(input, out, progress, steering, server_tx)?;
+                break;
+            };
             let (tag, len) = (message.tag, message.len());
             if tag == frontend::tag::TERMINATE {
                 *self.terminated = true;
@@ -422,6 +452,64 @@ impl ClientScan<'_> {
             input.clear();
         }
         Ok(stop)
+    }
+
+    /// Starts passing along, in pieces, the large message begun at the front of `input` when
+    /// nothing needs it whole: a CopyData, or a Bind over [`unit::LOOKAHEAD_LIMIT`] once its
+    /// unit is routed on its names (the statement name renamed under transaction pooling).
+    /// Returns the decision that keeps it for another node, as [`Self::scan`] does.
+    fn pass_large(
+        &mut self,
+        input: &mut BytesMut,
+        out: &mut BytesMut,
+        progress: &mut Progress,
+        steering: &mut Steering,
+        server_tx: TxStatus,
+    ) -> Result<Option<Decision>, RelayEnd> {
+        let Ok(Some((tag, total))) = header(input, self.max_message) else {
+            return Ok(None);
+        };
+        let in_pieces = match tag {
+            frontend::tag::COPY_DATA => total > PIECES_OVER,
+            frontend::tag::BIND => unit::large_bind_at(input, 0, self.max_message).is_some(),
+            _ => false,
+        };
+        if !in_pieces {
+            return Ok(None);
+        }
+        if starts_unit(tag, progress) {
+            match steering.decide(input, server_tx != TxStatus::Idle, self.proxy) {
+                Decision::Forward => {}
+                Decision::Wait => return Ok(None),
+                other => return Ok(Some(other)),
+            }
+        }
+        let fresh = progress.is_quiet() && out.is_empty();
+        note_client(tag, progress)?;
+        let here = progress.from_client.start(total, input);
+        let start = &input[..here];
+        let outgoing = if tag == frontend::tag::BIND
+            && self.proxy.config().pool.mode == PoolMode::Transaction
+        {
+            let server = OnServer {
+                statements: &mut *self.statements,
+                fresh,
+                tx: server_tx,
+            };
+            steering.forwarded_to(tag, start, Some(server), self.proxy)
+        } else {
+            steering.forwarded(tag, start, self.proxy);
+            Outgoing::AsIs
+        };
+        match outgoing {
+            Outgoing::Renamed { at, len, id } => {
+                naming::rename_start(start, total, at, len, id, out);
+                input.advance(here);
+            }
+            // A Bind is renamed or goes as it is (only a Parse is answered or replaced).
+            _ => move_prefix(input, out, here),
+        }
+        Ok(None)
     }
 }
 
@@ -527,11 +615,26 @@ pub(super) fn move_prefix(input: &mut BytesMut, out: &mut BytesMut, n: usize) {
     }
 }
 
-/// Makes room for the next read: at least a chunk, or the whole of a message whose header says
-/// it is larger. (An invalid header never waits here: the scan that saw it ended the relay.)
-fn reserve(buf: &mut BytesMut, max_message: usize) {
+/// Reads into `buf`, at most [`HIGH_WATER`] bytes: a read as large as the buffer's spare room
+/// would let the buffers' capacities ratchet up as they are swapped (see [`move_prefix`]) while
+/// a large message streams through.
+async fn read_some(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> io::Result<usize> {
+    stream.read_buf(&mut buf.limit(HIGH_WATER)).await
+}
+
+/// Makes room for the next read: at least a chunk, or the whole of a message that must be read
+/// `whole` (by its tag) and whose header says it is larger. A message in `passage`, or one that
+/// may pass in pieces, needs no more than a chunk at a time. (An invalid header never waits
+/// here: the scan that saw it ended the relay.)
+fn reserve(buf: &mut BytesMut, max_message: usize, passage: &Passage, whole: impl Fn(u8) -> bool) {
     let wanted = match header(buf, max_message) {
-        Ok(Some((_, total))) if total > buf.len() => (total - buf.len()).max(READ_CHUNK),
+        _ if passage.is_open() => READ_CHUNK,
+        Ok(Some((tag, total))) if total > buf.len() && (total <= PIECES_OVER || whole(tag)) => {
+            (total - buf.len()).max(READ_CHUNK)
+        }
         _ => READ_CHUNK,
     };
     if buf.capacity() - buf.len() < wanted / 2 {

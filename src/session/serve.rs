@@ -237,10 +237,12 @@ impl Session<'_> {
     /// connection stays failed for the client until it ends it (see [`aborted`]).
     ///
     /// Losses that end the session: a backend terminated by an administrator on a node that stays
-    /// up (the node's FATAL is relayed, as a direct connection would get it); and with FATAL 08006,
-    /// a loss during COPY FROM STDIN (the client is streaming data and cannot be told to stop and
-    /// resend), or of a connection holding what cannot be replayed (see `Steering::pinned`),
-    /// which died with it.
+    /// up (the node's FATAL is relayed, as a direct connection would get it); a loss while a
+    /// large server message was passing through (the connection is closed: the client holds
+    /// half a message); and with FATAL 08006, a loss during COPY FROM STDIN or while a large
+    /// client message was passing through (the client is streaming data and cannot be told to
+    /// stop and resend), or of a connection holding what cannot be replayed (see
+    /// `Steering::pinned`), which died with it.
     async fn recover(&mut self, loss: Loss) -> Result<(), SessionError> {
         let node = self.steering.current;
         let Some(lease) = self.held.leases[node].take() else {
@@ -249,6 +251,14 @@ impl Session<'_> {
         let name = lease.conn.node_name.clone();
         let server_tx = lease.conn.tx;
         drop(lease);
+        if self.progress.from_server.is_open() {
+            // The client holds the first part of a message whose rest died with the node:
+            // nothing more can be said to it. A backend dying mid-message leaves its client
+            // the same way: a connection closed in the middle of a message.
+            warn!(node = %name, cause = %loss.cause, "server connection lost while a large message was passing through; the session ends");
+            self.proxy.report_server_failure(node);
+            return Err(SessionError::Closed);
+        }
         warn!(node = %name, cause = %loss.cause, "server connection lost during a session");
         self.proxy.report_server_failure(node);
         // Settings still unanswered died with the connection: they must not count as a
@@ -271,6 +281,9 @@ impl Session<'_> {
         };
         let fatal_reason = if self.progress.copy_in {
             Some("during COPY FROM STDIN")
+        } else if self.progress.from_client.is_open() {
+            // Part of a large message went to the lost connection and pgvigil kept no copy.
+            Some("while a large message was passing through")
         } else {
             self.steering.replay.pinned()
         };

@@ -1,15 +1,16 @@
-//! The server's side of the relay: whole messages moved towards the client, with the few that
-//! change the session's state noted on the way (ReadyForQuery, ParameterStatus, CopyInResponse)
-//! and a node's FATAL error held back for the session to judge.
+//! The server's side of the relay: messages moved towards the client, with the few that change
+//! the session's state noted on the way (ReadyForQuery, ParameterStatus, CopyInResponse) and a
+//! node's FATAL error held back for the session to judge. Those are read whole; a large message
+//! nobody reads (a DataRow, a CopyData) passes in pieces as its bytes arrive.
 
 use bytes::{Buf, Bytes, BytesMut};
 use pgvigil_proto::backend::{self, ErrorFields};
 use pgvigil_proto::classify::encoding_is_safe;
 use pgvigil_proto::frame::messages;
-use pgvigil_proto::{FrameError, TxStatus};
+use pgvigil_proto::{header, FrameError, TxStatus};
 use tracing::debug;
 
-use super::relay::{move_prefix, NodeFatal, Progress};
+use super::relay::{move_prefix, NodeFatal, Progress, PIECES_OVER};
 use super::replay::Replayable;
 use crate::server::ReportedParams;
 use crate::statements::ServerStatements;
@@ -30,7 +31,22 @@ pub(super) struct ServerSide<'a> {
 }
 
 impl ServerSide<'_> {
-    /// Moves whole server messages to `out`, noting ReadyForQuery, ParameterStatus and errors.
+    /// Whether a server message of type `tag` may reach the client in pieces: the relay never
+    /// reads it (rows, copy data, notices, notifications, function results, row descriptions).
+    pub(super) fn passes_in_pieces(tag: u8) -> bool {
+        matches!(
+            tag,
+            backend::tag::DATA_ROW
+                | backend::tag::COPY_DATA
+                | backend::tag::NOTICE_RESPONSE
+                | backend::tag::NOTIFICATION
+                | backend::tag::ROW_DESCRIPTION
+                | backend::tag::FUNCTION_CALL_RESPONSE
+        )
+    }
+
+    /// Moves server messages to `out`, noting ReadyForQuery, ParameterStatus and errors; a
+    /// large one that [passes in pieces](Self::passes_in_pieces) goes as far as it has arrived.
     ///
     /// A FATAL error is the node's last word: it is kept in `fatal`, not relayed, because what
     /// the client must hear depends on why the node sent it (an administrator ending the
@@ -44,6 +60,11 @@ impl ServerSide<'_> {
         replay: &mut Replayable,
         statements: &mut ServerStatements,
     ) -> Result<(), FrameError> {
+        let through = progress.from_server.take(input.len());
+        move_prefix(input, out, through);
+        if progress.from_server.is_open() {
+            return Ok(());
+        }
         loop {
             let mut iter = messages(input, max_message);
             let mut offset = 0;
@@ -129,6 +150,12 @@ impl ServerSide<'_> {
             }
             let Some((start, end, instead)) = replaced else {
                 move_prefix(input, out, consumed);
+                if let Some((tag, total)) = header(input, max_message)? {
+                    if total > PIECES_OVER && Self::passes_in_pieces(tag) {
+                        let here = progress.from_server.start(total, input);
+                        move_prefix(input, out, here);
+                    }
+                }
                 return Ok(());
             };
             move_prefix(input, out, start);

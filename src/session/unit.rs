@@ -5,7 +5,7 @@
 use pgvigil_proto::classify::{
     classify, Classification, FunctionLists, Hint, Pin, Reason, TxControl,
 };
-use pgvigil_proto::frame::{messages, next_message, Message};
+use pgvigil_proto::frame::{header, messages, next_message, Message};
 use pgvigil_proto::frontend::{self, Bind, Describe, Parse, Query};
 
 use super::replay::Statements;
@@ -222,11 +222,30 @@ pub fn inspect(
             }
         }
     }
+    if let Some(bind) = large_bind_at(input, facts.inspected, max_message) {
+        // Routed on its names (conservatively, as a possible write): its values pass in pieces.
+        let here = parsed_before(input, facts.inspected, max_message, bind.statement);
+        refer(&mut facts, Some(bind.statement), here, statements);
+        facts.complete = true;
+        facts.not_read_only(Reason::Unterminated);
+        return facts;
+    }
     if facts.inspected >= LOOKAHEAD_LIMIT {
         facts.complete = true;
         facts.not_read_only(Reason::Unterminated);
     }
     facts
+}
+
+/// The names of a Bind larger than [`LOOKAHEAD_LIMIT`] begun at byte `pos` of `input` and not
+/// all there yet: all that routing reads of it, so that its values can pass in pieces.
+pub fn large_bind_at(input: &[u8], pos: usize, max_message: usize) -> Option<Bind<'_>> {
+    let rest = input.get(pos..)?;
+    let (tag, total) = header(rest, max_message).ok()??;
+    if tag != frontend::tag::BIND || total <= LOOKAHEAD_LIMIT || rest.len() >= total {
+        return None;
+    }
+    Bind::names(rest.get(5..)?).ok()
 }
 
 /// Merges what a Bind or Describe of statement `name` implies; `parsed_here`: the unit parses
@@ -295,6 +314,11 @@ pub fn named_references(input: &[u8], max_message: usize, mut visit: impl FnMut(
             return;
         }
     }
+    if let Some(bind) = large_bind_at(input, pos, max_message) {
+        if !bind.statement.is_empty() && !parsed_before(input, pos, max_message, bind.statement) {
+            visit(bind.statement);
+        }
+    }
 }
 
 /// Whether a Parse of statement `name` comes before byte `end` of the unit.
@@ -360,6 +384,51 @@ mod tests {
         parse(&mut write, "", "INSERT INTO t VALUES (1)");
         frame(&mut write, b'S', b"");
         assert!(!facts(&write, &none).read_only);
+    }
+
+    #[test]
+    fn a_large_bind_is_routed_on_its_names_before_it_is_whole() {
+        let none = Statements::new();
+        let mut unit = BytesMut::new();
+        parse(&mut unit, "", "SELECT $1");
+        let bind_at = unit.len();
+        unit.put_u8(b'B');
+        unit.put_u32(4 + 2 * LOOKAHEAD_LIMIT as u32);
+        unit.put_slice(b"\0s1\0\0\0\0\x01");
+        let inspect_large =
+            |input: &[u8]| inspect(input, 1 << 30, &FunctionLists::default(), &none);
+        let f = inspect_large(&unit);
+        assert!(
+            f.complete && !f.read_only,
+            "routed at once, as a possible write"
+        );
+        assert_eq!(
+            large_bind_at(&unit, bind_at, 1 << 30).map(|b| b.statement),
+            Some(&b"s1"[..])
+        );
+        let mut names = Vec::new();
+        named_references(&unit, 1 << 30, |n| names.push(n.to_vec()));
+        assert_eq!(
+            names,
+            [b"s1".to_vec()],
+            "its statement is looked for on the node"
+        );
+
+        let mut cut = BytesMut::new();
+        cut.put_u8(b'B');
+        cut.put_u32(4 + 2 * LOOKAHEAD_LIMIT as u32);
+        cut.put_slice(b"\0s1");
+        assert!(
+            !inspect_large(&cut).complete,
+            "its names are not all there: wait"
+        );
+        let mut small = BytesMut::new();
+        bind(&mut small, "s1");
+        small.truncate(small.len() - 2);
+        assert!(
+            large_bind_at(&small, 0, 1 << 30).is_none(),
+            "a small Bind is read whole"
+        );
     }
 
     #[test]

@@ -92,6 +92,7 @@ pub async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
 }
 
 pub mod agent;
+pub mod binary;
 pub mod etcd;
 mod proxy;
 pub mod relay;

@@ -110,6 +110,28 @@ impl Wire {
         }
     }
 
+    /// Reads until at least `n` bytes wait unparsed, for a test that stops reading mid-answer.
+    pub(crate) async fn read_at_least(&mut self, n: usize) {
+        tokio::time::timeout(PATIENCE, async {
+            while self.buf.len() < n {
+                let read = self.tcp.read_buf(&mut self.buf).await.unwrap();
+                assert!(read > 0, "pgvigil closed the connection");
+            }
+        })
+        .await
+        .expect("no answer from pgvigil in time")
+    }
+
+    /// Reads until pgvigil closes the connection; returns every byte not taken as a message yet.
+    pub(crate) async fn read_until_closed(&mut self) -> BytesMut {
+        tokio::time::timeout(PATIENCE, async {
+            while self.tcp.read_buf(&mut self.buf).await.is_ok_and(|n| n > 0) {}
+        })
+        .await
+        .expect("pgvigil did not close the connection in time");
+        std::mem::take(&mut self.buf)
+    }
+
     pub(crate) async fn recv(&mut self) -> (u8, Vec<u8>) {
         tokio::time::timeout(PATIENCE, async {
             loop {
