@@ -3,6 +3,7 @@
 
 mod aborted;
 mod auth_exchange;
+mod client_scan;
 mod finish;
 mod hold;
 mod loss;
@@ -416,7 +417,8 @@ async fn adopt(
             settings: 0,
             ..
         } if **context == **startup.context()
-            && (!conn.statements.has_unnamed() || relay::drops_unnamed(unit, max_message)) =>
+            && (!conn.statements.has_unnamed()
+                || client_scan::drops_unnamed(unit, max_message)) =>
         {
             0
         }
