@@ -631,12 +631,23 @@ async fn a_promotion_left_pending_by_a_leader_that_stopped_is_finished_by_the_ne
     for &pid in &startups {
         signal("-STOP", pid);
     }
+    // The first instance leads when the primary goes (under load a lease can lapse at start).
+    eventually(PATIENCE, "the first instance leads before the kill", || {
+        scene.leaders() == [0]
+    });
     scene.cluster.node_mut(OLD_PRIMARY).kill9();
-    eventually(
-        PATIENCE,
-        "the leader asks its preferred standby to promote",
-        || promote_signal_file(&scene.cluster.node(preferred).data_dir),
-    );
+    let asked = |node: usize| promote_signal_file(&scene.cluster.node(node).data_dir);
+    let give_up = Instant::now() + PATIENCE;
+    while !asked(preferred) {
+        assert!(
+            Instant::now() < give_up,
+            "not within {PATIENCE:?}: the leader asks its preferred standby {preferred} to \
+             promote (leaders now {:?}; standby {other} asked: {})",
+            scene.leaders(),
+            asked(other)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The leader stops (its lease given back) while its promotion is pending; the other standby
     // could promote at once.
