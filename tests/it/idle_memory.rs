@@ -4,12 +4,10 @@
 //! figure is printed (`--nocapture`); `benches/` holds timing, this holds only a generous bound.
 //! `PGVIGIL_BIN=target/release/pgvigil` measures a release build instead of the test's own.
 
-use std::process::Stdio;
-
 use pgvigil::config::PoolMode;
 
-use crate::cli::{listening_port, pgvigil, TempConfig};
 use crate::lost_transaction::trust_app;
+use crate::support::binary::ProxyProcess;
 use crate::support::wire::Wire;
 use crate::support::{test_cluster, test_config};
 
@@ -23,21 +21,6 @@ const CLIENTS: usize = 5000;
 /// kept the server's 16 KiB read buffer) or a suspended session future (4.4 KB per client).
 const BOUND_PER_CLIENT: usize = 3584;
 
-/// Resident memory of process `pid`, in bytes.
-fn rss(pid: u32) -> usize {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS in /proc/PID/status");
-    let kb: usize = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in kB");
-    kb * 1024
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn five_thousand_idle_clients_cost_a_few_kilobytes_each() {
     let cluster = test_cluster(0);
@@ -46,34 +29,9 @@ async fn five_thousand_idle_clients_cost_a_few_kilobytes_each() {
     config.pool.max_size = 20;
     config.max_client_conn = CLIENTS + 100;
     trust_app(&mut config);
-    let file = TempConfig::new(&toml::to_string(&config).unwrap());
-    // PGVIGIL_BIN measures another build (a release one) than this test's own.
-    let mut command = match std::env::var_os("PGVIGIL_BIN") {
-        Some(bin) => {
-            let mut command = tokio::process::Command::new(bin);
-            command.env("PGVIGIL_LOG", "info");
-            command
-        }
-        None => pgvigil(&[]),
-    };
-    let mut child = command
-        .args(["serve", "--config", file.path().to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().expect("pgvigil runs");
-    let (port, mut log) = listening_port(&mut child).await;
-    // Its log is read to the end, so that pgvigil never blocks on a full pipe.
-    tokio::spawn(async move {
-        use tokio::io::AsyncBufReadExt;
-        let mut line = String::new();
-        while log.read_line(&mut line).await.is_ok_and(|n| n > 0) {
-            line.clear();
-        }
-    });
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    // The real binary: an in-process proxy would share the test's own allocations.
+    let proxy = ProxyProcess::start(&config).await;
+    let addr = proxy.addr;
 
     // Warm up: the pool's connections, the allocator's first arenas.
     let mut warm = Vec::new();
@@ -82,7 +40,7 @@ async fn five_thousand_idle_clients_cost_a_few_kilobytes_each() {
         assert!(wire.query("SELECT 1").await.errors.is_empty());
         warm.push(wire);
     }
-    let before = rss(pid);
+    let before = proxy.rss();
     let mut idle = Vec::with_capacity(CLIENTS);
     for chunk in 0..CLIENTS / 100 {
         let logins = (0..100).map(|_| async {
@@ -94,7 +52,7 @@ async fn five_thousand_idle_clients_cost_a_few_kilobytes_each() {
         idle.extend(futures_util::future::join_all(logins).await);
         assert_eq!(idle.len(), (chunk + 1) * 100);
     }
-    let after = rss(pid);
+    let after = proxy.rss();
     let per_client = after.saturating_sub(before) / CLIENTS;
     println!(
         "pgvigil RSS {:.1} MB -> {:.1} MB with {CLIENTS} idle clients: {per_client} bytes each",
