@@ -8,7 +8,8 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use super::choose::Promotion;
-use super::{assess, promotion_from, Assessment, Coordinator};
+use super::persist::promotion_from;
+use super::{assess, Assessment, Coordinator};
 use crate::cluster::shared::{self, SharedState};
 use crate::cluster::views::{self, InstanceView};
 use crate::cluster::Standing;
