@@ -52,10 +52,11 @@ enum Place {
     Attached,
     /// The connection was lost inside the client's transaction block, and the client is owed
     /// a failed block: until the client ends it, its units are answered without a server, so
-    /// that nothing runs outside the transaction the client believes it is in.
-    Detached(LostTransaction),
+    /// that nothing runs outside the transaction the client believes it is in. (Boxed, like
+    /// the wait: both are rare, and inline they would enlarge every idle session.)
+    Detached(Box<LostTransaction>),
     /// The unit at the front of the client's buffer waits for a primary.
-    WaitingForPrimary(PrimaryWait),
+    WaitingForPrimary(Box<PrimaryWait>),
 }
 
 /// What a session goes on with between relays.
@@ -192,12 +193,12 @@ impl Session<'_> {
             self.held
                 .drop_unusable(current, &mut self.steering.replay, self.proxy);
             if let Place::Detached(lost) = &self.place {
-                let lost = lost.clone();
+                let lost = LostTransaction::clone(lost);
                 // Boxed, like the relay: rare, and inline it would enlarge every session.
                 let answer =
                     aborted::answer_unit(&mut self.client, lost, &mut self.steering, self.proxy);
                 let after = Box::pin(answer).await.map_err(ended)?;
-                self.enter(after.map_or(Place::Attached, Place::Detached));
+                self.enter(after.map_or(Place::Attached, |lost| Place::Detached(Box::new(lost))));
                 continue;
             }
             let stop = match self.held.leases[current].as_mut() {
@@ -308,7 +309,8 @@ impl Session<'_> {
         let (code, message, status) = match aftermath {
             Aftermath::Quiet => return Ok(()),
             Aftermath::Unannounced => {
-                self.enter(Place::Detached(LostTransaction::Unannounced(rolled_back)));
+                let lost = LostTransaction::Unannounced(rolled_back);
+                self.enter(Place::Detached(Box::new(lost)));
                 return Ok(());
             }
             Aftermath::Failed => (sqlstate::CONNECTION_FAILURE, lost, TxStatus::Idle),
@@ -350,7 +352,7 @@ impl Session<'_> {
         .await
         .map_err(ended)?;
         if aftermath == Aftermath::Aborted {
-            self.enter(Place::Detached(LostTransaction::Aborted));
+            self.enter(Place::Detached(Box::new(LostTransaction::Aborted)));
         }
         Ok(())
     }
@@ -438,11 +440,11 @@ impl Session<'_> {
         let units = self.steering.units_begun();
         let wait = match std::mem::replace(&mut self.place, Place::Attached) {
             Place::WaitingForPrimary(wait) if wait.units == units => wait,
-            _ => PrimaryWait {
+            _ => Box::new(PrimaryWait {
                 until: Instant::now() + self.proxy.config().failover.wait_timeout,
                 units,
                 cancels: self.key.cancels(),
-            },
+            }),
         };
         self.steering.reroute();
         let waiting = hold::Waiting::set(&self.key);
