@@ -107,11 +107,7 @@ async fn start(
     };
     let span = tracing::debug_span!("session", user = %startup.user(), db = %startup.database());
     let entered = span.enter();
-    startup.password = proxy
-        .config()
-        .user(startup.user())
-        .and_then(|u| u.password.clone())
-        .unwrap_or_default();
+    startup.login_config = Some(Arc::clone(&proxy.config()));
     let key = proxy.cancels.register();
     key.describe(crate::cancel::ClientInfo::new(
         startup.context().clone(),
@@ -365,7 +361,7 @@ async fn open(
             Some(lease) => lease,
             None => {
                 let (user, database) = (startup.user(), startup.database());
-                let target = proxy.login_target(node, user, database, &startup.password);
+                let target = proxy.login_target(node, user, database, startup.password());
                 if wait {
                     proxy.pools.checkout(&target).await
                 } else {

@@ -8,7 +8,8 @@
 //! ([`Replayable::fresh_connection`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::ops::Deref;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use pgvigil_proto::classify::Classification;
@@ -41,13 +42,52 @@ pub type SqlText = Box<[u8]>;
 /// The session's named prepared statements by name.
 pub type Statements = HashMap<Box<[u8]>, Prepared>;
 
+/// The session's named statements, a map allocated with the first one: most sessions prepare
+/// none by name, and an empty map inline would be 48 bytes of every session.
+#[derive(Debug, Default)]
+struct Named(Option<Box<Statements>>);
+
+/// What [`Named`] reads as before its first statement.
+static NO_STATEMENTS: LazyLock<Statements> = LazyLock::new(HashMap::new);
+
+impl Deref for Named {
+    type Target = Statements;
+
+    fn deref(&self) -> &Statements {
+        self.0.as_deref().unwrap_or(&NO_STATEMENTS)
+    }
+}
+
+impl Named {
+    fn insert(&mut self, name: Box<[u8]>, prepared: Prepared) -> Option<Prepared> {
+        self.0.get_or_insert_default().insert(name, prepared)
+    }
+
+    fn remove(&mut self, name: &[u8]) -> Option<Prepared> {
+        self.0.as_mut()?.remove(name)
+    }
+
+    fn get_mut(&mut self, name: &[u8]) -> Option<&mut Prepared> {
+        self.0.as_mut()?.get_mut(name)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Prepared> {
+        self.0.iter_mut().flat_map(|map| map.values_mut())
+    }
+
+    /// Forgets every statement, and the map with them.
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// Everything another connection must be given before it can serve the session, and what each
 /// of the session's connections already has.
 pub struct Replayable {
     /// Session-state statements (SET, RESET, ...) that took effect, and what each node has run.
     pub settings: Settings,
     /// Named prepared statements by the client's name, with the nodes that have each.
-    statements: Statements,
+    statements: Named,
     /// Statements to close on a node before its next use (closed or replaced elsewhere), by
     /// node; empty until the first such close (most sessions never have one).
     pending_close: Vec<Vec<SqlText>>,
@@ -67,7 +107,7 @@ impl Replayable {
     pub fn new(node_count: usize) -> Replayable {
         Replayable {
             settings: Settings::new(node_count),
-            statements: HashMap::new(),
+            statements: Named::default(),
             pending_close: Vec::new(),
             unnamed: None,
             pinned: None,

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::SessionError;
-use crate::config::TlsMode;
+use crate::config::{Config, TlsMode};
 use crate::proxy::Proxy;
 use crate::stream::Stream;
 
@@ -24,9 +24,11 @@ pub struct ClientStartup {
     /// A number no other session of this process has: a server connection remembers the last
     /// session it served (see `ServerConn::carries`).
     pub session: u64,
-    /// The user's configured password when it logged in: the session logs in to the nodes
-    /// with it should a reload remove the user (a user still configured uses its current one).
-    pub password: String,
+    /// The configuration when the client logged in: should a reload remove the user, the
+    /// session logs in to the nodes with the password it had then (see
+    /// [`ClientStartup::password`]). Shared, where a copy of the password would be one more
+    /// allocation per session.
+    pub login_config: Option<Arc<Config>>,
     /// See [`ClientStartup::context`].
     context: Arc<[u8]>,
 }
@@ -48,6 +50,16 @@ impl ClientStartup {
     /// The database (defaults to the user name, like PostgreSQL).
     pub fn database(&self) -> &str {
         Context(&self.context).database()
+    }
+
+    /// The user's configured password when it logged in (empty when it had none): a user still
+    /// configured logs in to the nodes with its current one.
+    pub fn password(&self) -> &str {
+        let user = self
+            .login_config
+            .as_deref()
+            .and_then(|c| c.user(self.user()));
+        user.and_then(|u| u.password.as_deref()).unwrap_or_default()
     }
 
     /// Every other parameter, to be applied on the server connection, as `(name, value)`.
@@ -303,7 +315,7 @@ fn read_params<'a>(
     Ok(ClientStartup {
         session: SESSIONS.fetch_add(1, Ordering::Relaxed),
         context: context_of(&database, &user, &rest),
-        password: String::new(),
+        login_config: None,
     })
 }
 
