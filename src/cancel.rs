@@ -1,6 +1,7 @@
 //! Cancel requests: pgvigil gives each client its own BackendKeyData and maps it to the backend
 //! that is serving that client right now, so a cancel reaches exactly that backend, at once.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -11,6 +12,8 @@ use pgvigil_proto::encode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+
+use crate::session::startup::Context;
 
 /// The backend a cancel must reach.
 #[derive(Debug, Clone)]
@@ -25,20 +28,17 @@ pub struct CancelTarget {
     pub key: Vec<u8>,
 }
 
-/// What a logged-in client is, as SHOW CLIENTS lists it.
+/// What a logged-in client is, as SHOW CLIENTS lists it. Its user, database and
+/// application name are read from its session's context (see `ClientStartup::context`),
+/// which it shares.
 #[derive(Debug)]
 pub struct ClientInfo {
-    /// The role it logged in as.
-    pub user: String,
-    /// The database it asked for.
-    pub database: String,
-    /// Its `application_name` startup parameter (empty when it sent none).
-    pub application_name: String,
+    /// The session's startup context.
+    context: Arc<[u8]>,
     /// Its address.
     pub addr: Option<std::net::SocketAddr>,
     /// When its session started.
     pub connected_at: std::time::SystemTime,
-    state: AtomicU8,
 }
 
 /// Whether a client's next unit waits (PgBouncer's `cl_active` and `cl_waiting`).
@@ -51,26 +51,61 @@ pub enum ClientState {
 }
 
 impl ClientInfo {
-    /// A client that has just logged in.
-    pub fn new(
-        user: &str,
-        database: &str,
-        application_name: &str,
-        addr: Option<std::net::SocketAddr>,
-    ) -> ClientInfo {
+    /// A client that has just logged in with this startup `context`.
+    pub fn new(context: Arc<[u8]>, addr: Option<std::net::SocketAddr>) -> ClientInfo {
         ClientInfo {
-            user: user.to_owned(),
-            database: database.to_owned(),
-            application_name: application_name.to_owned(),
+            context,
             addr,
             connected_at: std::time::SystemTime::now(),
-            state: AtomicU8::new(ClientState::Active as u8),
         }
+    }
+
+    /// The role it logged in as.
+    pub fn user(&self) -> &str {
+        Context(&self.context).user()
+    }
+
+    /// The database it asked for.
+    pub fn database(&self) -> &str {
+        Context(&self.context).database()
+    }
+
+    /// Its `application_name` startup parameter (empty when it sent none).
+    pub fn application_name(&self) -> Cow<'_, str> {
+        Context(&self.context).application_name()
+    }
+}
+
+/// One session's registration, shared by its [`CancelKey`] and the registry: one allocation
+/// per session for everything the registry knows of it.
+#[derive(Debug)]
+struct Cell {
+    secret: u32,
+    /// A [`ClientState`].
+    state: AtomicU8,
+    /// The backend serving the session now.
+    target: Mutex<Option<Arc<CancelTarget>>>,
+    /// Counts the cancel requests that matched, for a session that waits without a backend.
+    /// (A `watch` channel would do, at about 400 bytes per session; this is a tenth of it.)
+    count: AtomicU64,
+    arrived: Notify,
+    /// What the client is, once it has logged in.
+    client: OnceLock<ClientInfo>,
+}
+
+/// A logged-in client, as [`CancelRegistry::clients`] lists it.
+#[derive(Debug, Clone)]
+pub struct LoggedIn(Arc<Cell>);
+
+impl LoggedIn {
+    /// What the client is.
+    pub fn info(&self) -> Option<&ClientInfo> {
+        self.0.client.get()
     }
 
     /// Whether its next unit waits.
     pub fn state(&self) -> ClientState {
-        if self.state.load(Ordering::Relaxed) == ClientState::Waiting as u8 {
+        if self.0.state.load(Ordering::Relaxed) == ClientState::Waiting as u8 {
             ClientState::Waiting
         } else {
             ClientState::Active
@@ -78,27 +113,10 @@ impl ClientInfo {
     }
 }
 
-struct Entry {
-    secret: u32,
-    target: Option<Arc<CancelTarget>>,
-    /// What the client is, once it has logged in.
-    client: Option<Arc<ClientInfo>>,
-    /// Counts the cancel requests that matched, for a session that waits without a backend.
-    cancels: Arc<CancelCount>,
-}
-
-/// The cancel requests that matched one session's key, and a wake-up for each. (A `watch`
-/// channel would do, at about 400 bytes per session; this is a tenth of it.)
-#[derive(Debug, Default)]
-struct CancelCount {
-    count: AtomicU64,
-    arrived: Notify,
-}
-
 /// A session's view of its cancel requests from some moment on (see [`CancelKey::cancels`]).
 #[derive(Debug)]
 pub struct Cancels {
-    shared: Arc<CancelCount>,
+    shared: Arc<Cell>,
     seen: u64,
 }
 
@@ -123,14 +141,13 @@ impl Cancels {
 /// Every live session's key, shared by all sessions.
 #[derive(Default)]
 pub struct CancelRegistry {
-    sessions: Mutex<HashMap<u32, Entry>>,
+    sessions: Mutex<HashMap<u32, Arc<Cell>>>,
 }
 
 /// A session's registration; removes itself when dropped.
 pub struct CancelKey {
     registry: Arc<CancelRegistry>,
-    cancels: Arc<CancelCount>,
-    client: OnceLock<Arc<ClientInfo>>,
+    cell: Arc<Cell>,
     /// The process id pgvigil reports to the client.
     pub pid: u32,
     /// The secret pgvigil reports to the client.
@@ -145,20 +162,18 @@ impl CancelRegistry {
             let pid = rand::random::<u32>() & 0x7fff_ffff;
             if pid != 0 && !sessions.contains_key(&pid) {
                 let secret = rand::random::<u32>();
-                let cancels = Arc::new(CancelCount::default());
-                sessions.insert(
-                    pid,
-                    Entry {
-                        secret,
-                        target: None,
-                        client: None,
-                        cancels: cancels.clone(),
-                    },
-                );
+                let cell = Arc::new(Cell {
+                    secret,
+                    state: AtomicU8::new(ClientState::Active as u8),
+                    target: Mutex::new(None),
+                    count: AtomicU64::new(0),
+                    arrived: Notify::new(),
+                    client: OnceLock::new(),
+                });
+                sessions.insert(pid, cell.clone());
                 return CancelKey {
                     registry: self.clone(),
-                    cancels,
-                    client: OnceLock::new(),
+                    cell,
                     pid,
                     secret,
                 };
@@ -169,24 +184,24 @@ impl CancelRegistry {
     /// The backend to cancel for a client's (pid, secret), if both match a live session. A match
     /// is also announced to the session (see [`CancelKey::cancels`]).
     pub fn lookup(&self, pid: u32, secret: &[u8]) -> Option<Arc<CancelTarget>> {
-        let sessions = lock(&self.sessions);
-        let entry = sessions.get(&pid)?;
+        let cell = lock(&self.sessions).get(&pid)?.clone();
         let matches =
-            secret.len() == 4 && crate::auth::constant_time_eq(&entry.secret.to_be_bytes(), secret);
+            secret.len() == 4 && crate::auth::constant_time_eq(&cell.secret.to_be_bytes(), secret);
         if matches {
-            entry.cancels.count.fetch_add(1, Ordering::AcqRel);
-            entry.cancels.arrived.notify_waiters();
-            entry.target.clone()
+            cell.count.fetch_add(1, Ordering::AcqRel);
+            cell.arrived.notify_waiters();
+            lock(&cell.target).clone()
         } else {
             None
         }
     }
 
     /// The logged-in clients with their cancel pids, in no particular order.
-    pub fn clients(&self) -> Vec<(u32, Arc<ClientInfo>)> {
+    pub fn clients(&self) -> Vec<(u32, LoggedIn)> {
         lock(&self.sessions)
             .iter()
-            .filter_map(|(pid, entry)| Some((*pid, entry.client.clone()?)))
+            .filter(|(_, cell)| cell.client.get().is_some())
+            .map(|(pid, cell)| (*pid, LoggedIn(cell.clone())))
             .collect()
     }
 
@@ -204,35 +219,25 @@ impl CancelRegistry {
 impl CancelKey {
     /// Says what the client is, for SHOW CLIENTS (once, after it logged in).
     pub fn describe(&self, info: ClientInfo) {
-        let info = Arc::new(info);
-        if let Some(entry) = lock(&self.registry.sessions).get_mut(&self.pid) {
-            entry.client = Some(info.clone());
-        }
-        let _ = self.client.set(info);
+        let _ = self.cell.client.set(info);
     }
 
     /// Notes whether the client's next unit waits.
     pub fn set_state(&self, state: ClientState) {
-        if let Some(info) = self.client.get() {
-            info.state.store(state as u8, Ordering::Relaxed);
-        }
+        self.cell.state.store(state as u8, Ordering::Relaxed);
     }
 
     /// Points this session's key at the backend now serving it (or at none).
     pub fn set_target(&self, target: Option<Arc<CancelTarget>>) {
-        if let Some(entry) = lock(&self.registry.sessions).get_mut(&self.pid) {
-            entry.target = target;
-        }
+        *lock(&self.cell.target) = target;
     }
-}
 
-impl CancelKey {
     /// Cancel requests for this session from now on: it changes with every one that matches,
     /// so that a session waiting without a backend (for a primary) can stop waiting.
     pub fn cancels(&self) -> Cancels {
         Cancels {
-            shared: self.cancels.clone(),
-            seen: self.cancels.count.load(Ordering::Acquire),
+            shared: self.cell.clone(),
+            seen: self.cell.count.load(Ordering::Acquire),
         }
     }
 }

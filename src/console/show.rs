@@ -139,8 +139,11 @@ fn pools(proxy: &Proxy) -> ResultSet {
     // (database, user) → clients active, waiting; (database, user, node) → servers active, idle.
     let mut clients: BTreeMap<(String, String), [u64; 2]> = BTreeMap::new();
     for (_, client) in proxy.cancels.clients() {
+        let Some(info) = client.info() else {
+            continue;
+        };
         let entry = clients
-            .entry((client.database.clone(), client.user.clone()))
+            .entry((info.database().to_owned(), info.user().to_owned()))
             .or_default();
         entry[usize::from(client.state() == ClientState::Waiting)] += 1;
     }
@@ -219,22 +222,25 @@ fn clients(proxy: &Proxy) -> ResultSet {
         ("application_name", Text),
     ]);
     let mut clients = proxy.cancels.clients();
-    clients.sort_by_key(|(_, c)| c.connected_at);
+    clients.sort_by_key(|(_, c)| c.info().map(|info| info.connected_at));
     for (pid, client) in clients {
+        let Some(info) = client.info() else {
+            continue;
+        };
         let state = match client.state() {
             ClientState::Active => "active",
             ClientState::Waiting => "waiting",
         };
         set.push(vec![
             text("C"),
-            text(&client.user),
-            text(&client.database),
+            text(info.user()),
+            text(info.database()),
             text(state),
-            client.addr.map(|a| a.ip().to_string()),
-            client.addr.map(|a| a.port().to_string()),
-            timestamp(client.connected_at),
+            info.addr.map(|a| a.ip().to_string()),
+            info.addr.map(|a| a.port().to_string()),
+            timestamp(info.connected_at),
             text(pid),
-            text(&client.application_name),
+            text(info.application_name()),
         ]);
     }
     set

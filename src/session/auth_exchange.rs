@@ -23,10 +23,10 @@ pub async fn authenticate(
     proxy: &Proxy,
 ) -> Result<(), SessionError> {
     let users = proxy.users.load_full();
-    let user = users.get(&startup.user);
+    let user = users.get(startup.user());
     let (mut auth, first) = ClientAuth::start(
         user,
-        &startup.user,
+        startup.user(),
         proxy.unknown_user_method(),
         &proxy.auth_seed,
     );

@@ -75,7 +75,7 @@ pub async fn terminated_by_admin(
     if fatal.is_none_or(|f| &f.code != b"57P01") || matches!(cause, LossCause::Unusable(_)) {
         return false;
     }
-    let target = proxy.login_target(node, &startup.user, &startup.database, &startup.password);
+    let target = proxy.login_target(node, startup.user(), startup.database(), startup.password());
     let login = tokio::time::timeout(proxy.config().health.timeout, ServerConn::connect(&target));
     match login.await {
         Ok(Ok(_)) => true,

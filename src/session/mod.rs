@@ -105,33 +105,21 @@ async fn start(
             return None;
         }
     };
-    let span = tracing::debug_span!("session", user = %startup.user, db = %startup.database);
+    let span = tracing::debug_span!("session", user = %startup.user(), db = %startup.database());
     let entered = span.enter();
-    startup.password = proxy
-        .config()
-        .user(&startup.user)
-        .and_then(|u| u.password.clone())
-        .unwrap_or_default();
+    startup.login_config = Some(Arc::clone(&proxy.config()));
     let key = proxy.cancels.register();
-    let application_name = startup
-        .params
-        .iter()
-        .find(|(name, _)| name == b"application_name")
-        .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
-        .unwrap_or_default();
     key.describe(crate::cancel::ClientInfo::new(
-        &startup.user,
-        &startup.database,
-        &application_name,
+        startup.context().clone(),
         peer,
     ));
-    if startup.database == crate::console::DATABASE {
-        let admin = proxy.config().user(&startup.user).is_some_and(|u| u.admin);
+    if startup.database() == crate::console::DATABASE {
+        let admin = proxy.config().user(startup.user()).is_some_and(|u| u.admin);
         if admin {
-            info!(user = %startup.user, "console session");
+            info!(user = %startup.user(), "console session");
             Box::pin(crate::console::serve(stream, client_buf, proxy, &key)).await;
         } else {
-            info!(user = %startup.user, "console refused: not an admin user");
+            info!(user = %startup.user(), "console refused: not an admin user");
             proxy.metrics.client_rejected(Rejection::Startup);
             // What PostgreSQL says to a role without CONNECT on the database.
             let error = SessionError::Refused {
@@ -158,7 +146,7 @@ async fn start(
             Some((span, Box::new(session)))
         }
         Err(error) => {
-            info!(?peer, user = %startup.user, %error, "session could not start");
+            info!(?peer, user = %startup.user(), %error, "session could not start");
             proxy.metrics.client_rejected(Rejection::NoServer);
             refuse(&mut stream, &error).await;
             None
@@ -368,12 +356,12 @@ async fn open(
     need: Need,
 ) -> Result<Lease, OpenError> {
     let setup = async {
-        let reused = proxy.pools.reuse(node, &startup.database, &startup.user);
+        let reused = proxy.pools.reuse(node, startup.database(), startup.user());
         let mut lease = match reused {
             Some(lease) => lease,
             None => {
-                let (user, database) = (&startup.user, &startup.database);
-                let target = proxy.login_target(node, user, database, &startup.password);
+                let (user, database) = (startup.user(), startup.database());
+                let target = proxy.login_target(node, user, database, startup.password());
                 if wait {
                     proxy.pools.checkout(&target).await
                 } else {
@@ -445,7 +433,7 @@ async fn adopt(
 /// Sends the client's startup parameters to the server as SET commands, skipping those the server
 /// already reports with the same value.
 async fn apply_params(lease: &mut Lease, startup: &ClientStartup) -> Result<(), OpenError> {
-    let commands = set_commands(&startup.params, |name| lease.conn.params.get(name));
+    let commands = set_commands(startup.params(), |name| lease.conn.params.get(name));
     let sql = match commands.map_err(OpenError::Params)? {
         Some(sql) => sql,
         None => return Ok(()),
@@ -500,7 +488,7 @@ type Setting = (Vec<u8>, Vec<u8>);
 /// Builds `SET name TO 'value';` for every parameter that differs from what the server reports.
 /// `options` is split into its `-c name=value` / `--name=value` settings like PostgreSQL does.
 fn set_commands<'a>(
-    params: &'a [Setting],
+    params: impl Iterator<Item = (&'a [u8], &'a [u8])>,
     reported: impl Fn(&[u8]) -> Option<&'a [u8]>,
 ) -> Result<Option<String>, SessionError> {
     let mut settings: Vec<Setting> = Vec::new();
@@ -508,7 +496,7 @@ fn set_commands<'a>(
         if name == b"options" {
             settings.extend(parse_options(value)?);
         } else {
-            settings.push((name.clone(), value.clone()));
+            settings.push((name.to_vec(), value.to_vec()));
         }
     }
     let mut sql = String::new();
@@ -653,17 +641,17 @@ mod tests {
 
     #[test]
     fn only_differing_parameters_are_set_and_values_are_escaped() {
-        let params = vec![
-            (b"client_encoding".to_vec(), b"UTF8".to_vec()),
-            (b"application_name".to_vec(), b"it's \\ me".to_vec()),
+        let params: Vec<(&[u8], &[u8])> = vec![
+            (b"client_encoding", b"UTF8"),
+            (b"application_name", b"it's \\ me"),
         ];
-        let sql = set_commands(&params, |name| {
+        let sql = set_commands(params.iter().copied(), |name| {
             (name == b"client_encoding").then_some(b"UTF8".as_slice())
         })
         .unwrap()
         .unwrap();
         assert_eq!(sql, "SET \"application_name\" TO E'it\\'s \\\\ me';");
-        let none = set_commands(&params[..1], |_| Some(b"UTF8".as_slice())).unwrap();
+        let none = set_commands(params[..1].iter().copied(), |_| Some(b"UTF8".as_slice())).unwrap();
         assert!(none.is_none());
     }
 }

@@ -8,7 +8,8 @@
 //! ([`Replayable::fresh_connection`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::ops::Deref;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use pgvigil_proto::classify::Classification;
@@ -41,14 +42,54 @@ pub type SqlText = Box<[u8]>;
 /// The session's named prepared statements by name.
 pub type Statements = HashMap<Box<[u8]>, Prepared>;
 
+/// The session's named statements, a map allocated with the first one: most sessions prepare
+/// none by name, and an empty map inline would be 48 bytes of every session.
+#[derive(Debug, Default)]
+struct Named(Option<Box<Statements>>);
+
+/// What [`Named`] reads as before its first statement.
+static NO_STATEMENTS: LazyLock<Statements> = LazyLock::new(HashMap::new);
+
+impl Deref for Named {
+    type Target = Statements;
+
+    fn deref(&self) -> &Statements {
+        self.0.as_deref().unwrap_or(&NO_STATEMENTS)
+    }
+}
+
+impl Named {
+    fn insert(&mut self, name: Box<[u8]>, prepared: Prepared) -> Option<Prepared> {
+        self.0.get_or_insert_default().insert(name, prepared)
+    }
+
+    fn remove(&mut self, name: &[u8]) -> Option<Prepared> {
+        self.0.as_mut()?.remove(name)
+    }
+
+    fn get_mut(&mut self, name: &[u8]) -> Option<&mut Prepared> {
+        self.0.as_mut()?.get_mut(name)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Prepared> {
+        self.0.iter_mut().flat_map(|map| map.values_mut())
+    }
+
+    /// Forgets every statement, and the map with them.
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// Everything another connection must be given before it can serve the session, and what each
 /// of the session's connections already has.
 pub struct Replayable {
     /// Session-state statements (SET, RESET, ...) that took effect, and what each node has run.
     pub settings: Settings,
     /// Named prepared statements by the client's name, with the nodes that have each.
-    statements: Statements,
-    /// Statements to close on a node before its next use (closed or replaced elsewhere).
+    statements: Named,
+    /// Statements to close on a node before its next use (closed or replaced elsewhere), by
+    /// node; empty until the first such close (most sessions never have one).
     pending_close: Vec<Vec<SqlText>>,
     /// Where the unnamed statement was last parsed, and what it is.
     unnamed: Option<(NodeId, Classification)>,
@@ -66,8 +107,8 @@ impl Replayable {
     pub fn new(node_count: usize) -> Replayable {
         Replayable {
             settings: Settings::new(node_count),
-            statements: HashMap::new(),
-            pending_close: vec![Vec::new(); node_count],
+            statements: Named::default(),
+            pending_close: Vec::new(),
             unnamed: None,
             pinned: None,
             naming: Naming::default(),
@@ -78,9 +119,6 @@ impl Replayable {
     /// Makes room for nodes a reload added, up to `node_count`.
     pub fn cover(&mut self, node_count: usize) {
         self.settings.cover(node_count);
-        if self.pending_close.len() < node_count {
-            self.pending_close.resize_with(node_count, Vec::new);
-        }
     }
 
     /// Transaction pooling: statements are shared only between sessions with the same
@@ -269,10 +307,27 @@ impl Replayable {
 
     /// Queues a close of `name` on every node in `on` but `current`.
     fn close_elsewhere(&mut self, name: &[u8], on: u64, current: NodeId) {
+        let others = on & !(1 << current);
+        let nodes = (u64::BITS - others.leading_zeros()) as usize;
+        if self.pending_close.len() < nodes {
+            self.pending_close.resize_with(nodes, Vec::new);
+        }
         for (node, closes) in self.pending_close.iter_mut().enumerate() {
-            if node != current && on & (1 << node) != 0 {
+            if others & (1 << node) != 0 {
                 closes.push(name.into());
             }
+        }
+    }
+
+    /// The statements to close on `node` before its next use.
+    fn closes(&self, node: NodeId) -> &[SqlText] {
+        self.pending_close.get(node).map_or(&[], Vec::as_slice)
+    }
+
+    /// `node` has nothing left to close.
+    fn closes_done(&mut self, node: NodeId) {
+        if let Some(closes) = self.pending_close.get_mut(node) {
+            closes.clear();
         }
     }
 
@@ -298,27 +353,27 @@ impl Replayable {
     /// What `node` must run before it can serve: session-state statements it has not run, and
     /// statements to close.
     pub fn catch_up(&self, node: NodeId) -> (&[SqlText], &[SqlText]) {
-        (self.settings.missing(node), &self.pending_close[node])
+        (self.settings.missing(node), self.closes(node))
     }
 
     /// Whether the session's connection to `node` lacks nothing the session could give it: no
     /// setting or close owed there, and no named statement at all.
     pub fn nothing_owed(&self, node: NodeId) -> bool {
         self.settings.missing(node).is_empty()
-            && self.pending_close[node].is_empty()
+            && self.closes(node).is_empty()
             && self.statements.is_empty()
     }
 
     /// `node` ran everything [`Replayable::catch_up`] listed.
     pub fn caught_up(&mut self, node: NodeId) {
         self.settings.caught_up(node);
-        self.pending_close[node].clear();
+        self.closes_done(node);
     }
 
     /// A fresh connection to `node` replaced whatever the session had there.
     pub fn fresh_connection(&mut self, node: NodeId) {
         self.settings.fresh_connection(node);
-        self.pending_close[node].clear();
+        self.closes_done(node);
         for prepared in self.statements.values_mut() {
             prepared.on &= !(1 << node);
         }

@@ -52,10 +52,11 @@ enum Place {
     Attached,
     /// The connection was lost inside the client's transaction block, and the client is owed
     /// a failed block: until the client ends it, its units are answered without a server, so
-    /// that nothing runs outside the transaction the client believes it is in.
-    Detached(LostTransaction),
+    /// that nothing runs outside the transaction the client believes it is in. (Boxed, like
+    /// the wait: both are rare, and inline they would enlarge every idle session.)
+    Detached(Box<LostTransaction>),
     /// The unit at the front of the client's buffer waits for a primary.
-    WaitingForPrimary(PrimaryWait),
+    WaitingForPrimary(Box<PrimaryWait>),
 }
 
 /// What a session goes on with between relays.
@@ -121,7 +122,6 @@ impl<'a> Session<'a> {
 /// [`Session::run`] is boxed and dropped while idle, so that an idle client costs its session's
 /// state and little more.
 pub(super) async fn serve(mut session: Box<Session<'_>>) {
-    let proxy = session.proxy;
     let ran = loop {
         match Box::pin(session.run()).await {
             Ok(Pause::Idle) => {}
@@ -132,30 +132,36 @@ pub(super) async fn serve(mut session: Box<Session<'_>>) {
             break Ok(end);
         }
     };
+    // Boxed too: inline, the end's state would be part of every idle session's task (128
+    // bytes more per idle client, the task's size being rounded up to 128 bytes).
+    Box::pin(end(session, ran)).await;
+}
+
+/// Ends the session: tells the client why when it must, and hands back (or drops) every server
+/// connection (see [`finish`]).
+async fn end(mut session: Box<Session<'_>>, ran: Result<RelayEnd, SessionError>) {
+    let proxy = session.proxy;
     let end = match ran {
         Ok(end) => end,
         Err(error) => {
             info!(%error, "session ended: its next statement cannot be served");
             let client = &mut session.client;
-            Box::pin(async {
-                let _ = flush_client(client).await;
-                refuse(&mut client.stream, &error).await;
-            })
-            .await;
+            let _ = flush_client(client).await;
+            refuse(&mut client.stream, &error).await;
             RelayEnd::ClientGone
         }
     };
     session.steering.unit_done(proxy, false);
     session.key.set_target(None);
     debug!(?end, "session ended");
-    Box::pin(finish(
+    finish(
         end,
         &mut session.client,
         session.held,
         session.steering.current,
         &session.progress,
         proxy,
-    ))
+    )
     .await;
 }
 
@@ -187,12 +193,12 @@ impl Session<'_> {
             self.held
                 .drop_unusable(current, &mut self.steering.replay, self.proxy);
             if let Place::Detached(lost) = &self.place {
-                let lost = lost.clone();
+                let lost = LostTransaction::clone(lost);
                 // Boxed, like the relay: rare, and inline it would enlarge every session.
                 let answer =
                     aborted::answer_unit(&mut self.client, lost, &mut self.steering, self.proxy);
                 let after = Box::pin(answer).await.map_err(ended)?;
-                self.enter(after.map_or(Place::Attached, Place::Detached));
+                self.enter(after.map_or(Place::Attached, |lost| Place::Detached(Box::new(lost))));
                 continue;
             }
             let stop = match self.held.leases[current].as_mut() {
@@ -303,7 +309,8 @@ impl Session<'_> {
         let (code, message, status) = match aftermath {
             Aftermath::Quiet => return Ok(()),
             Aftermath::Unannounced => {
-                self.enter(Place::Detached(LostTransaction::Unannounced(rolled_back)));
+                let lost = LostTransaction::Unannounced(rolled_back);
+                self.enter(Place::Detached(Box::new(lost)));
                 return Ok(());
             }
             Aftermath::Failed => (sqlstate::CONNECTION_FAILURE, lost, TxStatus::Idle),
@@ -345,7 +352,7 @@ impl Session<'_> {
         .await
         .map_err(ended)?;
         if aftermath == Aftermath::Aborted {
-            self.enter(Place::Detached(LostTransaction::Aborted));
+            self.enter(Place::Detached(Box::new(LostTransaction::Aborted)));
         }
         Ok(())
     }
@@ -433,11 +440,11 @@ impl Session<'_> {
         let units = self.steering.units_begun();
         let wait = match std::mem::replace(&mut self.place, Place::Attached) {
             Place::WaitingForPrimary(wait) if wait.units == units => wait,
-            _ => PrimaryWait {
+            _ => Box::new(PrimaryWait {
                 until: Instant::now() + self.proxy.config().failover.wait_timeout,
                 units,
                 cancels: self.key.cancels(),
-            },
+            }),
         };
         self.steering.reroute();
         let waiting = hold::Waiting::set(&self.key);

@@ -11,24 +11,24 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::SessionError;
-use crate::config::TlsMode;
+use crate::config::{Config, TlsMode};
 use crate::proxy::Proxy;
 use crate::stream::Stream;
 
 /// What a client asked for in its startup packet.
+///
+/// Its user, database and parameters are kept once, in its context (see
+/// [`ClientStartup::context`]), and read from there: an idle session keeps one allocation for
+/// them instead of one per string.
 pub struct ClientStartup {
     /// A number no other session of this process has: a server connection remembers the last
     /// session it served (see `ServerConn::carries`).
     pub session: u64,
-    /// The role name.
-    pub user: String,
-    /// The database (defaults to the user name, like PostgreSQL).
-    pub database: String,
-    /// The user's configured password when it logged in: the session logs in to the nodes
-    /// with it should a reload remove the user (a user still configured uses its current one).
-    pub password: String,
-    /// Every other parameter, to be applied on the server connection.
-    pub params: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The configuration when the client logged in: should a reload remove the user, the
+    /// session logs in to the nodes with the password it had then (see
+    /// [`ClientStartup::password`]). Shared, where a copy of the password would be one more
+    /// allocation per session.
+    pub login_config: Option<Arc<Config>>,
     /// See [`ClientStartup::context`].
     context: Arc<[u8]>,
 }
@@ -40,6 +40,87 @@ impl ClientStartup {
     /// a pooled connection as it is from a session with the same context, see `Carried`).
     pub fn context(&self) -> &Arc<[u8]> {
         &self.context
+    }
+
+    /// The role name.
+    pub fn user(&self) -> &str {
+        Context(&self.context).user()
+    }
+
+    /// The database (defaults to the user name, like PostgreSQL).
+    pub fn database(&self) -> &str {
+        Context(&self.context).database()
+    }
+
+    /// The user's configured password when it logged in (empty when it had none): a user still
+    /// configured logs in to the nodes with its current one.
+    pub fn password(&self) -> &str {
+        let user = self
+            .login_config
+            .as_deref()
+            .and_then(|c| c.user(self.user()));
+        user.and_then(|u| u.password.as_deref()).unwrap_or_default()
+    }
+
+    /// Every other parameter, to be applied on the server connection, as `(name, value)`.
+    pub fn params(&self) -> Params<'_> {
+        Context(&self.context).params()
+    }
+}
+
+/// A view of the bytes of a [`ClientStartup::context`]: `database NUL user NUL (name NUL value
+/// NUL)* NUL`. No name is empty (an empty name ends a startup packet's list), so the pairs read
+/// back unambiguously even when a value is empty.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a>(pub &'a [u8]);
+
+impl<'a> Context<'a> {
+    /// The database.
+    pub fn database(self) -> &'a str {
+        as_str(self.0.split(|b| *b == 0).next())
+    }
+
+    /// The role name.
+    pub fn user(self) -> &'a str {
+        as_str(self.0.split(|b| *b == 0).nth(1))
+    }
+
+    /// The startup parameters other than user and database.
+    pub fn params(self) -> Params<'a> {
+        let mut parts = self.0.splitn(3, |b| *b == 0);
+        let rest = parts.nth(2).unwrap_or_default();
+        Params(rest)
+    }
+
+    /// The `application_name` parameter (empty when the client sent none).
+    pub fn application_name(self) -> std::borrow::Cow<'a, str> {
+        let value = self
+            .params()
+            .find(|(name, _)| *name == b"application_name")
+            .map_or(&[][..], |(_, value)| value);
+        String::from_utf8_lossy(value)
+    }
+}
+
+/// The database and user were made from `String`s: they are UTF-8.
+fn as_str(part: Option<&[u8]>) -> &str {
+    part.and_then(|p| std::str::from_utf8(p).ok())
+        .unwrap_or_default()
+}
+
+/// The `(name, value)` startup parameters of a [`Context`].
+#[derive(Debug, Clone)]
+pub struct Params<'a>(&'a [u8]);
+
+impl<'a> Iterator for Params<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut parts = self.0.splitn(3, |b| *b == 0);
+        let name = parts.next().filter(|n| !n.is_empty())?;
+        let value = parts.next()?;
+        self.0 = parts.next().unwrap_or_default();
+        Some((name, value))
     }
 }
 
@@ -234,10 +315,7 @@ fn read_params<'a>(
     Ok(ClientStartup {
         session: SESSIONS.fetch_add(1, Ordering::Relaxed),
         context: context_of(&database, &user, &rest),
-        user,
-        database,
-        password: String::new(),
-        params: rest,
+        login_config: None,
     })
 }
 
@@ -298,12 +376,32 @@ mod tests {
         ];
         let mut unrecognized = Vec::new();
         let startup = read_params(params.into_iter(), &mut unrecognized).unwrap();
-        assert_eq!(startup.database, "app");
-        assert_eq!(
-            startup.params,
-            vec![(b"application_name".to_vec(), b"psql".to_vec())]
-        );
+        assert_eq!(startup.database(), "app");
+        assert_eq!(startup.user(), "app");
+        let params: Vec<_> = startup.params().collect();
+        assert_eq!(params, vec![(&b"application_name"[..], &b"psql"[..])]);
+        assert_eq!(Context(startup.context()).application_name(), "psql");
         assert_eq!(unrecognized, vec![b"_pq_.compression".to_vec()]);
+    }
+
+    #[test]
+    fn a_context_reads_back_empty_values_and_no_parameters() {
+        let params: Vec<(&[u8], &[u8])> = vec![
+            (b"user", b"u"),
+            (b"database", b"d"),
+            (b"application_name", b""),
+            (b"search_path", b"a,b"),
+        ];
+        let startup = read_params(params.into_iter(), &mut Vec::new()).unwrap();
+        let read: Vec<_> = startup.params().collect();
+        let expected: Vec<(&[u8], &[u8])> =
+            vec![(b"application_name", b""), (b"search_path", b"a,b")];
+        assert_eq!((startup.database(), startup.user()), ("d", "u"));
+        assert_eq!(read, expected);
+        let bare: Vec<(&[u8], &[u8])> = vec![(b"user", b"u")];
+        let startup = read_params(bare.into_iter(), &mut Vec::new()).unwrap();
+        assert_eq!(startup.params().count(), 0);
+        assert_eq!(Context(startup.context()).application_name(), "");
     }
 
     #[test]
