@@ -119,7 +119,7 @@ pub enum ServerError {
 }
 
 /// The parameters a node reported with ParameterStatus, latest value of each.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ReportedParams(Vec<(Vec<u8>, Vec<u8>)>);
 
 impl ReportedParams {

@@ -11,6 +11,7 @@ mod naming;
 mod recover;
 mod relay;
 mod replay;
+mod reset;
 mod route;
 mod serve;
 mod server_side;
@@ -503,6 +504,18 @@ fn set_commands<'a>(
     params: &'a [Setting],
     reported: impl Fn(&[u8]) -> Option<&'a [u8]>,
 ) -> Result<Option<String>, SessionError> {
+    let mut sql = String::new();
+    for (name, value) in &startup_settings(params)? {
+        if reported(name) == Some(value.as_slice()) {
+            continue;
+        }
+        push_set(&mut sql, name, value);
+    }
+    Ok((!sql.is_empty()).then_some(sql))
+}
+
+/// The run-time settings of startup parameters `params`, `options` split into its settings.
+fn startup_settings(params: &[Setting]) -> Result<Vec<Setting>, SessionError> {
     let mut settings: Vec<Setting> = Vec::new();
     for (name, value) in params {
         if name == b"options" {
@@ -511,20 +524,18 @@ fn set_commands<'a>(
             settings.push((name.clone(), value.clone()));
         }
     }
-    let mut sql = String::new();
-    for (name, value) in &settings {
-        if reported(name) == Some(value.as_slice()) {
-            continue;
-        }
-        let name = String::from_utf8_lossy(name);
-        let value = String::from_utf8_lossy(value);
-        sql.push_str(&format!(
-            "SET \"{}\" TO E'{}';",
-            name.replace('"', "\"\""),
-            value.replace('\\', "\\\\").replace('\'', "\\'")
-        ));
-    }
-    Ok((!sql.is_empty()).then_some(sql))
+    Ok(settings)
+}
+
+/// Appends `SET "name" TO E'value';` to `sql`.
+fn push_set(sql: &mut String, name: &[u8], value: &[u8]) {
+    let name = String::from_utf8_lossy(name);
+    let value = String::from_utf8_lossy(value);
+    sql.push_str(&format!(
+        "SET \"{}\" TO E'{}';",
+        name.replace('"', "\"\""),
+        value.replace('\\', "\\\\").replace('\'', "\\'")
+    ));
 }
 
 /// Splits a startup `options` value into settings; backslash escapes a space (libpq's rule).

@@ -17,6 +17,7 @@ use super::hold;
 use super::loss::{self, Aftermath};
 use super::recover::{self, Failure};
 use super::relay::{self, ClientConn, Loss, LossCause, Progress, RelayEnd, Stop};
+use super::reset;
 use super::server_side::downgrade_fatal;
 use super::startup::ClientStartup;
 use super::steering::{Decision, Steering};
@@ -384,6 +385,24 @@ impl Session<'_> {
                 recover::answer_deallocate(&mut self.client, &mut self.steering, status, max)
                     .await
                     .map_err(ended)
+            }
+            Decision::Reset => {
+                let current = self.steering.current;
+                let Some(lease) = self.held.leases[current].as_mut() else {
+                    // No connection: the unit is routed again.
+                    return Ok(());
+                };
+                let conn = &mut lease.conn;
+                let (steering, startup) = (&mut self.steering, &self.startup);
+                let answer = reset::answer(&mut self.client, conn, steering, startup, self.proxy);
+                match Box::pin(answer).await {
+                    Ok(()) => Ok(()),
+                    Err(reset::Failed::Client(end)) => Err(ended(end)),
+                    Err(reset::Failed::Server(cause)) => {
+                        // The unit is still the client's next: it is served again elsewhere.
+                        Box::pin(self.recover(Loss { cause, fatal: None })).await
+                    }
+                }
             }
             Decision::Hold => hold::hold(&mut self.client, &self.key, self.proxy)
                 .await

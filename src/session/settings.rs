@@ -18,15 +18,23 @@ use crate::topology::NodeId;
 const REPLAY_LIMIT: usize = 256;
 
 /// The settings log of one session.
+///
+/// A `RESET ALL` or `DISCARD ALL` restarts the log: what came before is undone, so the log then
+/// begins with the statement pgvigil ran for it (which also applies the client's startup
+/// parameters again). Counts of statements run are absolute (since the session began), so that
+/// a connection that ran statements of the log before a restart runs the new log from its
+/// start.
 pub struct Settings {
-    /// Statements that took effect, in order.
+    /// Statements that took effect, in order, since the log last restarted.
     log: Vec<SqlText>,
-    /// How many of them each node's connection has run.
+    /// How many statements the log held before its last restart, in all.
+    base: usize,
+    /// How many statements of `log` each node's connection has run.
     applied: Vec<usize>,
     /// Sent and not answered yet, each with the number of the ReadyForQuery that answers it.
     sent: Vec<(u64, SqlText)>,
     /// Took effect inside the open transaction block: logged if the block commits.
-    in_block: Vec<SqlText>,
+    in_block: Vec<(SqlText, Scope)>,
     /// Requests forwarded that a ReadyForQuery answers (Query, FunctionCall, Sync).
     requests: u64,
     /// ReadyForQuery messages relayed.
@@ -35,6 +43,19 @@ pub struct Settings {
     since_ready: Outcome,
     /// Why the log cannot rebuild the session's state, once it cannot.
     unreplayable: Option<&'static str>,
+}
+
+/// What a statement that took effect does to the statements logged before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// It adds to them.
+    Adds,
+    /// It undoes them all but `SET SESSION AUTHORIZATION` (`RESET ALL`, then the startup
+    /// parameters): the log restarts with those and it.
+    ResetsAll,
+    /// It undoes them all (`DISCARD ALL`'s settings, then the startup parameters): the log
+    /// restarts with it.
+    Discards,
 }
 
 /// What the server answered between two ReadyForQuery messages.
@@ -50,6 +71,7 @@ impl Settings {
     pub fn new(node_count: usize) -> Settings {
         Settings {
             log: Vec::new(),
+            base: 0,
             applied: vec![0; node_count],
             sent: Vec::new(),
             in_block: Vec::new(),
@@ -104,9 +126,9 @@ impl Settings {
             .take_while(|(n, _)| *n <= self.readies)
             .count();
         let answered = self.sent.drain(..answered);
-        let mut took_effect: Vec<SqlText> = Vec::new();
+        let mut took_effect: Vec<(SqlText, Scope)> = Vec::new();
         if !outcome.error {
-            took_effect.extend(answered.map(|(_, sql)| sql));
+            took_effect.extend(answered.map(|(_, sql)| (sql, Scope::Adds)));
         } else {
             drop(answered);
         }
@@ -128,6 +150,18 @@ impl Settings {
                 }
                 self.in_block.extend(took_effect);
             }
+        }
+    }
+
+    /// pgvigil ran `sql` for the client on the connection to `node` (see `reset`), and it took
+    /// effect there; `status`: the connection's transaction status after it.
+    pub fn ran(&mut self, sql: SqlText, scope: Scope, status: TxStatus, node: NodeId) {
+        match status {
+            TxStatus::Idle => self.append(vec![(sql, scope)], node),
+            // Logged if the block commits, like a SET inside it.
+            TxStatus::InTransaction => self.in_block.push((sql, scope)),
+            // A statement that took effect leaves no failed block.
+            TxStatus::Failed => {}
         }
     }
 
@@ -176,38 +210,63 @@ impl Settings {
         self.applied[node] = 0;
     }
 
-    /// How many statements of the log the connection to `node` has run.
+    /// How many statements the connection to `node` has run, counted since the session began
+    /// (see [`Settings::resume`]).
     pub fn applied(&self, node: NodeId) -> usize {
-        self.applied[node]
+        self.base + self.applied[node]
     }
 
-    /// The connection to `node` is one that has run the first `applied` statements of the log
-    /// already (transaction pooling: the session had it before).
+    /// The connection to `node` is one that has run the first `applied` statements (counted
+    /// as [`Settings::applied`] counts them) already (transaction pooling: the session had it
+    /// before). One that ran them before the log last restarted runs the new log whole.
     pub fn resume(&mut self, node: NodeId, applied: usize) {
-        self.applied[node] = applied.min(self.log.len());
+        self.applied[node] = applied.saturating_sub(self.base).min(self.log.len());
     }
 
     /// Logs statements that took effect on `node` (which therefore has them).
-    fn append(&mut self, statements: Vec<SqlText>, node: NodeId) {
-        if statements.is_empty() {
-            return;
-        }
-        let caught_up = self.applied[node] == self.log.len();
-        for sql in statements {
-            if self.log.len() >= REPLAY_LIMIT {
-                self.cannot_replay("too many session settings to replay");
-                return;
+    fn append(&mut self, statements: Vec<(SqlText, Scope)>, node: NodeId) {
+        for (sql, scope) in statements {
+            let caught_up = self.applied[node] == self.log.len();
+            match scope {
+                Scope::Adds if self.log.len() >= REPLAY_LIMIT => {
+                    self.cannot_replay("too many session settings to replay");
+                    return;
+                }
+                Scope::Adds => self.log.push(sql),
+                Scope::ResetsAll | Scope::Discards => {
+                    // `RESET ALL` leaves the session authorization as it is.
+                    let kept: Vec<SqlText> = match scope {
+                        Scope::ResetsAll => self
+                            .log
+                            .iter()
+                            .filter(|sql| sets_authorization(sql))
+                            .cloned()
+                            .collect(),
+                        Scope::Adds | Scope::Discards => Vec::new(),
+                    };
+                    self.base += self.log.len();
+                    self.log = kept;
+                    self.log.push(sql);
+                    self.applied.fill(0);
+                }
             }
-            self.log.push(sql);
-        }
-        if caught_up {
-            self.applied[node] = self.log.len();
+            if caught_up {
+                self.applied[node] = self.log.len();
+            }
         }
     }
 
     fn cannot_replay(&mut self, reason: &'static str) {
         self.unreplayable.get_or_insert(reason);
     }
+}
+
+/// Whether `sql` is a `SET SESSION AUTHORIZATION`, which `RESET ALL` does not undo.
+fn sets_authorization(sql: &[u8]) -> bool {
+    word(skip_comments(sql), b"set")
+        .and_then(|rest| word(rest, b"session"))
+        .and_then(|rest| word(rest, b"authorization"))
+        .is_some()
 }
 
 /// What a statement does to the session beyond its classification.
@@ -290,7 +349,7 @@ fn constant_call(sql: &[u8]) -> Option<bool> {
 }
 
 /// `text` after leading whitespace and `expected` (ASCII case-insensitive).
-fn token<'a>(text: &'a [u8], expected: &[u8]) -> Option<&'a [u8]> {
+pub(super) fn token<'a>(text: &'a [u8], expected: &[u8]) -> Option<&'a [u8]> {
     let text = text.trim_ascii_start();
     let head = text.get(..expected.len())?;
     head.eq_ignore_ascii_case(expected)
@@ -298,7 +357,7 @@ fn token<'a>(text: &'a [u8], expected: &[u8]) -> Option<&'a [u8]> {
 }
 
 /// Like [`token`], but a keyword must not run on into an identifier.
-fn word<'a>(text: &'a [u8], expected: &[u8]) -> Option<&'a [u8]> {
+pub(super) fn word<'a>(text: &'a [u8], expected: &[u8]) -> Option<&'a [u8]> {
     let rest = token(text, expected)?;
     let runs_on = rest
         .first()
@@ -356,7 +415,7 @@ pub fn unreplayable(sql: &[u8], function: bool) -> Option<&'static str> {
 }
 
 /// `sql` after leading whitespace, `--` comments and `/* */` comments (not nested).
-fn skip_comments(mut sql: &[u8]) -> &[u8] {
+pub(super) fn skip_comments(mut sql: &[u8]) -> &[u8] {
     loop {
         sql = sql.trim_ascii_start();
         if let Some(rest) = sql.strip_prefix(b"--") {
@@ -447,6 +506,37 @@ mod tests {
 
     fn text(sql: &str) -> SqlText {
         sql.as_bytes().into()
+    }
+
+    #[test]
+    fn a_reset_all_restarts_the_log_and_stale_connections_run_it_whole() {
+        let mut s = Settings::new(2);
+        for sql in ["SET SESSION AUTHORIZATION u", "SET a = 1"] {
+            s.ran(text(sql), Scope::Adds, TxStatus::Idle, 0);
+        }
+        let before_reset = s.applied(0);
+        s.ran(text("RESET ALL;S"), Scope::ResetsAll, TxStatus::Idle, 0);
+        // RESET ALL keeps the session authorization; node 0 ran it all.
+        assert_eq!(
+            s.log(),
+            [text("SET SESSION AUTHORIZATION u"), text("RESET ALL;S")]
+        );
+        assert!(s.missing(0).is_empty());
+        assert_eq!(s.missing(1).len(), 2);
+        // A pooled connection that ran the old log runs the new one from its start.
+        s.resume(1, before_reset);
+        assert_eq!(s.missing(1).len(), 2);
+        s.resume(1, s.applied(0));
+        assert!(s.missing(1).is_empty());
+
+        // Inside a block, a DISCARD ALL's settings count only once the block commits.
+        s.request();
+        s.ready(TxStatus::InTransaction, 0);
+        s.ran(text("D"), Scope::Discards, TxStatus::InTransaction, 0);
+        s.request();
+        s.command_complete(b"COMMIT\0");
+        s.ready(TxStatus::Idle, 0);
+        assert_eq!(s.log(), [text("D")]);
     }
 
     #[test]
