@@ -6,6 +6,8 @@ use pgvigil::config::PoolMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
+use crate::lost_transaction::trust_app;
+use crate::support::wire::Wire;
 use crate::support::{start_proxy, test_cluster, TestProxy, APP_DB, APP_PASSWORD, APP_USER};
 
 /// The first column of the first row of a simple-protocol answer.
@@ -151,4 +153,77 @@ async fn discard_all_drops_the_sessions_own_prepared_statements_and_no_others() 
         before,
         "B's statement neither dropped nor prepared again on the shared connection"
     );
+}
+
+/// What a client sees of one answer: tags, reported parameters (sorted: their order means
+/// nothing), SQLSTATEs, rows and the ReadyForQuery status.
+type Seen = (
+    Vec<String>,
+    Vec<(String, String)>,
+    Vec<String>,
+    Vec<Vec<String>>,
+    u8,
+);
+
+async fn seen(wire: &mut Wire, sql: &str) -> Seen {
+    let mut answer = wire.query(sql).await;
+    answer.params.sort();
+    let codes = answer.codes().into_iter().map(str::to_owned).collect();
+    (
+        answer.tags,
+        answer.params,
+        codes,
+        answer.rows,
+        answer.status,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_sees_exactly_what_postgresql_shows_it_for_resets_in_both_pool_modes() {
+    let cluster = test_cluster(0);
+    let startup: [(&[u8], &[u8]); 2] = [
+        (b"application_name", b"from-startup"),
+        (b"DateStyle", b"ISO, DMY"),
+    ];
+    let steps = [
+        "SET application_name = 'changed'",
+        "RESET application_name",
+        "SET application_name = 'changed'",
+        "SET application_name TO DEFAULT",
+        "SET application_name = 'changed'",
+        "SET DateStyle = 'German'",
+        "RESET ALL",
+        "RESET ALL",
+        "SET application_name = 'changed'",
+        "DISCARD ALL",
+        "BEGIN",
+        "SET application_name = 'in-block'",
+        "RESET ALL",
+        "SHOW application_name",
+        "ROLLBACK",
+        "SHOW application_name",
+        "BEGIN",
+        "DISCARD ALL",
+        "ROLLBACK",
+        "SELECT current_setting('application_name'), current_setting('DateStyle')",
+    ];
+    let node = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.node(0).port));
+    let mut direct = Wire::login_with(node, "postgres", &startup).await;
+    let mut expected = Vec::new();
+    for sql in steps {
+        expected.push(seen(&mut direct, sql).await);
+    }
+    for mode in [PoolMode::Session, PoolMode::Transaction] {
+        let proxy = start_proxy(&cluster, |config| {
+            config.pool.mode = mode;
+            config.pool.max_size = 1;
+            trust_app(config);
+        })
+        .await;
+        let mut through = Wire::login_with(proxy.addr, APP_USER, &startup).await;
+        for (sql, expected) in steps.iter().zip(&expected) {
+            let got = seen(&mut through, sql).await;
+            assert_eq!(&got, expected, "{mode:?}: {sql}");
+        }
+    }
 }
