@@ -40,6 +40,7 @@ use crate::server::{Carried, ServerError};
 use crate::stream::Stream;
 use crate::topology::{Need, NodeId};
 use relay::ClientConn;
+use settings::Settings;
 use startup::{ClientStartup, Opening};
 
 /// Why a session ended before or outside the relay.
@@ -284,9 +285,9 @@ async fn open_for_start(
         .iter()
         .any(|n| n.id != node && n.role.takes_new_work() && tried & (1 << n.id) == 0);
     if others {
-        open_within(proxy, node, startup, &[], true, Need::Replaceable).await
+        open_within(proxy, node, startup, None, &[], true, Need::Replaceable).await
     } else {
-        open(proxy, node, startup, &[], true, Need::Usable).await
+        open(proxy, node, startup, None, &[], true, Need::Usable).await
     }
 }
 
@@ -296,15 +297,16 @@ async fn open_within(
     proxy: &Proxy,
     node: NodeId,
     startup: &ClientStartup,
+    log: Option<&Settings>,
     unit: &[u8],
     wait: bool,
     need: Need,
 ) -> Result<Lease, OpenError> {
     let bound = proxy.config().health.timeout;
     if bound >= proxy.config().backend.connect_timeout {
-        return open(proxy, node, startup, unit, wait, need).await;
+        return open(proxy, node, startup, log, unit, wait, need).await;
     }
-    match tokio::time::timeout(bound, open(proxy, node, startup, unit, wait, need)).await {
+    match tokio::time::timeout(bound, open(proxy, node, startup, log, unit, wait, need)).await {
         Ok(result) => result,
         Err(_) => Err(OpenError::Pool(PoolError::Connect(ServerError::Timeout {
             node: proxy.config().nodes[node].name.clone(),
@@ -358,12 +360,14 @@ impl OpenError {
 /// Opens the session's connection to `node`: a checkout (waiting for a slot when `wait`, else
 /// failing at once), then the client's startup parameters, all abandoned once the topology
 /// gives up on `node` for `need`. A connection whose setup failed is released (and dropped
-/// unless the reset proves it sound). `unit`: the unit it is opened for, at the start of the
-/// client's buffer (empty when none is known).
+/// unless the reset proves it sound). `log`: the session's settings log (none when it starts);
+/// `unit`: the unit it is opened for, at the start of the client's buffer (empty when none is
+/// known).
 async fn open(
     proxy: &Proxy,
     node: NodeId,
     startup: &ClientStartup,
+    log: Option<&Settings>,
     unit: &[u8],
     wait: bool,
     need: Need,
@@ -382,7 +386,14 @@ async fn open(
                 }?
             }
         };
-        if let Err(error) = adopt(&mut lease, startup, unit, proxy.config().max_message_size).await
+        if let Err(error) = adopt(
+            &mut lease,
+            startup,
+            log,
+            unit,
+            proxy.config().max_message_size,
+        )
+        .await
         {
             proxy.release(lease, true).await;
             return Err(error);
@@ -400,37 +411,35 @@ async fn open(
 ///
 /// A connection that carries this session's state already keeps it (and `sync` gives it only
 /// the settings it lacks). One that carries only the startup parameters of a session with the
-/// same context is already what they would make it, and is taken as it is (no round trip)
-/// unless it may have an unnamed statement that `unit` could use before replacing it.
+/// same context, or those and settings that the session's own log (`log`) begins with, is
+/// already what they would make it, and is taken as it is (no round trip; `sync` runs the rest
+/// of the log) unless it may have an unnamed statement that `unit` could use before replacing
+/// it. `log`: the session's settings log, none when it starts.
 async fn adopt(
     lease: &mut Lease,
     startup: &ClientStartup,
+    log: Option<&Settings>,
     unit: &[u8],
     max_message: usize,
 ) -> Result<(), OpenError> {
     let conn = &mut lease.conn;
-    let settings = match &conn.carries {
-        Carried::Session {
-            session, settings, ..
-        } if *session == startup.session => *settings,
-        Carried::Session {
-            context,
-            settings: 0,
-            ..
-        } if **context == **startup.context()
-            && (!conn.statements.has_unnamed()
-                || client_scan::drops_unnamed(unit, max_message)) =>
-        {
-            0
-        }
-        Carried::Session { .. } => {
+    let own =
+        matches!(&conn.carries, Carried::Session { session, .. } if *session == startup.session);
+    // A simple Query (the reset) drops the unnamed statement; without one, another session's
+    // must not be left for the unit to use.
+    let unnamed_safe =
+        own || !conn.statements.has_unnamed() || client_scan::drops_unnamed(unit, max_message);
+    let reusable = reusable(&conn.carries, startup, log).filter(|_| unnamed_safe);
+    let settings = match (reusable, &conn.carries) {
+        (Some(settings), _) => settings,
+        (None, Carried::Session { .. }) => {
             conn.run_internal("SET SESSION AUTHORIZATION DEFAULT; RESET ALL")
                 .await
                 .map_err(|e| OpenError::Pool(PoolError::Connect(e)))?;
             apply_params(lease, startup).await?;
             0
         }
-        Carried::Nothing => {
+        (None, Carried::Nothing) => {
             apply_params(lease, startup).await?;
             0
         }
@@ -439,8 +448,32 @@ async fn adopt(
         session: startup.session,
         context: startup.context().clone(),
         settings,
+        ran: None,
     };
     Ok(())
+}
+
+/// How many statements of the session's settings log (counted as `Settings::applied` counts
+/// them) a pooled connection has run already, if what it carries is a state the session passes
+/// through: the session's own earlier state, or the startup parameters of a session with the
+/// same context followed by statements the session's log (`log`) begins with.
+fn reusable(carries: &Carried, startup: &ClientStartup, log: Option<&Settings>) -> Option<usize> {
+    match carries {
+        Carried::Session {
+            session, settings, ..
+        } if *session == startup.session => Some(*settings),
+        Carried::Session {
+            context,
+            settings,
+            ran,
+            ..
+        } if **context == **startup.context() => match (settings, ran) {
+            (0, _) => Some(0),
+            (_, Some(ran)) => log?.continues(ran),
+            (_, None) => None,
+        },
+        Carried::Session { .. } | Carried::Nothing => None,
+    }
 }
 
 /// Sends the client's startup parameters to the server as SET commands, skipping those the server

@@ -562,11 +562,14 @@ impl Session<'_> {
         }
         let mut lease = *lease;
         // The next unit of this session that takes it back gives it only what it lacks; one of
-        // another session with the same context takes it as it is if it ran no settings here.
+        // another session with the same context takes it as it is if its own log begins with
+        // what this session ran here.
+        let settings = &mut self.steering.replay.settings;
         lease.conn.carries = Carried::Session {
             session: self.startup.session,
             context: self.startup.context().clone(),
-            settings: self.steering.replay.settings.applied(node),
+            settings: settings.applied(node),
+            ran: settings.ran_on(node),
         };
         self.proxy.pools.checkin(lease);
         if node == self.steering.current {

@@ -8,6 +8,8 @@
 //! rolled-back block undoes its settings). A ROLLBACK TO SAVEPOINT inside a block that changed
 //! settings cannot be followed: which of them it undid is unknown, so the session is pinned.
 
+use std::sync::Arc;
+
 use pgvigil_proto::classify::{Hint, Reason};
 use pgvigil_proto::TxStatus;
 
@@ -43,6 +45,9 @@ pub struct Settings {
     since_ready: Outcome,
     /// Why the log cannot rebuild the session's state, once it cannot.
     unreplayable: Option<&'static str>,
+    /// `log` shared with the connections the session returns to the pool (see
+    /// [`Settings::ran_on`]), made once per change of the log.
+    shared: Option<Arc<[SqlText]>>,
 }
 
 /// What a statement that took effect does to the statements logged before it.
@@ -79,6 +84,7 @@ impl Settings {
             readies: 0,
             since_ready: Outcome::default(),
             unreplayable: None,
+            shared: None,
         }
     }
 
@@ -223,8 +229,35 @@ impl Settings {
         self.applied[node] = applied.saturating_sub(self.base).min(self.log.len());
     }
 
+    /// What the connection to `node` carries back to the pool for other sessions to compare
+    /// with their own logs (see [`Settings::continues`]): the log, when the connection has run
+    /// all of it and it is not empty.
+    pub fn ran_on(&mut self, node: NodeId) -> Option<Arc<[SqlText]>> {
+        if self.log.is_empty() || self.applied[node] != self.log.len() {
+            return None;
+        }
+        let log = &self.log;
+        Some(
+            self.shared
+                .get_or_insert_with(|| log.as_slice().into())
+                .clone(),
+        )
+    }
+
+    /// A connection that ran the client's startup parameters and then `ran` (another session's
+    /// log, from [`Settings::ran_on`]) is in the state this log makes after its first
+    /// `ran.len()` statements if the log begins with `ran` (the same statements from the same
+    /// state end in the same state): how many statements it has run then, counted as
+    /// [`Settings::applied`] counts them.
+    pub fn continues(&self, ran: &[SqlText]) -> Option<usize> {
+        self.log.starts_with(ran).then(|| self.base + ran.len())
+    }
+
     /// Logs statements that took effect on `node` (which therefore has them).
     fn append(&mut self, statements: Vec<(SqlText, Scope)>, node: NodeId) {
+        if !statements.is_empty() {
+            self.shared = None;
+        }
         for (sql, scope) in statements {
             let caught_up = self.applied[node] == self.log.len();
             match scope {
@@ -537,6 +570,30 @@ mod tests {
         s.command_complete(b"COMMIT\0");
         s.ready(TxStatus::Idle, 0);
         assert_eq!(s.log(), [text("D")]);
+    }
+
+    #[test]
+    fn a_log_continues_another_sessions_only_where_it_begins_with_it() {
+        let mut other = Settings::new(1);
+        let mut mine = Settings::new(1);
+        assert_eq!(other.ran_on(0), None, "nothing to compare while empty");
+        for sql in ["SET a = 1", "SET b = 2"] {
+            other.ran(text(sql), Scope::Adds, TxStatus::Idle, 0);
+        }
+        let ran = other.ran_on(0).unwrap();
+        mine.ran(text("SET a = 1"), Scope::Adds, TxStatus::Idle, 0);
+        assert_eq!(mine.continues(&ran), None, "shorter");
+        mine.ran(text("SET b = 2"), Scope::Adds, TxStatus::Idle, 0);
+        mine.ran(text("SET c = 3"), Scope::Adds, TxStatus::Idle, 0);
+        assert_eq!(mine.continues(&ran), Some(2));
+        mine.resume(0, 2);
+        assert_eq!(mine.missing(0), [text("SET c = 3")]);
+        other.ran(text("SET z = 9"), Scope::Adds, TxStatus::Idle, 0);
+        assert_eq!(mine.continues(&other.ran_on(0).unwrap()), None, "differs");
+        // After a restart the counts go on from where the old log ended.
+        mine.ran(text("RESET ALL;"), Scope::ResetsAll, TxStatus::Idle, 0);
+        let reset = Settings::new(1).log().to_vec();
+        assert_eq!(mine.continues(&reset), Some(3));
     }
 
     #[test]
