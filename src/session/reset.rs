@@ -32,6 +32,7 @@ use super::{push_set, startup_settings};
 use crate::config::PoolMode;
 use crate::proxy::Proxy;
 use crate::server::{ServerConn, ServerError};
+use crate::topology::Need;
 
 /// A statement that returns settings to their reset values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,21 +230,30 @@ pub(super) async fn answer(
     let plan = plan(statement, sql, startup, own_connection, conn.tx);
     debug!(statement = ?String::from_utf8_lossy(sql), ran = ?plan.queries, "resetting statement run by pgvigil");
     let before = conn.params.clone();
-    let mut refused = None;
-    for query in plan.queries.iter().filter(|q| !q.is_empty()) {
-        match conn.query_text(query).await {
-            Ok(_) => {}
-            Err(ServerError::Rejected { frame, .. }) => {
-                refused = Some(frame);
-                break;
+    let node = conn.node;
+    let run = async {
+        for query in plan.queries.iter().filter(|q| !q.is_empty()) {
+            match conn.query_text(query).await {
+                Ok(_) => {}
+                Err(ServerError::Rejected { frame, .. }) => return Ok(Some(frame)),
+                Err(ServerError::Io { source, .. }) => return Err(LossCause::Io(source)),
+                Err(ServerError::Protocol { .. }) => return Err(LossCause::Garbled),
+                Err(_) => return Err(LossCause::Closed),
             }
-            Err(ServerError::Io { source, .. }) => {
-                return Err(Failed::Server(LossCause::Io(source)))
-            }
-            Err(ServerError::Protocol { .. }) => return Err(Failed::Server(LossCause::Garbled)),
-            Err(_) => return Err(Failed::Server(LossCause::Closed)),
         }
-    }
+        Ok(None)
+    };
+    // As the relay does, the wait ends once the topology no longer lets sessions use the node.
+    let refused = match proxy.unless_given_up(node, Need::Usable, run).await {
+        Ok(Ok(refused)) => refused,
+        Ok(Err(cause)) => return Err(Failed::Server(cause)),
+        Err(_) => {
+            let role = proxy.topology.load().nodes.get(node).map(|n| n.role);
+            return Err(Failed::Server(
+                role.map_or(LossCause::Closed, LossCause::Unusable),
+            ));
+        }
+    };
     let _ = client.rbuf.split_to(len);
     let out = &mut client.pending;
     steering.encoding_safe = conn
@@ -253,7 +263,6 @@ pub(super) async fn answer(
     match refused {
         Some(frame) => out.extend_from_slice(&frame),
         None => {
-            let node = conn.node;
             if plan.drops_statements {
                 steering.replay.drop_statements();
                 if own_connection && !conn.statements.is_empty() {
