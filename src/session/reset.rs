@@ -4,11 +4,13 @@
 //! value"), else to the server's default. A pooled server connection logged in without the
 //! client's startup parameters (they reach it as SET), so its reset values are the server's:
 //! forwarded as they are, `RESET application_name`, `RESET ALL`, `SET name TO DEFAULT` and
-//! `DISCARD ALL` would lose the client's startup values. A simple Query that is one of these
-//! statements is therefore run by pgvigil: it sends the statement followed by the startup
-//! parameters the statement reset, and answers the client as PostgreSQL would have (the
-//! ParameterStatus of every reported parameter whose value changed, CommandComplete,
-//! ReadyForQuery). The settings log records what was run, so that every other connection the
+//! `DISCARD ALL` would lose the client's startup values. One of these statements sent alone (a
+//! simple Query, or one unnamed Parse, Bind, Describe, Execute, Sync) is therefore run by
+//! pgvigil: it sends the statement followed by the startup parameters the statement reset, and
+//! answers the client as PostgreSQL would have (ParseComplete and the like, CommandComplete, the
+//! ParameterStatus of every reported parameter whose value changed, ReadyForQuery). The server
+//! then has no unnamed statement left, which a client could only notice by binding it again
+//! without a Parse. The settings log records what was run, so that every other connection the
 //! session uses ends with the same values.
 //!
 //! `DISCARD ALL` outside a transaction block under transaction pooling, unless the session is
@@ -18,12 +20,13 @@
 //! an unpinned session (temporary tables, advisory locks, LISTEN, WITH HOLD cursors pin it).
 
 use bytes::BufMut;
-use pgvigil_proto::frame::next_message;
-use pgvigil_proto::frontend::{self, Query};
-use pgvigil_proto::{backend, classify::encoding_is_safe, encode, TxStatus};
+use pgvigil_proto::backend::{self, ErrorFields};
+use pgvigil_proto::frame::messages;
+use pgvigil_proto::frontend::{self, Describe, Execute, Parse, Query};
+use pgvigil_proto::{classify::encoding_is_safe, encode, sqlstate, TxStatus};
 use tracing::debug;
 
-use super::recover::{first_message, flush};
+use super::recover::flush;
 use super::relay::{ClientConn, LossCause, RelayEnd};
 use super::settings::{skip_comments, token, word, Scope};
 use super::startup::ClientStartup;
@@ -55,16 +58,70 @@ pub(super) enum Failed {
     Server(LossCause),
 }
 
-/// Whether the unit at the start of `input` is a simple Query that pgvigil runs itself.
+/// How the client sent its resetting statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// In a simple Query.
+    Query,
+    /// As Parse, Bind (no parameters), an optional Describe (of kind `S` or `P`), Execute and
+    /// Sync, all of the unnamed statement and portal (psycopg 3 and pgjdbc send statements so).
+    Extended(Option<u8>),
+}
+
+/// Whether the unit at the start of `input` is a resetting statement that pgvigil runs itself.
 pub fn is_reset(input: &[u8], max_message: usize) -> bool {
-    let Ok(Some(message)) = next_message(input, max_message) else {
+    unit_at(input, max_message).is_some()
+}
+
+/// The resetting statement that starts `input` as a whole unit, how it was sent, and the
+/// unit's length in bytes.
+fn unit_at(input: &[u8], max_message: usize) -> Option<(&[u8], Sent, usize)> {
+    let mut units = messages(input, max_message);
+    let mut next = || units.next().and_then(Result::ok);
+    let first = next()?;
+    if first.tag == frontend::tag::QUERY {
+        let sql = Query::parse(first.body).ok()?.sql;
+        read(sql)?;
+        return Some((sql, Sent::Query, first.len()));
+    }
+    let parse = (first.tag == frontend::tag::PARSE)
+        .then(|| Parse::parse(first.body).ok())
+        .flatten()
+        .filter(|p| p.name.is_empty() && p.param_type_count == 0)?;
+    read(parse.sql)?;
+    let bind = next().filter(|m| m.tag == frontend::tag::BIND && binds_nothing(m.body))?;
+    let mut len = first.len() + bind.len();
+    let mut message = next()?;
+    let mut describe = None;
+    if message.tag == frontend::tag::DESCRIBE {
+        let kind = Describe::parse(message.body)
+            .ok()
+            .filter(|d| d.name.is_empty())?
+            .kind;
+        describe = Some(kind);
+        len += message.len();
+        message = next()?;
+    }
+    let executes = message.tag == frontend::tag::EXECUTE
+        && Execute::parse(message.body).is_ok_and(|e| e.portal.is_empty());
+    if !executes {
+        return None;
+    }
+    len += message.len();
+    let sync = next().filter(|m| m.tag == frontend::tag::SYNC)?;
+    Some((parse.sql, Sent::Extended(describe), len + sync.len()))
+}
+
+/// Whether a Bind body binds the unnamed statement to the unnamed portal with no parameter.
+fn binds_nothing(body: &[u8]) -> bool {
+    let Some(rest) = body.strip_prefix(b"\0\0") else {
         return false;
     };
-    message.tag == frontend::tag::QUERY
-        && Query::parse(message.body)
-            .ok()
-            .and_then(|q| read(q.sql))
-            .is_some()
+    let formats = rest
+        .get(..2)
+        .map_or(0, |n| usize::from(u16::from_be_bytes([n[0], n[1]])));
+    let values = rest.get(2 + 2 * formats..4 + 2 * formats);
+    values == Some(&[0, 0][..])
 }
 
 /// Reads a Query that is exactly one resetting statement (comments, a `;` and whitespace
@@ -214,13 +271,12 @@ pub(super) async fn answer(
     proxy: &Proxy,
 ) -> Result<(), Failed> {
     let max_message = proxy.config().max_message_size;
-    let (_, len) = first_message(client, max_message)
-        .await
-        .map_err(Failed::Client)?;
-    let frame = client.rbuf[..len].to_vec();
-    let sql = Query::parse(&frame[5..]).map(|q| q.sql).unwrap_or_default();
-    let Some(statement) = read(sql) else {
-        // `is_reset` said it is one: it cannot change in the buffer.
+    // The whole unit is in the buffer: the steering decided on it.
+    let len = unit_at(&client.rbuf, max_message).map_or(0, |(_, _, len)| len);
+    let unit = client.rbuf[..len].to_vec();
+    let Some((statement, sql, sent)) =
+        unit_at(&unit, max_message).and_then(|(sql, sent, _)| Some((read(sql)?, sql, sent)))
+    else {
         return Err(Failed::Client(RelayEnd::Violation(
             "a resetting statement that no longer reads as one".into(),
         )));
@@ -260,6 +316,26 @@ pub(super) async fn answer(
         .params
         .get(b"client_encoding")
         .is_none_or(encoding_is_safe);
+    // PostgreSQL refuses the Parse itself in a failed transaction block; any other error
+    // comes from the Execute.
+    let parsed = refused.as_ref().is_none_or(|frame| {
+        let fields = frame
+            .get(5..)
+            .and_then(|body| ErrorFields::parse(body).ok());
+        fields.and_then(|f| f.sqlstate().map(<[u8]>::to_vec))
+            != Some(sqlstate::IN_FAILED_SQL_TRANSACTION.as_bytes().to_vec())
+    });
+    if let (Sent::Extended(describe), true) = (sent, parsed) {
+        for tag in [backend::tag::PARSE_COMPLETE, backend::tag::BIND_COMPLETE] {
+            encode::message(out, tag, |_| {});
+        }
+        if describe == Some(b'S') {
+            encode::message(out, backend::tag::PARAMETER_DESCRIPTION, |b| b.put_u16(0));
+        }
+        if describe.is_some() {
+            encode::message(out, backend::tag::NO_DATA, |_| {});
+        }
+    }
     match refused {
         Some(frame) => out.extend_from_slice(&frame),
         None => {
@@ -301,7 +377,57 @@ pub(super) async fn answer(
 
 #[cfg(test)]
 mod tests {
+    use bytes::BytesMut;
+
     use super::*;
+
+    /// Parse, Bind, an optional Describe of `describe`, Execute and Sync, all unnamed; `values`
+    /// parameter values in the Bind.
+    fn extended(sql: &str, describe: Option<u8>, values: u16) -> BytesMut {
+        let mut out = BytesMut::new();
+        encode::message(&mut out, b'P', |b| {
+            b.put_u8(0);
+            b.put_slice(sql.as_bytes());
+            b.put_u8(0);
+            b.put_u16(0);
+        });
+        encode::message(&mut out, b'B', |b| {
+            b.put_slice(b"\0\0");
+            b.put_u16(0);
+            b.put_u16(values);
+            for _ in 0..values {
+                b.put_i32(-1);
+            }
+            b.put_u16(0);
+        });
+        if let Some(kind) = describe {
+            encode::message(&mut out, b'D', |b| b.put_slice(&[kind, 0]));
+        }
+        encode::message(&mut out, b'E', |b| b.put_slice(&[0, 0, 0, 0, 0]));
+        encode::sync(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_resetting_unit_is_a_lone_query_or_one_unnamed_extended_statement() {
+        let max = 1 << 20;
+        let mut query = BytesMut::new();
+        encode::query(&mut query, b"RESET ALL");
+        assert_eq!(unit_at(&query, max).map(|u| u.1), Some(Sent::Query));
+        for describe in [None, Some(b'P'), Some(b'S')] {
+            let unit = extended("DISCARD ALL", describe, 0);
+            let found = unit_at(&unit, max).map(|(_, sent, len)| (sent, len));
+            assert_eq!(found, Some((Sent::Extended(describe), unit.len())));
+        }
+        assert!(
+            unit_at(&extended("RESET ALL", None, 1), max).is_none(),
+            "a parameter"
+        );
+        assert!(unit_at(&extended("SELECT 1", None, 0), max).is_none());
+        let mut unsynced = extended("RESET ALL", None, 0);
+        unsynced.truncate(unsynced.len() - 5);
+        assert!(unit_at(&unsynced, max).is_none(), "no Sync yet");
+    }
 
     #[test]
     fn resetting_statements_are_read_as_postgresql_reads_them() {

@@ -2,12 +2,14 @@
 //! startup values, as it would on PostgreSQL directly, and touches no other session sharing
 //! its server connection.
 
+use bytes::BufMut;
 use pgvigil::config::PoolMode;
+use pgvigil_proto::encode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::lost_transaction::trust_app;
-use crate::support::wire::Wire;
+use crate::support::wire::{bind_execute, parse, Wire};
 use crate::support::{start_proxy, test_cluster, TestProxy, APP_DB, APP_PASSWORD, APP_USER};
 
 /// The first column of the first row of a simple-protocol answer.
@@ -155,9 +157,10 @@ async fn discard_all_drops_the_sessions_own_prepared_statements_and_no_others() 
     );
 }
 
-/// What a client sees of one answer: tags, reported parameters (sorted: their order means
-/// nothing), SQLSTATEs, rows and the ReadyForQuery status.
+/// What a client sees of one answer: every message's type, tags, reported parameters
+/// (sorted: their order means nothing), SQLSTATEs, rows and the ReadyForQuery status.
 type Seen = (
+    Vec<u8>,
     Vec<String>,
     Vec<(String, String)>,
     Vec<String>,
@@ -165,11 +168,42 @@ type Seen = (
     u8,
 );
 
-async fn seen(wire: &mut Wire, sql: &str) -> Seen {
-    let mut answer = wire.query(sql).await;
+/// How a test sends a statement.
+#[derive(Debug, Clone, Copy)]
+enum Send {
+    /// A simple Query.
+    Simple,
+    /// Parse, Bind, Describe of this kind if any, Execute, Sync, all unnamed.
+    Extended(Option<u8>),
+}
+
+async fn seen(wire: &mut Wire, sql: &str, send: Send) -> Seen {
+    let mut answer = match send {
+        Send::Simple => wire.query(sql).await,
+        Send::Extended(describe) => {
+            wire.exchange(|out| {
+                parse(out, "", sql);
+                bind_execute(out, "");
+                let execute = out.split_off(out.len() - 10);
+                if let Some(kind) = describe {
+                    encode::message(out, b'D', |b| {
+                        b.put_u8(kind);
+                        b.put_u8(0);
+                    });
+                }
+                out.unsplit(execute);
+                encode::sync(out);
+            })
+            .await
+        }
+    };
     answer.params.sort();
+    // ParameterStatus messages are compared by content, above.
+    let mut kinds = answer.kinds.clone();
+    kinds.retain(|&k| k != b'S');
     let codes = answer.codes().into_iter().map(str::to_owned).collect();
     (
+        kinds,
         answer.tags,
         answer.params,
         codes,
@@ -204,14 +238,24 @@ async fn a_client_sees_exactly_what_postgresql_shows_it_for_resets_in_both_pool_
         "SHOW application_name",
         "BEGIN",
         "DISCARD ALL",
+        "RESET ALL",
         "ROLLBACK",
+        "RESET no_such_setting",
         "SELECT current_setting('application_name'), current_setting('DateStyle')",
     ];
     let node = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.node(0).port));
-    let mut direct = Wire::login_with(node, "postgres", &startup).await;
+    let sends = [
+        Send::Simple,
+        Send::Extended(Some(b'P')),
+        Send::Extended(Some(b'S')),
+        Send::Extended(None),
+    ];
     let mut expected = Vec::new();
-    for sql in steps {
-        expected.push(seen(&mut direct, sql).await);
+    for send in sends {
+        let mut direct = Wire::login_with(node, "postgres", &startup).await;
+        for sql in steps {
+            expected.push(seen(&mut direct, sql, send).await);
+        }
     }
     for mode in [PoolMode::Session, PoolMode::Transaction] {
         let proxy = start_proxy(&cluster, |config| {
@@ -220,10 +264,13 @@ async fn a_client_sees_exactly_what_postgresql_shows_it_for_resets_in_both_pool_
             trust_app(config);
         })
         .await;
-        let mut through = Wire::login_with(proxy.addr, APP_USER, &startup).await;
-        for (sql, expected) in steps.iter().zip(&expected) {
-            let got = seen(&mut through, sql).await;
-            assert_eq!(&got, expected, "{mode:?}: {sql}");
+        let mut expected = expected.iter();
+        for send in sends {
+            let mut through = Wire::login_with(proxy.addr, APP_USER, &startup).await;
+            for sql in steps {
+                let got = seen(&mut through, sql, send).await;
+                assert_eq!(Some(&got), expected.next(), "{mode:?}, {send:?}: {sql}");
+            }
         }
     }
 }

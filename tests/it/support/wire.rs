@@ -33,6 +33,8 @@ pub(crate) struct Answer {
     pub(crate) params: Vec<(String, String)>,
     /// ReadyForQuery's status byte.
     pub(crate) status: u8,
+    /// The type of every message, in order.
+    pub(crate) kinds: Vec<u8>,
 }
 
 impl Answer {
@@ -97,6 +99,7 @@ impl Wire {
         let mut answer = Answer::default();
         loop {
             let (tag, body) = self.recv().await;
+            answer.kinds.push(tag);
             match tag {
                 b'D' => answer.rows.push(data_row(&body)),
                 b'E' => {
