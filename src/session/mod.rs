@@ -16,6 +16,7 @@ mod route;
 mod serve;
 mod server_side;
 mod settings;
+mod sql_words;
 pub mod startup;
 mod steering;
 mod sync;

@@ -28,7 +28,8 @@ use tracing::debug;
 
 use super::recover::flush;
 use super::relay::{ClientConn, LossCause, RelayEnd};
-use super::settings::{skip_comments, token, word, Scope};
+use super::settings::Scope;
+use super::sql_words::{skip_comments, token, word};
 use super::startup::ClientStartup;
 use super::steering::Steering;
 use super::{push_set, startup_settings};
