@@ -119,7 +119,7 @@ pub enum ServerError {
 }
 
 /// The parameters a node reported with ParameterStatus, latest value of each.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ReportedParams(Vec<(Vec<u8>, Vec<u8>)>);
 
 impl ReportedParams {
@@ -206,6 +206,11 @@ pub enum Carried {
         context: Arc<[u8]>,
         /// How many statements of the session's settings log the connection has run.
         settings: usize,
+        /// Once the session returned it: the statements of the session's settings log (since
+        /// the log last restarted) the connection has run, when it has run them all and there
+        /// are some. A session with the same context whose log begins with them takes the
+        /// connection without a reset and runs only the rest of its own.
+        ran: Option<Arc<[Box<[u8]>]>>,
     },
 }
 

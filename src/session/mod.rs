@@ -11,10 +11,12 @@ mod naming;
 mod recover;
 mod relay;
 mod replay;
+mod reset;
 mod route;
 mod serve;
 mod server_side;
 mod settings;
+mod sql_words;
 pub mod startup;
 mod steering;
 mod sync;
@@ -39,6 +41,7 @@ use crate::server::{Carried, ServerError};
 use crate::stream::Stream;
 use crate::topology::{Need, NodeId};
 use relay::ClientConn;
+use settings::Settings;
 use startup::{ClientStartup, Opening};
 
 /// Why a session ended before or outside the relay.
@@ -271,9 +274,9 @@ async fn open_for_start(
         .iter()
         .any(|n| n.id != node && n.role.takes_new_work() && tried & (1 << n.id) == 0);
     if others {
-        open_within(proxy, node, startup, &[], true, Need::Replaceable).await
+        open_within(proxy, node, startup, None, &[], true, Need::Replaceable).await
     } else {
-        open(proxy, node, startup, &[], true, Need::Usable).await
+        open(proxy, node, startup, None, &[], true, Need::Usable).await
     }
 }
 
@@ -283,15 +286,16 @@ async fn open_within(
     proxy: &Proxy,
     node: NodeId,
     startup: &ClientStartup,
+    log: Option<&Settings>,
     unit: &[u8],
     wait: bool,
     need: Need,
 ) -> Result<Lease, OpenError> {
     let bound = proxy.config().health.timeout;
     if bound >= proxy.config().backend.connect_timeout {
-        return open(proxy, node, startup, unit, wait, need).await;
+        return open(proxy, node, startup, log, unit, wait, need).await;
     }
-    match tokio::time::timeout(bound, open(proxy, node, startup, unit, wait, need)).await {
+    match tokio::time::timeout(bound, open(proxy, node, startup, log, unit, wait, need)).await {
         Ok(result) => result,
         Err(_) => Err(OpenError::Pool(PoolError::Connect(ServerError::Timeout {
             node: proxy.config().nodes[node].name.clone(),
@@ -345,12 +349,14 @@ impl OpenError {
 /// Opens the session's connection to `node`: a checkout (waiting for a slot when `wait`, else
 /// failing at once), then the client's startup parameters, all abandoned once the topology
 /// gives up on `node` for `need`. A connection whose setup failed is released (and dropped
-/// unless the reset proves it sound). `unit`: the unit it is opened for, at the start of the
-/// client's buffer (empty when none is known).
+/// unless the reset proves it sound). `log`: the session's settings log (none when it starts);
+/// `unit`: the unit it is opened for, at the start of the client's buffer (empty when none is
+/// known).
 async fn open(
     proxy: &Proxy,
     node: NodeId,
     startup: &ClientStartup,
+    log: Option<&Settings>,
     unit: &[u8],
     wait: bool,
     need: Need,
@@ -369,7 +375,14 @@ async fn open(
                 }?
             }
         };
-        if let Err(error) = adopt(&mut lease, startup, unit, proxy.config().max_message_size).await
+        if let Err(error) = adopt(
+            &mut lease,
+            startup,
+            log,
+            unit,
+            proxy.config().max_message_size,
+        )
+        .await
         {
             proxy.release(lease, true).await;
             return Err(error);
@@ -387,37 +400,35 @@ async fn open(
 ///
 /// A connection that carries this session's state already keeps it (and `sync` gives it only
 /// the settings it lacks). One that carries only the startup parameters of a session with the
-/// same context is already what they would make it, and is taken as it is (no round trip)
-/// unless it may have an unnamed statement that `unit` could use before replacing it.
+/// same context, or those and settings that the session's own log (`log`) begins with, is
+/// already what they would make it, and is taken as it is (no round trip; `sync` runs the rest
+/// of the log) unless it may have an unnamed statement that `unit` could use before replacing
+/// it. `log`: the session's settings log, none when it starts.
 async fn adopt(
     lease: &mut Lease,
     startup: &ClientStartup,
+    log: Option<&Settings>,
     unit: &[u8],
     max_message: usize,
 ) -> Result<(), OpenError> {
     let conn = &mut lease.conn;
-    let settings = match &conn.carries {
-        Carried::Session {
-            session, settings, ..
-        } if *session == startup.session => *settings,
-        Carried::Session {
-            context,
-            settings: 0,
-            ..
-        } if **context == **startup.context()
-            && (!conn.statements.has_unnamed()
-                || client_scan::drops_unnamed(unit, max_message)) =>
-        {
-            0
-        }
-        Carried::Session { .. } => {
+    let own =
+        matches!(&conn.carries, Carried::Session { session, .. } if *session == startup.session);
+    // A simple Query (the reset) drops the unnamed statement; without one, another session's
+    // must not be left for the unit to use.
+    let unnamed_safe =
+        own || !conn.statements.has_unnamed() || client_scan::drops_unnamed(unit, max_message);
+    let reusable = reusable(&conn.carries, startup, log).filter(|_| unnamed_safe);
+    let settings = match (reusable, &conn.carries) {
+        (Some(settings), _) => settings,
+        (None, Carried::Session { .. }) => {
             conn.run_internal("SET SESSION AUTHORIZATION DEFAULT; RESET ALL")
                 .await
                 .map_err(|e| OpenError::Pool(PoolError::Connect(e)))?;
             apply_params(lease, startup).await?;
             0
         }
-        Carried::Nothing => {
+        (None, Carried::Nothing) => {
             apply_params(lease, startup).await?;
             0
         }
@@ -426,8 +437,32 @@ async fn adopt(
         session: startup.session,
         context: startup.context().clone(),
         settings,
+        ran: None,
     };
     Ok(())
+}
+
+/// How many statements of the session's settings log (counted as `Settings::applied` counts
+/// them) a pooled connection has run already, if what it carries is a state the session passes
+/// through: the session's own earlier state, or the startup parameters of a session with the
+/// same context followed by statements the session's log (`log`) begins with.
+fn reusable(carries: &Carried, startup: &ClientStartup, log: Option<&Settings>) -> Option<usize> {
+    match carries {
+        Carried::Session {
+            session, settings, ..
+        } if *session == startup.session => Some(*settings),
+        Carried::Session {
+            context,
+            settings,
+            ran,
+            ..
+        } if **context == **startup.context() => match (settings, ran) {
+            (0, _) => Some(0),
+            (_, Some(ran)) => log?.continues(ran),
+            (_, None) => None,
+        },
+        Carried::Session { .. } | Carried::Nothing => None,
+    }
 }
 
 /// Sends the client's startup parameters to the server as SET commands, skipping those the server
@@ -491,6 +526,20 @@ fn set_commands<'a>(
     params: impl Iterator<Item = (&'a [u8], &'a [u8])>,
     reported: impl Fn(&[u8]) -> Option<&'a [u8]>,
 ) -> Result<Option<String>, SessionError> {
+    let mut sql = String::new();
+    for (name, value) in &startup_settings(params)? {
+        if reported(name) == Some(value.as_slice()) {
+            continue;
+        }
+        push_set(&mut sql, name, value);
+    }
+    Ok((!sql.is_empty()).then_some(sql))
+}
+
+/// The run-time settings of startup parameters `params`, `options` split into its settings.
+fn startup_settings<'a>(
+    params: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+) -> Result<Vec<Setting>, SessionError> {
     let mut settings: Vec<Setting> = Vec::new();
     for (name, value) in params {
         if name == b"options" {
@@ -499,20 +548,18 @@ fn set_commands<'a>(
             settings.push((name.to_vec(), value.to_vec()));
         }
     }
-    let mut sql = String::new();
-    for (name, value) in &settings {
-        if reported(name) == Some(value.as_slice()) {
-            continue;
-        }
-        let name = String::from_utf8_lossy(name);
-        let value = String::from_utf8_lossy(value);
-        sql.push_str(&format!(
-            "SET \"{}\" TO E'{}';",
-            name.replace('"', "\"\""),
-            value.replace('\\', "\\\\").replace('\'', "\\'")
-        ));
-    }
-    Ok((!sql.is_empty()).then_some(sql))
+    Ok(settings)
+}
+
+/// Appends `SET "name" TO E'value';` to `sql`.
+fn push_set(sql: &mut String, name: &[u8], value: &[u8]) {
+    let name = String::from_utf8_lossy(name);
+    let value = String::from_utf8_lossy(value);
+    sql.push_str(&format!(
+        "SET \"{}\" TO E'{}';",
+        name.replace('"', "\"\""),
+        value.replace('\\', "\\\\").replace('\'', "\\'")
+    ));
 }
 
 /// Splits a startup `options` value into settings; backslash escapes a space (libpq's rule).

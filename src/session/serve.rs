@@ -17,6 +17,7 @@ use super::hold;
 use super::loss::{self, Aftermath};
 use super::recover::{self, Failure};
 use super::relay::{self, ClientConn, Loss, LossCause, Progress, RelayEnd, Stop};
+use super::reset;
 use super::server_side::downgrade_fatal;
 use super::startup::ClientStartup;
 use super::steering::{Decision, Steering};
@@ -392,6 +393,24 @@ impl Session<'_> {
                     .await
                     .map_err(ended)
             }
+            Decision::Reset => {
+                let current = self.steering.current;
+                let Some(lease) = self.held.leases[current].as_mut() else {
+                    // No connection: the unit is routed again.
+                    return Ok(());
+                };
+                let conn = &mut lease.conn;
+                let (steering, startup) = (&mut self.steering, &self.startup);
+                let answer = reset::answer(&mut self.client, conn, steering, startup, self.proxy);
+                match Box::pin(answer).await {
+                    Ok(()) => Ok(()),
+                    Err(reset::Failed::Client(end)) => Err(ended(end)),
+                    Err(reset::Failed::Server(cause)) => {
+                        // The unit is still the client's next: it is served again elsewhere.
+                        Box::pin(self.recover(Loss { cause, fatal: None })).await
+                    }
+                }
+            }
             Decision::Hold => hold::hold(&mut self.client, &self.key, self.proxy)
                 .await
                 .map_err(ended),
@@ -550,11 +569,14 @@ impl Session<'_> {
         }
         let mut lease = *lease;
         // The next unit of this session that takes it back gives it only what it lacks; one of
-        // another session with the same context takes it as it is if it ran no settings here.
+        // another session with the same context takes it as it is if its own log begins with
+        // what this session ran here.
+        let settings = &mut self.steering.replay.settings;
         lease.conn.carries = Carried::Session {
             session: self.startup.session,
             context: self.startup.context().clone(),
-            settings: self.steering.replay.settings.applied(node),
+            settings: settings.applied(node),
+            ran: settings.ran_on(node),
         };
         self.proxy.pools.checkin(lease);
         if node == self.steering.current {

@@ -8,25 +8,36 @@
 //! rolled-back block undoes its settings). A ROLLBACK TO SAVEPOINT inside a block that changed
 //! settings cannot be followed: which of them it undid is unknown, so the session is pinned.
 
+use std::sync::Arc;
+
 use pgvigil_proto::classify::{Hint, Reason};
 use pgvigil_proto::TxStatus;
 
 use super::replay::SqlText;
+use super::sql_words::{contains_ignore_case, skip_comments, string, token, word};
 use crate::topology::NodeId;
 
 /// Most statements replayed on a node; beyond it the session stays on the primary.
 const REPLAY_LIMIT: usize = 256;
 
 /// The settings log of one session.
+///
+/// A `RESET ALL` or `DISCARD ALL` restarts the log: what came before is undone, so the log then
+/// begins with the statement pgvigil ran for it (which also applies the client's startup
+/// parameters again). Counts of statements run are absolute (since the session began), so that
+/// a connection that ran statements of the log before a restart runs the new log from its
+/// start.
 pub struct Settings {
-    /// Statements that took effect, in order.
+    /// Statements that took effect, in order, since the log last restarted.
     log: Vec<SqlText>,
-    /// How many of them each node's connection has run.
+    /// How many statements the log held before its last restart, in all.
+    base: usize,
+    /// How many statements of `log` each node's connection has run.
     applied: Vec<usize>,
     /// Sent and not answered yet, each with the number of the ReadyForQuery that answers it.
     sent: Vec<(u64, SqlText)>,
     /// Took effect inside the open transaction block: logged if the block commits.
-    in_block: Vec<SqlText>,
+    in_block: Vec<(SqlText, Scope)>,
     /// Requests forwarded that a ReadyForQuery answers (Query, FunctionCall, Sync).
     requests: u64,
     /// ReadyForQuery messages relayed.
@@ -35,6 +46,22 @@ pub struct Settings {
     since_ready: Outcome,
     /// Why the log cannot rebuild the session's state, once it cannot.
     unreplayable: Option<&'static str>,
+    /// `log` shared with the connections the session returns to the pool (see
+    /// [`Settings::ran_on`]), made once per change of the log.
+    shared: Option<Arc<[SqlText]>>,
+}
+
+/// What a statement that took effect does to the statements logged before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// It adds to them.
+    Adds,
+    /// It undoes them all but `SET SESSION AUTHORIZATION` (`RESET ALL`, then the startup
+    /// parameters): the log restarts with those and it.
+    ResetsAll,
+    /// It undoes them all (`DISCARD ALL`'s settings, then the startup parameters): the log
+    /// restarts with it.
+    Discards,
 }
 
 /// What the server answered between two ReadyForQuery messages.
@@ -50,6 +77,7 @@ impl Settings {
     pub fn new(node_count: usize) -> Settings {
         Settings {
             log: Vec::new(),
+            base: 0,
             applied: vec![0; node_count],
             sent: Vec::new(),
             in_block: Vec::new(),
@@ -57,6 +85,7 @@ impl Settings {
             readies: 0,
             since_ready: Outcome::default(),
             unreplayable: None,
+            shared: None,
         }
     }
 
@@ -104,9 +133,9 @@ impl Settings {
             .take_while(|(n, _)| *n <= self.readies)
             .count();
         let answered = self.sent.drain(..answered);
-        let mut took_effect: Vec<SqlText> = Vec::new();
+        let mut took_effect: Vec<(SqlText, Scope)> = Vec::new();
         if !outcome.error {
-            took_effect.extend(answered.map(|(_, sql)| sql));
+            took_effect.extend(answered.map(|(_, sql)| (sql, Scope::Adds)));
         } else {
             drop(answered);
         }
@@ -128,6 +157,18 @@ impl Settings {
                 }
                 self.in_block.extend(took_effect);
             }
+        }
+    }
+
+    /// pgvigil ran `sql` for the client on the connection to `node` (see `reset`), and it took
+    /// effect there; `status`: the connection's transaction status after it.
+    pub fn ran(&mut self, sql: SqlText, scope: Scope, status: TxStatus, node: NodeId) {
+        match status {
+            TxStatus::Idle => self.append(vec![(sql, scope)], node),
+            // Logged if the block commits, like a SET inside it.
+            TxStatus::InTransaction => self.in_block.push((sql, scope)),
+            // A statement that took effect leaves no failed block.
+            TxStatus::Failed => {}
         }
     }
 
@@ -176,38 +217,90 @@ impl Settings {
         self.applied[node] = 0;
     }
 
-    /// How many statements of the log the connection to `node` has run.
+    /// How many statements the connection to `node` has run, counted since the session began
+    /// (see [`Settings::resume`]).
     pub fn applied(&self, node: NodeId) -> usize {
-        self.applied[node]
+        self.base + self.applied[node]
     }
 
-    /// The connection to `node` is one that has run the first `applied` statements of the log
-    /// already (transaction pooling: the session had it before).
+    /// The connection to `node` is one that has run the first `applied` statements (counted
+    /// as [`Settings::applied`] counts them) already (transaction pooling: the session had it
+    /// before). One that ran them before the log last restarted runs the new log whole.
     pub fn resume(&mut self, node: NodeId, applied: usize) {
-        self.applied[node] = applied.min(self.log.len());
+        self.applied[node] = applied.saturating_sub(self.base).min(self.log.len());
+    }
+
+    /// What the connection to `node` carries back to the pool for other sessions to compare
+    /// with their own logs (see [`Settings::continues`]): the log, when the connection has run
+    /// all of it and it is not empty.
+    pub fn ran_on(&mut self, node: NodeId) -> Option<Arc<[SqlText]>> {
+        if self.log.is_empty() || self.applied[node] != self.log.len() {
+            return None;
+        }
+        let log = &self.log;
+        Some(
+            self.shared
+                .get_or_insert_with(|| log.as_slice().into())
+                .clone(),
+        )
+    }
+
+    /// A connection that ran the client's startup parameters and then `ran` (another session's
+    /// log, from [`Settings::ran_on`]) is in the state this log makes after its first
+    /// `ran.len()` statements if the log begins with `ran` (the same statements from the same
+    /// state end in the same state): how many statements it has run then, counted as
+    /// [`Settings::applied`] counts them.
+    pub fn continues(&self, ran: &[SqlText]) -> Option<usize> {
+        self.log.starts_with(ran).then(|| self.base + ran.len())
     }
 
     /// Logs statements that took effect on `node` (which therefore has them).
-    fn append(&mut self, statements: Vec<SqlText>, node: NodeId) {
-        if statements.is_empty() {
-            return;
+    fn append(&mut self, statements: Vec<(SqlText, Scope)>, node: NodeId) {
+        if !statements.is_empty() {
+            self.shared = None;
         }
-        let caught_up = self.applied[node] == self.log.len();
-        for sql in statements {
-            if self.log.len() >= REPLAY_LIMIT {
-                self.cannot_replay("too many session settings to replay");
-                return;
+        for (sql, scope) in statements {
+            let caught_up = self.applied[node] == self.log.len();
+            match scope {
+                Scope::Adds if self.log.len() >= REPLAY_LIMIT => {
+                    self.cannot_replay("too many session settings to replay");
+                    return;
+                }
+                Scope::Adds => self.log.push(sql),
+                Scope::ResetsAll | Scope::Discards => {
+                    // `RESET ALL` leaves the session authorization as it is.
+                    let kept: Vec<SqlText> = match scope {
+                        Scope::ResetsAll => self
+                            .log
+                            .iter()
+                            .filter(|sql| sets_authorization(sql))
+                            .cloned()
+                            .collect(),
+                        Scope::Adds | Scope::Discards => Vec::new(),
+                    };
+                    self.base += self.log.len();
+                    self.log = kept;
+                    self.log.push(sql);
+                    self.applied.fill(0);
+                }
             }
-            self.log.push(sql);
-        }
-        if caught_up {
-            self.applied[node] = self.log.len();
+            if caught_up {
+                self.applied[node] = self.log.len();
+            }
         }
     }
 
     fn cannot_replay(&mut self, reason: &'static str) {
         self.unreplayable.get_or_insert(reason);
     }
+}
+
+/// Whether `sql` is a `SET SESSION AUTHORIZATION`, which `RESET ALL` does not undo.
+fn sets_authorization(sql: &[u8]) -> bool {
+    word(skip_comments(sql), b"set")
+        .and_then(|rest| word(rest, b"session"))
+        .and_then(|rest| word(rest, b"authorization"))
+        .is_some()
 }
 
 /// What a statement does to the session beyond its classification.
@@ -289,44 +382,6 @@ fn constant_call(sql: &[u8]) -> Option<bool> {
     rest.trim_ascii().is_empty().then_some(local)
 }
 
-/// `text` after leading whitespace and `expected` (ASCII case-insensitive).
-fn token<'a>(text: &'a [u8], expected: &[u8]) -> Option<&'a [u8]> {
-    let text = text.trim_ascii_start();
-    let head = text.get(..expected.len())?;
-    head.eq_ignore_ascii_case(expected)
-        .then(|| &text[expected.len()..])
-}
-
-/// Like [`token`], but a keyword must not run on into an identifier.
-fn word<'a>(text: &'a [u8], expected: &[u8]) -> Option<&'a [u8]> {
-    let rest = token(text, expected)?;
-    let runs_on = rest
-        .first()
-        .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_')
-        && expected.last().is_some_and(u8::is_ascii_alphanumeric);
-    (!runs_on).then_some(rest)
-}
-
-/// `text` after leading whitespace and one standard string constant without backslashes.
-fn string(text: &[u8]) -> Option<&[u8]> {
-    let text = token(text, b"'")?;
-    let mut i = 0;
-    loop {
-        match text.get(i)? {
-            b'\\' => return None,
-            b'\'' if text.get(i + 1) == Some(&b'\'') => i += 2,
-            b'\'' => return Some(&text[i + 1..]),
-            _ => i += 1,
-        }
-    }
-}
-
-fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
-}
-
 /// Why a statement leaves its connection with state pgvigil cannot replay elsewhere, if it does:
 /// DO, CALL and LOAD run code whose effects are unknown; a WITH HOLD cursor outlives its
 /// transaction on that connection only. `function`: the statement calls a function on no list
@@ -353,22 +408,6 @@ pub fn unreplayable(sql: &[u8], function: bool) -> Option<&'static str> {
         }
     }
     function.then_some("a function call whose effects cannot be replayed")
-}
-
-/// `sql` after leading whitespace, `--` comments and `/* */` comments (not nested).
-fn skip_comments(mut sql: &[u8]) -> &[u8] {
-    loop {
-        sql = sql.trim_ascii_start();
-        if let Some(rest) = sql.strip_prefix(b"--") {
-            let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
-            sql = &rest[end..];
-        } else if let Some(rest) = sql.strip_prefix(b"/*") {
-            let end = rest.windows(2).position(|w| w == b"*/");
-            sql = end.map_or(&[], |end| &rest[end + 2..]);
-        } else {
-            return sql;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -447,6 +486,61 @@ mod tests {
 
     fn text(sql: &str) -> SqlText {
         sql.as_bytes().into()
+    }
+
+    #[test]
+    fn a_reset_all_restarts_the_log_and_stale_connections_run_it_whole() {
+        let mut s = Settings::new(2);
+        for sql in ["SET SESSION AUTHORIZATION u", "SET a = 1"] {
+            s.ran(text(sql), Scope::Adds, TxStatus::Idle, 0);
+        }
+        let before_reset = s.applied(0);
+        s.ran(text("RESET ALL;S"), Scope::ResetsAll, TxStatus::Idle, 0);
+        // RESET ALL keeps the session authorization; node 0 ran it all.
+        assert_eq!(
+            s.log(),
+            [text("SET SESSION AUTHORIZATION u"), text("RESET ALL;S")]
+        );
+        assert!(s.missing(0).is_empty());
+        assert_eq!(s.missing(1).len(), 2);
+        // A pooled connection that ran the old log runs the new one from its start.
+        s.resume(1, before_reset);
+        assert_eq!(s.missing(1).len(), 2);
+        s.resume(1, s.applied(0));
+        assert!(s.missing(1).is_empty());
+
+        // Inside a block, a DISCARD ALL's settings count only once the block commits.
+        s.request();
+        s.ready(TxStatus::InTransaction, 0);
+        s.ran(text("D"), Scope::Discards, TxStatus::InTransaction, 0);
+        s.request();
+        s.command_complete(b"COMMIT\0");
+        s.ready(TxStatus::Idle, 0);
+        assert_eq!(s.log(), [text("D")]);
+    }
+
+    #[test]
+    fn a_log_continues_another_sessions_only_where_it_begins_with_it() {
+        let mut other = Settings::new(1);
+        let mut mine = Settings::new(1);
+        assert_eq!(other.ran_on(0), None, "nothing to compare while empty");
+        for sql in ["SET a = 1", "SET b = 2"] {
+            other.ran(text(sql), Scope::Adds, TxStatus::Idle, 0);
+        }
+        let ran = other.ran_on(0).unwrap();
+        mine.ran(text("SET a = 1"), Scope::Adds, TxStatus::Idle, 0);
+        assert_eq!(mine.continues(&ran), None, "shorter");
+        mine.ran(text("SET b = 2"), Scope::Adds, TxStatus::Idle, 0);
+        mine.ran(text("SET c = 3"), Scope::Adds, TxStatus::Idle, 0);
+        assert_eq!(mine.continues(&ran), Some(2));
+        mine.resume(0, 2);
+        assert_eq!(mine.missing(0), [text("SET c = 3")]);
+        other.ran(text("SET z = 9"), Scope::Adds, TxStatus::Idle, 0);
+        assert_eq!(mine.continues(&other.ran_on(0).unwrap()), None, "differs");
+        // After a restart the counts go on from where the old log ended.
+        mine.ran(text("RESET ALL;"), Scope::ResetsAll, TxStatus::Idle, 0);
+        let reset = Settings::new(1).log().to_vec();
+        assert_eq!(mine.continues(&reset), Some(3));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use tracing::debug;
 
 use super::naming::{self, OnServer, Outgoing, SqlDrop};
 use super::replay::Replayable;
+use super::reset;
 use super::route::{self, Routed, SessionPolicy, Snapshot, Writes};
 use super::settings::{self, Effect};
 use super::unit::{self, UnitFacts};
@@ -43,6 +44,9 @@ pub enum Decision {
     FetchLsn,
     /// It must go to the primary and there is none right now.
     WaitPrimary,
+    /// It is a resetting statement that pgvigil runs on the current connection itself, once
+    /// the server has answered everything before it (see `reset`).
+    Reset,
     /// Transaction pooling: it is a SQL `DEALLOCATE` of the session's own named statements,
     /// answered by pgvigil once the server has answered everything before it (the statements
     /// on the nodes are shared with other sessions and stay).
@@ -143,8 +147,7 @@ impl Steering {
     /// node's last ReadyForQuery said the session is in a transaction block.
     pub fn decide(&mut self, input: &[u8], in_transaction: bool, proxy: &Proxy) -> Decision {
         if std::mem::take(&mut self.forced) {
-            self.begin_unit(proxy);
-            return Decision::Forward;
+            return self.forward(input, proxy);
         }
         let max = proxy.config().max_message_size;
         let facts = unit::inspect(
@@ -191,8 +194,7 @@ impl Steering {
                 },
                 "routing decision"
             );
-            self.begin_unit(proxy);
-            return Decision::Forward;
+            return self.forward(input, proxy);
         }
         // A unit that waited for the node to finish keeps the route it was given: choosing again
         // would take a second balancer turn.
@@ -216,12 +218,21 @@ impl Steering {
             && !std::mem::take(&mut self.recheck)
             && !self.misses_statements(input, route.node, max)
         {
-            self.begin_unit(proxy);
-            Decision::Forward
+            self.forward(input, proxy)
         } else {
             self.waiting_route = Some(route);
             Decision::Move(route.node)
         }
+    }
+
+    /// The unit at the start of `input` goes to the current node: forwarded, unless it is a
+    /// resetting statement that pgvigil runs itself.
+    fn forward(&mut self, input: &[u8], proxy: &Proxy) -> Decision {
+        if reset::is_reset(input, proxy.config().max_message_size) {
+            return Decision::Reset;
+        }
+        self.begin_unit(proxy);
+        Decision::Forward
     }
 
     /// Chooses the node for a unit outside a transaction (see [`route::route_unit`]), and notes

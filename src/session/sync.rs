@@ -108,9 +108,27 @@ pub async fn sync(
         // transaction pooling a session holds no other connection: it waits for a slot.
         let wait_for_slot = proxy.config().pool.mode == PoolMode::Transaction;
         let lease = if need == Need::Primary || wait_for_slot {
-            open(proxy, node, startup, input, true, need).await?
+            open(
+                proxy,
+                node,
+                startup,
+                Some(&replay.settings),
+                input,
+                true,
+                need,
+            )
+            .await?
         } else {
-            open_within(proxy, node, startup, input, false, need).await?
+            open_within(
+                proxy,
+                node,
+                startup,
+                Some(&replay.settings),
+                input,
+                false,
+                need,
+            )
+            .await?
         };
         replay.fresh_connection(node);
         if let Carried::Session { settings, .. } = lease.conn.carries {

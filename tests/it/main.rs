@@ -33,6 +33,7 @@ mod reload;
 mod replay;
 mod replication;
 mod repoint;
+mod reset;
 mod routing;
 mod session_survival;
 mod support;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use pgvigil::config::{AuthMethod, Balance, Config, PrimaryReads};
+use pgvigil::config::{AuthMethod, Balance, Config, PoolMode, PrimaryReads};
 use pgvigil::topology::{NodeId, Primary, Role};
 use pgvigil_proto::encode;
 use tokio::io::AsyncBufReadExt;
@@ -945,10 +945,24 @@ async fn session_settings_reach_every_node_the_session_reads_from() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "bug: startup parameters reach pooled server connections as SET, so RESET (and \
-            RESET ALL) returns to the pool's login value instead of the client's startup value"]
 async fn reset_returns_a_startup_parameter_to_its_startup_value_on_every_node() {
-    let split = Split::start(|config| config.routing.primary_reads = PrimaryReads::Share).await;
+    resets_return_startup_values_on_every_node(PoolMode::Session).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reset_returns_a_startup_parameter_to_its_startup_value_on_every_node_in_transaction_pooling(
+) {
+    resets_return_startup_values_on_every_node(PoolMode::Transaction).await;
+}
+
+/// RESET, SET TO DEFAULT, RESET ALL and DISCARD ALL, each after settings changed, leave the
+/// startup value on every node the session reads from, as PostgreSQL leaves it.
+async fn resets_return_startup_values_on_every_node(mode: PoolMode) {
+    let split = Split::start(|config| {
+        config.routing.primary_reads = PrimaryReads::Share;
+        config.pool.mode = mode;
+    })
+    .await;
     split
         .setup("CREATE TABLE whereami AS SELECT 'public'::text AS v")
         .await;
@@ -995,6 +1009,27 @@ async fn reset_returns_a_startup_parameter_to_its_startup_value_on_every_node() 
         .unwrap();
     let defaults = ["from-startup", "\"$user\", public", "0", "public"];
     settings_everywhere(&split, &through, defaults, "after RESET application_name").await;
+
+    for reset in [
+        "SET application_name TO DEFAULT",
+        "RESET ALL",
+        "DISCARD ALL",
+    ] {
+        for set in [
+            "SET application_name = 'from-set'",
+            "SET statement_timeout = '7s'",
+        ] {
+            through.batch_execute(set).await.unwrap();
+        }
+        if reset.starts_with("SET") {
+            through
+                .batch_execute("RESET statement_timeout")
+                .await
+                .unwrap();
+        }
+        through.batch_execute(reset).await.unwrap();
+        settings_everywhere(&split, &through, defaults, &format!("after {reset}")).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

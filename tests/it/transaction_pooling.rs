@@ -434,3 +434,65 @@ async fn pgbench_runs_in_every_query_mode_with_more_clients_than_server_connecti
     assert_clean_run(&pgbench(&program, &proxy, &prepared).await);
     assert!(proxy.running.proxy.pools.open_count(0) <= 4);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_that_ran_the_same_settings_take_each_others_connection_as_it_is() {
+    let cluster = start(
+        ClusterSpec::new(fresh_base_dir())
+            .replicas(0)
+            .conf("log_statement", "all"),
+    );
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.max_size = 1;
+    })
+    .await;
+    // What an application runs on every connection it opens (ActiveRecord runs four like these).
+    let sets = ["SET work_mem = '3MB'", "SET lock_timeout = '4s'"];
+    let ask = "SELECT current_setting('work_mem') || ' ' || current_setting('lock_timeout')";
+    let (first, second) = (proxy.connect_app().await, proxy.connect_app().await);
+    let late = proxy.connect_app().await;
+    for client in [&first, &second] {
+        for set in sets {
+            client.batch_execute(set).await.unwrap();
+        }
+    }
+    late.batch_execute(sets[0]).await.unwrap();
+    let resets = || {
+        let log = std::fs::read_to_string(cluster.node(0).log_path()).unwrap_or_default();
+        log.matches("RESET ALL").count()
+    };
+    // The connection last ran `late`'s one setting: the first session runs only its second.
+    let replays_first = calls(&cluster, sets[1]);
+    assert_eq!(simple_value(&first, ask).await, "3MB 4s");
+    assert_eq!(calls(&cluster, sets[1]), replays_first + 1);
+    let (resets_before, replays_before) = (resets(), calls(&cluster, sets[1]));
+    for _ in 0..10 {
+        for client in [&first, &second] {
+            assert_eq!(simple_value(client, ask).await, "3MB 4s");
+        }
+    }
+    let (resets_after, replays_after) = (resets(), calls(&cluster, sets[1]));
+    println!(
+        "20 alternating units: {} resets, {} replays of a setting",
+        resets_after - resets_before,
+        replays_after - replays_before
+    );
+    assert_eq!(
+        resets_after, resets_before,
+        "no reset between equal sessions"
+    );
+    assert_eq!(
+        replays_after, replays_before,
+        "no replay between equal sessions"
+    );
+
+    // A session that ran the first setting only lacks the second: it gets just that.
+    assert_eq!(simple_value(&late, ask).await, "3MB 0");
+    assert!(
+        resets() > resets_after,
+        "a session that ran less resets the connection"
+    );
+    assert_eq!(simple_value(&first, ask).await, "3MB 4s");
+    assert_eq!(calls(&cluster, sets[1]), replays_after + 1);
+}

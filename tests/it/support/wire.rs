@@ -29,8 +29,12 @@ pub(crate) struct Answer {
     pub(crate) errors: Vec<(String, String)>,
     /// CommandComplete tags.
     pub(crate) tags: Vec<String>,
+    /// ParameterStatus messages, name and value.
+    pub(crate) params: Vec<(String, String)>,
     /// ReadyForQuery's status byte.
     pub(crate) status: u8,
+    /// The type of every message, in order.
+    pub(crate) kinds: Vec<u8>,
 }
 
 impl Answer {
@@ -47,19 +51,26 @@ impl Wire {
 
     /// Logs in as `app` (trust) to a pgvigil listening at `addr`.
     pub(crate) async fn login_at(addr: std::net::SocketAddr) -> Wire {
+        Wire::login_with(addr, APP_USER, &[]).await
+    }
+
+    /// Logs in as `user` (trust) to database `app` at `addr` (pgvigil or a node) with the
+    /// startup parameters `params` besides user and database.
+    pub(crate) async fn login_with(
+        addr: std::net::SocketAddr,
+        user: &str,
+        params: &[(&[u8], &[u8])],
+    ) -> Wire {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let mut wire = Wire {
             tcp,
             buf: BytesMut::new(),
         };
         let mut startup = BytesMut::new();
-        encode::startup_message(
-            &mut startup,
-            &[
-                (b"user", APP_USER.as_bytes()),
-                (b"database", APP_DB.as_bytes()),
-            ],
-        );
+        let mut all: Vec<(&[u8], &[u8])> =
+            vec![(b"user", user.as_bytes()), (b"database", APP_DB.as_bytes())];
+        all.extend_from_slice(params);
+        encode::startup_message(&mut startup, &all);
         wire.tcp.write_all(&startup).await.unwrap();
         let answer = wire.answer().await;
         assert!(answer.errors.is_empty(), "login: {:?}", answer.errors);
@@ -88,6 +99,7 @@ impl Wire {
         let mut answer = Answer::default();
         loop {
             let (tag, body) = self.recv().await;
+            answer.kinds.push(tag);
             match tag {
                 b'D' => answer.rows.push(data_row(&body)),
                 b'E' => {
@@ -101,6 +113,15 @@ impl Wire {
                 b'C' => answer
                     .tags
                     .push(String::from_utf8_lossy(&body[..body.len() - 1]).into()),
+                b'S' => {
+                    let text = String::from_utf8_lossy(&body);
+                    let mut parts = text.split('\0');
+                    let (name, value) = (parts.next(), parts.next());
+                    answer.params.push((
+                        name.unwrap_or_default().into(),
+                        value.unwrap_or_default().into(),
+                    ));
+                }
                 b'Z' => {
                     answer.status = body[0];
                     return answer;

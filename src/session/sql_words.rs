@@ -1,0 +1,57 @@
+//! Reading SQL text word by word without a parser: keywords, punctuation, string constants
+//! and comments, as the settings log and the resetting statements need them.
+
+/// `text` after leading whitespace and `expected` (ASCII case-insensitive).
+pub(super) fn token<'a>(text: &'a [u8], expected: &[u8]) -> Option<&'a [u8]> {
+    let text = text.trim_ascii_start();
+    let head = text.get(..expected.len())?;
+    head.eq_ignore_ascii_case(expected)
+        .then(|| &text[expected.len()..])
+}
+
+/// Like [`token`], but a keyword must not run on into an identifier.
+pub(super) fn word<'a>(text: &'a [u8], expected: &[u8]) -> Option<&'a [u8]> {
+    let rest = token(text, expected)?;
+    let runs_on = rest
+        .first()
+        .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_')
+        && expected.last().is_some_and(u8::is_ascii_alphanumeric);
+    (!runs_on).then_some(rest)
+}
+
+/// `text` after leading whitespace and one standard string constant without backslashes.
+pub(super) fn string(text: &[u8]) -> Option<&[u8]> {
+    let text = token(text, b"'")?;
+    let mut i = 0;
+    loop {
+        match text.get(i)? {
+            b'\\' => return None,
+            b'\'' if text.get(i + 1) == Some(&b'\'') => i += 2,
+            b'\'' => return Some(&text[i + 1..]),
+            _ => i += 1,
+        }
+    }
+}
+
+/// Whether `haystack` contains `needle`, ASCII case-insensitive.
+pub(super) fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// `sql` after leading whitespace, `--` comments and `/* */` comments (not nested).
+pub(super) fn skip_comments(mut sql: &[u8]) -> &[u8] {
+    loop {
+        sql = sql.trim_ascii_start();
+        if let Some(rest) = sql.strip_prefix(b"--") {
+            let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
+            sql = &rest[end..];
+        } else if let Some(rest) = sql.strip_prefix(b"/*") {
+            let end = rest.windows(2).position(|w| w == b"*/");
+            sql = end.map_or(&[], |end| &rest[end + 2..]);
+        } else {
+            return sql;
+        }
+    }
+}
