@@ -11,6 +11,7 @@ pub mod cancel;
 pub mod cluster;
 pub mod config;
 pub mod console;
+pub mod data_plane;
 pub mod demo;
 pub mod events;
 pub mod failover;

@@ -1,5 +1,5 @@
-//! The accept loop: limits clients to `max_client_conn`, tunes sockets, and starts a session task
-//! per client.
+//! The accept loop of one data-plane thread: limits clients to `max_client_conn` (shared by every
+//! thread), tunes sockets, and starts a session task per client on the thread's own runtime.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,15 +17,21 @@ use crate::proxy::Proxy;
 use crate::session;
 use crate::stream::tune_socket;
 
-/// Accepts clients until `shutdown` fires.
-pub async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
-    let limit = Arc::new(Semaphore::new(proxy.config().max_client_conn));
+/// Accepts clients until `shutdown` fires, counting them with `accepted` (this thread's
+/// `pgvigil_accepted_clients_total`); `limit` holds the sessions of every thread.
+pub async fn accept_loop(
+    listener: TcpListener,
+    accepted: metrics::Counter,
+    proxy: Arc<Proxy>,
+    limit: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
     loop {
-        let accepted = tokio::select! {
+        let accepted_now = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let tcp = match accepted {
+        let tcp = match accepted_now {
             Ok((tcp, _)) => tcp,
             Err(error) => {
                 // Typically EMFILE: back off briefly instead of spinning.
@@ -35,6 +41,7 @@ pub async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Can
             }
         };
         let _ = tune_socket(&tcp);
+        accepted.increment(1);
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
                 let proxy = proxy.clone();

@@ -159,10 +159,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     raise_open_file_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // serve and demo: this runtime is the control plane (probes, failover, admin API, etcd,
+    // reload) on one thread; the data-plane threads get runtimes of their own (`threads`).
+    let mut builder = match cli.command {
+        Command::Serve { .. } | Command::Demo { .. } => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("pgvigil: cannot start the async runtime: {e}");

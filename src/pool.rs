@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::warn;
 
 use crate::config::PoolConfig;
 use crate::server::{LoginTarget, ServerConn, ServerError};
@@ -499,17 +500,33 @@ impl NodePool {
     }
 }
 
-/// An idle connection for (`database`, `user`), the most recently returned first (the least
-/// likely to have been closed); broken ones met on the way are dropped.
+/// An idle connection for (`database`, `user`), moved to the caller's runtime: the most recently
+/// returned one registered there, else the most recently returned of all (the least likely to
+/// have been closed); broken ones met on the way are dropped, and so is one that cannot move.
 fn take_idle(pool: &NodePool, database: &str, user: &str) -> Option<Lease> {
+    let here = crate::data_plane::here();
     let mut idle = lock(&pool.idle);
     let list = idle.iter_mut().find(|list| list.is_for(database, user))?;
-    while let Some(Idle { mut conn, permit }) = list.conns.pop() {
+    let mut lease = loop {
+        let at = list
+            .conns
+            .iter()
+            .rposition(|i| i.conn.home == here)
+            .or_else(|| list.conns.len().checked_sub(1))?;
+        let Idle { mut conn, permit } = list.conns.remove(at);
         if !conn.looks_broken() {
-            return Some(Lease { conn, permit });
+            break Lease { conn, permit };
+        }
+    };
+    drop(idle);
+    match lease.conn.move_here() {
+        Ok(()) => Some(lease),
+        Err(error) => {
+            // Its slot is freed with it: the caller opens a new connection instead.
+            warn!(%error, "cannot move an idle server connection to this thread; closing it");
+            None
         }
     }
-    None
 }
 
 /// Closes the oldest idle connection of another (database, user) pair and keeps its slot.

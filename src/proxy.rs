@@ -16,12 +16,13 @@ use tracing::{debug, info, warn};
 use crate::auth::UserSecret;
 use crate::cancel::CancelRegistry;
 use crate::config::{BackendTlsMode, Config};
+use crate::data_plane::{self, DataPlane};
 use crate::pool::{Lease, PoolError, Pools};
 use crate::replication::ReplicationHandle;
 use crate::router::{Route, RouteError};
 use crate::server::LoginTarget;
 use crate::topology::{Need, NodeId, Topology, TopologyHandle, TopologyPublisher};
-use crate::{admin, cluster, failover, health, listener, tls};
+use crate::{admin, cluster, failover, health, tls};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,9 @@ pub enum StartError {
          or PGVIGIL_ADMIN_TOKEN, or listen on 127.0.0.1"
     )]
     AdminWithoutToken(SocketAddr),
+    /// A data-plane thread or its runtime could not be started.
+    #[error("cannot start the data-plane threads: {0}")]
+    Threads(std::io::Error),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -351,11 +355,13 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Taken by [`Running::shutdown`] to wait for its threads.
+    data_plane: Option<DataPlane>,
 }
 
-/// Restores the state file, binds the listen and admin addresses and starts the accept loop,
-/// the admin API, the probes, the failover coordinator, the pool reaper and (with `[cluster]`)
-/// the etcd election.
+/// Restores the state file, binds the listen and admin addresses, starts the data-plane threads
+/// (see [`crate::data_plane`]) and, on the caller's runtime (the control plane), the admin API,
+/// the probes, the failover coordinator, the pool reaper and (with `[cluster]`) the etcd election.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let addr = config.listen;
     let admin_token = config.admin.effective_token();
@@ -366,12 +372,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (memory, generation) = failover::restore(&config)?;
     let (proxy, publisher) = Proxy::new(config, generation)?;
     let proxy = Arc::new(proxy);
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr, source })?;
+    let threads = proxy.config().data_threads();
+    let listeners =
+        data_plane::bind(addr, threads).map_err(|source| StartError::Bind { addr, source })?;
+    let local_addr = listeners
+        .first()
+        .map(std::net::TcpListener::local_addr)
+        .transpose()
+        .map_err(|source| StartError::Bind { addr, source })?
+        .unwrap_or(addr);
     let admin_listener =
         TcpListener::bind(admin_listen)
             .await
@@ -397,11 +406,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         admin_token,
         shutdown.clone(),
     ));
-    tasks.spawn(listener::accept_loop(
-        listener,
-        proxy.clone(),
-        shutdown.clone(),
-    ));
     tasks.spawn(failover::run(
         proxy.clone(),
         publisher,
@@ -420,21 +424,42 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown.clone(),
     ));
     tasks.close();
-    info!(%local_addr, %admin_addr, nodes = proxy.config().nodes.len(), "pgvigil listening");
+    let data_plane = match DataPlane::start(listeners, &proxy, &shutdown) {
+        Ok(data_plane) => data_plane,
+        Err(source) => {
+            shutdown.cancel();
+            tasks.wait().await;
+            return Err(StartError::Threads(source));
+        }
+    };
+    info!(%local_addr, %admin_addr, threads, nodes = proxy.config().nodes.len(), "pgvigil listening");
     Ok(Running {
         proxy,
         local_addr,
         admin_addr,
         shutdown,
         tasks,
+        data_plane: Some(data_plane),
     })
 }
 
 impl Running {
-    /// Stops accepting clients and stops the background tasks; open sessions are dropped.
-    pub async fn shutdown(self) {
+    /// Stops accepting clients, stops the background tasks and the data-plane threads; open
+    /// sessions are dropped.
+    pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         self.tasks.wait().await;
+        if let Some(data_plane) = self.data_plane.take() {
+            data_plane.join().await;
+        }
+    }
+}
+
+impl Drop for Running {
+    /// A proxy dropped without [`Running::shutdown`] still stops: its data-plane threads are not
+    /// tied to the caller's runtime, so nothing else would end them.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 

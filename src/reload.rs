@@ -18,9 +18,10 @@ use crate::topology::NodeId;
 
 /// The keys (and sections) that keep their running value until a restart, as `merge` treats
 /// them.
-pub const RESTART_ONLY: [&str; 9] = [
+pub const RESTART_ONLY: [&str; 10] = [
     "listen",
     "max_client_conn",
+    "threads",
     "tls",
     "backend.tls",
     "backend.ca",
@@ -217,6 +218,7 @@ fn merge(
     }
     restart_only!(listen, "listen");
     restart_only!(max_client_conn, "max_client_conn");
+    restart_only!(threads, "threads");
     restart_only!(tls, "tls");
     restart_only!(backend.tls, "backend.tls");
     restart_only!(backend.ca, "backend.ca");

@@ -187,6 +187,8 @@ pub struct ServerConn {
     pub statements: ServerStatements,
     /// Its entry in the pools' list of open connections (SHOW SERVERS), removed when it closes.
     pub listed: Option<crate::pool::Listed>,
+    /// The runtime its socket is registered with (see [`ServerConn::move_here`]).
+    pub home: crate::data_plane::Home,
 }
 
 /// The session state a server connection carries beyond its login.
@@ -260,6 +262,7 @@ impl ServerConn {
             carries: Carried::Nothing,
             statements: ServerStatements::default(),
             listed: None,
+            home: crate::data_plane::here(),
         };
         conn.login(target).await?;
         Ok(conn)
@@ -433,6 +436,18 @@ impl ServerConn {
     /// Records a ParameterStatus body.
     pub fn note_parameter(&mut self, body: &[u8]) -> Result<(), ServerError> {
         self.params.note(body).map_err(|e| self.protocol(e))
+    }
+
+    /// Moves the socket to the runtime this is called on when it is registered with another
+    /// (a connection opened or last used on another data-plane thread, or by the control plane):
+    /// its I/O is then driven by the thread that uses it, with no wake-up crossing threads.
+    pub fn move_here(&mut self) -> std::io::Result<()> {
+        let here = crate::data_plane::here();
+        if self.home != here {
+            self.stream.reregister()?;
+            self.home = here;
+        }
+        Ok(())
     }
 
     /// Whether the node closed the socket or sent something unsolicited while idle in the pool.

@@ -31,6 +31,23 @@ impl Stream {
             Stream::ClientTls(s) => s.get_ref().0,
         }
     }
+
+    /// Registers the socket with the I/O driver of the runtime this is called on, leaving the one
+    /// it was registered with (a connection moving to another data-plane thread). The descriptor
+    /// is duplicated, registered here, and the old one deregistered and closed: the socket and any
+    /// TLS state above it stay as they were.
+    pub fn reregister(&mut self) -> io::Result<()> {
+        // The duplicate shares the file description, O_NONBLOCK included, as tokio requires.
+        let duplicate: std::net::TcpStream = socket2::SockRef::from(self.tcp()).try_clone()?.into();
+        let fresh = TcpStream::from_std(duplicate)?;
+        let old = match self {
+            Stream::Plain(s) => std::mem::replace(s, fresh),
+            Stream::ServerTls(s) => std::mem::replace(s.get_mut().0, fresh),
+            Stream::ClientTls(s) => std::mem::replace(s.get_mut().0, fresh),
+        };
+        drop(old);
+        Ok(())
+    }
 }
 
 impl AsyncRead for Stream {

@@ -34,6 +34,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Most client connections at once; beyond it clients get SQLSTATE 53300 (default 1000).
     pub max_client_conn: usize,
+    /// Data-plane threads, each accepting on its own `SO_REUSEPORT` listener and running its
+    /// sessions; 0 (the default) means one per available core (see [`Config::data_threads`]).
+    pub threads: usize,
     /// Largest protocol message accepted, in bytes (default 1 GiB, PostgreSQL's own limit).
     pub max_message_size: usize,
     /// Client-side limits (`[client]`).
@@ -72,6 +75,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 9999)),
             max_client_conn: 1000,
+            threads: 0,
             // PostgreSQL's MaxAllocSize: no single message can be larger than 1 GiB anyway.
             max_message_size: 1 << 30,
             client: ClientConfig::default(),
@@ -546,6 +550,14 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// How many data-plane threads to run: `threads`, or one per available core when it is 0.
+    pub fn data_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
         }
     }
 

@@ -34,9 +34,22 @@ pub(super) fn problems(config: &Config) -> Vec<Problem> {
     problems
 }
 
+/// Most data-plane threads: each holds a listener, a runtime and its own idle connections, so
+/// far more threads than cores only costs memory and hand-offs.
+const MAX_THREADS: usize = 1024;
+
 fn check_limits(config: &Config, problems: &mut Vec<Problem>) {
     if config.max_client_conn == 0 {
         problems.push(Problem::new("max_client_conn", "must be at least 1"));
+    }
+    if config.threads > MAX_THREADS {
+        problems.push(Problem::new(
+            "threads",
+            format!(
+                "{} is more than {MAX_THREADS}; 0 means one per available core",
+                config.threads
+            ),
+        ));
     }
     // Below 1 KiB ordinary startup packets and queries would already be refused.
     if config.max_message_size < 1024 {
@@ -362,6 +375,7 @@ password = "app-secret"
     fn each_invalid_value_is_named_by_its_key() {
         let cases: &[(&str, &[&str])] = &[
             ("max_client_conn = 0", &["max_client_conn: must be at least 1"]),
+            ("threads = 5000", &["threads: 5000 is more than 1024; 0 means one per available core"]),
             ("max_message_size = 100", &["max_message_size: 100 bytes is too small, must be at least 1024"]),
             ("[client]\nstartup_timeout = \"0s\"", &["client.startup_timeout: must be greater than 0"]),
             ("[backend]\nconnect_timeout = \"0ms\"", &["backend.connect_timeout: must be greater than 0"]),

@@ -361,6 +361,16 @@ impl Metrics {
         self.rejected[reason as usize].increment(1);
     }
 
+    /// `pgvigil_accepted_clients_total{thread}`: the counter of data-plane thread `thread`.
+    pub fn accepted_on(&self, thread: usize) -> Counter {
+        let label = Label::new("thread", thread.to_string());
+        let key = Key::from_parts("pgvigil_accepted_clients_total", vec![label]);
+        let counter = self.recorder.register_counter(&key, &METADATA);
+        // Present from the start, so that every thread shows, 0 or not.
+        counter.absolute(0);
+        counter
+    }
+
     /// A client connection was accepted.
     pub fn client_opened(&self) {
         self.clients_open.fetch_add(1, Ordering::Relaxed);
@@ -495,7 +505,11 @@ const UNIT_DURATION_HELP: &str =
 
 /// Help text and units for every metric.
 fn describe(recorder: &PrometheusRecorder) {
-    let counters: [(&'static str, &'static str); 9] = [
+    let counters: [(&'static str, &'static str); 10] = [
+        (
+            "pgvigil_accepted_clients_total",
+            "Client connections accepted, per data-plane thread (see the threads key)",
+        ),
         (
             "pgvigil_pool_waits_total",
             "Checkouts that found no free server connection and waited, per node",

@@ -11,6 +11,7 @@ mod chaos;
 mod cli;
 mod cluster_fixture;
 mod console;
+mod data_plane;
 mod drivers;
 mod events;
 mod failback;
