@@ -47,34 +47,31 @@ pub(super) fn plain_select(sql: &[u8]) -> Option<Classification> {
     if !text.get(..6)?.eq_ignore_ascii_case(b"select") {
         return None;
     }
-    // One pass: a word is checked where it ends (`word` is where it began, if in one).
-    let mut word = None;
+    // One pass; a word is checked as a whole once its last byte is found.
+    let n = text.len();
     let mut pos = 6;
-    while let Some(&b) = text.get(pos) {
-        let class = CLASSES[usize::from(b)];
+    while pos < n {
+        let class = CLASSES[usize::from(text[pos])];
         if class == WORD {
-            word.get_or_insert(pos);
+            let from = pos;
             pos += 1;
-            continue;
-        }
-        if let Some(from) = word.take() {
+            while pos < n && CLASSES[usize::from(text[pos])] == WORD {
+                pos += 1;
+            }
+            // A word glued to `select` is part of it: no longer SELECT.
             if from == 6 || !plain_word(&text[from..pos]) {
                 return None;
             }
+            continue;
         }
         if class == 0 {
             // Only a final `;` may follow (the string holds one statement).
-            let last = b == b';' && text[pos + 1..].iter().all(|&b| is_space(b));
+            let last = text[pos] == b';' && text[pos + 1..].iter().all(|&b| is_space(b));
             return last.then_some(READ);
         }
         pos += 1;
     }
-    match word {
-        // A word glued to `select` is part of it: no longer SELECT.
-        Some(6) => None,
-        Some(from) => plain_word(&text[from..]).then_some(READ),
-        None => Some(READ),
-    }
+    Some(READ)
 }
 
 /// Whether a run of word bytes lexes as the fast path assumes and names nothing that matters.
