@@ -182,12 +182,15 @@ pub fn inspect(
             }
             frontend::tag::BIND => {
                 let name = Bind::parse(message.body).ok().map(|b| b.statement);
-                let here = name.is_some_and(|n| parsed_before(input, before, max_message, n));
+                // (`refer` judges the unnamed statement without looking back for its Parse.)
+                let here = name
+                    .is_some_and(|n| !n.is_empty() && parsed_before(input, before, max_message, n));
                 refer(&mut facts, name, here, statements);
             }
             frontend::tag::DESCRIBE => match Describe::parse(message.body) {
                 Ok(d) if d.kind == b'S' => {
-                    let here = parsed_before(input, before, max_message, d.name);
+                    let here =
+                        !d.name.is_empty() && parsed_before(input, before, max_message, d.name);
                     refer(&mut facts, Some(d.name), here, statements);
                 }
                 _ => {}
