@@ -329,6 +329,10 @@ start_pgvigil() {
         printf '\n[pool]\nmax_size = %s\nmode = "%s"\n' "${POOL_SIZE:-100}" "${POOL_MODE:-session}"
         # Several pgvigil targets run at once: each admin API on a port of its own.
         printf '\n[admin]\nlisten = "127.0.0.1:0"\n'
+        # The probes must see pg_stat_wal_receiver (README: health.user is a superuser): as
+        # `app` its status reads NULL, every standby looks not streaming and takes no reads.
+        # The superuser logs in over loopback with trust (see start_postgres).
+        printf '\n[health]\nuser = "postgres"\npassword = "unused"\n'
         if [[ -n $balance ]]; then
             printf '\n[routing]\nbalance = "%s"\n' "$balance"
         fi

@@ -59,15 +59,12 @@ impl ClientScan<'_> {
                 *self.terminated = true;
                 break;
             }
-            if starts_unit(tag, progress) {
-                let in_transaction = server_tx != TxStatus::Idle;
-                match steering.decide(&input[forward..], in_transaction, self.proxy) {
-                    Decision::Forward => {}
-                    Decision::Wait => break,
-                    other => {
-                        stop = Some(other);
-                        break;
-                    }
+            match self.route_unit_start(tag, &input[forward..], progress, steering, server_tx) {
+                UnitStart::Forward => {}
+                UnitStart::Wait => break,
+                UnitStart::Stop(decision) => {
+                    stop = Some(decision);
+                    break;
                 }
             }
             // Nothing is owed by the server nor waits to be sent: pgvigil may answer now.
@@ -119,6 +116,26 @@ impl ClientScan<'_> {
         Ok(stop)
     }
 
+    /// Routes the unit that a client message of type `tag` at the front of `input` begins, if it
+    /// begins one.
+    fn route_unit_start(
+        &self,
+        tag: u8,
+        input: &[u8],
+        progress: &Progress,
+        steering: &mut Steering,
+        server_tx: TxStatus,
+    ) -> UnitStart {
+        if !starts_unit(tag, progress) {
+            return UnitStart::Forward;
+        }
+        match steering.decide(input, server_tx != TxStatus::Idle, self.proxy) {
+            Decision::Forward => UnitStart::Forward,
+            Decision::Wait => UnitStart::Wait,
+            other => UnitStart::Stop(other),
+        }
+    }
+
     /// Starts passing along, in pieces, the large message begun at the front of `input` when
     /// nothing needs it whole: a CopyData, or a Bind over [`unit::LOOKAHEAD_LIMIT`] once its
     /// unit is routed on its names (the statement name renamed under transaction pooling).
@@ -142,12 +159,10 @@ impl ClientScan<'_> {
         if !in_pieces {
             return Ok(None);
         }
-        if starts_unit(tag, progress) {
-            match steering.decide(input, server_tx != TxStatus::Idle, self.proxy) {
-                Decision::Forward => {}
-                Decision::Wait => return Ok(None),
-                other => return Ok(Some(other)),
-            }
+        match self.route_unit_start(tag, input, progress, steering, server_tx) {
+            UnitStart::Forward => {}
+            UnitStart::Wait => return Ok(None),
+            UnitStart::Stop(decision) => return Ok(Some(decision)),
         }
         let fresh = progress.is_quiet() && out.is_empty();
         note_client(tag, progress)?;
@@ -176,6 +191,16 @@ impl ClientScan<'_> {
         }
         Ok(None)
     }
+}
+
+/// What to do with a client message of type `tag` at the front of `input` as far as routing goes.
+enum UnitStart {
+    /// It continues the unit being forwarded, or begins one that goes to the current node.
+    Forward,
+    /// It begins a unit whose end has not arrived yet.
+    Wait,
+    /// It begins a unit that goes elsewhere or needs something done first.
+    Stop(Decision),
 }
 
 /// Whether the client message at the start of `input` drops any unnamed statement the server

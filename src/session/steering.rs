@@ -24,7 +24,7 @@ use super::reset;
 use super::route::{self, Routed, SessionPolicy, Snapshot, Writes};
 use super::settings::{self, Effect};
 use super::unit::{self, UnitFacts};
-use crate::config::PoolMode;
+use crate::config::{Config, PoolMode};
 use crate::metrics::{Bytes, UnitKind};
 use crate::pause::{InFlight, Traffic};
 use crate::proxy::Proxy;
@@ -149,7 +149,9 @@ impl Steering {
         if std::mem::take(&mut self.forced) {
             return self.forward(input, proxy);
         }
-        let max = proxy.config().max_message_size;
+        // One load of the configuration for the whole decision (each costs an atomic dance).
+        let config = proxy.config();
+        let max = config.max_message_size;
         let facts = unit::inspect(
             input,
             max,
@@ -159,7 +161,7 @@ impl Steering {
         if !facts.complete {
             return Decision::Wait;
         }
-        if self.deallocates_own(input, proxy) {
+        if self.deallocates_own(input, &config) {
             return Decision::Deallocate;
         }
         if !in_transaction && facts.has_statement && proxy.pause.traffic() == Traffic::Paused {
@@ -200,7 +202,7 @@ impl Steering {
         // would take a second balancer turn.
         let route = match self.waiting_route.take() {
             Some(route) => route,
-            None => match self.choose(&facts, input, proxy) {
+            None => match self.choose(&facts, input, &config, proxy) {
                 Ok(route) => route,
                 Err(decision) => return decision,
             },
@@ -241,9 +243,10 @@ impl Steering {
         &mut self,
         facts: &UnitFacts,
         input: &[u8],
+        config: &Config,
         proxy: &Proxy,
     ) -> Result<Route, Decision> {
-        let max = proxy.config().max_message_size;
+        let max = config.max_message_size;
         let prefer = self
             .prepared_on
             .filter(|&node| facts.named_refs && !self.misses_statements(input, node, max));
@@ -265,8 +268,8 @@ impl Steering {
         let snapshot = Snapshot {
             topology: &topology,
             replication: &replication,
-            routing: &proxy.config().routing,
-            nodes: &proxy.config().nodes,
+            routing: &config.routing,
+            nodes: &config.nodes,
             balancer: &proxy.balancer,
         };
         match route::route_unit(facts, &policy, &snapshot) {
@@ -282,12 +285,11 @@ impl Steering {
     /// Transaction pooling: whether the unit is a SQL `DEALLOCATE` that pgvigil answers: of a
     /// statement the session prepared through the protocol, or of all of them when the session
     /// prepared none with SQL PREPARE on its (pinned) connection.
-    fn deallocates_own(&self, input: &[u8], proxy: &Proxy) -> bool {
-        if proxy.config().pool.mode != PoolMode::Transaction {
+    fn deallocates_own(&self, input: &[u8], config: &Config) -> bool {
+        if config.pool.mode != PoolMode::Transaction {
             return false;
         }
-        let max = proxy.config().max_message_size;
-        let Ok(Some(message)) = next_message(input, max) else {
+        let Ok(Some(message)) = next_message(input, config.max_message_size) else {
             return false;
         };
         if message.tag != frontend::tag::QUERY {

@@ -119,12 +119,7 @@ impl UnitFacts {
     /// A read that asks `pg_backend_pid()` must answer from the connection that runs the
     /// session's writes (the pid the client would cancel or look up), so it is not a read.
     fn asks_backend_pid(&mut self, sql: &[u8], c: &Classification) {
-        let needle = b"pg_backend_pid";
-        if c.read_only
-            && sql
-                .windows(needle.len())
-                .any(|w| w.eq_ignore_ascii_case(needle))
-        {
+        if c.read_only && contains_ignore_case(sql, b"pg_backend_pid") {
             self.read_only = false;
         }
     }
@@ -187,12 +182,15 @@ pub fn inspect(
             }
             frontend::tag::BIND => {
                 let name = Bind::parse(message.body).ok().map(|b| b.statement);
-                let here = name.is_some_and(|n| parsed_before(input, before, max_message, n));
+                // (`refer` judges the unnamed statement without looking back for its Parse.)
+                let here = name
+                    .is_some_and(|n| !n.is_empty() && parsed_before(input, before, max_message, n));
                 refer(&mut facts, name, here, statements);
             }
             frontend::tag::DESCRIBE => match Describe::parse(message.body) {
                 Ok(d) if d.kind == b'S' => {
-                    let here = parsed_before(input, before, max_message, d.name);
+                    let here =
+                        !d.name.is_empty() && parsed_before(input, before, max_message, d.name);
                     refer(&mut facts, Some(d.name), here, statements);
                 }
                 _ => {}
@@ -276,6 +274,25 @@ fn refer(facts: &mut UnitFacts, name: Option<&[u8]>, parsed_here: bool, statemen
             facts.not_read_only(Reason::Statement);
         }
     }
+}
+
+/// Whether `needle` (non-empty, starting with an ASCII letter) occurs in `haystack`, ignoring
+/// ASCII case. Only where its first letter occurs (found with SIMD) is the rest compared: this
+/// runs over the text of every read.
+fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
+    };
+    let Some(last_start) = haystack.len().checked_sub(needle.len()) else {
+        return false;
+    };
+    let candidates = &haystack[..=last_start];
+    memchr::memchr2_iter(
+        first.to_ascii_lowercase(),
+        first.to_ascii_uppercase(),
+        candidates,
+    )
+    .any(|i| haystack[i + 1..i + needle.len()].eq_ignore_ascii_case(rest))
 }
 
 /// The classification of a message that cannot be read: not read-only.
@@ -592,9 +609,22 @@ mod tests {
 
     #[test]
     fn pg_backend_pid_is_not_a_read() {
-        let mut unit = BytesMut::new();
-        frame(&mut unit, b'Q', b"SELECT PG_BACKEND_PID()\0");
-        assert!(!facts(&unit, &Statements::new()).read_only);
+        for sql in [
+            "SELECT PG_BACKEND_PID()",
+            "select pg_backend_pid()",
+            "SELECT Pg_Backend_Pid",
+            "SELECT 1 FROM t WHERE p = pg_backend_pid",
+            "pg_backend_pid",
+        ] {
+            let mut unit = BytesMut::new();
+            frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
+            assert!(!facts(&unit, &Statements::new()).read_only, "{sql}");
+        }
+        for sql in ["SELECT pg_backend_pi", "SELECT pgXbackend_pid", "SELECT 1"] {
+            let mut unit = BytesMut::new();
+            frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
+            assert!(facts(&unit, &Statements::new()).read_only, "{sql}");
+        }
     }
 
     #[test]

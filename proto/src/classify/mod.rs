@@ -4,7 +4,9 @@
 //! encoding; see [`encoding_is_safe`]) the way PostgreSQL's scanner splits it: `--` and nested
 //! `/* */` comments, `"quoted identifiers"`, `'standard'`, `E'escape'`, `U&'unicode'` and
 //! `$tag$dollar$tag$` strings, `$1` parameters. A `;` or keyword inside any of them counts for
-//! nothing. It allocates nothing and never recurses; cost is linear in the text.
+//! nothing. It allocates nothing and never recurses; cost is linear in the text. A plain SELECT
+//! of names, numbers and parameters (no parenthesis, literal, comment or locking word) is
+//! answered by a one-pass check before the lexer runs.
 //!
 //! # Policy: unknown means primary
 //! A statement is read-only only when every rule below proves it:
@@ -42,6 +44,7 @@
 //! EmptyQueryResponse without touching data, so any node will do.
 
 mod encoding;
+mod fast;
 mod functions;
 mod keyword;
 mod lexer;
@@ -183,6 +186,15 @@ pub enum Hint {
 
 /// Classifies a SQL string of one or more statements; see the module doc for the rules.
 pub fn classify(sql: &[u8], functions: &FunctionLists) -> Classification {
+    // A plain SELECT (no parenthesis, literal, comment or locking word) is answered in one pass.
+    if let Some(plain) = fast::plain_select(sql) {
+        return plain;
+    }
+    classify_full(sql, functions)
+}
+
+/// [`classify`] without its fast path: the lexer and the statement machine.
+fn classify_full(sql: &[u8], functions: &FunctionLists) -> Classification {
     let mut out = Classification {
         read_only: true,
         reason: None,

@@ -464,3 +464,52 @@ fn non_utf8_text_is_lexed_as_bytes() {
 fn reasons_read_as_phrases() {
     assert_eq!(Reason::RowLock.to_string(), "row-locking clause");
 }
+
+#[test]
+fn the_fast_path_answers_as_the_full_path_on_every_table_case() {
+    let lists = lists();
+    let texts = VERDICTS
+        .iter()
+        .map(|c| c.0)
+        .chain(FLAGS.iter().map(|c| c.0));
+    let mut fast_answers = 0;
+    for sql in texts {
+        if let Some(fast) = fast::plain_select(sql.as_bytes()) {
+            fast_answers += 1;
+            assert_eq!(fast, classify_full(sql.as_bytes(), &lists), "{sql:?}");
+        }
+    }
+    assert!(fast_answers >= 5, "the tables exercise the fast path");
+}
+
+proptest::proptest! {
+    /// Text made of the fast path's alphabet and its near misses: whenever the fast path
+    /// answers, the full path gives the same classification.
+    #[test]
+    fn the_fast_path_never_disagrees_with_the_full_path(
+        start in proptest::sample::select(vec!["SELECT", "select", " Select", "SELECTx", "WITH"]),
+        parts in proptest::collection::vec(
+            (
+                proptest::sample::select(vec![
+                    " ", "", ",", ".", "=", "<>", "*", ";", " ;", "(", ")", "'", "-", "/", ":",
+                    "\n", "$",
+                ]),
+                proptest::sample::select(vec![
+                    "a", "t", "aid", "FROM", "where", "for", "FOR", "update", "Share", "into",
+                    "temp", "insert", "Delete", "merge", "1", "1.5", "1into", "1e5", "$1", "$a",
+                    "$12", "nextval", "pg_backend_pid", "pg_advisory_lock", "é", "select", "x$1",
+                ]),
+            ),
+            0..12,
+        ),
+    ) {
+        let mut sql = String::from(start);
+        for (separator, word) in parts {
+            sql.push_str(separator);
+            sql.push_str(word);
+        }
+        if let Some(fast) = fast::plain_select(sql.as_bytes()) {
+            proptest::prop_assert_eq!(fast, classify_full(sql.as_bytes(), &lists()), "{:?}", sql);
+        }
+    }
+}

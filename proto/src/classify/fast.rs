@@ -1,0 +1,207 @@
+//! The fast path for the commonest read: one plain SELECT of names, numbers, parameters and
+//! comparison operators, such as `SELECT abalance FROM pgbench_accounts WHERE aid = $1;`.
+//!
+//! One pass over the bytes proves that the full lexer and statement machine would find nothing
+//! to object to: no parenthesis (so no function call, subquery or CTE body), no comment, literal,
+//! quoted identifier or dollar quote (so no hint and no hidden `;`), no byte outside ASCII, at
+//! most one `;` and only at the end, and none of the words that make a SELECT write or lock
+//! (`FOR`, `INTO`, `INSERT`, `UPDATE`, `DELETE`, `MERGE`). Anything else returns `None` and
+//! takes the full path; the answer, when there is one, is the full path's (see the proptest in
+//! `tests.rs`).
+
+use super::lexer::is_space;
+use super::Classification;
+
+/// Bytes of a word (`scan.l`'s ident_cont, ASCII only), digits and `$` included.
+const WORD: u8 = 1;
+/// Whitespace.
+const SPACE: u8 = 2;
+/// Single-byte operators and punctuation that start nothing longer: `= < > , . *`.
+const PUNCT: u8 = 4;
+
+const fn build_classes() -> [u8; 256] {
+    let mut classes = [0u8; 256];
+    let mut b = 0;
+    while b < 128 {
+        let byte = b as u8;
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'$' {
+            classes[b] = WORD;
+        }
+        if matches!(byte, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
+            classes[b] = SPACE;
+        }
+        if matches!(byte, b'=' | b'<' | b'>' | b',' | b'.' | b'*') {
+            classes[b] = PUNCT;
+        }
+        b += 1;
+    }
+    classes
+}
+
+static CLASSES: [u8; 256] = build_classes();
+
+/// The classification of a plain SELECT when `sql` is one; `None` when it needs the full path.
+pub(super) fn plain_select(sql: &[u8]) -> Option<Classification> {
+    let start = sql.iter().position(|&b| !is_space(b))?;
+    let text = &sql[start..];
+    if !text.get(..6)?.eq_ignore_ascii_case(b"select") {
+        return None;
+    }
+    // One pass; a word is checked as a whole once its last byte is found.
+    let n = text.len();
+    let mut pos = 6;
+    while pos < n {
+        let class = CLASSES[usize::from(text[pos])];
+        if class == WORD {
+            let from = pos;
+            pos += 1;
+            while pos < n && CLASSES[usize::from(text[pos])] == WORD {
+                pos += 1;
+            }
+            // A word glued to `select` is part of it: no longer SELECT.
+            if from == 6 || !plain_word(&text[from..pos]) {
+                return None;
+            }
+            continue;
+        }
+        if class == 0 {
+            // Only a final `;` may follow (the string holds one statement).
+            let last = text[pos] == b';' && text[pos + 1..].iter().all(|&b| is_space(b));
+            return last.then_some(READ);
+        }
+        pos += 1;
+    }
+    Some(READ)
+}
+
+/// Whether a run of word bytes lexes as the fast path assumes and names nothing that matters.
+fn plain_word(word: &[u8]) -> bool {
+    match word {
+        // A number or a parameter (`$1`): digits only (`1into` lexes as `1` and `into`, `$a$`
+        // opens a dollar quote).
+        [b'0'..=b'9', digits @ ..] => digits.iter().all(u8::is_ascii_digit),
+        [b'$', digits @ ..] => !digits.is_empty() && digits.iter().all(u8::is_ascii_digit),
+        [_, _, _] | [_, _, _, _] | [_, _, _, _, _] | [_, _, _, _, _, _] => {
+            !BLOCKING.contains(&folded(word))
+        }
+        _ => true,
+    }
+}
+
+/// Up to 8 bytes of a word in one integer, ASCII letters folded to small ones (`| 0x20` maps no
+/// other byte of a word, digits, `_` or `$`, onto a letter).
+const fn folded(word: &[u8]) -> u64 {
+    let mut out = 0u64;
+    let mut i = 0;
+    while i < word.len() && i < 8 {
+        out = out << 8 | (word[i] | 0x20) as u64;
+        i += 1;
+    }
+    out
+}
+
+/// FOR (row locks), INTO (SELECT INTO), INSERT, UPDATE, DELETE and MERGE, folded.
+const BLOCKING: [u64; 6] = [
+    folded(b"for"),
+    folded(b"into"),
+    folded(b"insert"),
+    folded(b"update"),
+    folded(b"delete"),
+    folded(b"merge"),
+];
+
+/// One read-only statement with nothing else to report.
+const READ: Classification = Classification {
+    read_only: true,
+    reason: None,
+    tx: None,
+    session_state: false,
+    session_read_only: None,
+    pin: None,
+    hint: None,
+    statements: 1,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_selects_take_the_fast_path() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 123;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "  select a.b, c FROM t a WHERE x >= 1.5 AND y <> $12 ;  ",
+            "SELECT * FROM t",
+            "SELECT 1",
+            "select",
+        ] {
+            assert_eq!(plain_select(sql.as_bytes()), Some(READ), "{sql}");
+        }
+    }
+
+    #[test]
+    fn reads_that_only_look_plain_still_route_to_the_primary() {
+        use super::super::{classify, FunctionLists, Pin, Reason};
+        let lists = FunctionLists::default();
+        for (sql, reason, pin) in [
+            ("SELECT * FROM t FOR UPDATE", Reason::RowLock, None),
+            ("SELECT nextval('s')", Reason::WriteFunction, None),
+            (
+                "WITH t AS (INSERT INTO u VALUES (1) RETURNING *) SELECT * FROM t",
+                Reason::DataModifying,
+                None,
+            ),
+            (
+                "SELECT pg_advisory_lock(1)",
+                Reason::WriteFunction,
+                Some(Pin::AdvisoryLock),
+            ),
+            (
+                "select set_config('a.b', 'c', false)",
+                Reason::WriteFunction,
+                None,
+            ),
+            ("SELECT a INTO b FROM t", Reason::SelectInto, None),
+        ] {
+            let c = classify(sql.as_bytes(), &lists);
+            assert!(!c.read_only, "{sql}");
+            assert_eq!((c.reason, c.pin), (Some(reason), pin), "{sql}");
+        }
+    }
+
+    #[test]
+    fn anything_that_may_write_lock_pin_or_hide_takes_the_full_path() {
+        for sql in [
+            "SELECT * FROM t FOR UPDATE",
+            "SELECT * FROM t for share",
+            "SELECT nextval('s')",
+            "SELECT pg_advisory_lock(1)",
+            "select set_config('a.b', 'c', false)",
+            "SELECT a INTO b FROM t",
+            "SELECT a INTO TEMP b FROM t",
+            "SELECT 1into",
+            "SELECT 1; DELETE FROM t",
+            "SELECT 1;;",
+            "SELECT $a$x$a$",
+            "SELECT a FROM t WHERE b = 'x'",
+            "SELECT \"a\" FROM t",
+            "SELECT 1 -- c",
+            "SELECT 1 /* c */",
+            "SELECT 1 - 1",
+            "SELECT a::int FROM t",
+            "SELECT é FROM t",
+            "SELECTa FROM t",
+            "select$1",
+            "WITH t AS (INSERT INTO u VALUES (1) RETURNING *) SELECT * FROM t",
+            "/* pgvigil:primary */ SELECT 1",
+            "INSERT INTO t VALUES (1)",
+            "UPDATE t SET a = 1",
+            "BEGIN",
+            "",
+            "   ",
+        ] {
+            assert_eq!(plain_select(sql.as_bytes()), None, "{sql}");
+        }
+    }
+}
