@@ -199,7 +199,8 @@ async fn passing<T>(
     out
 }
 
-async fn connect(proxy: &ProxyProcess) -> Client {
+/// A client of `proxy` as the application user (trust, see `trust_app`).
+pub(crate) async fn connect(proxy: &ProxyProcess) -> Client {
     let conninfo = format!(
         "host=127.0.0.1 port={} user={APP_USER} dbname={APP_DB}",
         proxy.addr.port()

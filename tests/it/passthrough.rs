@@ -4,7 +4,6 @@
 //! non-UTF-8 client encodings, and Terminate handing the server connection back to the pool.
 
 use std::io::Write as _;
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,8 +13,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
 
+use crate::lost_transaction::trust_app;
+use crate::support::binary::ProxyProcess;
 use crate::support::{
-    eventually, start_proxy, test_cluster, LocalCluster, TestProxy, APP_DB, APP_PASSWORD, APP_USER,
+    eventually, start_proxy, test_cluster, test_config, LocalCluster, TestProxy, APP_DB,
+    APP_PASSWORD, APP_USER,
 };
 
 /// How long anything that should be quick may take on a loaded machine.
@@ -384,11 +386,15 @@ async fn an_error_fails_the_transaction_until_rollback_and_the_session_goes_on()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_million_row_result_streams_without_pgvigil_buffering_it() {
     let cluster = test_cluster(0);
-    let proxy = start_proxy(&cluster, |_| {}).await;
-    let client = proxy.connect_app().await;
+    let mut config = test_config(&cluster);
+    trust_app(&mut config);
+    // The real binary, whose memory is its own: other tests of this process allocate hundreds of
+    // megabytes at times (large_messages).
+    let proxy = ProxyProcess::start(&config).await;
+    let client = crate::large_messages::connect(&proxy).await;
     // DataRow: 5 header + 2 column count + (4 + 4) + (4 + 90) = 109 bytes; 1e6 rows ~ 109 MB.
     let query = "SELECT i, repeat('x', 90) FROM generate_series(1, 1000000) AS i";
-    let before = rss_bytes();
+    let before = proxy.rss();
 
     let rows = client
         .query_raw(query, std::iter::empty::<i32>())
@@ -409,14 +415,14 @@ async fn a_million_row_result_streams_without_pgvigil_buffering_it() {
             cluster.psql(0, &blocked).unwrap() == "1"
         })
     });
-    let mut peak = rss_bytes();
+    let mut peak = proxy.rss();
 
     let mut count = 1u64;
     while let Some(row) = rows.next().await {
         row.unwrap();
         count += 1;
         if count % 50_000 == 0 {
-            peak = peak.max(rss_bytes());
+            peak = peak.max(proxy.rss());
         }
     }
     assert_eq!(count, 1_000_000);
@@ -620,17 +626,6 @@ async fn psql_through(
         String::from_utf8_lossy(&output.stderr)
     );
     output.stdout
-}
-
-/// This process's resident set size, from /proc/self/status.
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string(Path::new("/proc/self/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kb * 1024
 }
 
 /// Lowercase hex MD5, as PostgreSQL's `md5()` prints it.
