@@ -18,11 +18,14 @@ mod server_side;
 mod settings;
 mod sql_words;
 pub mod startup;
+mod startup_sql;
 mod steering;
 mod sync;
 mod unit;
 
 use std::sync::Arc;
+
+use startup_sql::set_commands;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use pgvigil_proto::backend::{self, ErrorFields};
@@ -517,104 +520,6 @@ fn as_fatal(frame: &[u8]) -> Option<Bytes> {
     Some(out.freeze())
 }
 
-/// One `(name, value)` run-time setting, as raw bytes from the startup packet.
-type Setting = (Vec<u8>, Vec<u8>);
-
-/// Builds `SET name TO 'value';` for every parameter that differs from what the server reports.
-/// `options` is split into its `-c name=value` / `--name=value` settings like PostgreSQL does.
-fn set_commands<'a>(
-    params: impl Iterator<Item = (&'a [u8], &'a [u8])>,
-    reported: impl Fn(&[u8]) -> Option<&'a [u8]>,
-) -> Result<Option<String>, SessionError> {
-    let mut sql = String::new();
-    for (name, value) in &startup_settings(params)? {
-        if reported(name) == Some(value.as_slice()) {
-            continue;
-        }
-        push_set(&mut sql, name, value);
-    }
-    Ok((!sql.is_empty()).then_some(sql))
-}
-
-/// The run-time settings of startup parameters `params`, `options` split into its settings.
-fn startup_settings<'a>(
-    params: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
-) -> Result<Vec<Setting>, SessionError> {
-    let mut settings: Vec<Setting> = Vec::new();
-    for (name, value) in params {
-        if name == b"options" {
-            settings.extend(parse_options(value)?);
-        } else {
-            settings.push((name.to_vec(), value.to_vec()));
-        }
-    }
-    Ok(settings)
-}
-
-/// Appends `SET "name" TO E'value';` to `sql`.
-fn push_set(sql: &mut String, name: &[u8], value: &[u8]) {
-    let name = String::from_utf8_lossy(name);
-    let value = String::from_utf8_lossy(value);
-    sql.push_str(&format!(
-        "SET \"{}\" TO E'{}';",
-        name.replace('"', "\"\""),
-        value.replace('\\', "\\\\").replace('\'', "\\'")
-    ));
-}
-
-/// Splits a startup `options` value into settings; backslash escapes a space (libpq's rule).
-fn parse_options(value: &[u8]) -> Result<Vec<Setting>, SessionError> {
-    let mut words: Vec<Vec<u8>> = Vec::new();
-    let mut current = Vec::new();
-    let mut bytes = value.iter();
-    while let Some(&b) = bytes.next() {
-        match b {
-            b'\\' => current.extend(bytes.next()),
-            b' ' | b'\t' => {
-                if !current.is_empty() {
-                    words.push(std::mem::take(&mut current));
-                }
-            }
-            _ => current.push(b),
-        }
-    }
-    if !current.is_empty() {
-        words.push(current);
-    }
-    let mut settings = Vec::new();
-    let mut words = words.into_iter();
-    while let Some(word) = words.next() {
-        let setting = if word == b"-c" {
-            words.next()
-        } else {
-            word.strip_prefix(b"--").map(<[u8]>::to_vec)
-        };
-        let setting = setting.ok_or_else(|| SessionError::Refused {
-            code: sqlstate::FEATURE_NOT_SUPPORTED,
-            message: format!(
-                "unsupported startup option {:?}: only -c name=value and --name=value are supported",
-                String::from_utf8_lossy(&word)
-            ),
-        })?;
-        let eq = setting
-            .iter()
-            .position(|b| *b == b'=')
-            .ok_or_else(|| SessionError::Refused {
-                code: sqlstate::PROTOCOL_VIOLATION,
-                message: format!(
-                    "invalid startup option {:?}: expected name=value",
-                    String::from_utf8_lossy(&setting)
-                ),
-            })?;
-        let name = setting[..eq]
-            .iter()
-            .map(|b| if *b == b'-' { b'_' } else { *b })
-            .collect();
-        settings.push((name, setting[eq + 1..].to_vec()));
-    }
-    Ok(settings)
-}
-
 fn pool_refusal(error: PoolError) -> SessionError {
     match error {
         PoolError::Exhausted { .. } => SessionError::Refused {
@@ -655,25 +560,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn options_become_settings() {
-        let parsed =
-            parse_options(b"-c search_path=a,b --statement-timeout=5s -c x=a\\ b").unwrap();
-        let as_text: Vec<(String, String)> = parsed
-            .into_iter()
-            .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
-            .collect();
-        assert_eq!(
-            as_text,
-            vec![
-                ("search_path".into(), "a,b".into()),
-                ("statement_timeout".into(), "5s".into()),
-                ("x".into(), "a b".into()),
-            ]
-        );
-        assert!(parse_options(b"-X").is_err());
-    }
-
-    #[test]
     fn a_failed_startup_setting_is_reported_as_fatal_with_the_nodes_fields() {
         let mut frame = BytesMut::new();
         encode::error_response(&mut frame, "ERROR", "42704", "unrecognized parameter");
@@ -684,21 +570,5 @@ mod tests {
         assert_eq!(fields.sqlstate(), Some(b"42704".as_slice()));
         assert_eq!(fields.message(), Some(b"unrecognized parameter".as_slice()));
         assert!(as_fatal(b"E\0\0\0\x05").is_none());
-    }
-
-    #[test]
-    fn only_differing_parameters_are_set_and_values_are_escaped() {
-        let params: Vec<(&[u8], &[u8])> = vec![
-            (b"client_encoding", b"UTF8"),
-            (b"application_name", b"it's \\ me"),
-        ];
-        let sql = set_commands(params.iter().copied(), |name| {
-            (name == b"client_encoding").then_some(b"UTF8".as_slice())
-        })
-        .unwrap()
-        .unwrap();
-        assert_eq!(sql, "SET \"application_name\" TO E'it\\'s \\\\ me';");
-        let none = set_commands(params[..1].iter().copied(), |_| Some(b"UTF8".as_slice())).unwrap();
-        assert!(none.is_none());
     }
 }
