@@ -6,26 +6,12 @@ use bytes::BufMut;
 use pgvigil::config::PoolMode;
 use pgvigil_proto::encode;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 use crate::lost_transaction::trust_app;
 use crate::support::wire::{bind_execute, parse, Wire};
 use crate::support::{start_proxy, test_cluster, TestProxy, APP_DB, APP_PASSWORD, APP_USER};
-
-/// The first column of the first row of a simple-protocol answer.
-async fn simple_value(client: &Client, sql: &str) -> String {
-    let messages = client
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    messages
-        .into_iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("{sql}: no row"))
-}
+use crate::transaction_pooling::simple_value;
 
 /// Transaction pooling over one server connection: every unit of every session runs on it.
 async fn one_shared_connection() -> (TestProxy, crate::support::LocalCluster) {

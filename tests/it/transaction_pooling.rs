@@ -36,7 +36,7 @@ const CHECKOUT: Duration = Duration::from_secs(120);
 const ALL_CONNECTED: Duration = Duration::from_secs(120);
 
 /// The first column of the first row of a simple-protocol answer.
-async fn simple_value(client: &Client, sql: &str) -> String {
+pub(crate) async fn simple_value(client: &Client, sql: &str) -> String {
     let messages = client
         .simple_query(sql)
         .await
@@ -220,19 +220,25 @@ fn calls(cluster: &LocalCluster, sql: &str) -> usize {
     log.lines().filter(|l| l.ends_with(&line)).count()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_connection_the_session_left_in_sync_is_given_only_what_it_lacks() {
+/// A primary that logs every statement (`log_statement = all`, see [`calls`]), and pgvigil in
+/// transaction pooling over one server connection to it: every unit of every session runs on it.
+async fn one_logged_connection() -> (LocalCluster, TestProxy) {
     let cluster = start(
         ClusterSpec::new(fresh_base_dir())
             .replicas(0)
             .conf("log_statement", "all"),
     );
-    // One server connection: every unit of every session runs on it.
     let proxy = start_proxy(&cluster, |config| {
         config.pool.mode = PoolMode::Transaction;
         config.pool.max_size = 1;
     })
     .await;
+    (cluster, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_the_session_left_in_sync_is_given_only_what_it_lacks() {
+    let (cluster, proxy) = one_logged_connection().await;
     let first = "SET work_mem = '3MB'";
     let second = "SET lock_timeout = '4s'";
     let ask = "SELECT current_setting('work_mem') || ' ' || current_setting('lock_timeout')";
@@ -437,16 +443,7 @@ async fn pgbench_runs_in_every_query_mode_with_more_clients_than_server_connecti
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sessions_that_ran_the_same_settings_take_each_others_connection_as_it_is() {
-    let cluster = start(
-        ClusterSpec::new(fresh_base_dir())
-            .replicas(0)
-            .conf("log_statement", "all"),
-    );
-    let proxy = start_proxy(&cluster, |config| {
-        config.pool.mode = PoolMode::Transaction;
-        config.pool.max_size = 1;
-    })
-    .await;
+    let (cluster, proxy) = one_logged_connection().await;
     // What an application runs on every connection it opens (ActiveRecord runs four like these).
     let sets = ["SET work_mem = '3MB'", "SET lock_timeout = '4s'"];
     let ask = "SELECT current_setting('work_mem') || ' ' || current_setting('lock_timeout')";
