@@ -150,8 +150,8 @@ fn quorum_size(names: &str) -> usize {
 ///   `failover.max_lag_bytes` is not promoted; and if a standby that cannot be read was last
 ///   seen ahead of the best one that can, nothing is promoted (it may hold commits the other
 ///   lacks).
-/// - Among those left: the furthest received (then replayed) WAL, then the highest
-///   `priority`, then the first in the configuration; `no_promote` nodes never.
+/// - Among those left: the furthest WAL, then the highest `priority`, then the furthest
+///   replayed, then the first in the configuration; `no_promote` nodes never.
 pub fn choose(
     config: &Config,
     board: &[NodeHealth],
@@ -271,8 +271,10 @@ pub fn choose(
     promotion(node, position)
 }
 
-/// The furthest received (then replayed) WAL, then the highest priority, then the first in the
-/// configuration.
+/// The furthest WAL, then the highest priority, then the furthest replayed, then the first in the
+/// configuration. Priority outranks replay: a promoted standby replays all it received before it
+/// takes writes, so two that received the same WAL hold the same data, and a moment of replay lag
+/// (common right after the primary's loss) must not override the operator's preference.
 fn best<'a>(
     config: &Config,
     candidates: impl Iterator<Item = &'a (NodeId, &'a Position)>,
@@ -280,8 +282,8 @@ fn best<'a>(
     candidates.max_by_key(|(node, p)| {
         (
             p.furthest(),
-            p.replayed,
             config.nodes[*node].priority,
+            p.replayed,
             std::cmp::Reverse(*node),
         )
     })
@@ -563,6 +565,19 @@ mod tests {
         assert_eq!(pick(&cfg, 60, 60), Some(1));
         cfg.nodes[2].priority = 5;
         assert_eq!(pick(&cfg, 60, 60), Some(2));
+        // The same WAL received, the preferred one still replaying it: priority decides.
+        let replaying = Reading::Read(Position {
+            received: 60,
+            replayed: 40,
+            postmaster_start: "t0".into(),
+        });
+        let chosen = choose(&cfg, &board, 0, &[(1, at(60)), (2, replaying.clone())]);
+        assert_eq!(promoted(&chosen), Some(2));
+        // With equal priorities, the one further replayed.
+        cfg.nodes[2].priority = 1;
+        let chosen = choose(&cfg, &board, 0, &[(1, at(60)), (2, replaying)]);
+        assert_eq!(promoted(&chosen), Some(1));
+        cfg.nodes[2].priority = 5;
         cfg.nodes[2].no_promote = true;
         assert_eq!(pick(&cfg, 10, 60), Some(1));
     }
