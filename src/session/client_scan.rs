@@ -87,17 +87,12 @@ impl ClientScan<'_> {
                 // reset a foreign unnamed statement calls for drops it anyway.)
                 self.statements.set_unnamed(true);
             }
-            let outgoing = if names_statement && self.shared {
-                let server = OnServer {
-                    statements: &mut *self.statements,
-                    fresh,
-                    tx: server_tx,
-                };
-                steering.forwarded_to(tag, frame, Some(server), self.proxy)
-            } else {
-                steering.forwarded(tag, frame, self.proxy);
-                Outgoing::AsIs
-            };
+            let server = (names_statement && self.shared).then_some(OnServer {
+                statements: &mut *self.statements,
+                fresh,
+                tx: server_tx,
+            });
+            let outgoing = steering.forwarded_to(tag, frame, server, self.proxy);
             if outgoing == Outgoing::AsIs {
                 forward += len;
                 continue;
@@ -168,19 +163,14 @@ impl ClientScan<'_> {
         note_client(tag, progress)?;
         let here = progress.from_client.start(total, input);
         let start = &input[..here];
-        let outgoing = if tag == frontend::tag::BIND
-            && self.proxy.config().pool.mode == PoolMode::Transaction
-        {
-            let server = OnServer {
+        let server = (tag == frontend::tag::BIND
+            && self.proxy.config().pool.mode == PoolMode::Transaction)
+            .then_some(OnServer {
                 statements: &mut *self.statements,
                 fresh,
                 tx: server_tx,
-            };
-            steering.forwarded_to(tag, start, Some(server), self.proxy)
-        } else {
-            steering.forwarded(tag, start, self.proxy);
-            Outgoing::AsIs
-        };
+            });
+        let outgoing = steering.forwarded_to(tag, start, server, self.proxy);
         match outgoing {
             Outgoing::Renamed { at, len, id } => {
                 naming::rename_start(start, total, at, len, id, out);
