@@ -162,6 +162,12 @@ impl Coordinator {
                 format!("nothing to do; {SEE_STATUS}"),
             ));
         }
+        // Judged on the latest probe before anything is changed: once fenced, the node answers
+        // read-only, so a probe taken after the fence was applied no longer shows it as a
+        // writable primary, yet it would be one again as soon as the reset below took effect.
+        if self.stale_primary(node) {
+            return Err(self.fenced_again(node));
+        }
         // Reset first: a node unfenced while still read-only would refuse writes if promoted.
         let reset = super::actions::unfence(&self.config(), node).await;
         self.memory.fenced[node] = false;
@@ -171,18 +177,7 @@ impl Coordinator {
         // The fence comes straight back if the node still claims to be primary on an older
         // timeline: say so rather than pretend it worked.
         if self.memory.fenced[node] {
-            return Err(Refusal::new(
-                format!(
-                    "{} is fenced again at once: it still claims to be primary on an older \
-                     timeline than the current primary",
-                    self.name(node)
-                ),
-                format!(
-                    "make it a standby of the current primary first (pg_rewind, standby.signal), \
-                     then `pgvigil unfence {}`",
-                    self.name(node)
-                ),
-            ));
+            return Err(self.fenced_again(node));
         }
         let mut message = format!(
             "{} unfenced: it is routed to again by its observed role",
@@ -190,10 +185,39 @@ impl Coordinator {
         );
         if let Err(e) = reset {
             message = format!(
-                "{message}; default_transaction_read_only could not be reset ({e}): run                  `ALTER SYSTEM RESET default_transaction_read_only` on it by hand"
+                "{message}; default_transaction_read_only could not be reset ({e}): run \
+                 `ALTER SYSTEM RESET default_transaction_read_only` on it by hand"
             );
         }
         Ok(done(message))
+    }
+
+    /// Whether `node`'s latest probe (if it succeeded) shows it out of recovery on an older
+    /// timeline than the known primary's: unfenced, it would be fenced again at once.
+    fn stale_primary(&self, node: NodeId) -> bool {
+        let Primary::Known(primary) = self.publisher.snapshot().primary else {
+            return false;
+        };
+        let timeline = |n: NodeId| self.board[n].current().map(|o| (o.in_recovery, o.timeline));
+        match (timeline(node), timeline(primary)) {
+            (Some((false, mine)), Some((_, current))) => primary != node && mine < current,
+            _ => false,
+        }
+    }
+
+    fn fenced_again(&self, node: NodeId) -> Refusal {
+        Refusal::new(
+            format!(
+                "{} is fenced again at once: it still claims to be primary on an older timeline \
+                 than the current primary",
+                self.name(node)
+            ),
+            format!(
+                "make it a standby of the current primary first (pg_rewind, standby.signal), \
+                 then `pgvigil unfence {}`",
+                self.name(node)
+            ),
+        )
     }
 
     /// `promote NODE` while the primary is lost (automatic failover off, or refused): the same
