@@ -439,11 +439,31 @@ async fn promote_dry_run_names_the_standby_the_next_failover_promotes_and_unfenc
         "the restarted old primary is fenced again",
         || role(&proxy, OLD_PRIMARY) == Role::Fenced,
     );
+    // Once the fence is applied, probes see the node read-only, no longer a writable primary;
+    // unfence must judge by its timeline all the same.
+    eventually(PATIENCE, "the fence is applied", || {
+        node_psql(&cluster, OLD_PRIMARY, "SHOW default_transaction_read_only") == "on"
+    });
+    let probes = probes_of(admin, "pg1").await;
+    until("two more probes of pg1", || async {
+        probes_of(admin, "pg1").await >= probes + 2.0
+    })
+    .await;
     let again = cli(admin, None, &["unfence", "pg1", "--json"])
         .await
         .refusal();
     assert!(again.refused.contains("fenced again"), "{again:?}");
     assert_eq!(role(&proxy, OLD_PRIMARY), Role::Fenced);
+}
+
+/// How many probes of `node` pgvigil has timed so far (`pgvigil_probe_duration_seconds`).
+async fn probes_of(admin: SocketAddr, node: &str) -> f64 {
+    let scraped = crate::metrics::scrape(admin).await;
+    crate::metrics::observations(
+        &scraped,
+        "pgvigil_probe_duration_seconds",
+        &[("node", node)],
+    )
 }
 
 /// Whether some TCP connection to loopback port `port` is established (the CLI's, in the

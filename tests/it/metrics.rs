@@ -87,7 +87,7 @@ pub(crate) fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f
 }
 
 /// How many observations the histogram `metric` with `labels` holds (its `+Inf` bucket).
-fn observations(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn observations(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
     let sample = samples(scrape, metric, labels)
         .next()
         .unwrap_or_else(|| panic!("no histogram {metric}{labels:?}"));
