@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::MissedTickBehavior;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::replication::{parse_lsn, Position};
@@ -212,6 +212,7 @@ pub async fn probe_node(
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut conn: Option<ProbeConn> = None;
     let mut last_start: Option<Instant> = None;
+    let mut failing = 0u32;
     loop {
         let nudge = async {
             match nudges.of(node) {
@@ -246,9 +247,18 @@ pub async fn probe_node(
         proxy
             .metrics
             .probe_done(node, started.elapsed(), outcome.is_err());
-        if let Err(error) = &outcome {
-            debug!(node = %config.nodes[node].name, %error, "probe failed");
+        let name = &config.nodes[node].name;
+        match &outcome {
+            // The first failure of a run says why; the rest of the run only at debug level (a
+            // node down for hours would otherwise log every interval).
+            Err(error) if failing == 0 => {
+                warn!(node = %name, %error, "probe failed");
+            }
+            Err(error) => debug!(node = %name, %error, failed = failing + 1, "probe failed"),
+            Ok(_) if failing > 0 => info!(node = %name, failed = failing, "probe answered again"),
+            Ok(_) => {}
         }
+        failing = if outcome.is_err() { failing + 1 } else { 0 };
         let report = Report {
             node,
             started,

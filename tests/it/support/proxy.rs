@@ -32,6 +32,7 @@ pub fn test_config(cluster: &LocalCluster) -> Config {
 
 /// Starts pgvigil with `test_config(cluster)` changed by `adjust`.
 pub async fn start_proxy(cluster: &LocalCluster, adjust: impl FnOnce(&mut Config)) -> TestProxy {
+    log_if_asked();
     let mut config = test_config(cluster);
     adjust(&mut config);
     if let Err(e) = config.validate() {
@@ -42,6 +43,17 @@ pub async fn start_proxy(cluster: &LocalCluster, adjust: impl FnOnce(&mut Config
         .unwrap_or_else(|e| panic!("pgvigil did not start: {e}"));
     let addr = running.local_addr;
     TestProxy { running, addr }
+}
+
+/// With `PGVIGIL_TEST_LOG` set (a `tracing` filter such as `pgvigil=debug`), the in-process
+/// pgvigil's logs go to the test's output, shown for failing tests.
+fn log_if_asked() {
+    if let Ok(filter) = std::env::var("PGVIGIL_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
 }
 
 impl TestProxy {
