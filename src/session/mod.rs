@@ -364,7 +364,9 @@ async fn open(
     wait: bool,
     need: Need,
 ) -> Result<Lease, OpenError> {
-    let setup = async {
+    // Pinned where it is made: passed by value, the whole future would be copied into the
+    // wait's state on every checkout.
+    let setup = std::pin::pin!(async {
         let reused = proxy.pools.reuse(node, startup.database(), startup.user());
         let mut lease = match reused {
             Some(lease) => lease,
@@ -391,7 +393,7 @@ async fn open(
             return Err(error);
         }
         Ok(lease)
-    };
+    });
     proxy.unless_given_up(node, need, setup).await?
 }
 

@@ -193,8 +193,10 @@ pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: 
 /// into its empty `BytesMut` would allocate before the client has sent anything).
 pub async fn first_bytes(client: &mut ClientConn) -> Result<(), RelayEnd> {
     std::future::poll_fn(|cx| {
-        let mut first = [0u8; FIRST_READ];
-        let mut read = ReadBuf::new(&mut first);
+        // Not zeroed first: it would cost a memset per idle-to-busy turn, and `ReadBuf` tracks
+        // which bytes the read filled.
+        let mut first = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
+        let mut read = ReadBuf::uninit(&mut first);
         match std::pin::Pin::new(&mut client.stream).poll_read(cx, &mut read) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(_)) => Poll::Ready(Err(RelayEnd::ClientGone)),

@@ -151,9 +151,11 @@ pub async fn sync(
         // In sync already (see `catch_up`): no round trip, so no wait to bound either.
         return Ok(());
     }
-    let result = proxy
-        .unless_given_up(node, need, catch_up(&mut lease.conn, replay, input, proxy))
-        .await;
+    let result = {
+        // Pinned here rather than moved into the wait's state (see `open`).
+        let catching_up = std::pin::pin!(catch_up(&mut lease.conn, replay, input, proxy));
+        proxy.unless_given_up(node, need, catching_up).await
+    };
     let result = match result {
         Ok(result) => result,
         Err(abandoned) => {
