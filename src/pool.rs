@@ -45,15 +45,16 @@ pub enum PoolError {
 
 /// A server connection lent to one session; give it back with [`Pools::checkin`].
 pub struct Lease {
-    /// The connection.
-    pub conn: ServerConn,
+    /// The connection, boxed once when it opens: a lease and an idle entry then move a pointer,
+    /// not the whole connection, at every checkout and checkin.
+    pub conn: Box<ServerConn>,
     permit: OwnedSemaphorePermit,
 }
 
 type Key = (String, String);
 
 struct Idle {
-    conn: ServerConn,
+    conn: Box<ServerConn>,
     permit: OwnedSemaphorePermit,
 }
 
@@ -327,7 +328,7 @@ impl Pools {
             }
         };
         pool.waited(waiting_since);
-        let conn = self.open(target).await?;
+        let conn = Box::new(self.open(target).await?);
         Ok(Lease { conn, permit })
     }
 
@@ -354,7 +355,7 @@ impl Pools {
                 waited: Duration::ZERO,
             })?,
         };
-        let conn = self.open(target).await?;
+        let conn = Box::new(self.open(target).await?);
         Ok(Lease { conn, permit })
     }
 
@@ -481,7 +482,7 @@ impl Pools {
         let Ok(permit) = pool.slots.clone().try_acquire_owned() else {
             return Ok(false);
         };
-        let conn = self.open(target).await?;
+        let conn = Box::new(self.open(target).await?);
         self.checkin(Lease { conn, permit });
         Ok(true)
     }
