@@ -16,6 +16,7 @@ mod route;
 mod serve;
 mod server_side;
 mod settings;
+mod spare;
 mod sql_words;
 pub mod startup;
 mod startup_sql;

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use super::client_scan::ClientScan;
 use super::server_side::ServerSide;
+use super::spare;
 use super::steering::{Decision, Steering};
 use crate::config::PoolMode;
 use crate::proxy::Proxy;
@@ -131,7 +132,7 @@ impl ClientConn {
     pub fn release_buffers(&mut self) {
         for buf in [&mut self.rbuf, &mut self.pending] {
             if buf.is_empty() && buf.capacity() > 0 {
-                *buf = BytesMut::new();
+                spare::give(std::mem::take(buf));
             }
         }
     }
@@ -166,6 +167,34 @@ pub async fn relay(
     changes: &mut watch::Receiver<u64>,
     proxy: &Proxy,
 ) -> Stop {
+    let mut to_server = BytesMut::new();
+    let stop = pump(
+        client,
+        server,
+        steering,
+        progress,
+        changes,
+        proxy,
+        &mut to_server,
+    )
+    .await;
+    // Bytes not written are the lost connection's, whose loss the session now handles; the
+    // buffer, which often is the client's read buffer swapped in, serves another unit.
+    to_server.clear();
+    spare::give(to_server);
+    stop
+}
+
+/// [`relay`]'s loop; `to_server` holds what is on its way to the server.
+async fn pump(
+    client: &mut ClientConn,
+    server: &mut ServerConn,
+    steering: &mut Steering,
+    progress: &mut Progress,
+    changes: &mut watch::Receiver<u64>,
+    proxy: &Proxy,
+    to_server: &mut BytesMut,
+) -> Stop {
     let max_message = proxy.config().max_message_size;
     let shared = proxy.config().pool.mode == PoolMode::Transaction;
     let node = server.node;
@@ -191,7 +220,6 @@ pub async fn relay(
     let server_in = &mut server.rbuf;
     let statements = &mut server.statements;
     let to_client = &mut client.pending;
-    let mut to_server = BytesMut::new();
     let mut server_state = ServerSide {
         tx: &mut server.tx,
         params: &mut server.params,
@@ -225,13 +253,7 @@ pub async fn relay(
         statements,
         to_client,
     };
-    match client_scan.scan(
-        client_in,
-        &mut to_server,
-        progress,
-        steering,
-        *server_state.tx,
-    ) {
+    match client_scan.scan(client_in, to_server, progress, steering, *server_state.tx) {
         Err(end) => return Stop::End(end),
         Ok(Some(decision)) if progress.is_quiet() && to_server.is_empty() => {
             return Stop::Decided(decision)
@@ -260,13 +282,7 @@ pub async fn relay(
                     statements,
                     to_client,
                 };
-                match scan.scan(
-                    client_in,
-                    &mut to_server,
-                    progress,
-                    steering,
-                    *server_state.tx,
-                ) {
+                match scan.scan(client_in, to_server, progress, steering, *server_state.tx) {
                     Err(end) => return Stop::End(end),
                     Ok(Some(decision)) if to_server.is_empty() => return Stop::Decided(decision),
                     Ok(Some(_)) => held = true,
@@ -294,7 +310,7 @@ pub async fn relay(
                     return Stop::End(RelayEnd::ClientGone);
                 }
             }
-            written = server_write.write(&to_server), if !to_server.is_empty() => {
+            written = server_write.write(to_server), if !to_server.is_empty() => {
                 match written {
                     Ok(0) => return server_lost(LossCause::Closed, &mut server_state),
                     Err(e) => return server_lost(LossCause::Io(e), &mut server_state),
@@ -313,7 +329,7 @@ pub async fn relay(
                     Ok(n) => {
                         steering.received(n);
                         let mut scan = ClientScan { max_message, shared, proxy, terminated: &mut terminated, statements, to_client };
-                        match scan.scan(client_in, &mut to_server, progress, steering, *server_state.tx) {
+                        match scan.scan(client_in, to_server, progress, steering, *server_state.tx) {
                             Err(end) => return Stop::End(end),
                             Ok(Some(decision)) if progress.is_quiet() && to_server.is_empty() => {
                                 return Stop::Decided(decision)
@@ -388,7 +404,9 @@ fn reserve(buf: &mut BytesMut, max_message: usize, passage: &Passage, whole: imp
         }
         _ => READ_CHUNK,
     };
-    if buf.capacity() - buf.len() < wanted / 2 {
+    if buf.capacity() == 0 {
+        *buf = spare::take(wanted);
+    } else if buf.capacity() - buf.len() < wanted / 2 {
         buf.reserve(wanted);
     }
 }
