@@ -103,10 +103,10 @@ pub struct Replayable {
 }
 
 impl Replayable {
-    /// Nothing to replay, for a session over `node_count` nodes.
-    pub fn new(node_count: usize) -> Replayable {
+    /// Nothing to replay.
+    pub fn new() -> Replayable {
         Replayable {
-            settings: Settings::new(node_count),
+            settings: Settings::default(),
             statements: Named::default(),
             pending_close: Vec::new(),
             unnamed: None,
@@ -114,11 +114,6 @@ impl Replayable {
             naming: Naming::default(),
             context: Arc::from([].as_slice()),
         }
-    }
-
-    /// Makes room for nodes a reload added, up to `node_count`.
-    pub fn cover(&mut self, node_count: usize) {
-        self.settings.cover(node_count);
     }
 
     /// Transaction pooling: statements are shared only between sessions with the same
@@ -469,7 +464,7 @@ mod tests {
     #[test]
     fn a_statement_is_replayed_where_missing_and_closed_where_replaced() {
         let functions = FunctionLists::default();
-        let mut replay = Replayable::new(2);
+        let mut replay = Replayable::new();
         let parse = parse_frame("s1", "select 1");
         replay.parsed_named(b"s1", &parse, classify(b"select 1", &functions), 0);
         replay.parse_complete(0, &mut ServerStatements::default());
@@ -499,7 +494,7 @@ mod tests {
     #[test]
     fn a_named_parse_the_server_refuses_leaves_the_record_as_it_was() {
         let functions = FunctionLists::default();
-        let mut replay = Replayable::new(2);
+        let mut replay = Replayable::new();
         let one = parse_frame("s1", "select 1");
         replay.parsed_named(b"s1", &one, classify(b"select 1", &functions), 1);
         replay.naming.request();
@@ -525,7 +520,7 @@ mod tests {
 
     #[test]
     fn the_first_pin_reason_stays() {
-        let mut replay = Replayable::new(1);
+        let mut replay = Replayable::new();
         assert_eq!(replay.pinned(), None);
         replay.pin("LISTEN");
         replay.pin("temporary table");

@@ -107,7 +107,7 @@ pub struct Steering {
 
 impl Steering {
     /// A session whose first connection is to `current`, all its state applied there.
-    pub fn new(node_count: usize, current: NodeId, encoding_safe: bool) -> Steering {
+    pub fn new(current: NodeId, encoding_safe: bool) -> Steering {
         Steering {
             current,
             running: None,
@@ -121,7 +121,7 @@ impl Steering {
             unit_writes: false,
             default_read_only: false,
             writes: Writes::None,
-            replay: Replayable::new(node_count),
+            replay: Replayable::new(),
             encoding_safe,
             avoided: 0,
             detached: false,

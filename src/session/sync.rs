@@ -37,11 +37,10 @@ impl Held {
     }
 
     /// Makes room for nodes a reload added, up to `node_count` (no connection to them yet).
-    fn cover(&mut self, node_count: usize, replay: &mut Replayable) {
+    fn cover(&mut self, node_count: usize) {
         if self.leases.len() < node_count {
             self.leases.resize_with(node_count, || None);
         }
-        replay.cover(node_count);
     }
 
     /// Drops (never pools) the connections to nodes other than `current` that the topology no
@@ -49,7 +48,7 @@ impl Held {
     /// there is forgotten. Makes room for nodes a reload added.
     pub fn drop_unusable(&mut self, current: NodeId, replay: &mut Replayable, proxy: &Proxy) {
         let topology = proxy.topology.load();
-        self.cover(topology.nodes.len(), replay);
+        self.cover(topology.nodes.len());
         for (node, lease) in self.leases.iter_mut().enumerate() {
             let usable = topology
                 .nodes
@@ -85,7 +84,7 @@ pub async fn sync(
     proxy: &Proxy,
 ) -> Result<(), OpenError> {
     // A node a reload added after the session began has no slot yet.
-    held.cover(node + 1, replay);
+    held.cover(node + 1);
     let need = if proxy.topology.load().primary == Primary::Known(node) {
         Need::Primary
     } else {
