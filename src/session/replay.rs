@@ -90,7 +90,7 @@ pub struct Replayable {
     statements: Named,
     /// Statements to close on a node before its next use (closed or replaced elsewhere), by
     /// node; empty until the first such close (most sessions never have one).
-    pending_close: Vec<Vec<SqlText>>,
+    pending_close: Box<[Vec<SqlText>]>,
     /// Where the unnamed statement was last parsed, and what it is.
     unnamed: Option<(NodeId, Classification)>,
     /// Why the session must stay on its primary connection, once it must.
@@ -108,7 +108,7 @@ impl Replayable {
         Replayable {
             settings: Settings::default(),
             statements: Named::default(),
-            pending_close: Vec::new(),
+            pending_close: Box::default(),
             unnamed: None,
             pinned: None,
             naming: Naming::default(),
@@ -305,7 +305,9 @@ impl Replayable {
         let others = on & !(1 << current);
         let nodes = (u64::BITS - others.leading_zeros()) as usize;
         if self.pending_close.len() < nodes {
-            self.pending_close.resize_with(nodes, Vec::new);
+            let mut pending = std::mem::take(&mut self.pending_close).into_vec();
+            pending.resize_with(nodes, Vec::new);
+            self.pending_close = pending.into_boxed_slice();
         }
         for (node, closes) in self.pending_close.iter_mut().enumerate() {
             if others & (1 << node) != 0 {

@@ -24,8 +24,8 @@ use crate::topology::{Need, NodeId, Primary};
 pub struct Held {
     /// The connection to node `n`, at `n`; boxed, so that the slots of the nodes a session
     /// holds no connection to (every node, for an idle session under transaction pooling) cost
-    /// a pointer each.
-    pub leases: Vec<Option<Box<Lease>>>,
+    /// a pointer each. A boxed slice: it grows only when a reload adds nodes.
+    pub leases: Box<[Option<Box<Lease>>]>,
 }
 
 impl Held {
@@ -39,7 +39,9 @@ impl Held {
     /// Makes room for nodes a reload added, up to `node_count` (no connection to them yet).
     fn cover(&mut self, node_count: usize) {
         if self.leases.len() < node_count {
-            self.leases.resize_with(node_count, || None);
+            let mut leases = std::mem::take(&mut self.leases).into_vec();
+            leases.resize_with(node_count, || None);
+            self.leases = leases.into_boxed_slice();
         }
     }
 
