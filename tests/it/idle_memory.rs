@@ -25,13 +25,13 @@ const BATCH: usize = 100;
 
 /// The bound per idle client on average (the growth over [`CLIENTS`]): issue 9's 2 KB, which
 /// leaves a margin of about 120 bytes for the allocator's noise: the debug build the tests run
-/// measures 1.86 to 1.93 KB, a release build 1.83 to 1.85 KB. An idle session is its boxed
-/// state (640 bytes), its task waiting on one small read (256: its future is 128 bytes, and
+/// measures 1.83 to 1.93 KB, a release build 1.79 to 1.86 KB. An idle session is its boxed
+/// state (624 bytes), its task waiting on one small read (256: its future is 128 bytes, and
 /// tokio rounds the task up to 128), its socket's registration in tokio (256), its cancel
 /// key's cell (about 150), its startup context, and the allocator's overhead; the average also
 /// carries what the allocator keeps resident after the busiest moment (a batch of logins in
 /// flight, their buffers and futures: about 1.2 MB whatever the number of clients), which is
-/// why the marginal cost from the [`MEASURED_FROM`]th client on is lower (1.63 to 1.65 KB in a
+/// why the marginal cost from the [`MEASURED_FROM`]th client on is lower (1.56 to 1.69 KB in a
 /// release build). It catches a regression such as a read buffer kept while idle (15.5 KB per
 /// client when the write buffer kept the server's 16 KiB read buffer) or a suspended session
 /// future (4.4 KB per client).
