@@ -44,13 +44,7 @@ pub async fn accept_loop(
         accepted.increment(1);
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
-                let proxy = proxy.clone();
-                tokio::spawn(async move {
-                    proxy.metrics.client_opened();
-                    session::run(tcp, proxy.clone()).await;
-                    proxy.metrics.client_closed();
-                    drop(permit);
-                });
+                tokio::spawn(session::run(tcp, proxy.clone(), permit));
             }
             Err(_) => {
                 proxy

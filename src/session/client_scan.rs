@@ -351,7 +351,7 @@ mod tests {
             encoding_safe: true,
             node: 0,
         };
-        let mut replay = super::super::replay::Replayable::new(1);
+        let mut replay = super::super::replay::Replayable::new();
         side.scan(
             &mut input,
             &mut BytesMut::new(),

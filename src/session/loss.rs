@@ -9,7 +9,7 @@ use tracing::debug;
 
 use super::relay::{LossCause, NodeFatal};
 use super::startup::ClientStartup;
-use super::unit::UnitFacts;
+use super::unit::Ending;
 use crate::proxy::Proxy;
 use crate::server::ServerConn;
 use crate::topology::NodeId;
@@ -35,7 +35,7 @@ pub enum Aftermath {
 
 /// Where the loss leaves the client's transaction, from the connection's last ReadyForQuery
 /// status, whether requests were unanswered, and the unit forwarded last (the one running).
-pub fn aftermath(server_tx: TxStatus, busy: bool, unit: &UnitFacts) -> Aftermath {
+pub fn aftermath(server_tx: TxStatus, busy: bool, unit: Ending) -> Aftermath {
     let commits = matches!(
         unit.tx,
         Some(TxControl::Commit | TxControl::PrepareTransaction | TxControl::CommitPrepared)
@@ -46,7 +46,7 @@ pub fn aftermath(server_tx: TxStatus, busy: bool, unit: &UnitFacts) -> Aftermath
         (TxStatus::Idle, true) => {
             if unit.tx == Some(TxControl::Rollback) {
                 Aftermath::Failed
-            } else if unit.begin.is_some() && !commits {
+            } else if unit.begins && !commits {
                 // The unit opened a transaction block that it did not close.
                 Aftermath::Aborted
             } else if !unit.read_only {
@@ -89,6 +89,7 @@ pub async fn terminated_by_admin(
 
 #[cfg(test)]
 mod tests {
+    use super::super::unit::UnitFacts;
     use super::*;
     use pgvigil_proto::classify::{classify, FunctionLists};
 
@@ -124,7 +125,7 @@ mod tests {
         ];
         for (tx, busy, sql, expected) in cases {
             assert_eq!(
-                aftermath(tx, busy, &query(sql)),
+                aftermath(tx, busy, query(sql).ending()),
                 expected,
                 "{tx:?} {busy} {sql}"
             );

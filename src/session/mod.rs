@@ -24,6 +24,7 @@ mod steering;
 mod sync;
 mod unit;
 
+use std::future::Future;
 use std::sync::Arc;
 
 use startup_sql::set_commands;
@@ -34,6 +35,7 @@ use pgvigil_proto::encode::{self, PgError, Severity};
 use pgvigil_proto::sqlstate;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info};
 
 use crate::cancel::CancelKey;
@@ -70,25 +72,60 @@ pub enum SessionError {
     Io(#[from] std::io::Error),
 }
 
-/// Serves one accepted client connection to the end.
-pub async fn run(tcp: TcpStream, proxy: Arc<Proxy>) {
+/// Serves one accepted client connection to the end, counted in the metrics while it lasts;
+/// `permit`, its place under `max_client_conn`, is let go when it ends. The future is the
+/// client's whole task.
+pub fn run(
+    tcp: TcpStream,
+    proxy: Arc<Proxy>,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> {
+    proxy.metrics.client_opened();
+    // Boxed until startup takes it: an async function keeps room for its arguments for its
+    // whole life, and inline the socket would be 40 bytes of every idle client's task.
+    serve_client(
+        Box::new(tcp),
+        Admitted {
+            proxy,
+            _permit: permit,
+        },
+    )
+}
+
+/// A client counted in the metrics and holding its place under `max_client_conn` until it is
+/// dropped.
+struct Admitted {
+    proxy: Arc<Proxy>,
+    /// Given back when dropped.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.proxy.metrics.client_closed();
+    }
+}
+
+/// The client's session, from its startup on.
+async fn serve_client(tcp: Box<TcpStream>, admitted: Admitted) {
+    let proxy = &admitted.proxy;
     // Everything up to the first server connection is boxed: its state is large and would
     // otherwise stay allocated in the task for the whole session. The session itself is boxed
     // too, so that the task holds little more than the box (and, while the session is idle,
     // one small read).
-    let Some((span, session)) = Box::pin(start(tcp, &proxy)).await else {
+    let Some((span, session)) = Box::pin(start(*tcp, proxy)).await else {
         return;
     };
-    let _entered = span.enter();
+    let _entered = span.as_deref().map(tracing::Span::enter);
     serve::serve(session).await
 }
 
 /// Startup, authentication and the first server connection: the session, with the span of its
-/// logs; `None` when the client was refused (and told why), or served by the console.
+/// logs when they are on; `None` when the client was refused (and told why), or served by the console.
 async fn start(
     tcp: TcpStream,
     proxy: &Arc<Proxy>,
-) -> Option<(tracing::Span, Box<serve::Session<'_>>)> {
+) -> Option<(Option<Box<tracing::Span>>, Box<serve::Session<'_>>)> {
     let peer = tcp.peer_addr().ok();
     let Authenticated {
         mut stream,
@@ -150,6 +187,9 @@ async fn start(
                 pending: BytesMut::new(),
             };
             let session = serve::Session::new(client, lease, proxy, key, startup);
+            // The span boxed, and only when it logs (debug): inline it would be 40 bytes of
+            // every idle client's task.
+            let span = (!span.is_disabled()).then(|| Box::new(span));
             Some((span, Box::new(session)))
         }
         Err(error) => {

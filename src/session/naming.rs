@@ -85,9 +85,9 @@ struct InFlight {
 /// The Parses in flight on the current connection.
 #[derive(Debug, Default)]
 pub struct Naming {
-    pending: VecDeque<InFlight>,
-    /// Client names of Parses sent as [`Outgoing::Duplicate`], in order.
-    duplicates: VecDeque<Box<[u8]>>,
+    /// Allocated with the first Parse forwarded since the connection was last reset (see
+    /// [`Naming::reset`]): an idle session under transaction pooling has none.
+    queues: Option<Box<Queues>>,
     /// A statement the unit in flight uses could not be prepared on the connection because
     /// its transaction block had failed: the server's 26000 for it stands for PostgreSQL's
     /// 25P02 (PostgreSQL, which has the statement, refuses the Bind for the failed block).
@@ -96,6 +96,14 @@ pub struct Naming {
     requests: u64,
     /// ReadyForQuery messages seen since then.
     readies: u64,
+}
+
+/// What [`Naming`] keeps of the Parses in flight.
+#[derive(Debug, Default)]
+struct Queues {
+    pending: VecDeque<InFlight>,
+    /// Client names of Parses sent as [`Outgoing::Duplicate`], in order.
+    duplicates: VecDeque<Box<[u8]>>,
 }
 
 impl Naming {
@@ -114,10 +122,9 @@ impl Naming {
             closed: false,
             replaced: None,
         };
-        self.pending.push_back(InFlight {
-            named: Some(Box::new(named)),
-            epoch: self.requests,
-        });
+        let epoch = self.requests;
+        let named = Some(Box::new(named));
+        self.queues().pending.push_back(InFlight { named, epoch });
     }
 
     /// Session pooling: a Parse of the client's `name`, recorded as it was forwarded, replacing
@@ -136,22 +143,26 @@ impl Naming {
             closed: false,
             replaced,
         };
-        self.pending.push_back(InFlight {
-            named: Some(Box::new(named)),
-            epoch: self.requests,
-        });
+        let epoch = self.requests;
+        let named = Some(Box::new(named));
+        self.queues().pending.push_back(InFlight { named, epoch });
     }
 
     /// A Parse that prepares no named statement was forwarded.
     pub fn sent_unnamed(&mut self) {
-        self.pending.push_back(InFlight {
-            named: None,
-            epoch: self.requests,
-        });
+        let epoch = self.requests;
+        self.queues()
+            .pending
+            .push_back(InFlight { named: None, epoch });
+    }
+
+    fn queues(&mut self) -> &mut Queues {
+        self.queues.get_or_insert_with(Box::default)
     }
 
     fn named(&self) -> impl DoubleEndedIterator<Item = &PendingParse> {
-        self.pending.iter().filter_map(|p| p.named.as_deref())
+        let pending = self.queues.iter().flat_map(|q| q.pending.iter());
+        pending.filter_map(|p| p.named.as_deref())
     }
 
     /// The latest Parse in flight of the client's `name` that the client has not closed.
@@ -166,11 +177,8 @@ impl Naming {
 
     /// The client closed its `name`: a Parse of it in flight no longer names a statement.
     pub fn close(&mut self, name: &[u8]) {
-        for p in self
-            .pending
-            .iter_mut()
-            .filter_map(|p| p.named.as_deref_mut())
-        {
+        let pending = self.queues.iter_mut().flat_map(|q| q.pending.iter_mut());
+        for p in pending.filter_map(|p| p.named.as_deref_mut()) {
             if &*p.name == name {
                 p.closed = true;
             }
@@ -180,7 +188,7 @@ impl Naming {
     /// The server answered the first Parse in flight with ParseComplete: the named one it
     /// prepared, if it was named.
     pub fn parse_complete(&mut self) -> Option<Box<PendingParse>> {
-        self.pending.pop_front().and_then(|p| p.named)
+        self.queues.as_mut()?.pending.pop_front()?.named
     }
 
     /// The server sent an ErrorResponse: the Parses in flight before the next Sync never ran;
@@ -188,7 +196,10 @@ impl Naming {
     pub fn error(&mut self) -> Vec<PendingParse> {
         let readies = self.readies;
         let mut failed = Vec::new();
-        self.pending.retain_mut(|p| {
+        let Some(queues) = self.queues.as_mut() else {
+            return failed;
+        };
+        queues.pending.retain_mut(|p| {
             if p.epoch != readies {
                 return true;
             }
@@ -209,8 +220,12 @@ impl Naming {
         }
         self.requests = 0;
         self.readies = 0;
-        self.duplicates.clear();
-        self.pending
+        let Some(queues) = self.queues.as_mut() else {
+            return Vec::new();
+        };
+        queues.duplicates.clear();
+        queues
+            .pending
             .drain(..)
             .filter_map(|p| p.named.map(|n| n.id))
             .filter(|id| *id != NO_STATEMENT)
@@ -225,7 +240,7 @@ impl Naming {
     /// A Parse of the client's `name`, which it already uses, goes to the server as the failing
     /// Parse written to `out`.
     pub fn send_duplicate(&mut self, name: &[u8], out: &mut BytesMut) {
-        self.duplicates.push_back(name.into());
+        self.queues().duplicates.push_back(name.into());
         self.sent_unnamed();
         encode::message(out, b'P', |b| {
             statements::put_name(b, statements::NO_STATEMENT);
@@ -258,17 +273,20 @@ impl Naming {
 
     /// Whether a failing Parse sent by [`Naming::send_duplicate`] waits for its error.
     pub fn expects_duplicate(&self) -> bool {
-        !self.duplicates.is_empty()
+        self.queues
+            .as_ref()
+            .is_some_and(|q| !q.duplicates.is_empty())
     }
 
     /// When the ErrorResponse `message` (its M field) answers a failing Parse sent by
     /// [`Naming::send_duplicate`], PostgreSQL's error for the client's name, written to `out`.
     pub fn duplicate_error(&mut self, message: &[u8], out: &mut BytesMut) -> bool {
-        let ours = !self.duplicates.is_empty()
+        let ours = self.expects_duplicate()
             && message
                 .windows(DUPLICATE_MARKER.len())
                 .any(|w| w == DUPLICATE_MARKER);
-        let Some(name) = ours.then(|| self.duplicates.pop_front()).flatten() else {
+        let queues = self.queues.as_mut().filter(|_| ours);
+        let Some(name) = queues.and_then(|q| q.duplicates.pop_front()) else {
             return false;
         };
         encode::error_response_with(

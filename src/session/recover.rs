@@ -6,6 +6,7 @@
 //! (docs, "Extended Query"): an ErrorResponse at once, then every message up to the next Sync is
 //! discarded, and the Sync is answered with ReadyForQuery.
 
+use std::future::Future;
 use std::task::Poll;
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -190,8 +191,9 @@ pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: 
 
 /// Waits until the client sends something (or leaves), and keeps the first bytes, read into a
 /// small buffer on the stack: an idle session waits here and holds no buffer of its own (a read
-/// into its empty `BytesMut` would allocate before the client has sent anything).
-pub async fn first_bytes(client: &mut ClientConn) -> Result<(), RelayEnd> {
+/// into its empty `BytesMut` would allocate before the client has sent anything). Not an async
+/// function: its future is only the reference to `client`, part of every idle client's task.
+pub fn first_bytes(client: &mut ClientConn) -> impl Future<Output = Result<(), RelayEnd>> + '_ {
     std::future::poll_fn(|cx| {
         // Not zeroed first: it would cost a memset per idle-to-busy turn, and `ReadBuf` tracks
         // which bytes the read filled.
@@ -209,7 +211,6 @@ pub async fn first_bytes(client: &mut ClientConn) -> Result<(), RelayEnd> {
             }
         }
     })
-    .await
 }
 
 /// Discards client messages up to and including the next Sync.

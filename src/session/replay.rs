@@ -90,7 +90,7 @@ pub struct Replayable {
     statements: Named,
     /// Statements to close on a node before its next use (closed or replaced elsewhere), by
     /// node; empty until the first such close (most sessions never have one).
-    pending_close: Vec<Vec<SqlText>>,
+    pending_close: Box<[Vec<SqlText>]>,
     /// Where the unnamed statement was last parsed, and what it is.
     unnamed: Option<(NodeId, Classification)>,
     /// Why the session must stay on its primary connection, once it must.
@@ -103,22 +103,17 @@ pub struct Replayable {
 }
 
 impl Replayable {
-    /// Nothing to replay, for a session over `node_count` nodes.
-    pub fn new(node_count: usize) -> Replayable {
+    /// Nothing to replay.
+    pub fn new() -> Replayable {
         Replayable {
-            settings: Settings::new(node_count),
+            settings: Settings::default(),
             statements: Named::default(),
-            pending_close: Vec::new(),
+            pending_close: Box::default(),
             unnamed: None,
             pinned: None,
             naming: Naming::default(),
             context: Arc::from([].as_slice()),
         }
-    }
-
-    /// Makes room for nodes a reload added, up to `node_count`.
-    pub fn cover(&mut self, node_count: usize) {
-        self.settings.cover(node_count);
     }
 
     /// Transaction pooling: statements are shared only between sessions with the same
@@ -310,7 +305,9 @@ impl Replayable {
         let others = on & !(1 << current);
         let nodes = (u64::BITS - others.leading_zeros()) as usize;
         if self.pending_close.len() < nodes {
-            self.pending_close.resize_with(nodes, Vec::new);
+            let mut pending = std::mem::take(&mut self.pending_close).into_vec();
+            pending.resize_with(nodes, Vec::new);
+            self.pending_close = pending.into_boxed_slice();
         }
         for (node, closes) in self.pending_close.iter_mut().enumerate() {
             if others & (1 << node) != 0 {
@@ -469,7 +466,7 @@ mod tests {
     #[test]
     fn a_statement_is_replayed_where_missing_and_closed_where_replaced() {
         let functions = FunctionLists::default();
-        let mut replay = Replayable::new(2);
+        let mut replay = Replayable::new();
         let parse = parse_frame("s1", "select 1");
         replay.parsed_named(b"s1", &parse, classify(b"select 1", &functions), 0);
         replay.parse_complete(0, &mut ServerStatements::default());
@@ -499,7 +496,7 @@ mod tests {
     #[test]
     fn a_named_parse_the_server_refuses_leaves_the_record_as_it_was() {
         let functions = FunctionLists::default();
-        let mut replay = Replayable::new(2);
+        let mut replay = Replayable::new();
         let one = parse_frame("s1", "select 1");
         replay.parsed_named(b"s1", &one, classify(b"select 1", &functions), 1);
         replay.naming.request();
@@ -525,7 +522,7 @@ mod tests {
 
     #[test]
     fn the_first_pin_reason_stays() {
-        let mut replay = Replayable::new(1);
+        let mut replay = Replayable::new();
         assert_eq!(replay.pinned(), None);
         replay.pin("LISTEN");
         replay.pin("temporary table");

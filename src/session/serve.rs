@@ -97,7 +97,7 @@ impl<'a> Session<'a> {
             .is_none_or(encoding_is_safe);
         let mut held = Held::new(proxy.config().nodes.len());
         held.leases[first] = Some(Box::new(lease));
-        let mut steering = Steering::new(proxy.config().nodes.len(), first, encoding_safe);
+        let mut steering = Steering::new(first, encoding_safe);
         if proxy.config().pool.mode == PoolMode::Transaction {
             steering.replay.set_context(startup.context().clone());
         }

@@ -232,7 +232,7 @@ mod tests {
             node: 0,
         };
         let mut out = BytesMut::new();
-        let mut replay = Replayable::new(1);
+        let mut replay = Replayable::new();
         let mut statements = ServerStatements::default();
         side.scan(
             &mut input,

@@ -27,17 +27,8 @@ const REPLAY_LIMIT: usize = 256;
 /// parameters again). Counts of statements run are absolute (since the session began), so that
 /// a connection that ran statements of the log before a restart runs the new log from its
 /// start.
+#[derive(Default)]
 pub struct Settings {
-    /// Statements that took effect, in order, since the log last restarted.
-    log: Vec<SqlText>,
-    /// How many statements the log held before its last restart, in all.
-    base: usize,
-    /// How many statements of `log` each node's connection has run.
-    applied: Vec<usize>,
-    /// Sent and not answered yet, each with the number of the ReadyForQuery that answers it.
-    sent: Vec<(u64, SqlText)>,
-    /// Took effect inside the open transaction block: logged if the block commits.
-    in_block: Vec<(SqlText, Scope)>,
     /// Requests forwarded that a ReadyForQuery answers (Query, FunctionCall, Sync).
     requests: u64,
     /// ReadyForQuery messages relayed.
@@ -46,9 +37,86 @@ pub struct Settings {
     since_ready: Outcome,
     /// Why the log cannot rebuild the session's state, once it cannot.
     unreplayable: Option<&'static str>,
-    /// `log` shared with the connections the session returns to the pool (see
+    /// Allocated with the first setting sent or run: most sessions set nothing, and every node
+    /// of a session without one has run all of its (empty) log.
+    log: Option<Box<Log>>,
+}
+
+/// What [`Settings`] keeps once the session has sent or run a setting.
+#[derive(Default)]
+struct Log {
+    /// Statements that took effect, in order, since the log last restarted.
+    statements: Vec<SqlText>,
+    /// How many statements the log held before its last restart, in all.
+    base: usize,
+    /// How many statements of `statements` each node's connection has run, by node (a node
+    /// past the end has run none).
+    applied: Vec<usize>,
+    /// Sent and not answered yet, each with the number of the ReadyForQuery that answers it.
+    sent: Vec<(u64, SqlText)>,
+    /// Took effect inside the open transaction block: logged if the block commits.
+    in_block: Vec<(SqlText, Scope)>,
+    /// `statements` shared with the connections the session returns to the pool (see
     /// [`Settings::ran_on`]), made once per change of the log.
     shared: Option<Arc<[SqlText]>>,
+}
+
+impl Log {
+    /// How many statements of the log `node` has run.
+    fn applied(&self, node: NodeId) -> usize {
+        self.applied.get(node).copied().unwrap_or(0)
+    }
+
+    /// `node` has run the first `n` statements of the log.
+    fn set_applied(&mut self, node: NodeId, n: usize) {
+        if self.applied.len() <= node {
+            self.applied.resize(node + 1, 0);
+        }
+        self.applied[node] = n;
+    }
+
+    /// Logs statements that took effect on `node` (which therefore has them); `unreplayable`
+    /// is set when the log cannot take one more.
+    fn append(
+        &mut self,
+        statements: Vec<(SqlText, Scope)>,
+        node: NodeId,
+        unreplayable: &mut Option<&'static str>,
+    ) {
+        if !statements.is_empty() {
+            self.shared = None;
+        }
+        for (sql, scope) in statements {
+            let caught_up = self.applied(node) == self.statements.len();
+            match scope {
+                Scope::Adds if self.statements.len() >= REPLAY_LIMIT => {
+                    unreplayable.get_or_insert("too many session settings to replay");
+                    return;
+                }
+                Scope::Adds => self.statements.push(sql),
+                Scope::ResetsAll | Scope::Discards => {
+                    // `RESET ALL` leaves the session authorization as it is.
+                    let kept: Vec<SqlText> = match scope {
+                        Scope::ResetsAll => self
+                            .statements
+                            .iter()
+                            .filter(|sql| sets_authorization(sql))
+                            .cloned()
+                            .collect(),
+                        Scope::Adds | Scope::Discards => Vec::new(),
+                    };
+                    self.base += self.statements.len();
+                    self.statements = kept;
+                    self.statements.push(sql);
+                    self.applied.fill(0);
+                }
+            }
+            if caught_up {
+                let len = self.statements.len();
+                self.set_applied(node, len);
+            }
+        }
+    }
 }
 
 /// What a statement that took effect does to the statements logged before it.
@@ -73,27 +141,9 @@ struct Outcome {
 }
 
 impl Settings {
-    /// An empty log for a session over `node_count` nodes.
-    pub fn new(node_count: usize) -> Settings {
-        Settings {
-            log: Vec::new(),
-            base: 0,
-            applied: vec![0; node_count],
-            sent: Vec::new(),
-            in_block: Vec::new(),
-            requests: 0,
-            readies: 0,
-            since_ready: Outcome::default(),
-            unreplayable: None,
-            shared: None,
-        }
-    }
-
-    /// Makes room for nodes a reload added, up to `node_count` (they have run nothing yet).
-    pub fn cover(&mut self, node_count: usize) {
-        if self.applied.len() < node_count {
-            self.applied.resize(node_count, 0);
-        }
+    /// The log, allocated now if the session had none.
+    fn log_mut(&mut self) -> &mut Log {
+        self.log.get_or_insert_default()
     }
 
     /// A request that a ReadyForQuery will answer was forwarded.
@@ -105,7 +155,7 @@ impl Settings {
     /// [`Settings::request`]), else in a Parse (answered at the next Sync).
     pub fn sent(&mut self, sql: &[u8], in_query: bool) {
         let answered_by = self.requests + u64::from(!in_query);
-        self.sent.push((answered_by, sql.into()));
+        self.log_mut().sent.push((answered_by, sql.into()));
     }
 
     /// The server sent an ErrorResponse (not FATAL).
@@ -127,12 +177,17 @@ impl Settings {
     pub fn ready(&mut self, status: TxStatus, node: NodeId) {
         self.readies += 1;
         let outcome = std::mem::take(&mut self.since_ready);
-        let answered = self
+        let Some(log) = self.log.as_deref_mut() else {
+            // Nothing sent, nothing in a block: nothing to log.
+            return;
+        };
+        let unreplayable = &mut self.unreplayable;
+        let answered = log
             .sent
             .iter()
             .take_while(|(n, _)| *n <= self.readies)
             .count();
-        let answered = self.sent.drain(..answered);
+        let answered = log.sent.drain(..answered);
         let mut took_effect: Vec<(SqlText, Scope)> = Vec::new();
         if !outcome.error {
             took_effect.extend(answered.map(|(_, sql)| (sql, Scope::Adds)));
@@ -141,21 +196,22 @@ impl Settings {
         }
         match status {
             TxStatus::Idle => {
-                let block = std::mem::take(&mut self.in_block);
+                let block = std::mem::take(&mut log.in_block);
                 if outcome.commit && !outcome.error {
-                    self.append(block, node);
+                    log.append(block, node, unreplayable);
                 }
                 if outcome.rollback && !outcome.commit && !took_effect.is_empty() {
                     // A ROLLBACK in the same unit as the settings may have undone them.
-                    self.cannot_replay("a setting and a ROLLBACK in one unit");
+                    unreplayable.get_or_insert("a setting and a ROLLBACK in one unit");
                 }
-                self.append(took_effect, node);
+                log.append(took_effect, node, unreplayable);
             }
             TxStatus::InTransaction | TxStatus::Failed => {
-                if outcome.rollback && !(self.in_block.is_empty() && took_effect.is_empty()) {
-                    self.cannot_replay("a setting inside a transaction met ROLLBACK TO SAVEPOINT");
+                if outcome.rollback && !(log.in_block.is_empty() && took_effect.is_empty()) {
+                    unreplayable
+                        .get_or_insert("a setting inside a transaction met ROLLBACK TO SAVEPOINT");
                 }
-                self.in_block.extend(took_effect);
+                log.in_block.extend(took_effect);
             }
         }
     }
@@ -163,10 +219,12 @@ impl Settings {
     /// pgvigil ran `sql` for the client on the connection to `node` (see `reset`), and it took
     /// effect there; `status`: the connection's transaction status after it.
     pub fn ran(&mut self, sql: SqlText, scope: Scope, status: TxStatus, node: NodeId) {
+        let unreplayable = &mut self.unreplayable;
+        let log = self.log.get_or_insert_default();
         match status {
-            TxStatus::Idle => self.append(vec![(sql, scope)], node),
+            TxStatus::Idle => log.append(vec![(sql, scope)], node, unreplayable),
             // Logged if the block commits, like a SET inside it.
-            TxStatus::InTransaction => self.in_block.push((sql, scope)),
+            TxStatus::InTransaction => log.in_block.push((sql, scope)),
             // A statement that took effect leaves no failed block.
             TxStatus::Failed => {}
         }
@@ -176,8 +234,8 @@ impl Settings {
     /// Sync the server ignored in COPY mode), so their outcome is unknown.
     pub fn quiet(&mut self) {
         self.requests = self.readies;
-        if !self.sent.is_empty() {
-            self.sent.clear();
+        if let Some(log) = self.log.as_deref_mut().filter(|log| !log.sent.is_empty()) {
+            log.sent.clear();
             self.cannot_replay("a setting whose outcome is unknown");
         }
     }
@@ -185,8 +243,10 @@ impl Settings {
     /// The current connection was lost: what it had sent or set inside its transaction block
     /// died with it (the block rolled back).
     pub fn lost(&mut self) {
-        self.sent.clear();
-        self.in_block.clear();
+        if let Some(log) = self.log.as_deref_mut() {
+            log.sent.clear();
+            log.in_block.clear();
+        }
         self.requests = self.readies;
         self.since_ready = Outcome::default();
     }
@@ -198,49 +258,62 @@ impl Settings {
 
     /// Every statement that took effect, in order.
     pub fn log(&self) -> &[SqlText] {
-        &self.log
+        self.log.as_deref().map_or(&[], |log| &log.statements)
     }
 
     /// What `node` has not run yet.
     pub fn missing(&self, node: NodeId) -> &[SqlText] {
-        let applied = self.applied[node].min(self.log.len());
-        &self.log[applied..]
+        let Some(log) = self.log.as_deref() else {
+            return &[];
+        };
+        let applied = log.applied(node).min(log.statements.len());
+        &log.statements[applied..]
     }
 
     /// `node` ran everything [`Settings::missing`] listed.
     pub fn caught_up(&mut self, node: NodeId) {
-        self.applied[node] = self.log.len();
+        if let Some(log) = self.log.as_deref_mut() {
+            log.set_applied(node, log.statements.len());
+        }
     }
 
     /// A fresh connection to `node` replaced whatever the session had there.
     pub fn fresh_connection(&mut self, node: NodeId) {
-        self.applied[node] = 0;
+        if let Some(log) = self.log.as_deref_mut() {
+            log.set_applied(node, 0);
+        }
     }
 
     /// How many statements the connection to `node` has run, counted since the session began
     /// (see [`Settings::resume`]).
     pub fn applied(&self, node: NodeId) -> usize {
-        self.base + self.applied[node]
+        self.log
+            .as_deref()
+            .map_or(0, |log| log.base + log.applied(node))
     }
 
     /// The connection to `node` is one that has run the first `applied` statements (counted
     /// as [`Settings::applied`] counts them) already (transaction pooling: the session had it
     /// before). One that ran them before the log last restarted runs the new log whole.
     pub fn resume(&mut self, node: NodeId, applied: usize) {
-        self.applied[node] = applied.saturating_sub(self.base).min(self.log.len());
+        if let Some(log) = self.log.as_deref_mut() {
+            let n = applied.saturating_sub(log.base).min(log.statements.len());
+            log.set_applied(node, n);
+        }
     }
 
     /// What the connection to `node` carries back to the pool for other sessions to compare
     /// with their own logs (see [`Settings::continues`]): the log, when the connection has run
     /// all of it and it is not empty.
     pub fn ran_on(&mut self, node: NodeId) -> Option<Arc<[SqlText]>> {
-        if self.log.is_empty() || self.applied[node] != self.log.len() {
+        let log = self.log.as_deref_mut()?;
+        if log.statements.is_empty() || log.applied(node) != log.statements.len() {
             return None;
         }
-        let log = &self.log;
+        let statements = &log.statements;
         Some(
-            self.shared
-                .get_or_insert_with(|| log.as_slice().into())
+            log.shared
+                .get_or_insert_with(|| statements.as_slice().into())
                 .clone(),
         )
     }
@@ -251,43 +324,8 @@ impl Settings {
     /// state end in the same state): how many statements it has run then, counted as
     /// [`Settings::applied`] counts them.
     pub fn continues(&self, ran: &[SqlText]) -> Option<usize> {
-        self.log.starts_with(ran).then(|| self.base + ran.len())
-    }
-
-    /// Logs statements that took effect on `node` (which therefore has them).
-    fn append(&mut self, statements: Vec<(SqlText, Scope)>, node: NodeId) {
-        if !statements.is_empty() {
-            self.shared = None;
-        }
-        for (sql, scope) in statements {
-            let caught_up = self.applied[node] == self.log.len();
-            match scope {
-                Scope::Adds if self.log.len() >= REPLAY_LIMIT => {
-                    self.cannot_replay("too many session settings to replay");
-                    return;
-                }
-                Scope::Adds => self.log.push(sql),
-                Scope::ResetsAll | Scope::Discards => {
-                    // `RESET ALL` leaves the session authorization as it is.
-                    let kept: Vec<SqlText> = match scope {
-                        Scope::ResetsAll => self
-                            .log
-                            .iter()
-                            .filter(|sql| sets_authorization(sql))
-                            .cloned()
-                            .collect(),
-                        Scope::Adds | Scope::Discards => Vec::new(),
-                    };
-                    self.base += self.log.len();
-                    self.log = kept;
-                    self.log.push(sql);
-                    self.applied.fill(0);
-                }
-            }
-            if caught_up {
-                self.applied[node] = self.log.len();
-            }
-        }
+        let base = self.log.as_deref().map_or(0, |log| log.base);
+        self.log().starts_with(ran).then(|| base + ran.len())
     }
 
     fn cannot_replay(&mut self, reason: &'static str) {
@@ -490,7 +528,7 @@ mod tests {
 
     #[test]
     fn a_reset_all_restarts_the_log_and_stale_connections_run_it_whole() {
-        let mut s = Settings::new(2);
+        let mut s = Settings::default();
         for sql in ["SET SESSION AUTHORIZATION u", "SET a = 1"] {
             s.ran(text(sql), Scope::Adds, TxStatus::Idle, 0);
         }
@@ -521,8 +559,8 @@ mod tests {
 
     #[test]
     fn a_log_continues_another_sessions_only_where_it_begins_with_it() {
-        let mut other = Settings::new(1);
-        let mut mine = Settings::new(1);
+        let mut other = Settings::default();
+        let mut mine = Settings::default();
         assert_eq!(other.ran_on(0), None, "nothing to compare while empty");
         for sql in ["SET a = 1", "SET b = 2"] {
             other.ran(text(sql), Scope::Adds, TxStatus::Idle, 0);
@@ -539,13 +577,13 @@ mod tests {
         assert_eq!(mine.continues(&other.ran_on(0).unwrap()), None, "differs");
         // After a restart the counts go on from where the old log ended.
         mine.ran(text("RESET ALL;"), Scope::ResetsAll, TxStatus::Idle, 0);
-        let reset = Settings::new(1).log().to_vec();
+        let reset = Settings::default().log().to_vec();
         assert_eq!(mine.continues(&reset), Some(3));
     }
 
     #[test]
     fn a_setting_is_logged_once_it_took_effect() {
-        let mut s = Settings::new(2);
+        let mut s = Settings::default();
         // SET a: ok. SET b: fails.
         s.request();
         s.sent(b"SET a = 1", true);

@@ -23,7 +23,7 @@ use super::replay::Replayable;
 use super::reset;
 use super::route::{self, Routed, SessionPolicy, Snapshot, Writes};
 use super::settings::{self, Effect};
-use super::unit::{self, UnitFacts};
+use super::unit::{self, Ending, UnitFacts};
 use crate::config::{Config, PoolMode};
 use crate::metrics::{Bytes, UnitKind};
 use crate::pause::{InFlight, Traffic};
@@ -67,9 +67,9 @@ pub struct Steering {
     /// The facts of the unit being forwarded, and how many of its bytes they cover.
     unit: UnitFacts,
     covered: usize,
-    /// The facts of the last unit begun that names a statement (a lone Close or Sync sent after
-    /// it does not change what a lost connection may have been running).
-    last_statement: UnitFacts,
+    /// What a lost connection needs of the last unit begun that names a statement (a lone
+    /// Close or Sync sent after it does not change what that connection may have been running).
+    last_statement: Ending,
     /// Where the last unit prepared named statements without executing them (drivers prepare,
     /// then execute in the next unit): that read goes there rather than re-preparing elsewhere.
     prepared_on: Option<NodeId>,
@@ -107,21 +107,21 @@ pub struct Steering {
 
 impl Steering {
     /// A session whose first connection is to `current`, all its state applied there.
-    pub fn new(node_count: usize, current: NodeId, encoding_safe: bool) -> Steering {
+    pub fn new(current: NodeId, encoding_safe: bool) -> Steering {
         Steering {
             current,
             running: None,
             forced: false,
             unit: UnitFacts::default(),
             covered: 0,
-            last_statement: UnitFacts::default(),
+            last_statement: Ending::default(),
             prepared_on: None,
             waiting_route: None,
             unit_in_transaction: false,
             unit_writes: false,
             default_read_only: false,
             writes: Writes::None,
-            replay: Replayable::new(node_count),
+            replay: Replayable::new(),
             encoding_safe,
             avoided: 0,
             detached: false,
@@ -320,7 +320,7 @@ impl Steering {
         self.prepared_on = (self.unit.parses_named && !self.unit.executes).then_some(self.current);
         self.covered = self.unit.inspected;
         if self.unit.has_statement {
-            self.last_statement = self.unit;
+            self.last_statement = self.unit.ending();
         }
         // Only statements count as load: a lone Close or Sync is over at once.
         if self.running.is_none() && self.unit.has_statement {
@@ -591,9 +591,10 @@ impl Steering {
         self.waiting_route = None;
     }
 
-    /// The facts of the last unit forwarded that names a statement (the one running, if any is).
-    pub fn last_statement(&self) -> &UnitFacts {
-        &self.last_statement
+    /// What a lost connection needs of the last unit forwarded that names a statement (the one
+    /// running, if any is).
+    pub fn last_statement(&self) -> Ending {
+        self.last_statement
     }
 
     /// How many units the session has begun (forwarded after a decision) so far.

@@ -24,8 +24,8 @@ use crate::topology::{Need, NodeId, Primary};
 pub struct Held {
     /// The connection to node `n`, at `n`; boxed, so that the slots of the nodes a session
     /// holds no connection to (every node, for an idle session under transaction pooling) cost
-    /// a pointer each.
-    pub leases: Vec<Option<Box<Lease>>>,
+    /// a pointer each. A boxed slice: it grows only when a reload adds nodes.
+    pub leases: Box<[Option<Box<Lease>>]>,
 }
 
 impl Held {
@@ -37,11 +37,12 @@ impl Held {
     }
 
     /// Makes room for nodes a reload added, up to `node_count` (no connection to them yet).
-    fn cover(&mut self, node_count: usize, replay: &mut Replayable) {
+    fn cover(&mut self, node_count: usize) {
         if self.leases.len() < node_count {
-            self.leases.resize_with(node_count, || None);
+            let mut leases = std::mem::take(&mut self.leases).into_vec();
+            leases.resize_with(node_count, || None);
+            self.leases = leases.into_boxed_slice();
         }
-        replay.cover(node_count);
     }
 
     /// Drops (never pools) the connections to nodes other than `current` that the topology no
@@ -49,7 +50,7 @@ impl Held {
     /// there is forgotten. Makes room for nodes a reload added.
     pub fn drop_unusable(&mut self, current: NodeId, replay: &mut Replayable, proxy: &Proxy) {
         let topology = proxy.topology.load();
-        self.cover(topology.nodes.len(), replay);
+        self.cover(topology.nodes.len());
         for (node, lease) in self.leases.iter_mut().enumerate() {
             let usable = topology
                 .nodes
@@ -85,7 +86,7 @@ pub async fn sync(
     proxy: &Proxy,
 ) -> Result<(), OpenError> {
     // A node a reload added after the session began has no slot yet.
-    held.cover(node + 1, replay);
+    held.cover(node + 1);
     let need = if proxy.topology.load().primary == Primary::Known(node) {
         Need::Primary
     } else {

@@ -85,7 +85,35 @@ impl Default for UnitFacts {
     }
 }
 
+/// What a lost connection needs of the last unit that named a statement (see
+/// `loss::aftermath`): the session keeps this rather than the unit's whole facts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ending {
+    /// The unit's last transaction-control statement.
+    pub tx: Option<TxControl>,
+    /// The unit has a BEGIN.
+    pub begins: bool,
+    /// Every statement of the unit is provably read-only.
+    pub read_only: bool,
+}
+
+impl Default for Ending {
+    /// What a session that has run no statement yet is left with.
+    fn default() -> Self {
+        UnitFacts::default().ending()
+    }
+}
+
 impl UnitFacts {
+    /// What a lost connection needs of this unit.
+    pub fn ending(&self) -> Ending {
+        Ending {
+            tx: self.tx,
+            begins: self.begin.is_some(),
+            read_only: self.read_only,
+        }
+    }
+
     /// Merges one statement's classification.
     pub fn merge(&mut self, c: &Classification) {
         if !self.has_statement {
