@@ -229,9 +229,10 @@ impl Steering {
 
     /// The unit at the start of `input` (whose facts are `self.unit`) goes to the current node:
     /// forwarded, unless it is a resetting statement that pgvigil runs itself. Only a unit the
-    /// classifier found to change session state is read again for that.
+    /// classifier found to change settings is read again for that.
     fn forward(&mut self, input: &[u8], proxy: &Proxy) -> Decision {
-        if self.unit.session_state && reset::is_reset(input, proxy.config().max_message_size) {
+        let sets = self.unit.session_state || self.unit.local_setting;
+        if sets && reset::is_reset(input, proxy.config().max_message_size) {
             return Decision::Reset;
         }
         self.begin_unit(proxy);

@@ -227,6 +227,17 @@ async fn a_client_sees_exactly_what_postgresql_shows_it_for_resets_in_both_pool_
         "RESET ALL",
         "ROLLBACK",
         "RESET no_such_setting",
+        // SET LOCAL ... DEFAULT: the startup value until the block ends, then the session's.
+        "SET application_name = 'changed'",
+        "BEGIN",
+        "SET LOCAL application_name TO DEFAULT",
+        "SHOW application_name",
+        "SET DateStyle = 'German'",
+        "SET LOCAL DateStyle = DEFAULT",
+        "SHOW DateStyle",
+        "COMMIT",
+        "SHOW application_name",
+        "SET LOCAL application_name TO DEFAULT",
         "SELECT current_setting('application_name'), current_setting('DateStyle')",
     ];
     let node = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.node(0).port));
