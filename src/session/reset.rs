@@ -15,6 +15,12 @@
 //! block is run so too (it sets the startup value until the block ends; nothing is logged);
 //! anywhere else the server answers it as it is. Notices the server sends reach the client.
 //!
+//! Sent any other way (in a string of several statements, as a named prepared statement, in an
+//! extended unit that goes on after it), a resetting statement is forwarded: the server returns
+//! to its own defaults, not to the client's startup values. A `RESET ALL` or `DISCARD ALL` so
+//! sent pins the session (logged; see `steering`), so that no replay undoes it or repeats it
+//! elsewhere.
+//!
 //! `DISCARD ALL` outside a transaction block under transaction pooling, unless the session is
 //! pinned, does not run on the shared connection (it would drop other sessions' prepared
 //! statements there): pgvigil runs its settings part (`SET SESSION AUTHORIZATION DEFAULT; RESET
@@ -76,6 +82,11 @@ enum Sent {
 /// Whether the unit at the start of `input` is a resetting statement that pgvigil runs itself.
 pub fn is_reset(input: &[u8], max_message: usize) -> bool {
     unit_at(input, max_message).is_some()
+}
+
+/// Whether `sql` is one `RESET ALL` or `DISCARD ALL`.
+pub(super) fn resets_all(sql: &[u8]) -> bool {
+    matches!(read(sql), Some(Resetting::ResetAll | Resetting::DiscardAll))
 }
 
 /// The resetting statement that starts `input` as a whole unit, how it was sent, and the

@@ -524,6 +524,12 @@ impl Steering {
             self.pin("session state changed in a multi-statement string");
             return;
         }
+        if reset::resets_all(sql) {
+            // Not run by pgvigil (see `reset`): the log cannot follow a named one run again,
+            // and a replayed DISCARD ALL would drop other sessions' statements.
+            self.pin("RESET ALL or DISCARD ALL that pgvigil did not run itself");
+            return;
+        }
         self.replay.settings.sent(sql, in_query);
     }
 
