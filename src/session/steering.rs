@@ -415,6 +415,11 @@ impl Steering {
             }
             frontend::tag::PARSE => self.parsed(frame, body, covered, proxy),
             frontend::tag::BIND if !covered => self.bound_unseen(body),
+            frontend::tag::BIND if self.unit.session_state => {
+                if let Ok(bind) = Bind::parse(body) {
+                    self.bound_state(bind.statement);
+                }
+            }
             frontend::tag::CLOSE => {
                 if let Ok(close) = Close::parse(body) {
                     if close.kind == b'S' && !close.name.is_empty() {
@@ -499,6 +504,22 @@ impl Steering {
             .is_none_or(|p| !p.class.read_only && !p.class.lone_setting());
         if writes {
             self.note_write();
+        }
+        self.bound_state(bind.statement);
+    }
+
+    /// A Bind of named statement `name`: one that changes session state does so each time it
+    /// runs, so it is noted again (its Parse was noted once), to replay in order.
+    fn bound_state(&mut self, name: &[u8]) {
+        let Some(prepared) = self.replay.statements().get(name) else {
+            return;
+        };
+        if name.is_empty() || !prepared.class.session_state {
+            return;
+        }
+        let (parse, statements) = (prepared.parse.clone(), prepared.class.statements);
+        if let Ok(parse) = Parse::parse(parse.get(5..).unwrap_or_default()) {
+            self.record_state(parse.sql, statements, false);
         }
     }
 

@@ -347,3 +347,36 @@ async fn a_reset_pgvigil_cannot_run_itself_is_never_undone_by_a_replay() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_named_setting_run_again_in_a_later_unit_is_replayed_in_its_turn() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.max_size = 1;
+        trust_app(config);
+    })
+    .await;
+    let mut a = Wire::login_at(proxy.addr).await;
+    let mut b = Wire::login_at(proxy.addr).await;
+    a.exchange(|out| {
+        parse(out, "reset", "RESET statement_timeout");
+        parse(out, "eight", "SET statement_timeout = '8s'");
+        encode::sync(out);
+    })
+    .await;
+    for (set, run, expected) in [("7s", "reset", "0"), ("9s", "eight", "8s")] {
+        a.query(&format!("SET statement_timeout = '{set}'")).await;
+        let ran = a
+            .exchange(|out| {
+                bind_execute(out, run);
+                encode::sync(out);
+            })
+            .await;
+        assert!(ran.errors.is_empty(), "{run}: {:?}", ran.errors);
+        // B's turn on the one connection: A's settings are replayed on its next.
+        b.query("SET statement_timeout = '1s'").await;
+        let shown = a.query("SHOW statement_timeout").await.rows;
+        assert_eq!(shown, [[expected]], "after {run} and B's turn");
+    }
+}
