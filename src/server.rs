@@ -389,9 +389,27 @@ impl ServerConn {
     /// Runs one statement and returns the first column of its first row as text (None when it
     /// returns no row or NULL).
     pub async fn query_text(&mut self, sql: &str) -> Result<Option<String>, ServerError> {
+        self.query(sql, None).await
+    }
+
+    /// Runs statements for the client (see `session::reset`), as [`ServerConn::query_text`]
+    /// does, and appends every NoticeResponse the node sent to `notices`.
+    pub async fn query_for_client(
+        &mut self,
+        sql: &str,
+        notices: &mut BytesMut,
+    ) -> Result<(), ServerError> {
+        self.query(sql, Some(notices)).await.map(|_| ())
+    }
+
+    async fn query(
+        &mut self,
+        sql: &str,
+        notices: Option<&mut BytesMut>,
+    ) -> Result<Option<String>, ServerError> {
         let mut out = BytesMut::new();
         encode::query(&mut out, sql.as_bytes());
-        let result = self.exchange(&mut out).await;
+        let result = self.exchange_noting(&mut out, notices).await;
         if let Ok(_) | Err(ServerError::Rejected { .. }) = result {
             // The node ran (or refused) a simple Query, which drops the unnamed statement.
             self.statements.set_unnamed(false);
@@ -405,6 +423,15 @@ impl ServerConn {
     pub async fn exchange(
         &mut self,
         messages: &mut BytesMut,
+    ) -> Result<Option<String>, ServerError> {
+        self.exchange_noting(messages, None).await
+    }
+
+    /// [`ServerConn::exchange`], appending every NoticeResponse to `notices` if given.
+    async fn exchange_noting(
+        &mut self,
+        messages: &mut BytesMut,
+        mut notices: Option<&mut BytesMut>,
     ) -> Result<Option<String>, ServerError> {
         self.send(messages).await?;
         let mut failure = None;
@@ -423,6 +450,11 @@ impl ServerConn {
                 backend::tag::ERROR_RESPONSE => failure = Some(frame),
                 backend::tag::PARAMETER_STATUS => self.note_parameter(&frame[5..])?,
                 backend::tag::DATA_ROW if value.is_none() => value = first_column(&frame[5..]),
+                backend::tag::NOTICE_RESPONSE => {
+                    if let Some(notices) = notices.as_deref_mut() {
+                        notices.extend_from_slice(&frame);
+                    }
+                }
                 _ => {}
             }
         }

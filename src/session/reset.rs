@@ -11,7 +11,15 @@
 //! ParameterStatus of every reported parameter whose value changed, ReadyForQuery). The server
 //! then has no unnamed statement left, which a client could only notice by binding it again
 //! without a Parse. The settings log records what was run, so that every other connection the
-//! session uses ends with the same values.
+//! session uses ends with the same values. `SET LOCAL name TO DEFAULT` inside a transaction
+//! block is run so too (it sets the startup value until the block ends; nothing is logged);
+//! anywhere else the server answers it as it is. Notices the server sends reach the client.
+//!
+//! Sent any other way (in a string of several statements, as a named prepared statement, in an
+//! extended unit that goes on after it), a resetting statement is forwarded: the server returns
+//! to its own defaults, not to the client's startup values. A `RESET ALL` or `DISCARD ALL` so
+//! sent pins the session (logged; see `steering`), so that no replay undoes it or repeats it
+//! elsewhere.
 //!
 //! `DISCARD ALL` outside a transaction block under transaction pooling, unless the session is
 //! pinned, does not run on the shared connection (it would drop other sessions' prepared
@@ -19,7 +27,7 @@
 //! ALL`) and forgets the session's own prepared statements. Nothing else it drops can exist for
 //! an unpinned session (temporary tables, advisory locks, LISTEN, WITH HOLD cursors pin it).
 
-use bytes::BufMut;
+use bytes::{BufMut, BytesMut};
 use pgvigil_proto::backend::{self, ErrorFields};
 use pgvigil_proto::frame::messages;
 use pgvigil_proto::frontend::{self, Describe, Execute, Parse, Query};
@@ -31,7 +39,7 @@ use super::relay::{ClientConn, LossCause, RelayEnd};
 use super::settings::Scope;
 use super::sql_words::{skip_comments, token, word};
 use super::startup::ClientStartup;
-use super::startup_sql::{push_set, startup_settings};
+use super::startup_sql::{push_set, push_set_local, startup_settings};
 use super::steering::Steering;
 use crate::config::PoolMode;
 use crate::proxy::Proxy;
@@ -49,6 +57,8 @@ enum Resetting<'a> {
     Reset(&'a [u8]),
     /// `SET [SESSION] name {TO | =} DEFAULT`.
     SetDefault(&'a [u8]),
+    /// `SET LOCAL name {TO | =} DEFAULT`.
+    SetLocalDefault(&'a [u8]),
 }
 
 /// How a unit run by pgvigil ended badly.
@@ -72,6 +82,11 @@ enum Sent {
 /// Whether the unit at the start of `input` is a resetting statement that pgvigil runs itself.
 pub fn is_reset(input: &[u8], max_message: usize) -> bool {
     unit_at(input, max_message).is_some()
+}
+
+/// Whether `sql` is one `RESET ALL` or `DISCARD ALL`.
+pub(super) fn resets_all(sql: &[u8]) -> bool {
+    matches!(read(sql), Some(Resetting::ResetAll | Resetting::DiscardAll))
 }
 
 /// The resetting statement that starts `input` as a whole unit, how it was sent, and the
@@ -141,10 +156,15 @@ fn read(sql: &[u8]) -> Option<Resetting<'_>> {
         }
     } else {
         let rest = word(start, b"set")?;
-        let rest = word(rest, b"session").unwrap_or(rest);
+        let local = word(rest, b"local");
+        let rest = local.or_else(|| word(rest, b"session")).unwrap_or(rest);
         let (name, rest) = name(rest)?;
         let rest = word(rest, b"to").or_else(|| token(rest, b"="))?;
-        (Resetting::SetDefault(name), word(rest, b"default")?)
+        let statement = match local {
+            Some(_) => Resetting::SetLocalDefault(name),
+            None => Resetting::SetDefault(name),
+        };
+        (statement, word(rest, b"default")?)
     };
     let rest = token(rest, b";").unwrap_or(rest);
     skip_comments(rest).is_empty().then_some(statement)
@@ -198,6 +218,12 @@ fn plan(
         sets
     };
     let client = || String::from_utf8_lossy(sql).into_owned();
+    let startup_value = |name: &[u8]| {
+        settings
+            .iter()
+            .rev()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+    };
     match statement {
         // Inside a block the server refuses it (25001), as it would the client.
         Resetting::DiscardAll if status != TxStatus::Idle => Plan {
@@ -238,11 +264,7 @@ fn plan(
                 Resetting::Reset(_) => b"RESET",
                 _ => b"SET",
             };
-            let startup_value = settings
-                .iter()
-                .rev()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name));
-            let logged = match startup_value {
+            let logged = match startup_value(name) {
                 Some((n, value)) => {
                     let mut sets = String::new();
                     push_set(&mut sets, n, value);
@@ -255,6 +277,24 @@ fn plan(
                 logged,
                 scope: Scope::Adds,
                 tag,
+                drops_statements: false,
+            }
+        }
+        Resetting::SetLocalDefault(name) => {
+            // Outside a healthy block the server's own answer (a warning, 25P02) is exact.
+            let query = match startup_value(name) {
+                Some((n, value)) if status == TxStatus::InTransaction => {
+                    let mut set = String::new();
+                    push_set_local(&mut set, n, value);
+                    set
+                }
+                _ => client(),
+            };
+            Plan {
+                queries: vec![query],
+                logged: String::new(),
+                scope: Scope::Adds,
+                tag: b"SET",
                 drops_statements: false,
             }
         }
@@ -288,9 +328,10 @@ pub(super) async fn answer(
     debug!(statement = ?String::from_utf8_lossy(sql), ran = ?plan.queries, "resetting statement run by pgvigil");
     let before = conn.params.clone();
     let node = conn.node;
+    let mut notices = BytesMut::new();
     let run = async {
         for query in plan.queries.iter().filter(|q| !q.is_empty()) {
-            match conn.query_text(query).await {
+            match conn.query_for_client(query, &mut notices).await {
                 Ok(_) => {}
                 Err(ServerError::Rejected { frame, .. }) => return Ok(Some(frame)),
                 Err(ServerError::Io { source, .. }) => return Err(LossCause::Io(source)),
@@ -337,6 +378,7 @@ pub(super) async fn answer(
             encode::message(out, backend::tag::NO_DATA, |_| {});
         }
     }
+    out.extend_from_slice(&notices);
     match refused {
         Some(frame) => out.extend_from_slice(&frame),
         None => {
@@ -378,8 +420,6 @@ pub(super) async fn answer(
 
 #[cfg(test)]
 mod tests {
-    use bytes::BytesMut;
-
     use super::*;
 
     /// Parse, Bind, an optional Describe of `describe`, Execute and Sync, all unnamed; `values`
@@ -432,7 +472,7 @@ mod tests {
 
     #[test]
     fn resetting_statements_are_read_as_postgresql_reads_them() {
-        let cases: [(&str, Option<Resetting<'_>>); 12] = [
+        let cases: [(&str, Option<Resetting<'_>>); 14] = [
             ("DISCARD ALL", Some(Resetting::DiscardAll)),
             (" discard all ; ", Some(Resetting::DiscardAll)),
             ("RESET ALL", Some(Resetting::ResetAll)),
@@ -448,7 +488,15 @@ mod tests {
                 "set session TimeZone = default",
                 Some(Resetting::SetDefault(b"TimeZone")),
             ),
-            ("SET LOCAL work_mem TO DEFAULT", None),
+            (
+                "SET LOCAL work_mem TO DEFAULT",
+                Some(Resetting::SetLocalDefault(b"work_mem")),
+            ),
+            (
+                "set local DateStyle = default;",
+                Some(Resetting::SetLocalDefault(b"DateStyle")),
+            ),
+            ("SET LOCAL SESSION work_mem TO DEFAULT", None),
             ("SET work_mem TO '1MB'", None),
             ("RESET \"application_name\"", None),
             ("RESET ALL; SELECT 1", None),

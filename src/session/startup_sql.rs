@@ -41,10 +41,19 @@ pub(super) fn startup_settings<'a>(
 
 /// Appends `SET "name" TO E'value';` to `sql`.
 pub(super) fn push_set(sql: &mut String, name: &[u8], value: &[u8]) {
+    push_assignment(sql, "SET", name, value);
+}
+
+/// Appends `SET LOCAL "name" TO E'value';` to `sql`.
+pub(super) fn push_set_local(sql: &mut String, name: &[u8], value: &[u8]) {
+    push_assignment(sql, "SET LOCAL", name, value);
+}
+
+fn push_assignment(sql: &mut String, command: &str, name: &[u8], value: &[u8]) {
     let name = String::from_utf8_lossy(name);
     let value = String::from_utf8_lossy(value);
     sql.push_str(&format!(
-        "SET \"{}\" TO E'{}';",
+        "{command} \"{}\" TO E'{}';",
         name.replace('"', "\"\""),
         value.replace('\\', "\\\\").replace('\'', "\\'")
     ));

@@ -13,16 +13,15 @@
 
 use std::time::Instant;
 
-use pgvigil_proto::classify::{classify, Classification, Hint, Pin, Reason};
+use pgvigil_proto::classify::{Hint, Pin};
 use pgvigil_proto::frame::next_message;
-use pgvigil_proto::frontend::{self, Bind, Close, Parse, Query};
+use pgvigil_proto::frontend::{self, Query};
 use tracing::debug;
 
 use super::naming::{self, OnServer, Outgoing, SqlDrop};
 use super::replay::Replayable;
 use super::reset;
 use super::route::{self, Routed, SessionPolicy, Snapshot, Writes};
-use super::settings::{self, Effect};
 use super::unit::{self, Ending, UnitFacts};
 use crate::config::{Config, PoolMode};
 use crate::metrics::{Bytes, UnitKind};
@@ -30,6 +29,8 @@ use crate::pause::{InFlight, Traffic};
 use crate::proxy::Proxy;
 use crate::router::{self, Route};
 use crate::topology::NodeId;
+
+mod noting;
 
 /// What to do with the unit at the front of the client's buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,10 +228,12 @@ impl Steering {
         }
     }
 
-    /// The unit at the start of `input` goes to the current node: forwarded, unless it is a
-    /// resetting statement that pgvigil runs itself.
+    /// The unit at the start of `input` (whose facts are `self.unit`) goes to the current node:
+    /// forwarded, unless it is a resetting statement that pgvigil runs itself. Only a unit the
+    /// classifier found to change settings is read again for that.
     fn forward(&mut self, input: &[u8], proxy: &Proxy) -> Decision {
-        if reset::is_reset(input, proxy.config().max_message_size) {
+        let sets = self.unit.session_state || self.unit.local_setting;
+        if sets && reset::is_reset(input, proxy.config().max_message_size) {
             return Decision::Reset;
         }
         self.begin_unit(proxy);
@@ -371,158 +374,6 @@ impl Steering {
         };
         self.note_forwarded(tag, frame, proxy);
         outgoing
-    }
-
-    /// Applies what one forwarded client message does to the session.
-    fn note_forwarded(&mut self, tag: u8, frame: &[u8], proxy: &Proxy) {
-        let covered = self.covered >= frame.len();
-        self.covered = self.covered.saturating_sub(frame.len());
-        let body = frame.get(5..).unwrap_or_default();
-        match tag {
-            frontend::tag::QUERY => {
-                self.replay.settings.request();
-                self.replay.naming.request();
-                let Ok(query) = Query::parse(body) else {
-                    return;
-                };
-                if proxy.config().pool.mode == PoolMode::Transaction
-                    && matches!(
-                        naming::sql_drop(query.sql),
-                        Some(SqlDrop::DeallocateAll | SqlDrop::DiscardAll)
-                    )
-                {
-                    self.replay.drop_statements();
-                }
-                let (session_state, statements, reason, hint) = if covered {
-                    let u = &self.unit;
-                    (u.session_state, u.query_statements, u.reason, u.hint)
-                } else {
-                    let class = classify(query.sql, &proxy.functions.load());
-                    self.uncovered(&class);
-                    (
-                        class.session_state,
-                        class.statements,
-                        class.reason,
-                        class.hint,
-                    )
-                };
-                if session_state {
-                    self.record_state(query.sql, statements, true);
-                }
-                self.note_effects(query.sql, reason, hint, true);
-            }
-            frontend::tag::PARSE => self.parsed(frame, body, covered, proxy),
-            frontend::tag::BIND if !covered => self.bound_unseen(body),
-            frontend::tag::CLOSE => {
-                if let Ok(close) = Close::parse(body) {
-                    if close.kind == b'S' && !close.name.is_empty() {
-                        self.replay.closed(close.name, self.current);
-                    }
-                }
-            }
-            frontend::tag::FUNCTION_CALL => {
-                self.replay.settings.request();
-                self.replay.naming.request();
-                self.note_write();
-                self.pin("a fast-path function call");
-            }
-            frontend::tag::SYNC => {
-                self.replay.settings.request();
-                self.replay.naming.request();
-            }
-            _ => {}
-        }
-    }
-
-    /// Notes what a statement forwarded to `current` does beyond its classification (see
-    /// [`settings::effect`]); `reason`: why it is not read-only, if it is not.
-    fn note_effects(
-        &mut self,
-        sql: &[u8],
-        reason: Option<Reason>,
-        hint: Option<Hint>,
-        query: bool,
-    ) {
-        match settings::effect(sql, reason, hint) {
-            Effect::None => {}
-            Effect::Setting => self.record_state(sql, 1, query),
-            Effect::Pin(why) => self.pin(why),
-        }
-    }
-
-    fn parsed(&mut self, frame: &[u8], body: &[u8], covered: bool, proxy: &Proxy) {
-        let Ok(parse) = Parse::parse(body) else {
-            return;
-        };
-        let known = match (covered, parse.name.is_empty(), self.unit.unnamed) {
-            (true, true, Some(class)) if !self.unit.session_state => Some(class),
-            _ => None,
-        };
-        let class = known.unwrap_or_else(|| classify(parse.sql, &proxy.functions.load()));
-        if !covered {
-            self.uncovered(&class);
-        }
-        if class.session_state {
-            self.record_state(parse.sql, class.statements, false);
-        }
-        self.note_effects(parse.sql, class.reason, class.hint, false);
-        let session_pooling = proxy.config().pool.mode == PoolMode::Session;
-        if parse.name.is_empty() {
-            self.replay.parsed_unnamed(self.current, class);
-            if session_pooling {
-                // Its answer comes in turn with the named ones' (see `naming`).
-                self.replay.naming.sent_unnamed();
-            }
-        } else if session_pooling {
-            self.replay
-                .parsed_named(parse.name, frame, class, self.current);
-        }
-        // Under transaction pooling a named statement is recorded once the server answers its
-        // Parse (see `Steering::name_statement` and `naming`).
-    }
-
-    /// A Bind forwarded without having been inspected (it followed a Flush): running a named
-    /// statement that may write is a write. (An unnamed one was judged at its Parse.)
-    fn bound_unseen(&mut self, body: &[u8]) {
-        let Ok(bind) = Bind::parse(body) else {
-            return;
-        };
-        if bind.statement.is_empty() {
-            return;
-        }
-        let writes = self
-            .replay
-            .statements()
-            .get(bind.statement)
-            .is_none_or(|p| !p.class.read_only && !p.class.lone_setting());
-        if writes {
-            self.note_write();
-        }
-    }
-
-    /// Effects of a statement forwarded without having been inspected (it followed a Flush, or
-    /// the unit was larger than the lookahead).
-    fn uncovered(&mut self, class: &Classification) {
-        if !class.read_only && !class.lone_setting() {
-            self.note_write();
-        }
-        if let Some(pin) = class.pin {
-            self.pin(pin_reason(pin));
-        }
-        if let Some(read_only) = class.session_read_only {
-            self.default_read_only = read_only;
-        }
-    }
-
-    /// Notes a session-state statement sent to `current`, to replay on the session's other
-    /// nodes once it took effect; `in_query`: sent in a Query (else in a Parse).
-    fn record_state(&mut self, sql: &[u8], statements: usize, in_query: bool) {
-        if statements > 1 {
-            // Replaying the whole string could repeat its other statements.
-            self.pin("session state changed in a multi-statement string");
-            return;
-        }
-        self.replay.settings.sent(sql, in_query);
     }
 
     fn note_write(&mut self) {

@@ -39,6 +39,8 @@ pub struct UnitFacts {
     pub pin: Option<Pin>,
     /// A statement changes session state that must be replayed on other nodes.
     pub session_state: bool,
+    /// A statement is SET LOCAL.
+    pub local_setting: bool,
     /// The session's default transaction mode changes.
     pub session_read_only: Option<bool>,
     /// The number of statements in a Query (0 for extended units).
@@ -72,6 +74,7 @@ impl Default for UnitFacts {
             tx: None,
             pin: None,
             session_state: false,
+            local_setting: false,
             session_read_only: None,
             query_statements: 0,
             statements: 0,
@@ -134,6 +137,7 @@ impl UnitFacts {
         self.tx = c.tx.or(self.tx);
         self.pin = self.pin.or(c.pin);
         self.session_state |= c.session_state;
+        self.local_setting |= c.local_setting;
         self.session_read_only = c.session_read_only.or(self.session_read_only);
         self.statements = self.statements.saturating_add(c.statements);
     }
@@ -329,6 +333,7 @@ const UNREADABLE: Classification = Classification {
     reason: Some(Reason::Statement),
     tx: None,
     session_state: false,
+    local_setting: false,
     session_read_only: None,
     pin: None,
     hint: None,

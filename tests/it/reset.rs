@@ -1,6 +1,6 @@
 //! RESET ALL and DISCARD ALL under transaction pooling: a session that resets returns to its own
 //! startup values, as it would on PostgreSQL directly, and touches no other session sharing
-//! its server connection.
+//! its server connection. A reset pgvigil cannot run itself pins the session.
 
 use bytes::BufMut;
 use pgvigil::config::PoolMode;
@@ -227,6 +227,17 @@ async fn a_client_sees_exactly_what_postgresql_shows_it_for_resets_in_both_pool_
         "RESET ALL",
         "ROLLBACK",
         "RESET no_such_setting",
+        // SET LOCAL ... DEFAULT: the startup value until the block ends, then the session's.
+        "SET application_name = 'changed'",
+        "BEGIN",
+        "SET LOCAL application_name TO DEFAULT",
+        "SHOW application_name",
+        "SET DateStyle = 'German'",
+        "SET LOCAL DateStyle = DEFAULT",
+        "SHOW DateStyle",
+        "COMMIT",
+        "SHOW application_name",
+        "SET LOCAL application_name TO DEFAULT",
         "SELECT current_setting('application_name'), current_setting('DateStyle')",
     ];
     let node = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.node(0).port));
@@ -258,5 +269,114 @@ async fn a_client_sees_exactly_what_postgresql_shows_it_for_resets_in_both_pool_
                 assert_eq!(Some(&got), expected.next(), "{mode:?}, {send:?}: {sql}");
             }
         }
+    }
+}
+
+/// How a test session runs a statement that pgvigil cannot run for it.
+#[derive(Debug, Clone, Copy)]
+enum Unrun {
+    /// `RESET ALL` prepared as a named statement, executed in a later unit.
+    NamedReset,
+    /// `RESET ALL` in a string of statements.
+    InString,
+    /// `RESET ALL` as the unnamed statement, in a unit that goes on after it.
+    InPipeline,
+}
+
+/// application_name and the backend's pid, as one row.
+const NAME_AND_PID: &str = "SELECT current_setting('application_name') || ' ' || pg_backend_pid()";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reset_pgvigil_cannot_run_itself_is_never_undone_by_a_replay() {
+    let cluster = test_cluster(0);
+    let startup: [(&[u8], &[u8]); 1] = [(b"application_name", b"from-startup")];
+    for mode in [PoolMode::Session, PoolMode::Transaction] {
+        // Two connections: B gets the one A used, so that A's settings must be rebuilt on it,
+        // unless A is pinned (then B opens the other).
+        let proxy = start_proxy(&cluster, |config| {
+            config.pool.mode = mode;
+            config.pool.max_size = 2;
+            trust_app(config);
+        })
+        .await;
+        let unruns = [Unrun::NamedReset, Unrun::InString, Unrun::InPipeline];
+        for unrun in unruns {
+            let mut a = Wire::login_with(proxy.addr, APP_USER, &startup).await;
+            if let Unrun::NamedReset = unrun {
+                a.exchange(|out| {
+                    parse(out, "reset", "RESET ALL");
+                    encode::sync(out);
+                })
+                .await;
+            }
+            a.query("SET application_name = 'changed'").await;
+            let ran = match unrun {
+                Unrun::NamedReset => {
+                    a.exchange(|out| {
+                        bind_execute(out, "reset");
+                        encode::sync(out);
+                    })
+                    .await
+                }
+                Unrun::InString => a.query("SELECT 1; RESET ALL").await,
+                Unrun::InPipeline => {
+                    a.exchange(|out| {
+                        parse(out, "", "RESET ALL");
+                        bind_execute(out, "");
+                        parse(out, "", "SELECT 1");
+                        bind_execute(out, "");
+                        encode::sync(out);
+                    })
+                    .await
+                }
+            };
+            assert!(
+                ran.errors.is_empty(),
+                "{mode:?}, {unrun:?}: {:?}",
+                ran.errors
+            );
+            let before = a.query(NAME_AND_PID).await.rows;
+            let mut b = Wire::login_at(proxy.addr).await;
+            b.query("SET application_name = 'b'").await;
+            let after = a.query(NAME_AND_PID).await.rows;
+            assert_eq!(after, before, "{mode:?}, {unrun:?}: A after B's turn");
+            // PostgreSQL would show from-startup; the server's own default is what a pooled
+            // connection can give (see `session::reset`).
+            let name = after[0][0].rsplit_once(' ').map(|(name, _)| name);
+            assert_eq!(name, Some(""), "{mode:?}, {unrun:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_named_setting_run_again_in_a_later_unit_is_replayed_in_its_turn() {
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.max_size = 1;
+        trust_app(config);
+    })
+    .await;
+    let mut a = Wire::login_at(proxy.addr).await;
+    let mut b = Wire::login_at(proxy.addr).await;
+    a.exchange(|out| {
+        parse(out, "reset", "RESET statement_timeout");
+        parse(out, "eight", "SET statement_timeout = '8s'");
+        encode::sync(out);
+    })
+    .await;
+    for (set, run, expected) in [("7s", "reset", "0"), ("9s", "eight", "8s")] {
+        a.query(&format!("SET statement_timeout = '{set}'")).await;
+        let ran = a
+            .exchange(|out| {
+                bind_execute(out, run);
+                encode::sync(out);
+            })
+            .await;
+        assert!(ran.errors.is_empty(), "{run}: {:?}", ran.errors);
+        // B's turn on the one connection: A's settings are replayed on its next.
+        b.query("SET statement_timeout = '1s'").await;
+        let shown = a.query("SHOW statement_timeout").await.rows;
+        assert_eq!(shown, [[expected]], "after {run} and B's turn");
     }
 }

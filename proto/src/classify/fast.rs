@@ -116,6 +116,7 @@ const READ: Classification = Classification {
     reason: None,
     tx: None,
     session_state: false,
+    local_setting: false,
     session_read_only: None,
     pin: None,
     hint: None,

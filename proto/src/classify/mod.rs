@@ -70,6 +70,8 @@ pub struct Classification {
     /// (SET or RESET of a session variable, `SET SESSION CHARACTERISTICS`, DISCARD); not SET
     /// LOCAL, SET TRANSACTION or SET CONSTRAINTS.
     pub session_state: bool,
+    /// A statement is SET LOCAL: it changes a setting until the transaction ends.
+    pub local_setting: bool,
     /// Set when the session's default transaction mode changes: `Some(true)` after `SET SESSION
     /// CHARACTERISTICS AS TRANSACTION READ ONLY` or `SET default_transaction_read_only = on`,
     /// `Some(false)` after anything that may make it read-write again (READ WRITE, RESET,
@@ -200,6 +202,7 @@ fn classify_full(sql: &[u8], functions: &FunctionLists) -> Classification {
         reason: None,
         tx: None,
         session_state: false,
+        local_setting: false,
         session_read_only: None,
         pin: None,
         hint: leading_hint(sql),

@@ -47,7 +47,9 @@ enum Kind {
     SetSession,
     /// SET of a session variable; `watch` while the value of default_transaction_read_only is due.
     SetVar { watch: bool },
-    /// SET LOCAL or SET CONSTRAINTS: lasts only for the transaction.
+    /// SET LOCAL: lasts only for the transaction.
+    SetLocal,
+    /// SET CONSTRAINTS: lasts only for the transaction.
     SetTransactionScoped,
     /// RESET.
     Reset,
@@ -268,6 +270,7 @@ impl<'a> Statement<'a> {
             kind @ (Kind::Query
             | Kind::Show
             | Kind::SetVar { watch: false }
+            | Kind::SetLocal
             | Kind::SetTransactionScoped
             | Kind::Other) => kind,
         };
@@ -357,7 +360,7 @@ impl<'a> Statement<'a> {
     /// After `SET` or `SET SESSION`: the scope and the variable.
     fn set_target(&mut self, tok: Tok<'a>, kw: Kw) -> Kind {
         match (self.kind, kw) {
-            (Kind::Set, Kw::Local) => Kind::SetTransactionScoped,
+            (Kind::Set, Kw::Local) => Kind::SetLocal,
             (Kind::Set, Kw::Session) => Kind::SetSession,
             (Kind::Set, Kw::Constraints) => Kind::SetTransactionScoped,
             (Kind::Set, Kw::Transaction) => Kind::TxModes {
@@ -497,6 +500,7 @@ impl<'a> Statement<'a> {
                     out.session_read_only = read_only;
                 }
             }
+            Kind::SetLocal => out.local_setting = true,
             Kind::SetSession | Kind::SetVar { .. } | Kind::Reset | Kind::Discard => {
                 out.session_state = true;
                 if self.session_read_only.is_some() {

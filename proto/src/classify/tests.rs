@@ -15,6 +15,7 @@ enum Expect {
     Tx(Option<TxControl>),
     Pin(Option<Pin>),
     Session(bool, Option<bool>),
+    Local(bool),
     Hint(Option<Hint>),
     Reason(Option<Reason>),
     Statements(usize),
@@ -226,6 +227,22 @@ const FLAGS: &[(&str, Expect, &str)] = &[
         "SET LOCAL",
     ),
     (
+        "SET LOCAL search_path = app",
+        Expect::Local(true),
+        "SET LOCAL",
+    ),
+    (
+        "SELECT 1; set local work_mem to default",
+        Expect::Local(true),
+        "SET LOCAL in a string",
+    ),
+    ("SET search_path = app", Expect::Local(false), "SET"),
+    (
+        "SET CONSTRAINTS ALL DEFERRED",
+        Expect::Local(false),
+        "SET CONSTRAINTS",
+    ),
+    (
         "SET TRANSACTION READ ONLY",
         Expect::Session(false, None),
         "SET TRANSACTION",
@@ -425,6 +442,7 @@ fn flags_table() {
             Expect::Session(state, read_only) => {
                 got.session_state == state && got.session_read_only == read_only
             }
+            Expect::Local(local) => got.local_setting == local,
             Expect::Hint(hint) => got.hint == hint,
             Expect::Reason(reason) => got.reason == reason,
             Expect::Statements(n) => got.statements == n,
