@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::STEP;
 use crate::failover::{Scene, OLD_PRIMARY, PATIENCE, STANDBYS};
-use crate::support::{start_proxy, test_cluster, APP_DB, APP_USER};
+use crate::support::{eventually, start_proxy, test_cluster, APP_DB, APP_USER};
 
 /// The HTTP status code and body of `GET /metrics`, with `authorization` if given.
 async fn get_metrics(admin: SocketAddr, authorization: Option<&str>) -> (u16, String) {
@@ -351,6 +351,13 @@ async fn client_states_pool_waits_and_bytes_are_exported() {
     })
     .await;
     assert_eq!(value(&during, "pgvigil_paused", &[]), 0.0);
+    // Still logging in, it has not asked for the connection yet: committing then would leave
+    // it nothing to wait for.
+    eventually(
+        PATIENCE,
+        "the second client waits for the connection",
+        || !proxy.running.proxy.pools.max_waits(0).is_empty(),
+    );
     holder.batch_execute("COMMIT").await.unwrap();
     tokio::time::timeout(PATIENCE, waiter)
         .await
