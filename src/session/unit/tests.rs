@@ -1,0 +1,282 @@
+//! Tests of what a unit's messages say about it: statements, protocol, settings and names.
+
+use super::*;
+use crate::session::replay::Prepared;
+use bytes::{BufMut, Bytes, BytesMut};
+
+fn frame(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.put_u8(tag);
+    out.put_u32(body.len() as u32 + 4);
+    out.put_slice(body);
+}
+
+fn parse(out: &mut BytesMut, name: &str, sql: &str) {
+    frame(out, b'P', format!("{name}\0{sql}\0\0\0").as_bytes());
+}
+
+fn bind(out: &mut BytesMut, statement: &str) {
+    frame(out, b'B', format!("\0{statement}\0\0\0\0\0\0\0").as_bytes());
+}
+
+fn facts(input: &[u8], statements: &Statements) -> UnitFacts {
+    inspect(input, 1 << 20, &FunctionLists::default(), statements)
+}
+
+#[test]
+fn an_extended_unit_is_read_only_when_every_parse_is_and_complete_at_sync() {
+    let none = Statements::new();
+    let mut unit = BytesMut::new();
+    parse(&mut unit, "", "SELECT 1");
+    bind(&mut unit, "");
+    frame(&mut unit, b'E', b"\0\0\0\0\0");
+    assert!(!facts(&unit, &none).complete, "no Sync yet: wait");
+    frame(&mut unit, b'S', b"");
+    let f = facts(&unit, &none);
+    assert!(f.complete && f.read_only && f.has_statement && !f.reuses_unnamed);
+    assert_eq!(f.inspected, unit.len());
+
+    let mut write = BytesMut::new();
+    parse(&mut write, "", "SELECT 1");
+    parse(&mut write, "", "INSERT INTO t VALUES (1)");
+    frame(&mut write, b'S', b"");
+    assert!(!facts(&write, &none).read_only);
+}
+
+#[test]
+fn a_large_bind_is_routed_on_its_names_before_it_is_whole() {
+    let none = Statements::new();
+    let mut unit = BytesMut::new();
+    parse(&mut unit, "", "SELECT $1");
+    let bind_at = unit.len();
+    unit.put_u8(b'B');
+    unit.put_u32(4 + 2 * LOOKAHEAD_LIMIT as u32);
+    unit.put_slice(b"\0s1\0\0\0\0\x01");
+    let inspect_large = |input: &[u8]| inspect(input, 1 << 30, &FunctionLists::default(), &none);
+    let f = inspect_large(&unit);
+    assert!(
+        f.complete && !f.read_only,
+        "routed at once, as a possible write"
+    );
+    assert_eq!(
+        large_bind_at(&unit, bind_at, 1 << 30).map(|b| b.statement),
+        Some(&b"s1"[..])
+    );
+    let mut names = Vec::new();
+    named_references(&unit, 1 << 30, |n| names.push(n.to_vec()));
+    assert_eq!(
+        names,
+        [b"s1".to_vec()],
+        "its statement is looked for on the node"
+    );
+
+    let mut cut = BytesMut::new();
+    cut.put_u8(b'B');
+    cut.put_u32(4 + 2 * LOOKAHEAD_LIMIT as u32);
+    cut.put_slice(b"\0s1");
+    assert!(
+        !inspect_large(&cut).complete,
+        "its names are not all there: wait"
+    );
+    let mut small = BytesMut::new();
+    bind(&mut small, "s1");
+    small.truncate(small.len() - 2);
+    assert!(
+        large_bind_at(&small, 0, 1 << 30).is_none(),
+        "a small Bind is read whole"
+    );
+}
+
+#[test]
+fn a_query_is_a_unit_of_its_own() {
+    let mut input = BytesMut::new();
+    frame(&mut input, b'Q', b"/* pgvigil:replica */ SELECT f()\0");
+    frame(&mut input, b'Q', b"INSERT INTO t VALUES (1)\0");
+    let f = facts(&input, &Statements::new());
+    assert!(f.complete && !f.read_only);
+    assert_eq!(f.hint, Some(Hint::Replica));
+    assert_eq!(f.query_statements, 1);
+    assert_eq!(f.inspected, input.len() - 30, "only the first Query");
+}
+
+#[test]
+fn binds_of_known_and_unknown_statements() {
+    let mut statements = Statements::new();
+    let class = classify(b"SELECT 1", &FunctionLists::default());
+    statements.insert(
+        b"s1".as_slice().into(),
+        Prepared {
+            parse: Bytes::new(),
+            class,
+            on: 1,
+            server: 0,
+        },
+    );
+    let mut known = BytesMut::new();
+    bind(&mut known, "s1");
+    frame(&mut known, b'S', b"");
+    let f = facts(&known, &statements);
+    assert!(f.read_only && f.named_refs);
+
+    let mut unknown = BytesMut::new();
+    bind(&mut unknown, "s2");
+    frame(&mut unknown, b'S', b"");
+    assert!(!facts(&unknown, &statements).read_only);
+
+    let mut unnamed = BytesMut::new();
+    bind(&mut unnamed, "");
+    frame(&mut unnamed, b'S', b"");
+    assert!(facts(&unnamed, &statements).reuses_unnamed);
+}
+
+#[test]
+fn named_references_skip_statements_parsed_in_the_same_unit() {
+    let mut unit = BytesMut::new();
+    parse(&mut unit, "a", "SELECT 1");
+    bind(&mut unit, "a");
+    bind(&mut unit, "b");
+    frame(&mut unit, b'S', b"");
+    bind(&mut unit, "c");
+    let mut seen = Vec::new();
+    named_references(&unit, 1 << 20, |name| seen.push(name.to_vec()));
+    assert_eq!(seen, vec![b"b".to_vec()]);
+}
+
+fn describe_statement(out: &mut BytesMut, name: &str) {
+    frame(out, b'D', format!("S{name}\0").as_bytes());
+}
+
+#[test]
+fn a_statement_prepared_and_described_in_one_unit_is_what_its_text_says() {
+    // How drivers prepare a named statement: Parse, Describe, Sync.
+    let mut read = BytesMut::new();
+    parse(&mut read, "s0", "SELECT 1");
+    describe_statement(&mut read, "s0");
+    frame(&mut read, b'S', b"");
+    let f = facts(&read, &Statements::new());
+    assert!(f.complete && f.has_statement);
+    assert!(f.read_only, "{:?}", f.reason);
+    assert!(!f.named_refs, "nothing to prepare elsewhere first");
+
+    let mut write = BytesMut::new();
+    parse(&mut write, "s1", "DELETE FROM t");
+    describe_statement(&mut write, "s1");
+    frame(&mut write, b'S', b"");
+    assert!(!facts(&write, &Statements::new()).read_only);
+}
+
+#[test]
+fn a_named_statement_the_session_never_parsed_may_write() {
+    let mut unit = BytesMut::new();
+    describe_statement(&mut unit, "elsewhere");
+    frame(&mut unit, b'S', b"");
+    let f = facts(&unit, &Statements::new());
+    assert!(f.has_statement && !f.read_only);
+}
+
+#[test]
+fn a_lone_setting_is_one_whichever_protocol_carries_it() {
+    let none = Statements::new();
+    let query = |sql: &str| {
+        let mut unit = BytesMut::new();
+        frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
+        facts(&unit, &none)
+    };
+    assert!(query("SET application_name = 'x'").lone_setting());
+    assert!(!query("SET a.b = 1; SET a.c = 2").lone_setting());
+    assert!(!query("SET a.b = 1; INSERT INTO t VALUES (1)").lone_setting());
+    assert!(!query("SELECT 1").lone_setting());
+
+    // How pgjdbc sends its connect-time settings: Parse/Bind/Execute/Sync of the unnamed
+    // statement.
+    let mut extended = BytesMut::new();
+    parse(&mut extended, "", "SET extra_float_digits = 3");
+    bind(&mut extended, "");
+    frame(&mut extended, b'E', b"\0\0\0\0\0");
+    frame(&mut extended, b'S', b"");
+    let f = facts(&extended, &none);
+    assert!(f.lone_setting() && !f.read_only, "{f:?}");
+
+    let mut with_a_write = BytesMut::new();
+    parse(&mut with_a_write, "", "RESET application_name");
+    parse(&mut with_a_write, "", "INSERT INTO t VALUES (1)");
+    frame(&mut with_a_write, b'S', b"");
+    assert!(!facts(&with_a_write, &none).lone_setting());
+
+    // tokio-postgres prepares a named statement, then runs it in a unit of its own.
+    let mut statements = Statements::new();
+    let class = classify(b"SET application_name = 'x'", &FunctionLists::default());
+    statements.insert(
+        b"s0".as_slice().into(),
+        Prepared {
+            parse: Bytes::new(),
+            class,
+            on: 1,
+            server: 0,
+        },
+    );
+    let mut run = BytesMut::new();
+    bind(&mut run, "s0");
+    frame(&mut run, b'E', b"\0\0\0\0\0");
+    frame(&mut run, b'S', b"");
+    assert!(facts(&run, &statements).lone_setting());
+}
+
+#[test]
+fn a_flush_does_not_end_a_unit_and_a_unit_waiting_after_one_awaits_its_rest() {
+    let none = Statements::new();
+    let mut unit = BytesMut::new();
+    parse(&mut unit, "", "SELECT 1");
+    bind(&mut unit, "");
+    frame(&mut unit, b'H', b"");
+    let waiting = facts(&unit, &none);
+    assert!(
+        waiting.complete && waiting.awaits_rest,
+        "the rest is unseen"
+    );
+    assert!(
+        waiting.read_only && !waiting.executes,
+        "what it shows only prepares a read"
+    );
+    parse(&mut unit, "", "INSERT INTO t VALUES (1)");
+    assert!(!facts(&unit, &none).complete, "goes on to its Sync");
+    frame(&mut unit, b'S', b"");
+    let whole = facts(&unit, &none);
+    assert!(whole.complete && !whole.read_only);
+    assert_eq!(whole.inspected, unit.len());
+}
+
+#[test]
+fn pg_backend_pid_is_not_a_read() {
+    for sql in [
+        "SELECT PG_BACKEND_PID()",
+        "select pg_backend_pid()",
+        "SELECT Pg_Backend_Pid",
+        "SELECT 1 FROM t WHERE p = pg_backend_pid",
+        "pg_backend_pid",
+    ] {
+        let mut unit = BytesMut::new();
+        frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
+        assert!(!facts(&unit, &Statements::new()).read_only, "{sql}");
+    }
+    for sql in ["SELECT pg_backend_pi", "SELECT pgXbackend_pid", "SELECT 1"] {
+        let mut unit = BytesMut::new();
+        frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
+        assert!(facts(&unit, &Statements::new()).read_only, "{sql}");
+    }
+}
+
+#[test]
+fn a_lone_begin_leaves_its_access_mode_to_the_session() {
+    let query = |sql: &str| {
+        let mut unit = BytesMut::new();
+        frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
+        facts(&unit, &Statements::new())
+    };
+    let begin = query("BEGIN");
+    assert_eq!((begin.read_only, begin.begin), (true, Some(None)));
+    let read_write = query("BEGIN READ WRITE");
+    assert_eq!(read_write.begin, Some(Some(false)));
+    assert!(!read_write.read_only);
+    let with_a_write = query("BEGIN; INSERT INTO t VALUES (1); COMMIT");
+    assert!(!with_a_write.read_only, "{with_a_write:?}");
+}
