@@ -300,3 +300,17 @@ pub(crate) fn trust_app(config: &mut pgvigil::config::Config) {
     let app = config.users.iter_mut().find(|u| u.name == APP_USER);
     app.unwrap().auth = AuthMethod::Trust;
 }
+
+/// pgvigil in pool `mode` over a single server connection (every unit of every session runs on
+/// the same backend), `app` trusted for the hand-written protocol client.
+pub(crate) async fn one_server_connection(
+    cluster: &LocalCluster,
+    mode: pgvigil::config::PoolMode,
+) -> TestProxy {
+    start_proxy(cluster, |config| {
+        config.pool.mode = mode;
+        config.pool.max_size = 1;
+        trust_app(config);
+    })
+    .await
+}

@@ -14,7 +14,7 @@ use std::time::Duration;
 use pgvigil::config::PoolMode;
 use tokio_postgres::NoTls;
 
-use crate::lost_transaction::trust_app;
+use crate::lost_transaction::one_server_connection;
 use crate::pgbench::{assert_clean_run, pgbench, pgbench_path};
 use crate::support::wire::{bind_execute, close, parse, Wire};
 use crate::support::{start_proxy, test_cluster, APP_DB, APP_PASSWORD, APP_USER};
@@ -102,12 +102,7 @@ async fn two_hundred_clients_share_five_connections_and_their_named_statements()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_parse_leaves_no_name_and_the_session_goes_on() {
     let cluster = test_cluster(0);
-    let proxy = start_proxy(&cluster, |config| {
-        config.pool.mode = PoolMode::Transaction;
-        config.pool.max_size = 1;
-        trust_app(config);
-    })
-    .await;
+    let proxy = one_server_connection(&cluster, PoolMode::Transaction).await;
     // What PostgreSQL itself answers, asked directly.
     let node = cluster.node(0);
     let direct = format!(
@@ -187,12 +182,7 @@ async fn a_failed_parse_leaves_no_name_and_the_session_goes_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_closed_or_deallocated_name_takes_a_new_text_and_a_sharing_session_goes_on() {
     let cluster = test_cluster(0);
-    let proxy = start_proxy(&cluster, |config| {
-        config.pool.mode = PoolMode::Transaction;
-        config.pool.max_size = 1;
-        trust_app(config);
-    })
-    .await;
+    let proxy = one_server_connection(&cluster, PoolMode::Transaction).await;
     // Both sessions on the one server connection, with a statement of the same text.
     let mut closer = Wire::login(&proxy).await;
     let mut sharer = Wire::login(&proxy).await;
@@ -314,12 +304,7 @@ async fn pgbench_prepared_runs_clean_with_more_clients_than_connections() {
 async fn a_statement_missing_on_the_connection_of_a_failed_block_gets_25p02_as_on_postgresql() {
     let cluster = test_cluster(0);
     // One server connection, shared by both sessions.
-    let proxy = start_proxy(&cluster, |config| {
-        config.pool.mode = PoolMode::Transaction;
-        config.pool.max_size = 1;
-        trust_app(config);
-    })
-    .await;
+    let proxy = one_server_connection(&cluster, PoolMode::Transaction).await;
     let mut session = Wire::login(&proxy).await;
     let mut other = Wire::login(&proxy).await;
     let prepared = session

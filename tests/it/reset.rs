@@ -8,7 +8,7 @@ use pgvigil_proto::encode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use crate::lost_transaction::trust_app;
+use crate::lost_transaction::{one_server_connection, trust_app};
 use crate::support::wire::{bind_execute, parse, Wire};
 use crate::support::{start_proxy, test_cluster, TestProxy, APP_DB, APP_PASSWORD, APP_USER};
 use crate::transaction_pooling::simple_value;
@@ -255,12 +255,7 @@ async fn a_client_sees_exactly_what_postgresql_shows_it_for_resets_in_both_pool_
         }
     }
     for mode in [PoolMode::Session, PoolMode::Transaction] {
-        let proxy = start_proxy(&cluster, |config| {
-            config.pool.mode = mode;
-            config.pool.max_size = 1;
-            trust_app(config);
-        })
-        .await;
+        let proxy = one_server_connection(&cluster, mode).await;
         let mut expected = expected.iter();
         for send in sends {
             let mut through = Wire::login_with(proxy.addr, APP_USER, &startup).await;
@@ -351,12 +346,7 @@ async fn a_reset_pgvigil_cannot_run_itself_is_never_undone_by_a_replay() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_named_setting_run_again_in_a_later_unit_is_replayed_in_its_turn() {
     let cluster = test_cluster(0);
-    let proxy = start_proxy(&cluster, |config| {
-        config.pool.mode = PoolMode::Transaction;
-        config.pool.max_size = 1;
-        trust_app(config);
-    })
-    .await;
+    let proxy = one_server_connection(&cluster, PoolMode::Transaction).await;
     let mut a = Wire::login_at(proxy.addr).await;
     let mut b = Wire::login_at(proxy.addr).await;
     a.exchange(|out| {

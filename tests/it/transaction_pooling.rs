@@ -17,7 +17,7 @@ use pgvigil_proto::encode;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use crate::failover::{Scene, OLD_PRIMARY, STANDBYS};
-use crate::lost_transaction::trust_app;
+use crate::lost_transaction::one_server_connection;
 use crate::pgbench::{assert_clean_run, pgbench, pgbench_path};
 use crate::support::wire::{bind_execute, parse, Wire};
 use crate::support::writer::{describe, tick_ids};
@@ -292,13 +292,7 @@ async fn a_connection_left_as_startup_made_it_is_taken_without_a_reset_yet_never
         let log = std::fs::read_to_string(cluster.node(0).log_path()).unwrap();
         log.matches("RESET ALL").count()
     };
-    let proxy = start_proxy(&cluster, |config| {
-        config.pool.mode = PoolMode::Transaction;
-        // One server connection: every unit of both sessions runs on the same backend.
-        config.pool.max_size = 1;
-        trust_app(config);
-    })
-    .await;
+    let proxy = one_server_connection(&cluster, PoolMode::Transaction).await;
     // Same startup parameters, no settings: the connection each leaves is what the other's
     // startup parameters would make it.
     let mut first = Wire::login(&proxy).await;
