@@ -6,16 +6,20 @@
 //! is forwarded in pieces as its bytes arrive, so a 1 GiB row costs no more memory than a small
 //! one; every message the relay reads is still read whole (see [`Passage`]).
 //!
-//! Both directions progress independently (one read and one write per direction in a single
-//! `select!`), so a server busy sending results never deadlocks against a client still sending.
+//! Both directions progress independently (one read and one write per direction, polled by one
+//! hand-written loop over both sockets), so a server busy sending results never deadlocks
+//! against a client still sending.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, BytesMut};
 use pgvigil_proto::frame::Passage;
 use pgvigil_proto::frontend;
 use pgvigil_proto::{header, TxStatus};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 
 use super::client_scan::ClientScan;
@@ -214,8 +218,8 @@ async fn pump(
         }
     };
     tokio::pin!(watcher);
-    let (mut client_read, mut client_write) = tokio::io::split(&mut client.stream);
-    let (mut server_read, mut server_write) = tokio::io::split(&mut server.stream);
+    let client_stream = &mut client.stream;
+    let server_stream = &mut server.stream;
     let client_in = &mut client.rbuf;
     let server_in = &mut server.rbuf;
     let statements = &mut server.statements;
@@ -262,14 +266,19 @@ async fn pump(
         Ok(None) => {}
     }
 
-    loop {
+    // A write whose flush is still under way (TLS: records the stream buffered).
+    let mut flushing = Flushing::default();
+    // The branch tried first next time round, turning like `select!`'s random start: no ready
+    // side can keep the other waiting.
+    let mut first = 0;
+    std::future::poll_fn(|cx| loop {
         steering.encoding_safe = server_state.encoding_safe;
         if progress.is_quiet() {
             steering.unit_done(proxy, *server_state.tx != TxStatus::Idle);
             let idle = *server_state.tx == TxStatus::Idle && server_in.is_empty();
             if idle && !terminated && to_server.is_empty() && releasable(proxy, steering) {
                 // A unit that waits is routed afresh once the session has no connection.
-                return Stop::Release;
+                return Poll::Ready(Stop::Release);
             }
             if held && to_server.is_empty() {
                 // The unit that waited can be routed now that the node answered everything.
@@ -283,15 +292,17 @@ async fn pump(
                     to_client,
                 };
                 match scan.scan(client_in, to_server, progress, steering, *server_state.tx) {
-                    Err(end) => return Stop::End(end),
-                    Ok(Some(decision)) if to_server.is_empty() => return Stop::Decided(decision),
+                    Err(end) => return Poll::Ready(Stop::End(end)),
+                    Ok(Some(decision)) if to_server.is_empty() => {
+                        return Poll::Ready(Stop::Decided(decision))
+                    }
                     Ok(Some(_)) => held = true,
                     Ok(None) => {}
                 }
             }
         }
         if terminated && to_server.is_empty() {
-            return Stop::End(RelayEnd::Terminated);
+            return Poll::Ready(Stop::End(RelayEnd::Terminated));
         }
 
         reserve(client_in, max_message, &progress.from_client, |tag| {
@@ -300,60 +311,181 @@ async fn pump(
         reserve(server_in, max_message, &progress.from_server, |tag| {
             !ServerSide::passes_in_pieces(tag)
         });
-        tokio::select! {
-            written = client_write.write(to_client), if !to_client.is_empty() => {
-                match written {
-                    Ok(0) | Err(_) => return Stop::End(RelayEnd::ClientGone),
-                    Ok(n) => to_client.advance(n),
-                }
-                if to_client.is_empty() && client_write.flush().await.is_err() {
-                    return Stop::End(RelayEnd::ClientGone);
-                }
-            }
-            written = server_write.write(to_server), if !to_server.is_empty() => {
-                match written {
-                    Ok(0) => return server_lost(LossCause::Closed, &mut server_state),
-                    Err(e) => return server_lost(LossCause::Io(e), &mut server_state),
-                    Ok(n) => to_server.advance(n),
-                }
-                if to_server.is_empty() {
-                    if let Err(e) = server_write.flush().await {
-                        return server_lost(LossCause::Io(e), &mut server_state);
+        // Each turn carries out the first branch that is ready, as one `select!` would; every
+        // branch that is not ready has registered its wake-up.
+        let mut moved = false;
+        for turn in 0..BRANCHES {
+            let branch = (first + turn) % BRANCHES;
+            let outcome = match branch {
+                // To the client.
+                0 if flushing.client => match Pin::new(&mut *client_stream).poll_flush(cx) {
+                    Poll::Pending => continue,
+                    Poll::Ready(Err(_)) => Poll::Ready(Stop::End(RelayEnd::ClientGone)),
+                    Poll::Ready(Ok(())) => {
+                        flushing.client = false;
+                        Poll::Pending
                     }
-                }
-            }
-            role = &mut watcher => return server_lost(LossCause::Unusable(role), &mut server_state),
-            read = read_some(&mut client_read, client_in), if !held && !terminated && to_server.len() < HIGH_WATER => {
-                match read {
-                    Ok(0) | Err(_) => return Stop::End(RelayEnd::ClientGone),
-                    Ok(n) => {
-                        steering.received(n);
-                        let mut scan = ClientScan { max_message, shared, proxy, terminated: &mut terminated, statements, to_client };
-                        match scan.scan(client_in, to_server, progress, steering, *server_state.tx) {
-                            Err(end) => return Stop::End(end),
-                            Ok(Some(decision)) if progress.is_quiet() && to_server.is_empty() => {
-                                return Stop::Decided(decision)
+                },
+                0 if !to_client.is_empty() => {
+                    match Pin::new(&mut *client_stream).poll_write(cx, to_client) {
+                        Poll::Pending => continue,
+                        Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(Stop::End(RelayEnd::ClientGone)),
+                        Poll::Ready(Ok(n)) => {
+                            to_client.advance(n);
+                            match to_client.is_empty() {
+                                true => match Pin::new(&mut *client_stream).poll_flush(cx) {
+                                    Poll::Ready(Ok(())) => Poll::Pending,
+                                    Poll::Ready(Err(_)) => {
+                                        Poll::Ready(Stop::End(RelayEnd::ClientGone))
+                                    }
+                                    Poll::Pending => {
+                                        flushing.client = true;
+                                        Poll::Pending
+                                    }
+                                },
+                                false => Poll::Pending,
                             }
-                            Ok(Some(_)) => held = true,
-                            Ok(None) => {}
                         }
                     }
                 }
-            }
-            read = read_some(&mut server_read, server_in), if to_client.len() < HIGH_WATER => {
-                match read {
-                    Ok(0) => return server_lost(LossCause::Closed, &mut server_state),
-                    Err(e) => return server_lost(LossCause::Io(e), &mut server_state),
-                    Ok(n) => {
-                        steering.sent(n);
-                        if server_state.scan(server_in, to_client, max_message, progress, &mut steering.replay, statements).is_err() {
-                            return server_lost(LossCause::Garbled, &mut server_state);
+                // To the server.
+                1 if flushing.server => match Pin::new(&mut *server_stream).poll_flush(cx) {
+                    Poll::Pending => continue,
+                    Poll::Ready(Err(e)) => {
+                        Poll::Ready(server_lost(LossCause::Io(e), &mut server_state))
+                    }
+                    Poll::Ready(Ok(())) => {
+                        flushing.server = false;
+                        Poll::Pending
+                    }
+                },
+                1 if !to_server.is_empty() => {
+                    match Pin::new(&mut *server_stream).poll_write(cx, to_server) {
+                        Poll::Pending => continue,
+                        Poll::Ready(Ok(0)) => {
+                            Poll::Ready(server_lost(LossCause::Closed, &mut server_state))
+                        }
+                        Poll::Ready(Err(e)) => {
+                            Poll::Ready(server_lost(LossCause::Io(e), &mut server_state))
+                        }
+                        Poll::Ready(Ok(n)) => {
+                            to_server.advance(n);
+                            match to_server.is_empty() {
+                                true => match Pin::new(&mut *server_stream).poll_flush(cx) {
+                                    Poll::Ready(Ok(())) => Poll::Pending,
+                                    Poll::Ready(Err(e)) => Poll::Ready(server_lost(
+                                        LossCause::Io(e),
+                                        &mut server_state,
+                                    )),
+                                    Poll::Pending => {
+                                        flushing.server = true;
+                                        Poll::Pending
+                                    }
+                                },
+                                false => Poll::Pending,
+                            }
                         }
                     }
                 }
+                // The topology gave up on the node.
+                2 => match watcher.as_mut().poll(cx) {
+                    Poll::Pending => continue,
+                    Poll::Ready(role) => {
+                        Poll::Ready(server_lost(LossCause::Unusable(role), &mut server_state))
+                    }
+                },
+                // From the client.
+                3 if !held && !terminated && to_server.len() < HIGH_WATER => {
+                    match poll_read_some(Pin::new(&mut *client_stream), cx, client_in) {
+                        Poll::Pending => continue,
+                        Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(Stop::End(RelayEnd::ClientGone)),
+                        Poll::Ready(Ok(n)) => {
+                            steering.received(n);
+                            let mut scan = ClientScan {
+                                max_message,
+                                shared,
+                                proxy,
+                                terminated: &mut terminated,
+                                statements,
+                                to_client,
+                            };
+                            match scan.scan(
+                                client_in,
+                                to_server,
+                                progress,
+                                steering,
+                                *server_state.tx,
+                            ) {
+                                Err(end) => Poll::Ready(Stop::End(end)),
+                                Ok(Some(decision))
+                                    if progress.is_quiet() && to_server.is_empty() =>
+                                {
+                                    Poll::Ready(Stop::Decided(decision))
+                                }
+                                Ok(Some(_)) => {
+                                    held = true;
+                                    Poll::Pending
+                                }
+                                Ok(None) => Poll::Pending,
+                            }
+                        }
+                    }
+                }
+                // From the server.
+                4 if to_client.len() < HIGH_WATER => {
+                    match poll_read_some(Pin::new(&mut *server_stream), cx, server_in) {
+                        Poll::Pending => continue,
+                        Poll::Ready(Ok(0)) => {
+                            Poll::Ready(server_lost(LossCause::Closed, &mut server_state))
+                        }
+                        Poll::Ready(Err(e)) => {
+                            Poll::Ready(server_lost(LossCause::Io(e), &mut server_state))
+                        }
+                        Poll::Ready(Ok(n)) => {
+                            steering.sent(n);
+                            let scanned = server_state.scan(
+                                server_in,
+                                to_client,
+                                max_message,
+                                progress,
+                                &mut steering.replay,
+                                statements,
+                            );
+                            match scanned {
+                                Err(_) => {
+                                    Poll::Ready(server_lost(LossCause::Garbled, &mut server_state))
+                                }
+                                Ok(_) => Poll::Pending,
+                            }
+                        }
+                    }
+                }
+                // A branch not enabled now.
+                _ => continue,
+            };
+            if outcome.is_ready() {
+                return outcome;
             }
+            moved = true;
+            break;
         }
-    }
+        first = (first + 1) % BRANCHES;
+        if !moved {
+            return Poll::Pending;
+        }
+    })
+    .await
+}
+
+/// The relay's branches: writes to the client and to the server, the topology watcher, reads
+/// from the client and from the server.
+const BRANCHES: usize = 5;
+
+/// Which side's last write emptied its buffer and still has its flush to finish.
+#[derive(Debug, Default)]
+struct Flushing {
+    client: bool,
+    server: bool,
 }
 
 /// Whether transaction pooling may take back a connection that answered everything, outside a
@@ -385,11 +517,12 @@ pub(super) fn move_prefix(input: &mut BytesMut, out: &mut BytesMut, n: usize) {
 /// Reads into `buf`, at most [`HIGH_WATER`] bytes: a read as large as the buffer's spare room
 /// would let the buffers' capacities ratchet up as they are swapped (see [`move_prefix`]) while
 /// a large message streams through.
-async fn read_some(
-    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+fn poll_read_some(
+    stream: Pin<&mut Stream>,
+    cx: &mut Context<'_>,
     buf: &mut BytesMut,
-) -> io::Result<usize> {
-    stream.read_buf(&mut buf.limit(HIGH_WATER)).await
+) -> Poll<io::Result<usize>> {
+    tokio_util::io::poll_read_buf(stream, cx, &mut buf.limit(HIGH_WATER))
 }
 
 /// Makes room for the next read: at least a chunk, or the whole of a message that must be read
