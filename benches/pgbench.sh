@@ -398,11 +398,11 @@ prepared_statements_setting() {
     fi
 }
 
-# CPU time (user + system) of process $1 so far, in clock ticks; empty without a process.
+# CPU time of process $1 so far, in clock ticks, as "user system"; empty without a process.
 cpu_ticks() {
     [[ -n ${1:-} && -r /proc/$1/stat ]] || return 0
     # Fields after the command name, which is in parentheses and may hold spaces.
-    sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+    sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12, $13}'
 }
 
 # Peak resident memory (VmHWM) of process $1 so far, in KiB; empty without a process.
@@ -435,8 +435,9 @@ use_run() {
 }
 
 # One pgbench run: workload options $3 against target $2; appends "tps latency_ms cpu_us
-# peak_rss_kib" to the results of workload $1 and target $2 (the last two empty for a target
-# without a process of its own, the last empty for PgBouncer), or counts a failure and shows why.
+# peak_rss_kib user_us system_us" to the results of workload $1 and target $2 (the CPU times per
+# transaction, "-" for a target without a process of its own; the RSS "-" for PgBouncer), or
+# counts a failure and shows why.
 run_one() {
     local workload=$1 target=$2 opts=$3 out status=0 cpu_before cpu_after
     out=$WORK/runs/$RUN/$workload.$target.$round.log
@@ -445,13 +446,17 @@ run_one() {
     PGPASSWORD=$APP_PASSWORD "$PGBENCH" -h 127.0.0.1 -p "${PORT[$target]}" -U "$APP_USER" \
         -T "$DURATION" -j "$THREADS" $opts "$APP_DB" >"$out" 2>&1 || status=$?
     cpu_after=$(cpu_ticks "${PID[$target]:-}")
-    local tps latency failed txns cpu_per_txn=""
+    local tps latency failed txns cpu_per_txn="" split="- -"
     tps=$(awk '/^tps = /{print $3; exit}' "$out")
     txns=$(awk -F'[:/]' '/^number of transactions actually processed/{print $2 + 0; exit}' "$out")
     if [[ -n $cpu_before && -n $cpu_after && ${txns:-0} -gt 0 ]]; then
-        # Microseconds of the proxy's CPU per transaction.
-        cpu_per_txn=$(awk -v t="$((cpu_after - cpu_before))" -v hz="$(getconf CLK_TCK)" \
-            -v n="$txns" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
+        # Microseconds of the proxy's CPU per transaction: in all, then user and system.
+        read -r cpu_per_txn split < <(awk -v b="$cpu_before" -v a="$cpu_after" \
+            -v hz="$(getconf CLK_TCK)" -v n="$txns" 'BEGIN {
+                split(b, x, " "); split(a, y, " ")
+                u = (y[1] - x[1]) * 1e6 / hz / n; s = (y[2] - x[2]) * 1e6 / hz / n
+                printf "%.1f %.1f %.1f\n", u + s, u, s
+            }')
     fi
     latency=$(awk '/^latency average = /{print $4; exit}' "$out")
     failed=$(awk -F': ' '/^number of failed transactions/{split($2, a, " "); print a[1]; exit}' "$out")
@@ -463,7 +468,7 @@ run_one() {
     fi
     local rss=""
     [[ $target == pgvigil* ]] && rss=$(peak_rss_kib "${PID[$target]:-}")
-    echo "$tps $latency ${cpu_per_txn:--} ${rss:--}" >>"$WORK/runs/$RUN/$workload.$target.results"
+    echo "$tps $latency ${cpu_per_txn:--} ${rss:--} $split" >>"$WORK/runs/$RUN/$workload.$target.results"
     say "  $workload on $target: tps $tps, latency $latency ms"
 }
 
@@ -619,6 +624,30 @@ report_txn() {
     done
 }
 
+# The proxies' CPU time per transaction split into user and system time (medians), for the run
+# under way: on loopback most of it is the kernel's socket work, which both proxies do alike.
+report_cpu_split() {
+    local entry name target user system
+    echo
+    echo "CPU time per transaction in microseconds, user / system (medians):"
+    printf '%-21s' workload
+    for target in "${TARGETS[@]}"; do
+        [[ $target == direct ]] || printf ' %22s' "$target"
+    done
+    echo
+    for entry in "${WORKLOADS[@]}"; do
+        name=${entry%%|*}
+        printf '%-21s' "$name"
+        for target in "${TARGETS[@]}"; do
+            [[ $target == direct ]] && continue
+            user=$(median "$WORK/runs/$RUN/$name.$target.results" 5)
+            system=$(median "$WORK/runs/$RUN/$name.$target.results" 6)
+            printf ' %22s' "$([[ -n $user ]] && echo "$user / $system" || echo FAIL)"
+        done
+        echo
+    done
+}
+
 report_split() {
     local entry name target
     echo
@@ -768,6 +797,7 @@ main() {
     if wants single; then
         use_run single
         report_single
+        report_cpu_split
     fi
     if wants split; then
         use_run split
@@ -776,6 +806,7 @@ main() {
     if wants txn; then
         use_run txn
         report_txn
+        report_cpu_split
     fi
     if wants memory; then
         report_memory

@@ -19,7 +19,8 @@ use pgvigil_proto::TxStatus;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 
 use super::naming::{self, SqlDrop};
-use super::relay::{ClientConn, Progress, RelayEnd, Stop};
+use super::relay::{ClientConn, Progress, RelayEnd, Stop, READ_CHUNK};
+use super::spare;
 use super::steering::{Decision, Steering};
 use crate::proxy::Proxy;
 
@@ -206,6 +207,12 @@ pub fn first_bytes(client: &mut ClientConn) -> impl Future<Output = Result<(), R
                 Poll::Ready(Err(RelayEnd::ClientGone))
             }
             Poll::Ready(Ok(())) => {
+                if client.rbuf.capacity() == 0 {
+                    // The relay's read chunk at once, a spare one when the thread has one: an
+                    // exact fit would be grown (allocated and copied again) by the relay's
+                    // first read.
+                    client.rbuf = spare::take(READ_CHUNK);
+                }
                 client.rbuf.extend_from_slice(read.filled());
                 Poll::Ready(Ok(()))
             }

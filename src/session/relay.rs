@@ -35,7 +35,7 @@ use crate::topology::{NodeId, Role};
 /// Stop reading from a side while this many bytes wait to be written to the other side.
 const HIGH_WATER: usize = 256 * 1024;
 /// Read granularity.
-const READ_CHUNK: usize = 16 * 1024;
+pub(super) const READ_CHUNK: usize = 16 * 1024;
 /// A message the relay does not read that is larger than this passes in pieces, as its bytes
 /// arrive, rather than whole.
 pub const PIECES_OVER: usize = 64 * 1024;
