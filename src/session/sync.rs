@@ -47,8 +47,16 @@ impl Held {
 
     /// Drops (never pools) the connections to nodes other than `current` that the topology no
     /// longer gives new work (down, fenced, being removed by a reload); what the session had
-    /// there is forgotten. Makes room for nodes a reload added.
+    /// there is forgotten. Makes room for nodes a reload added when it holds any such
+    /// connection.
     pub fn drop_unusable(&mut self, current: NodeId, replay: &mut Replayable, proxy: &Proxy) {
+        let others = (self.leases.iter().enumerate()).any(|(n, l)| n != current && l.is_some());
+        if !others {
+            // Nothing to drop (the usual case under transaction pooling: at most the current
+            // connection is held), and no topology to read; `sync` makes room for a node it
+            // brings.
+            return;
+        }
         let topology = proxy.topology.load();
         self.cover(topology.nodes.len());
         for (node, lease) in self.leases.iter_mut().enumerate() {
