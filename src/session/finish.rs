@@ -43,7 +43,7 @@ pub(super) async fn finish(
         if node != current {
             if let Some(lease) = lease.take() {
                 let reusable = lease.conn.rbuf.is_empty() && usable(node);
-                proxy.release(*lease, reusable).await;
+                proxy.release(lease, reusable).await;
             }
         }
     }
@@ -68,7 +68,7 @@ pub(super) async fn finish(
         }
     }
     if let Some(lease) = lease {
-        proxy.release(*lease, reusable).await;
+        proxy.release(lease, reusable).await;
     }
 }
 

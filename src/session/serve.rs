@@ -96,7 +96,7 @@ impl<'a> Session<'a> {
             .get(b"client_encoding")
             .is_none_or(encoding_is_safe);
         let mut held = Held::new(proxy.config().nodes.len());
-        held.leases[first] = Some(Box::new(lease));
+        held.leases[first] = Some(lease);
         let mut steering = Steering::new(first, encoding_safe);
         if proxy.config().pool.mode == PoolMode::Transaction {
             steering.replay.set_context(startup.context().clone());
@@ -203,17 +203,19 @@ impl Session<'_> {
                 continue;
             }
             let stop = match self.held.leases[current].as_mut() {
-                // Boxed, like `recover`, `act` and `finish`: their state is large, and inline it
-                // would be part of every session's task for its whole life, idle or not.
+                // Not boxed, unlike `recover`, `act` and `finish`, whose state is large: the
+                // relay's is small, and this future is itself boxed and dropped when the session
+                // idles (see `serve`), so a box of its own would only cost an allocation per
+                // unit under transaction pooling.
                 Some(lease) => {
-                    Box::pin(relay::relay(
+                    relay::relay(
                         &mut self.client,
                         &mut lease.conn,
                         &mut self.steering,
                         &mut self.progress,
                         &mut self.changes,
                         self.proxy,
-                    ))
+                    )
                     .await
                 }
                 None => recover::next_unit(&mut self.client, &mut self.steering, self.proxy).await,
@@ -552,7 +554,7 @@ impl Session<'_> {
     /// the next unit is routed afresh. Kept when it is not idle, its node is no longer usable,
     /// or the session is pinned.
     fn release(&mut self, node: NodeId) {
-        let Some(lease) = self.held.leases[node].take() else {
+        let Some(mut lease) = self.held.leases[node].take() else {
             return;
         };
         let usable = self
@@ -567,7 +569,6 @@ impl Session<'_> {
             self.held.leases[node] = Some(lease);
             return;
         }
-        let mut lease = *lease;
         // The next unit of this session that takes it back gives it only what it lacks; one of
         // another session with the same context takes it as it is if its own log begins with
         // what this session ran here.

@@ -22,10 +22,10 @@ use crate::topology::{Need, NodeId, Primary};
 
 /// The server connections a session holds, at most one per node.
 pub struct Held {
-    /// The connection to node `n`, at `n`; boxed, so that the slots of the nodes a session
-    /// holds no connection to (every node, for an idle session under transaction pooling) cost
-    /// a pointer each. A boxed slice: it grows only when a reload adds nodes.
-    pub leases: Box<[Option<Box<Lease>>]>,
+    /// The connection to node `n`, at `n` (a lease is 24 bytes: the boxed connection and its
+    /// slot, so that taking and giving one back allocates nothing). A boxed slice: it grows only
+    /// when a reload adds nodes.
+    pub leases: Box<[Option<Lease>]>,
 }
 
 impl Held {
@@ -149,7 +149,7 @@ pub async fn sync(
             // A pooled connection may have the session's statements already.
             replay.adopt(node, &lease.conn.statements);
         }
-        held.leases[node] = Some(Box::new(lease));
+        held.leases[node] = Some(lease);
     }
     let Some(lease) = held.leases[node].as_mut() else {
         return Ok(());
