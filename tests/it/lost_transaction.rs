@@ -1,13 +1,14 @@
 //! A transaction whose server connection is lost behaves as PostgreSQL would let it (issue 9,
 //! "PostgreSQL-exact transaction semantics"): the block stays failed (ReadyForQuery 'E') and
-//! runs nothing until ROLLBACK, a COMMIT answers ROLLBACK, and a COMMIT or autocommit write that
-//! was running when the primary died answers 08007 instead of "rolled back".
+//! runs nothing until ROLLBACK (in either pool mode), a COMMIT answers ROLLBACK, and a COMMIT
+//! or autocommit write that was running when the primary died answers 08007 instead of "rolled
+//! back".
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BufMut;
-use pgvigil::config::AuthMethod;
+use pgvigil::config::{AuthMethod, PoolMode};
 use pgvigil::topology::{NodeId, Role};
 use pgvigil_proto::encode;
 use tokio_postgres::error::SqlState;
@@ -25,8 +26,24 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_transaction_whose_node_goes_down_stays_failed_until_rollback_and_runs_nothing() {
+    stays_failed_until_rollback_and_runs_nothing(PoolMode::Session).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_whose_node_goes_down_stays_failed_until_rollback_and_runs_nothing_under_transaction_pooling(
+) {
+    stays_failed_until_rollback_and_runs_nothing(PoolMode::Transaction).await;
+}
+
+/// A transaction block whose connection is lost while the client is idle in it, in pool `mode`:
+/// the block stays failed until its end, nothing of it runs, and COMMIT answers ROLLBACK.
+async fn stays_failed_until_rollback_and_runs_nothing(mode: PoolMode) {
     let mut cluster = test_cluster(0);
-    let proxy = start_proxy(&cluster, trust_app).await;
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = mode;
+        trust_app(config);
+    })
+    .await;
     let mut wire = Wire::login(&proxy).await;
     assert_eq!(
         wire.query("CREATE TABLE lost_tx (i int)").await.status,
@@ -303,10 +320,7 @@ pub(crate) fn trust_app(config: &mut pgvigil::config::Config) {
 
 /// pgvigil in pool `mode` over a single server connection (every unit of every session runs on
 /// the same backend), `app` trusted for the hand-written protocol client.
-pub(crate) async fn one_server_connection(
-    cluster: &LocalCluster,
-    mode: pgvigil::config::PoolMode,
-) -> TestProxy {
+pub(crate) async fn one_server_connection(cluster: &LocalCluster, mode: PoolMode) -> TestProxy {
     start_proxy(cluster, |config| {
         config.pool.mode = mode;
         config.pool.max_size = 1;

@@ -3,7 +3,7 @@
 //! leaves no name behind and answers as PostgreSQL does; a closed or deallocated name can be
 //! prepared again with another text while another session's statement of the same text goes on
 //! working; more distinct statements than `pool.max_prepared_statements` all work; a statement
-//! missing on the connection of a failed transaction block is refused with 25P02, as PostgreSQL
+//! evicted from the connection of a failed transaction block is refused with 25P02, as PostgreSQL
 //! refuses it; pgbench `-M prepared` runs clean with more clients than server connections.
 
 use std::collections::HashSet;
@@ -14,7 +14,7 @@ use std::time::Duration;
 use pgvigil::config::PoolMode;
 use tokio_postgres::NoTls;
 
-use crate::lost_transaction::one_server_connection;
+use crate::lost_transaction::{one_server_connection, trust_app};
 use crate::pgbench::{assert_clean_run, pgbench, pgbench_path};
 use crate::support::wire::{bind_execute, close, parse, Wire};
 use crate::support::{start_proxy, test_cluster, APP_DB, APP_PASSWORD, APP_USER};
@@ -303,24 +303,45 @@ async fn pgbench_prepared_runs_clean_with_more_clients_than_connections() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_statement_missing_on_the_connection_of_a_failed_block_gets_25p02_as_on_postgresql() {
     let cluster = test_cluster(0);
-    // One server connection, shared by both sessions.
-    let proxy = one_server_connection(&cluster, PoolMode::Transaction).await;
+    // One server connection, shared by both sessions, that keeps one statement: a second one
+    // prepared there evicts the least recently used.
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.max_size = 1;
+        config.pool.max_prepared_statements = 1;
+        trust_app(config);
+    })
+    .await;
     let mut session = Wire::login(&proxy).await;
     let mut other = Wire::login(&proxy).await;
-    let prepared = session
-        .exchange(|out| {
-            parse(out, "s1", "SELECT 'prepared'");
-            pgvigil_proto::encode::sync(out);
-        })
+    for (wire, sql) in [
+        (&mut session, "SELECT 'prepared'"),
+        (&mut other, "SELECT 'other'"),
+    ] {
+        let prepared = wire
+            .exchange(|out| {
+                parse(out, "s1", sql);
+                pgvigil_proto::encode::sync(out);
+            })
+            .await;
+        assert!(prepared.errors.is_empty(), "{:?}", prepared.errors);
+    }
+    // The other session's next unit finds two statements on the connection and first closes
+    // the least recently used: the session's s1.
+    let left = other
+        .query("SELECT statement FROM pg_prepared_statements")
         .await;
-    assert!(prepared.errors.is_empty(), "{:?}", prepared.errors);
-    // Another session drops every statement on the connection.
-    assert!(other.query("DISCARD ALL").await.errors.is_empty());
+    assert_eq!(
+        left.rows,
+        vec![vec!["SELECT 'other'".to_owned()]],
+        "only the other session's statement is left on the connection"
+    );
     let failed = session.query("BEGIN; SELECT 1/0").await;
     assert_eq!(failed.codes(), vec!["22012"]);
     assert_eq!(failed.status, b'E');
 
-    // What PostgreSQL answers a Bind of an existing statement in a failed block.
+    // PostgreSQL, which has s1, refuses its Bind in the failed block with 25P02; the connection,
+    // which cannot prepare s1 again there, would answer 26000.
     let refused = session
         .exchange(|out| {
             bind_execute(out, "s1");

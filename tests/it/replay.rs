@@ -1,11 +1,13 @@
 //! A session survives a lost connection only with what pgvigil can replay (issue 9): settings
 //! that took effect (SET, constant `set_config(..., false)`) come back on the new connection, a
 //! SET whose transaction rolled back does not, and a session that did what cannot be replayed
-//! (DO, a session advisory lock, a WITH HOLD cursor) ends as it would on PostgreSQL. A named
-//! statement is what its successful Parse made it: one refused (42P05) changes nothing.
+//! (DO, a session advisory lock, a WITH HOLD cursor, a temporary table) ends as it would on
+//! PostgreSQL, with a FATAL error and a closed connection, in either pool mode. A named statement
+//! is what its successful Parse made it: one refused (42P05) changes nothing.
 
 use std::time::{Duration, Instant};
 
+use pgvigil::config::PoolMode;
 use pgvigil::topology::NodeId;
 use pgvigil_proto::encode;
 use tokio_postgres::Client;
@@ -73,36 +75,52 @@ async fn settings_that_took_effect_are_replayed_and_rolled_back_ones_are_not() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_holding_what_cannot_be_replayed_ends_when_its_connection_is_lost() {
+    unreplayable_state_ends_the_session_with_its_connection(PoolMode::Session).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_holding_what_cannot_be_replayed_ends_when_its_connection_is_lost_under_transaction_pooling(
+) {
+    unreplayable_state_ends_the_session_with_its_connection(PoolMode::Transaction).await;
+}
+
+/// In pool `mode`, sessions that did what pgvigil cannot replay on another connection are told
+/// FATAL 08006 and closed when their node restarts, as PostgreSQL closes its own; a plain session
+/// goes on.
+async fn unreplayable_state_ends_the_session_with_its_connection(mode: PoolMode) {
     let mut cluster = test_cluster(0);
-    let proxy = start_proxy(&cluster, |_| {}).await;
-    let plain = proxy.connect_app().await;
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = mode;
+        trust_app(config);
+    })
+    .await;
+    let mut plain = Wire::login(&proxy).await;
     let mut holders = Vec::new();
     for sql in [
         "DO $$ BEGIN PERFORM set_config('application_name', 'by DO', false); END $$",
         "SELECT pg_advisory_lock(9)",
         "BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT 1; COMMIT",
         "SELECT set_config('search_path', current_setting('search_path'), false)",
+        "CREATE TEMPORARY TABLE held (i int)",
     ] {
-        let client = proxy.connect_app().await;
-        client.batch_execute(sql).await.unwrap();
-        holders.push((sql, client));
+        let mut wire = Wire::login(&proxy).await;
+        let answer = wire.query(sql).await;
+        assert!(answer.errors.is_empty(), "{sql}: {answer:?}");
+        holders.push((sql, wire));
     }
 
     restart(&mut cluster, &proxy, PRIMARY);
 
-    for (sql, client) in &holders {
-        let deadline = Instant::now() + PATIENCE;
-        while !client.is_closed() {
-            assert!(
-                Instant::now() < deadline,
-                "the session after {sql:?} goes on"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    for (sql, wire) in &mut holders {
+        assert_eq!(
+            wire.last_words().await,
+            Some(vec!["FATAL 08006".to_owned()]),
+            "the session after {sql:?} (None: it goes on)"
+        );
     }
     assert_eq!(
-        value(&plain, "SELECT 'survived'").await.as_deref(),
-        Some("survived"),
+        plain.query("SELECT 'survived'").await.rows,
+        [["survived"]],
         "a session without such state goes on"
     );
 }

@@ -5,7 +5,7 @@
 //! lacks them; a session that prepares a named
 //! statement holds no connection between its units (see prepared_pooling.rs); an idle session holds no connection, so
 //! a kill -9 failover leaves it untouched and its next statement runs on the new primary with
-//! its settings.
+//! its settings and its prepared statements.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -381,7 +381,7 @@ async fn a_session_with_a_named_statement_holds_no_connection_between_its_units(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_idle_session_keeps_its_settings_across_a_kill_9_failover() {
+async fn an_idle_session_keeps_its_settings_and_prepared_statements_across_a_kill_9_failover() {
     let mut scene = Scene::start(test_cluster(2), |config| {
         config.pool.mode = PoolMode::Transaction;
     })
@@ -393,15 +393,25 @@ async fn an_idle_session_keeps_its_settings_across_a_kill_9_failover() {
     ] {
         idle.batch_execute(set).await.unwrap();
     }
+    // A protocol-level named statement, prepared on the old primary only.
+    let insert = idle
+        .prepare("INSERT INTO ticks (id) VALUES ($1) RETURNING inet_server_port()")
+        .await
+        .unwrap();
     let kill = scene.kill(OLD_PRIMARY);
     scene.writes_resume(kill, "kill -9 under an idle session in transaction mode");
     let new = scene.sole_primary(&STANDBYS);
 
-    // The same client, never reconnected: its write runs on the new primary, and whatever
+    // The same client, never reconnected: its statement runs on the new primary, and whatever
     // connection serves it carries the session's settings.
-    idle.batch_execute("INSERT INTO ticks (id) VALUES (-7)")
+    let row = idle
+        .query_one(&insert, &[&-7i32])
         .await
         .unwrap_or_else(|e| panic!("the idle session's next write failed: {}", describe(&e)));
+    assert_eq!(
+        row.get::<_, i32>(0),
+        i32::from(scene.cluster.node(new).port)
+    );
     assert!(tick_ids(&scene.cluster, new).contains(&-7));
     let settings = "SELECT current_setting('application_name') || '|' || \
                     current_setting('search_path')";

@@ -153,6 +153,33 @@ impl Wire {
         std::mem::take(&mut self.buf)
     }
 
+    /// Waits, sending nothing, until pgvigil closes the connection; returns each message it sent
+    /// meanwhile: an ErrorResponse as its severity and SQLSTATE ("FATAL 08006"), any other as
+    /// its type. None if the connection is still open after [`PATIENCE`].
+    pub(crate) async fn last_words(&mut self) -> Option<Vec<String>> {
+        let closed = tokio::time::timeout(PATIENCE, async {
+            while self.tcp.read_buf(&mut self.buf).await.is_ok_and(|n| n > 0) {}
+        });
+        closed.await.ok()?;
+        let mut words = Vec::new();
+        while let Some(message) = next_message(&self.buf, 1 << 20).unwrap() {
+            let len = message.len();
+            words.push(match message.tag {
+                b'E' => {
+                    let fields = ErrorFields::parse(message.body).unwrap();
+                    let text = |v: Option<&[u8]>| {
+                        String::from_utf8_lossy(v.unwrap_or_default()).into_owned()
+                    };
+                    format!("{} {}", text(fields.severity()), text(fields.sqlstate()))
+                }
+                tag => char::from(tag).to_string(),
+            });
+            self.buf.advance(len);
+        }
+        assert!(self.buf.is_empty(), "a message cut short: {:?}", self.buf);
+        Some(words)
+    }
+
     pub(crate) async fn recv(&mut self) -> (u8, Vec<u8>) {
         tokio::time::timeout(PATIENCE, async {
             loop {
