@@ -106,6 +106,8 @@ impl DataPlane {
                 .spawn(move || {
                     HOME.set(Home::Data(n));
                     runtime.block_on(async move {
+                        // Before the first session: every relay of this thread relies on it.
+                        tokio::spawn(crate::session::watch_topology(proxy.topology.subscribe()));
                         match tokio::net::TcpListener::from_std(listener) {
                             Ok(listener) => {
                                 listener::accept_loop(listener, accepted, proxy, limit, shutdown)

@@ -22,7 +22,10 @@ pub mod startup;
 mod startup_sql;
 mod steering;
 mod sync;
+mod topology_watch;
 mod unit;
+
+pub use topology_watch::watch_topology;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -10,7 +10,6 @@
 //! hand-written loop over both sockets), so a server busy sending results never deadlocks
 //! against a client still sending.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -20,12 +19,12 @@ use pgvigil_proto::frame::Passage;
 use pgvigil_proto::frontend;
 use pgvigil_proto::{header, TxStatus};
 use tokio::io::AsyncWrite;
-use tokio::sync::watch;
 
 use super::client_scan::ClientScan;
 use super::server_side::ServerSide;
 use super::spare;
 use super::steering::{Decision, Steering};
+use super::topology_watch::Registration;
 use crate::config::PoolMode;
 use crate::proxy::Proxy;
 use crate::server::ServerConn;
@@ -161,27 +160,17 @@ pub enum Stop {
 }
 
 /// Pumps messages both ways until the session ends, the next unit must go elsewhere, or the
-/// server connection is lost (it broke, or `changes` announced a topology in which its node is
-/// no longer usable: that is what unblocks a statement hung on a frozen node after a failover).
+/// server connection is lost (it broke, or a topology was announced in which its node is no
+/// longer usable: that is what unblocks a statement hung on a frozen node after a failover).
 pub async fn relay(
     client: &mut ClientConn,
     server: &mut ServerConn,
     steering: &mut Steering,
     progress: &mut Progress,
-    changes: &mut watch::Receiver<u64>,
     proxy: &Proxy,
 ) -> Stop {
     let mut to_server = BytesMut::new();
-    let stop = pump(
-        client,
-        server,
-        steering,
-        progress,
-        changes,
-        proxy,
-        &mut to_server,
-    )
-    .await;
+    let stop = pump(client, server, steering, progress, proxy, &mut to_server).await;
     // Bytes not written are the lost connection's, whose loss the session now handles; the
     // buffer, which often is the client's read buffer swapped in, serves another unit.
     to_server.clear();
@@ -195,29 +184,17 @@ async fn pump(
     server: &mut ServerConn,
     steering: &mut Steering,
     progress: &mut Progress,
-    changes: &mut watch::Receiver<u64>,
     proxy: &Proxy,
     to_server: &mut BytesMut,
 ) -> Stop {
     let max_message = proxy.config().max_message_size;
     let shared = proxy.config().pool.mode == PoolMode::Transaction;
     let node = server.node;
+    // Before the look at the topology: a generation announced after it wakes the relay.
+    let mut topology = Registration::new();
     if let Some(role) = unusable(proxy, node) {
         return lost(LossCause::Unusable(role), None);
     }
-    // Registered once for the whole relay (not once per turn of the loop), it ends only when a
-    // topology makes the node unusable; with the sender gone (the proxy is stopping), never.
-    let watcher = async {
-        loop {
-            if changes.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-            if let Some(role) = unusable(proxy, node) {
-                return role;
-            }
-        }
-    };
-    tokio::pin!(watcher);
     let client_stream = &mut client.stream;
     let server_stream = &mut server.stream;
     let client_in = &mut client.rbuf;
@@ -388,9 +365,9 @@ async fn pump(
                     }
                 }
                 // The topology gave up on the node.
-                2 => match watcher.as_mut().poll(cx) {
-                    Poll::Pending => continue,
-                    Poll::Ready(role) => {
+                2 if topology.changed(cx) => match unusable(proxy, node) {
+                    None => continue,
+                    Some(role) => {
                         Poll::Ready(server_lost(LossCause::Unusable(role), &mut server_state))
                     }
                 },

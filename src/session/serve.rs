@@ -66,7 +66,8 @@ pub(super) struct Session<'a> {
     held: Held,
     steering: Steering,
     progress: Progress,
-    /// Topology generations, watched while relaying.
+    /// Topology generations, watched while waiting for a primary (the relay is woken by its
+    /// thread's watch, see `topology_watch`).
     changes: watch::Receiver<u64>,
     /// Where the session is.
     place: Place,
@@ -213,7 +214,6 @@ impl Session<'_> {
                         &mut lease.conn,
                         &mut self.steering,
                         &mut self.progress,
-                        &mut self.changes,
                         self.proxy,
                     )
                     .await
