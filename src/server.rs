@@ -402,6 +402,31 @@ impl ServerConn {
         self.query(sql, Some(notices)).await.map(|_| ())
     }
 
+    /// Runs a Query string for the client (see `session::reset::string`) and returns every
+    /// message the node answered it with up to ReadyForQuery, in order, without ReadyForQuery
+    /// and ParameterStatus (both noted on the connection). An ErrorResponse is one of the
+    /// messages: it is the client's answer, not a failure of the connection.
+    pub async fn query_answers(&mut self, sql: &str) -> Result<Vec<Bytes>, ServerError> {
+        let mut out = BytesMut::new();
+        encode::query(&mut out, sql.as_bytes());
+        self.send(&mut out).await?;
+        // The node drops the unnamed statement on any simple Query it reads.
+        self.statements.set_unnamed(false);
+        let mut answers = Vec::new();
+        loop {
+            let (tag, frame) = self.read_frame().await?;
+            match tag {
+                backend::tag::READY_FOR_QUERY => {
+                    self.tx =
+                        backend::ReadyForQuery::parse(&frame[5..]).map_err(|e| self.protocol(e))?;
+                    return Ok(answers);
+                }
+                backend::tag::PARAMETER_STATUS => self.note_parameter(&frame[5..])?,
+                _ => answers.push(frame),
+            }
+        }
+    }
+
     async fn query(
         &mut self,
         sql: &str,

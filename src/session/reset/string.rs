@@ -1,0 +1,352 @@
+//! A resetting statement inside a simple Query of several statements, run by pgvigil.
+//!
+//! Connection pools reset a connection at every release with one string: asyncpg's `Pool`
+//! sends `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`. Forwarded as
+//! it is, its `RESET ALL` would return the settings to the server connection's reset values
+//! (the server's defaults, see the parent module) and pin the session. pgvigil runs such a
+//! string itself when it is made only of:
+//! - resetting statements: `RESET ALL`, `RESET name`, `SET [SESSION] name {TO | =} DEFAULT`
+//!   (at least one);
+//! - release statements, which can neither fail nor show the value of a setting:
+//!   `SELECT [pg_catalog.]pg_advisory_unlock_all()` (returns one void value), `CLOSE ALL`,
+//!   `UNLISTEN *`, `UNLISTEN name`, `DEALLOCATE [PREPARE] ALL`. The classifier pins none of
+//!   them (only taking a session advisory lock, LISTEN, SQL PREPARE and temporary tables pin),
+//!   and none changes a setting, so none needs the settings log.
+//!
+//! pgvigil sends the client's statements with the SETs of the startup parameters they reset
+//! appended at the end of the same string: the same implicit transaction (or the client's
+//! block), so an error anywhere rolls the SETs back with the rest, as PostgreSQL would roll back
+//! the resets. The statements after the first resetting one run before the SETs, with the
+//! server's defaults where PostgreSQL would have the startup values; that is why only
+//! statements that cannot observe settings may follow it: resetting ones (an error of `RESET
+//! no_such_name` reads the same: its text is ASCII, and `lc_messages`, the one setting that
+//! could change it, only a superuser may give at startup) and release ones. An unqualified
+//! `pg_advisory_unlock_all()` follows only before the first reset, as it depends on
+//! `search_path`. Quotes, dollar quotes and comments are not read: with none, every `;` ends a
+//! statement.
+//!
+//! The client gets what PostgreSQL would have sent for its own string: the node's answers to
+//! its statements (the CommandComplete of each appended SET is dropped), the ParameterStatus of
+//! each reported parameter whose value changed, ReadyForQuery. The settings log records each
+//! resetting statement as the lone path does, so the session's other connections end with the
+//! same values; the session is not pinned.
+//!
+//! Under transaction pooling an unpinned session's `DEALLOCATE ALL` is answered by pgvigil, as
+//! when it is sent alone: run on the shared connection it would drop other sessions'
+//! statements. It takes effect (the session's own statements are forgotten) if every statement
+//! before it succeeded: DEALLOCATE is not undone by a rollback. In a failed transaction block
+//! the string is sent as it is and the node refuses its first statement.
+
+use bytes::{BufMut, BytesMut};
+use pgvigil_proto::backend;
+use pgvigil_proto::classify::encoding_is_safe;
+use pgvigil_proto::{encode, TxStatus};
+use tracing::debug;
+
+use super::super::recover::flush;
+use super::super::relay::{ClientConn, LossCause};
+use super::super::sql_words::{contains_ignore_case, token, word};
+use super::super::startup::ClientStartup;
+use super::super::startup_sql::{push_set, startup_settings};
+use super::super::steering::Steering;
+use super::{guarded, name, plan, read, ready, Failed, Resetting};
+use crate::config::PoolMode;
+use crate::proxy::Proxy;
+use crate::server::{ServerConn, ServerError};
+
+/// A statement that can neither fail nor show a setting's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Release {
+    /// `SELECT pg_advisory_unlock_all()`; `qualified`: written `pg_catalog.pg_advisory_unlock_all`.
+    UnlockAll { qualified: bool },
+    /// `CLOSE ALL`.
+    CloseAll,
+    /// `UNLISTEN *` or `UNLISTEN name`.
+    Unlisten,
+    /// `DEALLOCATE [PREPARE] ALL`.
+    DeallocateAll,
+}
+
+/// What one statement of the string is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind<'a> {
+    Resetting(Resetting<'a>),
+    Release(Release),
+}
+
+/// One statement of the string and its text (without the `;`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Part<'a> {
+    text: &'a [u8],
+    kind: Kind<'a>,
+}
+
+/// Whether `sql` is a string that pgvigil runs itself (see the module doc).
+pub(super) fn is_string(sql: &[u8]) -> bool {
+    read_string(sql).is_some()
+}
+
+/// The statements of `sql` when it is a string that pgvigil runs itself.
+fn read_string(sql: &[u8]) -> Option<Vec<Part<'_>>> {
+    let unread = sql.iter().any(|b| matches!(b, b'\'' | b'"' | b'$' | b'\\'))
+        || contains_ignore_case(sql, b"--")
+        || contains_ignore_case(sql, b"/*");
+    if unread {
+        return None;
+    }
+    let parts = sql
+        .split(|b| *b == b';')
+        .map(<[u8]>::trim_ascii)
+        .filter(|text| !text.is_empty())
+        .map(part)
+        .collect::<Option<Vec<_>>>()?;
+    let first = parts
+        .iter()
+        .position(|p| matches!(p.kind, Kind::Resetting(_)))?;
+    let after_ok = parts[first + 1..].iter().all(|p| {
+        !matches!(
+            p.kind,
+            Kind::Release(Release::UnlockAll { qualified: false })
+        )
+    });
+    (parts.len() > 1 && after_ok).then_some(parts)
+}
+
+/// Reads one statement (no `;`, no comment, no quote).
+fn part(text: &[u8]) -> Option<Part<'_>> {
+    let kind = match release(text) {
+        Some(release) => Kind::Release(release),
+        None => match read(text)? {
+            statement @ (Resetting::ResetAll | Resetting::Reset(_) | Resetting::SetDefault(_)) => {
+                Kind::Resetting(statement)
+            }
+            // DISCARD ALL cannot run in a string (PostgreSQL refuses it in the implicit block);
+            // SET LOCAL is left to the server too.
+            Resetting::DiscardAll | Resetting::SetLocalDefault(_) => return None,
+        },
+    };
+    Some(Part { text, kind })
+}
+
+/// Reads a release statement.
+fn release(text: &[u8]) -> Option<Release> {
+    let (release, rest) = if let Some(rest) = word(text, b"select") {
+        let qualified = word(rest, b"pg_catalog").and_then(|r| token(r, b"."));
+        let rest = word(qualified.unwrap_or(rest), b"pg_advisory_unlock_all")?;
+        let rest = token(token(rest, b"(")?, b")")?;
+        let qualified = qualified.is_some();
+        (Release::UnlockAll { qualified }, rest)
+    } else if let Some(rest) = word(text, b"close") {
+        (Release::CloseAll, word(rest, b"all")?)
+    } else if let Some(rest) = word(text, b"unlisten") {
+        let rest = token(rest, b"*").or_else(|| name(rest).map(|(_, rest)| rest))?;
+        (Release::Unlisten, rest)
+    } else {
+        let rest = word(text, b"deallocate")?;
+        let rest = word(rest, b"prepare").unwrap_or(rest);
+        (Release::DeallocateAll, word(rest, b"all")?)
+    };
+    rest.trim_ascii().is_empty().then_some(release)
+}
+
+/// Runs the string `sql` (the client's Query, `len` bytes at the front of its buffer) on `conn`
+/// and answers the client; see the module doc.
+pub(super) async fn answer(
+    client: &mut ClientConn,
+    conn: &mut ServerConn,
+    steering: &mut Steering,
+    startup: &ClientStartup,
+    proxy: &Proxy,
+    sql: &[u8],
+    len: usize,
+) -> Result<(), Failed> {
+    let Some(parts) = read_string(sql) else {
+        return Err(Failed::Client(super::RelayEnd::Violation(
+            "a resetting string that no longer reads as one".into(),
+        )));
+    };
+    let shared = proxy.config().pool.mode == PoolMode::Transaction;
+    let own_connection = !shared || steering.replay.pinned().is_some();
+    let refused_block = conn.tx == TxStatus::Failed;
+    // pgvigil answers DEALLOCATE ALL on a shared connection (in a failed block the node
+    // refuses the string's first statement, whatever it is).
+    let answered_here =
+        |p: &Part<'_>| !own_connection && !refused_block && p.kind == Kind::Release(Release::DeallocateAll);
+    let mut text = String::new();
+    for p in parts.iter().filter(|p| !answered_here(p)) {
+        text.push_str(&String::from_utf8_lossy(p.text));
+        text.push_str(";\n");
+    }
+    if !refused_block {
+        text.push_str(&startup_sets(&parts, startup));
+    }
+    debug!(statement = ?String::from_utf8_lossy(sql), ran = %text, "resetting string run by pgvigil");
+    let before = conn.params.clone();
+    let node = conn.node;
+    let run = async {
+        match conn.query_answers(&text).await {
+            Ok(answers) => Ok(answers),
+            Err(ServerError::Io { source, .. }) => Err(LossCause::Io(source)),
+            Err(ServerError::Protocol { .. }) => Err(LossCause::Garbled),
+            Err(_) => Err(LossCause::Closed),
+        }
+    };
+    let answers = guarded(proxy, node, run).await?;
+    let _ = client.rbuf.split_to(len);
+    steering.encoding_safe = conn
+        .params
+        .get(b"client_encoding")
+        .is_none_or(encoding_is_safe);
+    let out = &mut client.pending;
+    // The client's statement answered next (answers after the last are the appended SETs').
+    let mut next = 0;
+    let mut failed = false;
+    let mut deallocated = false;
+    let answer_here = |next: &mut usize, out: &mut BytesMut| {
+        while parts.get(*next).is_some_and(|p| answered_here(p)) {
+            command_complete(out, b"DEALLOCATE ALL");
+            *next += 1;
+        }
+    };
+    for frame in answers {
+        if !failed {
+            answer_here(&mut next, out);
+        }
+        let tag = frame.first().copied().unwrap_or_default();
+        match tag {
+            backend::tag::COMMAND_COMPLETE => {
+                if let Some(p) = parts.get(next).filter(|_| !failed) {
+                    deallocated |= p.kind == Kind::Release(Release::DeallocateAll);
+                    out.extend_from_slice(&frame);
+                    next += 1;
+                }
+            }
+            // An error of an appended SET is relayed too: it undid the client's resets, and
+            // the client must not believe they happened (the startup values were accepted at
+            // login, so it is not expected).
+            backend::tag::ERROR_RESPONSE => {
+                failed = true;
+                out.extend_from_slice(&frame);
+            }
+            backend::tag::NOTICE_RESPONSE | backend::tag::NOTIFICATION => {
+                out.extend_from_slice(&frame)
+            }
+            _ if next < parts.len() => out.extend_from_slice(&frame),
+            _ => {}
+        }
+    }
+    if !failed {
+        answer_here(&mut next, out);
+        for p in &parts {
+            if let Kind::Resetting(statement) = p.kind {
+                let plan = plan(statement, p.text, startup, own_connection, conn.tx);
+                if !plan.logged.is_empty() {
+                    let logged = plan.logged.as_bytes().into();
+                    steering
+                        .replay
+                        .settings
+                        .ran(logged, plan.scope, conn.tx, node);
+                }
+            }
+        }
+    }
+    let dropped = parts[..next]
+        .iter()
+        .any(|p| p.kind == Kind::Release(Release::DeallocateAll));
+    if dropped {
+        steering.replay.drop_statements();
+        if deallocated && !conn.statements.is_empty() {
+            // It ran on the session's own connection: every statement there is gone.
+            conn.statements.clear();
+            steering.replay.adopt(node, &conn.statements);
+        }
+    }
+    ready(out, &before, conn);
+    flush(client).await.map_err(Failed::Client)
+}
+
+/// The SETs of the startup parameters that the string's resetting statements reset.
+fn startup_sets(parts: &[Part<'_>], startup: &ClientStartup) -> String {
+    // The startup parameters were applied when the session began: they parse.
+    let settings = startup_settings(startup.params()).unwrap_or_default();
+    let reset = |name: &[u8]| {
+        parts.iter().any(|p| match p.kind {
+            Kind::Resetting(Resetting::ResetAll) => true,
+            Kind::Resetting(Resetting::Reset(n) | Resetting::SetDefault(n)) => {
+                n.eq_ignore_ascii_case(name)
+            }
+            _ => false,
+        })
+    };
+    let mut sets = String::new();
+    for (name, value) in settings.iter().filter(|(name, _)| reset(name)) {
+        push_set(&mut sets, name, value);
+    }
+    sets
+}
+
+fn command_complete(out: &mut BytesMut, tag: &[u8]) {
+    encode::message(out, backend::tag::COMMAND_COMPLETE, |b| {
+        b.put_slice(tag);
+        b.put_u8(0);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(sql: &str) -> Option<Vec<Kind<'_>>> {
+        read_string(sql.as_bytes()).map(|parts| parts.iter().map(|p| p.kind).collect())
+    }
+
+    #[test]
+    fn asyncpgs_release_string_is_run_by_pgvigil() {
+        let asyncpg = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;";
+        assert_eq!(
+            kinds(asyncpg),
+            Some(vec![
+                Kind::Release(Release::UnlockAll { qualified: false }),
+                Kind::Release(Release::CloseAll),
+                Kind::Release(Release::Unlisten),
+                Kind::Resetting(Resetting::ResetAll),
+            ])
+        );
+    }
+
+    #[test]
+    fn only_strings_whose_statements_after_a_reset_cannot_observe_settings_are_run() {
+        let run = [
+            "RESET ALL; DEALLOCATE ALL",
+            "deallocate prepare all; reset application_name; set work_mem = default;",
+            "UNLISTEN chan; SET SESSION TimeZone TO DEFAULT; UNLISTEN *",
+            "RESET ALL; SELECT pg_catalog . pg_advisory_unlock_all ( )",
+            "RESET ALL;;RESET ALL",
+        ];
+        for sql in run {
+            assert!(kinds(sql).is_some(), "{sql}");
+        }
+        let forwarded = [
+            "RESET ALL",
+            "RESET ALL;",
+            "UNLISTEN *; CLOSE ALL",
+            "RESET ALL; SELECT 1",
+            "SELECT 1; RESET ALL",
+            "SET work_mem = '1MB'; RESET ALL",
+            "RESET ALL; SELECT pg_advisory_unlock_all()",
+            "CLOSE ALL; DISCARD ALL",
+            "RESET ALL; SET LOCAL work_mem TO DEFAULT",
+            "RESET ALL; /* ; */ UNLISTEN *",
+            "RESET ALL; -- UNLISTEN *",
+            "RESET \"application_name\"; UNLISTEN *",
+            "RESET ALL; UNLISTEN $$x$$",
+            "BEGIN; RESET ALL; COMMIT",
+            "RESET ALL; DEALLOCATE name",
+            "RESET ALL; CLOSE cursor_name",
+            "RESET ALL; SELECT pg_advisory_unlock_all() x",
+        ];
+        for sql in forwarded {
+            assert!(kinds(sql).is_none(), "{sql}");
+        }
+    }
+}
