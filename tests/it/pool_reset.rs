@@ -118,6 +118,10 @@ const STEPS: [Step; 34] = [
     Step::Run("mine"),
 ];
 
+/// B's statement on the server connection, with when it was prepared there.
+const THEIRS_ON_THE_SERVER: &str = "SELECT name || ' ' || prepare_time::text \
+                                    FROM pg_prepared_statements WHERE statement = 'SELECT 3'";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pools_reset_string_shows_what_postgresql_shows_in_both_pool_modes() {
     let cluster = test_cluster(0);
@@ -140,6 +144,15 @@ async fn a_pools_reset_string_shows_what_postgresql_shows_in_both_pool_modes() {
             PoolMode::Transaction => Some(Wire::login_at(proxy.addr).await),
             PoolMode::Session => None,
         };
+        // B's statement on the shared connection outlives A's DEALLOCATE ALL.
+        let theirs = [Step::Prepare("theirs", "SELECT 3"), Step::Run("theirs")];
+        let mut prepared_before = Vec::new();
+        if let Some(b) = b.as_mut() {
+            let prepared = step(b, theirs[0]).await;
+            assert!(prepared.errors.is_empty(), "{:?}", prepared.errors);
+            prepared_before = b.query(THEIRS_ON_THE_SERVER).await.rows;
+            assert_eq!(prepared_before.len(), 1, "B's statement is on the shared connection");
+        }
         for (s, expected) in STEPS.iter().zip(&expected) {
             let got = seen(step(&mut a, *s).await);
             assert_eq!(&got, expected, "{mode:?}: {s:?}");
@@ -150,6 +163,13 @@ async fn a_pools_reset_string_shows_what_postgresql_shows_in_both_pool_modes() {
                 .await
                 .unwrap_or_else(|_| panic!("{mode:?}: B waited for A's connection after {s:?}"));
             assert!(turn.errors.is_empty(), "{mode:?}: B after {s:?}: {:?}", turn.errors);
+        }
+        if let Some(b) = b.as_mut() {
+            let prepared = b.query(THEIRS_ON_THE_SERVER).await.rows;
+            assert_eq!(prepared, prepared_before, "B's statement neither dropped nor prepared again");
+            let ran = step(b, theirs[1]).await;
+            assert!(ran.errors.is_empty(), "B's statement: {:?}", ran.errors);
+            assert_eq!(ran.rows, [["3"]], "B's statement");
         }
     }
 }
