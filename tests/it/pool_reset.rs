@@ -151,7 +151,11 @@ async fn a_pools_reset_string_shows_what_postgresql_shows_in_both_pool_modes() {
             let prepared = step(b, theirs[0]).await;
             assert!(prepared.errors.is_empty(), "{:?}", prepared.errors);
             prepared_before = b.query(THEIRS_ON_THE_SERVER).await.rows;
-            assert_eq!(prepared_before.len(), 1, "B's statement is on the shared connection");
+            assert_eq!(
+                prepared_before.len(),
+                1,
+                "B's statement is on the shared connection"
+            );
         }
         for (s, expected) in STEPS.iter().zip(&expected) {
             let got = seen(step(&mut a, *s).await);
@@ -162,11 +166,18 @@ async fn a_pools_reset_string_shows_what_postgresql_shows_in_both_pool_modes() {
             let turn = tokio::time::timeout(NO_WAIT, b.query("SET application_name = 'b'"))
                 .await
                 .unwrap_or_else(|_| panic!("{mode:?}: B waited for A's connection after {s:?}"));
-            assert!(turn.errors.is_empty(), "{mode:?}: B after {s:?}: {:?}", turn.errors);
+            assert!(
+                turn.errors.is_empty(),
+                "{mode:?}: B after {s:?}: {:?}",
+                turn.errors
+            );
         }
         if let Some(b) = b.as_mut() {
             let prepared = b.query(THEIRS_ON_THE_SERVER).await.rows;
-            assert_eq!(prepared, prepared_before, "B's statement neither dropped nor prepared again");
+            assert_eq!(
+                prepared, prepared_before,
+                "B's statement neither dropped nor prepared again"
+            );
             let ran = step(b, theirs[1]).await;
             assert!(ran.errors.is_empty(), "B's statement: {:?}", ran.errors);
             assert_eq!(ran.rows, [["3"]], "B's statement");
@@ -179,7 +190,12 @@ async fn discard_all_in_a_string_stays_postgresqls_error() {
     let cluster = test_cluster(0);
     let node = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.node(0).port));
     let sql = "UNLISTEN *; DISCARD ALL; RESET ALL";
-    let expected = seen(Wire::login_with(node, "postgres", &[]).await.query(sql).await);
+    let expected = seen(
+        Wire::login_with(node, "postgres", &[])
+            .await
+            .query(sql)
+            .await,
+    );
     assert_eq!(expected.3, ["25001"], "PostgreSQL refuses it");
     for mode in [PoolMode::Session, PoolMode::Transaction] {
         let proxy = one_server_connection(&cluster, mode).await;

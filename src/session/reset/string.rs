@@ -170,8 +170,9 @@ pub(super) async fn answer(
     let refused_block = conn.tx == TxStatus::Failed;
     // pgvigil answers DEALLOCATE ALL on a shared connection (in a failed block the node
     // refuses the string's first statement, whatever it is).
-    let answered_here =
-        |p: &Part<'_>| !own_connection && !refused_block && p.kind == Kind::Release(Release::DeallocateAll);
+    let answered_here = |p: &Part<'_>| {
+        !own_connection && !refused_block && p.kind == Kind::Release(Release::DeallocateAll)
+    };
     let mut text = String::new();
     for p in parts.iter().filter(|p| !answered_here(p)) {
         text.push_str(&String::from_utf8_lossy(p.text));
@@ -203,7 +204,7 @@ pub(super) async fn answer(
     let mut failed = false;
     let mut deallocated = false;
     let answer_here = |next: &mut usize, out: &mut BytesMut| {
-        while parts.get(*next).is_some_and(|p| answered_here(p)) {
+        while parts.get(*next).is_some_and(&answered_here) {
             command_complete(out, b"DEALLOCATE ALL");
             *next += 1;
         }
