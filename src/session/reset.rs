@@ -402,6 +402,7 @@ pub(super) async fn answer(
                     .settings
                     .ran(logged, plan.scope, conn.tx, node);
             }
+            steering.reset_ran();
             encode::message(out, backend::tag::COMMAND_COMPLETE, |b| {
                 b.put_slice(plan.tag);
                 b.put_u8(0);

@@ -6,13 +6,15 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use pgvigil::config::PoolMode;
+use pgvigil::config::{Balance, PoolMode};
 use pgvigil_proto::encode;
 
 use crate::drivers::python_program;
 use crate::lost_transaction::one_server_connection;
+use crate::read_split::wait_until_every_node_may_read;
 use crate::support::wire::{bind_execute, parse, Answer, Wire};
 use crate::support::{start_proxy, test_cluster, APP_DB, APP_PASSWORD, APP_USER};
+use crate::transaction_pooling::simple_value;
 
 /// What asyncpg 0.32 sends at every release of a pooled connection to PostgreSQL 15.
 const ASYNCPG_RESET: &str = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;";
@@ -257,4 +259,38 @@ async fn an_asyncpg_pool_keeps_its_startup_settings_and_shares_two_server_connec
     let sent = format!("reset query: '{}'", ASYNCPG_RESET.replace('\n', "\\n"));
     assert!(direct.contains(&sent), "asyncpg sends {sent}: {direct}");
     assert_eq!(through, direct, "through pgvigil as on PostgreSQL");
+}
+
+/// Plain BEGINs tried after each reset: with random balancing over a primary and two replicas,
+/// all of them would reach the primary by chance about once in 500,000 runs.
+const TRIES: usize = 12;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_reset_of_a_read_only_default_a_plain_begin_is_read_write_again() {
+    let cluster = test_cluster(2);
+    let proxy = start_proxy(&cluster, |config| config.routing.balance = Balance::Random).await;
+    wait_until_every_node_may_read(&proxy);
+    let resets = [
+        "RESET ALL",
+        ASYNCPG_RESET,
+        "UNLISTEN *; SET default_transaction_read_only TO DEFAULT",
+    ];
+    for reset in resets {
+        // A session of its own: after a read-write BEGIN (a write) its reads wait for the
+        // replicas to replay it, and would stay on the primary whatever the default.
+        let client = proxy.connect_app().await;
+        // A plain BEGIN may then go to a replica (see routing.rs); PostgreSQL's RESET makes it
+        // read-write again, so it must reach the primary.
+        client
+            .batch_execute("SET default_transaction_read_only = on")
+            .await
+            .unwrap();
+        client.batch_execute(reset).await.unwrap();
+        for i in 0..TRIES {
+            client.batch_execute("BEGIN").await.unwrap();
+            let read_only = simple_value(&client, "SHOW transaction_read_only").await;
+            client.batch_execute("COMMIT").await.unwrap();
+            assert_eq!(read_only, "off", "{reset:?}: plain BEGIN #{i}");
+        }
+    }
 }

@@ -238,6 +238,7 @@ pub(super) async fn answer(
     }
     if !failed {
         answer_here(&mut next, out);
+        steering.reset_ran();
         for p in &parts {
             if let Kind::Resetting(statement) = p.kind {
                 let plan = plan(statement, p.text, startup, own_connection, conn.tx);
