@@ -37,7 +37,7 @@
 //! before it succeeded: DEALLOCATE is not undone by a rollback. In a failed transaction block
 //! the string is sent as it is and the node refuses its first statement.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use pgvigil_proto::backend;
 use pgvigil_proto::classify::encoding_is_safe;
 use pgvigil_proto::{encode, TxStatus};
@@ -199,12 +199,67 @@ pub(super) async fn answer(
         .get(b"client_encoding")
         .is_none_or(encoding_is_safe);
     let out = &mut client.pending;
-    // The client's statement answered next (answers after the last are the appended SETs').
+    let Relayed {
+        done,
+        failed,
+        deallocated,
+    } = relay(&parts, &answered_here, answers, out);
+    if !failed {
+        steering.reset_ran();
+        for p in &parts {
+            if let Kind::Resetting(statement) = p.kind {
+                let plan = plan(statement, p.text, startup, own_connection, conn.tx);
+                if !plan.logged.is_empty() {
+                    let logged = plan.logged.as_bytes().into();
+                    steering
+                        .replay
+                        .settings
+                        .ran(logged, plan.scope, conn.tx, node);
+                }
+            }
+        }
+    }
+    let dropped = parts[..done]
+        .iter()
+        .any(|p| p.kind == Kind::Release(Release::DeallocateAll));
+    if dropped {
+        steering.replay.drop_statements();
+        if deallocated && !conn.statements.is_empty() {
+            // It ran on the session's own connection: every statement there is gone.
+            conn.statements.clear();
+            steering.replay.adopt(node, &conn.statements);
+        }
+    }
+    ready(out, &before, conn);
+    flush(client).await.map_err(Failed::Client)
+}
+
+/// How far the client's statements got, as [`relay`] found.
+#[derive(Debug, PartialEq, Eq)]
+struct Relayed {
+    /// How many of them took effect (DEALLOCATE answered by pgvigil included).
+    done: usize,
+    /// The node sent an error (the transaction undid the resets).
+    failed: bool,
+    /// A DEALLOCATE ALL ran on the node.
+    deallocated: bool,
+}
+
+/// Writes to `out` what the client gets of the node's `answers` to the string of `parts`: the
+/// answers to its statements, the CommandComplete of each statement pgvigil answers itself
+/// (`answered_here`) in its turn, and nothing of the appended SETs'.
+fn relay(
+    parts: &[Part<'_>],
+    answered_here: &impl Fn(&Part<'_>) -> bool,
+    answers: Vec<Bytes>,
+    out: &mut BytesMut,
+) -> Relayed {
+    // The client's statement answered next (answers past the last are the appended SETs').
     let mut next = 0;
     let mut failed = false;
     let mut deallocated = false;
     let answer_here = |next: &mut usize, out: &mut BytesMut| {
-        while parts.get(*next).is_some_and(&answered_here) {
+        while parts.get(*next).is_some_and(answered_here) {
             command_complete(out, b"DEALLOCATE ALL");
             *next += 1;
         }
@@ -238,33 +293,12 @@ pub(super) async fn answer(
     }
     if !failed {
         answer_here(&mut next, out);
-        steering.reset_ran();
-        for p in &parts {
-            if let Kind::Resetting(statement) = p.kind {
-                let plan = plan(statement, p.text, startup, own_connection, conn.tx);
-                if !plan.logged.is_empty() {
-                    let logged = plan.logged.as_bytes().into();
-                    steering
-                        .replay
-                        .settings
-                        .ran(logged, plan.scope, conn.tx, node);
-                }
-            }
-        }
     }
-    let dropped = parts[..next]
-        .iter()
-        .any(|p| p.kind == Kind::Release(Release::DeallocateAll));
-    if dropped {
-        steering.replay.drop_statements();
-        if deallocated && !conn.statements.is_empty() {
-            // It ran on the session's own connection: every statement there is gone.
-            conn.statements.clear();
-            steering.replay.adopt(node, &conn.statements);
-        }
+    Relayed {
+        done: next,
+        failed,
+        deallocated,
     }
-    ready(out, &before, conn);
-    flush(client).await.map_err(Failed::Client)
 }
 
 /// The SETs of the startup parameters that the string's resetting statements reset.
@@ -300,6 +334,152 @@ mod tests {
 
     fn kinds(sql: &str) -> Option<Vec<Kind<'_>>> {
         read_string(sql.as_bytes()).map(|parts| parts.iter().map(|p| p.kind).collect())
+    }
+
+    /// A message of type `tag` with `body`.
+    fn message(tag: u8, body: &[u8]) -> Bytes {
+        let mut out = BytesMut::new();
+        encode::message(&mut out, tag, |b| b.put_slice(body));
+        out.freeze()
+    }
+
+    fn complete(tag: &str) -> Bytes {
+        message(
+            backend::tag::COMMAND_COMPLETE,
+            format!("{tag}\0").as_bytes(),
+        )
+    }
+
+    /// The CommandComplete tags (or the message type) of `out`, in order.
+    fn tags(mut out: &[u8]) -> Vec<String> {
+        let mut tags = Vec::new();
+        while let Some((&tag, rest)) = out.split_first() {
+            let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let body = &rest[4..len];
+            tags.push(match tag {
+                backend::tag::COMMAND_COMPLETE => {
+                    String::from_utf8_lossy(&body[..body.len() - 1]).into_owned()
+                }
+                other => char::from(other).to_string(),
+            });
+            out = &rest[len..];
+        }
+        tags
+    }
+
+    /// Relays `answers` to `sql`, DEALLOCATE ALL answered here when `shared`.
+    fn relayed(sql: &str, shared: bool, answers: Vec<Bytes>) -> (Vec<String>, Relayed) {
+        let parts = read_string(sql.as_bytes()).unwrap_or_default();
+        assert!(!parts.is_empty(), "{sql}");
+        let here = |p: &Part<'_>| shared && p.kind == Kind::Release(Release::DeallocateAll);
+        let mut out = BytesMut::new();
+        let relayed = relay(&parts, &here, answers, &mut out);
+        (tags(&out), relayed)
+    }
+
+    fn to_strings(tags: &[&str]) -> Vec<String> {
+        tags.iter().map(|t| (*t).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_client_gets_its_statements_answers_and_none_of_the_appended_sets() {
+        let error = message(backend::tag::ERROR_RESPONSE, b"SERROR\0C42704\0\0");
+        let row = [
+            message(backend::tag::ROW_DESCRIPTION, b"\0\0"),
+            message(backend::tag::DATA_ROW, b"\0\x01\0\0\0\0"),
+        ];
+        let asyncpg = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;";
+        let mut answers = row.to_vec();
+        for tag in [
+            "SELECT 1",
+            "CLOSE CURSOR ALL",
+            "UNLISTEN",
+            "RESET",
+            "SET",
+            "SET",
+        ] {
+            answers.push(complete(tag));
+        }
+        let ran = |done| Relayed {
+            done,
+            failed: false,
+            deallocated: false,
+        };
+        let failed = |done| Relayed {
+            done,
+            failed: true,
+            deallocated: false,
+        };
+        let cases = [
+            (
+                asyncpg,
+                answers,
+                vec![
+                    "T",
+                    "D",
+                    "SELECT 1",
+                    "CLOSE CURSOR ALL",
+                    "UNLISTEN",
+                    "RESET",
+                ],
+                ran(4),
+            ),
+            // Answered by pgvigil in its turn, before the SETs' answers or after the last.
+            (
+                "RESET ALL; DEALLOCATE ALL",
+                vec![complete("RESET"), complete("SET")],
+                vec!["RESET", "DEALLOCATE ALL"],
+                ran(2),
+            ),
+            (
+                "RESET ALL; DEALLOCATE ALL",
+                vec![complete("RESET")],
+                vec!["RESET", "DEALLOCATE ALL"],
+                ran(2),
+            ),
+            // A DEALLOCATE before an error took effect; one after it did not.
+            (
+                "DEALLOCATE ALL; RESET no_such",
+                vec![error.clone()],
+                vec!["DEALLOCATE ALL", "E"],
+                failed(1),
+            ),
+            (
+                "RESET no_such; DEALLOCATE ALL",
+                vec![error.clone()],
+                vec!["E"],
+                failed(0),
+            ),
+            // An appended SET's error is the client's too: its resets were undone.
+            (
+                "UNLISTEN *; RESET ALL",
+                vec![complete("UNLISTEN"), complete("RESET"), error],
+                vec!["UNLISTEN", "RESET", "E"],
+                failed(2),
+            ),
+        ];
+        for (sql, answers, expected, outcome) in cases {
+            assert_eq!(
+                relayed(sql, true, answers),
+                (to_strings(&expected), outcome),
+                "{sql}"
+            );
+        }
+        // On the session's own connection the node runs it.
+        let answers = vec![
+            complete("RESET"),
+            complete("DEALLOCATE ALL"),
+            complete("SET"),
+        ];
+        let expected = Relayed {
+            done: 2,
+            failed: false,
+            deallocated: true,
+        };
+        assert_eq!(
+            relayed("RESET ALL; DEALLOCATE ALL", false, answers),
+            (to_strings(&["RESET", "DEALLOCATE ALL"]), expected)
+        );
     }
 
     #[test]
