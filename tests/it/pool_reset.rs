@@ -188,6 +188,33 @@ async fn a_pools_reset_string_shows_what_postgresql_shows_in_both_pool_modes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_pinned_sessions_deallocate_all_in_a_reset_string_runs_on_its_own_connection() {
+    let cluster = test_cluster(0);
+    let steps = [
+        // A session advisory lock pins the session to its connection.
+        Step::Query("SELECT pg_advisory_lock(9)"),
+        Step::Prepare("mine", "SELECT 1"),
+        Step::Query("RESET ALL; DEALLOCATE ALL"),
+        Step::Run("mine"),
+        // The same statement again: prepared anew, not taken for the one that is gone.
+        Step::Prepare("mine", "SELECT 1"),
+        Step::Run("mine"),
+        Step::Query(ASYNCPG_RESET),
+    ];
+    let node = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.node(0).port));
+    let mut direct = Wire::login_with(node, "postgres", &[]).await;
+    let mut expected = Vec::new();
+    for s in steps {
+        expected.push(seen(step(&mut direct, s).await));
+    }
+    let proxy = one_server_connection(&cluster, PoolMode::Transaction).await;
+    let mut through = Wire::login_at(proxy.addr).await;
+    for (s, expected) in steps.iter().zip(&expected) {
+        assert_eq!(&seen(step(&mut through, *s).await), expected, "{s:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn discard_all_in_a_string_stays_postgresqls_error() {
     let cluster = test_cluster(0);
     let node = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.node(0).port));
