@@ -191,9 +191,12 @@ async fn a_pools_reset_string_shows_what_postgresql_shows_in_both_pool_modes() {
 async fn a_pinned_sessions_deallocate_all_in_a_reset_string_runs_on_its_own_connection() {
     let cluster = test_cluster(0);
     let steps = [
-        // A session advisory lock pins the session to its connection.
-        Step::Query("SELECT pg_advisory_lock(9)"),
+        // The settings the string leaves: a statement's name on the nodes depends on them.
+        Step::Query("RESET ALL"),
+        // Prepared under pgvigil's name on the shared connection, which a session advisory
+        // lock then pins the session to.
         Step::Prepare("mine", "SELECT 1"),
+        Step::Query("SELECT pg_advisory_lock(9)"),
         Step::Query("RESET ALL; DEALLOCATE ALL"),
         Step::Run("mine"),
         // The same statement again: prepared anew, not taken for the one that is gone.
