@@ -18,9 +18,10 @@
 //! block), so an error anywhere rolls the SETs back with the rest, as PostgreSQL would roll back
 //! the resets. The statements after the first resetting one run before the SETs, with the
 //! server's defaults where PostgreSQL would have the startup values; that is why only
-//! statements that cannot observe settings may follow it: resetting ones (an error of `RESET
-//! no_such_name` reads the same: its text is ASCII, and `lc_messages`, the one setting that
-//! could change it, only a superuser may give at startup) and release ones. An unqualified
+//! statements that cannot observe settings may follow it: resetting ones and release ones. An
+//! error of a later `RESET no_such_name` reads the same (its text is ASCII) unless the client
+//! gave `lc_messages` at startup (only a superuser may): such a string is run as it is, without
+//! the SETs, and pins the session, as a forwarded one would. An unqualified
 //! `pg_advisory_unlock_all()` follows only before the first reset, as it depends on
 //! `search_path`. Quotes, dollar quotes and comments are not read: with none, every `;` ends a
 //! statement.
@@ -168,6 +169,9 @@ pub(super) async fn answer(
     let shared = proxy.config().pool.mode == PoolMode::Transaction;
     let own_connection = !shared || steering.replay.pinned().is_some();
     let refused_block = conn.tx == TxStatus::Failed;
+    // The startup parameters were applied when the session began: they parse.
+    let settings = startup_settings(startup.params()).unwrap_or_default();
+    let exact = !messages_may_differ(&parts, &settings);
     // pgvigil answers DEALLOCATE ALL on a shared connection (in a failed block the node
     // refuses the string's first statement, whatever it is).
     let answered_here = |p: &Part<'_>| {
@@ -178,8 +182,8 @@ pub(super) async fn answer(
         text.push_str(&String::from_utf8_lossy(p.text));
         text.push_str(";\n");
     }
-    if !refused_block {
-        text.push_str(&startup_sets(&parts, startup));
+    if !refused_block && exact {
+        text.push_str(&startup_sets(&parts, &settings));
     }
     debug!(statement = ?String::from_utf8_lossy(sql), ran = %text, "resetting string run by pgvigil");
     let before = conn.params.clone();
@@ -204,7 +208,12 @@ pub(super) async fn answer(
         failed,
         deallocated,
     } = relay(&parts, &answered_here, answers, out);
-    if !failed {
+    if !failed && !exact {
+        steering.reset_ran();
+        steering
+            .replay
+            .pin("a reset string pgvigil cannot run exactly");
+    } else if !failed {
         steering.reset_ran();
         for p in &parts {
             if let Kind::Resetting(statement) = p.kind {
@@ -301,10 +310,23 @@ fn relay(
     }
 }
 
-/// The SETs of the startup parameters that the string's resetting statements reset.
-fn startup_sets(parts: &[Part<'_>], startup: &ClientStartup) -> String {
-    // The startup parameters were applied when the session began: they parse.
-    let settings = startup_settings(startup.params()).unwrap_or_default();
+/// Whether an error of a resetting statement after the first could read otherwise than on
+/// PostgreSQL, in the language of the server's `lc_messages` rather than the client's: the
+/// client gave `lc_messages` at startup (`settings`), and a later statement resets a parameter
+/// it did not give (which may not exist).
+fn messages_may_differ(parts: &[Part<'_>], settings: &[(Vec<u8>, Vec<u8>)]) -> bool {
+    let given = |name: &[u8]| settings.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+    let mut resets = parts.iter().filter_map(|p| match p.kind {
+        Kind::Resetting(statement) => Some(statement),
+        Kind::Release(_) => None,
+    });
+    resets.next();
+    given(b"lc_messages")
+        && resets.any(|r| matches!(r, Resetting::Reset(n) | Resetting::SetDefault(n) if !given(n)))
+}
+
+/// The SETs of the startup parameters (`settings`) that the string's resetting statements reset.
+fn startup_sets(parts: &[Part<'_>], settings: &[(Vec<u8>, Vec<u8>)]) -> String {
     let reset = |name: &[u8]| {
         parts.iter().any(|p| match p.kind {
             Kind::Resetting(Resetting::ResetAll) => true,
@@ -480,6 +502,34 @@ mod tests {
             relayed("RESET ALL; DEALLOCATE ALL", false, answers),
             (to_strings(&["RESET", "DEALLOCATE ALL"]), expected)
         );
+    }
+
+    #[test]
+    fn a_later_reset_that_may_fail_is_exact_unless_the_client_chose_lc_messages() {
+        let settings = |names: &[&str]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            names
+                .iter()
+                .map(|n| (n.as_bytes().to_vec(), b"x".to_vec()))
+                .collect()
+        };
+        let chose = settings(&["application_name", "lc_messages"]);
+        let cases = [
+            (
+                "RESET ALL; RESET no_such",
+                settings(&["application_name"]),
+                false,
+            ),
+            ("RESET ALL; RESET no_such", chose.clone(), true),
+            ("RESET ALL; SET no_such TO DEFAULT", chose.clone(), true),
+            ("RESET no_such; UNLISTEN *; RESET ALL", chose.clone(), false),
+            ("RESET ALL; RESET application_name", chose.clone(), false),
+            ("RESET ALL; RESET LC_MESSAGES; RESET ALL", chose, false),
+        ];
+        for (sql, settings, differ) in cases {
+            let parts = read_string(sql.as_bytes()).unwrap_or_default();
+            assert!(!parts.is_empty(), "{sql}");
+            assert_eq!(messages_may_differ(&parts, &settings), differ, "{sql}");
+        }
     }
 
     #[test]
