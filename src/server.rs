@@ -18,6 +18,8 @@ use crate::statements::ServerStatements;
 use crate::stream::{tune_socket, Stream};
 use crate::topology::NodeId;
 
+mod exchange;
+
 /// Largest message accepted from a node during login and internal queries.
 const LOGIN_MESSAGE_LIMIT: usize = 1 << 20;
 
@@ -381,85 +383,6 @@ impl ServerConn {
         Ok(())
     }
 
-    /// Runs one statement pgvigil itself needs (SET, DISCARD ALL) and waits for ReadyForQuery.
-    pub async fn run_internal(&mut self, sql: &str) -> Result<(), ServerError> {
-        self.query_text(sql).await.map(|_| ())
-    }
-
-    /// Runs one statement and returns the first column of its first row as text (None when it
-    /// returns no row or NULL).
-    pub async fn query_text(&mut self, sql: &str) -> Result<Option<String>, ServerError> {
-        self.query(sql, None).await
-    }
-
-    /// Runs statements for the client (see `session::reset`), as [`ServerConn::query_text`]
-    /// does, and appends every NoticeResponse the node sent to `notices`.
-    pub async fn query_for_client(
-        &mut self,
-        sql: &str,
-        notices: &mut BytesMut,
-    ) -> Result<(), ServerError> {
-        self.query(sql, Some(notices)).await.map(|_| ())
-    }
-
-    async fn query(
-        &mut self,
-        sql: &str,
-        notices: Option<&mut BytesMut>,
-    ) -> Result<Option<String>, ServerError> {
-        let mut out = BytesMut::new();
-        encode::query(&mut out, sql.as_bytes());
-        let result = self.exchange_noting(&mut out, notices).await;
-        if let Ok(_) | Err(ServerError::Rejected { .. }) = result {
-            // The node ran (or refused) a simple Query, which drops the unnamed statement.
-            self.statements.set_unnamed(false);
-        }
-        result
-    }
-
-    /// Sends `messages` (ending with Sync or a Query) and reads everything up to ReadyForQuery;
-    /// an ErrorResponse becomes `Rejected` once the node is ready again. Returns the first
-    /// column of the first DataRow, if any, as text.
-    pub async fn exchange(
-        &mut self,
-        messages: &mut BytesMut,
-    ) -> Result<Option<String>, ServerError> {
-        self.exchange_noting(messages, None).await
-    }
-
-    /// [`ServerConn::exchange`], appending every NoticeResponse to `notices` if given.
-    async fn exchange_noting(
-        &mut self,
-        messages: &mut BytesMut,
-        mut notices: Option<&mut BytesMut>,
-    ) -> Result<Option<String>, ServerError> {
-        self.send(messages).await?;
-        let mut failure = None;
-        let mut value = None;
-        loop {
-            let (tag, frame) = self.read_frame().await?;
-            match tag {
-                backend::tag::READY_FOR_QUERY => {
-                    self.tx =
-                        backend::ReadyForQuery::parse(&frame[5..]).map_err(|e| self.protocol(e))?;
-                    return match failure {
-                        Some(frame) => Err(self.rejected(frame)),
-                        None => Ok(value),
-                    };
-                }
-                backend::tag::ERROR_RESPONSE => failure = Some(frame),
-                backend::tag::PARAMETER_STATUS => self.note_parameter(&frame[5..])?,
-                backend::tag::DATA_ROW if value.is_none() => value = first_column(&frame[5..]),
-                backend::tag::NOTICE_RESPONSE => {
-                    if let Some(notices) = notices.as_deref_mut() {
-                        notices.extend_from_slice(&frame);
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-
     /// Where a CancelRequest for this backend must go.
     pub fn cancel_target(&self) -> Arc<CancelTarget> {
         self.cancel.clone()
@@ -588,16 +511,4 @@ async fn negotiate_tls(mut tcp: TcpStream, target: &LoginTarget) -> Result<Strea
             "unexpected answer {other:#04x} to SSLRequest"
         ))),
     }
-}
-
-/// The first column of a DataRow body as text (None when NULL or malformed).
-fn first_column(body: &[u8]) -> Option<String> {
-    let count = u16::from_be_bytes(body.get(..2)?.try_into().ok()?);
-    if count == 0 {
-        return None;
-    }
-    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
-    let len = usize::try_from(len).ok()?;
-    let value = body.get(6..6 + len)?;
-    Some(String::from_utf8_lossy(value).into_owned())
 }

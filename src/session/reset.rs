@@ -15,11 +15,16 @@
 //! block is run so too (it sets the startup value until the block ends; nothing is logged);
 //! anywhere else the server answers it as it is. Notices the server sends reach the client.
 //!
-//! Sent any other way (in a string of several statements, as a named prepared statement, in an
-//! extended unit that goes on after it), a resetting statement is forwarded: the server returns
-//! to its own defaults, not to the client's startup values. A `RESET ALL` or `DISCARD ALL` so
-//! sent pins the session (logged; see `steering`), so that no replay undoes it or repeats it
-//! elsewhere.
+//! A simple Query of several statements that resets settings the way connection pools do at
+//! every release (asyncpg: `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+//! ALL;`) is run by pgvigil too, in one string with the startup parameters' SETs appended: see
+//! `string` for which strings and why they are exact.
+//!
+//! Sent any other way (in another string of several statements, as a named prepared statement,
+//! in an extended unit that goes on after it), a resetting statement is forwarded: the server
+//! returns to its own defaults, not to the client's startup values. A `RESET ALL` or `DISCARD
+//! ALL` so sent pins the session (logged; see `steering`), so that no replay undoes it or
+//! repeats it elsewhere.
 //!
 //! `DISCARD ALL` outside a transaction block under transaction pooling, unless the session is
 //! pinned, does not run on the shared connection (it would drop other sessions' prepared
@@ -43,8 +48,10 @@ use super::startup_sql::{push_set, push_set_local, startup_settings};
 use super::steering::Steering;
 use crate::config::PoolMode;
 use crate::proxy::Proxy;
-use crate::server::{ServerConn, ServerError};
-use crate::topology::Need;
+use crate::server::{ReportedParams, ServerConn, ServerError};
+use crate::topology::{Need, NodeId};
+
+mod string;
 
 /// A statement that returns settings to their reset values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +84,8 @@ enum Sent {
     /// As Parse, Bind (no parameters), an optional Describe (of kind `S` or `P`), Execute and
     /// Sync, all of the unnamed statement and portal (psycopg 3 and pgjdbc send statements so).
     Extended(Option<u8>),
+    /// In a simple Query of several statements that `string` runs.
+    String,
 }
 
 /// Whether the unit at the start of `input` is a resetting statement that pgvigil runs itself.
@@ -97,8 +106,11 @@ fn unit_at(input: &[u8], max_message: usize) -> Option<(&[u8], Sent, usize)> {
     let first = next()?;
     if first.tag == frontend::tag::QUERY {
         let sql = Query::parse(first.body).ok()?.sql;
-        read(sql)?;
-        return Some((sql, Sent::Query, first.len()));
+        let sent = match read(sql) {
+            Some(_) => Sent::Query,
+            None => string::is_string(sql).then_some(Sent::String)?,
+        };
+        return Some((sql, sent, first.len()));
     }
     let parse = (first.tag == frontend::tag::PARSE)
         .then(|| Parse::parse(first.body).ok())
@@ -315,6 +327,9 @@ pub(super) async fn answer(
     // The whole unit is in the buffer: the steering decided on it.
     let len = unit_at(&client.rbuf, max_message).map_or(0, |(_, _, len)| len);
     let unit = client.rbuf[..len].to_vec();
+    if let Some((sql, Sent::String, _)) = unit_at(&unit, max_message) {
+        return string::answer(client, conn, steering, startup, proxy, sql, len).await;
+    }
     let Some((statement, sql, sent)) =
         unit_at(&unit, max_message).and_then(|(sql, sent, _)| Some((read(sql)?, sql, sent)))
     else {
@@ -341,17 +356,7 @@ pub(super) async fn answer(
         }
         Ok(None)
     };
-    // As the relay does, the wait ends once the topology no longer lets sessions use the node.
-    let refused = match proxy.unless_given_up(node, Need::Usable, run).await {
-        Ok(Ok(refused)) => refused,
-        Ok(Err(cause)) => return Err(Failed::Server(cause)),
-        Err(_) => {
-            let role = proxy.topology.load().nodes.get(node).map(|n| n.role);
-            return Err(Failed::Server(
-                role.map_or(LossCause::Closed, LossCause::Unusable),
-            ));
-        }
-    };
+    let refused = guarded(proxy, node, run).await?;
     let _ = client.rbuf.split_to(len);
     let out = &mut client.pending;
     steering.encoding_safe = conn
@@ -397,13 +402,40 @@ pub(super) async fn answer(
                     .settings
                     .ran(logged, plan.scope, conn.tx, node);
             }
+            steering.reset_ran();
             encode::message(out, backend::tag::COMMAND_COMPLETE, |b| {
                 b.put_slice(plan.tag);
                 b.put_u8(0);
             });
         }
     }
-    // PostgreSQL reports changed parameters just before ReadyForQuery (since version 14).
+    ready(out, &before, conn);
+    flush(client).await.map_err(Failed::Client)
+}
+
+/// Runs `run` (work on the connection to `node`) until it ends or, as the relay does, until
+/// the topology no longer lets sessions use the node.
+async fn guarded<T>(
+    proxy: &Proxy,
+    node: NodeId,
+    run: impl std::future::Future<Output = Result<T, LossCause>>,
+) -> Result<T, Failed> {
+    match proxy.unless_given_up(node, Need::Usable, run).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(cause)) => Err(Failed::Server(cause)),
+        Err(_) => {
+            let role = proxy.topology.load().nodes.get(node).map(|n| n.role);
+            Err(Failed::Server(
+                role.map_or(LossCause::Closed, LossCause::Unusable),
+            ))
+        }
+    }
+}
+
+/// The end of an answer: the ParameterStatus of every reported parameter whose value on `conn`
+/// differs from `before` (PostgreSQL reports changes just before ReadyForQuery since version
+/// 14), then ReadyForQuery.
+fn ready(out: &mut BytesMut, before: &ReportedParams, conn: &ServerConn) {
     for (name, value) in conn.params.iter() {
         if before.get(name) != Some(value) {
             encode::message(out, backend::tag::PARAMETER_STATUS, |b| {
@@ -415,7 +447,6 @@ pub(super) async fn answer(
         }
     }
     encode::ready_for_query(out, conn.tx);
-    flush(client).await.map_err(Failed::Client)
 }
 
 #[cfg(test)]

@@ -240,6 +240,15 @@ impl Steering {
         Decision::Forward
     }
 
+    /// pgvigil ran the resetting unit decided last for the client (see `reset`), and it took
+    /// effect: the session's default transaction mode follows it as if it had been forwarded
+    /// (after a `RESET ALL` a plain BEGIN may write again).
+    pub fn reset_ran(&mut self) {
+        if let Some(read_only) = self.unit.session_read_only {
+            self.default_read_only = read_only;
+        }
+    }
+
     /// Chooses the node for a unit outside a transaction (see [`route::route_unit`]), and notes
     /// whether it counts as a write.
     fn choose(

@@ -215,7 +215,7 @@ fn jdbc_runtime() -> Result<(), String> {
 
 /// `python <script>` in the drivers' virtual environment, or `None` when it cannot be had here
 /// (and the test is skipped).
-async fn python_program(driver: &str, script: &str) -> Option<Command> {
+pub(crate) async fn python_program(driver: &str, script: &str) -> Option<Command> {
     let venv = tokio::task::spawn_blocking(python_venv)
         .await
         .unwrap_or_else(|e| panic!("building the virtual environment: {e}"));

@@ -26,6 +26,7 @@ mod metrics;
 mod passthrough;
 mod pause;
 mod pgbench;
+mod pool_reset;
 mod pooling;
 mod prepared_pooling;
 mod read_split;
