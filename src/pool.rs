@@ -80,6 +80,9 @@ struct NodePool {
     /// Wakes waiting checkouts when a connection goes back to an idle list: it keeps its slot, so
     /// waiting on `slots` alone would miss it.
     returned: Notify,
+    /// Checkouts that may wait for `returned`: a checkin wakes them only when there are any
+    /// (notifying takes `returned`'s lock, which every data-plane thread shares).
+    watching: AtomicUsize,
     /// Slots a smaller `pool.max_size` took away that were in use: each connection that comes
     /// back closes and gives its slot up until none is owed.
     owed: AtomicUsize,
@@ -99,6 +102,24 @@ struct Waiter<'a> {
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         lock(&self.pool.waiters).remove(&self.id);
+    }
+}
+
+/// A checkout counted in its pool's `watching` until this is dropped.
+struct Watching<'a> {
+    pool: &'a NodePool,
+}
+
+impl<'a> Watching<'a> {
+    fn new(pool: &'a NodePool) -> Watching<'a> {
+        pool.watching.fetch_add(1, Ordering::SeqCst);
+        Watching { pool }
+    }
+}
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        self.pool.watching.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -186,6 +207,7 @@ impl Pools {
             slots: Arc::new(Semaphore::new(self.config.load().max_size)),
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
+            watching: AtomicUsize::new(0),
             owed: AtomicUsize::new(0),
             waits,
             wait_us: AtomicU64::new(0),
@@ -292,6 +314,8 @@ impl Pools {
         let mut waiting_since: Option<Instant> = None;
         // Listed among the waiters while it waits (dropped when the checkout ends).
         let mut _waiter: Option<Waiter<'_>> = None;
+        // Counted before the first look: a connection checked in after the look then notifies.
+        let _watching = Watching::new(pool);
         let permit = loop {
             // Enabled before looking: a connection checked in just after the look still wakes us.
             let returned = pool.returned.notified();
@@ -400,7 +424,11 @@ impl Pools {
             permit: lease.permit,
         });
         drop(idle);
-        pool.returned.notify_waiters();
+        // Ordered by the idle lists' lock: a checkout counted after this checkin's look at the
+        // count took that lock after the push, and finds the connection.
+        if pool.watching.load(Ordering::SeqCst) > 0 {
+            pool.returned.notify_waiters();
+        }
     }
 
     /// Closes idle connections past `pool.idle_timeout` or `pool.max_lifetime`.
