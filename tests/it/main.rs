@@ -41,4 +41,5 @@ mod support;
 mod switchover;
 mod tls;
 mod transaction_pooling;
+mod unnamed_statement;
 mod write_connection;
