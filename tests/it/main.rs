@@ -21,6 +21,7 @@ mod failover_safety;
 mod idle_memory;
 mod instances;
 mod large_messages;
+mod lost_in_flight;
 mod lost_transaction;
 mod metrics;
 mod passthrough;
