@@ -376,23 +376,19 @@ pub fn named_references(input: &[u8], max_message: usize, mut visit: impl FnMut(
 pub fn reuses_unnamed(input: &[u8], max_message: usize) -> bool {
     let mut pos = 0;
     while let Some(message) = message_at(input, pos, max_message) {
+        let body = message.body;
         match message.tag {
-            frontend::tag::PARSE => {
-                // Even one that fails drops the earlier unnamed statement.
-                if Parse::parse(message.body).is_ok_and(|p| p.name.is_empty()) {
-                    return false;
-                }
+            // Even one that fails drops the earlier unnamed statement.
+            frontend::tag::PARSE if Parse::parse(body).is_ok_and(|p| p.name.is_empty()) => {
+                return false;
             }
-            frontend::tag::BIND => {
-                if Bind::parse(message.body).is_ok_and(|b| b.statement.is_empty()) {
-                    return true;
-                }
+            frontend::tag::BIND if Bind::parse(body).is_ok_and(|b| b.statement.is_empty()) => {
+                return true;
             }
-            frontend::tag::DESCRIBE => {
-                if Describe::parse(message.body).is_ok_and(|d| d.kind == b'S' && d.name.is_empty())
-                {
-                    return true;
-                }
+            frontend::tag::DESCRIBE
+                if Describe::parse(body).is_ok_and(|d| d.kind == b'S' && d.name.is_empty()) =>
+            {
+                return true;
             }
             frontend::tag::SYNC | frontend::tag::QUERY => return false,
             _ => {}
