@@ -131,6 +131,12 @@ impl ServerStatements {
         self.unnamed_of = id;
     }
 
+    /// Another session takes the connection: it may drop the unnamed statement there with a
+    /// simple Query, which is not scanned for that, so whose it is is no longer known.
+    pub fn lent(&mut self) {
+        self.unnamed_of = NO_STATEMENT;
+    }
+
     /// The id of the session's unnamed statement the connection has, [`NO_STATEMENT`] when
     /// none is known.
     pub fn unnamed_of(&self) -> StatementId {

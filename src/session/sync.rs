@@ -219,6 +219,8 @@ async fn catch_up(
             .is_some_and(|w| w.eq_ignore_ascii_case(b"discard"));
         encode::query(&mut out, sql);
         skip_rejection(conn.exchange(&mut out).await)?;
+        // A simple Query drops the unnamed statement there (see `unnamed_owed`).
+        conn.statements.set_unnamed(false);
     }
     replay.caught_up(node);
     let max = proxy.config().max_message_size;

@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use pgvigil::config::PoolMode;
 use pgvigil_proto::encode;
 
-use crate::lost_transaction::trust_app;
+use crate::lost_transaction::{one_server_connection, trust_app};
 use crate::support::wire::{bind_execute, parse, Answer, Wire};
 use crate::support::{start_proxy, test_cluster, TestProxy};
 
@@ -38,8 +38,10 @@ fn pid_and_value(answer: &Answer) -> (String, String) {
 
 /// Two other sessions each hold one of the pool's two connections in a transaction block; the
 /// one holding a connection that is not `keep` then commits, so that the session's next unit
-/// can take only that one. Returns the holder still in its block.
-async fn free_all_but(proxy: &TestProxy, keep: &str) -> Wire {
+/// can take only that one (after parsing an unnamed statement of its own there when
+/// `theirs`, else running only simple Queries, which drop the unnamed statement). Returns the
+/// holder still in its block.
+async fn free_all_but(proxy: &TestProxy, keep: &str, theirs: bool) -> Wire {
     let mut holders = Vec::new();
     for _ in 0..2 {
         let mut holder = Wire::login(proxy).await;
@@ -53,10 +55,12 @@ async fn free_all_but(proxy: &TestProxy, keep: &str) -> Wire {
     let (_, mut other) = holders.remove(0);
     // Another session's unnamed statement on the connection the session gets next: never the
     // session's to run.
-    let theirs = other
-        .exchange(parse_alone("SELECT 'theirs', 'theirs'"))
-        .await;
-    assert!(theirs.errors.is_empty(), "{theirs:?}");
+    if theirs {
+        let theirs = other
+            .exchange(parse_alone("SELECT 'theirs', 'theirs'"))
+            .await;
+        assert!(theirs.errors.is_empty(), "{theirs:?}");
+    }
     assert_eq!(other.query("COMMIT").await.status, b'I');
     // `kept` stays in its block (and on its connection) until the caller drops it.
     let _ = kept.query("SELECT 1").await;
@@ -96,12 +100,19 @@ async fn an_unnamed_statement_parsed_in_one_unit_is_bound_in_a_later_one_on_anot
 
     // The next unit can only take the other connection, which has another session's unnamed
     // statement.
-    let holder = free_all_but(&proxy, &pid).await;
+    let mut holder = free_all_but(&proxy, &pid, true).await;
     let moved = session.exchange(bind_alone).await;
     assert_eq!(moved.kinds, first.kinds, "as directly: {moved:?}");
     let (moved_pid, value) = pid_and_value(&moved);
     assert_ne!(moved_pid, pid, "the connection did not change");
     assert_eq!(value, "mine", "not the session's own statement: {moved:?}");
+    assert_eq!(holder.query("COMMIT").await.status, b'I');
+
+    // Back on the first connection, where another session's simple Queries dropped it.
+    let holder = free_all_but(&proxy, &moved_pid, false).await;
+    let back = session.exchange(bind_alone).await;
+    assert_eq!(back.kinds, first.kinds, "as directly: {back:?}");
+    assert_eq!(pid_and_value(&back), (pid.clone(), "mine".to_owned()));
     drop(holder);
 
     // A simple Query drops it, wherever the next unit runs.
@@ -146,4 +157,22 @@ async fn a_session_keeps_its_connection_while_its_unnamed_statement_is_too_long_
         pids.contains(&pid),
         "the connection was not given back: {pids:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_sessions_simple_query_on_the_shared_connection_does_not_lose_the_unnamed_statement(
+) {
+    let cluster = test_cluster(0);
+    // One server connection: every unit of both sessions runs on it, taken as it is (same
+    // startup parameters, no settings), without a reset.
+    let proxy = one_server_connection(&cluster, PoolMode::Transaction).await;
+    let mut session = Wire::login(&proxy).await;
+    let mut other = Wire::login(&proxy).await;
+    assert!(session.exchange(parse_alone(MINE)).await.errors.is_empty());
+    let (pid, value) = pid_and_value(&session.exchange(bind_alone).await);
+    assert_eq!(value, "mine");
+    // Its simple Query drops the unnamed statement on the connection.
+    assert_eq!(other.query("SELECT 1").await.rows, [["1"]]);
+    let again = session.exchange(bind_alone).await;
+    assert_eq!(pid_and_value(&again), (pid, "mine".to_owned()), "{again:?}");
 }
