@@ -82,6 +82,9 @@ pub struct ServerStatements {
     /// A Parse of the unnamed statement was sent since the last simple Query (which drops it,
     /// as does the next such Parse: PostgreSQL docs, "Extended Query").
     unnamed: bool,
+    /// Which session's unnamed statement the connection has, by the id that session gave it
+    /// when its Parse succeeded ([`NO_STATEMENT`]: none known to be anyone's).
+    unnamed_of: StatementId,
 }
 
 impl ServerStatements {
@@ -117,6 +120,27 @@ impl ServerStatements {
     /// dropped it ran there (`false`).
     pub fn set_unnamed(&mut self, parsed: bool) {
         self.unnamed = parsed;
+        // Whose it is is known only once its Parse succeeded (see `set_unnamed_of`).
+        self.unnamed_of = NO_STATEMENT;
+    }
+
+    /// The connection has the unnamed statement a session knows as `id` (its Parse succeeded
+    /// there).
+    pub fn set_unnamed_of(&mut self, id: StatementId) {
+        self.unnamed = true;
+        self.unnamed_of = id;
+    }
+
+    /// Another session takes the connection: it may drop the unnamed statement there with a
+    /// simple Query, which is not scanned for that, so whose it is is no longer known.
+    pub fn lent(&mut self) {
+        self.unnamed_of = NO_STATEMENT;
+    }
+
+    /// The id of the session's unnamed statement the connection has, [`NO_STATEMENT`] when
+    /// none is known.
+    pub fn unnamed_of(&self) -> StatementId {
+        self.unnamed_of
     }
 
     /// Whether the connection may have an unnamed statement.

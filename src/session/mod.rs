@@ -467,6 +467,11 @@ async fn adopt(
     // must not be left for the unit to use.
     let unnamed_safe =
         own || !conn.statements.has_unnamed() || client_scan::drops_unnamed(unit, max_message);
+    if !own {
+        // (See `sync::unnamed_owed`: the session's own unnamed statement is prepared again
+        // where the connection may have lost it.)
+        conn.statements.lent();
+    }
     let reusable = reusable(&conn.carries, startup, log).filter(|_| unnamed_safe);
     let settings = match (reusable, &conn.carries) {
         (Some(settings), _) => settings,

@@ -19,7 +19,7 @@ use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
 
 use super::recover::IN_FAILED;
-use super::replay::{Prepared, Replayable};
+use super::replay::{OwnUnnamed, Prepared, Replayable};
 use crate::proxy::Proxy;
 use crate::statements::{self, ServerStatements, StatementId, NO_STATEMENT};
 use crate::topology::NodeId;
@@ -78,6 +78,9 @@ pub struct PendingParse {
 #[derive(Debug)]
 struct InFlight {
     named: Option<Box<PendingParse>>,
+    /// Transaction pooling: the client's Parse of the unnamed statement, which becomes the
+    /// session's unnamed statement if it succeeds.
+    unnamed: Option<Box<OwnUnnamed>>,
     /// The requests answered by ReadyForQuery (Sync, Query, FunctionCall) forwarded before it.
     epoch: u64,
 }
@@ -124,7 +127,12 @@ impl Naming {
         };
         let epoch = self.requests;
         let named = Some(Box::new(named));
-        self.queues().pending.push_back(InFlight { named, epoch });
+        let unnamed = None;
+        self.queues().pending.push_back(InFlight {
+            named,
+            unnamed,
+            epoch,
+        });
     }
 
     /// Session pooling: a Parse of the client's `name`, recorded as it was forwarded, replacing
@@ -145,15 +153,33 @@ impl Naming {
         };
         let epoch = self.requests;
         let named = Some(Box::new(named));
-        self.queues().pending.push_back(InFlight { named, epoch });
+        let unnamed = None;
+        self.queues().pending.push_back(InFlight {
+            named,
+            unnamed,
+            epoch,
+        });
     }
 
     /// A Parse that prepares no named statement was forwarded.
     pub fn sent_unnamed(&mut self) {
         let epoch = self.requests;
-        self.queues()
-            .pending
-            .push_back(InFlight { named: None, epoch });
+        self.queues().pending.push_back(InFlight {
+            named: None,
+            unnamed: None,
+            epoch,
+        });
+    }
+
+    /// Transaction pooling: the client's Parse of the unnamed statement was forwarded; it is
+    /// the session's unnamed statement `own` once the server answers ParseComplete.
+    pub fn sent_own_unnamed(&mut self, own: OwnUnnamed) {
+        let epoch = self.requests;
+        self.queues().pending.push_back(InFlight {
+            named: None,
+            unnamed: Some(Box::new(own)),
+            epoch,
+        });
     }
 
     fn queues(&mut self) -> &mut Queues {
@@ -185,28 +211,41 @@ impl Naming {
         }
     }
 
+    /// The client's unnamed Parse forwarded last is a statement of class `class`.
+    pub fn classified_unnamed(&mut self, class: Classification) {
+        let last = self.queues.as_mut().and_then(|q| q.pending.back_mut());
+        if let Some(own) = last.and_then(|p| p.unnamed.as_deref_mut()) {
+            own.class = Some(class);
+        }
+    }
+
     /// The server answered the first Parse in flight with ParseComplete: the named one it
-    /// prepared, if it was named.
-    pub fn parse_complete(&mut self) -> Option<Box<PendingParse>> {
-        self.queues.as_mut()?.pending.pop_front()?.named
+    /// prepared, if it was named, or the session's unnamed statement it prepared, if it was
+    /// the client's unnamed Parse under transaction pooling.
+    pub fn parse_complete(&mut self) -> (Option<Box<PendingParse>>, Option<Box<OwnUnnamed>>) {
+        let first = self.queues.as_mut().and_then(|q| q.pending.pop_front());
+        first.map_or((None, None), |p| (p.named, p.unnamed))
     }
 
     /// The server sent an ErrorResponse: the Parses in flight before the next Sync never ran;
-    /// the named ones are returned, in the order they were sent.
-    pub fn error(&mut self) -> Vec<PendingParse> {
+    /// the named ones are returned, in the order they were sent, and whether one of them was
+    /// the client's unnamed Parse under transaction pooling.
+    pub fn error(&mut self) -> (Vec<PendingParse>, bool) {
         let readies = self.readies;
         let mut failed = Vec::new();
+        let mut unnamed = false;
         let Some(queues) = self.queues.as_mut() else {
-            return failed;
+            return (failed, unnamed);
         };
         queues.pending.retain_mut(|p| {
             if p.epoch != readies {
                 return true;
             }
             failed.extend(p.named.take().map(|named| *named));
+            unnamed |= p.unnamed.is_some();
             false
         });
-        failed
+        (failed, unnamed)
     }
 
     /// The server sent ReadyForQuery; `quiet`: it answered every request. Named Parses still in
@@ -335,7 +374,14 @@ pub fn name_statement(
 ) -> Outgoing {
     let Some((at, len)) = statement_name(tag, frame) else {
         if tag == frontend::tag::PARSE {
-            replay.naming.sent_unnamed();
+            match Parse::parse(frame.get(5..).unwrap_or_default()) {
+                Ok(parse) if parse.name.is_empty() => {
+                    // (Classified as it is noted: see `Naming::classified_unnamed`.)
+                    let own = OwnUnnamed::new(proxy.statements.unique(), frame);
+                    replay.naming.sent_own_unnamed(own);
+                }
+                _ => replay.naming.sent_unnamed(),
+            }
         }
         return Outgoing::AsIs;
     };

@@ -467,9 +467,12 @@ struct Flushing {
 
 /// Whether transaction pooling may take back a connection that answered everything, outside a
 /// transaction block, with nothing more from the server (a notice, a notification): yes unless
-/// the session is pinned to it.
+/// the session is pinned to it, or keeps it for an unnamed statement too long to prepare again
+/// elsewhere.
 pub fn releasable(proxy: &Proxy, steering: &Steering) -> bool {
-    proxy.config().pool.mode == PoolMode::Transaction && steering.replay.pinned().is_none()
+    proxy.config().pool.mode == PoolMode::Transaction
+        && steering.replay.pinned().is_none()
+        && !steering.replay.holds_connection()
 }
 
 /// The role of `node` when sessions may no longer use it.

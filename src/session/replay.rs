@@ -36,6 +36,36 @@ pub struct Prepared {
     pub server: StatementId,
 }
 
+/// The longest Parse of the unnamed statement a session keeps to prepare again on another
+/// connection under transaction pooling. Every idle session keeps its last one, so a bound
+/// keeps an idle client cheap; a session whose unnamed statement is longer keeps its connection
+/// instead until it replaces that statement (see [`Replayable::holds_connection`]).
+pub const UNNAMED_KEPT_MAX: usize = 16 * 1024;
+
+/// Transaction pooling: the session's unnamed statement. Directly on PostgreSQL it lives until
+/// the next Parse of the unnamed statement or simple Query, across transactions; pgvigil
+/// prepares it again on a connection that lacks it before a unit that binds it.
+#[derive(Debug, Clone)]
+pub struct OwnUnnamed {
+    /// What marks it on the connections that have it (see `ServerStatements::unnamed_of`).
+    pub id: StatementId,
+    /// The client's Parse message, whole; `None` when longer than [`UNNAMED_KEPT_MAX`].
+    pub parse: Option<Bytes>,
+    /// What its text is (`None`: not classified, judged a write).
+    pub class: Option<Classification>,
+}
+
+impl OwnUnnamed {
+    /// The client's Parse `frame` of the unnamed statement, to be known as `id`.
+    pub fn new(id: StatementId, frame: &[u8]) -> OwnUnnamed {
+        OwnUnnamed {
+            id,
+            parse: (frame.len() <= UNNAMED_KEPT_MAX).then(|| Bytes::copy_from_slice(frame)),
+            class: None,
+        }
+    }
+}
+
 /// A statement text or name, as the client sent it.
 pub type SqlText = Box<[u8]>;
 
@@ -93,6 +123,9 @@ pub struct Replayable {
     pending_close: Box<[Vec<SqlText>]>,
     /// Where the unnamed statement was last parsed, and what it is.
     unnamed: Option<(NodeId, Classification)>,
+    /// Transaction pooling: the session's unnamed statement, once its Parse succeeded, until a
+    /// simple Query or a Parse of another drops it (boxed: most sessions never have one).
+    own_unnamed: Option<Box<OwnUnnamed>>,
     /// Why the session must stay on its primary connection, once it must.
     pinned: Option<&'static str>,
     /// Transaction pooling: named Parses in flight on the current connection.
@@ -110,6 +143,7 @@ impl Replayable {
             statements: Named::default(),
             pending_close: Box::default(),
             unnamed: None,
+            own_unnamed: None,
             pinned: None,
             naming: Naming::default(),
             context: Arc::from([].as_slice()),
@@ -176,7 +210,12 @@ impl Replayable {
 
     /// The server answered a Parse in flight on `node` with ParseComplete.
     pub fn parse_complete(&mut self, node: NodeId, server: &mut ServerStatements) {
-        let Some(pending) = self.naming.parse_complete() else {
+        let (named, unnamed) = self.naming.parse_complete();
+        if let Some(own) = unnamed {
+            server.set_unnamed_of(own.id);
+            self.own_unnamed = Some(own);
+        }
+        let Some(pending) = named else {
             return;
         };
         let PendingParse {
@@ -253,6 +292,23 @@ impl Replayable {
         self.unnamed
     }
 
+    /// Transaction pooling: the session's unnamed statement, if it has one.
+    pub fn own_unnamed(&self) -> Option<&OwnUnnamed> {
+        self.own_unnamed.as_deref()
+    }
+
+    /// The client sent a simple Query, which drops the unnamed statement (whether forwarded or
+    /// answered by pgvigil).
+    pub fn unnamed_dropped(&mut self) {
+        self.own_unnamed = None;
+    }
+
+    /// Transaction pooling: the session must keep its connection, which has its unnamed
+    /// statement, because that statement is too long to keep for preparing it elsewhere.
+    pub fn holds_connection(&self) -> bool {
+        self.own_unnamed.as_ref().is_some_and(|o| o.parse.is_none())
+    }
+
     /// The unnamed statement was parsed on `node` as `class`.
     pub fn parsed_unnamed(&mut self, node: NodeId, class: Classification) {
         self.unnamed = Some((node, class));
@@ -277,7 +333,13 @@ impl Replayable {
     /// Under session pooling the record is put back as it was before them (a Parse of a name in
     /// use fails with 42P05, and the statement of that name stays).
     pub fn parse_failed(&mut self) {
-        for failed in self.naming.error().into_iter().rev() {
+        let (failed, unnamed) = self.naming.error();
+        if unnamed {
+            // It failed (PostgreSQL dropped the previous one first) or was skipped (the
+            // previous one stays): taken as the former, the common case.
+            self.own_unnamed = None;
+        }
+        for failed in failed.into_iter().rev() {
             if failed.id != NO_STATEMENT || failed.closed {
                 continue;
             }

@@ -387,6 +387,8 @@ impl Session<'_> {
             }
             Decision::WaitPrimary => self.wait_for_primary(None).await,
             Decision::Deallocate => {
+                // A simple Query: on PostgreSQL it drops the unnamed statement.
+                self.steering.replay.unnamed_dropped();
                 let status = self.held.leases[self.steering.current]
                     .as_ref()
                     .map_or(TxStatus::Idle, |lease| lease.conn.tx);
@@ -396,6 +398,9 @@ impl Session<'_> {
                     .map_err(ended)
             }
             Decision::Reset => {
+                // A simple Query or an unnamed Parse: either drops the client's unnamed
+                // statement on PostgreSQL.
+                self.steering.replay.unnamed_dropped();
                 let current = self.steering.current;
                 let Some(lease) = self.held.leases[current].as_mut() else {
                     // No connection: the unit is routed again.

@@ -262,6 +262,21 @@ impl Steering {
         let prefer = self
             .prepared_on
             .filter(|&node| facts.named_refs && !self.misses_statements(input, node, max));
+        // Transaction pooling: an unnamed statement of an earlier unit is prepared again on
+        // the connection the unit gets, so it goes where its statement may run.
+        let merged;
+        let facts = match self.replay.own_unnamed() {
+            Some(own) if facts.reuses_unnamed && self.replay.unnamed().is_none() => {
+                let mut with = *facts;
+                match own.class {
+                    Some(class) => with.merge(&class),
+                    None => with.not_read_only(pgvigil_proto::classify::Reason::Unterminated),
+                }
+                merged = with;
+                &merged
+            }
+            _ => facts,
+        };
         let policy = SessionPolicy {
             pinned: self.replay.pinned(),
             default_read_only: self.default_read_only,

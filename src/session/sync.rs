@@ -4,20 +4,20 @@
 //! since, stale statements closed, the named statements the next unit uses prepared). Node
 //! moves and session survival are both "take a connection, sync it, go on".
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use pgvigil_proto::encode;
 use pgvigil_proto::TxStatus;
 use tracing::debug;
 
-use super::naming;
 use super::replay::Replayable;
 use super::startup::ClientStartup;
+use super::{naming, unit};
 use super::{open, open_within, OpenError};
 use crate::config::PoolMode;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::server::{Carried, ServerConn, ServerError};
-use crate::statements::{self, StatementId, NO_STATEMENT};
+use crate::statements::{self, ServerStatements, StatementId, NO_STATEMENT};
 use crate::topology::{Need, NodeId, Primary};
 
 /// The server connections a session holds, at most one per node.
@@ -156,7 +156,9 @@ pub async fn sync(
     };
     let shared = proxy.config().pool.mode == PoolMode::Transaction;
     let bound = proxy.config().pool.max_prepared_statements;
-    if replay.nothing_owed(node) && (!shared || lease.conn.statements.within(bound)) {
+    let max = proxy.config().max_message_size;
+    let unnamed = shared && unnamed_owed(&lease.conn.statements, replay, input, max).is_some();
+    if replay.nothing_owed(node) && (!shared || lease.conn.statements.within(bound)) && !unnamed {
         // In sync already (see `catch_up`): no round trip, so no wait to bound either.
         return Ok(());
     }
@@ -217,6 +219,8 @@ async fn catch_up(
             .is_some_and(|w| w.eq_ignore_ascii_case(b"discard"));
         encode::query(&mut out, sql);
         skip_rejection(conn.exchange(&mut out).await)?;
+        // A simple Query drops the unnamed statement there (see `unnamed_owed`).
+        conn.statements.set_unnamed(false);
     }
     replay.caught_up(node);
     let max = proxy.config().max_message_size;
@@ -259,6 +263,74 @@ async fn catch_up(
     }
     if shared {
         replay.adopt(node, &conn.statements);
+        if let Some(owed) = unnamed_owed(&conn.statements, replay, input, max) {
+            give_unnamed(conn, owed).await?;
+        }
+    }
+    Ok(())
+}
+
+/// What a connection must be given before the unit at the start of `input` binds the session's
+/// unnamed statement there (transaction pooling).
+enum UnnamedOwed {
+    /// The session's unnamed statement, as its Parse message, known as this id once there.
+    Prepare(Bytes, StatementId),
+    /// No unnamed statement: the session has none (PostgreSQL answers 26000), but the connection
+    /// may have another one, or an older one of the session's.
+    Close,
+}
+
+/// Whether the unit at the start of `input` binds or describes the unnamed statement without
+/// parsing it first on a connection (whose statements are `statements`) that lacks the
+/// session's: it is prepared there first, or, when the session has none, the connection's own
+/// is dropped, so that the unit finds what it would on PostgreSQL.
+fn unnamed_owed(
+    statements: &ServerStatements,
+    replay: &Replayable,
+    input: &[u8],
+    max: usize,
+) -> Option<UnnamedOwed> {
+    let own = replay.own_unnamed();
+    if own.is_none() && !statements.has_unnamed() {
+        return None;
+    }
+    if own.is_some_and(|o| o.id == statements.unnamed_of()) || !unit::reuses_unnamed(input, max) {
+        return None;
+    }
+    match own.and_then(|o| o.parse.clone().map(|parse| (parse, o.id))) {
+        Some((parse, id)) => Some(UnnamedOwed::Prepare(parse, id)),
+        // One too long to keep stays on the connection the session keeps; only when that was
+        // lost does the unit find none (as after a lost connection in session pooling).
+        None => statements.has_unnamed().then_some(UnnamedOwed::Close),
+    }
+}
+
+/// Gives `conn` the session's unnamed statement, or drops the one it has (see
+/// [`unnamed_owed`]).
+async fn give_unnamed(conn: &mut ServerConn, owed: UnnamedOwed) -> Result<(), ServerError> {
+    let mut out = BytesMut::new();
+    match owed {
+        UnnamedOwed::Prepare(parse, id) => {
+            debug!(node = %conn.node_name, "preparing the session's unnamed statement");
+            out.extend_from_slice(&parse);
+            encode::sync(&mut out);
+            if accepted(conn.exchange(&mut out).await)? {
+                conn.statements.set_unnamed_of(id);
+            } else {
+                // The node refused it (an object it names is gone): the Bind's own error will
+                // say so, as it would on PostgreSQL, where the statement fails when run.
+                conn.statements.set_unnamed(false);
+            }
+        }
+        UnnamedOwed::Close => {
+            encode::message(&mut out, b'C', |b| {
+                b.put_u8(b'S');
+                b.put_u8(0);
+            });
+            encode::sync(&mut out);
+            skip_rejection(conn.exchange(&mut out).await)?;
+            conn.statements.set_unnamed(false);
+        }
     }
     Ok(())
 }

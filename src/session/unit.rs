@@ -157,7 +157,7 @@ impl UnitFacts {
     }
 
     /// Marks the unit as possibly writing for `reason`.
-    fn not_read_only(&mut self, reason: Reason) {
+    pub(super) fn not_read_only(&mut self, reason: Reason) {
         self.read_only = false;
         self.reason = self.reason.or(Some(reason));
     }
@@ -369,6 +369,36 @@ pub fn named_references(input: &[u8], max_message: usize, mut visit: impl FnMut(
             visit(bind.statement);
         }
     }
+}
+
+/// Whether the unit at the start of `input` binds or describes the unnamed statement before
+/// it parses one (so it uses the one an earlier unit parsed).
+pub fn reuses_unnamed(input: &[u8], max_message: usize) -> bool {
+    let mut pos = 0;
+    while let Some(message) = message_at(input, pos, max_message) {
+        let body = message.body;
+        match message.tag {
+            // Even one that fails drops the earlier unnamed statement.
+            frontend::tag::PARSE if Parse::parse(body).is_ok_and(|p| p.name.is_empty()) => {
+                return false;
+            }
+            frontend::tag::BIND if Bind::parse(body).is_ok_and(|b| b.statement.is_empty()) => {
+                return true;
+            }
+            frontend::tag::DESCRIBE
+                if Describe::parse(body).is_ok_and(|d| d.kind == b'S' && d.name.is_empty()) =>
+            {
+                return true;
+            }
+            frontend::tag::SYNC | frontend::tag::QUERY => return false,
+            _ => {}
+        }
+        pos += message.len();
+        if pos > LOOKAHEAD_LIMIT {
+            return false;
+        }
+    }
+    large_bind_at(input, pos, max_message).is_some_and(|bind| bind.statement.is_empty())
 }
 
 /// Whether a Parse of statement `name` comes before byte `end` of the unit.

@@ -53,8 +53,8 @@ fn a_parse_is_recorded_when_answered_and_dropped_when_its_stretch_failed() {
     naming.request();
     naming.sent(b"c", b"", class, 3);
     naming.request();
-    assert!(naming.parse_complete().is_none(), "the unnamed one");
-    assert_eq!(naming.parse_complete().map(|p| p.id), Some(1));
+    assert!(naming.parse_complete().0.is_none(), "the unnamed one");
+    assert_eq!(naming.parse_complete().0.map(|p| p.id), Some(1));
     assert!(naming.ready(false).is_empty());
     // "b" failed: it never ran; "c" is after the next Sync and still waits.
     naming.error();

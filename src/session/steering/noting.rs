@@ -19,6 +19,7 @@ impl Steering {
         let body = frame.get(5..).unwrap_or_default();
         match tag {
             frontend::tag::QUERY => {
+                self.replay.unnamed_dropped();
                 self.replay.settings.request();
                 self.replay.naming.request();
                 let Ok(query) = Query::parse(body) else {
@@ -116,6 +117,8 @@ impl Steering {
             if session_pooling {
                 // Its answer comes in turn with the named ones' (see `naming`).
                 self.replay.naming.sent_unnamed();
+            } else {
+                self.replay.naming.classified_unnamed(class);
             }
         } else if session_pooling {
             self.replay

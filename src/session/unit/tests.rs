@@ -280,3 +280,31 @@ fn a_lone_begin_leaves_its_access_mode_to_the_session() {
     let with_a_write = query("BEGIN; INSERT INTO t VALUES (1); COMMIT");
     assert!(!with_a_write.read_only, "{with_a_write:?}");
 }
+
+#[test]
+fn a_unit_reuses_the_unnamed_statement_only_when_it_binds_or_describes_it_before_parsing_one() {
+    let max = 1 << 20;
+    let mut binds = BytesMut::new();
+    parse(&mut binds, "a", "SELECT 1");
+    bind(&mut binds, "");
+    frame(&mut binds, b'S', b"");
+    assert!(reuses_unnamed(&binds, max));
+
+    let mut describes = BytesMut::new();
+    frame(&mut describes, b'D', b"S\0");
+    frame(&mut describes, b'S', b"");
+    assert!(reuses_unnamed(&describes, max));
+
+    let mut parses_first = BytesMut::new();
+    parse(&mut parses_first, "", "SELECT 1");
+    bind(&mut parses_first, "");
+    frame(&mut parses_first, b'S', b"");
+    assert!(!reuses_unnamed(&parses_first, max));
+
+    // A named Bind, and a Bind after the unit's Sync, use no earlier unnamed statement.
+    let mut named = BytesMut::new();
+    bind(&mut named, "a");
+    frame(&mut named, b'S', b"");
+    bind(&mut named, "");
+    assert!(!reuses_unnamed(&named, max));
+}
