@@ -8,6 +8,7 @@ mod finish;
 mod hold;
 mod loss;
 mod naming;
+mod open;
 mod recover;
 mod relay;
 mod replay;
@@ -30,8 +31,6 @@ pub use topology_watch::watch_topology;
 use std::future::Future;
 use std::sync::Arc;
 
-use startup_sql::set_commands;
-
 use bytes::{BufMut, Bytes, BytesMut};
 use pgvigil_proto::backend::{self, ErrorFields};
 use pgvigil_proto::encode::{self, PgError, Severity};
@@ -46,11 +45,10 @@ use crate::metrics::Rejection;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
 use crate::router;
-use crate::server::{Carried, ServerError};
+use crate::server::ServerError;
 use crate::stream::Stream;
-use crate::topology::{Need, NodeId};
+use open::{open_for_start, OpenError};
 use relay::ClientConn;
-use settings::Settings;
 use startup::{ClientStartup, Opening};
 
 /// Why a session ended before or outside the relay.
@@ -301,237 +299,6 @@ async fn attach(
     encode::ready_for_query(&mut out, lease.conn.tx);
     stream.write_all(&out).await?;
     Ok(lease)
-}
-
-/// Opens the first connection of a session on `node`. While another usable node is left to try,
-/// the attempt is bounded by `health.timeout`: a node that hangs (frozen, or cut off without a
-/// reset) must not hold the client for `backend.connect_timeout` before pgvigil's probes notice.
-/// The last candidate gets the full `backend.connect_timeout`. Either way the attempt ends as
-/// soon as the topology gives up on the node (see [`Need`]).
-async fn open_for_start(
-    proxy: &Proxy,
-    node: NodeId,
-    startup: &ClientStartup,
-    tried: u64,
-) -> Result<Lease, OpenError> {
-    let others = proxy
-        .topology
-        .load()
-        .nodes
-        .iter()
-        .any(|n| n.id != node && n.role.takes_new_work() && tried & (1 << n.id) == 0);
-    if others {
-        open_within(proxy, node, startup, None, &[], true, Need::Replaceable).await
-    } else {
-        open(proxy, node, startup, None, &[], true, Need::Usable).await
-    }
-}
-
-/// [`open`] bounded by `health.timeout` (a connect or login timeout when it runs out), for
-/// connections the session can do without: another node can take the work.
-async fn open_within(
-    proxy: &Proxy,
-    node: NodeId,
-    startup: &ClientStartup,
-    log: Option<&Settings>,
-    unit: &[u8],
-    wait: bool,
-    need: Need,
-) -> Result<Lease, OpenError> {
-    let bound = proxy.config().health.timeout;
-    if bound >= proxy.config().backend.connect_timeout {
-        return open(proxy, node, startup, log, unit, wait, need).await;
-    }
-    match tokio::time::timeout(bound, open(proxy, node, startup, log, unit, wait, need)).await {
-        Ok(result) => result,
-        Err(_) => Err(OpenError::Pool(PoolError::Connect(ServerError::Timeout {
-            node: proxy.config().nodes[node].name.clone(),
-            after: bound,
-        }))),
-    }
-}
-
-/// Why a session's connection to a node could not be opened and set up.
-#[derive(Debug, thiserror::Error)]
-enum OpenError {
-    /// The checkout, or running the client's settings on the new connection, failed.
-    #[error(transparent)]
-    Pool(#[from] PoolError),
-    /// The client's startup parameters cannot be turned into settings.
-    #[error(transparent)]
-    Params(SessionError),
-}
-
-impl OpenError {
-    /// Whether the node could not be reached or is not accepting connections now (another node,
-    /// or the same one later, may do); refusals of the client itself are not.
-    fn unreachable(&self) -> bool {
-        match self {
-            OpenError::Pool(PoolError::Connect(error)) => match error {
-                ServerError::Connect { .. }
-                | ServerError::Timeout { .. }
-                | ServerError::Io { .. } => true,
-                // Class 57 (operator intervention): shutting down, starting up, in recovery.
-                ServerError::Rejected { frame, .. } => frame
-                    .get(5..)
-                    .and_then(|body| ErrorFields::parse(body).ok())
-                    .and_then(|fields| fields.sqlstate())
-                    .is_some_and(|code| code.starts_with(b"57")),
-                ServerError::Tls { .. } | ServerError::Protocol { .. } => false,
-            },
-            OpenError::Pool(PoolError::Abandoned { .. }) => true,
-            OpenError::Pool(PoolError::Exhausted { .. }) | OpenError::Params(_) => false,
-        }
-    }
-
-    /// What the client is told when the session cannot go on because of it.
-    fn into_session_error(self) -> SessionError {
-        match self {
-            OpenError::Pool(error) => pool_refusal(error),
-            OpenError::Params(error) => error,
-        }
-    }
-}
-
-/// Opens the session's connection to `node`: a checkout (waiting for a slot when `wait`, else
-/// failing at once), then the client's startup parameters, all abandoned once the topology
-/// gives up on `node` for `need`. A connection whose setup failed is released (and dropped
-/// unless the reset proves it sound). `log`: the session's settings log (none when it starts);
-/// `unit`: the unit it is opened for, at the start of the client's buffer (empty when none is
-/// known).
-async fn open(
-    proxy: &Proxy,
-    node: NodeId,
-    startup: &ClientStartup,
-    log: Option<&Settings>,
-    unit: &[u8],
-    wait: bool,
-    need: Need,
-) -> Result<Lease, OpenError> {
-    // Pinned where it is made: passed by value, the whole future would be copied into the
-    // wait's state on every checkout.
-    let setup = std::pin::pin!(async {
-        let reused = proxy.pools.reuse(node, startup.database(), startup.user());
-        let mut lease = match reused {
-            Some(lease) => lease,
-            None => {
-                let (user, database) = (startup.user(), startup.database());
-                let target = proxy.login_target(node, user, database, startup.password());
-                if wait {
-                    proxy.pools.checkout(&target).await
-                } else {
-                    proxy.pools.try_checkout(&target).await
-                }?
-            }
-        };
-        if let Err(error) = adopt(
-            &mut lease,
-            startup,
-            log,
-            unit,
-            proxy.config().max_message_size,
-        )
-        .await
-        {
-            proxy.release(lease, true).await;
-            return Err(error);
-        }
-        Ok(lease)
-    });
-    proxy.unless_given_up(node, need, setup).await?
-}
-
-/// Makes a checked-out connection the session's: resets the settings of another session it
-/// carries (transaction pooling returns connections without a reset), then applies the
-/// client's startup parameters. `SET SESSION AUTHORIZATION DEFAULT` comes first because `RESET
-/// ALL` leaves the role alone; the simple Query also drops the unnamed statement and portal,
-/// so no unit can bind another session's.
-///
-/// A connection that carries this session's state already keeps it (and `sync` gives it only
-/// the settings it lacks). One that carries only the startup parameters of a session with the
-/// same context, or those and settings that the session's own log (`log`) begins with, is
-/// already what they would make it, and is taken as it is (no round trip; `sync` runs the rest
-/// of the log) unless it may have an unnamed statement that `unit` could use before replacing
-/// it. `log`: the session's settings log, none when it starts.
-async fn adopt(
-    lease: &mut Lease,
-    startup: &ClientStartup,
-    log: Option<&Settings>,
-    unit: &[u8],
-    max_message: usize,
-) -> Result<(), OpenError> {
-    let conn = &mut lease.conn;
-    let own =
-        matches!(&conn.carries, Carried::Session { session, .. } if *session == startup.session);
-    // A simple Query (the reset) drops the unnamed statement; without one, another session's
-    // must not be left for the unit to use.
-    let unnamed_safe =
-        own || !conn.statements.has_unnamed() || client_scan::drops_unnamed(unit, max_message);
-    if !own {
-        // (See `sync::unnamed_owed`: the session's own unnamed statement is prepared again
-        // where the connection may have lost it.)
-        conn.statements.lent();
-    }
-    let reusable = reusable(&conn.carries, startup, log).filter(|_| unnamed_safe);
-    let settings = match (reusable, &conn.carries) {
-        (Some(settings), _) => settings,
-        (None, Carried::Session { .. }) => {
-            conn.run_internal("SET SESSION AUTHORIZATION DEFAULT; RESET ALL")
-                .await
-                .map_err(|e| OpenError::Pool(PoolError::Connect(e)))?;
-            apply_params(lease, startup).await?;
-            0
-        }
-        (None, Carried::Nothing) => {
-            apply_params(lease, startup).await?;
-            0
-        }
-    };
-    lease.conn.carries = Carried::Session {
-        session: startup.session,
-        context: startup.context().clone(),
-        settings,
-        ran: None,
-    };
-    Ok(())
-}
-
-/// How many statements of the session's settings log (counted as `Settings::applied` counts
-/// them) a pooled connection has run already, if what it carries is a state the session passes
-/// through: the session's own earlier state, or the startup parameters of a session with the
-/// same context followed by statements the session's log (`log`) begins with.
-fn reusable(carries: &Carried, startup: &ClientStartup, log: Option<&Settings>) -> Option<usize> {
-    match carries {
-        Carried::Session {
-            session, settings, ..
-        } if *session == startup.session => Some(*settings),
-        Carried::Session {
-            context,
-            settings,
-            ran,
-            ..
-        } if **context == **startup.context() => match (settings, ran) {
-            (0, _) => Some(0),
-            (_, Some(ran)) => log?.continues(ran),
-            (_, None) => None,
-        },
-        Carried::Session { .. } | Carried::Nothing => None,
-    }
-}
-
-/// Sends the client's startup parameters to the server as SET commands, skipping those the server
-/// already reports with the same value.
-async fn apply_params(lease: &mut Lease, startup: &ClientStartup) -> Result<(), OpenError> {
-    let commands = set_commands(startup.params(), |name| lease.conn.params.get(name));
-    let sql = match commands.map_err(OpenError::Params)? {
-        Some(sql) => sql,
-        None => return Ok(()),
-    };
-    lease
-        .conn
-        .run_internal(&sql)
-        .await
-        .map_err(|e| OpenError::Pool(PoolError::Connect(e)))
 }
 
 /// What the client is told when its server connection cannot be made or set up: the node's own

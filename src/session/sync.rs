@@ -9,10 +9,10 @@ use pgvigil_proto::encode;
 use pgvigil_proto::TxStatus;
 use tracing::debug;
 
+use super::open::{open, open_within, OpenError};
 use super::replay::Replayable;
 use super::startup::ClientStartup;
 use super::{naming, unit};
-use super::{open, open_within, OpenError};
 use crate::config::PoolMode;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
