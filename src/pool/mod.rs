@@ -1,6 +1,8 @@
 //! Server connections cached per (node, database, user): checkout with a bound, reset, reuse,
 //! idle and lifetime reaping. A connection that broke is never handed out again.
 
+mod open_list;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +15,8 @@ use tracing::warn;
 use crate::config::PoolConfig;
 use crate::server::{LoginTarget, ServerConn, ServerError};
 use crate::topology::{GiveUp, NodeId};
+use open_list::OpenList;
+pub use open_list::{Listed, ServerInfo, ServerRow};
 
 /// Why a checkout failed.
 #[derive(Debug, thiserror::Error)]
@@ -131,48 +135,6 @@ pub struct WaitMetrics {
     pub seconds: metrics::Histogram,
 }
 
-/// An open server connection as SHOW SERVERS lists it.
-#[derive(Debug, Clone)]
-pub struct ServerInfo {
-    /// The node it is open to.
-    pub node: NodeId,
-    /// Role it is logged in as.
-    pub user: String,
-    /// Database it is logged in to.
-    pub database: String,
-    /// The node's host and port.
-    pub addr: (String, u16),
-    /// The backend's process id.
-    pub backend_pid: u32,
-    /// When it was opened.
-    pub connected_at: SystemTime,
-}
-
-/// Every open server connection by id; each leaves when its [`Listed`] is dropped.
-type OpenList = Arc<Mutex<HashMap<u64, ServerInfo>>>;
-
-/// A server connection's place in the list of open connections; dropped with the connection.
-#[derive(Debug)]
-pub struct Listed {
-    open: OpenList,
-    id: u64,
-}
-
-impl Drop for Listed {
-    fn drop(&mut self) {
-        lock(&self.open).remove(&self.id);
-    }
-}
-
-/// A server connection and whether it is idle in a pool or lent to a session.
-#[derive(Debug, Clone)]
-pub struct ServerRow {
-    /// What it is.
-    pub info: ServerInfo,
-    /// Idle in a pool (else lent to a session).
-    pub idle: bool,
-}
-
 /// All pools, one per node, indexed by node id.
 pub struct Pools {
     /// Grows when a reload adds a node; a removed node's pool stays, empty.
@@ -264,10 +226,7 @@ impl Pools {
             connected_at: SystemTime::now(),
         };
         lock(&self.open).insert(id, info);
-        conn.listed = Some(Listed {
-            open: self.open.clone(),
-            id,
-        });
+        conn.listed = Some(Listed::new(self.open.clone(), id));
         Ok(conn)
     }
 
