@@ -25,6 +25,7 @@ mod steering;
 mod sync;
 mod topology_watch;
 mod unit;
+mod unnamed;
 
 pub use topology_watch::watch_topology;
 

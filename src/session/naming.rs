@@ -19,7 +19,8 @@ use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
 
 use super::recover::IN_FAILED;
-use super::replay::{OwnUnnamed, Prepared, Replayable};
+use super::replay::{Prepared, Replayable};
+use super::unnamed::OwnUnnamed;
 use crate::proxy::Proxy;
 use crate::statements::{self, ServerStatements, StatementId, NO_STATEMENT};
 use crate::topology::NodeId;
@@ -173,11 +174,11 @@ impl Naming {
 
     /// Transaction pooling: the client's Parse of the unnamed statement was forwarded; it is
     /// the session's unnamed statement `own` once the server answers ParseComplete.
-    pub fn sent_own_unnamed(&mut self, own: OwnUnnamed) {
+    pub fn sent_own_unnamed(&mut self, own: Box<OwnUnnamed>) {
         let epoch = self.requests;
         self.queues().pending.push_back(InFlight {
             named: None,
-            unnamed: Some(Box::new(own)),
+            unnamed: Some(own),
             epoch,
         });
     }

@@ -19,6 +19,7 @@ use tracing::info;
 use super::naming::{Naming, PendingParse};
 use super::settings::Settings;
 use super::unit;
+use super::unnamed::OwnUnnamed;
 use crate::statements::{ServerStatements, StatementId, NO_STATEMENT};
 use crate::topology::NodeId;
 
@@ -34,36 +35,6 @@ pub struct Prepared {
     /// Transaction pooling: its statement on the nodes (`pgv_<id>`); [`NO_STATEMENT`] in
     /// session pooling, where the nodes know it by the client's name.
     pub server: StatementId,
-}
-
-/// The longest Parse of the unnamed statement a session keeps to prepare again on another
-/// connection under transaction pooling. Every idle session keeps its last one, so a bound
-/// keeps an idle client cheap; a session whose unnamed statement is longer keeps its connection
-/// instead until it replaces that statement (see [`Replayable::holds_connection`]).
-pub const UNNAMED_KEPT_MAX: usize = 16 * 1024;
-
-/// Transaction pooling: the session's unnamed statement. Directly on PostgreSQL it lives until
-/// the next Parse of the unnamed statement or simple Query, across transactions; pgvigil
-/// prepares it again on a connection that lacks it before a unit that binds it.
-#[derive(Debug, Clone)]
-pub struct OwnUnnamed {
-    /// What marks it on the connections that have it (see `ServerStatements::unnamed_of`).
-    pub id: StatementId,
-    /// The client's Parse message, whole; `None` when longer than [`UNNAMED_KEPT_MAX`].
-    pub parse: Option<Bytes>,
-    /// What its text is (`None`: not classified, judged a write).
-    pub class: Option<Classification>,
-}
-
-impl OwnUnnamed {
-    /// The client's Parse `frame` of the unnamed statement, to be known as `id`.
-    pub fn new(id: StatementId, frame: &[u8]) -> OwnUnnamed {
-        OwnUnnamed {
-            id,
-            parse: (frame.len() <= UNNAMED_KEPT_MAX).then(|| Bytes::copy_from_slice(frame)),
-            class: None,
-        }
-    }
 }
 
 /// A statement text or name, as the client sent it.
@@ -213,7 +184,9 @@ impl Replayable {
         let (named, unnamed) = self.naming.parse_complete();
         if let Some(own) = unnamed {
             server.set_unnamed_of(own.id);
-            self.own_unnamed = Some(own);
+            if let Some(old) = self.own_unnamed.replace(own) {
+                OwnUnnamed::recycle(old);
+            }
         }
         let Some(pending) = named else {
             return;
@@ -306,7 +279,7 @@ impl Replayable {
     /// Transaction pooling: the session must keep its connection, which has its unnamed
     /// statement, because that statement is too long to keep for preparing it elsewhere.
     pub fn holds_connection(&self) -> bool {
-        self.own_unnamed.as_ref().is_some_and(|o| o.parse.is_none())
+        self.own_unnamed.as_ref().is_some_and(|o| o.parse().is_none())
     }
 
     /// The unnamed statement was parsed on `node` as `class`.

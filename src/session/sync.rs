@@ -4,7 +4,7 @@
 //! since, stale statements closed, the named statements the next unit uses prepared). Node
 //! moves and session survival are both "take a connection, sync it, go on".
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use pgvigil_proto::encode;
 use pgvigil_proto::TxStatus;
 use tracing::debug;
@@ -274,7 +274,7 @@ async fn catch_up(
 /// unnamed statement there (transaction pooling).
 enum UnnamedOwed {
     /// The session's unnamed statement, as its Parse message, known as this id once there.
-    Prepare(Bytes, StatementId),
+    Prepare(Box<[u8]>, StatementId),
     /// No unnamed statement: the session has none (PostgreSQL answers 26000), but the connection
     /// may have another one, or an older one of the session's.
     Close,
@@ -297,7 +297,7 @@ fn unnamed_owed(
     if own.is_some_and(|o| o.id == statements.unnamed_of()) || !unit::reuses_unnamed(input, max) {
         return None;
     }
-    match own.and_then(|o| o.parse.clone().map(|parse| (parse, o.id))) {
+    match own.and_then(|o| o.parse().map(|parse| (Box::from(parse), o.id))) {
         Some((parse, id)) => Some(UnnamedOwed::Prepare(parse, id)),
         // One too long to keep stays on the connection the session keeps; only when that was
         // lost does the unit find none (as after a lost connection in session pooling).
