@@ -8,7 +8,8 @@ use crate::statements::StatementId;
 /// The longest Parse of the unnamed statement a session keeps to prepare again on another
 /// connection under transaction pooling. Every idle session keeps its last one, so a bound
 /// keeps an idle client cheap; a session whose unnamed statement is longer keeps its connection
-/// instead until it replaces that statement (see [`super::replay::Replayable::holds_connection`]).
+/// instead until it replaces that statement (see
+/// [`super::replay::Replayable::holds_connection`]).
 pub const UNNAMED_KEPT_MAX: usize = 16 * 1024;
 
 /// Transaction pooling: the session's unnamed statement. Directly on PostgreSQL it lives until
