@@ -279,7 +279,9 @@ impl Replayable {
     /// Transaction pooling: the session must keep its connection, which has its unnamed
     /// statement, because that statement is too long to keep for preparing it elsewhere.
     pub fn holds_connection(&self) -> bool {
-        self.own_unnamed.as_ref().is_some_and(|o| o.parse().is_none())
+        self.own_unnamed
+            .as_ref()
+            .is_some_and(|o| o.parse().is_none())
     }
 
     /// The unnamed statement was parsed on `node` as `class`.
