@@ -295,72 +295,20 @@ async fn pump(
             let branch = (first + turn) % BRANCHES;
             let outcome = match branch {
                 // To the client.
-                0 if flushing.client => match Pin::new(&mut *client_stream).poll_flush(cx) {
-                    Poll::Pending => continue,
-                    Poll::Ready(Err(_)) => Poll::Ready(Stop::End(RelayEnd::ClientGone)),
-                    Poll::Ready(Ok(())) => {
-                        flushing.client = false;
-                        Poll::Pending
-                    }
-                },
-                0 if !to_client.is_empty() => {
-                    match Pin::new(&mut *client_stream).poll_write(cx, to_client) {
+                0 if flushing.client || !to_client.is_empty() => {
+                    match poll_send(client_stream, cx, to_client, &mut flushing.client) {
                         Poll::Pending => continue,
-                        Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(Stop::End(RelayEnd::ClientGone)),
-                        Poll::Ready(Ok(n)) => {
-                            to_client.advance(n);
-                            match to_client.is_empty() {
-                                true => match Pin::new(&mut *client_stream).poll_flush(cx) {
-                                    Poll::Ready(Ok(())) => Poll::Pending,
-                                    Poll::Ready(Err(_)) => {
-                                        Poll::Ready(Stop::End(RelayEnd::ClientGone))
-                                    }
-                                    Poll::Pending => {
-                                        flushing.client = true;
-                                        Poll::Pending
-                                    }
-                                },
-                                false => Poll::Pending,
-                            }
-                        }
+                        Poll::Ready(Ok(())) => Poll::Pending,
+                        Poll::Ready(Err(_)) => Poll::Ready(Stop::End(RelayEnd::ClientGone)),
                     }
                 }
                 // To the server.
-                1 if flushing.server => match Pin::new(&mut *server_stream).poll_flush(cx) {
-                    Poll::Pending => continue,
-                    Poll::Ready(Err(e)) => {
-                        Poll::Ready(server_lost(LossCause::Io(e), &mut server_state))
-                    }
-                    Poll::Ready(Ok(())) => {
-                        flushing.server = false;
-                        Poll::Pending
-                    }
-                },
-                1 if !to_server.is_empty() => {
-                    match Pin::new(&mut *server_stream).poll_write(cx, to_server) {
+                1 if flushing.server || !to_server.is_empty() => {
+                    match poll_send(server_stream, cx, to_server, &mut flushing.server) {
                         Poll::Pending => continue,
-                        Poll::Ready(Ok(0)) => {
-                            Poll::Ready(server_lost(LossCause::Closed, &mut server_state))
-                        }
-                        Poll::Ready(Err(e)) => {
-                            Poll::Ready(server_lost(LossCause::Io(e), &mut server_state))
-                        }
-                        Poll::Ready(Ok(n)) => {
-                            to_server.advance(n);
-                            match to_server.is_empty() {
-                                true => match Pin::new(&mut *server_stream).poll_flush(cx) {
-                                    Poll::Ready(Ok(())) => Poll::Pending,
-                                    Poll::Ready(Err(e)) => Poll::Ready(server_lost(
-                                        LossCause::Io(e),
-                                        &mut server_state,
-                                    )),
-                                    Poll::Pending => {
-                                        flushing.server = true;
-                                        Poll::Pending
-                                    }
-                                },
-                                false => Poll::Pending,
-                            }
+                        Poll::Ready(Ok(())) => Poll::Pending,
+                        Poll::Ready(Err(cause)) => {
+                            Poll::Ready(server_lost(cause, &mut server_state))
                         }
                     }
                 }
@@ -491,6 +439,41 @@ pub(super) fn move_prefix(input: &mut BytesMut, out: &mut BytesMut, n: usize) {
     } else {
         out.extend_from_slice(&input[..n]);
         input.advance(n);
+    }
+}
+
+/// Writes what `out` holds to `stream` as far as the socket takes it, flushing once it is all
+/// written; `flushing` marks a flush still under way (TLS: records the stream buffered), which
+/// is finished first. Ready once something moved; an error is the cause of the loss.
+fn poll_send(
+    stream: &mut Stream,
+    cx: &mut Context<'_>,
+    out: &mut BytesMut,
+    flushing: &mut bool,
+) -> Poll<Result<(), LossCause>> {
+    if !*flushing {
+        match Pin::new(&mut *stream).poll_write(cx, out) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(LossCause::Closed)),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(LossCause::Io(e))),
+            Poll::Ready(Ok(n)) => out.advance(n),
+        }
+        if !out.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+    }
+    match Pin::new(stream).poll_flush(cx) {
+        Poll::Ready(Ok(())) => {
+            *flushing = false;
+            Poll::Ready(Ok(()))
+        }
+        Poll::Ready(Err(e)) => Poll::Ready(Err(LossCause::Io(e))),
+        // The write moved bytes: ready, the flush finished on a later turn.
+        Poll::Pending if !*flushing => {
+            *flushing = true;
+            Poll::Ready(Ok(()))
+        }
+        Poll::Pending => Poll::Pending,
     }
 }
 
