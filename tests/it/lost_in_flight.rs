@@ -9,7 +9,7 @@ use pgvigil::config::PoolMode;
 use pgvigil::topology::{NodeId, Role};
 use pgvigil_proto::encode;
 
-use crate::lost_transaction::{restart, trust_app};
+use crate::lost_transaction::{restart, trust_app, trusted_proxy};
 use crate::support::wire::Wire;
 use crate::support::{
     eventually, fresh_base_dir, node_psql, start, start_proxy, test_cluster, ClusterSpec,
@@ -36,11 +36,7 @@ async fn a_statement_running_in_a_block_when_its_node_goes_down_fails_the_block_
 /// 25P02 until ROLLBACK, and nothing of the block is left.
 async fn running_statement_fails_the_block(mode: PoolMode) {
     let mut cluster = test_cluster(0);
-    let proxy = start_proxy(&cluster, |config| {
-        config.pool.mode = mode;
-        trust_app(config);
-    })
-    .await;
+    let proxy = trusted_proxy(&cluster, mode).await;
     let mut wire = Wire::login(&proxy).await;
     assert_eq!(
         wire.query("CREATE TABLE running (i int)").await.status,
@@ -194,11 +190,7 @@ async fn unreplayable_calls_end_the_session(mode: PoolMode) {
     let mut cluster = test_cluster(0);
     // LOAD of a library outside $libdir/plugins is for superusers.
     node_psql(&cluster, PRIMARY, "ALTER ROLE app SUPERUSER");
-    let proxy = start_proxy(&cluster, |config| {
-        config.pool.mode = mode;
-        trust_app(config);
-    })
-    .await;
+    let proxy = trusted_proxy(&cluster, mode).await;
     let mut plain = Wire::login(&proxy).await;
     let created = plain
         .query("CREATE PROCEDURE held_call() LANGUAGE sql AS $$ SELECT 1 $$")

@@ -39,11 +39,7 @@ async fn a_transaction_whose_node_goes_down_stays_failed_until_rollback_and_runs
 /// the block stays failed until its end, nothing of it runs, and COMMIT answers ROLLBACK.
 async fn stays_failed_until_rollback_and_runs_nothing(mode: PoolMode) {
     let mut cluster = test_cluster(0);
-    let proxy = start_proxy(&cluster, |config| {
-        config.pool.mode = mode;
-        trust_app(config);
-    })
-    .await;
+    let proxy = trusted_proxy(&cluster, mode).await;
     let mut wire = Wire::login(&proxy).await;
     assert_eq!(
         wire.query("CREATE TABLE lost_tx (i int)").await.status,
@@ -316,6 +312,15 @@ fn app_psql(cluster: &LocalCluster, sql: &str) -> String {
 pub(crate) fn trust_app(config: &mut pgvigil::config::Config) {
     let app = config.users.iter_mut().find(|u| u.name == APP_USER);
     app.unwrap().auth = AuthMethod::Trust;
+}
+
+/// pgvigil in pool `mode`, `app` trusted for the hand-written protocol client.
+pub(crate) async fn trusted_proxy(cluster: &LocalCluster, mode: PoolMode) -> TestProxy {
+    start_proxy(cluster, |config| {
+        config.pool.mode = mode;
+        trust_app(config);
+    })
+    .await
 }
 
 /// pgvigil in pool `mode` over a single server connection (every unit of every session runs on

@@ -12,7 +12,7 @@ use pgvigil::topology::NodeId;
 use pgvigil_proto::encode;
 use tokio_postgres::Client;
 
-use crate::lost_transaction::{restart, trust_app};
+use crate::lost_transaction::{restart, trust_app, trusted_proxy};
 use crate::support::wire::{bind_execute, parse, Wire};
 use crate::support::{start_proxy, test_cluster, value};
 
@@ -89,11 +89,7 @@ async fn a_session_holding_what_cannot_be_replayed_ends_when_its_connection_is_l
 /// goes on.
 async fn unreplayable_state_ends_the_session_with_its_connection(mode: PoolMode) {
     let mut cluster = test_cluster(0);
-    let proxy = start_proxy(&cluster, |config| {
-        config.pool.mode = mode;
-        trust_app(config);
-    })
-    .await;
+    let proxy = trusted_proxy(&cluster, mode).await;
     let mut plain = Wire::login(&proxy).await;
     let mut holders = Vec::new();
     for sql in [
