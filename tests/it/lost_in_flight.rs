@@ -9,7 +9,8 @@ use pgvigil::config::PoolMode;
 use pgvigil::topology::{NodeId, Role};
 use pgvigil_proto::encode;
 
-use crate::lost_transaction::{restart, trust_app, trusted_proxy};
+use crate::lost_transaction::{trust_app, trusted_proxy};
+use crate::replay::holders_end_with_their_connection;
 use crate::support::wire::Wire;
 use crate::support::{
     eventually, fresh_base_dir, node_psql, start, start_proxy, test_cluster, ClusterSpec,
@@ -196,26 +197,6 @@ async fn unreplayable_calls_end_the_session(mode: PoolMode) {
         .query("CREATE PROCEDURE held_call() LANGUAGE sql AS $$ SELECT 1 $$")
         .await;
     assert!(created.errors.is_empty(), "{created:?}");
-    let mut holders = Vec::new();
-    for sql in ["CALL held_call()", "LOAD 'plpgsql'", "LISTEN held_channel"] {
-        let mut wire = Wire::login(&proxy).await;
-        let answer = wire.query(sql).await;
-        assert!(answer.errors.is_empty(), "{sql}: {answer:?}");
-        holders.push((sql, wire));
-    }
-
-    restart(&mut cluster, &proxy, PRIMARY);
-
-    for (sql, wire) in &mut holders {
-        assert_eq!(
-            wire.last_words().await,
-            Some(vec!["FATAL 08006".to_owned()]),
-            "the session after {sql:?} (None: it goes on)"
-        );
-    }
-    assert_eq!(
-        plain.query("SELECT 'survived'").await.rows,
-        [["survived"]],
-        "a session without such state goes on"
-    );
+    let statements = ["CALL held_call()", "LOAD 'plpgsql'", "LISTEN held_channel"];
+    holders_end_with_their_connection(&mut cluster, &proxy, &mut plain, &statements).await;
 }

@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 
 use crate::lost_transaction::{restart, trust_app, trusted_proxy};
 use crate::support::wire::{bind_execute, parse, Wire};
-use crate::support::{start_proxy, test_cluster, value};
+use crate::support::{start_proxy, test_cluster, value, LocalCluster, TestProxy};
 
 const PRIMARY: NodeId = 0;
 
@@ -91,21 +91,34 @@ async fn unreplayable_state_ends_the_session_with_its_connection(mode: PoolMode)
     let mut cluster = test_cluster(0);
     let proxy = trusted_proxy(&cluster, mode).await;
     let mut plain = Wire::login(&proxy).await;
-    let mut holders = Vec::new();
-    for sql in [
+    let statements = [
         "DO $$ BEGIN PERFORM set_config('application_name', 'by DO', false); END $$",
         "SELECT pg_advisory_lock(9)",
         "BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT 1; COMMIT",
         "SELECT set_config('search_path', current_setting('search_path'), false)",
         "CREATE TEMPORARY TABLE held (i int)",
-    ] {
-        let mut wire = Wire::login(&proxy).await;
+    ];
+    holders_end_with_their_connection(&mut cluster, &proxy, &mut plain, &statements).await;
+}
+
+/// Each of `statements` is run by a session of its own through `proxy`; after the primary
+/// restarts, each of those sessions is told FATAL 08006 and closed, and `plain`, which ran none,
+/// goes on.
+pub(crate) async fn holders_end_with_their_connection(
+    cluster: &mut LocalCluster,
+    proxy: &TestProxy,
+    plain: &mut Wire,
+    statements: &[&str],
+) {
+    let mut holders = Vec::new();
+    for &sql in statements {
+        let mut wire = Wire::login(proxy).await;
         let answer = wire.query(sql).await;
         assert!(answer.errors.is_empty(), "{sql}: {answer:?}");
         holders.push((sql, wire));
     }
 
-    restart(&mut cluster, &proxy, PRIMARY);
+    restart(cluster, proxy, PRIMARY);
 
     for (sql, wire) in &mut holders {
         assert_eq!(
