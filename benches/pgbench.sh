@@ -13,7 +13,10 @@
 #   txn     transaction pooling: the primary directly, PgBouncer and pgvigil both in transaction
 #           pooling, with every query mode (-M prepared needs PgBouncer 1.21+, which gets
 #           max_prepared_statements = 200; older ones fail those rows); besides TPS it reports
-#           each proxy's CPU time per transaction (utime + stime from /proc over the run).
+#           each proxy's CPU time per transaction (utime + stime from /proc over the run). The
+#           floor target (benches/floor/relay.rs) copies bytes between each client and a server
+#           connection of its own and does nothing else: the same socket calls per round trip
+#           as both proxies, so its CPU time is the least any proxy making them can spend.
 #   memory  memory, not speed (the `memory_load` example as the client): each proxy's resident
 #           memory before and at its peak while one 256 MiB bytea value passes through it (a
 #           SELECT, COPY TO STDOUT, an INSERT's Bind, COPY FROM STDIN, each checked byte-exact
@@ -41,9 +44,9 @@
 #   split   4 workloads x 4 targets x 3 rounds x 10 s = 8 min of pgbench, plus 2 x 11 s of waiting
 #           for statistics around each of the 12 runs of the 3-node pgvigil (4.4 min) and ~1 min
 #           for the replicas: ~14 min.
-#   txn     5 workloads x 3 targets x 3 rounds x 10 s = 7.5 min of pgbench, ~9 min in all.
+#   txn     5 workloads x 4 targets x 3 rounds x 10 s = 10 min of pgbench, ~12 min in all.
 #   memory  ~2 min: three 256 MiB values generated and passed three ways, 5,000 SCRAM logins.
-#   all     ~47 min.
+#   all     ~50 min.
 #
 # The cluster is built here (initdb + pg_ctl, as the `postgres` OS user when root) rather than with
 # `pgvigil demo`, to get max_connections for every target's pool at once and a pgvigil config with
@@ -82,7 +85,7 @@ SPLIT_WORKLOADS=(
     "select-extended-c16|-S -M extended -c 16"
     "select-extended-c64|-S -M extended -c 64"
 )
-TXN_TARGETS=(direct pgbouncer-transaction pgvigil-txn)
+TXN_TARGETS=(direct pgbouncer-transaction floor pgvigil-txn)
 TXN_WORKLOADS=(
     "select-simple-c64|-S -M simple -c 64"
     "select-extended-c64|-S -M extended -c 64"
@@ -103,7 +106,8 @@ WORK=""
 RUN=""
 TARGETS=()
 WORKLOADS=()
-PGVIGIL_PIDS=()
+# pgvigil and floor relay processes started, stopped at exit.
+STARTED_PIDS=()
 # Data directories of the servers started, the primary first.
 PG_DATA_DIRS=()
 declare -A PORT=()
@@ -135,7 +139,7 @@ cleanup() {
     for pidfile in "$WORK"/pgbouncer-*/pgbouncer.pid; do
         [[ -f $pidfile ]] && kill "$(cat "$pidfile")" 2>/dev/null
     done
-    for pid in "${PGVIGIL_PIDS[@]}"; do
+    for pid in "${STARTED_PIDS[@]}"; do
         kill -TERM "$pid" 2>/dev/null
         wait "$pid" 2>/dev/null
     done
@@ -224,6 +228,14 @@ build_memory_load() {
     (cd "$REPO" && cargo build --release --example memory_load) ||
         die "cargo build --release --example memory_load failed"
     MEMORY_LOAD=${CARGO_TARGET_DIR:-$REPO/target}/release/examples/memory_load
+}
+
+# The txn run's floor target (benches/floor/relay.rs).
+build_floor_relay() {
+    say "building the floor_relay example (release)"
+    (cd "$REPO" && cargo build --release --example floor_relay) ||
+        die "cargo build --release --example floor_relay failed"
+    FLOOR_RELAY=${CARGO_TARGET_DIR:-$REPO/target}/release/examples/floor_relay
 }
 
 make_work_dir() {
@@ -345,10 +357,21 @@ start_pgvigil() {
     } >"$config"
     say "start $target ($*) on port ${PORT[$target]}"
     PGVIGIL_LOG=warn "$PGVIGIL_BIN" serve --config "$config" >"$WORK/$target.log" 2>&1 &
-    PGVIGIL_PIDS+=("$!")
+    STARTED_PIDS+=("$!")
     PID[$target]=$!
     wait_ready "${PORT[$target]}" "$target" ||
         { tail -n 20 "$WORK/$target.log" >&2; die "$target did not start"; }
+}
+
+# Starts the floor target: the byte relay in front of the primary.
+start_floor() {
+    PORT[floor]=$(pick_port 28432)
+    say "start floor relay on port ${PORT[floor]}"
+    "$FLOOR_RELAY" --listen "127.0.0.1:${PORT[floor]}" --server "127.0.0.1:${PORT[direct]}" \
+        >"$WORK/floor.log" 2>&1 &
+    STARTED_PIDS+=("$!")
+    PID[floor]=$!
+    wait_ready "${PORT[floor]}" floor || { tail -n 20 "$WORK/floor.log" >&2; die "floor did not start"; }
 }
 
 # Starts one PgBouncer in pool mode $1 (session or transaction) as the server user.
@@ -599,8 +622,10 @@ report_txn() {
         "scale $SCALE; medians."
     echo "Cells: TPS / average latency in ms. pgb-txn: PgBouncer, vigil-txn: pgvigil, both in" \
         "transaction pooling. CPU: the proxy's CPU time per transaction, in microseconds."
-    printf '%-21s %18s %18s %18s %9s %8s %8s %9s\n' workload direct pgb-txn vigil-txn \
-        vigil/pgb "cpu pgb" "cpu vig" "cpu v/p"
+    echo "floor: a relay that only copies bytes (the CPU any proxy making the same socket calls" \
+        "spends); f/p: its CPU over PgBouncer's."
+    printf '%-21s %18s %18s %18s %9s %8s %8s %9s %8s %6s\n' workload direct pgb-txn vigil-txn \
+        vigil/pgb "cpu pgb" "cpu vig" "cpu v/p" "cpu flr" "f/p"
     for entry in "${WORKLOADS[@]}"; do
         name=${entry%%|*}
         declare -A T=() L=() C=()
@@ -614,11 +639,11 @@ report_txn() {
             -v xt="${T[pgbouncer-transaction]}" -v xl="${L[pgbouncer-transaction]}" \
             -v xc="${C[pgbouncer-transaction]}" \
             -v vt="${T[pgvigil-txn]}" -v vl="${L[pgvigil-txn]}" -v vc="${C[pgvigil-txn]}" \
-            "$AWK_CELLS"'
+            -v fc="${C[floor]}" "$AWK_CELLS"'
             BEGIN {
-                printf "%-21s %18s %18s %18s %9s %8s %8s %9s\n", name, cell(dt, dl),
+                printf "%-21s %18s %18s %18s %9s %8s %8s %9s %8s %6s\n", name, cell(dt, dl),
                     cell(xt, xl), cell(vt, vl), ratio(vt, xt), (xc == "" ? "-" : xc),
-                    (vc == "" ? "-" : vc), ratio(vc, xc)
+                    (vc == "" ? "-" : vc), ratio(vc, xc), (fc == "" ? "-" : fc), ratio(fc, xc)
             }'
         unset T L C
     done
@@ -764,6 +789,10 @@ main() {
     start_pgbouncer transaction
     if wants single || wants txn; then
         POOL_MODE=transaction start_pgvigil pgvigil-txn "" pg1
+    fi
+    if wants txn; then
+        build_floor_relay
+        start_floor
     fi
     if wants memory; then
         build_memory_load
