@@ -9,6 +9,7 @@ use pgvigil_proto::frame::{header, messages, next_message, Message};
 use pgvigil_proto::frontend::{self, Bind, Describe, Parse, Query};
 
 use super::replay::Statements;
+use super::sql_words::contains_ignore_case;
 
 /// Past this many buffered bytes a unit without its Sync is routed on what has been seen
 /// (conservatively: as a possible write) instead of waiting for the rest.
@@ -306,25 +307,6 @@ fn refer(facts: &mut UnitFacts, name: Option<&[u8]>, parsed_here: bool, statemen
             facts.not_read_only(Reason::Statement);
         }
     }
-}
-
-/// Whether `needle` (non-empty, starting with an ASCII letter) occurs in `haystack`, ignoring
-/// ASCII case. Only where its first letter occurs (found with SIMD) is the rest compared: this
-/// runs over the text of every read.
-fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
-    let Some((&first, rest)) = needle.split_first() else {
-        return true;
-    };
-    let Some(last_start) = haystack.len().checked_sub(needle.len()) else {
-        return false;
-    };
-    let candidates = &haystack[..=last_start];
-    memchr::memchr2_iter(
-        first.to_ascii_lowercase(),
-        first.to_ascii_uppercase(),
-        candidates,
-    )
-    .any(|i| haystack[i + 1..i + needle.len()].eq_ignore_ascii_case(rest))
 }
 
 /// The classification of a message that cannot be read: not read-only.

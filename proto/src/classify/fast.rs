@@ -1,5 +1,7 @@
-//! The fast path for the commonest read: one plain SELECT of names, numbers, parameters and
-//! comparison operators, such as `SELECT abalance FROM pgbench_accounts WHERE aid = $1;`.
+//! The fast paths for the commonest read and writes: one plain SELECT of names, numbers,
+//! parameters and comparison operators, such as `SELECT abalance FROM pgbench_accounts WHERE aid
+//! = $1;`, and one plain INSERT, UPDATE or DELETE (see [`plain_write`]), such as pgbench's
+//! `UPDATE pgbench_tellers SET tbalance = tbalance + -3 WHERE tid = 7;`.
 //!
 //! One pass over the bytes proves that the full lexer and statement machine would find nothing
 //! to object to: no parenthesis (so no function call, subquery or CTE body), no comment, literal,
@@ -10,7 +12,7 @@
 //! `tests.rs`).
 
 use super::lexer::is_space;
-use super::Classification;
+use super::{Classification, Reason};
 
 /// Bytes of a word (`scan.l`'s ident_cont, ASCII only), digits and `$` included.
 const WORD: u8 = 1;
@@ -74,16 +76,75 @@ pub(super) fn plain_select(sql: &[u8]) -> Option<Classification> {
     Some(READ)
 }
 
+/// The classification of one plain INSERT, UPDATE or DELETE when `sql` is one; `None` when it
+/// needs the full path. It writes anyway, so what the full path could still find is a pin (only
+/// a call can pin such a statement: no word starting `pg_` is let through, which covers the
+/// session advisory locks), a hint or a failure (no comment, literal, quoted identifier or
+/// dollar quote; parentheses must balance), or more statements (at most one `;`, at the end).
+/// Beyond the plain SELECT's alphabet it takes `(`, `)`, `+` and a `-` not followed by another.
+pub(super) fn plain_write(sql: &[u8]) -> Option<Classification> {
+    let start = sql.iter().position(|&b| !is_space(b))?;
+    let text = &sql[start..];
+    let head = text.get(..6)?;
+    if !(head.eq_ignore_ascii_case(b"update")
+        || head.eq_ignore_ascii_case(b"insert")
+        || head.eq_ignore_ascii_case(b"delete"))
+    {
+        return None;
+    }
+    let n = text.len();
+    let mut pos = 6;
+    // As the full path counts them: a `)` too many is forgotten.
+    let mut depth = 0u32;
+    while pos < n {
+        let byte = text[pos];
+        let class = CLASSES[usize::from(byte)];
+        if class == WORD {
+            let from = pos;
+            pos += 1;
+            while pos < n && CLASSES[usize::from(text[pos])] == WORD {
+                pos += 1;
+            }
+            let word = &text[from..pos];
+            let pg = word
+                .get(..3)
+                .is_some_and(|w| w.eq_ignore_ascii_case(b"pg_"));
+            if from == 6 || pg || !number_or_name(word) {
+                return None;
+            }
+            continue;
+        }
+        match byte {
+            b'(' => depth += 1,
+            b')' => depth = depth.saturating_sub(1),
+            b'+' => {}
+            b'-' if text.get(pos + 1) != Some(&b'-') => {}
+            _ if class != 0 => {}
+            b';' if text[pos + 1..].iter().all(|&b| is_space(b)) => break,
+            _ => return None,
+        }
+        pos += 1;
+    }
+    (depth == 0).then_some(WRITE)
+}
+
 /// Whether a run of word bytes lexes as the fast path assumes and names nothing that matters.
 fn plain_word(word: &[u8]) -> bool {
     match word {
-        // A number or a parameter (`$1`): digits only (`1into` lexes as `1` and `into`, `$a$`
-        // opens a dollar quote).
-        [b'0'..=b'9', digits @ ..] => digits.iter().all(u8::is_ascii_digit),
-        [b'$', digits @ ..] => !digits.is_empty() && digits.iter().all(u8::is_ascii_digit),
+        [b'0'..=b'9', ..] | [b'$', ..] => number_or_name(word),
         [_, _, _] | [_, _, _, _] | [_, _, _, _, _] | [_, _, _, _, _, _] => {
             !BLOCKING.contains(&folded(word))
         }
+        _ => true,
+    }
+}
+
+/// Whether a run of word bytes lexes as one token: a number or a parameter (`$1`) is digits
+/// only (`1into` lexes as `1` and `into`, `$a$` opens a dollar quote); a name is anything else.
+fn number_or_name(word: &[u8]) -> bool {
+    match word {
+        [b'0'..=b'9', digits @ ..] => digits.iter().all(u8::is_ascii_digit),
+        [b'$', digits @ ..] => !digits.is_empty() && digits.iter().all(u8::is_ascii_digit),
         _ => true,
     }
 }
@@ -123,6 +184,19 @@ const READ: Classification = Classification {
     statements: 1,
 };
 
+/// One write with nothing else to report.
+const WRITE: Classification = Classification {
+    read_only: false,
+    reason: Some(Reason::Statement),
+    tx: None,
+    session_state: false,
+    local_setting: false,
+    session_read_only: None,
+    pin: None,
+    hint: None,
+    statements: 1,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +212,44 @@ mod tests {
             "select",
         ] {
             assert_eq!(plain_select(sql.as_bytes()), Some(READ), "{sql}");
+        }
+    }
+
+    #[test]
+    fn plain_writes_take_the_fast_path() {
+        for sql in [
+            "UPDATE pgbench_accounts SET abalance = abalance + -4321 WHERE aid = 1234;",
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) \
+             VALUES (3, 1, 1234, -4321, CURRENT_TIMESTAMP);",
+            "  delete FROM t WHERE a = $1 AND b < 2.5 ;  ",
+            "insert into t values ((1), (2))",
+        ] {
+            assert_eq!(plain_write(sql.as_bytes()), Some(WRITE), "{sql}");
+        }
+    }
+
+    #[test]
+    fn writes_that_may_pin_hide_or_fail_take_the_full_path() {
+        for sql in [
+            "UPDATE t SET a = pg_advisory_lock(1)",
+            "update t set a = PG_TRY_ADVISORY_LOCK(1)",
+            "UPDATE t SET a = pg_catalog.pg_advisory_lock(1)",
+            "UPDATE t SET a = 1; SET x = 1",
+            "UPDATE t SET a = 1;;",
+            "UPDATE t SET a = 1 -- c",
+            "UPDATE t SET a = 1 /* c */",
+            "UPDATE t SET a = 'x'",
+            "UPDATE t SET a = $a$x$a$",
+            "UPDATE t SET a = \"b\"",
+            "UPDATE t SET a = b::int",
+            "INSERT INTO t VALUES (1",
+            "INSERT INTO t VALUES (1))(",
+            "UPDATEx SET a = 1",
+            "/* pgvigil:replica */ UPDATE t SET a = 1",
+            "WITH x AS (SELECT 1) UPDATE t SET a = 1",
+            "SELECT 1",
+        ] {
+            assert_eq!(plain_write(sql.as_bytes()), None, "{sql}");
         }
     }
 

@@ -6,7 +6,8 @@
 //! `$tag$dollar$tag$` strings, `$1` parameters. A `;` or keyword inside any of them counts for
 //! nothing. It allocates nothing and never recurses; cost is linear in the text. A plain SELECT
 //! of names, numbers and parameters (no parenthesis, literal, comment or locking word) is
-//! answered by a one-pass check before the lexer runs.
+//! answered by a one-pass check before the lexer runs, and so is a plain INSERT, UPDATE or DELETE
+//! (no literal, comment or call that may pin).
 //!
 //! # Policy: unknown means primary
 //! A statement is read-only only when every rule below proves it:
@@ -188,8 +189,9 @@ pub enum Hint {
 
 /// Classifies a SQL string of one or more statements; see the module doc for the rules.
 pub fn classify(sql: &[u8], functions: &FunctionLists) -> Classification {
-    // A plain SELECT (no parenthesis, literal, comment or locking word) is answered in one pass.
-    if let Some(plain) = fast::plain_select(sql) {
+    // A plain SELECT (no parenthesis, literal, comment or locking word), or a plain INSERT,
+    // UPDATE or DELETE, is answered in one pass.
+    if let Some(plain) = fast::plain_select(sql).or_else(|| fast::plain_write(sql)) {
         return plain;
     }
     classify_full(sql, functions)

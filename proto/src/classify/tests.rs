@@ -492,7 +492,8 @@ fn the_fast_path_answers_as_the_full_path_on_every_table_case() {
         .chain(FLAGS.iter().map(|c| c.0));
     let mut fast_answers = 0;
     for sql in texts {
-        if let Some(fast) = fast::plain_select(sql.as_bytes()) {
+        let fast = fast::plain_select(sql.as_bytes()).or_else(|| fast::plain_write(sql.as_bytes()));
+        if let Some(fast) = fast {
             fast_answers += 1;
             assert_eq!(fast, classify_full(sql.as_bytes(), &lists), "{sql:?}");
         }
@@ -505,17 +506,21 @@ proptest::proptest! {
     /// answers, the full path gives the same classification.
     #[test]
     fn the_fast_path_never_disagrees_with_the_full_path(
-        start in proptest::sample::select(vec!["SELECT", "select", " Select", "SELECTx", "WITH"]),
+        start in proptest::sample::select(vec![
+            "SELECT", "select", " Select", "SELECTx", "WITH", "UPDATE", "insert", " Delete",
+            "UPDATEx",
+        ]),
         parts in proptest::collection::vec(
             (
                 proptest::sample::select(vec![
                     " ", "", ",", ".", "=", "<>", "*", ";", " ;", "(", ")", "'", "-", "/", ":",
-                    "\n", "$",
+                    "\n", "$", "+", " -", "--", " (", "/*",
                 ]),
                 proptest::sample::select(vec![
                     "a", "t", "aid", "FROM", "where", "for", "FOR", "update", "Share", "into",
                     "temp", "insert", "Delete", "merge", "1", "1.5", "1into", "1e5", "$1", "$a",
                     "$12", "nextval", "pg_backend_pid", "pg_advisory_lock", "é", "select", "x$1",
+                    "PG_TRY_ADVISORY_LOCK", "pg_catalog", "set", "values", "begin", "temp",
                 ]),
             ),
             0..12,
@@ -527,6 +532,9 @@ proptest::proptest! {
             sql.push_str(word);
         }
         if let Some(fast) = fast::plain_select(sql.as_bytes()) {
+            proptest::prop_assert_eq!(fast, classify_full(sql.as_bytes(), &lists()), "{:?}", sql);
+        }
+        if let Some(fast) = fast::plain_write(sql.as_bytes()) {
             proptest::prop_assert_eq!(fast, classify_full(sql.as_bytes(), &lists()), "{:?}", sql);
         }
     }
