@@ -501,6 +501,27 @@ fn the_fast_path_answers_as_the_full_path_on_every_table_case() {
     assert!(fast_answers >= 5, "the tables exercise the fast path");
 }
 
+#[test]
+fn writes_that_call_functions_answer_as_the_full_path() {
+    // The write fast path lets calls through: the full path pins none of these (only a
+    // session lock, which has a `pg_` name the fast path refuses), and answers each as a
+    // plain write whatever the function.
+    let lists = lists();
+    for sql in [
+        "UPDATE t SET a = my_function(1)",
+        "UPDATE t SET a = lower(b)",
+        "INSERT INTO t SELECT f(x) FROM u",
+        "UPDATE t SET a = nextval(s)",
+        "UPDATE t SET a = set_config(k, v, false) FROM u",
+        "DELETE FROM t WHERE a IN (SELECT b FROM u FOR UPDATE)",
+        "insert into t (a, b) values (now(), $1)",
+    ] {
+        let fast = fast::plain_write(sql.as_bytes());
+        assert!(fast.is_some(), "{sql:?} takes the fast path");
+        assert_eq!(fast, Some(classify_full(sql.as_bytes(), &lists)), "{sql:?}");
+    }
+}
+
 proptest::proptest! {
     /// Text made of the fast path's alphabet and its near misses: whenever the fast path
     /// answers, the full path gives the same classification.
