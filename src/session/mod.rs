@@ -115,7 +115,17 @@ async fn serve_client(tcp: Box<TcpStream>, admitted: Admitted) {
     // otherwise stay allocated in the task for the whole session. The session itself is boxed
     // too, so that the task holds little more than the box (and, while the session is idle,
     // one small read).
-    let Some((span, session)) = Box::pin(start(*tcp, proxy)).await else {
+    // The socket is moved out of its box inside a block, which frees the box there: moved out
+    // with `*tcp` in this scope, the box's allocation (32 bytes) would be freed only when this
+    // function returns, at the end of the session.
+    let started = Box::pin(start(
+        {
+            let boxed = tcp;
+            *boxed
+        },
+        proxy,
+    ));
+    let Some((span, session)) = started.await else {
         return;
     };
     let _entered = span.as_deref().map(tracing::Span::enter);

@@ -138,7 +138,22 @@ fn context_of(database: &str, user: &str, params: &[(Vec<u8>, Vec<u8>)]) -> Arc<
         }
     }
     context.push(0);
-    context.into()
+    // Clients of one application log in with the same context: they share its allocation
+    // (48 bytes of every idle session's memory) when they arrive on the same thread one after
+    // another.
+    LAST_CONTEXT.with(|last| {
+        let mut last = last.borrow_mut();
+        match last.as_ref() {
+            Some(shared) if **shared == *context => Arc::clone(shared),
+            _ => Arc::clone(last.insert(context.into())),
+        }
+    })
+}
+
+thread_local! {
+    /// The context of the last client that logged in on this thread.
+    static LAST_CONTEXT: std::cell::RefCell<Option<Arc<[u8]>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// How the startup phase ended.
@@ -402,6 +417,23 @@ mod tests {
         let startup = read_params(bare.into_iter(), &mut Vec::new()).unwrap();
         assert_eq!(startup.params().count(), 0);
         assert_eq!(Context(startup.context()).application_name(), "");
+    }
+
+    #[test]
+    fn clients_with_the_same_context_share_it_and_others_do_not() {
+        let context = |app: &[u8]| {
+            let params: Vec<(&[u8], &[u8])> = vec![(b"user", b"u"), (b"application_name", app)];
+            let startup = read_params(params.into_iter(), &mut Vec::new()).unwrap();
+            Arc::clone(startup.context())
+        };
+        let (first, again, other) = (context(b"a"), context(b"a"), context(b"b"));
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the same context was not shared"
+        );
+        assert_eq!(*first, *again);
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert_eq!(Context(&other).application_name(), "b");
     }
 
     #[test]

@@ -7,7 +7,6 @@ mod primary;
 use pgvigil_proto::classify::encoding_is_safe;
 use pgvigil_proto::sqlstate;
 use pgvigil_proto::TxStatus;
-use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use primary::{is_primary, write_position, PrimaryWait};
@@ -52,9 +51,6 @@ pub(super) struct Session<'a> {
     held: Held,
     steering: Steering,
     progress: Progress,
-    /// Topology generations, watched while waiting for a primary (the relay is woken by its
-    /// thread's watch, see `topology_watch`).
-    changes: watch::Receiver<u64>,
     /// Where the session is.
     place: Place,
     /// The client's cancel key, unregistered when the session is dropped.
@@ -93,7 +89,6 @@ impl<'a> Session<'a> {
             held,
             steering,
             progress: Progress::default(),
-            changes: proxy.topology.subscribe(),
             place: Place::Attached,
             key,
             startup,

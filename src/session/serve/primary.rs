@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use pgvigil_proto::sqlstate;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -30,6 +31,9 @@ pub(super) struct PrimaryWait {
     /// The client's cancel requests since the wait started: one ends the wait, as PostgreSQL
     /// cancels a statement.
     cancels: Cancels,
+    /// Topology generations since the unit was routed. Here rather than in every session,
+    /// where it would be 16 bytes of every idle client.
+    changes: watch::Receiver<u64>,
 }
 
 impl Session<'_> {
@@ -43,12 +47,22 @@ impl Session<'_> {
         let units = self.steering.units_begun();
         let wait = match std::mem::replace(&mut self.place, Place::Attached) {
             Place::WaitingForPrimary(wait) if wait.units == units => wait,
-            _ => Box::new(PrimaryWait {
-                until: Instant::now() + self.proxy.config().failover.wait_timeout,
-                units,
-                cancels: self.key.cancels(),
-            }),
+            _ => {
+                let mut changes = self.proxy.topology.subscribe();
+                // A generation published since the unit was routed ends the first pause at
+                // once, as one published during it does.
+                if self.steering.routed_generation() != Some(*changes.borrow()) {
+                    changes.mark_changed();
+                }
+                Box::new(PrimaryWait {
+                    until: Instant::now() + self.proxy.config().failover.wait_timeout,
+                    units,
+                    cancels: self.key.cancels(),
+                    changes,
+                })
+            }
         };
+        let mut wait = wait;
         self.steering.reroute();
         let waiting = hold::Waiting::set(&self.key);
         let until = wait.until;
@@ -56,7 +70,7 @@ impl Session<'_> {
         let mut cancelled = wait.cancels.has_changed();
         if !cancelled {
             tokio::select! {
-                changed = self.changes.changed() => {
+                changed = wait.changes.changed() => {
                     if changed.is_err() {
                         // No more generations can come: wait out the rest (or a cancel).
                         tokio::select! {
