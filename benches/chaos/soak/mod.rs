@@ -203,6 +203,9 @@ impl Soak {
         config.health.interval = Duration::from_secs(1);
         config.health.failures = 2;
         config.health.timeout = Duration::from_secs(1);
+        // The soak uses no admin API: a port of the system's choice, so that a pgvigil already
+        // running on this host (the demo's 9998) does not stop it.
+        config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         let running = pgvigil::proxy::start(config.clone())
             .await
             .map_err(|e| SoakError::Pgvigil(e.to_string()))?;
