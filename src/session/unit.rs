@@ -185,7 +185,7 @@ pub fn inspect(
                     let sql = Query::parse(message.body).map(|q| q.sql).ok();
                     let c = sql
                         .map(|sql| classify(sql, functions))
-                        .unwrap_or(UNREADABLE);
+                        .unwrap_or(Classification::ONE_WRITE);
                     facts.merge(&c);
                     facts.asks_backend_pid(sql.unwrap_or_default(), &c);
                     facts.query_statements = c.statements;
@@ -205,7 +205,7 @@ pub fn inspect(
                 let parsed = Parse::parse(message.body).ok();
                 let c = parsed
                     .map(|p| classify(p.sql, functions))
-                    .unwrap_or(UNREADABLE);
+                    .unwrap_or(Classification::ONE_WRITE);
                 facts.merge(&c);
                 facts.asks_backend_pid(parsed.map(|p| p.sql).unwrap_or_default(), &c);
                 facts.parses_named |= parsed.is_some_and(|p| !p.name.is_empty());
@@ -308,19 +308,6 @@ fn refer(facts: &mut UnitFacts, name: Option<&[u8]>, parsed_here: bool, statemen
         }
     }
 }
-
-/// The classification of a message that cannot be read: not read-only.
-const UNREADABLE: Classification = Classification {
-    read_only: false,
-    reason: Some(Reason::Statement),
-    tx: None,
-    session_state: false,
-    local_setting: false,
-    session_read_only: None,
-    pin: None,
-    hint: None,
-    statements: 1,
-};
 
 /// Calls `visit` with every named statement the unit at the start of `input` binds or describes
 /// without parsing it earlier in the same unit. Allocates nothing.

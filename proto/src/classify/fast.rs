@@ -12,7 +12,7 @@
 //! `tests.rs`).
 
 use super::lexer::is_space;
-use super::{Classification, Reason};
+use super::Classification;
 
 /// Bytes of a word (`scan.l`'s ident_cont, ASCII only), digits and `$` included.
 const WORD: u8 = 1;
@@ -125,7 +125,7 @@ pub(super) fn plain_write(sql: &[u8]) -> Option<Classification> {
         }
         pos += 1;
     }
-    (depth == 0).then_some(WRITE)
+    (depth == 0).then_some(Classification::ONE_WRITE)
 }
 
 /// Whether a run of word bytes lexes as the fast path assumes and names nothing that matters.
@@ -184,19 +184,6 @@ const READ: Classification = Classification {
     statements: 1,
 };
 
-/// One write with nothing else to report.
-const WRITE: Classification = Classification {
-    read_only: false,
-    reason: Some(Reason::Statement),
-    tx: None,
-    session_state: false,
-    local_setting: false,
-    session_read_only: None,
-    pin: None,
-    hint: None,
-    statements: 1,
-};
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,7 +211,11 @@ mod tests {
             "  delete FROM t WHERE a = $1 AND b < 2.5 ;  ",
             "insert into t values ((1), (2))",
         ] {
-            assert_eq!(plain_write(sql.as_bytes()), Some(WRITE), "{sql}");
+            assert_eq!(
+                plain_write(sql.as_bytes()),
+                Some(Classification::ONE_WRITE),
+                "{sql}"
+            );
         }
     }
 

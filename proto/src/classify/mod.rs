@@ -87,6 +87,20 @@ pub struct Classification {
 }
 
 impl Classification {
+    /// One statement that may write, with nothing else to report: a plain write, or a text that
+    /// cannot be read.
+    pub const ONE_WRITE: Classification = Classification {
+        read_only: false,
+        reason: Some(Reason::Statement),
+        tx: None,
+        session_state: false,
+        local_setting: false,
+        session_read_only: None,
+        pin: None,
+        hint: None,
+        statements: 1,
+    };
+
     /// The string is one statement that only changes session state: it writes no WAL.
     pub fn lone_setting(&self) -> bool {
         self.session_state && self.statements == 1
