@@ -175,13 +175,7 @@ const BLOCKING: [u64; 6] = [
 const READ: Classification = Classification {
     read_only: true,
     reason: None,
-    tx: None,
-    session_state: false,
-    local_setting: false,
-    session_read_only: None,
-    pin: None,
-    hint: None,
-    statements: 1,
+    ..Classification::ONE_WRITE
 };
 
 #[cfg(test)]
