@@ -10,11 +10,10 @@
 
 use std::sync::Arc;
 
-use pgvigil_proto::classify::{Hint, Reason};
 use pgvigil_proto::TxStatus;
 
 use super::replay::SqlText;
-use super::sql_words::{contains_ignore_case, skip_comments, string, token, word};
+use super::sql_words::{skip_comments, string, token, word};
 use crate::topology::NodeId;
 
 /// Most statements replayed on a node; beyond it the session stays on the primary.
@@ -341,44 +340,9 @@ fn sets_authorization(sql: &[u8]) -> bool {
         .is_some()
 }
 
-/// What a statement does to the session beyond its classification.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Effect {
-    /// Nothing more.
-    None,
-    /// It is a setting to replay (`set_config` with constants).
-    Setting,
-    /// It leaves state pgvigil cannot replay: the session is pinned, and cannot survive losing
-    /// that connection.
-    Pin(&'static str),
-}
-
-/// What a statement does to the session beyond its classification; `reason`: why it is not
-/// read-only, if it is not (a read does nothing more).
-///
-/// A function on no list counts as unknown code; the write list's functions are known (their
-/// session effects are pinned by the classifier, like advisory locks, or are `set_config`), and a
-/// `/* pgvigil:replica */` hint is the application's word that the call only reads.
-pub fn effect(sql: &[u8], reason: Option<Reason>, hint: Option<Hint>) -> Effect {
-    let Some(reason) = reason else {
-        return Effect::None;
-    };
-    match set_config(sql) {
-        SetConfig::Session => Effect::Setting,
-        SetConfig::Local => Effect::None,
-        SetConfig::Unknown => Effect::Pin("set_config with values pgvigil cannot know"),
-        SetConfig::None => {
-            let function = reason == Reason::UnknownFunction && hint != Some(Hint::Replica);
-            unreplayable(sql, function).map_or(Effect::None, Effect::Pin)
-        }
-    }
-}
-
 /// What a statement's call of `set_config` does to the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetConfig {
-    /// No call of `set_config`.
-    None,
     /// `SELECT set_config('name', 'value', false)` with constants: session state like SET.
     Session,
     /// `SELECT set_config('name', 'value', true)` with constants: lasts for the transaction.
@@ -387,13 +351,10 @@ pub enum SetConfig {
     Unknown,
 }
 
-/// Reads what `sql` does with `set_config`. Only the exact form `SELECT
-/// [pg_catalog.]set_config('name', 'value', false | true)` (standard strings without backslashes,
-/// an optional `;`) is understood; any other text naming `set_config` is `Unknown`.
+/// Reads what `sql`, which calls `set_config` (the classifier says so), does with it. Only the
+/// exact form `SELECT [pg_catalog.]set_config('name', 'value', false | true)` (standard strings
+/// without backslashes, an optional `;`) is understood; any other is `Unknown`.
 pub fn set_config(sql: &[u8]) -> SetConfig {
-    if !contains_ignore_case(sql, b"set_config") {
-        return SetConfig::None;
-    }
     match constant_call(sql) {
         Some(true) => SetConfig::Local,
         Some(false) => SetConfig::Session,
@@ -418,34 +379,6 @@ fn constant_call(sql: &[u8]) -> Option<bool> {
     rest = token(after, b")")?;
     rest = token(rest, b";").unwrap_or(rest);
     rest.trim_ascii().is_empty().then_some(local)
-}
-
-/// Why a statement leaves its connection with state pgvigil cannot replay elsewhere, if it does:
-/// DO, CALL and LOAD run code whose effects are unknown; a WITH HOLD cursor outlives its
-/// transaction on that connection only. `function`: the statement calls a function on no list
-/// (the classifier's reason), whose effects are unknown too.
-pub fn unreplayable(sql: &[u8], function: bool) -> Option<&'static str> {
-    // Each statement of a string starts after a `;` (one inside a literal only makes a false
-    // start, which errs on the side of ending the session).
-    for statement in sql.split(|b| *b == b';') {
-        let start = skip_comments(statement);
-        for (keyword, why) in [
-            (b"do".as_slice(), "DO"),
-            (b"call", "CALL"),
-            (b"load", "LOAD"),
-        ] {
-            if word(start, keyword).is_some() {
-                return Some(why);
-            }
-        }
-        if word(start, b"declare").is_some()
-            && contains_ignore_case(statement, b"hold")
-            && !contains_ignore_case(statement, b"without hold")
-        {
-            return Some("a WITH HOLD cursor");
-        }
-    }
-    function.then_some("a function call whose effects cannot be replayed")
 }
 
 #[cfg(test)]

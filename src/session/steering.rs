@@ -4,7 +4,7 @@
 //! A unit inside a transaction stays on the transaction's node, and a unit that names no statement
 //! (a lone Sync or Close) stays where the session is; every other unit is routed by the pure
 //! `route::route_unit`: a session pinned (temporary table, SQL PREPARE, advisory lock, LISTEN, or
-//! anything else pgvigil cannot replay: see `settings::effect`) or a `/* pgvigil:primary */` hint
+//! anything else pgvigil cannot replay: see `classify::Pin`) or a `/* pgvigil:primary */` hint
 //! goes to the primary; a unit that reuses the unnamed statement goes where it was parsed; a
 //! provably read-only unit (or one hinted `/* pgvigil:replica */`), and a read-only transaction,
 //! is spread over the nodes that may take reads (after a write, only those that replayed it: read
@@ -510,5 +510,10 @@ fn pin_reason(pin: Pin) -> &'static str {
         Pin::Prepare => "SQL PREPARE",
         Pin::AdvisoryLock => "session advisory lock",
         Pin::Listen => "LISTEN",
+        Pin::Do => "DO",
+        Pin::Call => "CALL",
+        Pin::Load => "LOAD",
+        Pin::HoldCursor => "a WITH HOLD cursor",
+        Pin::UnknownFunction => "a function call whose effects cannot be replayed",
     }
 }

@@ -38,6 +38,8 @@ pub struct UnitFacts {
     pub tx: Option<TxControl>,
     /// The first reason to pin the session to the primary.
     pub pin: Option<Pin>,
+    /// A statement calls `set_config`.
+    pub set_config: bool,
     /// A statement changes session state that must be replayed on other nodes.
     pub session_state: bool,
     /// A statement is SET LOCAL.
@@ -74,6 +76,7 @@ impl Default for UnitFacts {
             begin: None,
             tx: None,
             pin: None,
+            set_config: false,
             session_state: false,
             local_setting: false,
             session_read_only: None,
@@ -137,6 +140,7 @@ impl UnitFacts {
         }
         self.tx = c.tx.or(self.tx);
         self.pin = self.pin.or(c.pin);
+        self.set_config |= c.set_config;
         self.session_state |= c.session_state;
         self.local_setting |= c.local_setting;
         self.session_read_only = c.session_read_only.or(self.session_read_only);

@@ -86,17 +86,29 @@ async fn a_session_holding_what_cannot_be_replayed_ends_when_its_connection_is_l
 
 /// In pool `mode`, sessions that did what pgvigil cannot replay on another connection are told
 /// FATAL 08006 and closed when their node restarts, as PostgreSQL closes its own; a plain session
-/// goes on.
+/// (whose writes call only known functions) goes on.
 async fn unreplayable_state_ends_the_session_with_its_connection(mode: PoolMode) {
     let mut cluster = test_cluster(0);
     let proxy = trusted_proxy(&cluster, mode).await;
     let mut plain = Wire::login(&proxy).await;
+    for sql in [
+        "CREATE TABLE held_rows (i int PRIMARY KEY)",
+        // A function of the user's, on no list, that leaves a session lock behind.
+        "CREATE FUNCTION lock_and_return(i int) RETURNS int LANGUAGE sql \
+         AS $$ SELECT pg_advisory_lock(i); SELECT i $$",
+        "INSERT INTO held_rows (i) VALUES (abs(-1)) ON CONFLICT (i) DO NOTHING",
+    ] {
+        let answer = plain.query(sql).await;
+        assert!(answer.errors.is_empty(), "{sql}: {answer:?}");
+    }
     let statements = [
         "DO $$ BEGIN PERFORM set_config('application_name', 'by DO', false); END $$",
         "SELECT pg_advisory_lock(9)",
         "BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT 1; COMMIT",
         "SELECT set_config('search_path', current_setting('search_path'), false)",
         "CREATE TEMPORARY TABLE held (i int)",
+        "INSERT INTO held_rows (i) VALUES (lock_and_return(8))",
+        "UPDATE held_rows SET i = lock_and_return(i + 10) WHERE i = 1",
     ];
     holders_end_with_their_connection(&mut cluster, &proxy, &mut plain, &statements).await;
 }

@@ -76,12 +76,31 @@ pub(super) fn plain_select(sql: &[u8]) -> Option<Classification> {
     Some(READ)
 }
 
+/// What came before a `(` in a plain write, to tell a call (which takes the full path) from
+/// grouping, a list or INSERT's column list.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Before {
+    /// Punctuation, an operator or nothing: `(` groups.
+    Punct,
+    /// A word that `(` would make a call of.
+    Word,
+    /// A reserved word that cannot name a function (see [`NO_CALL`]), or the table after INTO:
+    /// `(` opens a list or groups.
+    NoCall,
+    /// INTO, or a `.` after the table: the table's name follows.
+    Into,
+}
+
+/// Reserved words a plain write may put before `(`: none can name a function.
+const NO_CALL: [&[u8]; 5] = [b"values", b"in", b"where", b"and", b"or"];
+
 /// The classification of one plain INSERT, UPDATE or DELETE when `sql` is one; `None` when it
-/// needs the full path. It writes anyway, so what the full path could still find is a pin (only
-/// a call can pin such a statement: no word starting `pg_` is let through, which covers the
-/// session advisory locks), a hint or a failure (no comment, literal, quoted identifier or
-/// dollar quote; parentheses must balance), or more statements (at most one `;`, at the end).
-/// Beyond the plain SELECT's alphabet it takes `(`, `)`, `+` and a `-` not followed by another.
+/// needs the full path. It writes anyway, so what the full path could still find is a call
+/// (which may pin the session or be of unknown code: any `name(` other than after a word of
+/// [`NO_CALL`] or `INTO table` takes the full path), a hint or a failure (no comment, literal, quoted
+/// identifier or dollar quote; parentheses must balance), or more statements (at most one `;`,
+/// at the end). Beyond the plain SELECT's alphabet it takes `(`, `)`, `+` and a `-` not
+/// followed by another.
 pub(super) fn plain_write(sql: &[u8]) -> Option<Classification> {
     let start = sql.iter().position(|&b| !is_space(b))?;
     let text = &sql[start..];
@@ -96,6 +115,7 @@ pub(super) fn plain_write(sql: &[u8]) -> Option<Classification> {
     let mut pos = 6;
     // As the full path counts them: a `)` too many is forgotten.
     let mut depth = 0u32;
+    let mut before = Before::Word;
     while pos < n {
         let byte = text[pos];
         let class = CLASSES[usize::from(byte)];
@@ -106,13 +126,23 @@ pub(super) fn plain_write(sql: &[u8]) -> Option<Classification> {
                 pos += 1;
             }
             let word = &text[from..pos];
-            let pg = word
-                .get(..3)
-                .is_some_and(|w| w.eq_ignore_ascii_case(b"pg_"));
-            if from == 6 || pg || !number_or_name(word) {
+            if from == 6 || !number_or_name(word) {
                 return None;
             }
+            before = match before {
+                Before::Into => Before::NoCall,
+                _ if NO_CALL.iter().any(|w| word.eq_ignore_ascii_case(w)) => Before::NoCall,
+                _ if word.eq_ignore_ascii_case(b"into") => Before::Into,
+                _ => Before::Word,
+            };
             continue;
+        }
+        if class != SPACE {
+            before = match (before, byte) {
+                (Before::Word, b'(') => return None,
+                (Before::NoCall, b'.') => Before::Into,
+                _ => Before::Punct,
+            };
         }
         match byte {
             b'(' => depth += 1,

@@ -39,6 +39,12 @@
 //! A standby rejects such a statement with SQLSTATE 25006 (read_only_sql_transaction), so the
 //! mistake is loud, never silent.
 //!
+//! Calls count beyond routing too: a function on neither list called by a query or by an
+//! INSERT, UPDATE, DELETE or MERGE (where an INSERT's column list and the `ON CONFLICT (...)`
+//! target are not calls) is code whose effect on the session is unknown, and pins it
+//! ([`Pin::UnknownFunction`]) unless a `/* pgvigil:replica */` hint vouches for the string.
+//! Other statements (DDL) are not read for it.
+//!
 //! A string of several statements is read-only only if every statement is; pins and session
 //! changes accumulate, and [`Classification::tx`] is the last transaction-control statement.
 //! An empty string (or only `;` and comments) is read-only: the server answers
@@ -80,6 +86,8 @@ pub struct Classification {
     pub session_read_only: Option<bool>,
     /// The first reason the session must stay on the primary from now on.
     pub pin: Option<Pin>,
+    /// A statement calls `set_config`, whose effect on the session depends on its arguments.
+    pub set_config: bool,
     /// The routing hint of a leading `/* pgvigil:primary */` or `/* pgvigil:replica */`.
     pub hint: Option<Hint>,
     /// The number of non-empty statements.
@@ -97,6 +105,7 @@ impl Classification {
         local_setting: false,
         session_read_only: None,
         pin: None,
+        set_config: false,
         hint: None,
         statements: 1,
     };
@@ -190,6 +199,17 @@ pub enum Pin {
     AdvisoryLock,
     /// LISTEN.
     Listen,
+    /// DO: an anonymous code block, whose effects are unknown.
+    Do,
+    /// CALL of a procedure, whose effects are unknown.
+    Call,
+    /// LOAD of a shared library.
+    Load,
+    /// DECLARE ... WITH HOLD: a cursor that outlives its transaction on that connection.
+    HoldCursor,
+    /// A call of a function on neither list (unless a `/* pgvigil:replica */` hint vouches for
+    /// the string), in a query or in an INSERT, UPDATE, DELETE or MERGE.
+    UnknownFunction,
 }
 
 /// A routing hint written by the application.
@@ -221,6 +241,7 @@ fn classify_full(sql: &[u8], functions: &FunctionLists) -> Classification {
         local_setting: false,
         session_read_only: None,
         pin: None,
+        set_config: false,
         hint: leading_hint(sql),
         statements: 0,
     };

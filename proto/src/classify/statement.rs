@@ -5,7 +5,7 @@ mod calls;
 use super::functions::FunctionLists;
 use super::keyword::{keyword, Kw};
 use super::lexer::Tok;
-use super::{Classification, Pin, Reason, TxControl};
+use super::{Classification, Hint, Pin, Reason, TxControl};
 use calls::Pending;
 
 /// What the statement is, as far as its leading words tell.
@@ -57,8 +57,25 @@ enum Kind {
     Discard,
     /// CREATE; `prefix` while only OR, REPLACE, GLOBAL or LOCAL followed it.
     Create { prefix: bool },
+    /// DECLARE, before the FOR of its query: WITH HOLD may follow.
+    Declare,
+    /// INSERT, UPDATE, DELETE or MERGE: not a read, but its calls still count.
+    Write,
     /// Anything else: not a read.
     Other,
+}
+
+/// Where `INSERT INTO name [AS alias] (columns)` has got: the column list is no call.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum InsertTarget {
+    /// Not in an INSERT's target.
+    None,
+    /// After INTO (or a `.`): a name follows.
+    Expected,
+    /// After the name (or its alias): `(` opens the column list.
+    Named,
+    /// After the name's AS: the alias follows.
+    Alias,
 }
 
 /// Which statement the transaction modes belong to.
@@ -109,6 +126,11 @@ pub(super) struct Statement<'a> {
     failure: Option<Reason>,
     pin: Option<Pin>,
     pending: Option<Pending>,
+    /// A call of a function on no list.
+    unknown_call: bool,
+    /// A call of `set_config`.
+    set_config: bool,
+    target: InsertTarget,
     session_read_only: Option<bool>,
 }
 
@@ -126,6 +148,9 @@ impl<'a> Statement<'a> {
             failure: None,
             pin: None,
             pending: None,
+            unknown_call: false,
+            set_config: false,
+            target: InsertTarget::None,
             session_read_only: None,
         }
     }
@@ -165,6 +190,7 @@ impl<'a> Statement<'a> {
         if self.scans_body() {
             self.scan_body(tok, kw, lists);
         }
+        self.target = self.next_target(tok, kw);
         self.step(tok, kw);
         self.hist = [(tok, kw), self.hist[0], self.hist[1]];
     }
@@ -204,6 +230,21 @@ impl<'a> Statement<'a> {
             }
             (Tok::LParen, _) => self.call(lists),
             _ => {}
+        }
+    }
+
+    /// Follows `INSERT INTO name [AS alias] (` by one token.
+    fn next_target(&self, tok: Tok<'a>, kw: Kw) -> InsertTarget {
+        match (self.target, tok) {
+            (_, Tok::Word(_)) if kw == Kw::Into && self.hist[0].1 == Kw::Insert => {
+                InsertTarget::Expected
+            }
+            (InsertTarget::Expected | InsertTarget::Alias, Tok::Word(_) | Tok::Quoted(_)) => {
+                InsertTarget::Named
+            }
+            (InsertTarget::Named, Tok::Dot) => InsertTarget::Expected,
+            (InsertTarget::Named, Tok::Word(_)) if kw == Kw::As => InsertTarget::Alias,
+            _ => InsertTarget::None,
         }
     }
 
@@ -267,11 +308,18 @@ impl<'a> Statement<'a> {
                 self.kind
             }
             Kind::Create { prefix } => self.create_step(prefix, tok, kw),
+            Kind::Declare if kw == Kw::Hold && self.hist[0].1 == Kw::With => {
+                self.pin(Pin::HoldCursor);
+                Kind::Declare
+            }
+            Kind::Declare if kw == Kw::For => Kind::Other,
             kind @ (Kind::Query
             | Kind::Show
             | Kind::SetVar { watch: false }
             | Kind::SetLocal
             | Kind::SetTransactionScoped
+            | Kind::Declare
+            | Kind::Write
             | Kind::Other) => kind,
         };
     }
@@ -314,6 +362,16 @@ impl<'a> Statement<'a> {
             Kw::Reset => Kind::Reset,
             Kw::Discard => Kind::Discard,
             Kw::Create => Kind::Create { prefix: true },
+            Kw::Insert | Kw::Update | Kw::Delete | Kw::Merge => Kind::Write,
+            Kw::Declare => Kind::Declare,
+            Kw::Do | Kw::Call | Kw::Load => {
+                self.pin(match kw {
+                    Kw::Do => Pin::Do,
+                    Kw::Call => Pin::Call,
+                    _ => Pin::Load,
+                });
+                Kind::Other
+            }
             // UNLISTEN only removes listeners: a session that never listened (it would be pinned)
             // has none on any node, so it holds nothing to keep (asyncpg's pool sends `UNLISTEN
             // *` with every connection release).
@@ -476,6 +534,10 @@ impl<'a> Statement<'a> {
         if let Some(pin) = self.pin {
             out.pin.get_or_insert(pin);
         }
+        if self.unknown_call && out.hint != Some(Hint::Replica) {
+            out.pin.get_or_insert(Pin::UnknownFunction);
+        }
+        out.set_config |= self.set_config;
         match self.kind {
             Kind::TxModes {
                 of: ModesOf::Begin,

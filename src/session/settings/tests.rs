@@ -4,8 +4,7 @@ use super::*;
 
 #[test]
 fn set_config_with_constants_is_a_setting() {
-    let cases: [(&str, SetConfig); 9] = [
-        ("SELECT 1", SetConfig::None),
+    let cases: [(&str, SetConfig); 8] = [
         (
             "SELECT set_config('search_path', 'a, b', false)",
             SetConfig::Session,
@@ -30,46 +29,6 @@ fn set_config_with_constants_is_a_setting() {
     for (sql, expected) in cases {
         assert_eq!(set_config(sql.as_bytes()), expected, "{sql}");
     }
-}
-
-#[test]
-fn only_what_is_not_a_read_has_effects() {
-    let unknown = Some(Reason::UnknownFunction);
-    assert_eq!(effect(b"SELECT f()", None, None), Effect::None);
-    assert!(matches!(
-        effect(b"SELECT f()", unknown, None),
-        Effect::Pin(_)
-    ));
-    let hinted = effect(b"SELECT f()", unknown, Some(Hint::Replica));
-    assert_eq!(hinted, Effect::None);
-    let known = Some(Reason::WriteFunction);
-    assert_eq!(effect(b"SELECT nextval('s')", known, None), Effect::None);
-    let set = b"SELECT set_config('a', 'b', false)";
-    assert_eq!(effect(set, known, None), Effect::Setting);
-}
-
-#[test]
-fn code_and_held_cursors_cannot_be_replayed() {
-    let cases = [
-        ("DO $$ BEGIN END $$", Some("DO")),
-        ("/* c */ -- x\n call p()", Some("CALL")),
-        ("LOAD 'auto_explain'", Some("LOAD")),
-        (
-            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
-            Some("a WITH HOLD cursor"),
-        ),
-        ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", None),
-        (
-            "BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT",
-            Some("a WITH HOLD cursor"),
-        ),
-        ("DOMAIN", None),
-        ("INSERT INTO t VALUES (1)", None),
-    ];
-    for (sql, expected) in cases {
-        assert_eq!(unreplayable(sql.as_bytes(), false), expected, "{sql}");
-    }
-    assert!(unreplayable(b"SELECT f()", true).is_some());
 }
 
 fn text(sql: &str) -> SqlText {

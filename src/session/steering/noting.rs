@@ -1,7 +1,7 @@
 //! What a client message forwarded to the session's current node does to the session: the
 //! settings it changes (logged to replay elsewhere), what pins the session, whether it writes.
 
-use pgvigil_proto::classify::{classify, Classification, Hint, Reason};
+use pgvigil_proto::classify::{classify, Classification};
 use pgvigil_proto::frontend::{self, Bind, Close, Parse, Query};
 
 use super::{pin_reason, Steering};
@@ -9,7 +9,7 @@ use crate::config::PoolMode;
 use crate::proxy::Proxy;
 use crate::session::naming::{self, SqlDrop};
 use crate::session::reset;
-use crate::session::settings::{self, Effect};
+use crate::session::settings::{self, SetConfig};
 
 impl Steering {
     /// Applies what one forwarded client message does to the session.
@@ -33,23 +33,20 @@ impl Steering {
                 {
                     self.replay.drop_statements();
                 }
-                let (session_state, statements, reason, hint) = if covered {
+                let (session_state, statements, set_config) = if covered {
                     let u = &self.unit;
-                    (u.session_state, u.query_statements, u.reason, u.hint)
+                    (u.session_state, u.query_statements, u.set_config)
                 } else {
-                    let class = classify(query.sql, &proxy.functions.load());
-                    self.uncovered(&class);
-                    (
-                        class.session_state,
-                        class.statements,
-                        class.reason,
-                        class.hint,
-                    )
+                    let c = classify(query.sql, &proxy.functions.load());
+                    self.uncovered(&c);
+                    (c.session_state, c.statements, c.set_config)
                 };
                 if session_state {
                     self.record_state(query.sql, statements, true);
                 }
-                self.note_effects(query.sql, reason, hint, true);
+                if set_config {
+                    self.note_set_config(query.sql, true);
+                }
             }
             frontend::tag::PARSE => self.parsed(frame, body, covered, proxy),
             frontend::tag::BIND if !covered => self.bound_unseen(body),
@@ -79,19 +76,13 @@ impl Steering {
         }
     }
 
-    /// Notes what a statement forwarded to `current` does beyond its classification (see
-    /// [`settings::effect`]); `reason`: why it is not read-only, if it is not.
-    fn note_effects(
-        &mut self,
-        sql: &[u8],
-        reason: Option<Reason>,
-        hint: Option<Hint>,
-        query: bool,
-    ) {
-        match settings::effect(sql, reason, hint) {
-            Effect::None => {}
-            Effect::Setting => self.record_state(sql, 1, query),
-            Effect::Pin(why) => self.pin(why),
+    /// Notes what a statement forwarded to `current` that calls `set_config` does: a setting
+    /// with constants is recorded like SET; one whose value cannot be known pins the session.
+    fn note_set_config(&mut self, sql: &[u8], query: bool) {
+        match settings::set_config(sql) {
+            SetConfig::Session => self.record_state(sql, 1, query),
+            SetConfig::Local => {}
+            SetConfig::Unknown => self.pin("set_config with values pgvigil cannot know"),
         }
     }
 
@@ -110,7 +101,9 @@ impl Steering {
         if class.session_state {
             self.record_state(parse.sql, class.statements, false);
         }
-        self.note_effects(parse.sql, class.reason, class.hint, false);
+        if class.set_config {
+            self.note_set_config(parse.sql, false);
+        }
         let session_pooling = proxy.config().pool.mode == PoolMode::Session;
         if parse.name.is_empty() {
             self.replay.parsed_unnamed(self.current, class);

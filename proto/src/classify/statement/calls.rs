@@ -1,6 +1,6 @@
 //! Function calls inside a statement: which `name(` is a call, and what it does to the verdict.
 
-use super::{Kind, Seen, Statement};
+use super::{InsertTarget, Kind, Seen, Statement};
 use crate::classify::functions::{is_session_lock, CallKind, FunctionLists, Ident};
 use crate::classify::keyword::Kw;
 use crate::classify::lexer::Tok;
@@ -27,6 +27,11 @@ impl<'a> Statement<'a> {
         let Some(name) = ident(self.hist[0]) else {
             return;
         };
+        if name.is(b"set_config") {
+            // In any schema and any statement: the session reads its arguments (see
+            // `Classification::set_config`).
+            self.set_config = true;
+        }
         let qualified = self.hist[1].0 == Tok::Dot;
         let qualifier = if qualified { ident(self.hist[2]) } else { None };
         if qualified && qualifier.is_none() {
@@ -34,8 +39,10 @@ impl<'a> Statement<'a> {
             self.apply_call(CallKind::Unknown);
             return;
         }
-        if self.kind == Kind::Other {
-            // The statement writes anyway; only a pin can still come out of a call.
+        if matches!(self.kind, Kind::Other | Kind::Create { .. }) {
+            // Neither a query nor INSERT, UPDATE, DELETE or MERGE (DDL, say, where `name(` is as
+            // often a column or parameter list as a call): it writes anyway, and only an
+            // advisory lock's pin still counts.
             if is_session_lock(qualifier, name) {
                 self.pin(Pin::AdvisoryLock);
             }
@@ -44,6 +51,15 @@ impl<'a> Statement<'a> {
         let before = self.hist[1];
         if !qualified && before.1 == Kw::As {
             // `AS alias(col, ...)`: a column alias list, or a type modifier after CAST's AS.
+            return;
+        }
+        if self.target == InsertTarget::Named {
+            // `INSERT INTO name (col, ...)`: the column list.
+            return;
+        }
+        if before.1 == Kw::On && !name.quoted && name.is(b"conflict") && self.body_write.is_some() {
+            // `INSERT ... ON CONFLICT (col, ...)`: the conflict target. (In a statement that
+            // writes anyway: in a read, such a call still keeps the statement off a replica.)
             return;
         }
         let kind = lists.call_kind(qualifier, name);
@@ -69,7 +85,10 @@ impl<'a> Statement<'a> {
                 self.mark(Reason::WriteFunction);
                 self.pin(Pin::AdvisoryLock);
             }
-            CallKind::Unknown => self.mark(Reason::UnknownFunction),
+            CallKind::Unknown => {
+                self.mark(Reason::UnknownFunction);
+                self.unknown_call = true;
+            }
         }
     }
 
