@@ -512,6 +512,10 @@ pub enum SqlDrop {
 /// Reads a Query that is one `DEALLOCATE` or `DISCARD ALL` (an optional `;` and whitespace
 /// after it); anything else is `None`.
 pub fn sql_drop(sql: &[u8]) -> Option<SqlDrop> {
+    // Runs on every Query under transaction pooling: most start with another letter.
+    if sql.trim_ascii_start().first()? | 0x20 != b'd' {
+        return None;
+    }
     let mut words = Words(sql);
     let first = words.next()?;
     let drop = if first.eq_ignore_ascii_case(b"discard") {
