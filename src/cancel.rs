@@ -181,19 +181,27 @@ impl CancelRegistry {
         }
     }
 
-    /// The backend to cancel for a client's (pid, secret), if both match a live session. A match
-    /// is also announced to the session (see [`CancelKey::cancels`]).
+    /// The backend to cancel for a client's (pid, secret), if both match a live session whose
+    /// unit does not wait. A match is also announced to the session (see
+    /// [`CancelKey::cancels`]).
+    ///
+    /// A waiting unit (held by PAUSE, waiting for a primary or a connection) has reached no
+    /// backend: the session refuses it itself, and the backend it may hold is not interrupted.
+    /// Forwarded there, the request could land late, in the session's next statement.
     pub fn lookup(&self, pid: u32, secret: &[u8]) -> Option<Arc<CancelTarget>> {
         let cell = lock(&self.sessions).get(&pid)?.clone();
         let matches =
             secret.len() == 4 && crate::auth::constant_time_eq(&cell.secret.to_be_bytes(), secret);
-        if matches {
-            cell.count.fetch_add(1, Ordering::AcqRel);
-            cell.arrived.notify_waiters();
-            lock(&cell.target).clone()
-        } else {
-            None
+        if !matches {
+            return None;
         }
+        cell.count.fetch_add(1, Ordering::AcqRel);
+        cell.arrived.notify_waiters();
+        if cell.state.load(Ordering::Acquire) == ClientState::Waiting as u8 {
+            return None;
+        }
+        let target = lock(&cell.target).clone();
+        target
     }
 
     /// The logged-in clients with their cancel pids, in no particular order.
@@ -224,7 +232,7 @@ impl CancelKey {
 
     /// Notes whether the client's next unit waits.
     pub fn set_state(&self, state: ClientState) {
-        self.cell.state.store(state as u8, Ordering::Relaxed);
+        self.cell.state.store(state as u8, Ordering::Release);
     }
 
     /// Points this session's key at the backend now serving it (or at none).
@@ -298,6 +306,26 @@ mod tests {
             .lookup(key.pid, &key.secret.to_be_bytes())
             .is_none());
         assert!(cancels.has_changed(), "announced without a backend too");
+    }
+
+    #[test]
+    fn a_waiting_unit_is_cancelled_by_the_session_and_not_at_its_backend() {
+        let registry = Arc::new(CancelRegistry::default());
+        let key = registry.register();
+        let target = CancelTarget {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            pid: 42,
+            key: vec![1, 2, 3, 4],
+        };
+        key.set_target(Some(Arc::new(target)));
+        let secret = key.secret.to_be_bytes();
+        let cancels = key.cancels();
+        key.set_state(ClientState::Waiting);
+        assert!(registry.lookup(key.pid, &secret).is_none());
+        assert!(cancels.has_changed(), "the waiting session is told");
+        key.set_state(ClientState::Active);
+        assert_eq!(registry.lookup(key.pid, &secret).map(|t| t.pid), Some(42));
     }
 
     #[test]
