@@ -1,7 +1,8 @@
 //! The fast paths for the commonest read and writes: one plain SELECT of names, numbers,
 //! parameters and comparison operators, such as `SELECT abalance FROM pgbench_accounts WHERE aid
-//! = $1;`, and one plain INSERT, UPDATE or DELETE (see [`plain_write`]), such as pgbench's
-//! `UPDATE pgbench_tellers SET tbalance = tbalance + -3 WHERE tid = 7;`.
+//! = $1;`, one plain INSERT, UPDATE or DELETE (see [`plain_write`]), such as pgbench's
+//! `UPDATE pgbench_tellers SET tbalance = tbalance + -3 WHERE tid = 7;`, and a lone `BEGIN`,
+//! `COMMIT` or `ROLLBACK` (see [`lone_tx_word`]).
 //!
 //! One pass over the bytes proves that the full lexer and statement machine would find nothing
 //! to object to: no parenthesis (so no function call, subquery or CTE body), no comment, literal,
@@ -12,7 +13,7 @@
 //! `tests.rs`).
 
 use super::lexer::is_space;
-use super::Classification;
+use super::{Classification, Reason, TxControl};
 
 /// Bytes of a word (`scan.l`'s ident_cont, ASCII only), digits and `$` included.
 const WORD: u8 = 1;
@@ -158,6 +159,31 @@ pub(super) fn plain_write(sql: &[u8]) -> Option<Classification> {
     (depth == 0).then_some(Classification::ONE_WRITE)
 }
 
+/// The classification of a transaction-control statement of one word (`BEGIN`, `COMMIT`, `END`,
+/// `ROLLBACK` or `ABORT`, with an optional final `;`), as drivers and ORMs send around every
+/// transaction; `None` for anything else.
+pub(super) fn lone_tx_word(sql: &[u8]) -> Option<Classification> {
+    let text = sql.trim_ascii();
+    let word = text.strip_suffix(b";").unwrap_or(text).trim_ascii_end();
+    let is = |w: &[u8]| word.eq_ignore_ascii_case(w);
+    let tx = match word.len() {
+        3 if is(b"end") => TxControl::Commit,
+        5 if is(b"begin") => TxControl::Begin { read_only: None },
+        5 if is(b"abort") => TxControl::Rollback,
+        6 if is(b"commit") => TxControl::Commit,
+        8 if is(b"rollback") => TxControl::Rollback,
+        _ => return None,
+    };
+    // BEGIN without an access mode is not a read by itself (the session's default decides).
+    let begin = matches!(tx, TxControl::Begin { .. });
+    Some(Classification {
+        read_only: !begin,
+        reason: begin.then_some(Reason::Statement),
+        tx: Some(tx),
+        ..Classification::ONE_WRITE
+    })
+}
+
 /// Whether a run of word bytes lexes as the fast path assumes and names nothing that matters.
 fn plain_word(word: &[u8]) -> bool {
     match word {
@@ -240,6 +266,37 @@ mod tests {
                 Some(Classification::ONE_WRITE),
                 "{sql}"
             );
+        }
+    }
+
+    #[test]
+    fn lone_transaction_words_take_the_fast_path() {
+        use super::super::{classify_full, FunctionLists};
+        let lists = FunctionLists::default();
+        for sql in [
+            "BEGIN",
+            "begin;",
+            " COMMIT ; ",
+            "end",
+            "Rollback;",
+            "ABORT\n",
+        ] {
+            let fast = lone_tx_word(sql.as_bytes());
+            assert!(fast.is_some(), "{sql:?}");
+            assert_eq!(fast, Some(classify_full(sql.as_bytes(), &lists)), "{sql:?}");
+        }
+        for sql in [
+            "BEGIN;;",
+            "BEGIN READ ONLY",
+            "COMMIT PREPARED 'x'",
+            "ROLLBACK TO s",
+            "BEGIN -- c",
+            "/* pgvigil:replica */ COMMIT",
+            "END\x0b",
+            "beginx",
+            "",
+        ] {
+            assert_eq!(lone_tx_word(sql.as_bytes()), None, "{sql:?}");
         }
     }
 

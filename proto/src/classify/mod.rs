@@ -223,9 +223,12 @@ pub enum Hint {
 
 /// Classifies a SQL string of one or more statements; see the module doc for the rules.
 pub fn classify(sql: &[u8], functions: &FunctionLists) -> Classification {
-    // A plain SELECT (no parenthesis, literal, comment or locking word), or a plain INSERT,
-    // UPDATE or DELETE, is answered in one pass.
-    if let Some(plain) = fast::plain_select(sql).or_else(|| fast::plain_write(sql)) {
+    // A plain SELECT (no parenthesis, literal, comment or locking word), a plain INSERT,
+    // UPDATE or DELETE, or a lone BEGIN, COMMIT or ROLLBACK is answered in one pass.
+    if let Some(plain) = fast::plain_select(sql)
+        .or_else(|| fast::plain_write(sql))
+        .or_else(|| fast::lone_tx_word(sql))
+    {
         return plain;
     }
     classify_full(sql, functions)

@@ -675,7 +675,9 @@ fn the_fast_path_answers_as_the_full_path_on_every_table_case() {
         .chain(FLAGS.iter().map(|c| c.0));
     let mut fast_answers = 0;
     for sql in texts {
-        let fast = fast::plain_select(sql.as_bytes()).or_else(|| fast::plain_write(sql.as_bytes()));
+        let fast = fast::plain_select(sql.as_bytes())
+            .or_else(|| fast::plain_write(sql.as_bytes()))
+            .or_else(|| fast::lone_tx_word(sql.as_bytes()));
         if let Some(fast) = fast {
             fast_answers += 1;
             assert_eq!(fast, classify_full(sql.as_bytes(), &lists), "{sql:?}");
@@ -720,7 +722,7 @@ proptest::proptest! {
     fn the_fast_path_never_disagrees_with_the_full_path(
         start in proptest::sample::select(vec![
             "SELECT", "select", " Select", "SELECTx", "WITH", "UPDATE", "insert", " Delete",
-            "UPDATEx",
+            "UPDATEx", "BEGIN", " commit", "End", "rollback", "abort", "BEGINx", "",
         ]),
         parts in proptest::collection::vec(
             (
@@ -748,6 +750,9 @@ proptest::proptest! {
             proptest::prop_assert_eq!(fast, classify_full(sql.as_bytes(), &lists()), "{:?}", sql);
         }
         if let Some(fast) = fast::plain_write(sql.as_bytes()) {
+            proptest::prop_assert_eq!(fast, classify_full(sql.as_bytes(), &lists()), "{:?}", sql);
+        }
+        if let Some(fast) = fast::lone_tx_word(sql.as_bytes()) {
             proptest::prop_assert_eq!(fast, classify_full(sql.as_bytes(), &lists()), "{:?}", sql);
         }
     }
