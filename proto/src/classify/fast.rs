@@ -77,46 +77,32 @@ pub(super) fn plain_select(sql: &[u8]) -> Option<Classification> {
     Some(READ)
 }
 
-/// What came before a `(` in a plain write, to tell a call (which takes the full path) from
-/// grouping, a list or INSERT's column list.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Before {
-    /// Punctuation, an operator or nothing: `(` groups.
-    Punct,
-    /// A word that `(` would make a call of.
-    Word,
-    /// A reserved word that cannot name a function (see [`NO_CALL`]), or the table after INTO:
-    /// `(` opens a list or groups.
-    NoCall,
-    /// INTO, or a `.` after the table: the table's name follows.
-    Into,
-}
-
 /// Reserved words a plain write may put before `(`: none can name a function.
 const NO_CALL: [&[u8]; 5] = [b"values", b"in", b"where", b"and", b"or"];
 
 /// The classification of one plain INSERT, UPDATE or DELETE when `sql` is one; `None` when it
 /// needs the full path. It writes anyway, so what the full path could still find is a call
-/// (which may pin the session or be of unknown code: any `name(` other than after a word of
-/// [`NO_CALL`] or `INTO table` takes the full path), a hint or a failure (no comment, literal, quoted
-/// identifier or dollar quote; parentheses must balance), or more statements (at most one `;`,
-/// at the end). Beyond the plain SELECT's alphabet it takes `(`, `)`, `+` and a `-` not
-/// followed by another.
+/// (which may pin the session or be of unknown code: any `name(` takes the full path, but for a
+/// word of [`NO_CALL`] and the table of a leading `INSERT INTO table (`), a hint or a failure (no
+/// comment, literal, quoted identifier or dollar quote; parentheses must balance), or more
+/// statements (at most one `;`, at the end). Beyond the plain SELECT's alphabet it takes `(`,
+/// `)`, `+` and a `-` not followed by another.
 pub(super) fn plain_write(sql: &[u8]) -> Option<Classification> {
     let start = sql.iter().position(|&b| !is_space(b))?;
     let text = &sql[start..];
     let head = text.get(..6)?;
-    if !(head.eq_ignore_ascii_case(b"update")
-        || head.eq_ignore_ascii_case(b"insert")
-        || head.eq_ignore_ascii_case(b"delete"))
-    {
+    let insert = head.eq_ignore_ascii_case(b"insert");
+    if !(insert || head.eq_ignore_ascii_case(b"update") || head.eq_ignore_ascii_case(b"delete")) {
         return None;
     }
+    // Where the name of `INSERT INTO [schema.]table` ends: a `(` there opens the column list.
+    let table_end = if insert { insert_table_end(text) } else { None };
     let n = text.len();
     let mut pos = 6;
     // As the full path counts them: a `)` too many is forgotten.
     let mut depth = 0u32;
-    let mut before = Before::Word;
+    // The word the last token was, if it was one: a `(` after it may make a call of it.
+    let mut last_word = None;
     while pos < n {
         let byte = text[pos];
         let class = CLASSES[usize::from(byte)];
@@ -126,27 +112,25 @@ pub(super) fn plain_write(sql: &[u8]) -> Option<Classification> {
             while pos < n && CLASSES[usize::from(text[pos])] == WORD {
                 pos += 1;
             }
-            let word = &text[from..pos];
-            if from == 6 || !number_or_name(word) {
+            if from == 6 || !number_or_name(&text[from..pos]) {
                 return None;
             }
-            before = match before {
-                Before::Into => Before::NoCall,
-                _ if NO_CALL.iter().any(|w| word.eq_ignore_ascii_case(w)) => Before::NoCall,
-                _ if word.eq_ignore_ascii_case(b"into") => Before::Into,
-                _ => Before::Word,
-            };
+            last_word = Some(from..pos);
             continue;
         }
-        if class != SPACE {
-            before = match (before, byte) {
-                (Before::Word, b'(') => return None,
-                (Before::NoCall, b'.') => Before::Into,
-                _ => Before::Punct,
-            };
-        }
         match byte {
-            b'(' => depth += 1,
+            b'(' => {
+                if let Some(word) = last_word.take() {
+                    let list = Some(word.end) == table_end
+                        || NO_CALL
+                            .iter()
+                            .any(|w| text[word.clone()].eq_ignore_ascii_case(w));
+                    if !list {
+                        return None;
+                    }
+                }
+                depth += 1;
+            }
             b')' => depth = depth.saturating_sub(1),
             b'+' => {}
             b'-' if text.get(pos + 1) != Some(&b'-') => {}
@@ -154,9 +138,43 @@ pub(super) fn plain_write(sql: &[u8]) -> Option<Classification> {
             b';' if text[pos + 1..].iter().all(|&b| is_space(b)) => break,
             _ => return None,
         }
+        if class != SPACE {
+            last_word = None;
+        }
         pos += 1;
     }
     (depth == 0).then_some(Classification::ONE_WRITE)
+}
+
+/// Where the table name ends in `text`, which starts with `INSERT`, when `INTO [schema.]table`
+/// follows it (words of the fast path's alphabet, no space around the dot).
+fn insert_table_end(text: &[u8]) -> Option<usize> {
+    let word_end = |from: usize| {
+        from + text[from..]
+            .iter()
+            .take_while(|&&b| CLASSES[usize::from(b)] == WORD)
+            .count()
+    };
+    let skip_space = |from: usize| {
+        from + text[from..]
+            .iter()
+            .take_while(|&&b| CLASSES[usize::from(b)] == SPACE)
+            .count()
+    };
+    let into = skip_space(6);
+    let into_end = word_end(into);
+    if into == 6 || !text[into..into_end].eq_ignore_ascii_case(b"into") {
+        return None;
+    }
+    let table = skip_space(into_end);
+    let mut end = word_end(table);
+    if table == into_end || end == table {
+        return None;
+    }
+    if text.get(end) == Some(&b'.') && word_end(end + 1) > end + 1 {
+        end = word_end(end + 1);
+    }
+    Some(end)
 }
 
 /// The classification of a transaction-control statement of one word (`BEGIN`, `COMMIT`, `END`,

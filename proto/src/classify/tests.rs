@@ -697,6 +697,9 @@ fn writes_that_call_functions_take_the_full_path() {
         "UPDATE t SET a = pg_catalog.nextval(s)",
         "insert into t (a, b) values (now(), $1)",
         "INSERT INTO t AS x (a) VALUES (1)",
+        // INTO names a table only right after INSERT.
+        "UPDATE into t (a)",
+        "INSERT INTO t SELECT * FROM u into (1)",
     ] {
         assert_eq!(fast::plain_write(sql.as_bytes()), None, "{sql:?}");
     }
