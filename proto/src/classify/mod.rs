@@ -23,10 +23,11 @@
 //!   column list (`WITH t(a) AS (`). A call is read-only when the name (unqualified or in
 //!   `pg_catalog`) is on a built-in list of common pure functions (aggregates, string, date,
 //!   math, `json_*`, `array_*`, casts such as `varchar(10)`, `pg_sleep`, `inet_server_port`,
-//!   `pg_is_in_recovery`, `current_setting`, ...) or on the user's `read_functions`; it writes
-//!   when it is on the built-in write list (`nextval`, `setval`, `currval`, `lastval`,
-//!   `pg_advisory_*`, `txid_current*`, `pg_current_xact_id*`, `pg_notify`, `lo_*`,
-//!   `set_config`, `pg_switch_wal`, ...) or the user's `write_functions`. Write lists win.
+//!   `pg_is_in_recovery`, `current_setting`, uuid-ossp's and pgcrypto's functions, ...) or on
+//!   the user's `read_functions`; it writes when it is on the built-in write list (`nextval`,
+//!   `setval`, `currval`, `lastval`, `pg_advisory_*`, `txid_current*`, `pg_current_xact_id*`,
+//!   `pg_notify`, `lo_*`, `set_config`, `pg_switch_wal`, ...) or the user's `write_functions`.
+//!   Write lists win.
 //!   Any other function, including every user function and every name in another schema, is
 //!   treated as writing: a wrong "read" sends a write to a standby, a wrong "write" only costs
 //!   the primary one statement. `pg_terminate_backend` and `pg_cancel_backend` are not listed

@@ -540,6 +540,11 @@ const FLAGS: &[(&str, Expect, &str)] = &[
         "a session lock in a write",
     ),
     (
+        "INSERT INTO users (id, pw) VALUES (uuid_generate_v4(), crypt($1, gen_salt('bf')))",
+        Expect::Pin(None),
+        "uuid-ossp and pgcrypto functions are known reads",
+    ),
+    (
         "/* pgvigil:replica */ SELECT f(1)",
         Expect::Pin(None),
         "the hint vouches for the call",
