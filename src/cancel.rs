@@ -279,8 +279,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_key_finds_its_target_only_with_the_right_secret() {
+    /// A registry with one session, whose backend has pid 42.
+    fn served_session() -> (Arc<CancelRegistry>, CancelKey) {
         let registry = Arc::new(CancelRegistry::default());
         let key = registry.register();
         let target = CancelTarget {
@@ -290,6 +290,12 @@ mod tests {
             key: vec![1, 2, 3, 4],
         };
         key.set_target(Some(Arc::new(target)));
+        (registry, key)
+    }
+
+    #[test]
+    fn a_key_finds_its_target_only_with_the_right_secret() {
+        let (registry, key) = served_session();
         assert_eq!(
             registry
                 .lookup(key.pid, &key.secret.to_be_bytes())
@@ -310,15 +316,7 @@ mod tests {
 
     #[test]
     fn a_waiting_unit_is_cancelled_by_the_session_and_not_at_its_backend() {
-        let registry = Arc::new(CancelRegistry::default());
-        let key = registry.register();
-        let target = CancelTarget {
-            host: "127.0.0.1".into(),
-            port: 5432,
-            pid: 42,
-            key: vec![1, 2, 3, 4],
-        };
-        key.set_target(Some(Arc::new(target)));
+        let (registry, key) = served_session();
         let secret = key.secret.to_be_bytes();
         let cancels = key.cancels();
         key.set_state(ClientState::Waiting);
