@@ -535,6 +535,11 @@ const FLAGS: &[(&str, Expect, &str)] = &[
         "DDL is not read for calls",
     ),
     (
+        "CREATE TABLE t AS SELECT (x).f(1) FROM u",
+        Expect::Pin(None),
+        "DDL is not read for calls, odd ones included",
+    ),
+    (
         "UPDATE t SET a = pg_advisory_lock(1)",
         pin(Pin::AdvisoryLock),
         "a session lock in a write",

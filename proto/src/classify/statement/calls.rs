@@ -34,11 +34,6 @@ impl<'a> Statement<'a> {
         }
         let qualified = self.hist[1].0 == Tok::Dot;
         let qualifier = if qualified { ident(self.hist[2]) } else { None };
-        if qualified && qualifier.is_none() {
-            // `(expr).name(`: not a plain schema-qualified name, so not a name we know.
-            self.apply_call(CallKind::Unknown);
-            return;
-        }
         if matches!(self.kind, Kind::Other | Kind::Create { .. }) {
             // Neither a query nor INSERT, UPDATE, DELETE or MERGE (DDL, say, where `name(` is as
             // often a column or parameter list as a call): it writes anyway, and only an
@@ -46,6 +41,11 @@ impl<'a> Statement<'a> {
             if is_session_lock(qualifier, name) {
                 self.pin(Pin::AdvisoryLock);
             }
+            return;
+        }
+        if qualified && qualifier.is_none() {
+            // `(expr).name(`: not a plain schema-qualified name, so not a name we know.
+            self.apply_call(CallKind::Unknown);
             return;
         }
         let before = self.hist[1];
