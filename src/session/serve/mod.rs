@@ -210,7 +210,8 @@ impl Session<'_> {
                 }
                 Stop::Decided(decision) => decision,
                 Stop::Release => {
-                    self.release(self.steering.current);
+                    // The relay found it idle and releasable just now.
+                    self.give_back(self.steering.current);
                     continue;
                 }
             };
@@ -445,6 +446,18 @@ impl Session<'_> {
     /// the next unit is routed afresh. Kept when it is not idle, its node is no longer usable,
     /// or the session is pinned.
     fn release(&mut self, node: NodeId) {
+        let idle = (self.held.leases[node].as_ref())
+            .is_some_and(|lease| lease.conn.tx == TxStatus::Idle && lease.conn.rbuf.is_empty());
+        let shared = self.proxy.config().pool.mode == PoolMode::Transaction;
+        if idle && relay::releasable(shared, &self.steering) {
+            self.give_back(node);
+        }
+    }
+
+    /// [`Session::release`] once the connection to `node` is known to be idle and the session
+    /// to let it go (the relay's `Stop::Release` says so): given back unless its node is no
+    /// longer usable.
+    fn give_back(&mut self, node: NodeId) {
         let Some(mut lease) = self.held.leases[node].take() else {
             return;
         };
@@ -455,8 +468,7 @@ impl Session<'_> {
             .nodes
             .get(node)
             .is_some_and(|n| n.role.takes_new_work());
-        let idle = lease.conn.tx == TxStatus::Idle && lease.conn.rbuf.is_empty();
-        if !(idle && usable && relay::releasable(self.proxy, &self.steering)) {
+        if !usable {
             self.held.leases[node] = Some(lease);
             return;
         }

@@ -25,11 +25,11 @@ impl Steering {
                 let Ok(query) = Query::parse(body) else {
                     return;
                 };
-                if proxy.config().pool.mode == PoolMode::Transaction
-                    && matches!(
-                        naming::sql_drop(query.sql),
-                        Some(SqlDrop::DeallocateAll | SqlDrop::DiscardAll)
-                    )
+                // The configuration last: reading it costs more than a look at the first word.
+                if matches!(
+                    naming::sql_drop(query.sql),
+                    Some(SqlDrop::DeallocateAll | SqlDrop::DiscardAll)
+                ) && proxy.config().pool.mode == PoolMode::Transaction
                 {
                     self.replay.drop_statements();
                 }
