@@ -169,11 +169,10 @@ pub async fn sync(
         // In sync already (see `catch_up`): no round trip, so no wait to bound either.
         return Ok(());
     }
-    let result = {
-        // Pinned here rather than moved into the wait's state (see `open`).
-        let catching_up = std::pin::pin!(catch_up(&mut lease.conn, replay, input, proxy));
-        proxy.unless_given_up(node, need, catching_up).await
-    };
+    // Boxed, like `open`'s setup: the rarer way, with a large state that would otherwise
+    // enlarge the future of every move under transaction pooling.
+    let catching_up = catch_up(&mut lease.conn, replay, input, proxy);
+    let result = Box::pin(proxy.unless_given_up(node, need, catching_up)).await;
     let result = match result {
         Ok(result) => result,
         Err(abandoned) => {
