@@ -163,7 +163,8 @@ impl Steering {
         if !facts.complete {
             return Decision::Wait;
         }
-        if self.deallocates_own(input, &config) {
+        // A DEALLOCATE is not read-only: a read is not read again for it.
+        if !facts.read_only && self.deallocates_own(input, &config) {
             return Decision::Deallocate;
         }
         if !in_transaction && facts.has_statement && proxy.pause.traffic() == Traffic::Paused {

@@ -25,17 +25,15 @@ impl Steering {
                 let Ok(query) = Query::parse(body) else {
                     return;
                 };
-                // The configuration last: reading it costs more than a look at the first word.
-                if matches!(
-                    naming::sql_drop(query.sql),
-                    Some(SqlDrop::DeallocateAll | SqlDrop::DiscardAll)
-                ) && proxy.config().pool.mode == PoolMode::Transaction
-                {
-                    self.replay.drop_statements();
-                }
-                let (session_state, statements, reason, hint) = if covered {
+                let (session_state, statements, reason, hint, read_only) = if covered {
                     let u = &self.unit;
-                    (u.session_state, u.query_statements, u.reason, u.hint)
+                    (
+                        u.session_state,
+                        u.query_statements,
+                        u.reason,
+                        u.hint,
+                        u.read_only,
+                    )
                 } else {
                     let class = classify(query.sql, &proxy.functions.load());
                     self.uncovered(&class);
@@ -44,8 +42,19 @@ impl Steering {
                         class.statements,
                         class.reason,
                         class.hint,
+                        class.read_only,
                     )
                 };
+                // Neither statement is read-only: a read is not read again for them.
+                if !read_only
+                    && matches!(
+                        naming::sql_drop(query.sql),
+                        Some(SqlDrop::DeallocateAll | SqlDrop::DiscardAll)
+                    )
+                    && proxy.config().pool.mode == PoolMode::Transaction
+                {
+                    self.replay.drop_statements();
+                }
                 if session_state {
                     self.record_state(query.sql, statements, true);
                 }
