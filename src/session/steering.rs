@@ -423,8 +423,11 @@ impl Steering {
             proxy
                 .metrics
                 .unit_done(self.current, kind, began.elapsed(), bytes, !in_transaction);
-            if let (UnitKind::Write, Some(node)) = (kind, proxy.config().nodes.get(self.current)) {
-                proxy.events.wrote(self.current, &node.name);
+            // The configuration is read for writes only: most units are reads.
+            if kind == UnitKind::Write {
+                if let Some(node) = proxy.config().nodes.get(self.current) {
+                    proxy.events.wrote(self.current, &node.name);
+                }
             }
         }
         self.replay.settings.quiet();
