@@ -207,15 +207,7 @@ impl Proxy {
         let mut changes = self.topology.subscribe();
         tokio::pin!(work);
         loop {
-            let topology = self.topology.load();
-            if let Some(reason) = topology.gives_up_on(node, need) {
-                debug!(node = %topology.name(node), %reason, ?need, "wait on a node abandoned");
-                return Err(PoolError::Abandoned {
-                    node: topology.name(node),
-                    reason,
-                });
-            }
-            drop(topology);
+            self.given_up(node, need)?;
             tokio::select! {
                 biased;
                 done = &mut work => return Ok(done),
@@ -225,6 +217,22 @@ impl Proxy {
                         return Ok(work.await);
                     }
                 }
+            }
+        }
+    }
+
+    /// `Abandoned` when the topology gives up on `node` for `need` now (see
+    /// [`Proxy::unless_given_up`]).
+    pub fn given_up(&self, node: NodeId, need: Need) -> Result<(), PoolError> {
+        let topology = self.topology.load();
+        match topology.gives_up_on(node, need) {
+            None => Ok(()),
+            Some(reason) => {
+                debug!(node = %topology.name(node), %reason, ?need, "wait on a node abandoned");
+                Err(PoolError::Abandoned {
+                    node: topology.name(node),
+                    reason,
+                })
             }
         }
     }

@@ -12,7 +12,7 @@ use super::startup_sql::set_commands;
 use super::{pool_refusal, SessionError};
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
-use crate::server::{Carried, ServerError};
+use crate::server::{Carried, ServerConn, ServerError};
 use crate::topology::{Need, NodeId};
 
 /// Opens the first connection of a session on `node`. While another usable node is left to try,
@@ -120,44 +120,64 @@ pub(super) async fn open(
     wait: bool,
     need: Need,
 ) -> Result<Lease, OpenError> {
-    // Pinned where it is made: passed by value, the whole future would be copied into the
-    // wait's state on every checkout.
-    let setup = std::pin::pin!(async {
-        let reused = proxy.pools.reuse(node, startup.database(), startup.user());
-        let mut lease = match reused {
-            Some(lease) => lease,
+    // The usual case under transaction pooling: an idle connection that is the session's as it
+    // is. Nothing is waited for then, so the one look at the topology `unless_given_up` would
+    // take first is all it needs (its watch and its select cost ~200 instructions per
+    // transaction, callgrind).
+    proxy.given_up(node, need)?;
+    let max_message = proxy.config().max_message_size;
+    let reused = match proxy.pools.reuse(node, startup.database(), startup.user()) {
+        Some(mut lease) => match adoption(&mut lease.conn, startup, log, unit, max_message) {
+            Adoption::AsIs(settings) => {
+                carry(&mut lease, startup, settings);
+                return Ok(lease);
+            }
+            adoption => Some((lease, adoption)),
+        },
+        None => None,
+    };
+    let setup = async {
+        let (mut lease, adoption) = match reused {
+            Some(reused) => reused,
             None => {
                 let (user, database) = (startup.user(), startup.database());
                 let target = proxy.login_target(node, user, database, startup.password());
-                if wait {
+                let mut lease = if wait {
                     proxy.pools.checkout(&target).await
                 } else {
                     proxy.pools.try_checkout(&target).await
-                }?
+                }?;
+                let adoption = adoption(&mut lease.conn, startup, log, unit, max_message);
+                (lease, adoption)
             }
         };
-        if let Err(error) = adopt(
-            &mut lease,
-            startup,
-            log,
-            unit,
-            proxy.config().max_message_size,
-        )
-        .await
-        {
+        if let Err(error) = adopt(&mut lease, startup, adoption).await {
             proxy.release(lease, true).await;
             return Err(error);
         }
         Ok(lease)
-    });
-    proxy.unless_given_up(node, need, setup).await?
+    };
+    // Boxed: the rarer way, whose state (a checkout, a login, a reset) is large; inline, it
+    // would enlarge the future of every move under transaction pooling (allocated per
+    // transaction, see `Session::run`).
+    Box::pin(proxy.unless_given_up(node, need, setup)).await?
 }
 
-/// Makes a checked-out connection the session's: resets the settings of another session it
-/// carries (transaction pooling returns connections without a reset), then applies the
-/// client's startup parameters. `SET SESSION AUTHORIZATION DEFAULT` comes first because `RESET
-/// ALL` leaves the role alone; the simple Query also drops the unnamed statement and portal,
-/// so no unit can bind another session's.
+/// What a checked-out connection needs before it is the session's (see [`adoption`]).
+enum Adoption {
+    /// Nothing: it is taken as it is, having run this many statements of the session's
+    /// settings log.
+    AsIs(usize),
+    /// Another session's settings reset, then the client's startup parameters.
+    Reset,
+    /// The client's startup parameters (it carries no session's state).
+    Params,
+}
+
+/// What a checked-out connection needs to become the session's: another session's settings it
+/// carries reset (transaction pooling returns connections without a reset), then the client's
+/// startup parameters (see [`adopt`]). Its statements are marked lent when it was another
+/// session's.
 ///
 /// A connection that carries this session's state already keeps it (and `sync` gives it only
 /// the settings it lacks). One that carries only the startup parameters of a session with the
@@ -165,14 +185,13 @@ pub(super) async fn open(
 /// already what they would make it, and is taken as it is (no round trip; `sync` runs the rest
 /// of the log) unless it may have an unnamed statement that `unit` could use before replacing
 /// it. `log`: the session's settings log, none when it starts.
-async fn adopt(
-    lease: &mut Lease,
+fn adoption(
+    conn: &mut ServerConn,
     startup: &ClientStartup,
     log: Option<&Settings>,
     unit: &[u8],
     max_message: usize,
-) -> Result<(), OpenError> {
-    let conn = &mut lease.conn;
+) -> Adoption {
     let own =
         matches!(&conn.carries, Carried::Session { session, .. } if *session == startup.session);
     // A simple Query (the reset) drops the unnamed statement; without one, another session's
@@ -185,27 +204,49 @@ async fn adopt(
         conn.statements.lent();
     }
     let reusable = reusable(&conn.carries, startup, log).filter(|_| unnamed_safe);
-    let settings = match (reusable, &conn.carries) {
-        (Some(settings), _) => settings,
-        (None, Carried::Session { .. }) => {
-            conn.run_internal("SET SESSION AUTHORIZATION DEFAULT; RESET ALL")
+    match (reusable, &conn.carries) {
+        (Some(settings), _) => Adoption::AsIs(settings),
+        (None, Carried::Session { .. }) => Adoption::Reset,
+        (None, Carried::Nothing) => Adoption::Params,
+    }
+}
+
+/// Makes a checked-out connection the session's as [`adoption`] found it must.
+/// `SET SESSION AUTHORIZATION DEFAULT` comes first in a reset because `RESET ALL` leaves the
+/// role alone; the simple Query also drops the unnamed statement and portal, so no unit can
+/// bind another session's.
+async fn adopt(
+    lease: &mut Lease,
+    startup: &ClientStartup,
+    adoption: Adoption,
+) -> Result<(), OpenError> {
+    let settings = match adoption {
+        Adoption::AsIs(settings) => settings,
+        Adoption::Reset => {
+            (lease.conn)
+                .run_internal("SET SESSION AUTHORIZATION DEFAULT; RESET ALL")
                 .await
                 .map_err(|e| OpenError::Pool(PoolError::Connect(e)))?;
             apply_params(lease, startup).await?;
             0
         }
-        (None, Carried::Nothing) => {
+        Adoption::Params => {
             apply_params(lease, startup).await?;
             0
         }
     };
+    carry(lease, startup, settings);
+    Ok(())
+}
+
+/// Marks the connection as carrying the session's state, `settings` statements of its log run.
+fn carry(lease: &mut Lease, startup: &ClientStartup, settings: usize) {
     lease.conn.carries = Carried::Session {
         session: startup.session,
         context: startup.context().clone(),
         settings,
         ran: None,
     };
-    Ok(())
 }
 
 /// How many statements of the session's settings log (counted as `Settings::applied` counts

@@ -163,7 +163,6 @@ pub async fn answer_deallocate(
 /// returns where it goes (never `Forward`: the steering routes a detached session afresh), or
 /// `Idle` when the client has sent nothing yet: the session then waits without this future.
 pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: &Proxy) -> Stop {
-    let max_message = proxy.config().max_message_size;
     if let Err(end) = flush(client).await {
         return Stop::End(end);
     }
@@ -172,6 +171,9 @@ pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: 
     if client.rbuf.is_empty() {
         return Stop::Idle;
     }
+    // Read once the client has sent something: under transaction pooling a session comes here
+    // with nothing to read after each transaction.
+    let max_message = proxy.config().max_message_size;
     loop {
         // Only the first header: a large Bind is routed on its names, before it is whole.
         match first_tag(client, max_message).await {

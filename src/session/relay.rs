@@ -187,8 +187,11 @@ async fn pump(
     proxy: &Proxy,
     to_server: &mut BytesMut,
 ) -> Stop {
-    let max_message = proxy.config().max_message_size;
-    let shared = proxy.config().pool.mode == PoolMode::Transaction;
+    let (max_message, shared) = {
+        let config = proxy.config();
+        let shared = config.pool.mode == PoolMode::Transaction;
+        (config.max_message_size, shared)
+    };
     let node = server.node;
     // Before the look at the topology: a generation announced after it wakes the relay.
     let mut topology = Registration::new();
@@ -257,7 +260,7 @@ async fn pump(
         if progress.is_quiet() {
             steering.unit_done(proxy, *server_state.tx != TxStatus::Idle);
             let idle = *server_state.tx == TxStatus::Idle && server_in.is_empty();
-            if idle && !terminated && to_server.is_empty() && releasable(proxy, steering) {
+            if idle && !terminated && to_server.is_empty() && releasable(shared, steering) {
                 // A unit that waits is routed afresh once the session has no connection.
                 return Poll::Ready(Stop::Release);
             }
@@ -445,11 +448,9 @@ struct Flushing {
 /// Whether transaction pooling may take back a connection that answered everything, outside a
 /// transaction block, with nothing more from the server (a notice, a notification): yes unless
 /// the session is pinned to it, or keeps it for an unnamed statement too long to prepare again
-/// elsewhere.
-pub fn releasable(proxy: &Proxy, steering: &Steering) -> bool {
-    proxy.config().pool.mode == PoolMode::Transaction
-        && steering.replay.pinned().is_none()
-        && !steering.replay.holds_connection()
+/// elsewhere. `shared`: the session is under transaction pooling.
+pub fn releasable(shared: bool, steering: &Steering) -> bool {
+    shared && steering.replay.pinned().is_none() && !steering.replay.holds_connection()
 }
 
 /// The role of `node` when sessions may no longer use it.

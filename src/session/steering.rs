@@ -163,7 +163,8 @@ impl Steering {
         if !facts.complete {
             return Decision::Wait;
         }
-        if self.deallocates_own(input, &config) {
+        // A DEALLOCATE is not read-only: a read is not read again for it.
+        if !facts.read_only && self.deallocates_own(input, &config) {
             return Decision::Deallocate;
         }
         if !in_transaction && facts.has_statement && proxy.pause.traffic() == Traffic::Paused {
@@ -422,8 +423,11 @@ impl Steering {
             proxy
                 .metrics
                 .unit_done(self.current, kind, began.elapsed(), bytes, !in_transaction);
-            if let (UnitKind::Write, Some(node)) = (kind, proxy.config().nodes.get(self.current)) {
-                proxy.events.wrote(self.current, &node.name);
+            // The configuration is read for writes only: most units are reads.
+            if kind == UnitKind::Write {
+                if let Some(node) = proxy.config().nodes.get(self.current) {
+                    proxy.events.wrote(self.current, &node.name);
+                }
             }
         }
         self.replay.settings.quiet();

@@ -95,6 +95,17 @@ pub async fn sync(
 ) -> Result<(), OpenError> {
     // A node a reload added after the session began has no slot yet.
     held.cover(node + 1);
+    // One read of the configuration for the whole sync (each read costs an atomic dance), and
+    // not held across its waits.
+    let (shared, bound, max) = {
+        let config = proxy.config();
+        let shared = config.pool.mode == PoolMode::Transaction;
+        (
+            shared,
+            config.pool.max_prepared_statements,
+            config.max_message_size,
+        )
+    };
     let need = if proxy.topology.load().primary == Primary::Known(node) {
         Need::Primary
     } else {
@@ -115,8 +126,7 @@ pub async fn sync(
     if held.leases[node].is_none() {
         // A read can go elsewhere: it does not wait long for a node that hangs. Under
         // transaction pooling a session holds no other connection: it waits for a slot.
-        let wait_for_slot = proxy.config().pool.mode == PoolMode::Transaction;
-        let lease = if need == Need::Primary || wait_for_slot {
+        let lease = if need == Need::Primary || shared {
             open(
                 proxy,
                 node,
@@ -145,7 +155,7 @@ pub async fn sync(
             // kept what it carries only then), so it lacks only the settings logged since.
             replay.settings.resume(node, settings);
         }
-        if proxy.config().pool.mode == PoolMode::Transaction {
+        if shared {
             // A pooled connection may have the session's statements already.
             replay.adopt(node, &lease.conn.statements);
         }
@@ -154,19 +164,15 @@ pub async fn sync(
     let Some(lease) = held.leases[node].as_mut() else {
         return Ok(());
     };
-    let shared = proxy.config().pool.mode == PoolMode::Transaction;
-    let bound = proxy.config().pool.max_prepared_statements;
-    let max = proxy.config().max_message_size;
     let unnamed = shared && unnamed_owed(&lease.conn.statements, replay, input, max).is_some();
     if replay.nothing_owed(node) && (!shared || lease.conn.statements.within(bound)) && !unnamed {
         // In sync already (see `catch_up`): no round trip, so no wait to bound either.
         return Ok(());
     }
-    let result = {
-        // Pinned here rather than moved into the wait's state (see `open`).
-        let catching_up = std::pin::pin!(catch_up(&mut lease.conn, replay, input, proxy));
-        proxy.unless_given_up(node, need, catching_up).await
-    };
+    // Boxed, like `open`'s setup: the rarer way, with a large state that would otherwise
+    // enlarge the future of every move under transaction pooling.
+    let catching_up = catch_up(&mut lease.conn, replay, input, proxy);
+    let result = Box::pin(proxy.unless_given_up(node, need, catching_up)).await;
     let result = match result {
         Ok(result) => result,
         Err(abandoned) => {

@@ -25,22 +25,29 @@ impl Steering {
                 let Ok(query) = Query::parse(body) else {
                     return;
                 };
-                if proxy.config().pool.mode == PoolMode::Transaction
+                let (session_state, statements, set_config, read_only) = if covered {
+                    let u = &self.unit;
+                    (
+                        u.session_state,
+                        u.query_statements,
+                        u.set_config,
+                        u.read_only,
+                    )
+                } else {
+                    let c = classify(query.sql, &proxy.functions.load());
+                    self.uncovered(&c);
+                    (c.session_state, c.statements, c.set_config, c.read_only)
+                };
+                // Neither statement is read-only: a read is not read again for them.
+                if !read_only
                     && matches!(
                         naming::sql_drop(query.sql),
                         Some(SqlDrop::DeallocateAll | SqlDrop::DiscardAll)
                     )
+                    && proxy.config().pool.mode == PoolMode::Transaction
                 {
                     self.replay.drop_statements();
                 }
-                let (session_state, statements, set_config) = if covered {
-                    let u = &self.unit;
-                    (u.session_state, u.query_statements, u.set_config)
-                } else {
-                    let c = classify(query.sql, &proxy.functions.load());
-                    self.uncovered(&c);
-                    (c.session_state, c.statements, c.set_config)
-                };
                 if session_state {
                     self.record_state(query.sql, statements, true);
                 }
