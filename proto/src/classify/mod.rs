@@ -237,17 +237,13 @@ pub fn classify(sql: &[u8], functions: &FunctionLists) -> Classification {
 
 /// [`classify`] without its fast path: the lexer and the statement machine.
 fn classify_full(sql: &[u8], functions: &FunctionLists) -> Classification {
+    // Nothing seen yet: an empty string is read-only.
     let mut out = Classification {
         read_only: true,
         reason: None,
-        tx: None,
-        session_state: false,
-        local_setting: false,
-        session_read_only: None,
-        pin: None,
-        set_config: false,
         hint: leading_hint(sql),
         statements: 0,
+        ..Classification::ONE_WRITE
     };
     let mut lexer = Lexer::new(sql);
     let mut statement = Statement::new();
