@@ -146,10 +146,32 @@ pub fn route_read(
     min_lsn: Option<u64>,
     prefer: Option<NodeId>,
 ) -> Result<Route, RouteError> {
+    // Room for the candidates is zeroed at every read: 1 KiB for `MAX_NODES`, about as much work
+    // as the rest of the choice, so clusters of up to `FEW_NODES` take a smaller array.
+    let choose = if topology.nodes.len() <= FEW_NODES {
+        choose_read::<FEW_NODES>
+    } else {
+        choose_read::<MAX_NODES>
+    };
+    choose(topology, replication, policy, balancer, min_lsn, prefer)
+}
+
+/// The cluster size up to which [`route_read`] keeps its candidates in a small array.
+const FEW_NODES: usize = 8;
+
+/// [`route_read`] among the first `N` nodes of the topology.
+fn choose_read<const N: usize>(
+    topology: &Topology,
+    replication: &ReplicationView,
+    policy: &ReadPolicy<'_>,
+    balancer: &Balancer,
+    min_lsn: Option<u64>,
+    prefer: Option<NodeId>,
+) -> Result<Route, RouteError> {
     let primary = primary(topology);
-    let mut candidates = [(0, 0); MAX_NODES];
+    let mut candidates = [(0, 0); N];
     let mut count = 0;
-    for node in topology.nodes.iter().take(MAX_NODES) {
+    for node in topology.nodes.iter().take(N) {
         let weight = policy.weights.get(node.id).copied().unwrap_or(0);
         let fallback_only = policy.primary_reads == PrimaryReads::Fallback
             && primary.as_ref().is_ok_and(|&p| p == node.id);
@@ -351,6 +373,21 @@ mod tests {
         let view = positions(&[Some(100), Some(100), Some(100)]);
         assert_eq!(spread(&t, &view, &[0, 1, 2], None, 300), vec![0, 100, 200]);
         assert_eq!(spread(&t, &view, &[1, 1, 0], None, 300), vec![150, 150, 0]);
+    }
+
+    #[test]
+    fn reads_spread_over_a_cluster_larger_than_the_small_array() {
+        // Nine standbys and a primary, more nodes than `FEW_NODES`: the first standby has no
+        // weight, the eight others and the primary (`policy` shares reads with it) a tenth each.
+        let mut roles = vec![Role::Standby; FEW_NODES + 1];
+        roles.push(Role::Primary);
+        let t = topology(&roles);
+        let view = positions(&vec![Some(100); roles.len()]);
+        let mut weights = vec![1; roles.len()];
+        weights[0] = 0;
+        let mut expected = vec![10; roles.len()];
+        expected[0] = 0;
+        assert_eq!(spread(&t, &view, &weights, None, 90), expected);
     }
 
     #[test]

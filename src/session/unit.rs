@@ -154,9 +154,13 @@ impl UnitFacts {
     }
 
     /// A read that asks `pg_backend_pid()` must answer from the connection that runs the
-    /// session's writes (the pid the client would cancel or look up), so it is not a read.
+    /// session's writes (the pid the client would cancel or look up), so it is not a read. A
+    /// text without `(` calls no function: most reads are spared the search for the name.
     fn asks_backend_pid(&mut self, sql: &[u8], c: &Classification) {
-        if c.read_only && contains_ignore_case(sql, b"pg_backend_pid") {
+        if c.read_only
+            && memchr::memchr(b'(', sql).is_some()
+            && contains_ignore_case(sql, b"pg_backend_pid")
+        {
             self.read_only = false;
         }
     }

@@ -250,15 +250,21 @@ fn pg_backend_pid_is_not_a_read() {
     for sql in [
         "SELECT PG_BACKEND_PID()",
         "select pg_backend_pid()",
-        "SELECT Pg_Backend_Pid",
-        "SELECT 1 FROM t WHERE p = pg_backend_pid",
-        "pg_backend_pid",
+        "SELECT pg_backend_pid ( )",
+        "SELECT 1 FROM t WHERE p = pg_backend_pid() AND q = (1)",
     ] {
         let mut unit = BytesMut::new();
         frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
         assert!(!facts(&unit, &Statements::new()).read_only, "{sql}");
     }
-    for sql in ["SELECT pg_backend_pi", "SELECT pgXbackend_pid", "SELECT 1"] {
+    // Without a `(` the name is a column's: no function is called.
+    for sql in [
+        "SELECT pg_backend_pi",
+        "SELECT pgXbackend_pid",
+        "SELECT 1",
+        "SELECT Pg_Backend_Pid",
+        "SELECT 1 FROM t WHERE p = pg_backend_pid",
+    ] {
         let mut unit = BytesMut::new();
         frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
         assert!(facts(&unit, &Statements::new()).read_only, "{sql}");
