@@ -8,8 +8,11 @@
 #   split   read/write splitting: the primary gets two streaming replicas (pg_basebackup -R, hot
 #           standby); read-only workloads against the primary directly, PgBouncer (transaction
 #           pooling, on the primary), pgvigil with only the primary in [[nodes]] (baseline) and
-#           pgvigil with all three nodes, whose reads are balanced over them. For each run of the
-#           3-node pgvigil it also reports how the transactions spread over the nodes.
+#           pgvigil with all three nodes, whose reads are balanced over them, and as a floor the
+#           two standbys directly (two pgbench processes at once, one per standby, each with half
+#           the clients): the machine's own standbys-over-primary ratio, to hold pgvigil's
+#           3-node-over-primary-only ratio against. For each run of the 3-node pgvigil it also
+#           reports how the transactions spread over the nodes.
 #   txn     transaction pooling: the primary directly, PgBouncer and pgvigil both in transaction
 #           pooling, with every query mode (-M prepared needs PgBouncer 1.21+, which gets
 #           max_prepared_statements = 200; older ones fail those rows); besides TPS it reports
@@ -41,12 +44,12 @@
 # Expected runtime with the defaults, plus the release build (a few minutes when target/release is
 # cold) and ~1 min for the cluster and pgbench -i at scale 10. Run it on a quiet machine.
 #   single  8 workloads x 5 targets x 3 rounds x 10 s = 20 min of pgbench, ~22 min in all.
-#   split   4 workloads x 4 targets x 3 rounds x 10 s = 8 min of pgbench, plus 2 x 11 s of waiting
-#           for statistics around each of the 12 runs of the 3-node pgvigil (4.4 min) and ~1 min
-#           for the replicas: ~14 min.
+#   split   4 workloads x 5 targets x 3 rounds x 10 s = 10 min of pgbench, plus 2 x 11 s of
+#           waiting for statistics around each of the 12 runs of the 3-node pgvigil (4.4 min) and
+#           ~1 min for the replicas: ~16 min.
 #   txn     5 workloads x 4 targets x 3 rounds x 10 s = 10 min of pgbench, ~12 min in all.
 #   memory  ~2 min: three 256 MiB values generated and passed three ways, 5,000 SCRAM logins.
-#   all     ~50 min.
+#   all     ~52 min.
 #
 # The cluster is built here (initdb + pg_ctl, as the `postgres` OS user when root) rather than with
 # `pgvigil demo`, to get max_connections for every target's pool at once and a pgvigil config with
@@ -78,7 +81,8 @@ SINGLE_WORKLOADS=(
     "tpcb-like-c16|-M simple -c 16"
     "connect-select-c8|-C -S -M simple -c 8"
 )
-SPLIT_TARGETS=(direct pgbouncer-transaction pgvigil pgvigil-3node)
+# direct-standbys: the standbys directly, no proxy (see run_standbys).
+SPLIT_TARGETS=(direct direct-standbys pgbouncer-transaction pgvigil pgvigil-3node)
 SPLIT_WORKLOADS=(
     "select-simple-c16|-S -M simple -c 16"
     "select-simple-c64|-S -M simple -c 64"
@@ -464,22 +468,42 @@ use_run() {
     mkdir -p "$WORK/runs/$RUN"
 }
 
+# Checks the output $1 of a pgbench run that exited with status $2: prints "tps latency_ms
+# transactions" when it succeeded (status 0, both figures there, no failed transactions), else
+# shows why, naming the run $3, and returns 1; the caller counts the failure.
+pgbench_outcome() {
+    local out=$1 status=$2 tps latency failed txns
+    tps=$(awk '/^tps = /{print $3; exit}' "$out")
+    txns=$(awk -F'[:/]' '/^number of transactions actually processed/{print $2 + 0; exit}' "$out")
+    latency=$(awk '/^latency average = /{print $4; exit}' "$out")
+    failed=$(awk -F': ' '/^number of failed transactions/{split($2, a, " "); print a[1]; exit}' "$out")
+    if [[ $status -ne 0 || -z $tps || -z $latency || ${failed:-0} != 0 ]]; then
+        say "FAILED: $3 (exit $status, failed transactions ${failed:-?}):"
+        grep -v '^progress' "$out" | tail -n 15 >&2 || true
+        return 1
+    fi
+    echo "$tps $latency ${txns:-0}"
+}
+
 # One pgbench run: workload options $3 against target $2; appends "tps latency_ms cpu_us
 # peak_rss_kib user_us system_us" to the results of workload $1 and target $2 (the CPU times per
 # transaction, "-" for a target without a process of its own; the RSS "-" for PgBouncer), or
 # counts a failure and shows why.
 run_one() {
-    local workload=$1 target=$2 opts=$3 out status=0 cpu_before cpu_after
+    local workload=$1 target=$2 opts=$3 out status=0 cpu_before cpu_after result
     out=$WORK/runs/$RUN/$workload.$target.$round.log
     cpu_before=$(cpu_ticks "${PID[$target]:-}")
     # shellcheck disable=SC2086 # $opts holds several options on purpose
     PGPASSWORD=$APP_PASSWORD "$PGBENCH" -h 127.0.0.1 -p "${PORT[$target]}" -U "$APP_USER" \
         -T "$DURATION" -j "$THREADS" $opts "$APP_DB" >"$out" 2>&1 || status=$?
     cpu_after=$(cpu_ticks "${PID[$target]:-}")
-    local tps latency failed txns cpu_per_txn="" split="- -"
-    tps=$(awk '/^tps = /{print $3; exit}' "$out")
-    txns=$(awk -F'[:/]' '/^number of transactions actually processed/{print $2 + 0; exit}' "$out")
-    if [[ -n $cpu_before && -n $cpu_after && ${txns:-0} -gt 0 ]]; then
+    if ! result=$(pgbench_outcome "$out" "$status" "$workload on $target"); then
+        FAILED_RUNS=$((FAILED_RUNS + 1))
+        return
+    fi
+    local tps latency txns cpu_per_txn="" split="- -"
+    read -r tps latency txns <<<"$result"
+    if [[ -n $cpu_before && -n $cpu_after && $txns -gt 0 ]]; then
         # Microseconds of the proxy's CPU per transaction: in all, then user and system.
         read -r cpu_per_txn split < <(awk -v b="$cpu_before" -v a="$cpu_after" \
             -v hz="$(getconf CLK_TCK)" -v n="$txns" 'BEGIN {
@@ -488,18 +512,70 @@ run_one() {
                 printf "%.1f %.1f %.1f\n", u + s, u, s
             }')
     fi
-    latency=$(awk '/^latency average = /{print $4; exit}' "$out")
-    failed=$(awk -F': ' '/^number of failed transactions/{split($2, a, " "); print a[1]; exit}' "$out")
-    if [[ $status -ne 0 || -z $tps || -z $latency || ${failed:-0} != 0 ]]; then
-        FAILED_RUNS=$((FAILED_RUNS + 1))
-        say "FAILED: $workload on $target (exit $status, failed transactions ${failed:-?}):"
-        grep -v '^progress' "$out" | tail -n 15 >&2
-        return
-    fi
     local rss=""
     [[ $target == pgvigil* ]] && rss=$(peak_rss_kib "${PID[$target]:-}")
     echo "$tps $latency ${cpu_per_txn:--} ${rss:--} $split" >>"$WORK/runs/$RUN/$workload.$target.results"
     say "  $workload on $target: tps $tps, latency $latency ms"
+}
+
+# One run of workload $1 (options $2) as target direct-standbys: the standbys directly, no proxy,
+# all at once, one pgbench process each with an even share of the -c clients and the same -T and
+# -M. Appends "tps latency_ms - - - -" to the results: the processes' TPS summed and their average
+# latencies averaged (each has as many clients: the client-weighted mean); no CPU or RSS, there is
+# no proxy process. Any process failing counts as one failed run, as in run_one.
+run_standbys() {
+    local workload=$1 opts=$2 clients="" per threads i node out status result ok=1 lines=""
+    local tps latency
+    local -a words args=() standbys=("${NODES[@]:1}") pids=()
+    read -ra words <<<"$opts"
+    for ((i = 0; i < ${#words[@]}; i++)); do
+        if [[ ${words[i]} == -c ]]; then
+            i=$((i + 1))
+            clients=${words[i]:-}
+        else
+            args+=("${words[i]}")
+        fi
+    done
+    if [[ ! $clients =~ ^[1-9][0-9]*$ ]] || ((clients % ${#standbys[@]} != 0)); then
+        die "direct-standbys: workload $workload needs -c N with N a multiple of ${#standbys[@]}"
+    fi
+    per=$((clients / ${#standbys[@]}))
+    # -j is divided as well (at least 1, at most the process's clients): with THREADS = 2, -j 1
+    # per process, so the pgbench processes run THREADS threads between them, each driving as
+    # many clients as a thread of every other target's single process. -j $THREADS in each would
+    # add client threads competing with the servers for the same cores, and only here.
+    threads=$((THREADS / ${#standbys[@]}))
+    ((threads >= 1)) || threads=1
+    ((threads <= per)) || threads=$per
+    for node in "${standbys[@]}"; do
+        out=$WORK/runs/$RUN/$workload.direct-standbys.$node.$round.log
+        # -n: a standby refuses the VACUUM and TRUNCATE pgbench runs before measuring (pgbench
+        # would print the error and carry on); the VACUUMs of the other targets' runs on the
+        # primary reach the standbys by replay.
+        PGPASSWORD=$APP_PASSWORD "$PGBENCH" -h 127.0.0.1 -p "${PORT[$node]}" -U "$APP_USER" \
+            -T "$DURATION" -j "$threads" -c "$per" -n "${args[@]}" "$APP_DB" >"$out" 2>&1 &
+        pids+=("$!")
+    done
+    for i in "${!standbys[@]}"; do
+        node=${standbys[i]}
+        out=$WORK/runs/$RUN/$workload.direct-standbys.$node.$round.log
+        status=0
+        wait "${pids[i]}" || status=$?
+        if result=$(pgbench_outcome "$out" "$status" "$workload on direct-standbys ($node)"); then
+            lines+="$result"$'\n'
+        else
+            ok=0
+        fi
+    done
+    if ((!ok)); then
+        FAILED_RUNS=$((FAILED_RUNS + 1))
+        return
+    fi
+    read -r tps latency < <(printf '%s' "$lines" |
+        awk '{tps += $1; latency += $2} END {printf "%.6f %.3f\n", tps, latency / NR}')
+    echo "$tps $latency - - - -" >>"$WORK/runs/$RUN/$workload.direct-standbys.results"
+    say "  $workload on direct-standbys: tps $tps, latency $latency ms" \
+        "(${#standbys[@]} x -c $per -j $threads)"
 }
 
 # Prints "node commits" for every node: sum(xact_commit) over its pg_stat_database.
@@ -533,10 +609,21 @@ run_counting_reads() {
 }
 
 # Fills every pool before measuring, so that no target pays for opening server connections in
-# round 1 and not later; the results are not kept and a failure is only a warning.
+# round 1 and not later; the results are not kept and a failure is only a warning. The
+# direct-standbys target has no port of its own: each standby in turn.
 warm_up() {
-    local target log
+    local target node log
     for target in "${TARGETS[@]}"; do
+        if [[ $target == direct-standbys ]]; then
+            for node in "${NODES[@]:1}"; do
+                say "warm-up: 64 clients on $node (direct-standbys)"
+                log=$WORK/runs/$RUN/warm-up.$target.$node.log
+                PGPASSWORD=$APP_PASSWORD "$PGBENCH" -h 127.0.0.1 -p "${PORT[$node]}" \
+                    -U "$APP_USER" -T 2 -j "$THREADS" -c 64 -S -n "$APP_DB" >"$log" 2>&1 ||
+                    say "warning: warm-up on $node failed: $(tail -n 1 "$log")"
+            done
+            continue
+        fi
         say "warm-up: 64 clients on $target"
         log=$WORK/runs/$RUN/warm-up.$target.log
         PGPASSWORD=$APP_PASSWORD "$PGBENCH" -h 127.0.0.1 -p "${PORT[$target]}" -U "$APP_USER" \
@@ -555,6 +642,8 @@ run_rounds() {
             for target in "${TARGETS[@]}"; do
                 if [[ $target == pgvigil-3node ]]; then
                     run_counting_reads "$name" "$opts"
+                elif [[ $target == direct-standbys ]]; then
+                    run_standbys "$name" "$opts"
                 else
                     run_one "$name" "$target" "$opts"
                 fi
@@ -689,8 +778,11 @@ report_split() {
         "primary."
     echo "vigil-1n: pgvigil, primary only. vigil-3n: pgvigil, primary + 2 replicas," \
         "balance ${SPLIT_BALANCE:-not set (default)}."
-    printf '%-21s %18s %18s %18s %18s %8s %12s %8s\n' workload direct pgb-txn vigil-1n vigil-3n \
-        3n/dir 3n/pgb-txn 3n/1n
+    echo "dir-sb: the 2 replicas directly, no proxy (one pgbench each, at once, with half the"
+    echo "clients and threads; TPS summed, latency averaged). dir-sb/dir: the machine's own"
+    echo "replicas-over-primary TPS ratio, the floor to read vigil's 3n/1n against."
+    printf '%-21s %18s %18s %18s %18s %18s %8s %12s %8s %10s\n' workload direct dir-sb pgb-txn \
+        vigil-1n vigil-3n 3n/dir 3n/pgb-txn 3n/1n dir-sb/dir
     for entry in "${WORKLOADS[@]}"; do
         name=${entry%%|*}
         declare -A T=() L=()
@@ -700,13 +792,14 @@ report_split() {
         done
         awk -v name="$name" \
             -v dt="${T[direct]}" -v dl="${L[direct]}" \
+            -v st="${T[direct-standbys]}" -v sl="${L[direct-standbys]}" \
             -v xt="${T[pgbouncer-transaction]}" -v xl="${L[pgbouncer-transaction]}" \
             -v vt="${T[pgvigil]}" -v vl="${L[pgvigil]}" \
             -v wt="${T[pgvigil-3node]}" -v wl="${L[pgvigil-3node]}" "$AWK_CELLS"'
             BEGIN {
-                printf "%-21s %18s %18s %18s %18s %8s %12s %8s\n", name, cell(dt, dl),
-                    cell(xt, xl), cell(vt, vl), cell(wt, wl), ratio(wt, dt), ratio(wt, xt),
-                    ratio(wt, vt)
+                printf "%-21s %18s %18s %18s %18s %18s %8s %12s %8s %10s\n", name, cell(dt, dl),
+                    cell(st, sl), cell(xt, xl), cell(vt, vl), cell(wt, wl), ratio(wt, dt),
+                    ratio(wt, xt), ratio(wt, vt), ratio(st, dt)
             }'
         unset T L
     done
