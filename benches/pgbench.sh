@@ -37,6 +37,8 @@
 #   SPLIT_BALANCE unset: the 3-node pgvigil config has no balance key (the default,
 #                 least_connections); round_robin, random or least_connections: written as
 #                 [routing] balance
+#   SPLIT_AFFINITY unset: the 3-node pgvigil config has no read_affinity key (the default,
+#                 unit: every read balanced anew); session: written as [routing] read_affinity
 #   PGVIGIL_BIN   use this pgvigil binary instead of building target/release/pgvigil
 #                 (under $CARGO_TARGET_DIR when that is set)
 #   PG_BIN        PostgreSQL server bin dir (default: newest /usr/lib/postgresql/*/bin)
@@ -64,6 +66,7 @@ DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 SCALE=${SCALE:-10}
 SPLIT_BALANCE=${SPLIT_BALANCE:-}
+SPLIT_AFFINITY=${SPLIT_AFFINITY:-}
 MEMORY_CLIENTS=${MEMORY_CLIENTS:-5000}
 THREADS=2
 APP_USER=app
@@ -349,8 +352,10 @@ start_pgvigil() {
         # `app` its status reads NULL, every standby looks not streaming and takes no reads.
         # The superuser logs in over loopback with trust (see start_postgres).
         printf '\n[health]\nuser = "postgres"\npassword = "unused"\n'
-        if [[ -n $balance ]]; then
-            printf '\n[routing]\nbalance = "%s"\n' "$balance"
+        if [[ -n $balance || -n ${READ_AFFINITY:-} ]]; then
+            printf '\n[routing]\n'
+            [[ -z $balance ]] || printf 'balance = "%s"\n' "$balance"
+            [[ -z ${READ_AFFINITY:-} ]] || printf 'read_affinity = "%s"\n' "$READ_AFFINITY"
         fi
         for node in "$@"; do
             printf '\n[[nodes]]\nname = "%s"\nhost = "127.0.0.1"\nport = %s\n' \
@@ -777,7 +782,8 @@ report_split() {
     echo "Cells: TPS / average latency in ms. pgb-txn: PgBouncer transaction pooling, on the" \
         "primary."
     echo "vigil-1n: pgvigil, primary only. vigil-3n: pgvigil, primary + 2 replicas," \
-        "balance ${SPLIT_BALANCE:-not set (default)}."
+        "balance ${SPLIT_BALANCE:-not set (default)}," \
+        "read_affinity ${SPLIT_AFFINITY:-not set (unit)}."
     echo "dir-sb: the 2 replicas directly, no proxy (one pgbench each, at once, with half the"
     echo "clients and threads; TPS summed, latency averaged). dir-sb/dir: the machine's own"
     echo "replicas-over-primary TPS ratio, the floor to read vigil's 3n/1n against."
@@ -873,6 +879,10 @@ main() {
     "" | least_connections | round_robin | random) ;;
     *) die "SPLIT_BALANCE must be least_connections, round_robin or random" ;;
     esac
+    case $SPLIT_AFFINITY in
+    "" | unit | session) ;;
+    *) die "SPLIT_AFFINITY must be unit or session" ;;
+    esac
     [[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "DURATION must be a positive integer (seconds)"
     [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
     # 64 clients need 64 sockets in pgbench and two per client in each proxy.
@@ -918,7 +928,7 @@ main() {
             start_replica "$node"
         done
         wait_replayed
-        start_pgvigil pgvigil-3node "$SPLIT_BALANCE" "${NODES[@]}"
+        READ_AFFINITY=$SPLIT_AFFINITY start_pgvigil pgvigil-3node "$SPLIT_BALANCE" "${NODES[@]}"
         use_run split
         warm_up
         run_rounds

@@ -41,6 +41,8 @@ pub enum RouteReason {
     UnnamedStatement,
     /// A read of the statement the previous unit prepared, on the node that prepared it.
     WherePrepared,
+    /// A read on the node the session's reads stay on (`routing.read_affinity = "session"`).
+    SessionAffinity,
 }
 
 impl RouteReason {
@@ -54,6 +56,7 @@ impl RouteReason {
             RouteReason::ReadYourWrites => "read after a write no replica was seen to replay yet",
             RouteReason::UnnamedStatement => "uses the unnamed statement parsed there",
             RouteReason::WherePrepared => "read of the statement just prepared there",
+            RouteReason::SessionAffinity => "read, on the session's node",
         }
     }
 }
@@ -136,15 +139,15 @@ pub fn route_write(topology: &Topology) -> Result<Route, RouteError> {
 
 /// Chooses a node for a read: a node with weight > 0 that is a standby following the primary
 /// (not stale), caught up within the lag limits and, when `min_lsn` is given, past that LSN, or
-/// the primary itself when `primary_reads` is `share`; `prefer` if it is one of them, else spread
-/// by the balancer. When none qualifies, the primary.
+/// the primary itself when `primary_reads` is `share`; `prefer`'s node, for its reason, if it is
+/// one of them, else spread by the balancer. When none qualifies, the primary.
 pub fn route_read(
     topology: &Topology,
     replication: &ReplicationView,
     policy: &ReadPolicy<'_>,
     balancer: &Balancer,
     min_lsn: Option<u64>,
-    prefer: Option<NodeId>,
+    prefer: Option<(NodeId, RouteReason)>,
 ) -> Result<Route, RouteError> {
     // Room for the candidates is zeroed at every read: 1 KiB for `MAX_NODES`, about as much work
     // as the rest of the choice, so clusters of up to `FEW_NODES` take a smaller array.
@@ -166,7 +169,7 @@ fn choose_read<const N: usize>(
     policy: &ReadPolicy<'_>,
     balancer: &Balancer,
     min_lsn: Option<u64>,
-    prefer: Option<NodeId>,
+    prefer: Option<(NodeId, RouteReason)>,
 ) -> Result<Route, RouteError> {
     let primary = primary(topology);
     let mut candidates = [(0, 0); N];
@@ -189,10 +192,10 @@ fn choose_read<const N: usize>(
                 min_lsn,
             )
         {
-            if prefer == Some(node.id) {
+            if let Some((_, reason)) = prefer.filter(|&(preferred, _)| preferred == node.id) {
                 return Ok(Route {
                     node: node.id,
-                    reason: RouteReason::WherePrepared,
+                    reason,
                 });
             }
             candidates[count] = (node.id, weight);
@@ -401,9 +404,16 @@ mod tests {
         let balancer = Balancer::new(3);
         let mut counts = [0; 3];
         for _ in 0..300 {
-            counts[route_read(&t, &view, &fallback, &balancer, None, Some(0))
-                .unwrap()
-                .node] += 1;
+            counts[route_read(
+                &t,
+                &view,
+                &fallback,
+                &balancer,
+                None,
+                Some((0, RouteReason::WherePrepared)),
+            )
+            .unwrap()
+            .node] += 1;
         }
         assert_eq!(counts, [0, 150, 150], "replicas keep their weights");
         let mut stale = t.clone();
@@ -460,7 +470,10 @@ mod tests {
         let t = topology(&[Role::Primary, Role::Standby, Role::Standby]);
         let view = positions(&[Some(3000), Some(3000), Some(100)]);
         let balancer = Balancer::new(3);
-        let read = |prefer| route_read(&t, &view, &policy(&[1, 1, 1]), &balancer, None, prefer);
+        let read = |prefer: Option<NodeId>| {
+            let prefer = prefer.map(|node| (node, RouteReason::WherePrepared));
+            route_read(&t, &view, &policy(&[1, 1, 1]), &balancer, None, prefer)
+        };
         assert_eq!(read(Some(1)).unwrap().reason, RouteReason::WherePrepared);
         assert_eq!(read(Some(1)).unwrap().node, 1);
         assert_eq!(

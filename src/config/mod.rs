@@ -307,6 +307,10 @@ pub struct RoutingConfig {
     /// Whether the primary takes plain reads only when no replica may (`fallback`, the default)
     /// or shares them with the replicas by its weight (`share`).
     pub primary_reads: PrimaryReads,
+    /// Whether every read unit is balanced anew (`unit`, the default) or a session keeps
+    /// reading from the node its reads were last balanced to while that node qualifies
+    /// (`session`).
+    pub read_affinity: ReadAffinity,
     /// Functions the classifier must treat as read-only, `name` or `schema.name` (default none).
     pub read_functions: Vec<String>,
     /// Functions the classifier must treat as writing, `name` or `schema.name` (default none).
@@ -321,6 +325,7 @@ impl Default for RoutingConfig {
             max_lag_bytes: 16 << 20,
             max_lag: Duration::from_secs(10),
             primary_reads: PrimaryReads::default(),
+            read_affinity: ReadAffinity::default(),
             read_functions: Vec::new(),
             write_functions: Vec::new(),
         }
@@ -392,6 +397,20 @@ pub enum PrimaryReads {
     Fallback,
     /// With the replicas, in proportion to its weight.
     Share,
+}
+
+/// How long a read keeps the node balancing chose for it (`routing.read_affinity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadAffinity {
+    /// Every read unit is balanced anew: one client's reads spread over the replicas.
+    #[default]
+    Unit,
+    /// A session's reads stay on the node they were last balanced to while it qualifies, as
+    /// PgBouncer, HAProxy and pgpool-II (by default) keep a client on one server: one replica
+    /// connection per client, and a session's reads never step back to a replica that has
+    /// replayed less.
+    Session,
 }
 
 /// One PostgreSQL node (`[[nodes]]`).

@@ -93,6 +93,7 @@ read_your_writes = false
 max_lag_bytes = 0
 max_lag = "250ms"
 primary_reads = "share"
+read_affinity = "session"
 read_functions = ["report", "stats.daily"]
 write_functions = ["audit"]
 "#
@@ -104,6 +105,7 @@ write_functions = ["audit"]
         max_lag_bytes: 0,
         max_lag: Duration::from_millis(250),
         primary_reads: PrimaryReads::Share,
+        read_affinity: ReadAffinity::Session,
         read_functions: vec!["report".into(), "stats.daily".into()],
         write_functions: vec!["audit".into()],
     };

@@ -37,6 +37,9 @@ pub struct SessionPolicy {
     /// A node that has the named statements the unit uses (the previous unit prepared them
     /// there): a read goes there when it may.
     pub prefer: Option<NodeId>,
+    /// The node the session's reads were last balanced to, when `routing.read_affinity` keeps
+    /// them there: a read goes there when it may and `prefer` names no node.
+    pub read_home: Option<NodeId>,
 }
 
 /// Where the session's writes stand, for read-your-writes.
@@ -142,7 +145,9 @@ pub fn route_unit(facts: &UnitFacts, policy: &SessionPolicy, snap: &Snapshot<'_>
         &read_policy,
         snap.balancer,
         min_lsn,
-        policy.prefer,
+        (policy.prefer.map(|node| (node, RouteReason::WherePrepared))).or(policy
+            .read_home
+            .map(|node| (node, RouteReason::SessionAffinity))),
     );
     match routed {
         Ok(route) => Routed::To {
@@ -253,6 +258,7 @@ mod tests {
             writes: Writes::None,
             avoided: 0,
             prefer: None,
+            read_home: None,
         }
     }
 
@@ -422,6 +428,41 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(node(world.route(&read(), &prefer_2)), Some(2));
         }
+    }
+
+    #[test]
+    fn a_read_goes_to_the_sessions_node_while_it_qualifies_and_a_prepared_statement_first() {
+        let world = World::new(100, Some(Instant::now()));
+        let home_2 = SessionPolicy {
+            read_home: Some(2),
+            ..policy()
+        };
+        for _ in 0..3 {
+            let routed = world.route(&read(), &home_2);
+            assert!(
+                matches!(routed, Routed::To { route, writes: false }
+                    if route.node == 2 && route.reason == RouteReason::SessionAffinity),
+                "{routed:?}"
+            );
+        }
+        let prepared_on_1 = SessionPolicy {
+            prefer: Some(1),
+            ..home_2
+        };
+        assert_eq!(node(world.route(&read(), &prepared_on_1)), Some(1));
+        // Node 2 has not replayed the session's write: the read goes where it may.
+        let mut behind = World::new(100, Some(Instant::now()));
+        behind.replication.nodes[2] =
+            behind.replication.nodes[1].map(|p| Position { lsn: 50, ..p });
+        let wrote = SessionPolicy {
+            writes: Writes::Measured(80),
+            ..home_2
+        };
+        for _ in 0..3 {
+            assert_eq!(node(behind.route(&read(), &wrote)), Some(1));
+        }
+        // A write still goes to the primary.
+        assert_eq!(node(world.route(&write(), &home_2)), Some(0));
     }
 
     #[test]

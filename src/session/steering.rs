@@ -23,11 +23,11 @@ use super::replay::Replayable;
 use super::reset;
 use super::route::{self, Routed, SessionPolicy, Snapshot, Writes};
 use super::unit::{self, Ending, UnitFacts};
-use crate::config::{Config, PoolMode};
+use crate::config::{Config, PoolMode, ReadAffinity};
 use crate::metrics::{Bytes, UnitKind};
 use crate::pause::{InFlight, Traffic};
 use crate::proxy::Proxy;
-use crate::router::{self, Route};
+use crate::router::{self, Route, RouteReason};
 use crate::topology::NodeId;
 
 mod noting;
@@ -74,6 +74,8 @@ pub struct Steering {
     /// Where the last unit prepared named statements without executing them (drivers prepare,
     /// then execute in the next unit): that read goes there rather than re-preparing elsewhere.
     prepared_on: Option<NodeId>,
+    /// The node the session's reads were last balanced to (see `routing.read_affinity`).
+    read_home: Option<NodeId>,
     /// The route of the unit at the front while it waits to be moved.
     waiting_route: Option<Route>,
     /// The unit being forwarded runs inside a transaction block.
@@ -118,6 +120,7 @@ impl Steering {
             covered: 0,
             last_statement: Ending::default(),
             prepared_on: None,
+            read_home: None,
             waiting_route: None,
             unit_in_transaction: false,
             unit_writes: false,
@@ -287,6 +290,9 @@ impl Steering {
             writes: self.writes,
             avoided: self.avoided,
             prefer,
+            read_home: self
+                .read_home
+                .filter(|_| config.routing.read_affinity == ReadAffinity::Session),
         };
         let topology = proxy.topology.load();
         let seen = std::mem::replace(&mut self.generation, topology.generation);
@@ -304,6 +310,12 @@ impl Steering {
         match route::route_unit(facts, &policy, &snapshot) {
             Routed::To { route, writes } => {
                 self.unit_writes = writes;
+                if matches!(
+                    route.reason,
+                    RouteReason::Balanced | RouteReason::SessionAffinity
+                ) {
+                    self.read_home = Some(route.node);
+                }
                 Ok(route)
             }
             Routed::FetchLsn => Err(Decision::FetchLsn),

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgvigil::config::{Balance, Config, PrimaryReads};
+use pgvigil::config::{Balance, Config, PrimaryReads, ReadAffinity};
 use pgvigil::replication::ReplicationView;
 use pgvigil::topology::{NodeId, Primary, Role, Stale};
 use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
@@ -32,6 +32,9 @@ const READ: &str = "SELECT inet_server_port()";
 
 /// Reads per balance mode: the sample, in which each share must be within 10%.
 const SPREAD_READS: usize = 3000;
+
+/// Reads of each client in the read-affinity test.
+const AFFINITY_READS: usize = 50;
 
 /// Reads in each lag check.
 const LAG_READS: usize = 300;
@@ -130,6 +133,36 @@ async fn spread_in_every_mode_with(weights: [u32; NODES], style: ReadStyle) {
         drop(client);
         proxy.running.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_session_affinity_each_clients_reads_stay_on_one_replica_and_the_clients_spread() {
+    let cluster = test_cluster(2);
+    let ports = Ports::of(&cluster);
+    let proxy = start_proxy(&cluster, |config| {
+        config.routing.read_affinity = ReadAffinity::Session;
+        // Each client's first read takes the next replica in turn.
+        config.routing.balance = Balance::RoundRobin;
+        set_weights(config, [1, 1, 1]);
+    })
+    .await;
+    wait_until_every_node_may_read(&proxy);
+    let mut homes = Vec::new();
+    for _ in 0..4 {
+        let client = proxy.connect_app().await;
+        let tally = tally_reads(&client, &ports, AFFINITY_READS).await;
+        let used: Vec<NodeId> = (0..NODES).filter(|&node| tally[node] > 0).collect();
+        println!("read_affinity session: one client's reads per node {tally:?}");
+        match used.as_slice() {
+            [replica] if REPLICAS.contains(replica) => homes.push(*replica),
+            _ => panic!("one client's reads went to nodes {used:?}: {tally:?}"),
+        }
+    }
+    assert!(
+        REPLICAS.iter().all(|replica| homes.contains(replica)),
+        "the clients' replicas: {homes:?}"
+    );
+    proxy.running.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
