@@ -28,8 +28,8 @@ use crate::support::etcd::{Clients, TestEtcd};
 use crate::support::relay::Relay;
 use crate::support::writer::{create_ticks, tick_ids, Writer};
 use crate::support::{
-    eventually, in_recovery, node_psql, set_primary_conninfo, start_proxy, test_cluster,
-    LocalCluster, TestProxy,
+    eventually, in_recovery, node_psql, primary_lsn, set_primary_conninfo, start_proxy,
+    test_cluster, LocalCluster, TestProxy,
 };
 
 /// `failover.wait_timeout` of the instance cut off from the primary.
@@ -633,6 +633,18 @@ async fn a_promotion_left_pending_by_a_leader_that_stopped_is_finished_by_the_ne
     eventually(PATIENCE, "the first instance leads before the kill", || {
         scene.leaders() == [0]
     });
+    // The most advanced standby is chosen first, priority only among equals: under load one
+    // could be a record behind when the primary dies, and be passed over for that (CI saw it).
+    eventually(
+        PATIENCE,
+        "both standbys received all of the primary's WAL",
+        || {
+            let primary = primary_lsn(&scene.cluster);
+            STANDBYS
+                .iter()
+                .all(|&standby| received_lsn(&scene.cluster, standby) >= primary)
+        },
+    );
     scene.cluster.node_mut(OLD_PRIMARY).kill9();
     let asked = |node: usize| promote_signal_file(&scene.cluster.node(node).data_dir);
     let give_up = Instant::now() + PATIENCE;
@@ -804,4 +816,10 @@ async fn an_admin_command_sent_to_a_follower_is_carried_out_by_the_leader_and_st
         .exits(0)
         .json();
     assert!(done.message.contains("leading instance app0"), "{done:?}");
+}
+
+/// How far standby `node` has received WAL (`pg_last_wal_receive_lsn()`, 0 when it has none).
+fn received_lsn(cluster: &LocalCluster, node: usize) -> u64 {
+    let text = node_psql(cluster, node, "SELECT pg_last_wal_receive_lsn()");
+    pgvigil::replication::parse_lsn(&text).unwrap_or(0)
 }
