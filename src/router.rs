@@ -11,8 +11,11 @@ use crate::config::{Balance, PrimaryReads};
 use crate::replication::ReplicationView;
 use crate::topology::{Node, NodeId, Primary, Role, Topology};
 
-/// Most nodes a read can be spread over (the candidate list lives on the stack).
+/// Most nodes a read can be spread over.
 pub const MAX_NODES: usize = 64;
+
+/// The cluster size up to which [`route_read`] keeps its candidates in a small array.
+const FEW_NODES: usize = 8;
 
 /// A routing decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,32 +152,20 @@ pub fn route_read(
     min_lsn: Option<u64>,
     prefer: Option<(NodeId, RouteReason)>,
 ) -> Result<Route, RouteError> {
-    // Room for the candidates is zeroed at every read: 1 KiB for `MAX_NODES`, about as much work
-    // as the rest of the choice, so clusters of up to `FEW_NODES` take a smaller array.
-    let choose = if topology.nodes.len() <= FEW_NODES {
-        choose_read::<FEW_NODES>
-    } else {
-        choose_read::<MAX_NODES>
-    };
-    choose(topology, replication, policy, balancer, min_lsn, prefer)
-}
-
-/// The cluster size up to which [`route_read`] keeps its candidates in a small array.
-const FEW_NODES: usize = 8;
-
-/// [`route_read`] among the first `N` nodes of the topology.
-fn choose_read<const N: usize>(
-    topology: &Topology,
-    replication: &ReplicationView,
-    policy: &ReadPolicy<'_>,
-    balancer: &Balancer,
-    min_lsn: Option<u64>,
-    prefer: Option<(NodeId, RouteReason)>,
-) -> Result<Route, RouteError> {
     let primary = primary(topology);
-    let mut candidates = [(0, 0); N];
+    // Room for the candidates is zeroed at every read: for `MAX_NODES` that was 1 KiB, about as
+    // much work as the rest of the choice, so clusters of up to `FEW_NODES` use a small array
+    // and larger ones a vector sized to them.
+    let mut few = [(0, 0); FEW_NODES];
+    let mut many = Vec::new();
+    let candidates: &mut [(NodeId, u32)] = if topology.nodes.len() <= FEW_NODES {
+        &mut few
+    } else {
+        many.resize(topology.nodes.len().min(MAX_NODES), (0, 0));
+        &mut many
+    };
     let mut count = 0;
-    for node in topology.nodes.iter().take(N) {
+    for node in topology.nodes.iter().take(MAX_NODES) {
         let weight = policy.weights.get(node.id).copied().unwrap_or(0);
         let fallback_only = policy.primary_reads == PrimaryReads::Fallback
             && primary.as_ref().is_ok_and(|&p| p == node.id);
