@@ -28,8 +28,8 @@ use crate::support::etcd::{Clients, TestEtcd};
 use crate::support::relay::Relay;
 use crate::support::writer::{create_ticks, tick_ids, Writer};
 use crate::support::{
-    eventually, in_recovery, node_psql, primary_lsn, set_primary_conninfo, start_proxy,
-    test_cluster, LocalCluster, TestProxy,
+    eventually, in_recovery, node_psql, primary_lsn, received_lsn, set_primary_conninfo,
+    start_proxy, test_cluster, LocalCluster, TestProxy,
 };
 
 /// `failover.wait_timeout` of the instance cut off from the primary.
@@ -816,10 +816,4 @@ async fn an_admin_command_sent_to_a_follower_is_carried_out_by_the_leader_and_st
         .exits(0)
         .json();
     assert!(done.message.contains("leading instance app0"), "{done:?}");
-}
-
-/// How far standby `node` has received WAL (`pg_last_wal_receive_lsn()`, 0 when it has none).
-fn received_lsn(cluster: &LocalCluster, node: usize) -> u64 {
-    let text = node_psql(cluster, node, "SELECT pg_last_wal_receive_lsn()");
-    pgvigil::replication::parse_lsn(&text).unwrap_or(0)
 }

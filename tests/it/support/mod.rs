@@ -53,6 +53,12 @@ pub fn primary_lsn(cluster: &LocalCluster) -> u64 {
     pgvigil::replication::parse_lsn(&text).unwrap_or_else(|| panic!("not an LSN: {text:?}"))
 }
 
+/// How far standby `node` has received WAL (`pg_last_wal_receive_lsn()`, 0 when it has none).
+pub fn received_lsn(cluster: &LocalCluster, node: usize) -> u64 {
+    let text = node_psql(cluster, node, "SELECT pg_last_wal_receive_lsn()");
+    pgvigil::replication::parse_lsn(&text).unwrap_or(0)
+}
+
 /// Whether node `node` is a standby (`pg_is_in_recovery()`), asked directly.
 pub fn in_recovery(cluster: &LocalCluster, node: usize) -> bool {
     node_psql(cluster, node, "SELECT pg_is_in_recovery()") == "t"
