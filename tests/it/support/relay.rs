@@ -8,6 +8,10 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+#[cfg(test)]
+use std::os::fd::AsRawFd;
+#[cfg(test)]
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -24,6 +28,10 @@ const CHUNK: usize = 16 * 1024;
 /// A relay on a free loopback port, forwarding to one target until cut or dropped.
 pub struct Relay {
     port: u16,
+    /// The listening socket as `/proc/self/fd` names it (`socket:[inode]`): unique while it is
+    /// open, unlike the port, which another test may bind once it is free.
+    #[cfg(test)]
+    listener_socket: PathBuf,
     switch: Arc<Switch>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -35,6 +43,9 @@ impl Relay {
         // Non-blocking, so that the acceptor can notice a stop between two connections.
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
+        #[cfg(test)]
+        let listener_socket =
+            std::fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd())).unwrap();
         let switch = Arc::new(Switch::default());
         let acceptor = {
             let switch = Arc::clone(&switch);
@@ -42,6 +53,8 @@ impl Relay {
         };
         Relay {
             port,
+            #[cfg(test)]
+            listener_socket,
             switch,
             acceptor: Some(acceptor),
         }
@@ -329,7 +342,8 @@ mod tests {
         let mut client = connect(&relay);
         assert_eq!(echo(&mut client, b"x").unwrap(), b"x");
         relay.cut();
-        let port = relay.port();
+        let listener = relay.listener_socket.clone();
+        assert!(open_in_this_process(&listener), "{listener:?} not found");
         let started = Instant::now();
         drop(relay);
         assert!(started.elapsed() < Duration::from_secs(1), "drop hung");
@@ -338,7 +352,18 @@ mod tests {
             0,
             "the client sees a close"
         );
-        assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+        assert!(
+            !open_in_this_process(&listener),
+            "the listening socket is still open"
+        );
         server.join().unwrap();
+    }
+
+    /// Whether a file descriptor of this process refers to `socket` (`socket:[inode]`).
+    fn open_in_this_process(socket: &std::path::Path) -> bool {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|link| link == socket))
     }
 }
