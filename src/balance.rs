@@ -5,8 +5,9 @@
 //! relaxed ordering is enough throughout.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
-use crate::config::Balance;
+use crate::config::{Balance, ReadAffinity};
 use crate::topology::NodeId;
 
 /// SplitMix64's increment (2^64 divided by the golden ratio), from Steele, Lea and Flood, "Fast
@@ -22,14 +23,57 @@ pub struct Balancer {
     /// SplitMix64 state; each draw adds `GOLDEN_GAMMA`, so concurrent draws never share a value.
     random: AtomicU64,
     /// Units of work in flight on each node, indexed by `NodeId`.
-    in_flight: Box<[InFlight]>,
+    in_flight: Box<[Count]>,
+    /// Sessions whose reads stay on each node (see [`ReadHome`]), indexed by `NodeId`.
+    read_sessions: Box<[Count]>,
 }
 
-/// One node's in-flight count, alone on its cache line so that sessions busy on different nodes
-/// do not slow each other down by writing to the same line.
+/// One node's count, alone on its cache line so that sessions busy on different nodes do not
+/// slow each other down by writing to the same line.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-struct InFlight(AtomicU32);
+struct Count(AtomicU32);
+
+impl Count {
+    fn add(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sub(&self) {
+        // An unmatched call must not wrap the count to u32::MAX and starve the node; the
+        // closure refuses to go below 0, and that refusal is all the Err means.
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    fn get(&self) -> u64 {
+        u64::from(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// A session's claim on the node its reads stay on (`routing.read_affinity = "session"`):
+/// `least_connections` counts it there until it is dropped.
+#[derive(Debug)]
+pub struct ReadHome {
+    balancer: Arc<Balancer>,
+    node: NodeId,
+}
+
+impl ReadHome {
+    /// The node the session's reads stay on.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+}
+
+impl Drop for ReadHome {
+    fn drop(&mut self) {
+        if let Some(count) = self.balancer.read_sessions.get(self.node) {
+            count.sub();
+        }
+    }
+}
 
 impl Balancer {
     /// A balancer for `node_count` nodes.
@@ -42,13 +86,21 @@ impl Balancer {
         Balancer {
             turn: AtomicU64::new(0),
             random: AtomicU64::new(seed),
-            in_flight: (0..node_count).map(|_| InFlight::default()).collect(),
+            in_flight: (0..node_count).map(|_| Count::default()).collect(),
+            read_sessions: (0..node_count).map(|_| Count::default()).collect(),
         }
     }
 
     /// Picks one of `candidates` (node id, weight > 0) by `mode`; None when the slice is empty or
-    /// all weights are 0.
-    pub fn pick(&self, candidates: &[(NodeId, u32)], mode: Balance) -> Option<NodeId> {
+    /// all weights are 0. `least_connections` counts the units in flight on each node, or under
+    /// session `affinity` the sessions whose reads stay there (the pick places a session, and
+    /// its units in flight at that moment say little about the sessions already placed).
+    pub fn pick(
+        &self,
+        candidates: &[(NodeId, u32)],
+        mode: Balance,
+        affinity: ReadAffinity,
+    ) -> Option<NodeId> {
         let total: u64 = candidates.iter().map(|&(_, w)| u64::from(w)).sum();
         if total == 0 {
             return None;
@@ -56,8 +108,14 @@ impl Balancer {
         let index = match mode {
             Balance::RoundRobin => weighted_turn(candidates, self.next_turn(total)),
             Balance::Random => nth_slot(candidates, self.next_random(total)),
-            Balance::LeastConnections => weighted_turn(candidates, self.next_turn(total))
-                .map(|first| self.least_loaded(candidates, first)),
+            Balance::LeastConnections => {
+                let counts = match affinity {
+                    ReadAffinity::Unit => &self.in_flight,
+                    ReadAffinity::Session => &self.read_sessions,
+                };
+                weighted_turn(candidates, self.next_turn(total))
+                    .map(|first| least_loaded(counts, candidates, first))
+            }
         };
         index.and_then(|i| candidates.get(i)).map(|&(node, _)| node)
     }
@@ -65,26 +123,37 @@ impl Balancer {
     /// A unit of work started on `node` (counts for least_connections).
     pub fn started(&self, node: NodeId) {
         if let Some(count) = self.in_flight.get(node) {
-            count.0.fetch_add(1, Ordering::Relaxed);
+            count.add();
         }
     }
 
     /// A unit of work on `node` ended.
     pub fn finished(&self, node: NodeId) {
         if let Some(count) = self.in_flight.get(node) {
-            // An unmatched call must not wrap the count to u32::MAX and starve the node; the
-            // closure refuses to go below 0, and that refusal is all the Err means.
-            let _ = count
-                .0
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            count.sub();
         }
     }
 
+    /// Makes `node` the home of a session's reads until the returned claim is dropped.
+    pub fn claim_read_home(self: &Arc<Self>, node: NodeId) -> ReadHome {
+        if let Some(count) = self.read_sessions.get(node) {
+            count.add();
+        }
+        ReadHome {
+            balancer: Arc::clone(self),
+            node,
+        }
+    }
+
+    /// Sessions whose reads stay on `node`; 0 for a node this balancer does not know.
+    pub fn read_sessions(&self, node: NodeId) -> u64 {
+        self.read_sessions.get(node).map_or(0, Count::get)
+    }
+
     /// Work in flight on `node`; 0 for a node this balancer does not know.
+    #[cfg(test)]
     fn load(&self, node: NodeId) -> u64 {
-        self.in_flight
-            .get(node)
-            .map_or(0, |count| u64::from(count.0.load(Ordering::Relaxed)))
+        self.in_flight.get(node).map_or(0, Count::get)
     }
 
     /// The next position in a cycle of `total` slots.
@@ -103,24 +172,25 @@ impl Balancer {
         z ^= z >> 31;
         ((u128::from(z) * u128::from(total)) >> 64) as u64
     }
+}
 
-    /// The candidate with the least work in flight for its weight; among equals, the first one at
-    /// or after `first` in candidate order (wrapping), so that idle nodes still take turns by weight.
-    fn least_loaded(&self, candidates: &[(NodeId, u32)], first: usize) -> usize {
-        let n = candidates.len();
-        let mut best = first;
-        let (best_node, best_weight) = candidates[first];
-        let (mut best_load, mut best_weight) = (self.load(best_node), u64::from(best_weight));
-        for i in (1..n).map(|k| (first + k) % n) {
-            let (node, weight) = candidates[i];
-            let (load, weight) = (self.load(node), u64::from(weight));
-            // load / weight < best_load / best_weight, without division; weight 0 never wins.
-            if weight > 0 && load * best_weight < best_load * weight {
-                (best, best_load, best_weight) = (i, load, weight);
-            }
+/// The candidate with the least of `counts` for its weight; among equals, the first one at or
+/// after `first` in candidate order (wrapping), so that idle nodes still take turns by weight.
+fn least_loaded(counts: &[Count], candidates: &[(NodeId, u32)], first: usize) -> usize {
+    let load = |node: NodeId| counts.get(node).map_or(0, Count::get);
+    let n = candidates.len();
+    let mut best = first;
+    let (best_node, best_weight) = candidates[first];
+    let (mut best_load, mut best_weight) = (load(best_node), u64::from(best_weight));
+    for i in (1..n).map(|k| (first + k) % n) {
+        let (node, weight) = candidates[i];
+        let (load, weight) = (load(node), u64::from(weight));
+        // load / weight < best_load / best_weight, without division; weight 0 never wins.
+        if weight > 0 && load * best_weight < best_load * weight {
+            (best, best_load, best_weight) = (i, load, weight);
         }
-        best
     }
+    best
 }
 
 /// The candidate whose turn is at `position` (below the sum of the weights) in an interleaved
@@ -189,7 +259,7 @@ mod tests {
     ) -> [usize; 3] {
         let mut counts = [0; 3];
         for _ in 0..picks {
-            let node = balancer.pick(candidates, mode).unwrap();
+            let node = balancer.pick(candidates, mode, ReadAffinity::Unit).unwrap();
             counts[node] += 1;
         }
         counts
@@ -215,7 +285,11 @@ mod tests {
     fn round_robin_gives_each_node_its_weight_in_every_window() {
         let balancer = Balancer::new(3);
         let picks: Vec<NodeId> = (0..60)
-            .map(|_| balancer.pick(&ONE_TWO_THREE, Balance::RoundRobin).unwrap())
+            .map(|_| {
+                balancer
+                    .pick(&ONE_TWO_THREE, Balance::RoundRobin, ReadAffinity::Unit)
+                    .unwrap()
+            })
             .collect();
         for window in picks.windows(6) {
             let mut counts = [0; 3];
@@ -239,8 +313,16 @@ mod tests {
     fn no_candidate_with_weight_gives_none() {
         let balancer = Balancer::new(3);
         for mode in MODES {
-            assert_eq!(balancer.pick(&[], mode), None, "{mode:?}");
-            assert_eq!(balancer.pick(&[(0, 0), (1, 0)], mode), None, "{mode:?}");
+            assert_eq!(
+                balancer.pick(&[], mode, ReadAffinity::Unit),
+                None,
+                "{mode:?}"
+            );
+            assert_eq!(
+                balancer.pick(&[(0, 0), (1, 0)], mode, ReadAffinity::Unit),
+                None,
+                "{mode:?}"
+            );
         }
     }
 
@@ -259,7 +341,7 @@ mod tests {
         balancer.started(1);
         balancer.started(1);
         assert_eq!(
-            balancer.pick(&candidates, Balance::LeastConnections),
+            balancer.pick(&candidates, Balance::LeastConnections, ReadAffinity::Unit),
             Some(1)
         );
     }
@@ -272,13 +354,19 @@ mod tests {
         balancer.started(0);
         balancer.started(2);
         for _ in 0..5 {
-            assert_eq!(balancer.pick(&equal, Balance::LeastConnections), Some(1));
+            assert_eq!(
+                balancer.pick(&equal, Balance::LeastConnections, ReadAffinity::Unit),
+                Some(1)
+            );
         }
         balancer.started(1);
         balancer.started(1);
         balancer.finished(0);
         balancer.finished(0);
-        assert_eq!(balancer.pick(&equal, Balance::LeastConnections), Some(0));
+        assert_eq!(
+            balancer.pick(&equal, Balance::LeastConnections, ReadAffinity::Unit),
+            Some(0)
+        );
     }
 
     #[test]
@@ -290,7 +378,7 @@ mod tests {
         balancer.started(0);
         balancer.started(1);
         assert_eq!(
-            balancer.pick(&candidates, Balance::LeastConnections),
+            balancer.pick(&candidates, Balance::LeastConnections, ReadAffinity::Unit),
             Some(0)
         );
         // 3 for weight 3 ties with 1 for weight 1: the weighted turn order decides, 3 to 1.
@@ -305,7 +393,11 @@ mod tests {
         let balancer = Balancer::new(3);
         for _ in 0..600 {
             let node = balancer
-                .pick(&ONE_TWO_THREE, Balance::LeastConnections)
+                .pick(
+                    &ONE_TWO_THREE,
+                    Balance::LeastConnections,
+                    ReadAffinity::Unit,
+                )
                 .unwrap();
             balancer.started(node);
         }
@@ -313,6 +405,56 @@ mod tests {
             [balancer.load(0), balancer.load(1), balancer.load(2)],
             [100, 200, 300]
         );
+    }
+
+    #[test]
+    fn under_session_affinity_least_connections_counts_the_sessions_homed_and_not_the_units() {
+        let balancer = Arc::new(Balancer::new(3));
+        let equal = [(1, 1), (2, 1)];
+        let pick = |affinity| balancer.pick(&equal, Balance::LeastConnections, affinity);
+        // Node 1 is busier with units, node 2 with sessions.
+        balancer.started(1);
+        balancer.started(1);
+        let first = balancer.claim_read_home(2);
+        let second = balancer.claim_read_home(2);
+        let third = balancer.claim_read_home(1);
+        assert_eq!(
+            [1, 2, 3].map(|node| balancer.read_sessions(node)),
+            [1, 2, 0]
+        );
+        for _ in 0..4 {
+            assert_eq!(pick(ReadAffinity::Session), Some(1));
+            assert_eq!(pick(ReadAffinity::Unit), Some(2));
+        }
+        // A dropped claim is given back: 1 against 1, and the weighted turn alternates again.
+        drop(first);
+        let picks: Vec<_> = (0..4).map(|_| pick(ReadAffinity::Session)).collect();
+        assert_eq!(
+            picks.iter().filter(|&&p| p == Some(1)).count(),
+            2,
+            "{picks:?}"
+        );
+        drop((second, third));
+        assert_eq!([1, 2].map(|node| balancer.read_sessions(node)), [0, 0]);
+        // Weighted as the units are: 2 sessions for weight 3 are fewer than 1 for weight 1.
+        let _homes = [0, 0, 1].map(|node| balancer.claim_read_home(node));
+        let weighted = [(0, 3), (1, 1)];
+        for _ in 0..4 {
+            assert_eq!(
+                balancer.pick(&weighted, Balance::LeastConnections, ReadAffinity::Session),
+                Some(0)
+            );
+        }
+    }
+
+    #[test]
+    fn read_homes_of_unknown_nodes_do_no_harm() {
+        let balancer = Arc::new(Balancer::new(2));
+        let home = balancer.claim_read_home(7);
+        assert_eq!(home.node(), 7);
+        assert_eq!(balancer.read_sessions(7), 0);
+        drop(home);
+        assert_eq!([0, 1].map(|node| balancer.read_sessions(node)), [0, 0]);
     }
 
     #[test]
@@ -324,7 +466,11 @@ mod tests {
         assert_eq!(balancer.load(0), 0);
         balancer.started(1);
         assert_eq!(
-            balancer.pick(&[(0, 1), (1, 1)], Balance::LeastConnections),
+            balancer.pick(
+                &[(0, 1), (1, 1)],
+                Balance::LeastConnections,
+                ReadAffinity::Unit
+            ),
             Some(0)
         );
     }
@@ -338,7 +484,9 @@ mod tests {
                     scope.spawn(move || {
                         let mut counts = [0; 3];
                         for i in 0..6000 {
-                            let node = balancer.pick(&ONE_TWO_THREE, mode(t, i)).unwrap();
+                            let node = balancer
+                                .pick(&ONE_TWO_THREE, mode(t, i), ReadAffinity::Unit)
+                                .unwrap();
                             balancer.started(node);
                             counts[node] += 1;
                             balancer.finished(node);

@@ -80,7 +80,7 @@ pub struct Proxy {
     /// swapped by a reload).
     pub functions: ArcSwap<pgvigil_proto::classify::FunctionLists>,
     /// Spreads reads over the nodes that may take them.
-    pub balancer: crate::balance::Balancer,
+    pub balancer: Arc<crate::balance::Balancer>,
     /// The Prometheus metrics served at `/metrics`.
     pub metrics: crate::metrics::Metrics,
     /// The event log (`GET /events`).
@@ -132,7 +132,7 @@ impl Proxy {
             // Room for every node a reload may add (ids are never reused, up to MAX_NODES).
             nudges: Arc::new(health::Nudges::new(crate::router::MAX_NODES)),
             functions: ArcSwap::from_pointee(config.function_lists()),
-            balancer: crate::balance::Balancer::new(crate::router::MAX_NODES),
+            balancer: Arc::new(crate::balance::Balancer::new(crate::router::MAX_NODES)),
             metrics,
             events: Arc::new(crate::events::Events::default()),
             pause: Arc::default(),

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use crate::balance::Balancer;
-use crate::config::{Balance, PrimaryReads};
+use crate::config::{Balance, PrimaryReads, ReadAffinity};
 use crate::replication::ReplicationView;
 use crate::topology::{Node, NodeId, Primary, Role, Topology};
 
@@ -82,6 +82,9 @@ pub struct ReadPolicy<'a> {
     pub weights: &'a [u32],
     /// How reads are spread.
     pub balance: Balance,
+    /// Whether a balanced read places the session's reads or the unit alone (what
+    /// `least_connections` counts).
+    pub affinity: ReadAffinity,
     /// Most WAL bytes a replica may be behind.
     pub max_lag_bytes: u64,
     /// Most replay delay a replica may have.
@@ -193,7 +196,7 @@ pub fn route_read(
             count += 1;
         }
     }
-    match balancer.pick(&candidates[..count], policy.balance) {
+    match balancer.pick(&candidates[..count], policy.balance, policy.affinity) {
         Some(node) => Ok(Route {
             node,
             reason: RouteReason::Balanced,
@@ -296,6 +299,7 @@ mod tests {
         ReadPolicy {
             weights,
             balance: Balance::RoundRobin,
+            affinity: ReadAffinity::Unit,
             max_lag_bytes: 1000,
             max_lag: Duration::from_secs(10),
             primary_reads: PrimaryReads::Share,

@@ -218,6 +218,9 @@ pub struct NodeStatus {
     pub connections: usize,
     /// Of those, idle in the pool.
     pub idle_connections: usize,
+    /// Client sessions whose reads stay on it (`routing.read_affinity = "session"`).
+    #[serde(default)]
+    pub read_sessions: u64,
 }
 
 /// Something pgvigil did or saw, kept in the in-memory event log (`GET /events`).

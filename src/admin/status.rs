@@ -56,6 +56,7 @@ pub fn status(proxy: &Proxy, control: &Handle) -> Status {
                     .and_then(|o| o.promoted_by.clone()),
                 connections: proxy.pools.open_count(node.id),
                 idle_connections: proxy.pools.idle_count(node.id),
+                read_sessions: proxy.balancer.read_sessions(node.id),
             }
         })
         .collect();

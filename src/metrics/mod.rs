@@ -442,14 +442,16 @@ impl Metrics {
             vec![],
             f64::from(u8::from(status.traffic == Traffic::Paused)),
         );
-        let node_gauges = |name: &str, values: [f64; 7]| {
+        let node_gauges = |name: &str, values: [f64; 8]| {
             let label = || vec![Label::new("node", name.to_owned())];
-            let [up, primary, timeline, lag_bytes, replay_lag, idle, active] = values;
+            let [up, primary, timeline, lag_bytes, replay_lag, idle, active, read_sessions] =
+                values;
             gauge("pgvigil_node_up", label(), up);
             gauge("pgvigil_node_is_primary", label(), primary);
             gauge("pgvigil_node_timeline", label(), timeline);
             gauge("pgvigil_node_replication_lag_bytes", label(), lag_bytes);
             gauge("pgvigil_node_replay_lag_seconds", label(), replay_lag);
+            gauge("pgvigil_node_read_sessions", label(), read_sessions);
             for (state, count) in [("idle", idle), ("active", active)] {
                 gauge(
                     "pgvigil_server_connections",
@@ -473,6 +475,7 @@ impl Metrics {
                     node.replay_delay_ms.unwrap_or(0) as f64 / 1000.0,
                     idle as f64,
                     node.connections.saturating_sub(idle) as f64,
+                    node.read_sessions as f64,
                 ],
             );
         }
@@ -480,7 +483,7 @@ impl Metrics {
         // gauges read 0, its counters keep their totals.
         for (_, m) in &self.nodes {
             if !status.nodes.iter().any(|n| n.name == m.name) {
-                node_gauges(&m.name, [0.0; 7]);
+                node_gauges(&m.name, [0.0; 8]);
             }
         }
         // Rendering ourselves means no upkeep task runs: do it here, or histograms grow
@@ -560,7 +563,7 @@ fn describe(recorder: &PrometheusRecorder) {
     for (name, help) in histograms {
         recorder.describe_histogram(KeyName::from(name), Some(Unit::Seconds), help.into());
     }
-    let gauges: [(&'static str, &'static str); 11] = [
+    let gauges: [(&'static str, &'static str); 12] = [
         (
             "pgvigil_paused",
             "1 while `pgvigil pause` holds new transactions",
@@ -589,6 +592,10 @@ fn describe(recorder: &PrometheusRecorder) {
         (
             "pgvigil_node_replay_lag_seconds",
             "How far a standby's replay is behind, in seconds",
+        ),
+        (
+            "pgvigil_node_read_sessions",
+            "Client sessions whose reads stay on the node (routing.read_affinity = \"session\")",
         ),
     ];
     for (name, help) in gauges {

@@ -135,6 +135,7 @@ pub fn route_unit(facts: &UnitFacts, policy: &SessionPolicy, snap: &Snapshot<'_>
     let read_policy = ReadPolicy {
         weights: &weights[..snap.nodes.len().min(MAX_NODES)],
         balance: snap.routing.balance,
+        affinity: snap.routing.read_affinity,
         max_lag_bytes: snap.routing.max_lag_bytes,
         max_lag: snap.routing.max_lag,
         primary_reads: snap.routing.primary_reads,

@@ -23,6 +23,7 @@ use super::replay::Replayable;
 use super::reset;
 use super::route::{self, Routed, SessionPolicy, Snapshot, Writes};
 use super::unit::{self, Ending, UnitFacts};
+use crate::balance::ReadHome;
 use crate::config::{Config, PoolMode, ReadAffinity};
 use crate::metrics::{Bytes, UnitKind};
 use crate::pause::{InFlight, Traffic};
@@ -74,8 +75,9 @@ pub struct Steering {
     /// Where the last unit prepared named statements without executing them (drivers prepare,
     /// then execute in the next unit): that read goes there rather than re-preparing elsewhere.
     prepared_on: Option<NodeId>,
-    /// The node the session's reads were last balanced to (see `routing.read_affinity`).
-    read_home: Option<NodeId>,
+    /// Under `routing.read_affinity = "session"`, the node the session's reads were last
+    /// balanced to, claimed so that `least_connections` counts the session there.
+    read_home: Option<ReadHome>,
     /// The route of the unit at the front while it waits to be moved.
     waiting_route: Option<Route>,
     /// The unit being forwarded runs inside a transaction block.
@@ -292,6 +294,8 @@ impl Steering {
             prefer,
             read_home: self
                 .read_home
+                .as_ref()
+                .map(ReadHome::node)
                 .filter(|_| config.routing.read_affinity == ReadAffinity::Session),
         };
         let topology = proxy.topology.load();
@@ -310,11 +314,16 @@ impl Steering {
         match route::route_unit(facts, &policy, &snapshot) {
             Routed::To { route, writes } => {
                 self.unit_writes = writes;
-                if matches!(
-                    route.reason,
-                    RouteReason::Balanced | RouteReason::SessionAffinity
-                ) {
-                    self.read_home = Some(route.node);
+                match config.routing.read_affinity {
+                    // A reload may have turned the affinity off: the claim is given back.
+                    ReadAffinity::Unit => self.read_home = None,
+                    ReadAffinity::Session
+                        if route.reason == RouteReason::Balanced
+                            && self.read_home.as_ref().map(ReadHome::node) != Some(route.node) =>
+                    {
+                        self.read_home = Some(proxy.balancer.claim_read_home(route.node));
+                    }
+                    ReadAffinity::Session => {}
                 }
                 Ok(route)
             }

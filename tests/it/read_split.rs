@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use pgvigil::admin::client::Admin;
 use pgvigil::config::{Balance, Config, PrimaryReads, ReadAffinity};
 use pgvigil::replication::ReplicationView;
 use pgvigil::topology::{NodeId, Primary, Role, Stale};
@@ -150,18 +151,64 @@ async fn with_session_affinity_each_clients_reads_stay_on_one_replica_and_the_cl
     let mut homes = Vec::new();
     for _ in 0..4 {
         let client = proxy.connect_app().await;
-        let tally = tally_reads(&client, &ports, AFFINITY_READS).await;
-        let used: Vec<NodeId> = (0..NODES).filter(|&node| tally[node] > 0).collect();
-        println!("read_affinity session: one client's reads per node {tally:?}");
-        match used.as_slice() {
-            [replica] if REPLICAS.contains(replica) => homes.push(*replica),
-            _ => panic!("one client's reads went to nodes {used:?}: {tally:?}"),
-        }
+        homes.push(read_home(&client, &ports).await);
     }
     assert!(
         REPLICAS.iter().all(|replica| homes.contains(replica)),
         "the clients' replicas: {homes:?}"
     );
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_session_affinity_least_connections_places_a_new_client_on_the_replica_with_fewest_sessions(
+) {
+    let cluster = test_cluster(2);
+    let ports = Ports::of(&cluster);
+    let proxy = start_proxy(&cluster, |config| {
+        config.routing.read_affinity = ReadAffinity::Session;
+        config.routing.balance = Balance::LeastConnections;
+        set_weights(config, [1, 1, 1]);
+    })
+    .await;
+    wait_until_every_node_may_read(&proxy);
+    let balancer = &proxy.running.proxy.balancer;
+    let sessions = || REPLICAS.map(|replica| balancer.read_sessions(replica));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let client = proxy.connect_app().await;
+        let home = read_home(&client, &ports).await;
+        clients.push((client, home));
+    }
+    assert_eq!(sessions(), [2, 2], "sessions per replica");
+    // Both sessions on one replica end; the balancer is given them back.
+    let emptied = REPLICAS[0];
+    clients.retain(|&(_, home)| home != emptied);
+    eventually(SETTLE, "the ended sessions are given back", || {
+        sessions() == [0, 2]
+    });
+    // Units in flight are equal (none) and the weighted turn alternates, so only the sessions
+    // counted send both new clients to the emptied replica.
+    for _ in 0..2 {
+        let client = proxy.connect_app().await;
+        let home = read_home(&client, &ports).await;
+        assert_eq!(
+            home,
+            emptied,
+            "a new client's replica, with {:?} sessions",
+            sessions()
+        );
+        clients.push((client, home));
+    }
+    assert_eq!(sessions(), [2, 2], "sessions per replica");
+    let admin = Admin::new(&format!("http://{}", proxy.running.admin_addr), None).unwrap();
+    let status = admin.status().await.unwrap().unwrap();
+    let shown: Vec<u64> = status.nodes.iter().map(|node| node.read_sessions).collect();
+    assert_eq!(shown, [0, 2, 2], "read_sessions in GET /status");
+    drop(clients);
+    eventually(SETTLE, "every session is given back", || {
+        sessions() == [0, 0]
+    });
     proxy.running.shutdown().await;
 }
 
@@ -613,6 +660,17 @@ fn number<T: std::str::FromStr>(row: &SimpleQueryRow, i: usize) -> T {
     let text = row.get(i).expect("not null");
     text.parse()
         .unwrap_or_else(|_| panic!("not a number: {text:?}"))
+}
+
+/// The one replica that `client`'s reads go to (it makes `AFFINITY_READS` of them); panics if
+/// they go to more than one node, or to the primary.
+async fn read_home(client: &Client, ports: &Ports) -> NodeId {
+    let tally = tally_reads(client, ports, AFFINITY_READS).await;
+    let used: Vec<NodeId> = (0..NODES).filter(|&node| tally[node] > 0).collect();
+    match used.as_slice() {
+        [replica] if REPLICAS.contains(replica) => *replica,
+        _ => panic!("one client's reads went to nodes {used:?}: {tally:?}"),
+    }
 }
 
 /// Runs `n` autocommit reads with the simple protocol and counts who served them.
