@@ -82,6 +82,10 @@ impl<'a> Cursor<'a> {
 
 /// Splits `buf` at its first NUL: the string before it and the bytes after it.
 pub(crate) fn split_cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    // Empty strings (the unnamed statement and portal) are the commonest: no search for them.
+    if let [0, after @ ..] = buf {
+        return Some((&[], after));
+    }
     let nul = memchr::memchr(0, buf)?;
     let (value, after) = buf.split_at(nul);
     Some((value, after.get(1..).unwrap_or_default()))

@@ -102,6 +102,21 @@ pub struct Naming {
     readies: u64,
 }
 
+/// Queues kept per data-plane thread for the next unit that forwards a Parse: under
+/// transaction pooling a client that parses in every unit (the extended protocol's usual way)
+/// would otherwise allocate and free them, and their room, at every unit.
+const SPARE_QUEUES_KEPT: usize = 32;
+
+/// Queues with room for more entries than this are freed rather than kept.
+const SPARE_QUEUES_ROOM: usize = 16;
+
+thread_local! {
+    // Boxed on purpose: the spares are the allocations sessions hold, handed back and forth.
+    #[allow(clippy::vec_box)]
+    static SPARE_QUEUES: std::cell::RefCell<Vec<Box<Queues>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// What [`Naming`] keeps of the Parses in flight.
 #[derive(Debug, Default)]
 struct Queues {
@@ -184,7 +199,10 @@ impl Naming {
     }
 
     fn queues(&mut self) -> &mut Queues {
-        self.queues.get_or_insert_with(Box::default)
+        self.queues.get_or_insert_with(|| {
+            let spare = SPARE_QUEUES.with(|spare| spare.borrow_mut().pop());
+            spare.unwrap_or_default()
+        })
     }
 
     fn named(&self) -> impl DoubleEndedIterator<Item = &PendingParse> {
@@ -272,9 +290,23 @@ impl Naming {
             .collect()
     }
 
-    /// The connection is gone or given back: nothing in flight on it matters any more.
+    /// The connection is gone or given back: nothing in flight on it matters any more. The
+    /// queues' room is kept for the next unit of any session on this thread when it is small.
     pub fn reset(&mut self) {
-        *self = Naming::default();
+        if let Some(mut queues) = std::mem::take(self).queues {
+            if queues.pending.capacity() <= SPARE_QUEUES_ROOM
+                && queues.duplicates.capacity() <= SPARE_QUEUES_ROOM
+            {
+                queues.pending.clear();
+                queues.duplicates.clear();
+                SPARE_QUEUES.with(|spare| {
+                    let mut spare = spare.borrow_mut();
+                    if spare.len() < SPARE_QUEUES_KEPT {
+                        spare.push(queues);
+                    }
+                });
+            }
+        }
     }
 
     /// A Parse of the client's `name`, which it already uses, goes to the server as the failing

@@ -114,3 +114,27 @@ fn a_duplicate_name_gets_postgresqls_error() {
         "once"
     );
 }
+
+#[test]
+fn a_reset_keeps_small_queues_for_the_next_unit_and_frees_large_ones() {
+    let class = classify(b"SELECT 1", &FunctionLists::default());
+    let spares = || SPARE_QUEUES.with(|spare| spare.borrow().len());
+    let mut naming = Naming::default();
+    naming.sent(b"a", b"", class, 1);
+    let at: *const Queues = naming.queues.as_deref().unwrap();
+    naming.reset();
+    assert!(naming.queues.is_none(), "a reset session holds no queues");
+    assert_eq!(spares(), 1);
+    let mut next = Naming::default();
+    next.sent_unnamed();
+    let again = next.queues.as_deref().unwrap();
+    assert_eq!(again as *const Queues, at, "the spare was not reused");
+    assert_eq!(again.pending.len(), 1, "the spare came back empty");
+    assert_eq!(spares(), 0);
+    // Room for many Parses in flight is not kept.
+    for id in 0..64 {
+        next.sent(b"b", b"", class, id);
+    }
+    next.reset();
+    assert_eq!(spares(), 0);
+}
