@@ -24,7 +24,7 @@ fn facts(input: &[u8], statements: &Statements) -> UnitFacts {
 
 #[test]
 fn an_extended_unit_is_read_only_when_every_parse_is_and_complete_at_sync() {
-    let none = Statements::new();
+    let none = Statements::default();
     let mut unit = BytesMut::new();
     parse(&mut unit, "", "SELECT 1");
     bind(&mut unit, "");
@@ -44,7 +44,7 @@ fn an_extended_unit_is_read_only_when_every_parse_is_and_complete_at_sync() {
 
 #[test]
 fn a_large_bind_is_routed_on_its_names_before_it_is_whole() {
-    let none = Statements::new();
+    let none = Statements::default();
     let mut unit = BytesMut::new();
     parse(&mut unit, "", "SELECT $1");
     let bind_at = unit.len();
@@ -91,7 +91,7 @@ fn a_query_is_a_unit_of_its_own() {
     let mut input = BytesMut::new();
     frame(&mut input, b'Q', b"/* pgvigil:replica */ SELECT f()\0");
     frame(&mut input, b'Q', b"INSERT INTO t VALUES (1)\0");
-    let f = facts(&input, &Statements::new());
+    let f = facts(&input, &Statements::default());
     assert!(f.complete && !f.read_only);
     assert_eq!(f.hint, Some(Hint::Replica));
     assert_eq!(f.query_statements, 1);
@@ -100,7 +100,7 @@ fn a_query_is_a_unit_of_its_own() {
 
 #[test]
 fn binds_of_known_and_unknown_statements() {
-    let mut statements = Statements::new();
+    let mut statements = Statements::default();
     let class = classify(b"SELECT 1", &FunctionLists::default());
     statements.insert(
         b"s1".as_slice().into(),
@@ -152,7 +152,7 @@ fn a_statement_prepared_and_described_in_one_unit_is_what_its_text_says() {
     parse(&mut read, "s0", "SELECT 1");
     describe_statement(&mut read, "s0");
     frame(&mut read, b'S', b"");
-    let f = facts(&read, &Statements::new());
+    let f = facts(&read, &Statements::default());
     assert!(f.complete && f.has_statement);
     assert!(f.read_only, "{:?}", f.reason);
     assert!(!f.named_refs, "nothing to prepare elsewhere first");
@@ -161,7 +161,7 @@ fn a_statement_prepared_and_described_in_one_unit_is_what_its_text_says() {
     parse(&mut write, "s1", "DELETE FROM t");
     describe_statement(&mut write, "s1");
     frame(&mut write, b'S', b"");
-    assert!(!facts(&write, &Statements::new()).read_only);
+    assert!(!facts(&write, &Statements::default()).read_only);
 }
 
 #[test]
@@ -169,13 +169,13 @@ fn a_named_statement_the_session_never_parsed_may_write() {
     let mut unit = BytesMut::new();
     describe_statement(&mut unit, "elsewhere");
     frame(&mut unit, b'S', b"");
-    let f = facts(&unit, &Statements::new());
+    let f = facts(&unit, &Statements::default());
     assert!(f.has_statement && !f.read_only);
 }
 
 #[test]
 fn a_lone_setting_is_one_whichever_protocol_carries_it() {
-    let none = Statements::new();
+    let none = Statements::default();
     let query = |sql: &str| {
         let mut unit = BytesMut::new();
         frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
@@ -203,7 +203,7 @@ fn a_lone_setting_is_one_whichever_protocol_carries_it() {
     assert!(!facts(&with_a_write, &none).lone_setting());
 
     // tokio-postgres prepares a named statement, then runs it in a unit of its own.
-    let mut statements = Statements::new();
+    let mut statements = Statements::default();
     let class = classify(b"SET application_name = 'x'", &FunctionLists::default());
     statements.insert(
         b"s0".as_slice().into(),
@@ -223,7 +223,7 @@ fn a_lone_setting_is_one_whichever_protocol_carries_it() {
 
 #[test]
 fn a_flush_does_not_end_a_unit_and_a_unit_waiting_after_one_awaits_its_rest() {
-    let none = Statements::new();
+    let none = Statements::default();
     let mut unit = BytesMut::new();
     parse(&mut unit, "", "SELECT 1");
     bind(&mut unit, "");
@@ -255,7 +255,7 @@ fn pg_backend_pid_is_not_a_read() {
     ] {
         let mut unit = BytesMut::new();
         frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
-        assert!(!facts(&unit, &Statements::new()).read_only, "{sql}");
+        assert!(!facts(&unit, &Statements::default()).read_only, "{sql}");
     }
     // Without a `(` the name is a column's: no function is called.
     for sql in [
@@ -267,7 +267,7 @@ fn pg_backend_pid_is_not_a_read() {
     ] {
         let mut unit = BytesMut::new();
         frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
-        assert!(facts(&unit, &Statements::new()).read_only, "{sql}");
+        assert!(facts(&unit, &Statements::default()).read_only, "{sql}");
     }
 }
 
@@ -276,7 +276,7 @@ fn a_lone_begin_leaves_its_access_mode_to_the_session() {
     let query = |sql: &str| {
         let mut unit = BytesMut::new();
         frame(&mut unit, b'Q', format!("{sql}\0").as_bytes());
-        facts(&unit, &Statements::new())
+        facts(&unit, &Statements::default())
     };
     let begin = query("BEGIN");
     assert_eq!((begin.read_only, begin.begin), (true, Some(None)));
