@@ -7,7 +7,7 @@ use pgvigil_proto::frontend::{self, is_known_frontend_tag};
 use pgvigil_proto::{header, TxStatus};
 
 use super::naming::{self, OnServer, Outgoing};
-use super::relay::{move_prefix, Progress, RelayEnd, PIECES_OVER};
+use super::relay::{make_room, move_prefix, Progress, RelayEnd, PIECES_OVER};
 use super::steering::{Decision, Steering};
 use super::unit;
 use crate::config::PoolMode;
@@ -98,6 +98,7 @@ impl ClientScan<'_> {
                 continue;
             }
             // What came before goes as it is; this message is replaced.
+            make_room(out, input.len());
             move_prefix(input, out, forward);
             forward = 0;
             let naming = &mut steering.replay.naming;
@@ -173,6 +174,7 @@ impl ClientScan<'_> {
         let outgoing = steering.forwarded_to(tag, start, server, self.proxy);
         match outgoing {
             Outgoing::Renamed { at, len, id } => {
+                make_room(out, here);
                 naming::rename_start(start, total, at, len, id, out);
                 input.advance(here);
             }

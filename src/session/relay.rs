@@ -459,6 +459,15 @@ fn unusable(proxy: &Proxy, node: NodeId) -> Option<Role> {
     (!role.is_usable()).then_some(role)
 }
 
+/// Gives `out`, when it has no room, a spare buffer before bytes are written into it rather than
+/// swapped in (see [`move_prefix`]): grown from nothing it would be reallocated several times,
+/// at every unit that renames a statement under transaction pooling.
+pub(super) fn make_room(out: &mut BytesMut, wanted: usize) {
+    if out.capacity() == 0 {
+        *out = spare::take(wanted);
+    }
+}
+
 /// Moves the first `n` bytes of `input` to the end of `out`; swaps buffers when that is free.
 pub(super) fn move_prefix(input: &mut BytesMut, out: &mut BytesMut, n: usize) {
     if n == 0 {
