@@ -393,12 +393,13 @@ impl Replayable {
         (self.settings.missing(node), self.closes(node))
     }
 
-    /// Whether the session's connection to `node` lacks nothing the session could give it: no
-    /// setting or close owed there, and no named statement at all.
-    pub fn nothing_owed(&self, node: NodeId) -> bool {
+    /// Whether the session's connection to `node` lacks nothing the unit at the start of
+    /// `input` needs: no setting or close owed there, and no named statement the unit uses
+    /// missing.
+    pub fn nothing_owed(&self, node: NodeId, input: &[u8], max: usize) -> bool {
         self.settings.missing(node).is_empty()
             && self.closes(node).is_empty()
-            && self.statements.is_empty()
+            && (self.statements.is_empty() || !self.misses_statements(input, node, max))
     }
 
     /// `node` ran everything [`Replayable::catch_up`] listed.

@@ -165,7 +165,10 @@ pub async fn sync(
         return Ok(());
     };
     let unnamed = shared && unnamed_owed(&lease.conn.statements, replay, input, max).is_some();
-    if replay.nothing_owed(node) && (!shared || lease.conn.statements.within(bound)) && !unnamed {
+    if replay.nothing_owed(node, input, max)
+        && (!shared || lease.conn.statements.within(bound))
+        && !unnamed
+    {
         // In sync already (see `catch_up`): no round trip, so no wait to bound either.
         return Ok(());
     }
