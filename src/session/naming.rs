@@ -20,6 +20,7 @@ use pgvigil_proto::TxStatus;
 
 use super::recover::IN_FAILED;
 use super::replay::{Prepared, Replayable};
+use super::spare::Spares;
 use super::unnamed::OwnUnnamed;
 use crate::proxy::Proxy;
 use crate::statements::{self, ServerStatements, StatementId, NO_STATEMENT};
@@ -102,19 +103,14 @@ pub struct Naming {
     readies: u64,
 }
 
-/// Queues kept per data-plane thread for the next unit that forwards a Parse: under
-/// transaction pooling a client that parses in every unit (the extended protocol's usual way)
-/// would otherwise allocate and free them, and their room, at every unit.
-const SPARE_QUEUES_KEPT: usize = 32;
-
 /// Queues with room for more entries than this are freed rather than kept.
 const SPARE_QUEUES_ROOM: usize = 16;
 
 thread_local! {
-    // Boxed on purpose: the spares are the allocations sessions hold, handed back and forth.
-    #[allow(clippy::vec_box)]
-    static SPARE_QUEUES: std::cell::RefCell<Vec<Box<Queues>>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    /// Queues kept for the next unit that forwards a Parse: under transaction pooling a client
+    /// that parses in every unit (the extended protocol's usual way) would otherwise allocate
+    /// and free them, and their room, at every unit.
+    static SPARE_QUEUES: Spares<Box<Queues>> = const { Spares::new() };
 }
 
 /// What [`Naming`] keeps of the Parses in flight.
@@ -199,10 +195,8 @@ impl Naming {
     }
 
     fn queues(&mut self) -> &mut Queues {
-        self.queues.get_or_insert_with(|| {
-            let spare = SPARE_QUEUES.with(|spare| spare.borrow_mut().pop());
-            spare.unwrap_or_default()
-        })
+        self.queues
+            .get_or_insert_with(|| SPARE_QUEUES.with(Spares::take).unwrap_or_default())
     }
 
     fn named(&self) -> impl DoubleEndedIterator<Item = &PendingParse> {
@@ -299,12 +293,7 @@ impl Naming {
             {
                 queues.pending.clear();
                 queues.duplicates.clear();
-                SPARE_QUEUES.with(|spare| {
-                    let mut spare = spare.borrow_mut();
-                    if spare.len() < SPARE_QUEUES_KEPT {
-                        spare.push(queues);
-                    }
-                });
+                SPARE_QUEUES.with(|spare| spare.give(queues));
             }
         }
     }

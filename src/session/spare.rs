@@ -1,16 +1,47 @@
-//! A few empty read buffers kept per data-plane thread, so that the buffers a session gives up
-//! when it goes idle (see [`super::relay::ClientConn::release_buffers`]) serve the next unit of
+//! What a session gives up when it goes idle, kept per data-plane thread for the next unit of
 //! any session on the same thread instead of going back to the allocator: under transaction
-//! pooling every transaction would otherwise allocate and free its buffers anew.
+//! pooling every transaction would otherwise allocate and free it anew. Here the empty read
+//! buffers (see [`super::relay::ClientConn::release_buffers`]); elsewhere the records of
+//! unnamed statements and the queues of Parses in flight, through [`Spares`].
 
 use std::cell::RefCell;
 
 use bytes::BytesMut;
 
-/// Spare buffers kept per thread: about as many as the sessions a thread has in flight at once
-/// under load (fewer left half the units allocating at -c 16 on one thread), and at most
-/// 32 × 32 KiB, 1 MiB, per thread.
+/// Spares kept per thread, of each kind: about as many as the sessions a thread has in flight
+/// at once under load (fewer left half the units allocating at -c 16 on one thread); for the
+/// buffers at most 32 × 32 KiB, 1 MiB, per thread.
 const KEEP: usize = 32;
+
+/// Up to [`KEEP`] values of one kind, in a `thread_local!` of the thread they serve (so taking
+/// and giving need no lock).
+pub struct Spares<T>(RefCell<Vec<T>>);
+
+impl<T> Spares<T> {
+    /// None kept yet.
+    pub const fn new() -> Spares<T> {
+        Spares(RefCell::new(Vec::new()))
+    }
+
+    /// A kept value, if there is one.
+    pub fn take(&self) -> Option<T> {
+        self.0.borrow_mut().pop()
+    }
+
+    /// Keeps `value` if fewer than [`KEEP`] are kept; drops it otherwise.
+    pub fn give(&self, value: T) {
+        let mut kept = self.0.borrow_mut();
+        if kept.len() < KEEP {
+            kept.push(value);
+        }
+    }
+
+    /// How many are kept.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.0.borrow().len()
+    }
+}
 
 /// Buffers larger than this are freed rather than kept (a large message passed through them;
 /// the relay reads 16 KiB at a time).
@@ -21,12 +52,12 @@ const LARGEST_KEPT: usize = 32 * 1024;
 const SMALLEST_KEPT: usize = 4 * 1024;
 
 thread_local! {
-    static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    static SPARE: Spares<BytesMut> = const { Spares::new() };
 }
 
 /// An empty buffer with room for at least `wanted` bytes: a spare one when the thread has one.
 pub fn take(wanted: usize) -> BytesMut {
-    let spare = SPARE.with(|spare| spare.borrow_mut().pop());
+    let spare = SPARE.with(Spares::take);
     match spare {
         Some(mut buf) => {
             // A spare may have been advanced: reserving on an empty buffer reclaims its room.
@@ -44,12 +75,7 @@ pub fn give(mut buf: BytesMut) {
         return;
     }
     buf.clear();
-    SPARE.with(|spare| {
-        let mut spare = spare.borrow_mut();
-        if spare.len() < KEEP {
-            spare.push(buf);
-        }
-    });
+    SPARE.with(|spare| spare.give(buf));
 }
 
 #[cfg(test)]
@@ -67,14 +93,10 @@ mod tests {
         for _ in 0..KEEP + 4 {
             give(BytesMut::with_capacity(SMALLEST_KEPT));
         }
-        assert_eq!(SPARE.with(|s| s.borrow().len()), KEEP);
-        SPARE.with(|s| s.borrow_mut().clear());
+        assert_eq!(SPARE.with(Spares::len), KEEP);
+        while SPARE.with(Spares::take).is_some() {}
         give(BytesMut::with_capacity(LARGEST_KEPT + 1));
         give(BytesMut::with_capacity(SMALLEST_KEPT - 1));
-        assert_eq!(
-            SPARE.with(|s| s.borrow().len()),
-            0,
-            "a spare too large or too small"
-        );
+        assert_eq!(SPARE.with(Spares::len), 0, "a spare too large or too small");
     }
 }

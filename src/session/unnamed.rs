@@ -3,6 +3,7 @@
 
 use pgvigil_proto::classify::Classification;
 
+use super::spare::Spares;
 use crate::statements::StatementId;
 
 /// The longest Parse of the unnamed statement a session keeps to prepare again on another
@@ -27,27 +28,22 @@ pub struct OwnUnnamed {
     pub class: Option<Classification>,
 }
 
-/// Records kept per data-plane thread for the next unnamed Parse: under transaction pooling a
-/// client that parses the unnamed statement in every unit (the extended protocol's usual way)
-/// would otherwise allocate and free a record and its copy at every unit.
-const SPARE_RECORDS: usize = 32;
-
 /// Records whose copy has more room than this are freed rather than kept: a spare becomes an
 /// idle session's record.
 const SPARE_RECORD_ROOM: usize = 512;
 
 thread_local! {
-    // Boxed on purpose: the spares are the allocations sessions hold, handed back and forth.
-    #[allow(clippy::vec_box)]
-    static SPARE: std::cell::RefCell<Vec<Box<OwnUnnamed>>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    /// Records kept for the next unnamed Parse: under transaction pooling a client that parses
+    /// the unnamed statement in every unit (the extended protocol's usual way) would otherwise
+    /// allocate and free a record and its copy at every unit.
+    static SPARE: Spares<Box<OwnUnnamed>> = const { Spares::new() };
 }
 
 impl OwnUnnamed {
     /// The client's Parse `frame` of the unnamed statement, to be known as `id`.
     pub fn new(id: StatementId, frame: &[u8]) -> Box<OwnUnnamed> {
         let kept = frame.len() <= UNNAMED_KEPT_MAX;
-        let spare = SPARE.with(|spare| spare.borrow_mut().pop());
+        let spare = SPARE.with(Spares::take);
         let mut own = spare.unwrap_or_else(|| {
             Box::new(OwnUnnamed {
                 id,
@@ -74,12 +70,7 @@ impl OwnUnnamed {
     /// Gives up a record: kept for the next unnamed Parse on this thread when there is room.
     pub fn recycle(own: Box<OwnUnnamed>) {
         if own.parse.capacity() <= SPARE_RECORD_ROOM {
-            SPARE.with(|spare| {
-                let mut spare = spare.borrow_mut();
-                if spare.len() < SPARE_RECORDS {
-                    spare.push(own);
-                }
-            });
+            SPARE.with(|spare| spare.give(own));
         }
     }
 }
@@ -103,12 +94,8 @@ mod tests {
         let too_long = OwnUnnamed::new(3, &long);
         assert_eq!(too_long.parse(), None);
         let large = OwnUnnamed::new(4, &[b'y'; SPARE_RECORD_ROOM + 1]);
-        let spares = SPARE.with(|s| s.borrow().len());
+        let spares = SPARE.with(Spares::len);
         OwnUnnamed::recycle(large);
-        assert_eq!(
-            SPARE.with(|s| s.borrow().len()),
-            spares,
-            "a large record was kept"
-        );
+        assert_eq!(SPARE.with(Spares::len), spares, "a large record was kept");
     }
 }

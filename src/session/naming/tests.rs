@@ -118,7 +118,7 @@ fn a_duplicate_name_gets_postgresqls_error() {
 #[test]
 fn a_reset_keeps_small_queues_for_the_next_unit_and_frees_large_ones() {
     let class = classify(b"SELECT 1", &FunctionLists::default());
-    let spares = || SPARE_QUEUES.with(|spare| spare.borrow().len());
+    let spares = || SPARE_QUEUES.with(Spares::len);
     let mut naming = Naming::default();
     naming.sent(b"a", b"", class, 1);
     let at: *const Queues = naming.queues.as_deref().unwrap();
