@@ -40,10 +40,10 @@ pub struct Prepared {
 /// A statement text or name, as the client sent it.
 pub type SqlText = Box<[u8]>;
 
-/// The session's named prepared statements by name. Hashed with foldhash, seeded at random
-/// per map: looked up several times per unit under transaction pooling, where SipHash cost
-/// about 1.5k instructions per `-M prepared` transaction; the names are the session's own, so
-/// names chosen to collide would slow that session alone.
+/// The session's named prepared statements by name. Hashed with foldhash (a seed drawn at
+/// random per process, varied per map): looked up several times per unit under transaction
+/// pooling, where SipHash cost about 1.5k instructions per `-M prepared` transaction; the names
+/// are the session's own, so names chosen to collide would slow that session alone.
 pub type Statements = HashMap<Box<[u8]>, Prepared, foldhash::fast::RandomState>;
 
 /// The session's named statements, a map allocated with the first one: most sessions prepare
