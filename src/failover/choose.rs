@@ -143,9 +143,12 @@ fn quorum_size(names: &str) -> usize {
 ///
 /// Rules, in order:
 /// - The old primary's last position must be known, or no loss can be bounded.
-/// - If the old primary had synchronous standbys, only one of them may be promoted, and only
-///   if it holds every acknowledged commit (has the WAL up to the synchronous commit point);
-///   the lag bound does not apply (nothing acknowledged is lost).
+/// - If the old primary had synchronous standbys, a standby may be promoted only if it holds
+///   every acknowledged commit, and the lag bound does not apply (nothing acknowledged is lost).
+///   A synchronous one that can be read and has the WAL up to the synchronous commit point
+///   holds them all; so does any standby with at least as much WAL as it (the WAL of one
+///   timeline is one sequence, so it holds all that one does). Promoting the furthest of those
+///   leaves no standby ahead of the new timeline's fork, unable to follow it.
 /// - Otherwise a standby further behind the old primary's last position than
 ///   `failover.max_lag_bytes` is not promoted; and if a standby that cannot be read was last
 ///   seen ahead of the best one that can, nothing is promoted (it may hold commits the other
@@ -167,12 +170,16 @@ pub fn choose(
         ));
     };
     let old_lsn = last.position.lsn;
-    let read: Vec<(NodeId, &Position)> = readings
+    let all_read: Vec<(NodeId, &Position)> = readings
         .iter()
         .filter_map(|(node, reading)| match reading {
             Reading::Read(position) => Some((*node, position)),
             Reading::Unreadable(_) => None,
         })
+        .collect();
+    let read: Vec<(NodeId, &Position)> = all_read
+        .iter()
+        .copied()
         .filter(|(node, _)| !config.nodes[*node].no_promote)
         .collect();
     let unreadable = || {
@@ -192,11 +199,17 @@ pub fn choose(
     };
     let sync = last.senders.as_ref().and_then(SyncSet::of);
     if let Some(sync) = sync {
-        let eligible = read
+        // The witness may be a `no_promote` standby: it vouches for the WAL, not for itself.
+        let holds_every_ack = all_read
             .iter()
-            .filter(|(node, p)| sync.members.contains(&name(*node)) && p.furthest() >= sync.point);
-        if let Some(&(node, position)) = best(config, eligible) {
-            return promotion(node, position);
+            .filter(|(node, p)| sync.members.contains(&name(*node)) && p.furthest() >= sync.point)
+            .map(|(_, p)| p.furthest())
+            .max();
+        if let Some(witness) = holds_every_ack {
+            let eligible = read.iter().filter(|(_, p)| p.furthest() >= witness);
+            if let Some(&(node, position)) = best(config, eligible) {
+                return promotion(node, position);
+            }
         }
         let mut reason = format!(
             "primary {} is lost and no standby that was synchronous with it (of {}) can be read \
@@ -439,12 +452,28 @@ mod tests {
                 Some(1),
             ),
             (
-                "sync: only the synchronous one, though the other is further",
+                "sync: a standby further than the synchronous one holds all it holds: the furthest",
                 10 * MIB,
                 senders("*", &[("pg2", Potential, 10 * MIB), ("pg3", Sync, 9 * MIB)]),
                 [0, 0],
                 [at(10 * MIB), at(9 * MIB)],
-                Some(2),
+                Some(1),
+            ),
+            (
+                "sync: never one behind the synchronous one",
+                10 * MIB,
+                senders("*", &[("pg2", Sync, 9 * MIB), ("pg3", Potential, 10 * MIB)]),
+                [0, 0],
+                [at(9 * MIB), at(9 * MIB - 176)],
+                Some(1),
+            ),
+            (
+                "sync: the synchronous one behind its commit point vouches for nothing",
+                10 * MIB,
+                senders("*", &[("pg2", Potential, 9 * MIB), ("pg3", Sync, 9 * MIB)]),
+                [0, 0],
+                [at(9 * MIB), at(8 * MIB)],
+                None,
             ),
             (
                 "sync: the synchronous one unreadable: nothing, never the other",
@@ -580,6 +609,26 @@ mod tests {
         cfg.nodes[2].priority = 5;
         cfg.nodes[2].no_promote = true;
         assert_eq!(pick(&cfg, 10, 60), Some(1));
+    }
+
+    #[test]
+    fn a_no_promote_synchronous_standby_vouches_for_one_with_as_much_wal() {
+        let mut cfg = config(3);
+        cfg.nodes[1].no_promote = true;
+        let sync = board(
+            10 * MIB,
+            senders(
+                "pg2",
+                &[
+                    ("pg2", SyncState::Sync, 9 * MIB),
+                    ("pg3", SyncState::Async, 0),
+                ],
+            ),
+            &[0, 0],
+        );
+        let pick = |b| promoted(&choose(&cfg, &sync, 0, &[(1, at(9 * MIB)), (2, at(b))]));
+        assert_eq!(pick(9 * MIB), Some(2));
+        assert_eq!(pick(9 * MIB - 1), None);
     }
 
     #[test]

@@ -14,8 +14,8 @@ use crate::failover::{other_standby, Scene, FAILURES, INTERVAL, OLD_PRIMARY, PAT
 use crate::support::relay::Relay;
 use crate::support::writer::{describe, tick_ids};
 use crate::support::{
-    eventually, fresh_base_dir, in_recovery, node_psql, primary_lsn, start, test_cluster,
-    ClusterSpec, LocalCluster, APP_DB,
+    eventually, fresh_base_dir, in_recovery, node_psql, primary_lsn, received_lsn, start,
+    test_cluster, ClusterSpec, LocalCluster, APP_DB,
 };
 
 /// How long a test watches that nothing is promoted: several failover attempts' worth.
@@ -99,7 +99,7 @@ async fn standbys_further_behind_than_max_lag_bytes_are_not_promoted_and_reads_g
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn only_the_synchronous_standby_is_promoted_never_the_one_outside_the_synchronous_set() {
+async fn with_the_synchronous_standby_lost_too_nothing_is_promoted_until_it_answers() {
     let spec = ClusterSpec::new(fresh_base_dir())
         .replicas(2)
         .sync_replication(true);
@@ -123,14 +123,76 @@ async fn only_the_synchronous_standby_is_promoted_never_the_one_outside_the_sync
     println!("synchronous: {:?}", reason(&scene));
     watch_nothing_promoted(&scene, kill, &[other]);
 
+    // Back, it vouches for every acknowledged commit: it, or the other if that one has as much
+    // WAL, is promoted.
     let back = Instant::now();
     scene.cluster.node_mut(sync).start().unwrap();
     scene.writes_resume(back, "the synchronous standby back");
-    assert_eq!(scene.sole_primary(&STANDBYS), sync);
+    let new = scene.sole_primary(&STANDBYS);
     let log = scene.writer.stop().await;
     let lost: Vec<i32> = log
         .acked_ids()
-        .difference(&tick_ids(&scene.cluster, sync))
+        .difference(&tick_ids(&scene.cluster, new))
+        .copied()
+        .collect();
+    assert!(lost.is_empty(), "acknowledged ids lost: {lost:?}");
+}
+
+/// A standby outside the synchronous set may receive a commit before the synchronous one does;
+/// if the primary dies then, promoting the synchronous one would leave the other ahead of the
+/// new timeline's fork, unable to follow it (and with `synchronous_standby_names = '*'` on the
+/// new primary, commits may wait for it: a CI run saw that). The further one holds everything
+/// the synchronous one holds, so it is promoted and the synchronous one follows it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_ahead_of_the_synchronous_one_is_promoted_and_the_synchronous_one_follows() {
+    let spec = ClusterSpec::new(fresh_base_dir())
+        .replicas(2)
+        .sync_replication(true);
+    let mut scene = Scene::start(start(spec), |_| {}).await;
+    let name = node_psql(
+        &scene.cluster,
+        OLD_PRIMARY,
+        "SELECT application_name FROM pg_stat_replication WHERE sync_state = 'sync'",
+    );
+    let sync = node_named(&scene.cluster, &name);
+    let other = other_standby(sync);
+
+    // The primary's WAL sender to the synchronous standby stops: from then on the writer's
+    // commits wait for it, while the other standby receives what the primary writes. Past the
+    // position read after the stop, the synchronous one can have nothing.
+    let sender: u32 = node_psql(
+        &scene.cluster,
+        OLD_PRIMARY,
+        &format!("SELECT pid FROM pg_stat_replication WHERE application_name = '{name}'"),
+    )
+    .parse()
+    .expect("the primary streams to the synchronous standby");
+    signal("-STOP", sender);
+    let stopped_at = primary_lsn(&scene.cluster);
+    // A write that does not wait for the standby moves the WAL on whatever the writer does.
+    node_psql(
+        &scene.cluster,
+        OLD_PRIMARY,
+        "SET synchronous_commit = local; CREATE TABLE ahead (id int)",
+    );
+    eventually(
+        PATIENCE,
+        "the standby outside the synchronous set receives what came after the stop",
+        || received_lsn(&scene.cluster, other) > stopped_at,
+    );
+    let kill = scene.kill(OLD_PRIMARY);
+    scene.writes_resume(kill, "kill -9 with a standby ahead of the synchronous one");
+    assert_eq!(scene.sole_primary(&STANDBYS), other);
+
+    let log = scene.writer.stop().await;
+    let last = log.last_id().expect("writes after the failover");
+    eventually(PATIENCE, "the synchronous standby follows", || {
+        tick_ids(&scene.cluster, sync).contains(&last)
+    });
+    assert!(in_recovery(&scene.cluster, sync));
+    let lost: Vec<i32> = log
+        .acked_ids()
+        .difference(&tick_ids(&scene.cluster, other))
         .copied()
         .collect();
     assert!(lost.is_empty(), "acknowledged ids lost: {lost:?}");
