@@ -206,7 +206,10 @@ pub(super) fn lone_tx_word(sql: &[u8]) -> Option<Classification> {
 fn plain_word(word: &[u8]) -> bool {
     match word {
         [b'0'..=b'9', ..] | [b'$', ..] => number_or_name(word),
-        [_, _, _] | [_, _, _, _] | [_, _, _, _, _] | [_, _, _, _, _, _] => {
+        // Only words of three to six bytes whose first letter starts one of them are folded.
+        [first, _, _] | [first, _, _, _] | [first, _, _, _, _] | [first, _, _, _, _, _]
+            if matches!(first | 0x20, b'f' | b'i' | b'u' | b'd' | b'm') =>
+        {
             !BLOCKING.contains(&folded(word))
         }
         _ => true,
@@ -370,6 +373,16 @@ mod tests {
             let c = classify(sql.as_bytes(), &lists);
             assert!(!c.read_only, "{sql}");
             assert_eq!((c.reason, c.pin), (Some(reason), pin), "{sql}");
+        }
+    }
+
+    #[test]
+    fn every_blocking_word_in_any_case_takes_the_full_path() {
+        for word in ["for", "into", "insert", "update", "delete", "merge"] {
+            for spelt in [word.to_owned(), word.to_uppercase()] {
+                let sql = format!("SELECT a {spelt} b");
+                assert_eq!(plain_select(sql.as_bytes()), None, "{sql}");
+            }
         }
     }
 
