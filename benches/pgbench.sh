@@ -4,7 +4,9 @@
 #   single  one primary; targets: direct, PgBouncer and pgvigil each in session and transaction
 #           pooling. Per workload it reports every target's TPS and the proxies' CPU time per
 #           transaction (utime + stime from /proc over the run), and each pgvigil's peak
-#           resident memory so far (VmHWM from /proc, after that workload's last run).
+#           resident memory so far (VmHWM from /proc, after that workload's last run), and
+#           for `-M prepared` pgvigil's transaction-pooling TPS over its session-pooling TPS
+#           (PgBouncer before 1.21 fails that row in transaction pooling, as in the txn run).
 #   split   read/write splitting: the primary gets two streaming replicas (pg_basebackup -R, hot
 #           standby); read-only workloads against the primary directly, PgBouncer (transaction
 #           pooling, on the primary), pgvigil with only the primary in [[nodes]] (baseline) and
@@ -45,13 +47,13 @@
 #
 # Expected runtime with the defaults, plus the release build (a few minutes when target/release is
 # cold) and ~1 min for the cluster and pgbench -i at scale 10. Run it on a quiet machine.
-#   single  8 workloads x 5 targets x 3 rounds x 10 s = 20 min of pgbench, ~22 min in all.
+#   single  9 workloads x 5 targets x 3 rounds x 10 s = 23 min of pgbench, ~25 min in all.
 #   split   4 workloads x 5 targets x 3 rounds x 10 s = 10 min of pgbench, plus 2 x 11 s of
 #           waiting for statistics around each of the 12 runs of the 3-node pgvigil (4.4 min) and
 #           ~1 min for the replicas: ~16 min.
 #   txn     5 workloads x 4 targets x 3 rounds x 10 s = 10 min of pgbench, ~12 min in all.
 #   memory  ~2 min: three 256 MiB values generated and passed three ways, 5,000 SCRAM logins.
-#   all     ~52 min.
+#   all     ~55 min.
 #
 # The cluster is built here (initdb + pg_ctl, as the `postgres` OS user when root) rather than with
 # `pgvigil demo`, to get max_connections for every target's pool at once and a pgvigil config with
@@ -81,6 +83,7 @@ SINGLE_WORKLOADS=(
     "select-extended-c1|-S -M extended -c 1"
     "select-extended-c16|-S -M extended -c 16"
     "select-extended-c64|-S -M extended -c 64"
+    "select-prepared-c64|-S -M prepared -c 64"
     "tpcb-like-c16|-M simple -c 16"
     "connect-select-c8|-C -S -M simple -c 8"
 )
@@ -713,6 +716,15 @@ report_single() {
                     tc(wt, wc), pair(vt, st, vc, sc), pair(wt, xt, wc, xc), mib(vm) " / " mib(wm)
             }'
         unset T C M
+    done
+    # The issue's bound for named prepared statements: transaction pooling at least 0.9x of
+    # session pooling, both pgvigil's.
+    for entry in "${WORKLOADS[@]}"; do
+        name=${entry%%|*}
+        [[ $name == *prepared* ]] || continue
+        awk -v name="$name" -v vt="$(median "$WORK/runs/$RUN/$name.pgvigil.results" 1)" \
+            -v wt="$(median "$WORK/runs/$RUN/$name.pgvigil-txn.results" 1)" "$AWK_CELLS"'
+            BEGIN { printf "%s: pgvigil in transaction over session pooling, TPS %s\n", name, ratio(wt, vt) }'
     done
 }
 
