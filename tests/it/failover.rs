@@ -147,8 +147,7 @@ async fn with_a_synchronous_standby_every_acknowledged_write_is_on_the_new_prima
     let new = scene.sole_primary(&STANDBYS);
 
     let log = scene.writer.stop().await;
-    let on_new = tick_ids(&scene.cluster, new);
-    let lost: Vec<i32> = log.acked_ids().difference(&on_new).copied().collect();
+    let lost = log.missing_on(&scene.cluster, new);
     assert!(
         lost.is_empty(),
         "{} of {} acknowledged ids are not on the new primary: {lost:?}",

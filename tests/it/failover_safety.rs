@@ -100,17 +100,7 @@ async fn standbys_further_behind_than_max_lag_bytes_are_not_promoted_and_reads_g
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_synchronous_standby_lost_too_nothing_is_promoted_until_it_answers() {
-    let spec = ClusterSpec::new(fresh_base_dir())
-        .replicas(2)
-        .sync_replication(true);
-    let mut scene = Scene::start(start(spec), |_| {}).await;
-    let name = node_psql(
-        &scene.cluster,
-        OLD_PRIMARY,
-        "SELECT application_name FROM pg_stat_replication WHERE sync_state = 'sync'",
-    );
-    let sync = node_named(&scene.cluster, &name);
-    let other = other_standby(sync);
+    let (mut scene, name, sync, other) = synchronous_scene().await;
 
     // The primary and its synchronous standby die together: only the other one answers.
     let kill = scene.kill(OLD_PRIMARY);
@@ -130,11 +120,7 @@ async fn with_the_synchronous_standby_lost_too_nothing_is_promoted_until_it_answ
     scene.writes_resume(back, "the synchronous standby back");
     let new = scene.sole_primary(&STANDBYS);
     let log = scene.writer.stop().await;
-    let lost: Vec<i32> = log
-        .acked_ids()
-        .difference(&tick_ids(&scene.cluster, new))
-        .copied()
-        .collect();
+    let lost = log.missing_on(&scene.cluster, new);
     assert!(lost.is_empty(), "acknowledged ids lost: {lost:?}");
 }
 
@@ -145,17 +131,7 @@ async fn with_the_synchronous_standby_lost_too_nothing_is_promoted_until_it_answ
 /// the synchronous one holds, so it is promoted and the synchronous one follows it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_ahead_of_the_synchronous_one_is_promoted_and_the_synchronous_one_follows() {
-    let spec = ClusterSpec::new(fresh_base_dir())
-        .replicas(2)
-        .sync_replication(true);
-    let mut scene = Scene::start(start(spec), |_| {}).await;
-    let name = node_psql(
-        &scene.cluster,
-        OLD_PRIMARY,
-        "SELECT application_name FROM pg_stat_replication WHERE sync_state = 'sync'",
-    );
-    let sync = node_named(&scene.cluster, &name);
-    let other = other_standby(sync);
+    let (mut scene, name, sync, other) = synchronous_scene().await;
 
     // The primary's WAL sender to the synchronous standby stops: from then on the writer's
     // commits wait for it, while the other standby receives what the primary writes. Past the
@@ -190,11 +166,7 @@ async fn a_standby_ahead_of_the_synchronous_one_is_promoted_and_the_synchronous_
         tick_ids(&scene.cluster, sync).contains(&last)
     });
     assert!(in_recovery(&scene.cluster, sync));
-    let lost: Vec<i32> = log
-        .acked_ids()
-        .difference(&tick_ids(&scene.cluster, other))
-        .copied()
-        .collect();
+    let lost = log.missing_on(&scene.cluster, other);
     assert!(lost.is_empty(), "acknowledged ids lost: {lost:?}");
 }
 
@@ -333,11 +305,7 @@ async fn a_standby_promoted_behind_pgvigils_back_is_refused_and_the_primary_is_n
     );
     assert!(in_recovery(&scene.cluster, follower));
     let log = scene.writer.stop().await;
-    let lost: Vec<i32> = log
-        .acked_ids()
-        .difference(&tick_ids(&scene.cluster, OLD_PRIMARY))
-        .copied()
-        .collect();
+    let lost = log.missing_on(&scene.cluster, OLD_PRIMARY);
     assert!(
         lost.is_empty(),
         "acknowledged ids not on the primary: {lost:?}"
@@ -565,6 +533,22 @@ fn node_named(cluster: &LocalCluster, name: &str) -> NodeId {
         .iter()
         .position(|n| n.name == name)
         .unwrap_or_else(|| panic!("no node named {name:?}"))
+}
+
+/// pgvigil in front of a cluster with synchronous replication (`synchronous_standby_names =
+/// '*'`), writing: the scene, the synchronous standby's name and node, and the other standby.
+async fn synchronous_scene() -> (Scene, String, NodeId, NodeId) {
+    let spec = ClusterSpec::new(fresh_base_dir())
+        .replicas(2)
+        .sync_replication(true);
+    let scene = Scene::start(start(spec), |_| {}).await;
+    let name = node_psql(
+        &scene.cluster,
+        OLD_PRIMARY,
+        "SELECT application_name FROM pg_stat_replication WHERE sync_state = 'sync'",
+    );
+    let sync = node_named(&scene.cluster, &name);
+    (scene, name, sync, other_standby(sync))
 }
 
 /// Whether `pg_promote` left its signal file in `data_dir` (the startup process removes it once

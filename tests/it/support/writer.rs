@@ -76,6 +76,12 @@ impl WriteLog {
         self.acks.iter().map(|a| a.id).collect()
     }
 
+    /// The acknowledged ids that node `node` of `cluster` does not have.
+    pub fn missing_on(&self, cluster: &LocalCluster, node: usize) -> Vec<i32> {
+        let there = tick_ids(cluster, node);
+        self.acked_ids().difference(&there).copied().collect()
+    }
+
     /// The id acknowledged last, if any.
     pub fn last_id(&self) -> Option<i32> {
         self.acks.last().map(|a| a.id)
