@@ -146,9 +146,10 @@ fn quorum_size(names: &str) -> usize {
 /// - If the old primary had synchronous standbys, a standby may be promoted only if it holds
 ///   every acknowledged commit, and the lag bound does not apply (nothing acknowledged is lost).
 ///   A synchronous one that can be read and has the WAL up to the synchronous commit point
-///   holds them all; so does any standby with at least as much WAL as it (the WAL of one
-///   timeline is one sequence, so it holds all that one does). Promoting the furthest of those
-///   leaves no standby ahead of the new timeline's fork, unable to follow it.
+///   holds them all; so does any standby last seen on the old primary's timeline with at least
+///   as much WAL as it (the WAL of one timeline is one sequence, so it holds all that one does).
+///   Promoting the furthest of those leaves no standby ahead of the new timeline's fork, unable
+///   to follow it.
 /// - Otherwise a standby further behind the old primary's last position than
 ///   `failover.max_lag_bytes` is not promoted; and if a standby that cannot be read was last
 ///   seen ahead of the best one that can, nothing is promoted (it may hold commits the other
@@ -206,7 +207,17 @@ pub fn choose(
             .map(|(_, p)| p.furthest())
             .max();
         if let Some(witness) = holds_every_ack {
-            let eligible = read.iter().filter(|(_, p)| p.furthest() >= witness);
+            // Positions compare only along one history: one outside the set must have been
+            // last seen on the old primary's timeline (one left on an older timeline by an
+            // earlier failover may be further on it, yet lack what came after its fork).
+            let same_timeline = |node: NodeId| {
+                let seen = board.get(node).and_then(|h| h.last.as_ref());
+                seen.is_some_and(|o| o.timeline == last.timeline)
+            };
+            let eligible = read.iter().filter(|(node, p)| {
+                p.furthest() >= witness
+                    && (sync.members.contains(&name(*node)) || same_timeline(*node))
+            });
             if let Some(&(node, position)) = best(config, eligible) {
                 return promotion(node, position);
             }
@@ -629,6 +640,29 @@ mod tests {
         let pick = |b| promoted(&choose(&cfg, &sync, 0, &[(1, at(9 * MIB)), (2, at(b))]));
         assert_eq!(pick(9 * MIB), Some(2));
         assert_eq!(pick(9 * MIB - 1), None);
+    }
+
+    #[test]
+    fn a_standby_further_on_an_older_timeline_is_not_taken_for_one_holding_every_ack() {
+        let cfg = config(3);
+        let mut board = board(
+            10 * MIB,
+            senders("*", &[("pg2", SyncState::Sync, 9 * MIB)]),
+            &[0, 0],
+        );
+        for (node, timeline) in [(0, 2), (1, 2), (2, 1)] {
+            if let Some(o) = board[node].last.as_mut() {
+                o.timeline = timeline;
+            }
+        }
+        let choice = choose(&cfg, &board, 0, &[(1, at(9 * MIB)), (2, at(10 * MIB))]);
+        assert_eq!(promoted(&choice), Some(1));
+        // On the same timeline, the further one is taken.
+        if let Some(o) = board[2].last.as_mut() {
+            o.timeline = 2;
+        }
+        let choice = choose(&cfg, &board, 0, &[(1, at(9 * MIB)), (2, at(10 * MIB))]);
+        assert_eq!(promoted(&choice), Some(2));
     }
 
     #[test]
