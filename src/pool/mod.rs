@@ -1,15 +1,17 @@
 //! Server connections cached per (node, database, user): checkout with a bound, reset, reuse,
-//! idle and lifetime reaping. A connection that broke is never handed out again.
+//! idle and lifetime reaping. A connection that broke is never handed out again. Checkouts that
+//! wait are served first come, first served: a connection coming back is handed to the one that
+//! has waited longest, and wakes no other.
 
 mod open_list;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
 use crate::config::PoolConfig;
@@ -77,54 +79,102 @@ impl IdleList {
     }
 }
 
-/// The pools of one node: a slot limit shared by every (database, user) pair, and idle lists.
+/// What a node's pool holds under one lock: its idle connections and the checkouts waiting for
+/// one. A connection that comes back goes to the checkout of its pair that has waited longest,
+/// waking that one alone, and to the idle lists only when none waits.
+#[derive(Default)]
+struct Stock {
+    idle: Vec<IdleList>,
+    /// Oldest first.
+    waiting: VecDeque<Waiting>,
+}
+
+/// A checkout waiting for a connection (see [`Stock`]).
+struct Waiting {
+    id: u64,
+    database: String,
+    user: String,
+    since: Instant,
+    handoff: oneshot::Sender<Handoff>,
+}
+
+impl Waiting {
+    fn is_for(&self, database: &str, user: &str) -> bool {
+        self.database == database && self.user == user
+    }
+}
+
+/// What a waiting checkout is handed.
+enum Handoff {
+    /// An idle connection of its pair.
+    Conn(Idle),
+    /// The slot of a connection of another pair, which no checkout waited for and was closed:
+    /// the checkout opens a new connection with it.
+    Slot(OwnedSemaphorePermit),
+}
+
+/// The pools of one node: a slot limit shared by every (database, user) pair, idle lists, and
+/// the checkouts waiting.
 struct NodePool {
     slots: Arc<Semaphore>,
-    idle: Mutex<Vec<IdleList>>,
-    /// Wakes waiting checkouts when a connection goes back to an idle list: it keeps its slot, so
-    /// waiting on `slots` alone would miss it.
-    returned: Notify,
-    /// Checkouts that may wait for `returned`: a checkin wakes them only when there are any
-    /// (notifying takes `returned`'s lock, which every data-plane thread shares).
-    watching: AtomicUsize,
+    stock: Mutex<Stock>,
     /// Slots a smaller `pool.max_size` took away that were in use: each connection that comes
     /// back closes and gives its slot up until none is owed.
     owed: AtomicUsize,
     waits: WaitMetrics,
     /// Microseconds checkouts spent waiting in all (SHOW STATS' `total_wait_time`).
     wait_us: AtomicU64,
-    /// The checkouts waiting now, by id, with their pair and since when (SHOW POOLS' maxwait).
-    waiters: Mutex<HashMap<u64, (Key, Instant)>>,
 }
 
-/// A checkout listed as waiting until this is dropped.
-struct Waiter<'a> {
+/// A checkout in its pool's waiting line until this is dropped; what it was handed and did not
+/// take (it stopped waiting: a slot came first, its deadline, its session) goes to the next.
+struct Queued<'a> {
     pool: &'a NodePool,
     id: u64,
+    since: Instant,
+    /// None once it took what it was handed.
+    handed: Option<oneshot::Receiver<Handoff>>,
 }
 
-impl Drop for Waiter<'_> {
+impl Queued<'_> {
+    /// What a checkin hands it (never ready if the pool is dropped first).
+    async fn handed(&mut self) -> Handoff {
+        if let Some(receiver) = self.handed.as_mut() {
+            if let Ok(handoff) = receiver.await {
+                self.handed = None;
+                return handoff;
+            }
+        }
+        std::future::pending().await
+    }
+}
+
+impl Drop for Queued<'_> {
     fn drop(&mut self) {
-        lock(&self.pool.waiters).remove(&self.id);
+        let Some(mut receiver) = self.handed.take() else {
+            return;
+        };
+        let mut stock = lock(&self.pool.stock);
+        if let Some(at) = stock.waiting.iter().position(|w| w.id == self.id) {
+            stock.waiting.remove(at);
+            return;
+        }
+        drop(stock);
+        // Out of the line: handed something (under the lock) that it no longer takes.
+        if let Ok(handoff) = receiver.try_recv() {
+            self.pool.restock(handoff);
+        }
     }
 }
 
-/// A checkout counted in its pool's `watching` until this is dropped.
-struct Watching<'a> {
-    pool: &'a NodePool,
-}
-
-impl<'a> Watching<'a> {
-    fn new(pool: &'a NodePool) -> Watching<'a> {
-        pool.watching.fetch_add(1, Ordering::SeqCst);
-        Watching { pool }
-    }
-}
-
-impl Drop for Watching<'_> {
-    fn drop(&mut self) {
-        self.pool.watching.fetch_sub(1, Ordering::SeqCst);
-    }
+/// What a checkout found at its first look.
+enum Found<'a> {
+    /// An idle connection of its pair.
+    Idle(Idle),
+    /// A free slot.
+    Slot(OwnedSemaphorePermit),
+    /// Nothing: it is in the waiting line.
+    Queued(Queued<'a>),
 }
 
 /// The handles a node's pool records its waits with.
@@ -167,13 +217,10 @@ impl Pools {
         // the size read here is the one the pool keeps until the next `reconfigure`.
         self.nodes.push(NodePool {
             slots: Arc::new(Semaphore::new(self.config.load().max_size)),
-            idle: Mutex::new(Vec::new()),
-            returned: Notify::new(),
-            watching: AtomicUsize::new(0),
+            stock: Mutex::new(Stock::default()),
             owed: AtomicUsize::new(0),
             waits,
             wait_us: AtomicU64::new(0),
-            waiters: Mutex::new(HashMap::new()),
         });
     }
 
@@ -198,8 +245,8 @@ impl Pools {
             }
             let fewer = old.max_size - config.max_size;
             let mut owed = fewer - pool.slots.forget_permits(fewer);
-            let mut idle = lock(&pool.idle);
-            for list in idle.iter_mut() {
+            let mut stock = lock(&pool.stock);
+            for list in stock.idle.iter_mut() {
                 while owed > 0 {
                     let Some(Idle { permit, .. }) = list.conns.pop() else {
                         break;
@@ -208,7 +255,7 @@ impl Pools {
                     owed -= 1;
                 }
             }
-            idle.retain(|list| !list.conns.is_empty());
+            stock.idle.retain(|list| !list.conns.is_empty());
             pool.owed.fetch_add(owed, Ordering::AcqRel);
         }
     }
@@ -236,7 +283,8 @@ impl Pools {
             .nodes
             .iter()
             .flat_map(|(_, pool)| {
-                lock(&pool.idle)
+                lock(&pool.stock)
+                    .idle
                     .iter()
                     .flat_map(|list| &list.conns)
                     .filter_map(|i| i.conn.listed.as_ref().map(|l| l.id))
@@ -265,80 +313,83 @@ impl Pools {
     /// Lends a connection for (node, database, user): an idle one if there is one, else a new one
     /// when a slot is free (closing an idle connection of another pair if needed), else waits up
     /// to `pool.checkout_timeout` for either to become possible.
-    pub async fn checkout(&self, target: &LoginTarget) -> Result<Lease, PoolError> {
-        let pool = &self.nodes[target.node];
-        let (database, user) = (target.database.as_str(), target.user.as_str());
+    /// `target` says how to log in; it is built only when a connection is opened (most checkouts
+    /// under transaction pooling take or are handed an idle one).
+    pub async fn checkout(
+        &self,
+        node: NodeId,
+        database: &str,
+        user: &str,
+        target: impl FnOnce() -> LoginTarget,
+    ) -> Result<Lease, PoolError> {
+        let pool = &self.nodes[node];
         let deadline = tokio::time::Instant::now() + self.config().checkout_timeout;
-        // Set once the checkout had to wait: recorded when it ends, served or not.
-        let mut waiting_since: Option<Instant> = None;
-        // Listed among the waiters while it waits (dropped when the checkout ends).
-        let mut _waiter: Option<Waiter<'_>> = None;
-        // Counted before the first look: a connection checked in after the look then notifies.
-        let _watching = Watching::new(pool);
-        let permit = loop {
-            // Enabled before looking: a connection checked in just after the look still wakes us.
-            let returned = pool.returned.notified();
-            tokio::pin!(returned);
-            returned.as_mut().enable();
-            if let Some(lease) = take_idle(pool, database, user) {
-                pool.waited(waiting_since);
-                return Ok(lease);
-            }
-            if let Ok(permit) = pool.slots.clone().try_acquire_owned() {
-                break permit;
-            }
-            if let Some(permit) = evict_other(pool, database, user) {
-                break permit;
-            }
-            if waiting_since.is_none() {
-                let since = Instant::now();
-                waiting_since = Some(since);
-                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                lock(&pool.waiters).insert(id, ((database.to_owned(), user.to_owned()), since));
-                _waiter = Some(Waiter { pool, id });
-            }
-            tokio::select! {
-                Ok(permit) = pool.slots.clone().acquire_owned() => break permit,
-                () = &mut returned => {}
-                () = tokio::time::sleep_until(deadline) => {
-                    pool.waited(waiting_since);
-                    return Err(PoolError::Exhausted {
-                        node: target.node_name.clone(),
-                        max_size: self.config().max_size,
-                        waited: self.config().checkout_timeout,
-                    })
+        let permit = match pool.take_or_queue(database, user, &self.next_id) {
+            Found::Idle(idle) => match lease_here(idle) {
+                Ok(lease) => return Ok(lease),
+                Err(permit) => permit,
+            },
+            Found::Slot(permit) => permit,
+            Found::Queued(mut queued) => {
+                let since = queued.since;
+                // A connection handed over first: it is there, a slot is only the right to
+                // open one.
+                let served = tokio::select! {
+                    biased;
+                    handoff = queued.handed() => match handoff {
+                        Handoff::Conn(idle) => lease_here(idle),
+                        Handoff::Slot(permit) => Err(permit),
+                    },
+                    Ok(permit) = pool.slots.clone().acquire_owned() => Err(permit),
+                    () = tokio::time::sleep_until(deadline) => {
+                        pool.waited(Some(since));
+                        return Err(PoolError::Exhausted {
+                            node: target().node_name,
+                            max_size: self.config().max_size,
+                            waited: self.config().checkout_timeout,
+                        });
+                    }
+                };
+                pool.waited(Some(since));
+                match served {
+                    Ok(lease) => return Ok(lease),
+                    Err(permit) => permit,
                 }
             }
         };
-        pool.waited(waiting_since);
-        let conn = Box::new(self.open(target).await?);
+        let conn = Box::new(self.open(&target()).await?);
         Ok(Lease { conn, permit })
     }
 
     /// An idle connection for (`database`, `user`) on `node`, when one is at hand: the first try
     /// of every checkout, without building a [`LoginTarget`].
     pub fn reuse(&self, node: NodeId, database: &str, user: &str) -> Option<Lease> {
-        take_idle(&self.nodes[node], database, user)
+        self.nodes[node].take_idle(database, user)
     }
 
     /// Like [`Pools::checkout`] but never waits for a slot: an idle connection, or a new one when
     /// a slot is free, else `Exhausted` at once. Sessions use it for extra nodes (replicas for
     /// reads), so that a session holding one connection never waits for another.
-    pub async fn try_checkout(&self, target: &LoginTarget) -> Result<Lease, PoolError> {
-        let pool = &self.nodes[target.node];
-        let (database, user) = (target.database.as_str(), target.user.as_str());
-        if let Some(lease) = take_idle(pool, database, user) {
+    pub async fn try_checkout(
+        &self,
+        node: NodeId,
+        database: &str,
+        user: &str,
+        target: impl FnOnce() -> LoginTarget,
+    ) -> Result<Lease, PoolError> {
+        let pool = &self.nodes[node];
+        if let Some(lease) = pool.take_idle(database, user) {
             return Ok(lease);
         }
-        let permit = match pool.slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => evict_other(pool, database, user).ok_or_else(|| PoolError::Exhausted {
-                node: target.node_name.clone(),
+        let free = pool.slots.clone().try_acquire_owned().ok();
+        let Some(permit) = free.or_else(|| lock(&pool.stock).evict_other(database, user)) else {
+            return Err(PoolError::Exhausted {
+                node: target().node_name,
                 max_size: self.config().max_size,
                 waited: Duration::ZERO,
-            })?,
+            });
         };
-        let conn = Box::new(self.open(target).await?);
+        let conn = Box::new(self.open(&target()).await?);
         Ok(Lease { conn, permit })
     }
 
@@ -363,31 +414,10 @@ impl Pools {
             lease.conn.rbuf = bytes::BytesMut::with_capacity(8192);
         }
         lease.conn.idle_since = now;
-        let mut idle = lock(&pool.idle);
-        let at = match idle
-            .iter()
-            .position(|list| list.is_for(&lease.conn.database, &lease.conn.user))
-        {
-            Some(at) => at,
-            None => {
-                idle.push(IdleList {
-                    database: lease.conn.database.clone(),
-                    user: lease.conn.user.clone(),
-                    conns: Vec::new(),
-                });
-                idle.len() - 1
-            }
-        };
-        idle[at].conns.push(Idle {
+        pool.restock(Handoff::Conn(Idle {
             conn: lease.conn,
             permit: lease.permit,
-        });
-        drop(idle);
-        // Ordered by the idle lists' lock: a checkout counted after this checkin's look at the
-        // count took that lock after the push, and finds the connection.
-        if pool.watching.load(Ordering::SeqCst) > 0 {
-            pool.returned.notify_waiters();
-        }
+        }));
     }
 
     /// Closes idle connections past `pool.idle_timeout` or `pool.max_lifetime`.
@@ -395,21 +425,21 @@ impl Pools {
         let now = Instant::now();
         let config = self.config();
         for (_, pool) in &self.nodes {
-            let mut idle = lock(&pool.idle);
-            for list in idle.iter_mut() {
+            let mut stock = lock(&pool.stock);
+            for list in stock.idle.iter_mut() {
                 list.conns.retain(|i| {
                     now.duration_since(i.conn.idle_since) < config.idle_timeout
                         && now.duration_since(i.conn.created) < config.max_lifetime
                 });
             }
-            idle.retain(|list| !list.conns.is_empty());
+            stock.idle.retain(|list| !list.conns.is_empty());
         }
     }
 
     /// Closes every idle connection to `node` (it is down or fenced: they must not be lent).
     pub fn discard_idle(&self, node: NodeId) {
         if let Some(pool) = self.nodes.get(node) {
-            lock(&pool.idle).clear();
+            lock(&pool.stock).idle.clear();
         }
     }
 
@@ -418,10 +448,10 @@ impl Pools {
     pub fn max_waits(&self, node: NodeId) -> HashMap<Key, Duration> {
         let mut longest: HashMap<Key, Duration> = HashMap::new();
         if let Some(pool) = self.nodes.get(node) {
-            for (key, since) in lock(&pool.waiters).values() {
-                let waited = since.elapsed();
-                let entry = longest.entry(key.clone()).or_default();
-                *entry = (*entry).max(waited);
+            for waiting in &lock(&pool.stock).waiting {
+                let key = (waiting.database.clone(), waiting.user.clone());
+                let entry = longest.entry(key).or_default();
+                *entry = (*entry).max(waiting.since.elapsed());
             }
         }
         longest
@@ -436,10 +466,16 @@ impl Pools {
 
     /// Number of idle connections to `node` (for tests and status).
     pub fn idle_count(&self, node: NodeId) -> usize {
-        lock(&self.nodes[node].idle)
+        lock(&self.nodes[node].stock)
+            .idle
             .iter()
             .map(|list| list.conns.len())
             .sum()
+    }
+
+    /// Number of checkouts waiting in line for a connection to `node` (for tests and status).
+    pub fn waiting_count(&self, node: NodeId) -> usize {
+        lock(&self.nodes[node].stock).waiting.len()
     }
 
     /// Number of connections to `node` that exist, idle or lent.
@@ -453,8 +489,10 @@ impl Pools {
     /// with how many are missing.
     pub fn idle_deficit(&self, node: NodeId) -> Vec<(Key, usize)> {
         let min_idle = self.config().min_idle;
-        let idle = lock(&self.nodes[node].idle);
-        idle.iter()
+        let stock = lock(&self.nodes[node].stock);
+        stock
+            .idle
+            .iter()
             .filter(|list| list.conns.len() < min_idle)
             .map(|list| {
                 let key = (list.database.clone(), list.user.clone());
@@ -486,46 +524,157 @@ impl NodePool {
             self.wait_us.fetch_add(micros, Ordering::Relaxed);
         }
     }
-}
 
-/// An idle connection for (`database`, `user`), moved to the caller's runtime: the most recently
-/// returned one registered there, else the most recently returned of all (the least likely to
-/// have been closed); broken ones met on the way are dropped, and so is one that cannot move.
-fn take_idle(pool: &NodePool, database: &str, user: &str) -> Option<Lease> {
-    let here = crate::data_plane::here();
-    let mut idle = lock(&pool.idle);
-    let list = idle.iter_mut().find(|list| list.is_for(database, user))?;
-    let mut lease = loop {
-        let at = list
-            .conns
-            .iter()
-            .rposition(|i| i.conn.home == here)
-            .or_else(|| list.conns.len().checked_sub(1))?;
-        let Idle { mut conn, permit } = list.conns.remove(at);
-        if !conn.looks_broken() {
-            break Lease { conn, permit };
+    /// An idle connection for (`database`, `user`) moved to the caller's runtime (see
+    /// [`Stock::take_idle`]); none when there is none, or the one found cannot move (its slot is
+    /// freed with it: the caller opens a new connection instead).
+    fn take_idle(&self, database: &str, user: &str) -> Option<Lease> {
+        let idle = lock(&self.stock).take_idle(database, user)?;
+        lease_here(idle).ok()
+    }
+
+    /// The first look of a checkout that may wait, under one lock so that no connection comes
+    /// back unseen between the look and joining the line: an idle connection of the pair, a
+    /// free slot, the slot of another pair's idle connection (closed), or a place in the line.
+    fn take_or_queue<'a>(&'a self, database: &str, user: &str, ids: &AtomicU64) -> Found<'a> {
+        let mut stock = lock(&self.stock);
+        if let Some(idle) = stock.take_idle(database, user) {
+            return Found::Idle(idle);
         }
-    };
-    drop(idle);
-    match lease.conn.move_here() {
-        Ok(()) => Some(lease),
-        Err(error) => {
-            // Its slot is freed with it: the caller opens a new connection instead.
-            warn!(%error, "cannot move an idle server connection to this thread; closing it");
-            None
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Found::Slot(permit);
         }
+        if let Some(permit) = stock.evict_other(database, user) {
+            return Found::Slot(permit);
+        }
+        let (handoff, handed) = oneshot::channel();
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let since = Instant::now();
+        stock.waiting.push_back(Waiting {
+            id,
+            database: database.to_owned(),
+            user: user.to_owned(),
+            since,
+            handoff,
+        });
+        Found::Queued(Queued {
+            pool: self,
+            id,
+            since,
+            handed: Some(handed),
+        })
+    }
+
+    /// Puts a connection (or a slot) back: to the longest-waiting checkout of its pair, else,
+    /// closing the connection, its slot to the longest-waiting checkout of another pair, else
+    /// (a connection) on its pair's idle list or (a slot) back to the semaphore.
+    fn restock(&self, mut handoff: Handoff) {
+        // Closed after the lock is released (declared first, dropped last).
+        let mut closed = None;
+        let mut stock = lock(&self.stock);
+        while !stock.waiting.is_empty() {
+            let same_pair = match &handoff {
+                Handoff::Conn(idle) => {
+                    let conn = &idle.conn;
+                    stock
+                        .waiting
+                        .iter()
+                        .position(|w| w.is_for(&conn.database, &conn.user))
+                }
+                Handoff::Slot(_) => None,
+            };
+            let Some(waiting) = stock.waiting.remove(same_pair.unwrap_or(0)) else {
+                break;
+            };
+            if same_pair.is_none() {
+                if let Handoff::Conn(Idle { conn, permit }) = handoff {
+                    closed = Some(conn);
+                    handoff = Handoff::Slot(permit);
+                }
+            }
+            match waiting.handoff.send(handoff) {
+                Ok(()) => return,
+                // Its checkout is gone (it leaves the line before it drops its receiver, so
+                // this is not expected): the next one.
+                Err(back) => handoff = back,
+            }
+        }
+        match handoff {
+            Handoff::Conn(idle) => stock.shelve(idle),
+            Handoff::Slot(permit) => drop(permit),
+        }
+        drop(stock);
+        drop(closed);
     }
 }
 
-/// Closes the oldest idle connection of another (database, user) pair and keeps its slot.
-fn evict_other(pool: &NodePool, database: &str, user: &str) -> Option<OwnedSemaphorePermit> {
-    let mut idle = lock(&pool.idle);
-    let victim = idle
-        .iter_mut()
-        .filter(|list| !list.is_for(database, user) && !list.conns.is_empty())
-        .min_by_key(|list| list.conns[0].conn.idle_since)?;
-    let Idle { permit, .. } = victim.conns.remove(0);
-    Some(permit)
+impl Stock {
+    /// Puts a connection on its pair's idle list.
+    fn shelve(&mut self, idle: Idle) {
+        let conn = &idle.conn;
+        let at = match self
+            .idle
+            .iter()
+            .position(|list| list.is_for(&conn.database, &conn.user))
+        {
+            Some(at) => at,
+            None => {
+                self.idle.push(IdleList {
+                    database: conn.database.clone(),
+                    user: conn.user.clone(),
+                    conns: Vec::new(),
+                });
+                self.idle.len() - 1
+            }
+        };
+        self.idle[at].conns.push(idle);
+    }
+
+    /// An idle connection for (`database`, `user`): the most recently returned one registered
+    /// with the caller's runtime, else the most recently returned of all (the least likely to
+    /// have been closed); broken ones met on the way are dropped.
+    fn take_idle(&mut self, database: &str, user: &str) -> Option<Idle> {
+        let here = crate::data_plane::here();
+        let list = self
+            .idle
+            .iter_mut()
+            .find(|list| list.is_for(database, user))?;
+        loop {
+            let at = list
+                .conns
+                .iter()
+                .rposition(|i| i.conn.home == here)
+                .or_else(|| list.conns.len().checked_sub(1))?;
+            let mut idle = list.conns.remove(at);
+            if !idle.conn.looks_broken() {
+                return Some(idle);
+            }
+        }
+    }
+
+    /// Closes the oldest idle connection of another (database, user) pair and keeps its slot.
+    fn evict_other(&mut self, database: &str, user: &str) -> Option<OwnedSemaphorePermit> {
+        let victim = self
+            .idle
+            .iter_mut()
+            .filter(|list| !list.is_for(database, user) && !list.conns.is_empty())
+            .min_by_key(|list| list.conns[0].conn.idle_since)?;
+        let Idle { permit, .. } = victim.conns.remove(0);
+        Some(permit)
+    }
+}
+
+/// An idle connection made a lease, moved to the caller's runtime; when it cannot move, it is
+/// closed and its slot returned, for a new connection.
+fn lease_here(idle: Idle) -> Result<Lease, OwnedSemaphorePermit> {
+    let Idle { mut conn, permit } = idle;
+    match conn.move_here() {
+        Ok(()) => Ok(Lease { conn, permit }),
+        Err(error) => {
+            warn!(%error, "cannot move an idle server connection to this thread; closing it");
+            Err(permit)
+        }
+    }
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the lists stay valid).
@@ -549,6 +698,47 @@ mod tests {
         let pools = Pools::new(config);
         pools.add_node(0, waits);
         pools
+    }
+
+    /// Puts a checkout of (`database`, `user`) in node 0's line: its slots are all taken.
+    fn queue<'a>(pools: &'a Pools, database: &str, user: &str) -> Queued<'a> {
+        match pools.nodes[0].take_or_queue(database, user, &pools.next_id) {
+            Found::Queued(queued) => queued,
+            _ => panic!("a free slot or an idle connection"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slot_handed_to_a_checkout_that_stopped_waiting_goes_to_the_next_one() {
+        let pools = pools(1);
+        let Found::Slot(permit) = pools.nodes[0].take_or_queue("db", "u", &pools.next_id) else {
+            panic!("the free slot");
+        };
+        let first = queue(&pools, "db", "u");
+        let mut second = queue(&pools, "db", "other");
+        assert_eq!(pools.waiting_count(0), 2);
+        pools.nodes[0].restock(Handoff::Slot(permit));
+        assert_eq!(
+            pools.waiting_count(0),
+            1,
+            "the first left the line with the slot"
+        );
+        drop(first);
+        let handed = tokio::time::timeout(Duration::from_secs(5), second.handed()).await;
+        assert!(matches!(handed, Ok(Handoff::Slot(_))), "the second got it");
+        assert_eq!(pools.waiting_count(0), 0);
+    }
+
+    #[test]
+    fn a_checkout_that_stops_waiting_leaves_the_line_and_a_slot_nobody_waits_for_is_freed() {
+        let pools = pools(1);
+        let Found::Slot(permit) = pools.nodes[0].take_or_queue("db", "u", &pools.next_id) else {
+            panic!("the free slot");
+        };
+        drop(queue(&pools, "db", "u"));
+        assert_eq!(pools.waiting_count(0), 0);
+        pools.nodes[0].restock(Handoff::Slot(permit));
+        assert_eq!(pools.nodes[0].slots.available_permits(), 1);
     }
 
     #[test]

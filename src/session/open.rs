@@ -141,11 +141,11 @@ pub(super) async fn open(
             Some(reused) => reused,
             None => {
                 let (user, database) = (startup.user(), startup.database());
-                let target = proxy.login_target(node, user, database, startup.password());
+                let target = || proxy.login_target(node, user, database, startup.password());
                 let mut lease = if wait {
-                    proxy.pools.checkout(&target).await
+                    proxy.pools.checkout(node, database, user, target).await
                 } else {
-                    proxy.pools.try_checkout(&target).await
+                    proxy.pools.try_checkout(node, database, user, target).await
                 }?;
                 let adoption = adoption(&mut lease.conn, startup, log, unit, max_message);
                 (lease, adoption)

@@ -497,3 +497,50 @@ async fn sessions_that_ran_the_same_settings_take_each_others_connection_as_it_i
     assert_eq!(simple_value(&first, ask).await, "3MB 4s");
     assert_eq!(calls(&cluster, sets[1]), replays_after + 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_waiting_for_a_server_connection_get_it_in_the_order_they_came() {
+    const WAITERS: usize = 8;
+    let cluster = test_cluster(0);
+    let proxy = start_proxy(&cluster, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.max_size = 1;
+        config.pool.checkout_timeout = CHECKOUT;
+    })
+    .await;
+    let holder = proxy.connect_app().await;
+    holder
+        .batch_execute("CREATE TABLE served (seq serial, client int)")
+        .await
+        .unwrap();
+    let mut waiters = Vec::new();
+    for _ in 0..WAITERS {
+        waiters.push(Arc::new(proxy.connect_app().await));
+    }
+    // The one server connection is the holder's until its transaction ends.
+    holder.batch_execute("BEGIN").await.unwrap();
+    let pools = &proxy.running.proxy.pools;
+    let mut inserts = Vec::new();
+    for (n, client) in waiters.iter().enumerate() {
+        let client = client.clone();
+        inserts.push(tokio::spawn(async move {
+            let insert = format!("INSERT INTO served (client) VALUES ({n})");
+            client.batch_execute(&insert).await
+        }));
+        // Each joins the line before the next asks.
+        eventually(CHECKOUT, &format!("{} client(s) wait", n + 1), || {
+            pools.waiting_count(0) == n + 1
+        });
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    for insert in inserts {
+        insert.await.unwrap().unwrap();
+    }
+    let order = simple_value(
+        &holder,
+        "SELECT string_agg(client::text, ',' ORDER BY seq) FROM served",
+    )
+    .await;
+    let expected: Vec<String> = (0..WAITERS).map(|n| n.to_string()).collect();
+    assert_eq!(order, expected.join(","), "served in the order they asked");
+}
