@@ -49,6 +49,26 @@ pub enum PoolError {
     },
 }
 
+/// What a checkout's turn brings (see [`Pools::wait_turn`]).
+pub enum Turn {
+    /// A connection, idle until now.
+    Lease(Lease),
+    /// The right to open one.
+    Slot(Slot),
+}
+
+impl Turn {
+    fn slot(permit: OwnedSemaphorePermit) -> Turn {
+        Turn::Slot(Slot { permit })
+    }
+}
+
+/// A free slot of a node's pool: the right to open one connection there (see
+/// [`Pools::open_in`]); dropped, it is free again.
+pub struct Slot {
+    permit: OwnedSemaphorePermit,
+}
+
 /// A server connection lent to one session; give it back with [`Pools::checkin`].
 pub struct Lease {
     /// The connection, boxed once when it opens: a lease and an idle entry then move a pointer,
@@ -310,25 +330,21 @@ impl Pools {
         self.config.load()
     }
 
-    /// Lends a connection for (node, database, user): an idle one if there is one, else a new one
-    /// when a slot is free (closing an idle connection of another pair if needed), else waits up
-    /// to `pool.checkout_timeout` for either to become possible.
-    /// `target` says how to log in; it is built only when a connection is opened (most checkouts
-    /// under transaction pooling take or are handed an idle one).
-    pub async fn checkout(
+    /// A turn for (node, database, user): an idle connection if there is one, else a free slot
+    /// (closing an idle connection of another pair if needed), else a place in line until a
+    /// connection or a slot is handed over, for up to `pool.checkout_timeout`. A slot is opened
+    /// with [`Pools::open_in`]. `target` is called only to name the node in an error.
+    pub async fn wait_turn(
         &self,
         node: NodeId,
         database: &str,
         user: &str,
-        target: impl FnOnce() -> LoginTarget,
-    ) -> Result<Lease, PoolError> {
+        target: &impl Fn() -> LoginTarget,
+    ) -> Result<Turn, PoolError> {
         let pool = &self.nodes[node];
         let deadline = tokio::time::Instant::now() + self.config().checkout_timeout;
         let permit = match pool.take_or_queue(database, user, &self.next_id) {
-            Found::Idle(idle) => match lease_here(idle) {
-                Ok(lease) => return Ok(lease),
-                Err(permit) => permit,
-            },
+            Found::Idle(idle) => return Ok(lease_here(idle).map_or_else(Turn::slot, Turn::Lease)),
             Found::Slot(permit) => permit,
             Found::Queued(mut queued) => {
                 let since = queued.since;
@@ -351,14 +367,19 @@ impl Pools {
                     }
                 };
                 pool.waited(Some(since));
-                match served {
-                    Ok(lease) => return Ok(lease),
-                    Err(permit) => permit,
-                }
+                return Ok(served.map_or_else(Turn::slot, Turn::Lease));
             }
         };
-        let conn = Box::new(self.open(&target()).await?);
-        Ok(Lease { conn, permit })
+        Ok(Turn::slot(permit))
+    }
+
+    /// Opens a connection for `target` in a slot [`Pools::wait_turn`] gave.
+    pub async fn open_in(&self, slot: Slot, target: &LoginTarget) -> Result<Lease, PoolError> {
+        let conn = Box::new(self.open(target).await?);
+        Ok(Lease {
+            conn,
+            permit: slot.permit,
+        })
     }
 
     /// An idle connection for (`database`, `user`) on `node`, when one is at hand: the first try
@@ -367,7 +388,7 @@ impl Pools {
         self.nodes[node].take_idle(database, user)
     }
 
-    /// Like [`Pools::checkout`] but never waits for a slot: an idle connection, or a new one when
+    /// Like [`Pools::wait_turn`] and [`Pools::open_in`] but never waits: an idle connection, or a new one when
     /// a slot is free, else `Exhausted` at once. Sessions use it for extra nodes (replicas for
     /// reads), so that a session holding one connection never waits for another.
     pub async fn try_checkout(

@@ -10,7 +10,7 @@ use super::settings::Settings;
 use super::startup::ClientStartup;
 use super::startup_sql::set_commands;
 use super::{pool_refusal, SessionError};
-use crate::pool::{Lease, PoolError};
+use crate::pool::{Lease, PoolError, Slot, Turn};
 use crate::proxy::Proxy;
 use crate::server::{Carried, ServerConn, ServerError};
 use crate::topology::{Need, NodeId};
@@ -126,27 +126,43 @@ pub(super) async fn open(
     // transaction, callgrind).
     proxy.given_up(node, need)?;
     let max_message = proxy.config().max_message_size;
-    let reused = match proxy.pools.reuse(node, startup.database(), startup.user()) {
-        Some(mut lease) => match adoption(&mut lease.conn, startup, log, unit, max_message) {
-            Adoption::AsIs(settings) => {
-                carry(&mut lease, startup, settings);
-                return Ok(lease);
-            }
-            adoption => Some((lease, adoption)),
-        },
+    let (user, database) = (startup.user(), startup.database());
+    let target = || proxy.login_target(node, user, database, startup.password());
+    let turn = match proxy.pools.reuse(node, database, user) {
+        Some(lease) => Some(Turn::Lease(lease)),
+        // The usual case when clients outnumber server connections: a wait in line, boxed apart
+        // from the setup below, whose state is much larger (a login, a reset) and whose
+        // allocation cost ~1,000 instructions per waiting transaction (callgrind).
+        None if wait => {
+            let turn = proxy.pools.wait_turn(node, database, user, &target);
+            Some(Box::pin(proxy.unless_given_up(node, need, turn)).await??)
+        }
         None => None,
     };
+    let source = match turn {
+        Some(Turn::Lease(mut lease)) => {
+            match adoption(&mut lease.conn, startup, log, unit, max_message) {
+                Adoption::AsIs(settings) => {
+                    carry(&mut lease, startup, settings);
+                    return Ok(lease);
+                }
+                adoption => Source::Leased(lease, adoption),
+            }
+        }
+        Some(Turn::Slot(slot)) => Source::Slot(slot),
+        None => Source::NoWait,
+    };
     let setup = async {
-        let (mut lease, adoption) = match reused {
-            Some(reused) => reused,
-            None => {
-                let (user, database) = (startup.user(), startup.database());
-                let target = || proxy.login_target(node, user, database, startup.password());
-                let mut lease = if wait {
-                    proxy.pools.checkout(node, database, user, target).await
-                } else {
-                    proxy.pools.try_checkout(node, database, user, target).await
-                }?;
+        let (mut lease, adoption) = match source {
+            Source::Leased(lease, adoption) => (lease, adoption),
+            Source::Slot(slot) => {
+                let mut lease = proxy.pools.open_in(slot, &target()).await?;
+                let adoption = adoption(&mut lease.conn, startup, log, unit, max_message);
+                (lease, adoption)
+            }
+            Source::NoWait => {
+                let lease = proxy.pools.try_checkout(node, database, user, target);
+                let mut lease = lease.await?;
                 let adoption = adoption(&mut lease.conn, startup, log, unit, max_message);
                 (lease, adoption)
             }
@@ -157,10 +173,20 @@ pub(super) async fn open(
         }
         Ok(lease)
     };
-    // Boxed: the rarer way, whose state (a checkout, a login, a reset) is large; inline, it
+    // Boxed: the rarer way, whose state (a login, a reset) is large; inline, it
     // would enlarge the future of every move under transaction pooling (allocated per
     // transaction, see `Session::run`).
     Box::pin(proxy.unless_given_up(node, need, setup)).await?
+}
+
+/// Where [`open`]'s connection comes from when it is not taken as it is.
+enum Source {
+    /// A connection from the pool that needs setting up.
+    Leased(Lease, Adoption),
+    /// A slot to open a new connection in.
+    Slot(Slot),
+    /// Neither yet, and no waiting: an idle connection or a free slot now, or an error.
+    NoWait,
 }
 
 /// What a checked-out connection needs before it is the session's (see [`adoption`]).
