@@ -43,6 +43,10 @@
 #                 unit: every read balanced anew); session: written as [routing] read_affinity
 #   PGVIGIL_BIN   use this pgvigil binary instead of building target/release/pgvigil
 #                 (under $CARGO_TARGET_DIR when that is set)
+#   PGVIGIL_THREADS unset: pgvigil's default data-plane threads (one per core); a number: written
+#                 as `threads` in every pgvigil config (1 runs one thread, as PgBouncer does)
+#   POOL_MODE     unset: each pgvigil target's own pooling mode; session or transaction: every
+#                 pgvigil target's `[pool] mode` (the split run's two pgvigils, say)
 #   PG_BIN        PostgreSQL server bin dir (default: newest /usr/lib/postgresql/*/bin)
 #
 # Expected runtime with the defaults, plus the release build (a few minutes when target/release is
@@ -345,6 +349,9 @@ start_pgvigil() {
     PORT[$target]=$(pick_port 26432)
     {
         printf 'listen = "127.0.0.1:%s"\n' "${PORT[$target]}"
+        if [[ -n ${PGVIGIL_THREADS:-} ]]; then
+            printf 'threads = %s\n' "$PGVIGIL_THREADS"
+        fi
         if [[ -n ${MAX_CLIENT_CONN:-} ]]; then
             printf 'max_client_conn = %s\n' "$MAX_CLIENT_CONN"
         fi
@@ -367,7 +374,7 @@ start_pgvigil() {
         printf '\n[[users]]\nname = "%s"\npassword = "%s"\nauth = "scram-sha-256"\n' \
             "$APP_USER" "$APP_PASSWORD"
     } >"$config"
-    say "start $target ($*) on port ${PORT[$target]}"
+    say "start $target ($*) on port ${PORT[$target]}${PGVIGIL_THREADS:+, threads = $PGVIGIL_THREADS}"
     PGVIGIL_LOG=warn "$PGVIGIL_BIN" serve --config "$config" >"$WORK/$target.log" 2>&1 &
     STARTED_PIDS+=("$!")
     PID[$target]=$!
