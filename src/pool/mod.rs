@@ -388,9 +388,9 @@ impl Pools {
         self.nodes[node].take_idle(database, user)
     }
 
-    /// Like [`Pools::wait_turn`] and [`Pools::open_in`] but never waits: an idle connection, or a new one when
-    /// a slot is free, else `Exhausted` at once. Sessions use it for extra nodes (replicas for
-    /// reads), so that a session holding one connection never waits for another.
+    /// Like [`Pools::wait_turn`] and [`Pools::open_in`] but never waits: an idle connection, or
+    /// a new one when a slot is free, else `Exhausted` at once. Sessions use it for extra nodes
+    /// (replicas for reads), so that a session holding one connection never waits for another.
     pub async fn try_checkout(
         &self,
         node: NodeId,
@@ -494,7 +494,7 @@ impl Pools {
             .sum()
     }
 
-    /// Number of checkouts waiting in line for a connection to `node` (for tests and status).
+    /// Number of checkouts waiting in line for a connection to `node` (for tests).
     pub fn waiting_count(&self, node: NodeId) -> usize {
         lock(&self.nodes[node].stock).waiting.len()
     }

@@ -173,9 +173,9 @@ pub(super) async fn open(
         }
         Ok(lease)
     };
-    // Boxed: the rarer way, whose state (a login, a reset) is large; inline, it
-    // would enlarge the future of every move under transaction pooling (allocated per
-    // transaction, see `Session::run`).
+    // Boxed: the rarer way, whose state (a login, a reset) is large; inline, it would enlarge
+    // the future of every move under transaction pooling (allocated per transaction, see
+    // `Session::run`).
     Box::pin(proxy.unless_given_up(node, need, setup)).await?
 }
 
