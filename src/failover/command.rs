@@ -8,7 +8,7 @@ use super::choose::{choose, Choice, Reading};
 use super::control::Reply;
 use super::Coordinator;
 use crate::admin::api::{Candidate, Command, Done, DryRun, EventKind, Refusal};
-use crate::health::SyncState;
+use crate::health::{NodeHealth, SyncState};
 use crate::replication::format_lsn;
 use crate::topology::{NodeId, Primary, Role};
 
@@ -192,17 +192,13 @@ impl Coordinator {
         Ok(done(message))
     }
 
-    /// Whether `node`'s latest probe (if it succeeded) shows it out of recovery on an older
-    /// timeline than the known primary's: unfenced, it would be fenced again at once.
+    /// Whether `node` was last seen out of recovery on an older timeline than the known
+    /// primary's: unfenced, it would be fenced again at once.
     fn stale_primary(&self, node: NodeId) -> bool {
         let Primary::Known(primary) = self.publisher.snapshot().primary else {
             return false;
         };
-        let timeline = |n: NodeId| self.board[n].current().map(|o| (o.in_recovery, o.timeline));
-        match (timeline(node), timeline(primary)) {
-            (Some((false, mine)), Some((_, current))) => primary != node && mine < current,
-            _ => false,
-        }
+        stale_primary(&self.board, self.config().health.failures, primary, node)
     }
 
     fn fenced_again(&self, node: NodeId) -> Refusal {
@@ -393,5 +389,91 @@ fn sync_name(state: SyncState) -> &'static str {
         SyncState::Potential => "potential",
         SyncState::Sync => "sync",
         SyncState::Quorum => "quorum",
+    }
+}
+
+/// Whether `node` was last seen out of recovery on an older timeline than `primary`. Judged,
+/// as roles are, on the latest observation of each unless it is down: one probe that failed on
+/// a loaded machine does not let a stale primary be unfenced.
+fn stale_primary(board: &[NodeHealth], failures: u32, primary: NodeId, node: NodeId) -> bool {
+    let known = |n: NodeId| {
+        board
+            .get(n)
+            .filter(|h| !h.is_down(failures))
+            .and_then(|h| h.last.as_ref())
+            .map(|o| (o.in_recovery, o.timeline))
+    };
+    match (known(node), known(primary)) {
+        (Some((false, mine)), Some((_, current))) => primary != node && mine < current,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::health::{Observation, Report};
+    use crate::replication::Position;
+
+    fn observed(in_recovery: bool, timeline: u32) -> Observation {
+        Observation {
+            in_recovery,
+            timeline,
+            position: Position {
+                lsn: 100,
+                received: None,
+                replay_delay: Duration::ZERO,
+            },
+            receiver: None,
+            read_only: !in_recovery,
+            promoted_by: None,
+            senders: None,
+        }
+    }
+
+    fn probed(outcomes: Vec<Result<Observation, String>>) -> NodeHealth {
+        let mut health = NodeHealth::default();
+        for outcome in outcomes {
+            health.record(&Report {
+                node: 0,
+                started: Instant::now(),
+                outcome,
+            });
+        }
+        health
+    }
+
+    #[test]
+    fn a_fenced_primary_on_an_older_timeline_stays_stale_through_one_failed_probe() {
+        let primary = probed(vec![Ok(observed(false, 2))]);
+        let old = |failed: usize| {
+            let mut outcomes = vec![Ok(observed(false, 1))];
+            outcomes.extend((0..failed).map(|_| Err("timeout".to_owned())));
+            probed(outcomes)
+        };
+        assert!(stale_primary(&[old(0), primary.clone()], 3, 1, 0));
+        assert!(stale_primary(&[old(1), primary.clone()], 3, 1, 0));
+        // Down, it may be being rebuilt as a standby: unfencing it is allowed.
+        assert!(!stale_primary(&[old(3), primary.clone()], 3, 1, 0));
+        // The primary's own failed probe does not hide its timeline either.
+        let mut flaky = primary;
+        flaky.record(&Report {
+            node: 1,
+            started: Instant::now(),
+            outcome: Err("timeout".to_owned()),
+        });
+        assert!(stale_primary(&[old(0), flaky], 3, 1, 0));
+    }
+
+    #[test]
+    fn a_standby_or_a_node_on_the_current_timeline_is_not_stale() {
+        let primary = probed(vec![Ok(observed(false, 2))]);
+        let standby = probed(vec![Ok(observed(true, 1))]);
+        let same = probed(vec![Ok(observed(false, 2))]);
+        assert!(!stale_primary(&[standby, primary.clone()], 3, 1, 0));
+        assert!(!stale_primary(&[same, primary.clone()], 3, 1, 0));
+        assert!(!stale_primary(&[primary], 3, 0, 0));
     }
 }
