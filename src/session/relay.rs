@@ -289,46 +289,45 @@ async fn pump(
             return Poll::Ready(Stop::End(RelayEnd::Terminated));
         }
 
-        reserve(client_in, max_message, &progress.from_client, |tag| {
-            !matches!(tag, frontend::tag::COPY_DATA | frontend::tag::BIND)
-        });
-        reserve(server_in, max_message, &progress.from_server, |tag| {
-            !ServerSide::passes_in_pieces(tag)
-        });
         // Each turn carries out the first branch that is ready, as one `select!` would; every
         // branch that is not ready has registered its wake-up.
         let mut moved = false;
-        for turn in 0..BRANCHES {
-            let branch = (first + turn) % BRANCHES;
+        // The branches enabled now and not already found waiting, taken in turn from `first`.
+        let enabled = u8::from(flushing.client || !to_client.is_empty())
+            | u8::from(flushing.server || !to_server.is_empty()) << 1
+            | 1 << 2
+            | u8::from(!held && !terminated && to_server.len() < HIGH_WATER) << 3
+            | u8::from(to_client.len() < HIGH_WATER) << 4;
+        let candidates = enabled & !waiting;
+        let mut turns = (candidates >> first | candidates << (BRANCHES - first)) & ALL_BRANCHES;
+        while turns != 0 {
+            let turn = turns.trailing_zeros() as usize;
+            turns &= turns - 1;
+            let branch = if first + turn >= BRANCHES {
+                first + turn - BRANCHES
+            } else {
+                first + turn
+            };
             let bit = 1 << branch;
-            if waiting & bit != 0 {
-                continue;
-            }
             let outcome = match branch {
                 // To the client.
-                0 if flushing.client || !to_client.is_empty() => {
-                    match poll_send(client_stream, cx, to_client, &mut flushing.client) {
-                        Poll::Pending => {
-                            waiting |= bit;
-                            continue;
-                        }
-                        Poll::Ready(Ok(())) => Poll::Pending,
-                        Poll::Ready(Err(_)) => Poll::Ready(Stop::End(RelayEnd::ClientGone)),
+                0 => match poll_send(client_stream, cx, to_client, &mut flushing.client) {
+                    Poll::Pending => {
+                        waiting |= bit;
+                        continue;
                     }
-                }
+                    Poll::Ready(Ok(())) => Poll::Pending,
+                    Poll::Ready(Err(_)) => Poll::Ready(Stop::End(RelayEnd::ClientGone)),
+                },
                 // To the server.
-                1 if flushing.server || !to_server.is_empty() => {
-                    match poll_send(server_stream, cx, to_server, &mut flushing.server) {
-                        Poll::Pending => {
-                            waiting |= bit;
-                            continue;
-                        }
-                        Poll::Ready(Ok(())) => Poll::Pending,
-                        Poll::Ready(Err(cause)) => {
-                            Poll::Ready(server_lost(cause, &mut server_state))
-                        }
+                1 => match poll_send(server_stream, cx, to_server, &mut flushing.server) {
+                    Poll::Pending => {
+                        waiting |= bit;
+                        continue;
                     }
-                }
+                    Poll::Ready(Ok(())) => Poll::Pending,
+                    Poll::Ready(Err(cause)) => Poll::Ready(server_lost(cause, &mut server_state)),
+                },
                 // The topology gave up on the node (the watch is registered for the next
                 // generation whatever this one says).
                 2 => {
@@ -345,7 +344,10 @@ async fn pump(
                     }
                 }
                 // From the client.
-                3 if !held && !terminated && to_server.len() < HIGH_WATER => {
+                3 => {
+                    reserve(client_in, max_message, &progress.from_client, |tag| {
+                        !matches!(tag, frontend::tag::COPY_DATA | frontend::tag::BIND)
+                    });
                     match poll_read_some(Pin::new(&mut *client_stream), cx, client_in) {
                         Poll::Pending => {
                             waiting |= bit;
@@ -385,7 +387,10 @@ async fn pump(
                     }
                 }
                 // From the server.
-                4 if to_client.len() < HIGH_WATER => {
+                4 => {
+                    reserve(server_in, max_message, &progress.from_server, |tag| {
+                        !ServerSide::passes_in_pieces(tag)
+                    });
                     match poll_read_some(Pin::new(&mut *server_stream), cx, server_in) {
                         Poll::Pending => {
                             waiting |= bit;
@@ -416,7 +421,7 @@ async fn pump(
                         }
                     }
                 }
-                // A branch not enabled now.
+                // There are no other branches.
                 _ => continue,
             };
             if outcome.is_ready() {
@@ -425,7 +430,7 @@ async fn pump(
             moved = true;
             break;
         }
-        first = (first + 1) % BRANCHES;
+        first = following(first);
         if !moved {
             waiting = 0;
             return Poll::Pending;
@@ -437,6 +442,18 @@ async fn pump(
 /// The relay's branches: writes to the client and to the server, the topology watcher, reads
 /// from the client and from the server.
 const BRANCHES: usize = 5;
+/// A bit for each of them.
+const ALL_BRANCHES: u8 = (1 << BRANCHES) - 1;
+
+/// The branch after `branch`, round the circle (no division: the loop turns several times per
+/// round trip).
+fn following(branch: usize) -> usize {
+    if branch + 1 == BRANCHES {
+        0
+    } else {
+        branch + 1
+    }
+}
 
 /// Which side's last write emptied its buffer and still has its flush to finish.
 #[derive(Debug, Default)]
