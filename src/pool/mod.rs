@@ -388,6 +388,20 @@ impl Pools {
         self.nodes[node].take_idle(database, user)
     }
 
+    /// The idle connection [`Pools::reuse`] would take, only when `fits` finds it usable as it
+    /// is (what it returns comes with it); otherwise it stays idle.
+    pub fn reuse_if<T>(
+        &self,
+        node: NodeId,
+        database: &str,
+        user: &str,
+        fits: impl FnOnce(&ServerConn) -> Option<T>,
+    ) -> Option<(Lease, T)> {
+        let pool = &self.nodes[node];
+        let (idle, fit) = lock(&pool.stock).take_idle_if(database, user, fits)?;
+        Some((lease_here(idle).ok()?, fit))
+    }
+
     /// Like [`Pools::wait_turn`] and [`Pools::open_in`] but never waits: an idle connection, or
     /// a new one when a slot is free, else `Exhausted` at once. Sessions use it for extra nodes
     /// (replicas for reads), so that a session holding one connection never waits for another.
@@ -655,6 +669,17 @@ impl Stock {
     /// with the caller's runtime, else the most recently returned of all (the least likely to
     /// have been closed); broken ones met on the way are dropped.
     fn take_idle(&mut self, database: &str, user: &str) -> Option<Idle> {
+        self.take_idle_if(database, user, |_| Some(()))
+            .map(|(idle, ())| idle)
+    }
+
+    /// [`Stock::take_idle`]'s choice, taken only when `fits` returns something for it.
+    fn take_idle_if<T>(
+        &mut self,
+        database: &str,
+        user: &str,
+        fits: impl FnOnce(&ServerConn) -> Option<T>,
+    ) -> Option<(Idle, T)> {
         let here = crate::data_plane::here();
         let list = self
             .idle
@@ -666,10 +691,12 @@ impl Stock {
                 .iter()
                 .rposition(|i| i.conn.home == here)
                 .or_else(|| list.conns.len().checked_sub(1))?;
-            let mut idle = list.conns.remove(at);
-            if !idle.conn.looks_broken() {
-                return Some(idle);
+            if list.conns[at].conn.looks_broken() {
+                list.conns.remove(at);
+                continue;
             }
+            let fit = fits(&list.conns[at].conn)?;
+            return Some((list.conns.remove(at), fit));
         }
     }
 

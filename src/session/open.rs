@@ -179,6 +179,27 @@ pub(super) async fn open(
     Box::pin(proxy.unless_given_up(node, need, setup)).await?
 }
 
+/// [`open`]'s usual case, without waiting: an idle connection that is the session's as it is
+/// (see [`adoption`]), taken only then; `None` when there is none or the topology gave up on
+/// `node` (`open` does the rest).
+pub(super) fn reuse_as_is(
+    proxy: &Proxy,
+    node: NodeId,
+    startup: &ClientStartup,
+    log: Option<&Settings>,
+    unit: &[u8],
+    need: Need,
+) -> Option<Lease> {
+    proxy.given_up(node, need).ok()?;
+    let max_message = proxy.config().max_message_size;
+    let (user, database) = (startup.user(), startup.database());
+    let fits = |conn: &ServerConn| as_is(conn, startup, log, unit, max_message);
+    let (mut lease, settings) = proxy.pools.reuse_if(node, database, user, fits)?;
+    lend(&mut lease.conn, startup);
+    carry(&mut lease, startup, settings);
+    Some(lease)
+}
+
 /// Where [`open`]'s connection comes from when it is not taken as it is.
 enum Source {
     /// A connection from the pool that needs setting up.
@@ -218,22 +239,43 @@ fn adoption(
     unit: &[u8],
     max_message: usize,
 ) -> Adoption {
-    let own =
-        matches!(&conn.carries, Carried::Session { session, .. } if *session == startup.session);
-    // A simple Query (the reset) drops the unnamed statement; without one, another session's
-    // must not be left for the unit to use.
-    let unnamed_safe =
-        own || !conn.statements.has_unnamed() || client_scan::drops_unnamed(unit, max_message);
-    if !own {
-        // (See `sync::unnamed_owed`: the session's own unnamed statement is prepared again
-        // where the connection may have lost it.)
-        conn.statements.lent();
-    }
-    let reusable = reusable(&conn.carries, startup, log).filter(|_| unnamed_safe);
-    match (reusable, &conn.carries) {
+    let as_is = as_is(conn, startup, log, unit, max_message);
+    lend(conn, startup);
+    match (as_is, &conn.carries) {
         (Some(settings), _) => Adoption::AsIs(settings),
         (None, Carried::Session { .. }) => Adoption::Reset,
         (None, Carried::Nothing) => Adoption::Params,
+    }
+}
+
+/// How many statements of the session's settings log `conn` has run, when [`adoption`] takes it
+/// as it is.
+fn as_is(
+    conn: &ServerConn,
+    startup: &ClientStartup,
+    log: Option<&Settings>,
+    unit: &[u8],
+    max_message: usize,
+) -> Option<usize> {
+    // A simple Query (the reset) drops the unnamed statement; without one, another session's
+    // must not be left for the unit to use.
+    let unnamed_safe = owned(conn, startup)
+        || !conn.statements.has_unnamed()
+        || client_scan::drops_unnamed(unit, max_message);
+    reusable(&conn.carries, startup, log).filter(|_| unnamed_safe)
+}
+
+/// Whether `conn` carries this session's own state.
+fn owned(conn: &ServerConn, startup: &ClientStartup) -> bool {
+    matches!(&conn.carries, Carried::Session { session, .. } if *session == startup.session)
+}
+
+/// Marks the statements of a connection that was another session's as lent (see
+/// `sync::unnamed_owed`: the session's own unnamed statement is prepared again where the
+/// connection may have lost it).
+fn lend(conn: &mut ServerConn, startup: &ClientStartup) {
+    if !owned(conn, startup) {
+        conn.statements.lent();
     }
 }
 

@@ -9,7 +9,7 @@ use pgvigil_proto::encode;
 use pgvigil_proto::TxStatus;
 use tracing::debug;
 
-use super::open::{open, open_within, OpenError};
+use super::open::{self, open, open_within, OpenError};
 use super::replay::Replayable;
 use super::startup::ClientStartup;
 use super::{naming, unit};
@@ -149,27 +149,13 @@ pub async fn sync(
             )
             .await?
         };
-        replay.fresh_connection(node);
-        if let Carried::Session { settings, .. } = lease.conn.carries {
-            // Transaction pooling: the session may have had this connection before (`adopt`
-            // kept what it carries only then), so it lacks only the settings logged since.
-            replay.settings.resume(node, settings);
-        }
-        if shared {
-            // A pooled connection may have the session's statements already.
-            replay.adopt(node, &lease.conn.statements);
-        }
-        held.leases[node] = Some(lease);
+        attach(lease, held, replay, shared);
     }
     let Some(lease) = held.leases[node].as_mut() else {
         return Ok(());
     };
-    let unnamed = shared && unnamed_owed(&lease.conn.statements, replay, input, max).is_some();
-    if replay.nothing_owed(node, input, max)
-        && (!shared || lease.conn.statements.within(bound))
-        && !unnamed
-    {
-        // In sync already (see `catch_up`): no round trip, so no wait to bound either.
+    if in_sync(&lease.conn, replay, input, (shared, bound, max)) {
+        // No round trip, so no wait to bound either.
         return Ok(());
     }
     // Boxed, like `open`'s setup: the rarer way, with a large state that would otherwise
@@ -190,6 +176,77 @@ pub async fn sync(
         proxy.report_server_failure(node);
     }
     result.map_err(|e| OpenError::Pool(PoolError::Connect(e)))
+}
+
+/// [`sync`] when it needs no wait, as under transaction pooling when the unit's node has an idle
+/// connection that is the session's as it is: whether `node` is ready for the unit at the start
+/// of `input`. When it is not, [`sync`] does the rest (the connection taken, if one was, is
+/// held already).
+pub fn sync_at_once(
+    node: NodeId,
+    held: &mut Held,
+    replay: &mut Replayable,
+    input: &[u8],
+    startup: &ClientStartup,
+    proxy: &Proxy,
+) -> bool {
+    held.cover(node + 1);
+    if held.leases[node].is_some() {
+        return false;
+    }
+    let owes = {
+        let config = proxy.config();
+        (
+            config.pool.mode == PoolMode::Transaction,
+            config.pool.max_prepared_statements,
+            config.max_message_size,
+        )
+    };
+    let need = if proxy.topology.load().primary == Primary::Known(node) {
+        Need::Primary
+    } else {
+        Need::Replaceable
+    };
+    let Some(lease) = open::reuse_as_is(proxy, node, startup, Some(&replay.settings), input, need)
+    else {
+        return false;
+    };
+    attach(lease, held, replay, owes.0);
+    held.leases[node]
+        .as_ref()
+        .is_some_and(|lease| in_sync(&lease.conn, replay, input, owes))
+}
+
+/// Makes `lease`, just opened or taken from the pool, the session's connection to its node.
+/// `shared`: the session is under transaction pooling.
+fn attach(lease: Lease, held: &mut Held, replay: &mut Replayable, shared: bool) {
+    let node = lease.conn.node;
+    replay.fresh_connection(node);
+    if let Carried::Session { settings, .. } = lease.conn.carries {
+        // Transaction pooling: the session may have had this connection before (`adopt`
+        // kept what it carries only then), so it lacks only the settings logged since.
+        replay.settings.resume(node, settings);
+    }
+    if shared {
+        // A pooled connection may have the session's statements already.
+        replay.adopt(node, &lease.conn.statements);
+    }
+    held.leases[node] = Some(lease);
+}
+
+/// Whether `conn` owes the unit at the start of `input` nothing (see [`catch_up`]).
+/// `(shared, bound, max)`: transaction pooling, `pool.max_prepared_statements`,
+/// `max_message_size`.
+fn in_sync(
+    conn: &ServerConn,
+    replay: &Replayable,
+    input: &[u8],
+    (shared, bound, max): (bool, usize, usize),
+) -> bool {
+    let unnamed = shared && unnamed_owed(&conn.statements, replay, input, max).is_some();
+    replay.nothing_owed(conn.node, input, max)
+        && (!shared || conn.statements.within(bound))
+        && !unnamed
 }
 
 /// Runs on `conn` what it missed: closes of statements replaced or closed elsewhere, the

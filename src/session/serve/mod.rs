@@ -218,6 +218,11 @@ impl Session<'_> {
             if flush_client(&mut self.client).await.is_err() {
                 return Ok(Pause::End(RelayEnd::ClientGone));
             }
+            if let Decision::Move(node) = decision {
+                if self.move_at_once(node) {
+                    continue;
+                }
+            }
             Box::pin(self.act(decision)).await?;
         }
     }
@@ -412,16 +417,38 @@ impl Session<'_> {
         }
     }
 
+    /// [`Session::act`] on a move when no wait is needed (see [`sync::sync_at_once`]): the usual
+    /// case under transaction pooling, carried out without the future of `act`, which is
+    /// allocated. Whether the session moved; when it did not, `act` does the rest.
+    fn move_at_once(&mut self, node: NodeId) -> bool {
+        if node != self.steering.current {
+            // Transaction pooling holds one connection at a time.
+            self.release(self.steering.current);
+        }
+        let (held, replay) = (&mut self.held, &mut self.steering.replay);
+        let input = &self.client.rbuf;
+        if !sync::sync_at_once(node, held, replay, input, &self.startup, self.proxy) {
+            return false;
+        }
+        self.moved(node);
+        true
+    }
+
+    /// Makes `node`, brought up to date, the session's current node.
+    fn moved(&mut self, node: NodeId) {
+        self.steering.moved_to(node);
+        self.enter(Place::Attached);
+        if let Some(lease) = &self.held.leases[node] {
+            self.key.set_target(Some(lease.conn.cancel_target()));
+        }
+    }
+
     /// Brings `node` up to date and makes it current; when it cannot be, waits for a primary,
     /// routes afresh or reads elsewhere.
     async fn move_to(&mut self, node: NodeId) -> Result<(), SessionError> {
         match self.bring(node).await {
             Ok(()) => {
-                self.steering.moved_to(node);
-                self.enter(Place::Attached);
-                if let Some(lease) = &self.held.leases[node] {
-                    self.key.set_target(Some(lease.conn.cancel_target()));
-                }
+                self.moved(node);
                 Ok(())
             }
             Err(error) if is_primary(self.proxy, node) && error.unreachable() => {
