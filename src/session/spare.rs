@@ -8,10 +8,11 @@ use std::cell::RefCell;
 
 use bytes::BytesMut;
 
-/// Spares kept per thread, of each kind: about as many as the sessions a thread has in flight
-/// at once under load (fewer left half the units allocating at -c 16 on one thread); for the
-/// buffers at most 32 × 32 KiB, 1 MiB, per thread.
-const KEEP: usize = 32;
+/// Spares kept per thread, of each kind: enough for the buffers of the sessions a thread has in
+/// flight at once under load, up to three each (32 left 0.44 of a 16 KiB buffer allocated per
+/// transaction at -c 16 on one thread, callgrind); for the buffers at most 64 × 32 KiB, 2 MiB,
+/// per thread.
+const KEEP: usize = 64;
 
 /// Up to [`KEEP`] values of one kind, in a `thread_local!` of the thread they serve (so taking
 /// and giving need no lock).
