@@ -180,18 +180,16 @@ pub(super) async fn open(
 }
 
 /// [`open`]'s usual case, without waiting: an idle connection that is the session's as it is
-/// (see [`adoption`]), taken only then; `None` when there is none or the topology gave up on
-/// `node` (`open` does the rest).
+/// (see [`adoption`]), taken only then; `None` when there is none (`open` does the rest). The
+/// caller has seen that the topology does not give up on `node`.
 pub(super) fn reuse_as_is(
     proxy: &Proxy,
     node: NodeId,
     startup: &ClientStartup,
     log: Option<&Settings>,
     unit: &[u8],
-    need: Need,
+    max_message: usize,
 ) -> Option<Lease> {
-    proxy.given_up(node, need).ok()?;
-    let max_message = proxy.config().max_message_size;
     let (user, database) = (startup.user(), startup.database());
     let fits = |conn: &ServerConn| as_is(conn, startup, log, unit, max_message);
     let (mut lease, settings) = proxy.pools.reuse_if(node, database, user, fits)?;

@@ -202,13 +202,20 @@ pub fn sync_at_once(
             config.max_message_size,
         )
     };
-    let need = if proxy.topology.load().primary == Primary::Known(node) {
-        Need::Primary
-    } else {
-        Need::Replaceable
-    };
-    let Some(lease) = open::reuse_as_is(proxy, node, startup, Some(&replay.settings), input, need)
-    else {
+    {
+        // One look at the topology, not two (each costs an atomic dance).
+        let topology = proxy.topology.load();
+        let need = if topology.primary == Primary::Known(node) {
+            Need::Primary
+        } else {
+            Need::Replaceable
+        };
+        if topology.gives_up_on(node, need).is_some() {
+            return false;
+        }
+    }
+    let log = Some(&replay.settings);
+    let Some(lease) = open::reuse_as_is(proxy, node, startup, log, input, owes.2) else {
         return false;
     };
     attach(lease, held, replay, owes.0);
