@@ -194,7 +194,7 @@ pub fn sync_at_once(
     if held.leases[node].is_some() {
         return false;
     }
-    let owes = {
+    let limits = {
         let config = proxy.config();
         (
             config.pool.mode == PoolMode::Transaction,
@@ -215,13 +215,13 @@ pub fn sync_at_once(
         }
     }
     let log = Some(&replay.settings);
-    let Some(lease) = open::reuse_as_is(proxy, node, startup, log, input, owes.2) else {
+    let Some(lease) = open::reuse_as_is(proxy, node, startup, log, input, limits.2) else {
         return false;
     };
-    attach(lease, held, replay, owes.0);
+    attach(lease, held, replay, limits.0);
     held.leases[node]
         .as_ref()
-        .is_some_and(|lease| in_sync(&lease.conn, replay, input, owes))
+        .is_some_and(|lease| in_sync(&lease.conn, replay, input, limits))
 }
 
 /// Makes `lease`, just opened or taken from the pool, the session's connection to its node.
