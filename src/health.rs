@@ -125,6 +125,27 @@ pub struct Receiver {
     pub timeout: Duration,
 }
 
+#[cfg(test)]
+impl Observation {
+    /// A writable primary on `timeline`, at a fixed position: the fixture the failover tests
+    /// vary.
+    pub fn primary_for_test(timeline: u32) -> Observation {
+        Observation {
+            in_recovery: false,
+            timeline,
+            position: crate::replication::Position {
+                lsn: 100,
+                received: None,
+                replay_delay: Duration::ZERO,
+            },
+            receiver: None,
+            read_only: false,
+            promoted_by: None,
+            senders: None,
+        }
+    }
+}
+
 /// The outcome of probing one node once.
 #[derive(Debug, Clone)]
 pub struct Report {

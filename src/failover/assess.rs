@@ -243,7 +243,6 @@ mod tests {
     use super::*;
     use crate::config::NodeConfig;
     use crate::health::{Receiver, Report};
-    use crate::replication::Position;
 
     fn config(nodes: usize) -> Config {
         let mut config = Config::default();
@@ -261,19 +260,7 @@ mod tests {
     }
 
     fn primary(timeline: u32) -> Observation {
-        Observation {
-            in_recovery: false,
-            timeline,
-            position: Position {
-                lsn: 100,
-                received: None,
-                replay_delay: Duration::ZERO,
-            },
-            receiver: None,
-            read_only: false,
-            promoted_by: None,
-            senders: None,
-        }
+        Observation::primary_for_test(timeline)
     }
 
     /// A standby streaming from port `from`, last heard from `age` ago.

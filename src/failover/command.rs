@@ -411,25 +411,16 @@ fn stale_primary(board: &[NodeHealth], failures: u32, primary: NodeId, node: Nod
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     use super::*;
     use crate::health::{Observation, Report};
-    use crate::replication::Position;
 
     fn observed(in_recovery: bool, timeline: u32) -> Observation {
         Observation {
             in_recovery,
-            timeline,
-            position: Position {
-                lsn: 100,
-                received: None,
-                replay_delay: Duration::ZERO,
-            },
-            receiver: None,
             read_only: !in_recovery,
-            promoted_by: None,
-            senders: None,
+            ..Observation::primary_for_test(timeline)
         }
     }
 
