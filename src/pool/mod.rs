@@ -94,8 +94,8 @@ struct IdleList {
 }
 
 impl IdleList {
-    fn is_for(&self, database: &str, user: &str) -> bool {
-        self.database == database && self.user == user
+    fn is_for(&self, database: &[u8], user: &[u8]) -> bool {
+        self.database.as_bytes() == database && self.user.as_bytes() == user
     }
 }
 
@@ -389,12 +389,13 @@ impl Pools {
     }
 
     /// The idle connection [`Pools::reuse`] would take, only when `fits` finds it usable as it
-    /// is (what it returns comes with it); otherwise it stays idle.
+    /// is (what it returns comes with it); otherwise it stays idle. The names are compared as
+    /// bytes.
     pub fn reuse_if<T>(
         &self,
         node: NodeId,
-        database: &str,
-        user: &str,
+        database: &[u8],
+        user: &[u8],
         fits: impl FnOnce(&ServerConn) -> Option<T>,
     ) -> Option<(Lease, T)> {
         let pool = &self.nodes[node];
@@ -650,7 +651,7 @@ impl Stock {
         let at = match self
             .idle
             .iter()
-            .position(|list| list.is_for(&conn.database, &conn.user))
+            .position(|list| list.is_for(conn.database.as_bytes(), conn.user.as_bytes()))
         {
             Some(at) => at,
             None => {
@@ -669,15 +670,15 @@ impl Stock {
     /// with the caller's runtime, else the most recently returned of all (the least likely to
     /// have been closed); broken ones met on the way are dropped.
     fn take_idle(&mut self, database: &str, user: &str) -> Option<Idle> {
-        self.take_idle_if(database, user, |_| Some(()))
+        self.take_idle_if(database.as_bytes(), user.as_bytes(), |_| Some(()))
             .map(|(idle, ())| idle)
     }
 
     /// [`Stock::take_idle`]'s choice, taken only when `fits` returns something for it.
     fn take_idle_if<T>(
         &mut self,
-        database: &str,
-        user: &str,
+        database: &[u8],
+        user: &[u8],
         fits: impl FnOnce(&ServerConn) -> Option<T>,
     ) -> Option<(Idle, T)> {
         let here = crate::data_plane::here();
@@ -696,7 +697,13 @@ impl Stock {
                 continue;
             }
             let fit = fits(&list.conns[at].conn)?;
-            return Some((list.conns.remove(at), fit));
+            // Usually the last one: popped without a call to shift the rest.
+            let idle = if at + 1 == list.conns.len() {
+                list.conns.pop()?
+            } else {
+                list.conns.remove(at)
+            };
+            return Some((idle, fit));
         }
     }
 
@@ -705,7 +712,9 @@ impl Stock {
         let victim = self
             .idle
             .iter_mut()
-            .filter(|list| !list.is_for(database, user) && !list.conns.is_empty())
+            .filter(|list| {
+                !list.is_for(database.as_bytes(), user.as_bytes()) && !list.conns.is_empty()
+            })
             .min_by_key(|list| list.conns[0].conn.idle_since)?;
         let Idle { permit, .. } = victim.conns.remove(0);
         Some(permit)

@@ -7,7 +7,7 @@ use pgvigil_proto::backend::ErrorFields;
 
 use super::client_scan;
 use super::settings::Settings;
-use super::startup::ClientStartup;
+use super::startup::{ClientStartup, Context};
 use super::startup_sql::set_commands;
 use super::{pool_refusal, SessionError};
 use crate::pool::{Lease, PoolError, Slot, Turn};
@@ -190,7 +190,7 @@ pub(super) fn reuse_as_is(
     unit: &[u8],
     max_message: usize,
 ) -> Option<Lease> {
-    let (user, database) = (startup.user(), startup.database());
+    let (database, user) = Context(startup.context()).names();
     let fits = |conn: &ServerConn| as_is(conn, startup, log, unit, max_message);
     let (mut lease, settings) = proxy.pools.reuse_if(node, database, user, fits)?;
     lend(&mut lease.conn, startup);

@@ -85,6 +85,13 @@ impl<'a> Context<'a> {
         as_str(self.0.split(|b| *b == 0).nth(1))
     }
 
+    /// The database and the role name as bytes, as a pool compares them: no UTF-8 check.
+    pub fn names(self) -> (&'a [u8], &'a [u8]) {
+        let mut parts = self.0.splitn(3, |b| *b == 0);
+        let database = parts.next().unwrap_or_default();
+        (database, parts.next().unwrap_or_default())
+    }
+
     /// The startup parameters other than user and database.
     pub fn params(self) -> Params<'a> {
         let mut parts = self.0.splitn(3, |b| *b == 0);
