@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
+use pgvigil_proto::classify::{classify_fast, classify_full, Classification};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -145,6 +146,12 @@ impl Proxy {
             proxy.add_node(node, &n.name);
         }
         Ok((proxy, publisher))
+    }
+
+    /// Classifies `sql` (see [`classify`](pgvigil_proto::classify::classify)), reading the
+    /// function lists only when the fast path cannot answer: each read costs an atomic dance.
+    pub fn classify(&self, sql: &[u8]) -> Classification {
+        classify_fast(sql).unwrap_or_else(|| classify_full(sql, &self.functions.load()))
     }
 
     /// Gives the node with id `node` (the next one) its pool and metrics, before it is

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use pgvigil_proto::backend;
-use pgvigil_proto::classify::{classify, Classification};
+use pgvigil_proto::classify::Classification;
 use pgvigil_proto::encode::{self, PgError, Severity};
 use pgvigil_proto::frontend::{self, Parse};
 use pgvigil_proto::sqlstate;
@@ -420,7 +420,7 @@ pub fn name_statement(
             let key = replay.statement_key(after_name);
             let mut id = proxy.statements.id_for(&key);
             let class = match Parse::parse(&frame[5..]) {
-                Ok(parse) => classify(parse.sql, &proxy.functions.load()),
+                Ok(parse) => proxy.classify(parse.sql),
                 Err(_) => {
                     replay.naming.sent_unnamed();
                     return Outgoing::AsIs;

@@ -162,7 +162,7 @@ impl Steering {
         let facts = unit::inspect(
             input,
             max,
-            &proxy.functions.load(),
+            |sql| proxy.classify(sql),
             self.replay.statements(),
         );
         if !facts.complete {

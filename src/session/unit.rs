@@ -2,9 +2,7 @@
 //! Sync (through any Flush before it). A unit runs on one node; this module reads what it asks
 //! for without copying.
 
-use pgvigil_proto::classify::{
-    classify, Classification, FunctionLists, Hint, Pin, Reason, TxControl,
-};
+use pgvigil_proto::classify::{Classification, Hint, Pin, Reason, TxControl};
 use pgvigil_proto::frame::{header, messages, next_message, Message};
 use pgvigil_proto::frontend::{self, Bind, Describe, Parse, Query};
 
@@ -177,7 +175,7 @@ impl UnitFacts {
 pub fn inspect(
     input: &[u8],
     max_message: usize,
-    functions: &FunctionLists,
+    classify: impl Fn(&[u8]) -> Classification,
     statements: &Statements,
 ) -> UnitFacts {
     let mut facts = UnitFacts::default();
@@ -191,9 +189,7 @@ pub fn inspect(
                 facts.inspected = before;
                 if before == 0 {
                     let sql = Query::parse(message.body).map(|q| q.sql).ok();
-                    let c = sql
-                        .map(|sql| classify(sql, functions))
-                        .unwrap_or(Classification::ONE_WRITE);
+                    let c = sql.map(&classify).unwrap_or(Classification::ONE_WRITE);
                     facts.merge(&c);
                     facts.asks_backend_pid(sql.unwrap_or_default(), &c);
                     facts.query_statements = c.statements;
@@ -212,7 +208,7 @@ pub fn inspect(
             frontend::tag::PARSE => {
                 let parsed = Parse::parse(message.body).ok();
                 let c = parsed
-                    .map(|p| classify(p.sql, functions))
+                    .map(|p| classify(p.sql))
                     .unwrap_or(Classification::ONE_WRITE);
                 facts.merge(&c);
                 facts.asks_backend_pid(parsed.map(|p| p.sql).unwrap_or_default(), &c);

@@ -224,19 +224,21 @@ pub enum Hint {
 
 /// Classifies a SQL string of one or more statements; see the module doc for the rules.
 pub fn classify(sql: &[u8], functions: &FunctionLists) -> Classification {
-    // A plain SELECT (no parenthesis, literal, comment or locking word), a plain INSERT,
-    // UPDATE or DELETE, or a lone BEGIN, COMMIT or ROLLBACK is answered in one pass.
-    if let Some(plain) = fast::plain_select(sql)
+    classify_fast(sql).unwrap_or_else(|| classify_full(sql, functions))
+}
+
+/// [`classify`]'s answer when one of its fast paths gives it, which needs no function lists:
+/// a plain SELECT (no parenthesis, literal, comment or locking word), a plain INSERT, UPDATE
+/// or DELETE, or a lone BEGIN, COMMIT or ROLLBACK, answered in one pass. `None`: ask
+/// [`classify_full`].
+pub fn classify_fast(sql: &[u8]) -> Option<Classification> {
+    fast::plain_select(sql)
         .or_else(|| fast::plain_write(sql))
         .or_else(|| fast::lone_tx_word(sql))
-    {
-        return plain;
-    }
-    classify_full(sql, functions)
 }
 
 /// [`classify`] without its fast path: the lexer and the statement machine.
-fn classify_full(sql: &[u8], functions: &FunctionLists) -> Classification {
+pub fn classify_full(sql: &[u8], functions: &FunctionLists) -> Classification {
     // Nothing seen yet: an empty string is read-only.
     let mut out = Classification {
         read_only: true,

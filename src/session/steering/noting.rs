@@ -1,7 +1,7 @@
 //! What a client message forwarded to the session's current node does to the session: the
 //! settings it changes (logged to replay elsewhere), what pins the session, whether it writes.
 
-use pgvigil_proto::classify::{classify, Classification};
+use pgvigil_proto::classify::Classification;
 use pgvigil_proto::frontend::{self, Bind, Close, Parse, Query};
 
 use super::{pin_reason, Steering};
@@ -34,7 +34,7 @@ impl Steering {
                         u.read_only,
                     )
                 } else {
-                    let c = classify(query.sql, &proxy.functions.load());
+                    let c = proxy.classify(query.sql);
                     self.uncovered(&c);
                     (c.session_state, c.statements, c.set_config, c.read_only)
                 };
@@ -101,7 +101,7 @@ impl Steering {
             (true, true, Some(class)) if !self.unit.session_state => Some(class),
             _ => None,
         };
-        let class = known.unwrap_or_else(|| classify(parse.sql, &proxy.functions.load()));
+        let class = known.unwrap_or_else(|| proxy.classify(parse.sql));
         if !covered {
             self.uncovered(&class);
         }

@@ -3,6 +3,7 @@
 use super::*;
 use crate::session::replay::Prepared;
 use bytes::{BufMut, Bytes, BytesMut};
+use pgvigil_proto::classify::{classify, FunctionLists};
 
 fn frame(out: &mut BytesMut, tag: u8, body: &[u8]) {
     out.put_u8(tag);
@@ -19,7 +20,12 @@ fn bind(out: &mut BytesMut, statement: &str) {
 }
 
 fn facts(input: &[u8], statements: &Statements) -> UnitFacts {
-    inspect(input, 1 << 20, &FunctionLists::default(), statements)
+    inspect(
+        input,
+        1 << 20,
+        |sql| classify(sql, &FunctionLists::default()),
+        statements,
+    )
 }
 
 #[test]
@@ -51,7 +57,14 @@ fn a_large_bind_is_routed_on_its_names_before_it_is_whole() {
     unit.put_u8(b'B');
     unit.put_u32(4 + 2 * LOOKAHEAD_LIMIT as u32);
     unit.put_slice(b"\0s1\0\0\0\0\x01");
-    let inspect_large = |input: &[u8]| inspect(input, 1 << 30, &FunctionLists::default(), &none);
+    let inspect_large = |input: &[u8]| {
+        inspect(
+            input,
+            1 << 30,
+            |sql| classify(sql, &FunctionLists::default()),
+            &none,
+        )
+    };
     let f = inspect_large(&unit);
     assert!(
         f.complete && !f.read_only,
