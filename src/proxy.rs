@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -204,15 +205,18 @@ impl Proxy {
     /// `work` is dropped (closing whatever it had half opened) and the caller routes afresh.
     /// A client thus never waits out `backend.connect_timeout` on a node that failover has
     /// fenced, that went down, or, for work another node can do, that a probe found suspect.
+    ///
+    /// `work` comes pinned where the caller made it: taken by value, it would be held twice
+    /// in this future's state, once as the argument and once pinned (a wait in line for a
+    /// connection made a 1,184-byte future, past the sizes glibc's per-thread cache serves).
     pub async fn unless_given_up<T>(
         &self,
         node: NodeId,
         need: Need,
-        work: impl Future<Output = T>,
+        mut work: Pin<&mut impl Future<Output = T>>,
     ) -> Result<T, PoolError> {
         // Subscribed before the first look: a generation published after it still wakes us.
         let mut changes = self.topology.subscribe();
-        tokio::pin!(work);
         loop {
             self.given_up(node, need)?;
             tokio::select! {

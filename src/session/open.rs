@@ -4,6 +4,7 @@
 //! that.
 
 use pgvigil_proto::backend::ErrorFields;
+use std::pin::pin;
 
 use super::client_scan;
 use super::settings::Settings;
@@ -134,8 +135,11 @@ pub(super) async fn open(
         // from the setup below, whose state is much larger (a login, a reset) and whose
         // allocation cost ~1,000 instructions per waiting transaction (callgrind).
         None if wait => {
-            let turn = proxy.pools.wait_turn(node, database, user, &target);
-            Some(Box::pin(proxy.unless_given_up(node, need, turn)).await??)
+            let wait = async {
+                let turn = pin!(proxy.pools.wait_turn(node, database, user, &target));
+                proxy.unless_given_up(node, need, turn).await
+            };
+            Some(Box::pin(wait).await??)
         }
         None => None,
     };
@@ -152,31 +156,34 @@ pub(super) async fn open(
         Some(Turn::Slot(slot)) => Source::Slot(slot),
         None => Source::NoWait,
     };
-    let setup = async {
-        let (mut lease, adoption) = match source {
-            Source::Leased(lease, adoption) => (lease, adoption),
-            Source::Slot(slot) => {
-                let mut lease = proxy.pools.open_in(slot, &target()).await?;
-                let adoption = adoption(&mut lease.conn, startup, log, unit, max_message);
-                (lease, adoption)
-            }
-            Source::NoWait => {
-                let lease = proxy.pools.try_checkout(node, database, user, target);
-                let mut lease = lease.await?;
-                let adoption = adoption(&mut lease.conn, startup, log, unit, max_message);
-                (lease, adoption)
-            }
-        };
-        if let Err(error) = adopt(&mut lease, startup, adoption).await {
-            proxy.release(lease, true).await;
-            return Err(error);
-        }
-        Ok(lease)
-    };
     // Boxed: the rarer way, whose state (a login, a reset) is large; inline, it would enlarge
     // the future of every move under transaction pooling (allocated per transaction, see
     // `Session::run`).
-    Box::pin(proxy.unless_given_up(node, need, setup)).await?
+    let setup = async {
+        let setup = pin!(async {
+            let (mut lease, adoption) = match source {
+                Source::Leased(lease, adoption) => (lease, adoption),
+                Source::Slot(slot) => {
+                    let mut lease = proxy.pools.open_in(slot, &target()).await?;
+                    let adoption = adoption(&mut lease.conn, startup, log, unit, max_message);
+                    (lease, adoption)
+                }
+                Source::NoWait => {
+                    let lease = proxy.pools.try_checkout(node, database, user, target);
+                    let mut lease = lease.await?;
+                    let adoption = adoption(&mut lease.conn, startup, log, unit, max_message);
+                    (lease, adoption)
+                }
+            };
+            if let Err(error) = adopt(&mut lease, startup, adoption).await {
+                proxy.release(lease, true).await;
+                return Err(error);
+            }
+            Ok(lease)
+        });
+        proxy.unless_given_up(node, need, setup).await
+    };
+    Box::pin(setup).await?
 }
 
 /// [`open`]'s usual case, without waiting: an idle connection that is the session's as it is

@@ -37,6 +37,7 @@ use pgvigil_proto::backend::{self, ErrorFields};
 use pgvigil_proto::frame::messages;
 use pgvigil_proto::frontend::{self, Describe, Execute, Parse, Query};
 use pgvigil_proto::{classify::encoding_is_safe, encode, sqlstate, TxStatus};
+use std::pin::pin;
 use tracing::debug;
 
 use super::recover::flush;
@@ -420,7 +421,7 @@ async fn guarded<T>(
     node: NodeId,
     run: impl std::future::Future<Output = Result<T, LossCause>>,
 ) -> Result<T, Failed> {
-    match proxy.unless_given_up(node, Need::Usable, run).await {
+    match proxy.unless_given_up(node, Need::Usable, pin!(run)).await {
         Ok(Ok(done)) => Ok(done),
         Ok(Err(cause)) => Err(Failed::Server(cause)),
         Err(_) => {

@@ -7,6 +7,7 @@
 use bytes::{BufMut, BytesMut};
 use pgvigil_proto::encode;
 use pgvigil_proto::TxStatus;
+use std::pin::pin;
 use tracing::debug;
 
 use super::open::{self, open, open_within, OpenError};
@@ -160,8 +161,11 @@ pub async fn sync(
     }
     // Boxed, like `open`'s setup: the rarer way, with a large state that would otherwise
     // enlarge the future of every move under transaction pooling.
-    let catching_up = catch_up(&mut lease.conn, replay, input, proxy);
-    let result = Box::pin(proxy.unless_given_up(node, need, catching_up)).await;
+    let catching_up = async {
+        let catching_up = pin!(catch_up(&mut lease.conn, replay, input, proxy));
+        proxy.unless_given_up(node, need, catching_up).await
+    };
+    let result = Box::pin(catching_up).await;
     let result = match result {
         Ok(result) => result,
         Err(abandoned) => {

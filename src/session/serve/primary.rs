@@ -1,5 +1,6 @@
 //! Waiting for a primary, and reading the session's write position on it.
 
+use std::pin::pin;
 use std::time::Duration;
 
 use pgvigil_proto::sqlstate;
@@ -161,7 +162,11 @@ pub(super) async fn write_position(
     let read = lease
         .conn
         .query_text("SELECT pg_current_wal_insert_lsn()::text");
-    match proxy.unless_given_up(primary, Need::Primary, read).await {
+    let outcome = {
+        let read = pin!(read);
+        proxy.unless_given_up(primary, Need::Primary, read).await
+    };
+    match outcome {
         Ok(Ok(text)) => text.as_deref().and_then(parse_lsn),
         Ok(Err(error)) => {
             debug!(%error, "could not read the write position");
