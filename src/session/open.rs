@@ -135,11 +135,11 @@ pub(super) async fn open(
         // from the setup below, whose state is much larger (a login, a reset) and whose
         // allocation cost ~1,000 instructions per waiting transaction (callgrind).
         None if wait => {
-            let wait = async {
+            let wait = Box::pin(async {
                 let turn = pin!(proxy.pools.wait_turn(node, database, user, &target));
                 proxy.unless_given_up(node, need, turn).await
-            };
-            Some(Box::pin(wait).await??)
+            });
+            Some(wait.await??)
         }
         None => None,
     };
@@ -159,7 +159,7 @@ pub(super) async fn open(
     // Boxed: the rarer way, whose state (a login, a reset) is large; inline, it would enlarge
     // the future of every move under transaction pooling (allocated per transaction, see
     // `Session::run`).
-    let setup = async {
+    let setup = Box::pin(async {
         let setup = pin!(async {
             let (mut lease, adoption) = match source {
                 Source::Leased(lease, adoption) => (lease, adoption),
@@ -182,8 +182,8 @@ pub(super) async fn open(
             Ok(lease)
         });
         proxy.unless_given_up(node, need, setup).await
-    };
-    Box::pin(setup).await?
+    });
+    setup.await?
 }
 
 /// [`open`]'s usual case, without waiting: an idle connection that is the session's as it is

@@ -161,11 +161,11 @@ pub async fn sync(
     }
     // Boxed, like `open`'s setup: the rarer way, with a large state that would otherwise
     // enlarge the future of every move under transaction pooling.
-    let catching_up = async {
+    let catching_up = Box::pin(async {
         let catching_up = pin!(catch_up(&mut lease.conn, replay, input, proxy));
         proxy.unless_given_up(node, need, catching_up).await
-    };
-    let result = Box::pin(catching_up).await;
+    });
+    let result = catching_up.await;
     let result = match result {
         Ok(result) => result,
         Err(abandoned) => {
