@@ -3,8 +3,9 @@
 //! applying the client's startup parameters), or taking it as it is when it already carries
 //! that.
 
-use pgvigil_proto::backend::ErrorFields;
 use std::pin::pin;
+
+use pgvigil_proto::backend::ErrorFields;
 
 use super::client_scan;
 use super::settings::Settings;

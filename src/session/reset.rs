@@ -32,12 +32,13 @@
 //! ALL`) and forgets the session's own prepared statements. Nothing else it drops can exist for
 //! an unpinned session (temporary tables, advisory locks, LISTEN, WITH HOLD cursors pin it).
 
+use std::pin::pin;
+
 use bytes::{BufMut, BytesMut};
 use pgvigil_proto::backend::{self, ErrorFields};
 use pgvigil_proto::frame::messages;
 use pgvigil_proto::frontend::{self, Describe, Execute, Parse, Query};
 use pgvigil_proto::{classify::encoding_is_safe, encode, sqlstate, TxStatus};
-use std::pin::pin;
 use tracing::debug;
 
 use super::recover::flush;

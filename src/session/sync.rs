@@ -4,10 +4,11 @@
 //! since, stale statements closed, the named statements the next unit uses prepared). Node
 //! moves and session survival are both "take a connection, sync it, go on".
 
+use std::pin::pin;
+
 use bytes::{BufMut, BytesMut};
 use pgvigil_proto::encode;
 use pgvigil_proto::TxStatus;
-use std::pin::pin;
 use tracing::debug;
 
 use super::open::{self, open, open_within, OpenError};
