@@ -77,12 +77,12 @@ pub struct Context<'a>(pub &'a [u8]);
 impl<'a> Context<'a> {
     /// The database.
     pub fn database(self) -> &'a str {
-        as_str(self.0.split(|b| *b == 0).next())
+        as_str(self.names().0)
     }
 
     /// The role name.
     pub fn user(self) -> &'a str {
-        as_str(self.0.split(|b| *b == 0).nth(1))
+        as_str(self.names().1)
     }
 
     /// The database and the role name as bytes, as a pool compares them: no UTF-8 check.
@@ -110,9 +110,8 @@ impl<'a> Context<'a> {
 }
 
 /// The database and user were made from `String`s: they are UTF-8.
-fn as_str(part: Option<&[u8]>) -> &str {
-    part.and_then(|p| std::str::from_utf8(p).ok())
-        .unwrap_or_default()
+fn as_str(part: &[u8]) -> &str {
+    std::str::from_utf8(part).unwrap_or_default()
 }
 
 /// The `(name, value)` startup parameters of a [`Context`].
