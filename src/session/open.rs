@@ -128,6 +128,7 @@ pub(super) async fn open(
     // transaction, callgrind).
     proxy.given_up(node, need)?;
     let max_message = proxy.config().max_message_size;
+    let drops_unnamed = || client_scan::drops_unnamed(unit, max_message);
     let (user, database) = (startup.user(), startup.database());
     let target = || proxy.login_target(node, user, database, startup.password());
     let turn = match proxy.pools.reuse(node, database, user) {
@@ -146,7 +147,7 @@ pub(super) async fn open(
     };
     let source = match turn {
         Some(Turn::Lease(mut lease)) => {
-            match adoption(&mut lease.conn, startup, log, unit, max_message) {
+            match adoption(&mut lease.conn, startup, log, drops_unnamed) {
                 Adoption::AsIs(settings) => {
                     carry(&mut lease, startup, settings);
                     return Ok(lease);
@@ -166,13 +167,13 @@ pub(super) async fn open(
                 Source::Leased(lease, adoption) => (lease, adoption),
                 Source::Slot(slot) => {
                     let mut lease = proxy.pools.open_in(slot, &target()).await?;
-                    let adoption = adoption(&mut lease.conn, startup, log, unit, max_message);
+                    let adoption = adoption(&mut lease.conn, startup, log, drops_unnamed);
                     (lease, adoption)
                 }
                 Source::NoWait => {
                     let lease = proxy.pools.try_checkout(node, database, user, target);
                     let mut lease = lease.await?;
-                    let adoption = adoption(&mut lease.conn, startup, log, unit, max_message);
+                    let adoption = adoption(&mut lease.conn, startup, log, drops_unnamed);
                     (lease, adoption)
                 }
             };
@@ -189,17 +190,17 @@ pub(super) async fn open(
 
 /// [`open`]'s usual case, without waiting: an idle connection that is the session's as it is
 /// (see [`adoption`]), taken only then; `None` when there is none (`open` does the rest). The
-/// caller has seen that the topology does not give up on `node`.
+/// caller has seen that the topology does not give up on `node`; `drops_unnamed`: the unit's
+/// first message drops the connection's unnamed statement (`UnitFacts::drops_unnamed`).
 pub(super) fn reuse_as_is(
     proxy: &Proxy,
     node: NodeId,
     startup: &ClientStartup,
     log: Option<&Settings>,
-    unit: &[u8],
-    max_message: usize,
+    drops_unnamed: bool,
 ) -> Option<Lease> {
     let (database, user) = Context(startup.context()).names();
-    let fits = |conn: &ServerConn| as_is(conn, startup, log, unit, max_message);
+    let fits = |conn: &ServerConn| as_is(conn, startup, log, || drops_unnamed);
     let (mut lease, settings) = proxy.pools.reuse_if(node, database, user, fits)?;
     lend(&mut lease.conn, startup);
     carry(&mut lease, startup, settings);
@@ -236,16 +237,17 @@ enum Adoption {
 /// the settings it lacks). One that carries only the startup parameters of a session with the
 /// same context, or those and settings that the session's own log (`log`) begins with, is
 /// already what they would make it, and is taken as it is (no round trip; `sync` runs the rest
-/// of the log) unless it may have an unnamed statement that `unit` could use before replacing
-/// it. `log`: the session's settings log, none when it starts.
+/// of the log) unless it may have an unnamed statement that the unit could use before
+/// replacing it. `log`: the session's settings log, none when it starts; `drops_unnamed`: whether the
+/// unit's first message drops that statement (see `client_scan::drops_unnamed`), asked only
+/// when it matters.
 fn adoption(
     conn: &mut ServerConn,
     startup: &ClientStartup,
     log: Option<&Settings>,
-    unit: &[u8],
-    max_message: usize,
+    drops_unnamed: impl FnOnce() -> bool,
 ) -> Adoption {
-    let as_is = as_is(conn, startup, log, unit, max_message);
+    let as_is = as_is(conn, startup, log, drops_unnamed);
     lend(conn, startup);
     match (as_is, &conn.carries) {
         (Some(settings), _) => Adoption::AsIs(settings),
@@ -260,14 +262,11 @@ fn as_is(
     conn: &ServerConn,
     startup: &ClientStartup,
     log: Option<&Settings>,
-    unit: &[u8],
-    max_message: usize,
+    drops_unnamed: impl FnOnce() -> bool,
 ) -> Option<usize> {
     // A simple Query (the reset) drops the unnamed statement; without one, another session's
     // must not be left for the unit to use.
-    let unnamed_safe = owned(conn, startup)
-        || !conn.statements.has_unnamed()
-        || client_scan::drops_unnamed(unit, max_message);
+    let unnamed_safe = owned(conn, startup) || !conn.statements.has_unnamed() || drops_unnamed();
     reusable(&conn.carries, startup, log).filter(|_| unnamed_safe)
 }
 

@@ -492,6 +492,12 @@ impl Steering {
         self.waiting_route = None;
     }
 
+    /// The facts of the unit decided last: of the unit at the start of the client's buffer
+    /// when the decision was a move (every move is decided on facts found just then).
+    pub fn unit(&self) -> &UnitFacts {
+        &self.unit
+    }
+
     /// What a lost connection needs of the last unit forwarded that names a statement (the one
     /// running, if any is).
     pub fn last_statement(&self) -> Ending {

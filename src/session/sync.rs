@@ -11,10 +11,11 @@ use pgvigil_proto::encode;
 use pgvigil_proto::TxStatus;
 use tracing::debug;
 
+use super::naming;
 use super::open::{self, open, open_within, OpenError};
 use super::replay::Replayable;
 use super::startup::ClientStartup;
-use super::{naming, unit};
+use super::unit::{self, UnitFacts};
 use crate::config::PoolMode;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
@@ -156,7 +157,14 @@ pub async fn sync(
     let Some(lease) = held.leases[node].as_mut() else {
         return Ok(());
     };
-    if in_sync(&lease.conn, replay, input, (shared, bound, max)) {
+    let reuses_unnamed = || unit::reuses_unnamed(input, max);
+    if in_sync(
+        &lease.conn,
+        replay,
+        input,
+        reuses_unnamed,
+        (shared, bound, max),
+    ) {
         // No round trip, so no wait to bound either.
         return Ok(());
     }
@@ -185,13 +193,14 @@ pub async fn sync(
 
 /// [`sync`] when it needs no wait, as under transaction pooling when the unit's node has an idle
 /// connection that is the session's as it is: whether `node` is ready for the unit at the start
-/// of `input`. When it is not, [`sync`] does the rest (the connection taken, if one was, is
-/// held already).
+/// of `input`, whose facts the steering found just now (`unit`: what it says of the unnamed
+/// statement spares reading the unit again). When it is not, [`sync`] does the rest (the
+/// connection taken, if one was, is held already).
 pub fn sync_at_once(
     node: NodeId,
     held: &mut Held,
     replay: &mut Replayable,
-    input: &[u8],
+    (input, unit): (&[u8], &UnitFacts),
     startup: &ClientStartup,
     proxy: &Proxy,
 ) -> bool {
@@ -220,13 +229,14 @@ pub fn sync_at_once(
         }
     }
     let log = Some(&replay.settings);
-    let Some(lease) = open::reuse_as_is(proxy, node, startup, log, input, limits.2) else {
+    let Some(lease) = open::reuse_as_is(proxy, node, startup, log, unit.drops_unnamed) else {
         return false;
     };
     attach(lease, held, replay, limits.0);
+    let reuses_unnamed = || unit.reuses_unnamed;
     held.leases[node]
         .as_ref()
-        .is_some_and(|lease| in_sync(&lease.conn, replay, input, limits))
+        .is_some_and(|lease| in_sync(&lease.conn, replay, input, reuses_unnamed, limits))
 }
 
 /// Makes `lease`, just opened or taken from the pool, the session's connection to its node.
@@ -247,15 +257,17 @@ fn attach(lease: Lease, held: &mut Held, replay: &mut Replayable, shared: bool) 
 }
 
 /// Whether `conn` owes the unit at the start of `input` nothing (see [`catch_up`]).
-/// `(shared, bound, max)`: transaction pooling, `pool.max_prepared_statements`,
-/// `max_message_size`.
+/// `reuses_unnamed`: whether the unit uses an unnamed statement it does not parse (see
+/// [`unnamed_owed`]); `(shared, bound, max)`: transaction pooling,
+/// `pool.max_prepared_statements`, `max_message_size`.
 fn in_sync(
     conn: &ServerConn,
     replay: &Replayable,
     input: &[u8],
+    reuses_unnamed: impl FnOnce() -> bool,
     (shared, bound, max): (bool, usize, usize),
 ) -> bool {
-    let unnamed = shared && unnamed_owed(&conn.statements, replay, input, max).is_some();
+    let unnamed = shared && unnamed_owed(&conn.statements, replay, reuses_unnamed).is_some();
     replay.nothing_owed(conn.node, input, max)
         && (!shared || conn.statements.within(bound))
         && !unnamed
@@ -341,7 +353,8 @@ async fn catch_up(
     }
     if shared {
         replay.adopt(node, &conn.statements);
-        if let Some(owed) = unnamed_owed(&conn.statements, replay, input, max) {
+        let reuses_unnamed = || unit::reuses_unnamed(input, max);
+        if let Some(owed) = unnamed_owed(&conn.statements, replay, reuses_unnamed) {
             give_unnamed(conn, owed).await?;
         }
     }
@@ -358,21 +371,21 @@ enum UnnamedOwed {
     Close,
 }
 
-/// Whether the unit at the start of `input` binds or describes the unnamed statement without
-/// parsing it first on a connection (whose statements are `statements`) that lacks the
-/// session's: it is prepared there first, or, when the session has none, the connection's own
-/// is dropped, so that the unit finds what it would on PostgreSQL.
+/// Whether the unit binds or describes the unnamed statement without parsing it first
+/// (`reuses_unnamed` says, asked only when it matters) on a connection (whose statements are
+/// `statements`) that lacks the session's: it is prepared there first, or, when the session
+/// has none, the connection's own is dropped, so that the unit finds what it would on
+/// PostgreSQL.
 fn unnamed_owed(
     statements: &ServerStatements,
     replay: &Replayable,
-    input: &[u8],
-    max: usize,
+    reuses_unnamed: impl FnOnce() -> bool,
 ) -> Option<UnnamedOwed> {
     let own = replay.own_unnamed();
     if own.is_none() && !statements.has_unnamed() {
         return None;
     }
-    if own.is_some_and(|o| o.id == statements.unnamed_of()) || !unit::reuses_unnamed(input, max) {
+    if own.is_some_and(|o| o.id == statements.unnamed_of()) || !reuses_unnamed() {
         return None;
     }
     match own.and_then(|o| o.parse().map(|parse| (Box::from(parse), o.id))) {

@@ -58,6 +58,9 @@ pub struct UnitFacts {
     pub awaits_rest: bool,
     /// The unit binds or describes the unnamed statement without parsing it first.
     pub reuses_unnamed: bool,
+    /// The unit's first message drops any unnamed statement the server connection had before
+    /// anything can use it (see `client_scan::drops_unnamed`, which reads the same from bytes).
+    pub drops_unnamed: bool,
     /// The classification of the last unnamed statement parsed in the unit.
     pub unnamed: Option<Classification>,
 }
@@ -85,6 +88,7 @@ impl Default for UnitFacts {
             executes: false,
             awaits_rest: false,
             reuses_unnamed: false,
+            drops_unnamed: false,
             unnamed: None,
         }
     }
@@ -194,6 +198,7 @@ pub fn inspect(
                     facts.asks_backend_pid(sql.unwrap_or_default(), &c);
                     facts.query_statements = c.statements;
                     facts.inspected = message.len();
+                    facts.drops_unnamed = sql.is_some();
                 }
                 // A Query after unsynced extended messages starts its own unit.
                 facts.complete = true;
@@ -215,6 +220,7 @@ pub fn inspect(
                 facts.parses_named |= parsed.is_some_and(|p| !p.name.is_empty());
                 if parsed.is_some_and(|p| p.name.is_empty()) {
                     facts.unnamed = Some(c);
+                    facts.drops_unnamed |= before == 0;
                 }
             }
             frontend::tag::BIND => {

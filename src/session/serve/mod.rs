@@ -430,9 +430,11 @@ impl Session<'_> {
             // Transaction pooling holds one connection at a time.
             self.release(self.steering.current);
         }
+        // The decision to move was made on the unit at the start of the buffer just now.
+        let facts = *self.steering.unit();
         let (held, replay) = (&mut self.held, &mut self.steering.replay);
-        let input = &self.client.rbuf;
-        if !sync::sync_at_once(node, held, replay, input, &self.startup, self.proxy) {
+        let unit = (&self.client.rbuf[..], &facts);
+        if !sync::sync_at_once(node, held, replay, unit, &self.startup, self.proxy) {
             return false;
         }
         self.moved(node);
