@@ -385,19 +385,19 @@ pub struct OnServer<'a> {
 /// owes earlier answers, or is in a failed transaction block, which refuses a Parse); a
 /// Parse of a name the client uses already fails as on PostgreSQL. Bind and Describe use
 /// the statement's name on the nodes; Close forgets the client's name and closes nothing
-/// there (other sessions share the statement).
+/// there (other sessions share the statement). `(tag, frame, parse)`: the message's type, the
+/// whole message, and the message read as a Parse when it is a well-formed one.
 pub fn name_statement(
     replay: &mut Replayable,
     current: NodeId,
-    tag: u8,
-    frame: &[u8],
+    (tag, frame, parse): (u8, &[u8], Option<Parse<'_>>),
     server: OnServer<'_>,
     proxy: &Proxy,
 ) -> Outgoing {
     let Some((at, len)) = statement_name(tag, frame) else {
         if tag == frontend::tag::PARSE {
-            match Parse::parse(frame.get(5..).unwrap_or_default()) {
-                Ok(parse) if parse.name.is_empty() => {
+            match parse {
+                Some(parse) if parse.name.is_empty() => {
                     // (Classified as it is noted: see `Naming::classified_unnamed`.)
                     let own = OwnUnnamed::new(proxy.statements.unique(), frame);
                     replay.naming.sent_own_unnamed(own);
@@ -419,9 +419,9 @@ pub fn name_statement(
             };
             let key = replay.statement_key(after_name);
             let mut id = proxy.statements.id_for(&key);
-            let class = match Parse::parse(&frame[5..]) {
-                Ok(parse) => proxy.classify(parse.sql),
-                Err(_) => {
+            let class = match parse {
+                Some(parse) => proxy.classify(parse.sql),
+                None => {
                     replay.naming.sent_unnamed();
                     return Outgoing::AsIs;
                 }

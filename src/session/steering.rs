@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use pgvigil_proto::classify::{Hint, Pin};
 use pgvigil_proto::frame::next_message;
-use pgvigil_proto::frontend::{self, Query};
+use pgvigil_proto::frontend::{self, Parse, Query};
 use tracing::debug;
 
 use super::naming::{self, OnServer, Outgoing, SqlDrop};
@@ -413,13 +413,18 @@ impl Steering {
         server: Option<OnServer<'_>>,
         proxy: &Proxy,
     ) -> Outgoing {
+        // Read once for both.
+        let parse = (tag == frontend::tag::PARSE)
+            .then(|| Parse::parse(frame.get(5..).unwrap_or_default()).ok())
+            .flatten();
         let outgoing = match server {
             Some(server) => {
-                naming::name_statement(&mut self.replay, self.current, tag, frame, server, proxy)
+                let message = (tag, frame, parse);
+                naming::name_statement(&mut self.replay, self.current, message, server, proxy)
             }
             None => Outgoing::AsIs,
         };
-        self.note_forwarded(tag, frame, proxy);
+        self.note_forwarded(tag, frame, parse, proxy);
         outgoing
     }
 

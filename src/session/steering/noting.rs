@@ -12,8 +12,15 @@ use crate::session::reset;
 use crate::session::settings::{self, SetConfig};
 
 impl Steering {
-    /// Applies what one forwarded client message does to the session.
-    pub(super) fn note_forwarded(&mut self, tag: u8, frame: &[u8], proxy: &Proxy) {
+    /// Applies what one forwarded client message does to the session; `parse`: the message
+    /// read as a Parse, when it is a well-formed one.
+    pub(super) fn note_forwarded(
+        &mut self,
+        tag: u8,
+        frame: &[u8],
+        parse: Option<Parse<'_>>,
+        proxy: &Proxy,
+    ) {
         let covered = self.covered >= frame.len();
         self.covered = self.covered.saturating_sub(frame.len());
         let body = frame.get(5..).unwrap_or_default();
@@ -22,6 +29,12 @@ impl Steering {
                 self.replay.unnamed_dropped();
                 self.replay.settings.request();
                 self.replay.naming.request();
+                let u = &self.unit;
+                if covered && u.read_only && !u.session_state && !u.set_config {
+                    // Inspected as a read that changes nothing: its text is not read again.
+                    // (One the classifier could not read is no read.)
+                    return;
+                }
                 let Ok(query) = Query::parse(body) else {
                     return;
                 };
@@ -55,7 +68,11 @@ impl Steering {
                     self.note_set_config(query.sql, true);
                 }
             }
-            frontend::tag::PARSE => self.parsed(frame, body, covered, proxy),
+            frontend::tag::PARSE => {
+                if let Some(parse) = parse {
+                    self.parsed(frame, parse, covered, proxy);
+                }
+            }
             frontend::tag::BIND if !covered => self.bound_unseen(body),
             frontend::tag::BIND if self.unit.session_state => {
                 if let Ok(bind) = Bind::parse(body) {
@@ -93,10 +110,7 @@ impl Steering {
         }
     }
 
-    fn parsed(&mut self, frame: &[u8], body: &[u8], covered: bool, proxy: &Proxy) {
-        let Ok(parse) = Parse::parse(body) else {
-            return;
-        };
+    fn parsed(&mut self, frame: &[u8], parse: Parse<'_>, covered: bool, proxy: &Proxy) {
         let known = match (covered, parse.name.is_empty(), self.unit.unnamed) {
             (true, true, Some(class)) if !self.unit.session_state => Some(class),
             _ => None,
