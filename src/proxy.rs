@@ -174,6 +174,12 @@ impl Proxy {
         self.config.load()
     }
 
+    /// A cache of the configuration in force, for a reader that keeps it (see
+    /// `session::views`): each of its reads sees a reload as [`Proxy::config`] does.
+    pub fn config_cache(&self) -> arc_swap::cache::Cache<&ArcSwap<Config>, Arc<Config>> {
+        arc_swap::cache::Cache::new(&self.config)
+    }
+
     /// Swaps in a reloaded configuration (see `reload`).
     pub(crate) fn store_config(&self, next: Config) {
         self.config.store(Arc::new(next));

@@ -317,6 +317,12 @@ impl TopologyHandle {
         self.shared.current.load()
     }
 
+    /// A cache of the current snapshot, for a reader that keeps it: each of its reads sees a
+    /// new snapshot as [`TopologyHandle::load`] does, with one atomic load when none came.
+    pub fn cache(&self) -> arc_swap::cache::Cache<&ArcSwap<Topology>, Arc<Topology>> {
+        arc_swap::cache::Cache::new(&self.shared.current)
+    }
+
     /// The current snapshot as an owned `Arc`, for tasks that keep it.
     pub fn snapshot(&self) -> Arc<Topology> {
         self.shared.current.load_full()

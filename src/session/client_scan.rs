@@ -10,16 +10,18 @@ use super::naming::{self, OnServer, Outgoing};
 use super::relay::{make_room, move_prefix, Progress, RelayEnd, PIECES_OVER};
 use super::steering::{Decision, Steering};
 use super::unit;
-use crate::config::PoolMode;
+use super::views::Views;
 use crate::proxy::Proxy;
 use crate::statements::ServerStatements;
 
 /// Moves client messages to the server side, routing each new unit.
-pub(super) struct ClientScan<'a> {
+pub(super) struct ClientScan<'a, 'p> {
     pub(super) max_message: usize,
     /// Transaction pooling: statements are shared under pgvigil's names.
     pub(super) shared: bool,
     pub(super) proxy: &'a Proxy,
+    /// The session's views of the shared state, which routing reads.
+    pub(super) views: &'a mut Views<'p>,
     pub(super) terminated: &'a mut bool,
     /// The statements the server connection has under pgvigil's names.
     pub(super) statements: &'a mut ServerStatements,
@@ -27,7 +29,7 @@ pub(super) struct ClientScan<'a> {
     pub(super) to_client: &'a mut BytesMut,
 }
 
-impl ClientScan<'_> {
+impl ClientScan<'_, '_> {
     /// Forwards whole client messages to `out` while they belong to the current node. Returns the
     /// decision that stopped it when the next unit goes elsewhere (it stays in `input`).
     pub(super) fn scan(
@@ -115,7 +117,7 @@ impl ClientScan<'_> {
     /// Routes the unit that a client message of type `tag` at the front of `input` begins, if it
     /// begins one.
     fn route_unit_start(
-        &self,
+        &mut self,
         tag: u8,
         input: &[u8],
         progress: &Progress,
@@ -125,7 +127,8 @@ impl ClientScan<'_> {
         if !starts_unit(tag, progress) {
             return UnitStart::Forward;
         }
-        match steering.decide(input, server_tx != TxStatus::Idle, self.proxy) {
+        let in_transaction = server_tx != TxStatus::Idle;
+        match steering.decide(input, in_transaction, self.views, self.proxy) {
             Decision::Forward => UnitStart::Forward,
             Decision::Wait => UnitStart::Wait,
             other => UnitStart::Stop(other),
@@ -164,13 +167,11 @@ impl ClientScan<'_> {
         note_client(tag, progress)?;
         let here = progress.from_client.start(total, input);
         let start = &input[..here];
-        let server = (tag == frontend::tag::BIND
-            && self.proxy.config().pool.mode == PoolMode::Transaction)
-            .then_some(OnServer {
-                statements: &mut *self.statements,
-                fresh,
-                tx: server_tx,
-            });
+        let server = (tag == frontend::tag::BIND && self.shared).then_some(OnServer {
+            statements: &mut *self.statements,
+            fresh,
+            tx: server_tx,
+        });
         let outgoing = steering.forwarded_to(tag, start, server, self.proxy);
         match outgoing {
             Outgoing::Renamed { at, len, id } => {

@@ -26,6 +26,7 @@ mod sync;
 mod topology_watch;
 mod unit;
 mod unnamed;
+mod views;
 
 pub use topology_watch::watch_topology;
 

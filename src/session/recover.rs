@@ -22,6 +22,7 @@ use super::naming::{self, SqlDrop};
 use super::relay::{ClientConn, Progress, RelayEnd, Stop, READ_CHUNK};
 use super::spare;
 use super::steering::{Decision, Steering};
+use super::views::Views;
 use crate::proxy::Proxy;
 
 /// Room made for the rest of a message the client has begun to send.
@@ -162,7 +163,12 @@ pub async fn answer_deallocate(
 /// Reads the client's next unit while the session has no connection to its current node, and
 /// returns where it goes (never `Forward`: the steering routes a detached session afresh), or
 /// `Idle` when the client has sent nothing yet: the session then waits without this future.
-pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: &Proxy) -> Stop {
+/// `views`: the session's views of the shared state.
+pub async fn next_unit(
+    client: &mut ClientConn,
+    steering: &mut Steering,
+    (views, proxy): (&mut Views<'_>, &Proxy),
+) -> Stop {
     if let Err(end) = flush(client).await {
         return Stop::End(end);
     }
@@ -173,7 +179,7 @@ pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: 
     }
     // Read once the client has sent something: under transaction pooling a session comes here
     // with nothing to read after each transaction.
-    let max_message = proxy.config().max_message_size;
+    let max_message = views.config().max_message_size;
     loop {
         // Only the first header: a large Bind is routed on its names, before it is whole.
         match first_tag(client, max_message).await {
@@ -181,7 +187,7 @@ pub async fn next_unit(client: &mut ClientConn, steering: &mut Steering, proxy: 
             Ok(frontend::tag::TERMINATE) => return Stop::End(RelayEnd::Terminated),
             Ok(_) => {}
         }
-        match steering.decide(&client.rbuf, false, proxy) {
+        match steering.decide(&client.rbuf, false, views, proxy) {
             Decision::Wait => {
                 if let Err(end) = read_more(client).await {
                     return Stop::End(end);

@@ -25,6 +25,7 @@ use super::server_side::ServerSide;
 use super::spare;
 use super::steering::{Decision, Steering};
 use super::topology_watch::Registration;
+use super::views::Views;
 use crate::config::PoolMode;
 use crate::proxy::Proxy;
 use crate::server::ServerConn;
@@ -162,15 +163,24 @@ pub enum Stop {
 /// Pumps messages both ways until the session ends, the next unit must go elsewhere, or the
 /// server connection is lost (it broke, or a topology was announced in which its node is no
 /// longer usable: that is what unblocks a statement hung on a frozen node after a failover).
+/// `views`: the session's views of the shared state.
 pub async fn relay(
     client: &mut ClientConn,
     server: &mut ServerConn,
     steering: &mut Steering,
     progress: &mut Progress,
-    proxy: &Proxy,
+    (views, proxy): (&mut Views<'_>, &Proxy),
 ) -> Stop {
     let mut to_server = BytesMut::new();
-    let stop = pump(client, server, steering, progress, proxy, &mut to_server).await;
+    let stop = pump(
+        client,
+        server,
+        steering,
+        progress,
+        (views, proxy),
+        &mut to_server,
+    )
+    .await;
     // Bytes not written are the lost connection's, whose loss the session now handles; the
     // buffer, which often is the client's read buffer swapped in, serves another unit.
     to_server.clear();
@@ -184,18 +194,18 @@ async fn pump(
     server: &mut ServerConn,
     steering: &mut Steering,
     progress: &mut Progress,
-    proxy: &Proxy,
+    (views, proxy): (&mut Views<'_>, &Proxy),
     to_server: &mut BytesMut,
 ) -> Stop {
     let (max_message, shared) = {
-        let config = proxy.config();
+        let config = views.config();
         let shared = config.pool.mode == PoolMode::Transaction;
         (config.max_message_size, shared)
     };
     let node = server.node;
     // Before the look at the topology: a generation announced after it wakes the relay.
     let mut topology = Registration::new();
-    if let Some(role) = unusable(proxy, node) {
+    if let Some(role) = unusable(views, node) {
         return lost(LossCause::Unusable(role), None);
     }
     let client_stream = &mut client.stream;
@@ -233,6 +243,7 @@ async fn pump(
         max_message,
         shared,
         proxy,
+        views,
         terminated: &mut terminated,
         statements,
         to_client,
@@ -271,6 +282,7 @@ async fn pump(
                     max_message,
                     shared,
                     proxy,
+                    views,
                     terminated: &mut terminated,
                     statements,
                     to_client,
@@ -334,7 +346,7 @@ async fn pump(
                     waiting |= bit;
                     match topology
                         .changed(cx)
-                        .then(|| unusable(proxy, node))
+                        .then(|| unusable(views, node))
                         .flatten()
                     {
                         None => continue,
@@ -360,6 +372,7 @@ async fn pump(
                                 max_message,
                                 shared,
                                 proxy,
+                                views,
                                 terminated: &mut terminated,
                                 statements,
                                 to_client,
@@ -471,8 +484,8 @@ pub fn releasable(shared: bool, steering: &Steering) -> bool {
 }
 
 /// The role of `node` when sessions may no longer use it.
-fn unusable(proxy: &Proxy, node: NodeId) -> Option<Role> {
-    let role = proxy.topology.load().nodes.get(node).map(|n| n.role)?;
+fn unusable(views: &mut Views<'_>, node: NodeId) -> Option<Role> {
+    let role = views.topology().nodes.get(node).map(|n| n.role)?;
     (!role.is_usable()).then_some(role)
 }
 

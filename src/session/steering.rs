@@ -23,6 +23,7 @@ use super::replay::Replayable;
 use super::reset;
 use super::route::{self, Routed, SessionPolicy, Snapshot, Writes};
 use super::unit::{self, Ending, UnitFacts};
+use super::views::{Now, Views};
 use crate::balance::ReadHome;
 use crate::config::{Config, PoolMode, ReadAffinity};
 use crate::metrics::{Bytes, UnitKind};
@@ -151,14 +152,20 @@ impl Steering {
     }
 
     /// Decides where the unit at the start of `input` goes. `in_transaction`: the current
-    /// node's last ReadyForQuery said the session is in a transaction block.
-    pub fn decide(&mut self, input: &[u8], in_transaction: bool, proxy: &Proxy) -> Decision {
+    /// node's last ReadyForQuery said the session is in a transaction block; `views`: the
+    /// session's views of the shared state.
+    pub fn decide(
+        &mut self,
+        input: &[u8],
+        in_transaction: bool,
+        views: &mut Views<'_>,
+        proxy: &Proxy,
+    ) -> Decision {
+        let now = views.now();
+        let (config, max) = (now.config, now.config.max_message_size);
         if std::mem::take(&mut self.forced) {
-            return self.forward(input, proxy);
+            return self.forward(input, max, proxy);
         }
-        // One load of the configuration for the whole decision (each costs an atomic dance).
-        let config = proxy.config();
-        let max = config.max_message_size;
         let facts = unit::inspect(
             input,
             max,
@@ -169,7 +176,7 @@ impl Steering {
             return Decision::Wait;
         }
         // A DEALLOCATE is not read-only: a read is not read again for it.
-        if !facts.read_only && self.deallocates_own(input, &config) {
+        if !facts.read_only && self.deallocates_own(input, config) {
             return Decision::Deallocate;
         }
         if !in_transaction && facts.has_statement && proxy.pause.traffic() == Traffic::Paused {
@@ -180,8 +187,7 @@ impl Steering {
         self.unit_in_transaction = in_transaction || facts.begin.is_some();
         if self.detached && !facts.has_statement {
             // A lone Sync or Close still needs a connection: any node a session may start on.
-            let topology = proxy.topology.load();
-            return match router::route_session(&topology, 0) {
+            return match router::route_session(now.topology, 0) {
                 Ok(route) => {
                     self.waiting_route = Some(route);
                     Decision::Move(route.node)
@@ -204,13 +210,13 @@ impl Steering {
                 },
                 "routing decision"
             );
-            return self.forward(input, proxy);
+            return self.forward(input, max, proxy);
         }
         // A unit that waited for the node to finish keeps the route it was given: choosing again
         // would take a second balancer turn.
         let route = match self.waiting_route.take() {
             Some(route) => route,
-            None => match self.choose(&facts, input, &config, proxy) {
+            None => match self.choose(&facts, input, &now, proxy) {
                 Ok(route) => route,
                 Err(decision) => return decision,
             },
@@ -228,7 +234,7 @@ impl Steering {
             && !std::mem::take(&mut self.recheck)
             && !self.misses_statements(input, route.node, max)
         {
-            self.forward(input, proxy)
+            self.forward(input, max, proxy)
         } else {
             self.waiting_route = Some(route);
             Decision::Move(route.node)
@@ -237,10 +243,10 @@ impl Steering {
 
     /// The unit at the start of `input` (whose facts are `self.unit`) goes to the current node:
     /// forwarded, unless it is a resetting statement that pgvigil runs itself. Only a unit the
-    /// classifier found to change settings is read again for that.
-    fn forward(&mut self, input: &[u8], proxy: &Proxy) -> Decision {
+    /// classifier found to change settings is read again for that (`max`: `max_message_size`).
+    fn forward(&mut self, input: &[u8], max: usize, proxy: &Proxy) -> Decision {
         let sets = self.unit.session_state || self.unit.local_setting;
-        if sets && reset::is_reset(input, proxy.config().max_message_size) {
+        if sets && reset::is_reset(input, max) {
             return Decision::Reset;
         }
         self.begin_unit(proxy);
@@ -257,14 +263,15 @@ impl Steering {
     }
 
     /// Chooses the node for a unit outside a transaction (see [`route::route_unit`]), and notes
-    /// whether it counts as a write.
+    /// whether it counts as a write; `now`: the shared state the decision reads.
     fn choose(
         &mut self,
         facts: &UnitFacts,
         input: &[u8],
-        config: &Config,
+        now: &Now<'_>,
         proxy: &Proxy,
     ) -> Result<Route, Decision> {
+        let config = now.config;
         let max = config.max_message_size;
         let prefer = self
             .prepared_on
@@ -298,15 +305,14 @@ impl Steering {
                 .map(ReadHome::node)
                 .filter(|_| config.routing.read_affinity == ReadAffinity::Session),
         };
-        let topology = proxy.topology.load();
+        let topology = now.topology;
         let seen = std::mem::replace(&mut self.generation, topology.generation);
         if seen != 0 && seen != topology.generation {
             self.recheck |= topology.nodes.iter().any(|n| !n.role.takes_new_work());
         }
-        let replication = proxy.replication.load();
         let snapshot = Snapshot {
-            topology: &topology,
-            replication: &replication,
+            topology,
+            replication: now.replication,
             routing: &config.routing,
             nodes: &config.nodes,
             balancer: &proxy.balancer,

@@ -16,6 +16,7 @@ use super::open::{self, open, open_within, OpenError};
 use super::replay::Replayable;
 use super::startup::ClientStartup;
 use super::unit::{self, UnitFacts};
+use super::views::Views;
 use crate::config::PoolMode;
 use crate::pool::{Lease, PoolError};
 use crate::proxy::Proxy;
@@ -195,38 +196,34 @@ pub async fn sync(
 /// connection that is the session's as it is: whether `node` is ready for the unit at the start
 /// of `input`, whose facts the steering found just now (`unit`: what it says of the unnamed
 /// statement spares reading the unit again). When it is not, [`sync`] does the rest (the
-/// connection taken, if one was, is held already).
+/// connection taken, if one was, is held already). `views`: the session's views of the shared
+/// state.
 pub fn sync_at_once(
     node: NodeId,
     held: &mut Held,
     replay: &mut Replayable,
     (input, unit): (&[u8], &UnitFacts),
     startup: &ClientStartup,
-    proxy: &Proxy,
+    (views, proxy): (&mut Views<'_>, &Proxy),
 ) -> bool {
     held.cover(node + 1);
     if held.leases[node].is_some() {
         return false;
     }
-    let limits = {
-        let config = proxy.config();
-        (
-            config.pool.mode == PoolMode::Transaction,
-            config.pool.max_prepared_statements,
-            config.max_message_size,
-        )
+    let now = views.now();
+    let config = now.config;
+    let limits = (
+        config.pool.mode == PoolMode::Transaction,
+        config.pool.max_prepared_statements,
+        config.max_message_size,
+    );
+    let need = if now.topology.primary == Primary::Known(node) {
+        Need::Primary
+    } else {
+        Need::Replaceable
     };
-    {
-        // One look at the topology, not two (each costs an atomic dance).
-        let topology = proxy.topology.load();
-        let need = if topology.primary == Primary::Known(node) {
-            Need::Primary
-        } else {
-            Need::Replaceable
-        };
-        if topology.gives_up_on(node, need).is_some() {
-            return false;
-        }
+    if now.topology.gives_up_on(node, need).is_some() {
+        return false;
     }
     let log = Some(&replay.settings);
     let Some(lease) = open::reuse_as_is(proxy, node, startup, log, unit.drops_unnamed) else {

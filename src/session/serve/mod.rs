@@ -23,6 +23,7 @@ use super::server_side::downgrade_fatal;
 use super::startup::ClientStartup;
 use super::steering::{Decision, Steering};
 use super::sync::{self, Held};
+use super::views::Views;
 use super::{refuse, SessionError};
 use crate::cancel::CancelKey;
 use crate::config::PoolMode;
@@ -57,6 +58,8 @@ pub(super) struct Session<'a> {
     key: CancelKey,
     startup: ClientStartup,
     proxy: &'a Proxy,
+    /// The session's views of `proxy`'s shared state.
+    views: Views<'a>,
 }
 
 impl<'a> Session<'a> {
@@ -93,6 +96,7 @@ impl<'a> Session<'a> {
             key,
             startup,
             proxy,
+            views: Views::new(proxy),
         }
     }
 }
@@ -195,11 +199,14 @@ impl Session<'_> {
                         &mut lease.conn,
                         &mut self.steering,
                         &mut self.progress,
-                        self.proxy,
+                        (&mut self.views, self.proxy),
                     )
                     .await
                 }
-                None => recover::next_unit(&mut self.client, &mut self.steering, self.proxy).await,
+                None => {
+                    let state = (&mut self.views, self.proxy);
+                    recover::next_unit(&mut self.client, &mut self.steering, state).await
+                }
             };
             let decision = match stop {
                 Stop::End(end) => return Ok(Pause::End(end)),
@@ -434,7 +441,8 @@ impl Session<'_> {
         let facts = *self.steering.unit();
         let (held, replay) = (&mut self.held, &mut self.steering.replay);
         let unit = (&self.client.rbuf[..], &facts);
-        if !sync::sync_at_once(node, held, replay, unit, &self.startup, self.proxy) {
+        let state = (&mut self.views, self.proxy);
+        if !sync::sync_at_once(node, held, replay, unit, &self.startup, state) {
             return false;
         }
         self.moved(node);
@@ -487,7 +495,7 @@ impl Session<'_> {
     fn release(&mut self, node: NodeId) {
         let idle = (self.held.leases[node].as_ref())
             .is_some_and(|lease| lease.conn.tx == TxStatus::Idle && lease.conn.rbuf.is_empty());
-        let shared = self.proxy.config().pool.mode == PoolMode::Transaction;
+        let shared = self.views.config().pool.mode == PoolMode::Transaction;
         if idle && relay::releasable(shared, &self.steering) {
             self.give_back(node);
         }
@@ -501,9 +509,8 @@ impl Session<'_> {
             return;
         };
         let usable = self
-            .proxy
-            .topology
-            .load()
+            .views
+            .topology()
             .nodes
             .get(node)
             .is_some_and(|n| n.role.takes_new_work());
