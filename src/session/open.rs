@@ -238,9 +238,9 @@ enum Adoption {
 /// same context, or those and settings that the session's own log (`log`) begins with, is
 /// already what they would make it, and is taken as it is (no round trip; `sync` runs the rest
 /// of the log) unless it may have an unnamed statement that the unit could use before
-/// replacing it. `log`: the session's settings log, none when it starts; `drops_unnamed`: whether the
-/// unit's first message drops that statement (see `client_scan::drops_unnamed`), asked only
-/// when it matters.
+/// replacing it. `log`: the session's settings log, none when it starts; `drops_unnamed`:
+/// whether the unit's first message drops that statement (see `client_scan::drops_unnamed`),
+/// asked only when it matters.
 fn adoption(
     conn: &mut ServerConn,
     startup: &ClientStartup,
