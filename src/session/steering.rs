@@ -14,8 +14,7 @@
 use std::time::Instant;
 
 use pgvigil_proto::classify::{Hint, Pin};
-use pgvigil_proto::frame::next_message;
-use pgvigil_proto::frontend::{self, Parse, Query};
+use pgvigil_proto::frontend::{self, Parse};
 use tracing::debug;
 
 use super::naming::{self, OnServer, Outgoing, SqlDrop};
@@ -176,7 +175,7 @@ impl Steering {
             return Decision::Wait;
         }
         // A DEALLOCATE is not read-only: a read is not read again for it.
-        if !facts.read_only && self.deallocates_own(input, config) {
+        if !facts.read_only && self.deallocates_own(&facts, input, config) {
             return Decision::Deallocate;
         }
         if !in_transaction && facts.has_statement && proxy.pause.traffic() == Traffic::Paused {
@@ -338,23 +337,15 @@ impl Steering {
         }
     }
 
-    /// Transaction pooling: whether the unit is a SQL `DEALLOCATE` that pgvigil answers: of a
-    /// statement the session prepared through the protocol, or of all of them when the session
-    /// prepared none with SQL PREPARE on its (pinned) connection.
-    fn deallocates_own(&self, input: &[u8], config: &Config) -> bool {
+    /// Transaction pooling: whether the unit at the start of `input` (whose facts are `facts`)
+    /// is a SQL `DEALLOCATE` that pgvigil answers: of a statement the session prepared through
+    /// the protocol, or of all of them when the session prepared none with SQL PREPARE on its
+    /// (pinned) connection.
+    fn deallocates_own(&self, facts: &UnitFacts, input: &[u8], config: &Config) -> bool {
         if config.pool.mode != PoolMode::Transaction {
             return false;
         }
-        let Ok(Some(message)) = next_message(input, config.max_message_size) else {
-            return false;
-        };
-        if message.tag != frontend::tag::QUERY {
-            return false;
-        }
-        match Query::parse(message.body)
-            .ok()
-            .and_then(|q| naming::sql_drop(q.sql))
-        {
+        match facts.query_sql(input).and_then(naming::sql_drop) {
             Some(SqlDrop::Deallocate(name)) => self.replay.uses_name(&name),
             Some(SqlDrop::DeallocateAll) => self.replay.pinned().is_none(),
             Some(SqlDrop::DiscardAll) | None => false,

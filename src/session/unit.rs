@@ -46,6 +46,9 @@ pub struct UnitFacts {
     pub session_read_only: Option<bool>,
     /// The number of statements in a Query (0 for extended units).
     pub query_statements: usize,
+    /// The unit is a well-formed Query, whose text [`UnitFacts::query_sql`] gives without
+    /// reading the message again.
+    pub well_formed_query: bool,
     /// The number of statements the unit runs or prepares, whichever protocol carries them.
     pub statements: usize,
     /// The unit binds or describes a named statement made by an earlier unit.
@@ -82,6 +85,7 @@ impl Default for UnitFacts {
             local_setting: false,
             session_read_only: None,
             query_statements: 0,
+            well_formed_query: false,
             statements: 0,
             named_refs: false,
             parses_named: false,
@@ -149,6 +153,13 @@ impl UnitFacts {
         self.statements = self.statements.saturating_add(c.statements);
     }
 
+    /// The text of the unit's Query when it is a well-formed one; `unit`: the bytes these facts
+    /// were found in, from the unit's first byte (its Query ends where the inspection did).
+    pub fn query_sql<'a>(&self, unit: &'a [u8]) -> Option<&'a [u8]> {
+        let end = self.inspected.checked_sub(1)?;
+        unit.get(5..end).filter(|_| self.well_formed_query)
+    }
+
     /// The unit is one statement that only changes session state (SET, RESET, DISCARD, ...), sent
     /// as a Query or as Parse/Bind/Execute: it writes no WAL, so it holds no read back.
     pub fn lone_setting(&self) -> bool {
@@ -199,6 +210,7 @@ pub fn inspect(
                     facts.query_statements = c.statements;
                     facts.inspected = message.len();
                     facts.drops_unnamed = sql.is_some();
+                    facts.well_formed_query = sql.is_some();
                 }
                 // A Query after unsynced extended messages starts its own unit.
                 facts.complete = true;

@@ -29,13 +29,9 @@ impl Steering {
                 self.replay.unnamed_dropped();
                 self.replay.settings.request();
                 self.replay.naming.request();
-                let u = &self.unit;
-                if covered && u.read_only && !u.session_state && !u.set_config {
-                    // Inspected as a read that changes nothing: its text is not read again.
-                    // (One the classifier could not read is no read.)
-                    return;
-                }
-                let Ok(query) = Query::parse(body) else {
+                // Inspected, its text is known without reading the message again.
+                let inspected = covered.then(|| self.unit.query_sql(frame)).flatten();
+                let Some(sql) = inspected.or_else(|| Query::parse(body).ok().map(|q| q.sql)) else {
                     return;
                 };
                 let (session_state, statements, set_config, read_only) = if covered {
@@ -47,14 +43,14 @@ impl Steering {
                         u.read_only,
                     )
                 } else {
-                    let c = proxy.classify(query.sql);
+                    let c = proxy.classify(sql);
                     self.uncovered(&c);
                     (c.session_state, c.statements, c.set_config, c.read_only)
                 };
                 // Neither statement is read-only: a read is not read again for them.
                 if !read_only
                     && matches!(
-                        naming::sql_drop(query.sql),
+                        naming::sql_drop(sql),
                         Some(SqlDrop::DeallocateAll | SqlDrop::DiscardAll)
                     )
                     && proxy.config().pool.mode == PoolMode::Transaction
@@ -62,10 +58,10 @@ impl Steering {
                     self.replay.drop_statements();
                 }
                 if session_state {
-                    self.record_state(query.sql, statements, true);
+                    self.record_state(sql, statements, true);
                 }
                 if set_config {
-                    self.note_set_config(query.sql, true);
+                    self.note_set_config(sql, true);
                 }
             }
             frontend::tag::PARSE => {

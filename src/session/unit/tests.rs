@@ -328,6 +328,28 @@ fn a_unit_reuses_the_unnamed_statement_only_when_it_binds_or_describes_it_before
 }
 
 #[test]
+fn the_facts_give_the_text_of_a_well_formed_query_only() {
+    let none = Statements::default();
+    let mut query = BytesMut::new();
+    frame(&mut query, b'Q', b"DEALLOCATE ALL\0");
+    frame(&mut query, b'Q', b"SELECT 2\0");
+    assert_eq!(
+        facts(&query, &none).query_sql(&query),
+        Some(&b"DEALLOCATE ALL"[..])
+    );
+    let mut two_texts = BytesMut::new();
+    frame(&mut two_texts, b'Q', b"SELECT 1\0SELECT 2\0");
+    let mut unterminated = BytesMut::new();
+    frame(&mut unterminated, b'Q', b"SELECT 1");
+    let mut extended = BytesMut::new();
+    parse(&mut extended, "", "SELECT 1");
+    frame(&mut extended, b'S', b"");
+    for unit in [&two_texts, &unterminated, &extended] {
+        assert_eq!(facts(unit, &none).query_sql(unit), None, "{unit:?}");
+    }
+}
+
+#[test]
 fn the_facts_say_whether_the_first_message_drops_the_unnamed_statement_as_its_bytes_do() {
     use crate::session::client_scan::drops_unnamed;
     let none = Statements::default();
