@@ -94,12 +94,6 @@ impl ReplicationHandle {
         self.current.load()
     }
 
-    /// A cache of the current view, for a reader that keeps it: each of its reads sees a new
-    /// view as [`ReplicationHandle::load`] does, with one atomic load when none came.
-    pub fn cache(&self) -> arc_swap::cache::Cache<&ArcSwap<ReplicationView>, Arc<ReplicationView>> {
-        arc_swap::cache::Cache::new(&self.current)
-    }
-
     /// Replaces the current view.
     pub fn publish(&self, view: ReplicationView) {
         self.current.store(Arc::new(view));

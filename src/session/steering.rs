@@ -309,9 +309,10 @@ impl Steering {
         if seen != 0 && seen != topology.generation {
             self.recheck |= topology.nodes.iter().any(|n| !n.role.takes_new_work());
         }
+        let replication = proxy.replication.load();
         let snapshot = Snapshot {
             topology,
-            replication: now.replication,
+            replication: &replication,
             routing: &config.routing,
             nodes: &config.nodes,
             balancer: &proxy.balancer,

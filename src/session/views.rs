@@ -1,9 +1,13 @@
-//! A session's reads of the state it shares with every other session: the configuration, the
-//! topology and the replication view. Each is swapped whole by its one writer (a reload, the
-//! failover coordinator, the probes); arc_swap's `load` takes and pays back a debt slot for
-//! every read (about 60 instructions, several times per transaction under transaction
-//! pooling), where a view keeps the snapshot it read last and sees with one atomic load per
-//! kind that it is still the one in force: each read is as fresh as a `load`.
+//! A session's reads of the state it shares with every other session: the configuration and
+//! the topology. Each is swapped whole by its one writer (a reload, the failover coordinator);
+//! arc_swap's `load` takes and pays back a debt slot for every read (about 60 instructions,
+//! several times per transaction under transaction pooling), where a view keeps the snapshot it
+//! read last and sees with one atomic load per kind that it is still the one in force: each
+//! read is as fresh as a `load`.
+//!
+//! An idle session keeps the snapshots it read last, so only state that changes rarely is
+//! viewed here: the replication view, published by every probe round, is loaded where it is
+//! read (an idle session would otherwise keep a round's view of its own).
 
 use std::sync::Arc;
 
@@ -12,14 +16,12 @@ use arc_swap::ArcSwap;
 
 use crate::config::Config;
 use crate::proxy::Proxy;
-use crate::replication::ReplicationView;
 use crate::topology::Topology;
 
 /// The shared state as one session last read it.
 pub struct Views<'p> {
     config: Cache<&'p ArcSwap<Config>, Arc<Config>>,
     topology: Cache<&'p ArcSwap<Topology>, Arc<Topology>>,
-    replication: Cache<&'p ArcSwap<ReplicationView>, Arc<ReplicationView>>,
 }
 
 /// The shared state in force when [`Views::now`] was called. Like an arc_swap guard, not to be
@@ -29,8 +31,6 @@ pub struct Now<'v> {
     pub config: &'v Config,
     /// The topology.
     pub topology: &'v Topology,
-    /// What the probes last saw of replication.
-    pub replication: &'v ReplicationView,
 }
 
 impl<'p> Views<'p> {
@@ -39,7 +39,6 @@ impl<'p> Views<'p> {
         Views {
             config: proxy.config_cache(),
             topology: proxy.topology.cache(),
-            replication: proxy.replication.cache(),
         }
     }
 
@@ -48,7 +47,6 @@ impl<'p> Views<'p> {
         Now {
             config: self.config.load(),
             topology: self.topology.load(),
-            replication: self.replication.load(),
         }
     }
 
