@@ -68,9 +68,15 @@ impl Events {
         self.first_write.store(node, Ordering::Release);
     }
 
+    /// Whether the first write on `node` is awaited (see [`Events::await_first_write`]): one
+    /// atomic load, so that a write that finished looks up its node's name only then.
+    pub fn awaits_first_write(&self, node: NodeId) -> bool {
+        self.first_write.load(Ordering::Acquire) == node
+    }
+
     /// A write unit finished on `node` (named `name`): records the first one after a failover.
     pub fn wrote(&self, node: NodeId, name: &str) {
-        if self.first_write.load(Ordering::Acquire) == node
+        if self.awaits_first_write(node)
             && self
                 .first_write
                 .compare_exchange(node, NONE_AWAITED, Ordering::AcqRel, Ordering::Acquire)

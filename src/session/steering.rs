@@ -447,8 +447,8 @@ impl Steering {
             proxy
                 .metrics
                 .unit_done(self.current, kind, began.elapsed(), bytes, !in_transaction);
-            // The configuration is read for writes only: most units are reads.
-            if kind == UnitKind::Write {
+            // The configuration is read only for the first write awaited on a new primary.
+            if kind == UnitKind::Write && proxy.events.awaits_first_write(self.current) {
                 if let Some(node) = proxy.config().nodes.get(self.current) {
                     proxy.events.wrote(self.current, &node.name);
                 }
