@@ -396,13 +396,14 @@ impl ServerConn {
     /// Moves the socket to the runtime this is called on when it is registered with another
     /// (a connection opened or last used on another data-plane thread, or by the control plane):
     /// its I/O is then driven by the thread that uses it, with no wake-up crossing threads.
-    pub fn move_here(&mut self) -> std::io::Result<()> {
+    /// On an error the socket is closed with the connection.
+    pub fn move_here(mut self: Box<Self>) -> std::io::Result<Box<Self>> {
         let here = crate::data_plane::here();
         if self.home != here {
-            self.stream.reregister()?;
+            self.stream = self.stream.reregister()?;
             self.home = here;
         }
-        Ok(())
+        Ok(self)
     }
 
     /// Whether the node closed the socket or sent something unsolicited while idle in the pool.

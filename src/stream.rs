@@ -33,21 +33,34 @@ impl Stream {
     }
 
     /// Registers the socket with the I/O driver of the runtime this is called on, leaving the one
-    /// it was registered with (a connection moving to another data-plane thread). The descriptor
-    /// is duplicated, registered here, and the old one deregistered and closed: the socket and any
-    /// TLS state above it stay as they were.
-    pub fn reregister(&mut self) -> io::Result<()> {
-        // The duplicate shares the file description, O_NONBLOCK included, as tokio requires.
-        let duplicate: std::net::TcpStream = socket2::SockRef::from(self.tcp()).try_clone()?.into();
-        let fresh = TcpStream::from_std(duplicate)?;
-        let old = match self {
-            Stream::Plain(s) => std::mem::replace(s, fresh),
-            Stream::ServerTls(s) => std::mem::replace(s.get_mut().0, fresh),
-            Stream::ClientTls(s) => std::mem::replace(s.get_mut().0, fresh),
-        };
-        drop(old);
-        Ok(())
+    /// it was registered with (a connection moving to another data-plane thread). A plain socket
+    /// is deregistered there and registered here (two `epoll_ctl` calls). A TLS stream cannot
+    /// give its socket up and take it back, so its descriptor is duplicated, the duplicate
+    /// registered here, and the old one deregistered and closed (four calls). Either way the
+    /// socket and any TLS state above it stay as they were; on an error the socket is closed.
+    pub fn reregister(self) -> io::Result<Stream> {
+        match self {
+            // `into_std` leaves the socket non-blocking, as `from_std` requires.
+            Stream::Plain(s) => Ok(Stream::Plain(TcpStream::from_std(s.into_std()?)?)),
+            Stream::ServerTls(mut s) => {
+                let fresh = registered_duplicate(s.get_ref().0)?;
+                drop(std::mem::replace(s.get_mut().0, fresh));
+                Ok(Stream::ServerTls(s))
+            }
+            Stream::ClientTls(mut s) => {
+                let fresh = registered_duplicate(s.get_ref().0)?;
+                drop(std::mem::replace(s.get_mut().0, fresh));
+                Ok(Stream::ClientTls(s))
+            }
+        }
     }
+}
+
+/// A duplicate of `tcp`'s descriptor, registered with the calling runtime's I/O driver. The
+/// duplicate shares the file description, O_NONBLOCK included, as tokio requires.
+fn registered_duplicate(tcp: &TcpStream) -> io::Result<TcpStream> {
+    let duplicate: std::net::TcpStream = socket2::SockRef::from(tcp).try_clone()?.into();
+    TcpStream::from_std(duplicate)
 }
 
 impl AsyncRead for Stream {
@@ -102,4 +115,62 @@ pub fn tune_socket(stream: &TcpStream) -> io::Result<()> {
         .with_time(std::time::Duration::from_secs(60))
         .with_interval(std::time::Duration::from_secs(10));
     sock.set_tcp_keepalive(&keepalive)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::runtime::Builder;
+
+    use super::*;
+
+    /// A runtime of one thread, driving its I/O only while it runs, as a data-plane thread's.
+    fn runtime() -> tokio::runtime::Runtime {
+        Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    }
+
+    #[test]
+    fn a_reregistered_socket_is_driven_by_the_runtime_it_moved_to() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
+        let addr = listener.local_addr().expect("its address");
+        let first = runtime();
+        let stream = first
+            .block_on(TcpStream::connect(addr))
+            .expect("a connection");
+        let (mut peer, _) = listener.accept().expect("the peer's end");
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("a read timeout");
+        // `first` stays alive but never runs again: a socket still registered with it would
+        // never be found ready, and the moved side's reads would time out.
+        let moved = std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let mut stream = Stream::Plain(stream).reregister()?;
+                let mut byte = [0u8; 1];
+                for round in 0..3u8 {
+                    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte));
+                    assert_eq!(read.await??, 1, "a byte arrives");
+                    assert_eq!(byte[0], round);
+                    stream.write_all(&[round]).await?;
+                }
+                io::Result::Ok(())
+            })
+        });
+        let mut echo = [0u8; 1];
+        for round in 0..3u8 {
+            peer.write_all(&[round]).expect("the peer writes");
+            peer.read_exact(&mut echo).expect("the echo");
+            assert_eq!(echo[0], round);
+        }
+        moved
+            .join()
+            .expect("the moved side did not panic")
+            .expect("the moved side's reads and writes");
+        drop(first);
+    }
 }

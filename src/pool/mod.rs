@@ -746,9 +746,9 @@ impl Stock {
 /// An idle connection made a lease, moved to the caller's runtime; when it cannot move, it is
 /// closed and its slot returned, for a new connection.
 fn lease_here(idle: Idle) -> Result<Lease, OwnedSemaphorePermit> {
-    let Idle { mut conn, permit } = idle;
+    let Idle { conn, permit } = idle;
     match conn.move_here() {
-        Ok(()) => Ok(Lease { conn, permit }),
+        Ok(conn) => Ok(Lease { conn, permit }),
         Err(error) => {
             warn!(%error, "cannot move an idle server connection to this thread; closing it");
             Err(permit)
