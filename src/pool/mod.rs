@@ -1,7 +1,8 @@
 //! Server connections cached per (node, database, user): checkout with a bound, reset, reuse,
 //! idle and lifetime reaping. A connection that broke is never handed out again. Checkouts that
-//! wait are served first come, first served: a connection coming back is handed to the one that
-//! has waited longest, and wakes no other.
+//! wait are served first come, first served, but for a bounded preference for the thread a
+//! connection is registered with: a connection coming back is handed to one checkout (see
+//! [`Stock::next_for`]), and wakes no other.
 
 mod open_list;
 
@@ -15,6 +16,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
 use crate::config::PoolConfig;
+use crate::data_plane::{self, Home};
 use crate::server::{LoginTarget, ServerConn, ServerError};
 use crate::topology::{GiveUp, NodeId};
 use open_list::OpenList;
@@ -113,7 +115,7 @@ impl IdleList {
 }
 
 /// What a node's pool holds under one lock: its idle connections and the checkouts waiting for
-/// one. A connection that comes back goes to the checkout of its pair that has waited longest,
+/// one. A connection that comes back goes to a checkout of its pair (see [`Stock::next_for`]),
 /// waking that one alone, and to the idle lists only when none waits.
 #[derive(Default)]
 struct Stock {
@@ -127,6 +129,11 @@ struct Waiting {
     id: u64,
     pair: Arc<Pair>,
     since: Instant,
+    /// The thread its session runs on, where the connection it gets will be registered.
+    home: Home,
+    /// How many times a younger checkout took a connection while this one was the oldest of
+    /// its pair (at most [`MAX_PASSED`]).
+    passed: u32,
     handoff: oneshot::Sender<Handoff>,
 }
 
@@ -603,6 +610,8 @@ impl NodePool {
             id,
             pair,
             since,
+            home: data_plane::here(),
+            passed: 0,
             handoff,
         });
         Found::Queued(Queued {
@@ -613,7 +622,7 @@ impl NodePool {
         })
     }
 
-    /// Puts a connection (or a slot) back: to the longest-waiting checkout of its pair, else,
+    /// Puts a connection (or a slot) back: to a waiting checkout of its pair, else,
     /// closing the connection, its slot to the longest-waiting checkout of another pair, else
     /// (a connection) on its pair's idle list or (a slot) back to the semaphore.
     fn restock(&self, mut handoff: Handoff) {
@@ -624,10 +633,7 @@ impl NodePool {
             let same_pair = match &handoff {
                 Handoff::Conn(idle) => {
                     let conn = &idle.conn;
-                    stock
-                        .waiting
-                        .iter()
-                        .position(|w| w.is_for(&conn.database, &conn.user))
+                    stock.next_for(&conn.database, &conn.user, conn.home)
                 }
                 Handoff::Slot(_) => None,
             };
@@ -656,7 +662,36 @@ impl NodePool {
     }
 }
 
+/// How many times the longest-waiting checkout of a pair may be passed over for younger ones
+/// on the thread of the connections coming back (see [`Stock::next_for`]).
+const MAX_PASSED: u32 = 8;
+
 impl Stock {
+    /// Where in line the checkout is that a connection of (`database`, `user`) registered with
+    /// `home` goes to: the longest-waiting one of the pair, unless it runs on another thread
+    /// and a younger one of the pair runs on `home`. That one takes it then, which spares moving
+    /// the socket to another thread's reactor, and the longest-waiting one is passed over, at
+    /// most [`MAX_PASSED`] times. None when no checkout of the pair waits.
+    fn next_for(&mut self, database: &str, user: &str, home: Home) -> Option<usize> {
+        let oldest = self.waiting.iter().position(|w| w.is_for(database, user))?;
+        let first = &self.waiting[oldest];
+        if first.home == home || first.passed >= MAX_PASSED {
+            return Some(oldest);
+        }
+        let younger = self
+            .waiting
+            .iter()
+            .skip(oldest + 1)
+            .position(|w| w.home == home && w.is_for(database, user));
+        match younger {
+            Some(after) => {
+                self.waiting[oldest].passed += 1;
+                Some(oldest + 1 + after)
+            }
+            None => Some(oldest),
+        }
+    }
+
     /// Puts a connection on its pair's idle list.
     fn shelve(&mut self, idle: Idle) {
         let at = self.list_for(&idle.conn.database, &idle.conn.user);
@@ -703,7 +738,7 @@ impl Stock {
         user: &[u8],
         fits: impl FnOnce(&ServerConn) -> Option<T>,
     ) -> Option<(Idle, T)> {
-        let here = crate::data_plane::here();
+        let here = data_plane::here();
         let list = self
             .idle
             .iter_mut()
@@ -785,6 +820,56 @@ mod tests {
             Found::Queued(queued) => queued,
             _ => panic!("a free slot or an idle connection"),
         }
+    }
+
+    /// Puts a checkout of `pair` running on `home` at the end of `stock`'s line.
+    fn wait(stock: &mut Stock, pair: &Arc<Pair>, home: Home) -> oneshot::Receiver<Handoff> {
+        let (handoff, handed) = oneshot::channel();
+        stock.waiting.push_back(Waiting {
+            id: stock.waiting.len() as u64,
+            pair: Arc::clone(pair),
+            since: Instant::now(),
+            home,
+            passed: 0,
+            handoff,
+        });
+        handed
+    }
+
+    #[test]
+    fn a_connection_goes_to_a_checkout_on_its_thread_passing_the_oldest_a_bounded_number_of_times()
+    {
+        let mut stock = Stock::default();
+        let pair = stock.pair("db", "u");
+        let other = stock.pair("db", "other");
+        let _handed = [
+            wait(&mut stock, &pair, Home::Data(1)),
+            wait(&mut stock, &other, Home::Data(0)),
+            wait(&mut stock, &pair, Home::Data(0)),
+        ];
+        assert_eq!(
+            stock.next_for("db", "u", Home::Data(1)),
+            Some(0),
+            "the oldest runs on the connection's thread"
+        );
+        for _ in 0..MAX_PASSED {
+            assert_eq!(
+                stock.next_for("db", "u", Home::Data(0)),
+                Some(2),
+                "the younger one of the pair on the connection's thread, not the other pair's"
+            );
+        }
+        assert_eq!(
+            stock.next_for("db", "u", Home::Data(0)),
+            Some(0),
+            "passed over as often as it may be"
+        );
+        assert_eq!(
+            stock.next_for("db", "u", Home::Control),
+            Some(0),
+            "none of the pair on the connection's thread"
+        );
+        assert_eq!(stock.next_for("db", "nobody", Home::Data(0)), None);
     }
 
     #[tokio::test]
