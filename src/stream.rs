@@ -43,24 +43,24 @@ impl Stream {
             // `into_std` leaves the socket non-blocking, as `from_std` requires.
             Stream::Plain(s) => Ok(Stream::Plain(TcpStream::from_std(s.into_std()?)?)),
             Stream::ServerTls(mut s) => {
-                let fresh = registered_duplicate(s.get_ref().0)?;
-                drop(std::mem::replace(s.get_mut().0, fresh));
+                register_duplicate(s.get_mut().0)?;
                 Ok(Stream::ServerTls(s))
             }
             Stream::ClientTls(mut s) => {
-                let fresh = registered_duplicate(s.get_ref().0)?;
-                drop(std::mem::replace(s.get_mut().0, fresh));
+                register_duplicate(s.get_mut().0)?;
                 Ok(Stream::ClientTls(s))
             }
         }
     }
 }
 
-/// A duplicate of `tcp`'s descriptor, registered with the calling runtime's I/O driver. The
-/// duplicate shares the file description, O_NONBLOCK included, as tokio requires.
-fn registered_duplicate(tcp: &TcpStream) -> io::Result<TcpStream> {
-    let duplicate: std::net::TcpStream = socket2::SockRef::from(tcp).try_clone()?.into();
-    TcpStream::from_std(duplicate)
+/// Replaces `tcp` with a duplicate of its descriptor registered with the calling runtime's I/O
+/// driver, deregistering and closing the old one. The duplicate shares the file description,
+/// O_NONBLOCK included, as tokio requires.
+fn register_duplicate(tcp: &mut TcpStream) -> io::Result<()> {
+    let duplicate: std::net::TcpStream = socket2::SockRef::from(&*tcp).try_clone()?.into();
+    drop(std::mem::replace(tcp, TcpStream::from_std(duplicate)?));
+    Ok(())
 }
 
 impl AsyncRead for Stream {
