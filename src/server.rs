@@ -408,17 +408,7 @@ impl ServerConn {
 
     /// Whether the node closed the socket or sent something unsolicited while idle in the pool.
     pub fn looks_broken(&mut self) -> bool {
-        if !self.rbuf.is_empty() {
-            return true;
-        }
-        if self.stream.is_tls() {
-            return false;
-        }
-        let mut probe = [0u8; 1];
-        match self.stream.tcp().try_read(&mut probe) {
-            Ok(_) => true,
-            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
-        }
+        !self.rbuf.is_empty() || idle_socket_broken(&self.stream)
     }
 
     async fn send(&mut self, out: &mut BytesMut) -> Result<(), ServerError> {
@@ -511,5 +501,21 @@ async fn negotiate_tls(mut tcp: TcpStream, target: &LoginTarget) -> Result<Strea
         (other, _) => Err(tls_error(format!(
             "unexpected answer {other:#04x} to SSLRequest"
         ))),
+    }
+}
+
+/// Whether the socket of an idle connection, whose read buffer is empty, was closed or has
+/// bytes to read: a node sends an idle connection nothing unasked but a FATAL before it closes it
+/// (or a ParameterStatus after a reload), and a probe that read a byte has broken the stream
+/// anyway. A TLS stream is not probed (its records cannot be peeked at); the socket is read only
+/// when tokio saw it readable.
+pub fn idle_socket_broken(stream: &Stream) -> bool {
+    if stream.is_tls() {
+        return false;
+    }
+    let mut probe = [0u8; 1];
+    match stream.tcp().try_read(&mut probe) {
+        Ok(_) => true,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
     }
 }

@@ -5,10 +5,12 @@
 //! [`Stock::next_for`]), and wakes no other.
 
 mod open_list;
+mod parked;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -21,6 +23,8 @@ use crate::server::{LoginTarget, ServerConn, ServerError};
 use crate::topology::{GiveUp, NodeId};
 use open_list::OpenList;
 pub use open_list::{Listed, ServerInfo, ServerRow};
+use parked::ParkedList;
+pub use parked::{ParkTicket, Parkable, Unparked};
 
 /// Why a checkout failed.
 #[derive(Debug, thiserror::Error)]
@@ -114,14 +118,16 @@ impl IdleList {
     }
 }
 
-/// What a node's pool holds under one lock: its idle connections and the checkouts waiting for
-/// one. A connection that comes back goes to a checkout of its pair (see [`Stock::next_for`]),
-/// waking that one alone, and to the idle lists only when none waits.
+/// What a node's pool holds under one lock: its idle connections, the checkouts waiting for
+/// one, and the connections parked with their sessions. A connection that comes back goes to a
+/// checkout of its pair (see [`Stock::next_for`]), waking that one alone, and to the idle lists
+/// only when none waits.
 #[derive(Default)]
 struct Stock {
     idle: Vec<IdleList>,
     /// Oldest first.
     waiting: VecDeque<Waiting>,
+    parked: ParkedList,
 }
 
 /// A checkout waiting for a connection (see [`Stock`]).
@@ -296,6 +302,10 @@ impl Pools {
             }
             stock.idle.retain(|list| !list.conns.is_empty());
             pool.owed.fetch_add(owed, Ordering::AcqRel);
+            // Parked connections come back too, to close (see `checkin`).
+            let claimed: Vec<Waker> = (0..owed).map_while(|_| stock.parked.claim(None)).collect();
+            drop(stock);
+            claimed.into_iter().for_each(Waker::wake);
         }
     }
 
@@ -430,7 +440,7 @@ impl Pools {
         node: NodeId,
         database: &str,
         user: &str,
-        target: impl FnOnce() -> LoginTarget,
+        target: impl Fn() -> LoginTarget,
     ) -> Result<Lease, PoolError> {
         let pool = &self.nodes[node];
         if let Some(lease) = pool.take_idle(database, user) {
@@ -438,6 +448,14 @@ impl Pools {
         }
         let free = pool.slots.clone().try_acquire_owned().ok();
         let Some(permit) = free.or_else(|| lock(&pool.stock).evict_other(database, user)) else {
+            if lock(&pool.stock).parked.has_unclaimed() {
+                // A parked connection is given back as soon as it is claimed: waiting for it
+                // holds nothing up (see `Pools::park`).
+                return match self.wait_turn(node, database, user, &target).await? {
+                    Turn::Lease(lease) => Ok(lease),
+                    Turn::Slot(slot) => self.open_in(slot, &target()).await,
+                };
+            }
             return Err(PoolError::Exhausted {
                 node: target().node_name,
                 max_size: self.config().max_size,
@@ -475,7 +493,36 @@ impl Pools {
         }));
     }
 
-    /// Closes idle connections past `pool.idle_timeout` or `pool.max_lifetime`.
+    /// Transaction pooling: keeps `conn`, lent and idle (ReadyForQuery 'I', nothing unread),
+    /// with its session between two units, its task woken by `waker` when the pool wants it
+    /// back. The session takes it back with [`Pools::unpark`] before it uses it again, and
+    /// parks it again after; a checkout that would wait claims it meanwhile (see
+    /// [`NodePool::take_or_queue`]), and so does the reaper once it has been parked for
+    /// `pool.idle_timeout`. None when a checkout waits already or the pool is shrinking: the
+    /// session gives it back now.
+    pub fn park(&self, conn: &Parkable<'_>, waker: &Waker) -> Option<ParkTicket> {
+        let pool = self.nodes.get(conn.node)?;
+        if pool.owed.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let mut stock = lock(&pool.stock);
+        if !stock.waiting.is_empty() {
+            return None;
+        }
+        let pair = stock.pair(conn.database, conn.user);
+        Some(stock.parked.park(conn, pair, waker))
+    }
+
+    /// Takes back the connection to `node` parked with `ticket`: whether it is still the
+    /// session's.
+    pub fn unpark(&self, node: NodeId, ticket: ParkTicket) -> Unparked {
+        self.nodes.get(node).map_or(Unparked::Claimed, |pool| {
+            lock(&pool.stock).parked.unpark(ticket)
+        })
+    }
+
+    /// Closes idle connections past `pool.idle_timeout` or `pool.max_lifetime`, and has parked
+    /// ones past them closed by their sessions.
     pub fn reap(&self) {
         let now = Instant::now();
         let config = self.config();
@@ -488,13 +535,25 @@ impl Pools {
                 });
             }
             stock.idle.retain(|list| !list.conns.is_empty());
+            let expired = stock
+                .parked
+                .expire(now, config.idle_timeout, config.max_lifetime);
+            drop(stock);
+            expired.into_iter().for_each(Waker::wake);
         }
     }
 
-    /// Closes every idle connection to `node` (it is down or fenced: they must not be lent).
+    /// Closes every idle connection to `node`, and has its sessions close the parked ones (it is
+    /// down, fenced or leaving: they must not be lent, nor used again).
     pub fn discard_idle(&self, node: NodeId) {
         if let Some(pool) = self.nodes.get(node) {
-            lock(&pool.stock).idle.clear();
+            let mut stock = lock(&pool.stock);
+            stock.idle.clear();
+            let parked = stock
+                .parked
+                .expire(Instant::now(), Duration::ZERO, Duration::ZERO);
+            drop(stock);
+            parked.into_iter().for_each(Waker::wake);
         }
     }
 
@@ -526,6 +585,11 @@ impl Pools {
             .iter()
             .map(|list| list.conns.len())
             .sum()
+    }
+
+    /// Number of connections to `node` parked with their sessions (for tests).
+    pub fn parked_count(&self, node: NodeId) -> usize {
+        lock(&self.nodes[node].stock).parked.len()
     }
 
     /// Number of checkouts waiting in line for a connection to `node` (for tests).
@@ -590,7 +654,8 @@ impl NodePool {
 
     /// The first look of a checkout that may wait, under one lock so that no connection comes
     /// back unseen between the look and joining the line: an idle connection of the pair, a
-    /// free slot, the slot of another pair's idle connection (closed), or a place in the line.
+    /// free slot, the slot of another pair's idle connection (closed), or a place in the line,
+    /// a parked connection claimed for it when there is one (see [`Pools::park`]).
     fn take_or_queue<'a>(&'a self, database: &str, user: &str, ids: &AtomicU64) -> Found<'a> {
         let mut stock = lock(&self.stock);
         if let Some(idle) = stock.take_idle(database, user) {
@@ -614,6 +679,12 @@ impl NodePool {
             passed: 0,
             handoff,
         });
+        // A parked connection comes back sooner than any other.
+        let claimed = stock.parked.claim(Some((database, user)));
+        drop(stock);
+        if let Some(waker) = claimed {
+            waker.wake();
+        }
         Found::Queued(Queued {
             pool: self,
             id,
@@ -903,6 +974,28 @@ mod tests {
         assert_eq!(pools.waiting_count(0), 0);
         pools.nodes[0].restock(Handoff::Slot(permit));
         assert_eq!(pools.nodes[0].slots.available_permits(), 1);
+    }
+
+    #[test]
+    fn a_checkout_that_would_wait_claims_a_parked_connection() {
+        let pools = pools(1);
+        let Found::Slot(_permit) = pools.nodes[0].take_or_queue("db", "u", &pools.next_id) else {
+            panic!("the free slot");
+        };
+        let wakes = Arc::new(parked::tests::Wakes::default());
+        let waker = Waker::from(Arc::clone(&wakes));
+        let ticket = pools.park(&parked::tests::conn(7, "u"), &waker);
+        let ticket = ticket.expect("nobody waits: it parks");
+        let queued = queue(&pools, "db", "u");
+        assert_eq!(wakes.count(), 1, "its session is woken");
+        assert_eq!(pools.unpark(0, ticket), Unparked::Claimed);
+        assert!(
+            pools.park(&parked::tests::conn(7, "u"), &waker).is_none(),
+            "a checkout waits: it goes back"
+        );
+        drop(queued);
+        let ticket = pools.park(&parked::tests::conn(7, "u"), &waker);
+        assert_eq!(pools.unpark(0, ticket.expect("parks")), Unparked::Kept);
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //! Both directions progress independently (one read and one write per direction, polled by one
 //! hand-written loop over both sockets), so a server busy sending results never deadlocks
 //! against a client still sending.
+//!
+//! Under transaction pooling the relay outlives the unit while no other session needs the
+//! connection: it parks the connection with the pool (see `Pools::park`) and waits for the
+//! client's next unit, taking the connection back first, or gives it back when the pool claims
+//! it.
 
 use std::io;
 use std::pin::Pin;
@@ -27,8 +32,9 @@ use super::steering::{Decision, Steering};
 use super::topology_watch::Registration;
 use super::views::Views;
 use crate::config::PoolMode;
+use crate::pool::{ParkTicket, Parkable, Pools, Unparked};
 use crate::proxy::Proxy;
-use crate::server::ServerConn;
+use crate::server::{idle_socket_broken, ServerConn};
 use crate::stream::Stream;
 use crate::topology::{NodeId, Role};
 
@@ -153,8 +159,14 @@ pub enum Stop {
     /// something run on its node first; the current server has answered everything.
     Decided(Decision),
     /// Transaction pooling: the server answered everything and is outside a transaction block,
-    /// and the session keeps nothing on it that cannot be replayed; it goes back to the pool.
+    /// and the session keeps nothing on it that cannot be replayed; it goes back to the pool
+    /// (a checkout waits for a connection, or claimed it while it was parked).
     Release,
+    /// Transaction pooling: the connection parked between units (see `Pools::park`) is to be
+    /// closed: the node closed it or sent something unasked, or it was parked past
+    /// `pool.idle_timeout` (or is past `pool.max_lifetime`). The next unit is routed afresh, as
+    /// it would be past such a connection in the pool.
+    Discard,
     /// The session holds no server connection, owes the client nothing and has none of its
     /// bytes: it waits for the client's next unit (see `serve::serve`).
     Idle,
@@ -197,10 +209,11 @@ async fn pump(
     (views, proxy): (&mut Views<'_>, &Proxy),
     to_server: &mut BytesMut,
 ) -> Stop {
-    let (max_message, shared) = {
+    let (max_message, shared, bound) = {
         let config = views.config();
         let shared = config.pool.mode == PoolMode::Transaction;
-        (config.max_message_size, shared)
+        let bound = config.pool.max_prepared_statements;
+        (config.max_message_size, shared, bound)
     };
     let node = server.node;
     // Before the look at the topology: a generation announced after it wakes the relay.
@@ -208,6 +221,18 @@ async fn pump(
     if let Some(role) = unusable(views, node) {
         return lost(LossCause::Unusable(role), None);
     }
+    let parkable = Parkable {
+        node,
+        database: &server.database,
+        user: &server.user,
+        pid: server.backend_pid,
+        created: server.created,
+    };
+    let mut parking = Parking {
+        pools: &proxy.pools,
+        node,
+        ticket: None,
+    };
     let client_stream = &mut client.stream;
     let server_stream = &mut server.stream;
     let client_in = &mut client.rbuf;
@@ -267,13 +292,27 @@ async fn pump(
     // made 60 polls of the two reads per tpcb transaction where 40 do (callgrind).
     let mut waiting = 0u8;
     std::future::poll_fn(|cx| loop {
+        if let Some(ticket) = parking.ticket.take() {
+            match proxy.pools.unpark(node, ticket) {
+                Unparked::Kept if !idle_socket_broken(server_stream) => {}
+                Unparked::Claimed => return Poll::Ready(Stop::Release),
+                Unparked::Kept | Unparked::Expired => return Poll::Ready(Stop::Discard),
+            }
+        }
         steering.encoding_safe = server_state.encoding_safe;
+        // Whether the connection may be parked if nothing moves this turn.
+        let mut may_park = false;
         if progress.is_quiet() {
             steering.unit_done(proxy, *server_state.tx != TxStatus::Idle);
             let idle = *server_state.tx == TxStatus::Idle && server_in.is_empty();
             if idle && !terminated && to_server.is_empty() && releasable(shared, steering) {
-                // A unit that waits is routed afresh once the session has no connection.
-                return Poll::Ready(Stop::Release);
+                // A unit that waits is routed afresh once the session has no connection; a
+                // connection past `pool.max_prepared_statements` is trimmed by the next
+                // checkout's sync.
+                if held || flushing.server || !statements.within(bound) {
+                    return Poll::Ready(Stop::Release);
+                }
+                may_park = true;
             }
             if held && to_server.is_empty() {
                 // The unit that waited can be routed now that the node answered everything.
@@ -446,6 +485,13 @@ async fn pump(
         first = following(first);
         if !moved {
             waiting = 0;
+            if may_park {
+                // Every branch has registered its wake-up, the client's read among them.
+                match proxy.pools.park(&parkable, cx.waker()) {
+                    Some(ticket) => parking.ticket = Some(ticket),
+                    None => return Poll::Ready(Stop::Release),
+                }
+            }
             return Poll::Pending;
         }
     })
@@ -465,6 +511,22 @@ fn following(branch: usize) -> usize {
         0
     } else {
         branch + 1
+    }
+}
+
+/// The connection the relay parked with its pool between two units, if it did: taken back when
+/// the relay ends, whatever ends it.
+struct Parking<'a> {
+    pools: &'a Pools,
+    node: NodeId,
+    ticket: Option<ParkTicket>,
+}
+
+impl Drop for Parking<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.pools.unpark(self.node, ticket);
+        }
     }
 }
 

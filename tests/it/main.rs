@@ -24,6 +24,7 @@ mod large_messages;
 mod lost_in_flight;
 mod lost_transaction;
 mod metrics;
+mod parking;
 mod passthrough;
 mod pause;
 mod pgbench;

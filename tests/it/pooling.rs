@@ -353,7 +353,7 @@ fn wait_until_pooled(proxy: &TestProxy, count: usize) {
 }
 
 /// Backends on the primary matching `condition` (SQL over pg_stat_activity), psql's own excluded.
-fn backend_count(cluster: &LocalCluster, condition: &str) -> usize {
+pub(crate) fn backend_count(cluster: &LocalCluster, condition: &str) -> usize {
     let sql = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND {condition}"
     );
@@ -362,7 +362,7 @@ fn backend_count(cluster: &LocalCluster, condition: &str) -> usize {
 }
 
 /// Terminates backend `pid` on the primary as the superuser and waits until it has exited.
-fn terminate_backend(cluster: &LocalCluster, pid: i32) {
+pub(crate) fn terminate_backend(cluster: &LocalCluster, pid: i32) {
     let out = cluster
         .psql(PRIMARY, &format!("SELECT pg_terminate_backend({pid})"))
         .unwrap();

@@ -221,6 +221,10 @@ impl Session<'_> {
                     self.give_back(self.steering.current);
                     continue;
                 }
+                Stop::Discard => {
+                    self.discard(self.steering.current);
+                    continue;
+                }
             };
             if flush_client(&mut self.client).await.is_err() {
                 return Ok(Pause::End(RelayEnd::ClientGone));
@@ -528,7 +532,21 @@ impl Session<'_> {
             settings: settings.applied(node),
             ran: settings.ran_on(node),
         };
+        // Before the checkin: from then on the backend may serve another session, which this
+        // client's cancel requests must not reach.
+        self.let_go(node);
         self.proxy.pools.checkin(lease);
+    }
+
+    /// Closes the connection to `node` (see [`Stop::Discard`]); the next unit is routed afresh.
+    fn discard(&mut self, node: NodeId) {
+        if self.held.leases[node].take().is_some() {
+            self.let_go(node);
+        }
+    }
+
+    /// The session no longer has its connection to `node`.
+    fn let_go(&mut self, node: NodeId) {
         if node == self.steering.current {
             self.key.set_target(None);
             self.steering.released();
