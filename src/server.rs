@@ -191,6 +191,9 @@ pub struct ServerConn {
     pub listed: Option<crate::pool::Listed>,
     /// The runtime its socket is registered with (see [`ServerConn::move_here`]).
     pub home: crate::data_plane::Home,
+    /// How many checkouts of its pool had waited when its session last ended a transaction on
+    /// it (see `Pools::queued`): a connection parks only while that number stays the same.
+    pub queued_seen: u64,
 }
 
 /// The session state a server connection carries beyond its login.
@@ -265,6 +268,7 @@ impl ServerConn {
             statements: ServerStatements::default(),
             listed: None,
             home: crate::data_plane::here(),
+            queued_seen: 0,
         };
         conn.login(target).await?;
         Ok(conn)

@@ -169,6 +169,8 @@ struct NodePool {
     waits: WaitMetrics,
     /// Microseconds checkouts spent waiting in all (SHOW STATS' `total_wait_time`).
     wait_us: AtomicU64,
+    /// Checkouts that have had to wait (see [`Pools::queued`]).
+    queued: AtomicU64,
 }
 
 /// A checkout in its pool's waiting line until this is dropped; what it was handed and did not
@@ -266,6 +268,7 @@ impl Pools {
             owed: AtomicUsize::new(0),
             waits,
             wait_us: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
         });
     }
 
@@ -499,18 +502,30 @@ impl Pools {
     /// parks it again after; a checkout that would wait claims it meanwhile (see
     /// [`NodePool::take_or_queue`]), and so does the reaper once it has been parked for
     /// `pool.idle_timeout`. None when a checkout waits already or the pool is shrinking: the
-    /// session gives it back now.
+    /// session gives it back now. Sessions park only while no checkout has had to wait since
+    /// (see [`Pools::queued`]): in a busy pool parking would cost each checkout a wait where it
+    /// finds an idle connection.
     pub fn park(&self, conn: &Parkable<'_>, waker: &Waker) -> Option<ParkTicket> {
         let pool = self.nodes.get(conn.node)?;
         if pool.owed.load(Ordering::Acquire) > 0 {
             return None;
         }
+        let now = Instant::now();
         let mut stock = lock(&pool.stock);
         if !stock.waiting.is_empty() {
             return None;
         }
         let pair = stock.pair(conn.database, conn.user);
-        Some(stock.parked.park(conn, pair, waker))
+        Some(stock.parked.park(conn, pair, now, waker))
+    }
+
+    /// How many checkouts of `node`'s pool have had to wait so far: a session that sees it
+    /// changed since its connection's previous transaction gives the connection back rather
+    /// than park it.
+    pub fn queued(&self, node: NodeId) -> u64 {
+        self.nodes
+            .get(node)
+            .map_or(0, |pool| pool.queued.load(Ordering::Relaxed))
     }
 
     /// Takes back the connection to `node` parked with `ticket`: whether it is still the
@@ -671,6 +686,9 @@ impl NodePool {
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let since = Instant::now();
         let pair = stock.pair(database, user);
+        // A parked connection comes back sooner than any other.
+        let claimed = stock.parked.claim(Some(&pair));
+        self.queued.fetch_add(1, Ordering::Relaxed);
         stock.waiting.push_back(Waiting {
             id,
             pair,
@@ -679,8 +697,6 @@ impl NodePool {
             passed: 0,
             handoff,
         });
-        // A parked connection comes back sooner than any other.
-        let claimed = stock.parked.claim(Some((database, user)));
         drop(stock);
         if let Some(waker) = claimed {
             waker.wake();
@@ -979,23 +995,22 @@ mod tests {
     #[test]
     fn a_checkout_that_would_wait_claims_a_parked_connection() {
         let pools = pools(1);
-        let Found::Slot(_permit) = pools.nodes[0].take_or_queue("db", "u", &pools.next_id) else {
+        let Found::Slot(_slot) = pools.nodes[0].take_or_queue("db", "u", &pools.next_id) else {
             panic!("the free slot");
         };
         let wakes = Arc::new(parked::tests::Wakes::default());
         let waker = Waker::from(Arc::clone(&wakes));
-        let ticket = pools.park(&parked::tests::conn(7, "u"), &waker);
-        let ticket = ticket.expect("nobody waits: it parks");
+        let park = || pools.park(&parked::tests::conn(7, "u"), &waker);
+        let ticket = park().expect("nobody waits: it parks");
+        assert_eq!(pools.queued(0), 0);
         let queued = queue(&pools, "db", "u");
+        assert_eq!(pools.queued(0), 1, "a checkout waits");
         assert_eq!(wakes.count(), 1, "its session is woken");
         assert_eq!(pools.unpark(0, ticket), Unparked::Claimed);
-        assert!(
-            pools.park(&parked::tests::conn(7, "u"), &waker).is_none(),
-            "a checkout waits: it goes back"
-        );
+        assert!(park().is_none(), "a checkout waits: it goes back");
         drop(queued);
-        let ticket = pools.park(&parked::tests::conn(7, "u"), &waker);
-        assert_eq!(pools.unpark(0, ticket.expect("parks")), Unparked::Kept);
+        let ticket = park().expect("nobody waits");
+        assert_eq!(pools.unpark(0, ticket), Unparked::Kept);
     }
 
     #[test]

@@ -67,25 +67,30 @@ pub(super) struct ParkedList {
     entries: Vec<Option<Parked>>,
     /// Indexes of empty entries.
     free: Vec<usize>,
+    /// Entries not claimed yet: a checkout that queues looks through the entries only when
+    /// there are some.
+    unclaimed: usize,
 }
 
 impl ParkedList {
-    /// Records `conn`, of `pair`, as parked now by the task `waker` wakes.
+    /// Records `conn`, of `pair`, as parked at `now` by the task `waker` wakes.
     pub(super) fn park(
         &mut self,
         conn: &Parkable<'_>,
         pair: Arc<Pair>,
+        now: Instant,
         waker: &Waker,
     ) -> ParkTicket {
         let pid = conn.pid;
         let parked = Parked {
             pid,
             pair,
-            since: Instant::now(),
+            since: now,
             created: conn.created,
             waker: waker.clone(),
             claim: None,
         };
+        self.unclaimed += 1;
         let index = match self.free.pop() {
             Some(index) => {
                 self.entries[index] = Some(parked);
@@ -110,25 +115,44 @@ impl ParkedList {
         }
         let claim = slot.take().and_then(|parked| parked.claim);
         self.free.push(ticket.index);
-        claim.unwrap_or(Unparked::Kept)
+        claim.unwrap_or_else(|| {
+            self.unclaimed -= 1;
+            Unparked::Kept
+        })
     }
 
-    /// Claims the longest-parked connection not yet claimed, of `pair` (database, user) when
-    /// there is one, else of any pair (its slot then serves the checkout's): the waker of its session, to be woken once the
-    /// pool's lock is released. None when every parked connection is claimed already.
-    pub(super) fn claim(&mut self, pair: Option<(&str, &str)>) -> Option<Waker> {
-        let unclaimed = || self.entries.iter().flatten().filter(|p| p.claim.is_none());
-        let oldest = |pair: Option<(&str, &str)>| {
-            unclaimed()
-                .filter(|p| pair.is_none_or(|(db, user)| p.pair.is(db.as_bytes(), user.as_bytes())))
-                .min_by_key(|p| p.since)
-                .map(|p| p.pid)
+    /// Claims the longest-parked connection not yet claimed, of `pair` when there is one, else
+    /// of any pair (its slot then serves the checkout's): the waker of its session, to be woken
+    /// once the pool's lock is released. None when every parked connection is claimed already.
+    pub(super) fn claim(&mut self, pair: Option<&Pair>) -> Option<Waker> {
+        if self.unclaimed == 0 {
+            return None;
+        }
+        let of_pair = |parked: &Parked| {
+            pair.is_some_and(|pair| {
+                std::ptr::eq(&*parked.pair, pair)
+                    || parked
+                        .pair
+                        .is(pair.database.as_bytes(), pair.user.as_bytes())
+            })
         };
-        let pid = pair
-            .and_then(|pair| oldest(Some(pair)))
-            .or_else(|| oldest(None))?;
-        let parked = self.entries.iter_mut().flatten().find(|p| p.pid == pid)?;
+        // One pass: the pair's first, then the longest parked.
+        let mut chosen: Option<(bool, Instant, usize)> = None;
+        for (index, parked) in self.entries.iter().enumerate() {
+            let Some(parked) = parked.as_ref().filter(|p| p.claim.is_none()) else {
+                continue;
+            };
+            let mine = of_pair(parked);
+            let better = chosen.is_none_or(|(chosen_mine, since, _)| {
+                (mine && !chosen_mine) || (mine == chosen_mine && parked.since < since)
+            });
+            if better {
+                chosen = Some((mine, parked.since, index));
+            }
+        }
+        let parked = self.entries.get_mut(chosen?.2)?.as_mut()?;
         parked.claim = Some(Unparked::Claimed);
+        self.unclaimed -= 1;
         Some(parked.waker.clone())
     }
 
@@ -139,7 +163,7 @@ impl ParkedList {
 
     /// Whether a parked connection is not claimed yet.
     pub(super) fn has_unclaimed(&self) -> bool {
-        self.entries.iter().flatten().any(|p| p.claim.is_none())
+        self.unclaimed > 0
     }
 
     /// Marks the connections parked for `idle_timeout` or open for `max_lifetime` expired: the
@@ -150,7 +174,8 @@ impl ParkedList {
         idle_timeout: Duration,
         max_lifetime: Duration,
     ) -> Vec<Waker> {
-        self.entries
+        let expired: Vec<Waker> = self
+            .entries
             .iter_mut()
             .flatten()
             .filter(|p| {
@@ -162,7 +187,9 @@ impl ParkedList {
                 p.claim = Some(Unparked::Expired);
                 p.waker.clone()
             })
-            .collect()
+            .collect();
+        self.unclaimed -= expired.len();
+        expired
     }
 }
 
@@ -211,10 +238,10 @@ pub(super) mod tests {
         let mut list = ParkedList::default();
         let wakes = Arc::new(Wakes::default());
         let waker = Waker::from(Arc::clone(&wakes));
-        let first = list.park(&conn(1, "u"), pair("db", "u"), &waker);
+        let first = list.park(&conn(1, "u"), pair("db", "u"), Instant::now(), &waker);
         assert_eq!(list.unpark(first), Unparked::Kept);
         assert_eq!(list.unpark(first), Unparked::Claimed, "taken back already");
-        let second = list.park(&conn(2, "u"), pair("db", "u"), &waker);
+        let second = list.park(&conn(2, "u"), pair("db", "u"), Instant::now(), &waker);
         assert_eq!(second.index, first.index, "the empty place is reused");
         assert_eq!(
             list.unpark(first),
@@ -222,9 +249,9 @@ pub(super) mod tests {
             "another connection's place"
         );
         assert!(list.has_unclaimed());
-        assert!(list.claim(Some(("db", "u"))).is_some());
+        assert!(list.claim(Some(&pair("db", "u"))).is_some());
         assert!(!list.has_unclaimed());
-        assert!(list.claim(Some(("db", "u"))).is_none(), "claimed once");
+        assert!(list.claim(Some(&pair("db", "u"))).is_none(), "claimed once");
         assert_eq!(list.unpark(second), Unparked::Claimed);
         assert_eq!(wakes.count(), 0, "the caller wakes the claimed one");
     }
@@ -233,23 +260,28 @@ pub(super) mod tests {
     fn a_claim_takes_the_longest_parked_of_the_pair_else_of_any_pair() {
         let mut list = ParkedList::default();
         let waker = Waker::from(Arc::new(Wakes::default()));
-        let other = list.park(&conn(1, "other"), pair("db", "other"), &waker);
-        let older = list.park(&conn(2, "u"), pair("db", "u"), &waker);
-        let younger = list.park(&conn(3, "u"), pair("db", "u"), &waker);
-        list.claim(Some(("db", "u")));
+        let other = list.park(
+            &conn(1, "other"),
+            pair("db", "other"),
+            Instant::now(),
+            &waker,
+        );
+        let older = list.park(&conn(2, "u"), pair("db", "u"), Instant::now(), &waker);
+        let younger = list.park(&conn(3, "u"), pair("db", "u"), Instant::now(), &waker);
+        list.claim(Some(&pair("db", "u")));
         assert_eq!(
             list.unpark(older),
             Unparked::Claimed,
             "the older of the pair"
         );
-        let again = list.park(&conn(2, "u"), pair("db", "u"), &waker);
-        list.claim(Some(("db", "u")));
+        let again = list.park(&conn(2, "u"), pair("db", "u"), Instant::now(), &waker);
+        list.claim(Some(&pair("db", "u")));
         assert_eq!(
             list.unpark(younger),
             Unparked::Claimed,
             "the pair's, now the older"
         );
-        list.claim(Some(("db", "nobody")));
+        list.claim(Some(&pair("db", "nobody")));
         assert_eq!(
             list.unpark(other),
             Unparked::Claimed,
@@ -268,8 +300,8 @@ pub(super) mod tests {
             created: Instant::now() - Duration::from_secs(60),
             ..conn(1, "u")
         };
-        let aged = list.park(&old, pair("db", "u"), &waker);
-        let fresh = list.park(&conn(2, "u"), pair("db", "u"), &waker);
+        let aged = list.park(&old, pair("db", "u"), Instant::now(), &waker);
+        let fresh = list.park(&conn(2, "u"), pair("db", "u"), Instant::now(), &waker);
         let hour = Duration::from_secs(3600);
         let now = Instant::now();
         assert_eq!(list.expire(now, hour, Duration::from_secs(30)).len(), 1);
@@ -278,6 +310,7 @@ pub(super) mod tests {
         let expired = list.expire(later, Duration::from_secs(1), hour);
         expired.into_iter().for_each(Waker::wake);
         assert_eq!(wakes.count(), 1);
+        assert!(!list.has_unclaimed(), "none left to claim");
         assert_eq!(
             list.unpark(fresh),
             Unparked::Expired,

@@ -233,6 +233,7 @@ async fn pump(
         node,
         ticket: None,
     };
+    let queued_seen = &mut server.queued_seen;
     let client_stream = &mut client.stream;
     let server_stream = &mut server.stream;
     let client_in = &mut client.rbuf;
@@ -308,8 +309,11 @@ async fn pump(
             if idle && !terminated && to_server.is_empty() && releasable(shared, steering) {
                 // A unit that waits is routed afresh once the session has no connection; a
                 // connection past `pool.max_prepared_statements` is trimmed by the next
-                // checkout's sync.
-                if held || flushing.server || !statements.within(bound) {
+                // checkout's sync; a checkout that had to wait since the connection's last
+                // transaction shows a busy pool, where it goes back at once (`Pools::park`).
+                let queued = proxy.pools.queued(node);
+                let busy = std::mem::replace(queued_seen, queued) != queued;
+                if busy || held || flushing.server || !statements.within(bound) {
                     return Poll::Ready(Stop::Release);
                 }
                 may_park = true;

@@ -1,6 +1,6 @@
 //! Transaction pooling's parked connections as a user sees them: between two transactions a
-//! session keeps its server connection while no other client needs one, and gives it up as soon
-//! as one does; a parked connection the node closed, or one parked past `pool.idle_timeout`, is
+//! session keeps its server connection while the pool has room and no other client waits, and
+//! gives it up as soon as a client needs one; a parked connection the node closed, or one parked past `pool.idle_timeout`, is
 //! closed, and the session's next statement runs on another connection without the client
 //! seeing anything of it.
 
@@ -19,32 +19,34 @@ async fn a_parked_connection_goes_to_the_next_client_that_needs_one() {
     let cluster = test_cluster(0);
     let proxy = start_proxy(&cluster, |config| {
         config.pool.mode = PoolMode::Transaction;
-        config.pool.max_size = 1;
-        // Were the parked connection never given up, the second client would wait this long.
+        config.pool.max_size = 2;
+        // Were the parked connection never given up, the third client would wait this long.
         config.pool.checkout_timeout = Duration::from_secs(600);
     })
     .await;
     let pools = &proxy.running.proxy.pools;
-    let first = proxy.connect_app().await;
-    let pid = backend_pid(&first).await;
+    let parking = proxy.connect_app().await;
+    let pid = backend_pid(&parking).await;
     eventually(PATIENCE, "the connection parks with its session", || {
         pools.parked_count(0) == 1
     });
-    // Its login needs the one connection too.
-    let second = tokio::time::timeout(PATIENCE, proxy.connect_app())
+    // The other connection, held in a transaction block: no slot is left, nothing is idle.
+    let holding = proxy.connect_app().await;
+    holding.batch_execute("BEGIN").await.unwrap();
+    assert_ne!(backend_pid(&holding).await, pid);
+    // Its login needs a connection too.
+    let third = tokio::time::timeout(PATIENCE, proxy.connect_app())
         .await
-        .expect("the second client logs in on the parked connection");
-    for round in 0..5 {
-        for client in [&first, &second] {
-            let served = tokio::time::timeout(PATIENCE, backend_pid(client)).await;
-            assert_eq!(
-                served.unwrap_or_else(|_| panic!("round {round}: not served")),
-                pid,
-                "the one server connection"
-            );
-        }
+        .expect("the third client logs in on the parked connection");
+    let served = tokio::time::timeout(PATIENCE, backend_pid(&third)).await;
+    assert_eq!(served.expect("served"), pid, "the connection parked before");
+    holding.batch_execute("COMMIT").await.unwrap();
+    for client in [&parking, &holding, &third] {
+        tokio::time::timeout(PATIENCE, backend_pid(client))
+            .await
+            .expect("every client is served");
     }
-    assert_eq!(pools.open_count(0), 1);
+    assert_eq!(pools.open_count(0), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
