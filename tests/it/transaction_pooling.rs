@@ -3,9 +3,9 @@
 //! a session's settings and startup parameters follow it onto whatever connection serves its
 //! next transaction and never show in another session, and reach a connection only when it
 //! lacks them; a session that prepares a named
-//! statement holds no connection between its units (see prepared_pooling.rs); an idle session holds no connection, so
-//! a kill -9 failover leaves it untouched and its next statement runs on the new primary with
-//! its settings and its prepared statements.
+//! statement is not pinned to a connection (see prepared_pooling.rs); an idle session holds no
+//! connection but a parked one (see parking.rs), which a kill -9 failover closes under it unseen,
+//! and its next statement runs on the new primary with its settings and its prepared statements.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
