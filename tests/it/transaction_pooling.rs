@@ -351,7 +351,7 @@ async fn a_connection_left_as_startup_made_it_is_taken_without_a_reset_yet_never
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_session_with_a_named_statement_holds_no_connection_between_its_units() {
+async fn a_session_with_a_named_statement_is_not_pinned_to_its_connection() {
     let cluster = test_cluster(0);
     let proxy = start_proxy(&cluster, |config| {
         config.pool.mode = PoolMode::Transaction;
