@@ -47,6 +47,8 @@
 #                 as `threads` in every pgvigil config (1 runs one thread, as PgBouncer does)
 #   POOL_MODE     unset: each pgvigil target's own pooling mode; session or transaction: every
 #                 pgvigil target's `[pool] mode` (the split run's two pgvigils, say)
+#   PGVIGIL_PARK  unset: pgvigil's default (`[pool] park = false`); true or false: written as
+#                 `[pool] park` in every pgvigil config (parked connections, transaction pooling)
 #   PG_BIN        PostgreSQL server bin dir (default: newest /usr/lib/postgresql/*/bin)
 #
 # Expected runtime with the defaults, plus the release build (a few minutes when target/release is
@@ -356,6 +358,9 @@ start_pgvigil() {
             printf 'max_client_conn = %s\n' "$MAX_CLIENT_CONN"
         fi
         printf '\n[pool]\nmax_size = %s\nmode = "%s"\n' "${POOL_SIZE:-100}" "${POOL_MODE:-session}"
+        if [[ -n ${PGVIGIL_PARK:-} ]]; then
+            printf 'park = %s\n' "$PGVIGIL_PARK"
+        fi
         # Several pgvigil targets run at once: each admin API on a port of its own.
         printf '\n[admin]\nlisten = "127.0.0.1:0"\n'
         # The probes must see pg_stat_wal_receiver (README: health.user is a superuser): as

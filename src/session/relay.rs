@@ -10,10 +10,10 @@
 //! hand-written loop over both sockets), so a server busy sending results never deadlocks
 //! against a client still sending.
 //!
-//! Under transaction pooling the relay outlives the unit while no other session needs the
-//! connection: it parks the connection with the pool (see `Pools::park`) and waits for the
-//! client's next unit, taking the connection back first, or gives it back when the pool claims
-//! it.
+//! Under transaction pooling with `pool.park` the relay outlives the unit while no other
+//! session needs the connection: it parks the connection with the pool (see `Pools::park`) and
+//! waits for the client's next unit, taking the connection back first, or gives it back when
+//! the pool claims it.
 
 use std::io;
 use std::pin::Pin;
@@ -209,11 +209,11 @@ async fn pump(
     (views, proxy): (&mut Views<'_>, &Proxy),
     to_server: &mut BytesMut,
 ) -> Stop {
-    let (max_message, shared, bound) = {
+    let (max_message, shared, bound, park) = {
         let config = views.config();
         let shared = config.pool.mode == PoolMode::Transaction;
         let bound = config.pool.max_prepared_statements;
-        (config.max_message_size, shared, bound)
+        (config.max_message_size, shared, bound, config.pool.park)
     };
     let node = server.node;
     // Before the look at the topology: a generation announced after it wakes the relay.
@@ -311,9 +311,11 @@ async fn pump(
                 // connection past `pool.max_prepared_statements` is trimmed by the next
                 // checkout's sync; a checkout that had to wait since the connection's last
                 // transaction shows a busy pool, where it goes back at once (`Pools::park`).
-                let queued = proxy.pools.queued(node);
-                let busy = std::mem::replace(queued_seen, queued) != queued;
-                if busy || held || flushing.server || !statements.within(bound) {
+                let parks = park && !held && !flushing.server && statements.within(bound) && {
+                    let queued = proxy.pools.queued(node);
+                    std::mem::replace(queued_seen, queued) == queued
+                };
+                if !parks {
                     return Poll::Ready(Stop::Release);
                 }
                 may_park = true;

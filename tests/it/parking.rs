@@ -1,8 +1,8 @@
-//! Transaction pooling's parked connections as a user sees them: between two transactions a
-//! session keeps its server connection while the pool has room and no other client waits, and
-//! gives it up as soon as a client needs one; a parked connection the node closed, or one parked past `pool.idle_timeout`, is
-//! closed, and the session's next statement runs on another connection without the client
-//! seeing anything of it.
+//! Transaction pooling's parked connections (`pool.park`) as a user sees them: between two
+//! transactions a session keeps its server connection while no other client waits for one, and
+//! gives it up as soon as a client needs one; a parked connection the node closed, or one parked
+//! past `pool.idle_timeout`, is closed, and the session's next statement runs on another
+//! connection without the client seeing anything of it.
 
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ async fn a_parked_connection_goes_to_the_next_client_that_needs_one() {
     let cluster = test_cluster(0);
     let proxy = start_proxy(&cluster, |config| {
         config.pool.mode = PoolMode::Transaction;
+        config.pool.park = true;
         config.pool.max_size = 2;
         // Were the parked connection never given up, the third client would wait this long.
         config.pool.checkout_timeout = Duration::from_secs(600);
@@ -54,6 +55,7 @@ async fn a_parked_connection_the_node_closed_is_replaced_unseen() {
     let cluster = test_cluster(0);
     let proxy = start_proxy(&cluster, |config| {
         config.pool.mode = PoolMode::Transaction;
+        config.pool.park = true;
     })
     .await;
     let pools = &proxy.running.proxy.pools;
@@ -87,6 +89,7 @@ async fn a_connection_parked_past_the_idle_timeout_is_closed() {
     let cluster = test_cluster(0);
     let proxy = start_proxy(&cluster, |config| {
         config.pool.mode = PoolMode::Transaction;
+        config.pool.park = true;
         config.pool.idle_timeout = Duration::from_secs(1);
     })
     .await;
