@@ -2,9 +2,9 @@
 //! idle and lifetime reaping. A connection that broke is never handed out again. Checkouts that
 //! wait are served first come, first served, but for a bounded preference for the thread a
 //! connection is registered with: a connection coming back is handed to one checkout (see
-//! [`Stock::next_for`]), and wakes no other. Under transaction pooling a session keeps its
-//! connection parked between transactions while the pool is not busy, and gives it back as soon
-//! as a checkout claims it (see [`Pools::park`]).
+//! [`Stock::next_for`]), and wakes no other. Under transaction pooling with `pool.park` a
+//! session keeps its connection parked between transactions while the pool is not busy, and
+//! gives it back as soon as a checkout claims it (see [`Pools::park`]).
 
 mod open_list;
 mod parked;
