@@ -40,7 +40,8 @@
 #                 least_connections); round_robin, random or least_connections: written as
 #                 [routing] balance
 #   SPLIT_AFFINITY unset: the 3-node pgvigil config has no read_affinity key (the default,
-#                 unit: every read balanced anew); session: written as [routing] read_affinity
+#                 session: a session's reads stay on one node); unit or session: written as
+#                 [routing] read_affinity
 #   PGVIGIL_BIN   use this pgvigil binary instead of building target/release/pgvigil
 #                 (under $CARGO_TARGET_DIR when that is set)
 #   PGVIGIL_THREADS unset: pgvigil's default data-plane threads (one per core); a number: written
@@ -807,7 +808,7 @@ report_split() {
         "primary."
     echo "vigil-1n: pgvigil, primary only. vigil-3n: pgvigil, primary + 2 replicas," \
         "balance ${SPLIT_BALANCE:-not set (default)}," \
-        "read_affinity ${SPLIT_AFFINITY:-not set (unit)}."
+        "read_affinity ${SPLIT_AFFINITY:-not set (session)}."
     echo "dir-sb: the 2 replicas directly, no proxy (one pgbench each, at once, with half the"
     echo "clients and threads; TPS summed, latency averaged). dir-sb/dir: the machine's own"
     echo "replicas-over-primary TPS ratio, the floor to read vigil's 3n/1n against."

@@ -314,9 +314,8 @@ pub struct RoutingConfig {
     /// Whether the primary takes plain reads only when no replica may (`fallback`, the default)
     /// or shares them with the replicas by its weight (`share`).
     pub primary_reads: PrimaryReads,
-    /// Whether every read unit is balanced anew (`unit`, the default) or a session keeps
-    /// reading from the node its reads were last balanced to while that node qualifies
-    /// (`session`).
+    /// Whether a session keeps reading from the node its reads were last balanced to while that
+    /// node qualifies (`session`, the default) or every read unit is balanced anew (`unit`).
     pub read_affinity: ReadAffinity,
     /// Functions the classifier must treat as read-only, `name` or `schema.name` (default none).
     pub read_functions: Vec<String>,
@@ -411,12 +410,12 @@ pub enum PrimaryReads {
 #[serde(rename_all = "snake_case")]
 pub enum ReadAffinity {
     /// Every read unit is balanced anew: one client's reads spread over the replicas.
-    #[default]
     Unit,
     /// A session's reads stay on the node they were last balanced to while it qualifies, as
     /// PgBouncer, HAProxy and pgpool-II (by default) keep a client on one server: one replica
     /// connection per client, and a session's reads never step back to a replica that has
     /// replayed less.
+    #[default]
     Session,
 }
 

@@ -1,6 +1,7 @@
 //! Reads spread over a primary and two streaming replicas (issue 3, sections 3 to 5; issue 10,
-//! points 4 and 6), as a client observes them with `inet_server_port()`: by weight in every
-//! balance mode; on the replicas only unless `routing.primary_reads = "share"`; never to a
+//! points 4 and 6), as a client observes them with `inet_server_port()`: one client's reads, each
+//! balanced anew (`routing.read_affinity = "unit"`), by weight in every balance mode; clients by
+//! session (the default); on the replicas only unless `routing.primary_reads = "share"`; never to a
 //! replica behind the lag limits or whose WAL receiver is off, and to the primary when no replica
 //! qualifies; never older than what the session wrote, unless `routing.read_your_writes = false`
 //! says so.
@@ -107,6 +108,7 @@ async fn spread_in_every_mode_with(weights: [u32; NODES], style: ReadStyle) {
         Balance::LeastConnections,
     ] {
         let proxy = start_proxy(&cluster, |config| {
+            spread_each_read(config);
             config.routing.balance = mode;
             config.routing.primary_reads = PrimaryReads::Share;
             set_weights(config, weights);
@@ -218,6 +220,7 @@ async fn with_equal_weights_the_primary_takes_no_plain_read_by_default_and_its_s
     let ports = Ports::of(&cluster);
     for primary_reads in [PrimaryReads::default(), PrimaryReads::Share] {
         let proxy = start_proxy(&cluster, |config| {
+            spread_each_read(config);
             config.routing.primary_reads = primary_reads;
             set_weights(config, [1, 1, 1]);
         })
@@ -250,6 +253,7 @@ async fn a_standby_whose_wal_receiver_is_off_gets_no_reads_after_max_lag_while_a
     let ports = Ports::of(&cluster);
     let max_lag = Duration::from_millis(500);
     let proxy = start_proxy(&cluster, |config| {
+        spread_each_read(config);
         config.health.interval = Duration::from_millis(200);
         config.routing.max_lag = max_lag;
     })
@@ -319,6 +323,7 @@ async fn a_replica_behind_max_lag_bytes_gets_no_reads_and_with_none_left_the_pri
     let ports = Ports::of(&cluster);
     // The primary takes no balanced reads: whatever it serves, it serves as the fallback.
     let proxy = start_proxy(&cluster, |config| {
+        spread_each_read(config);
         config.health.interval = Duration::from_millis(200);
         config.routing.max_lag_bytes = MAX_LAG_BYTES;
         config.routing.max_lag = NO_TIME_LIMIT;
@@ -377,6 +382,7 @@ async fn a_replica_whose_replay_delay_passes_max_lag_gets_no_reads_until_it_catc
     let ports = Ports::of(&cluster);
     let max_lag = Duration::from_secs(1);
     let proxy = start_proxy(&cluster, |config| {
+        spread_each_read(config);
         config.health.interval = Duration::from_millis(200);
         config.routing.max_lag_bytes = NO_BYTE_LIMIT;
         config.routing.max_lag = max_lag;
@@ -636,6 +642,12 @@ impl Ports {
             .position(|&p| p == port)
             .unwrap_or_else(|| panic!("port {port} is no node's ({:?})", self.0))
     }
+}
+
+/// Every read unit balanced anew (`routing.read_affinity = "unit"`; by default a session's
+/// reads stay on one replica): for the tests that count where one client's reads go.
+fn spread_each_read(config: &mut Config) {
+    config.routing.read_affinity = ReadAffinity::Unit;
 }
 
 fn set_weights(config: &mut Config, weights: [u32; NODES]) {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use pgvigil::config::{AuthMethod, Balance, Config, PoolMode, PrimaryReads};
+use pgvigil::config::{AuthMethod, Balance, Config, PoolMode, PrimaryReads, ReadAffinity};
 use pgvigil::topology::{NodeId, Primary, Role};
 use pgvigil_proto::encode;
 use tokio::io::AsyncBufReadExt;
@@ -66,8 +66,8 @@ struct Split {
 }
 
 impl Split {
-    /// Starts the cluster and the proxy (with random balancing, then `adjust` applied to its
-    /// config), and returns once a fresh session's reads have reached both replicas: every test
+    /// Starts the cluster and the proxy (with random balancing of every read unit, then
+    /// `adjust` applied to its config), and returns once a fresh session's reads have reached both replicas: every test
     /// below starts from a proxy that does spread reads, so that "all on the primary" never holds
     /// vacuously.
     async fn start(adjust: impl FnOnce(&mut Config)) -> Split {
@@ -78,6 +78,9 @@ impl Split {
             // of a round robin (three units per loop over three nodes would always put the third
             // on the same node).
             config.routing.balance = Balance::Random;
+            // Every read unit balanced anew (by default a session's reads stay on one node):
+            // the tests below follow one session over every node.
+            config.routing.read_affinity = ReadAffinity::Unit;
             adjust(config);
         })
         .await;
