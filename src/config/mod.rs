@@ -228,8 +228,8 @@ impl Default for PoolConfig {
             // PgBouncer's default for its max_prepared_statements.
             max_prepared_statements: 200,
             drain_timeout: Duration::from_secs(30),
-            // Off until its memory cost is understood: about 150 bytes more per idle client in
-            // the 5,000-client measurement (tests/it/idle_memory.rs).
+            // Off: about 150 bytes more per idle client in the 5,000-client measurement
+            // (tests/it/idle_memory.rs), mostly free chunks the allocator keeps (README).
             park: false,
         }
     }

@@ -67,9 +67,9 @@ struct Split {
 
 impl Split {
     /// Starts the cluster and the proxy (with random balancing of every read unit, then
-    /// `adjust` applied to its config), and returns once a fresh session's reads have reached both replicas: every test
-    /// below starts from a proxy that does spread reads, so that "all on the primary" never holds
-    /// vacuously.
+    /// `adjust` applied to its config), and returns once a fresh session's reads have reached
+    /// both replicas: every test below starts from a proxy that does spread reads, so that "all
+    /// on the primary" never holds vacuously.
     async fn start(adjust: impl FnOnce(&mut Config)) -> Split {
         let cluster = test_cluster(2);
         let proxy = start_proxy(&cluster, |config| {
