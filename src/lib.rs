@@ -8,6 +8,7 @@ pub mod agent;
 pub mod auth;
 pub mod balance;
 pub mod cancel;
+pub mod classifier;
 pub mod cluster;
 pub mod config;
 pub mod console;

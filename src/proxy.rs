@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
-use pgvigil_proto::classify::{classify_fast, classify_full, Classification};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -78,9 +77,8 @@ pub struct Proxy {
     pub salted_passwords: Arc<crate::auth::scram_client::SaltedPasswords>,
     /// Wakes a node's probe task for an immediate probe.
     pub nudges: Arc<health::Nudges>,
-    /// The classifier's function lists (built-in plus `routing.read_functions`/`write_functions`;
-    /// swapped by a reload).
-    pub functions: ArcSwap<pgvigil_proto::classify::FunctionLists>,
+    /// The classifier with the function lists in force (swapped by a reload) and its memo.
+    pub classifier: crate::classifier::Classifier,
     /// Spreads reads over the nodes that may take them.
     pub balancer: Arc<crate::balance::Balancer>,
     /// The Prometheus metrics served at `/metrics`.
@@ -133,7 +131,7 @@ impl Proxy {
             salted_passwords: Arc::default(),
             // Room for every node a reload may add (ids are never reused, up to MAX_NODES).
             nudges: Arc::new(health::Nudges::new(crate::router::MAX_NODES)),
-            functions: ArcSwap::from_pointee(config.function_lists()),
+            classifier: crate::classifier::Classifier::new(config.function_lists()),
             balancer: Arc::new(crate::balance::Balancer::new(crate::router::MAX_NODES)),
             metrics,
             events: Arc::new(crate::events::Events::default()),
@@ -147,12 +145,6 @@ impl Proxy {
             proxy.add_node(node, &n.name);
         }
         Ok((proxy, publisher))
-    }
-
-    /// Classifies `sql` (see [`classify`](pgvigil_proto::classify::classify)), reading the
-    /// function lists only when the fast path cannot answer: each read costs an atomic dance.
-    pub fn classify(&self, sql: &[u8]) -> Classification {
-        classify_fast(sql).unwrap_or_else(|| classify_full(sql, &self.functions.load()))
     }
 
     /// Gives the node with id `node` (the next one) its pool and metrics, before it is

@@ -307,7 +307,7 @@ impl Proxy {
     pub(crate) fn replace_config(&self, next: Config) {
         let users = crate::proxy::user_secrets(&next, &self.users.load());
         self.users.store(Arc::new(users));
-        self.functions.store(Arc::new(next.function_lists()));
+        self.classifier.replace(next.function_lists());
         self.pools.reconfigure(next.pool.clone());
         self.store_config(next);
     }

@@ -53,7 +53,7 @@ pub async fn answer_unit(
         frontend::tag::QUERY => {
             let frame = client.rbuf.split_to(len);
             let sql = Query::parse(&frame[5..]).map(|q| q.sql).unwrap_or_default();
-            let c = proxy.classify(sql);
+            let c = proxy.classifier.query(sql);
             let single = (c.statements == 1).then_some(c.tx).flatten();
             let ends = single.is_some_and(ends_block);
             let unannounced = matches!(lost, LostTransaction::Unannounced(_));
@@ -147,7 +147,7 @@ async fn extended(
                     .ok()
                     .filter(|p| p.name.is_empty())
                     .map(|p| {
-                        let c = proxy.classify(p.sql);
+                        let c = proxy.classifier.parse(p.sql);
                         c.statements == 1 && c.tx.is_some_and(ends_block)
                     });
                 if ends == Some(true) {

@@ -420,7 +420,7 @@ pub fn name_statement(
             let key = replay.statement_key(after_name);
             let mut id = proxy.statements.id_for(&key);
             let class = match parse {
-                Some(parse) => proxy.classify(parse.sql),
+                Some(parse) => proxy.classifier.parse(parse.sql),
                 None => {
                     replay.naming.sent_unnamed();
                     return Outgoing::AsIs;

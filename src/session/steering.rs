@@ -165,12 +165,7 @@ impl Steering {
         if std::mem::take(&mut self.forced) {
             return self.forward(input, max, proxy);
         }
-        let facts = unit::inspect(
-            input,
-            max,
-            |sql| proxy.classify(sql),
-            self.replay.statements(),
-        );
+        let facts = unit::inspect(input, max, &proxy.classifier, self.replay.statements());
         if !facts.complete {
             return Decision::Wait;
         }

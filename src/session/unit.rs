@@ -8,6 +8,7 @@ use pgvigil_proto::frontend::{self, Bind, Describe, Parse, Query};
 
 use super::replay::Statements;
 use super::sql_words::contains_ignore_case;
+use crate::classifier::Classifier;
 
 /// Past this many buffered bytes a unit without its Sync is routed on what has been seen
 /// (conservatively: as a possible write) instead of waiting for the rest.
@@ -190,7 +191,7 @@ impl UnitFacts {
 pub fn inspect(
     input: &[u8],
     max_message: usize,
-    classify: impl Fn(&[u8]) -> Classification,
+    classifier: &Classifier,
     statements: &Statements,
 ) -> UnitFacts {
     let mut facts = UnitFacts::default();
@@ -204,7 +205,9 @@ pub fn inspect(
                 facts.inspected = before;
                 if before == 0 {
                     let sql = Query::parse(message.body).map(|q| q.sql).ok();
-                    let c = sql.map(&classify).unwrap_or(Classification::ONE_WRITE);
+                    let c = sql
+                        .map(|sql| classifier.query(sql))
+                        .unwrap_or(Classification::ONE_WRITE);
                     facts.merge(&c);
                     facts.asks_backend_pid(sql.unwrap_or_default(), &c);
                     facts.query_statements = c.statements;
@@ -225,7 +228,7 @@ pub fn inspect(
             frontend::tag::PARSE => {
                 let parsed = Parse::parse(message.body).ok();
                 let c = parsed
-                    .map(|p| classify(p.sql))
+                    .map(|p| classifier.parse(p.sql))
                     .unwrap_or(Classification::ONE_WRITE);
                 facts.merge(&c);
                 facts.asks_backend_pid(parsed.map(|p| p.sql).unwrap_or_default(), &c);

@@ -655,3 +655,65 @@ async fn unknown_users_are_asked_for_the_method_most_users_have_after_a_reload_t
         .exits(0);
     assert_eq!(unknown_user_request(&proxy).await, 5);
 }
+
+/// Where one extended-protocol read of `reload_where()` ran: the port of its node.
+async fn where_read_ran(client: &tokio_postgres::Client) -> u16 {
+    let row = client
+        .query_one("SELECT reload_where()", &[])
+        .await
+        .unwrap_or_else(|e| panic!("SELECT reload_where(): {e:?}"));
+    let port: i32 = row.get(0);
+    u16::try_from(port).expect("a port")
+}
+
+/// The classifier remembers what a statement's text is (per data-plane thread, one thread
+/// here so that every session shares one memo), yet a reload's function lists decide: a call
+/// of a function pgvigil does not know goes to the primary; once `routing.read_functions` names
+/// it, the same text, parsed again by a new session, goes to a replica.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_function_named_a_read_by_reload_sends_the_same_statement_to_the_replicas() {
+    let cluster = test_cluster(2);
+    let mut config = test_config(&cluster);
+    config.threads = 1;
+    let file = TempConfig::new(&toml_of(&config));
+    let proxy = start_from(&file).await;
+    crate::read_split::wait_until_every_node_may_read(&proxy);
+    cluster
+        .psql_in(
+            0,
+            APP_DB,
+            "CREATE FUNCTION reload_where() RETURNS int LANGUAGE sql \
+             AS 'SELECT inet_server_port()'",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    for replica in [1, 2] {
+        eventually(PATIENCE, "the function on the replica", || {
+            cluster
+                .psql_in(
+                    replica,
+                    APP_DB,
+                    "SELECT count(*) FROM pg_proc WHERE proname = 'reload_where'",
+                )
+                .is_ok_and(|out| out.trim() == "1")
+        });
+    }
+    let primary = cluster.node(0).port;
+
+    let before = proxy.connect_app().await;
+    for _ in 0..20 {
+        assert_eq!(
+            where_read_ran(&before).await,
+            primary,
+            "an unknown function"
+        );
+    }
+    config.routing.read_functions = vec!["reload_where".into()];
+    rewrite(&file, &config);
+    cli(proxy.running.admin_addr, None, &["reload"])
+        .await
+        .exits(0);
+    let after = proxy.connect_app().await;
+    for _ in 0..20 {
+        assert_ne!(where_read_ran(&after).await, primary, "a read function");
+    }
+}

@@ -43,7 +43,7 @@ impl Steering {
                         u.read_only,
                     )
                 } else {
-                    let c = proxy.classify(sql);
+                    let c = proxy.classifier.query(sql);
                     self.uncovered(&c);
                     (c.session_state, c.statements, c.set_config, c.read_only)
                 };
@@ -111,7 +111,7 @@ impl Steering {
             (true, true, Some(class)) if !self.unit.session_state => Some(class),
             _ => None,
         };
-        let class = known.unwrap_or_else(|| proxy.classify(parse.sql));
+        let class = known.unwrap_or_else(|| proxy.classifier.parse(parse.sql));
         if !covered {
             self.uncovered(&class);
         }

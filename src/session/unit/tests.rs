@@ -20,12 +20,12 @@ fn bind(out: &mut BytesMut, statement: &str) {
 }
 
 fn facts(input: &[u8], statements: &Statements) -> UnitFacts {
-    inspect(input, 1 << 20, classify_by_default, statements)
+    inspect(input, 1 << 20, &default_classifier(), statements)
 }
 
 /// The classifier with no configured function lists.
-fn classify_by_default(sql: &[u8]) -> Classification {
-    classify(sql, &FunctionLists::default())
+fn default_classifier() -> Classifier {
+    Classifier::new(FunctionLists::default())
 }
 
 #[test]
@@ -57,7 +57,7 @@ fn a_large_bind_is_routed_on_its_names_before_it_is_whole() {
     unit.put_u8(b'B');
     unit.put_u32(4 + 2 * LOOKAHEAD_LIMIT as u32);
     unit.put_slice(b"\0s1\0\0\0\0\x01");
-    let inspect_large = |input: &[u8]| inspect(input, 1 << 30, classify_by_default, &none);
+    let inspect_large = |input: &[u8]| inspect(input, 1 << 30, &default_classifier(), &none);
     let f = inspect_large(&unit);
     assert!(
         f.complete && !f.read_only,
