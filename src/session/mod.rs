@@ -9,6 +9,7 @@ mod hold;
 mod loss;
 mod naming;
 mod open;
+mod read_wakes;
 mod recover;
 mod relay;
 mod replay;

@@ -26,6 +26,7 @@ use pgvigil_proto::{header, TxStatus};
 use tokio::io::AsyncWrite;
 
 use super::client_scan::ClientScan;
+use super::read_wakes::{self, ReadWakes};
 use super::server_side::ServerSide;
 use super::spare;
 use super::steering::{Decision, Steering};
@@ -184,15 +185,17 @@ pub async fn relay(
     (views, proxy): (&mut Views<'_>, &Proxy),
 ) -> Stop {
     let mut to_server = BytesMut::new();
+    let mut wakes = ReadWakes::take();
     let stop = pump(
         client,
         server,
         steering,
         progress,
         (views, proxy),
-        &mut to_server,
+        (&mut to_server, &mut wakes),
     )
     .await;
+    wakes.give();
     // Bytes not written are the lost connection's, whose loss the session now handles; the
     // buffer, which often is the client's read buffer swapped in, serves another unit.
     to_server.clear();
@@ -200,14 +203,15 @@ pub async fn relay(
     stop
 }
 
-/// [`relay`]'s loop; `to_server` holds what is on its way to the server.
+/// [`relay`]'s loop; `to_server` holds what is on its way to the server, `wakes` are the
+/// reads' wakers.
 async fn pump(
     client: &mut ClientConn,
     server: &mut ServerConn,
     steering: &mut Steering,
     progress: &mut Progress,
     (views, proxy): (&mut Views<'_>, &Proxy),
-    to_server: &mut BytesMut,
+    (to_server, wakes): (&mut BytesMut, &mut ReadWakes),
 ) -> Stop {
     let (max_message, shared, bound, park) = {
         let config = views.config();
@@ -292,213 +296,228 @@ async fn pump(
     // so polling it again before the task is woken would only find it not ready again: that
     // made 60 polls of the two reads per tpcb transaction where 40 do (callgrind).
     let mut waiting = 0u8;
-    std::future::poll_fn(|cx| loop {
-        if let Some(ticket) = parking.ticket.take() {
-            match proxy.pools.unpark(node, ticket) {
-                Unparked::Kept if !idle_socket_broken(server_stream) => {}
-                Unparked::Claimed => return Poll::Ready(Stop::Release),
-                Unparked::Kept | Unparked::Expired => return Poll::Ready(Stop::Discard),
-            }
-        }
-        steering.encoding_safe = server_state.encoding_safe;
-        // Whether the connection may be parked if nothing moves this turn.
-        let mut may_park = false;
-        if progress.is_quiet() {
-            steering.unit_done(proxy, *server_state.tx != TxStatus::Idle);
-            let idle = *server_state.tx == TxStatus::Idle && server_in.is_empty();
-            if idle && !terminated && to_server.is_empty() && releasable(shared, steering) {
-                // A unit that waits is routed afresh once the session has no connection; a
-                // connection past `pool.max_prepared_statements` is trimmed by the next
-                // checkout's sync; a checkout that had to wait since the connection's last
-                // transaction shows a busy pool, where it goes back at once (`Pools::park`).
-                let parks = park && !held && !flushing.server && statements.within(bound) && {
-                    let queued = proxy.pools.queued(node);
-                    std::mem::replace(queued_seen, queued) == queued
-                };
-                if !parks {
-                    return Poll::Ready(Stop::Release);
+    std::future::poll_fn(|cx| {
+        // A read found not ready stays so until its own waker is woken (see `read_wakes`).
+        let woken = wakes.enter(cx.waker());
+        waiting &= READS
+            & !(u8::from(woken & read_wakes::CLIENT != 0) << FROM_CLIENT
+                | u8::from(woken & read_wakes::SERVER != 0) << FROM_SERVER);
+        loop {
+            if let Some(ticket) = parking.ticket.take() {
+                match proxy.pools.unpark(node, ticket) {
+                    Unparked::Kept if !idle_socket_broken(server_stream) => {}
+                    Unparked::Claimed => return Poll::Ready(Stop::Release),
+                    Unparked::Kept | Unparked::Expired => return Poll::Ready(Stop::Discard),
                 }
-                may_park = true;
             }
-            if held && to_server.is_empty() {
-                // The unit that waited can be routed now that the node answered everything.
-                held = false;
-                let mut scan = ClientScan {
-                    max_message,
-                    shared,
-                    proxy,
-                    views,
-                    terminated: &mut terminated,
-                    statements,
-                    to_client,
-                };
-                match scan.scan(client_in, to_server, progress, steering, *server_state.tx) {
-                    Err(end) => return Poll::Ready(Stop::End(end)),
-                    Ok(Some(decision)) if to_server.is_empty() => {
-                        return Poll::Ready(Stop::Decided(decision))
+            steering.encoding_safe = server_state.encoding_safe;
+            // Whether the connection may be parked if nothing moves this turn.
+            let mut may_park = false;
+            if progress.is_quiet() {
+                steering.unit_done(proxy, *server_state.tx != TxStatus::Idle);
+                let idle = *server_state.tx == TxStatus::Idle && server_in.is_empty();
+                if idle && !terminated && to_server.is_empty() && releasable(shared, steering) {
+                    // A unit that waits is routed afresh once the session has no connection; a
+                    // connection past `pool.max_prepared_statements` is trimmed by the next
+                    // checkout's sync; a checkout that had to wait since the connection's last
+                    // transaction shows a busy pool, where it goes back at once (`Pools::park`).
+                    let parks = park && !held && !flushing.server && statements.within(bound) && {
+                        let queued = proxy.pools.queued(node);
+                        std::mem::replace(queued_seen, queued) == queued
+                    };
+                    if !parks {
+                        return Poll::Ready(Stop::Release);
                     }
-                    Ok(Some(_)) => held = true,
-                    Ok(None) => {}
+                    may_park = true;
+                }
+                if held && to_server.is_empty() {
+                    // The unit that waited can be routed now that the node answered everything.
+                    held = false;
+                    let mut scan = ClientScan {
+                        max_message,
+                        shared,
+                        proxy,
+                        views,
+                        terminated: &mut terminated,
+                        statements,
+                        to_client,
+                    };
+                    match scan.scan(client_in, to_server, progress, steering, *server_state.tx) {
+                        Err(end) => return Poll::Ready(Stop::End(end)),
+                        Ok(Some(decision)) if to_server.is_empty() => {
+                            return Poll::Ready(Stop::Decided(decision))
+                        }
+                        Ok(Some(_)) => held = true,
+                        Ok(None) => {}
+                    }
                 }
             }
-        }
-        if terminated && to_server.is_empty() {
-            return Poll::Ready(Stop::End(RelayEnd::Terminated));
-        }
+            if terminated && to_server.is_empty() {
+                return Poll::Ready(Stop::End(RelayEnd::Terminated));
+            }
 
-        // Each turn carries out the first branch that is ready, as one `select!` would; every
-        // branch that is not ready has registered its wake-up.
-        let mut moved = false;
-        // The branches enabled now and not already found waiting, taken in turn from `first`.
-        let enabled = u8::from(flushing.client || !to_client.is_empty())
-            | u8::from(flushing.server || !to_server.is_empty()) << 1
-            | 1 << 2
-            | u8::from(!held && !terminated && to_server.len() < HIGH_WATER) << 3
-            | u8::from(to_client.len() < HIGH_WATER) << 4;
-        let candidates = enabled & !waiting;
-        let mut turns = (candidates >> first | candidates << (BRANCHES - first)) & ALL_BRANCHES;
-        while turns != 0 {
-            let turn = turns.trailing_zeros() as usize;
-            turns &= turns - 1;
-            let branch = if first + turn >= BRANCHES {
-                first + turn - BRANCHES
-            } else {
-                first + turn
-            };
-            let bit = 1 << branch;
-            let outcome = match branch {
-                // To the client.
-                0 => match poll_send(client_stream, cx, to_client, &mut flushing.client) {
-                    Poll::Pending => {
-                        waiting |= bit;
-                        continue;
-                    }
-                    Poll::Ready(Ok(())) => Poll::Pending,
-                    Poll::Ready(Err(_)) => Poll::Ready(Stop::End(RelayEnd::ClientGone)),
-                },
-                // To the server.
-                1 => match poll_send(server_stream, cx, to_server, &mut flushing.server) {
-                    Poll::Pending => {
-                        waiting |= bit;
-                        continue;
-                    }
-                    Poll::Ready(Ok(())) => Poll::Pending,
-                    Poll::Ready(Err(cause)) => Poll::Ready(server_lost(cause, &mut server_state)),
-                },
-                // The topology gave up on the node (the watch is registered for the next
-                // generation whatever this one says).
-                2 => {
-                    waiting |= bit;
-                    match topology
-                        .changed(cx)
-                        .then(|| unusable(views, node))
-                        .flatten()
-                    {
-                        None => continue,
-                        Some(role) => {
-                            Poll::Ready(server_lost(LossCause::Unusable(role), &mut server_state))
-                        }
-                    }
-                }
-                // From the client.
-                3 => {
-                    reserve(client_in, max_message, &progress.from_client, |tag| {
-                        !matches!(tag, frontend::tag::COPY_DATA | frontend::tag::BIND)
-                    });
-                    match poll_read_some(Pin::new(&mut *client_stream), cx, client_in) {
+            // Each turn carries out the first branch that is ready, as one `select!` would; every
+            // branch that is not ready has registered its wake-up.
+            let mut moved = false;
+            // The branches enabled now and not already found waiting, taken in turn from `first`.
+            let enabled = u8::from(flushing.client || !to_client.is_empty())
+                | u8::from(flushing.server || !to_server.is_empty()) << 1
+                | 1 << 2
+                | u8::from(!held && !terminated && to_server.len() < HIGH_WATER) << 3
+                | u8::from(to_client.len() < HIGH_WATER) << 4;
+            let candidates = enabled & !waiting;
+            let mut turns = (candidates >> first | candidates << (BRANCHES - first)) & ALL_BRANCHES;
+            while turns != 0 {
+                let turn = turns.trailing_zeros() as usize;
+                turns &= turns - 1;
+                let branch = if first + turn >= BRANCHES {
+                    first + turn - BRANCHES
+                } else {
+                    first + turn
+                };
+                let bit = 1 << branch;
+                let outcome = match branch {
+                    // To the client.
+                    0 => match poll_send(client_stream, cx, to_client, &mut flushing.client) {
                         Poll::Pending => {
                             waiting |= bit;
                             continue;
                         }
-                        Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(Stop::End(RelayEnd::ClientGone)),
-                        Poll::Ready(Ok(n)) => {
-                            steering.received(n);
-                            let mut scan = ClientScan {
-                                max_message,
-                                shared,
-                                proxy,
-                                views,
-                                terminated: &mut terminated,
-                                statements,
-                                to_client,
-                            };
-                            match scan.scan(
-                                client_in,
-                                to_server,
-                                progress,
-                                steering,
-                                *server_state.tx,
-                            ) {
-                                Err(end) => Poll::Ready(Stop::End(end)),
-                                Ok(Some(decision))
-                                    if progress.is_quiet() && to_server.is_empty() =>
-                                {
-                                    Poll::Ready(Stop::Decided(decision))
-                                }
-                                Ok(Some(_)) => {
-                                    held = true;
-                                    Poll::Pending
-                                }
-                                Ok(None) => Poll::Pending,
-                            }
-                        }
-                    }
-                }
-                // From the server.
-                4 => {
-                    reserve(server_in, max_message, &progress.from_server, |tag| {
-                        !ServerSide::passes_in_pieces(tag)
-                    });
-                    match poll_read_some(Pin::new(&mut *server_stream), cx, server_in) {
+                        Poll::Ready(Ok(())) => Poll::Pending,
+                        Poll::Ready(Err(_)) => Poll::Ready(Stop::End(RelayEnd::ClientGone)),
+                    },
+                    // To the server.
+                    1 => match poll_send(server_stream, cx, to_server, &mut flushing.server) {
                         Poll::Pending => {
                             waiting |= bit;
                             continue;
                         }
-                        Poll::Ready(Ok(0)) => {
-                            Poll::Ready(server_lost(LossCause::Closed, &mut server_state))
+                        Poll::Ready(Ok(())) => Poll::Pending,
+                        Poll::Ready(Err(cause)) => {
+                            Poll::Ready(server_lost(cause, &mut server_state))
                         }
-                        Poll::Ready(Err(e)) => {
-                            Poll::Ready(server_lost(LossCause::Io(e), &mut server_state))
+                    },
+                    // The topology gave up on the node (the watch is registered for the next
+                    // generation whatever this one says).
+                    2 => {
+                        waiting |= bit;
+                        match topology
+                            .changed(cx)
+                            .then(|| unusable(views, node))
+                            .flatten()
+                        {
+                            None => continue,
+                            Some(role) => Poll::Ready(server_lost(
+                                LossCause::Unusable(role),
+                                &mut server_state,
+                            )),
                         }
-                        Poll::Ready(Ok(n)) => {
-                            steering.sent(n);
-                            let scanned = server_state.scan(
-                                server_in,
-                                to_client,
-                                max_message,
-                                progress,
-                                &mut steering.replay,
-                                statements,
-                            );
-                            match scanned {
-                                Err(_) => {
-                                    Poll::Ready(server_lost(LossCause::Garbled, &mut server_state))
+                    }
+                    // From the client.
+                    3 => {
+                        reserve(client_in, max_message, &progress.from_client, |tag| {
+                            !matches!(tag, frontend::tag::COPY_DATA | frontend::tag::BIND)
+                        });
+                        let cx = &mut Context::from_waker(wakes.client());
+                        match poll_read_some(Pin::new(&mut *client_stream), cx, client_in) {
+                            Poll::Pending => {
+                                waiting |= bit;
+                                continue;
+                            }
+                            Poll::Ready(Ok(0) | Err(_)) => {
+                                Poll::Ready(Stop::End(RelayEnd::ClientGone))
+                            }
+                            Poll::Ready(Ok(n)) => {
+                                steering.received(n);
+                                let mut scan = ClientScan {
+                                    max_message,
+                                    shared,
+                                    proxy,
+                                    views,
+                                    terminated: &mut terminated,
+                                    statements,
+                                    to_client,
+                                };
+                                match scan.scan(
+                                    client_in,
+                                    to_server,
+                                    progress,
+                                    steering,
+                                    *server_state.tx,
+                                ) {
+                                    Err(end) => Poll::Ready(Stop::End(end)),
+                                    Ok(Some(decision))
+                                        if progress.is_quiet() && to_server.is_empty() =>
+                                    {
+                                        Poll::Ready(Stop::Decided(decision))
+                                    }
+                                    Ok(Some(_)) => {
+                                        held = true;
+                                        Poll::Pending
+                                    }
+                                    Ok(None) => Poll::Pending,
                                 }
-                                Ok(_) => Poll::Pending,
                             }
                         }
                     }
+                    // From the server.
+                    4 => {
+                        reserve(server_in, max_message, &progress.from_server, |tag| {
+                            !ServerSide::passes_in_pieces(tag)
+                        });
+                        let cx = &mut Context::from_waker(wakes.server());
+                        match poll_read_some(Pin::new(&mut *server_stream), cx, server_in) {
+                            Poll::Pending => {
+                                waiting |= bit;
+                                continue;
+                            }
+                            Poll::Ready(Ok(0)) => {
+                                Poll::Ready(server_lost(LossCause::Closed, &mut server_state))
+                            }
+                            Poll::Ready(Err(e)) => {
+                                Poll::Ready(server_lost(LossCause::Io(e), &mut server_state))
+                            }
+                            Poll::Ready(Ok(n)) => {
+                                steering.sent(n);
+                                let scanned = server_state.scan(
+                                    server_in,
+                                    to_client,
+                                    max_message,
+                                    progress,
+                                    &mut steering.replay,
+                                    statements,
+                                );
+                                match scanned {
+                                    Err(_) => Poll::Ready(server_lost(
+                                        LossCause::Garbled,
+                                        &mut server_state,
+                                    )),
+                                    Ok(_) => Poll::Pending,
+                                }
+                            }
+                        }
+                    }
+                    // There are no other branches.
+                    _ => continue,
+                };
+                if outcome.is_ready() {
+                    return outcome;
                 }
-                // There are no other branches.
-                _ => continue,
-            };
-            if outcome.is_ready() {
-                return outcome;
+                moved = true;
+                break;
             }
-            moved = true;
-            break;
-        }
-        first = following(first);
-        if !moved {
-            waiting = 0;
-            if may_park {
-                // Every branch has registered its wake-up, the client's read among them.
-                match proxy.pools.park(&parkable, cx.waker()) {
-                    Some(ticket) => parking.ticket = Some(ticket),
-                    None => return Poll::Ready(Stop::Release),
+            first = following(first);
+            if !moved {
+                waiting &= READS;
+                if may_park {
+                    // Every branch has registered its wake-up, the client's read among them.
+                    match proxy.pools.park(&parkable, cx.waker()) {
+                        Some(ticket) => parking.ticket = Some(ticket),
+                        None => return Poll::Ready(Stop::Release),
+                    }
                 }
+                return Poll::Pending;
             }
-            return Poll::Pending;
         }
     })
     .await
@@ -509,6 +528,12 @@ async fn pump(
 const BRANCHES: usize = 5;
 /// A bit for each of them.
 const ALL_BRANCHES: u8 = (1 << BRANCHES) - 1;
+/// The branch reading from the client.
+const FROM_CLIENT: usize = 3;
+/// The branch reading from the server.
+const FROM_SERVER: usize = 4;
+/// The bits of both reads: each has a waker of its own (see [`ReadWakes`]).
+const READS: u8 = 1 << FROM_CLIENT | 1 << FROM_SERVER;
 
 /// The branch after `branch`, round the circle (no division: the loop turns several times per
 /// round trip).
