@@ -9,7 +9,6 @@ mod hold;
 mod loss;
 mod naming;
 mod open;
-mod read_wakes;
 mod recover;
 mod relay;
 mod replay;
@@ -28,6 +27,7 @@ mod topology_watch;
 mod unit;
 mod unnamed;
 mod views;
+mod wakes;
 
 pub use topology_watch::watch_topology;
 

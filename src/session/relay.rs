@@ -26,12 +26,12 @@ use pgvigil_proto::{header, TxStatus};
 use tokio::io::AsyncWrite;
 
 use super::client_scan::ClientScan;
-use super::read_wakes::{self, ReadWakes};
 use super::server_side::ServerSide;
 use super::spare;
 use super::steering::{Decision, Steering};
 use super::topology_watch::Registration;
 use super::views::Views;
+use super::wakes::{self, Wakes};
 use crate::config::PoolMode;
 use crate::pool::{ParkTicket, Parkable, Pools, Unparked};
 use crate::proxy::Proxy;
@@ -185,7 +185,7 @@ pub async fn relay(
     (views, proxy): (&mut Views<'_>, &Proxy),
 ) -> Stop {
     let mut to_server = BytesMut::new();
-    let mut wakes = ReadWakes::take();
+    let mut wakes = Wakes::take();
     let stop = pump(
         client,
         server,
@@ -204,14 +204,14 @@ pub async fn relay(
 }
 
 /// [`relay`]'s loop; `to_server` holds what is on its way to the server, `wakes` are the
-/// reads' wakers.
+/// branches' wakers.
 async fn pump(
     client: &mut ClientConn,
     server: &mut ServerConn,
     steering: &mut Steering,
     progress: &mut Progress,
     (views, proxy): (&mut Views<'_>, &Proxy),
-    (to_server, wakes): (&mut BytesMut, &mut ReadWakes),
+    (to_server, wakes): (&mut BytesMut, &mut Wakes),
 ) -> Stop {
     let (max_message, shared, bound, park) = {
         let config = views.config();
@@ -297,11 +297,13 @@ async fn pump(
     // made 60 polls of the two reads per tpcb transaction where 40 do (callgrind).
     let mut waiting = 0u8;
     std::future::poll_fn(|cx| {
-        // A read found not ready stays so until its own waker is woken (see `read_wakes`).
+        // A read found not ready, or the topology watch, stays so until its own waker is woken
+        // (see `wakes`).
         let woken = wakes.enter(cx.waker());
-        waiting &= READS
-            & !(u8::from(woken & read_wakes::CLIENT != 0) << FROM_CLIENT
-                | u8::from(woken & read_wakes::SERVER != 0) << FROM_SERVER);
+        waiting &= OWN_WAKERS
+            & !(u8::from(woken & wakes::CLIENT != 0) << FROM_CLIENT
+                | u8::from(woken & wakes::SERVER != 0) << FROM_SERVER
+                | u8::from(woken & wakes::TOPOLOGY != 0) << TOPOLOGY);
         loop {
             if let Some(ticket) = parking.ticket.take() {
                 match proxy.pools.unpark(node, ticket) {
@@ -402,7 +404,7 @@ async fn pump(
                     2 => {
                         waiting |= bit;
                         match topology
-                            .changed(cx)
+                            .changed(&Context::from_waker(wakes.topology()))
                             .then(|| unusable(views, node))
                             .flatten()
                         {
@@ -508,7 +510,7 @@ async fn pump(
             }
             first = following(first);
             if !moved {
-                waiting &= READS;
+                waiting &= OWN_WAKERS;
                 if may_park {
                     // Every branch has registered its wake-up, the client's read among them.
                     match proxy.pools.park(&parkable, cx.waker()) {
@@ -532,8 +534,10 @@ const ALL_BRANCHES: u8 = (1 << BRANCHES) - 1;
 const FROM_CLIENT: usize = 3;
 /// The branch reading from the server.
 const FROM_SERVER: usize = 4;
-/// The bits of both reads: each has a waker of its own (see [`ReadWakes`]).
-const READS: u8 = 1 << FROM_CLIENT | 1 << FROM_SERVER;
+/// The branch watching the topology.
+const TOPOLOGY: usize = 2;
+/// The bits of the branches with a waker of their own (see [`Wakes`]).
+const OWN_WAKERS: u8 = 1 << TOPOLOGY | 1 << FROM_CLIENT | 1 << FROM_SERVER;
 
 /// The branch after `branch`, round the circle (no division: the loop turns several times per
 /// round trip).

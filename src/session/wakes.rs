@@ -1,7 +1,7 @@
-//! The relay's two reads, each with a waker of its own, so that a wake-up says which socket
-//! became readable: the relay then polls that read again and not the other one, which stays
-//! registered and would only say "not ready" once more (two such polls per round trip, about
-//! 300 instructions each, before).
+//! The relay's branches that wait for a wake-up, each with a waker of its own: the two reads
+//! and the topology watch. A wake-up says which one to poll again; the others stay registered
+//! and would only say "not ready" once more (two polls of a read per round trip, about 300
+//! instructions each, and two looks at the topology, before).
 //!
 //! Wake-ups are only ever hints: a spurious one costs a poll, and a read whose registration
 //! was replaced by another waker is polled again when the relay starts (each relay starts with
@@ -16,66 +16,70 @@ use atomic_waker::AtomicWaker;
 
 use super::spare::Spares;
 
-/// The bit of the client's read in [`ReadWakes::enter`]'s answer.
+/// The bit of the client's read in [`Wakes::enter`]'s answer.
 pub const CLIENT: u8 = 1;
 /// The bit of the server's read.
 pub const SERVER: u8 = 2;
+/// The bit of the topology watch.
+pub const TOPOLOGY: u8 = 4;
 
 thread_local! {
-    static SPARE: Spares<ReadWakes> = const { Spares::new() };
+    static SPARE: Spares<Wakes> = const { Spares::new() };
 }
 
-/// The wakers of one relay's reads.
-pub struct ReadWakes {
+/// The wakers of one relay's branches.
+pub struct Wakes {
     woken: Arc<Woken>,
     client: Waker,
     server: Waker,
+    topology: Waker,
 }
 
-/// What the two wakers share: which reads were woken since the relay last looked, and the
+/// What the wakers share: which branches were woken since the relay last looked, and the
 /// relay's task, which each wake-up wakes.
 #[derive(Default)]
 struct Woken {
-    reads: AtomicU8,
+    branches: AtomicU8,
     task: AtomicWaker,
 }
 
-/// The waker of one read.
-struct ReadWaker {
+/// The waker of one branch.
+struct BranchWaker {
     woken: Arc<Woken>,
-    read: u8,
+    branch: u8,
 }
 
-impl Wake for ReadWaker {
+impl Wake for BranchWaker {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.reads.fetch_or(self.read, Ordering::AcqRel);
+        self.woken.branches.fetch_or(self.branch, Ordering::AcqRel);
         self.woken.task.wake();
     }
 }
 
-impl ReadWakes {
+impl Wakes {
     /// A relay's wakers: kept ones when the thread has them.
-    pub fn take() -> ReadWakes {
+    pub fn take() -> Wakes {
         let wakes = SPARE.with(Spares::take).unwrap_or_else(|| {
             let woken = Arc::new(Woken::default());
-            let waker = |read| {
-                Waker::from(Arc::new(ReadWaker {
+            let waker = |branch| {
+                Waker::from(Arc::new(BranchWaker {
                     woken: woken.clone(),
-                    read,
+                    branch,
                 }))
             };
-            ReadWakes {
+            Wakes {
                 client: waker(CLIENT),
                 server: waker(SERVER),
+                topology: waker(TOPOLOGY),
                 woken,
             }
         });
         // A wake-up meant for the relay before is no news to this one.
-        wakes.woken.reads.store(0, Ordering::Release);
+        wakes.woken.branches.store(0, Ordering::Release);
         wakes
     }
 
@@ -86,12 +90,12 @@ impl ReadWakes {
         SPARE.with(|spare| spare.give(self));
     }
 
-    /// Registers `task` as the one to wake and says which reads were woken since the last call
-    /// ([`CLIENT`], [`SERVER`]).
+    /// Registers `task` as the one to wake and says which branches were woken since the last
+    /// call ([`CLIENT`], [`SERVER`], [`TOPOLOGY`]).
     pub fn enter(&mut self, task: &Waker) -> u8 {
         // Again at every poll: a wake-up takes the task out.
         self.woken.task.register(task);
-        self.woken.reads.swap(0, Ordering::AcqRel)
+        self.woken.branches.swap(0, Ordering::AcqRel)
     }
 
     /// The waker to poll the client's read with.
@@ -102,6 +106,11 @@ impl ReadWakes {
     /// The waker to poll the server's read with.
     pub fn server(&self) -> &Waker {
         &self.server
+    }
+
+    /// The waker to register with the topology watch.
+    pub fn topology(&self) -> &Waker {
+        &self.topology
     }
 }
 
@@ -119,7 +128,7 @@ mod tests {
         }
         let count = Arc::new(Count(0.into()));
         let task = Waker::from(count.clone());
-        let mut wakes = ReadWakes::take();
+        let mut wakes = Wakes::take();
         assert_eq!(wakes.enter(&task), 0);
         wakes.server().wake_by_ref();
         assert_eq!(wakes.enter(&task), SERVER);
@@ -127,14 +136,15 @@ mod tests {
         let taken = wakes.client().clone();
         taken.wake();
         wakes.server().wake_by_ref();
-        assert_eq!(wakes.enter(&task), CLIENT | SERVER);
+        wakes.topology().wake_by_ref();
+        assert_eq!(wakes.enter(&task), CLIENT | SERVER | TOPOLOGY);
         assert_eq!(wakes.enter(&task), 0, "told once");
         // Woken once per poll: the second wake-up finds the task woken already.
         assert_eq!(count.0.load(Ordering::Relaxed), 2);
         // Kept, and handed over without the last relay's news.
         wakes.client().wake_by_ref();
         wakes.give();
-        let mut again = ReadWakes::take();
+        let mut again = Wakes::take();
         assert_eq!(again.enter(&task), 0);
     }
 }
