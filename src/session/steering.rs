@@ -365,6 +365,8 @@ impl Steering {
         if self.unit.has_statement {
             self.last_statement = self.unit.ending();
         }
+        // One clock read for the unit's start and its write.
+        let mut now = None;
         // Only statements count as load: a lone Close or Sync is over at once.
         if self.running.is_none() && self.unit.has_statement {
             proxy.balancer.started(self.current);
@@ -377,10 +379,10 @@ impl Steering {
             } else {
                 UnitKind::Read
             };
-            self.running = Some((Instant::now(), kind));
+            self.running = Some((*now.get_or_insert_with(Instant::now), kind));
         }
         if self.unit_writes {
-            self.note_write();
+            self.writes = Writes::Unmeasured(*now.get_or_insert_with(Instant::now));
         }
         if let Some(pin) = self.unit.pin {
             self.pin(pin_reason(pin));
