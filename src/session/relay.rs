@@ -292,9 +292,9 @@ async fn pump(
     // The branch tried first next time round, turning like `select!`'s random start: no ready
     // side can keep the other waiting.
     let mut first = 0;
-    // The branches found not ready in this poll (bit per branch). Each registered its wake-up,
-    // so polling it again before the task is woken would only find it not ready again: that
-    // made 60 polls of the two reads per tpcb transaction where 40 do (callgrind).
+    // The branches found not ready (bit per branch). Each registered its wake-up, so polling it
+    // again before that wake-up would only find it not ready again: the writes until the task
+    // is woken, the branches with wakers of their own (`OWN_WAKERS`) until theirs is.
     let mut waiting = 0u8;
     std::future::poll_fn(|cx| {
         // A read found not ready, or the topology watch, stays so until its own waker is woken
@@ -364,9 +364,9 @@ async fn pump(
             // The branches enabled now and not already found waiting, taken in turn from `first`.
             let enabled = u8::from(flushing.client || !to_client.is_empty())
                 | u8::from(flushing.server || !to_server.is_empty()) << 1
-                | 1 << 2
-                | u8::from(!held && !terminated && to_server.len() < HIGH_WATER) << 3
-                | u8::from(to_client.len() < HIGH_WATER) << 4;
+                | 1 << TOPOLOGY
+                | u8::from(!held && !terminated && to_server.len() < HIGH_WATER) << FROM_CLIENT
+                | u8::from(to_client.len() < HIGH_WATER) << FROM_SERVER;
             let candidates = enabled & !waiting;
             let mut turns = (candidates >> first | candidates << (BRANCHES - first)) & ALL_BRANCHES;
             while turns != 0 {
@@ -401,7 +401,7 @@ async fn pump(
                     },
                     // The topology gave up on the node (the watch is registered for the next
                     // generation whatever this one says).
-                    2 => {
+                    TOPOLOGY => {
                         waiting |= bit;
                         match topology
                             .changed(&Context::from_waker(wakes.topology()))
@@ -416,7 +416,7 @@ async fn pump(
                         }
                     }
                     // From the client.
-                    3 => {
+                    FROM_CLIENT => {
                         reserve(client_in, max_message, &progress.from_client, |tag| {
                             !matches!(tag, frontend::tag::COPY_DATA | frontend::tag::BIND)
                         });
@@ -463,7 +463,7 @@ async fn pump(
                         }
                     }
                     // From the server.
-                    4 => {
+                    FROM_SERVER => {
                         reserve(server_in, max_message, &progress.from_server, |tag| {
                             !ServerSide::passes_in_pieces(tag)
                         });
