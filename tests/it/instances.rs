@@ -634,7 +634,12 @@ async fn a_promotion_left_pending_by_a_leader_that_stopped_is_finished_by_the_ne
         scene.leaders() == [0]
     });
     // The most advanced standby is chosen first, priority only among equals: under load one
-    // could be a record behind when the primary dies, and be passed over for that (CI saw it).
+    // could be a record behind when the primary dies, and be passed over for that (CI saw it,
+    // also with the writers going on between this check and the kill): the writers stop
+    // first, and new ones take over once the primary is gone.
+    for mut writer in scene.writers.drain(..) {
+        writer.stop().await;
+    }
     eventually(
         PATIENCE,
         "both standbys received all of the primary's WAL",
@@ -646,6 +651,12 @@ async fn a_promotion_left_pending_by_a_leader_that_stopped_is_finished_by_the_ne
         },
     );
     scene.cluster.node_mut(OLD_PRIMARY).kill9();
+    scene.writers = scene
+        .proxies
+        .iter()
+        .zip([500_000, 1_500_000, 2_500_000])
+        .map(|(proxy, first)| Writer::start(proxy, first))
+        .collect();
     let asked = |node: usize| promote_signal_file(&scene.cluster.node(node).data_dir);
     let give_up = Instant::now() + PATIENCE;
     while !asked(preferred) {
