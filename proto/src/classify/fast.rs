@@ -4,7 +4,9 @@
 //! `UPDATE pgbench_tellers SET tbalance = tbalance + -3 WHERE tid = 7;`, and a lone `BEGIN`,
 //! `COMMIT` or `ROLLBACK` (see [`lone_tx_word`]).
 //!
-//! One pass over the bytes proves that the full lexer and statement machine would find nothing
+//! One pass over the bytes, sixteen at a time (see [`Marks`]: only the bytes that are not plain
+//! words, spaces or `= < > , . *`, and the words that may be numbers or blocking words, are
+//! looked at one by one), proves that the full lexer and statement machine would find nothing
 //! to object to: no parenthesis (so no function call, subquery or CTE body), no comment, literal,
 //! quoted identifier or dollar quote (so no hint and no hidden `;`), no byte outside ASCII, at
 //! most one `;` and only at the end, and none of the words that make a SELECT write or lock
@@ -12,67 +14,30 @@
 //! takes the full path; the answer, when there is one, is the full path's (see the proptest in
 //! `tests.rs`).
 
+use super::blocks::{is_word, word_end, Marks};
 use super::lexer::is_space;
 use super::{Classification, Reason, TxControl};
-
-/// Bytes of a word (`scan.l`'s ident_cont, ASCII only), digits and `$` included.
-const WORD: u8 = 1;
-/// Whitespace.
-const SPACE: u8 = 2;
-/// Single-byte operators and punctuation that start nothing longer: `= < > , . *`.
-const PUNCT: u8 = 4;
-
-const fn build_classes() -> [u8; 256] {
-    let mut classes = [0u8; 256];
-    let mut b = 0;
-    while b < 128 {
-        let byte = b as u8;
-        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'$' {
-            classes[b] = WORD;
-        }
-        if matches!(byte, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
-            classes[b] = SPACE;
-        }
-        if matches!(byte, b'=' | b'<' | b'>' | b',' | b'.' | b'*') {
-            classes[b] = PUNCT;
-        }
-        b += 1;
-    }
-    classes
-}
-
-static CLASSES: [u8; 256] = build_classes();
 
 /// The classification of a plain SELECT when `sql` is one; `None` when it needs the full path.
 pub(super) fn plain_select(sql: &[u8]) -> Option<Classification> {
     let start = sql.iter().position(|&b| !is_space(b))?;
     let text = &sql[start..];
-    if !text.get(..6)?.eq_ignore_ascii_case(b"select") {
+    // A word glued to `select` is part of it: no longer SELECT.
+    if !starts_with_word(text, b"select") {
         return None;
     }
-    // One pass; a word is checked as a whole once its last byte is found.
-    let n = text.len();
-    let mut pos = 6;
-    while pos < n {
-        let class = CLASSES[usize::from(text[pos])];
-        if class == WORD {
-            let from = pos;
-            pos += 1;
-            while pos < n && CLASSES[usize::from(text[pos])] == WORD {
-                pos += 1;
-            }
-            // A word glued to `select` is part of it: no longer SELECT.
-            if from == 6 || !plain_word(&text[from..pos]) {
+    // Only the bytes and words that may matter are looked at (see `Marks`).
+    for pos in Marks::new(text, 6) {
+        let byte = text[pos];
+        if is_word(byte) {
+            if !plain_word(text, pos) {
                 return None;
             }
             continue;
         }
-        if class == 0 {
-            // Only a final `;` may follow (the string holds one statement).
-            let last = text[pos] == b';' && text[pos + 1..].iter().all(|&b| is_space(b));
-            return last.then_some(READ);
-        }
-        pos += 1;
+        // Only a final `;` may follow (the string holds one statement).
+        let last = byte == b';' && text[pos + 1..].iter().all(|&b| is_space(b));
+        return last.then_some(READ);
     }
     Some(READ)
 }
@@ -90,37 +55,26 @@ const NO_CALL: [&[u8]; 5] = [b"values", b"in", b"where", b"and", b"or"];
 pub(super) fn plain_write(sql: &[u8]) -> Option<Classification> {
     let start = sql.iter().position(|&b| !is_space(b))?;
     let text = &sql[start..];
-    let head = text.get(..6)?;
-    let insert = head.eq_ignore_ascii_case(b"insert");
-    if !(insert || head.eq_ignore_ascii_case(b"update") || head.eq_ignore_ascii_case(b"delete")) {
+    let insert = starts_with_word(text, b"insert");
+    if !(insert || starts_with_word(text, b"update") || starts_with_word(text, b"delete")) {
         return None;
     }
     // Where the name of `INSERT INTO [schema.]table` ends: a `(` there opens the column list.
     let table_end = if insert { insert_table_end(text) } else { None };
-    let n = text.len();
-    let mut pos = 6;
     // As the full path counts them: a `)` too many is forgotten.
     let mut depth = 0u32;
-    // The word the last token was, if it was one: a `(` after it may make a call of it.
-    let mut last_word = None;
-    while pos < n {
+    // Only the bytes and words that may matter are looked at (see `Marks`).
+    for pos in Marks::new(text, 6) {
         let byte = text[pos];
-        let class = CLASSES[usize::from(byte)];
-        if class == WORD {
-            let from = pos;
-            pos += 1;
-            while pos < n && CLASSES[usize::from(text[pos])] == WORD {
-                pos += 1;
-            }
-            if from == 6 || !number_or_name(&text[from..pos]) {
-                return None;
-            }
-            last_word = Some(from..pos);
-            continue;
-        }
         match byte {
+            _ if is_word(byte) => {
+                if !number_or_name(text, pos) {
+                    return None;
+                }
+            }
             b'(' => {
-                if let Some(word) = last_word.take() {
+                // The word the last token was, if it was one, may be called.
+                if let Some(word) = word_before(text, pos) {
                     let list = Some(word.end) == table_end
                         || NO_CALL
                             .iter()
@@ -134,45 +88,37 @@ pub(super) fn plain_write(sql: &[u8]) -> Option<Classification> {
             b')' => depth = depth.saturating_sub(1),
             b'+' => {}
             b'-' if text.get(pos + 1) != Some(&b'-') => {}
-            _ if class != 0 => {}
             b';' if text[pos + 1..].iter().all(|&b| is_space(b)) => break,
             _ => return None,
         }
-        if class != SPACE {
-            last_word = None;
-        }
-        pos += 1;
     }
     (depth == 0).then_some(Classification::ONE_WRITE)
+}
+
+/// The word that ends at the last byte before `pos` in `text` that is not whitespace, if one
+/// does after the statement's first word (which ends at 6).
+fn word_before(text: &[u8], pos: usize) -> Option<std::ops::Range<usize>> {
+    let end = text[..pos].iter().rposition(|&b| !is_space(b))? + 1;
+    let start = text[..end].iter().rposition(|&b| !is_word(b))? + 1;
+    (start < end).then_some(start..end)
 }
 
 /// Where the table name ends in `text`, which starts with `INSERT`, when `INTO [schema.]table`
 /// follows it (words of the fast path's alphabet, no space around the dot).
 fn insert_table_end(text: &[u8]) -> Option<usize> {
-    let word_end = |from: usize| {
-        from + text[from..]
-            .iter()
-            .take_while(|&&b| CLASSES[usize::from(b)] == WORD)
-            .count()
-    };
-    let skip_space = |from: usize| {
-        from + text[from..]
-            .iter()
-            .take_while(|&&b| CLASSES[usize::from(b)] == SPACE)
-            .count()
-    };
+    let skip_space = |from: usize| from + text[from..].iter().take_while(|&&b| is_space(b)).count();
     let into = skip_space(6);
-    let into_end = word_end(into);
+    let into_end = word_end(text, into);
     if into == 6 || !text[into..into_end].eq_ignore_ascii_case(b"into") {
         return None;
     }
     let table = skip_space(into_end);
-    let mut end = word_end(table);
+    let mut end = word_end(text, table);
     if table == into_end || end == table {
         return None;
     }
-    if text.get(end) == Some(&b'.') && word_end(end + 1) > end + 1 {
-        end = word_end(end + 1);
+    if text.get(end) == Some(&b'.') && word_end(text, end + 1) > end + 1 {
+        end = word_end(text, end + 1);
     }
     Some(end)
 }
@@ -202,28 +148,52 @@ pub(super) fn lone_tx_word(sql: &[u8]) -> Option<Classification> {
     })
 }
 
-/// Whether a run of word bytes lexes as the fast path assumes and names nothing that matters.
-fn plain_word(word: &[u8]) -> bool {
-    match word {
-        [b'0'..=b'9', ..] | [b'$', ..] => number_or_name(word),
+/// Whether `text` starts with the word `word` (six small letters) in any case, not glued to
+/// more word bytes. Letters compare folded four and two bytes at once: `| 0x20` maps only a
+/// letter's two cases onto its small one.
+fn starts_with_word(text: &[u8], word: &[u8; 6]) -> bool {
+    let folded = |bytes: &[u8; 6]| {
+        u64::from(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])) << 16
+            | u64::from(u16::from_le_bytes([bytes[4], bytes[5]]))
+    };
+    match text.first_chunk::<6>() {
+        Some(head) => {
+            folded(head) | 0x2020_2020_2020 == folded(word)
+                && !text.get(6).is_some_and(|&b| is_word(b))
+        }
+        None => false,
+    }
+}
+
+/// Whether the word that starts at `pos` in `text` lexes as the fast path assumes and names
+/// nothing that matters.
+fn plain_word(text: &[u8], pos: usize) -> bool {
+    match text[pos] {
+        b'0'..=b'9' | b'$' => number_or_name(text, pos),
         // Only words of three to six bytes whose first letter starts one of them are folded.
-        [first, _, _] | [first, _, _, _] | [first, _, _, _, _] | [first, _, _, _, _, _]
-            if matches!(first | 0x20, b'f' | b'i' | b'u' | b'd' | b'm') =>
-        {
-            !BLOCKING.contains(&folded(word))
+        first if matches!(first | 0x20, b'f' | b'i' | b'u' | b'd' | b'm') => {
+            let word = &text[pos..word_end(text, pos)];
+            !(3..=6).contains(&word.len()) || !BLOCKING.contains(&folded(word))
         }
         _ => true,
     }
 }
 
-/// Whether a run of word bytes lexes as one token: a number or a parameter (`$1`) is digits
-/// only (`1into` lexes as `1` and `into`, `$a$` opens a dollar quote); a name is anything else.
-fn number_or_name(word: &[u8]) -> bool {
-    match word {
-        [b'0'..=b'9', digits @ ..] => digits.iter().all(u8::is_ascii_digit),
-        [b'$', digits @ ..] => !digits.is_empty() && digits.iter().all(u8::is_ascii_digit),
-        _ => true,
-    }
+/// Whether the word that starts at `pos` in `text` lexes as one token: a number or a parameter
+/// (`$1`) is digits only (`1into` lexes as `1` and `into`, `$a$` opens a dollar quote); a name
+/// is anything else.
+fn number_or_name(text: &[u8], pos: usize) -> bool {
+    let digits = match text[pos] {
+        b'0'..=b'9' => pos,
+        b'$' => pos + 1,
+        _ => return true,
+    };
+    let end = digits
+        + text[digits..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+    end > digits && !text.get(end).is_some_and(|&b| is_word(b))
 }
 
 /// Up to 8 bytes of a word in one integer, ASCII letters folded to small ones (`| 0x20` maps no

@@ -51,6 +51,7 @@
 //! An empty string (or only `;` and comments) is read-only: the server answers
 //! EmptyQueryResponse without touching data, so any node will do.
 
+mod blocks;
 mod encoding;
 mod fast;
 mod functions;
