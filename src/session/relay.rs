@@ -296,6 +296,9 @@ async fn pump(
     // again before that wake-up would only find it not ready again: the writes until the task
     // is woken, the branches with wakers of their own (`OWN_WAKERS`) until theirs is.
     let mut waiting = 0u8;
+    // Whether `Steering::unit_done` ran since the last scan: what it looks at changes only when
+    // a scan reads something, so a quiet spell calls it once.
+    let mut unit_done = false;
     std::future::poll_fn(|cx| {
         // A read found not ready, or the topology watch, stays so until its own waker is woken
         // (see `wakes`).
@@ -316,7 +319,10 @@ async fn pump(
             // Whether the connection may be parked if nothing moves this turn.
             let mut may_park = false;
             if progress.is_quiet() {
-                steering.unit_done(proxy, *server_state.tx != TxStatus::Idle);
+                if !unit_done {
+                    steering.unit_done(proxy, *server_state.tx != TxStatus::Idle);
+                    unit_done = true;
+                }
                 let idle = *server_state.tx == TxStatus::Idle && server_in.is_empty();
                 if idle && !terminated && to_server.is_empty() && releasable(shared, steering) {
                     // A unit that waits is routed afresh once the session has no connection; a
@@ -335,6 +341,7 @@ async fn pump(
                 if held && to_server.is_empty() {
                     // The unit that waited can be routed now that the node answered everything.
                     held = false;
+                    unit_done = false;
                     let mut scan = ClientScan {
                         max_message,
                         shared,
@@ -430,6 +437,7 @@ async fn pump(
                                 Poll::Ready(Stop::End(RelayEnd::ClientGone))
                             }
                             Poll::Ready(Ok(n)) => {
+                                unit_done = false;
                                 steering.received(n);
                                 let mut scan = ClientScan {
                                     max_message,
@@ -480,6 +488,7 @@ async fn pump(
                                 Poll::Ready(server_lost(LossCause::Io(e), &mut server_state))
                             }
                             Poll::Ready(Ok(n)) => {
+                                unit_done = false;
                                 steering.sent(n);
                                 let scanned = server_state.scan(
                                     server_in,
