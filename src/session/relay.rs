@@ -17,7 +17,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, BytesMut};
 use pgvigil_proto::frame::Passage;
@@ -289,6 +289,8 @@ async fn pump(
 
     // A write whose flush is still under way (TLS: records the stream buffered).
     let mut flushing = Flushing::default();
+    // A side whose last read found its socket drained (see `poll_read_once`).
+    let mut drained = Drained::default();
     // The branch tried first next time round, turning like `select!`'s random start: no ready
     // side can keep the other waiting.
     let mut first = 0;
@@ -424,11 +426,19 @@ async fn pump(
                     }
                     // From the client.
                     FROM_CLIENT => {
-                        reserve(client_in, max_message, &progress.from_client, |tag| {
-                            !matches!(tag, frontend::tag::COPY_DATA | frontend::tag::BIND)
-                        });
                         let cx = &mut Context::from_waker(wakes.client());
-                        match poll_read_some(Pin::new(&mut *client_stream), cx, client_in) {
+                        let room = |buf: &mut BytesMut| {
+                            reserve(buf, max_message, &progress.from_client, |tag| {
+                                !matches!(tag, frontend::tag::COPY_DATA | frontend::tag::BIND)
+                            })
+                        };
+                        match poll_read_once(
+                            client_stream,
+                            cx,
+                            client_in,
+                            &mut drained.client,
+                            room,
+                        ) {
                             Poll::Pending => {
                                 waiting |= bit;
                                 continue;
@@ -472,11 +482,19 @@ async fn pump(
                     }
                     // From the server.
                     FROM_SERVER => {
-                        reserve(server_in, max_message, &progress.from_server, |tag| {
-                            !ServerSide::passes_in_pieces(tag)
-                        });
                         let cx = &mut Context::from_waker(wakes.server());
-                        match poll_read_some(Pin::new(&mut *server_stream), cx, server_in) {
+                        let room = |buf: &mut BytesMut| {
+                            reserve(buf, max_message, &progress.from_server, |tag| {
+                                !ServerSide::passes_in_pieces(tag)
+                            })
+                        };
+                        match poll_read_once(
+                            server_stream,
+                            cx,
+                            server_in,
+                            &mut drained.server,
+                            room,
+                        ) {
                             Poll::Pending => {
                                 waiting |= bit;
                                 continue;
@@ -581,6 +599,13 @@ struct Flushing {
     server: bool,
 }
 
+/// Which side's last read found its socket drained (see [`poll_read_once`]).
+#[derive(Debug, Default)]
+struct Drained {
+    client: bool,
+    server: bool,
+}
+
 /// Whether transaction pooling may take back a connection that answered everything, outside a
 /// transaction block, with nothing more from the server (a notice, a notification): yes unless
 /// the session is pinned to it, or keeps it for an unnamed statement too long to prepare again
@@ -653,6 +678,33 @@ fn poll_send(
         }
         Poll::Pending => Poll::Pending,
     }
+}
+
+/// Reads into `buf` as [`poll_read_some`] does, once `room` has made room in it. `drained`: the
+/// last read, from a plain socket, filled less than it was offered, which tells tokio (with
+/// epoll or kqueue) that the socket has nothing more, and it clears its readiness: a read now
+/// would only register the wake-up, which waiting for readiness does for fewer instructions.
+/// Set again by this read. (A TLS stream may hold bytes it decrypted while its socket has
+/// none: it is always read.)
+fn poll_read_once(
+    stream: &mut Stream,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    drained: &mut bool,
+    room: impl FnOnce(&mut BytesMut),
+) -> Poll<io::Result<usize>> {
+    if std::mem::take(drained) {
+        if let Stream::Plain(tcp) = stream {
+            if let Err(e) = ready!(tcp.poll_read_ready(cx)) {
+                return Poll::Ready(Err(e));
+            }
+        }
+    }
+    room(buf);
+    let offered = (buf.capacity() - buf.len()).min(HIGH_WATER);
+    let read = ready!(poll_read_some(Pin::new(&mut *stream), cx, buf));
+    *drained = matches!(read, Ok(n) if n < offered) && !stream.is_tls();
+    Poll::Ready(read)
 }
 
 /// Reads into `buf`, at most [`HIGH_WATER`] bytes: a read as large as the buffer's spare room
