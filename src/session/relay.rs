@@ -680,12 +680,15 @@ fn poll_send(
     }
 }
 
-/// Reads into `buf` as [`poll_read_some`] does, once `room` has made room in it. `drained`: the
-/// last read, from a plain socket, filled less than it was offered, which tells tokio (with
-/// epoll or kqueue) that the socket has nothing more, and it clears its readiness: a read now
-/// would only register the wake-up, which waiting for readiness does for fewer instructions.
-/// Set again by this read. (A TLS stream may hold bytes it decrypted while its socket has
-/// none: it is always read.)
+/// Reads into `buf`, once `room` has made room in it, at most [`HIGH_WATER`] bytes: a read as
+/// large as the buffer's spare room would let the buffers' capacities ratchet up as they are
+/// swapped (see [`move_prefix`]) while a large message streams through.
+///
+/// `drained`: the last read, from a plain socket, filled less than it was offered, which tells
+/// tokio (with epoll or kqueue) that the socket has nothing more, and it clears its readiness:
+/// a read now would only register the wake-up, which waiting for readiness does for fewer
+/// instructions. Set again by this read. (A TLS stream may hold bytes it decrypted while its
+/// socket has none: it is always read.)
 fn poll_read_once(
     stream: &mut Stream,
     cx: &mut Context<'_>,
@@ -701,21 +704,15 @@ fn poll_read_once(
         }
     }
     room(buf);
-    let offered = (buf.capacity() - buf.len()).min(HIGH_WATER);
-    let read = ready!(poll_read_some(Pin::new(&mut *stream), cx, buf));
+    let mut limited = buf.limit(HIGH_WATER);
+    let offered = limited.chunk_mut().len();
+    let read = ready!(tokio_util::io::poll_read_buf(
+        Pin::new(&mut *stream),
+        cx,
+        &mut limited
+    ));
     *drained = matches!(read, Ok(n) if n < offered) && !stream.is_tls();
     Poll::Ready(read)
-}
-
-/// Reads into `buf`, at most [`HIGH_WATER`] bytes: a read as large as the buffer's spare room
-/// would let the buffers' capacities ratchet up as they are swapped (see [`move_prefix`]) while
-/// a large message streams through.
-fn poll_read_some(
-    stream: Pin<&mut Stream>,
-    cx: &mut Context<'_>,
-    buf: &mut BytesMut,
-) -> Poll<io::Result<usize>> {
-    tokio_util::io::poll_read_buf(stream, cx, &mut buf.limit(HIGH_WATER))
 }
 
 /// Makes room for the next read: at least a chunk, or the whole of a message that must be read
