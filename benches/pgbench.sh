@@ -520,6 +520,12 @@ run_one() {
     cpu_after=$(cpu_ticks "${PID[$target]:-}")
     if ! result=$(pgbench_outcome "$out" "$status" "$workload on $target"); then
         FAILED_RUNS=$((FAILED_RUNS + 1))
+        # pgvigil's own view of the failure (a probe that failed, a node called down).
+        if [[ -f $WORK/$target.log ]]; then
+            say "last warnings of $target:"
+            grep -E 'WARN|ERROR' "$WORK/$target.log" | grep -v 'state_dir is not set' |
+                tail -n 5 >&2 || true
+        fi
         return
     fi
     local tps latency txns cpu_per_txn="" split="- -"
