@@ -54,9 +54,9 @@ impl Stream {
         }
     }
 
-    /// Reads once into `buf`'s spare room, as `tokio_util::io::poll_read_buf` does, a plain
-    /// socket without passing through this type's `AsyncRead`. Ready with 0 when the peer
-    /// closed (or `buf` has no room).
+    /// Reads once into `buf`'s spare room (tokio-util's `poll_read_buf`), reading a plain
+    /// socket directly rather than through this type's `AsyncRead` dispatch. Ready with 0 when
+    /// the peer closed (or `buf` has no room).
     pub fn poll_read_buf(
         &mut self,
         cx: &mut Context<'_>,
