@@ -54,6 +54,17 @@ impl Stream {
         }
     }
 
+    /// Waits until a plain socket may hold bytes (tokio's readiness); a TLS stream is ready at
+    /// once, since it may hold bytes it decrypted while its socket has none. For a read that
+    /// follows one that drained the socket: tokio cleared the readiness, so the read would only
+    /// register the wake-up, which this does through fewer layers.
+    pub fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(tcp) => tcp.poll_read_ready(cx),
+            Stream::ServerTls(_) | Stream::ClientTls(_) => Poll::Ready(Ok(())),
+        }
+    }
+
     /// Reads once into `buf`'s spare room (tokio-util's `poll_read_buf`), reading a plain
     /// socket directly rather than through this type's `AsyncRead` dispatch. Ready with 0 when
     /// the peer closed (or `buf` has no room).

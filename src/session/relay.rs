@@ -687,9 +687,8 @@ fn poll_send(
 ///
 /// `drained`: the last read, from a plain socket, filled less than it was offered, which tells
 /// tokio (with epoll or kqueue) that the socket has nothing more, and it clears its readiness:
-/// a read now would only register the wake-up, which waiting for readiness does for fewer
-/// instructions. Set again by this read. (A TLS stream may hold bytes it decrypted while its
-/// socket has none: it is always read.)
+/// this read waits for readiness first (see [`Stream::poll_read_ready`]). Set again by this
+/// read; never for a TLS stream, which may hold bytes it decrypted while its socket has none.
 fn poll_read_once(
     stream: &mut Stream,
     cx: &mut Context<'_>,
@@ -698,10 +697,8 @@ fn poll_read_once(
     room: impl FnOnce(&mut BytesMut),
 ) -> Poll<io::Result<usize>> {
     if std::mem::take(drained) {
-        if let Stream::Plain(tcp) = stream {
-            if let Err(e) = ready!(tcp.poll_read_ready(cx)) {
-                return Poll::Ready(Err(e));
-            }
+        if let Err(e) = ready!(stream.poll_read_ready(cx)) {
+            return Poll::Ready(Err(e));
         }
     }
     room(buf);
